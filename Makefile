@@ -1,0 +1,27 @@
+# `make demo` and `make test` set up .venv (when missing or when pyproject.toml changed), then run.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test setup clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch is pinned to the local CPU build: a range would pull the multi-GB CUDA build
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test,torch]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m gptjax generate --prompt "Once upon a time" --max-new-tokens 24 --greedy
+	$(PY) -m gptjax generate --prompt "The meaning of life is" --max-new-tokens 24 --top-p 0.9 --seed 0
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info

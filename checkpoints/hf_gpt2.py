@@ -1,0 +1,113 @@
+"""Hugging Face GPT-2 (`config.json` + `model.safetensors` or `pytorch_model.bin`) -> a checkpoint folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from checkpoints.folder import CheckpointError, save_checkpoint
+from gptjax.config import ModelConfig
+
+_ACTIVATIONS = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu": "gelu"}
+_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def read_config(src: Path) -> ModelConfig:
+    path = src / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{src}: config.json is missing")
+    try:
+        hf = json.loads(path.read_text())
+        activation = _ACTIVATIONS.get(hf.get("activation_function", "gelu_new"))
+        if activation is None:
+            raise CheckpointError(f"{path}: activation_function {hf['activation_function']!r} is not supported")
+        dtype = _DTYPES.get(str(hf.get("torch_dtype") or hf.get("dtype") or "float32"), "float32")
+        return ModelConfig(n_layers=int(hf["n_layer"]), hidden=int(hf["n_embd"]), n_heads=int(hf["n_head"]),
+                           vocab_size=int(hf["vocab_size"]), n_positions=int(hf["n_positions"]),
+                           ffn_hidden=int(hf.get("n_inner") or 0), activation=activation, dtype=dtype,
+                           layer_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)))
+    except KeyError as e:
+        raise CheckpointError(f"{path}: field {e.args[0]} is missing") from None
+    except (TypeError, ValueError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def read_tensors(src: Path) -> dict[str, np.ndarray]:
+    """All tensors of the checkpoint as numpy arrays; never unpickles anything but tensors."""
+    safetensors_file, bin_file = src / "model.safetensors", src / "pytorch_model.bin"
+    try:
+        if safetensors_file.is_file():
+            from safetensors.numpy import load_file
+
+            try:
+                return load_file(str(safetensors_file))
+            except (TypeError, ValueError):  # bf16 has no numpy reader; go through torch
+                from safetensors.torch import load_file as load_torch
+
+                return {k: _to_numpy(v) for k, v in load_torch(str(safetensors_file)).items()}
+        if bin_file.is_file():
+            import torch
+
+            state = torch.load(bin_file, map_location="cpu", weights_only=True)
+            return {k: _to_numpy(v) for k, v in state.items()}
+    except CheckpointError:
+        raise
+    except Exception as e:  # truncated, corrupt, or a pickle that is not plain tensors
+        raise CheckpointError(f"{src}: cannot read weights ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    raise CheckpointError(f"{src}: neither model.safetensors nor pytorch_model.bin is present")
+
+
+def _to_numpy(t) -> np.ndarray:
+    import torch
+
+    if t.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+def to_params(config: ModelConfig, tensors: dict[str, np.ndarray]):
+    """The model's parameter tree from GPT-2's names (Conv1D weights are already [in, out])."""
+    c, h, d = config.hidden, config.n_heads, config.head_dim
+    prefix = "transformer." if any(k.startswith("transformer.") for k in tensors) else ""
+
+    def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
+        key = prefix + name
+        if key not in tensors:
+            raise CheckpointError(f"tensor {key} is missing")
+        value = tensors[key]
+        if value.size != int(np.prod(shape)) or (value.ndim == len(shape) and value.shape != shape):
+            raise CheckpointError(f"tensor {key} has shape {tuple(value.shape)}, expected {shape}")
+        return value.reshape(shape)
+
+    def norm(name):
+        return {"scale": get(f"{name}.weight", (c,)), "bias": get(f"{name}.bias", (c,))}
+
+    f = config.ffn_hidden
+    params = {"wte": get("wte.weight", (config.vocab_size, c)), "wpe": get("wpe.weight", (config.n_positions, c)),
+              "ln_f": norm("ln_f")}
+    for i in tqdm(range(config.n_layers), desc="layers", unit="layer", leave=False):
+        p = f"h.{i}."
+        params[f"h_{i}"] = {
+            "ln_1": norm(p + "ln_1"),
+            "qkv": {"kernel": get(p + "attn.c_attn.weight", (c, 3, h, d)),
+                    "bias": get(p + "attn.c_attn.bias", (3, h, d))},
+            "attn_out": {"kernel": get(p + "attn.c_proj.weight", (h, d, c)), "bias": get(p + "attn.c_proj.bias", (c,))},
+            "ln_2": norm(p + "ln_2"),
+            "mlp_in": {"kernel": get(p + "mlp.c_fc.weight", (c, f)), "bias": get(p + "mlp.c_fc.bias", (f,))},
+            "mlp_out": {"kernel": get(p + "mlp.c_proj.weight", (f, c)), "bias": get(p + "mlp.c_proj.bias", (c,))},
+        }
+    return params
+
+
+def convert_hf_gpt2(src: str | Path, dst: str | Path) -> Path:
+    src = Path(src)
+    if not src.is_dir():
+        raise CheckpointError(f"{src} is not a folder")
+    config = read_config(src)
+    params = to_params(config, read_tensors(src))
+    return save_checkpoint(dst, config, params)

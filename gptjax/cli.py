@@ -1,0 +1,216 @@
+"""The `gptjax` command: generate, convert, serve, client, bench.
+
+Exit status 0 on success, 2 on bad arguments or bad input files, with one line naming what is wrong.
+Under srun or mpirun every process runs the same command; only process 0 prints results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from gptjax.config import ATTENTION_IMPLS, DEFAULT_PRESET, DTYPES, PRESETS, MeshShape
+
+
+class UsageError(ValueError):
+    """Bad input from the command line or its files: exit 2 with one line."""
+
+
+def _mesh(text: str) -> MeshShape:
+    try:
+        return MeshShape.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--prompt-ids: expected comma-separated integers, got {text!r}") from None
+    if not ids:
+        raise argparse.ArgumentTypeError("--prompt-ids: empty list")
+    return ids
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """What every model-running subcommand takes: the model, its dtype and layout, and multi-host flags."""
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", choices=sorted(PRESETS), help=f"a preset with random weights (default {DEFAULT_PRESET})")
+    src.add_argument("--checkpoint", metavar="DIR", help="a converted checkpoint folder (config.json + params/)")
+    p.add_argument("--config", metavar="FILE", help="engine/server config file (TOML or JSON)")
+    p.add_argument("--dtype", choices=DTYPES, help="compute and weight dtype (default: the model's)")
+    p.add_argument("--mesh", type=_mesh, help="device layout, e.g. data=1,stage=1,tensor=8 (default: one device)")
+    p.add_argument("--attention", choices=ATTENTION_IMPLS, help="attention implementation (default: pallas on GPU)")
+    p.add_argument("--coordinator", metavar="HOST:PORT", help="jax.distributed coordinator (multi-host)")
+    p.add_argument("--num-processes", type=int, help="number of processes (multi-host)")
+    p.add_argument("--process-id", type=int, help="this process's index (multi-host)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gptjax", description="A JAX/XLA sharded inference engine for GPT models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="complete prompts and print the text")
+    add_model_args(g)
+    prompts = g.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeat for a batch)")
+    prompts.add_argument("--prompt-ids", action="append", type=_ids, metavar="1,2,3",
+                         help="a prompt as token ids (repeat for a batch)")
+    g.add_argument("--max-new-tokens", type=int, help="tokens to generate per prompt (default from config: 64)")
+    g.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    g.add_argument("--temperature", type=float)
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--no-stop", action="store_true", help="do not stop at end-of-text")
+    g.add_argument("--json", action="store_true", help="one JSON object per prompt")
+
+    c = sub.add_parser("convert", help="convert a checkpoint to a gptjax checkpoint folder")
+    csub = c.add_subparsers(dest="format", required=True)
+    hf = csub.add_parser("hf-gpt2", help="a Hugging Face GPT-2 folder (config.json + weights)")
+    mg = csub.add_parser("megatron", help="a Megatron-LM checkpoint folder (mp_rank_XX parts)")
+    mg.add_argument("--num-heads", type=int, help="attention heads (when the checkpoint has no args)")
+    mg.add_argument("--vocab-size", type=int, help="real vocabulary size: drops Megatron's padding rows")
+    ft = csub.add_parser("ft", help="a FasterTransformer c-model folder (config.ini + model.*.bin)")
+    for p in (hf, mg, ft):
+        p.add_argument("src")
+        p.add_argument("dst")
+
+    s = sub.add_parser("serve", help="serve the model over gRPC (native API and Triton/KServe v2)")
+    add_model_args(s)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8001)
+
+    cl = sub.add_parser("client", help="send a request to a running server")
+    cl.add_argument("--server", default="127.0.0.1:8001", metavar="HOST:PORT")
+    cl.add_argument("--prompt", help="prompt text")
+    cl.add_argument("--prompt-ids", type=_ids, metavar="1,2,3")
+    cl.add_argument("--max-new-tokens", type=int, default=32)
+    cl.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (the default)")
+    cl.add_argument("--top-k", type=int, default=0)
+    cl.add_argument("--top-p", type=float, default=1.0)
+    cl.add_argument("--seed", type=int, default=0)
+    cl.add_argument("--stream", action="store_true", help="print tokens as they come")
+    cl.add_argument("--json", action="store_true")
+
+    b = sub.add_parser("bench", help="latency and throughput: gptjax against a peer and the hardware floor")
+    add_model_args(b)
+    b.add_argument("-b", "--batch", type=int, required=True)
+    b.add_argument("-i", "--input-len", type=int, required=True)
+    b.add_argument("-o", "--output-len", type=int, required=True)
+    b.add_argument("-n", "--runs", type=int, default=5)
+    b.add_argument("--warmup", type=int, default=1)
+    b.add_argument("--server", metavar="HOST:PORT", help="measure through a running server instead")
+    b.add_argument("--peer", action="append", choices=["hf", "hf-compiled"], default=[],
+                   help="also run a peer with the same weights (repeatable)")
+    b.add_argument("--json", action="store_true", help="one JSON row per implementation")
+    return parser
+
+
+def build_engine(args):
+    """The Engine that the model arguments ask for (also starts jax.distributed when asked)."""
+    from gptjax import distributed
+
+    distributed.initialize(coordinator=args.coordinator, num_processes=args.num_processes,
+                           process_id=args.process_id)
+    from gptjax.config import EngineConfig
+    from gptjax.engine import Engine
+    from gptjax.sharding import make_mesh
+
+    engine_config = EngineConfig()
+    if args.config:
+        from serving.config import server_config_from_file
+
+        engine_config = server_config_from_file(args.config).engine
+    changes = {}
+    if args.mesh:
+        changes["mesh"] = args.mesh
+    if args.attention:
+        changes["attention"] = args.attention
+    engine_config = engine_config.replace(**changes)
+    shape = engine_config.mesh
+    mesh = make_mesh(shape.data, shape.stage, shape.tensor) if shape.size > 1 else None
+    if args.checkpoint:
+        return Engine.load(args.checkpoint, mesh=mesh, engine_config=engine_config, dtype=args.dtype)
+    return Engine.from_preset(args.model or DEFAULT_PRESET, dtype=args.dtype, mesh=mesh,
+                              engine_config=engine_config)
+
+
+def cmd_generate(args) -> int:
+    from gptjax import distributed
+
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.greedy and (args.temperature is not None or args.top_k is not None or args.top_p is not None):
+        raise UsageError("--greedy can't be combined with --temperature/--top-k/--top-p")
+    engine = build_engine(args)
+    prompts = args.prompt if args.prompt else args.prompt_ids
+    results = engine.generate(prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              top_k=args.top_k, top_p=args.top_p, seed=args.seed, greedy=args.greedy,
+                              stop_token_ids=[] if args.no_stop else None)
+    if distributed.is_main_process():
+        for prompt, r in zip(prompts, results):
+            if args.json:
+                print(json.dumps({"prompt_ids": r.prompt_ids, "output_ids": r.output_ids, "text": r.text}))
+            else:
+                head = prompt if isinstance(prompt, str) else engine.tokenizer.decode(r.prompt_ids)
+                print(head + r.text)
+    return 0
+
+
+def cmd_convert(args) -> int:
+    if args.format == "hf-gpt2":
+        from checkpoints.hf_gpt2 import convert_hf_gpt2 as convert
+
+        out = convert(args.src, args.dst)
+    elif args.format == "megatron":
+        from checkpoints.megatron import convert_megatron
+
+        out = convert_megatron(args.src, args.dst, num_heads=args.num_heads, vocab_size=args.vocab_size)
+    else:
+        from checkpoints.ft import convert_ft
+
+        out = convert_ft(args.src, args.dst)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from serving.server import serve
+
+    return serve(args, build_engine)
+
+
+def cmd_client(args) -> int:
+    from serving.client import main as client_main
+
+    return client_main(args)
+
+
+def cmd_bench(args) -> int:
+    from benchmarks.bench import run_bench
+
+    return run_bench(args, build_engine)
+
+
+COMMANDS = {"generate": cmd_generate, "convert": cmd_convert, "serve": cmd_serve, "client": cmd_client,
+            "bench": cmd_bench}
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from checkpoints.folder import CheckpointError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (UsageError, CheckpointError, ValueError, FileNotFoundError) as e:
+        print(f"gptjax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""Model and engine configuration: frozen dataclasses, presets by name, JSON/TOML load and save."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_IMPLS = ("pallas", "xla", "cudnn")
+ACTIVATIONS = ("gelu_new", "gelu")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The shape of a GPT-2/GPT-3 style decoder (learned positions, pre-LayerNorm, GELU, tied embeddings)."""
+
+    n_layers: int
+    hidden: int
+    n_heads: int
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    ffn_hidden: int = 0  # 0 means 4 * hidden
+    layer_norm_eps: float = 1e-5
+    activation: str = "gelu_new"  # GPT-2's tanh approximation; "gelu" is the exact erf form
+    dtype: str = "float32"
+    init_std: float = 0.02
+    init_seed: int = 0  # random weights of a preset come from this seed, so every run gives the same tokens
+
+    def __post_init__(self):
+        if self.ffn_hidden == 0:
+            object.__setattr__(self, "ffn_hidden", 4 * self.hidden)
+        for name in ("n_layers", "hidden", "n_heads", "vocab_size", "n_positions", "ffn_hidden"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.hidden % self.n_heads:
+            raise ValueError(f"ModelConfig: hidden {self.hidden} is not divisible by n_heads {self.n_heads}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"ModelConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"ModelConfig.activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.n_heads
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def num_params(self) -> int:
+        c, f, l = self.hidden, self.ffn_hidden, self.n_layers
+        per_layer = 4 * c + (3 * c * c + 3 * c) + (c * c + c) + (c * f + f) + (f * c + c)
+        return self.vocab_size * c + self.n_positions * c + l * per_layer + 2 * c
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # the built-in default; its wider init (0.2, not 0.02) keeps random greedy text from repeating one token
+    "gpt2-tiny": ModelConfig(n_layers=4, hidden=128, n_heads=8, n_positions=256, init_std=0.2),
+    "gpt2-124m": ModelConfig(n_layers=12, hidden=768, n_heads=12),
+    "megatron-345m": ModelConfig(n_layers=24, hidden=1024, n_heads=16),
+    "gpt3-1.3b": ModelConfig(n_layers=24, hidden=2048, n_heads=16, n_positions=2048),
+    "gpt3-6.7b": ModelConfig(n_layers=32, hidden=4096, n_heads=32, n_positions=2048),
+    "gpt3-13b": ModelConfig(n_layers=40, hidden=5120, n_heads=40, n_positions=2048),
+    "gpt3-175b": ModelConfig(n_layers=96, hidden=12288, n_heads=96, n_positions=2048),
+}
+DEFAULT_PRESET = "gpt2-tiny"
+
+
+def preset(name: str) -> ModelConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}") from None
+
+
+@dataclass(frozen=True)
+class MeshShape:
+    """Devices = data x stage x tensor: slots split over data, layers over stage, heads over tensor."""
+
+    data: int = 1
+    stage: int = 1
+    tensor: int = 1
+
+    @classmethod
+    def parse(cls, text: str) -> "MeshShape":
+        """Parse `data=2,stage=1,tensor=4` (any subset, any order)."""
+        sizes = {}
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            name, sep, value = part.partition("=")
+            if not sep or name.strip() not in ("data", "stage", "tensor") or not value.strip().isdigit():
+                raise ValueError(f"--mesh: expected data=D,stage=S,tensor=T, got {text!r}")
+            sizes[name.strip()] = int(value)
+        shape = cls(**sizes)
+        if min(shape.data, shape.stage, shape.tensor) < 1:
+            raise ValueError(f"--mesh: every axis must be at least 1, got {text!r}")
+        return shape
+
+    @property
+    def size(self) -> int:
+        return self.data * self.stage * self.tensor
+
+    def __str__(self) -> str:
+        return f"data={self.data},stage={self.stage},tensor={self.tensor}"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine runs a model: slots, lengths, sampling defaults, kernels, layout, serving limits."""
+
+    max_slots: int = 8  # sequences decoded together by the server (continuous batching)
+    max_seq_len: int = 0  # KV cache length per slot; 0 means the model's n_positions
+    max_new_tokens: int = 64  # default when a request does not say
+    max_new_tokens_limit: int = 0  # largest accepted; 0 means max_seq_len
+    min_prefill_bucket: int = 16  # prompt lengths are padded to powers of two from here
+    decode_steps_per_call: int = 4  # decode steps the server runs per device call
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
+    eos_token_id: int = 50256
+    attention: str = ""  # "" picks pallas on GPU, xla elsewhere
+    mesh: MeshShape = field(default_factory=MeshShape)
+    # serving limits
+    max_queued_requests: int = 256
+    max_message_bytes: int = 16 * 1024 * 1024
+    max_batch_size: int = 64  # rows in one KServe request
+
+    def __post_init__(self):
+        if isinstance(self.mesh, dict):
+            object.__setattr__(self, "mesh", MeshShape(**self.mesh))
+        elif isinstance(self.mesh, str):
+            object.__setattr__(self, "mesh", MeshShape.parse(self.mesh))
+        if self.attention and self.attention not in ATTENTION_IMPLS:
+            raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {self.attention!r}")
+        for name in ("max_slots", "max_new_tokens", "min_prefill_bucket", "decode_steps_per_call",
+                     "max_queued_requests", "max_message_bytes", "max_batch_size"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"EngineConfig.{name} must be positive, got {getattr(self, name)}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"EngineConfig.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0 or self.temperature < 0:
+            raise ValueError("EngineConfig.top_k and temperature must not be negative")
+
+    def replace(self, **changes) -> "EngineConfig":
+        return dataclasses.replace(self, **changes)
+
+    def seq_len(self, model: ModelConfig) -> int:
+        return min(self.max_seq_len or model.n_positions, model.n_positions)
+
+    def new_tokens_limit(self, model: ModelConfig) -> int:
+        return min(self.max_new_tokens_limit or self.seq_len(model), self.seq_len(model))
+
+
+def to_dict(cfg) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def _from_dict(cls, data: dict, source: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{source}: unknown {cls.__name__} field(s): {', '.join(unknown)}")
+    return cls(**data)
+
+
+def model_config_from_dict(data: dict, source: str = "config") -> ModelConfig:
+    return _from_dict(ModelConfig, data, source)
+
+
+def engine_config_from_dict(data: dict, source: str = "config") -> EngineConfig:
+    return _from_dict(EngineConfig, data, source)
+
+
+def load_file(path: str | Path) -> dict:
+    """Read a JSON or TOML file into a dict (TOML by suffix .toml)."""
+    path = Path(path)
+    text = path.read_text()
+    if path.suffix == ".toml":
+        return tomllib.loads(text)
+    return json.loads(text)

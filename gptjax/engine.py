@@ -1,0 +1,296 @@
+"""The engine: prefill, insert, generate over slots, and the notebook API built on them.
+
+The interface a server drives (JetStream's shape):
+    state = engine.new_state()                                # an empty cache with `max_slots` slots
+    prefix = engine.prefill(tokens, lengths, sampling)        # prompts -> their K/V and first tokens
+    state = engine.insert(prefix, state, slots)               # into free slots
+    state, tokens, logprobs = engine.generate_steps(state, n) # n decode steps for every slot
+`engine.generate(prompts, ...)` runs all of it as one compiled program for a batch of prompts.
+Every call is a jitted SPMD program over the engine's mesh; the state is donated, so the cache is updated in
+place. The engine knows nothing of requests, queues or gRPC.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gptjax import cache as kv_cache
+from gptjax import kernels, sampling, sharding
+from gptjax.config import EngineConfig, ModelConfig, preset
+from gptjax.model import GPT, init_params
+
+
+class SamplingArrays(NamedTuple):
+    """Per-row sampling parameters, as device arrays."""
+
+    temperature: jax.Array  # [n] float32, 0 = greedy
+    top_k: jax.Array  # [n] int32, 0 = off
+    top_p: jax.Array  # [n] float32, 1 = off
+    seed: jax.Array  # [n] uint32
+
+    @classmethod
+    def from_params(cls, params: Sequence[sampling.SamplingParams]) -> "SamplingArrays":
+        return cls(np.array([p.temperature for p in params], np.float32),
+                   np.array([p.top_k for p in params], np.int32),
+                   np.array([p.top_p for p in params], np.float32),
+                   np.array([int(p.seed) % 2**32 for p in params], np.uint32))
+
+
+class Prefix(NamedTuple):
+    """What prefill hands to insert: the prompts' K/V and each prompt's first generated token."""
+
+    kv: list  # per layer (k, v), [n, bucket_len, heads, head_dim]
+    lengths: jax.Array  # [n]
+    first_tokens: jax.Array  # [n]
+    first_logprobs: jax.Array  # [n]
+    sampling: SamplingArrays
+
+
+class DecodeState(NamedTuple):
+    """Everything a decode step needs for every slot; lives on device between steps."""
+
+    cache: list  # per layer (k, v), [slots, max_seq, heads, head_dim]
+    tokens: jax.Array  # [slots] the token to feed next
+    positions: jax.Array  # [slots] the position that token takes
+    sampling: SamplingArrays
+
+
+@dataclass
+class GenerationResult:
+    prompt_ids: list[int]
+    output_ids: list[int]  # the new tokens only
+    text: str
+    finish_reason: str  # "stop" (a stop token was produced, and is included) or "length"
+    logprobs: list[float] | None = None
+
+
+def bucket_length(n: int, minimum: int, maximum: int) -> int:
+    """Pad prompt lengths to powers of two (at least `minimum`, at most `maximum`), so few shapes compile."""
+    return min(max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1))))), maximum)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+class Engine:
+    def __init__(self, config: ModelConfig, params, engine_config: EngineConfig | None = None, mesh=None,
+                 tokenizer=None):
+        self.config = config
+        self.engine_config = engine_config or EngineConfig()
+        self.mesh = mesh if mesh is not None else sharding.make_mesh(devices=jax.devices()[:1])
+        sharding.check_layout(config, sharding.mesh_shape(self.mesh))
+        self.attention = self.engine_config.attention or kernels.default_impl()
+        self.params = params
+        self._tokenizer = tokenizer
+        self._model = GPT(config)
+        self._prefill_jit = jax.jit(self._prefill)
+        self._insert_jit = jax.jit(self._insert, donate_argnums=(1,))
+        self._steps_jit = jax.jit(self._decode_steps, static_argnums=(2,), donate_argnums=(1,))
+        self._generate_jit = jax.jit(self._generate, static_argnums=(3, 4))
+
+    # ---- construction -------------------------------------------------------------------------------
+    @classmethod
+    def from_preset(cls, name: str = "gpt2-tiny", *, dtype: str | None = None, mesh=None,
+                    engine_config: EngineConfig | None = None, seed: int | None = None) -> "Engine":
+        """A preset model with random weights from a fixed seed (the same tokens on every run)."""
+        config = preset(name)
+        if dtype:
+            config = config.replace(dtype=dtype)
+        mesh = mesh if mesh is not None else sharding.make_mesh(devices=jax.devices()[:1])
+        sharding.check_layout(config, sharding.mesh_shape(mesh))
+        init = jax.jit(partial(init_params, config, seed), out_shardings=sharding.param_shardings(config, mesh))
+        return cls(config, init(), engine_config, mesh)
+
+    @classmethod
+    def load(cls, checkpoint_dir: str | Path, *, mesh=None, engine_config: EngineConfig | None = None,
+             dtype: str | None = None) -> "Engine":
+        """A converted checkpoint folder (config.json + orbax params/), restored into the mesh's layout."""
+        from checkpoints.folder import load_checkpoint
+
+        mesh = mesh if mesh is not None else sharding.make_mesh(devices=jax.devices()[:1])
+        config, params = load_checkpoint(checkpoint_dir, mesh, dtype=dtype)
+        return cls(config, params, engine_config, mesh)
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from gptjax.tokenizer import default_tokenizer
+
+            self._tokenizer = default_tokenizer()
+        return self._tokenizer
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.engine_config.seq_len(self.config)
+
+    # ---- the pure functions (traced inside jit) -----------------------------------------------------
+    def _hidden(self, params, tokens, positions, attend):
+        return self._model.apply({"params": params}, tokens, positions, attend)
+
+    def _logits(self, params, x):
+        return self._model.apply({"params": params}, x, method=GPT.logits)
+
+    def _prefill(self, params, tokens, lengths, samp: SamplingArrays) -> Prefix:
+        n, seq = tokens.shape
+        positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (n, seq))
+
+        def attend(layer, q, k, v):
+            return kernels.prefill_attention(q, k, v, lengths, self.attention), (k, v)
+
+        x, kv = self._hidden(params, tokens, positions, attend)
+        last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]  # only the last token's logits
+        logits = self._logits(params, last)
+        keys = sampling.row_keys(samp.seed, lengths)
+        first = sampling.sample(logits, samp.temperature, samp.top_k, samp.top_p, keys)
+        return Prefix(kv, lengths, first, sampling.token_logprobs(logits, first), samp)
+
+    def _insert(self, prefix: Prefix, state: DecodeState, slots) -> DecodeState:
+        put = lambda dst, src: dst.at[slots].set(src.astype(dst.dtype))
+        return DecodeState(
+            cache=kv_cache.write_prefix(state.cache, prefix.kv, slots),
+            tokens=put(state.tokens, prefix.first_tokens),
+            positions=put(state.positions, prefix.lengths),
+            sampling=SamplingArrays(*(put(d, s) for d, s in zip(state.sampling, prefix.sampling))),
+        )
+
+    def _decode_step(self, params, state: DecodeState):
+        pos = state.positions
+        cache = state.cache
+
+        def attend(layer, q, k, v):
+            layer_kv = kv_cache.write_token(cache[layer], k[:, 0], v[:, 0], pos)
+            return kernels.decode_step_attention(q[:, 0], *layer_kv, pos + 1, self.attention)[:, None], layer_kv
+
+        x, new_cache = self._hidden(params, state.tokens[:, None], pos[:, None], attend)
+        logits = self._logits(params, x[:, 0])
+        samp = state.sampling
+        keys = sampling.row_keys(samp.seed, pos + 1)
+        tokens = sampling.sample(logits, samp.temperature, samp.top_k, samp.top_p, keys)
+        # a finished slot keeps stepping until it is reused; clamping keeps it inside the cache
+        next_pos = jnp.minimum(pos + 1, state.cache[0][0].shape[1] - 1)
+        new_state = DecodeState(new_cache, tokens, next_pos, samp)
+        return new_state, tokens, sampling.token_logprobs(logits, tokens)
+
+    def _decode_steps(self, params, state: DecodeState, n_steps: int):
+        slots = state.tokens.shape[0]
+
+        def body(i, carry):
+            state, tokens, logprobs = carry
+            state, t, lp = self._decode_step(params, state)
+            return state, tokens.at[i].set(t), logprobs.at[i].set(lp)
+
+        init = (state, jnp.zeros((n_steps, slots), jnp.int32), jnp.zeros((n_steps, slots), jnp.float32))
+        return jax.lax.fori_loop(0, n_steps, body, init)
+
+    def _generate(self, params, tokens, lengths, n_new: int, cache_len: int, samp: SamplingArrays):
+        n = tokens.shape[0]
+        prefix = self._prefill(params, tokens, lengths, samp)
+        state = self._empty_state(n, cache_len)
+        state = self._insert(prefix, state, jnp.arange(n))
+        _, steps, step_logprobs = self._decode_steps(params, state, n_new - 1)
+        out = jnp.concatenate([prefix.first_tokens[:, None], steps.T], axis=1)
+        logprobs = jnp.concatenate([prefix.first_logprobs[:, None], step_logprobs.T], axis=1)
+        return out, logprobs
+
+    def _empty_state(self, slots: int, max_seq: int) -> DecodeState:
+        zeros_i = jnp.zeros((slots,), jnp.int32)
+        samp = SamplingArrays(jnp.zeros((slots,), jnp.float32), zeros_i, jnp.ones((slots,), jnp.float32),
+                              jnp.zeros((slots,), jnp.uint32))
+        return DecodeState(kv_cache.init_cache(self.config, slots, max_seq), zeros_i, zeros_i, samp)
+
+    # ---- the serving interface ----------------------------------------------------------------------
+    def new_state(self, slots: int | None = None) -> DecodeState:
+        slots = slots or self.engine_config.max_slots
+        make = partial(self._empty_state, slots, self.max_seq_len)
+        layout = jax.tree.map(lambda x: sharding.cache_sharding(self.mesh) if x.ndim == 4
+                              else sharding.slots_sharding(self.mesh), jax.eval_shape(make))
+        return jax.jit(make, out_shardings=layout)()
+
+    def prefill(self, tokens: np.ndarray, lengths: np.ndarray, samp: SamplingArrays) -> Prefix:
+        """tokens [n, bucket_len] right-padded int32, lengths [n]."""
+        return self._prefill_jit(self.params, jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths, jnp.int32),
+                                 samp)
+
+    def insert(self, prefix: Prefix, state: DecodeState, slots: np.ndarray) -> DecodeState:
+        return self._insert_jit(prefix, state, jnp.asarray(slots, jnp.int32))
+
+    def generate_steps(self, state: DecodeState, n_steps: int):
+        """n decode steps for every slot -> (state, tokens [n_steps, slots], logprobs [n_steps, slots])."""
+        return self._steps_jit(self.params, state, n_steps)
+
+    def prefill_bucket(self, prompt_len: int) -> int:
+        return bucket_length(prompt_len, self.engine_config.min_prefill_bucket, self.max_seq_len)
+
+    # ---- the notebook API ---------------------------------------------------------------------------
+    def encode_prompts(self, prompts) -> list[list[int]]:
+        """Texts or token-id lists (or one of either) -> token-id lists, checked against the model."""
+        if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts
+                                        and isinstance(prompts[0], (int, np.integer))):
+            prompts = [prompts]
+        ids = [self.tokenizer.encode(p) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
+        for i, row in enumerate(ids):
+            if not row:
+                raise ValueError(f"prompt {i} is empty")
+            bad = [t for t in row if not 0 <= t < self.config.vocab_size]
+            if bad:
+                raise ValueError(f"prompt {i}: token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
+        return ids
+
+    def generate(self, prompts, max_new_tokens: int | None = None, *, temperature: float | None = None,
+                 top_k: int | None = None, top_p: float | None = None, seed: int | Sequence[int] = 0,
+                 greedy: bool = False, stop_token_ids: Sequence[int] | None = None,
+                 return_logprobs: bool = False) -> list[GenerationResult]:
+        """Complete a batch of prompts (texts or token-id lists) in one compiled program.
+
+        Sampling defaults come from the engine config; `greedy=True` (or temperature 0) takes the argmax.
+        Generation stops at `max_new_tokens` or after a stop token (default: end-of-text; `[]` for none).
+        """
+        ec = self.engine_config
+        ids = self.encode_prompts(prompts)
+        n_new = ec.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
+        if n_new < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {n_new}")
+        longest = max(len(r) for r in ids)
+        if longest + n_new > self.max_seq_len:
+            raise ValueError(f"prompt length {longest} + max_new_tokens {n_new} exceeds the model's "
+                             f"{self.max_seq_len} positions")
+        seeds = [seed] * len(ids) if isinstance(seed, (int, np.integer)) else list(seed)
+        if len(seeds) != len(ids):
+            raise ValueError(f"got {len(seeds)} seeds for {len(ids)} prompts")
+        params = [sampling.SamplingParams(
+            temperature=0.0 if greedy else (ec.temperature if temperature is None else float(temperature)),
+            top_k=ec.top_k if top_k is None else int(top_k), top_p=ec.top_p if top_p is None else float(top_p),
+            seed=int(s)) for s in seeds]
+        stops = {ec.eos_token_id} if stop_token_ids is None else {int(t) for t in stop_token_ids}
+
+        bucket = self.prefill_bucket(longest)
+        tokens = np.zeros((len(ids), bucket), np.int32)
+        for i, row in enumerate(ids):
+            tokens[i, : len(row)] = row
+        lengths = np.array([len(r) for r in ids], np.int32)
+        cache_len = min(self.max_seq_len, max(bucket, _round_up(bucket + n_new, 64)))
+        out, logprobs = self._generate_jit(self.params, jnp.asarray(tokens), jnp.asarray(lengths), n_new, cache_len,
+                                           SamplingArrays.from_params(params))
+        out, logprobs = np.asarray(out), np.asarray(logprobs)
+
+        results = []
+        for i, row in enumerate(ids):
+            new = out[i].tolist()
+            stop_at = next((j for j, t in enumerate(new) if t in stops), None)
+            if stop_at is not None:
+                new = new[: stop_at + 1]
+            results.append(GenerationResult(
+                prompt_ids=row, output_ids=new, text=self.tokenizer.decode(new),
+                finish_reason="stop" if stop_at is not None else "length",
+                logprobs=logprobs[i, : len(new)].tolist() if return_logprobs else None))
+        return results
+

@@ -1,0 +1,80 @@
+"""Choosing the next token on device: greedy, temperature, top-k, top-p, one seed per sequence.
+
+Every argument is a per-row array, so one compiled step serves a batch whose rows ask for different things.
+A row with temperature 0 is greedy. Top-k is applied before top-p (the nucleus is taken from the
+renormalized top-k distribution), as Hugging Face and FasterTransformer do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What one request asks of the sampler; temperature 0 means greedy."""
+
+    temperature: float = 0.0
+    top_k: int = 0  # 0: no top-k
+    top_p: float = 1.0  # 1.0: no top-p
+    seed: int = 0
+
+    def __post_init__(self):
+        if not np.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not np.isfinite(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not -(2**63) <= int(self.seed) < 2**64:
+            raise ValueError(f"seed must fit in 64 bits, got {self.seed}")
+
+
+def row_keys(seeds, positions):
+    """One PRNG key per row from its seed and the position being sampled.
+
+    Folding in the position (not a step counter) makes a request's tokens depend only on its own seed,
+    whatever else shares the batch and whenever it joined.
+    """
+    return jax.vmap(lambda s, p: jax.random.fold_in(jax.random.PRNGKey(s), p))(seeds, positions)
+
+
+def _filtered_logits(logits, temperature, top_k, top_p):
+    """Scaled logits with everything outside top-k and the top-p nucleus set to -inf."""
+    vocab = logits.shape[-1]
+    scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+    sorted_desc = -jnp.sort(-scaled, axis=-1)
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    kth_value = jnp.take_along_axis(sorted_desc, (k - 1)[:, None], axis=-1)
+    rank = jnp.arange(vocab)[None, :]
+    sorted_topk = jnp.where(rank < k[:, None], sorted_desc, -jnp.inf)
+    probs = jax.nn.softmax(sorted_topk, axis=-1)
+    # keep a token while the mass before it is below top_p: the smallest set reaching top_p, never empty
+    in_nucleus = (jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None]
+    n_nucleus = jnp.maximum(in_nucleus.sum(-1), 1)
+    nucleus_value = jnp.take_along_axis(sorted_desc, (n_nucleus - 1)[:, None], axis=-1)
+    threshold = jnp.maximum(kth_value, nucleus_value)
+    return jnp.where(scaled >= threshold, scaled, -jnp.inf)
+
+
+def sample(logits, temperature, top_k, top_p, keys):
+    """logits [batch, vocab] float32; temperature, top_p [batch] float32; top_k [batch] int; keys [batch]."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def draw(_):
+        filtered = _filtered_logits(logits, temperature, top_k, top_p)
+        gumbel = jax.vmap(lambda key: jax.random.gumbel(key, logits.shape[-1:], jnp.float32))(keys)
+        drawn = jnp.argmax(filtered + gumbel, axis=-1).astype(jnp.int32)
+        return jnp.where(temperature > 0, drawn, greedy)
+
+    # the sort over the vocabulary is skipped when every row is greedy
+    return jax.lax.cond(jnp.any(temperature > 0), draw, lambda _: greedy, None)
+
+
+def token_logprobs(logits, tokens):
+    """log p(token) under the model's own distribution (before temperature and filtering)."""
+    return jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]

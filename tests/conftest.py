@@ -1,0 +1,75 @@
+"""Shared fixtures: tiny random models built in memory or in tmp, never downloaded."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+# several CPU devices for the sharding tests; set before jax is imported anywhere
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+HF_VOCAB = 50257
+
+
+def make_hf_gpt2(n_layer=2, n_embd=64, n_head=4, n_positions=128, vocab_size=HF_VOCAB, seed=0, scale=0.3):
+    """A random Hugging Face GPT-2 whose greedy tokens vary: weights are drawn wider than GPT-2's 0.02."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=n_positions,
+                        vocab_size=vocab_size, initializer_range=scale, resid_pdrop=0.0, embd_pdrop=0.0,
+                        attn_pdrop=0.0)
+    model = GPT2LMHeadModel(config).eval()
+    with torch.no_grad():  # random LayerNorm and biases too, so a wrong mapping of any tensor shows
+        for name, p in model.named_parameters():
+            if "ln_" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.fixture(scope="session")
+def hf_model():
+    return make_hf_gpt2()
+
+
+@pytest.fixture(scope="session")
+def hf_dir(hf_model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("hf") / "gpt2"
+    hf_model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def converted_dir(hf_dir, tmp_path_factory):
+    """The HF model converted with the real CLI."""
+    dst = tmp_path_factory.mktemp("ckpt") / "gpt2"
+    run_cli("convert", "hf-gpt2", str(hf_dir), str(dst))
+    return dst
+
+
+def run_cli(*args, check=True, env=None, timeout=300):
+    proc = subprocess.run([sys.executable, "-m", "gptjax", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"gptjax {' '.join(args)} exited {proc.returncode}:\n{proc.stderr}")
+    return proc
+
+
+def rel_error(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def hf_greedy(model, prompt_ids, n_new):
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=n_new, do_sample=False,
+                             eos_token_id=None, pad_token_id=0, min_new_tokens=n_new)
+    return out[0, len(prompt_ids):].tolist()

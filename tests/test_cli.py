@@ -1,0 +1,56 @@
+"""The `gptjax` command as users run it."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import hf_greedy, run_cli
+
+
+def test_generate_json_matches_hugging_face(hf_model, converted_dir):
+    prompts = [[464, 2068, 7586, 21831], [15496, 995, 11, 314, 716, 257]]
+    args = ["generate", "--checkpoint", str(converted_dir), "--max-new-tokens", "6", "--greedy", "--no-stop",
+            "--json"]
+    for p in prompts:
+        args += ["--prompt-ids", ",".join(map(str, p))]
+    rows = [json.loads(line) for line in run_cli(*args).stdout.splitlines()]
+    assert [r["prompt_ids"] for r in rows] == prompts
+    for row, p in zip(rows, prompts):
+        assert row["output_ids"] == hf_greedy(hf_model, p, 6)
+        assert isinstance(row["text"], str)
+
+
+def test_generate_default_model_is_deterministic():
+    a = run_cli("generate", "--prompt", "Once upon a time", "--max-new-tokens", "8", "--greedy").stdout
+    b = run_cli("generate", "--prompt", "Once upon a time", "--max-new-tokens", "8", "--greedy").stdout
+    assert a == b and a.startswith("Once upon a time") and len(a) > len("Once upon a time\n")
+
+
+def test_bad_input_exits_2_with_one_line(tmp_path):
+    cases = [
+        ["generate", "--prompt-ids", "1,2,99999999"],
+        ["generate", "--prompt", "x", "--max-new-tokens", "0"],
+        ["generate", "--prompt", "x", "--top-p", "1.5"],
+        ["generate", "--prompt", "x", "--mesh", "tensor=3"],
+        ["generate", "--prompt", "x", "--checkpoint", str(tmp_path)],
+        ["convert", "hf-gpt2", str(tmp_path / "missing"), str(tmp_path / "out")],
+    ]
+    for args in cases:
+        proc = run_cli(*args, check=False)
+        assert proc.returncode == 2, (args, proc.stderr)
+        lines = [l for l in proc.stderr.splitlines() if l.strip()]
+        assert len(lines) == 1 and "error" in lines[0], (args, proc.stderr)
+    proc = run_cli("generate", "--prompt-ids", "1,x", check=False)  # argparse's own usage errors
+    assert proc.returncode == 2 and "--prompt-ids" in proc.stderr
+
+
+def test_convert_refuses_corrupt_weights_and_leaves_nothing(hf_dir, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_bytes((hf_dir / "config.json").read_bytes())
+    data = (hf_dir / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
+    proc = run_cli("convert", "hf-gpt2", str(broken), str(tmp_path / "out"), check=False)
+    assert proc.returncode == 2 and "cannot read weights" in proc.stderr
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["broken"]

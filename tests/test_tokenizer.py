@@ -1,0 +1,50 @@
+"""GPT-2 byte-level BPE from the packaged files."""
+
+from __future__ import annotations
+
+import pytest
+import tiktoken
+from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+
+from gptjax.tokenizer import Tokenizer, default_files, default_tokenizer
+
+TEXTS = ["Hello world", "  leading and trailing  ", "tabs\tand\nnewlines\r\n", "naïve café — “quotes”",
+         "日本語のテキスト", "emoji 🤖🚀 and ZWJ 👩‍👩‍👧", "numbers 1234567890 3.14159", "<|endoftext|> is text here",
+         "", " ", "a" * 300]
+
+
+def test_known_ids():
+    tok = default_tokenizer()
+    assert tok.encode("Hello world") == [15496, 995]
+    assert tok.vocab_size == 50257 and tok.eos_token_id == 50256
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_round_trip(text):
+    tok = default_tokenizer()
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_agrees_with_tiktoken_from_the_same_files():
+    vocab, merges = default_files()
+    ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=str(merges), encoder_json_file=str(vocab))
+    reference = tiktoken.Encoding(
+        "gpt2-local", pat_str=r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
+        mergeable_ranks=ranks, special_tokens={})
+    tok = default_tokenizer()
+    for text in TEXTS:
+        assert tok.encode(text) == reference.encode_ordinary(text), text
+    assert tok.encode_batch(TEXTS) == [reference.encode_ordinary(t) for t in TEXTS]
+
+
+def test_user_files(tmp_path):
+    vocab, merges = default_files()
+    (tmp_path / "vocab.json").write_bytes(vocab.read_bytes())
+    (tmp_path / "merges.txt").write_bytes(merges.read_bytes())
+    assert Tokenizer(tmp_path / "vocab.json", tmp_path / "merges.txt").encode("Hello world") == [15496, 995]
+    with pytest.raises(FileNotFoundError):
+        Tokenizer(tmp_path / "missing.json", tmp_path / "merges.txt")
+
+
+def test_decode_skips_ids_outside_the_vocabulary():
+    assert default_tokenizer().decode([15496, 50300, 995]) == "Hello world"
