@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import numpy as np
 
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None,
@@ -18,3 +19,12 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
 def is_main_process() -> bool:
     """Process 0 prints results and serves clients; every other process only follows."""
     return jax.process_index() == 0
+
+
+def broadcast_from_main(x: np.ndarray) -> np.ndarray:
+    """Process 0's array, on every process: how the server's step commands reach the followers."""
+    if jax.process_count() == 1:
+        return x
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.broadcast_one_to_all(x))
