@@ -189,6 +189,8 @@ class Engine:
             return state, tokens.at[i].set(t), logprobs.at[i].set(lp)
 
         init = (state, jnp.zeros((n_steps, slots), jnp.int32), jnp.zeros((n_steps, slots), jnp.float32))
+        if n_steps == 0:
+            return init
         return jax.lax.fori_loop(0, n_steps, body, init)
 
     def _generate(self, params, tokens, lengths, n_new: int, cache_len: int, samp: SamplingArrays):
