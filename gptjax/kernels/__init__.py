@@ -1,27 +1,91 @@
-"""Attention kernels and the one place that picks an implementation ("pallas" | "xla" | "cudnn")."""
+"""Attention kernels and the one place that picks an implementation ("pallas" | "xla" | "cudnn").
+
+- "pallas": our kernels (`flash_attention`, `decode_attention`); compiled through Triton on a GPU, run by
+  the Pallas interpreter elsewhere (slow, but the same arithmetic: it is how the tests check them on CPU).
+- "xla": the plain `jnp` references, which XLA fuses as it can.
+- "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")` for prefill (GPU, fp16/bf16 only); decode
+  uses the reference, which XLA fuses well enough for one query.
+
+Sharding: a `pallas_call` has no partitioning rule, so under a sharded jit XLA would gather its operands to
+every device. When a mesh is set (`jax.set_mesh(mesh)` around the jitted call, so that
+`jax.sharding.get_abstract_mesh()` sees it), the Pallas path runs inside `jax.shard_map` instead: batch rows
+split over the mesh axis that `gptjax.sharding` gives to slots, heads over the one it gives to heads;
+attention is independent per row and per head, so each device runs the kernel on its own shard.
+"""
 
 from __future__ import annotations
 
+import functools
+
 import jax
+from jax.sharding import PartitionSpec as P
 
-from gptjax.kernels.decode_attention import decode_attention_reference
-from gptjax.kernels.flash_attention import flash_attention_reference
+from gptjax.kernels.decode_attention import decode_attention, decode_attention_reference
+from gptjax.kernels.flash_attention import flash_attention, flash_attention_reference
 
-__all__ = ["prefill_attention", "decode_step_attention", "default_impl",
-           "flash_attention_reference", "decode_attention_reference"]
+__all__ = ["prefill_attention", "decode_step_attention", "default_impl", "on_gpu",
+           "flash_attention", "flash_attention_reference", "decode_attention", "decode_attention_reference"]
+
+
+def on_gpu() -> bool:
+    return jax.default_backend() == "gpu"
 
 
 def default_impl() -> str:
-    return "xla"
+    return "pallas" if on_gpu() else "xla"
 
 
 def prefill_attention(q, k, v, lengths, impl: str):
-    """Causal self-attention over right-padded prompts, [batch, seq, heads, head_dim]."""
+    """Causal self-attention over right-padded prompts, [batch, seq, heads, head_dim]; lengths [batch] or None."""
+    if impl == "pallas":
+        kernel = functools.partial(flash_attention, causal=True, interpret=not on_gpu())
+        if lengths is None:
+            return _per_shard(lambda q, k, v: kernel(q, k, v), (q, k, v), (_QKV, _QKV, _QKV), _QKV)
+        return _per_shard(lambda q, k, v, n: kernel(q, k, v, lengths=n), (q, k, v, lengths),
+                          (_QKV, _QKV, _QKV, _ROWS), _QKV)
     if impl == "cudnn":
+        # right padding needs no length mask under causality: a valid query never sees a later (padded) key
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
     return flash_attention_reference(q, k, v, lengths=lengths, causal=True)
 
 
 def decode_step_attention(q, k_cache, v_cache, lengths, impl: str):
-    """One new query per sequence against [batch, max_seq, heads, head_dim] caches."""
+    """One new query per sequence, q [batch, heads, head_dim], against [batch, max_seq, heads, head_dim] caches;
+    lengths [batch] counts the valid entries, the current token's included."""
+    if impl == "pallas":
+        kernel = functools.partial(decode_attention, interpret=not on_gpu())
+        return _per_shard(kernel, (q, k_cache, v_cache, lengths), (_Q1, _QKV, _QKV, _ROWS), _Q1)
     return decode_attention_reference(q, k_cache, v_cache, lengths)
+
+
+# logical axes of the kernels' operands, mapped to mesh axes by gptjax.sharding's one table
+_QKV = ("slots", "cache_seq", "heads", "head_dim")  # [batch, seq, heads, head_dim]
+_Q1 = ("slots", "heads", "head_dim")  # [batch, heads, head_dim]
+_ROWS = ("slots",)  # [batch]
+
+
+def _per_shard(fn, args, logical, out_logical):
+    """fn(*args), inside shard_map when a mesh with more than one device is set; plain otherwise."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return fn(*args)
+    from gptjax import sharding  # imported here: sharding imports the model, which imports this package
+
+    def spec(axes, shape):
+        mesh_axes = sharding.logical_to_mesh(P(*axes))
+        # an axis the mesh can't split evenly (a small prefill batch, say) stays whole on every device
+        return P(*(a if a is not None and _splits(mesh, a, n) else None for a, n in zip(mesh_axes, shape)))
+
+    in_specs = tuple(spec(axes, x.shape) for axes, x in zip(logical, args))
+    out_spec = spec(out_logical, args[0].shape)
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_spec, check_vma=False)(*args)
+
+
+def _splits(mesh, axes, n: int) -> bool:
+    axes = axes if isinstance(axes, tuple) else (axes,)
+    if not all(a in mesh.axis_names for a in axes):
+        return False
+    size = 1
+    for a in axes:
+        size *= mesh.shape[a]
+    return n % size == 0

@@ -1,13 +1,147 @@
 """One query per sequence against its KV cache: the decode path.
 
+`decode_attention` is the Pallas kernel (Triton backend on GPU; `interpret=True` runs it anywhere), and
 `decode_attention_reference` is the plain `jnp` form: it is the "xla" implementation and the reference the
-Pallas kernel is tested against.
+kernel is tested against.
+
+Decode attention moves bytes, not FLOPs: each cache entry is read once and used for two multiply-adds per
+element. The kernel reads only each sequence's valid entries (`lengths`) and splits the cache's sequence axis
+into chunks (flash-decoding), so that a small batch still puts enough programs on the chip to saturate
+memory bandwidth; each chunk leaves a partial output and its log-sum-exp, and a small `jnp` step combines
+them. With enough (sequence, head) pairs to fill the chip there is one chunk and no combine step.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+
 import jax
 import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+# aim for this many programs (several per multiprocessor of a 132-SM H100) before splitting the sequence
+TARGET_PROGRAMS = 1024
+
+
+def default_params(batch: int, heads: int, max_seq: int, head_dim: int) -> tuple[int, int, int, int]:
+    """(block_k, num_splits, num_warps, num_stages), tuned on an H100 (benchmarks/kernels.py sweeps them)."""
+    block_k = min(64 if head_dim > 64 else 128, max(16, pl.next_power_of_2(max_seq)))
+    n_blocks = -(-max_seq // block_k)
+    splits = 1
+    while batch * heads * splits < TARGET_PROGRAMS and splits * 2 <= n_blocks:
+        splits *= 2
+    return block_k, splits, 4, 3
+
+
+def _decode_kernel(len_ref, q_ref, k_ref, v_ref, *out_refs, sm_scale: float, block_k: int, chunk: int,
+                   split: bool):
+    s_idx = pl.program_id(1)
+    length = len_ref[...]
+    start = s_idx * chunk
+    q = q_ref[...].astype(jnp.float32) * (sm_scale * math.log2(math.e))  # [head_dim], exp2 below
+    head_dim = q.shape[-1]
+    n_blocks_chunk = chunk // block_k
+    remaining = jnp.maximum(length - start, 0)
+    n_full = jnp.minimum(lax.div(remaining, block_k), n_blocks_chunk)
+    n_end = jnp.minimum(pl.cdiv(remaining, block_k), n_blocks_chunk)
+
+    def body(j, carry, masked: bool):
+        acc, m_prev, l_prev = carry
+        rows = pl.ds(j * block_k, block_k)
+        if masked:  # the one block that crosses the sequence's end: never read past it (nor past the cache)
+            ok = (start + j * block_k + lax.broadcasted_iota(jnp.int32, (block_k, head_dim), 0)) < length
+            k = plgpu.load(k_ref.at[rows, :], mask=ok, other=0.0)
+            v = plgpu.load(v_ref.at[rows, :], mask=ok, other=0.0)
+        else:
+            k = k_ref[rows, :]
+            v = v_ref[rows, :]
+        s = jnp.sum(k.astype(jnp.float32) * q[None, :], axis=1)  # [block_k]
+        if masked:
+            s = jnp.where(start + j * block_k + lax.broadcasted_iota(jnp.int32, (block_k,), 0) < length,
+                          s, -jnp.inf)
+        m_next = jnp.maximum(m_prev, jnp.max(s))
+        alpha = jnp.exp2(m_prev - m_next)
+        p = jnp.exp2(s - m_next)
+        l_next = l_prev * alpha + jnp.sum(p)
+        acc = acc * alpha + jnp.sum(p[:, None] * v.astype(jnp.float32), axis=0)
+        return acc, m_next, l_next
+
+    # a (1,)-shaped running max and sum: 0-d loop carries are awkward in the Triton lowering
+    carry = (jnp.zeros((head_dim,), jnp.float32), jnp.full((1,), -jnp.inf, jnp.float32),
+             jnp.zeros((1,), jnp.float32))
+    carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), carry)
+    acc, m, l = lax.fori_loop(n_full, n_end, functools.partial(body, masked=True), carry)
+    safe_l = jnp.where(l == 0.0, 1.0, l)
+    if split:
+        o_ref, lse_ref = out_refs
+        o_ref[...] = acc / safe_l
+        # log2-sum-exp2 of this chunk's scores; -inf for a chunk past the sequence's end
+        lse_ref[...] = jnp.where(l == 0.0, -jnp.inf, m + jnp.log2(safe_l))
+    else:
+        (o_ref,) = out_refs
+        o_ref[...] = (acc / safe_l).astype(o_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("interpret", "block_k", "num_splits", "num_warps", "num_stages"))
+def decode_attention(q, k_cache, v_cache, lengths, *, interpret: bool = False, block_k: int | None = None,
+                     num_splits: int | None = None, num_warps: int | None = None,
+                     num_stages: int | None = None):
+    """q: [batch, heads, head_dim]; caches: [batch, max_seq, heads, head_dim]; lengths: [batch] valid entries
+    (including the current token). Scale 1/sqrt(head_dim). A sequence of length 0 gets zeros."""
+    batch, heads, head_dim = q.shape
+    max_seq = k_cache.shape[1]
+    if k_cache.shape != (batch, max_seq, heads, head_dim) or v_cache.shape != k_cache.shape:
+        raise ValueError(f"caches must be [batch, max_seq, heads, head_dim] = {(batch, max_seq, heads, head_dim)}, "
+                         f"got {k_cache.shape} and {v_cache.shape}")
+    d_bk, d_splits, d_warps, d_stages = default_params(batch, heads, max_seq, head_dim)
+    block_k, splits = block_k or d_bk, num_splits or d_splits
+    num_warps, num_stages = num_warps or d_warps, num_stages or d_stages
+    lengths = jnp.clip(lengths.astype(jnp.int32), 0, max_seq)
+    padded_d = max(16, pl.next_power_of_2(head_dim))
+    if padded_d != head_dim:  # whole-cache copy: only for head dims that are not a power of two
+        pad = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, padded_d - head_dim)])
+        q, k_cache, v_cache = pad(q), pad(k_cache), pad(v_cache)
+    # chunks are whole blocks; the last chunk may reach past max_seq, and its masked loads never read there
+    chunk = -(-(-(-max_seq // splits)) // block_k) * block_k
+    splits = -(-max_seq // chunk)
+    split = splits > 1
+
+    kernel = functools.partial(_decode_kernel, sm_scale=1.0 / math.sqrt(head_dim), block_k=block_k, chunk=chunk,
+                               split=split)
+    # heads vary fastest over the grid: neighbouring programs read neighbouring bytes of the cache
+    in_specs = [pl.BlockSpec((None,), lambda h, s, b: (b,)),
+                pl.BlockSpec((None, None, padded_d), lambda h, s, b: (b, h, 0)),
+                pl.BlockSpec((None, chunk, None, padded_d), lambda h, s, b: (b, s, h, 0)),
+                pl.BlockSpec((None, chunk, None, padded_d), lambda h, s, b: (b, s, h, 0))]
+    if split:
+        out_shape = [jax.ShapeDtypeStruct((batch, heads, splits, padded_d), jnp.float32),
+                     jax.ShapeDtypeStruct((batch, heads, splits, 1), jnp.float32)]
+        out_specs = [pl.BlockSpec((None, None, None, padded_d), lambda h, s, b: (b, h, s, 0)),
+                     pl.BlockSpec((None, None, None, 1), lambda h, s, b: (b, h, s, 0))]
+    else:
+        out_shape = jax.ShapeDtypeStruct((batch, heads, padded_d), q.dtype)
+        out_specs = pl.BlockSpec((None, None, padded_d), lambda h, s, b: (b, h, 0))
+    out = pl.pallas_call(
+        kernel,
+        grid=(heads, splits, batch),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="decode_attention",
+    )(lengths, q, k_cache, v_cache)
+    if split:
+        o_parts, lse = out
+        lse = lse[..., 0]  # [batch, heads, splits], base 2
+        top = jnp.max(lse, axis=-1, keepdims=True)
+        w = jnp.exp2(lse - jnp.where(jnp.isfinite(top), top, 0.0))  # empty chunks weigh 0
+        total = jnp.sum(w, axis=-1, keepdims=True)
+        out = jnp.sum(o_parts * (w / jnp.where(total == 0.0, 1.0, total))[..., None], axis=2).astype(q.dtype)
+    return out[..., :head_dim]
 
 
 def decode_attention_reference(q, k_cache, v_cache, lengths):

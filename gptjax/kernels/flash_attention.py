@@ -1,13 +1,131 @@
 """Causal attention over a whole (right-padded) prompt: the prefill path.
 
+`flash_attention` is the Pallas kernel (Triton backend on GPU; `interpret=True` runs it anywhere), and
 `flash_attention_reference` is the plain `jnp` form: it is the "xla" implementation and the reference the
-Pallas kernel is tested against.
+kernel is tested against.
+
+The kernel is FlashAttention-2's forward pass: one program per (query block, head, sequence) keeps its
+query tile and an fp32 output accumulator on chip and streams key/value blocks past them with an online
+softmax. Causality and the ragged `lengths` only decide which key blocks a program visits: blocks wholly in
+the past and inside the sequence run unmasked, the (at most two) blocks that cross the diagonal or the
+sequence end run masked, and blocks past either are never read. Query blocks past a sequence's length are
+skipped and written as zeros, so padding never holds NaN that later layers could pick up.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+
 import jax
 import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+# finite, so a block of masked scores against a running max of -inf gives exp(-inf) = 0, never NaN
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+LOG2_E = math.log2(math.e)
+
+
+def default_blocks(seq: int, head_dim: int) -> tuple[int, int, int, int]:
+    """(block_q, block_k, num_warps, num_stages), tuned on an H100 (benchmarks/kernels.py sweeps them)."""
+    if head_dim <= 64:
+        block_q, block_k, warps, stages = 128, 64, 4, 3
+    else:
+        block_q, block_k, warps, stages = 128, 64, 8, 3
+    cap = max(16, pl.next_power_of_2(seq))
+    return min(block_q, cap), min(block_k, cap), warps, stages
+
+
+def _flash_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, *, sm_scale: float, block_q: int, block_k: int,
+                  causal: bool, n_q_blocks: int):
+    # the grid's fastest axis walks query blocks from the last (the most key blocks) to the first
+    qi = n_q_blocks - 1 - pl.program_id(0)
+    length = len_ref[...]
+    q_start = qi * block_q
+    q = q_ref[...]  # [block_q, head_dim]
+    head_dim = q.shape[-1]
+    scale = sm_scale * LOG2_E  # exp2 instead of exp
+
+    def body(j, carry, masked: bool):
+        acc, m_prev, l_prev = carry
+        k = k_ref[pl.ds(j * block_k, block_k), :]
+        v = v_ref[pl.ds(j * block_k, block_k), :]
+        s = plgpu.dot(q, k, trans_b=True) * scale  # [block_q, block_k] fp32
+        if masked:
+            kpos = j * block_k + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 1)
+            ok = kpos < length
+            if causal:
+                ok = ok & (kpos <= q_start + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 0))
+            s = jnp.where(ok, s, MASK_VALUE)
+        m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
+        alpha = jnp.exp2(m_prev - m_next)
+        p = jnp.exp2(s - m_next[:, None])
+        l_next = l_prev * alpha + jnp.sum(p, axis=1)
+        acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v)
+        return acc, m_next, l_next
+
+    n_valid = pl.cdiv(length, block_k)
+    if causal:
+        n_end = jnp.minimum(lax.div(q_start + block_q + block_k - 1, block_k), n_valid)
+        n_full = jnp.minimum(lax.div(q_start, block_k), lax.div(length, block_k))
+    else:
+        n_end = n_valid
+        n_full = lax.div(length, block_k)
+    n_end = jnp.where(q_start < length, n_end, 0)
+    n_full = jnp.minimum(n_full, n_end)
+
+    carry = (jnp.zeros((block_q, head_dim), jnp.float32), jnp.full((block_q,), -jnp.inf, jnp.float32),
+             jnp.zeros((block_q,), jnp.float32))
+    carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), carry)
+    acc, _, l = lax.fori_loop(n_full, n_end, functools.partial(body, masked=True), carry)
+    l = jnp.where(l == 0.0, 1.0, l)  # skipped blocks: zeros, not NaN
+    o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("causal", "interpret", "block_q", "block_k", "num_warps",
+                                             "num_stages"))
+def flash_attention(q, k, v, *, lengths=None, causal: bool = True, interpret: bool = False,
+                    block_q: int | None = None, block_k: int | None = None, num_warps: int | None = None,
+                    num_stages: int | None = None):
+    """q, k, v: [batch, seq, heads, head_dim]; lengths: [batch] valid lengths (right padding) or None.
+
+    Scale 1/sqrt(head_dim). Output rows past a sequence's length are unspecified (this kernel writes zeros
+    for whole query blocks past it). fp32 inputs use TF32 matrix units on GPU.
+    """
+    batch, seq, heads, head_dim = q.shape
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k, v must have one shape, got {q.shape}, {k.shape}, {v.shape}")
+    d_bq, d_bk, d_warps, d_stages = default_blocks(seq, head_dim)
+    block_q, block_k = block_q or d_bq, block_k or d_bk
+    num_warps, num_stages = num_warps or d_warps, num_stages or d_stages
+    lengths = (jnp.full((batch,), seq, jnp.int32) if lengths is None
+               else jnp.minimum(lengths.astype(jnp.int32), seq))
+
+    # tiles want power-of-two head dims of at least 16 and sequences in whole blocks: pad, slice after
+    padded_d = max(16, pl.next_power_of_2(head_dim))
+    padded_seq = -(-seq // max(block_q, block_k)) * max(block_q, block_k)
+    if padded_d != head_dim or padded_seq != seq:
+        pad = ((0, 0), (0, padded_seq - seq), (0, 0), (0, padded_d - head_dim))
+        q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
+
+    n_q_blocks = padded_seq // block_q
+    kernel = functools.partial(_flash_kernel, sm_scale=1.0 / math.sqrt(head_dim), block_q=block_q,
+                               block_k=block_k, causal=causal, n_q_blocks=n_q_blocks)
+    q_spec = pl.BlockSpec((None, block_q, None, padded_d), lambda i, h, b: (b, n_q_blocks - 1 - i, h, 0))
+    kv_spec = pl.BlockSpec((None, padded_seq, None, padded_d), lambda i, h, b: (b, 0, h, 0))
+    out = pl.pallas_call(
+        kernel,
+        grid=(n_q_blocks, heads, batch),
+        in_specs=[pl.BlockSpec((None,), lambda i, h, b: (b,)), q_spec, kv_spec, kv_spec],
+        out_specs=q_spec,
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="flash_attention",
+    )(lengths, q, k, v)
+    return out[:, :seq, :, :head_dim]
 
 
 def flash_attention_reference(q, k, v, *, lengths=None, causal=True):
