@@ -1,0 +1,173 @@
+"""FasterTransformer GPT "c-model" folders (`config.ini` + raw `model.*.bin` files) -> a checkpoint folder.
+
+What FasterTransformer's Megatron converter (`megatron_ckpt_convert.py`, FT v4/v5) writes, per folder
+`<N>-gpu/`: raw little-endian fp32 or fp16 arrays with no header, weights transposed to [in, out], split over
+N tensor-parallel ranks (suffix `.R.bin`):
+- `model.wte.bin` [vocab, hidden], `model.wpe.bin` [positions, hidden], `model.final_layernorm.{weight,bias}.bin`
+- per layer `model.layers.L.`: `input_layernorm.*`, `post_attention_layernorm.*`, `attention.dense.bias`,
+  `mlp.dense_4h_to_h.bias` (whole); `attention.query_key_value.weight.R` [hidden, 3, hidden/N] and `.bias.R`
+  [3, hidden/N]; `attention.dense.weight.R` [hidden/N, hidden]; `mlp.dense_h_to_4h.weight.R` [hidden, inter/N]
+  and `.bias.R`; `mlp.dense_4h_to_h.weight.R` [inter/N, hidden].
+"""
+
+from __future__ import annotations
+
+import configparser
+import re
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from checkpoints.folder import CheckpointError, save_checkpoint
+from gptjax.config import ModelConfig
+
+_DTYPES = {"fp32": (np.float32, "float32"), "fp16": (np.float16, "float16")}
+GPT2_VOCAB, GPT2_END_ID = 50257, 50256
+
+
+def find_folder(src: str | Path) -> Path:
+    """The folder holding config.ini: SRC itself, or its single `<N>-gpu` subfolder."""
+    src = Path(src)
+    if not src.is_dir():
+        raise CheckpointError(f"{src} is not a folder")
+    if (src / "config.ini").is_file():
+        folder = src
+    else:
+        found = sorted(d for d in src.iterdir() if re.fullmatch(r"(unfusedQKV-)?\d+-gpu", d.name)
+                       and (d / "config.ini").is_file())
+        if len(found) != 1:
+            what = "no config.ini" if not found else f"several c-model folders ({', '.join(d.name for d in found)})"
+            raise CheckpointError(f"{src}: {what}; give the <N>-gpu folder that holds config.ini")
+        folder = found[0]
+    if folder.name.startswith("unfusedQKV"):
+        raise CheckpointError(f"{folder}: unfused-QKV c-models are not supported (convert with -fused_qkv 1)")
+    return folder
+
+
+def read_config(folder: Path) -> tuple[ModelConfig, int, type, int]:
+    """(config, tensor-parallel size, numpy dtype of the files, rows of model.wte.bin) from config.ini's [gpt]."""
+    path = folder / "config.ini"
+    parser = configparser.ConfigParser()
+    try:
+        parser.read_string(path.read_text())
+    except (configparser.Error, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not a valid config.ini ({str(e).splitlines()[0]})") from None
+    if not parser.has_section("gpt"):
+        raise CheckpointError(f"{path}: the [gpt] section is missing")
+    gpt = parser["gpt"]
+
+    def field(*names, default=None, kind=int):
+        for n in names:
+            if n in gpt:
+                try:
+                    return kind(gpt[n])
+                except ValueError:
+                    raise CheckpointError(f"{path}: {n} = {gpt[n]!r} is not a valid {kind.__name__}") from None
+        if default is None:
+            raise CheckpointError(f"{path}: field {names[0]} is missing")
+        return default
+
+    if gpt.get("has_adapters", "False").strip().lower() in ("true", "1"):
+        raise CheckpointError(f"{path}: adapters (has_adapters = {gpt['has_adapters']}) are not supported")
+    if gpt.get("layernorm_type", "pre_layernorm") != "pre_layernorm":
+        raise CheckpointError(f"{path}: layernorm_type = {gpt['layernorm_type']} is not supported")
+    if gpt.get("activation_type", "gelu").lower() not in ("gelu", "gelu_new"):
+        raise CheckpointError(f"{path}: activation_type = {gpt['activation_type']} is not supported")
+    weight_type = gpt.get("weight_data_type", "fp32")
+    if weight_type not in _DTYPES:
+        raise CheckpointError(f"{path}: weight_data_type = {weight_type} is not one of {', '.join(_DTYPES)}")
+    np_dtype, dtype = _DTYPES[weight_type]
+    heads = field("head_num", "n_head")
+    size_per_head = field("size_per_head")
+    hidden = heads * size_per_head
+    n_layers = field("num_layer", "n_layer")
+    itemsize = np.dtype(np_dtype).itemsize
+    wpe = folder / "model.wpe.bin"
+    positions = field("max_pos_seq_len", "n_positions",
+                      default=(wpe.stat().st_size // (hidden * itemsize)) if wpe.is_file() else None)
+    vocab = file_vocab = field("vocab_size")
+    tp = field("tensor_para_size", "infer_gpu_num", default=_count_ranks(folder))
+    if heads % tp:
+        raise CheckpointError(f"{path}: head_num {heads} is not divisible by tensor_para_size {tp}")
+    # Megatron pads GPT-2's vocabulary to a multiple of 128 x ranks; FT keeps the padding, we drop it
+    if int(gpt.get("end_id", -1)) == GPT2_END_ID and GPT2_VOCAB < vocab < GPT2_VOCAB + 1024 and vocab % 128 == 0:
+        vocab = GPT2_VOCAB
+    try:
+        config = ModelConfig(n_layers=n_layers, hidden=hidden, n_heads=heads, vocab_size=vocab, n_positions=positions,
+                             ffn_hidden=field("inter_size", default=4 * hidden),
+                             layer_norm_eps=field("layernorm_eps", "layer_norm_eps", default=1e-5, kind=float),
+                             activation="gelu_new", dtype=dtype)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    if config.ffn_hidden % tp:
+        raise CheckpointError(f"{path}: inter_size {config.ffn_hidden} is not divisible by tensor_para_size {tp}")
+    return config, tp, np_dtype, file_vocab
+
+
+def _count_ranks(folder: Path) -> int:
+    ranks = {int(m.group(1)) for f in folder.glob("model.layers.0.attention.query_key_value.weight.*.bin")
+             if (m := re.search(r"\.(\d+)\.bin$", f.name))}
+    return len(ranks) or 1
+
+
+class Reader:
+    """Raw arrays from the folder, each checked for its exact byte size."""
+
+    def __init__(self, folder: Path, dtype):
+        self.folder, self.dtype = folder, np.dtype(dtype)
+
+    def __call__(self, name: str, shape: tuple[int, ...], rows: int | None = None) -> np.ndarray:
+        """`model.<name>.bin` as `shape`; with `rows`, only its first `rows` rows (the file may hold more)."""
+        path = self.folder / f"model.{name}.bin"
+        if not path.is_file():
+            raise CheckpointError(f"{self.folder}: {path.name} is missing")
+        want = int(np.prod(shape)) * self.dtype.itemsize
+        size = path.stat().st_size
+        if size != want:
+            raise CheckpointError(f"{path.name}: {size} bytes, expected {want} (shape {shape} of {self.dtype.name}); "
+                                  "truncated, or config.ini does not match the files")
+        count = int(np.prod(shape)) if rows is None else rows * int(np.prod(shape[1:]))
+        data = np.fromfile(path, dtype=self.dtype, count=count)
+        return data.reshape(shape if rows is None else (rows, *shape[1:]))
+
+
+def read_ft(src: str | Path):
+    """(config, params) of a FasterTransformer c-model folder."""
+    folder = find_folder(src)
+    config, tp, np_dtype, file_vocab = read_config(folder)
+    read = Reader(folder, np_dtype)
+    c, h, d, f = config.hidden, config.n_heads, config.head_dim, config.ffn_hidden
+    hl, fl = h // tp, f // tp
+
+    def norm(name):
+        return {"scale": read(f"{name}.weight", (c,)), "bias": read(f"{name}.bias", (c,))}
+
+    params = {"wte": read("wte", (file_vocab, c), rows=config.vocab_size),
+              "wpe": read("wpe", (config.n_positions, c)), "ln_f": norm("final_layernorm")}
+    for i in tqdm(range(config.n_layers), desc="layers", unit="layer", leave=False, disable=None):
+        q = f"layers.{i}."
+
+        def ranks(name, shape):
+            return [read(f"{q}{name}.{r}", shape) for r in range(tp)]
+
+        params[f"h_{i}"] = {
+            "ln_1": norm(q + "input_layernorm"),
+            "qkv": {"kernel": np.concatenate([w.reshape(c, 3, hl, d) for w in
+                                              ranks("attention.query_key_value.weight", (c, 3, hl * d))], axis=2),
+                    "bias": np.concatenate([b.reshape(3, hl, d) for b in
+                                            ranks("attention.query_key_value.bias", (3, hl * d))], axis=1)},
+            "attn_out": {"kernel": np.concatenate(ranks("attention.dense.weight", (hl * d, c))).reshape(h, d, c),
+                         "bias": read(q + "attention.dense.bias", (c,))},
+            "ln_2": norm(q + "post_attention_layernorm"),
+            "mlp_in": {"kernel": np.concatenate(ranks("mlp.dense_h_to_4h.weight", (c, fl)), axis=1),
+                       "bias": np.concatenate(ranks("mlp.dense_h_to_4h.bias", (fl,)))},
+            "mlp_out": {"kernel": np.concatenate(ranks("mlp.dense_4h_to_h.weight", (fl, c))),
+                        "bias": read(q + "mlp.dense_4h_to_h.bias", (c,))},
+        }
+    return config, params
+
+
+def convert_ft(src: str | Path, dst: str | Path) -> Path:
+    config, params = read_ft(src)
+    return save_checkpoint(dst, config, params)

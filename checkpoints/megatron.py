@@ -1,0 +1,340 @@
+"""Megatron-LM GPT checkpoints (`mp_rank_XX[_YYY]/model_optim_rng.pt` parts) -> a checkpoint folder.
+
+Megatron splits a model over tensor-parallel ranks the way our mesh does: QKV and h->4h by output columns,
+the attention output and 4h->h by input rows, word embeddings by vocabulary rows (padded to a multiple of
+128 x ranks); norms, biases of row-parallel layers and position embeddings are replicated. Pipeline stages
+(`mp_rank_XX_YYY`) each number their layers from 0. Linear weights are [out, in].
+
+The files are pickles: they are read with `torch.load(weights_only=True)`, which builds tensors and plain
+containers only (and `argparse.Namespace`, for the training arguments), so a file can't run code. They are
+memory-mapped where the format allows, so optimizer state is never read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import zipfile
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from checkpoints.folder import CheckpointError, save_checkpoint
+from checkpoints.hf_gpt2 import _to_numpy
+from gptjax.config import ModelConfig
+
+PART_FILES = ("model_optim_rng.pt", "model_rng.pt")
+GPT2_VOCAB = 50257  # what Megatron's GPT2BPETokenizer holds before padding
+_PART_DIR = re.compile(r"mp_rank_(\d{2})(?:_(\d{3}))?")
+_DTYPES = {"torch.float32": "float32", "torch.float16": "float16", "torch.bfloat16": "bfloat16"}
+
+
+# ---- finding and reading the files ----------------------------------------------------------------------
+def find_parts(src: str | Path) -> list[list[Path]]:
+    """The part files as [tensor rank][pipeline stage], from a tracker folder, a release/iter_N folder, a
+    single mp_rank folder or a single file."""
+    src = Path(src)
+    if src.is_file():
+        return [[src]]
+    if not src.is_dir():
+        raise CheckpointError(f"{src} is not a folder")
+    tracker = src / "latest_checkpointed_iteration.txt"
+    if tracker.is_file():
+        text = tracker.read_text().strip()
+        if text == "release":
+            sub = "release"
+        else:
+            try:
+                sub = f"iter_{int(text):07d}"
+            except ValueError:
+                raise CheckpointError(f"{tracker}: expected 'release' or an iteration number, got {text!r}") from None
+        if not (src / sub).is_dir():
+            raise CheckpointError(f"{tracker} names {sub}, but {src / sub} is not a folder")
+        src = src / sub
+    if _part_file(src):
+        return [[_part_file(src)]]
+    grid: dict[tuple[int, int], Path] = {}
+    for d in src.iterdir():
+        m = _PART_DIR.fullmatch(d.name)
+        if m and d.is_dir():
+            f = _part_file(d)
+            if f is None:
+                raise CheckpointError(f"{d}: neither {' nor '.join(PART_FILES)} is present")
+            grid[int(m.group(1)), int(m.group(2) or 0)] = f
+    if not grid:
+        raise CheckpointError(f"{src}: no mp_rank_XX folders (is this a Megatron-LM checkpoint?)")
+    tp = 1 + max(r for r, _ in grid)
+    pp = 1 + max(s for _, s in grid)
+    for r in range(tp):
+        for s in range(pp):
+            if (r, s) not in grid:
+                name = f"mp_rank_{r:02d}" if pp == 1 else f"mp_rank_{r:02d}_{s:03d}"
+                raise CheckpointError(f"{src}: part {name} is missing ({tp} tensor x {pp} pipeline parts expected)")
+    return [[grid[r, s] for s in range(pp)] for r in range(tp)]
+
+
+def _part_file(folder: Path) -> Path | None:
+    return next((folder / n for n in PART_FILES if (folder / n).is_file()), None)
+
+
+def load_part(path: Path) -> dict:
+    """One part file, unpickling nothing but tensors, plain containers and argparse.Namespace."""
+    import torch
+
+    try:
+        # the zip format can be memory-mapped: tensors are read when touched, optimizer state never
+        mmap = zipfile.is_zipfile(path)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # truncated, corrupt, or a pickle that asks for more than tensors
+        text = str(e)
+        if "Weights only load failed" in text:
+            unsafe = re.search(r"GLOBAL ([\w.]+)", text)
+            what = unsafe.group(1) if unsafe else "an object that is not a tensor"
+            raise CheckpointError(f"{path}: refusing to load {what}: only tensors and argparse.Namespace are "
+                                  "allowed in a checkpoint (the file may try to run code)") from None
+        first = next((line for line in text.splitlines() if line.strip()), type(e).__name__)
+        raise CheckpointError(f"{path}: cannot read ({type(e).__name__}: {first})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a dict, found {type(state).__name__}")
+    return state
+
+
+# ---- one part's tensors under uniform names --------------------------------------------------------------
+class Part:
+    """One (tensor rank, pipeline stage) part: its tensors under normalized names, and its metadata."""
+
+    def __init__(self, path: Path, state: dict, label: str):
+        self.path, self.label = path, label
+        self.version = float(state.get("checkpoint_version", 0) or 0)
+        self.args = state.get("args")
+        model = state.get("model")
+        if not isinstance(model, dict):
+            found = ", ".join(sorted(k for k in state if k.startswith("model"))) or "none"
+            raise CheckpointError(f"{label}: no 'model' entry (found model entries: {found}); "
+                                  "virtual-pipeline and Megatron-core checkpoints are not supported")
+        lm = model.get("language_model")
+        if not isinstance(lm, dict):
+            raise CheckpointError(f"{label}: model.language_model is missing")
+        if "output_layer" in lm:
+            raise CheckpointError(f"{label}: the checkpoint has an untied output layer "
+                                  "(untie_embeddings_and_output_weights), which this model does not support")
+        self.tensors: dict = {}
+        emb = lm.get("embedding") or {}
+        for name in ("word_embeddings", "position_embeddings"):
+            if isinstance(emb.get(name), dict) and "weight" in emb[name]:
+                self.tensors[name] = emb[name]["weight"]
+        stack = lm.get("encoder", lm.get("transformer"))
+        if stack is None:
+            raise CheckpointError(f"{label}: model.language_model has neither 'encoder' nor 'transformer'")
+        for key, value in stack.items():
+            self.tensors[key.replace(".self_attention.", ".attention.")] = value
+        layers = {int(m.group(1)) for k in self.tensors if (m := re.match(r"layers\.(\d+)\.", k))}
+        self.n_layers = 1 + max(layers) if layers else 0
+        if layers != set(range(self.n_layers)):
+            raise CheckpointError(f"{label}: layer {min(set(range(self.n_layers)) - layers)} is missing")
+
+    def get(self, key: str, shape: tuple[int, ...], shown: str | None = None):
+        """The tensor `key` as numpy, checked to be `shape`."""
+        if key not in self.tensors:
+            raise CheckpointError(f"{self.label}: tensor {shown or key} is missing")
+        t = self.tensors[key]
+        if tuple(t.shape) != shape:
+            raise CheckpointError(f"{self.label}: tensor {shown or key} has shape {tuple(t.shape)}, "
+                                  f"expected {shape}")
+        return _to_numpy(t)
+
+
+# ---- the config ----------------------------------------------------------------------------------------------
+def _arg(args, *names, default=None):
+    for n in names:
+        v = getattr(args, n, None)
+        if v is not None:
+            return v
+    return default
+
+
+def _check_supported(args, label: str) -> None:
+    """Refuse architectures this GPT does not have, naming Megatron's argument."""
+    if args is None:
+        return
+    unsupported = [
+        ("position_embedding_type", lambda v: v not in (None, "learned_absolute"), "learned position embeddings"),
+        ("normalization", lambda v: v not in (None, "LayerNorm"), "LayerNorm"),
+        ("swiglu", bool, "a GELU MLP"),
+        ("group_query_attention", bool, "multi-head attention"),
+        ("add_bias_linear", lambda v: v is False, "biases on linear layers"),
+        ("apply_residual_connection_post_layernorm", bool, "pre-LayerNorm residuals"),
+        ("untie_embeddings_and_output_weights", bool, "an LM head tied to the embeddings"),
+    ]
+    for name, bad, needs in unsupported:
+        v = getattr(args, name, None)
+        if v is not None and bad(v):
+            raise CheckpointError(f"{label}: args.{name}={v!r} is not supported (this model needs {needs})")
+
+
+def build_config(parts: list[list[Part]], num_heads: int | None, vocab_size: int | None) -> tuple[ModelConfig, int]:
+    """The ModelConfig (and Megatron's padded vocabulary) from the checkpoint's args, or from tensor shapes."""
+    first = parts[0][0]
+    tp, pp = len(parts), len(parts[0])
+    args = first.args
+    _check_supported(args, first.label)
+    if "position_embeddings" not in first.tensors:
+        raise CheckpointError(f"{first.label}: tensor embedding.position_embeddings.weight is missing")
+    if "word_embeddings" not in first.tensors:
+        raise CheckpointError(f"{first.label}: tensor embedding.word_embeddings.weight is missing")
+    wpe_shape = tuple(first.tensors["position_embeddings"].shape)
+    if len(wpe_shape) != 2:
+        raise CheckpointError(f"{first.label}: position_embeddings has shape {wpe_shape}, expected 2 dimensions")
+    found_layers = sum(p.n_layers for p in parts[0])
+    if args is not None:
+        heads = _arg(args, "num_attention_heads")
+        if heads is None:
+            raise CheckpointError(f"{first.label}: args.num_attention_heads is missing")
+        if num_heads is not None and num_heads != heads:
+            raise CheckpointError(f"--num-heads {num_heads} disagrees with the checkpoint's "
+                                  f"num_attention_heads {heads}")
+        hidden = int(_arg(args, "hidden_size", default=wpe_shape[1]))
+        n_layers = int(_arg(args, "num_layers", default=found_layers))
+        ffn = int(_arg(args, "ffn_hidden_size", default=4 * hidden))
+        positions = int(_arg(args, "max_position_embeddings", default=wpe_shape[0]))
+        padded = int(_arg(args, "padded_vocab_size", default=first.tensors["word_embeddings"].shape[0] * tp))
+        eps = float(_arg(args, "layernorm_epsilon", "norm_epsilon", default=1e-5))
+        args_tp = int(_arg(args, "tensor_model_parallel_size", "model_parallel_size", default=tp))
+        args_pp = int(_arg(args, "pipeline_model_parallel_size", default=1))
+        if (args_tp, args_pp) != (tp, pp):
+            raise CheckpointError(f"the checkpoint was saved with tensor={args_tp} x pipeline={args_pp} parts, "
+                                  f"but {tp} x {pp} were found")
+        if vocab_size is None and _arg(args, "tokenizer_type") == "GPT2BPETokenizer" and padded >= GPT2_VOCAB:
+            vocab_size = GPT2_VOCAB
+    else:
+        if num_heads is None:
+            raise CheckpointError(f"{first.label} has no args: pass --num-heads")
+        heads = num_heads
+        hidden, positions = wpe_shape[1], wpe_shape[0]
+        n_layers = found_layers
+        h4h = first.tensors.get("layers.0.mlp.dense_h_to_4h.weight")
+        if h4h is None:
+            raise CheckpointError(f"{first.label}: tensor layers.0.mlp.dense_h_to_4h.weight is missing")
+        ffn = int(h4h.shape[0]) * tp
+        padded = int(first.tensors["word_embeddings"].shape[0]) * tp
+        eps = 1e-5
+    heads = int(heads)
+    if heads <= 0 or hidden % heads:
+        raise CheckpointError(f"hidden size {hidden} is not divisible by {heads} attention heads")
+    if heads % tp:
+        raise CheckpointError(f"{heads} attention heads can't be split over the checkpoint's {tp} tensor-parallel "
+                              "parts: is the head count right?")
+    if padded % tp:
+        raise CheckpointError(f"padded vocabulary {padded} is not divisible by {tp} tensor-parallel parts")
+    if found_layers != n_layers:
+        raise CheckpointError(f"the checkpoint's args say {n_layers} layers, but the parts hold {found_layers}")
+    if vocab_size is not None and not 0 < vocab_size <= padded:
+        raise CheckpointError(f"--vocab-size {vocab_size} must be between 1 and the checkpoint's "
+                              f"padded vocabulary {padded}")
+    dtype = _DTYPES.get(str(first.tensors["word_embeddings"].dtype))
+    if dtype is None:
+        raise CheckpointError(f"{first.label}: word_embeddings dtype {first.tensors['word_embeddings'].dtype} "
+                              "is not supported")
+    try:
+        config = ModelConfig(n_layers=n_layers, hidden=hidden, n_heads=heads, vocab_size=vocab_size or padded,
+                             n_positions=positions, ffn_hidden=ffn, layer_norm_eps=eps,
+                             # Megatron's fused bias-GELU is the tanh approximation
+                             activation="gelu_new", dtype=dtype)
+    except ValueError as e:
+        raise CheckpointError(f"bad model shape in the checkpoint: {e}") from None
+    return config, padded
+
+
+# ---- merging -------------------------------------------------------------------------------------------------
+def _qkv_to_heads(x: np.ndarray, version: float, heads: int, d: int) -> np.ndarray:
+    """One rank's fused QKV rows [3 * heads * d, ...] -> [3, heads, d, ...], whatever the version's order."""
+    rest = x.shape[1:]
+    if version == 0:  # all Q, all K, all V
+        return x.reshape(3, heads, d, *rest)
+    if version == 1:  # per head, per dim: q, k, v
+        return np.moveaxis(x.reshape(heads, d, 3, *rest), 2, 0)
+    return np.swapaxes(x.reshape(heads, 3, d, *rest), 0, 1)  # versions 2, 3: per head: q, k, v
+
+
+def merge(config: ModelConfig, padded: int, parts: list[list[Part]]):
+    """The model's parameter tree from the parts (numpy, one copy of each tensor)."""
+    tp = len(parts)
+    c, h, d, f = config.hidden, config.n_heads, config.head_dim, config.ffn_hidden
+    hl, fl, vl = h // tp, f // tp, padded // tp
+    dt = np.dtype(jnp.dtype(config.dtype))
+    ranks0 = [stages[0] for stages in parts]
+    last = [stages[-1] for stages in parts]
+
+    def cast(x):
+        return x if x.dtype == dt else x.astype(dt)
+
+    wte = np.concatenate([p.get("word_embeddings", (vl, c), "embedding.word_embeddings.weight") for p in ranks0])
+    params = {"wte": cast(wte[: config.vocab_size]),
+              "wpe": cast(np.array(ranks0[0].get("position_embeddings", (config.n_positions, c),
+                                                 "embedding.position_embeddings.weight"))),
+              "ln_f": {"scale": cast(np.array(last[0].get("final_layernorm.weight", (c,)))),
+                       "bias": cast(np.array(last[0].get("final_layernorm.bias", (c,))))}}
+    del wte
+    layer = 0
+    with tqdm(total=config.n_layers, desc="layers", unit="layer", leave=False, disable=None) as bar:
+        for s in range(len(parts[0])):
+            stage = [stages[s] for stages in parts]
+            for local in range(stage[0].n_layers):
+                q = f"layers.{local}."
+                p0 = stage[0]
+
+                def rep(name):
+                    return cast(np.array(p0.get(q + name, (c,))))
+
+                qkv_w = [_qkv_to_heads(p.get(q + "attention.query_key_value.weight", (3 * hl * d, c)), p.version,
+                                       hl, d) for p in stage]  # [3, hl, d, c] views
+                qkv_b = [_qkv_to_heads(p.get(q + "attention.query_key_value.bias", (3 * hl * d,)), p.version, hl, d)
+                         for p in stage]
+                params[f"h_{layer}"] = {
+                    "ln_1": {"scale": rep("input_layernorm.weight"), "bias": rep("input_layernorm.bias")},
+                    "qkv": {"kernel": cast(np.concatenate([w.transpose(3, 0, 1, 2) for w in qkv_w], axis=2)),
+                            "bias": cast(np.concatenate(qkv_b, axis=1))},
+                    "attn_out": {"kernel": cast(np.concatenate(
+                        [p.get(q + "attention.dense.weight", (c, hl * d)).T.reshape(hl, d, c) for p in stage])),
+                        "bias": rep("attention.dense.bias")},
+                    "ln_2": {"scale": rep("post_attention_layernorm.weight"),
+                             "bias": rep("post_attention_layernorm.bias")},
+                    "mlp_in": {"kernel": cast(np.concatenate(
+                        [p.get(q + "mlp.dense_h_to_4h.weight", (fl, c)).T for p in stage], axis=1)),
+                        "bias": cast(np.concatenate([p.get(q + "mlp.dense_h_to_4h.bias", (fl,)) for p in stage]))},
+                    "mlp_out": {"kernel": cast(np.concatenate(
+                        [p.get(q + "mlp.dense_4h_to_h.weight", (c, fl)).T for p in stage])),
+                        "bias": rep("mlp.dense_4h_to_h.bias")},
+                }
+                layer += 1
+                bar.update()
+    return params
+
+
+def read_megatron(src: str | Path, *, num_heads: int | None = None, vocab_size: int | None = None):
+    """(config, params) of a Megatron-LM checkpoint folder."""
+    files = find_parts(src)
+    tp, pp = len(files), len(files[0])
+    parts = []
+    with tqdm(total=tp * pp, desc="reading parts", unit="part", leave=False, disable=None) as bar:
+        for r, stages in enumerate(files):
+            row = []
+            for s, path in enumerate(stages):
+                label = str(path) if tp * pp == 1 else f"{path.parent.name}/{path.name}"
+                row.append(Part(path, load_part(path), label))
+                bar.update()
+            parts.append(row)
+    versions = {p.version for row in parts for p in row}
+    if len(versions) > 1:
+        raise CheckpointError(f"the parts disagree on checkpoint_version: {sorted(versions)}")
+    config, padded = build_config(parts, num_heads, vocab_size)
+    return config, merge(config, padded, parts)
+
+
+def convert_megatron(src: str | Path, dst: str | Path, *, num_heads: int | None = None,
+                     vocab_size: int | None = None) -> Path:
+    config, params = read_megatron(src, num_heads=num_heads, vocab_size=vocab_size)
+    return save_checkpoint(dst, config, params)

@@ -1,0 +1,200 @@
+"""Megatron-LM checkpoints: tensor/pipeline parts, QKV orders of every checkpoint_version, padded vocab, bad files.
+
+The checkpoints are written here from a random Hugging Face GPT-2 (tests/checkpoint_writers.py), converted with
+the real command line, and must give Hugging Face's greedy tokens exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import pytest
+import torch
+
+import gptjax
+from checkpoint_writers import padded_vocab, write_megatron
+from checkpoints.megatron import read_megatron
+from conftest import hf_greedy, run_cli
+from gptjax import cli
+from gptjax.engine import Engine
+
+PROMPTS = [[464, 2068, 7586, 21831, 18045, 625, 262, 16931], [15496, 995], [40, 588, 257, 1310, 286]]
+N_NEW = 10
+
+
+@pytest.fixture(scope="module")
+def expected(hf_model):
+    return [hf_greedy(hf_model, p, N_NEW) for p in PROMPTS]
+
+
+def greedy(engine):
+    return [r.output_ids for r in engine.generate(PROMPTS, max_new_tokens=N_NEW, greedy=True, stop_token_ids=[])]
+
+
+@pytest.fixture(scope="module")
+def tp2_dir(hf_model, tmp_path_factory):
+    """Two tensor-parallel parts, checkpoint_version 3 with args, converted by the command line."""
+    root = tmp_path_factory.mktemp("megatron") / "tp2"
+    write_megatron(hf_model, root, tp=2, version=3.0)
+    dst = root.parent / "converted"
+    run_cli("convert", "megatron", str(root), str(dst))
+    return dst
+
+
+def test_two_tensor_parallel_parts_give_hugging_face_tokens(tp2_dir, expected):
+    engine = Engine.load(tp2_dir)
+    assert engine.config.vocab_size == 50257 and engine.config.n_heads == 4
+    assert greedy(engine) == expected
+
+
+@pytest.mark.parametrize("case", [
+    # one part, version 3, args naming GPT-2's tokenizer: the padding rows go without --vocab-size
+    dict(write=dict(tp=1, version=3.0), src="root", flags=[]),
+    # two parts of version 0 (all Q, all K, all V per part), no args, old names and file name, iter_ folder
+    dict(write=dict(tp=2, version=0, with_args=False, new_names=False, file_name="model_rng.pt", iteration=100),
+         src="iter_0000100", flags=["--num-heads", "4", "--vocab-size", "50257"]),
+    # two tensor x two pipeline parts, version 1 (per head: all q dims, then k, then v interleaved by dim)
+    dict(write=dict(tp=2, pp=2, version=1.0), src="root", flags=[]),
+], ids=["tp1-v3", "tp2-v0-noargs", "tp2-pp2-v1"])
+def test_layouts_give_hugging_face_tokens(hf_model, expected, tmp_path, case):
+    root = tmp_path / "megatron"
+    write_megatron(hf_model, root, **case["write"])
+    src = root if case["src"] == "root" else root / case["src"]
+    run_cli("convert", "megatron", str(src), str(tmp_path / "out"), *case["flags"])
+    assert greedy(Engine.load(tmp_path / "out")) == expected
+
+
+def test_every_version_orders_qkv_the_same(hf_model, tmp_path):
+    ref = None
+    for version in (0, 1.0, 2.0, 3.0):
+        root = tmp_path / f"v{version}"
+        write_megatron(hf_model, root, tp=2, version=version)
+        config, params = read_megatron(root)
+        qkv = params["h_1"]["qkv"]
+        hf = hf_model.state_dict()
+        np.testing.assert_array_equal(qkv["kernel"].reshape(64, -1), hf["transformer.h.1.attn.c_attn.weight"].numpy())
+        np.testing.assert_array_equal(qkv["bias"].reshape(-1), hf["transformer.h.1.attn.c_attn.bias"].numpy())
+        ref = ref or config
+        assert config == ref
+
+
+def test_half_precision_parts_keep_their_dtype(hf_model, tmp_path):
+    write_megatron(hf_model, tmp_path / "m", tp=2, dtype=torch.float16)
+    config, params = read_megatron(tmp_path / "m")
+    assert config.dtype == "float16" and params["h_0"]["qkv"]["kernel"].dtype == np.float16
+    np.testing.assert_allclose(params["wte"], hf_model.state_dict()["transformer.wte.weight"].numpy(), atol=2e-3)
+
+
+def test_padding_is_kept_without_a_vocab_size(hf_model, tmp_path):
+    write_megatron(hf_model, tmp_path / "m", tp=2, version=0, with_args=False)
+    config, params = read_megatron(tmp_path / "m", num_heads=4)
+    assert config.vocab_size == padded_vocab(50257, 2) == params["wte"].shape[0]
+
+
+def test_restored_on_a_stage_and_tensor_mesh_gives_the_same_tokens(tp2_dir, expected):
+    engine = Engine.load(tp2_dir, mesh=gptjax.make_mesh(data=1, stage=2, tensor=4))
+    assert greedy(engine) == expected
+
+
+# ---- bad input: exit 2, one line, nothing left behind ------------------------------------------------------
+def convert_fails(capsys, tmp_path, src, *flags) -> str:
+    out = tmp_path / "out"
+    before = set(tmp_path.iterdir())
+    code = cli.main(["convert", "megatron", str(src), str(out), *flags])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("gptjax convert: error: "), err
+    assert not out.exists() and set(tmp_path.iterdir()) == before
+    return lines[0]
+
+
+@pytest.fixture
+def good(hf_model, tmp_path):
+    """A two-part checkpoint without args (version 0); returns its release folder."""
+    write_megatron(hf_model, tmp_path / "m", tp=2, version=0, with_args=False, new_names=False)
+    return tmp_path / "m" / "release"
+
+
+def _edit(path, change):
+    state = torch.load(path, weights_only=True)
+    change(state["model"]["language_model"]["transformer"])
+    torch.save(state, path)
+
+
+def test_truncated_part(capsys, tmp_path, good):
+    f = good / "mp_rank_01" / "model_optim_rng.pt"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    line = convert_fails(capsys, tmp_path, good, "--num-heads", "4")
+    assert "mp_rank_01" in line and "cannot read" in line
+
+
+def test_corrupt_part(capsys, tmp_path, good):
+    (good / "mp_rank_00" / "model_optim_rng.pt").write_bytes(np.random.default_rng(0).bytes(4096))
+    assert "cannot read" in convert_fails(capsys, tmp_path, good, "--num-heads", "4")
+
+
+def test_missing_tensor(capsys, tmp_path, good):
+    _edit(good / "mp_rank_01" / "model_optim_rng.pt", lambda t: t.pop("layers.1.attention.dense.weight"))
+    line = convert_fails(capsys, tmp_path, good, "--num-heads", "4")
+    assert "mp_rank_01" in line and "layers.1.attention.dense.weight is missing" in line
+
+
+def test_wrong_shape(capsys, tmp_path, good):
+    def change(t):
+        t["layers.0.mlp.dense_4h_to_h.weight"] = t["layers.0.mlp.dense_4h_to_h.weight"][:, :-1].clone()
+    _edit(good / "mp_rank_00" / "model_optim_rng.pt", change)
+    line = convert_fails(capsys, tmp_path, good, "--num-heads", "4")
+    assert "layers.0.mlp.dense_4h_to_h.weight has shape (64, 127), expected (64, 128)" in line
+
+
+def test_missing_part(capsys, hf_model, tmp_path):
+    write_megatron(hf_model, tmp_path / "m", tp=2)
+    import shutil
+    shutil.rmtree(tmp_path / "m" / "release" / "mp_rank_01")
+    assert "tensor=2 x pipeline=1 parts, but 1 x 1 were found" in convert_fails(capsys, tmp_path, tmp_path / "m")
+
+
+def test_head_count_needed_and_checked(capsys, hf_model, tmp_path, good):
+    assert "pass --num-heads" in convert_fails(capsys, tmp_path, good)
+    assert "not divisible by 5 attention heads" in convert_fails(capsys, tmp_path, good, "--num-heads", "5")
+    assert "can't be split over the checkpoint's 2" in convert_fails(capsys, tmp_path, good, "--num-heads", "1")
+    write_megatron(hf_model, tmp_path / "args", tp=1)
+    line = convert_fails(capsys, tmp_path, tmp_path / "args", "--num-heads", "8")
+    assert "--num-heads 8 disagrees with the checkpoint's num_attention_heads 4" in line
+
+
+def test_vocab_size_beyond_the_padding(capsys, tmp_path, good):
+    line = convert_fails(capsys, tmp_path, good, "--num-heads", "4", "--vocab-size", "60000")
+    assert "--vocab-size 60000" in line
+
+
+def test_not_a_checkpoint(capsys, tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert "no mp_rank_XX folders" in convert_fails(capsys, tmp_path, tmp_path / "empty")
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "latest_checkpointed_iteration.txt").write_text("12")
+    assert "iter_0000012" in convert_fails(capsys, tmp_path, tmp_path / "t")
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_pickle_that_runs_code_is_refused(tmp_path):
+    marker = tmp_path / "ran"
+    part = tmp_path / "m" / "release" / "mp_rank_00"
+    part.mkdir(parents=True)
+    torch.save({"model": {"language_model": {}}, "args": argparse.Namespace(), "evil": _RunsCode(marker)},
+               part / "model_optim_rng.pt")
+    proc = run_cli("convert", "megatron", str(part.parent), str(tmp_path / "out"), check=False)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "refusing to load" in lines[0], proc.stderr
+    assert not marker.exists() and not (tmp_path / "out").exists()
