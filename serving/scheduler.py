@@ -1,0 +1,306 @@
+"""The engine loop: continuous batching over the engine's slots, driven by process 0, followed by the rest.
+
+Process 0 takes validated requests from a bounded queue. Each turn of the loop it prefills the queued
+requests that fit in free slots (one batched prefill), inserts them, then runs a few decode steps for every
+slot; a request's slot frees the moment it finishes, is cancelled or passes its deadline, and a new request
+takes it at the next turn. Every device call is first announced as a small command array, broadcast from
+process 0 to every process, so the other processes make the same engine calls with the same shapes:
+
+    header  int32[4]            [op, rows, bucket, steps]
+    payload int32[rows, bucket + 6]   (PREFILL only) prompt tokens, then length, slot, temperature (float32
+                                      bits), top_k, top_p (float32 bits), seed (uint32 bits)
+
+Requests talk to their callers through a queue of events: ("tokens", ids, logprobs), then ("done", reason)
+or ("error", code, message). Tokens are ints; text is the caller's business (off the engine's thread).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import jax
+import numpy as np
+
+from gptjax import distributed
+from gptjax.engine import SamplingArrays
+from gptjax.sampling import SamplingParams
+
+log = logging.getLogger("gptjax.serving")
+
+OP_IDLE, OP_PREFILL, OP_DECODE, OP_STOP = 0, 1, 2, 3
+HEADER = 4
+PAYLOAD_EXTRA = 6
+IDLE_HEARTBEAT_S = 1.0  # with several processes, an idle loop still broadcasts this often
+
+
+class QueueFull(Exception):
+    pass
+
+
+class NotAccepting(Exception):
+    """The loop is not running yet or is draining."""
+
+
+@dataclass(eq=False)
+class Request:
+    prompt: list[int]
+    max_new_tokens: int
+    sampling: SamplingParams
+    stop_ids: frozenset
+    deadline: float | None = None  # time.monotonic() seconds
+    events: "collections.deque" = field(default_factory=collections.deque)
+    _ready: threading.Condition = field(default_factory=threading.Condition)
+    cancelled: bool = False
+    generated: int = 0
+
+    # ---- the caller's side ----
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def next_event(self, timeout: float | None = None):
+        """The next event, or None after `timeout` seconds."""
+        with self._ready:
+            if not self.events and not self._ready.wait_for(lambda: self.events, timeout):
+                return None
+            return self.events.popleft()
+
+    # ---- the loop's side ----
+    def _put(self, *event) -> None:
+        with self._ready:
+            self.events.append(event)
+            self._ready.notify()
+
+    def _expired(self, now: float) -> bool:
+        return self.cancelled or (self.deadline is not None and now > self.deadline)
+
+
+def _to_host(x) -> np.ndarray:
+    """A (possibly multi-process) array on this host. Every process calls this in the same order."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    if x.sharding.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+class Scheduler:
+    def __init__(self, engine, max_queued: int | None = None):
+        ec = engine.engine_config
+        self.engine = engine
+        self.slots = ec.max_slots
+        self.steps = ec.decode_steps_per_call
+        self.max_queued = max_queued or ec.max_queued_requests
+        self._queue: collections.deque[Request] = collections.deque()
+        self._cv = threading.Condition()
+        self._live: dict[int, Request] = {}
+        self._accepting = False
+        self._stop = False
+        self._abort = False
+        self._state = None
+        self.stopped = threading.Event()
+
+    # ---- the callers' side (any thread) -------------------------------------------------------------
+    def submit(self, requests: list[Request]) -> None:
+        """Queue requests together (all or none); raise QueueFull or NotAccepting."""
+        with self._cv:
+            if not self._accepting:
+                raise NotAccepting()
+            if len(self._queue) + len(requests) > self.max_queued:
+                raise QueueFull(f"the server's queue is full ({self.max_queued} requests); retry later")
+            self._queue.extend(requests)
+            self._cv.notify()
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    def accept(self) -> None:
+        with self._cv:
+            self._accepting = True
+
+    def stop(self, drain: bool = True) -> None:
+        """Stop taking requests; the loop ends when the queued and live ones are answered (or at once)."""
+        with self._cv:
+            self._accepting = False
+            self._stop = True
+            self._abort = self._abort or not drain
+            self._cv.notify()
+
+    def pending(self) -> int:
+        with self._cv:
+            return len(self._queue) + len(self._live)
+
+    # ---- both sides: one command, executed identically on every process ---------------------------
+    def _broadcast(self, header: np.ndarray, payload: np.ndarray | None = None):
+        header = distributed.broadcast_from_main(np.asarray(header, np.int32))
+        op, rows, bucket, _ = (int(v) for v in header)
+        if op == OP_PREFILL:
+            shape = (rows, bucket + PAYLOAD_EXTRA)
+            payload = distributed.broadcast_from_main(payload if payload is not None else np.zeros(shape, np.int32))
+        return header, payload
+
+    def _execute(self, header, payload):
+        """Run one command on the engine; -> host arrays (prefill: first tokens, logprobs; decode: [steps, slots])."""
+        op, rows, bucket, steps = (int(v) for v in header)
+        if self._state is None:
+            self._state = self.engine.new_state(self.slots)
+        if op == OP_PREFILL:
+            tokens = payload[:, :bucket]
+            extra = payload[:, bucket:]
+            samp = SamplingArrays(extra[:, 2].view(np.float32).copy(), extra[:, 3].copy(),
+                                  extra[:, 4].view(np.float32).copy(), extra[:, 5].view(np.uint32).copy())
+            prefix = self.engine.prefill(tokens, extra[:, 0].copy(), samp)
+            self._state = self.engine.insert(prefix, self._state, extra[:, 1].copy())
+            return _to_host(prefix.first_tokens), _to_host(prefix.first_logprobs)
+        if op == OP_DECODE:
+            self._state, tokens, logprobs = self.engine.generate_steps(self._state, steps)
+            return _to_host(tokens), _to_host(logprobs)
+        return None
+
+    # ---- the followers (every process but 0) ------------------------------------------------------
+    def follow(self) -> None:
+        """Make the engine calls that process 0 announces, until it says stop."""
+        while True:
+            header, payload = self._broadcast(np.zeros(HEADER, np.int32))
+            if int(header[0]) == OP_STOP:
+                break
+            self._execute(header, payload)
+        self.stopped.set()
+
+    # ---- process 0 ----------------------------------------------------------------------------------
+    def _prefill_command(self, requests: list[Request], slots: list[int]):
+        bucket = self.engine.prefill_bucket(max(len(r.prompt) for r in requests))
+        rows = min(_pow2_at_least(len(requests)), _pow2_at_least(self.slots))
+        payload = np.zeros((rows, bucket + PAYLOAD_EXTRA), np.int32)
+        for i in range(rows):
+            # padding rows repeat the last request exactly (same slot, same values): the writes agree
+            j = min(i, len(requests) - 1)
+            r, s = requests[j], slots[j]
+            payload[i, : len(r.prompt)] = r.prompt
+            p = r.sampling
+            payload[i, bucket:] = [len(r.prompt), s, np.float32(p.temperature).view(np.int32), p.top_k,
+                                   np.float32(p.top_p).view(np.int32), np.uint32(int(p.seed) % 2**32).view(np.int32)]
+        return np.array([OP_PREFILL, rows, bucket, 0], np.int32), payload
+
+    def warmup(self, prompt_len: int = 1) -> None:
+        """Compile prefill (every row count at the smallest bucket) and decode before serving."""
+        dummy = SamplingParams(temperature=0.0)
+        n = 1
+        while n <= _pow2_at_least(self.slots):
+            reqs = [Request([0] * prompt_len, 1, dummy, frozenset())] * min(n, self.slots)
+            header, payload = self._prefill_command(reqs, list(range(len(reqs))))
+            self._execute(*self._broadcast(header, payload))
+            n *= 2
+        self._execute(*self._broadcast(np.array([OP_DECODE, 0, 0, self.steps], np.int32)))
+
+    def _take(self, free: int, now: float) -> list[Request]:
+        taken = []
+        while self._queue and len(taken) < free:
+            r = self._queue.popleft()
+            if r._expired(now):
+                r._put("error", "CANCELLED" if r.cancelled else "DEADLINE_EXCEEDED", "the request expired in the queue")
+            else:
+                taken.append(r)
+        return taken
+
+    def run(self) -> None:
+        """Process 0's loop (on its own thread): until stop() and everything queued or live is answered."""
+        try:
+            self._run()
+        except BaseException as e:  # answer everyone, then let the error end the process
+            log.exception("engine loop failed")
+            with self._cv:
+                waiting = list(self._queue) + list(self._live.values())
+                self._queue.clear()
+                self._live.clear()
+                self._accepting = False
+            for r in waiting:
+                r._put("error", "INTERNAL", f"the engine failed: {type(e).__name__}: {e}")
+            raise
+        finally:
+            self.stopped.set()
+
+    def _run(self) -> None:
+        multi = jax.process_count() > 1
+        while True:
+            with self._cv:
+                now = time.monotonic()
+                if self._abort:
+                    for r in list(self._queue) + list(self._live.values()):
+                        r._put("error", "UNAVAILABLE", "the server is shutting down")
+                    self._queue.clear()
+                    self._live.clear()
+                if self._stop and not self._queue and not self._live:
+                    break
+                for slot, r in list(self._live.items()):
+                    if r._expired(now):
+                        r._put("error", "CANCELLED" if r.cancelled else "DEADLINE_EXCEEDED", "the request was cancelled")
+                        del self._live[slot]
+                free = [s for s in range(self.slots) if s not in self._live]
+                admitted = self._take(len(free), now)
+                idle = not admitted and not self._live
+                if idle and self._cv.wait(IDLE_HEARTBEAT_S if multi else None):
+                    continue
+                slots = free[: len(admitted)]
+                for s, r in zip(slots, admitted):
+                    self._live[s] = r
+
+            if idle:  # a heartbeat, so the followers' wait for the next command never times out
+                self._broadcast(np.array([OP_IDLE, 0, 0, 0], np.int32))
+                continue
+            if admitted:
+                first, first_lp = self._execute(*self._broadcast(*self._prefill_command(admitted, slots)))
+                for i, (s, r) in enumerate(zip(slots, admitted)):
+                    self._emit({s: r}, {s: ([int(first[i])], [float(first_lp[i])])})
+
+            with self._cv:
+                live = dict(self._live)
+            if not live:
+                continue
+            tokens, logprobs = self._execute(*self._broadcast(np.array([OP_DECODE, 0, 0, self.steps], np.int32)))
+            out = {}
+            for s in live:
+                ids, lps = [], []
+                r = live[s]
+                for t in range(tokens.shape[0]):
+                    if r.generated + len(ids) >= r.max_new_tokens:
+                        break
+                    ids.append(int(tokens[t, s]))
+                    lps.append(float(logprobs[t, s]))
+                    if ids[-1] in r.stop_ids:
+                        break
+                out[s] = (ids, lps)
+            self._emit(live, out)
+
+        self._broadcast(np.array([OP_STOP, 0, 0, 0], np.int32))
+
+    def _emit(self, reqs: dict, out: dict) -> None:
+        """Send each request its new tokens; free the slots of the finished ones."""
+        finished = []
+        for s, r in reqs.items():
+            ids, lps = out[s]
+            if not ids:
+                continue
+            r.generated += len(ids)
+            r._put("tokens", ids, lps)
+            if ids[-1] in r.stop_ids:
+                r._put("done", "stop")
+                finished.append(s)
+            elif r.generated >= r.max_new_tokens:
+                r._put("done", "length")
+                finished.append(s)
+        if finished:
+            with self._cv:
+                for s in finished:
+                    if self._live.get(s) is reqs[s]:
+                        del self._live[s]
