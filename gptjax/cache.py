@@ -1,11 +1,16 @@
-"""The KV cache: per layer, separate K and V buffers of shape [slots, max_seq, heads, head_dim].
+"""The KV cache: separate K and V buffers, per layer `[slots, max_seq, heads, head_dim]`.
 
 Separate buffers per layer (not one stacked array) let XLA update each in place when the cache is donated.
+With layer parallelism (stage > 1) the layers of each stage are stacked instead, `StagedKV` with K and V
+`[stages, stage_layers, slots, max_seq, heads, head_dim]`, split over the `stage` mesh axis so a stage holds
+only its own layers' cache.
 Entry `t` of a slot holds the key/value of the token at position `t`; a slot's entries at or past its
 position are stale and always masked by length.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -15,17 +20,42 @@ from gptjax.config import ModelConfig
 LayerKV = tuple[jax.Array, jax.Array]  # (k, v), each [slots, max_seq, heads, head_dim]
 
 
-def init_cache(config: ModelConfig, slots: int, max_seq: int) -> list[LayerKV]:
+class StagedKV(NamedTuple):
+    """Every layer's K and V, stacked per stage: [stages, stage_layers, slots, max_seq, heads, head_dim]."""
+
+    k: jax.Array
+    v: jax.Array
+
+
+def init_cache(config: ModelConfig, slots: int, max_seq: int, stages: int = 1):
+    """Zeros: a list of per-layer (k, v) for one stage, a `StagedKV` for several."""
     shape = (slots, max_seq, config.n_heads, config.head_dim)
     dtype = jnp.dtype(config.dtype)
+    if stages > 1:
+        staged = (stages, config.n_layers // stages, *shape)
+        return StagedKV(jnp.zeros(staged, dtype), jnp.zeros(staged, dtype))
     return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.n_layers)]
 
 
-def write_prefix(cache: list[LayerKV], prefix: list[LayerKV], slots) -> list[LayerKV]:
-    """Copy a prefill's K/V ([n, prompt_len, heads, head_dim] per layer) into rows `slots` ([n]) at 0."""
+def cache_len(cache) -> int:
+    """max_seq of a cache in either layout."""
+    return cache.k.shape[3] if isinstance(cache, StagedKV) else cache[0][0].shape[1]
+
+
+def write_prefix(cache, prefix, slots):
+    """Copy a prefill's K/V (`[n, prompt_len, heads, head_dim]` per layer, or a `StagedKV` of them) into rows
+    `slots` ([n]) from position 0. Rows of `prefix` past n (padding) are left out."""
+    if isinstance(cache, StagedKV):
+        def put(dst, src):
+            for i in range(slots.shape[0]):
+                dst = jax.lax.dynamic_update_slice(dst, src[:, :, i : i + 1].astype(dst.dtype),
+                                                   (0, 0, slots[i], 0, 0, 0))
+            return dst
+
+        return StagedKV(put(cache.k, prefix.k), put(cache.v, prefix.v))
     out = []
     for (k, v), (pk, pv) in zip(cache, prefix):
-        for i in range(pk.shape[0]):
+        for i in range(slots.shape[0]):
             k = jax.lax.dynamic_update_slice(k, pk[i : i + 1].astype(k.dtype), (slots[i], 0, 0, 0))
             v = jax.lax.dynamic_update_slice(v, pv[i : i + 1].astype(v.dtype), (slots[i], 0, 0, 0))
         out.append((k, v))

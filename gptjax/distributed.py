@@ -1,19 +1,99 @@
-"""Multi-process start-up and the one place that knows which process is process 0."""
+"""Multi-process start-up and the one place that knows which process is process 0.
+
+A job is one process per host (seeing all of its GPUs) or one per GPU, started by srun, by mpirun or by hand
+with `--coordinator HOST:PORT --num-processes N --process-id I`. Every process runs the same program; the
+jitted calls span every device of every process. `initialize` must run before anything touches a JAX
+backend. A process that dies takes the job down: the others miss its heartbeats and exit non-zero within
+`HEARTBEAT_TIMEOUT_S`, so a launcher can restart the job instead of waiting on a hang.
+"""
 
 from __future__ import annotations
+
+import os
+import re
 
 import jax
 import numpy as np
 
+HEARTBEAT_TIMEOUT_S = 15  # a process silent this long is dead, and the job ends
+INIT_TIMEOUT_S = 300  # how long processes wait for each other at start-up
+
+
+def _slurm_first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: `node[03-05,7],gpu1` -> `node03`."""
+    m = re.match(r"([^,\[]+)(?:\[([^\],-]+))?", nodelist.strip())
+    if not m:
+        raise ValueError(f"can't read a host from SLURM_STEP_NODELIST={nodelist!r}")
+    return m.group(1) + (m.group(2) or "")
+
+
+def _local_tasks_slurm(env) -> int:
+    """Tasks of this step on this node (SLURM_STEP_TASKS_PER_NODE is like `2(x3),1`)."""
+    text = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or ""
+    node = int(env.get("SLURM_NODEID", "0"))
+    for part in filter(None, text.split(",")):
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part)
+        if not m:
+            break
+        count, repeat = int(m.group(1)), int(m.group(2) or 1)
+        if node < repeat:
+            return count
+        node -= repeat
+    return 1
+
+
+def launcher_env(env=None) -> dict | None:
+    """What srun or mpirun tells a process: {launcher, coordinator, num_processes, process_id, local_rank,
+    local_size}; None when no multi-process launcher started this one."""
+    env = os.environ if env is None else env
+    if "OMPI_COMM_WORLD_SIZE" in env and int(env["OMPI_COMM_WORLD_SIZE"]) > 1:
+        uri = env.get("OMPI_MCA_orte_hnp_uri", "")  # Open MPI 4: `<jobid>.0;tcp://IP[,IP...]:PORT`
+        m = re.search(r"tcp://([^,:;]+)", uri)
+        coordinator = None
+        if m:
+            job = int(uri.split(".", 1)[0])
+            coordinator = f"{m.group(1)}:{job % 4096 + 61440}"
+        return dict(launcher="mpirun", coordinator=coordinator, num_processes=int(env["OMPI_COMM_WORLD_SIZE"]),
+                    process_id=int(env["OMPI_COMM_WORLD_RANK"]),
+                    local_rank=int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)),
+                    local_size=int(env.get("OMPI_COMM_WORLD_LOCAL_SIZE", 1)))
+    ntasks = env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS")
+    if "SLURM_JOB_ID" in env and "SLURM_STEP_NODELIST" in env and ntasks and int(ntasks) > 1:
+        port = int(env["SLURM_JOB_ID"]) % 4096 + 61440
+        local_size = _local_tasks_slurm(env)
+        return dict(launcher="srun", coordinator=f"{_slurm_first_host(env['SLURM_STEP_NODELIST'])}:{port}",
+                    num_processes=int(ntasks), process_id=int(env["SLURM_PROCID"]),
+                    local_rank=int(env.get("SLURM_LOCALID", 0)), local_size=local_size)
+    return None
+
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None,
                process_id: int | None = None) -> None:
-    """Start jax.distributed when explicit flags ask for it; a single process needs nothing."""
-    if coordinator is None and num_processes is None and process_id is None:
+    """Start jax.distributed for a multi-process job: from explicit flags, else from srun's or mpirun's
+    environment; a lone process needs nothing. Flags given override what the launcher says."""
+    launched = launcher_env()
+    explicit = (coordinator, num_processes, process_id)
+    if launched is None and explicit == (None, None, None):
         return
+    launched = launched or {}
+    coordinator = coordinator or launched.get("coordinator")
+    num_processes = launched.get("num_processes") if num_processes is None else num_processes
+    process_id = launched.get("process_id") if process_id is None else process_id
     if coordinator is None or num_processes is None or process_id is None:
-        raise ValueError("--coordinator, --num-processes and --process-id go together")
-    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+        raise ValueError("--coordinator, --num-processes and --process-id go together "
+                         "(or start every process with srun or mpirun)")
+    if not 0 <= process_id < num_processes:
+        raise ValueError(f"--process-id {process_id} is outside [0, {num_processes})")
+    # several processes on one node: each takes one GPU (its local rank); one process per node takes them all
+    local_devices = [launched["local_rank"]] if launched.get("local_size", 1) > 1 else None
+    try:  # cross-process collectives between CPU devices too (so a job runs on CPU-only hosts)
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    except (AttributeError, ValueError):
+        pass
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                               process_id=process_id, local_device_ids=local_devices,
+                               cluster_detection_method="deactivate", initialization_timeout=INIT_TIMEOUT_S,
+                               heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S)
 
 
 def is_main_process() -> bool:
@@ -28,3 +108,19 @@ def broadcast_from_main(x: np.ndarray) -> np.ndarray:
     from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.broadcast_one_to_all(x))
+
+
+def to_global(x, mesh):
+    """A host array that every process holds the same copy of -> one array replicated over `mesh`."""
+    if jax.process_count() == 1:
+        return jax.numpy.asarray(x)
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
+                                        lambda index: x[index])
+
+
+def to_host(x) -> np.ndarray:
+    """A replicated array -> numpy, on every process (each reads its own copy)."""
+    if jax.process_count() == 1 or x.is_fully_addressable:
+        return np.asarray(x)
+    return np.asarray(x.addressable_data(0))

@@ -8,6 +8,10 @@ The interface a server drives (JetStream's shape):
 `engine.generate(prompts, ...)` runs all of it as one compiled program for a batch of prompts.
 Every call is a jitted SPMD program over the engine's mesh; the state is donated, so the cache is updated in
 place. The engine knows nothing of requests, queues or gRPC.
+
+Layout: on one stage the layers run unrolled, one after the other, each split over `tensor` by XLA; with
+`stage > 1` they run through `gptjax.pipeline` (each stage its own layers and cache, micro-batched). Rows
+(prompts, slots) are split over `data`; a batch that does not divide it is padded inside with copies of a row.
 """
 
 from __future__ import annotations
@@ -23,9 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptjax import cache as kv_cache
-from gptjax import kernels, sampling, sharding
+from gptjax import distributed, kernels, pipeline, sampling, sharding
 from gptjax.config import EngineConfig, ModelConfig, preset
-from gptjax.model import GPT, init_params
+from gptjax.model import GPT, Block, init_params
 
 
 class SamplingArrays(NamedTuple):
@@ -47,7 +51,7 @@ class SamplingArrays(NamedTuple):
 class Prefix(NamedTuple):
     """What prefill hands to insert: the prompts' K/V and each prompt's first generated token."""
 
-    kv: list  # per layer (k, v), [n, bucket_len, heads, head_dim]
+    kv: list  # per layer (k, v) [n', bucket_len, heads, head_dim], or a StagedKV; n' >= n (padding rows)
     lengths: jax.Array  # [n]
     first_tokens: jax.Array  # [n]
     first_logprobs: jax.Array  # [n]
@@ -57,7 +61,7 @@ class Prefix(NamedTuple):
 class DecodeState(NamedTuple):
     """Everything a decode step needs for every slot; lives on device between steps."""
 
-    cache: list  # per layer (k, v), [slots, max_seq, heads, head_dim]
+    cache: list  # per layer (k, v), [slots, max_seq, heads, head_dim], or a StagedKV (stage > 1)
     tokens: jax.Array  # [slots] the token to feed next
     positions: jax.Array  # [slots] the position that token takes
     sampling: SamplingArrays
@@ -87,11 +91,14 @@ class Engine:
         self.config = config
         self.engine_config = engine_config or EngineConfig()
         self.mesh = mesh if mesh is not None else sharding.make_mesh(devices=jax.devices()[:1])
-        sharding.check_layout(config, sharding.mesh_shape(self.mesh))
+        self.layout = sharding.mesh_shape(self.mesh)
+        sharding.check_layout(config, self.layout)
         self.attention = self.engine_config.attention or kernels.default_impl()
+        if not sharding.in_layout(config, params, self.mesh):
+            params = sharding.place_params(config, params, self.mesh)
         self.params = params
         self._tokenizer = tokenizer
-        self._model = GPT(config)
+        self._model = GPT(config, vocab_rows=sharding.padded_vocab(config, self.layout.tensor))
         self._prefill_jit = jax.jit(self._prefill)
         self._insert_jit = jax.jit(self._insert, donate_argnums=(1,))
         self._steps_jit = jax.jit(self._decode_steps, static_argnums=(2,), donate_argnums=(1,))
@@ -107,7 +114,8 @@ class Engine:
             config = config.replace(dtype=dtype)
         mesh = mesh if mesh is not None else sharding.make_mesh(devices=jax.devices()[:1])
         sharding.check_layout(config, sharding.mesh_shape(mesh))
-        init = jax.jit(partial(init_params, config, seed), out_shardings=sharding.param_shardings(config, mesh))
+        init = jax.jit(lambda: sharding.arrange_params(config, init_params(config, seed), mesh),
+                       out_shardings=sharding.param_shardings(config, mesh))
         return cls(config, init(), engine_config, mesh)
 
     @classmethod
@@ -133,25 +141,58 @@ class Engine:
         return self.engine_config.seq_len(self.config)
 
     # ---- the pure functions (traced inside jit) -----------------------------------------------------
+    @property
+    def staged(self) -> bool:
+        """Layer parallelism: the layers split over `stage > 1` pipeline stages."""
+        return self.layout.stage > 1
+
     def _hidden(self, params, tokens, positions, attend):
         return self._model.apply({"params": params}, tokens, positions, attend)
+
+    def _embed(self, params, tokens, positions):
+        return self._model.apply({"params": params}, tokens, positions, method=GPT.embed)
 
     def _logits(self, params, x):
         return self._model.apply({"params": params}, x, method=GPT.logits)
 
+    def _block(self, layer_params, h, attend):
+        return Block(self.config).apply({"params": layer_params}, h, attend)
+
+    def _pad_rows(self, tree, n: int):
+        """Pad every leaf's first axis from n to a multiple of `data`, with copies of the last row."""
+        to = _round_up(n, self.layout.data)
+        if to == n:
+            return tree
+        return jax.tree.map(lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], to - n, axis=0)]), tree)
+
     def _prefill(self, params, tokens, lengths, samp: SamplingArrays) -> Prefix:
-        n, seq = tokens.shape
-        positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (n, seq))
+        n = tokens.shape[0]
+        tokens, lengths, samp = self._pad_rows((tokens, lengths, samp), n)
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
 
-        def attend(layer, q, k, v):
-            return kernels.prefill_attention(q, k, v, lengths, self.attention), (k, v)
+        def attend_to(lengths):
+            def attend(layer, q, k, v):
+                return kernels.prefill_attention(q, k, v, lengths, self.attention), (k, v)
+            return attend
 
-        x, kv = self._hidden(params, tokens, positions, attend)
-        last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]  # only the last token's logits
+        def last_token(x, lengths):  # only the last token's logits are needed
+            return jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]
+
+        if self.staged:
+            kv = kv_cache.init_cache(self.config, tokens.shape[0], tokens.shape[1], self.layout.stage)
+            kv = jax.lax.with_sharding_constraint(kv, sharding.cache_sharding(self.mesh))
+            last, kv = pipeline.run(self.mesh, lambda p, h, _, lengths: self._block(p, h, attend_to(lengths)),
+                                    params["stages"], self._embed(params, tokens, positions), kv, lengths,
+                                    last_token)
+        else:
+            x, kv = self._hidden(params, tokens, positions, attend_to(lengths))
+            last = last_token(x, lengths)
         logits = self._logits(params, last)
         keys = sampling.row_keys(samp.seed, lengths)
         first = sampling.sample(logits, samp.temperature, samp.top_k, samp.top_p, keys)
-        return Prefix(kv, lengths, first, sampling.token_logprobs(logits, first), samp)
+        real = lambda a: a[:n]
+        return Prefix(kv, real(lengths), real(first), real(sampling.token_logprobs(logits, first)),
+                      SamplingArrays(*map(real, samp)))
 
     def _insert(self, prefix: Prefix, state: DecodeState, slots) -> DecodeState:
         put = lambda dst, src: dst.at[slots].set(src.astype(dst.dtype))
@@ -166,17 +207,27 @@ class Engine:
         pos = state.positions
         cache = state.cache
 
-        def attend(layer, q, k, v):
-            layer_kv = kv_cache.write_token(cache[layer], k[:, 0], v[:, 0], pos)
-            return kernels.decode_step_attention(q[:, 0], *layer_kv, pos + 1, self.attention)[:, None], layer_kv
+        def attend_to(layer_kv, pos):
+            def attend(layer, q, k, v):
+                new_kv = kv_cache.write_token(layer_kv(layer), k[:, 0], v[:, 0], pos)
+                return kernels.decode_step_attention(q[:, 0], *new_kv, pos + 1, self.attention)[:, None], new_kv
+            return attend
 
-        x, new_cache = self._hidden(params, state.tokens[:, None], pos[:, None], attend)
-        logits = self._logits(params, x[:, 0])
+        if self.staged:
+            x = self._embed(params, state.tokens[:, None], pos[:, None])
+            last, new_cache = pipeline.run(
+                self.mesh, lambda p, h, kv, pos: self._block(p, h, attend_to(lambda _: kv, pos)),
+                params["stages"], x, cache, pos, lambda h, _: h[:, 0])
+        else:
+            x, new_cache = self._hidden(params, state.tokens[:, None], pos[:, None],
+                                        attend_to(cache.__getitem__, pos))
+            last = x[:, 0]
+        logits = self._logits(params, last)
         samp = state.sampling
         keys = sampling.row_keys(samp.seed, pos + 1)
         tokens = sampling.sample(logits, samp.temperature, samp.top_k, samp.top_p, keys)
         # a finished slot keeps stepping until it is reused; clamping keeps it inside the cache
-        next_pos = jnp.minimum(pos + 1, state.cache[0][0].shape[1] - 1)
+        next_pos = jnp.minimum(pos + 1, kv_cache.cache_len(state.cache) - 1)
         new_state = DecodeState(new_cache, tokens, next_pos, samp)
         return new_state, tokens, sampling.token_logprobs(logits, tokens)
 
@@ -191,42 +242,57 @@ class Engine:
         init = (state, jnp.zeros((n_steps, slots), jnp.int32), jnp.zeros((n_steps, slots), jnp.float32))
         if n_steps == 0:
             return init
-        return jax.lax.fori_loop(0, n_steps, body, init)
+        state, tokens, logprobs = jax.lax.fori_loop(0, n_steps, body, init)
+        return state, self._replicated(tokens), self._replicated(logprobs)
+
+    def _replicated(self, x):
+        """New tokens end replicated, so every process (process 0 in particular) can read them."""
+        return jax.lax.with_sharding_constraint(x, sharding.replicated(self.mesh))
 
     def _generate(self, params, tokens, lengths, n_new: int, cache_len: int, samp: SamplingArrays):
         n = tokens.shape[0]
+        tokens, lengths, samp = self._pad_rows((tokens, lengths, samp), n)
+        rows = tokens.shape[0]
         prefix = self._prefill(params, tokens, lengths, samp)
-        state = self._empty_state(n, cache_len)
-        state = self._insert(prefix, state, jnp.arange(n))
+        state = self._empty_state(rows, cache_len)
+        state = self._insert(prefix, state, jnp.arange(rows))
         _, steps, step_logprobs = self._decode_steps(params, state, n_new - 1)
-        out = jnp.concatenate([prefix.first_tokens[:, None], steps.T], axis=1)
-        logprobs = jnp.concatenate([prefix.first_logprobs[:, None], step_logprobs.T], axis=1)
-        return out, logprobs
+        out = jnp.concatenate([prefix.first_tokens[:, None], steps.T], axis=1)[:n]
+        logprobs = jnp.concatenate([prefix.first_logprobs[:, None], step_logprobs.T], axis=1)[:n]
+        return self._replicated(out), self._replicated(logprobs)
 
     def _empty_state(self, slots: int, max_seq: int) -> DecodeState:
         zeros_i = jnp.zeros((slots,), jnp.int32)
         samp = SamplingArrays(jnp.zeros((slots,), jnp.float32), zeros_i, jnp.ones((slots,), jnp.float32),
                               jnp.zeros((slots,), jnp.uint32))
-        return DecodeState(kv_cache.init_cache(self.config, slots, max_seq), zeros_i, zeros_i, samp)
+        cache = kv_cache.init_cache(self.config, slots, max_seq, self.layout.stage)
+        cache = jax.lax.with_sharding_constraint(cache, sharding.cache_sharding(self.mesh))
+        return DecodeState(cache, zeros_i, zeros_i, samp)
 
     # ---- the serving interface ----------------------------------------------------------------------
     def new_state(self, slots: int | None = None) -> DecodeState:
-        slots = slots or self.engine_config.max_slots
+        """An empty decode state; the slot count is rounded up to a multiple of `data` (extra slots idle)."""
+        slots = _round_up(slots or self.engine_config.max_slots, self.layout.data)
         make = partial(self._empty_state, slots, self.max_seq_len)
-        layout = jax.tree.map(lambda x: sharding.cache_sharding(self.mesh) if x.ndim == 4
+        layout = jax.tree.map(lambda x: sharding.cache_sharding(self.mesh) if x.ndim >= 4
                               else sharding.slots_sharding(self.mesh), jax.eval_shape(make))
         return jax.jit(make, out_shardings=layout)()
 
+    def _put(self, x, dtype=None):
+        """Host values (the same on every process) -> device arrays the jitted calls take."""
+        return distributed.to_global(np.asarray(x, dtype), self.mesh)
+
     def prefill(self, tokens: np.ndarray, lengths: np.ndarray, samp: SamplingArrays) -> Prefix:
         """tokens [n, bucket_len] right-padded int32, lengths [n]."""
-        return self._prefill_jit(self.params, jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths, jnp.int32),
-                                 samp)
+        samp = SamplingArrays(*(a if isinstance(a, jax.Array) else self._put(a) for a in samp))
+        return self._prefill_jit(self.params, self._put(tokens, np.int32), self._put(lengths, np.int32), samp)
 
     def insert(self, prefix: Prefix, state: DecodeState, slots: np.ndarray) -> DecodeState:
-        return self._insert_jit(prefix, state, jnp.asarray(slots, jnp.int32))
+        return self._insert_jit(prefix, state, self._put(slots, np.int32))
 
     def generate_steps(self, state: DecodeState, n_steps: int):
-        """n decode steps for every slot -> (state, tokens [n_steps, slots], logprobs [n_steps, slots])."""
+        """n decode steps for every slot -> (state, tokens [n_steps, slots], logprobs [n_steps, slots]);
+        the tokens and logprobs are replicated (read them with `distributed.to_host`)."""
         return self._steps_jit(self.params, state, n_steps)
 
     def prefill_bucket(self, prompt_len: int) -> int:
@@ -280,9 +346,9 @@ class Engine:
             tokens[i, : len(row)] = row
         lengths = np.array([len(r) for r in ids], np.int32)
         cache_len = min(self.max_seq_len, max(bucket, _round_up(bucket + n_new, 64)))
-        out, logprobs = self._generate_jit(self.params, jnp.asarray(tokens), jnp.asarray(lengths), n_new, cache_len,
-                                           SamplingArrays.from_params(params))
-        out, logprobs = np.asarray(out), np.asarray(logprobs)
+        samp = SamplingArrays(*map(self._put, SamplingArrays.from_params(params)))
+        out, logprobs = self._generate_jit(self.params, self._put(tokens), self._put(lengths), n_new, cache_len, samp)
+        out, logprobs = distributed.to_host(out), distributed.to_host(logprobs)
 
         results = []
         for i, row in enumerate(ids):

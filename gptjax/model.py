@@ -86,16 +86,18 @@ class Block(nn.Module):
 class GPT(nn.Module):
     """Token ids and positions in, last-layer hidden states or logits out.
 
-    `wte` may hold more rows than `vocab_size` (padding for a vocab-parallel split); logits of the padding
-    rows are cut off, so real tokens' logits never change.
+    `wte` may hold more rows than `vocab_size` (`vocab_rows`: padding for a vocab-parallel split); logits of
+    the padding rows are cut off, so real tokens' logits never change.
     """
 
     config: ModelConfig
+    vocab_rows: int = 0  # rows of wte; 0 means config.vocab_size
 
     def setup(self):
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
-        self.wte = self.param("wte", _init(cfg.init_std, ("vocab", "embed")), (cfg.vocab_size, cfg.hidden), dtype)
+        self.wte = self.param("wte", _init(cfg.init_std, ("vocab", "embed")),
+                              (self.vocab_rows or cfg.vocab_size, cfg.hidden), dtype)
         self.wpe = self.param("wpe", _init(cfg.init_std / 2, ("positions", "embed")),
                               (cfg.n_positions, cfg.hidden), dtype)
         self.blocks = [Block(cfg, layer=i, name=f"h_{i}") for i in range(cfg.n_layers)]
