@@ -51,6 +51,7 @@ def make_request(prompt: str | Sequence[int], max_new_tokens: int | None = None,
     if isinstance(prompt, str):
         req.text = prompt
     else:
+        req.token_ids.SetInParent()  # an empty list is still a token_ids prompt (the server refuses it)
         req.token_ids.ids.extend(int(t) for t in prompt)
     if max_new_tokens is not None:
         req.max_new_tokens = max_new_tokens

@@ -165,6 +165,8 @@ def parse_request(req: pb.ModelInferRequest, model, context) -> tuple[list[Reque
             raise invalid(f"runtime_top_p[{i}] must be in [0, 1] (0 is off), got {top_p}")
         if top_k < 0:
             raise invalid(f"runtime_top_k[{i}] must be >= 0, got {top_k}")
+        if not math.isfinite(temperature) or temperature < 0:
+            raise invalid(f"temperature[{i}] must be a finite number >= 0, got {temperature}")
         top_p = 1.0 if top_p == 0.0 else top_p
         if top_k == 1 or (top_k == 0 and top_p == 1.0):  # FasterTransformer's greedy
             temperature, top_k = 0.0, 0

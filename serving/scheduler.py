@@ -140,6 +140,14 @@ class Scheduler:
         with self._cv:
             return len(self._queue) + len(self._live)
 
+    def active(self) -> int:
+        with self._cv:
+            return len(self._live)
+
+    def queued(self) -> int:
+        with self._cv:
+            return len(self._queue)
+
     # ---- both sides: one command, executed identically on every process ---------------------------
     def _broadcast(self, header: np.ndarray, payload: np.ndarray | None = None):
         header = distributed.broadcast_from_main(np.asarray(header, np.int32))

@@ -267,7 +267,8 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
                             dtype=m.config.dtype, max_slots=m.ec.max_slots, max_new_tokens_limit=m.new_tokens_limit,
                             default_max_new_tokens=m.ec.max_new_tokens, eos_token_id=m.ec.eos_token_id,
                             mesh=str(m.ec.mesh), num_processes=jax.process_count(),
-                            max_queued_requests=m.ec.max_queued_requests)
+                            max_queued_requests=m.ec.max_queued_requests,
+                            active_requests=m.scheduler.active(), queued_requests=m.scheduler.queued())
 
 
 def _launcher_rank(args) -> int:
@@ -339,8 +340,13 @@ def serve(args, build_engine) -> int:
         server = Server(args.host, args.port, ec.max_message_bytes, workers)
         log.info("listening on %s (loading the model)", server.address)
 
-    engine = build_engine(args)
-    server_config.check_model(engine.config)
+    try:
+        engine = build_engine(args)
+        server_config.check_model(engine.config)
+    except BaseException:
+        if server is not None:
+            server.grpc.stop(0)
+        raise
     scheduler = Scheduler(engine)
     if not distributed.is_main_process():
         if server is not None:
