@@ -78,17 +78,6 @@ class Request:
         return self.cancelled or (self.deadline is not None and now > self.deadline)
 
 
-def _to_host(x) -> np.ndarray:
-    """A (possibly multi-process) array on this host. Every process calls this in the same order."""
-    if getattr(x, "is_fully_addressable", True):
-        return np.asarray(x)
-    if x.sharding.is_fully_replicated:
-        return np.asarray(x.addressable_data(0))
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
 def _pow2_at_least(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -169,10 +158,10 @@ class Scheduler:
                                   extra[:, 4].view(np.float32).copy(), extra[:, 5].view(np.uint32).copy())
             prefix = self.engine.prefill(tokens, extra[:, 0].copy(), samp)
             self._state = self.engine.insert(prefix, self._state, extra[:, 1].copy())
-            return _to_host(prefix.first_tokens), _to_host(prefix.first_logprobs)
+            return distributed.to_host(prefix.first_tokens), distributed.to_host(prefix.first_logprobs)
         if op == OP_DECODE:
             self._state, tokens, logprobs = self.engine.generate_steps(self._state, steps)
-            return _to_host(tokens), _to_host(logprobs)
+            return distributed.to_host(tokens), distributed.to_host(logprobs)
         return None
 
     # ---- the followers (every process but 0) ------------------------------------------------------

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import signal
 import sys
 import threading
@@ -272,13 +271,13 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
 
 
 def _launcher_rank(args) -> int:
-    """This process's rank as the launcher tells it, known before jax.distributed starts."""
+    """This process's rank as the flags or the launcher tell it, known before jax.distributed starts."""
+    from gptjax import distributed
+
     if getattr(args, "process_id", None) is not None:
         return int(args.process_id)
-    for var in ("SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    return 0
+    launched = distributed.launcher_env()
+    return launched["process_id"] if launched else 0
 
 
 class Server:

@@ -1,0 +1,94 @@
+"""`gptjax serve` as a two-process job on localhost: process 0 serves, process 1 follows its step commands.
+
+Each process sees 4 CPU devices and the mesh spans all 8 (`--mesh tensor=8`), as two hosts of 4 GPUs would.
+The job is started the way srun starts it (SLURM_* environment), or by explicit flags; SIGTERM to process 0
+drains, and both processes exit 0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+from serving.client import Client
+from test_serving import REPO, free_port, ft_inputs, wait_serving
+
+PROMPT = [464, 2068, 7586, 21831]
+N_NEW = 10
+
+
+def free_coordinator_port() -> int:
+    """A free port in srun's coordinator range (61440 + SLURM_JOB_ID % 4096)."""
+    for port in range(61440 + os.getpid() % 4000, 65536):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError("no free port for the coordinator")
+
+
+def launch(launcher: str, port: int, tmp_path):
+    coordinator = free_coordinator_port()
+    procs, logs = [], []
+    for rank in range(2):
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+        args = [sys.executable, "-m", "gptjax", "serve", "--port", str(port), "--mesh", "tensor=8"]
+        if launcher == "srun":
+            env.update(SLURM_JOB_ID=str(coordinator - 61440), SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2",
+                       SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_NODEID="0")
+        else:
+            args += ["--coordinator", f"127.0.0.1:{coordinator}", "--num-processes", "2", "--process-id", str(rank)]
+        log = open(tmp_path / f"rank{rank}.log", "w+")
+        procs.append(subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=log))
+        logs.append(log)
+    return procs, logs
+
+
+@pytest.mark.parametrize("launcher", ["srun", "flags"])
+def test_two_processes_serve_and_stop_on_sigterm(launcher, tmp_path):
+    import tritonclient.grpc as triton_grpc
+
+    port = free_port()
+    procs, logs = launch(launcher, port, tmp_path)
+    target = f"127.0.0.1:{port}"
+    try:
+        wait_serving(procs[0], target, logs[0], timeout=300)
+        assert procs[1].poll() is None, "process 1 exited"
+        with Client(target) as client:
+            info = client.model_info()
+            assert info.num_processes == 2 and info.mesh == "data=1,stage=1,tensor=8"
+            unary = client.generate(PROMPT, N_NEW, temperature=0, ignore_eos=True).token_ids
+            streamed = [t for p in client.stream(PROMPT, N_NEW, temperature=0, ignore_eos=True) for t in p.token_ids]
+            sampled = client.generate(PROMPT, N_NEW, temperature=0.8, top_p=0.9, seed=3, ignore_eos=True).token_ids
+        triton = triton_grpc.InferenceServerClient(target)
+        ids = np.array([PROMPT], np.uint32)
+        result = triton.infer("fastertransformer", ft_inputs(ids, [len(PROMPT)], N_NEW,
+                                                             end_id=(np.full((1, 1), 50255, np.uint32), "UINT32")))
+        triton.close()
+        reference = json.loads(run_cli("generate", "--greedy", "--json", "--no-stop", "--max-new-tokens",
+                                       str(N_NEW), "--prompt-ids", ",".join(map(str, PROMPT)),
+                                       env={"JAX_PLATFORMS": "cpu"}).stdout)["output_ids"]
+        assert unary == streamed == reference
+        assert result.as_numpy("output_ids")[0, 0].tolist() == PROMPT + reference
+        assert len(sampled) == N_NEW
+
+        procs[0].send_signal(signal.SIGTERM)
+        codes = [p.wait(timeout=120) for p in procs]
+        assert codes == [0, 0], [open(log.name).read()[-3000:] for log in logs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for log in logs:
+            log.close()
