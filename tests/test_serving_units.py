@@ -1,0 +1,173 @@
+"""The server's parts without a server: the config file mapping, and the scheduler over a fake engine."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from gptjax.config import EngineConfig, MeshShape, preset
+from gptjax.sampling import SamplingParams
+from serving.config import ConfigError, server_config_from_file
+from serving.scheduler import NotAccepting, QueueFull, Request, Scheduler
+
+
+# ---- config -----------------------------------------------------------------------------------------------
+def test_fastertransformer_knobs_map_onto_the_engine_config(tmp_path):
+    path = tmp_path / "server.toml"
+    path.write_text("""
+[fastertransformer]
+top_k = 1
+top_p = 0.0
+tensor_para_size = 4
+layer_para_size = 2
+max_seq_len = 128
+is_half = 1
+head_num = 8
+size_per_head = 16
+vocab_size = 50257
+decoder_layers = 4
+batch_size = 16
+is_fuse_QKV = 1
+layer_para_batch_size = 4
+
+[engine]
+decode_steps_per_call = 2
+
+[server]
+drain_timeout_s = 5
+""")
+    cfg = server_config_from_file(path)
+    e = cfg.engine
+    assert (e.top_k, e.top_p, e.max_seq_len, e.max_slots, e.max_batch_size, e.decode_steps_per_call) == \
+        (1, 1.0, 128, 16, 16, 2)
+    assert e.mesh == MeshShape(data=1, stage=2, tensor=4)
+    assert cfg.dtype == "float16" and cfg.drain_timeout_s == 5
+    cfg.check_model(preset("gpt2-tiny"))  # 8 heads of 16, 4 layers, 50257 tokens
+
+
+def test_engine_table_wins_and_a_wrong_model_is_named(tmp_path):
+    path = tmp_path / "server.toml"
+    path.write_text('[fastertransformer]\nbatch_size = 16\nhead_num = 12\ndecoder_layers = 4\n'
+                    '[engine]\nmax_slots = 4\n')
+    cfg = server_config_from_file(path)
+    assert (cfg.engine.max_slots, cfg.engine.max_batch_size) == (4, 16)
+    with pytest.raises(ConfigError, match="n_heads=12 but the model has 8"):
+        cfg.check_model(preset("gpt2-tiny"))
+
+
+def test_triton_pbtxt_is_read(tmp_path):
+    path = tmp_path / "config.pbtxt"
+    path.write_text('name: "fastertransformer"\nbackend: "fastertransformer"\nparameters {\n  key: "top_k"\n'
+                    '  value: {\n    string_value: "40"\n  }\n}\nparameters { key: "top_p" value: '
+                    '{ string_value: "0.9" } }\nparameters { key: "tensor_para_size" value: { string_value: "2" } }\n')
+    cfg = server_config_from_file(path)
+    assert (cfg.engine.top_k, cfg.engine.top_p, cfg.engine.mesh.tensor) == (40, 0.9, 2)
+
+
+@pytest.mark.parametrize("text, word", [
+    ("[fastertransformer]\ntop_kk = 1\n", "top_kk"),
+    ("[engine]\nmax_slotz = 1\n", "max_slotz"),
+    ("[model]\n", "model"),
+    ("[fastertransformer]\nis_half = 3\n", "is_half"),
+    ("[fastertransformer]\nbatch_size = 'many'\n", "batch_size"),
+    ("[engine]\nmax_slots = 0\n", "max_slots"),
+    ("[fastertransformer\n", "server.toml"),
+])
+def test_bad_config_files_name_the_problem(tmp_path, text, word):
+    path = tmp_path / "server.toml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=word):
+        server_config_from_file(path)
+
+
+# ---- scheduler over a fake engine -------------------------------------------------------------------------
+class FakePrefix:
+    def __init__(self, tokens, lengths):
+        self.base, self.lengths = tokens[:, 0], lengths
+        self.first_tokens, self.first_logprobs = (self.base + lengths) % 97, np.zeros(len(lengths), np.float32)
+
+
+class FakeEngine:
+    """A slot's token at position p is (its first prompt token + p) % 97; the engine calls are recorded."""
+
+    def __init__(self, slots=2, steps=3):
+        self.engine_config = EngineConfig(max_slots=slots, decode_steps_per_call=steps, max_queued_requests=4)
+        self.calls = []
+
+    def new_state(self, slots):
+        return {"base": np.zeros(slots, np.int64), "pos": np.zeros(slots, np.int64)}
+
+    def prefill_bucket(self, n):
+        return 16
+
+    def prefill(self, tokens, lengths, samp):
+        self.calls.append(("prefill", tokens.shape[0]))
+        return FakePrefix(tokens, lengths)
+
+    def insert(self, prefix, state, slots):
+        for b, n, s in zip(prefix.base, prefix.lengths, slots):
+            state["base"][s], state["pos"][s] = b, n
+        return state
+
+    def generate_steps(self, state, n):
+        self.calls.append(("decode", n))
+        out = np.stack([(state["base"] + state["pos"] + i + 1) % 97 for i in range(n)])
+        state["pos"] += n
+        return state, out, np.zeros_like(out, np.float32)
+
+
+def request(first, length, n_new, stops=()):
+    return Request([first] + [0] * (length - 1), n_new, SamplingParams(), frozenset(stops))
+
+
+def collect(r):
+    ids, reason = [], None
+    while reason is None:
+        event = r.next_event(10)
+        assert event is not None, "no event within 10 s"
+        if event[0] == "tokens":
+            ids += event[1]
+        else:
+            reason = event[1]
+    return ids, reason
+
+
+def test_continuous_batching_with_more_requests_than_slots():
+    engine = FakeEngine(slots=2, steps=3)
+    sched = Scheduler(engine)
+    with pytest.raises(NotAccepting):
+        sched.submit([request(1, 1, 1)])
+    sched.accept()
+    reqs = [request(10, 2, 5), request(20, 3, 1), request(30, 1, 4, stops={33}), request(40, 4, 7)]
+    sched.submit(reqs)
+    with pytest.raises(QueueFull):
+        sched.submit([request(1, 1, 1)])
+    loop = threading.Thread(target=sched.run)
+    loop.start()
+    results = [collect(r) for r in reqs]
+    sched.stop()
+    loop.join(10)
+    assert not loop.is_alive()
+    assert results == [([12, 13, 14, 15, 16], "length"), ([23], "length"), ([31, 32, 33], "stop"),
+                       ([44, 45, 46, 47, 48, 49, 50], "length")]
+    assert max(n for op, n in engine.calls if op == "prefill") <= 2  # never more rows than slots
+    assert sched.active() == 0 and sched.queued() == 0
+
+
+def test_cancelled_request_frees_its_slot():
+    engine = FakeEngine(slots=1, steps=2)
+    sched = Scheduler(engine)
+    sched.accept()
+    long, short = request(1, 1, 10**9), request(5, 1, 3)
+    sched.submit([long])
+    loop = threading.Thread(target=sched.run)
+    loop.start()
+    assert long.next_event(10)[0] == "tokens"
+    sched.submit([short])
+    long.cancel()
+    assert collect(short) == ([6, 7, 8], "length")
+    sched.stop()
+    loop.join(10)
+    assert not loop.is_alive()
