@@ -88,16 +88,45 @@ def read_config(checkpoint_dir: str | Path) -> ModelConfig:
 
 
 def load_checkpoint(checkpoint_dir: str | Path, mesh, dtype: str | None = None):
-    """(config, params) with every parameter placed in `mesh`'s sharding (and cast to `dtype` if given)."""
+    """(config, params) with every parameter placed in `mesh`'s layout (and cast to `dtype` if given).
+
+    Each layer is read straight onto the devices of the stage that holds it (split there over `tensor` and
+    `data` by the rules table), then the layers of a stage are stacked on those same devices: no device ever
+    holds another stage's layers. The embedding is read whole, then padded and split over `tensor`.
+    """
     import orbax.checkpoint as ocp
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from gptjax.pipeline import stack_placed_layers
 
     config = read_config(checkpoint_dir)
     if dtype:
         config = config.replace(dtype=dtype)
-    sharding.check_layout(config, sharding.mesh_shape(mesh))
+    shape = sharding.mesh_shape(mesh)
+    sharding.check_layout(config, shape)
     shapes = jax.eval_shape(lambda: init_params(config))
-    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, jnp.dtype(config.dtype), sharding=s),
-                          shapes, sharding.param_shardings(config, mesh))
+    layer_shardings = sharding.param_shardings(config, sharding.make_mesh(
+        shape.data, 1, shape.tensor, devices=mesh.devices[:, :1].reshape(-1)))["h_0"]
+    per = config.n_layers // shape.stage
+
+    def target(name, tree):
+        if name.startswith("h_"):  # on the devices of the stage that holds this layer
+            stage = int(name[2:]) // per
+            stage_mesh = Mesh(mesh.devices[:, stage : stage + 1], mesh.axis_names)
+            specs = jax.tree.map(lambda s: NamedSharding(stage_mesh, s.spec), layer_shardings)
+        else:
+            specs = jax.tree.map(lambda _: NamedSharding(mesh, P()), tree)
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, jnp.dtype(config.dtype), sharding=s),
+                            tree, specs)
+
     with ocp.StandardCheckpointer() as ckptr:
-        params = ckptr.restore(Path(checkpoint_dir).absolute() / "params", target)
-    return config, params
+        params = ckptr.restore(Path(checkpoint_dir).absolute() / "params",
+                               {name: target(name, tree) for name, tree in shapes.items()})
+    shardings = sharding.param_shardings(config, mesh)
+    if shape.stage > 1:
+        layers = [params.pop(f"h_{i}") for i in range(config.n_layers)]
+        params["stages"] = stack_placed_layers(layers, shardings["stages"])
+    rest = {k: v for k, v in params.items() if k != "stages" and not k.startswith("h_")}
+    rest = jax.jit(lambda p: sharding.arrange_params(config, p, mesh),
+                   out_shardings={k: shardings[k] for k in rest})(rest)
+    return config, {**params, **rest}

@@ -285,15 +285,18 @@ class Engine:
     def prefill(self, tokens: np.ndarray, lengths: np.ndarray, samp: SamplingArrays) -> Prefix:
         """tokens [n, bucket_len] right-padded int32, lengths [n]."""
         samp = SamplingArrays(*(a if isinstance(a, jax.Array) else self._put(a) for a in samp))
-        return self._prefill_jit(self.params, self._put(tokens, np.int32), self._put(lengths, np.int32), samp)
+        with jax.set_mesh(self.mesh):
+            return self._prefill_jit(self.params, self._put(tokens, np.int32), self._put(lengths, np.int32), samp)
 
     def insert(self, prefix: Prefix, state: DecodeState, slots: np.ndarray) -> DecodeState:
-        return self._insert_jit(prefix, state, self._put(slots, np.int32))
+        with jax.set_mesh(self.mesh):
+            return self._insert_jit(prefix, state, self._put(slots, np.int32))
 
     def generate_steps(self, state: DecodeState, n_steps: int):
         """n decode steps for every slot -> (state, tokens [n_steps, slots], logprobs [n_steps, slots]);
         the tokens and logprobs are replicated (read them with `distributed.to_host`)."""
-        return self._steps_jit(self.params, state, n_steps)
+        with jax.set_mesh(self.mesh):  # the kernels' dispatch reads it to run per shard
+            return self._steps_jit(self.params, state, n_steps)
 
     def prefill_bucket(self, prompt_len: int) -> int:
         return bucket_length(prompt_len, self.engine_config.min_prefill_bucket, self.max_seq_len)
@@ -347,7 +350,9 @@ class Engine:
         lengths = np.array([len(r) for r in ids], np.int32)
         cache_len = min(self.max_seq_len, max(bucket, _round_up(bucket + n_new, 64)))
         samp = SamplingArrays(*map(self._put, SamplingArrays.from_params(params)))
-        out, logprobs = self._generate_jit(self.params, self._put(tokens), self._put(lengths), n_new, cache_len, samp)
+        with jax.set_mesh(self.mesh):
+            out, logprobs = self._generate_jit(self.params, self._put(tokens), self._put(lengths), n_new, cache_len,
+                                               samp)
         out, logprobs = distributed.to_host(out), distributed.to_host(logprobs)
 
         results = []

@@ -46,6 +46,26 @@ def unstack_stages(params):
     return out
 
 
+def stack_placed_layers(layers, shardings):
+    """Per-layer trees, each already on the devices of its stage -> `stack_stages`' tree in `shardings`.
+
+    Every device stacks the shards of its own stage's layers that it already holds; nothing moves between
+    devices (how a checkpoint is restored for layer parallelism without any device seeing all layers).
+    """
+    def stack(target, *leaves):
+        n_stages = int(target.mesh.shape["stage"])
+        per = len(leaves) // n_stages
+        global_shape = (n_stages, per, *leaves[0].shape)
+        held = [{shard.device: shard.data for shard in leaf.addressable_shards} for leaf in leaves]
+        arrays = []
+        for device, index in target.addressable_devices_indices_map(global_shape).items():
+            stage = index[0].start or 0
+            arrays.append(jnp.stack([held[stage * per + j][device] for j in range(per)])[None])
+        return jax.make_array_from_single_device_arrays(global_shape, target, arrays)
+
+    return jax.tree.map(stack, shardings, *layers)
+
+
 def micro_batches(rows: int, stages: int) -> int:
     """The most micro-batches (up to one per stage) that split `rows` evenly."""
     return max(m for m in range(1, min(rows, stages) + 1) if rows % m == 0)

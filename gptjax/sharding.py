@@ -126,7 +126,7 @@ def arrange_params(config: ModelConfig, params, mesh: Mesh):
     wte = params["wte"]
     if wte.shape[0] != rows:
         params = {**params, "wte": jnp.pad(wte, ((0, rows - wte.shape[0]), (0, 0)))}
-    if shape.stage > 1 and "stages" not in params:
+    if shape.stage > 1 and any(k.startswith("h_") for k in params):
         params = stack_stages(params, shape.stage)
     return params
 
