@@ -277,6 +277,16 @@ def test_client_command(target, reference):
     assert bad.returncode == 2 and "INVALID_ARGUMENT" in bad.stderr and "top_p" in bad.stderr
 
 
+@pytest.mark.parametrize("flags", [[], ["--no-tritonclient"]])
+def test_identity_test_benchmark(target, flags):
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "identity_test.py"), "-b", "2", "-i", "8", "-o",
+                           "4", "-n", "2", "-u", target, "--json", *flags], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    row = json.loads(proc.stdout)
+    assert (row["batch"], row["input_len"], row["output_len"], row["runs"]) == (2, 8, 4, 2)
+    assert row["latency_ms"] > 0 and row["tokens_per_s"] > 0
+
+
 # ---- bad requests: a clear status, never INTERNAL, and the server keeps serving ---------------------------
 BAD_NATIVE = {
     "token id >= vocab": (dict(prompt=[1, 50257]), INVALID, "vocabulary"),
