@@ -124,6 +124,8 @@ def main(args) -> int:
         with Client(args.server) as client:
             if args.stream:
                 ids, prompt_ids, reason = [], [], ""
+                if not args.json and isinstance(prompt, str):
+                    print(prompt, end="", flush=True)
                 for piece in client.stream(prompt, args.max_new_tokens, **kwargs):
                     ids += piece.token_ids
                     prompt_ids = prompt_ids or piece.prompt_ids
