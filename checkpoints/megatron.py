@@ -90,13 +90,16 @@ def load_part(path: Path) -> dict:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # truncated, corrupt, or a pickle that asks for more than tensors
         text = str(e)
-        if "Weights only load failed" in text:
-            unsafe = re.search(r"GLOBAL ([\w.]+)", text)
-            what = unsafe.group(1) if unsafe else "an object that is not a tensor"
-            raise CheckpointError(f"{path}: refusing to load {what}: only tensors and argparse.Namespace are "
-                                  "allowed in a checkpoint (the file may try to run code)") from None
-        first = next((line for line in text.splitlines() if line.strip()), type(e).__name__)
-        raise CheckpointError(f"{path}: cannot read ({type(e).__name__}: {first})") from None
+        unsafe = re.search(r"GLOBAL ([\w.]+)", text)
+        if unsafe:
+            raise CheckpointError(f"{path}: refusing to load {unsafe.group(1)}: only tensors and argparse.Namespace "
+                                  "are allowed in a checkpoint (the file may try to run code)") from None
+        # torch's own explanation of weights_only comes first; the cause is on the last lines
+        lines = [line.strip() for line in text.splitlines() if line.strip() and "weights_only" not in line
+                 and not line.startswith("Please file an issue")]
+        first = lines[0] if lines else type(e).__name__
+        raise CheckpointError(f"{path}: cannot read: truncated, corrupt or not a PyTorch file "
+                              f"({type(e).__name__}: {first})") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a dict, found {type(state).__name__}")
     return state
@@ -334,7 +337,21 @@ def read_megatron(src: str | Path, *, num_heads: int | None = None, vocab_size: 
     return config, merge(config, padded, parts)
 
 
+def to_host_arrays(params):
+    """Numpy leaves -> jax arrays on the host CPU, in place, one leaf at a time.
+
+    Orbax holds one extra copy of jax arrays while saving but two of numpy arrays; this keeps a conversion's
+    peak memory near twice the model. Never the accelerator: the model need not fit there.
+    """
+    import jax
+
+    cpu = jax.devices("cpu")[0]
+    for key, value in params.items():
+        params[key] = to_host_arrays(value) if isinstance(value, dict) else jax.device_put(value, cpu)
+    return params
+
+
 def convert_megatron(src: str | Path, dst: str | Path, *, num_heads: int | None = None,
                      vocab_size: int | None = None) -> Path:
     config, params = read_megatron(src, num_heads=num_heads, vocab_size=vocab_size)
-    return save_checkpoint(dst, config, params)
+    return save_checkpoint(dst, config, to_host_arrays(params))
