@@ -7,6 +7,7 @@ the real command line, and must give Hugging Face's greedy tokens exactly.
 from __future__ import annotations
 
 import argparse
+import shutil
 
 import numpy as np
 import pytest
@@ -79,11 +80,14 @@ def test_every_version_orders_qkv_the_same(hf_model, tmp_path):
         assert config == ref
 
 
-def test_half_precision_parts_keep_their_dtype(hf_model, tmp_path):
-    write_megatron(hf_model, tmp_path / "m", tp=2, dtype=torch.float16)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_parts_keep_their_dtype(hf_model, tmp_path, dtype):
+    write_megatron(hf_model, tmp_path / "m", tp=2, dtype=dtype)
     config, params = read_megatron(tmp_path / "m")
-    assert config.dtype == "float16" and params["h_0"]["qkv"]["kernel"].dtype == np.float16
-    np.testing.assert_allclose(params["wte"], hf_model.state_dict()["transformer.wte.weight"].numpy(), atol=2e-3)
+    name = str(dtype).removeprefix("torch.")
+    assert config.dtype == name and params["h_0"]["qkv"]["kernel"].dtype.name == name
+    wte = hf_model.state_dict()["transformer.wte.weight"].numpy()
+    np.testing.assert_allclose(params["wte"].astype(np.float32), wte, atol=1e-2)
 
 
 def test_padding_is_kept_without_a_vocab_size(hf_model, tmp_path):
@@ -151,7 +155,6 @@ def test_wrong_shape(capsys, tmp_path, good):
 
 def test_missing_part(capsys, hf_model, tmp_path):
     write_megatron(hf_model, tmp_path / "m", tp=2)
-    import shutil
     shutil.rmtree(tmp_path / "m" / "release" / "mp_rank_01")
     assert "tensor=2 x pipeline=1 parts, but 1 x 1 were found" in convert_fails(capsys, tmp_path, tmp_path / "m")
 
