@@ -111,3 +111,59 @@ def convert_hf_gpt2(src: str | Path, dst: str | Path) -> Path:
     config = read_config(src)
     params = to_params(config, read_tensors(src))
     return save_checkpoint(dst, config, params)
+
+
+def to_hf_model(config: ModelConfig, params, device: str = "cpu", torch_dtype=None):
+    """A Hugging Face GPT2LMHeadModel holding the same weights: the peer for benchmarks and checks."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    torch_dtype = torch_dtype or dtypes[config.dtype]
+    c, f = config.hidden, config.ffn_hidden
+    hf_config = GPT2Config(n_layer=config.n_layers, n_embd=c, n_head=config.n_heads, n_positions=config.n_positions,
+                           vocab_size=config.vocab_size, n_inner=f, layer_norm_epsilon=config.layer_norm_eps,
+                           activation_function="gelu_new" if config.activation == "gelu_new" else "gelu",
+                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    with torch.device("meta"):
+        model = GPT2LMHeadModel(hf_config)
+
+    def tensor(x, shape=None):
+        x = np.array(jax_to_numpy(x), np.float32)  # a writable copy for torch
+        return torch.from_numpy(x.reshape(shape) if shape else x).to(device=device, dtype=torch_dtype)
+
+    state = {"transformer.wte.weight": tensor(params["wte"][: config.vocab_size]),
+             "transformer.wpe.weight": tensor(params["wpe"]),
+             "transformer.ln_f.weight": tensor(params["ln_f"]["scale"]),
+             "transformer.ln_f.bias": tensor(params["ln_f"]["bias"])}
+    for i in range(config.n_layers):
+        p, h = f"transformer.h.{i}.", params[f"h_{i}"]
+        state.update({
+            p + "ln_1.weight": tensor(h["ln_1"]["scale"]), p + "ln_1.bias": tensor(h["ln_1"]["bias"]),
+            p + "attn.c_attn.weight": tensor(h["qkv"]["kernel"], (c, 3 * c)),
+            p + "attn.c_attn.bias": tensor(h["qkv"]["bias"], (3 * c,)),
+            p + "attn.c_proj.weight": tensor(h["attn_out"]["kernel"], (c, c)),
+            p + "attn.c_proj.bias": tensor(h["attn_out"]["bias"]),
+            p + "ln_2.weight": tensor(h["ln_2"]["scale"]), p + "ln_2.bias": tensor(h["ln_2"]["bias"]),
+            p + "mlp.c_fc.weight": tensor(h["mlp_in"]["kernel"]), p + "mlp.c_fc.bias": tensor(h["mlp_in"]["bias"]),
+            p + "mlp.c_proj.weight": tensor(h["mlp_out"]["kernel"]), p + "mlp.c_proj.bias": tensor(h["mlp_out"]["bias"]),
+        })
+    state["lm_head.weight"] = state["transformer.wte.weight"]
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    for name, buf in list(model.named_buffers()):
+        if buf.is_meta:  # non-persistent buffers (attention bias masks) are rebuilt on the device
+            raise RuntimeError(f"buffer {name} was not materialized")
+    return model.eval()
+
+
+def jax_to_numpy(x) -> np.ndarray:
+    """A host copy of a (possibly sharded) array; bf16 goes through float32."""
+    import jax
+
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        x = multihost_utils.process_allgather(x, tiled=True)
+    x = np.asarray(x)
+    return x.astype(np.float32) if x.dtype.kind == "V" or str(x.dtype) == "bfloat16" else x

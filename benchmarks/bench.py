@@ -1,0 +1,216 @@
+"""`gptjax bench`: the seed's benchmark (batch, input length, output length, runs).
+
+Every implementation gets the same random prompts and the same weights, produces exactly `output_len` new
+tokens per prompt (greedy, no stop token), is warmed up, then timed `runs` times; the median is reported.
+Beside each result stands the hardware floor, computed from rates measured in the same process:
+    decode step = (weight bytes + KV bytes read) / copy bandwidth
+    prefill     = 2 x params x prompt tokens / matmul rate
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+PROMPT_SEED = 1234
+
+
+@dataclass
+class Row:
+    impl: str
+    batch: int
+    input_len: int
+    output_len: int
+    runs: int
+    latency_ms: float  # median over runs of the whole request: prefill and every new token
+    tokens_per_s: float  # new tokens per second, all rows together
+    device: str
+    decode_ms_per_token: float | None = None  # (latency(o) - latency(1)) / (o - 1)
+    floor_ms: float | None = None
+    pct_of_floor: float | None = None  # floor / latency, in percent
+    extra: dict = field(default_factory=dict)
+
+
+def median_seconds(fn, runs: int, warmup: int, label: str) -> float:
+    from tqdm import tqdm
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in tqdm(range(runs), desc=label, unit="run", leave=False, file=sys.stderr,
+                  disable=not sys.stderr.isatty()):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def random_prompts(batch: int, input_len: int, vocab: int) -> np.ndarray:
+    return np.random.default_rng(PROMPT_SEED).integers(0, min(vocab, 50257), (batch, input_len), dtype=np.int32)
+
+
+# ---- hardware rates and floors -----------------------------------------------------------------------
+def measure_rates(dtype: str) -> dict:
+    """Copy bandwidth (bytes/s, read + write) and dense matmul rate (FLOP/s) of device 0, measured now."""
+    import jax
+    import jax.numpy as jnp
+
+    device = jax.devices()[0]
+    on_gpu = device.platform == "gpu"
+    n_copy = (1 << 30) if on_gpu else (1 << 26)  # elements: 2 GiB of bf16 on GPU
+    x = jax.device_put(jnp.ones((n_copy,), jnp.bfloat16), device)
+    copy = jax.jit(lambda a: a * 2)
+    jax.block_until_ready(copy(x))
+    t = median_seconds(lambda: jax.block_until_ready(copy(x)), 10, 2, "copy bandwidth")
+    bandwidth = 2 * x.nbytes / t
+    m = 8192 if on_gpu else 1024
+    a = jax.device_put(jnp.ones((m, m), jnp.dtype(dtype)), device)
+    mm = jax.jit(lambda p, q: p @ q)
+    t = median_seconds(lambda: jax.block_until_ready(mm(a, a)), 10, 2, "matmul rate")
+    del x, a
+    return {"copy_bytes_per_s": bandwidth, "matmul_flops": 2 * m**3 / t}
+
+
+def floor_seconds(config, batch: int, input_len: int, output_len: int, rates: dict) -> float:
+    """The least time any engine could take on this device: prefill compute, then each decode step's bytes."""
+    itemsize = 2 if config.dtype in ("bfloat16", "float16") else 4
+    params = config.num_params()
+    weight_bytes = params * itemsize
+    prefill = 2 * params * batch * input_len / rates["matmul_flops"]
+    kv_bytes_per_token = 2 * config.n_layers * config.hidden * itemsize
+    decode = sum((weight_bytes + kv_bytes_per_token * batch * (input_len + j)) / rates["copy_bytes_per_s"]
+                 for j in range(1, output_len))
+    return prefill + decode
+
+
+# ---- implementations ---------------------------------------------------------------------------------
+def gptjax_runner(engine, prompts: np.ndarray, output_len: int):
+    rows = [list(map(int, p)) for p in prompts]
+    return lambda: engine.generate(rows, max_new_tokens=output_len, greedy=True, stop_token_ids=[])
+
+
+def hf_runner(model, prompts: np.ndarray, output_len: int, compiled: bool):
+    import torch
+
+    device = next(model.parameters()).device
+    ids = torch.from_numpy(prompts.astype(np.int64)).to(device)
+    mask = torch.ones_like(ids)
+    kwargs = dict(max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False, pad_token_id=0)
+    if compiled:
+        kwargs["cache_implementation"] = "static"
+
+    def run():
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=mask, **kwargs)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        assert out.shape[1] == prompts.shape[1] + output_len
+        return out
+
+    return run
+
+
+def server_runner(target: str, prompts: np.ndarray, output_len: int):
+    """All rows sent at once as concurrent native requests: what a client of the server sees."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serving.client import Client
+
+    client = Client(target)
+    pool = ThreadPoolExecutor(max_workers=len(prompts))
+    rows = [list(map(int, p)) for p in prompts]
+
+    def one(row):
+        result = client.generate(token_ids=row, max_new_tokens=output_len, temperature=0.0, stop_token_ids=[])
+        assert len(result.token_ids) == output_len, "the server returned fewer tokens than asked"
+
+    return lambda: list(pool.map(one, rows))
+
+
+def hf_model_for(engine, compiled: bool):
+    import torch
+
+    from checkpoints.hf_gpt2 import to_hf_model
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = to_hf_model(engine.config, engine.params, device=device)
+    if compiled:
+        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+    return model, (torch.cuda.get_device_name() if device == "cuda" else "cpu")
+
+
+def run_bench(args, build_engine) -> int:
+    for name in ("batch", "input_len", "output_len", "runs"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.peer:
+        # the peer's weights share the GPU: let JAX allocate as it goes instead of taking 75% up front
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    engine = build_engine(args)
+    import jax
+
+    from gptjax import distributed
+
+    config = engine.config
+    b, i, o = args.batch, args.input_len, args.output_len
+    if i + o > engine.max_seq_len:
+        raise ValueError(f"input_len {i} + output_len {o} exceeds the model's {engine.max_seq_len} positions")
+    prompts = random_prompts(b, i, config.vocab_size)
+    device = jax.devices()[0].device_kind
+    rates = measure_rates(config.dtype)
+    floor = floor_seconds(config, b, i, o, rates)
+
+    def row(impl, seconds, seconds_one, device_name):
+        decode = (seconds - seconds_one) / (o - 1) * 1e3 if seconds_one is not None and o > 1 else None
+        return Row(impl=impl, batch=b, input_len=i, output_len=o, runs=args.runs, latency_ms=seconds * 1e3,
+                   tokens_per_s=b * o / seconds, device=device_name, decode_ms_per_token=decode,
+                   floor_ms=floor * 1e3, pct_of_floor=100 * floor / seconds,
+                   extra={"copy_GBps": rates["copy_bytes_per_s"] / 1e9, "matmul_TFLOPs": rates["matmul_flops"] / 1e12,
+                          "dtype": config.dtype, "model_params": config.num_params(),
+                          **({"mesh": str(engine.engine_config.mesh), "attention": engine.attention}
+                             if impl.startswith("gptjax") else {})})
+
+    def timed(make, label):
+        full = median_seconds(make(o), args.runs, args.warmup, label)
+        one = median_seconds(make(1), args.runs, args.warmup, label + " (1 token)") if o > 1 else None
+        return full, one
+
+    rows = []
+    if args.server:
+        if distributed.is_main_process():
+            full, one = timed(lambda n: server_runner(args.server, prompts, n), "server")
+            rows.append(row("gptjax-server", full, one, device))
+    else:
+        full, one = timed(lambda n: gptjax_runner(engine, prompts, n), "gptjax")
+        rows.append(row("gptjax", full, one, device))
+    if distributed.is_main_process():
+        for peer in args.peer:
+            model, peer_device = hf_model_for(engine, compiled=peer == "hf-compiled")
+            full, one = timed(lambda n: hf_runner(model, prompts, n, compiled=peer == "hf-compiled"), peer)
+            rows.append(row(peer, full, one, peer_device))
+            del model
+        print_rows(rows, args.json)
+    return 0
+
+
+def print_rows(rows: list[Row], as_json: bool) -> None:
+    if as_json:
+        for r in rows:
+            print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(r).items()}))
+        return
+    base = rows[0].latency_ms
+    print(f"{'impl':<14}{'batch':>6}{'in':>6}{'out':>6}{'latency ms':>12}{'tok/s':>11}{'ms/token':>10}"
+          f"{'floor ms':>10}{'% floor':>9}{'vs first':>10}")
+    for r in rows:
+        decode = f"{r.decode_ms_per_token:.3f}" if r.decode_ms_per_token is not None else "-"
+        print(f"{r.impl:<14}{r.batch:>6}{r.input_len:>6}{r.output_len:>6}{r.latency_ms:>12.2f}"
+              f"{r.tokens_per_s:>11.1f}{decode:>10}{r.floor_ms:>10.2f}{r.pct_of_floor:>8.1f}%"
+              f"{r.latency_ms / base:>9.2f}x")
+    print(f"device: {rows[0].device}; copy {rows[0].extra['copy_GBps']:.0f} GB/s, "
+          f"matmul {rows[0].extra['matmul_TFLOPs']:.1f} TFLOP/s ({rows[0].extra['dtype']})")

@@ -1,0 +1,89 @@
+"""Where does a decode step's time go? Times one preset's generate loop under variants, one line each.
+
+    python benchmarks/decode_probe.py --model megatron-345m --dtype float16 [--greedy-only] [--profile DIR]
+
+Run it once per XLA_FLAGS setting (flags are read when JAX starts); compare lines from the same machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="megatron-345m")
+    p.add_argument("--dtype", default="float16")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--steps", type=int, default=128)
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--attention", default="")
+    p.add_argument("--profile", help="write a jax.profiler trace of one run here")
+    p.add_argument("--greedy-only", action="store_true", help="replace the sampler by a bare argmax")
+    p.add_argument("--hlo", help="write the optimized HLO of the generate program to this file")
+    args = p.parse_args()
+
+    import jax
+
+    from gptjax import EngineConfig
+    from gptjax.engine import Engine
+
+    if args.greedy_only:
+        import jax.numpy as jnp
+
+        from gptjax import sampling
+
+        sampling.sample = lambda logits, *rest: jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        sampling.row_keys = lambda seeds, positions: seeds
+    engine = Engine.from_preset(args.model, dtype=args.dtype, engine_config=EngineConfig(attention=args.attention))
+    prompts = np.random.default_rng(0).integers(0, 50257, (args.batch, args.input_len)).tolist()
+
+    def run(n):
+        return engine.generate(prompts, max_new_tokens=n, greedy=True, stop_token_ids=[])
+
+    def med(n):
+        start = time.perf_counter()
+        run(n)
+        compile_s = time.perf_counter() - start
+        times = []
+        for _ in range(args.runs):
+            start = time.perf_counter()
+            run(n)
+            times.append(time.perf_counter() - start)
+        return float(np.median(times)), compile_s
+
+    full, compile_full = med(args.steps + 1)
+    one, _ = med(1)
+    if args.hlo:
+        import jax.numpy as jnp
+
+        from gptjax.engine import SamplingArrays
+        from gptjax.sampling import SamplingParams
+
+        bucket = engine.prefill_bucket(args.input_len)
+        tokens = jnp.zeros((args.batch, bucket), jnp.int32)
+        lengths = jnp.full((args.batch,), args.input_len, jnp.int32)
+        samp = SamplingArrays.from_params([SamplingParams()] * args.batch)
+        cache_len = min(engine.max_seq_len, -(-(bucket + args.steps + 1) // 64) * 64)
+        compiled = engine._generate_jit.lower(engine.params, tokens, lengths, args.steps + 1, cache_len, samp).compile()
+        with open(args.hlo, "w") as f:
+            f.write(compiled.as_text())
+    if args.profile:
+        jax.profiler.start_trace(args.profile)
+        run(args.steps + 1)
+        jax.profiler.stop_trace()
+    print(json.dumps({"model": args.model, "dtype": args.dtype, "batch": args.batch, "input_len": args.input_len,
+                      "attention": engine.attention, "greedy_only": args.greedy_only, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                      "prefill_plus_first_ms": round(one * 1e3, 3),
+                      "decode_ms_per_token": round((full - one) / args.steps * 1e3, 4),
+                      "first_call_s": round(compile_full, 2), "device": jax.devices()[0].device_kind}))
+
+
+if __name__ == "__main__":
+    main()
