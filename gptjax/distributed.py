@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 
 import jax
 import numpy as np
@@ -44,7 +45,8 @@ def _local_tasks_slurm(env) -> int:
 
 def launcher_env(env=None) -> dict | None:
     """What srun or mpirun tells a process: {launcher, coordinator, num_processes, process_id, local_rank,
-    local_size}; None when no multi-process launcher started this one."""
+    local_size}; None when no multi-process launcher started this one. The coordinator is the first host
+    (srun) or mpirun's own host, on a port derived from the job id unless JAX_COORDINATOR_PORT says."""
     env = os.environ if env is None else env
     if "OMPI_COMM_WORLD_SIZE" in env and int(env["OMPI_COMM_WORLD_SIZE"]) > 1:
         uri = env.get("OMPI_MCA_orte_hnp_uri", "")  # Open MPI 4: `<jobid>.0;tcp://IP[,IP...]:PORT`
@@ -52,14 +54,14 @@ def launcher_env(env=None) -> dict | None:
         coordinator = None
         if m:
             job = int(uri.split(".", 1)[0])
-            coordinator = f"{m.group(1)}:{job % 4096 + 61440}"
+            coordinator = f"{m.group(1)}:{env.get('JAX_COORDINATOR_PORT') or job % 4096 + 61440}"
         return dict(launcher="mpirun", coordinator=coordinator, num_processes=int(env["OMPI_COMM_WORLD_SIZE"]),
                     process_id=int(env["OMPI_COMM_WORLD_RANK"]),
                     local_rank=int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)),
                     local_size=int(env.get("OMPI_COMM_WORLD_LOCAL_SIZE", 1)))
     ntasks = env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS")
     if "SLURM_JOB_ID" in env and "SLURM_STEP_NODELIST" in env and ntasks and int(ntasks) > 1:
-        port = int(env["SLURM_JOB_ID"]) % 4096 + 61440
+        port = env.get("JAX_COORDINATOR_PORT") or int(env["SLURM_JOB_ID"]) % 4096 + 61440
         local_size = _local_tasks_slurm(env)
         return dict(launcher="srun", coordinator=f"{_slurm_first_host(env['SLURM_STEP_NODELIST'])}:{port}",
                     num_processes=int(ntasks), process_id=int(env["SLURM_PROCID"]),
@@ -90,10 +92,20 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     except (AttributeError, ValueError):
         pass
+    _results_only_on_stdout()
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                process_id=process_id, local_device_ids=local_devices,
                                cluster_detection_method="deactivate", initialization_timeout=INIT_TIMEOUT_S,
                                heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S)
+
+
+def _results_only_on_stdout() -> None:
+    """Native libraries of a multi-process job (gloo's rendezvous, say) log to file descriptor 1; send that
+    to stderr and keep the real stdout for what Python prints, so `--json` output stays parseable."""
+    sys.stdout.flush()
+    results = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = os.fdopen(results, "w", buffering=1)
 
 
 def is_main_process() -> bool:

@@ -1,0 +1,164 @@
+"""Multi-process jobs on CPU: two processes of 4 CPU devices each form one 8-device mesh (gloo collectives).
+
+Every process runs the same command; only process 0 prints. A process that dies ends the others.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+from gptjax import distributed
+from launchers import slurm_localhost
+
+ROOT = Path(__file__).parent.parent
+HOLD = Path(__file__).parent / "launchers" / "hold.py"
+PROMPTS = ["5,17,99,3", "7"]
+GENERATE = ["generate", *(a for p in PROMPTS for a in ("--prompt-ids", p)), "--max-new-tokens", "8",
+            "--mesh", "tensor=8", "--greedy", "--json"]
+CPU4 = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+
+
+def free_port() -> int:
+    return slurm_localhost.free_port()
+
+
+def slurm_env(rank: int, port: int, n: int = 2) -> dict:
+    """What srun sets for task `rank` of an n-task step on one node."""
+    return {**os.environ, **CPU4, "SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "localhost",
+            "SLURM_NTASKS": str(n), "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank),
+            "JAX_COORDINATOR_PORT": str(port), "PYTHONPATH": str(ROOT)}
+
+
+@pytest.fixture(scope="module")
+def single_process_lines():
+    """What one process with 8 devices prints: the reference for every multi-process run."""
+    out = run_cli(*GENERATE).stdout.splitlines()
+    assert len(out) == len(PROMPTS) and all(json.loads(line)["output_ids"] for line in out)
+    return out
+
+
+def check_job(results, single_process_lines):
+    """results: [(returncode, stdout, stderr)] by process index."""
+    for rank, (rc, out, err) in enumerate(results):
+        assert rc == 0, f"process {rank} exited {rc}:\n{err[-3000:]}"
+    assert results[0][1].splitlines() == single_process_lines
+    assert all(not out.strip() for _, out, _ in results[1:])
+
+
+# ---- reading the launchers' environments ------------------------------------------------------------------
+def test_srun_environment():
+    env = {"SLURM_JOB_ID": "1000", "SLURM_STEP_NODELIST": "gpu[07-09,12],login1", "SLURM_NTASKS": "8",
+           "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NODEID": "2", "SLURM_STEP_TASKS_PER_NODE": "2(x3),1"}
+    got = distributed.launcher_env(env)
+    assert got == dict(launcher="srun", coordinator=f"gpu07:{1000 % 4096 + 61440}", num_processes=8,
+                       process_id=5, local_rank=1, local_size=2)
+    assert distributed.launcher_env({**env, "SLURM_NODEID": "3"})["local_size"] == 1
+    assert distributed.launcher_env({**env, "JAX_COORDINATOR_PORT": "1234"})["coordinator"] == "gpu07:1234"
+    assert distributed.launcher_env({**env, "SLURM_NTASKS": "1"}) is None  # one task: nothing to start
+
+
+def test_mpirun_environment():
+    env = {"OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+           "OMPI_COMM_WORLD_LOCAL_SIZE": "2", "OMPI_MCA_orte_hnp_uri": "2906324992.0;tcp://10.1.2.3,172.17.0.1:45001"}
+    got = distributed.launcher_env(env)
+    assert got == dict(launcher="mpirun", coordinator=f"10.1.2.3:{2906324992 % 4096 + 61440}", num_processes=4,
+                       process_id=3, local_rank=1, local_size=2)
+
+
+def test_no_launcher_and_partial_flags(monkeypatch):
+    assert distributed.launcher_env({"PATH": "/bin"}) is None
+    for name in [k for k in os.environ if k.startswith(("SLURM_", "OMPI_"))]:
+        monkeypatch.delenv(name)
+    distributed.initialize()  # a lone process: nothing to do
+    with pytest.raises(ValueError, match="--coordinator, --num-processes and --process-id go together"):
+        distributed.initialize(coordinator="localhost:1234")
+
+
+# ---- real jobs -------------------------------------------------------------------------------------------
+def run_job(envs, args, timeout=240):
+    procs = [subprocess.Popen([sys.executable, "-m", "gptjax", *args], env=env, cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for env in envs]
+    try:
+        return [_wait(p, timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+
+def _wait(p, timeout):
+    out, err = p.communicate(timeout=timeout)
+    return p.returncode, out, err
+
+
+def test_two_processes_with_srun_environment(single_process_lines):
+    port = free_port()
+    check_job(run_job([slurm_env(0, port), slurm_env(1, port)], GENERATE), single_process_lines)
+
+
+@pytest.mark.parametrize("victim, flags", [(1, True), (0, False)],
+                         ids=["follower dies (explicit flags)", "process 0 dies (srun environment)"])
+def test_a_dead_process_ends_the_job(victim, flags):
+    port = free_port()
+    if flags:  # --coordinator/--num-processes/--process-id, as `gptjax ... --coordinator` passes them
+        cmds = [[str(HOLD), f"localhost:{port}", "2", str(i)] for i in range(2)]
+        envs = [{**os.environ, **CPU4, "PYTHONPATH": str(ROOT)}] * 2
+    else:
+        cmds = [[str(HOLD)]] * 2
+        envs = [slurm_env(i, port) for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, *cmd], env=env, cwd=ROOT, text=True, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE) for cmd, env in zip(cmds, envs)]
+    try:
+        for p in procs:  # both are past start-up and running collectives
+            line = p.stderr.readline()
+            while line and not line.startswith("running"):
+                line = p.stderr.readline()
+            assert line, f"a process exited before running: {p.wait()}"
+        procs[victim].send_signal(signal.SIGKILL)
+        start = time.monotonic()
+        survivor = procs[1 - victim]
+        rc = survivor.wait(timeout=60)
+        assert rc != 0
+        assert time.monotonic() - start < 60
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+
+
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not installed (Debian package openmpi-bin)")
+def test_two_processes_under_mpirun(single_process_lines):
+    env = {**os.environ, **CPU4, "JAX_COORDINATOR_PORT": str(free_port()), "PYTHONPATH": str(ROOT)}
+    root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
+    cmd = ["mpirun", "-n", "2", *root, "--oversubscribe", "--bind-to", "none",
+           *(a for k in (*CPU4, "JAX_COORDINATOR_PORT", "PYTHONPATH") for a in ("-x", k)),
+           sys.executable, "-m", "gptjax", *GENERATE]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines() == single_process_lines  # process 1 printed nothing
+
+
+@pytest.mark.skipif(bool(slurm_localhost.missing()),
+                    reason=f"Slurm not installed ({', '.join(slurm_localhost.missing())} missing; Debian "
+                           "packages slurm-wlm and munge)")
+def test_two_processes_under_srun(single_process_lines):
+    if os.geteuid() != 0:
+        pytest.skip("a localhost slurmd must run as root")
+    with slurm_localhost.slurm_cluster() as env:
+        env = {**env, **CPU4, "JAX_COORDINATOR_PORT": str(free_port()), "PYTHONPATH": str(ROOT)}
+        proc = subprocess.run(["srun", "-n", "2", "--overcommit", "--kill-on-bad-exit=1", sys.executable, "-m",
+                               "gptjax", *GENERATE], env=env, cwd=ROOT, capture_output=True, text=True,
+                              timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines() == single_process_lines
