@@ -145,10 +145,32 @@ def hf_model_for(engine, compiled: bool):
     return model, (torch.cuda.get_device_name() if device == "cuda" else "cpu")
 
 
+def parse_shapes(args) -> list[tuple[int, int, int]]:
+    """(batch, input_len, output_len) from -b -i -o or from --shapes B,I,O ...; each at least 1."""
+    if args.shapes:
+        if any(v is not None for v in (args.batch, args.input_len, args.output_len)):
+            raise ValueError("give either -b/-i/-o or --shapes, not both")
+        try:
+            shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes]
+        except ValueError:
+            raise ValueError(f"--shapes: expected B,I,O triples, got {' '.join(args.shapes)}") from None
+        if any(len(s) != 3 for s in shapes):
+            raise ValueError(f"--shapes: expected B,I,O triples, got {' '.join(args.shapes)}")
+    else:
+        missing = [f for f, v in (("-b", args.batch), ("-i", args.input_len), ("-o", args.output_len)) if v is None]
+        if missing:
+            raise ValueError(f"{', '.join(missing)} required (or --shapes)")
+        shapes = [(args.batch, args.input_len, args.output_len)]
+    for b, i, o in shapes:
+        if min(b, i, o) < 1:
+            raise ValueError(f"batch, input_len and output_len must be at least 1, got ({b}, {i}, {o})")
+    if args.runs < 1:
+        raise ValueError(f"--runs must be at least 1, got {args.runs}")
+    return shapes
+
+
 def run_bench(args, build_engine) -> int:
-    for name in ("batch", "input_len", "output_len", "runs"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    shapes = parse_shapes(args)
     if args.peer:
         # the peer's weights share the GPU: let JAX allocate as it goes instead of taking 75% up front
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -158,44 +180,50 @@ def run_bench(args, build_engine) -> int:
     from gptjax import distributed
 
     config = engine.config
-    b, i, o = args.batch, args.input_len, args.output_len
-    if i + o > engine.max_seq_len:
-        raise ValueError(f"input_len {i} + output_len {o} exceeds the model's {engine.max_seq_len} positions")
-    prompts = random_prompts(b, i, config.vocab_size)
+    for b, i, o in shapes:
+        if i + o > engine.max_seq_len:
+            raise ValueError(f"input_len {i} + output_len {o} exceeds the model's {engine.max_seq_len} positions")
     device = jax.devices()[0].device_kind
     rates = measure_rates(config.dtype)
-    floor = floor_seconds(config, b, i, o, rates)
-
-    def row(impl, seconds, seconds_one, device_name):
-        decode = (seconds - seconds_one) / (o - 1) * 1e3 if seconds_one is not None and o > 1 else None
-        return Row(impl=impl, batch=b, input_len=i, output_len=o, runs=args.runs, latency_ms=seconds * 1e3,
-                   tokens_per_s=b * o / seconds, device=device_name, decode_ms_per_token=decode,
-                   floor_ms=floor * 1e3, pct_of_floor=100 * floor / seconds,
-                   extra={"copy_GBps": rates["copy_bytes_per_s"] / 1e9, "matmul_TFLOPs": rates["matmul_flops"] / 1e12,
-                          "dtype": config.dtype, "model_params": config.num_params(),
-                          **({"mesh": str(engine.engine_config.mesh), "attention": engine.attention}
-                             if impl.startswith("gptjax") else {})})
-
-    def timed(make, label):
-        full = median_seconds(make(o), args.runs, args.warmup, label)
-        one = median_seconds(make(1), args.runs, args.warmup, label + " (1 token)") if o > 1 else None
-        return full, one
-
-    rows = []
-    if args.server:
-        if distributed.is_main_process():
-            full, one = timed(lambda n: server_runner(args.server, prompts, n), "server")
-            rows.append(row("gptjax-server", full, one, device))
-    else:
-        full, one = timed(lambda n: gptjax_runner(engine, prompts, n), "gptjax")
-        rows.append(row("gptjax", full, one, device))
+    peers = {}
     if distributed.is_main_process():
         for peer in args.peer:
-            model, peer_device = hf_model_for(engine, compiled=peer == "hf-compiled")
+            peers[peer] = hf_model_for(engine, compiled=peer == "hf-compiled")
+
+    for b, i, o in shapes:
+        prompts = random_prompts(b, i, config.vocab_size)
+        floor = floor_seconds(config, b, i, o, rates)
+
+        def row(impl, seconds, seconds_one, device_name):
+            decode = (seconds - seconds_one) / (o - 1) * 1e3 if seconds_one is not None and o > 1 else None
+            return Row(impl=impl, batch=b, input_len=i, output_len=o, runs=args.runs, latency_ms=seconds * 1e3,
+                       tokens_per_s=b * o / seconds, device=device_name, decode_ms_per_token=decode,
+                       floor_ms=floor * 1e3, pct_of_floor=100 * floor / seconds,
+                       extra={"copy_GBps": rates["copy_bytes_per_s"] / 1e9,
+                              "matmul_TFLOPs": rates["matmul_flops"] / 1e12,
+                              "dtype": config.dtype, "model_params": config.num_params(),
+                              **({"mesh": str(engine.engine_config.mesh), "attention": engine.attention}
+                                 if impl.startswith("gptjax") else {})})
+
+        def timed(make, label):
+            full = median_seconds(make(o), args.runs, args.warmup, label)
+            one = median_seconds(make(1), args.runs, args.warmup, label + " (1 token)") if o > 1 else None
+            return full, one
+
+        rows = []
+        if args.server:
+            if distributed.is_main_process():
+                full, one = timed(lambda n: server_runner(args.server, prompts, n), "server")
+                rows.append(row("gptjax-server", full, one, device))
+        else:
+            full, one = timed(lambda n: gptjax_runner(engine, prompts, n), "gptjax")
+            rows.append(row("gptjax", full, one, device))
+        for peer, (model, peer_device) in peers.items():
             full, one = timed(lambda n: hf_runner(model, prompts, n, compiled=peer == "hf-compiled"), peer)
             rows.append(row(peer, full, one, peer_device))
-            del model
-        print_rows(rows, args.json)
+        if distributed.is_main_process():
+            print_rows(rows, args.json)
+            sys.stdout.flush()
     return 0
 
 

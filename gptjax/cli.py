@@ -97,9 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="latency and throughput: gptjax against a peer and the hardware floor")
     add_model_args(b)
-    b.add_argument("-b", "--batch", type=int, required=True)
-    b.add_argument("-i", "--input-len", type=int, required=True)
-    b.add_argument("-o", "--output-len", type=int, required=True)
+    b.add_argument("-b", "--batch", type=int)
+    b.add_argument("-i", "--input-len", type=int)
+    b.add_argument("-o", "--output-len", type=int)
+    b.add_argument("--shapes", metavar="B,I,O ...", nargs="+",
+                   help="several (batch, input_len, output_len) shapes in one process, instead of -b -i -o")
     b.add_argument("-n", "--runs", type=int, default=5)
     b.add_argument("--warmup", type=int, default=1)
     b.add_argument("--server", metavar="HOST:PORT", help="measure through a running server instead")
