@@ -160,7 +160,11 @@ def forward_logits(config: ModelConfig, params, tokens, attention: str = "xla"):
 
     tokens = jnp.asarray(tokens, jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-    model = GPT(config)
+    if "stages" in params:  # an engine's layer-parallel layout: back to one subtree per layer
+        from gptjax.pipeline import unstack_stages
+
+        params = unstack_stages(params)
+    model = GPT(config, vocab_rows=params["wte"].shape[0])
 
     def attend(layer, q, k, v):
         return prefill_attention(q, k, v, None, attention), None

@@ -140,3 +140,15 @@ def in_layout(config: ModelConfig, params, mesh: Mesh) -> bool:
 def place_params(config: ModelConfig, params, mesh: Mesh):
     """Parameters in the model's own tree (numpy or jax arrays) -> the mesh's layout, on its devices."""
     return jax.jit(lambda p: arrange_params(config, p, mesh), out_shardings=param_shardings(config, mesh))(params)
+
+
+def model_params(config: ModelConfig, params):
+    """The inverse of `arrange_params`: any layout -> the model's own tree (per-layer, `vocab_size` rows),
+    as `init_params` makes it and checkpoints store it."""
+    from gptjax.pipeline import unstack_stages
+
+    if "stages" in params:
+        params = unstack_stages(params)
+    if params["wte"].shape[0] != config.vocab_size:
+        params = {**params, "wte": params["wte"][: config.vocab_size]}
+    return params

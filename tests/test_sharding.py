@@ -168,3 +168,15 @@ def test_pipeline_passes_activations_without_gathering_weights():
         hlo = e._steps_jit.lower(e.params, state, 1).compile().as_text()
     assert "collective-permute" in hlo
     assert "all-gather" not in hlo
+
+
+def test_model_params_undo_the_layout():
+    # forward_logits and model_params read any engine's layout back as the model's own tree
+    from gptjax.model import forward_logits
+
+    e = engine((2, 2, 2))
+    own = sharding.model_params(CONFIG, e.params)
+    assert own["wte"].shape == (CONFIG.vocab_size, CONFIG.hidden) and "h_3" in own and "stages" not in own
+    ids = [[5, 17, 99, 3]]
+    want = np.asarray(forward_logits(CONFIG, engine((1, 1, 1)).params, ids))
+    np.testing.assert_allclose(np.asarray(forward_logits(CONFIG, e.params, ids)), want, rtol=1e-4, atol=1e-4)
