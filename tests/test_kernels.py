@@ -109,16 +109,17 @@ def test_flash_attention_padding_rows_are_finite():
 DECODE_CASES = [(3, 100, 2, 16, 16, 1), (4, 200, 2, 32, 32, 3), (2, 130, 3, 40, 32, 2), (2, 77, 2, 16, None, None)]
 
 
+@pytest.mark.parametrize("use_dot", [False, True], ids=["vector", "matrix-units"])
 @pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16, np.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: "x".join(map(str, c[:4])) + f"s{c[5]}")
-def test_decode_attention_matches_float64(case, dtype):
+def test_decode_attention_matches_float64(case, dtype, use_dot):
     batch, max_seq, heads, head_dim, block_k, splits = case
     rng, seed = fresh_rng()
     q = draw(rng, (batch, heads, head_dim), dtype)
     k_cache, v_cache = (draw(rng, (batch, max_seq, heads, head_dim), dtype) for _ in range(2))
     lengths = ragged_lengths(rng, batch, max_seq)
     out = decode_attention(q, k_cache, v_cache, jnp.asarray(lengths), interpret=True, block_k=block_k,
-                           num_splits=splits)
+                           num_splits=splits, use_dot=use_dot)
     assert out.shape == q.shape and out.dtype == q.dtype
     ref = decode_reference64(q, k_cache, v_cache, lengths)
     err = np.linalg.norm(np.asarray(out, np.float64) - ref) / np.linalg.norm(ref)
@@ -135,9 +136,9 @@ def test_decode_attention_reads_only_valid_entries():
     for i, n in enumerate(lengths):
         k_cache[i, n:] = np.nan
         v_cache[i, n:] = np.nan
-    for splits in (1, 4):
+    for splits, use_dot in [(1, False), (4, False), (4, True)]:
         out = decode_attention(q, k_cache, v_cache, jnp.asarray(lengths), interpret=True, block_k=16,
-                               num_splits=splits)
+                               num_splits=splits, use_dot=use_dot)
         err = np.linalg.norm(np.asarray(out, np.float64) - ref) / np.linalg.norm(ref)
         assert err < 2e-3, f"{splits} splits: relative error {err:.2e} (seed {seed})"
 

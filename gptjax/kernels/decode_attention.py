@@ -26,23 +26,31 @@ from jax.experimental.pallas import triton as plgpu
 TARGET_PROGRAMS = 1024
 
 
-def default_params(batch: int, heads: int, max_seq: int, head_dim: int) -> tuple[int, int, int, int]:
-    """(block_k, num_splits, num_warps, num_stages), tuned on an H100 (benchmarks/kernels.py sweeps them)."""
-    block_k = min(64 if head_dim > 64 else 128, max(16, pl.next_power_of_2(max_seq)))
+def default_params(batch: int, heads: int, max_seq: int, head_dim: int) -> tuple[int, int, int, int, bool]:
+    """(block_k, num_splits, num_warps, num_stages, use_dot), tuned on an H100 (benchmarks/kernels.py)."""
+    block_k = min(128, max(16, pl.next_power_of_2(max_seq)))
     n_blocks = -(-max_seq // block_k)
     splits = 1
     while batch * heads * splits < TARGET_PROGRAMS and splits * 2 <= n_blocks:
         splits *= 2
-    return block_k, splits, 4, 3
+    return block_k, splits, 8, 3, False
 
 
 def _decode_kernel(len_ref, q_ref, k_ref, v_ref, *out_refs, sm_scale: float, block_k: int, chunk: int,
-                   split: bool):
+                   split: bool, rows: int):
+    """rows == 1: scores and outputs by elementwise products and reductions. rows == 16: the query repeated
+    over 16 rows so that both products run on the matrix units (whose smallest tile has 16 rows); that
+    wastes FLOPs nobody needs but keeps reductions inside warps and lets Triton pipeline the tile loads."""
     s_idx = pl.program_id(1)
     length = len_ref[...]
     start = s_idx * chunk
-    q = q_ref[...].astype(jnp.float32) * (sm_scale * math.log2(math.e))  # [head_dim], exp2 below
+    q = q_ref[...]
     head_dim = q.shape[-1]
+    scale = sm_scale * math.log2(math.e)  # exp2 below
+    if rows == 1:
+        q = q.astype(jnp.float32) * scale
+    else:
+        q = jnp.broadcast_to(q[None, :], (rows, head_dim))
     n_blocks_chunk = chunk // block_k
     remaining = jnp.maximum(length - start, 0)
     n_full = jnp.minimum(lax.div(remaining, block_k), n_blocks_chunk)
@@ -50,30 +58,37 @@ def _decode_kernel(len_ref, q_ref, k_ref, v_ref, *out_refs, sm_scale: float, blo
 
     def body(j, carry, masked: bool):
         acc, m_prev, l_prev = carry
-        rows = pl.ds(j * block_k, block_k)
+        idx = pl.ds(j * block_k, block_k)
         if masked:  # the one block that crosses the sequence's end: never read past it (nor past the cache)
             ok = (start + j * block_k + lax.broadcasted_iota(jnp.int32, (block_k, head_dim), 0)) < length
-            k = plgpu.load(k_ref.at[rows, :], mask=ok, other=0.0)
-            v = plgpu.load(v_ref.at[rows, :], mask=ok, other=0.0)
+            k = plgpu.load(k_ref.at[idx, :], mask=ok, other=0.0)
+            v = plgpu.load(v_ref.at[idx, :], mask=ok, other=0.0)
         else:
-            k = k_ref[rows, :]
-            v = v_ref[rows, :]
-        s = jnp.sum(k.astype(jnp.float32) * q[None, :], axis=1)  # [block_k]
+            k = k_ref[idx, :]
+            v = v_ref[idx, :]
+        if rows == 1:
+            s = jnp.sum(k.astype(jnp.float32) * q[None, :], axis=1)[None, :]  # [1, block_k]
+        else:
+            s = plgpu.dot(q, k, trans_b=True) * scale  # [rows, block_k], every row the same
         if masked:
-            s = jnp.where(start + j * block_k + lax.broadcasted_iota(jnp.int32, (block_k,), 0) < length,
-                          s, -jnp.inf)
-        m_next = jnp.maximum(m_prev, jnp.max(s))
+            kpos = start + j * block_k + lax.broadcasted_iota(jnp.int32, s.shape, 1)
+            s = jnp.where(kpos < length, s, -jnp.inf)
+        m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
         alpha = jnp.exp2(m_prev - m_next)
-        p = jnp.exp2(s - m_next)
-        l_next = l_prev * alpha + jnp.sum(p)
-        acc = acc * alpha + jnp.sum(p[:, None] * v.astype(jnp.float32), axis=0)
-        return acc, m_next, l_next
+        p = jnp.exp2(s - m_next[:, None])
+        l_next = l_prev * alpha + jnp.sum(p, axis=1)
+        if rows == 1:
+            pv = jnp.sum(p[0][:, None] * v.astype(jnp.float32), axis=0)[None, :]
+        else:
+            pv = plgpu.dot(p.astype(v.dtype), v)
+        return acc * alpha[:, None] + pv, m_next, l_next
 
-    # a (1,)-shaped running max and sum: 0-d loop carries are awkward in the Triton lowering
-    carry = (jnp.zeros((head_dim,), jnp.float32), jnp.full((1,), -jnp.inf, jnp.float32),
-             jnp.zeros((1,), jnp.float32))
+    carry = (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), -jnp.inf, jnp.float32),
+             jnp.zeros((rows,), jnp.float32))
     carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), carry)
     acc, m, l = lax.fori_loop(n_full, n_end, functools.partial(body, masked=True), carry)
+    # every row holds the same numbers: keep one
+    acc, m, l = jnp.max(acc, axis=0), jnp.max(m, axis=0, keepdims=True), jnp.max(l, axis=0, keepdims=True)
     safe_l = jnp.where(l == 0.0, 1.0, l)
     if split:
         o_ref, lse_ref = out_refs
@@ -85,10 +100,11 @@ def _decode_kernel(len_ref, q_ref, k_ref, v_ref, *out_refs, sm_scale: float, blo
         o_ref[...] = (acc / safe_l).astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "block_k", "num_splits", "num_warps", "num_stages"))
+@functools.partial(jax.jit, static_argnames=("interpret", "block_k", "num_splits", "num_warps", "num_stages",
+                                             "use_dot"))
 def decode_attention(q, k_cache, v_cache, lengths, *, interpret: bool = False, block_k: int | None = None,
                      num_splits: int | None = None, num_warps: int | None = None,
-                     num_stages: int | None = None):
+                     num_stages: int | None = None, use_dot: bool | None = None):
     """q: [batch, heads, head_dim]; caches: [batch, max_seq, heads, head_dim]; lengths: [batch] valid entries
     (including the current token). Scale 1/sqrt(head_dim). A sequence of length 0 gets zeros."""
     batch, heads, head_dim = q.shape
@@ -96,9 +112,10 @@ def decode_attention(q, k_cache, v_cache, lengths, *, interpret: bool = False, b
     if k_cache.shape != (batch, max_seq, heads, head_dim) or v_cache.shape != k_cache.shape:
         raise ValueError(f"caches must be [batch, max_seq, heads, head_dim] = {(batch, max_seq, heads, head_dim)}, "
                          f"got {k_cache.shape} and {v_cache.shape}")
-    d_bk, d_splits, d_warps, d_stages = default_params(batch, heads, max_seq, head_dim)
+    d_bk, d_splits, d_warps, d_stages, d_dot = default_params(batch, heads, max_seq, head_dim)
     block_k, splits = block_k or d_bk, num_splits or d_splits
     num_warps, num_stages = num_warps or d_warps, num_stages or d_stages
+    use_dot = d_dot if use_dot is None else use_dot
     lengths = jnp.clip(lengths.astype(jnp.int32), 0, max_seq)
     padded_d = max(16, pl.next_power_of_2(head_dim))
     if padded_d != head_dim:  # whole-cache copy: only for head dims that are not a power of two
@@ -110,7 +127,7 @@ def decode_attention(q, k_cache, v_cache, lengths, *, interpret: bool = False, b
     split = splits > 1
 
     kernel = functools.partial(_decode_kernel, sm_scale=1.0 / math.sqrt(head_dim), block_k=block_k, chunk=chunk,
-                               split=split)
+                               split=split, rows=16 if use_dot else 1)
     # heads vary fastest over the grid: neighbouring programs read neighbouring bytes of the cache
     in_specs = [pl.BlockSpec((None,), lambda h, s, b: (b,)),
                 pl.BlockSpec((None, None, padded_d), lambda h, s, b: (b, h, 0)),

@@ -28,20 +28,22 @@ MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 LOG2_E = math.log2(math.e)
 
 
-def default_blocks(seq: int, head_dim: int) -> tuple[int, int, int, int]:
-    """(block_q, block_k, num_warps, num_stages), tuned on an H100 (benchmarks/kernels.py sweeps them)."""
-    if head_dim <= 64:
-        block_q, block_k, warps, stages = 128, 64, 4, 3
+def default_blocks(seq: int, head_dim: int) -> tuple[int, int, int, int, bool]:
+    """(block_q, block_k, num_warps, num_stages, heads_first), tuned on an H100 (benchmarks/kernels.py)."""
+    if head_dim <= 64 and seq <= 1024:
+        block_q, block_k, warps, stages, heads_first = 128, 64, 8, 3, False
+    elif head_dim <= 64:
+        block_q, block_k, warps, stages, heads_first = 128, 64, 4, 3, True
     else:
-        block_q, block_k, warps, stages = 128, 64, 8, 3
+        block_q, block_k, warps, stages, heads_first = 128, 128, 8, 3, False
     cap = max(16, pl.next_power_of_2(seq))
-    return min(block_q, cap), min(block_k, cap), warps, stages
+    return min(block_q, cap), min(block_k, cap), warps, stages, heads_first
 
 
 def _flash_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, *, sm_scale: float, block_q: int, block_k: int,
-                  causal: bool, n_q_blocks: int):
-    # the grid's fastest axis walks query blocks from the last (the most key blocks) to the first
-    qi = n_q_blocks - 1 - pl.program_id(0)
+                  causal: bool, n_q_blocks: int, q_axis: int):
+    # query blocks go from the last (the most key blocks) to the first, so the short ones fill the tail
+    qi = n_q_blocks - 1 - pl.program_id(q_axis)
     length = len_ref[...]
     q_start = qi * block_q
     q = q_ref[...]  # [block_q, head_dim]
@@ -52,16 +54,17 @@ def _flash_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, *, sm_scale: float, block
         acc, m_prev, l_prev = carry
         k = k_ref[pl.ds(j * block_k, block_k), :]
         v = v_ref[pl.ds(j * block_k, block_k), :]
-        s = plgpu.dot(q, k, trans_b=True) * scale  # [block_q, block_k] fp32
+        s = plgpu.dot(q, k, trans_b=True)  # [block_q, block_k] fp32, unscaled
         if masked:
             kpos = j * block_k + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 1)
             ok = kpos < length
             if causal:
                 ok = ok & (kpos <= q_start + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 0))
             s = jnp.where(ok, s, MASK_VALUE)
-        m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
+        # the scale goes into the max and the exponent's one fused multiply-add, not a pass of its own
+        m_next = jnp.maximum(m_prev, jnp.max(s, axis=1) * scale)
         alpha = jnp.exp2(m_prev - m_next)
-        p = jnp.exp2(s - m_next[:, None])
+        p = jnp.exp2(s * scale - m_next[:, None])
         l_next = l_prev * alpha + jnp.sum(p, axis=1)
         acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v)
         return acc, m_next, l_next
@@ -85,21 +88,25 @@ def _flash_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, *, sm_scale: float, block
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "interpret", "block_q", "block_k", "num_warps",
-                                             "num_stages"))
+                                             "num_stages", "heads_first"))
 def flash_attention(q, k, v, *, lengths=None, causal: bool = True, interpret: bool = False,
                     block_q: int | None = None, block_k: int | None = None, num_warps: int | None = None,
-                    num_stages: int | None = None):
+                    num_stages: int | None = None, heads_first: bool | None = None):
     """q, k, v: [batch, seq, heads, head_dim]; lengths: [batch] valid lengths (right padding) or None.
 
     Scale 1/sqrt(head_dim). Output rows past a sequence's length are unspecified (this kernel writes zeros
-    for whole query blocks past it). fp32 inputs use TF32 matrix units on GPU.
+    for whole query blocks past it). fp32 inputs use TF32 matrix units on GPU. The rest are tuning knobs:
+    tile sizes, Triton's warps and pipeline stages, and the launch order (`heads_first`: all heads' last
+    query blocks first, then the next-to-last, ...; otherwise one head's query blocks after another, which
+    shares its keys and values in L2).
     """
     batch, seq, heads, head_dim = q.shape
     if k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"q, k, v must have one shape, got {q.shape}, {k.shape}, {v.shape}")
-    d_bq, d_bk, d_warps, d_stages = default_blocks(seq, head_dim)
+    d_bq, d_bk, d_warps, d_stages, d_heads_first = default_blocks(seq, head_dim)
     block_q, block_k = block_q or d_bq, block_k or d_bk
     num_warps, num_stages = num_warps or d_warps, num_stages or d_stages
+    heads_first = d_heads_first if heads_first is None else heads_first
     lengths = (jnp.full((batch,), seq, jnp.int32) if lengths is None
                else jnp.minimum(lengths.astype(jnp.int32), seq))
 
@@ -112,13 +119,19 @@ def flash_attention(q, k, v, *, lengths=None, causal: bool = True, interpret: bo
 
     n_q_blocks = padded_seq // block_q
     kernel = functools.partial(_flash_kernel, sm_scale=1.0 / math.sqrt(head_dim), block_q=block_q,
-                               block_k=block_k, causal=causal, n_q_blocks=n_q_blocks)
-    q_spec = pl.BlockSpec((None, block_q, None, padded_d), lambda i, h, b: (b, n_q_blocks - 1 - i, h, 0))
-    kv_spec = pl.BlockSpec((None, padded_seq, None, padded_d), lambda i, h, b: (b, 0, h, 0))
+                               block_k=block_k, causal=causal, n_q_blocks=n_q_blocks, q_axis=2 if heads_first else 0)
+    if heads_first:
+        grid = (heads, batch, n_q_blocks)
+        order = lambda f: lambda h, b, i: f(i, h, b)
+    else:
+        grid = (n_q_blocks, heads, batch)
+        order = lambda f: f
+    q_spec = pl.BlockSpec((None, block_q, None, padded_d), order(lambda i, h, b: (b, n_q_blocks - 1 - i, h, 0)))
+    kv_spec = pl.BlockSpec((None, padded_seq, None, padded_d), order(lambda i, h, b: (b, 0, h, 0)))
     out = pl.pallas_call(
         kernel,
-        grid=(n_q_blocks, heads, batch),
-        in_specs=[pl.BlockSpec((None,), lambda i, h, b: (b,)), q_spec, kv_spec, kv_spec],
+        grid=grid,
+        in_specs=[pl.BlockSpec((None,), order(lambda i, h, b: (b,))), q_spec, kv_spec, kv_spec],
         out_specs=q_spec,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),

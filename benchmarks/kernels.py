@@ -1,0 +1,299 @@
+"""Attention kernels on one GPU: check, then time ours against `jax.nn.dot_product_attention` (XLA, cuDNN).
+
+    python -m benchmarks.kernels [--json OUT.json] [--sweep] [--quick]
+
+Prefill: causal bf16 self-attention, TFLOP/s counted as 2*b*h*s*s*d (the causal half of 4*b*h*s*s*d).
+Decode: one bf16 query per sequence against a bf16 cache, GB/s counted over the valid K/V entries (each read
+once), next to the device's copy bandwidth measured in the same run (read + write of a 2 GiB array).
+Every number is a median over repeated runs after a warm-up; each run goes through several independent input
+sets in one dispatch (so that launch overhead is amortised and no input is still in L2 from the run before).
+`--sweep` also times other block shapes; `--quick` is a small smoke run (interpret mode on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gptjax.kernels import decode_attention, decode_attention_reference, flash_attention, on_gpu
+from gptjax.kernels.decode_attention import default_params
+
+PREFILL_SHAPES = [(8, 512, 16, 64), (4, 2048, 16, 64), (2, 4096, 32, 128), (1, 8192, 32, 128)]
+DECODE_BATCHES = [1, 8, 32, 64, 128, 256]
+DECODE_CONTEXTS = [512, 2048, 8192]
+# (block_q, block_k, num_warps, num_stages, heads_first)
+PREFILL_SWEEP = {64: [(128, 64, 8, 3, False), (128, 64, 4, 3, True), (64, 64, 4, 3, False),
+                      (128, 128, 4, 3, False), (128, 64, 8, 4, True)],
+                 128: [(128, 128, 8, 3, False), (128, 128, 8, 3, True), (128, 64, 8, 3, False),
+                       (128, 128, 8, 4, False)]}
+# (block_k, num_warps, num_stages, use_dot, num_splits or None for the default)
+DECODE_SWEEP = [(128, 4, 3, False, None), (64, 4, 3, True, None), (128, 4, 3, True, None),
+                (128, 8, 3, True, None), (256, 8, 3, True, None), (128, 8, 3, False, "x2"), (128, 8, 3, False, "x4"),
+                (128, 4, 3, True, "x2")]
+MEM_BUDGET = 6 << 30  # bytes of input sets per timed function
+
+
+def timed(fn, sets, reps=7, warmup=2):
+    """Median seconds per call of fn over the input sets (all sets in one jitted dispatch)."""
+    run = jax.jit(lambda sets: [fn(*s) for s in sets])
+    for _ in range(warmup):
+        jax.block_until_ready(run(sets))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(run(sets))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) / len(sets)
+
+
+def n_sets(set_bytes, most=8):
+    return max(2, min(most, MEM_BUDGET // max(set_bytes, 1)))
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def copy_bandwidth(n_bytes):
+    x = jax.random.normal(jax.random.key(0), (n_bytes // 2,), jnp.bfloat16)
+    t = timed(lambda x: x + jnp.bfloat16(1), [(x,)], reps=9)
+    return 2 * n_bytes / t
+
+
+# ---- correctness on ragged inputs, against float64 on the host -----------------------------------------
+def check_ragged(interpret):
+    rng = np.random.default_rng()
+    rows = []
+    tol = {jnp.float32: 2e-3, jnp.bfloat16: 3e-2, jnp.float16: 3e-2}
+    for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
+        for b, s, h, d in [(3, 1000, 4, 64), (2, 300, 2, 128), (2, 77, 3, 80)]:
+            q, k, v = (jnp.asarray(rng.standard_normal((b, s, h, d)), dtype) for _ in range(3))
+            lengths = rng.integers(1, s + 1, size=b).astype(np.int32)
+            lengths[0] = s
+            out = np.asarray(flash_attention(q, k, v, lengths=jnp.asarray(lengths), interpret=interpret), np.float64)
+            q64, k64, v64 = (np.asarray(x, np.float64) for x in (q, k, v))
+            sc = np.einsum("bqhd,bkhd->bhqk", q64, k64) / math.sqrt(d)
+            pos = np.arange(s)
+            mask = (pos[None, :] <= pos[:, None])[None, None] & (pos[None, None, None, :] < lengths[:, None, None, None])
+            sc = np.where(mask, sc, -np.inf)
+            p = np.exp(sc - sc.max(-1, keepdims=True))
+            ref = np.einsum("bhqk,bkhd->bqhd", p / p.sum(-1, keepdims=True), v64)
+            err = max(rel_err(out[i, :n], ref[i, :n]) for i, n in enumerate(lengths))
+            rows.append(("flash", jnp.dtype(dtype).name, (b, s, h, d), err, err < tol[dtype]))
+        for b, s, h, d in [(5, 3000, 8, 64), (2, 1000, 4, 128), (64, 700, 4, 64)]:
+            q = jnp.asarray(rng.standard_normal((b, h, d)), dtype)
+            kc, vc = (jnp.asarray(rng.standard_normal((b, s, h, d)), dtype) for _ in range(2))
+            lengths = rng.integers(1, s + 1, size=b).astype(np.int32)
+            out = np.asarray(decode_attention(q, kc, vc, jnp.asarray(lengths), interpret=interpret), np.float64)
+            q64, k64, v64 = (np.asarray(x, np.float64) for x in (q, kc, vc))
+            sc = np.einsum("bhd,bkhd->bhk", q64, k64) / math.sqrt(d)
+            sc = np.where(np.arange(s)[None, None, :] < lengths[:, None, None], sc, -np.inf)
+            p = np.exp(sc - sc.max(-1, keepdims=True))
+            ref = np.einsum("bhk,bkhd->bhd", p / p.sum(-1, keepdims=True), v64)
+            err = rel_err(out, ref)
+            rows.append(("decode", jnp.dtype(dtype).name, (b, s, h, d), err, err < tol[dtype]))
+    return rows
+
+
+# ---- prefill -------------------------------------------------------------------------------------------
+def prefill(shapes, sweep, interpret, reps):
+    results = []
+    for b, s, h, d in shapes:
+        flops = 2.0 * b * h * s * s * d
+        set_bytes = 3 * b * s * h * d * 2
+        keys = jax.random.split(jax.random.key(s + b), 3 * n_sets(set_bytes))
+        arrs = [jax.random.normal(kk, (b, s, h, d), jnp.bfloat16) for kk in keys]
+        sets = [tuple(arrs[3 * i:3 * i + 3]) for i in range(len(arrs) // 3)]
+        q, k, v = sets[0]
+        ref = jax.nn.dot_product_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
+                                           is_causal=True, implementation="xla")
+        row = {"shape": [b, s, h, d], "impl": {}}
+        impls = {"xla": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")}
+        if on_gpu():
+            impls["cudnn"] = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                                          implementation="cudnn")
+        configs = [None] + (PREFILL_SWEEP[d] if sweep else [])
+        for cfg in configs:
+            kw = {} if cfg is None else dict(zip(("block_q", "block_k", "num_warps", "num_stages", "heads_first"), cfg))
+            impls["pallas" if cfg is None else "pallas" + str(cfg)] = (
+                lambda q, k, v, kw=kw: flash_attention(q, k, v, interpret=interpret, **kw))
+        for name, fn in impls.items():
+            try:
+                err = rel_err(jax.jit(fn)(q, k, v), ref)
+                t = timed(fn, sets, reps=reps)
+                row["impl"][name] = {"ms": t * 1e3, "tflops": flops / t / 1e12, "rel_err": err}
+            except Exception as e:  # one failing variant must not sink the run
+                row["impl"][name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+                traceback.print_exc(limit=2)
+            print(f"prefill {(b, s, h, d)} {name}: {row['impl'][name]}", flush=True)
+        del sets, arrs
+        results.append(row)
+    return results
+
+
+# ---- decode --------------------------------------------------------------------------------------------
+def decode_inputs(b, ctx, h, d, ragged=False):
+    set_bytes = 2 * b * ctx * h * d * 2
+    sets = []
+    for i in range(n_sets(set_bytes)):
+        kq, kk, kv, kl = jax.random.split(jax.random.key(1000 * i + b + ctx), 4)
+        lengths = (jax.random.randint(kl, (b,), 1, ctx + 1) if ragged else jnp.full((b,), ctx)).astype(jnp.int32)
+        sets.append((jax.random.normal(kq, (b, h, d), jnp.bfloat16),
+                     jax.random.normal(kk, (b, ctx, h, d), jnp.bfloat16),
+                     jax.random.normal(kv, (b, ctx, h, d), jnp.bfloat16), lengths))
+    return sets
+
+
+def decode_one(b, ctx, h, d, impls, reps, ragged=False):
+    sets = decode_inputs(b, ctx, h, d, ragged)
+    q, kc, vc, lengths = sets[0]
+    ref = decode_attention_reference(q.astype(jnp.float32), kc.astype(jnp.float32), vc.astype(jnp.float32), lengths)
+    valid_bytes = float(sum(2 * int(jnp.sum(s[3])) * h * d * 2 for s in sets)) / len(sets)
+    row = {"batch": b, "context": ctx, "heads": h, "head_dim": d, "ragged": ragged, "impl": {}}
+    for name, fn in impls.items():
+        try:
+            err = rel_err(jax.jit(fn)(q, kc, vc, lengths), ref)
+            t = timed(fn, sets, reps=reps)
+            row["impl"][name] = {"us": t * 1e6, "gbps": valid_bytes / t / 1e9, "rel_err": err}
+        except Exception as e:
+            row["impl"][name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            traceback.print_exc(limit=2)
+    print(f"decode b={b} ctx={ctx} h={h} d={d} ragged={ragged}: "
+          + ", ".join(f"{n} {v.get('gbps', float('nan')):.0f} GB/s" for n, v in row["impl"].items()), flush=True)
+    return row
+
+
+def decode_impls(interpret, sweep):
+    impls = {"pallas": lambda q, k, v, n: decode_attention(q, k, v, n, interpret=interpret),
+             "xla": decode_attention_reference}
+    if on_gpu():
+        impls["cudnn"] = lambda q, k, v, n: jax.nn.dot_product_attention(
+            q[:, None], k, v, key_value_seq_lengths=n, implementation="cudnn")[:, 0]
+    for cfg in (DECODE_SWEEP if sweep else []):
+        bk, w, st, dot, sp = cfg
+
+        def fn(q, k, v, n, bk=bk, w=w, st=st, dot=dot, sp=sp):
+            splits = None
+            if sp is not None:
+                splits = int(sp[1:]) * default_params(q.shape[0], q.shape[1], k.shape[1], q.shape[2])[1]
+            return decode_attention(q, k, v, n, interpret=interpret, block_k=bk, num_warps=w, num_stages=st,
+                                    use_dot=dot, num_splits=splits)
+        impls[f"pallas{cfg}"] = fn
+    return impls
+
+
+def decode(interpret, sweep, reps, quick):
+    rows = []
+    if quick:
+        grid = [(2, 256, 4, 64), (8, 512, 4, 64)]
+        sweep_points = grid[:1]
+    else:
+        grid = [(b, c, 16, 64) for c in DECODE_CONTEXTS for b in DECODE_BATCHES]
+        grid += [(b, c, 32, 128) for c in (2048, 8192) for b in (1, 32, 64)]
+        sweep_points = [(8, 8192, 16, 64), (32, 2048, 16, 64), (32, 8192, 16, 64), (64, 2048, 32, 128)]
+    if sweep:
+        swept = decode_impls(interpret, True)
+        for b, c, h, d in sweep_points:
+            rows.append(decode_one(b, c, h, d, swept, reps) | {"sweep": True})
+    plain = decode_impls(interpret, False)
+    for b, c, h, d in grid:
+        rows.append(decode_one(b, c, h, d, plain, reps))
+    b, c = (4, 512) if quick else (64, 8192)
+    rows.append(decode_one(b, c, 16, 64, plain, reps, ragged=True))
+    return rows
+
+
+# ---- report --------------------------------------------------------------------------------------------
+def markdown(env, checks, copy_bw, prefill_rows, decode_rows):
+    out = [f"Device: {env['device']}; {env['date']}; jax {env['jax']}, jaxlib {env['jaxlib']}, "
+           f"Python {env['python']}. Medians of repeated runs after warm-up, all numbers from one run.", ""]
+    bad = [c for c in checks if not c[4]]
+    out.append(f"Correctness (ragged lengths, fp32/bf16/fp16 vs float64 on the host): {len(checks) - len(bad)}"
+               f"/{len(checks)} within tolerance; worst bf16 {max(c[3] for c in checks if c[1] == 'bfloat16'):.1e}, "
+               f"worst fp32 {max(c[3] for c in checks if c[1] == 'float32'):.1e}.")
+    out += ["", "Prefill, causal, bf16, TFLOP/s (ratio to cuDNN):", "",
+            "| (b, s, h, d) | XLA | cuDNN | Pallas (ours) | ours / cuDNN | ours / XLA | best swept config |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in prefill_rows:
+        im = r["impl"]
+        tf = lambda n: im.get(n, {}).get("tflops", float("nan"))
+        swept = {n: v["tflops"] for n, v in im.items() if n.startswith("pallas(") and "tflops" in v}
+        best = max(swept, key=swept.get) if swept else None
+        best_txt = f"{best[6:]} {swept[best]:.0f}" if best else "-"
+        out.append(f"| {tuple(r['shape'])} | {tf('xla'):.0f} | {tf('cudnn'):.0f} | {tf('pallas'):.0f} | "
+                   f"{tf('pallas') / tf('cudnn'):.2f} | {tf('pallas') / tf('xla'):.1f} | {best_txt} |")
+    out += ["", f"Decode, bf16, GB/s over the valid K/V bytes (fraction of the {copy_bw / 1e9:.0f} GB/s copy "
+            "bandwidth); XLA is the engine's `jnp` reference:", "",
+            "| batch | context | heads x dim | Pallas (ours) | of copy bw | XLA | cuDNN | ours us |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in decode_rows:
+        if r.get("sweep"):
+            continue
+        im = r["impl"]
+        gb = lambda n: im.get(n, {}).get("gbps", float("nan"))
+        ctx = f"{r['context']}" + (" (ragged)" if r["ragged"] else "")
+        out.append(f"| {r['batch']} | {ctx} | {r['heads']}x{r['head_dim']} | {gb('pallas'):.0f} | "
+                   f"{gb('pallas') * 1e9 / copy_bw:.0%} | {gb('xla'):.0f} | {gb('cudnn'):.0f} | "
+                   f"{im.get('pallas', {}).get('us', float('nan')):.1f} |")
+    sweeps = [r for r in decode_rows if r.get("sweep")]
+    if sweeps:
+        out += ["", "Decode sweep (block_k, num_warps, num_stages), GB/s:", ""]
+        for r in sweeps:
+            cells = ", ".join(f"{n[6:] or 'default'} {v['gbps']:.0f}" for n, v in r["impl"].items()
+                              if n.startswith("pallas") and "gbps" in v)
+            out.append(f"- b={r['batch']} ctx={r['context']} {r['heads']}x{r['head_dim']}: {cells}")
+    return "\n".join(out)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", help="write every number here")
+    ap.add_argument("--sweep", action="store_true", help="also time other block shapes")
+    ap.add_argument("--quick", action="store_true", help="small shapes (a smoke run, e.g. on CPU)")
+    ap.add_argument("--skip-decode", action="store_true")
+    ap.add_argument("--skip-prefill", action="store_true")
+    args = ap.parse_args(argv)
+    interpret = not on_gpu()
+    reps = 3 if args.quick else 7
+    import jaxlib
+
+    env = {"device": str(jax.devices()[0].device_kind), "date": datetime.date.today().isoformat(),
+           "jax": jax.__version__, "jaxlib": jaxlib.__version__, "python": platform.python_version()}
+    print(env, flush=True)
+    checks = check_ragged(interpret) if not args.quick else []
+    for c in checks:
+        print("check", *c, flush=True)
+    copy_bw = copy_bandwidth((64 << 20) if args.quick else (2 << 30))
+    print(f"copy bandwidth {copy_bw / 1e9:.0f} GB/s", flush=True)
+    shapes = [(2, 128, 2, 64), (1, 256, 2, 128)] if args.quick else PREFILL_SHAPES
+    global MEM_BUDGET
+    if args.quick:
+        MEM_BUDGET = 1 << 20
+    prefill_rows = [] if args.skip_prefill else prefill(shapes, args.sweep, interpret, reps)
+    decode_rows = [] if args.skip_decode else decode(interpret, args.sweep, reps, args.quick)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"env": env, "checks": checks, "copy_bw": copy_bw, "prefill": prefill_rows,
+                       "decode": decode_rows}, f, indent=1, default=str)
+    if checks:
+        print(markdown(env, checks, copy_bw, prefill_rows, decode_rows))
+    else:
+        print(markdown(env, [("-", "bfloat16", (), 0.0, True), ("-", "float32", (), 0.0, True)], copy_bw,
+                       prefill_rows, decode_rows))
+    return 0 if all(c[4] for c in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
