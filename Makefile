@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test setup clean
+.PHONY: demo test setup clean test-deps
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,7 +20,13 @@ demo: $(STAMP)
 	$(PY) -m gptjax generate --prompt "Once upon a time" --max-new-tokens 24 --greedy
 	$(PY) -m gptjax generate --prompt "The meaning of life is" --max-new-tokens 24 --top-p 0.9 --seed 0
 
-test: $(STAMP)
+# the real launchers for the multi-process tests (Debian packages; installed when running as root)
+test-deps:
+	@if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && ! command -v mpirun >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    openmpi-bin slurm-wlm munge >/dev/null; fi
+
+test: $(STAMP) test-deps
 	$(PY) -m pytest -q tests
 
 clean:

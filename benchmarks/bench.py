@@ -139,7 +139,9 @@ def hf_model_for(engine, compiled: bool):
     from checkpoints.hf_gpt2 import to_hf_model
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = to_hf_model(engine.config, engine.params, device=device)
+    from gptjax.sharding import model_params
+
+    model = to_hf_model(engine.config, model_params(engine.config, engine.params), device=device)
     if compiled:
         model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
     return model, (torch.cuda.get_device_name() if device == "cuda" else "cpu")

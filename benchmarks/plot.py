@@ -1,0 +1,59 @@
+"""Plot `gptjax bench --json` rows: latency and tokens/s against batch, per model and implementation.
+
+    python benchmarks/plot.py out/bench.jsonl benchmarks/bench.png
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+MODEL_NAMES = {354_823_168: "megatron-345m", 6_658_404_352: "gpt3-6.7b"}
+
+
+def model_name(row) -> str:
+    params = row["extra"].get("model_params", 0)
+    return MODEL_NAMES.get(params, f"{params / 1e9:.1f}B params") + f" ({row['extra']['dtype']})"
+
+
+def main(src: str, dst: str) -> None:
+    rows = [json.loads(line) for line in open(src) if line.strip().startswith("{")]
+    models = sorted({model_name(r) for r in rows})
+    fig, axes = plt.subplots(len(models), 2, figsize=(12, 4.2 * len(models)), squeeze=False)
+    for m, model in enumerate(models):
+        groups = defaultdict(list)
+        for r in rows:
+            if model_name(r) == model and r["input_len"] == 128 and r["output_len"] == 128:
+                groups[r["impl"]].append(r)
+        floors = {}
+        for impl, rs in sorted(groups.items()):
+            rs.sort(key=lambda r: r["batch"])
+            batches = [r["batch"] for r in rs]
+            axes[m][0].plot(batches, [r["latency_ms"] for r in rs], "o-", label=impl)
+            axes[m][1].plot(batches, [r["tokens_per_s"] for r in rs], "o-", label=impl)
+            floors.update({r["batch"]: r["floor_ms"] for r in rs})
+        if floors:
+            fb = sorted(floors)
+            axes[m][0].plot(fb, [floors[b] for b in fb], "k--", label="hardware floor")
+            axes[m][1].plot(fb, [b * 128 / floors[b] * 1e3 for b in fb], "k--", label="hardware floor")
+        for ax, label in zip(axes[m], ("latency ms (128 in, 128 out)", "new tokens / s")):
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("batch")
+            ax.set_ylabel(label)
+            ax.set_title(model)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(dst, dpi=110)
+    print(f"wrote {dst}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
