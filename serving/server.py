@@ -326,7 +326,11 @@ def serve(args, build_engine) -> int:
     from gptjax import distributed
     from serving.config import ServerConfig, server_config_from_file
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s gptjax serve: %(message)s", stream=sys.stderr)
+    if not log.handlers:  # our own lines on stderr, without turning on every library's INFO logging
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s gptjax serve: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
     server_config = server_config_from_file(args.config) if args.config else ServerConfig()
     if server_config.dtype and not args.dtype:
         args.dtype = server_config.dtype
