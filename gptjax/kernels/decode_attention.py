@@ -26,14 +26,21 @@ from jax.experimental.pallas import triton as plgpu
 TARGET_PROGRAMS = 1024
 
 
-def default_params(batch: int, heads: int, max_seq: int, head_dim: int) -> tuple[int, int, int, int, bool]:
+SHARED_MEMORY = 227 * 1024  # per block on an H100
+
+
+def default_params(batch: int, heads: int, max_seq: int, head_dim: int,
+                   itemsize: int = 2) -> tuple[int, int, int, int, bool]:
     """(block_k, num_splits, num_warps, num_stages, use_dot), tuned on an H100 (benchmarks/kernels.py)."""
-    block_k = min(128, max(16, pl.next_power_of_2(max_seq)))
+    block_k, stages = min(128, max(16, pl.next_power_of_2(max_seq))), 3
+    # the pipelined key and value tiles (and the 16-row query) live in shared memory: fp32 needs smaller ones
+    while (16 + 2 * stages * block_k) * max(16, head_dim) * itemsize > SHARED_MEMORY and block_k > 16:
+        block_k //= 2
     n_blocks = -(-max_seq // block_k)
     splits = 1
     while batch * heads * splits < TARGET_PROGRAMS and splits * 2 <= n_blocks:
         splits *= 2
-    return block_k, splits, 8, 3, False
+    return block_k, splits, 4, stages, True
 
 
 def _decode_kernel(len_ref, q_ref, k_ref, v_ref, *out_refs, sm_scale: float, block_k: int, chunk: int,
@@ -112,7 +119,8 @@ def decode_attention(q, k_cache, v_cache, lengths, *, interpret: bool = False, b
     if k_cache.shape != (batch, max_seq, heads, head_dim) or v_cache.shape != k_cache.shape:
         raise ValueError(f"caches must be [batch, max_seq, heads, head_dim] = {(batch, max_seq, heads, head_dim)}, "
                          f"got {k_cache.shape} and {v_cache.shape}")
-    d_bk, d_splits, d_warps, d_stages, d_dot = default_params(batch, heads, max_seq, head_dim)
+    d_bk, d_splits, d_warps, d_stages, d_dot = default_params(batch, heads, max_seq, pl.next_power_of_2(head_dim),
+                                                              q.dtype.itemsize)
     block_k, splits = block_k or d_bk, num_splits or d_splits
     num_warps, num_stages = num_warps or d_warps, num_stages or d_stages
     use_dot = d_dot if use_dot is None else use_dot

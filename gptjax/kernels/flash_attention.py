@@ -28,16 +28,28 @@ MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 LOG2_E = math.log2(math.e)
 
 
-def default_blocks(seq: int, head_dim: int) -> tuple[int, int, int, int, bool]:
+SHARED_MEMORY = 227 * 1024  # per block on an H100
+
+
+def default_blocks(seq: int, head_dim: int, itemsize: int = 2) -> tuple[int, int, int, int, bool]:
     """(block_q, block_k, num_warps, num_stages, heads_first), tuned on an H100 (benchmarks/kernels.py)."""
     if head_dim <= 64 and seq <= 1024:
         block_q, block_k, warps, stages, heads_first = 128, 64, 8, 3, False
     elif head_dim <= 64:
-        block_q, block_k, warps, stages, heads_first = 128, 64, 4, 3, True
+        block_q, block_k, warps, stages, heads_first = 128, 64, 8, 4, True
     else:
         block_q, block_k, warps, stages, heads_first = 128, 128, 8, 3, False
     cap = max(16, pl.next_power_of_2(seq))
-    return min(block_q, cap), min(block_k, cap), warps, stages, heads_first
+    block_q, block_k = min(block_q, cap), min(block_k, cap)
+    # Triton keeps the query tile and `stages` key and value tiles in shared memory (seen on an H100: 288 KiB
+    # asked for bf16 128x128 tiles, head_dim 128, 4 stages). fp32 tiles are twice the bytes: give up stages,
+    # then key rows, until they fit
+    smem = lambda: (block_q + 2 * stages * block_k) * max(16, head_dim) * itemsize
+    while smem() > SHARED_MEMORY and stages > 2:
+        stages -= 1
+    while smem() > SHARED_MEMORY and block_k > 16:
+        block_k //= 2
+    return block_q, block_k, warps, stages, heads_first
 
 
 def _flash_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, *, sm_scale: float, block_q: int, block_k: int,
@@ -103,7 +115,8 @@ def flash_attention(q, k, v, *, lengths=None, causal: bool = True, interpret: bo
     batch, seq, heads, head_dim = q.shape
     if k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"q, k, v must have one shape, got {q.shape}, {k.shape}, {v.shape}")
-    d_bq, d_bk, d_warps, d_stages, d_heads_first = default_blocks(seq, head_dim)
+    d_bq, d_bk, d_warps, d_stages, d_heads_first = default_blocks(seq, pl.next_power_of_2(head_dim),
+                                                                  q.dtype.itemsize)
     block_q, block_k = block_q or d_bq, block_k or d_bk
     num_warps, num_stages = num_warps or d_warps, num_stages or d_stages
     heads_first = d_heads_first if heads_first is None else heads_first
