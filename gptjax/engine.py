@@ -99,10 +99,10 @@ class Engine:
         self.params = params
         self._tokenizer = tokenizer
         self._model = GPT(config, vocab_rows=sharding.padded_vocab(config, self.layout.tensor))
-        self._prefill_jit = jax.jit(self._prefill)
+        self._prefill_jit = jax.jit(self._prefill, static_argnums=(4,))
         self._insert_jit = jax.jit(self._insert, donate_argnums=(1,))
-        self._steps_jit = jax.jit(self._decode_steps, static_argnums=(2,), donate_argnums=(1,))
-        self._generate_jit = jax.jit(self._generate, static_argnums=(3, 4))
+        self._steps_jit = jax.jit(self._decode_steps, static_argnums=(2, 3), donate_argnums=(1,))
+        self._generate_jit = jax.jit(self._generate, static_argnums=(3, 4, 6))
 
     # ---- construction -------------------------------------------------------------------------------
     @classmethod
@@ -165,7 +165,7 @@ class Engine:
             return tree
         return jax.tree.map(lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], to - n, axis=0)]), tree)
 
-    def _prefill(self, params, tokens, lengths, samp: SamplingArrays) -> Prefix:
+    def _prefill(self, params, tokens, lengths, samp: SamplingArrays, sampled: bool | None = None) -> Prefix:
         n = tokens.shape[0]
         tokens, lengths, samp = self._pad_rows((tokens, lengths, samp), n)
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
@@ -188,8 +188,8 @@ class Engine:
             x, kv = self._hidden(params, tokens, positions, attend_to(lengths))
             last = last_token(x, lengths)
         logits = self._logits(params, last)
-        keys = sampling.row_keys(samp.seed, lengths)
-        first = sampling.sample(logits, samp.temperature, samp.top_k, samp.top_p, keys)
+        keys = lambda: sampling.row_keys(samp.seed, lengths)
+        first = sampling.sample(logits, samp.temperature, samp.top_k, samp.top_p, keys, sampled)
         real = lambda a: a[:n]
         return Prefix(kv, real(lengths), real(first), real(sampling.token_logprobs(logits, first)),
                       SamplingArrays(*map(real, samp)))
@@ -203,7 +203,7 @@ class Engine:
             sampling=SamplingArrays(*(put(d, s) for d, s in zip(state.sampling, prefix.sampling))),
         )
 
-    def _decode_step(self, params, state: DecodeState):
+    def _decode_step(self, params, state: DecodeState, sampled: bool | None = None):
         pos = state.positions
         cache = state.cache
 
@@ -224,19 +224,19 @@ class Engine:
             last = x[:, 0]
         logits = self._logits(params, last)
         samp = state.sampling
-        keys = sampling.row_keys(samp.seed, pos + 1)
-        tokens = sampling.sample(logits, samp.temperature, samp.top_k, samp.top_p, keys)
+        keys = lambda: sampling.row_keys(samp.seed, pos + 1)
+        tokens = sampling.sample(logits, samp.temperature, samp.top_k, samp.top_p, keys, sampled)
         # a finished slot keeps stepping until it is reused; clamping keeps it inside the cache
         next_pos = jnp.minimum(pos + 1, kv_cache.cache_len(state.cache) - 1)
         new_state = DecodeState(new_cache, tokens, next_pos, samp)
         return new_state, tokens, sampling.token_logprobs(logits, tokens)
 
-    def _decode_steps(self, params, state: DecodeState, n_steps: int):
+    def _decode_steps(self, params, state: DecodeState, n_steps: int, sampled: bool | None = None):
         slots = state.tokens.shape[0]
 
         def body(i, carry):
             state, tokens, logprobs = carry
-            state, t, lp = self._decode_step(params, state)
+            state, t, lp = self._decode_step(params, state, sampled)
             return state, tokens.at[i].set(t), logprobs.at[i].set(lp)
 
         init = (state, jnp.zeros((n_steps, slots), jnp.int32), jnp.zeros((n_steps, slots), jnp.float32))
@@ -249,14 +249,15 @@ class Engine:
         """New tokens end replicated, so every process (process 0 in particular) can read them."""
         return jax.lax.with_sharding_constraint(x, sharding.replicated(self.mesh))
 
-    def _generate(self, params, tokens, lengths, n_new: int, cache_len: int, samp: SamplingArrays):
+    def _generate(self, params, tokens, lengths, n_new: int, cache_len: int, samp: SamplingArrays,
+                  sampled: bool):
         n = tokens.shape[0]
         tokens, lengths, samp = self._pad_rows((tokens, lengths, samp), n)
         rows = tokens.shape[0]
-        prefix = self._prefill(params, tokens, lengths, samp)
+        prefix = self._prefill(params, tokens, lengths, samp, sampled)
         state = self._empty_state(rows, cache_len)
         state = self._insert(prefix, state, jnp.arange(rows))
-        _, steps, step_logprobs = self._decode_steps(params, state, n_new - 1)
+        _, steps, step_logprobs = self._decode_steps(params, state, n_new - 1, sampled)
         out = jnp.concatenate([prefix.first_tokens[:, None], steps.T], axis=1)[:n]
         logprobs = jnp.concatenate([prefix.first_logprobs[:, None], step_logprobs.T], axis=1)[:n]
         return self._replicated(out), self._replicated(logprobs)
@@ -284,19 +285,25 @@ class Engine:
 
     def prefill(self, tokens: np.ndarray, lengths: np.ndarray, samp: SamplingArrays) -> Prefix:
         """tokens [n, bucket_len] right-padded int32, lengths [n]."""
+        temperature = samp.temperature
+        sampled = None if isinstance(temperature, jax.Array) else bool(np.any(np.asarray(temperature) > 0))
         samp = SamplingArrays(*(a if isinstance(a, jax.Array) else self._put(a) for a in samp))
         with jax.set_mesh(self.mesh):
-            return self._prefill_jit(self.params, self._put(tokens, np.int32), self._put(lengths, np.int32), samp)
+            return self._prefill_jit(self.params, self._put(tokens, np.int32), self._put(lengths, np.int32), samp,
+                                     sampled)
 
     def insert(self, prefix: Prefix, state: DecodeState, slots: np.ndarray) -> DecodeState:
         with jax.set_mesh(self.mesh):
             return self._insert_jit(prefix, state, self._put(slots, np.int32))
 
-    def generate_steps(self, state: DecodeState, n_steps: int):
+    def generate_steps(self, state: DecodeState, n_steps: int, sampled: bool | None = None):
         """n decode steps for every slot -> (state, tokens [n_steps, slots], logprobs [n_steps, slots]);
-        the tokens and logprobs are replicated (read them with `distributed.to_host`)."""
+        the tokens and logprobs are replicated (read them with `distributed.to_host`).
+
+        `sampled=False` promises every live slot is greedy (a cheaper program); None decides on device.
+        """
         with jax.set_mesh(self.mesh):  # the kernels' dispatch reads it to run per shard
-            return self._steps_jit(self.params, state, n_steps)
+            return self._steps_jit(self.params, state, n_steps, sampled)
 
     def prefill_bucket(self, prompt_len: int) -> int:
         return bucket_length(prompt_len, self.engine_config.min_prefill_bucket, self.max_seq_len)
@@ -352,7 +359,7 @@ class Engine:
         samp = SamplingArrays(*map(self._put, SamplingArrays.from_params(params)))
         with jax.set_mesh(self.mesh):
             out, logprobs = self._generate_jit(self.params, self._put(tokens), self._put(lengths), n_new, cache_len,
-                                               samp)
+                                               samp, any(p.temperature > 0 for p in params))
         out, logprobs = distributed.to_host(out), distributed.to_host(logprobs)
 
         results = []

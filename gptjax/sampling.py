@@ -61,17 +61,26 @@ def _filtered_logits(logits, temperature, top_k, top_p):
     return jnp.where(scaled >= threshold, scaled, -jnp.inf)
 
 
-def sample(logits, temperature, top_k, top_p, keys):
-    """logits [batch, vocab] float32; temperature, top_p [batch] float32; top_k [batch] int; keys [batch]."""
+def sample(logits, temperature, top_k, top_p, keys, sampled: bool | None = None):
+    """logits [batch, vocab] float32; temperature, top_p [batch] float32; top_k [batch] int; keys [batch]
+    (or a function returning them).
+
+    `sampled` is what the caller knows when compiling: False (every row greedy: a bare argmax), True (some
+    row samples), or None (decide on device, skipping the vocabulary sort when every row is greedy).
+    """
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if sampled is False:
+        return greedy
 
     def draw(_):
         filtered = _filtered_logits(logits, temperature, top_k, top_p)
-        gumbel = jax.vmap(lambda key: jax.random.gumbel(key, logits.shape[-1:], jnp.float32))(keys)
+        row_keys_ = keys() if callable(keys) else keys  # a callable defers the key math to when it is needed
+        gumbel = jax.vmap(lambda key: jax.random.gumbel(key, logits.shape[-1:], jnp.float32))(row_keys_)
         drawn = jnp.argmax(filtered + gumbel, axis=-1).astype(jnp.int32)
         return jnp.where(temperature > 0, drawn, greedy)
 
-    # the sort over the vocabulary is skipped when every row is greedy
+    if sampled:
+        return draw(None)
     return jax.lax.cond(jnp.any(temperature > 0), draw, lambda _: greedy, None)
 
 
