@@ -19,6 +19,7 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m gptjax generate --prompt "Once upon a time" --max-new-tokens 24 --greedy
 	$(PY) -m gptjax generate --prompt "The meaning of life is" --max-new-tokens 24 --top-p 0.9 --seed 0
+	$(PY) -m serving.demo --prompt "Once upon a time" --max-new-tokens 24
 
 # the real launchers for the multi-process tests (Debian packages; installed when running as root)
 test-deps:

@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--top-k", type=int, default=0)
     cl.add_argument("--top-p", type=float, default=1.0)
     cl.add_argument("--seed", type=int, default=0)
+    cl.add_argument("--no-stop", action="store_true", help="do not stop at end-of-text")
     cl.add_argument("--stream", action="store_true", help="print tokens as they come")
     cl.add_argument("--json", action="store_true")
 
