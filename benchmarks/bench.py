@@ -127,7 +127,7 @@ def server_runner(target: str, prompts: np.ndarray, output_len: int):
     rows = [list(map(int, p)) for p in prompts]
 
     def one(row):
-        result = client.generate(token_ids=row, max_new_tokens=output_len, temperature=0.0, stop_token_ids=[])
+        result = client.generate(row, output_len, temperature=0.0, ignore_eos=True)
         assert len(result.token_ids) == output_len, "the server returned fewer tokens than asked"
 
     return lambda: list(pool.map(one, rows))
