@@ -48,11 +48,25 @@ def check_params(config: ModelConfig, params) -> None:
         raise CheckpointError(f"unexpected parameter {extra[0]}")
 
 
+def to_host_arrays(params):
+    """Numpy leaves -> jax arrays on the host CPU, in place, one leaf at a time.
+
+    Orbax holds one extra copy of jax arrays while saving but two of numpy arrays; this keeps a conversion's
+    peak memory near twice the model. Never the accelerator: the model need not fit there.
+    """
+    cpu = jax.devices("cpu")[0]
+    for key, value in params.items():
+        params[key] = to_host_arrays(value) if isinstance(value, dict) else (
+            value if isinstance(value, jax.Array) else jax.device_put(value, cpu))
+    return params
+
+
 def save_checkpoint(dst: str | Path, config: ModelConfig, params) -> Path:
     """Write `params` (numpy or jax arrays, the model's tree) and `config` as a checkpoint folder at `dst`."""
     import orbax.checkpoint as ocp
 
     check_params(config, params)
+    params = to_host_arrays(params)
     dst = Path(dst).absolute()
     if dst.exists():
         raise CheckpointError(f"output folder {dst} already exists")

@@ -20,7 +20,6 @@ import numpy as np
 from tqdm import tqdm
 
 from checkpoints.folder import CheckpointError, save_checkpoint
-from checkpoints.megatron import to_host_arrays
 from gptjax.config import ModelConfig
 
 _DTYPES = {"fp32": (np.float32, "float32"), "fp16": (np.float16, "float16")}
@@ -171,4 +170,4 @@ def read_ft(src: str | Path):
 
 def convert_ft(src: str | Path, dst: str | Path) -> Path:
     config, params = read_ft(src)
-    return save_checkpoint(dst, config, to_host_arrays(params))
+    return save_checkpoint(dst, config, params)

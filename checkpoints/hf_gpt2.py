@@ -47,12 +47,12 @@ def read_tensors(src: Path) -> dict[str, np.ndarray]:
             except (TypeError, ValueError):  # bf16 has no numpy reader; go through torch
                 from safetensors.torch import load_file as load_torch
 
-                return {k: _to_numpy(v) for k, v in load_torch(str(safetensors_file)).items()}
+                return {k: torch_to_numpy(v) for k, v in load_torch(str(safetensors_file)).items()}
         if bin_file.is_file():
             import torch
 
             state = torch.load(bin_file, map_location="cpu", weights_only=True)
-            return {k: _to_numpy(v) for k, v in state.items()}
+            return {k: torch_to_numpy(v) for k, v in state.items()}
     except CheckpointError:
         raise
     except Exception as e:  # truncated, corrupt, or a pickle that is not plain tensors
@@ -60,7 +60,7 @@ def read_tensors(src: Path) -> dict[str, np.ndarray]:
     raise CheckpointError(f"{src}: neither model.safetensors nor pytorch_model.bin is present")
 
 
-def _to_numpy(t) -> np.ndarray:
+def torch_to_numpy(t) -> np.ndarray:
     import torch
 
     if t.dtype == torch.bfloat16:

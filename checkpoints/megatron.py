@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from checkpoints.folder import CheckpointError, save_checkpoint
-from checkpoints.hf_gpt2 import _to_numpy
+from checkpoints.hf_gpt2 import torch_to_numpy
 from gptjax.config import ModelConfig
 
 PART_FILES = ("model_optim_rng.pt", "model_rng.pt")
@@ -147,7 +147,7 @@ class Part:
         if tuple(t.shape) != shape:
             raise CheckpointError(f"{self.label}: tensor {shown or key} has shape {tuple(t.shape)}, "
                                   f"expected {shape}")
-        return _to_numpy(t)
+        return torch_to_numpy(t)
 
 
 # ---- the config ----------------------------------------------------------------------------------------------
@@ -337,21 +337,7 @@ def read_megatron(src: str | Path, *, num_heads: int | None = None, vocab_size: 
     return config, merge(config, padded, parts)
 
 
-def to_host_arrays(params):
-    """Numpy leaves -> jax arrays on the host CPU, in place, one leaf at a time.
-
-    Orbax holds one extra copy of jax arrays while saving but two of numpy arrays; this keeps a conversion's
-    peak memory near twice the model. Never the accelerator: the model need not fit there.
-    """
-    import jax
-
-    cpu = jax.devices("cpu")[0]
-    for key, value in params.items():
-        params[key] = to_host_arrays(value) if isinstance(value, dict) else jax.device_put(value, cpu)
-    return params
-
-
 def convert_megatron(src: str | Path, dst: str | Path, *, num_heads: int | None = None,
                      vocab_size: int | None = None) -> Path:
     config, params = read_megatron(src, num_heads=num_heads, vocab_size=vocab_size)
-    return save_checkpoint(dst, config, to_host_arrays(params))
+    return save_checkpoint(dst, config, params)
