@@ -79,3 +79,9 @@ def test_prompt_too_long_is_rejected(converted_dir):
         engine.generate([[1] * 120], max_new_tokens=20)
     with pytest.raises(ValueError, match="empty"):
         engine.generate([[]], max_new_tokens=2)
+
+
+def test_one_new_token(converted_dir, hf_model):
+    engine = Engine.load(converted_dir)
+    out = engine.generate([PROMPTS[0]], max_new_tokens=1, greedy=True, stop_token_ids=[])[0]
+    assert out.output_ids == hf_greedy(hf_model, PROMPTS[0], 1)

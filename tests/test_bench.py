@@ -1,0 +1,33 @@
+"""`gptjax bench` on CPU: both implementations measured, rows sane (no timings asserted)."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import run_cli
+
+
+def test_bench_json_has_gptjax_and_the_hf_peer():
+    out = run_cli("bench", "-b", "2", "-i", "8", "-o", "4", "-n", "2", "--peer", "hf", "--json").stdout
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["impl"] for r in rows] == ["gptjax", "hf"]
+    for r in rows:
+        assert (r["batch"], r["input_len"], r["output_len"], r["runs"]) == (2, 8, 4, 2)
+        assert r["latency_ms"] > 0 and r["floor_ms"] > 0 and r["device"]
+        assert abs(r["tokens_per_s"] - 2 * 4 / (r["latency_ms"] / 1e3)) < 1e-3 * r["tokens_per_s"] + 1e-3
+        assert r["decode_ms_per_token"] is not None
+
+
+def test_bench_several_shapes_in_one_process():
+    out = run_cli("bench", "--shapes", "1,4,2", "2,4,1", "-n", "1", "--json").stdout
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [(r["batch"], r["input_len"], r["output_len"]) for r in rows] == [(1, 4, 2), (2, 4, 1)]
+    assert rows[1]["decode_ms_per_token"] is None  # one new token: no decode step to time
+
+
+def test_bench_bad_shapes_exit_2():
+    for args in (["-b", "0", "-i", "4", "-o", "2"], ["-b", "1", "-i", "4"], ["--shapes", "1,2"],
+                 ["-b", "1", "-i", "250", "-o", "10"]):
+        proc = run_cli("bench", *args, check=False)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert proc.stderr.strip().count("\n") == 0 and "error" in proc.stderr
