@@ -159,8 +159,8 @@ class Scheduler:
             prefix = self.engine.prefill(tokens, extra[:, 0].copy(), samp)
             self._state = self.engine.insert(prefix, self._state, extra[:, 1].copy())
             return distributed.to_host(prefix.first_tokens), distributed.to_host(prefix.first_logprobs)
-        if op == OP_DECODE:
-            self._state, tokens, logprobs = self.engine.generate_steps(self._state, steps)
+        if op == OP_DECODE:  # `rows` says whether any live slot samples: all-greedy runs a bare argmax
+            self._state, tokens, logprobs = self.engine.generate_steps(self._state, steps, sampled=bool(rows))
             return distributed.to_host(tokens), distributed.to_host(logprobs)
         return None
 
@@ -198,7 +198,11 @@ class Scheduler:
             header, payload = self._prefill_command(reqs, list(range(len(reqs))))
             self._execute(*self._broadcast(header, payload))
             n *= 2
-        self._execute(*self._broadcast(np.array([OP_DECODE, 0, 0, self.steps], np.int32)))
+        for sampled in (0, 1):
+            self._execute(*self._broadcast(self._decode_command(sampled)))
+
+    def _decode_command(self, sampled: int) -> np.ndarray:
+        return np.array([OP_DECODE, sampled, 0, self.steps], np.int32)
 
     def _take(self, free: int, now: float) -> list[Request]:
         taken = []
@@ -264,7 +268,8 @@ class Scheduler:
                 live = dict(self._live)
             if not live:
                 continue
-            tokens, logprobs = self._execute(*self._broadcast(np.array([OP_DECODE, 0, 0, self.steps], np.int32)))
+            sampled = any(r.sampling.temperature > 0 for r in live.values())
+            tokens, logprobs = self._execute(*self._broadcast(self._decode_command(int(sampled))))
             out = {}
             for s in live:
                 ids, lps = [], []

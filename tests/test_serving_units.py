@@ -111,7 +111,7 @@ class FakeEngine:
             state["base"][s], state["pos"][s] = b, n
         return state
 
-    def generate_steps(self, state, n):
+    def generate_steps(self, state, n, sampled=None):
         self.calls.append(("decode", n))
         out = np.stack([(state["base"] + state["pos"] + i + 1) % 97 for i in range(n)])
         state["pos"] += n
