@@ -263,6 +263,9 @@ class Scheduler:
                 first, first_lp = self._execute(*self._broadcast(*self._prefill_command(admitted, slots)))
                 for i, (s, r) in enumerate(zip(slots, admitted)):
                     self._emit({s: r}, {s: ([int(first[i])], [float(first_lp[i])])})
+                with self._cv:  # prefill first: requests that arrived meanwhile join before the next decode
+                    if self._queue and len(self._live) < self.slots and not self._stop:
+                        continue
 
             with self._cv:
                 live = dict(self._live)
