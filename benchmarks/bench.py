@@ -73,7 +73,6 @@ def measure_rates(dtype: str) -> dict:
     a = jax.device_put(jnp.ones((m, m), jnp.dtype(dtype)), device)
     mm = jax.jit(lambda p, q: p @ q)
     t = median_seconds(lambda: jax.block_until_ready(mm(a, a)), 10, 2, "matmul rate")
-    del x, a
     return {"copy_bytes_per_s": bandwidth, "matmul_flops": 2 * m**3 / t}
 
 

@@ -17,7 +17,7 @@ Layout: on one stage the layers run unrolled, one after the other, each split ov
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import NamedTuple, Sequence
