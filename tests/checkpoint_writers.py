@@ -176,3 +176,19 @@ def write_ft(model, out: Path, *, tp: int = 2, weight_data_type: str = "fp32", v
     with open(folder / "config.ini", "w") as fh:
         config.write(fh)
     return folder
+
+
+def convert_failure(capsys, tmp_path, fmt: str, src, *flags) -> str:
+    """Run `gptjax convert FMT SRC tmp/out` in-process, expecting exit 2 with one error line and nothing
+    left behind in tmp_path; returns that line."""
+    from gptjax import cli
+
+    out = tmp_path / "out"
+    before = set(tmp_path.iterdir())
+    code = cli.main(["convert", fmt, str(src), str(out), *flags])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("gptjax convert: error: "), err
+    assert not out.exists() and set(tmp_path.iterdir()) == before
+    return lines[0]

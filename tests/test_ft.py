@@ -6,10 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from checkpoint_writers import write_ft
+from checkpoint_writers import convert_failure, write_ft
 from checkpoints.ft import read_ft
 from conftest import hf_greedy, run_cli
-from gptjax import cli
 from gptjax.engine import Engine
 
 PROMPTS = [[464, 2068, 7586, 21831, 18045, 625, 262, 16931], [15496, 995], [40, 588, 257, 1310, 286]]
@@ -34,15 +33,7 @@ def test_fp16_files_stay_fp16(hf_model, tmp_path):
 
 
 def convert_fails(capsys, tmp_path, src) -> str:
-    out = tmp_path / "out"
-    before = set(tmp_path.iterdir())
-    code = cli.main(["convert", "ft", str(src), str(out)])
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2, err
-    assert len(lines) == 1 and lines[0].startswith("gptjax convert: error: "), err
-    assert not out.exists() and set(tmp_path.iterdir()) == before
-    return lines[0]
+    return convert_failure(capsys, tmp_path, "ft", src)
 
 
 @pytest.fixture

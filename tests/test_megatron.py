@@ -14,10 +14,9 @@ import pytest
 import torch
 
 import gptjax
-from checkpoint_writers import padded_vocab, write_megatron
+from checkpoint_writers import convert_failure, padded_vocab, write_megatron
 from checkpoints.megatron import read_megatron
 from conftest import hf_greedy, run_cli
-from gptjax import cli
 from gptjax.engine import Engine
 
 PROMPTS = [[464, 2068, 7586, 21831, 18045, 625, 262, 16931], [15496, 995], [40, 588, 257, 1310, 286]]
@@ -103,15 +102,7 @@ def test_restored_on_a_stage_and_tensor_mesh_gives_the_same_tokens(tp2_dir, expe
 
 # ---- bad input: exit 2, one line, nothing left behind ------------------------------------------------------
 def convert_fails(capsys, tmp_path, src, *flags) -> str:
-    out = tmp_path / "out"
-    before = set(tmp_path.iterdir())
-    code = cli.main(["convert", "megatron", str(src), str(out), *flags])
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2, err
-    assert len(lines) == 1 and lines[0].startswith("gptjax convert: error: "), err
-    assert not out.exists() and set(tmp_path.iterdir()) == before
-    return lines[0]
+    return convert_failure(capsys, tmp_path, "megatron", src, *flags)
 
 
 @pytest.fixture
