@@ -71,18 +71,53 @@ def main():
         lengths = jnp.full((args.batch,), args.input_len, jnp.int32)
         samp = SamplingArrays.from_params([SamplingParams()] * args.batch)
         cache_len = min(engine.max_seq_len, -(-(bucket + args.steps + 1) // 64) * 64)
-        compiled = engine._generate_jit.lower(engine.params, tokens, lengths, args.steps + 1, cache_len, samp).compile()
+        compiled = engine._generate_jit.lower(engine.params, tokens, lengths, args.steps + 1, cache_len, samp,
+                                             False).compile()
         with open(args.hlo, "w") as f:
             f.write(compiled.as_text())
     if args.profile:
         jax.profiler.start_trace(args.profile)
         run(args.steps + 1)
         jax.profiler.stop_trace()
+        kernel_summary(args.profile, args.steps)
     print(json.dumps({"model": args.model, "dtype": args.dtype, "batch": args.batch, "input_len": args.input_len,
                       "attention": engine.attention, "greedy_only": args.greedy_only, "xla_flags": os.environ.get("XLA_FLAGS", ""),
                       "prefill_plus_first_ms": round(one * 1e3, 3),
                       "decode_ms_per_token": round((full - one) / args.steps * 1e3, 4),
                       "first_call_s": round(compile_full, 2), "device": jax.devices()[0].device_kind}))
+
+
+def kernel_summary(trace_dir: str, steps: int, top: int = 30):
+    """Print what the GPU ran during the trace: kernels per decode step, busy time, the costliest kernels."""
+    import collections
+    import glob
+
+    from jax.profiler import ProfileData
+
+    path = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))[-1]
+    data = ProfileData.from_file(path)
+    for plane in data.planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        by_name = collections.defaultdict(lambda: [0, 0.0])
+        starts, ends, busy, count = [], [], 0.0, 0
+        for line in plane.lines:
+            if "stream" not in line.name.lower():
+                continue
+            for ev in line.events:
+                by_name[ev.name][0] += 1
+                by_name[ev.name][1] += ev.duration_ns / 1e3
+                starts.append(ev.start_ns)
+                ends.append(ev.start_ns + ev.duration_ns)
+                busy += ev.duration_ns / 1e3
+                count += 1
+        if not count:
+            continue
+        span = (max(ends) - min(starts)) / 1e3
+        print(json.dumps({"plane": plane.name, "kernels": count, "kernels_per_step": round(count / steps, 1),
+                          "busy_us": round(busy), "span_us": round(span), "busy_fraction": round(busy / span, 3)}))
+        for name, (n, us) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]:
+            print(json.dumps({"kernel": name[:90], "count": n, "total_us": round(us, 1), "mean_us": round(us / n, 2)}))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from jax.experimental.pallas import triton as plgpu
 
 # aim for this many programs (several per multiprocessor of a 132-SM H100) before splitting the sequence
 TARGET_PROGRAMS = 1024
+MIN_SPLIT_KEYS = 512  # shorter chunks are not worth a combine step (three more small kernels per layer)
 
 
 SHARED_MEMORY = 227 * 1024  # per block on an H100
@@ -38,7 +39,8 @@ def default_params(batch: int, heads: int, max_seq: int, head_dim: int,
         block_k //= 2
     n_blocks = -(-max_seq // block_k)
     splits = 1
-    while batch * heads * splits < TARGET_PROGRAMS and splits * 2 <= n_blocks:
+    while (batch * heads * splits < TARGET_PROGRAMS and splits * 2 <= n_blocks
+           and max_seq // (splits * 2) >= MIN_SPLIT_KEYS):
         splits *= 2
     return block_k, splits, 4, stages, True
 
