@@ -132,6 +132,16 @@ def server_runner(target: str, prompts: np.ndarray, output_len: int):
     return lambda: list(pool.map(one, rows))
 
 
+def _free_peer_memory():
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def hf_model_for(engine, compiled: bool):
     import torch
 
@@ -170,20 +180,35 @@ def parse_shapes(args) -> list[tuple[int, int, int]]:
     return shapes
 
 
+def model_config(args):
+    """The model a `--server` run measures (for its floor), read without loading or creating weights."""
+    from gptjax.config import DEFAULT_PRESET, preset
+
+    if args.checkpoint:
+        from checkpoints.folder import read_config
+
+        config = read_config(args.checkpoint)
+    else:
+        config = preset(args.model or DEFAULT_PRESET)
+    return config.replace(dtype=args.dtype) if args.dtype else config
+
+
 def run_bench(args, build_engine) -> int:
     shapes = parse_shapes(args)
-    if args.peer:
-        # the peer's weights share the GPU: let JAX allocate as it goes instead of taking 75% up front
+    if args.peer or args.server:
+        # the peer's weights (or the server) share the GPU: let JAX allocate as it goes, not 75% up front
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    engine = build_engine(args)
+    # through a server, the engine is the server's; here only a peer needs the weights
+    engine = build_engine(args) if args.peer or not args.server else None
     import jax
 
     from gptjax import distributed
 
-    config = engine.config
+    config = engine.config if engine else model_config(args)
+    max_seq = engine.max_seq_len if engine else config.n_positions
     for b, i, o in shapes:
-        if i + o > engine.max_seq_len:
-            raise ValueError(f"input_len {i} + output_len {o} exceeds the model's {engine.max_seq_len} positions")
+        if i + o > max_seq:
+            raise ValueError(f"input_len {i} + output_len {o} exceeds the model's {max_seq} positions")
     device = jax.devices()[0].device_kind
     rates = measure_rates(config.dtype)
     peers = {}
@@ -204,7 +229,7 @@ def run_bench(args, build_engine) -> int:
                               "matmul_TFLOPs": rates["matmul_flops"] / 1e12,
                               "dtype": config.dtype, "model_params": config.num_params(),
                               **({"mesh": str(engine.engine_config.mesh), "attention": engine.attention}
-                                 if impl.startswith("gptjax") else {})})
+                                 if impl == "gptjax" else {})})
 
         def timed(make, label):
             full = median_seconds(make(o), args.runs, args.warmup, label)
@@ -220,7 +245,14 @@ def run_bench(args, build_engine) -> int:
             full, one = timed(lambda n: gptjax_runner(engine, prompts, n), "gptjax")
             rows.append(row("gptjax", full, one, device))
         for peer, (model, peer_device) in peers.items():
-            full, one = timed(lambda n: hf_runner(model, prompts, n, compiled=peer == "hf-compiled"), peer)
+            try:
+                full, one = timed(lambda n: hf_runner(model, prompts, n, compiled=peer == "hf-compiled"), peer)
+            except Exception as e:
+                if type(e).__name__ != "OutOfMemoryError":  # torch's: the peer's cache does not fit beside ours
+                    raise
+                print(f"{peer}: out of memory at batch {b}, input {i}, output {o}: no row ({e})", file=sys.stderr)
+                _free_peer_memory()
+                continue
             rows.append(row(peer, full, one, peer_device))
         if distributed.is_main_process():
             print_rows(rows, args.json)

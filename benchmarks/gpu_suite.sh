@@ -1,26 +1,37 @@
 #!/usr/bin/env bash
-# The GPU run behind benchmarks/RESULTS.md: the seed's benchmark shapes for megatron-345m (fp16, beside the
-# Hugging Face peer in the same process) and gpt3-6.7b (bf16), in-process and through the server, then the
-# plot. Rows go to $OUT (default ./out) as JSON lines.
-#   bash benchmarks/gpu_suite.sh
+# The GPU run behind benchmarks/RESULTS.md: the seed's four shapes for one model, gptjax beside the Hugging
+# Face peers in the same process, then through the server. Rows are appended to $OUT/bench.jsonl (default
+# ./out) as each shape finishes; plot them with `python benchmarks/plot.py out/bench.jsonl out/bench.png`.
+#   bash benchmarks/gpu_suite.sh 345m [inproc|server]    # megatron-345m fp16, peers hf and hf-compiled
+#   bash benchmarks/gpu_suite.sh 6.7b [inproc|server]    # gpt3-6.7b bf16, peer hf
+# (both parts by default; each fits in one 10-minute call on the H100)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-bench() { local t=$1; shift; timeout "$t" python -m gptjax bench "$@" --json | tee -a "$OUT/bench.jsonl"; }
+SHAPES="8,512,16 1,128,128 64,128,128 256,128,128"
+case "${1:-345m}" in
+  345m) model="--model megatron-345m --dtype float16"; peers="hf hf-compiled"; slots=256; seq=640; t_in=540 ;;
+  6.7b) model="--model gpt3-6.7b --dtype bfloat16"; peers="hf"; slots=128; seq=528; t_in=420
+        SHAPES="1,128,128 8,512,16 64,128,128 256,128,128" ;;
+  *) echo "usage: $0 345m|6.7b" >&2; exit 2 ;;
+esac
+bench() { local t=$1; shift; timeout "$t" python -m gptjax bench $model "$@" --json | tee -a "$OUT/bench.jsonl"; }
 
-bench 230 --model megatron-345m --dtype float16 --shapes 8,512,16 1,128,128 64,128,128 256,128,128 -n 3 --peer hf
-bench 170 --model gpt3-6.7b --dtype bfloat16 --shapes 1,128,128 8,512,16 64,128,128 -n 3
+part=${2:-all}
+if [ "$part" != server ]; then
+  bench "$t_in" --shapes $SHAPES -n 3 --peer $peers
+fi
+[ "$part" = inproc ] && exit 0
 
 cfg=$(mktemp --suffix .toml)
-printf '[engine]\nmax_slots = 8\nmax_seq_len = 640\ndecode_steps_per_call = 8\n' > "$cfg"
-python -m gptjax serve --model megatron-345m --dtype float16 --config "$cfg" --port 8011 > "$OUT/server.log" 2>&1 &
+printf '[engine]\nmax_slots = %d\nmax_seq_len = %d\ndecode_steps_per_call = 8\n' "$slots" "$seq" > "$cfg"
+python -m gptjax serve $model --config "$cfg" --port 8011 > "$OUT/server-$1.log" 2>&1 &
 server=$!
-for _ in $(seq 150); do
+for _ in $(seq 240); do
   python -m gptjax client --server 127.0.0.1:8011 --prompt-ids 1,2 --max-new-tokens 1 >/dev/null 2>&1 && break
   sleep 1
 done
-bench 120 --model megatron-345m --dtype float16 --server 127.0.0.1:8011 --shapes 8,512,16 1,128,128 -n 3
+bench 200 --server 127.0.0.1:8011 --shapes $SHAPES -n 3
 kill -TERM $server; wait $server
-python benchmarks/plot.py "$OUT/bench.jsonl" "$OUT/bench.png"
