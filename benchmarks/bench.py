@@ -142,7 +142,9 @@ def _free_peer_memory():
         torch.cuda.empty_cache()
 
 
-def hf_model_for(engine, compiled: bool):
+def hf_model_for(engine):
+    """The peer: Hugging Face GPT2LMHeadModel with the engine's weights. `hf-compiled` is the same model run
+    with a static cache, for which `generate` compiles the forward itself (torch.compile, CUDA graphs)."""
     import torch
 
     from checkpoints.hf_gpt2 import to_hf_model
@@ -151,8 +153,6 @@ def hf_model_for(engine, compiled: bool):
     from gptjax.sharding import model_params
 
     model = to_hf_model(engine.config, model_params(engine.config, engine.params), device=device)
-    if compiled:
-        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
     return model, (torch.cuda.get_device_name() if device == "cuda" else "cpu")
 
 
@@ -214,7 +214,7 @@ def run_bench(args, build_engine) -> int:
     peers = {}
     if distributed.is_main_process():
         for peer in args.peer:
-            peers[peer] = hf_model_for(engine, compiled=peer == "hf-compiled")
+            peers[peer] = hf_model_for(engine)
 
     for b, i, o in shapes:
         prompts = random_prompts(b, i, config.vocab_size)

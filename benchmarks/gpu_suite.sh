@@ -10,16 +10,17 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-SHAPES="8,512,16 1,128,128 64,128,128 256,128,128"
+all_shapes="8,512,16 1,128,128 64,128,128 256,128,128"
 case "${1:-345m}" in
   345m) model="--model megatron-345m --dtype float16"; peers="hf hf-compiled"; slots=256; seq=640; t_in=270 ;;
-  6.7b) model="--model gpt3-6.7b --dtype bfloat16"; peers="hf"; slots=128; seq=528; t_in=420
-        SHAPES="1,128,128 8,512,16 64,128,128 256,128,128" ;;
+  6.7b) model="--model gpt3-6.7b --dtype bfloat16"; peers="hf"; slots=128; seq=528; t_in=420 ;;
   *) echo "usage: $0 345m|6.7b" >&2; exit 2 ;;
 esac
 bench() { local t=$1; shift; timeout "$t" python -m gptjax bench $model "$@" --json | tee -a "$OUT/bench.jsonl"; }
 
 part=${2:-all}
+SHAPES=${SHAPES:-$all_shapes}  # the environment may narrow the shapes and peers (a run cut short)
+peers=${PEERS:-$peers}
 if [ "$part" != server ]; then
   for peer in $peers; do  # one process per peer: a slow torch.compile can't take the other's rows with it
     bench "$t_in" --shapes $SHAPES -n 3 --peer "$peer"
