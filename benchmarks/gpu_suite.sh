@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU run behind benchmarks/RESULTS.md: the seed's four shapes for one model, gptjax beside the Hugging
 # Face peers in the same process, then through the server. Rows are appended to $OUT/bench.jsonl (default
-# ./out) as each shape finishes; plot them with `python benchmarks/plot.py out/bench.jsonl out/bench.png`.
+# ./out) as each shape finishes; plot them with `python benchmarks/plot.py out/bench.png out/bench.jsonl`.
 #   bash benchmarks/gpu_suite.sh 345m [inproc|server]    # megatron-345m fp16, peers hf and hf-compiled
 #   bash benchmarks/gpu_suite.sh 6.7b [inproc|server]    # gpt3-6.7b bf16, peer hf
 # (both parts by default; each fits in one 10-minute call on the H100)

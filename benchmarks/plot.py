@@ -1,6 +1,6 @@
 """Plot `gptjax bench --json` rows: latency and tokens/s against batch, per model and implementation.
 
-    python benchmarks/plot.py out/bench.jsonl benchmarks/bench.png
+    python benchmarks/plot.py benchmarks/bench.png out/bench.jsonl [more.jsonl ...]
 """
 
 from __future__ import annotations
@@ -22,8 +22,13 @@ def model_name(row) -> str:
     return MODEL_NAMES.get(params, f"{params / 1e9:.1f}B params") + f" ({row['extra']['dtype']})"
 
 
-def main(src: str, dst: str) -> None:
-    rows = [json.loads(line) for line in open(src) if line.strip().startswith("{")]
+def _median_row(rows: list[dict]) -> dict:
+    """One point per batch: the row of median latency where a run measured a shape more than once."""
+    return sorted(rows, key=lambda r: r["latency_ms"])[len(rows) // 2]
+
+
+def main(dst: str, *sources: str) -> None:
+    rows = [json.loads(line) for src in sources for line in open(src) if line.strip().startswith("{")]
     models = sorted({model_name(r) for r in rows})
     fig, axes = plt.subplots(len(models), 2, figsize=(12, 4.2 * len(models)), squeeze=False)
     for m, model in enumerate(models):
@@ -33,7 +38,7 @@ def main(src: str, dst: str) -> None:
                 groups[r["impl"]].append(r)
         floors = {}
         for impl, rs in sorted(groups.items()):
-            rs.sort(key=lambda r: r["batch"])
+            rs = [_median_row([r for r in rs if r["batch"] == b]) for b in sorted({r["batch"] for r in rs})]
             batches = [r["batch"] for r in rs]
             axes[m][0].plot(batches, [r["latency_ms"] for r in rs], "o-", label=impl)
             axes[m][1].plot(batches, [r["tokens_per_s"] for r in rs], "o-", label=impl)
@@ -56,4 +61,4 @@ def main(src: str, dst: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], *sys.argv[2:])

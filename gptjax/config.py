@@ -115,6 +115,7 @@ class EngineConfig:
     max_new_tokens_limit: int = 0  # largest accepted; 0 means max_seq_len
     min_prefill_bucket: int = 16  # prompt lengths are padded to powers of two from here
     decode_steps_per_call: int = 4  # decode steps the server runs per device call
+    batch_window_ms: float = 2.0  # an idle server waits up to this long for more requests to prefill at once
     temperature: float = 1.0
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1.0: off
@@ -137,6 +138,8 @@ class EngineConfig:
                      "max_queued_requests", "max_message_bytes", "max_batch_size"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"EngineConfig.{name} must be positive, got {getattr(self, name)}")
+        if not 0.0 <= self.batch_window_ms <= 1000.0:
+            raise ValueError(f"EngineConfig.batch_window_ms must be in [0, 1000], got {self.batch_window_ms}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"EngineConfig.top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0 or self.temperature < 0:

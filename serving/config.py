@@ -19,6 +19,7 @@ A TOML (or JSON) file with up to three tables, every key optional:
     [engine]                 # any EngineConfig field; wins over [fastertransformer]
     max_slots = 16
     decode_steps_per_call = 4
+    batch_window_ms = 2.0    # an idle server waits this long for more requests, to prefill them together
 
     [server]
     drain_timeout_s = 30     # on SIGTERM, how long in-flight requests may take before they are cut off

@@ -88,6 +88,7 @@ class Scheduler:
         self.engine = engine
         self.slots = ec.max_slots
         self.steps = ec.decode_steps_per_call
+        self.batch_window_s = ec.batch_window_ms / 1e3
         self.max_queued = max_queued or ec.max_queued_requests
         self._queue: collections.deque[Request] = collections.deque()
         self._cv = threading.Condition()
@@ -249,6 +250,13 @@ class Scheduler:
                         del self._live[slot]
                 free = [s for s in range(self.slots) if s not in self._live]
                 admitted = self._take(len(free), now)
+                if admitted and not self._live and len(admitted) < len(free):
+                    # concurrent clients' requests reach an idle server over a millisecond or two: wait that
+                    # long so that they share one prefill and step together, instead of the first one alone
+                    deadline = now + self.batch_window_s
+                    while len(admitted) < len(free) and (left := deadline - time.monotonic()) > 0:
+                        self._cv.wait(left)
+                        admitted += self._take(len(free) - len(admitted), time.monotonic())
                 idle = not admitted and not self._live
                 if idle and self._cv.wait(IDLE_HEARTBEAT_S if multi else None):
                     continue

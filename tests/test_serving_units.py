@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -171,3 +172,23 @@ def test_cancelled_request_frees_its_slot():
     sched.stop()
     loop.join(10)
     assert not loop.is_alive()
+
+
+@pytest.mark.parametrize("window_ms, first_rows", [(1000.0, 4), (0.0, 1)])
+def test_an_idle_server_waits_its_batch_window_so_a_burst_shares_one_prefill(window_ms, first_rows):
+    engine = FakeEngine(slots=4, steps=2)
+    engine.engine_config = engine.engine_config.replace(batch_window_ms=window_ms)
+    sched = Scheduler(engine)
+    sched.accept()
+    loop = threading.Thread(target=sched.run)
+    loop.start()
+    reqs = [request(10 * i, 1, 3) for i in (1, 2, 3)]
+    for r in reqs:  # three clients, 50 ms apart
+        sched.submit([r])
+        time.sleep(0.05)
+    assert [collect(r) for r in reqs] == [([11 + 10 * i, 12 + 10 * i, 13 + 10 * i], "length") for i in range(3)]
+    sched.stop()
+    loop.join(10)
+    assert not loop.is_alive()
+    # rows of a prefill are padded to a power of two: 3 requests -> 4 rows; without a window the first is alone
+    assert next(n for op, n in engine.calls if op == "prefill") == first_rows
