@@ -10,7 +10,6 @@ The test suite runs this into a temporary folder and fails when the committed mo
 from __future__ import annotations
 
 import re
-import shutil
 import sys
 import tempfile
 from pathlib import Path
