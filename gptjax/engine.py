@@ -265,8 +265,8 @@ class Engine:
 
     def _state_rows(self, rows: int) -> int:
         """Slots of a decode state for `rows` sequences: a multiple of `data`, at least two per device. With one
-        row XLA turns every matmul into a matrix-vector product that it runs as multiply and reduce kernels at
-        a quarter of the memory bandwidth a GEMM reaches; a second, idle row costs nothing measurable."""
+        row XLA rewrites every matmul as multiply and reduce kernels that reach well under half the memory
+        bandwidth of a GEMM (345M batch-1 decode on an H100: 1.50 ms/token with one row, 0.96 with two)."""
         return _round_up(max(rows, 2 * self.layout.data), self.layout.data)
 
     def _empty_state(self, slots: int, max_seq: int) -> DecodeState:
