@@ -31,6 +31,7 @@ def main():
 
     import jax
 
+    from benchmarks.bench import median_seconds
     from gptjax import EngineConfig
     from gptjax.engine import Engine
 
@@ -49,14 +50,9 @@ def main():
 
     def med(n):
         start = time.perf_counter()
-        run(n)
+        run(n)  # compiles
         compile_s = time.perf_counter() - start
-        times = []
-        for _ in range(args.runs):
-            start = time.perf_counter()
-            run(n)
-            times.append(time.perf_counter() - start)
-        return float(np.median(times)), compile_s
+        return median_seconds(lambda: run(n), args.runs, 0, f"{n} steps"), compile_s
 
     full, compile_full = med(args.steps + 1)
     one, _ = med(1)
