@@ -19,8 +19,9 @@ esac
 bench() { local t=$1; shift; timeout "$t" python -m gptjax bench $model "$@" --json | tee -a "$OUT/bench.jsonl"; }
 
 part=${2:-all}
-SHAPES=${SHAPES:-$all_shapes}  # the environment may narrow the shapes and peers (a run cut short)
+SHAPES=${SHAPES:-$all_shapes}  # the environment may narrow the shapes, peers and time (a run cut short)
 peers=${PEERS:-$peers}
+t_in=${T_IN:-$t_in}  # seconds for each in-process run
 if [ "$part" != server ]; then
   for peer in $peers; do  # one process per peer: a slow torch.compile can't take the other's rows with it
     bench "$t_in" --shapes $SHAPES -n 3 --peer "$peer"

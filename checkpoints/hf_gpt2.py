@@ -129,8 +129,11 @@ def to_hf_model(config: ModelConfig, params, device: str = "cpu", torch_dtype=No
         model = GPT2LMHeadModel(hf_config)
 
     def tensor(x, shape=None):
-        x = np.array(jax_to_numpy(x), np.float32)  # a writable copy for torch
-        return torch.from_numpy(x.reshape(shape) if shape else x).to(device=device, dtype=torch_dtype)
+        if _shareable(x, device, torch_dtype):
+            t = torch.from_dlpack(x)  # the same memory: a 6.7B peer then costs no second copy of the weights
+        else:
+            t = torch.from_numpy(np.array(jax_to_numpy(x), np.float32)).to(device=device, dtype=torch_dtype)
+        return t.reshape(shape) if shape else t
 
     state = {"transformer.wte.weight": tensor(params["wte"][: config.vocab_size]),
              "transformer.wpe.weight": tensor(params["wpe"]),
@@ -155,6 +158,19 @@ def to_hf_model(config: ModelConfig, params, device: str = "cpu", torch_dtype=No
         if buf.is_meta:  # non-persistent buffers (attention bias masks) are rebuilt on the device
             raise RuntimeError(f"buffer {name} was not materialized")
     return model.eval()
+
+
+def _shareable(x, device: str, torch_dtype) -> bool:
+    """Whether torch can use a JAX array's memory as it is: one whole array on one device of the kind asked
+    for, already in the dtype asked for. The model only reads its weights, so sharing is safe."""
+    import jax
+    import torch
+
+    if not isinstance(x, jax.Array) or len(x.devices()) != 1 or not x.is_fully_addressable:
+        return False
+    platform = {"cpu": "cpu", "cuda": "gpu"}.get(torch.device(device).type)
+    return (next(iter(x.devices())).platform == platform
+            and getattr(torch, str(x.dtype), None) == torch_dtype)
 
 
 def jax_to_numpy(x) -> np.ndarray:

@@ -85,3 +85,16 @@ def test_one_new_token(converted_dir, hf_model):
     engine = Engine.load(converted_dir)
     out = engine.generate([PROMPTS[0]], max_new_tokens=1, greedy=True, stop_token_ids=[])[0]
     assert out.output_ids == hf_greedy(hf_model, PROMPTS[0], 1)
+
+
+@pytest.mark.parametrize("torch_dtype", [None, torch.float64])  # None shares the engine's memory; float64 copies
+def test_to_hf_model_holds_the_same_weights(hf_model, converted_dir, torch_dtype):
+    from checkpoints.hf_gpt2 import to_hf_model
+
+    engine = Engine.load(converted_dir)
+    peer = to_hf_model(engine.config, engine.params, torch_dtype=torch_dtype)
+    shared = peer.transformer.h[0].attn.c_attn.weight.data_ptr() == \
+        engine.params["h_0"]["qkv"]["kernel"].unsafe_buffer_pointer()
+    assert shared == (torch_dtype is None)
+    ids = np.random.default_rng(2).integers(0, 50257, 17).tolist()
+    assert rel_error(hf_logits(peer, ids, torch_dtype or torch.float32), hf_logits(hf_model, ids)) < 1e-5
