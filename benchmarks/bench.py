@@ -201,9 +201,6 @@ def run_bench(args, build_engine) -> int:
     if args.peer or args.server:
         # the peer (or the server) shares the GPU: let JAX allocate as it goes, not 75% up front
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    if args.peer:
-        # and give back what a call used when it ends: a 6.7B batch-256 cache is 32 GB, needed by each in turn
-        os.environ.setdefault("XLA_PYTHON_CLIENT_ALLOCATOR", "platform")
     # through a server, the engine is the server's; here only a peer needs the weights
     engine = build_engine(args) if args.peer or not args.server else None
     import jax
@@ -238,10 +235,28 @@ def run_bench(args, build_engine) -> int:
                                  if impl == "gptjax" else {})})
 
         def timed(make, label):
+            start = time.perf_counter()
             full = median_seconds(make(o), args.runs, args.warmup, label)
             one = median_seconds(make(1), args.runs, args.warmup, label + " (1 token)") if o > 1 else None
+            if distributed.is_main_process():  # a log line where no progress bar shows (not a terminal)
+                print(f"{label} ({b}, {i}, {o}): median {full * 1e3:.1f} ms, {time.perf_counter() - start:.0f} s "
+                      "with warm-ups and compiles", file=sys.stderr, flush=True)
             return full, one
 
+        # the peers first: torch hands its memory back after each, while JAX keeps what it grew to (a 6.7B
+        # batch-256 cache is 32 GB, and each implementation needs its own in turn)
+        peer_rows = []
+        for peer, (model, peer_device) in peers.items():
+            try:
+                full, one = timed(lambda n: hf_runner(model, prompts, n, compiled=peer == "hf-compiled"), peer)
+            except Exception as e:
+                if type(e).__name__ != "OutOfMemoryError":  # torch's: the peer's cache does not fit beside ours
+                    raise
+                print(f"{peer}: out of memory at batch {b}, input {i}, output {o}: no row ({e})", file=sys.stderr)
+                continue
+            finally:
+                _free_peer_memory()
+            peer_rows.append(row(peer, full, one, peer_device))
         rows = []
         if args.server:
             if distributed.is_main_process():
@@ -250,16 +265,7 @@ def run_bench(args, build_engine) -> int:
         else:
             full, one = timed(lambda n: gptjax_runner(engine, prompts, n), "gptjax")
             rows.append(row("gptjax", full, one, device))
-        for peer, (model, peer_device) in peers.items():
-            try:
-                full, one = timed(lambda n: hf_runner(model, prompts, n, compiled=peer == "hf-compiled"), peer)
-            except Exception as e:
-                if type(e).__name__ != "OutOfMemoryError":  # torch's: the peer's cache does not fit beside ours
-                    raise
-                print(f"{peer}: out of memory at batch {b}, input {i}, output {o}: no row ({e})", file=sys.stderr)
-                _free_peer_memory()
-                continue
-            rows.append(row(peer, full, one, peer_device))
+        rows += peer_rows
         if distributed.is_main_process():
             print_rows(rows, args.json)
             sys.stdout.flush()
