@@ -43,23 +43,17 @@ def cache_len(cache) -> int:
 
 
 def write_prefix(cache, prefix, slots):
-    """Copy a prefill's K/V (`[n, prompt_len, heads, head_dim]` per layer, or a `StagedKV` of them) into rows
-    `slots` ([n]) from position 0. Rows of `prefix` past n (padding) are left out."""
-    if isinstance(cache, StagedKV):
-        def put(dst, src):
-            for i in range(slots.shape[0]):
-                dst = jax.lax.dynamic_update_slice(dst, src[:, :, i : i + 1].astype(dst.dtype),
-                                                   (0, 0, slots[i], 0, 0, 0))
-            return dst
+    """Copy a prefill's K/V (`[n', prompt_len, heads, head_dim]` per layer, or a `StagedKV` of them) into rows
+    `slots` ([n], n <= n') from position 0. Rows of `prefix` past n (padding) are left out.
 
+    One scatter per buffer: a copy per row would put rows x layers x 2 kernels in the program (a 256-row
+    insert of a 32-layer model: 16k of them, minutes to compile)."""
+    n = slots.shape[0]
+    if isinstance(cache, StagedKV):
+        put = lambda dst, src: dst.at[:, :, slots, : src.shape[3]].set(src[:, :, :n].astype(dst.dtype))
         return StagedKV(put(cache.k, prefix.k), put(cache.v, prefix.v))
-    out = []
-    for (k, v), (pk, pv) in zip(cache, prefix):
-        for i in range(slots.shape[0]):
-            k = jax.lax.dynamic_update_slice(k, pk[i : i + 1].astype(k.dtype), (slots[i], 0, 0, 0))
-            v = jax.lax.dynamic_update_slice(v, pv[i : i + 1].astype(v.dtype), (slots[i], 0, 0, 0))
-        out.append((k, v))
-    return out
+    put = lambda dst, src: dst.at[slots, : src.shape[1]].set(src[:n].astype(dst.dtype))
+    return [(put(k, pk), put(v, pv)) for (k, v), (pk, pv) in zip(cache, prefix)]
 
 
 def write_token(layer: LayerKV, k_new, v_new, positions) -> LayerKV:
