@@ -7,8 +7,9 @@ takes it at the next turn. Every device call is first announced as a small comma
 process 0 to every process, so the other processes make the same engine calls with the same shapes:
 
     header  int32[4]            [op, rows, bucket, steps]
-    payload int32[rows, bucket + 6]   (PREFILL only) prompt tokens, then length, slot, temperature (float32
+    payload int32[rows, bucket + 6]   (PREFILL) prompt tokens, then length, slot, temperature (float32
                                       bits), top_k, top_p (float32 bits), seed (uint32 bits)
+            int32[slots]              (DECODE) 1 for each slot a request holds, 0 for the free ones
 
 Requests talk to their callers through a queue of events: ("tokens", ids, logprobs), then ("done", reason)
 or ("error", code, message). Tokens are ints; text is the caller's business (off the engine's thread).
@@ -142,8 +143,8 @@ class Scheduler:
     def _broadcast(self, header: np.ndarray, payload: np.ndarray | None = None):
         header = distributed.broadcast_from_main(np.asarray(header, np.int32))
         op, rows, bucket, _ = (int(v) for v in header)
-        if op == OP_PREFILL:
-            shape = (rows, bucket + PAYLOAD_EXTRA)
+        shape = {OP_PREFILL: (rows, bucket + PAYLOAD_EXTRA), OP_DECODE: (self.slots,)}.get(op)
+        if shape is not None:
             payload = distributed.broadcast_from_main(payload if payload is not None else np.zeros(shape, np.int32))
         return header, payload
 
@@ -161,7 +162,8 @@ class Scheduler:
             self._state = self.engine.insert(prefix, self._state, extra[:, 1].copy())
             return distributed.to_host(prefix.first_tokens), distributed.to_host(prefix.first_logprobs)
         if op == OP_DECODE:  # `rows` says whether any live slot samples: all-greedy runs a bare argmax
-            self._state, tokens, logprobs = self.engine.generate_steps(self._state, steps, sampled=bool(rows))
+            self._state, tokens, logprobs = self.engine.generate_steps(self._state, steps, sampled=bool(rows),
+                                                                       live=payload.astype(bool))
             return distributed.to_host(tokens), distributed.to_host(logprobs)
         return None
 
@@ -200,10 +202,12 @@ class Scheduler:
             self._execute(*self._broadcast(header, payload))
             n *= 2
         for sampled in (0, 1):
-            self._execute(*self._broadcast(self._decode_command(sampled)))
+            self._execute(*self._broadcast(*self._decode_command(sampled, [])))
 
-    def _decode_command(self, sampled: int) -> np.ndarray:
-        return np.array([OP_DECODE, sampled, 0, self.steps], np.int32)
+    def _decode_command(self, sampled: int, live_slots) -> tuple[np.ndarray, np.ndarray]:
+        live = np.zeros(self.slots, np.int32)
+        live[list(live_slots)] = 1
+        return np.array([OP_DECODE, sampled, 0, self.steps], np.int32), live
 
     def _take(self, free: int, now: float) -> list[Request]:
         taken = []
@@ -280,7 +284,7 @@ class Scheduler:
             if not live:
                 continue
             sampled = any(r.sampling.temperature > 0 for r in live.values())
-            tokens, logprobs = self._execute(*self._broadcast(self._decode_command(int(sampled))))
+            tokens, logprobs = self._execute(*self._broadcast(*self._decode_command(int(sampled), live)))
             out = {}
             for s in live:
                 ids, lps = [], []

@@ -96,6 +96,7 @@ class FakeEngine:
     def __init__(self, slots=2, steps=3):
         self.engine_config = EngineConfig(max_slots=slots, decode_steps_per_call=steps, max_queued_requests=4)
         self.calls = []
+        self.live = []  # the live slots of each decode call
 
     def new_state(self, slots):
         return {"base": np.zeros(slots, np.int64), "pos": np.zeros(slots, np.int64)}
@@ -112,8 +113,9 @@ class FakeEngine:
             state["base"][s], state["pos"][s] = b, n
         return state
 
-    def generate_steps(self, state, n, sampled=None):
+    def generate_steps(self, state, n, sampled=None, live=None):
         self.calls.append(("decode", n))
+        self.live.append(np.flatnonzero(live).tolist())
         out = np.stack([(state["base"] + state["pos"] + i + 1) % 97 for i in range(n)])
         state["pos"] += n
         return state, out, np.zeros_like(out, np.float32)
@@ -155,6 +157,21 @@ def test_continuous_batching_with_more_requests_than_slots():
                        ([44, 45, 46, 47, 48, 49, 50], "length")]
     assert max(n for op, n in engine.calls if op == "prefill") <= 2  # never more rows than slots
     assert sched.active() == 0 and sched.queued() == 0
+
+
+def test_decode_calls_name_the_live_slots():
+    engine = FakeEngine(slots=2, steps=2)
+    sched = Scheduler(engine)
+    sched.accept()
+    short, long = request(1, 1, 3), request(5, 1, 7)
+    sched.submit([short, long])
+    loop = threading.Thread(target=sched.run)
+    loop.start()
+    assert collect(short)[1] == collect(long)[1] == "length"
+    sched.stop()
+    loop.join(10)
+    # both slots live for the first call; once the short request is done, only the long one's slot
+    assert engine.live == [[0, 1], [1], [1]]
 
 
 def test_cancelled_request_frees_its_slot():

@@ -124,10 +124,13 @@ def test_serving_interface_matches_generate(layout, reference):
         prefix = e.prefill(tokens, np.array([len(prompt)]), greedy_params)
         state = e.insert(prefix, state, np.array([slot]))
         first.append(int(np.asarray(prefix.first_tokens)[0]))
-    state, steps, _ = e.generate_steps(state, N_NEW - 1)
-    steps = np.asarray(steps)
+    state, steps, _ = e.generate_steps(state, 2)
+    # then slot 1's request ends: parked at position 0, it stops stepping; the others go on unchanged
+    state, more, _ = e.generate_steps(state, N_NEW - 3, live=[True, False, True])
+    steps = np.concatenate([np.asarray(steps), np.asarray(more)])
     got = [[f] + steps[:, slot].tolist() for f, slot in zip(first, [2, 0, 1])]
-    assert got == reference
+    assert got[:2] == reference[:2] and got[2][:3] == reference[2][:3]
+    assert np.asarray(state.positions)[1] == 0 and np.asarray(state.positions)[0] == len(PROMPTS[1]) + N_NEW - 1
 
 
 @pytest.mark.parametrize("layout, message", [
