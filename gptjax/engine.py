@@ -165,14 +165,24 @@ class Engine:
             return tree
         return jax.tree.map(lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], to - n, axis=0)]), tree)
 
-    def _prefill(self, params, tokens, lengths, samp: SamplingArrays, sampled: bool | None = None) -> Prefix:
+    def _prefill(self, params, tokens, lengths, samp: SamplingArrays, sampled: bool | None = None,
+                 cache_shape: tuple[int, int] | None = None) -> Prefix:
+        """`cache_shape` (slots, max_seq), one stage only: each layer's K/V comes out already padded to a
+        decode cache, so the prompts' K/V (16 GB for a 6.7B model at batch 256, 128 tokens) is never held
+        beside the cache for every layer at once."""
         n = tokens.shape[0]
         tokens, lengths, samp = self._pad_rows((tokens, lengths, samp), n)
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
 
+        def as_cache(a):
+            if cache_shape is None:
+                return a
+            a = jnp.pad(a, ((0, cache_shape[0] - a.shape[0]), (0, cache_shape[1] - a.shape[1]), (0, 0), (0, 0)))
+            return jax.lax.with_sharding_constraint(a, sharding.cache_sharding(self.mesh))
+
         def attend_to(lengths):
             def attend(layer, q, k, v):
-                return kernels.prefill_attention(q, k, v, lengths, self.attention), (k, v)
+                return kernels.prefill_attention(q, k, v, lengths, self.attention), (as_cache(k), as_cache(v))
             return attend
 
         def last_token(x, lengths):  # only the last token's logits are needed
@@ -256,10 +266,15 @@ class Engine:
                   sampled: bool):
         n = tokens.shape[0]
         tokens, lengths, samp = self._pad_rows((tokens, lengths, samp), n)
-        rows = tokens.shape[0]
-        prefix = self._prefill(params, tokens, lengths, samp, sampled)
-        state = self._empty_state(self._state_rows(rows), cache_len)
-        state = self._insert(prefix, state, jnp.arange(rows))
+        rows, slots = tokens.shape[0], self._state_rows(tokens.shape[0])
+        if self.staged:
+            prefix = self._prefill(params, tokens, lengths, samp, sampled)
+            state = self._insert(prefix, self._empty_state(slots, cache_len), jnp.arange(rows))
+        else:  # the prefill's K/V is the cache; the extra slots start parked (position 0)
+            prefix = self._prefill(params, tokens, lengths, samp, sampled, cache_shape=(slots, cache_len))
+            pad = lambda a, mode="constant": jnp.pad(a, (0, slots - rows), mode=mode)
+            state = DecodeState(prefix.kv, pad(prefix.first_tokens), pad(prefix.lengths),
+                                SamplingArrays(*(pad(a, "edge") for a in prefix.sampling)))
         _, steps, step_logprobs = self._decode_steps(params, state, n_new - 1, sampled)
         steps, step_logprobs = steps[:, :rows], step_logprobs[:, :rows]
         out = jnp.concatenate([prefix.first_tokens[:, None], steps.T], axis=1)[:n]
