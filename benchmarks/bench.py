@@ -59,8 +59,8 @@ def random_prompts(batch: int, input_len: int, vocab: int) -> np.ndarray:
 def measure_rates(dtype: str) -> dict:
     """Copy bandwidth (bytes/s, read + write) and dense matmul rate (FLOP/s) of device 0, measured now.
 
-    Each timed call repeats the operation in a loop on device, so allocating its output (a cudaMalloc under
-    the platform allocator that a peer's run uses) is a small part of the time."""
+    Each timed call repeats the operation 16 times in a loop on device, so a call's fixed costs (the launch,
+    allocating its output) are a small part of the time."""
     import jax
     import jax.numpy as jnp
 
