@@ -57,7 +57,7 @@ def write_prefix(cache, prefix, slots):
 
 
 def write_token(layer: LayerKV, k_new, v_new, positions) -> LayerKV:
-    """Store one new token per slot: k_new, v_new [slots, heads, head_dim] at `positions` [slots]."""
+    """Store one new token for each of the first n slots: k_new, v_new [n, heads, head_dim] at `positions` [n]."""
     k, v = layer
-    rows = jnp.arange(k.shape[0])
+    rows = jnp.arange(k_new.shape[0])
     return k.at[rows, positions].set(k_new.astype(k.dtype)), v.at[rows, positions].set(v_new.astype(v.dtype))

@@ -101,7 +101,7 @@ class Engine:
         self._model = GPT(config, vocab_rows=sharding.padded_vocab(config, self.layout.tensor))
         self._prefill_jit = jax.jit(self._prefill, static_argnums=(4,))
         self._insert_jit = jax.jit(self._insert, donate_argnums=(1,))
-        self._steps_jit = jax.jit(self._decode_steps, static_argnums=(2, 3), donate_argnums=(1,))
+        self._steps_jit = jax.jit(self._decode_steps, static_argnums=(2, 3, 5), donate_argnums=(1,))
         self._generate_jit = jax.jit(self._generate, static_argnums=(3, 4, 6))
 
     # ---- construction -------------------------------------------------------------------------------
@@ -242,21 +242,42 @@ class Engine:
         new_state = DecodeState(new_cache, tokens, next_pos, samp)
         return new_state, tokens, sampling.token_logprobs(logits, tokens)
 
-    def _decode_steps(self, params, state: DecodeState, n_steps: int, sampled: bool | None = None, live=None):
+    def _decode_steps(self, params, state: DecodeState, n_steps: int, sampled: bool | None = None, live=None,
+                      active: int | None = None):
+        """n_steps for the first `active` slots (default all); the cache stays whole, written in place."""
         slots = state.tokens.shape[0]
         if live is not None:  # park the slots no sequence holds, so they stop reading their stale K/V
             state = state._replace(positions=jnp.where(live, state.positions, 0))
+        active = active or slots
+        head = lambda a: a[:active]
+        run = state if active == slots else DecodeState(state.cache, head(state.tokens), head(state.positions),
+                                                          SamplingArrays(*map(head, state.sampling)))
 
         def body(i, carry):
-            state, tokens, logprobs = carry
-            state, t, lp = self._decode_step(params, state, sampled)
-            return state, tokens.at[i].set(t), logprobs.at[i].set(lp)
+            run, tokens, logprobs = carry
+            run, t, lp = self._decode_step(params, run, sampled)
+            return run, tokens.at[i].set(t), logprobs.at[i].set(lp)
 
-        init = (state, jnp.zeros((n_steps, slots), jnp.int32), jnp.zeros((n_steps, slots), jnp.float32))
-        if n_steps == 0:
-            return init
-        state, tokens, logprobs = jax.lax.fori_loop(0, n_steps, body, init)
-        return state, self._replicated(tokens), self._replicated(logprobs)
+        init = (run, jnp.zeros((n_steps, active), jnp.int32), jnp.zeros((n_steps, active), jnp.float32))
+        run, tokens, logprobs = jax.lax.fori_loop(0, n_steps, body, init) if n_steps else init
+        if active < slots:
+            tail = lambda a: jnp.pad(a, ((0, 0), (0, slots - active)))
+            tokens, logprobs = tail(tokens), tail(logprobs)
+            run = state._replace(cache=run.cache, tokens=state.tokens.at[:active].set(run.tokens),
+                                 positions=state.positions.at[:active].set(run.positions))
+        return run, self._replicated(tokens), self._replicated(logprobs)
+
+    def decode_buckets(self, slots: int | None = None) -> list[int]:
+        """The row counts a decode call of a state with `slots` slots runs at (`generate_steps` picks the least
+        that covers the highest live slot): powers of four from 2, then all. One layer and one data shard only;
+        otherwise always all."""
+        rows = self._state_rows(slots or self.engine_config.max_slots)
+        if self.layout.data > 1 or self.staged:
+            return [rows]
+        buckets = [2]
+        while buckets[-1] * 4 < rows:
+            buckets.append(buckets[-1] * 4)
+        return buckets + [rows] if buckets[-1] < rows else buckets
 
     def _replicated(self, x):
         """New tokens end replicated, so every process (process 0 in particular) can read them."""
@@ -329,12 +350,16 @@ class Engine:
         `sampled=False` promises every live slot is greedy (a cheaper program); None decides on device.
         `live` (bool per slot, None: all) names the slots that hold a sequence; the others are parked at
         position 0 until an insert reuses them. A finished slot left stepping reads its whole stale context
-        every step: with 256 slots of 640 positions, 16 GB per step for the 345M model.
+        every step: with 256 slots of 640 positions, 16 GB per step for the 345M model. Only the first
+        `decode_buckets` rows that cover the highest live slot run, so keep live slots low.
         """
         rows = state.tokens.shape[0]
         live = np.ones(rows, bool) if live is None else np.pad(np.asarray(live, bool), (0, rows - len(live)))
+        # only the slots up to the highest live one run (a server of 256 slots serving one request steps 2)
+        highest = int(np.flatnonzero(live)[-1]) if live.any() else 0
+        active = next(b for b in self.decode_buckets(rows) if b > highest)
         with jax.set_mesh(self.mesh):  # the kernels' dispatch reads it to run per shard
-            return self._steps_jit(self.params, state, n_steps, sampled, self._put(live))
+            return self._steps_jit(self.params, state, n_steps, sampled, self._put(live), active)
 
     def prefill_bucket(self, prompt_len: int) -> int:
         return bucket_length(prompt_len, self.engine_config.min_prefill_bucket, self.max_seq_len)

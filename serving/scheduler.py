@@ -193,7 +193,7 @@ class Scheduler:
         return np.array([OP_PREFILL, rows, bucket, 0], np.int32), payload
 
     def warmup(self, prompt_len: int = 1) -> None:
-        """Compile prefill (every row count at the smallest bucket) and decode before serving."""
+        """Compile prefill (every row count at the smallest bucket) and decode (every row bucket) before serving."""
         dummy = SamplingParams(temperature=0.0)
         n = 1
         while n <= _pow2_at_least(self.slots):
@@ -201,8 +201,9 @@ class Scheduler:
             header, payload = self._prefill_command(reqs, list(range(len(reqs))))
             self._execute(*self._broadcast(header, payload))
             n *= 2
-        for sampled in (0, 1):
-            self._execute(*self._broadcast(*self._decode_command(sampled, [])))
+        for rows in self.engine.decode_buckets(self.slots):
+            for sampled in (0, 1):
+                self._execute(*self._broadcast(*self._decode_command(sampled, range(min(rows, self.slots)))))
 
     def _decode_command(self, sampled: int, live_slots) -> tuple[np.ndarray, np.ndarray]:
         live = np.zeros(self.slots, np.int32)

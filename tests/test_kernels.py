@@ -126,6 +126,20 @@ def test_decode_attention_matches_float64(case, dtype, use_dot):
     assert err < TOL[dtype], f"relative error {err:.2e} (seed {seed})"
 
 
+def test_decode_attention_reads_the_first_rows_of_a_larger_cache():
+    # a decode call that runs only the first slots passes the whole cache
+    rng, seed = fresh_rng()
+    q = draw(rng, (2, 2, 16), np.float32)
+    k_cache, v_cache = (draw(rng, (5, 70, 2, 16), np.float32) for _ in range(2))
+    lengths = np.array([70, 23], np.int32)
+    ref = decode_reference64(q, k_cache[:2], v_cache[:2], lengths)
+    for out in (decode_attention(q, k_cache, v_cache, jnp.asarray(lengths), interpret=True, block_k=16),
+                kernels.decode_attention_reference(q, k_cache, v_cache, jnp.asarray(lengths))):
+        assert out.shape == q.shape
+        err = np.linalg.norm(np.asarray(out, np.float64) - ref) / np.linalg.norm(ref)
+        assert err < TOL[np.float32], f"relative error {err:.2e} (seed {seed})"
+
+
 def test_decode_attention_reads_only_valid_entries():
     # entries past a length hold NaN here: a kernel that reads them (or weighs them by 0) returns NaN
     rng, seed = fresh_rng()

@@ -104,6 +104,9 @@ class FakeEngine:
     def prefill_bucket(self, n):
         return 16
 
+    def decode_buckets(self, slots):
+        return [slots]
+
     def prefill(self, tokens, lengths, samp):
         self.calls.append(("prefill", tokens.shape[0]))
         return FakePrefix(tokens, lengths)

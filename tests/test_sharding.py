@@ -133,6 +133,26 @@ def test_serving_interface_matches_generate(layout, reference):
     assert np.asarray(state.positions)[1] == 0 and np.asarray(state.positions)[0] == len(PROMPTS[1]) + N_NEW - 1
 
 
+@pytest.mark.parametrize("layout", [(1, 1, 1), (1, 1, 8)], ids=lambda l: "data=%d,stage=%d,tensor=%d" % l)
+def test_decode_runs_only_the_slots_up_to_the_highest_live_one(layout, reference):
+    e = engine(layout)
+    assert e.decode_buckets(40) == [2, 8, 32, 40] and e.decode_buckets(8) == [2, 8]
+    state = e.new_state(slots=40)
+    bucket = e.prefill_bucket(len(PROMPTS[0]))
+    tokens = np.zeros((1, bucket), np.int32)
+    tokens[0, : len(PROMPTS[0])] = PROMPTS[0]
+    prefix = e.prefill(tokens, np.array([len(PROMPTS[0])]), SamplingArrays.from_params([SamplingParams(temperature=0.0)]))
+    state = e.insert(prefix, state, np.array([1]))
+    live = np.zeros(40, bool)
+    live[1] = True
+    state, steps, _ = e.generate_steps(state, N_NEW - 1, live=live)  # runs 2 rows of the 40
+    steps = np.asarray(steps)
+    assert steps.shape == (N_NEW - 1, 40)
+    assert [int(np.asarray(prefix.first_tokens)[0])] + steps[:, 1].tolist() == reference[0]
+    assert not steps[:, 2:].any()  # rows past the bucket did not run
+    assert np.asarray(state.positions)[1] == len(PROMPTS[0]) + N_NEW - 1
+
+
 @pytest.mark.parametrize("layout, message", [
     ((1, 1, 3), "tensor=3 does not divide the model's 8 heads"),
     ((1, 3, 1), "stage=3 does not divide the model's 4 layers"),

@@ -50,8 +50,9 @@ def prefill_attention(q, k, v, lengths, impl: str):
 
 
 def decode_step_attention(q, k_cache, v_cache, lengths, impl: str):
-    """One new query per sequence, q [batch, heads, head_dim], against [batch, max_seq, heads, head_dim] caches;
-    lengths [batch] counts the valid entries, the current token's included."""
+    """One new query per sequence, q [batch, heads, head_dim], against the first `batch` rows of
+    [rows, max_seq, heads, head_dim] caches; lengths [batch] counts the valid entries, the current token's
+    included."""
     if impl == "pallas":
         kernel = functools.partial(decode_attention, interpret=not on_gpu())
         return _per_shard(kernel, (q, k_cache, v_cache, lengths), (_Q1, _QKV, _QKV, _ROWS), _Q1)

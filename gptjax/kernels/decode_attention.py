@@ -114,12 +114,13 @@ def _decode_kernel(len_ref, q_ref, k_ref, v_ref, *out_refs, sm_scale: float, blo
 def decode_attention(q, k_cache, v_cache, lengths, *, interpret: bool = False, block_k: int | None = None,
                      num_splits: int | None = None, num_warps: int | None = None,
                      num_stages: int | None = None, use_dot: bool | None = None):
-    """q: [batch, heads, head_dim]; caches: [batch, max_seq, heads, head_dim]; lengths: [batch] valid entries
-    (including the current token). Scale 1/sqrt(head_dim). A sequence of length 0 gets zeros."""
+    """q: [batch, heads, head_dim]; caches: [rows >= batch, max_seq, heads, head_dim], of which the first `batch`
+    rows are read; lengths: [batch] valid entries (including the current token). Scale 1/sqrt(head_dim). A
+    sequence of length 0 gets zeros."""
     batch, heads, head_dim = q.shape
-    max_seq = k_cache.shape[1]
-    if k_cache.shape != (batch, max_seq, heads, head_dim) or v_cache.shape != k_cache.shape:
-        raise ValueError(f"caches must be [batch, max_seq, heads, head_dim] = {(batch, max_seq, heads, head_dim)}, "
+    rows, max_seq = k_cache.shape[:2]
+    if rows < batch or k_cache.shape[2:] != (heads, head_dim) or v_cache.shape != k_cache.shape:
+        raise ValueError(f"caches must be [rows >= {batch}, max_seq, {heads}, {head_dim}], "
                          f"got {k_cache.shape} and {v_cache.shape}")
     d_bk, d_splits, d_warps, d_stages, d_dot = default_params(batch, heads, max_seq, pl.next_power_of_2(head_dim),
                                                               q.dtype.itemsize)
@@ -172,8 +173,10 @@ def decode_attention(q, k_cache, v_cache, lengths, *, interpret: bool = False, b
 
 
 def decode_attention_reference(q, k_cache, v_cache, lengths):
-    """q: [batch, heads, head_dim]; caches: [batch, max_seq, heads, head_dim]; lengths: [batch] valid entries."""
+    """q: [batch, heads, head_dim]; caches: [rows >= batch, max_seq, heads, head_dim]; lengths: [batch] valid
+    entries."""
     head_dim = q.shape[-1]
+    k_cache, v_cache = k_cache[: q.shape[0]], v_cache[: q.shape[0]]
     scores = jnp.einsum("bhd,bkhd->bhk", q, k_cache, preferred_element_type=jnp.float32)
     scores = scores / jnp.sqrt(jnp.float32(head_dim))
     valid = jnp.arange(k_cache.shape[1])[None, None, :] < lengths[:, None, None]
