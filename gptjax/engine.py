@@ -269,7 +269,7 @@ class Engine:
 
     def decode_buckets(self, slots: int | None = None) -> list[int]:
         """The row counts a decode call of a state with `slots` slots runs at (`generate_steps` picks the least
-        that covers the highest live slot): powers of four from 2, then all. One layer and one data shard only;
+        that covers the highest live slot): powers of four from 2, then all. One stage and one data shard only;
         otherwise always all."""
         rows = self._state_rows(slots or self.engine_config.max_slots)
         if self.layout.data > 1 or self.staged:
