@@ -35,8 +35,9 @@ cfg=$(mktemp --suffix .toml)
 printf '[engine]\nmax_slots = %d\nmax_seq_len = %d\ndecode_steps_per_call = 8\n' "$slots" "$seq" > "$cfg"
 python -m gptjax serve $model --config "$cfg" --port 8011 > "$OUT/server-$1.log" 2>&1 &
 server=$!
-for _ in $(seq 240); do
+for _ in $(seq 400); do  # loading compiles a prefill per row count and a decode per row bucket
   python -m gptjax client --server 127.0.0.1:8011 --prompt-ids 1,2 --max-new-tokens 1 >/dev/null 2>&1 && break
+  kill -0 $server 2>/dev/null || { echo "the server exited: see $OUT/server-$1.log" >&2; exit 1; }
   sleep 1
 done
 bench 200 --server 127.0.0.1:8011 --shapes $SHAPES -n 3
