@@ -74,8 +74,8 @@ def sample(logits, temperature, top_k, top_p, keys, sampled: bool | None = None)
 
     def draw(_):
         filtered = _filtered_logits(logits, temperature, top_k, top_p)
-        row_keys_ = keys() if callable(keys) else keys  # a callable defers the key math to when it is needed
-        gumbel = jax.vmap(lambda key: jax.random.gumbel(key, logits.shape[-1:], jnp.float32))(row_keys_)
+        keys_now = keys() if callable(keys) else keys  # a callable defers the key math to when it is needed
+        gumbel = jax.vmap(lambda key: jax.random.gumbel(key, logits.shape[-1:], jnp.float32))(keys_now)
         drawn = jnp.argmax(filtered + gumbel, axis=-1).astype(jnp.int32)
         return jnp.where(temperature > 0, drawn, greedy)
 
