@@ -201,6 +201,10 @@ def run_bench(args, build_engine) -> int:
     if args.peer or args.server:
         # the peer (or the server) shares the GPU: let JAX allocate as it goes, not 75% up front
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    if args.peer:
+        # JAX keeps what it allocated for one shape, and the peer has emptied torch's cache before gptjax runs:
+        # 75% was too little for a 6.7B model's batch-256 cache (37 GB) beside the earlier shapes' buffers
+        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
     # through a server, the engine is the server's; here only a peer needs the weights
     engine = build_engine(args) if args.peer or not args.server else None
     import jax
