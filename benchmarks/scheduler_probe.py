@@ -1,0 +1,124 @@
+"""Where does the server's time go? The seed's shapes through the scheduler in this process (no gRPC), beside
+`engine.generate`, with every engine command the scheduler made timed.
+
+    python benchmarks/scheduler_probe.py --model megatron-345m --dtype float16 --slots 256 --seq 640
+
+One JSON line per shape: the median latency of `generate` and of the scheduler (all requests submitted at
+once, as the bench's clients send them), then what the scheduler's last run was made of: its prefill
+commands (rows each) and decode calls (rows run, milliseconds each), and the time outside engine commands.
+Compare with `gptjax bench --server` on the same machine: the rest is gRPC and the clients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import threading
+import time
+
+import numpy as np
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="megatron-345m")
+    p.add_argument("--dtype", default="float16")
+    p.add_argument("--slots", type=int, default=256)
+    p.add_argument("--seq", type=int, default=640)
+    p.add_argument("--steps-per-call", type=int, default=8)
+    p.add_argument("--shapes", nargs="+", default=["8,512,16", "1,128,128", "64,128,128", "256,128,128"])
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--hlo", help="write each decode bucket's optimized HLO to HLO.rowsN.txt")
+    p.add_argument("--profile", help="trace the last shape's scheduler run into this folder and summarise its kernels")
+    args = p.parse_args()
+
+    import jax
+
+    from benchmarks.bench import median_seconds
+    from benchmarks.decode_probe import kernel_summary
+    from gptjax import EngineConfig
+    from gptjax.engine import Engine
+    from gptjax.sampling import SamplingParams
+    from serving.scheduler import OP_DECODE, OP_PREFILL, Request, Scheduler
+
+    ec = EngineConfig(max_slots=args.slots, max_seq_len=args.seq, decode_steps_per_call=args.steps_per_call)
+    engine = Engine.from_preset(args.model, dtype=args.dtype, engine_config=ec)
+    scheduler = Scheduler(engine)
+    start = time.perf_counter()
+    scheduler.warmup()
+    warmup_s = time.perf_counter() - start
+
+    log = []  # (op, rows, seconds) of every command, in order
+    execute = scheduler._execute
+
+    def timed(header, payload):
+        t = time.perf_counter()
+        out = execute(header, payload)  # returns host arrays: the command has finished
+        op = int(header[0])
+        rows = int(header[1]) if op == OP_PREFILL else int(np.flatnonzero(payload)[-1]) + 1 if payload.any() else 0
+        log.append((op, rows, time.perf_counter() - t))
+        return out
+
+    scheduler._execute = timed
+    scheduler.accept()
+    loop = threading.Thread(target=scheduler.run, daemon=True)
+    loop.start()
+    greedy = SamplingParams(temperature=0.0)
+
+    for shape in args.shapes:
+        b, i, o = (int(v) for v in shape.split(","))
+        prompts = np.random.default_rng(0).integers(0, engine.config.vocab_size, (b, i)).tolist()
+
+        def through_scheduler():
+            reqs = [Request(row, o, greedy, frozenset()) for row in prompts]
+            scheduler.submit(reqs)
+            for r in reqs:
+                while (event := r.next_event())[0] == "tokens":
+                    pass
+                assert event == ("done", "length"), event
+                assert r.generated == o
+
+        in_process = median_seconds(lambda: engine.generate(prompts, o, greedy=True, stop_token_ids=[]),
+                                    args.runs, 1, f"generate {shape}")
+        served = median_seconds(through_scheduler, args.runs, 1, f"scheduler {shape}")
+        if args.profile and shape == args.shapes[-1]:
+            jax.profiler.start_trace(args.profile)
+        log.clear()
+        start = time.perf_counter()
+        through_scheduler()
+        last = time.perf_counter() - start
+        if args.profile and shape == args.shapes[-1]:
+            jax.profiler.stop_trace()
+            kernel_summary(args.profile, o)
+        decode = collections.defaultdict(list)
+        for op, rows, s in log:
+            if op == OP_DECODE:
+                decode[rows].append(s * 1e3)
+        print(json.dumps({
+            "shape": [b, i, o], "generate_ms": round(in_process * 1e3, 2), "scheduler_ms": round(served * 1e3, 2),
+            "last_run_ms": round(last * 1e3, 2),
+            "prefills": [(rows, round(s * 1e3, 2)) for op, rows, s in log if op == OP_PREFILL],
+            "decode_calls": {rows: {"n": len(ms), "median_ms": round(float(np.median(ms)), 3)}
+                             for rows, ms in decode.items()},
+            "outside_commands_ms": round((last - sum(s for _, _, s in log)) * 1e3, 2),
+            "steps_per_call": args.steps_per_call, "slots": args.slots, "seq": args.seq,
+            "warmup_s": round(warmup_s, 1), "device": jax.devices()[0].device_kind}), flush=True)
+    scheduler.stop()
+    loop.join()
+    # a decode call's scratch memory per row bucket: a copy of the cache would show here as gigabytes
+    state, live = scheduler._state, np.ones(args.slots, bool)
+    for rows in engine.decode_buckets(args.slots):
+        with jax.set_mesh(engine.mesh):
+            compiled = engine._steps_jit.lower(engine.params, state, args.steps_per_call, False,
+                                               engine._put(live), rows).compile()
+        stats = compiled.memory_analysis()
+        print(json.dumps({"decode_rows": rows, "temp_MB": round(stats.temp_size_in_bytes / 2**20, 1),
+                          "alias_MB": round(stats.alias_size_in_bytes / 2**20, 1)}))
+        if args.hlo:
+            with open(f"{args.hlo}.rows{rows}.txt", "w") as f:
+                f.write(compiled.as_text())
+
+
+if __name__ == "__main__":
+    main()
