@@ -286,21 +286,23 @@ class Scheduler:
                 continue
             sampled = any(r.sampling.temperature > 0 for r in live.values())
             tokens, logprobs = self._execute(*self._broadcast(*self._decode_command(int(sampled), live)))
-            out = {}
-            for s in live:
-                ids, lps = [], []
-                r = live[s]
-                for t in range(tokens.shape[0]):
-                    if r.generated + len(ids) >= r.max_new_tokens:
-                        break
-                    ids.append(int(tokens[t, s]))
-                    lps.append(float(logprobs[t, s]))
-                    if ids[-1] in r.stop_ids:
-                        break
-                out[s] = (ids, lps)
-            self._emit(live, out)
+            self._emit(live, self._new_tokens(live, tokens, logprobs))
 
         self._broadcast(np.array([OP_STOP, 0, 0, 0], np.int32))
+
+    @staticmethod
+    def _new_tokens(live: dict, tokens: np.ndarray, logprobs: np.ndarray) -> dict:
+        """Each live slot's share of a decode call's [steps, slots] output: up to its token budget and its first
+        stop token. One conversion to lists per call (not per token): 256 slots x 8 steps of numpy scalar
+        reads took milliseconds of the engine thread, while the GPU waited."""
+        token_rows, logprob_rows = tokens.T.tolist(), logprobs.T.tolist()
+        out = {}
+        for s, r in live.items():
+            ids = token_rows[s][: max(0, r.max_new_tokens - r.generated)]
+            if r.stop_ids:
+                ids = ids[: next((j + 1 for j, t in enumerate(ids) if t in r.stop_ids), len(ids))]
+            out[s] = (ids, logprob_rows[s][: len(ids)])
+        return out
 
     def _emit(self, reqs: dict, out: dict) -> None:
         """Send each request its new tokens; free the slots of the finished ones."""
