@@ -5,7 +5,8 @@
 
 One JSON line per shape: the median latency of `generate` and of the scheduler (all requests submitted at
 once, as the bench's clients send them), then what the scheduler's last run was made of: its prefill
-commands (rows each) and decode calls (rows run, milliseconds each), and the time outside engine commands.
+commands (rows, milliseconds each), the host time to dispatch a decode call (by rows run), and the time
+between reads of consecutive decode calls (a call's device time, while the device is kept busy).
 Compare with `gptjax bench --server` on the same machine: the rest is gRPC and the clients.
 """
 
@@ -49,18 +50,24 @@ def main():
     scheduler.warmup()
     warmup_s = time.perf_counter() - start
 
-    log = []  # (op, rows, seconds) of every command, in order
-    execute = scheduler._execute
+    log = []  # (op, rows, seconds) of every command, in order: a prefill waits for its result, a decode doesn't
+    reads = []  # when each decode call's tokens had been read
+    execute, read = scheduler._execute, scheduler._read
 
     def timed(header, payload):
         t = time.perf_counter()
-        out = execute(header, payload)  # returns host arrays: the command has finished
+        out = execute(header, payload)
         op = int(header[0])
         rows = int(header[1]) if op == OP_PREFILL else int(np.flatnonzero(payload)[-1]) + 1 if payload.any() else 0
         log.append((op, rows, time.perf_counter() - t))
         return out
 
-    scheduler._execute = timed
+    def timed_read(call):
+        read(call)
+        if call is not None:
+            reads.append(time.perf_counter())
+
+    scheduler._execute, scheduler._read = timed, timed_read
     scheduler.accept()
     loop = threading.Thread(target=scheduler.run, daemon=True)
     loop.start()
@@ -85,23 +92,25 @@ def main():
         if args.profile and shape == args.shapes[-1]:
             jax.profiler.start_trace(args.profile)
         log.clear()
+        reads.clear()
         start = time.perf_counter()
         through_scheduler()
         last = time.perf_counter() - start
         if args.profile and shape == args.shapes[-1]:
             jax.profiler.stop_trace()
             kernel_summary(args.profile, o)
-        decode = collections.defaultdict(list)
+        dispatch = collections.defaultdict(list)
         for op, rows, s in log:
             if op == OP_DECODE:
-                decode[rows].append(s * 1e3)
+                dispatch[rows].append(s * 1e3)
         print(json.dumps({
             "shape": [b, i, o], "generate_ms": round(in_process * 1e3, 2), "scheduler_ms": round(served * 1e3, 2),
             "last_run_ms": round(last * 1e3, 2),
             "prefills": [(rows, round(s * 1e3, 2)) for op, rows, s in log if op == OP_PREFILL],
-            "decode_calls": {rows: {"n": len(ms), "median_ms": round(float(np.median(ms)), 3)}
-                             for rows, ms in decode.items()},
-            "outside_commands_ms": round((last - sum(s for _, _, s in log)) * 1e3, 2),
+            "decode_dispatch_ms": {rows: {"n": len(ms), "median": round(float(np.median(ms)), 3)}
+                                   for rows, ms in dispatch.items()},
+            # with a call always queued behind the one running, reads come one device call apart
+            "decode_read_interval_ms": round(float(np.median(np.diff(reads))) * 1e3, 3) if len(reads) > 1 else None,
             "steps_per_call": args.steps_per_call, "slots": args.slots, "seq": args.seq,
             "warmup_s": round(warmup_s, 1), "device": jax.devices()[0].device_kind}), flush=True)
     scheduler.stop()

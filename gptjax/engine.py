@@ -269,14 +269,15 @@ class Engine:
 
     def decode_buckets(self, slots: int | None = None) -> list[int]:
         """The row counts a decode call of a state with `slots` slots runs at (`generate_steps` picks the least
-        that covers the highest live slot): powers of four from 2, then all. One stage and one data shard only;
-        otherwise always all."""
+        that covers the highest live slot): powers of two from 2, then all. One stage and one data shard only;
+        otherwise always all. Powers of four compiled fewer programs, but ran 64 live slots at 128 rows: an
+        8-step call of the 345M model took 21.9 ms there against 17.7 ms at 64 rows (H100)."""
         rows = self._state_rows(slots or self.engine_config.max_slots)
         if self.layout.data > 1 or self.staged:
             return [rows]
         buckets = [2]
-        while buckets[-1] * 4 < rows:
-            buckets.append(buckets[-1] * 4)
+        while buckets[-1] * 2 < rows:
+            buckets.append(buckets[-1] * 2)
         return buckets + [rows] if buckets[-1] < rows else buckets
 
     def _replicated(self, x):

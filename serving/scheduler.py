@@ -56,7 +56,8 @@ class Request:
     events: "collections.deque" = field(default_factory=collections.deque)
     _ready: threading.Condition = field(default_factory=threading.Condition)
     cancelled: bool = False
-    generated: int = 0
+    generated: int = 0  # tokens sent to the caller
+    planned: int = 0  # tokens it will have once every device call made for it is read
 
     # ---- the caller's side ----
     def cancel(self) -> None:
@@ -162,9 +163,10 @@ class Scheduler:
             self._state = self.engine.insert(prefix, self._state, extra[:, 1].copy())
             return distributed.to_host(prefix.first_tokens), distributed.to_host(prefix.first_logprobs)
         if op == OP_DECODE:  # `rows` says whether any live slot samples: all-greedy runs a bare argmax
+            # dispatched, not waited for: device arrays (read them with distributed.to_host)
             self._state, tokens, logprobs = self.engine.generate_steps(self._state, steps, sampled=bool(rows),
                                                                        live=payload.astype(bool))
-            return distributed.to_host(tokens), distributed.to_host(logprobs)
+            return tokens, logprobs
         return None
 
     # ---- the followers (every process but 0) ------------------------------------------------------
@@ -238,7 +240,12 @@ class Scheduler:
             self.stopped.set()
 
     def _run(self) -> None:
+        """Each turn: admit and prefill; dispatch the next decode call; then read the call before it. The
+        device always has the next call queued while this thread reads, streams and dispatches (a decode
+        call's dispatch alone, some 350 arguments, takes longer than a 345M model's decode step); a request
+        that stops on a stop token has its slot stepped once more for nothing."""
         multi = jax.process_count() > 1
+        in_flight = None  # the last decode call, dispatched and not read: (its live slots, tokens, logprobs)
         while True:
             with self._cv:
                 now = time.monotonic()
@@ -262,7 +269,7 @@ class Scheduler:
                     while len(admitted) < len(free) and (left := deadline - time.monotonic()) > 0:
                         self._cv.wait(left)
                         admitted += self._take(len(free) - len(admitted), time.monotonic())
-                idle = not admitted and not self._live
+                idle = not admitted and not self._live and in_flight is None
                 if idle and self._cv.wait(IDLE_HEARTBEAT_S if multi else None):
                     continue
                 slots = free[: len(admitted)]
@@ -273,22 +280,34 @@ class Scheduler:
                 self._broadcast(np.array([OP_IDLE, 0, 0, 0], np.int32))
                 continue
             if admitted:
+                self._read(in_flight)  # its tokens come before the new requests' first ones
+                in_flight = None
                 first, first_lp = self._execute(*self._broadcast(*self._prefill_command(admitted, slots)))
                 for i, (s, r) in enumerate(zip(slots, admitted)):
+                    r.planned = 1
                     self._emit({s: r}, {s: ([int(first[i])], [float(first_lp[i])])})
                 with self._cv:  # prefill first: requests that arrived meanwhile join before the next decode
                     if self._queue and len(self._live) < self.slots and not self._stop:
                         continue
 
-            with self._cv:
-                live = dict(self._live)
-            if not live:
-                continue
-            sampled = any(r.sampling.temperature > 0 for r in live.values())
-            tokens, logprobs = self._execute(*self._broadcast(*self._decode_command(int(sampled), live)))
-            self._emit(live, self._new_tokens(live, tokens, logprobs))
+            with self._cv:  # the requests that still need tokens once the call in flight is read
+                live = {s: r for s, r in self._live.items() if r.planned < r.max_new_tokens}
+            call = None
+            if live:
+                sampled = any(r.sampling.temperature > 0 for r in live.values())
+                call = (live, *self._execute(*self._broadcast(*self._decode_command(int(sampled), live))))
+                for r in live.values():
+                    r.planned += self.steps
+            self._read(in_flight)
+            in_flight = call
 
         self._broadcast(np.array([OP_STOP, 0, 0, 0], np.int32))
+
+    def _read(self, call) -> None:
+        """Wait for a dispatched decode call (if any) and send its tokens."""
+        if call is not None:
+            live, tokens, logprobs = call
+            self._emit(live, self._new_tokens(live, distributed.to_host(tokens), distributed.to_host(logprobs)))
 
     @staticmethod
     def _new_tokens(live: dict, tokens: np.ndarray, logprobs: np.ndarray) -> dict:
@@ -309,7 +328,7 @@ class Scheduler:
         finished = []
         for s, r in reqs.items():
             ids, lps = out[s]
-            if not ids:
+            if not ids or self._live.get(s) is not r:  # it finished, was cancelled or expired meanwhile
                 continue
             r.generated += len(ids)
             r._put("tokens", ids, lps)

@@ -90,6 +90,17 @@ class FakePrefix:
         self.first_tokens, self.first_logprobs = (self.base + lengths) % 97, np.zeros(len(lengths), np.float32)
 
 
+class Pending:
+    """A decode call's output that records when the scheduler reads it (as a device array would block then)."""
+
+    def __init__(self, array, calls, n):
+        self.array, self.calls, self.n = array, calls, n
+
+    def __array__(self, dtype=None, copy=None):
+        self.calls.append(("read", self.n))
+        return self.array
+
+
 class FakeEngine:
     """A slot's token at position p is (its first prompt token + p) % 97; the engine calls are recorded."""
 
@@ -121,7 +132,7 @@ class FakeEngine:
         self.live.append(np.flatnonzero(live).tolist())
         out = np.stack([(state["base"] + state["pos"] + i + 1) % 97 for i in range(n)])
         state["pos"] += n
-        return state, out, np.zeros_like(out, np.float32)
+        return state, Pending(out, self.calls, len(self.live)), np.zeros_like(out, np.float32)
 
 
 def request(first, length, n_new, stops=()):
@@ -175,6 +186,38 @@ def test_decode_calls_name_the_live_slots():
     loop.join(10)
     # both slots live for the first call; once the short request is done, only the long one's slot
     assert engine.live == [[0, 1], [1], [1]]
+
+
+def test_the_next_decode_call_is_dispatched_before_the_last_one_is_read():
+    engine = FakeEngine(slots=2, steps=2)
+    sched = Scheduler(engine)
+    sched.accept()
+    r = request(1, 1, 7)  # the prefill's token, then three calls of two
+    sched.submit([r])
+    loop = threading.Thread(target=sched.run)
+    loop.start()
+    assert collect(r) == ([2, 3, 4, 5, 6, 7, 8], "length")
+    sched.stop()
+    loop.join(10)
+    # the budget is known ahead: no call is made past it
+    assert engine.calls == [("prefill", 1), ("decode", 2), ("decode", 2), ("read", 1), ("decode", 2), ("read", 2),
+                            ("read", 3)]
+
+
+def test_a_stop_token_ends_the_stream_though_its_slot_stepped_on():
+    engine = FakeEngine(slots=1, steps=2)
+    sched = Scheduler(engine)
+    sched.accept()
+    stopped, after = request(1, 1, 100, stops={4}), request(50, 1, 3)
+    sched.submit([stopped])
+    loop = threading.Thread(target=sched.run)
+    loop.start()
+    assert collect(stopped) == ([2, 3, 4], "stop")
+    sched.submit([after])  # takes the slot the stopped request stepped once more in
+    assert collect(after) == ([51, 52, 53], "length")
+    sched.stop()
+    loop.join(10)
+    assert not loop.is_alive()
 
 
 def test_cancelled_request_frees_its_slot():

@@ -136,7 +136,7 @@ def test_serving_interface_matches_generate(layout, reference):
 @pytest.mark.parametrize("layout", [(1, 1, 1), (1, 1, 8)], ids=lambda l: "data=%d,stage=%d,tensor=%d" % l)
 def test_decode_runs_only_the_slots_up_to_the_highest_live_one(layout, reference):
     e = engine(layout)
-    assert e.decode_buckets(40) == [2, 8, 32, 40] and e.decode_buckets(8) == [2, 8]
+    assert e.decode_buckets(40) == [2, 4, 8, 16, 32, 40] and e.decode_buckets(8) == [2, 4, 8]
     state = e.new_state(slots=40)
     bucket = e.prefill_bucket(len(PROMPTS[0]))
     tokens = np.zeros((1, bucket), np.int32)
