@@ -55,6 +55,7 @@ class Request:
     deadline: float | None = None  # time.monotonic() seconds
     events: "collections.deque" = field(default_factory=collections.deque)
     _ready: threading.Condition = field(default_factory=threading.Condition)
+    _ended: threading.Event = field(default_factory=threading.Event)  # "done" or "error" is queued
     cancelled: bool = False
     generated: int = 0  # tokens sent to the caller
     planned: int = 0  # tokens it will have once every device call made for it is read
@@ -70,11 +71,19 @@ class Request:
                 return None
             return self.events.popleft()
 
+    def wait_ended(self, timeout: float | None = None) -> bool:
+        """Whether the request has ended (its last event is queued), waiting up to `timeout` seconds. A caller
+        that wants only the whole completion wakes once, not at every decode call: with hundreds of requests
+        in flight those wake-ups take the interpreter from the engine loop."""
+        return self._ended.wait(timeout)
+
     # ---- the loop's side ----
     def _put(self, *event) -> None:
         with self._ready:
             self.events.append(event)
             self._ready.notify()
+        if event[0] != "tokens":
+            self._ended.set()
 
     def _expired(self, now: float) -> bool:
         return self.cancelled or (self.deadline is not None and now > self.deadline)

@@ -145,24 +145,30 @@ def events(request: Request, context):
 
 
 def wait_all(requests: list[Request], context) -> list[Completion]:
-    """Gather every request's tokens; raise RequestError when one of them fails."""
+    """Gather every request's tokens once it has ended; raise RequestError when one of them fails."""
+    for r in requests:
+        context.add_callback(r.cancel)
+
+    def fail(code, message):
+        for other in requests:
+            other.cancel()
+        raise RequestError(code, message)
+
     results = []
     for r in requests:
+        while not r.wait_ended(POLL_S):
+            if not context.is_active():
+                fail(grpc.StatusCode.CANCELLED, "the call was cancelled")
         ids, lps, reason = [], [], None
-        for event in events(r, context):
+        while reason is None:  # every event is queued by now
+            event = r.next_event(0)
             if event[0] == "tokens":
                 ids += event[1]
                 lps += event[2]
             elif event[0] == "done":
                 reason = event[1]
             else:
-                for other in requests:
-                    other.cancel()
-                raise RequestError(getattr(grpc.StatusCode, event[1]), event[2])
-        if reason is None:  # the call ended first
-            for other in requests:
-                other.cancel()
-            raise RequestError(grpc.StatusCode.CANCELLED, "the call was cancelled")
+                fail(getattr(grpc.StatusCode, event[1]), event[2])
         results.append(Completion(ids, lps, reason))
     return results
 
