@@ -332,13 +332,12 @@ class Engine:
         return distributed.to_global(np.asarray(x, dtype), self.mesh)
 
     def prefill(self, tokens: np.ndarray, lengths: np.ndarray, samp: SamplingArrays) -> Prefix:
-        """tokens [n, bucket_len] right-padded int32, lengths [n]."""
-        temperature = samp.temperature
-        sampled = None if isinstance(temperature, jax.Array) else bool(np.any(np.asarray(temperature) > 0))
+        """tokens [n, bucket_len] right-padded int32, lengths [n]. Whether any row samples is decided on the
+        device (one program per shape, whatever the requests' temperatures)."""
         samp = SamplingArrays(*(a if isinstance(a, jax.Array) else self._put(a) for a in samp))
         with jax.set_mesh(self.mesh):
             return self._prefill_jit(self.params, self._put(tokens, np.int32), self._put(lengths, np.int32), samp,
-                                     sampled)
+                                     None)
 
     def insert(self, prefix: Prefix, state: DecodeState, slots: np.ndarray) -> DecodeState:
         with jax.set_mesh(self.mesh):
@@ -364,6 +363,26 @@ class Engine:
 
     def prefill_bucket(self, prompt_len: int) -> int:
         return bucket_length(prompt_len, self.engine_config.min_prefill_bucket, self.max_seq_len)
+
+    def prefill_buckets(self) -> list[int]:
+        """Every length `prefill_bucket` pads to."""
+        return sorted({self.prefill_bucket(1 << k) for k in range(self.max_seq_len.bit_length() + 1)})
+
+    def compile_prefill(self, rows: int, bucket: int, state: DecodeState) -> None:
+        """Compile `prefill` of `rows` prompts padded to `bucket` tokens, and `insert` of its result into a state
+        laid out as `state` (arrays or ShapeDtypeStructs), without running either: later calls of those shapes
+        start at once. Any thread may call it, so a server can compile a new shape while it serves."""
+        layout = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding)
+        tokens, lengths = self._put(np.zeros((rows, bucket), np.int32)), self._put(np.ones(rows, np.int32))
+        samp = SamplingArrays(*map(self._put, SamplingArrays.from_params([sampling.SamplingParams()] * rows)))
+        with jax.set_mesh(self.mesh):
+            # the arguments are what `prefill` passes (small real arrays), so the jit's own cache gets the program
+            compiled = self._prefill_jit.lower(self.params, tokens, lengths, samp, None).compile()
+            prefix = jax.eval_shape(self._prefill, self.params, tokens, lengths, samp)
+            prefix = jax.tree.map(lambda a, sharding: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+                                  prefix, compiled.output_shardings)
+            self._insert_jit.lower(prefix, jax.tree.map(layout, state), self._put(np.arange(rows, dtype=np.int32)))\
+                .compile()
 
     # ---- the notebook API ---------------------------------------------------------------------------
     def encode_prompts(self, prompts) -> list[list[int]]:

@@ -10,6 +10,12 @@ process 0 to every process, so the other processes make the same engine calls wi
     payload int32[rows, bucket + 6]   (PREFILL) prompt tokens, then length, slot, temperature (float32
                                       bits), top_k, top_p (float32 bits), seed (uint32 bits)
             int32[slots]              (DECODE) 1 for each slot a request holds, 0 for the free ones
+            none                      (COMPILE) start compiling the prefill of `rows` x `bucket` aside
+
+Nothing compiles in the loop: warm-up compiles every decode program, a prefill of one row at every prompt
+bucket and of every row count at the smallest. A burst whose prefill shape is not compiled yet runs as
+prefills of compiled row counts while a background thread compiles that shape for the next one (a compile
+in the loop would stall every stream for seconds).
 
 Requests talk to their callers through a queue of events: ("tokens", ids, logprobs), then ("done", reason)
 or ("error", code, message). Tokens are ints; text is the caller's business (off the engine's thread).
@@ -21,6 +27,7 @@ import collections
 import logging
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import jax
@@ -32,7 +39,7 @@ from gptjax.sampling import SamplingParams
 
 log = logging.getLogger("gptjax.serving")
 
-OP_IDLE, OP_PREFILL, OP_DECODE, OP_STOP = 0, 1, 2, 3
+OP_IDLE, OP_PREFILL, OP_DECODE, OP_STOP, OP_COMPILE = 0, 1, 2, 3, 4
 HEADER = 4
 PAYLOAD_EXTRA = 6
 IDLE_HEARTBEAT_S = 1.0  # with several processes, an idle loop still broadcasts this often
@@ -93,6 +100,13 @@ def _pow2_at_least(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def _done() -> Future:
+    """A compile that has finished (one warm-up made before serving)."""
+    future = Future()
+    future.set_result(None)
+    return future
+
+
 class Scheduler:
     def __init__(self, engine, max_queued: int | None = None):
         ec = engine.engine_config
@@ -109,6 +123,8 @@ class Scheduler:
         self._abort = False
         self._state = None
         self.stopped = threading.Event()
+        self._prefill_shapes: dict[tuple[int, int], Future] = {}  # (rows, bucket) compiled or being compiled
+        self._compiler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compile")
 
     # ---- the callers' side (any thread) -------------------------------------------------------------
     def submit(self, requests: list[Request]) -> None:
@@ -163,7 +179,14 @@ class Scheduler:
         op, rows, bucket, steps = (int(v) for v in header)
         if self._state is None:
             self._state = self.engine.new_state(self.slots)
+            self._state_layout = jax.tree.map(  # what a compile aside needs of the state, which donation replaces
+                lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)), self._state)
+        if op == OP_COMPILE:
+            self._compile_aside(rows, bucket)
+            return None
         if op == OP_PREFILL:
+            if (rows, bucket) in self._prefill_shapes:  # a follower may still be compiling what process 0 has
+                wait([self._prefill_shapes[rows, bucket]])
             tokens = payload[:, :bucket]
             extra = payload[:, bucket:]
             samp = SamplingArrays(extra[:, 2].view(np.float32).copy(), extra[:, 3].copy(),
@@ -186,12 +209,52 @@ class Scheduler:
             if int(header[0]) == OP_STOP:
                 break
             self._execute(header, payload)
+        self._compiler.shutdown(wait=False, cancel_futures=True)
         self.stopped.set()
 
     # ---- process 0 ----------------------------------------------------------------------------------
-    def _prefill_command(self, requests: list[Request], slots: list[int]):
+    def _compile_aside(self, rows: int, bucket: int) -> None:
+        """Compile the prefill of this shape on the background thread (once)."""
+        if (rows, bucket) not in self._prefill_shapes:
+            self._prefill_shapes[rows, bucket] = self._compiler.submit(self._compile_prefill, rows, bucket,
+                                                                       self._state_layout)
+
+    def _compile_prefill(self, rows: int, bucket: int, state) -> None:
+        start = time.monotonic()
+        try:
+            self.engine.compile_prefill(rows, bucket, state)
+            log.info("compiled the prefill of %d x %d tokens in %.1f s", rows, bucket, time.monotonic() - start)
+        except Exception:  # the shape stays unready: process 0 keeps splitting such prefills
+            log.exception("compiling the prefill of %d x %d tokens failed", rows, bucket)
+            raise
+
+    def _compiled(self, rows: int, bucket: int) -> bool:
+        shape = self._prefill_shapes.get((rows, bucket))
+        return shape is not None and shape.done() and shape.exception() is None
+
+    def _prefill_commands(self, requests: list[Request], slots: list[int]):
+        """One prefill of every request if its shape is compiled; otherwise compile that shape aside and run the
+        requests in groups of the largest compiled row counts (one row always is)."""
         bucket = self.engine.prefill_bucket(max(len(r.prompt) for r in requests))
         rows = min(_pow2_at_least(len(requests)), _pow2_at_least(self.slots))
+        group = lambda start, n: list(zip(slots[start:start + n], requests[start:start + n]))
+        if self._compiled(rows, bucket):
+            return [(*self._prefill_command(requests, slots, rows, bucket), group(0, len(requests)))]
+        ready = [r for r in (1 << k for k in range(rows.bit_length())) if self._compiled(r, bucket)]
+        if not ready:  # no warm-up: compile here
+            return [(*self._prefill_command(requests, slots, rows, bucket), group(0, len(requests)))]
+        commands = []
+        if (rows, bucket) not in self._prefill_shapes:
+            commands.append((np.array([OP_COMPILE, rows, bucket, 0], np.int32), None, []))
+        start = 0
+        while start < len(requests):
+            n = max(r for r in ready if r <= len(requests) - start)
+            commands.append((*self._prefill_command(requests[start:start + n], slots[start:start + n], n, bucket),
+                             group(start, n)))
+            start += n
+        return commands
+
+    def _prefill_command(self, requests: list[Request], slots: list[int], rows: int, bucket: int):
         payload = np.zeros((rows, bucket + PAYLOAD_EXTRA), np.int32)
         for i in range(rows):
             # padding rows repeat the last request exactly (same slot, same values): the writes agree
@@ -203,15 +266,20 @@ class Scheduler:
                                    np.float32(p.top_p).view(np.int32), np.uint32(int(p.seed) % 2**32).view(np.int32)]
         return np.array([OP_PREFILL, rows, bucket, 0], np.int32), payload
 
-    def warmup(self, prompt_len: int = 1) -> None:
-        """Compile prefill (every row count at the smallest bucket) and decode (every row bucket) before serving."""
+    def warmup(self) -> None:
+        """Compile decode (every row bucket, greedy and sampled) and prefill (one row at every prompt bucket,
+        every row count at the smallest) before serving."""
         dummy = SamplingParams(temperature=0.0)
-        n = 1
-        while n <= _pow2_at_least(self.slots):
-            reqs = [Request([0] * prompt_len, 1, dummy, frozenset())] * min(n, self.slots)
-            header, payload = self._prefill_command(reqs, list(range(len(reqs))))
-            self._execute(*self._broadcast(header, payload))
-            n *= 2
+        smallest, *buckets = self.engine.prefill_buckets()
+        rows = 1
+        while rows <= _pow2_at_least(self.slots):
+            reqs = [Request([0], 1, dummy, frozenset())] * min(rows, self.slots)
+            self._execute(*self._broadcast(*self._prefill_command(reqs, list(range(len(reqs))), rows, smallest)))
+            self._prefill_shapes[rows, smallest] = _done()
+            rows *= 2
+        for bucket in buckets:
+            self.engine.compile_prefill(1, bucket, self._state_layout)
+            self._prefill_shapes[1, bucket] = _done()
         for rows in self.engine.decode_buckets(self.slots):
             for sampled in (0, 1):
                 self._execute(*self._broadcast(*self._decode_command(sampled, range(min(rows, self.slots)))))
@@ -246,6 +314,7 @@ class Scheduler:
                 r._put("error", "INTERNAL", f"the engine failed: {type(e).__name__}: {e}")
             raise
         finally:
+            self._compiler.shutdown(wait=False, cancel_futures=True)
             self.stopped.set()
 
     def _run(self) -> None:
@@ -291,10 +360,11 @@ class Scheduler:
             if admitted:
                 self._read(in_flight)  # its tokens come before the new requests' first ones
                 in_flight = None
-                first, first_lp = self._execute(*self._broadcast(*self._prefill_command(admitted, slots)))
-                for i, (s, r) in enumerate(zip(slots, admitted)):
-                    r.planned = 1
-                    self._emit({s: r}, {s: ([int(first[i])], [float(first_lp[i])])})
+                for header, payload, group in self._prefill_commands(admitted, slots):
+                    out = self._execute(*self._broadcast(header, payload))
+                    for i, (s, r) in enumerate(group):  # none for a compile command
+                        r.planned = 1
+                        self._emit({s: r}, {s: ([int(out[0][i])], [float(out[1][i])])})
                 with self._cv:  # prefill first: requests that arrived meanwhile join before the next decode
                     if self._queue and len(self._live) < self.slots and not self._stop:
                         continue

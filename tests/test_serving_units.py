@@ -108,12 +108,21 @@ class FakeEngine:
         self.engine_config = EngineConfig(max_slots=slots, decode_steps_per_call=steps, max_queued_requests=4)
         self.calls = []
         self.live = []  # the live slots of each decode call
+        self.compile_gate = threading.Event()  # compile_prefill returns once it is set
+        self.compile_gate.set()
 
     def new_state(self, slots):
         return {"base": np.zeros(slots, np.int64), "pos": np.zeros(slots, np.int64)}
 
     def prefill_bucket(self, n):
-        return 16
+        return 16 if n <= 16 else 32
+
+    def prefill_buckets(self):
+        return [16, 32]
+
+    def compile_prefill(self, rows, bucket, state):
+        self.compile_gate.wait(10)
+        self.calls.append(("compiled", rows, bucket))
 
     def decode_buckets(self, slots):
         return [slots]
@@ -215,6 +224,33 @@ def test_a_stop_token_ends_the_stream_though_its_slot_stepped_on():
     assert collect(stopped) == ([2, 3, 4], "stop")
     sched.submit([after])  # takes the slot the stopped request stepped once more in
     assert collect(after) == ([51, 52, 53], "length")
+    sched.stop()
+    loop.join(10)
+    assert not loop.is_alive()
+
+
+def test_a_prefill_shape_not_compiled_yet_runs_as_compiled_ones_while_it_compiles_aside():
+    engine = FakeEngine(slots=4, steps=2)
+    sched = Scheduler(engine)
+    sched.warmup()  # 1, 2 and 4 rows of 16 tokens; one row of 32
+    engine.compile_gate.clear()
+    engine.calls.clear()
+    sched.accept()
+    burst = [request(10 * i, 20, 2) for i in range(1, 4)]  # 3 prompts of 20 tokens: 4 rows of 32 not compiled
+    sched.submit(burst)
+    loop = threading.Thread(target=sched.run)
+    loop.start()
+    assert [collect(r) for r in burst] == [([30, 31], "length"), ([40, 41], "length"), ([50, 51], "length")]
+    assert [c for c in engine.calls if c[0] == "prefill"] == [("prefill", 1)] * 3
+    engine.compile_gate.set()  # the compile finishes; the next burst of that shape is one prefill
+    deadline = time.monotonic() + 10
+    while not sched._compiled(4, 32) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    engine.calls.clear()
+    burst = [request(10 * i, 20, 2) for i in range(1, 4)]
+    sched.submit(burst)
+    assert [collect(r) for r in burst] == [([30, 31], "length"), ([40, 41], "length"), ([50, 51], "length")]
+    assert [c for c in engine.calls if c[0] == "prefill"] == [("prefill", 4)]
     sched.stop()
     loop.join(10)
     assert not loop.is_alive()
