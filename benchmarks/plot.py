@@ -29,6 +29,7 @@ def _median_row(rows: list[dict]) -> dict:
 
 def main(dst: str, *sources: str) -> None:
     rows = [json.loads(line) for src in sources for line in open(src) if line.strip().startswith("{")]
+    rows = [r for r in rows if "not_plotted" not in r["extra"]]  # the row says why (superseded, or invalid)
     models = sorted({model_name(r) for r in rows})
     fig, axes = plt.subplots(len(models), 2, figsize=(12, 4.2 * len(models)), squeeze=False)
     for m, model in enumerate(models):
