@@ -334,8 +334,8 @@ class Engine:
     def prefill(self, tokens: np.ndarray, lengths: np.ndarray, samp: SamplingArrays) -> Prefix:
         """tokens [n, bucket_len] right-padded int32, lengths [n]. Whether any row samples is decided on the
         device (one program per shape, whatever the requests' temperatures)."""
-        samp = SamplingArrays(*(a if isinstance(a, jax.Array) else self._put(a) for a in samp))
-        with jax.set_mesh(self.mesh):
+        with jax.set_mesh(self.mesh):  # arrays made here carry the mesh in their types (one program per shape)
+            samp = SamplingArrays(*(a if isinstance(a, jax.Array) else self._put(a) for a in samp))
             return self._prefill_jit(self.params, self._put(tokens, np.int32), self._put(lengths, np.int32), samp,
                                      None)
 
@@ -373,10 +373,11 @@ class Engine:
         laid out as `state` (arrays or ShapeDtypeStructs), without running either: later calls of those shapes
         start at once. Any thread may call it, so a server can compile a new shape while it serves."""
         layout = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding)
-        tokens, lengths = self._put(np.zeros((rows, bucket), np.int32)), self._put(np.ones(rows, np.int32))
-        samp = SamplingArrays(*map(self._put, SamplingArrays.from_params([sampling.SamplingParams()] * rows)))
         with jax.set_mesh(self.mesh):
-            # the arguments are what `prefill` passes (small real arrays), so the jit's own cache gets the program
+            # the arguments are made as `prefill` makes them (small real arrays, under the mesh: their types
+            # carry it), so the jit's own cache gets the program
+            tokens, lengths = self._put(np.zeros((rows, bucket), np.int32)), self._put(np.ones(rows, np.int32))
+            samp = SamplingArrays(*map(self._put, SamplingArrays.from_params([sampling.SamplingParams()] * rows)))
             compiled = self._prefill_jit.lower(self.params, tokens, lengths, samp, None).compile()
             prefix = jax.eval_shape(self._prefill, self.params, tokens, lengths, samp)
             prefix = jax.tree.map(lambda a, sharding: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),

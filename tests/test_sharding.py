@@ -133,6 +133,24 @@ def test_serving_interface_matches_generate(layout, reference):
     assert np.asarray(state.positions)[1] == 0 and np.asarray(state.positions)[0] == len(PROMPTS[1]) + N_NEW - 1
 
 
+@pytest.mark.parametrize("layout", [(1, 1, 1), (2, 1, 4), (1, 2, 4)], ids=lambda l: "data=%d,stage=%d,tensor=%d" % l)
+def test_a_prefill_compiled_ahead_runs_without_compiling(layout, reference):
+    import jax.monitoring
+
+    e = engine(layout)
+    state = e.new_state(slots=4)
+    e.compile_prefill(2, 32, state)
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda name, secs, **kw: compiles.append(name) if name.endswith("backend_compile_duration") else None)
+    tokens = np.zeros((2, 32), np.int32)
+    tokens[0, :4], tokens[1, :19] = PROMPTS[0], PROMPTS[1]
+    prefix = e.prefill(tokens, np.array([4, 19]), SamplingArrays.from_params([SamplingParams(temperature=0.0)] * 2))
+    state = e.insert(prefix, state, np.array([1, 3]))
+    assert compiles == []
+    assert np.asarray(prefix.first_tokens).tolist() == [reference[0][0], reference[1][0]]
+
+
 @pytest.mark.parametrize("layout", [(1, 1, 1), (1, 1, 8)], ids=lambda l: "data=%d,stage=%d,tensor=%d" % l)
 def test_decode_runs_only_the_slots_up_to_the_highest_live_one(layout, reference):
     e = engine(layout)
