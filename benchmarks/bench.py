@@ -37,11 +37,15 @@ class Row:
     extra: dict = field(default_factory=dict)
 
 
-def median_seconds(fn, runs: int, warmup: int, label: str) -> float:
+def median_seconds(fn, runs: int, warmup: int, label: str, warmup_seconds: float = 0.0) -> float:
+    """The median time of `runs` calls of fn, after at least `warmup` calls and `warmup_seconds` of them."""
     from tqdm import tqdm
 
-    for _ in range(warmup):
+    start = time.perf_counter()
+    done = 0
+    while done < warmup or time.perf_counter() - start < warmup_seconds:
         fn()
+        done += 1
     times = []
     for _ in tqdm(range(runs), desc=label, unit="run", leave=False, file=sys.stderr,
                   disable=not sys.stderr.isatty()):
@@ -198,6 +202,9 @@ def model_config(args):
 
 def run_bench(args, build_engine) -> int:
     shapes = parse_shapes(args)
+    # a server compiles a prefill shape it has not seen on a background thread (seconds on a GPU), and runs
+    # smaller prefills meanwhile: warm up long enough that the timed runs see it settled
+    server_warmup_s = 10.0 if args.warmup_seconds is None else args.warmup_seconds
     if args.peer or args.server:
         # the peer (or the server) shares the GPU: let JAX allocate as it goes, not 75% up front
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -238,10 +245,10 @@ def run_bench(args, build_engine) -> int:
                               **({"mesh": str(engine.engine_config.mesh), "attention": engine.attention}
                                  if impl == "gptjax" else {})})
 
-        def timed(make, label):
+        def timed(make, label, warmup_s=0.0):
             start = time.perf_counter()
-            full = median_seconds(make(o), args.runs, args.warmup, label)
-            one = median_seconds(make(1), args.runs, args.warmup, label + " (1 token)") if o > 1 else None
+            full = median_seconds(make(o), args.runs, args.warmup, label, warmup_s)
+            one = median_seconds(make(1), args.runs, args.warmup, label + " (1 token)", warmup_s) if o > 1 else None
             if distributed.is_main_process():  # a log line where no progress bar shows (not a terminal)
                 print(f"{label} ({b}, {i}, {o}): median {full * 1e3:.1f} ms, {time.perf_counter() - start:.0f} s "
                       "with warm-ups and compiles", file=sys.stderr, flush=True)
@@ -264,7 +271,7 @@ def run_bench(args, build_engine) -> int:
         rows = []
         if args.server:
             if distributed.is_main_process():
-                full, one = timed(lambda n: server_runner(args.server, prompts, n), "server")
+                full, one = timed(lambda n: server_runner(args.server, prompts, n), "server", server_warmup_s)
                 rows.append(row("gptjax-server", full, one, device))
         else:
             full, one = timed(lambda n: gptjax_runner(engine, prompts, n), "gptjax")

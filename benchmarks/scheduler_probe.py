@@ -17,6 +17,7 @@ import collections
 import json
 import threading
 import time
+from concurrent import futures
 
 import numpy as np
 
@@ -50,7 +51,7 @@ def main():
     scheduler.warmup()
     warmup_s = time.perf_counter() - start
 
-    log = []  # (op, rows, seconds) of every command, in order: a prefill waits for its result, a decode doesn't
+    log = []  # (op, rows, seconds) of every command, in order: a prefill until done, a decode its dispatch
     reads = []  # when each decode call's tokens had been read
     execute, read = scheduler._execute, scheduler._read
 
@@ -58,7 +59,10 @@ def main():
         t = time.perf_counter()
         out = execute(header, payload)
         op = int(header[0])
-        rows = int(header[1]) if op == OP_PREFILL else int(np.flatnonzero(payload)[-1]) + 1 if payload.any() else 0
+        if op == OP_PREFILL:  # time the prefill itself (the scheduler reads it later)
+            jax.block_until_ready(out)
+        # a decode's rows: up to the highest live slot (a compile's and a prefill's: the header's)
+        rows = int(np.flatnonzero(payload)[-1]) + 1 if op == OP_DECODE and payload.any() else int(header[1])
         log.append((op, rows, time.perf_counter() - t))
         return out
 
@@ -88,6 +92,8 @@ def main():
 
         in_process = median_seconds(lambda: engine.generate(prompts, o, greedy=True, stop_token_ids=[]),
                                     args.runs, 1, f"generate {shape}")
+        through_scheduler()  # a prefill shape not seen yet compiles aside: time the settled server
+        futures.wait(list(scheduler._prefill_shapes.values()))
         served = median_seconds(through_scheduler, args.runs, 1, f"scheduler {shape}")
         if args.profile and shape == args.shapes[-1]:
             jax.profiler.start_trace(args.profile)
