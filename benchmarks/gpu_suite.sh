@@ -42,5 +42,5 @@ for _ in $(seq 400); do  # loading compiles a prefill per row count and a decode
   kill -0 $server 2>/dev/null || { echo "the server exited: see $OUT/server-$1.log" >&2; exit 1; }
   sleep 1
 done
-bench 200 --server 127.0.0.1:8011 --shapes $SHAPES -n 3
+bench 300 --server 127.0.0.1:8011 --shapes $SHAPES -n 3  # each shape warms the server up for 10 s
 kill -TERM $server; wait $server
