@@ -4,9 +4,10 @@
 # ./out) as each shape finishes; plot them with `python benchmarks/plot.py out/bench.png out/bench.jsonl`.
 #   bash benchmarks/gpu_suite.sh 345m [inproc|server]    # megatron-345m fp16, peers hf and hf-compiled
 #   bash benchmarks/gpu_suite.sh 6.7b [inproc|server]    # gpt3-6.7b bf16, peer hf
-# (both parts by default). On the H100 one 10-minute call fits the 345M in-process part or either server
-# part; the 6.7B in-process part needs two (SHAPES="1,128,128 8,512,16", then SHAPES="64,128,128
-# 256,128,128", with T_IN=560).
+# (both parts by default). On the H100 one 10-minute call fits the 345M in-process part or its server part;
+# the 6.7B in-process part needs two (SHAPES="1,128,128 8,512,16", then SHAPES="64,128,128
+# 256,128,128", with T_IN=560), and so may its server part (loading took 295 s in run 4, before a one-row
+# prefill per prompt bucket was added to it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}
