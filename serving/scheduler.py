@@ -361,14 +361,14 @@ class Scheduler:
                 continue
             prefilled = []  # (slot/request pairs, first tokens, logprobs): read once the next decode is queued
             if admitted:
-                self._read(in_flight)  # its tokens come before the new requests' first ones
-                in_flight = None
                 for header, payload, group in self._prefill_commands(admitted, slots):
                     out = self._execute(*self._broadcast(header, payload))
                     if group:  # none for a compile command
                         prefilled.append((group, *out))
                         for _, r in group:
                             r.planned = 1
+                self._read(in_flight)  # read while the prefills run; its tokens go before their first ones
+                in_flight = None
                 with self._cv:  # prefill first: requests that arrived meanwhile join before the next decode
                     more = self._queue and len(self._live) < self.slots and not self._stop
                 if more:
