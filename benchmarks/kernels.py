@@ -144,24 +144,27 @@ def prefill(shapes, sweep, interpret, reps):
 
 
 # ---- decode --------------------------------------------------------------------------------------------
-def decode_inputs(b, ctx, h, d, ragged=False):
-    set_bytes = 2 * b * ctx * h * d * 2
+def decode_inputs(b, ctx, h, d, ragged=False, cache_len=None):
+    """Input sets: caches of `cache_len` positions (default ctx), of which `ctx` (or fewer, ragged) are valid."""
+    cache_len = cache_len or ctx
+    set_bytes = 2 * b * cache_len * h * d * 2
     sets = []
     for i in range(n_sets(set_bytes)):
         kq, kk, kv, kl = jax.random.split(jax.random.key(1000 * i + b + ctx), 4)
         lengths = (jax.random.randint(kl, (b,), 1, ctx + 1) if ragged else jnp.full((b,), ctx)).astype(jnp.int32)
         sets.append((jax.random.normal(kq, (b, h, d), jnp.bfloat16),
-                     jax.random.normal(kk, (b, ctx, h, d), jnp.bfloat16),
-                     jax.random.normal(kv, (b, ctx, h, d), jnp.bfloat16), lengths))
+                     jax.random.normal(kk, (b, cache_len, h, d), jnp.bfloat16),
+                     jax.random.normal(kv, (b, cache_len, h, d), jnp.bfloat16), lengths))
     return sets
 
 
-def decode_one(b, ctx, h, d, impls, reps, ragged=False):
-    sets = decode_inputs(b, ctx, h, d, ragged)
+def decode_one(b, ctx, h, d, impls, reps, ragged=False, cache_len=None):
+    sets = decode_inputs(b, ctx, h, d, ragged, cache_len)
     q, kc, vc, lengths = sets[0]
     ref = decode_attention_reference(q.astype(jnp.float32), kc.astype(jnp.float32), vc.astype(jnp.float32), lengths)
     valid_bytes = float(sum(2 * int(jnp.sum(s[3])) * h * d * 2 for s in sets)) / len(sets)
-    row = {"batch": b, "context": ctx, "heads": h, "head_dim": d, "ragged": ragged, "impl": {}}
+    row = {"batch": b, "context": ctx, "cache_len": cache_len or ctx, "heads": h, "head_dim": d, "ragged": ragged,
+           "impl": {}}
     for name, fn in impls.items():
         try:
             err = rel_err(jax.jit(fn)(q, kc, vc, lengths), ref)
@@ -170,7 +173,7 @@ def decode_one(b, ctx, h, d, impls, reps, ragged=False):
         except Exception as e:
             row["impl"][name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
             traceback.print_exc(limit=2)
-    print(f"decode b={b} ctx={ctx} h={h} d={d} ragged={ragged}: "
+    print(f"decode b={b} ctx={ctx} cache={cache_len or ctx} h={h} d={d} ragged={ragged}: "
           + ", ".join(f"{n} {v.get('gbps', float('nan')):.0f} GB/s" for n, v in row["impl"].items()), flush=True)
     return row
 
@@ -264,9 +267,17 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="small shapes (a smoke run, e.g. on CPU)")
     ap.add_argument("--skip-decode", action="store_true")
     ap.add_argument("--skip-prefill", action="store_true")
+    ap.add_argument("--cache-spread", action="store_true",
+                    help="only: the same valid K/V (64 sequences of 192 keys, 16 x 64) in caches of 256, 640 and "
+                         "2048 positions, to see what the cache's length costs when the bytes read are equal")
     args = ap.parse_args(argv)
     interpret = not on_gpu()
     reps = 3 if args.quick else 7
+    if args.cache_spread:
+        b, ctx, caches = (4, 24, (32, 80)) if args.quick else (64, 192, (256, 640, 2048))
+        for cache_len in caches:
+            decode_one(b, ctx, 16, 64, decode_impls(interpret, False), reps, cache_len=cache_len)
+        return 0
     import jaxlib
 
     env = {"device": str(jax.devices()[0].device_kind), "date": datetime.date.today().isoformat(),
