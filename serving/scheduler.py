@@ -238,10 +238,8 @@ class Scheduler:
         bucket = self.engine.prefill_bucket(max(len(r.prompt) for r in requests))
         rows = min(_pow2_at_least(len(requests)), _pow2_at_least(self.slots))
         group = lambda start, n: list(zip(slots[start:start + n], requests[start:start + n]))
-        if self._compiled(rows, bucket):
-            return [(*self._prefill_command(requests, slots, rows, bucket), group(0, len(requests)))]
         ready = [r for r in (1 << k for k in range(rows.bit_length())) if self._compiled(r, bucket)]
-        if not ready:  # no warm-up: compile here
+        if self._compiled(rows, bucket) or not ready:  # (nothing ready: no warm-up, so compile here)
             return [(*self._prefill_command(requests, slots, rows, bucket), group(0, len(requests)))]
         commands = []
         if (rows, bucket) not in self._prefill_shapes:
