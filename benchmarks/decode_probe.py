@@ -86,10 +86,13 @@ def main():
                       "first_call_s": round(compile_full, 2), "device": jax.devices()[0].device_kind}))
 
 
-def kernel_summary(trace_dir: str, steps: int, top: int = 30):
-    """Print what the GPU ran during the trace: kernels per decode step, busy time, the costliest kernels."""
+def kernel_summary(trace_dir: str, steps: int, top: int = 40):
+    """Print what the GPU ran during the trace: kernels per decode step, busy time and the idle gaps between
+    kernels, then the costliest kernels. Unrolled layers give each layer's copy of a fusion its own name
+    (`loop_add_fusion.12`); the numeric suffix is dropped so the copies count as one kernel."""
     import collections
     import glob
+    import re
 
     from jax.profiler import ProfileData
 
@@ -99,25 +102,26 @@ def kernel_summary(trace_dir: str, steps: int, top: int = 30):
         if not plane.name.startswith("/device:GPU"):
             continue
         by_name = collections.defaultdict(lambda: [0, 0.0])
-        starts, ends, busy, count = [], [], 0.0, 0
+        events = []
         for line in plane.lines:
             if "stream" not in line.name.lower():
                 continue
             for ev in line.events:
-                by_name[ev.name][0] += 1
-                by_name[ev.name][1] += ev.duration_ns / 1e3
-                starts.append(ev.start_ns)
-                ends.append(ev.start_ns + ev.duration_ns)
-                busy += ev.duration_ns / 1e3
-                count += 1
-        if not count:
+                name = re.sub(r"([._]\d+)+$", "", ev.name)
+                by_name[name][0] += 1
+                by_name[name][1] += ev.duration_ns / 1e3
+                events.append((ev.start_ns, ev.start_ns + ev.duration_ns))
+        if not events:
             continue
-        span = (max(ends) - min(starts)) / 1e3
-        print(json.dumps({"plane": plane.name, "kernels": count, "kernels_per_step": round(count / steps, 1),
-                          "busy_us": round(busy), "span_us": round(span), "busy_fraction": round(busy / span, 3)}))
+        events.sort()
+        busy = sum(e - s for s, e in events) / 1e3
+        span = (events[-1][1] - events[0][0]) / 1e3
+        gaps = np.diff([s for s, _ in events]) / 1e3 - np.array([(e - s) / 1e3 for s, e in events[:-1]])
+        print(json.dumps({"plane": plane.name, "kernels": len(events), "kernels_per_step": round(len(events) / steps, 1),
+                          "busy_us": round(busy), "span_us": round(span), "busy_fraction": round(busy / span, 3),
+                          "gap_us_median": round(float(np.median(gaps)), 2) if len(gaps) else 0.0}))
         for name, (n, us) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]:
             print(json.dumps({"kernel": name[:90], "count": n, "total_us": round(us, 1), "mean_us": round(us / n, 2)}))
-
 
 if __name__ == "__main__":
     main()
