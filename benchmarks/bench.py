@@ -202,9 +202,8 @@ def model_config(args):
 
 def run_bench(args, build_engine) -> int:
     shapes = parse_shapes(args)
-    # a server compiles a prefill shape it has not seen on a background thread (seconds on a GPU), and runs
-    # smaller prefills meanwhile: warm up long enough that the timed runs see it settled
-    server_warmup_s = 10.0 if args.warmup_seconds is None else args.warmup_seconds
+    # a server compiles every shape it runs before serving; a couple of seconds of warm-up settle its threads
+    server_warmup_s = 2.0 if args.warmup_seconds is None else args.warmup_seconds
     if args.peer or args.server:
         # the peer (or the server) shares the GPU: let JAX allocate as it goes, not 75% up front
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")

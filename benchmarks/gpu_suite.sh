@@ -4,19 +4,22 @@
 # ./out) as each shape finishes; plot them with `python benchmarks/plot.py out/bench.png out/bench.jsonl`.
 #   bash benchmarks/gpu_suite.sh 345m [inproc|server]    # megatron-345m fp16, peers hf and hf-compiled
 #   bash benchmarks/gpu_suite.sh 6.7b [inproc|server]    # gpt3-6.7b bf16, peer hf
-# (both parts by default). On the H100 one 10-minute call fits the 345M in-process part or its server part;
-# the 6.7B in-process part needs two (SHAPES="1,128,128 8,512,16", then SHAPES="64,128,128
-# 256,128,128", with T_IN=560), and so may its server part (loading took 295 s in run 4, before a one-row
-# prefill per prompt bucket was added to it).
+# (both parts by default). `hf-compiled` runs the two shapes its static cache compiles for in reasonable time
+# (COMPILED_SHAPES; at batch 64 and 256 its compiles ran past a 10-minute call on the H100). The processes of
+# one suite share a JAX compilation cache, so the second peer's process does not compile gptjax again.
+# The 6.7B server holds 256 slots on a GPU of more than 100 GB (one wave at batch 256), else 128.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/gptjax-jax-cache}
+gpu_mb=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
 all_shapes="8,512,16 1,128,128 64,128,128 256,128,128"
 case "${1:-345m}" in
   345m) model="--model megatron-345m --dtype float16"; peers="hf hf-compiled"; slots=256; seq=640; t_in=270 ;;
-  6.7b) model="--model gpt3-6.7b --dtype bfloat16"; peers="hf"; slots=128; seq=528; t_in=420 ;;
+  6.7b) model="--model gpt3-6.7b --dtype bfloat16"; peers="hf"; seq=528; t_in=420
+        slots=$([ "${gpu_mb:-0}" -gt 100000 ] && echo 256 || echo 128) ;;
   *) echo "usage: $0 345m|6.7b" >&2; exit 2 ;;
 esac
 bench() { local t=$1; shift; timeout "$t" python -m gptjax bench $model "$@" --json | tee -a "$OUT/bench.jsonl"; }
@@ -25,9 +28,13 @@ part=${2:-all}
 SHAPES=${SHAPES:-$all_shapes}  # the environment may narrow the shapes, peers and time (a run cut short)
 peers=${PEERS:-$peers}
 t_in=${T_IN:-$t_in}  # seconds for each in-process run
+compiled_shapes=${COMPILED_SHAPES:-"8,512,16 1,128,128"}
+slots=${SLOTS:-$slots}
 if [ "$part" != server ]; then
   for peer in $peers; do  # one process per peer: a slow torch.compile can't take the other's rows with it
-    bench "$t_in" --shapes $SHAPES -n 3 --peer "$peer"
+    shapes=$SHAPES
+    [ "$peer" = hf-compiled ] && shapes=$(for s in $SHAPES; do [[ " $compiled_shapes " == *" $s "* ]] && echo "$s"; done)
+    [ -n "$shapes" ] && bench "$t_in" --shapes $shapes -n 3 --peer "$peer"
   done
 fi
 [ "$part" = inproc ] && exit 0
@@ -43,5 +50,5 @@ for _ in $(seq 400); do  # loading compiles a prefill per row count and a decode
   kill -0 $server 2>/dev/null || { echo "the server exited: see $OUT/server-$1.log" >&2; exit 1; }
   sleep 1
 done
-bench 300 --server 127.0.0.1:8011 --shapes $SHAPES -n 3  # each shape warms the server up for 10 s
+bench 300 --server 127.0.0.1:8011 --shapes $SHAPES -n 3
 kill -TERM $server; wait $server

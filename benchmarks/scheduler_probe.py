@@ -17,7 +17,6 @@ import collections
 import json
 import threading
 import time
-from concurrent import futures
 
 import numpy as np
 
@@ -61,7 +60,7 @@ def main():
         op = int(header[0])
         if op == OP_PREFILL:  # time the prefill itself (the scheduler reads it later)
             jax.block_until_ready(out)
-        # a decode's rows: up to the highest live slot (a compile's and a prefill's: the header's)
+        # a decode's rows: up to the highest live slot (a prefill's: the header's)
         rows = int(np.flatnonzero(payload)[-1]) + 1 if op == OP_DECODE and payload.any() else int(header[1])
         log.append((op, rows, time.perf_counter() - t))
         return out
@@ -92,8 +91,7 @@ def main():
 
         in_process = median_seconds(lambda: engine.generate(prompts, o, greedy=True, stop_token_ids=[]),
                                     args.runs, 1, f"generate {shape}")
-        through_scheduler()  # a prefill shape not seen yet compiles aside: time the settled server
-        futures.wait(list(scheduler._prefill_shapes.values()))
+        through_scheduler()  # warm-up compiled every shape: this run only settles the server
         served = median_seconds(through_scheduler, args.runs, 1, f"scheduler {shape}")
         if args.profile and shape == args.shapes[-1]:
             jax.profiler.start_trace(args.profile)

@@ -106,8 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("-n", "--runs", type=int, default=5)
     b.add_argument("--warmup", type=int, default=1, help="untimed runs before the timed ones (at least)")
     b.add_argument("--warmup-seconds", type=float, default=None,
-                   help="with --server, keep warming up for this long (default 10: a server compiles new "
-                        "prefill shapes in the background, running smaller prefills meanwhile)")
+                   help="with --server, keep warming up for this long (default 2)")
     b.add_argument("--server", metavar="HOST:PORT", help="measure through a running server instead")
     b.add_argument("--peer", action="append", choices=["hf", "hf-compiled"], default=[],
                    help="also run a peer with the same weights (repeatable)")

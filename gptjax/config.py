@@ -114,6 +114,7 @@ class EngineConfig:
     max_new_tokens: int = 64  # default when a request does not say
     max_new_tokens_limit: int = 0  # largest accepted; 0 means max_seq_len
     min_prefill_bucket: int = 16  # prompt lengths are padded to powers of two from here
+    max_prefill_tokens: int = 8192  # a server prefill holds at most this many (padded) prompt tokens
     decode_steps_per_call: int = 4  # decode steps the server runs per device call
     batch_window_ms: float = 2.0  # an idle server waits up to this long for more requests to prefill at once
     temperature: float = 1.0
@@ -134,8 +135,8 @@ class EngineConfig:
             object.__setattr__(self, "mesh", MeshShape.parse(self.mesh))
         if self.attention and self.attention not in ATTENTION_IMPLS:
             raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {self.attention!r}")
-        for name in ("max_slots", "max_new_tokens", "min_prefill_bucket", "decode_steps_per_call",
-                     "max_queued_requests", "max_message_bytes", "max_batch_size"):
+        for name in ("max_slots", "max_new_tokens", "min_prefill_bucket", "max_prefill_tokens",
+                     "decode_steps_per_call", "max_queued_requests", "max_message_bytes", "max_batch_size"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"EngineConfig.{name} must be positive, got {getattr(self, name)}")
         if not 0.0 <= self.batch_window_ms <= 1000.0:

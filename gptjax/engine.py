@@ -81,6 +81,11 @@ def bucket_length(n: int, minimum: int, maximum: int) -> int:
     return min(max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1))))), maximum)
 
 
+def layout_of(tree):
+    """Arrays (or ShapeDtypeStructs) -> ShapeDtypeStructs with their shardings: what compiling ahead needs."""
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)), tree)
+
+
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
@@ -368,11 +373,19 @@ class Engine:
         """Every length `prefill_bucket` pads to."""
         return sorted({self.prefill_bucket(1 << k) for k in range(self.max_seq_len.bit_length() + 1)})
 
+    def prefill_rows(self, bucket: int, slots: int | None = None) -> list[int]:
+        """The row counts a server prefills prompts of this bucket in: powers of two up to the slots and to
+        `max_prefill_tokens` (one row at least). A burst runs as prefills of the largest, then one of the least
+        that holds the rest; every one is compiled before serving (rows x bucket shapes, a bounded set)."""
+        slots = slots or self.engine_config.max_slots
+        by_tokens = self.engine_config.max_prefill_tokens // bucket
+        most = min(1 << (slots - 1).bit_length(), 1 << max(by_tokens.bit_length() - 1, 0))
+        return [1 << k for k in range(most.bit_length())]
+
     def compile_prefill(self, rows: int, bucket: int, state: DecodeState) -> None:
         """Compile `prefill` of `rows` prompts padded to `bucket` tokens, and `insert` of its result into a state
         laid out as `state` (arrays or ShapeDtypeStructs), without running either: later calls of those shapes
-        start at once. Any thread may call it, so a server can compile a new shape while it serves."""
-        layout = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding)
+        start at once. Any thread may call it (compiles of several shapes overlap)."""
         with jax.set_mesh(self.mesh):
             # the arguments are made as `prefill` makes them (small real arrays, under the mesh: their types
             # carry it), so the jit's own cache gets the program
@@ -382,8 +395,14 @@ class Engine:
             prefix = jax.eval_shape(self._prefill, self.params, tokens, lengths, samp)
             prefix = jax.tree.map(lambda a, sharding: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
                                   prefix, compiled.output_shardings)
-            self._insert_jit.lower(prefix, jax.tree.map(layout, state), self._put(np.arange(rows, dtype=np.int32)))\
-                .compile()
+            self._insert_jit.lower(prefix, layout_of(state), self._put(np.arange(rows, dtype=np.int32))).compile()
+
+    def compile_decode(self, state: DecodeState, n_steps: int, sampled: bool, active: int) -> None:
+        """Compile `generate_steps` of `n_steps` steps over the first `active` slots (a `decode_buckets` entry)
+        of a state laid out as `state`, without running it; any thread may call it."""
+        with jax.set_mesh(self.mesh):
+            live = self._put(np.ones(state.tokens.shape[0], bool))
+            self._steps_jit.lower(self.params, layout_of(state), n_steps, sampled, live, active).compile()
 
     # ---- the notebook API ---------------------------------------------------------------------------
     def encode_prompts(self, prompts) -> list[list[int]]:

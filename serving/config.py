@@ -20,6 +20,7 @@ A TOML (or JSON) file with up to three tables, every key optional:
     max_slots = 16
     decode_steps_per_call = 4
     batch_window_ms = 2.0    # an idle server waits this long for more requests, to prefill them together
+    max_prefill_tokens = 8192  # padded prompt tokens in one prefill: bounds the shapes compiled at start
 
     [server]
     drain_timeout_s = 30     # on SIGTERM, how long in-flight requests may take before they are cut off

@@ -1,7 +1,7 @@
 """The engine loop: continuous batching over the engine's slots, driven by process 0, followed by the rest.
 
 Process 0 takes validated requests from a bounded queue. Each turn of the loop it prefills the queued
-requests that fit in free slots (one batched prefill), inserts them, then runs a few decode steps for every
+requests that fit in free slots (batched prefills, by prompt bucket), inserts them, then runs a few decode steps for every
 slot; a request's slot frees the moment it finishes, is cancelled or passes its deadline, and a new request
 takes it at the next turn. Every device call is first announced as a small command array, broadcast from
 process 0 to every process, so the other processes make the same engine calls with the same shapes:
@@ -10,12 +10,10 @@ process 0 to every process, so the other processes make the same engine calls wi
     payload int32[rows, bucket + 6]   (PREFILL) prompt tokens, then length, slot, temperature (float32
                                       bits), top_k, top_p (float32 bits), seed (uint32 bits)
             int32[slots]              (DECODE) 1 for each slot a request holds, 0 for the free ones
-            none                      (COMPILE) start compiling the prefill of `rows` x `bucket` aside
 
-Nothing compiles in the loop: warm-up compiles every decode program, a prefill of one row at every prompt
-bucket and of every row count at the smallest. A burst whose prefill shape is not compiled yet runs as
-prefills of compiled row counts while a background thread compiles that shape for the next one (a compile
-in the loop would stall every stream for seconds).
+Nothing compiles in the loop (a compile there would stall every stream for seconds): a burst is prefilled by
+prompt bucket, in prefills of the row counts `Engine.prefill_rows` allows (bounded by the slots and a token
+budget), and warm-up compiles each of those shapes and every decode program, on several threads.
 
 Requests talk to their callers through a queue of events: ("tokens", ids, logprobs), then ("done", reason)
 or ("error", code, message). Tokens are ints; text is the caller's business (off the engine's thread).
@@ -25,24 +23,27 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
+from functools import partial
 
 import jax
 import numpy as np
 
 from gptjax import distributed
-from gptjax.engine import SamplingArrays
+from gptjax.engine import SamplingArrays, layout_of
 from gptjax.sampling import SamplingParams
 
 log = logging.getLogger("gptjax.serving")
 
-OP_IDLE, OP_PREFILL, OP_DECODE, OP_STOP, OP_COMPILE = 0, 1, 2, 3, 4
+OP_IDLE, OP_PREFILL, OP_DECODE, OP_STOP = 0, 1, 2, 3
 HEADER = 4
 PAYLOAD_EXTRA = 6
 IDLE_HEARTBEAT_S = 1.0  # with several processes, an idle loop still broadcasts this often
+COMPILE_THREADS = min(8, os.cpu_count() or 1)  # warm-up's compiles at once (XLA compiles without the GIL)
 
 
 class QueueFull(Exception):
@@ -100,13 +101,6 @@ def _pow2_at_least(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _done() -> Future:
-    """A compile that has finished (one warm-up made before serving)."""
-    future = Future()
-    future.set_result(None)
-    return future
-
-
 class Scheduler:
     def __init__(self, engine, max_queued: int | None = None):
         ec = engine.engine_config
@@ -123,8 +117,6 @@ class Scheduler:
         self._abort = False
         self._state = None
         self.stopped = threading.Event()
-        self._prefill_shapes: dict[tuple[int, int], Future] = {}  # (rows, bucket) compiled or being compiled
-        self._compiler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compile")
 
     # ---- the callers' side (any thread) -------------------------------------------------------------
     def submit(self, requests: list[Request]) -> None:
@@ -179,14 +171,7 @@ class Scheduler:
         op, rows, bucket, steps = (int(v) for v in header)
         if self._state is None:
             self._state = self.engine.new_state(self.slots)
-            self._state_layout = jax.tree.map(  # what a compile aside needs of the state, which donation replaces
-                lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)), self._state)
-        if op == OP_COMPILE:
-            self._compile_aside(rows, bucket)
-            return None
         if op == OP_PREFILL:
-            if (rows, bucket) in self._prefill_shapes:  # a follower may still be compiling what process 0 has
-                wait([self._prefill_shapes[rows, bucket]])
             tokens = payload[:, :bucket]
             extra = payload[:, bucket:]
             samp = SamplingArrays(extra[:, 2].view(np.float32).copy(), extra[:, 3].copy(),
@@ -209,47 +194,23 @@ class Scheduler:
             if int(header[0]) == OP_STOP:
                 break
             self._execute(header, payload)
-        self._compiler.shutdown(wait=False, cancel_futures=True)
         self.stopped.set()
 
     # ---- process 0 ----------------------------------------------------------------------------------
-    def _compile_aside(self, rows: int, bucket: int) -> None:
-        """Compile the prefill of this shape on the background thread (once)."""
-        if (rows, bucket) not in self._prefill_shapes:
-            self._prefill_shapes[rows, bucket] = self._compiler.submit(self._compile_prefill, rows, bucket,
-                                                                       self._state_layout)
-
-    def _compile_prefill(self, rows: int, bucket: int, state) -> None:
-        start = time.monotonic()
-        try:
-            self.engine.compile_prefill(rows, bucket, state)
-            log.info("compiled the prefill of %d x %d tokens in %.1f s", rows, bucket, time.monotonic() - start)
-        except Exception:  # the shape stays unready: process 0 keeps splitting such prefills
-            log.exception("compiling the prefill of %d x %d tokens failed", rows, bucket)
-            raise
-
-    def _compiled(self, rows: int, bucket: int) -> bool:
-        shape = self._prefill_shapes.get((rows, bucket))
-        return shape is not None and shape.done() and shape.exception() is None
-
     def _prefill_commands(self, requests: list[Request], slots: list[int]):
-        """One prefill of every request if its shape is compiled; otherwise compile that shape aside and run the
-        requests in groups of the largest compiled row counts (one row always is)."""
-        bucket = self.engine.prefill_bucket(max(len(r.prompt) for r in requests))
-        rows = min(_pow2_at_least(len(requests)), _pow2_at_least(self.slots))
-        group = lambda start, n: list(zip(slots[start:start + n], requests[start:start + n]))
-        ready = [r for r in (1 << k for k in range(rows.bit_length())) if self._compiled(r, bucket)]
-        if self._compiled(rows, bucket) or not ready:  # (nothing ready: no warm-up, so compile here)
-            return [(*self._prefill_command(requests, slots, rows, bucket), group(0, len(requests)))]
+        """The prefills of a burst: by prompt bucket, in groups of the bucket's largest row count, the last one
+        padded to a power of two (shapes that warm-up compiled) -> [(header, payload, [(slot, request)])]."""
+        by_bucket = collections.defaultdict(list)
+        for s, r in zip(slots, requests):
+            by_bucket[self.engine.prefill_bucket(len(r.prompt))].append((s, r))
         commands = []
-        if (rows, bucket) not in self._prefill_shapes:
-            commands.append((np.array([OP_COMPILE, rows, bucket, 0], np.int32), None, []))
-        start = 0
-        while start < len(requests):
-            n = max(r for r in ready if r <= len(requests) - start)
-            commands.append((*self._prefill_command(requests[start:start + n], slots[start:start + n], n, bucket),
-                             group(start, n)))
-            start += n
+        for bucket, pairs in sorted(by_bucket.items()):
+            most = self.engine.prefill_rows(bucket, self.slots)[-1]
+            for start in range(0, len(pairs), most):
+                group = pairs[start:start + most]
+                header, payload = self._prefill_command([r for _, r in group], [s for s, _ in group],
+                                                        _pow2_at_least(len(group)), bucket)
+                commands.append((header, payload, group))
         return commands
 
     def _prefill_command(self, requests: list[Request], slots: list[int], rows: int, bucket: int):
@@ -265,23 +226,22 @@ class Scheduler:
         return np.array([OP_PREFILL, rows, bucket, 0], np.int32), payload
 
     def warmup(self) -> None:
-        """Compile decode (every row bucket, greedy and sampled) and prefill (one row at every prompt bucket,
-        every row count at the smallest) before serving."""
-        dummy = SamplingParams(temperature=0.0)
-        smallest, *buckets = self.engine.prefill_buckets()
-        rows = 1
-        while rows <= _pow2_at_least(self.slots):
-            reqs = [Request([0], 1, dummy, frozenset())] * min(rows, self.slots)
-            self._execute(*self._broadcast(*self._prefill_command(reqs, list(range(len(reqs))), rows, smallest)))
-            self._prefill_shapes[rows, smallest] = _done()
-            rows *= 2
-        for bucket in buckets:
-            self.engine.compile_prefill(1, bucket, self._state_layout)
-            self._prefill_shapes[1, bucket] = _done()
-        for rows in self.engine.decode_buckets(self.slots):
-            for sampled in (0, 1):
-                self._execute(*self._broadcast(*self._decode_command(sampled, range(min(rows, self.slots)))))
-        jax.block_until_ready(self._state)  # the calls were only dispatched
+        """Compile every program the loop runs before serving: prefill and insert of every prompt bucket and row
+        count it allows, decode of every row bucket (greedy and sampled); several at once, as XLA compiles
+        without the GIL. Every process compiles the same programs."""
+        if self._state is None:
+            self._state = self.engine.new_state(self.slots)
+        layout = layout_of(self._state)
+        jobs = [partial(self.engine.compile_prefill, rows, bucket, layout)
+                for bucket in self.engine.prefill_buckets() for rows in self.engine.prefill_rows(bucket, self.slots)]
+        jobs += [partial(self.engine.compile_decode, layout, self.steps, sampled, rows)
+                 for rows in self.engine.decode_buckets(self.slots) for sampled in (False, True)]
+        start, report = time.monotonic(), max(1, len(jobs) // 10)
+        with ThreadPoolExecutor(COMPILE_THREADS, thread_name_prefix="compile") as pool:
+            for done, job in enumerate(as_completed([pool.submit(job) for job in jobs]), 1):
+                job.result()  # a failed compile fails the start
+                if done % report == 0 or done == len(jobs):
+                    log.info("compiled %d/%d programs in %.0f s", done, len(jobs), time.monotonic() - start)
 
     def _decode_command(self, sampled: int, live_slots) -> tuple[np.ndarray, np.ndarray]:
         live = np.zeros(self.slots, np.int32)
@@ -313,7 +273,6 @@ class Scheduler:
                 r._put("error", "INTERNAL", f"the engine failed: {type(e).__name__}: {e}")
             raise
         finally:
-            self._compiler.shutdown(wait=False, cancel_futures=True)
             self.stopped.set()
 
     def _run(self) -> None:
@@ -360,11 +319,9 @@ class Scheduler:
             prefilled = []  # (slot/request pairs, first tokens, logprobs): read once the next decode is queued
             if admitted:
                 for header, payload, group in self._prefill_commands(admitted, slots):
-                    out = self._execute(*self._broadcast(header, payload))
-                    if group:  # none for a compile command
-                        prefilled.append((group, *out))
-                        for _, r in group:
-                            r.planned = 1
+                    prefilled.append((group, *self._execute(*self._broadcast(header, payload))))
+                    for _, r in group:
+                        r.planned = 1
                 self._read(in_flight)  # read while the prefills run; its tokens go before their first ones
                 in_flight = None
                 with self._cv:  # prefill first: requests that arrived meanwhile join before the next decode

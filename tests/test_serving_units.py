@@ -104,12 +104,11 @@ class Pending:
 class FakeEngine:
     """A slot's token at position p is (its first prompt token + p) % 97; the engine calls are recorded."""
 
-    def __init__(self, slots=2, steps=3):
+    def __init__(self, slots=2, steps=3, prefill_tokens=1024):
         self.engine_config = EngineConfig(max_slots=slots, decode_steps_per_call=steps, max_queued_requests=4)
+        self.prefill_tokens = prefill_tokens  # the token budget of one prefill
         self.calls = []
         self.live = []  # the live slots of each decode call
-        self.compile_gate = threading.Event()  # compile_prefill returns once it is set
-        self.compile_gate.set()
 
     def new_state(self, slots):
         return {"base": np.zeros(slots, np.int64), "pos": np.zeros(slots, np.int64)}
@@ -120,9 +119,16 @@ class FakeEngine:
     def prefill_buckets(self):
         return [16, 32]
 
+    def prefill_rows(self, bucket, slots):
+        most = max(1, min(slots, self.prefill_tokens // bucket))
+        return [1 << k for k in range(most.bit_length())]
+
     def compile_prefill(self, rows, bucket, state):
-        self.compile_gate.wait(10)
-        self.calls.append(("compiled", rows, bucket))
+        assert state["pos"].shape == (self.engine_config.max_slots,)
+        self.calls.append(("compiled prefill", rows, bucket))
+
+    def compile_decode(self, state, n_steps, sampled, rows):
+        self.calls.append(("compiled decode", rows, sampled))
 
     def decode_buckets(self, slots):
         return [slots]
@@ -229,28 +235,26 @@ def test_a_stop_token_ends_the_stream_though_its_slot_stepped_on():
     assert not loop.is_alive()
 
 
-def test_a_prefill_shape_not_compiled_yet_runs_as_compiled_ones_while_it_compiles_aside():
-    engine = FakeEngine(slots=4, steps=2)
+def test_warmup_compiles_every_shape_the_loop_runs_and_a_burst_runs_in_those_shapes():
+    engine = FakeEngine(slots=4, steps=2, prefill_tokens=32)  # at most 2 rows of 16 tokens, 1 of 32
     sched = Scheduler(engine)
-    sched.warmup()  # 1, 2 and 4 rows of 16 tokens; one row of 32
-    engine.compile_gate.clear()
+    sched.warmup()
+    assert sorted(engine.calls) == sorted([("compiled prefill", 1, 16), ("compiled prefill", 2, 16),
+                                           ("compiled prefill", 1, 32),
+                                           ("compiled decode", 4, False), ("compiled decode", 4, True)])
     engine.calls.clear()
     sched.accept()
-    burst = [request(10 * i, 20, 2) for i in range(1, 4)]  # 3 prompts of 20 tokens: 4 rows of 32 not compiled
-    sched.submit(burst)
     loop = threading.Thread(target=sched.run)
     loop.start()
-    assert [collect(r) for r in burst] == [([30, 31], "length"), ([40, 41], "length"), ([50, 51], "length")]
-    assert [c for c in engine.calls if c[0] == "prefill"] == [("prefill", 1)] * 3
-    engine.compile_gate.set()  # the compile finishes; the next burst of that shape is one prefill
-    deadline = time.monotonic() + 10
-    while not sched._compiled(4, 32) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    engine.calls.clear()
-    burst = [request(10 * i, 20, 2) for i in range(1, 4)]
+    # three prompts of 20 tokens (a row each at 32) and one of 5 (at 16); then two of 5 (one prefill of 2 rows)
+    burst = [request(10 * i, 20, 2) for i in range(1, 4)] + [request(40, 5, 2)]
     sched.submit(burst)
-    assert [collect(r) for r in burst] == [([30, 31], "length"), ([40, 41], "length"), ([50, 51], "length")]
-    assert [c for c in engine.calls if c[0] == "prefill"] == [("prefill", 4)]
+    assert [collect(r) for r in burst] == [([30, 31], "length"), ([40, 41], "length"), ([50, 51], "length"),
+                                           ([45, 46], "length")]
+    pair = [request(50, 5, 2), request(60, 5, 2)]
+    sched.submit(pair)
+    assert [collect(r) for r in pair] == [([55, 56], "length"), ([65, 66], "length")]
+    assert [c for c in engine.calls if c[0] == "prefill"] == [("prefill", 1)] * 4 + [("prefill", 2)]
     sched.stop()
     loop.join(10)
     assert not loop.is_alive()

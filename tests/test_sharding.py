@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from gptjax import Engine, make_mesh, sharding
-from gptjax.config import MeshShape, preset
+from gptjax.config import EngineConfig, MeshShape, preset
 from gptjax.model import init_params
 from gptjax.sampling import SamplingParams
 from gptjax.engine import SamplingArrays
@@ -134,12 +134,13 @@ def test_serving_interface_matches_generate(layout, reference):
 
 
 @pytest.mark.parametrize("layout", [(1, 1, 1), (2, 1, 4), (1, 2, 4)], ids=lambda l: "data=%d,stage=%d,tensor=%d" % l)
-def test_a_prefill_compiled_ahead_runs_without_compiling(layout, reference):
+def test_prefill_and_decode_compiled_ahead_run_without_compiling(layout, reference):
     import jax.monitoring
 
     e = engine(layout)
     state = e.new_state(slots=4)
     e.compile_prefill(2, 32, state)
+    e.compile_decode(state, 2, False, e.decode_buckets(4)[-1])
     compiles = []
     jax.monitoring.register_event_duration_secs_listener(
         lambda name, secs, **kw: compiles.append(name) if name.endswith("backend_compile_duration") else None)
@@ -147,8 +148,17 @@ def test_a_prefill_compiled_ahead_runs_without_compiling(layout, reference):
     tokens[0, :4], tokens[1, :19] = PROMPTS[0], PROMPTS[1]
     prefix = e.prefill(tokens, np.array([4, 19]), SamplingArrays.from_params([SamplingParams(temperature=0.0)] * 2))
     state = e.insert(prefix, state, np.array([1, 3]))
+    state, steps, _ = e.generate_steps(state, 2, sampled=False, live=[False, True, False, True])
     assert compiles == []
-    assert np.asarray(prefix.first_tokens).tolist() == [reference[0][0], reference[1][0]]
+    got = np.concatenate([np.asarray(prefix.first_tokens)[None], np.asarray(steps)[:, [1, 3]]]).T.tolist()
+    assert got == [reference[0][:3], reference[1][:3]]
+
+
+def test_prefill_rows_stay_within_the_slots_and_the_token_budget():
+    e = Engine.from_preset("gpt2-tiny", engine_config=EngineConfig(max_slots=6, max_prefill_tokens=1000))
+    assert e.prefill_rows(16) == [1, 2, 4, 8]  # padded rows: up to the power of two that holds 6
+    assert e.prefill_rows(128) == [1, 2, 4]  # 7 rows of 128 fit in 1000 tokens: powers of two up to it
+    assert e.prefill_rows(1024) == [1]  # a prompt longer than the budget still runs, alone
 
 
 @pytest.mark.parametrize("layout", [(1, 1, 1), (1, 1, 8)], ids=lambda l: "data=%d,stage=%d,tensor=%d" % l)
