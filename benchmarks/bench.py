@@ -122,19 +122,39 @@ def hf_runner(model, prompts: np.ndarray, output_len: int, compiled: bool):
     return run
 
 
-def server_runner(target: str, prompts: np.ndarray, output_len: int):
-    """All rows sent at once as concurrent native requests: what a client of the server sees. The calls are
-    issued from one thread without waiting (gRPC futures), so they reach the server within a millisecond or
-    two, as independent clients' would, not paced by a thread pool's wake-ups."""
-    from serving.client import Client, make_request
+def server_runner(target: str, prompts: np.ndarray, output_len: int, api: str = "triton"):
+    """Through a server. `triton`: the batch as the seed's client sends it, in KServe v2 `ModelInfer` requests
+    of up to the server's `batch_size` rows (one request when it fits), all in flight at once. `native`: one
+    `Generate` call per row, issued from one thread without waiting (gRPC futures), as independent clients'
+    requests would reach the server."""
+    if api == "native":
+        from serving.client import Client, make_request
 
-    client = Client(target)
-    requests = [make_request(list(map(int, p)), output_len, temperature=0.0, ignore_eos=True) for p in prompts]
+        client = Client(target)
+        requests = [make_request(list(map(int, p)), output_len, temperature=0.0, ignore_eos=True) for p in prompts]
+
+        def run():
+            calls = [client.stub.Generate.future(r) for r in requests]
+            for call in calls:
+                assert len(call.result().token_ids) == output_len, "the server returned fewer tokens than asked"
+
+        return run
+
+    from benchmarks.identity_test import KServeClient, KServeInput, KServeResult, build_inputs
+
+    client = KServeClient(target)
+    model = "fastertransformer"
+    limit = int(client.get_model_config(model).config.parameters["batch_size"].string_value)
+    ids = np.asarray(prompts, np.uint32)
+    never = 2**32 - 1  # the end id: no token has it, so every row makes output_len tokens
+    requests = [client.request(model, build_inputs(KServeInput, ids[s:s + limit], output_len, 1, 0.0, 0, never))
+                for s in range(0, len(ids), limit)]
 
     def run():
-        calls = [client.stub.Generate.future(r) for r in requests]
+        calls = [client.stub.ModelInfer.future(r) for r in requests]
         for call in calls:
-            assert len(call.result().token_ids) == output_len, "the server returned fewer tokens than asked"
+            lengths = KServeResult(call.result()).as_numpy("sequence_length")
+            assert (lengths == ids.shape[1] + output_len).all(), "the server returned fewer tokens than asked"
 
     return run
 
@@ -270,8 +290,10 @@ def run_bench(args, build_engine) -> int:
         rows = []
         if args.server:
             if distributed.is_main_process():
-                full, one = timed(lambda n: server_runner(args.server, prompts, n), "server", server_warmup_s)
+                full, one = timed(lambda n: server_runner(args.server, prompts, n, args.server_api), "server",
+                                  server_warmup_s)
                 rows.append(row("gptjax-server", full, one, device))
+                rows[-1].extra["server_api"] = args.server_api
         else:
             full, one = timed(lambda n: gptjax_runner(engine, prompts, n), "gptjax")
             rows.append(row("gptjax", full, one, device))

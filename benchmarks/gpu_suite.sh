@@ -4,7 +4,7 @@
 # ./out) as each shape finishes; plot them with `python benchmarks/plot.py out/bench.png out/bench.jsonl`.
 #   bash benchmarks/gpu_suite.sh 345m [inproc|server]    # megatron-345m fp16, peers hf and hf-compiled
 #   bash benchmarks/gpu_suite.sh 6.7b [inproc|server]    # gpt3-6.7b bf16, peer hf
-# (both parts by default). `hf-compiled` runs the two shapes its static cache compiles for in reasonable time
+# (both parts by default; the server part measures both client APIs, SERVER_APIS narrows them). `hf-compiled` runs the two shapes its static cache compiles for in reasonable time
 # (COMPILED_SHAPES; at batch 64 and 256 its compiles ran past a 10-minute call on the H100). The processes of
 # one suite share a JAX compilation cache, so the second peer's process does not compile gptjax again.
 # The 6.7B server holds 256 slots on a GPU of more than 100 GB (one wave at batch 256), else 128.
@@ -40,8 +40,9 @@ fi
 [ "$part" = inproc ] && exit 0
 
 cfg=$(mktemp --suffix .toml)
-printf '[engine]\nmax_slots = %d\nmax_seq_len = %d\ndecode_steps_per_call = 8\n' "$slots" "$seq" > "$cfg"
-# 0.85 of the GPU: the 6.7B model's 128-slot cache (35 GB) and a 128-row prefill beside the weights;
+printf '[engine]\nmax_slots = %d\nmax_batch_size = %d\nmax_seq_len = %d\ndecode_steps_per_call = 8\n' \
+  "$slots" "$slots" "$seq" > "$cfg"
+# 0.85 of the GPU: the 6.7B model's cache (128 slots: 35 GB; 256: 71 GB) and a prefill beside the weights;
 # the client's rate measurement takes 4 GB more
 XLA_PYTHON_CLIENT_MEM_FRACTION=0.85 python -m gptjax serve $model --config "$cfg" --port 8011 > "$OUT/server-$1.log" 2>&1 &
 server=$!
@@ -50,5 +51,8 @@ for _ in $(seq 400); do  # loading compiles a prefill per row count and a decode
   kill -0 $server 2>/dev/null || { echo "the server exited: see $OUT/server-$1.log" >&2; exit 1; }
   sleep 1
 done
-bench 300 --server 127.0.0.1:8011 --shapes $SHAPES -n 3
+# the batch as the seed's client sends it (one KServe request), then as independent native calls
+for api in ${SERVER_APIS:-triton native}; do
+  bench 300 --server 127.0.0.1:8011 --server-api "$api" --shapes $SHAPES -n 3
+done
 kill -TERM $server; wait $server

@@ -28,7 +28,7 @@ class _Error(Exception):
         return str(self.args[1])
 
 
-class _InferInput:
+class KServeInput:
     def __init__(self, name, shape, datatype):
         self.name, self.shape, self.datatype, self.raw = name, shape, datatype, b""
 
@@ -36,7 +36,7 @@ class _InferInput:
         self.raw = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tobytes()
 
 
-class _Result:
+class KServeResult:
     DTYPES = {"UINT32": "<u4", "FP32": "<f4", "INT32": "<i4", "UINT64": "<u8"}
 
     def __init__(self, response):
@@ -47,7 +47,7 @@ class _Result:
         return self.arrays[name]
 
 
-class _Client:
+class KServeClient:
     """The few calls of tritonclient.grpc.InferenceServerClient used here, over gptjax's own KServe stubs."""
 
     def __init__(self, url):
@@ -69,12 +69,15 @@ class _Client:
     def get_model_config(self, name):
         return self._call(self.stub.ModelConfig, self.pb.ModelConfigRequest(name=name))
 
-    def infer(self, model, inputs):
+    def request(self, model, inputs):
         req = self.pb.ModelInferRequest(model_name=model)
         for t in inputs:
             req.inputs.add(name=t.name, datatype=t.datatype, shape=t.shape)
             req.raw_input_contents.append(t.raw)
-        return _Result(self._call(self.stub.ModelInfer, req))
+        return req
+
+    def infer(self, model, inputs):
+        return KServeResult(self._call(self.stub.ModelInfer, self.request(model, inputs)))
 
     def close(self):
         self.channel.close()
@@ -91,7 +94,7 @@ def _triton(use_tritonclient: bool = True):
         return grpcclient.InferInput, grpcclient.InferenceServerClient, InferenceServerException
     except ImportError:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        return _InferInput, _Client, _Error
+        return KServeInput, KServeClient, _Error
 
 
 def build_inputs(InferInput, ids: np.ndarray, output_len: int, top_k: int, top_p: float, seed: int, end_id: int):

@@ -31,6 +31,7 @@ def main(dst: str, *sources: str) -> None:
     rows = [json.loads(line) for src in sources for line in open(src) if line.strip().startswith("{")]
     rows = [r for r in rows if "not_plotted" not in r["extra"]]  # the row says why (superseded, or invalid)
     models = sorted({model_name(r) for r in rows})
+    devices = " / ".join(sorted({r["device"] for r in rows if r["impl"].startswith("gptjax")}))
     fig, axes = plt.subplots(len(models), 2, figsize=(12, 4.2 * len(models)), squeeze=False)
     for m, model in enumerate(models):
         groups = defaultdict(list)
@@ -53,7 +54,7 @@ def main(dst: str, *sources: str) -> None:
             ax.set_yscale("log")
             ax.set_xlabel("batch")
             ax.set_ylabel(label)
-            ax.set_title(model)
+            ax.set_title(f"{model}, {devices}")
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=8)
     fig.tight_layout()

@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup-seconds", type=float, default=None,
                    help="with --server, keep warming up for this long (default 2)")
     b.add_argument("--server", metavar="HOST:PORT", help="measure through a running server instead")
+    b.add_argument("--server-api", choices=["triton", "native"], default="triton",
+                   help="with --server: the batch in KServe v2 requests as the seed's client sends it (triton), "
+                        "or one native Generate call per row, all at once (native)")
     b.add_argument("--peer", action="append", choices=["hf", "hf-compiled"], default=[],
                    help="also run a peer with the same weights (repeatable)")
     b.add_argument("--json", action="store_true", help="one JSON row per implementation")

@@ -287,13 +287,16 @@ def test_identity_test_benchmark(target, flags):
     assert row["latency_ms"] > 0 and row["tokens_per_s"] > 0
 
 
-def test_bench_through_the_server(target):
-    """`gptjax bench --server` times the server's answers; it builds no engine of its own (the server's is it)."""
-    out = run_cli("bench", "--server", target, "--shapes", "2,8,4", "-n", "2", "--json",
+@pytest.mark.parametrize("api", ["triton", "native"])
+def test_bench_through_the_server(target, api):
+    """`gptjax bench --server` times the server's answers (a KServe batch, or a native call per row); it builds
+    no engine of its own (the server's is it)."""
+    out = run_cli("bench", "--server", target, "--server-api", api, "--shapes", "2,8,4", "-n", "2", "--json",
                   env={"JAX_PLATFORMS": "cpu"}).stdout.strip().splitlines()
     (row,) = [json.loads(line) for line in out]
     assert row["impl"] == "gptjax-server" and (row["batch"], row["input_len"], row["output_len"]) == (2, 8, 4)
     assert row["latency_ms"] > 0 and row["tokens_per_s"] > 0 and row["floor_ms"] > 0
+    assert row["extra"]["server_api"] == api
 
 
 # ---- bad requests: a clear status, never INTERNAL, and the server keeps serving ---------------------------

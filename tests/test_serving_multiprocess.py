@@ -39,10 +39,13 @@ def free_coordinator_port() -> int:
 
 def launch(launcher: str, port: int, tmp_path):
     coordinator = free_coordinator_port()
+    config = tmp_path / "serve.toml"  # a short cache: fewer prompt buckets for each process to compile at start
+    config.write_text("[engine]\nmax_slots = 4\nmax_seq_len = 64\n")
     procs, logs = [], []
     for rank in range(2):
         env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-        args = [sys.executable, "-m", "gptjax", "serve", "--port", str(port), "--mesh", "tensor=8"]
+        args = [sys.executable, "-m", "gptjax", "serve", "--port", str(port), "--mesh", "tensor=8",
+                "--config", str(config)]
         if launcher == "srun":
             env.update(SLURM_JOB_ID=str(coordinator - 61440), SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2",
                        SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_NODEID="0")
