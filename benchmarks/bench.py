@@ -144,7 +144,7 @@ def server_runner(target: str, prompts: np.ndarray, output_len: int, api: str = 
 
     client = KServeClient(target)
     model = "fastertransformer"
-    limit = int(client.get_model_config(model).config.parameters["batch_size"].string_value)
+    limit = int(client.get_model_config(model).config.parameters["batch_size"].string_value or len(prompts))
     ids = np.asarray(prompts, np.uint32)
     never = 2**32 - 1  # the end id: no token has it, so every row makes output_len tokens
     requests = [client.request(model, build_inputs(KServeInput, ids[s:s + limit], output_len, 1, 0.0, 0, never))
