@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -12,6 +15,16 @@ import pytest
 # several CPU devices for the sharding tests; set before jax is imported anywhere
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The processes the tests start (CLI runs, servers, launcher jobs) compile the same small programs again and
+# again: they share one compilation cache for the session. This process keeps none, so the tests that count
+# compiles see every compile.
+_COMPILE_CACHE = tempfile.mkdtemp(prefix="gptjax-tests-jax-cache-")
+atexit.register(shutil.rmtree, _COMPILE_CACHE, ignore_errors=True)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _COMPILE_CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+import jax  # noqa: E402
+
+jax.config.update("jax_enable_compilation_cache", False)
 
 HF_VOCAB = 50257
 

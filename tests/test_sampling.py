@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -13,12 +14,16 @@ VOCAB = 1000
 ROWS = 64
 
 
-def draw(logits, temperature=1.0, top_k=0, top_p=1.0, seed=0, position=0):
+@jax.jit  # compiled once per shape, as the engine runs it: op by op, the filter tests took 40 s each
+def _draw(logits, temperature, top_k, top_p, seed, position):
     n = logits.shape[0]
     full = lambda v, dt: jnp.full((n,), v, dt)
     keys = row_keys(jnp.arange(n, dtype=jnp.uint32) + seed, full(position, jnp.int32))
-    return np.asarray(sample(jnp.asarray(logits), full(temperature, jnp.float32), full(top_k, jnp.int32),
-                             full(top_p, jnp.float32), keys))
+    return sample(logits, full(temperature, jnp.float32), full(top_k, jnp.int32), full(top_p, jnp.float32), keys)
+
+
+def draw(logits, temperature=1.0, top_k=0, top_p=1.0, seed=0, position=0):
+    return np.asarray(_draw(jnp.asarray(logits), temperature, top_k, top_p, np.uint32(seed), position))
 
 
 @pytest.fixture
