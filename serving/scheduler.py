@@ -3,8 +3,9 @@
 Process 0 takes validated requests from a bounded queue. Each turn of the loop it prefills the queued
 requests that fit in free slots (batched prefills, by prompt bucket), inserts them, then runs a few decode
 steps for every slot; a request's slot frees the moment it finishes, is cancelled or passes its deadline, and
-a new request takes it at the next turn. Every device call is first announced as a small command array, broadcast from
-process 0 to every process, so the other processes make the same engine calls with the same shapes:
+a new request takes it at the next turn. Every device call is first announced as a small command array,
+broadcast from process 0 to every process, so the other processes make the same engine calls with the same
+shapes:
 
     header  int32[4]            [op, rows, bucket, steps]
     payload int32[rows, bucket + 6]   (PREFILL) prompt tokens, then length, slot, temperature (float32
