@@ -9,7 +9,7 @@
 # time (COMPILED_SHAPES; at batch 64 and 256 its compiles ran past a 10-minute call on the H100). The
 # processes of one suite share a JAX compilation cache, so the second peer's process does not compile gptjax
 # again. The 6.7B server holds 256 slots on a GPU of more than 100 GB (one wave at batch 256), else 128.
-# On one H200 (run 5) the 345M suite took 6 minutes and the 6.7B one about 9 (in-process 6, server 3).
+# On one H200 (run 5, one client API) the 345M suite took 6 minutes, the 6.7B one 9 (in-process 6, server 3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}
