@@ -167,11 +167,16 @@ class Scheduler:
             payload = distributed.broadcast_from_main(payload if payload is not None else np.zeros(shape, np.int32))
         return header, payload
 
+    def _ensure_state(self):
+        """The decode state, made on first use (every process makes its own, of the same layout)."""
+        if self._state is None:
+            self._state = self.engine.new_state(self.slots)
+        return self._state
+
     def _execute(self, header, payload):
         """Run one command on the engine; -> host arrays (prefill: first tokens, logprobs; decode: [steps, slots])."""
         op, rows, bucket, steps = (int(v) for v in header)
-        if self._state is None:
-            self._state = self.engine.new_state(self.slots)
+        self._ensure_state()
         if op == OP_PREFILL:
             tokens = payload[:, :bucket]
             extra = payload[:, bucket:]
@@ -230,9 +235,7 @@ class Scheduler:
         """Compile every program the loop runs before serving: prefill and insert of every prompt bucket and row
         count it allows, decode of every row bucket (greedy and sampled); several at once, as XLA compiles
         without the GIL. Every process compiles the same programs."""
-        if self._state is None:
-            self._state = self.engine.new_state(self.slots)
-        layout = layout_of(self._state)
+        layout = layout_of(self._ensure_state())
         jobs = [partial(self.engine.compile_prefill, rows, bucket, layout)
                 for bucket in self.engine.prefill_buckets() for rows in self.engine.prefill_rows(bucket, self.slots)]
         jobs += [partial(self.engine.compile_decode, layout, self.steps, sampled, rows)
