@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import enum
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -77,10 +78,17 @@ class Request:
     stop_ids: frozenset
     deadline: float | None = None  # time.monotonic() seconds
     on_event: Callable[[Event], None] | None = None  # called on the engine's thread with each event
+    on_end: Callable[["Request", Event], None] | None = None  # called once, with the Finished or Failed event
     events: collections.deque = field(default_factory=collections.deque)
     generated: int = 0  # tokens sent to the caller
     planned: int = 0  # tokens it will have once every device call made for it is read
     cancelled: bool = False
+    # time.monotonic() seconds, for the metrics: made, given a slot, first and last token, ended
+    created: float = field(default_factory=time.monotonic)
+    admitted: float | None = None
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    ended_at: float | None = None
     _ready: threading.Condition = field(default_factory=threading.Condition, repr=False)
     _ended: threading.Event = field(default_factory=threading.Event, repr=False)
     _on_cancel: Callable[["Request"], None] | None = field(default=None, repr=False)
@@ -110,16 +118,23 @@ class Request:
     # ---- the scheduler's side ----
     def put(self, event: Event) -> None:
         """Deliver an event; after a Finished or Failed nothing more is delivered."""
+        now = time.monotonic()
         with self._ready:
             if self._ended.is_set():
                 return
-            if not isinstance(event, Tokens):
+            if isinstance(event, Tokens):
+                self.first_token_at = self.first_token_at or now
+                self.last_token_at = now
+            else:
+                self.ended_at = now
                 self._ended.set()
             if self.on_event is None:
                 self.events.append(event)
                 self._ready.notify()
         if self.on_event is not None:
             self.on_event(event)
+        if self.ended_at is not None and self.on_end is not None:
+            self.on_end(self, event)
 
     def expired(self, now: float) -> bool:
         return self.cancelled or (self.deadline is not None and now > self.deadline)
