@@ -41,7 +41,8 @@ def main():
     from gptjax import EngineConfig
     from gptjax.engine import Engine
     from gptjax.sampling import SamplingParams
-    from serving.scheduler import OP_DECODE, OP_PREFILL, Request, Scheduler
+    from serving.request import Finished, Request, Tokens
+    from serving.scheduler import OP_DECODE, OP_PREFILL, Scheduler
 
     ec = EngineConfig(max_slots=args.slots, max_seq_len=args.seq, decode_steps_per_call=args.steps_per_call)
     engine = Engine.from_preset(args.model, dtype=args.dtype, engine_config=ec)
@@ -84,9 +85,9 @@ def main():
             reqs = [Request(row, o, greedy, frozenset()) for row in prompts]
             scheduler.submit(reqs)
             for r in reqs:
-                while (event := r.next_event())[0] == "tokens":
+                while isinstance(event := r.next_event(), Tokens):
                     pass
-                assert event == ("done", "length"), event
+                assert event == Finished("length"), event
                 assert r.generated == o
 
         in_process = median_seconds(lambda: engine.generate(prompts, o, greedy=True, stop_token_ids=[]),

@@ -16,8 +16,8 @@ Nothing compiles in the loop (a compile there would stall every stream for secon
 prompt bucket, in prefills of the row counts `Engine.prefill_rows` allows (bounded by the slots and a token
 budget), and warm-up compiles each of those shapes and every decode program, on several threads.
 
-Requests talk to their callers through a queue of events: ("tokens", ids, logprobs), then ("done", reason)
-or ("error", code, message). Tokens are ints; text is the caller's business (off the engine's thread).
+Requests are serving.request's `Request`; the loop sends each its events (`Tokens`, then one `Finished` or
+`Failed`). Tokens are ints; text is the caller's business (off the engine's thread).
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
 from functools import partial
 
 import jax
@@ -36,7 +35,7 @@ import numpy as np
 
 from gptjax import distributed
 from gptjax.engine import SamplingArrays, layout_of
-from gptjax.sampling import SamplingParams
+from serving.request import Code, Failed, Finished, Request, Tokens
 
 log = logging.getLogger("gptjax.serving")
 
@@ -53,49 +52,6 @@ class QueueFull(Exception):
 
 class NotAccepting(Exception):
     """The loop is not running yet or is draining."""
-
-
-@dataclass(eq=False)
-class Request:
-    prompt: list[int]
-    max_new_tokens: int
-    sampling: SamplingParams
-    stop_ids: frozenset
-    deadline: float | None = None  # time.monotonic() seconds
-    events: "collections.deque" = field(default_factory=collections.deque)
-    _ready: threading.Condition = field(default_factory=threading.Condition)
-    _ended: threading.Event = field(default_factory=threading.Event)  # "done" or "error" is queued
-    cancelled: bool = False
-    generated: int = 0  # tokens sent to the caller
-    planned: int = 0  # tokens it will have once every device call made for it is read
-
-    # ---- the caller's side ----
-    def cancel(self) -> None:
-        self.cancelled = True
-
-    def next_event(self, timeout: float | None = None):
-        """The next event, or None after `timeout` seconds."""
-        with self._ready:
-            if not self.events and not self._ready.wait_for(lambda: self.events, timeout):
-                return None
-            return self.events.popleft()
-
-    def wait_ended(self, timeout: float | None = None) -> bool:
-        """Whether the request has ended (its last event is queued), waiting up to `timeout` seconds. A caller
-        that wants only the whole completion wakes once, not at every decode call: with hundreds of requests
-        in flight those wake-ups take the interpreter from the engine loop."""
-        return self._ended.wait(timeout)
-
-    # ---- the loop's side ----
-    def _put(self, *event) -> None:
-        with self._ready:
-            self.events.append(event)
-            self._ready.notify()
-        if event[0] != "tokens":
-            self._ended.set()
-
-    def _expired(self, now: float) -> bool:
-        return self.cancelled or (self.deadline is not None and now > self.deadline)
 
 
 def _pow2_at_least(n: int) -> int:
@@ -256,8 +212,8 @@ class Scheduler:
         taken = []
         while self._queue and len(taken) < free:
             r = self._queue.popleft()
-            if r._expired(now):
-                r._put("error", "CANCELLED" if r.cancelled else "DEADLINE_EXCEEDED", "the request expired in the queue")
+            if r.expired(now):
+                r.put(r.expiry())
             else:
                 taken.append(r)
         return taken
@@ -274,7 +230,7 @@ class Scheduler:
                 self._live.clear()
                 self._accepting = False
             for r in waiting:
-                r._put("error", "INTERNAL", f"the engine failed: {type(e).__name__}: {e}")
+                r.put(Failed(Code.INTERNAL, f"the engine failed: {type(e).__name__}: {e}"))
             raise
         finally:
             self.stopped.set()
@@ -292,14 +248,14 @@ class Scheduler:
                 now = time.monotonic()
                 if self._abort:
                     for r in list(self._queue) + list(self._live.values()):
-                        r._put("error", "UNAVAILABLE", "the server is shutting down")
+                        r.put(Failed(Code.UNAVAILABLE, "the server is shutting down"))
                     self._queue.clear()
                     self._live.clear()
                 if self._stop and not self._queue and not self._live:
                     break
                 for slot, r in list(self._live.items()):
-                    if r._expired(now):
-                        r._put("error", "CANCELLED" if r.cancelled else "DEADLINE_EXCEEDED", "the request was cancelled")
+                    if r.expired(now):
+                        r.put(r.expiry())
                         del self._live[slot]
                 free = [s for s in range(self.slots) if s not in self._live]
                 admitted = self._take(len(free), now)
@@ -313,9 +269,10 @@ class Scheduler:
                 idle = not admitted and not self._live and in_flight is None
                 if idle and self._cv.wait(IDLE_HEARTBEAT_S if multi else None):
                     continue
-                slots = free[: len(admitted)]
+                slots, given = free[: len(admitted)], time.monotonic()
                 for s, r in zip(slots, admitted):
                     self._live[s] = r
+                    r.admitted = given
 
             if idle:  # a heartbeat, so the followers' wait for the next command never times out
                 self._broadcast(np.array([OP_IDLE, 0, 0, 0], np.int32))
@@ -383,12 +340,12 @@ class Scheduler:
             if not ids or self._live.get(s) is not r:  # it finished, was cancelled or expired meanwhile
                 continue
             r.generated += len(ids)
-            r._put("tokens", ids, lps)
+            r.put(Tokens(ids, lps))
             if ids[-1] in r.stop_ids:
-                r._put("done", "stop")
+                r.put(Finished("stop"))
                 finished.append(s)
             elif r.generated >= r.max_new_tokens:
-                r._put("done", "length")
+                r.put(Finished("length"))
                 finished.append(s)
         if finished:
             with self._cv:

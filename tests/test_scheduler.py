@@ -10,7 +10,8 @@ import pytest
 
 from gptjax.config import EngineConfig
 from gptjax.sampling import SamplingParams
-from serving.scheduler import NotAccepting, QueueFull, Request, Scheduler
+from serving.request import Finished, Request, Tokens
+from serving.scheduler import NotAccepting, QueueFull, Scheduler
 
 
 # ---- scheduler over a fake engine -------------------------------------------------------------------------
@@ -89,10 +90,11 @@ def collect(r):
     while reason is None:
         event = r.next_event(10)
         assert event is not None, "no event within 10 s"
-        if event[0] == "tokens":
-            ids += event[1]
+        if isinstance(event, Tokens):
+            ids += event.ids
         else:
-            reason = event[1]
+            assert isinstance(event, Finished), event
+            reason = event.reason
     return ids, reason
 
 
@@ -198,7 +200,7 @@ def test_cancelled_request_frees_its_slot():
     sched.submit([long])
     loop = threading.Thread(target=sched.run)
     loop.start()
-    assert long.next_event(10)[0] == "tokens"
+    assert isinstance(long.next_event(10), Tokens)
     sched.submit([short])
     long.cancel()
     assert collect(short) == ([6, 7, 8], "length")
