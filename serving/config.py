@@ -1,20 +1,31 @@
-"""The server's config file: FasterTransformer `config.pbtxt` knobs mapped onto gptjax's EngineConfig.
+"""The server's config file: the FasterTransformer backend's `config.pbtxt` knobs mapped onto gptjax's EngineConfig.
 
-A TOML (or JSON) file with up to three tables, every key optional:
+Triton's own `config.pbtxt` (by suffix `.pbtxt`) loads unchanged, in the backend's v1 (2021) and 5.x forms:
+its `parameters` are read as the [fastertransformer] table below; its top-level `max_batch_size` becomes
+EngineConfig.max_batch_size (rows in one KServe request), and its declared `input` names decide the dialect
+that model metadata and config describe (`INPUT_ID`: v1, `input_ids`: 5.x, none declared: 5.x). Requests of
+either dialect are served whatever the config declares: a request's own tensor names pick its dialect.
 
-    [fastertransformer]      # the knobs of the FasterTransformer backend's config.pbtxt
-    top_k = 1                # -> EngineConfig.top_k (also read as candidate_num)
-    top_p = 0.0              # -> EngineConfig.top_p; 0 means off, as in FasterTransformer (also probability_threshold)
+Or a TOML (or JSON) file with up to three tables, every key optional:
+
+    [fastertransformer]      # every key of the backend's v1 and 5.x example configs
+    top_k = 1                # -> EngineConfig.top_k (v1: candidate_num)
+    top_p = 0.0              # -> EngineConfig.top_p; 0 means off, as in FasterTransformer (v1: probability_threshold)
+    temperature = 1.0        # -> EngineConfig.temperature
+    end_id = 50256           # -> EngineConfig.eos_token_id
     tensor_para_size = 8     # -> EngineConfig.mesh.tensor
-    layer_para_size = 1      # -> EngineConfig.mesh.stage
+    layer_para_size = 1      # -> EngineConfig.mesh.stage (5.x: pipeline_para_size)
     max_seq_len = 1024       # -> EngineConfig.max_seq_len (KV cache length per slot)
-    batch_size = 8           # -> EngineConfig.max_slots and EngineConfig.max_batch_size
-    is_half = 1              # -> dtype float16 when --dtype is not given
-    head_num = 16            # checked against the loaded model (n_heads)
-    size_per_head = 64       # checked against the loaded model (hidden / n_heads)
-    vocab_size = 50257       # checked against the loaded model
-    decoder_layers = 24      # checked against the loaded model (n_layers)
-    is_fuse_QKV = 1          # accepted: gptjax always computes Q, K and V in one matmul
+    batch_size = 8           # -> EngineConfig.max_slots (and max_batch_size, unless max_batch_size is given)
+    is_half = 1              # -> dtype float16 when --dtype is not given (5.x: data_type = "fp16" / "bf16" / "fp32")
+    head_num = 16            # checked against the loaded model: n_heads
+    size_per_head = 64       #   head_dim
+    decoder_layers = 24      #   n_layers
+    inter_size = 4096        #   ffn_hidden
+    vocab_size = 50304       #   vocab_size, or that vocabulary padded as Megatron pads it (50257 -> 50304)
+    repetition_penalty = 1.0 # accepted only at gptjax's own behaviour: repetition_penalty 1, beam_width 1,
+                             #   int8_mode 0, model_type "GPT"; any other value is refused, naming the key
+    is_fuse_QKV = 1          # accepted, no effect (listed in FT_NO_EFFECT, with why)
 
     [engine]                 # any EngineConfig field; wins over [fastertransformer]
     max_slots = 16
@@ -24,49 +35,103 @@ A TOML (or JSON) file with up to three tables, every key optional:
 
     [server]
     drain_timeout_s = 30     # on SIGTERM, how long in-flight requests may take before they are cut off
+    dialect = "v1"           # the FasterTransformer dialect model metadata describes: "v1" or "5.x" (default)
 
-Triton's own `config.pbtxt` (`parameters { key: "top_k" value: { string_value: "1" } } ...`) is read too, by
-suffix `.pbtxt`. `layer_para_batch_size`, `model_type`, `model_checkpoint_path` and the like are accepted and
-have no effect (the model comes from --model or --checkpoint).
+Any other key is refused: the CLI exits 2 with one line naming it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from gptjax.config import EngineConfig, MeshShape, ModelConfig, engine_config_from_dict, load_file
+from serving import pbtxt
 
-# knobs that shape the engine; the values are ints or floats
-FT_ENGINE_KNOBS = ("top_k", "top_p", "tensor_para_size", "layer_para_size", "max_seq_len", "batch_size",
-                   "is_half", "is_fuse_QKV")
-# knobs that describe the model: checked against the model that was loaded
-FT_MODEL_KNOBS = {"head_num": "n_heads", "size_per_head": "head_dim", "vocab_size": "vocab_size",
-                  "decoder_layers": "n_layers"}
-FT_ALIASES = {"candidate_num": "top_k", "probability_threshold": "top_p"}
-# accepted for compatibility, no effect here
-FT_IGNORED = ("layer_para_batch_size", "model_type", "model_name", "model_checkpoint_path", "data_type",
-              "int8_mode", "enable_custom_all_reduce", "pipeline_para_size", "shared_contexts_ratio")
+DIALECTS = ("v1", "5.x")
+DEFAULT_DIALECT = "5.x"
+DIALECT_MARKERS = {"INPUT_ID": "v1", "input_ids": "5.x"}  # the prompt tensor's name in each dialect
+
+FT_ALIASES = {"candidate_num": "top_k", "probability_threshold": "top_p", "pipeline_para_size": "layer_para_size"}
+# knob -> EngineConfig field (ints unless listed in FT_FLOATS)
+FT_ENGINE = {"top_k": "top_k", "top_p": "top_p", "temperature": "temperature", "end_id": "eos_token_id",
+             "max_seq_len": "max_seq_len", "batch_size": "max_slots"}
+FT_FLOATS = ("top_p", "temperature", "repetition_penalty", "len_penalty", "beam_search_diversity_rate",
+             "shared_contexts_ratio")
+# knob -> ModelConfig attribute it must match
+FT_MODEL = {"head_num": "n_heads", "size_per_head": "head_dim", "vocab_size": "vocab_size",
+            "decoder_layers": "n_layers", "inter_size": "ffn_hidden"}
+# knobs that ask for what gptjax does anyway: accepted at that value, refused at any other
+FT_NEUTRAL = {"repetition_penalty": (1.0, "repetition penalty is not supported"),
+              "beam_width": (1, "beam search is not supported"),
+              "int8_mode": (0, "int8 weights are not supported"),
+              "model_type": ("GPT", "gptjax serves GPT models only")}
+# knobs accepted with no effect, and why
+FT_NO_EFFECT = {
+    "is_fuse_QKV": "gptjax always computes Q, K and V in one matmul",
+    "enable_custom_all_reduce": "XLA picks the collectives",
+    "layer_para_batch_size": "the engine splits its own pipeline micro-batches",
+    "max_input_len": "a prompt may fill max_seq_len - 1 positions; nothing is allocated per input length",
+    "start_id": "prompts are never empty, so no start token is inserted",
+    "len_penalty": "it only acts in beam search (beam_width 1 here)",
+    "beam_search_diversity_rate": "it only acts in beam search (beam_width 1 here)",
+    "shared_contexts_ratio": "prompts are not shared between requests",
+    "model_name": "the model is the one --model or --checkpoint gives",
+    "model_checkpoint_path": "the weights come from --model or --checkpoint (convert a c-model with `gptjax convert ft`)",
+}
+FT_DATA_TYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+FT_KNOWN = {*FT_ENGINE, *FT_MODEL, *FT_NEUTRAL, *FT_NO_EFFECT, "tensor_para_size", "layer_para_size", "is_half",
+            "data_type"}
+FT_01 = ("is_half", "is_fuse_QKV", "enable_custom_all_reduce")
+FT_TEXT = ("model_type", "model_name", "model_checkpoint_path", "data_type")
+# (low, high) of the knobs whose range is not "an integer >= 1" (floats: any finite value unless listed)
+FT_RANGES = {"top_p": (0.0, 1.0), "temperature": (0.0, None), "shared_contexts_ratio": (0.0, 1.0),
+             **{k: (0, None) for k in ("top_k", "end_id", "start_id", "int8_mode", *FT_01)}}
+MEGATRON_VOCAB_MULTIPLE = 128  # Megatron pads the vocabulary to a multiple of this x its tensor-parallel size
 
 
 class ConfigError(ValueError):
     """A bad config file (the CLI exits 2 with this message)."""
 
 
+def megatron_padded_vocab(vocab_size: int, tensor_para_size: int) -> int:
+    multiple = MEGATRON_VOCAB_MULTIPLE * tensor_para_size
+    return -(-vocab_size // multiple) * multiple
+
+
+def padded_vocab_sizes(vocab_size: int, tensor_para_size: int) -> list[int]:
+    """The sizes a checkpoint of this vocabulary may carry: Megatron's padding for the training run's
+    tensor-parallel size, which need not be the serving one (the 345M model: 50304 at any serving size)."""
+    sizes = {megatron_padded_vocab(vocab_size, 2**i) for i in range(8)}
+    sizes.add(megatron_padded_vocab(vocab_size, tensor_para_size))
+    return sorted(sizes)
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
-    dtype: str | None = None  # from is_half; --dtype wins
+    dtype: str | None = None  # from is_half / data_type; --dtype wins
     expected_model: dict = field(default_factory=dict)  # ModelConfig attribute -> value the file asked for
     drain_timeout_s: float = 30.0
+    dialect: str = DEFAULT_DIALECT  # the FasterTransformer dialect that model metadata and config describe
     source: str = ""
 
     def check_model(self, model: ModelConfig) -> None:
-        """Raise ConfigError naming every model-shape knob that the loaded model contradicts."""
-        wrong = [f"{name}={want} but the model has {getattr(model, name)}"
-                 for name, want in self.expected_model.items() if getattr(model, name) != want]
+        """Raise ConfigError naming every model-shape knob (and end_id) that the loaded model contradicts."""
+        wrong = []
+        for name, want in self.expected_model.items():
+            have = getattr(model, name)
+            if name == "vocab_size" and want != have:
+                padded = padded_vocab_sizes(have, self.engine.mesh.tensor)
+                if want not in padded:
+                    wrong.append(f"vocab_size={want} but the model has {have} (padded as Megatron pads it: "
+                                 f"{', '.join(map(str, padded))})")
+            elif want != have:
+                wrong.append(f"{name}={want} but the model has {have}")
+        if not 0 <= self.engine.eos_token_id < model.vocab_size:
+            wrong.append(f"end_id={self.engine.eos_token_id} is outside the model's vocabulary [0, {model.vocab_size})")
         if wrong:
             raise ConfigError(f"{self.source}: the config does not match the loaded model: {'; '.join(wrong)}")
 
@@ -75,67 +140,134 @@ def _number(value, key: str, source: str, kind=int):
     try:
         number = kind(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{source}: {key} must be a number, got {value!r}") from None
+        what = "an integer" if kind is int else "a number"
+        raise ConfigError(f"{source}: {key} must be {what}, got {value!r}") from None
     if kind is int and isinstance(value, float) and value != number:
         raise ConfigError(f"{source}: {key} must be an integer, got {value!r}")
+    if kind is float and not math.isfinite(number):
+        raise ConfigError(f"{source}: {key} must be a finite number, got {value!r}")
     return number
+
+
+def _canonical(ft: dict, source: str) -> dict:
+    """Aliases to their canonical keys; refuse unknown keys and an alias that contradicts its key."""
+    out, given_as = {}, {}
+    for key, value in ft.items():
+        name = FT_ALIASES.get(key, key)
+        if name not in FT_KNOWN:
+            raise ConfigError(f"{source}: unknown [fastertransformer] key {key!r}: it is not a key of the "
+                              "FasterTransformer backend's GPT configs")
+        if name in out and str(out[name]) != str(value):
+            raise ConfigError(f"{source}: {key} = {value!r} contradicts {given_as[name]} = {out[name]!r}")
+        out[name], given_as[name] = value, key
+    return out
+
+
+def _checked(ft: dict, source: str) -> dict:
+    """Each knob's value as a number of the right kind, within its range."""
+    values = {}
+    for key, value in ft.items():
+        if key in FT_TEXT:
+            values[key] = str(value)
+            continue
+        number = _number(value, key, source, float if key in FT_FLOATS else int)
+        if key in FT_01 and number not in (0, 1):
+            raise ConfigError(f"{source}: {key} must be 0 or 1, got {value!r}")
+        low, high = FT_RANGES.get(key, (None, None) if key in FT_FLOATS else (1, None))
+        if (low is not None and number < low) or (high is not None and number > high):
+            bound = f"in [{low}, {high}]" if high is not None else f"at least {low}"
+            raise ConfigError(f"{source}: {key} must be {bound}, got {value!r}")
+        values[key] = number
+    return values
 
 
 def _map_fastertransformer(ft: dict, source: str) -> tuple[dict, dict, str | None]:
     """FasterTransformer knobs -> (EngineConfig changes, expected model shape, dtype)."""
-    engine, expected, dtype = {}, {}, None
-    ft = {FT_ALIASES.get(k, k): v for k, v in ft.items()}
-    unknown = sorted(set(ft) - set(FT_ENGINE_KNOBS) - set(FT_MODEL_KNOBS) - set(FT_IGNORED))
-    if unknown:
-        raise ConfigError(f"{source}: unknown [fastertransformer] key(s): {', '.join(unknown)}")
-    if "top_k" in ft:
-        engine["top_k"] = _number(ft["top_k"], "top_k", source)
-    if "top_p" in ft:
-        top_p = _number(ft["top_p"], "top_p", source, float)
-        engine["top_p"] = 1.0 if top_p == 0 else top_p  # FasterTransformer's 0 turns top-p off
-    mesh = {}
-    if "tensor_para_size" in ft:
-        mesh["tensor"] = _number(ft["tensor_para_size"], "tensor_para_size", source)
-    if "layer_para_size" in ft:
-        mesh["stage"] = _number(ft["layer_para_size"], "layer_para_size", source)
+    ft = _checked(_canonical(ft, source), source)
+    for key, (want, why) in FT_NEUTRAL.items():
+        if key in ft and (ft[key].upper() != want if isinstance(want, str) else ft[key] != want):
+            raise ConfigError(f"{source}: {key} = {ft[key]!r} is refused: {why} (only {want!r})")
+    engine = {FT_ENGINE[k]: v for k, v in ft.items() if k in FT_ENGINE}
+    if "top_p" in engine and engine["top_p"] == 0:
+        engine["top_p"] = 1.0  # FasterTransformer's 0 turns top-p off
+    if "max_slots" in engine:
+        engine["max_batch_size"] = engine["max_slots"]
+    mesh = {axis: ft[k] for k, axis in (("tensor_para_size", "tensor"), ("layer_para_size", "stage")) if k in ft}
     if mesh:
         engine["mesh"] = mesh
-    if "max_seq_len" in ft:
-        engine["max_seq_len"] = _number(ft["max_seq_len"], "max_seq_len", source)
-    if "batch_size" in ft:
-        engine["max_slots"] = engine["max_batch_size"] = _number(ft["batch_size"], "batch_size", source)
+    if "max_input_len" in ft and "max_seq_len" in ft and ft["max_input_len"] >= ft["max_seq_len"]:
+        raise ConfigError(f"{source}: max_input_len {ft['max_input_len']} must be below max_seq_len {ft['max_seq_len']}")
+    dtype = None
+    if "data_type" in ft:
+        if ft["data_type"].lower() not in FT_DATA_TYPES:
+            raise ConfigError(f"{source}: data_type must be one of {', '.join(FT_DATA_TYPES)}, got {ft['data_type']!r}")
+        dtype = FT_DATA_TYPES[ft["data_type"].lower()]
     if "is_half" in ft:
-        half = _number(ft["is_half"], "is_half", source)
-        if half not in (0, 1):
-            raise ConfigError(f"{source}: is_half must be 0 or 1, got {ft['is_half']!r}")
-        dtype = "float16" if half else "float32"
-    if "is_fuse_QKV" in ft and _number(ft["is_fuse_QKV"], "is_fuse_QKV", source) not in (0, 1):
-        raise ConfigError(f"{source}: is_fuse_QKV must be 0 or 1, got {ft['is_fuse_QKV']!r}")
-    for knob, attr in FT_MODEL_KNOBS.items():
-        if knob in ft:
-            expected[attr] = _number(ft[knob], knob, source)
+        half = "float16" if ft["is_half"] else "float32"
+        if dtype is not None and (dtype == "float32") != (half == "float32"):
+            raise ConfigError(f"{source}: is_half = {ft['is_half']} contradicts data_type = {ft['data_type']!r}")
+        dtype = dtype or half
+    expected = {attr: ft[k] for k, attr in FT_MODEL.items() if k in ft}
     return engine, expected, dtype
 
 
-def _read_pbtxt(path: Path) -> dict:
-    """The `parameters` of a Triton config.pbtxt, as a [fastertransformer] table."""
-    text = path.read_text()
-    pairs = re.findall(r'key\s*:\s*"([^"]+)"\s*value\s*:?\s*\{\s*string_value\s*:\s*"([^"]*)"\s*\}', text)
+def _declared(top: dict, source: str) -> tuple[dict, str | None]:
+    """A config.pbtxt's top level: (EngineConfig changes, the dialect its input names declare)."""
+    engine, dialect = {}, None
+    if "max_batch_size" in top:
+        rows = _number(top["max_batch_size"][-1], "max_batch_size", source)
+        if rows < 1:
+            raise ConfigError(f"{source}: max_batch_size must be at least 1 (the FasterTransformer tensors have a "
+                              f"batch dimension), got {rows}")
+        engine["max_batch_size"] = rows
+    names = [t["name"][-1] for t in top.get("input", []) if isinstance(t, dict) and t.get("name")]
+    found = {DIALECT_MARKERS[n] for n in names if n in DIALECT_MARKERS}
+    if len(found) > 1:
+        raise ConfigError(f"{source}: the inputs declare both FasterTransformer dialects (INPUT_ID and input_ids)")
+    if names and not found:
+        raise ConfigError(f"{source}: the inputs {', '.join(names)} are neither FasterTransformer dialect's "
+                          "(v1 declares INPUT_ID, 5.x declares input_ids)")
+    return engine, (found.pop() if found else None)
+
+
+def _read_pbtxt(path: Path) -> tuple[dict, dict, str | None]:
+    """A Triton config.pbtxt -> (its parameters as a [fastertransformer] table, top-level changes, dialect)."""
+    try:
+        top = pbtxt.parse(path.read_text())
+    except pbtxt.PbtxtError as e:
+        raise ConfigError(f"{path}: {e}") from None
     ft = {}
-    for key, value in pairs:
+    for p in top.get("parameters", []):
         try:
-            ft[key] = float(value) if "." in value else int(value)
-        except ValueError:
-            ft[key] = value
-    return {"fastertransformer": ft}
+            key, value = p["key"][-1], p["value"][-1]["string_value"][-1]
+        except (KeyError, IndexError, TypeError):
+            raise ConfigError(f"{path}: a parameters entry needs key and value {{ string_value }}: {p!r}") from None
+        ft[key] = value
+    engine, dialect = _declared(top, str(path))
+    return {"fastertransformer": ft}, engine, dialect
 
 
-def server_config_from_dict(data: dict, source: str = "config") -> ServerConfig:
+def _server_table(server: dict, source: str) -> tuple[float, str]:
+    unknown = sorted(set(server) - {"drain_timeout_s", "dialect"})
+    if unknown:
+        raise ConfigError(f"{source}: unknown [server] key(s): {', '.join(unknown)}")
+    drain = _number(server.get("drain_timeout_s", 30.0), "drain_timeout_s", source, float)
+    if drain < 0:
+        raise ConfigError(f"{source}: drain_timeout_s must not be negative, got {drain}")
+    dialect = server.get("dialect", DEFAULT_DIALECT)
+    if dialect not in DIALECTS:
+        raise ConfigError(f"{source}: dialect must be one of {', '.join(DIALECTS)}, got {dialect!r}")
+    return drain, dialect
+
+
+def server_config_from_dict(data: dict, source: str = "config", declared: dict | None = None) -> ServerConfig:
+    """`declared`: EngineConfig changes from a config.pbtxt's top level (they win over its parameters)."""
     unknown = sorted(set(data) - {"fastertransformer", "engine", "server"})
     if unknown:
         raise ConfigError(f"{source}: unknown table(s): {', '.join(unknown)} "
                           "(expected [fastertransformer], [engine], [server])")
     engine_changes, expected, dtype = _map_fastertransformer(dict(data.get("fastertransformer", {})), source)
+    engine_changes.update(declared or {})
     engine_table = dict(data.get("engine", {}))
     if "mesh" in engine_changes and "mesh" in engine_table:
         mesh = engine_table["mesh"]
@@ -145,14 +277,9 @@ def server_config_from_dict(data: dict, source: str = "config") -> ServerConfig:
         engine = engine_config_from_dict({**engine_changes, **engine_table}, source)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{source}: {e}") from None
-    server = dict(data.get("server", {}))
-    unknown = sorted(set(server) - {"drain_timeout_s"})
-    if unknown:
-        raise ConfigError(f"{source}: unknown [server] key(s): {', '.join(unknown)}")
-    drain = _number(server.get("drain_timeout_s", 30.0), "drain_timeout_s", source, float)
-    if drain < 0:
-        raise ConfigError(f"{source}: drain_timeout_s must not be negative, got {drain}")
-    return ServerConfig(engine=engine, dtype=dtype, expected_model=expected, drain_timeout_s=drain, source=source)
+    drain, dialect = _server_table(dict(data.get("server", {})), source)
+    return ServerConfig(engine=engine, dtype=dtype, expected_model=expected, drain_timeout_s=drain, dialect=dialect,
+                        source=source)
 
 
 def server_config_from_file(path: str | Path) -> ServerConfig:
@@ -160,8 +287,13 @@ def server_config_from_file(path: str | Path) -> ServerConfig:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
+    if path.suffix == ".pbtxt":
+        data, declared, dialect = _read_pbtxt(path)
+        if dialect:
+            data["server"] = {"dialect": dialect}
+        return server_config_from_dict(data, str(path), declared)
     try:
-        data = _read_pbtxt(path) if path.suffix == ".pbtxt" else load_file(path)
+        data = load_file(path)
     except ValueError as e:  # tomllib.TOMLDecodeError and json.JSONDecodeError are ValueErrors
         raise ConfigError(f"{path}: {e}") from None
     if not isinstance(data, dict):

@@ -74,3 +74,120 @@ def test_bad_config_files_name_the_problem(tmp_path, text, word):
     path.write_text(text)
     with pytest.raises(ValueError, match=word):
         server_config_from_file(path)
+
+
+# ---- Triton config.pbtxt files as the FasterTransformer backend's examples write them ----------------------------
+def pbtxt(inputs=(), outputs=(), max_batch_size=None, **parameters) -> str:
+    """A Triton model config in protobuf text format, with the layout of the backend's example configs."""
+    lines = ['# a model config', 'name: "fastertransformer"', 'backend: "fastertransformer"',
+             'default_model_filename: "gpt_345M"']
+    if max_batch_size is not None:
+        lines.append(f"max_batch_size: {max_batch_size}")
+    for block, names in (("input", inputs), ("output", outputs)):
+        if names:
+            entries = [f'  {{\n    name: "{n}"\n    data_type: TYPE_UINT32\n    dims: [ -1 ]\n  }}' for n in names]
+            lines.append(f"{block} [\n" + ",\n".join(entries) + "\n]")
+    lines.append('instance_group [\n  {\n    count: 1\n    kind : KIND_CPU\n  }\n]')
+    lines.append("dynamic_batching { max_queue_delay_microseconds: 50000 }")
+    for key, value in parameters.items():
+        lines.append(f'parameters {{\n  key: "{key}"\n  value: {{\n    string_value: "{value}"\n  }}\n}}')
+    return "\n".join(lines) + "\n"
+
+
+V1_INPUTS, V1_OUTPUTS = ("INPUT_ID", "REQUEST_INPUT_LEN", "REQUEST_OUTPUT_LEN"), ("OUTPUT0",)
+V5_INPUTS = ("input_ids", "input_lengths", "request_output_len", "runtime_top_k", "request_prompt_embedding")
+V5_OUTPUTS = ("output_ids", "sequence_length", "cum_log_probs")
+# every parameter of the 2021 (v1) example config, at the example's values for the 345M model
+V1_PARAMETERS = dict(candidate_num=1, probability_threshold="0.0", tensor_para_size=8, layer_para_size=1,
+                     layer_para_batch_size=8, max_seq_len=32, is_half=1, head_num=16, size_per_head=64,
+                     vocab_size=50304, decoder_layers=24, model_name="gpt_345M", batch_size=128, is_fuse_QKV=1,
+                     temperature="1.0", repetition_penalty="1.0")
+# the later 2021 (v1.1) example's parameters that v1 lacks
+V11_PARAMETERS = dict(top_k=1, top_p="0.0", pipeline_para_size=1, max_input_len=512, max_seq_len=528,
+                      inter_size=4096, start_id=50256, end_id=50256, beam_width=1, len_penalty="1.0",
+                      beam_search_diversity_rate="0.0", model_type="GPT")
+V5_PARAMETERS = dict(tensor_para_size=1, pipeline_para_size=1, data_type="fp16", model_type="GPT",
+                     model_checkpoint_path="/data/models/GPT/Megatron/c-model/345m/1-gpu/", int8_mode=0,
+                     enable_custom_all_reduce=0)
+
+
+def test_the_2021_example_config_loads_unchanged(tmp_path):
+    path = tmp_path / "config.pbtxt"
+    path.write_text(pbtxt(V1_INPUTS, V1_OUTPUTS, max_batch_size=128, **V1_PARAMETERS))
+    cfg = server_config_from_file(path)
+    e = cfg.engine
+    assert cfg.dialect == "v1" and cfg.dtype == "float16"
+    assert (e.top_k, e.top_p, e.temperature, e.max_seq_len, e.max_slots, e.max_batch_size) == (1, 1.0, 1.0, 32, 128, 128)
+    assert e.mesh == MeshShape(tensor=8)
+    cfg.check_model(preset("megatron-345m"))  # 50304 is 50257 padded to a multiple of 128
+
+
+def test_the_v11_and_5x_example_configs_load_unchanged(tmp_path):
+    path = tmp_path / "config.pbtxt"
+    params = {k: v for k, v in V1_PARAMETERS.items() if k not in ("candidate_num", "probability_threshold",
+                                                                   "layer_para_size")}
+    path.write_text(pbtxt(V1_INPUTS, V1_OUTPUTS, max_batch_size=16, **{**params, **V11_PARAMETERS}))
+    cfg = server_config_from_file(path)
+    assert (cfg.dialect, cfg.engine.max_batch_size, cfg.engine.max_slots, cfg.engine.eos_token_id) == ("v1", 16, 128, 50256)
+    cfg.check_model(preset("megatron-345m"))  # inter_size 4096 = 4 x 1024
+
+    path.write_text(pbtxt(V5_INPUTS, V5_OUTPUTS, max_batch_size=1024, **V5_PARAMETERS))
+    cfg = server_config_from_file(path)
+    assert (cfg.dialect, cfg.dtype, cfg.engine.max_batch_size) == ("5.x", "float16", 1024)
+    assert server_config_from_file(write(tmp_path, pbtxt(top_k=2))).dialect == "5.x"  # none declared
+
+
+def write(tmp_path, text: str, name="config.pbtxt"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("parameters, words", [
+    (dict(repetition_penalty="1.2"), "repetition_penalty.*not supported"),
+    (dict(beam_width=4), "beam_width.*beam search"),
+    (dict(int8_mode=1), "int8_mode.*int8"),
+    (dict(model_type="GPT-J"), "model_type.*GPT models only"),
+    (dict(is_remove_padding=1), "unknown .*is_remove_padding"),
+    (dict(candidate_num=1, top_k=4), "top_k = '4' contradicts candidate_num = '1'"),
+    (dict(data_type="int4"), "data_type must be one of"),
+    (dict(is_half=0, data_type="fp16"), "is_half = 0 contradicts data_type"),
+    (dict(probability_threshold="1.5"), "top_p must be in"),
+    (dict(max_seq_len="1.5"), "max_seq_len must be an integer"),
+    (dict(temperature="nan"), "temperature must be a finite number"),
+    (dict(max_input_len=64, max_seq_len=64), "max_input_len 64 must be below max_seq_len 64"),
+])
+def test_a_refused_parameter_is_named_with_why(tmp_path, parameters, words):
+    with pytest.raises(ConfigError, match=words):
+        server_config_from_file(write(tmp_path, pbtxt(V1_INPUTS, V1_OUTPUTS, **parameters)))
+
+
+def test_vocab_size_must_be_the_model_vocabulary_or_its_megatron_padding(tmp_path):
+    tiny = preset("gpt2-tiny")  # 50257 tokens
+    for vocab in (50257, 50304, 51200):  # exact; padded for 1 and for 8 tensor-parallel parts
+        server_config_from_file(write(tmp_path, pbtxt(vocab_size=vocab, tensor_para_size=8))).check_model(tiny)
+    with pytest.raises(ConfigError, match=r"vocab_size=50305 but the model has 50257 \(padded .*50304"):
+        server_config_from_file(write(tmp_path, pbtxt(vocab_size=50305))).check_model(tiny)
+    with pytest.raises(ConfigError, match=r"end_id=60000 is outside"):
+        server_config_from_file(write(tmp_path, pbtxt(end_id=60000))).check_model(tiny)
+
+
+@pytest.mark.parametrize("text, words", [
+    (pbtxt(("INPUT_ID", "input_ids")), "both FasterTransformer dialects"),
+    (pbtxt(("prompt",)), "prompt are neither"),
+    (pbtxt(max_batch_size=0), "max_batch_size must be at least 1"),
+    ('name: "x"\ninput [ { name: "INPUT_ID" }\n', "line 2"),
+    ('parameters { key: "top_k" }\n', "needs key and value"),
+])
+def test_bad_pbtxt_structure_is_named(tmp_path, text, words):
+    with pytest.raises(ConfigError, match=words):
+        server_config_from_file(write(tmp_path, text))
+
+
+def test_serve_exits_2_naming_a_refused_key(tmp_path):
+    from conftest import run_cli
+
+    path = write(tmp_path, pbtxt(V1_INPUTS, V1_OUTPUTS, **{**V1_PARAMETERS, "repetition_penalty": "1.3"}))
+    proc = run_cli("serve", "--config", str(path), "--port", "0", check=False, timeout=120)
+    assert proc.returncode == 2
+    assert "repetition_penalty" in proc.stderr and "not supported" in proc.stderr
