@@ -213,7 +213,7 @@ def _map_fastertransformer(ft: dict, source: str) -> tuple[dict, dict, str | Non
 
 def _declared(top: dict, source: str) -> tuple[dict, str | None]:
     """A config.pbtxt's top level: (EngineConfig changes, the dialect its input names declare)."""
-    engine, dialect = {}, None
+    engine = {}
     if "max_batch_size" in top:
         rows = _number(top["max_batch_size"][-1], "max_batch_size", source)
         if rows < 1:
