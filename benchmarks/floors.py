@@ -1,0 +1,223 @@
+"""The device's ceilings, measured one way for every benchmark: memory bandwidth and matmul rate.
+
+    from benchmarks import floors
+    floors.memory_bandwidth()        # bytes/s: what a floor divides bytes by (max of the two below)
+    floors.copy_bandwidth()          # bytes/s, (bytes read + bytes written) / time of the fastest copy
+    floors.read_bandwidth()          # bytes/s, bytes read / time of a sum over a large buffer
+    floors.matmul_rate("bfloat16")   # FLOP/s (2*m*n*k per product) of a large product on random data
+
+    python -m benchmarks.floors [--json] [--torch]   # print them (and PyTorch's copy_ beside them)
+
+Why these and not one elementwise op through XLA: a bf16 `x * 2` over 2 GiB read 3.09 TB/s on an H200
+where PyTorch's `copy_` reads 4.27 TB/s, and a floor computed from the low number was beaten by 10%. Each
+measurement here uses a large buffer (4 GiB on a big GPU, several times the L2), repeats the operation
+several times inside one dispatch (so a launch and an allocation are a small part of the time), takes the
+median of repeated dispatches after a warm-up, and on a GPU takes the fastest of an XLA loop and a Pallas
+copy kernel. A decode step mostly reads (weights, K/V): a read-only stream can run faster than a copy's
+mix of reads and writes, so `memory_bandwidth` is the larger of the copy and read rates, and a result at
+100% of a floor built on it moves bytes as fast as anything measured on this device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+ITERS = 8  # operations per timed dispatch
+REPS = 9  # timed dispatches (median)
+WARMUP = 2
+
+
+def median_seconds(fn, reps: int = REPS, warmup: int = WARMUP) -> float:
+    """Median wall time of fn() (which must block until the device is done) after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _device(device):
+    return device if device is not None else jax.devices()[0]
+
+
+def default_bytes(device=None) -> int:
+    """4 GiB on a GPU with room for it (in and out), less on small GPUs; 64 MiB elsewhere."""
+    device = _device(device)
+    if device.platform != "gpu":
+        return 64 << 20
+    limit = (device.memory_stats() or {}).get("bytes_limit", 16 << 30)
+    return int(min(4 << 30, max(256 << 20, limit // 8)))
+
+
+def _random_words(n_bytes: int, device) -> jax.Array:
+    # random float32 words: no zeros for the hardware to skip; the dtype of the bytes does not matter
+    return jax.device_put(jax.random.normal(jax.random.key(0), (n_bytes // 4,), jnp.float32), device)
+
+
+# ---- copy --------------------------------------------------------------------------------------------
+@functools.partial(jax.jit, static_argnames=("iters",), donate_argnums=0)
+def _xla_copy_loop(x, *, iters: int):
+    # y + 1 in float32: XLA vectorises 4-byte elements into 16-byte accesses (bf16 ran slower)
+    return lax.fori_loop(0, iters, lambda _, y: y + 1.0, x)
+
+
+COPY_BLOCK = 16384  # float32 words per program of the Pallas copy: 64 KiB
+
+
+def _pallas_copy_kernel(x_ref, o_ref):
+    o_ref[...] = x_ref[...] + 1.0
+
+
+@functools.partial(jax.jit, static_argnames=("iters", "block", "num_warps"), donate_argnums=0)
+def _pallas_copy_loop(x, *, iters: int, block: int = COPY_BLOCK, num_warps: int = 8):
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as pltriton
+
+    copy = pl.pallas_call(
+        _pallas_copy_kernel,
+        grid=(x.shape[0] // block,),
+        in_specs=[pl.BlockSpec((block,), lambda i: (i,))],
+        out_specs=pl.BlockSpec((block,), lambda i: (i,)),
+        out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
+        name="floors_copy",
+    )
+    return lax.fori_loop(0, iters, lambda _, y: copy(y), x)
+
+
+def copy_rates(device=None, n_bytes: int | None = None) -> dict[str, float]:
+    """bytes/s, (read + written) / time, of each copy method this device runs."""
+    device = _device(device)
+    n_bytes = n_bytes or default_bytes(device)
+    methods = {"xla": _xla_copy_loop}
+    if device.platform == "gpu":
+        n_bytes -= n_bytes % (4 * COPY_BLOCK)
+        methods["pallas"] = _pallas_copy_loop
+    rates = {}
+    for name, loop in methods.items():
+        box = [_random_words(n_bytes, device)]
+
+        def once(loop=loop, box=box):
+            box[0] = loop(box[0], iters=ITERS)  # donated: the same two buffers every call
+            box[0].block_until_ready()
+        rates[name] = 2 * n_bytes * ITERS / median_seconds(once)
+        del box
+    return rates
+
+
+def copy_bandwidth(device=None, n_bytes: int | None = None) -> float:
+    """bytes/s, (bytes read + bytes written) / time, of the fastest copy of a large buffer."""
+    return max(copy_rates(device, n_bytes).values())
+
+
+# ---- read --------------------------------------------------------------------------------------------
+@functools.partial(jax.jit, static_argnames=("iters",))
+def _read_loop(x, *, iters: int):
+    def body(_, carry):
+        total, c = carry
+        # the carried factor keeps XLA from hoisting the (otherwise loop-invariant) sum out of the loop
+        return total + jnp.sum(x * c), c * 1.0001
+    return lax.fori_loop(0, iters, body, (jnp.float32(0), jnp.float32(1)))[0]
+
+
+def read_bandwidth(device=None, n_bytes: int | None = None) -> float:
+    """bytes/s, bytes read / time, of a sum over a large buffer (nothing written but a scalar)."""
+    device = _device(device)
+    n_bytes = n_bytes or default_bytes(device)
+    x = _random_words(n_bytes, device)
+    t = median_seconds(lambda: _read_loop(x, iters=ITERS).block_until_ready())
+    return n_bytes * ITERS / t
+
+
+def memory_bandwidth(device=None, n_bytes: int | None = None) -> float:
+    """bytes/s to divide a floor's bytes by: the larger of the copy and the read rates."""
+    return max(copy_bandwidth(device, n_bytes), read_bandwidth(device, n_bytes))
+
+
+# ---- matmul ------------------------------------------------------------------------------------------
+@functools.partial(jax.jit, static_argnames=("iters",))
+def _matmul_loop(a, b, *, iters: int):
+    return lax.fori_loop(0, iters, lambda _, y: y @ b, a)
+
+
+def matmul_rate(dtype="bfloat16", device=None, m: int | None = None) -> float:
+    """FLOP/s (2*m^3 per product) of chained m x m products on random data (b's entries have variance 1/m,
+    so the chain neither overflows nor decays toward zeros)."""
+    device = _device(device)
+    m = m or (8192 if device.platform == "gpu" else 512)
+    ka, kb = jax.random.split(jax.random.key(1))
+    a = jax.device_put(jax.random.normal(ka, (m, m), jnp.float32).astype(dtype), device)
+    b = jax.device_put((jax.random.normal(kb, (m, m), jnp.float32) / m ** 0.5).astype(dtype), device)
+    t = median_seconds(lambda: _matmul_loop(a, b, iters=ITERS).block_until_ready())
+    return 2.0 * m ** 3 * ITERS / t
+
+
+# ---- the cross-check ---------------------------------------------------------------------------------
+def torch_copy_bandwidth(n_bytes: int = 4 << 30) -> float | None:
+    """bytes/s, (read + written) / time, of PyTorch's `y.copy_(x)` on CUDA, timed with CUDA events; None
+    where PyTorch has no GPU."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    x = torch.randn(n_bytes // 4, device="cuda")
+    y = torch.empty_like(x)
+    for _ in range(WARMUP):
+        y.copy_(x)
+    times = []
+    for _ in range(REPS):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(ITERS):
+            y.copy_(x)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del x, y
+    torch.cuda.empty_cache()
+    return 2 * n_bytes * ITERS / statistics.median(times)
+
+
+def measure(dtype: str = "bfloat16", with_torch: bool = False) -> dict:
+    """Every number above for device 0, in one dict (bytes/s and FLOP/s)."""
+    copies = copy_rates()
+    out = {"device": jax.devices()[0].device_kind, "copy_bytes_per_s": max(copies.values()),
+           "copy_by_method": copies, "read_bytes_per_s": read_bandwidth(),
+           "matmul_flops": matmul_rate(dtype), "matmul_dtype": str(jnp.dtype(dtype))}
+    out["memory_bytes_per_s"] = max(out["copy_bytes_per_s"], out["read_bytes_per_s"])
+    if with_torch:
+        out["torch_copy_bytes_per_s"] = torch_copy_bandwidth()
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--torch", action="store_true", help="also time PyTorch's copy_ (the cross-check)")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    rates = measure(args.dtype, args.torch)
+    if args.json:
+        print(json.dumps(rates))
+    else:
+        for key, value in rates.items():
+            print(f"{key}: {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
