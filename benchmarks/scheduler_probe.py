@@ -41,8 +41,9 @@ def main():
     from gptjax import EngineConfig
     from gptjax.engine import Engine
     from gptjax.sampling import SamplingParams
+    from serving.commands import Decode, Prefill
     from serving.request import Finished, Request, Tokens
-    from serving.scheduler import OP_DECODE, OP_PREFILL, Scheduler
+    from serving.scheduler import Scheduler
 
     ec = EngineConfig(max_slots=args.slots, max_seq_len=args.seq, decode_steps_per_call=args.steps_per_call)
     engine = Engine.from_preset(args.model, dtype=args.dtype, engine_config=ec)
@@ -51,27 +52,26 @@ def main():
     scheduler.warmup()
     warmup_s = time.perf_counter() - start
 
-    log = []  # (op, rows, seconds) of every command, in order: a prefill until done, a decode its dispatch
+    log = []  # (command type, rows, seconds) of every command, in order: a prefill until done, a decode its dispatch
     reads = []  # when each decode call's tokens had been read
-    execute, read = scheduler._execute, scheduler._read
+    run, deliver = scheduler.executor.run, scheduler.deliver
 
-    def timed(header, payload):
+    def timed(command):
         t = time.perf_counter()
-        out = execute(header, payload)
-        op = int(header[0])
-        if op == OP_PREFILL:  # time the prefill itself (the scheduler reads it later)
+        out = run(command)
+        if isinstance(command, Prefill):  # time the prefill itself (the scheduler reads it later)
             jax.block_until_ready(out)
-        # a decode's rows: up to the highest live slot (a prefill's: the header's)
-        rows = int(np.flatnonzero(payload)[-1]) + 1 if op == OP_DECODE and payload.any() else int(header[1])
-        log.append((op, rows, time.perf_counter() - t))
+            log.append((Prefill, len(command.rows), time.perf_counter() - t))
+        elif isinstance(command, Decode):  # a decode's rows: up to the highest live slot
+            log.append((Decode, max(command.live, default=-1) + 1, time.perf_counter() - t))
         return out
 
-    def timed_read(call):
-        read(call)
-        if call is not None:
+    def timed_deliver(command, outputs):  # the scheduler delivers a call's tokens once it has read them
+        deliver(command, outputs)
+        if isinstance(command, Decode):
             reads.append(time.perf_counter())
 
-    scheduler._execute, scheduler._read = timed, timed_read
+    scheduler.executor.run, scheduler.deliver = timed, timed_deliver
     scheduler.accept()
     loop = threading.Thread(target=scheduler.run, daemon=True)
     loop.start()
@@ -106,12 +106,12 @@ def main():
             kernel_summary(args.profile, o)
         dispatch = collections.defaultdict(list)
         for op, rows, s in log:
-            if op == OP_DECODE:
+            if op is Decode:
                 dispatch[rows].append(s * 1e3)
         print(json.dumps({
             "shape": [b, i, o], "generate_ms": round(in_process * 1e3, 2), "scheduler_ms": round(served * 1e3, 2),
             "last_run_ms": round(last * 1e3, 2),
-            "prefills": [(rows, round(s * 1e3, 2)) for op, rows, s in log if op == OP_PREFILL],
+            "prefills": [(rows, round(s * 1e3, 2)) for op, rows, s in log if op is Prefill],
             "decode_dispatch_ms": {rows: {"n": len(ms), "median": round(float(np.median(ms)), 3)}
                                    for rows, ms in dispatch.items()},
             # with a call always queued behind the one running, reads come one device call apart
@@ -121,7 +121,7 @@ def main():
     scheduler.stop()
     loop.join()
     # a decode call's scratch memory per row bucket: a copy of the cache would show here as gigabytes
-    state, live = scheduler._state, np.ones(args.slots, bool)
+    state, live = scheduler.executor.state, np.ones(args.slots, bool)
     for rows in engine.decode_buckets(args.slots):
         with jax.set_mesh(engine.mesh):
             compiled = engine._steps_jit.lower(engine.params, state, args.steps_per_call, False,

@@ -2,9 +2,10 @@
 
 The front end makes a `Request` from a validated call, the scheduler queues it, gives it a slot and sends it
 events: `Tokens` (any number), then exactly one of `Finished` or `Failed`. A waiting thread reads them with
-`next_event` / `wait_ended`; an event loop registers `on_event` and is called from the engine's thread (use
-`loop.call_soon_threadsafe` there). `cancel()` works from any thread, at any time: a queued request leaves the
-queue at once, a running one frees its slot at the next step.
+`next_event` / `wait_ended`; an event loop registers `on_event`, which is called on the thread that delivers
+the event (mostly the engine's; the cancelling one for a request cancelled while queued), one event at a time
+and in order: use `loop.call_soon_threadsafe` there. `cancel()` works from any thread, at any time: a queued
+request leaves the queue at once, a running one frees its slot at the next step.
 
 `Code` is the front end's error vocabulary: the gRPC status names, mapped to HTTP statuses in one table.
 """
@@ -96,8 +97,9 @@ class Request:
     # ---- the caller's side ----
     def cancel(self) -> None:
         self.cancelled = True
-        if self._on_cancel is not None and not self._ended.is_set():
-            self._on_cancel(self)
+        hook = self._on_cancel
+        if hook is not None and not self._ended.is_set():
+            hook(self)
 
     def next_event(self, timeout: float | None = None) -> Event | None:
         """The next event, or None after `timeout` seconds."""
@@ -116,24 +118,34 @@ class Request:
         return self._ended.is_set()
 
     # ---- the scheduler's side ----
+    def when_cancelled(self, hook: Callable[["Request"], None]) -> None:
+        """Call `hook(self)` on the cancelling thread when the caller cancels before the request ends (the
+        scheduler frees its queue place then); at once if it is cancelled already. The hook may run twice when
+        the two race, so it must be idempotent."""
+        self._on_cancel = hook
+        if self.cancelled and not self._ended.is_set():
+            hook(self)
+
     def put(self, event: Event) -> None:
-        """Deliver an event; after a Finished or Failed nothing more is delivered."""
-        now = time.monotonic()
+        """Deliver an event; after a Finished or Failed nothing more is delivered. Events may come from two
+        threads (the engine's, and a canceller's): the lock keeps them, and `on_event`'s calls, in order."""
+        ends = not isinstance(event, Tokens)
         with self._ready:
             if self._ended.is_set():
                 return
-            if isinstance(event, Tokens):
-                self.first_token_at = self.first_token_at or now
-                self.last_token_at = now
-            else:
+            now = time.monotonic()
+            if ends:
                 self.ended_at = now
                 self._ended.set()
+            else:
+                self.first_token_at = self.first_token_at or now
+                self.last_token_at = now
             if self.on_event is None:
                 self.events.append(event)
                 self._ready.notify()
-        if self.on_event is not None:
-            self.on_event(event)
-        if self.ended_at is not None and self.on_end is not None:
+            else:
+                self.on_event(event)
+        if ends and self.on_end is not None:
             self.on_end(self, event)
 
     def expired(self, now: float) -> bool:

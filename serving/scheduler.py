@@ -1,49 +1,50 @@
 """The engine loop: continuous batching over the engine's slots, driven by process 0, followed by the rest.
 
-Process 0 takes validated requests from a bounded queue. Each turn of the loop it prefills the queued
-requests that fit in free slots (batched prefills, by prompt bucket), inserts them, then runs a few decode
-steps for every slot; a request's slot frees the moment it finishes, is cancelled or passes its deadline, and
-a new request takes it at the next turn. Every device call is first announced as a small command array,
-broadcast from process 0 to every process, so the other processes make the same engine calls with the same
-shapes:
-
-    header  int32[4]            [op, rows, bucket, steps]
-    payload int32[rows, bucket + 6]   (PREFILL) prompt tokens, then length, slot, temperature (float32
-                                      bits), top_k, top_p (float32 bits), seed (uint32 bits)
-            int32[slots]              (DECODE) 1 for each slot a request holds, 0 for the free ones
+Process 0 takes validated requests from a bounded queue. Each turn `schedule(now)` decides what runs next:
+the prefills of the queued requests that fit in free slots (batched by prompt bucket), else a decode call of
+a few steps for every live slot, else nothing. A request's slot frees the moment it finishes, is cancelled
+or passes its deadline, and a new request takes it at the next turn; a queued request that is cancelled or
+passes its deadline leaves the queue at once. Every command (`serving.commands`) goes to the other processes
+first (`serving.wire`), and every process runs it through the same `serving.executor.Executor`, so they make
+the same engine calls with the same shapes. `deliver` hands a command's outputs to its requests.
 
 Nothing compiles in the loop (a compile there would stall every stream for seconds): a burst is prefilled by
 prompt bucket, in prefills of the row counts `Engine.prefill_rows` allows (bounded by the slots and a token
-budget), and warm-up compiles each of those shapes and every decode program, on several threads.
+budget), and warm-up compiles each of those shapes and every decode program.
 
-Requests are serving.request's `Request`; the loop sends each its events (`Tokens`, then one `Finished` or
-`Failed`). Tokens are ints; text is the caller's business (off the engine's thread).
+The device always has the next call queued while this thread reads, streams and dispatches: each decode call
+is dispatched before the one before it is read, and a prefill's first tokens are read once the decode after
+it is queued. A request that stops on a stop token (or on its first token) has its slot stepped once more for
+nothing.
+
+Requests are serving.request's `Request` (re-exported here); each gets events: `Tokens`, then one `Finished`
+or `Failed`. A request whose values don't fit the commands' fields fails with INVALID_ARGUMENT at `submit`;
+a command the engine fails on ends only its own requests (all live ones when the decode state went with it).
 """
 
 from __future__ import annotations
 
 import collections
+import heapq
+import itertools
 import logging
-import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
-from functools import partial
+from typing import Iterable, NamedTuple
 
 import jax
-import numpy as np
 
 from gptjax import distributed
-from gptjax.engine import SamplingArrays, layout_of
-from serving.request import Code, Failed, Finished, Request, Tokens
+from serving import wire
+from serving.commands import Command, Decode, Idle, Prefill, Reset, Row, Stop
+from serving.executor import CommandFailed, Executor, Outputs
+from serving.request import Code, Event, Failed, Finished, Request, Tokens
+
+__all__ = ["NotAccepting", "QueueFull", "Request", "Scheduler"]
 
 log = logging.getLogger("gptjax.serving")
 
-OP_IDLE, OP_PREFILL, OP_DECODE, OP_STOP = 0, 1, 2, 3
-HEADER = 4
-PAYLOAD_EXTRA = 6
-IDLE_HEARTBEAT_S = 1.0  # with several processes, an idle loop still broadcasts this often
-COMPILE_THREADS = min(8, os.cpu_count() or 1)  # warm-up's compiles at once (XLA compiles without the GIL)
+IDLE_HEARTBEAT_S = 1.0  # with several processes, an idle loop still sends a command this often
 
 
 class QueueFull(Exception):
@@ -52,6 +53,14 @@ class QueueFull(Exception):
 
 class NotAccepting(Exception):
     """The loop is not running yet or is draining."""
+
+
+class _Pending(NamedTuple):
+    """A command dispatched and not read yet; `epoch` is the decode state it ran on (a Reset starts a new one)."""
+
+    command: Prefill | Decode
+    outputs: Outputs
+    epoch: int
 
 
 def _pow2_at_least(n: int) -> int:
@@ -66,25 +75,71 @@ class Scheduler:
         self.steps = ec.decode_steps_per_call
         self.batch_window_s = ec.batch_window_ms / 1e3
         self.max_queued = max_queued or ec.max_queued_requests
-        self._queue: collections.deque[Request] = collections.deque()
-        self._cv = threading.Condition()
-        self._live: dict[int, Request] = {}
-        self._accepting = False
-        self._stop = False
-        self._abort = False
-        self._state = None
+        self.executor = Executor(engine, self.slots)
         self.stopped = threading.Event()
+        self._multi = jax.process_count() > 1
+        self._cv = threading.Condition()
+        # under the lock: the queue (oldest first), the queued requests' deadlines (a heap), the live slots
+        self._queue: collections.OrderedDict[Request, bool] = collections.OrderedDict()
+        self._deadlines: list[tuple[float, int, Request]] = []
+        self._order = itertools.count()
+        self._live: dict[int, Request] = {}
+        self._window_ends: float | None = None  # an idle loop gathers a burst until then
+        self._changed = False  # a request came or left, or stop(): the loop looks again before it waits
+        self._accepting = self._stop = self._abort = False
+        # the loop's thread only: what is dispatched and not read yet
+        self._first_reads: list[_Pending] = []  # prefills, read once the next decode is queued
+        self._in_flight: _Pending | None = None  # the last decode call
+        self._epoch = 0
+        self._last_sent = time.monotonic()
 
     # ---- the callers' side (any thread) -------------------------------------------------------------
     def submit(self, requests: list[Request]) -> None:
-        """Queue requests together (all or none); raise QueueFull or NotAccepting."""
+        """Queue requests together (all or none); raise QueueFull or NotAccepting. A request whose values
+        don't fit the commands' fields ends at once with Failed(INVALID_ARGUMENT) instead."""
+        problems = [self._problem(r) for r in requests]
+        fit = [r for r, problem in zip(requests, problems) if problem is None]
         with self._cv:
+            gone = self._expire_queued(time.monotonic())
             if not self._accepting:
-                raise NotAccepting()
-            if len(self._queue) + len(requests) > self.max_queued:
-                raise QueueFull(f"the server's queue is full ({self.max_queued} requests); retry later")
-            self._queue.extend(requests)
+                refusal = NotAccepting()
+            elif len(self._queue) + len(fit) > self.max_queued:
+                refusal = QueueFull(f"the server's queue is full ({self.max_queued} requests); retry later")
+            else:
+                refusal = None
+                for r in fit:
+                    self._queue[r] = True
+                    if r.deadline is not None:
+                        heapq.heappush(self._deadlines, (r.deadline, next(self._order), r))
+                self._changed = True
+                self._cv.notify()
+        self._end(gone)
+        if refusal is not None:
+            raise refusal
+        for r, problem in zip(requests, problems):
+            if problem is not None:
+                r.put(Failed(Code.INVALID_ARGUMENT, problem))
+        for r in fit:
+            r.when_cancelled(self._cancel_queued)
+
+    def _problem(self, r: Request) -> str | None:
+        """Why a request can't run, or None."""
+        if r.max_new_tokens < 1:
+            return f"max_new_tokens {r.max_new_tokens} is under 1"
+        try:
+            wire.check_request(r.prompt, self.engine.prefill_bucket(len(r.prompt)), r.sampling)
+        except wire.OutOfRange as e:
+            return str(e)
+        return None
+
+    def _cancel_queued(self, r: Request) -> None:
+        """A request was cancelled: if it is still queued, it leaves the queue and ends now."""
+        with self._cv:
+            queued = self._queue.pop(r, False)
+            self._changed = True
             self._cv.notify()
+        if queued:
+            r.put(r.expiry())
 
     @property
     def accepting(self) -> bool:
@@ -100,255 +155,305 @@ class Scheduler:
             self._accepting = False
             self._stop = True
             self._abort = self._abort or not drain
+            self._changed = True
             self._cv.notify()
 
     def pending(self) -> int:
-        with self._cv:
-            return len(self._queue) + len(self._live)
+        return self.queued() + self.active()
 
     def active(self) -> int:
         with self._cv:
             return len(self._live)
 
-    def queued(self) -> int:
+    def live_requests(self) -> list[Request]:
+        """The requests holding a slot now (a snapshot)."""
         with self._cv:
-            return len(self._queue)
+            return list(self._live.values())
 
-    # ---- both sides: one command, executed identically on every process ---------------------------
-    def _broadcast(self, header: np.ndarray, payload: np.ndarray | None = None):
-        header = distributed.broadcast_from_main(np.asarray(header, np.int32))
-        op, rows, bucket, _ = (int(v) for v in header)
-        shape = {OP_PREFILL: (rows, bucket + PAYLOAD_EXTRA), OP_DECODE: (self.slots,)}.get(op)
-        if shape is not None:
-            payload = distributed.broadcast_from_main(payload if payload is not None else np.zeros(shape, np.int32))
-        return header, payload
+    def queued(self) -> int:
+        """Requests waiting for a slot (those past their deadline have left already)."""
+        with self._cv:
+            gone = self._expire_queued(time.monotonic())
+            n = len(self._queue)
+        self._end(gone)
+        return n
 
-    def _ensure_state(self):
-        """The decode state, made on first use (every process makes its own, of the same layout)."""
-        if self._state is None:
-            self._state = self.engine.new_state(self.slots)
-        return self._state
+    # ---- the policy (process 0) ---------------------------------------------------------------------
+    def schedule(self, now: float) -> list[Command]:
+        """What runs next: [Stop()] once stopped and everything is answered; the prefills of the queued
+        requests given free slots now; else [Decode] for the live requests that need more tokens; else []
+        (nothing to dispatch: the loop reads what is in flight); else [Idle(until)] (wait for requests, or
+        until an idle loop's batch window closes). Ends the requests that expired, or every request after
+        stop(drain=False)."""
+        with self._cv:
+            self._changed = False
+            ended = self._sweep(now)
+            done = self._stop and not self._queue and not self._live
+            taken, until = ([], None) if done else self._admit(now, ended)
+            needing = {} if done or taken else {s: r for s, r in self._live.items() if r.planned < r.max_new_tokens}
+            idle = not self._live and not self._first_reads and self._in_flight is None
+        self._end(ended)
+        if done:
+            return [Stop()]
+        if taken:
+            return self._prefills(taken)
+        if needing:
+            return [Decode(self.steps, tuple(needing), any(r.sampling.temperature > 0 for r in needing.values()),
+                           tuple(needing.values()))]
+        return [Idle(until)] if idle else []
 
-    def _execute(self, header, payload):
-        """Run one command on the engine; -> host arrays (prefill: first tokens, logprobs; decode: [steps, slots])."""
-        op, rows, bucket, steps = (int(v) for v in header)
-        self._ensure_state()
-        if op == OP_PREFILL:
-            tokens = payload[:, :bucket]
-            extra = payload[:, bucket:]
-            samp = SamplingArrays(extra[:, 2].view(np.float32).copy(), extra[:, 3].copy(),
-                                  extra[:, 4].view(np.float32).copy(), extra[:, 5].view(np.uint32).copy())
-            prefix = self.engine.prefill(tokens, extra[:, 0].copy(), samp)
-            self._state = self.engine.insert(prefix, self._state, extra[:, 1].copy())
-            return prefix.first_tokens, prefix.first_logprobs  # device arrays, read by the caller
-        if op == OP_DECODE:  # `rows` says whether any live slot samples: all-greedy runs a bare argmax
-            # dispatched, not waited for: device arrays (read them with distributed.to_host)
-            self._state, tokens, logprobs = self.engine.generate_steps(self._state, steps, sampled=bool(rows),
-                                                                       live=payload.astype(bool))
-            return tokens, logprobs
-        return None
+    def _sweep(self, now: float) -> list[tuple[Request, Event]]:
+        """Under the lock: end the queued requests past their deadline and the live ones cancelled or past it
+        (their slots free now); after stop(drain=False), every request."""
+        if self._abort:
+            failed = Failed(Code.UNAVAILABLE, "the server is shutting down")
+            ended = [(r, failed) for r in itertools.chain(self._queue, self._live.values())]
+            self._queue.clear()
+            self._deadlines.clear()
+            self._live.clear()
+            return ended
+        ended = self._expire_queued(now)
+        for slot, r in list(self._live.items()):
+            if r.expired(now):
+                ended.append((r, r.expiry()))
+                del self._live[slot]
+        return ended
 
-    # ---- the followers (every process but 0) ------------------------------------------------------
-    def follow(self) -> None:
-        """Make the engine calls that process 0 announces, until it says stop."""
-        while True:
-            header, payload = self._broadcast(np.zeros(HEADER, np.int32))
-            if int(header[0]) == OP_STOP:
-                break
-            self._execute(header, payload)
-        self.stopped.set()
+    def _expire_queued(self, now: float) -> list[tuple[Request, Event]]:
+        """Under the lock: take the queued requests whose deadline has passed out of the queue -> their ends."""
+        gone = []
+        while self._deadlines and self._deadlines[0][0] < now:
+            r = heapq.heappop(self._deadlines)[2]
+            if self._queue.pop(r, False):
+                gone.append((r, r.expiry()))
+        return gone
 
-    # ---- process 0 ----------------------------------------------------------------------------------
-    def _prefill_commands(self, requests: list[Request], slots: list[int]):
+    def _admit(self, now: float, ended: list) -> tuple[list[tuple[int, Request]], float | None]:
+        """Under the lock: give free slots to queued requests, oldest first -> (slot, request) pairs, and, when
+        an idle loop waits for a burst to gather, when that wait ends."""
+        free = [s for s in range(self.slots) if s not in self._live]
+        if not free or not self._queue:
+            return [], None
+        if not self._live and len(self._queue) < len(free) and self.batch_window_s > 0:
+            # concurrent clients' requests reach an idle server over a millisecond or two: wait that long so
+            # that they share one prefill and step together, instead of the first one alone
+            if self._window_ends is None:
+                self._window_ends = now + self.batch_window_s
+            if now < self._window_ends:
+                return [], self._window_ends
+        self._window_ends = None
+        taken, given = [], time.monotonic()
+        while self._queue and len(taken) < len(free):
+            r = self._queue.popitem(last=False)[0]
+            if r.expired(now):
+                ended.append((r, r.expiry()))
+                continue
+            slot = free[len(taken)]
+            self._live[slot] = r
+            r.admitted = given
+            taken.append((slot, r))
+        return taken, None
+
+    def _prefills(self, taken: list[tuple[int, Request]]) -> list[Prefill]:
         """The prefills of a burst: by prompt bucket, in groups of the bucket's largest row count, the last one
-        padded to a power of two (shapes that warm-up compiled) -> [(header, payload, [(slot, request)])]."""
+        padded to a power of two (shapes that warm-up compiled)."""
         by_bucket = collections.defaultdict(list)
-        for s, r in zip(slots, requests):
-            by_bucket[self.engine.prefill_bucket(len(r.prompt))].append((s, r))
+        for slot, r in taken:
+            by_bucket[self.engine.prefill_bucket(len(r.prompt))].append((slot, r))
         commands = []
         for bucket, pairs in sorted(by_bucket.items()):
             most = self.engine.prefill_rows(bucket, self.slots)[-1]
             for start in range(0, len(pairs), most):
                 group = pairs[start:start + most]
-                header, payload = self._prefill_command([r for _, r in group], [s for s, _ in group],
-                                                        _pow2_at_least(len(group)), bucket)
-                commands.append((header, payload, group))
+                rows = [Row(tuple(r.prompt), slot, r.sampling) for slot, r in group]
+                rows += rows[-1:] * (_pow2_at_least(len(rows)) - len(rows))
+                commands.append(Prefill(bucket, tuple(rows), tuple(r for _, r in group)))
         return commands
 
-    def _prefill_command(self, requests: list[Request], slots: list[int], rows: int, bucket: int):
-        payload = np.zeros((rows, bucket + PAYLOAD_EXTRA), np.int32)
-        for i in range(rows):
-            # padding rows repeat the last request exactly (same slot, same values): the writes agree
-            j = min(i, len(requests) - 1)
-            r, s = requests[j], slots[j]
-            payload[i, : len(r.prompt)] = r.prompt
-            p = r.sampling
-            payload[i, bucket:] = [len(r.prompt), s, np.float32(p.temperature).view(np.int32), p.top_k,
-                                   np.float32(p.top_p).view(np.int32), np.uint32(int(p.seed) % 2**32).view(np.int32)]
-        return np.array([OP_PREFILL, rows, bucket, 0], np.int32), payload
+    # ---- delivery (process 0) -----------------------------------------------------------------------
+    def deliver(self, command: Prefill | Decode, outputs: Outputs) -> None:
+        """Hand a command's outputs (host arrays) to its requests: their new tokens, then Finished at a stop
+        token or at the token budget, which frees the slot. A request that ended meanwhile gets nothing."""
+        if isinstance(command, Prefill):
+            first, first_lp = outputs.tokens.tolist(), outputs.logprobs.tolist()
+            new = {row.slot: (r, first[i:i + 1], first_lp[i:i + 1])
+                   for i, (row, r) in enumerate(zip(command.rows, command.requests))}
+        else:
+            new = self._new_tokens(command, outputs)
+        finished = []
+        for slot, (r, ids, logprobs) in new.items():
+            if not ids or self._live.get(slot) is not r:  # it finished, was cancelled or expired meanwhile
+                continue
+            r.generated += len(ids)
+            r.put(Tokens(ids, logprobs))
+            if ids[-1] in r.stop_ids or r.generated >= r.max_new_tokens:
+                r.put(Finished("stop" if ids[-1] in r.stop_ids else "length"))
+                finished.append((slot, r))
+        if finished:
+            with self._cv:
+                for slot, r in finished:
+                    if self._live.get(slot) is r:
+                        del self._live[slot]
 
+    @staticmethod
+    def _new_tokens(command: Decode, outputs: Outputs) -> dict:
+        """Each live slot's share of a decode call's [steps, slots] output: up to its token budget and its first
+        stop token -> {slot: (request, ids, logprobs)}. One conversion to lists per call, not per token."""
+        token_rows, logprob_rows = outputs.tokens.T.tolist(), outputs.logprobs.T.tolist()
+        out = {}
+        for slot, r in zip(command.live, command.requests):
+            ids = token_rows[slot][: max(0, r.max_new_tokens - r.generated)]
+            if r.stop_ids:
+                ids = ids[: next((j + 1 for j, t in enumerate(ids) if t in r.stop_ids), len(ids))]
+            out[slot] = (r, ids, logprob_rows[slot][: len(ids)])
+        return out
+
+    @staticmethod
+    def _end(ended: Iterable[tuple[Request, Event]]) -> None:
+        """Send each request its last event (outside the lock: events may call back into the caller)."""
+        for r, event in ended:
+            r.put(event)
+
+    # ---- process 0's loop ---------------------------------------------------------------------------
     def warmup(self) -> None:
-        """Compile every program the loop runs before serving: prefill and insert of every prompt bucket and row
-        count it allows, decode of every row bucket (greedy and sampled); several at once, as XLA compiles
-        without the GIL. Every process compiles the same programs."""
-        layout = layout_of(self._ensure_state())
-        jobs = [partial(self.engine.compile_prefill, rows, bucket, layout)
-                for bucket in self.engine.prefill_buckets() for rows in self.engine.prefill_rows(bucket, self.slots)]
-        jobs += [partial(self.engine.compile_decode, layout, self.steps, sampled, rows)
-                 for rows in self.engine.decode_buckets(self.slots) for sampled in (False, True)]
-        start, report = time.monotonic(), max(1, len(jobs) // 10)
-        with ThreadPoolExecutor(COMPILE_THREADS, thread_name_prefix="compile") as pool:
-            for done, job in enumerate(as_completed([pool.submit(job) for job in jobs]), 1):
-                job.result()  # a failed compile fails the start
-                if done % report == 0 or done == len(jobs):
-                    log.info("compiled %d/%d programs in %.0f s", done, len(jobs), time.monotonic() - start)
-
-    def _decode_command(self, sampled: int, live_slots) -> tuple[np.ndarray, np.ndarray]:
-        live = np.zeros(self.slots, np.int32)
-        live[list(live_slots)] = 1
-        return np.array([OP_DECODE, sampled, 0, self.steps], np.int32), live
-
-    def _take(self, free: int, now: float) -> list[Request]:
-        taken = []
-        while self._queue and len(taken) < free:
-            r = self._queue.popleft()
-            if r.expired(now):
-                r.put(r.expiry())
-            else:
-                taken.append(r)
-        return taken
+        """Compile every program the loop runs, before serving (every process compiles the same ones)."""
+        self.executor.warmup(self.steps)
 
     def run(self) -> None:
-        """Process 0's loop (on its own thread): until stop() and everything queued or live is answered."""
+        """Process 0's loop (on its own thread): until stop() and everything queued or live is answered. A
+        command the engine fails on ends its own requests and the loop goes on; anything else that raises
+        ends every request (INTERNAL) and the loop, and is raised again."""
         try:
             self._run()
-        except BaseException as e:  # answer everyone, then let the error end the process
+        except BaseException as e:
             log.exception("engine loop failed")
             with self._cv:
                 waiting = list(self._queue) + list(self._live.values())
                 self._queue.clear()
                 self._live.clear()
                 self._accepting = False
-            for r in waiting:
-                r.put(Failed(Code.INTERNAL, f"the engine failed: {type(e).__name__}: {e}"))
+            self._end((r, Failed(Code.INTERNAL, f"the engine failed: {type(e).__name__}: {e}")) for r in waiting)
             raise
         finally:
             self.stopped.set()
 
     def _run(self) -> None:
-        """Each turn: admit and prefill; dispatch the next decode call; then read the prefills' first tokens
-        and the decode call before. The device always has the next call queued while this thread reads,
-        streams and dispatches (a decode call of the 345M model cost 1.2-2.1 ms more than its steps inside
-        `generate` when each was read before the next was sent, H100); a request that stops on a stop token
-        (or on its first token) has its slot stepped once more for nothing."""
-        multi = jax.process_count() > 1
-        in_flight = None  # the last decode call, dispatched and not read: (its live slots, tokens, logprobs)
         while True:
-            with self._cv:
-                now = time.monotonic()
-                if self._abort:
-                    for r in list(self._queue) + list(self._live.values()):
-                        r.put(Failed(Code.UNAVAILABLE, "the server is shutting down"))
-                    self._queue.clear()
-                    self._live.clear()
-                if self._stop and not self._queue and not self._live:
-                    break
-                for slot, r in list(self._live.items()):
-                    if r.expired(now):
-                        r.put(r.expiry())
-                        del self._live[slot]
-                free = [s for s in range(self.slots) if s not in self._live]
-                admitted = self._take(len(free), now)
-                if admitted and not self._live and len(admitted) < len(free):
-                    # concurrent clients' requests reach an idle server over a millisecond or two: wait that
-                    # long so that they share one prefill and step together, instead of the first one alone
-                    deadline = now + self.batch_window_s
-                    while len(admitted) < len(free) and (left := deadline - time.monotonic()) > 0:
-                        self._cv.wait(left)
-                        admitted += self._take(len(free) - len(admitted), time.monotonic())
-                idle = not admitted and not self._live and in_flight is None
-                if idle and self._cv.wait(IDLE_HEARTBEAT_S if multi else None):
-                    continue
-                slots, given = free[: len(admitted)], time.monotonic()
-                for s, r in zip(slots, admitted):
-                    self._live[s] = r
-                    r.admitted = given
+            commands = self.schedule(time.monotonic())
+            head = commands[0] if commands else None
+            if isinstance(head, Stop):
+                self._send(head)
+                return
+            if isinstance(head, Idle):
+                self._idle(head)
+            elif isinstance(head, Prefill):
+                self._read_first()  # an earlier burst's first tokens, before more prefills queue behind them
+                for command in commands:
+                    if all(r.ended for r in command.requests):  # a failure before ended them: nothing to run
+                        continue
+                    if (pending := self._dispatch(command)) is not None:
+                        self._first_reads.append(pending)
+                # read the decode call before while the prefills run (its tokens go before their first ones);
+                # no decode yet: requests that arrived meanwhile are prefilled first, at the next turn
+                self._read(self._take_in_flight())
+            else:  # a decode call, or none: queue it, then read the first tokens and the call before
+                before = self._take_in_flight()
+                self._in_flight = None if head is None else self._dispatch(head)
+                self._read_first()
+                self._read(before)
 
-            if idle:  # a heartbeat, so the followers' wait for the next command never times out
-                self._broadcast(np.array([OP_IDLE, 0, 0, 0], np.int32))
-                continue
-            prefilled = []  # (slot/request pairs, first tokens, logprobs): read once the next decode is queued
-            if admitted:
-                for header, payload, group in self._prefill_commands(admitted, slots):
-                    prefilled.append((group, *self._execute(*self._broadcast(header, payload))))
-                    for _, r in group:
-                        r.planned = 1
-                self._read(in_flight)  # read while the prefills run; its tokens go before their first ones
-                in_flight = None
-                with self._cv:  # prefill first: requests that arrived meanwhile join before the next decode
-                    more = self._queue and len(self._live) < self.slots and not self._stop
-                if more:
-                    self._read_first(prefilled)
-                    continue
+    def _idle(self, command: Idle) -> None:
+        """Wait for a request (or the end of `command.until`); with other processes, send them a heartbeat at
+        least every IDLE_HEARTBEAT_S."""
+        timeout = None if command.until is None else max(0.0, command.until - time.monotonic())
+        if self._multi:
+            beat = max(0.0, self._last_sent + IDLE_HEARTBEAT_S - time.monotonic())
+            timeout = beat if timeout is None else min(timeout, beat)
+        with self._cv:
+            self._cv.wait_for(lambda: self._changed, timeout)
+        if self._multi and time.monotonic() - self._last_sent >= IDLE_HEARTBEAT_S:
+            self._send(Idle())
 
-            with self._cv:  # the requests that still need tokens once the call in flight is read
-                live = {s: r for s, r in self._live.items() if r.planned < r.max_new_tokens}
-            call = None
-            if live:
-                sampled = any(r.sampling.temperature > 0 for r in live.values())
-                call = (live, *self._execute(*self._broadcast(*self._decode_command(int(sampled), live))))
-                for r in live.values():
-                    r.planned += self.steps
-            self._read_first(prefilled)
-            self._read(in_flight)
-            in_flight = call
+    def _send(self, command: Command) -> None:
+        if self._multi:
+            wire.send(command, self.slots)
+            self._last_sent = time.monotonic()
 
-        self._broadcast(np.array([OP_STOP, 0, 0, 0], np.int32))
+    def _dispatch(self, command: Prefill | Decode) -> _Pending | None:
+        """Send a command and run it here -> what to read later; None when it failed (its requests have
+        ended, and the loop goes on)."""
+        try:
+            self._send(command)
+        except wire.OutOfRange as e:  # nothing was sent: `submit` checks each request, so this is a bug here
+            log.error("a %s command did not fit the wire: %s", type(command).__name__, e)
+            self._fail(command.requests, Failed(Code.INTERNAL, f"the request did not fit the engine's command: {e}"))
+            return None
+        try:
+            outputs = self.executor.run(command)
+        except CommandFailed as e:
+            self._command_failed(e)
+            return None
+        for r in command.requests:
+            r.planned = 1 if isinstance(command, Prefill) else r.planned + command.steps
+        return _Pending(command, outputs, self._epoch)
 
-    def _read_first(self, prefilled: list) -> None:
-        """Wait for prefills and send each request its first token."""
-        for group, first, first_lp in prefilled:
-            first, first_lp = distributed.to_host(first).tolist(), distributed.to_host(first_lp).tolist()
-            for i, (s, r) in enumerate(group):
-                self._emit({s: r}, {s: ([first[i]], [first_lp[i]])})
+    def _take_in_flight(self) -> _Pending | None:
+        pending, self._in_flight = self._in_flight, None
+        return pending
 
-    def _read(self, call) -> None:
-        """Wait for a dispatched decode call (if any) and send its tokens."""
-        if call is not None:
-            live, tokens, logprobs = call
-            self._emit(live, self._new_tokens(live, distributed.to_host(tokens), distributed.to_host(logprobs)))
+    def _read_first(self) -> None:
+        """Wait for the prefills dispatched and hand each request its first token."""
+        reads, self._first_reads = self._first_reads, []
+        for pending in reads:
+            self._read(pending)
 
-    @staticmethod
-    def _new_tokens(live: dict, tokens: np.ndarray, logprobs: np.ndarray) -> dict:
-        """Each live slot's share of a decode call's [steps, slots] output: up to its token budget and its first
-        stop token. One conversion to lists per call (not per token): 256 slots x 8 steps of numpy scalar
-        reads took milliseconds of the engine thread, while the GPU waited."""
-        token_rows, logprob_rows = tokens.T.tolist(), logprobs.T.tolist()
-        out = {}
-        for s, r in live.items():
-            ids = token_rows[s][: max(0, r.max_new_tokens - r.generated)]
-            if r.stop_ids:
-                ids = ids[: next((j + 1 for j, t in enumerate(ids) if t in r.stop_ids), len(ids))]
-            out[s] = (ids, logprob_rows[s][: len(ids)])
-        return out
+    def _read(self, pending: _Pending | None) -> None:
+        """Wait for a dispatched command's outputs (if any, and of the current state) and deliver them."""
+        if pending is None or pending.epoch != self._epoch:
+            return
+        try:
+            outputs = Outputs(distributed.to_host(pending.outputs.tokens), distributed.to_host(pending.outputs.logprobs))
+        except Exception as e:  # it failed on the device: the state it left can't be trusted anywhere
+            log.exception("a %s command failed while it ran", type(pending.command).__name__)
+            self._send(Reset())
+            self.executor.run(Reset())
+            self._lose_state(f"the engine failed: {type(e).__name__}: {e}")
+            return
+        self.deliver(pending.command, outputs)
 
-    def _emit(self, reqs: dict, out: dict) -> None:
-        """Send each request its new tokens; free the slots of the finished ones."""
-        finished = []
-        for s, r in reqs.items():
-            ids, lps = out[s]
-            if not ids or self._live.get(s) is not r:  # it finished, was cancelled or expired meanwhile
-                continue
-            r.generated += len(ids)
-            r.put(Tokens(ids, lps))
-            if ids[-1] in r.stop_ids:
-                r.put(Finished("stop"))
-                finished.append(s)
-            elif r.generated >= r.max_new_tokens:
-                r.put(Finished("length"))
-                finished.append(s)
-        if finished:
-            with self._cv:
-                for s in finished:
-                    if self._live.get(s) is reqs[s]:
-                        del self._live[s]
+    # ---- failures (process 0) -----------------------------------------------------------------------
+    def _command_failed(self, failure: CommandFailed) -> None:
+        log.error("%s", failure, exc_info=failure.cause)
+        message = f"the engine failed: {type(failure.cause).__name__}: {failure.cause}"
+        if failure.state_lost:  # every process lost it alike, and starts from an empty one
+            self._lose_state(message)
+        else:
+            self._fail(failure.command.requests, Failed(Code.INTERNAL, message))
+
+    def _lose_state(self, message: str) -> None:
+        """The decode state is gone: every live request fails, and what is unread belongs to the old state."""
+        self._epoch += 1
+        self._first_reads, self._in_flight = [], None
+        with self._cv:
+            live = list(self._live.values())
+        self._fail(live, Failed(Code.INTERNAL, f"{message} (the decode state was lost)"))
+
+    def _fail(self, requests: Iterable[Request], event: Failed) -> None:
+        """End these requests with `event` and free their slots."""
+        requests = set(requests)
+        with self._cv:
+            for slot, r in list(self._live.items()):
+                if r in requests:
+                    del self._live[slot]
+        self._end((r, event) for r in requests)
+
+    # ---- every process but 0 ------------------------------------------------------------------------
+    def follow(self) -> None:
+        """Run the commands process 0 sends, until Stop. A command that fails here is logged: process 0 fails
+        on it alike and decides what follows."""
+        while not isinstance(command := wire.receive(self.slots), Stop):
+            try:
+                self.executor.run(command)
+            except CommandFailed as e:
+                log.error("%s", e, exc_info=e.cause)
+        self.stopped.set()

@@ -10,7 +10,7 @@ import pytest
 
 from gptjax.config import EngineConfig
 from gptjax.sampling import SamplingParams
-from serving.request import Finished, Request, Tokens
+from serving.request import Code, Failed, Finished, Request, Tokens
 from serving.scheduler import NotAccepting, QueueFull, Scheduler
 
 
@@ -227,3 +227,171 @@ def test_an_idle_server_waits_its_batch_window_so_a_burst_shares_one_prefill(win
     assert not loop.is_alive()
     # rows of a prefill are padded to a power of two: 3 requests -> 4 rows; without a window the first is alone
     assert next(n for op, n in engine.calls if op == "prefill") == first_rows
+
+
+# ---- hardening: failing commands, values out of range, queue places -------------------------------------
+class FailingEngine(FakeEngine):
+    """Raises on the prefill of a prompt that starts with `bad`; its decode call number `broken` fails on the
+    device (the read raises, as reading a device array whose call failed does)."""
+
+    def __init__(self, bad=None, broken=None, **kw):
+        super().__init__(**kw)
+        self.bad, self.broken, self.states = bad, broken, 0
+
+    def new_state(self, slots):
+        self.states += 1
+        return super().new_state(slots)
+
+    def prefill(self, tokens, lengths, samp):
+        if self.bad is not None and self.bad in tokens[:, 0]:
+            raise RuntimeError("prefill failed")
+        return super().prefill(tokens, lengths, samp)
+
+    def generate_steps(self, state, n, sampled=None, live=None):
+        state, tokens, logprobs = super().generate_steps(state, n, sampled, live)
+        if len(self.live) == self.broken:
+            tokens = Broken()
+        return state, tokens, logprobs
+
+
+class Broken:
+    def __array__(self, dtype=None, copy=None):
+        raise RuntimeError("the decode call failed on the device")
+
+
+def last_event(r):
+    assert r.wait_ended(10), "the request did not end within 10 s"
+    events = list(r.events)
+    return events[-1]
+
+
+def running(sched):
+    loop = threading.Thread(target=sched.run)
+    loop.start()
+    return loop
+
+
+def stop(sched, loop):
+    sched.stop()
+    loop.join(10)
+    assert not loop.is_alive()
+
+
+def test_a_failing_prefill_ends_only_its_requests_and_the_loop_serves_on():
+    rng = np.random.default_rng()
+    first, bad = (int(v) for v in rng.choice(np.arange(1, 90), 2, replace=False))
+    engine = FailingEngine(bad=bad, slots=2, steps=2)
+    sched = Scheduler(engine)
+    sched.accept()
+    good, failing = request(first, 1, 5), request(bad, 20, 5)  # prompt buckets 16 and 32: two prefills
+    sched.submit([good, failing])
+    loop = running(sched)
+    assert collect(good) == ([(first + 1 + i) % 97 for i in range(5)], "length")
+    event = last_event(failing)
+    assert isinstance(event, Failed) and event.code is Code.INTERNAL and "prefill failed" in event.message
+    later = request(first, 3, 4)  # the loop goes on, in the slot the failed prefill was given
+    sched.submit([later])
+    assert collect(later) == ([(first + 3 + i) % 97 for i in range(4)], "length")
+    stop(sched, loop)
+    assert engine.states == 1  # the state was untouched: nobody made a new one
+
+
+def test_a_call_that_fails_on_the_device_fails_the_live_requests_and_the_next_run_on_a_fresh_state():
+    engine = FailingEngine(broken=2, slots=2, steps=2)
+    sched = Scheduler(engine)
+    sched.accept()
+    a, b = request(10, 1, 50), request(20, 1, 50)
+    sched.submit([a, b])
+    loop = running(sched)
+    for r in (a, b):  # both were in the call that failed
+        event = last_event(r)
+        assert isinstance(event, Failed) and event.code is Code.INTERNAL and "state was lost" in event.message
+    later = request(30, 2, 3)
+    sched.submit([later])
+    assert collect(later) == ([32, 33, 34], "length")
+    stop(sched, loop)
+    assert engine.states == 2
+
+
+def test_values_that_do_not_fit_the_command_fields_fail_their_request_and_nothing_else():
+    engine = FakeEngine(slots=2, steps=2)
+    sched = Scheduler(engine, max_queued=8)
+    sched.accept()
+    big_top_k = Request([1, 2], 3, SamplingParams(temperature=1.0, top_k=2**31), frozenset())
+    big_token = request(2**31, 2, 3)
+    too_long = request(5, 33, 3)  # the fake engine's longest prefill is 32 tokens
+    hot = Request([1], 3, SamplingParams(temperature=1e39), frozenset())
+    good = request(7, 2, 3)
+    sched.submit([big_top_k, big_token, too_long, hot, good])
+    assert sched.queued() == 1
+    for r, field in [(big_top_k, "top_k"), (big_token, "token id"), (too_long, "prompt length"),
+                     (hot, "temperature")]:
+        event = last_event(r)
+        assert isinstance(event, Failed) and event.code is Code.INVALID_ARGUMENT and field in event.message
+    loop = running(sched)
+    assert collect(good) == ([9, 10, 11], "length")
+    stop(sched, loop)
+
+
+def test_queued_requests_past_their_deadline_leave_the_queue_at_once():
+    engine = FakeEngine(slots=2, steps=2)
+    sched = Scheduler(engine, max_queued=16)
+    sched.accept()
+    busy = [request(1, 1, 10**9), request(2, 1, 10**9)]
+    sched.submit(busy)
+    loop = running(sched)
+    assert isinstance(busy[0].next_event(10), Tokens) and isinstance(busy[1].next_event(10), Tokens)
+    deadline = time.monotonic() + 0.3
+    waiting = [request(10 + i, 1, 3) for i in range(16)]
+    for r in waiting:
+        r.deadline = deadline
+    sched.submit(waiting)
+    assert sched.queued() == 16
+    with pytest.raises(QueueFull):
+        sched.submit([request(50, 1, 3)])
+    for r in waiting:  # the loop ends them while both slots stay busy
+        assert r.wait_ended(deadline + 0.5 - time.monotonic()), "a queued request outlived its deadline by 0.5 s"
+        assert last_event(r) == Failed(Code.DEADLINE_EXCEEDED, "the request passed its deadline")
+    assert sched.queued() == 0 and time.monotonic() < deadline + 0.5
+    late = request(60, 1, 3)
+    sched.submit([late])  # a place is free again
+    assert sched.queued() == 1 and sched.active() == 2
+    for r in busy:
+        r.cancel()
+    assert collect(late) == ([61, 62, 63], "length")
+    stop(sched, loop)
+
+
+def test_a_request_cancelled_in_the_queue_leaves_it_at_once():
+    engine = FakeEngine(slots=1, steps=2)
+    sched = Scheduler(engine)
+    sched.accept()
+    busy, queued, after = request(1, 1, 10**9), request(5, 1, 3), request(9, 1, 2)
+    sched.submit([busy])
+    loop = running(sched)
+    assert isinstance(busy.next_event(10), Tokens)
+    sched.submit([queued, after])
+    assert sched.queued() == 2
+    queued.cancel()
+    assert sched.queued() == 1 and queued.ended  # on the cancelling thread, not at the loop's next turn
+    assert list(queued.events)[-1] == Failed(Code.CANCELLED, "the request was cancelled")
+    busy.cancel()
+    assert collect(after) == ([10, 11], "length")
+    stop(sched, loop)
+
+
+def test_the_counts_name_the_queued_and_the_live_requests():
+    engine = FakeEngine(slots=1, steps=2)
+    sched = Scheduler(engine)
+    sched.accept()
+    busy, waiting = request(1, 1, 10**9), request(5, 1, 3)
+    sched.submit([busy])
+    loop = running(sched)
+    assert isinstance(busy.next_event(10), Tokens)
+    sched.submit([waiting])
+    assert (sched.active(), sched.queued(), sched.pending()) == (1, 1, 2)
+    assert sched.live_requests() == [busy]
+    busy.cancel()
+    assert collect(waiting) == ([6, 7, 8], "length")
+    stop(sched, loop)
+    assert (sched.active(), sched.queued(), sched.pending(), sched.live_requests()) == (0, 0, 0, [])
