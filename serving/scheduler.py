@@ -230,9 +230,10 @@ class Scheduler:
 
     def _admit(self, now: float, ended: list) -> tuple[list[tuple[int, Request]], float | None]:
         """Under the lock: give free slots to queued requests, oldest first -> (slot, request) pairs, and, when
-        an idle loop waits for a burst to gather, when that wait ends."""
+        an idle loop waits for a burst to gather, when that wait ends. Expired requests met go to `ended`."""
         free = [s for s in range(self.slots) if s not in self._live]
         if not free or not self._queue:
+            self._window_ends = None
             return [], None
         if not self._live and len(self._queue) < len(free) and self.batch_window_s > 0:
             # concurrent clients' requests reach an idle server over a millisecond or two: wait that long so
@@ -252,6 +253,9 @@ class Scheduler:
             self._live[slot] = r
             r.admitted = given
             taken.append((slot, r))
+        if len(self._deadlines) > 2 * len(self._queue) + 64:  # drop the admitted ones: they hold their requests
+            self._deadlines = [entry for entry in self._deadlines if entry[2] in self._queue]
+            heapq.heapify(self._deadlines)
         return taken, None
 
     def _prefills(self, taken: list[tuple[int, Request]]) -> list[Prefill]:

@@ -37,7 +37,7 @@ decodes = st.builds(Decode, steps=st.integers(0, 64), sampled=st.booleans(),
                     live=st.sets(st.integers(0, SLOTS - 1)).map(sorted).map(tuple))
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(st.one_of(prefills(), decodes, st.sampled_from([Idle(), Stop(), Reset()])))
 def test_every_command_round_trips_through_its_arrays(command):
     header, payload = wire.encode(command, SLOTS)
