@@ -1,0 +1,184 @@
+"""Compiled programs kept on disk between runs, so that a restarted server is ready in seconds.
+
+Two layers. `enable` turns on JAX's persistent compilation cache for `serve`, `generate` and `bench`: a
+restart reads XLA's output from disk instead of compiling again. That skips XLA's compile, but every program is
+still traced and lowered to StableHLO first (the cache's key is a hash of that module), and that Python work,
+one thread at a time, became most of a restart. `ProgramStore` keeps whole executables under names the caller
+chooses (`jax.experimental.serialize_executable`), and loads them with no tracing or lowering at all.
+
+    from gptjax import compile_cache
+    compile_cache.enable()            # before the first compile; $GPTJAX_CACHE_DIR/xla by default
+    ...
+    log.info("%d of %d programs from the compilation cache", compile_cache.hits(), compile_cache.lookups())
+
+    store = compile_cache.program_store(engine_identity)   # None when the cache is off
+    compiled = store.compiled("decode-s4-a16", lambda: jitted.lower(*args))   # loaded, or compiled and saved
+
+Every program is cached, however quick its compile or small its executable: a server compiles dozens of small
+ones, and their count is what a restart pays for. A folder JAX was given already (`JAX_COMPILATION_CACHE_DIR`,
+or `jax.config`) is kept, so one cache can be shared across tools. The cache is trusted code: keep it private
+to the user (JAX's warning: whoever can write to it can run code in the processes that read it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import pickle
+import re
+import threading
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.monitoring
+import jaxlib
+from jax.experimental import serialize_executable
+
+from gptjax import paths
+
+_REQUEST_EVENT = "/jax/compilation_cache/compile_requests_use_cache"  # a compile that consulted the cache
+_HIT_EVENT = "/jax/compilation_cache/cache_hits"  # ... and found its program there
+_counts = {_REQUEST_EVENT: 0, _HIT_EVENT: 0}
+_lock = threading.Lock()  # warm-up compiles on several threads
+_listening = False
+log = logging.getLogger("gptjax.compile_cache")
+
+
+def default_dir() -> Path:
+    return paths.cache_dir() / "xla"
+
+
+def _count(event: str, **_metadata) -> None:
+    if event in _counts:
+        with _lock:
+            _counts[event] += 1
+
+
+def _listen() -> None:
+    """Count the cache's events (the same names in jax 0.10 and 0.11), once per process."""
+    global _listening
+    with _lock:
+        if not _listening:
+            jax.monitoring.register_event_listener(_count)
+            _listening = True
+
+
+def enable(cache_dir: Path | str | None = None) -> Path:
+    """Turn the persistent cache on -> the folder in use. `cache_dir` None: the folder JAX was already given,
+    else `$GPTJAX_CACHE_DIR/xla` (`~/.cache/gptjax/xla`). Call it before the first compile: JAX settles whether
+    it uses a cache at its first compile, and keeps to that."""
+    if cache_dir is None:
+        cache_dir = jax.config.jax_compilation_cache_dir or default_dir()
+    folder = Path(cache_dir).expanduser()
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_enable_compilation_cache", True)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)  # -1: no size floor, none chosen for us
+    _listen()
+    return folder
+
+
+def disable() -> None:
+    """No persistent cache in this process (`--no-compile-cache`), whatever the environment says."""
+    jax.config.update("jax_enable_compilation_cache", False)
+
+
+def hits() -> int:
+    """Programs this process read from the persistent cache instead of compiling (since `enable`)."""
+    with _lock:
+        return _counts[_HIT_EVENT]
+
+
+def lookups() -> int:
+    """Compiles that looked in the persistent cache (hits and misses; since `enable`)."""
+    with _lock:
+        return _counts[_REQUEST_EVENT]
+
+
+# ---- whole executables under the caller's names ------------------------------------------------------
+_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+_PROGRAM_CODE = Path(__file__).resolve().parent  # the package whose code makes the programs: gptjax/
+# jax settings that change a program without changing its name or the engine's configuration
+_JAX_SETTINGS = ("jax_enable_x64", "jax_default_matmul_precision", "jax_default_prng_impl", "jax_threefry_partitionable")
+
+
+class ProgramStore:
+    """Executables in one folder, one file per name. The folder's name is a fingerprint of everything that
+    determines the programs besides their names (`program_store`), so a name alone picks the program."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._lock = threading.Lock()
+        self.loaded = 0  # programs read from disk
+        self.compiled_now = 0  # programs compiled (and saved) because no file held them
+
+    def compiled(self, name: str, lower: Callable[[], "jax.stages.Lowered"]) -> "jax.stages.Compiled":
+        """The program `name`: read from disk if saved (no tracing, no lowering), else `lower()` compiled now
+        and saved. A file that does not load (from another jax, say, or cut short) is compiled again."""
+        if not _NAME.fullmatch(name):
+            raise ValueError(f"program name {name!r}: use letters, digits, '.', '_' and '-'")
+        path = self.folder / f"{name}.bin"
+        if path.exists():
+            try:
+                program = _load(path)
+                with self._lock:
+                    self.loaded += 1
+                return program
+            except Exception as e:  # a stale or broken file costs a compile, never a start
+                log.warning("compiling %s again: its saved program did not load (%s: %s)", name, type(e).__name__, e)
+        program = lower().compile()
+        _save(program, path)
+        with self._lock:
+            self.compiled_now += 1
+        return program
+
+
+def _load(path: Path) -> "jax.stages.Compiled":
+    with open(path, "rb") as f:
+        blob, in_tree, out_tree = pickle.load(f)
+    return serialize_executable.deserialize_and_load(blob, in_tree, out_tree)
+
+
+def _save(program: "jax.stages.Compiled", path: Path) -> None:
+    """Written beside, then renamed: a reader never sees half a file, and two writers leave one whole file."""
+    try:
+        data = pickle.dumps(serialize_executable.serialize(program))
+    except (ValueError, NotImplementedError, pickle.PicklingError) as e:  # a program that can't be saved runs
+        log.warning("not saving %s: %s", path.stem, e)
+        return
+    partial = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.part")
+    partial.write_bytes(data)
+    os.replace(partial, path)
+
+
+def code_fingerprint() -> str:
+    """A hash of the source that makes the programs (gptjax/*.py and its kernels), the jax and XLA in use, the
+    devices, and the settings that change programs (`XLA_FLAGS`, x64, matmul precision, PRNG)."""
+    h = hashlib.sha256()
+    for source in sorted(_PROGRAM_CODE.rglob("*.py")):
+        h.update(source.relative_to(_PROGRAM_CODE).as_posix().encode())
+        h.update(source.read_bytes())
+    devices = jax.devices()
+    h.update(repr((jax.__version__, jaxlib.__version__,
+                   devices[0].client.platform_version, [d.device_kind for d in devices], jax.process_count(),
+                   os.environ.get("XLA_FLAGS", ""), [getattr(jax.config, k, None) for k in _JAX_SETTINGS])).encode())
+    return h.hexdigest()
+
+
+def program_store(identity: str, root: Path | None = None) -> ProgramStore | None:
+    """The store for the programs of one engine: `identity` names what else determines them (the model and
+    engine configuration, the mesh, the attention implementation). None when the persistent cache is off, or
+    with several processes (each would need its own copy of every executable; JAX's cache serves them)."""
+    if not jax.config.jax_enable_compilation_cache or jax.process_count() > 1:
+        return None
+    if root is None:
+        if not jax.config.jax_compilation_cache_dir:
+            return None
+        xla = Path(jax.config.jax_compilation_cache_dir)
+        root = xla.with_name(xla.name + "-programs")  # beside JAX's folder, whose files JAX alone manages
+    key = hashlib.sha256((code_fingerprint() + identity).encode()).hexdigest()[:24]
+    return ProgramStore(Path(root) / key)
