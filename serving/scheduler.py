@@ -416,7 +416,8 @@ class Scheduler:
         if pending is None or pending.epoch != self._epoch:
             return
         try:
-            outputs = Outputs(distributed.to_host(pending.outputs.tokens), distributed.to_host(pending.outputs.logprobs))
+            tokens, logprobs = pending.outputs
+            outputs = Outputs(distributed.to_host(tokens), distributed.to_host(logprobs))
         except Exception as e:  # it failed on the device: the state it left can't be trusted anywhere
             log.exception("a %s command failed while it ran", type(pending.command).__name__)
             self._send(Reset())
