@@ -1,0 +1,331 @@
+"""The HTTP port (process 0): KServe v2 REST with the binary tensor extension, Triton's generate extension,
+the OpenAI-compatible API (serving/openai.py) and `/metrics`, in one FastAPI app run by uvicorn.
+
+KServe v2 (model `fastertransformer`, version 1), so `tritonclient.http` works with its defaults:
+
+    GET  /v2/health/live, /v2/health/ready, /v2, /v2/models/{m}[/versions/{v}][/ready|/config]
+    POST /v2/models/{m}[/versions/{v}]/infer           JSON tensors, or a JSON header of
+         `Inference-Header-Content-Length` bytes followed by the binary tensors (binary_data_size each);
+         outputs in binary when the request asks (binary_data_output, or an output's binary_data)
+    POST /v2/models/{m}[/versions/{v}]/generate        {"text_input": ..., "parameters": {...}} -> {"text_output"}
+    POST /v2/models/{m}[/versions/{v}]/generate_stream the same as server-sent events, a piece of text each
+
+The FasterTransformer tensors of both dialects are serving/ft.py's; every field check is the front end's
+(serving/frontend.py), so the rules are those of the gRPC APIs. Errors are JSON `{"error": "..."}` with the
+front end's HTTP status (400, 401, 404, 413, 429, 503).
+
+uvicorn runs on a thread of its own with its own event loop. A request's events cross from the engine thread
+with `loop.call_soon_threadsafe` into a queue of that request (no polling), and a client that disconnects,
+from a stream or a unary call, cancels its requests at once, which frees their slots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import socket
+import threading
+from dataclasses import dataclass
+from typing import AsyncIterator, Awaitable, Callable
+
+from fastapi import FastAPI, Request as HttpRequest
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import gptjax
+from serving.frontend import Completion, Frontend, RequestError, invalid
+from serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from serving.request import Code, Failed, Finished, Request, Tokens
+
+log = logging.getLogger("gptjax.serving")
+
+HEALTH_PATHS = ("/v2/health/live", "/v2/health/ready")
+DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024  # EngineConfig.max_message_bytes' default, as for gRPC messages
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
+# ---- the bridge from the engine thread into the event loop ------------------------------------------------
+class Stream:
+    """One Request's events on this event loop: the engine thread hands each one over with
+    `call_soon_threadsafe` (set up before the request is submitted)."""
+
+    def __init__(self, request: Request, loop: asyncio.AbstractEventLoop):
+        self.request = request
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._loop = loop
+        request.on_event = self._deliver
+
+    def _deliver(self, event) -> None:  # on the engine's thread
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+        except RuntimeError:  # the loop has closed with the server: nobody is listening
+            pass
+
+    async def events(self) -> AsyncIterator[Tokens | Finished]:
+        """Its Tokens, then its Finished; a Failed raises RequestError."""
+        while True:
+            event = await self._queue.get()
+            if isinstance(event, Failed):
+                raise RequestError(event.code, event.message)
+            yield event
+            if isinstance(event, Finished):
+                return
+
+    async def completion(self) -> Completion:
+        ids, logprobs = [], []
+        async for event in self.events():
+            if isinstance(event, Tokens):
+                ids += event.ids
+                logprobs += event.logprobs
+            else:
+                return Completion(ids, logprobs, event.reason)
+        raise RequestError(Code.INTERNAL, "the request ended without a final event")
+
+
+def streams(requests: list[Request]) -> list[Stream]:
+    loop = asyncio.get_running_loop()
+    return [Stream(r, loop) for r in requests]
+
+
+async def _disconnected(http: HttpRequest) -> None:
+    """Returns when the client has gone (the body is read by now, so the next message is the disconnect)."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def until_disconnect(http: HttpRequest, work: Awaitable, requests: list[Request]):
+    """Await `work`; if the client disconnects first, cancel it and the requests (freeing their slots) and
+    raise ClientGone. The requests are cancelled on every way out that is not their normal end."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(http))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        raise ClientGone()
+    finally:
+        for t in (task, watcher):
+            t.cancel()
+        for r in requests:
+            r.cancel()
+
+
+class EventStream(Response):
+    """Server-sent events from an async iterator of byte chunks. The client's disconnect stops the iterator at
+    once, whatever it is waiting for (its own `finally` cancels its requests); `on_close` runs after it, for
+    what an iterator that never started leaves undone."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, chunks: AsyncIterator[bytes], on_close: Callable[[], None] | None = None):
+        # no body, so no content-length: the stream ends when the server closes it
+        self.status_code, self.background = 200, None
+        self.init_headers({"cache-control": "no-cache", "x-accel-buffering": "no"})
+        self.chunks, self.on_close = chunks, on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        async def pump():
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            async for chunk in self.chunks:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+        async def gone():
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        streaming, watching = asyncio.ensure_future(pump()), asyncio.ensure_future(gone())
+        try:
+            await asyncio.wait((streaming, watching), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (streaming, watching):
+                t.cancel()
+            await asyncio.gather(streaming, watching, return_exceptions=True)
+            await self.chunks.aclose()
+            if self.on_close is not None:
+                self.on_close()
+        if not streaming.cancelled() and streaming.exception() is not None:
+            raise streaming.exception()
+
+
+def sse(data) -> bytes:
+    return b"data: " + (data if isinstance(data, bytes) else json.dumps(data).encode()) + b"\n\n"
+
+
+# ---- bodies and errors ------------------------------------------------------------------------------------
+def error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+class BodyTooLarge(Exception):
+    """A request body over the server's limit (413)."""
+
+    def __init__(self, size: int, limit: int):
+        super().__init__(f"the request body of {size} bytes (or more) is over the server's limit of {limit} bytes")
+
+
+async def read_body(http: HttpRequest, limit: int) -> bytes:
+    """The request body, refused past `limit` bytes before more than that is read."""
+    length = http.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise BodyTooLarge(int(length), limit)
+    body = bytearray()
+    async for chunk in http.stream():
+        body += chunk
+        if len(body) > limit:
+            raise BodyTooLarge(len(body), limit)
+    return bytes(body)
+
+
+def json_object(data: bytes, what: str = "the request body") -> dict:
+    try:
+        value = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise invalid(f"{what} is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise invalid(f"{what} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+
+
+# ---- the app ------------------------------------------------------------------------------------------------
+@dataclass
+class Context:
+    """What every route reads: the front end (its limits once the model loads), the metrics, the server's
+    settings known before the model loads."""
+
+    frontend: Frontend
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    dialect: str = "5.x"  # what KServe model metadata and config describe (the config.pbtxt's declaration)
+
+    @property
+    def metrics(self):
+        return self.frontend.metrics
+
+    async def body(self, http: HttpRequest) -> bytes:
+        return await read_body(http, self.max_body_bytes)
+
+
+class ApiKey:
+    """ASGI middleware: every route but health answers 401 without `Authorization: Bearer KEY`."""
+
+    def __init__(self, app, key: str):
+        self.app = app
+        self.expected = b"Bearer " + key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] not in HEALTH_PATHS:
+            given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+            if not hmac.compare_digest(given, self.expected):
+                message = "missing API key: send 'Authorization: Bearer KEY'" if not given else "wrong API key"
+                response = JSONResponse({"error": message}, status_code=401, headers={"www-authenticate": "Bearer"})
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestError)
+    async def request_error(_, e: RequestError):
+        return error(e.http_status, e.message)
+
+    @app.exception_handler(BodyTooLarge)
+    async def too_large(_, e: BodyTooLarge):
+        return error(413, str(e))
+
+    @app.exception_handler(ClientGone)
+    async def gone(_, e: ClientGone):
+        return Response(status_code=Code.CANCELLED.http_status)  # nobody reads it
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_, e: StarletteHTTPException):
+        return error(e.status_code, str(e.detail))
+
+
+def _metrics_route(app: FastAPI, ctx: Context) -> None:
+    @app.get("/metrics")
+    async def metrics():
+        if ctx.metrics is None:
+            raise RequestError(Code.NOT_FOUND, "this server keeps no metrics")
+        return Response(ctx.metrics.exposition(), media_type=METRICS_CONTENT_TYPE)
+
+
+def create_app(ctx: Context, api_key: str | None = None) -> FastAPI:
+    """The HTTP port's app: KServe v2, the generate extension, OpenAI, /metrics."""
+    from serving import kserve_http, openai
+
+    app = FastAPI(title="gptjax", version=gptjax.__version__, docs_url=None, redoc_url=None, openapi_url=None)
+    _handlers(app)
+    kserve_http.add_routes(app, ctx)
+    openai.add_routes(app, ctx)
+    _metrics_route(app, ctx)
+    if api_key:
+        app.add_middleware(ApiKey, key=api_key)
+    return app
+
+
+def create_metrics_app(ctx: Context, api_key: str | None = None) -> FastAPI:
+    """The metrics port's app: /metrics only."""
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    _handlers(app)
+    _metrics_route(app, ctx)
+    if api_key:
+        app.add_middleware(ApiKey, key=api_key)
+    return app
+
+
+# ---- running it -------------------------------------------------------------------------------------------
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket, bound here so that a port in use is an error of the caller's thread."""
+    try:
+        return socket.create_server((host, port), backlog=2048)
+    except OSError as e:
+        raise OSError(f"can't listen on {host}:{port}: {e.strerror or e}") from None
+
+
+class HttpServer:
+    """uvicorn serving the HTTP app (and the metrics app) on a thread of its own, with one event loop."""
+
+    def __init__(self, apps: list[tuple[FastAPI, socket.socket]], grace_s: float = 5.0):
+        import uvicorn
+
+        self.sockets = [sock for _, sock in apps]
+        self.servers = [uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+                                                      timeout_graceful_shutdown=grace_s))
+                        for app, _ in apps]
+        self.addresses = ["%s:%d" % sock.getsockname()[:2] for sock in self.sockets]
+        self._thread = threading.Thread(target=self._run, name="http", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        async def serve_all():
+            await asyncio.gather(*(s.serve(sockets=[sock]) for s, sock in zip(self.servers, self.sockets)))
+
+        asyncio.run(serve_all())
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop listening, let the answers under way finish (up to the grace time), then return."""
+        for s in self.servers:
+            s.should_exit = True
+        self._thread.join(timeout_s)
+        for sock in self.sockets:
+            sock.close()
+
+
+def start_http(frontend: Frontend, host: str, port: int, metrics_port: int = 0, api_key: str | None = None, *,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, dialect: str = "5.x") -> HttpServer | None:
+    """Listen on `port` (the HTTP app; 0: none) and `metrics_port` (/metrics; 0: none) -> the running server
+    (`.stop()`), or None when both are 0. Raises OSError naming a port that can't be bound."""
+    ctx = Context(frontend, max_body_bytes=max_body_bytes, dialect=dialect)
+    apps = []
+    if port:
+        apps.append((create_app(ctx, api_key), listen(host, port)))
+    if metrics_port:
+        apps.append((create_metrics_app(ctx, api_key), listen(host, metrics_port)))
+    return HttpServer(apps) if apps else None

@@ -1,0 +1,352 @@
+"""KServe v2 over HTTP: health, metadata, `infer` with JSON and binary tensors (the binary tensor extension that
+`tritonclient.http` uses by default), and Triton's generate extension (`generate`, `generate_stream`).
+
+An infer request is a JSON header (`inputs`, `outputs`, `parameters`) that is the whole body, or the first
+`Inference-Header-Content-Length` bytes of it, followed by the binary tensors in input order
+(`parameters.binary_data_size` bytes each). The tensors become numpy arrays here; which names and shapes make
+a request is serving/ft.py's (both FasterTransformer dialects), and every value check is the front end's.
+Outputs go back as JSON `data`, or binary after the JSON when the request asks (`binary_data_output`, or an
+output's `binary_data`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import sys
+import time
+
+import numpy as np
+from fastapi import FastAPI, Request as HttpRequest
+from fastapi.responses import JSONResponse, Response
+
+import gptjax
+from serving import ft
+from serving.frontend import Params, RequestError, invalid
+from serving.http import ClientGone, Context, EventStream, json_object, sse, streams, until_disconnect
+from serving.request import Code, Finished
+
+MODEL_NAME = "fastertransformer"
+MODEL_VERSION = "1"
+EXTENSIONS = ["binary_tensor_data", "generate"]
+DTYPES = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
+          "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "FP16": np.float16,
+          "FP32": np.float32, "FP64": np.float64}
+DATATYPE_OF = {np.dtype(t): name for name, t in DTYPES.items()}
+REQUEST_PARAMETERS = ("binary_data_output", "timeout", "priority")  # the KServe request parameters taken here
+# Triton's generate extension: its JSON fields -> the front end's Params fields
+GENERATE_FIELDS = {"max_tokens": "max_new_tokens", "temperature": "temperature", "top_k": "top_k",
+                   "top_p": "top_p", "random_seed": "seed", "end_id": "end_id"}
+GENERATE_NAMES = {"max_new_tokens": "max_tokens", "seed": "random_seed", "prompt": "text_input"}
+GENERATE_FLAGS = ("stream", "exclude_input_in_output")
+
+
+# ---- tensors: JSON and the binary extension --------------------------------------------------------------
+def split_binary(body: bytes, header_length: str | None) -> tuple[dict, memoryview]:
+    """(the JSON header, the binary section after it) of an infer request."""
+    if header_length is None:
+        return json_object(body), memoryview(b"")
+    if not header_length.isdigit():
+        raise invalid(f"Inference-Header-Content-Length must be a byte count, got {header_length!r}")
+    n = int(header_length)
+    if n > len(body):
+        raise invalid(f"Inference-Header-Content-Length is {n} but the body has only {len(body)} bytes")
+    return json_object(body[:n], "the inference header"), memoryview(body)[n:]
+
+
+def _shape(t: dict, name: str) -> list[int]:
+    shape = t.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                              for d in shape):
+        raise invalid(f"input {name}: shape must be a list of non-negative integers, got {shape!r}")
+    return shape
+
+
+def _flatten(data) -> list:
+    flat, stack = [], [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(reversed(item))
+        else:
+            flat.append(item)
+    return flat
+
+
+def _json_array(data, datatype: str, shape: list[int], name: str) -> np.ndarray:
+    if not isinstance(data, list):
+        raise invalid(f"input {name}: data must be a list, got {type(data).__name__}")
+    flat = _flatten(data)
+    if len(flat) != math.prod(shape):
+        raise invalid(f"input {name}: shape {shape} needs {math.prod(shape)} values, got {len(flat)}")
+    kind = np.dtype(DTYPES[datatype]).kind
+    ok = {"b": lambda v: isinstance(v, bool),
+          "f": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)}.get(
+        kind, lambda v: isinstance(v, int) and not isinstance(v, bool))
+    bad = next((v for v in flat if not ok(v)), None)
+    if bad is not None:
+        raise invalid(f"input {name}: {bad!r} is not a {datatype} value")
+    try:
+        return np.array(flat, DTYPES[datatype]).reshape(shape)
+    except OverflowError:
+        info = np.iinfo(DTYPES[datatype])
+        raise invalid(f"input {name}: a value is outside {datatype}'s range [{info.min}, {info.max}]") from None
+
+
+def decode_inputs(header: dict, binary: memoryview) -> dict[str, np.ndarray]:
+    """The request's input tensors as numpy arrays by name, each checked against its datatype and shape."""
+    inputs = header.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise invalid("inputs must be a non-empty list of tensors")
+    arrays, offset = {}, 0
+    for i, t in enumerate(inputs):
+        if not isinstance(t, dict) or not isinstance(t.get("name"), str):
+            raise invalid(f"inputs[{i}] must be an object with a name")
+        name, datatype = t["name"], t.get("datatype")
+        if name in arrays:
+            raise invalid(f"input {name} is given twice")
+        if datatype not in DTYPES:
+            raise invalid(f"input {name}: datatype {datatype!r} is not one of {', '.join(DTYPES)}")
+        shape = _shape(t, name)
+        params = t.get("parameters") or {}
+        size = params.get("binary_data_size") if isinstance(params, dict) else None
+        if size is None:
+            arrays[name] = _json_array(t.get("data"), datatype, shape, name)
+            continue
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise invalid(f"input {name}: binary_data_size must be a byte count, got {size!r}")
+        dtype = np.dtype(DTYPES[datatype]).newbyteorder("<")
+        if size != math.prod(shape) * dtype.itemsize:
+            raise invalid(f"input {name}: shape {shape} of {datatype} needs {math.prod(shape) * dtype.itemsize} "
+                          f"bytes, binary_data_size says {size}")
+        if offset + size > len(binary):
+            raise invalid(f"input {name}: its {size} binary bytes run past the end of the body")
+        arrays[name] = np.frombuffer(binary[offset:offset + size], dtype).reshape(shape)
+        offset += size
+    if offset != len(binary):
+        raise invalid(f"the body has {len(binary) - offset} bytes after the binary tensors")
+    return arrays
+
+
+def encode_outputs(header: dict, outputs: dict[str, np.ndarray], answer: dict) -> Response:
+    """The response: JSON tensors, or binary ones (with Inference-Header-Content-Length) where asked."""
+    every = bool((header.get("parameters") or {}).get("binary_data_output", False))
+    wanted = {o.get("name"): bool((o.get("parameters") or {}).get("binary_data", every))
+              for o in header.get("outputs") or [] if isinstance(o, dict)}
+    tensors, blobs = [], []
+    for name, a in outputs.items():
+        t = {"name": name, "datatype": DATATYPE_OF[a.dtype], "shape": list(a.shape)}
+        if wanted.get(name, every):
+            blob = np.ascontiguousarray(a, a.dtype.newbyteorder("<")).tobytes()
+            t["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            t["data"] = a.ravel().tolist()
+        tensors.append(t)
+    head = json.dumps({**answer, "outputs": tensors}).encode()
+    if not blobs:
+        return Response(head, media_type="application/json")
+    return Response(head + b"".join(blobs), media_type="application/octet-stream",
+                    headers={"Inference-Header-Content-Length": str(len(head))})
+
+
+def request_deadline(header: dict) -> float | None:
+    """KServe's `timeout` request parameter (microseconds, as Triton takes it) as a deadline."""
+    params = header.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise invalid("parameters must be an object")
+    unknown = sorted(set(params) - set(REQUEST_PARAMETERS))
+    if unknown:
+        raise invalid(f"unsupported request parameter(s) {', '.join(unknown)}; this model takes "
+                      f"{', '.join(REQUEST_PARAMETERS)}")
+    if params.get("priority") not in (None, 0):
+        raise invalid(f"parameters.priority must be 0 (one priority level), got {params['priority']!r}")
+    timeout = params.get("timeout")
+    if timeout is None:
+        return None
+    if not isinstance(timeout, int) or isinstance(timeout, bool) or timeout <= 0:
+        raise invalid(f"parameters.timeout must be a positive number of microseconds, got {timeout!r}")
+    return time.monotonic() + timeout / 1e6
+
+
+# ---- Triton's generate extension ----------------------------------------------------------------------------
+class Generate:
+    """One generate / generate_stream call: `text_input` and its knobs, at the top level or in `parameters`."""
+
+    def __init__(self, body: dict):
+        if not isinstance(body.get("text_input"), str):
+            raise invalid("text_input must be a string")
+        self.text, self.id = body["text_input"], body.get("id")
+        params = body.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise invalid("parameters must be an object")
+        top = {k: v for k, v in body.items() if k not in ("text_input", "parameters", "id")}
+        twice = sorted(set(top) & set(params))
+        if twice:
+            raise invalid(f"{', '.join(twice)} given both at the top level and in parameters")
+        knobs = {**top, **params}
+        unknown = sorted(set(knobs) - set(GENERATE_FIELDS) - set(GENERATE_FLAGS))
+        if unknown:
+            raise invalid(f"unknown field(s) {', '.join(unknown)}; generate takes text_input and "
+                          f"{', '.join([*GENERATE_FIELDS, *GENERATE_FLAGS])}")
+        for flag in GENERATE_FLAGS:
+            if not isinstance(knobs.get(flag, False), bool):
+                raise invalid(f"{flag} must be true or false, got {knobs[flag]!r}")
+        self.with_prompt = not knobs.get("exclude_input_in_output", False)
+        self.params = {GENERATE_FIELDS[k]: v for k, v in knobs.items() if k in GENERATE_FIELDS}
+
+    async def request(self, frontend):
+        """Tokenize off the event loop, then validate through the front end."""
+        from asyncio import wrap_future
+
+        ids = await wrap_future(frontend.tokenize_async(self.text, "text_input"))
+        names = {**GENERATE_NAMES, "prompt": "text_input (as tokens)"}
+        return frontend.validate(Params(prompt=ids, **self.params), names)
+
+    def answer(self, text: str) -> dict:
+        out = {"model_name": MODEL_NAME, "model_version": MODEL_VERSION, "text_output": text}
+        return out if self.id is None else {"id": self.id, **out}
+
+
+def _shown(ids: list[int], stop_ids) -> list[int]:
+    """The ids whose text is shown: the end-of-text token that ended the request is not."""
+    return ids[:-1] if ids and ids[-1] in stop_ids else ids
+
+
+async def _generate_events(call: Generate, stream, frontend, metered):
+    """generate_stream's events: one `data: {text_output}` per piece of text; the prompt leads unless excluded."""
+    decoder, lead = frontend.text_stream(), call.text if call.with_prompt else ""
+    try:
+        with metered:
+            async for event in stream.events():
+                final = isinstance(event, Finished)
+                piece = decoder.add([] if final else _shown(event.ids, stream.request.stop_ids), final=final)
+                if piece or lead:
+                    yield sse(call.answer(lead + piece))
+                    lead = ""
+    except RequestError as e:
+        yield sse({"error": e.message})
+    finally:
+        stream.request.cancel()
+
+
+# ---- routes -------------------------------------------------------------------------------------------------
+def check_model(model: str, version: str | None = None) -> None:
+    if model != MODEL_NAME:
+        raise RequestError(Code.NOT_FOUND, f"unknown model {model!r}; this server serves {MODEL_NAME!r}")
+    if version not in (None, "", MODEL_VERSION):
+        raise RequestError(Code.NOT_FOUND, f"model {model!r} has no version {version!r} (only {MODEL_VERSION})")
+
+
+def _both(app: FastAPI, method: str, path: str):
+    """Register a model route with and without `/versions/{version}`."""
+    def register(handler):
+        route = getattr(app, method)
+        route(f"/v2/models/{{model}}{path}")(handler)
+        route(f"/v2/models/{{model}}/versions/{{version}}{path}")(handler)
+        return handler
+    return register
+
+
+def _health_routes(app: FastAPI, ctx: Context) -> None:
+    frontend = ctx.frontend
+
+    @app.get("/v2/health/live")
+    async def live():
+        return {"live": True}
+
+    @app.get("/v2/health/ready")
+    async def ready():
+        frontend.require_ready()
+        return {"ready": True}
+
+    @app.get("/v2")
+    async def server_metadata():
+        return {"name": "gptjax", "version": gptjax.__version__, "extensions": EXTENSIONS}
+
+    @_both(app, "get", "")
+    async def model_metadata(model: str, version: str | None = None):
+        check_model(model, version)
+        return ft.model_metadata(ctx.dialect)
+
+    @_both(app, "get", "/ready")
+    async def model_ready(model: str, version: str | None = None):
+        check_model(model, version)
+        frontend.require_ready()
+        return {"name": MODEL_NAME, "ready": True}
+
+    @_both(app, "get", "/config")
+    async def model_config(model: str, version: str | None = None):
+        check_model(model, version)
+        return ft.model_config(ctx.dialect, frontend)
+
+
+def _infer_route(app: FastAPI, ctx: Context) -> None:
+    frontend = ctx.frontend
+
+    @_both(app, "post", "/infer")
+    async def infer(http: HttpRequest, model: str, version: str | None = None):
+        check_model(model, version)
+        if http.headers.get("content-encoding", "identity") != "identity":
+            raise invalid(f"Content-Encoding {http.headers['content-encoding']!r} is not supported; send the body "
+                          "uncompressed")
+        header, binary = split_binary(await ctx.body(http), http.headers.get("inference-header-content-length"))
+        with frontend.api_call() as call:
+            arrays = decode_inputs(header, binary)
+            requested = [o.get("name") for o in header.get("outputs") or [] if isinstance(o, dict)]
+            call.requests, info = ft.parse(arrays, frontend, request_deadline(header), requested)
+            runs = streams(call.requests)
+            frontend.submit(call.requests)
+            work = asyncio.gather(*(s.completion() for s in runs))
+            done = await until_disconnect(http, work, call.requests)
+            outputs = ft.outputs(call.requests, done, info)
+        answer = {"model_name": MODEL_NAME, "model_version": MODEL_VERSION}
+        if isinstance(header.get("id"), str):
+            answer["id"] = header["id"]
+        return encode_outputs(header, outputs, answer)
+
+
+def _generate_routes(app: FastAPI, ctx: Context) -> None:
+    frontend = ctx.frontend
+
+    @_both(app, "post", "/generate")
+    async def generate(http: HttpRequest, model: str, version: str | None = None):
+        check_model(model, version)
+        body = json_object(await ctx.body(http))
+        with frontend.api_call() as call:
+            g = Generate(body)
+            call.requests = [await g.request(frontend)]
+            (run,) = streams(call.requests)
+            frontend.submit(call.requests)
+            done = await until_disconnect(http, run.completion(), call.requests)
+        new = frontend.decode(_shown(done.token_ids, call.requests[0].stop_ids))
+        return JSONResponse(g.answer((g.text if g.with_prompt else "") + new))
+
+    @_both(app, "post", "/generate_stream")
+    async def generate_stream(http: HttpRequest, model: str, version: str | None = None):
+        check_model(model, version)
+        body = json_object(await ctx.body(http))
+        metered = contextlib.ExitStack()  # the API call, for the metrics: closed when the stream ends
+        call = metered.enter_context(frontend.api_call())
+        try:
+            g = Generate(body)
+            call.requests = [await g.request(frontend)]
+            (run,) = streams(call.requests)
+            frontend.submit(call.requests)
+        except BaseException:
+            metered.__exit__(*sys.exc_info())
+            raise
+
+        def close():  # the stream ended before its first event: nothing else cancels or counts it
+            run.request.cancel()
+            metered.__exit__(ClientGone, ClientGone(), None)
+
+        return EventStream(_generate_events(g, run, frontend, metered), on_close=close)
+
+
+def add_routes(app: FastAPI, ctx: Context) -> None:
+    _health_routes(app, ctx)
+    _infer_route(app, ctx)
+    _generate_routes(app, ctx)

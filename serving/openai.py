@@ -1,0 +1,360 @@
+"""The OpenAI-compatible API on the HTTP port: `GET /v1/models`, `POST /v1/completions`, `/v1/chat/completions`.
+
+`/v1/completions` takes `prompt` as a string, a token list, or a list of either (each one a choice, times
+`n`), `max_tokens` (default 16), `temperature` (default 1), `top_p`, `seed` (none: a random one per choice),
+`stop` (up to 4 strings, matched on the decoded text: the text ends before the stop string and the request
+stops there, freeing its slot), `logprobs` 0 (each token's own log-probability; the top alternatives of
+larger values are not computed), `echo`, `stream` (server-sent events ending with `data: [DONE]`;
+`stream_options.include_usage` adds a last chunk with the usage), and gives `usage` counts. `top_k` is
+accepted as an extension. Fields that ask for what gptjax can't do (`best_of` > n, penalties, `logit_bias`,
+`suffix`) get a 400 naming them; values are checked by the front end, as for every API.
+
+The models GPT-2 style checkpoints bring have no chat template, so `/v1/chat/completions` answers 400.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request as HttpRequest
+from fastapi.responses import JSONResponse
+
+from serving.frontend import Params, RequestError, invalid
+from serving.http import ClientGone, Context, EventStream, Stream, json_object, sse, streams, until_disconnect
+from serving.request import Code, Finished, Request
+
+STARTED = int(time.time())
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
+MAX_STOP_STRINGS = 4
+FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed", "logprobs", "echo",
+          "stream", "stream_options", "user", "best_of", "presence_penalty", "frequency_penalty", "logit_bias",
+          "suffix"}
+NAMES = {"prompt": "prompt", "max_new_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p",
+         "top_k": "top_k", "seed": "seed"}
+
+
+@dataclass
+class Choice:
+    """One choice's text as its tokens come: decoded incrementally, cut at the first stop string, and held back
+    while its end could still be the start of one. The end-of-text token that ends a request counts as a
+    token but adds no text."""
+
+    frontend: object
+    stops: list[str]
+    stop_ids: frozenset
+    ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)  # each token's start in `text`, by its own decoded text
+    text: str = ""
+    sent: int = 0  # characters of `text` already streamed
+    finish_reason: str | None = None
+
+    def __post_init__(self):
+        self.decoder = self.frontend.text_stream()
+
+    def add(self, event) -> None:
+        if isinstance(event, Finished):
+            self.text += self.decoder.add([], final=True)
+            self.finish_reason = self.finish_reason or event.reason
+        else:
+            ids = event.ids
+            for t in ids:
+                previous = len(self.frontend.decode([self.ids[-1]])) + self.offsets[-1] if self.ids else 0
+                self.offsets.append(previous)
+                self.ids.append(t)
+            self.logprobs += event.logprobs
+            shown = ids[:-1] if ids and ids[-1] in self.stop_ids else ids
+            self.text += self.decoder.add(list(shown))
+        hits = [i for i in (self.text.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.text = self.text[: min(hits)]
+            self.finish_reason = "stop"
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def piece(self) -> str:
+        """The text not streamed yet that no stop string can still claim."""
+        hold = 0
+        if not self.done:
+            for s in self.stops:
+                for k in range(min(len(s) - 1, len(self.text)), hold, -1):
+                    if self.text.endswith(s[:k]):
+                        hold = k
+                        break
+        end = max(self.sent, len(self.text) - hold)
+        piece, self.sent = self.text[self.sent:end], end
+        return piece
+
+    def kept_tokens(self) -> int:
+        """Tokens whose text starts inside the kept text (all of them unless a stop string cut it)."""
+        if self.finish_reason != "stop" or not self.stops:
+            return len(self.ids)
+        return sum(1 for o in self.offsets if o < len(self.text)) or min(1, len(self.ids))
+
+
+def _prompts(value) -> list:
+    """`prompt` as a list of prompts, each a str or a list of token ids."""
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list) or not value:
+        raise invalid("prompt must be a string, a list of token ids, or a non-empty list of either")
+    if all(is_int(v) for v in value):
+        return [value]
+    if all(isinstance(v, str) for v in value) or all(isinstance(v, list) for v in value):
+        return list(value)
+    raise invalid("prompt must be a string, a list of token ids, or a list of strings or of token-id lists, not a mix")
+
+
+def _stops(value) -> list[str]:
+    if value is None:
+        return []
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise invalid("stop must be a string or a list of strings")
+    if len(stops) > MAX_STOP_STRINGS or not all(stops):
+        raise invalid(f"stop takes up to {MAX_STOP_STRINGS} non-empty strings, got {stops!r}")
+    return stops
+
+
+def _refuse_unsupported(body: dict, n: int) -> None:
+    unknown = sorted(set(body) - FIELDS)
+    if unknown:
+        raise invalid(f"unknown field(s) {', '.join(unknown)}")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if body.get(name) not in (None, 0, 0.0):
+            raise invalid(f"{name} is not supported (only 0)")
+    if body.get("logit_bias"):
+        raise invalid("logit_bias is not supported (only empty)")
+    if body.get("suffix"):
+        raise invalid("suffix is not supported: gptjax models do not insert text")
+    if body.get("best_of") not in (None, n):
+        raise invalid(f"best_of must equal n ({n}): ranking extra choices is not supported")
+    logprobs = body.get("logprobs")
+    if logprobs is not None and (not isinstance(logprobs, int) or isinstance(logprobs, bool) or logprobs < 0):
+        raise invalid(f"logprobs must be a non-negative integer, got {logprobs!r}")
+    if logprobs:
+        raise invalid("logprobs > 0 asks for the top alternatives of each token, which are not computed; "
+                      "logprobs 0 gives each token's own log-probability")
+    if logprobs is not None and body.get("echo"):
+        raise invalid("echo with logprobs is not supported: the prompt's log-probabilities are not computed")
+
+
+def _flag(body: dict, name: str) -> bool:
+    value = body.get(name, False)
+    if not isinstance(value, bool):
+        raise invalid(f"{name} must be true or false, got {value!r}")
+    return value
+
+
+def _count(body: dict, name: str, default: int) -> int:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise invalid(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+class Completions:
+    """One /v1/completions call: its choices' requests, run and answered."""
+
+    def __init__(self, ctx: Context, body: dict):
+        self.ctx, self.body, self.frontend = ctx, body, ctx.frontend
+        self.n = _count(body, "n", 1)
+        _refuse_unsupported(body, self.n)
+        self.stream, self.echo = _flag(body, "stream"), _flag(body, "echo")
+        self.want_logprobs = body.get("logprobs") is not None
+        options = body.get("stream_options") or {}
+        if not isinstance(options, dict) or set(options) - {"include_usage"}:
+            raise invalid("stream_options takes only include_usage")
+        self.include_usage = bool(options.get("include_usage")) and self.stream
+        self.stops = _stops(body.get("stop"))
+        self.id, self.created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        self.requests: list[Request] = []
+        self.prompt_ids: list[list[int]] = []
+
+    async def make_requests(self) -> list[Request]:
+        """Tokenize (off the loop) and validate every choice's request, through the front end."""
+        prompts = _prompts(self.body.get("prompt"))
+        self.frontend.check_batch(len(prompts) * self.n, "prompt x n")
+        seed = self.body.get("seed")
+        for i, prompt in enumerate(prompts):
+            name = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
+            if isinstance(prompt, str):
+                self.frontend.check_text(prompt, name)
+                prompt = await asyncio.wrap_future(self.frontend.tokenize_async(prompt, name))
+                name += " (as tokens)"
+            for j in range(self.n):
+                p = Params(prompt=prompt, max_new_tokens=_option(self.body, "max_tokens", DEFAULT_MAX_TOKENS),
+                           temperature=_option(self.body, "temperature", 1.0),
+                           top_p=_option(self.body, "top_p", 1.0), top_k=_option(self.body, "top_k", 0),
+                           seed=secrets.randbits(63) if seed is None else _shifted(seed, j))
+                self.requests.append(self.frontend.validate(p, {**NAMES, "prompt": name}))
+            self.prompt_ids.append(self.requests[-1].prompt)
+        return self.requests
+
+    def usage(self, choices: list[Choice]) -> dict:
+        prompt = sum(len(p) for p in self.prompt_ids)
+        completion = sum(len(c.ids) for c in choices)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def prefix(self, index: int) -> str:
+        return self.frontend.decode(self.requests[index].prompt) if self.echo else ""
+
+    def logprobs(self, c: Choice, start: int) -> dict | None:
+        """OpenAI's logprobs object for the choice's tokens from `start` up to those whose text it kept."""
+        if not self.want_logprobs:
+            return None
+        end = c.kept_tokens()
+        ids = c.ids[start:end]
+        return {"tokens": [self.frontend.decode([t]) for t in ids], "token_logprobs": c.logprobs[start:end],
+                "top_logprobs": None, "text_offset": c.offsets[start:end]}
+
+    def chunk(self, choices: list[dict], usage=None) -> dict:
+        out = {"id": self.id, "object": "text_completion", "created": self.created,
+               "model": self.frontend.name, "choices": choices}
+        if self.include_usage or not self.stream:
+            out["usage"] = usage
+        return out
+
+
+def _shifted(seed, j: int):
+    """Choice j's seed: distinct choices of one seeded call differ, and the call stays reproducible."""
+    return seed + j if isinstance(seed, int) and not isinstance(seed, bool) else seed
+
+
+async def _run_choice(stream: Stream, choice: Choice) -> None:
+    """Feed the choice its request's events until it is done (a stop string ends the request early)."""
+    async for event in stream.events():
+        choice.add(event)
+        if choice.done:
+            stream.request.cancel()  # a stop string: free the slot now
+            return
+
+
+def _answer(call: Completions, choices: list[Choice]) -> dict:
+    return call.chunk([{"index": i, "text": call.prefix(i) + c.text, "logprobs": call.logprobs(c, 0),
+                        "finish_reason": c.finish_reason} for i, c in enumerate(choices)], call.usage(choices))
+
+
+async def _merged(runs: list[Stream]):
+    """(choice index, event or RequestError) of every choice's request, as they come."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def forward(i: int, stream: Stream):
+        try:
+            async for event in stream.events():
+                await queue.put((i, event))
+        except RequestError as e:
+            await queue.put((i, e))
+
+    tasks = [asyncio.ensure_future(forward(i, s)) for i, s in enumerate(runs)]
+    try:
+        while True:
+            yield await queue.get()
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def _events(call: Completions, runs: list[Stream], choices: list[Choice], metered: contextlib.ExitStack):
+    """The SSE chunks of a streamed completion, then `data: [DONE]`; an error ends it with an error chunk."""
+    sent_tokens = [0] * len(choices)
+    events = _merged(runs)
+    try:
+        with metered:
+            if call.echo:
+                for i in range(len(choices)):
+                    yield sse(call.chunk([{"index": i, "text": call.prefix(i), "logprobs": None,
+                                           "finish_reason": None}]))
+            async for i, event in events:
+                c = choices[i]
+                if isinstance(event, RequestError):
+                    raise event
+                c.add(event)
+                if c.done:
+                    runs[i].request.cancel()  # finished, or a stop string: free the slot now
+                piece = c.piece()
+                if piece or c.done:
+                    end = c.kept_tokens() if c.done else len(c.ids)
+                    lp = call.logprobs(c, sent_tokens[i]) if piece or c.done else None
+                    sent_tokens[i] = end
+                    yield sse(call.chunk([{"index": i, "text": piece, "logprobs": lp,
+                                           "finish_reason": c.finish_reason}]))
+                if all(c.done for c in choices):
+                    break
+        if call.include_usage:
+            yield sse(call.chunk([], call.usage(choices)))
+    except RequestError as e:
+        yield sse({"error": e.message})
+    finally:
+        await events.aclose()
+        for s in runs:
+            s.request.cancel()
+    yield sse(b"[DONE]")
+
+
+def _option(body: dict, name: str, default):
+    value = body.get(name)
+    return default if value is None else value
+
+
+def add_routes(app: FastAPI, ctx: Context) -> None:
+    frontend = ctx.frontend
+
+    def check_model(body: dict) -> None:
+        model = body.get("model")
+        if model is not None and model != frontend.name:
+            raise RequestError(Code.NOT_FOUND, f"model {model!r} is not served here; this server serves "
+                                               f"{frontend.name!r}")
+
+    @app.get("/v1/models")
+    async def models():
+        card = {"id": frontend.name, "object": "model", "created": STARTED, "owned_by": "gptjax"}
+        if frontend.limits is not None:
+            card["max_model_len"] = frontend.limits.max_seq_len
+        return {"object": "list", "data": [card]}
+
+    @app.post("/v1/completions")
+    async def completions(http: HttpRequest):
+        body = json_object(await ctx.body(http))
+        check_model(body)
+        metered = contextlib.ExitStack()  # the API call, for the metrics: closed when its answer is done
+        call_info = metered.enter_context(frontend.api_call())
+        try:
+            call = Completions(ctx, body)
+            call_info.requests = await call.make_requests()
+            runs = streams(call.requests)
+            frontend.submit(call.requests)
+        except BaseException:
+            metered.__exit__(*sys.exc_info())
+            raise
+        choices = [Choice(frontend, call.stops, r.stop_ids) for r in call.requests]
+        if call.stream:
+            def close():  # the stream ended before its first chunk: nothing else will cancel or count it
+                for r in call.requests:
+                    r.cancel()
+                metered.__exit__(ClientGone, ClientGone(), None)
+
+            return EventStream(_events(call, runs, choices, metered), on_close=close)
+        with metered:
+            await until_disconnect(http, asyncio.gather(*(_run_choice(s, c) for s, c in zip(runs, choices))),
+                                   call.requests)
+        return JSONResponse(_answer(call, choices))
+
+    @app.post("/v1/chat/completions")
+    async def chat(http: HttpRequest):
+        check_model(json_object(await ctx.body(http)))
+        raise invalid("model has no chat template: its checkpoint brings none; use /v1/completions with the "
+                      "conversation as one prompt")
