@@ -1,10 +1,12 @@
 """Attention kernels on one GPU: check, then time ours against `jax.nn.dot_product_attention` (XLA, cuDNN).
 
-    python -m benchmarks.kernels [--json OUT.json] [--sweep] [--quick]
+    python -m benchmarks.kernels [--json OUT.json] [--sweep] [--quick] [--prefill-dtypes bfloat16,float16]
 
-Prefill: causal bf16 self-attention, TFLOP/s counted as 2*b*h*s*s*d (the causal half of 4*b*h*s*s*d).
+Prefill: causal self-attention, TFLOP/s counted as 2*b*h*s*s*d (the causal half of 4*b*h*s*s*d); ours are
+the Triton kernel and, on Hopper, the Mosaic GPU one; in fp16 JAX's `attention_mgpu` example is a peer too.
 Decode: one bf16 query per sequence against a bf16 cache, GB/s counted over the valid K/V entries (each read
-once), next to the device's copy bandwidth measured in the same run (read + write of a 2 GiB array).
+once), next to the device's memory bandwidth measured in the same run (`benchmarks.floors`: the larger of
+its copy rate, read + written bytes, and its read rate), so no row can honestly pass 100%.
 Every number is a median over repeated runs after a warm-up; each run goes through several independent input
 sets in one dispatch (so that launch overhead is amortised and no input is still in L2 from the run before).
 `--sweep` also times other block shapes; `--quick` is a small smoke run (interpret mode on CPU).
@@ -26,8 +28,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptjax.kernels import decode_attention, decode_attention_reference, flash_attention, on_gpu
-from gptjax.kernels.decode_attention import default_params
+from gptjax.kernels import decode_attention, decode_attention_reference, flash_attention, on_gpu, on_hopper
+from gptjax.kernels.flash_attention_hopper import hopper_flash_attention
+from benchmarks import floors
+from gptjax.kernels.decode_attention import choose_params
 
 PREFILL_SHAPES = [(8, 512, 16, 64), (4, 2048, 16, 64), (2, 4096, 32, 128), (1, 8192, 32, 128)]
 DECODE_BATCHES = [1, 8, 32, 64, 128, 256]
@@ -41,6 +45,7 @@ PREFILL_SWEEP = {64: [(128, 64, 8, 3, False), (128, 64, 4, 3, True), (64, 64, 4,
 DECODE_SWEEP = [(128, 4, 3, False, None), (64, 4, 3, True, None), (128, 4, 3, True, None),
                 (128, 8, 3, True, None), (256, 8, 3, True, None), (128, 8, 3, False, "x2"), (128, 8, 3, False, "x4"),
                 (128, 4, 3, True, "x2")]
+HOPPER_SWEEP = [(64, 2), (128, 3), (64, 3)]  # (block_kv, stages) beside the default (128, 2)
 MEM_BUDGET = 6 << 30  # bytes of input sets per timed function
 
 
@@ -66,33 +71,55 @@ def rel_err(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def copy_bandwidth(n_bytes):
-    x = jax.random.normal(jax.random.key(0), (n_bytes // 2,), jnp.bfloat16)
-    t = timed(lambda x: x + jnp.bfloat16(1), [(x,)], reps=9)
-    return 2 * n_bytes / t
 
 
 # ---- correctness on ragged inputs, against float64 on the host -----------------------------------------
-def check_ragged(interpret):
-    rng = np.random.default_rng()
+def prefill_reference64(q, k, v, lengths):
+    q64, k64, v64 = (np.asarray(x, np.float64) for x in (q, k, v))
+    s, d = q64.shape[1], q64.shape[-1]
+    sc = np.einsum("bqhd,bkhd->bhqk", q64, k64) / math.sqrt(d)
+    pos = np.arange(s)
+    mask = (pos[None, :] <= pos[:, None])[None, None] & (pos[None, None, None, :] < lengths[:, None, None, None])
+    sc = np.where(mask, sc, -np.inf)
+    p = np.exp(sc - sc.max(-1, keepdims=True))
+    return np.einsum("bhqk,bkhd->bqhd", p / p.sum(-1, keepdims=True), v64)
+
+
+def check_prefill(name, kernel, dtypes, shapes, rng, tol):
     rows = []
-    tol = {jnp.float32: 2e-3, jnp.bfloat16: 3e-2, jnp.float16: 3e-2}
-    for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
-        for b, s, h, d in [(3, 1000, 4, 64), (2, 300, 2, 128), (2, 77, 3, 80)]:
+    for dtype in dtypes:
+        for b, s, h, d in shapes:
             q, k, v = (jnp.asarray(rng.standard_normal((b, s, h, d)), dtype) for _ in range(3))
             lengths = rng.integers(1, s + 1, size=b).astype(np.int32)
             lengths[0] = s
-            out = np.asarray(flash_attention(q, k, v, lengths=jnp.asarray(lengths), interpret=interpret), np.float64)
-            q64, k64, v64 = (np.asarray(x, np.float64) for x in (q, k, v))
-            sc = np.einsum("bqhd,bkhd->bhqk", q64, k64) / math.sqrt(d)
-            pos = np.arange(s)
-            mask = (pos[None, :] <= pos[:, None])[None, None] & (pos[None, None, None, :] < lengths[:, None, None, None])
-            sc = np.where(mask, sc, -np.inf)
-            p = np.exp(sc - sc.max(-1, keepdims=True))
-            ref = np.einsum("bhqk,bkhd->bqhd", p / p.sum(-1, keepdims=True), v64)
-            err = max(rel_err(out[i, :n], ref[i, :n]) for i, n in enumerate(lengths))
-            rows.append(("flash", jnp.dtype(dtype).name, (b, s, h, d), err, err < tol[dtype]))
-        for b, s, h, d in [(5, 3000, 8, 64), (2, 1000, 4, 128), (64, 700, 4, 64)]:
+            try:
+                out = np.asarray(kernel(q, k, v, jnp.asarray(lengths)), np.float64)
+                ref = prefill_reference64(q, k, v, lengths)
+                err = max(rel_err(out[i, :n], ref[i, :n]) for i, n in enumerate(lengths))
+            except Exception as e:  # a kernel that does not build is a failed check, not a crashed run
+                traceback.print_exc(limit=4)
+                print(f"check {name} failed to run: {type(e).__name__}: {str(e)[:2000]}", flush=True)
+                err = float("nan")
+            rows.append((name, jnp.dtype(dtype).name, (b, s, h, d), err, bool(err < tol[dtype])))
+    return rows
+
+
+def check_ragged(interpret, which="all"):
+    """which: "all", or "hopper" (only the Mosaic GPU kernel's checks)."""
+    rng = np.random.default_rng()
+    tol = {jnp.float32: 2e-3, jnp.bfloat16: 3e-2, jnp.float16: 3e-2}
+    dtypes = (jnp.float32, jnp.bfloat16, jnp.float16)
+    rows = [] if which == "hopper" else check_prefill("flash", lambda q, k, v, n: flash_attention(q, k, v, lengths=n, interpret=interpret),
+                         dtypes, [(3, 1000, 4, 64), (2, 300, 2, 128), (2, 77, 3, 80)], rng, tol)
+    if on_hopper():
+        for use_lengths in (True, False):
+            rows += check_prefill(f"hopper(lengths={use_lengths})",
+                                  lambda q, k, v, n, u=use_lengths: hopper_flash_attention(q, k, v, lengths=n,
+                                                                                            use_lengths=u),
+                                  (jnp.bfloat16, jnp.float16), [(3, 1000, 4, 64), (2, 300, 2, 128), (1, 4096, 2, 64)],
+                                  rng, tol)
+    for dtype in dtypes if which == "all" else ():
+        for b, s, h, d in [(5, 3000, 8, 64), (2, 1000, 4, 128), (64, 700, 4, 64), (8, 640, 16, 64)]:
             q = jnp.asarray(rng.standard_normal((b, h, d)), dtype)
             kc, vc = (jnp.asarray(rng.standard_normal((b, s, h, d)), dtype) for _ in range(2))
             lengths = rng.integers(1, s + 1, size=b).astype(np.int32)
@@ -108,36 +135,60 @@ def check_ragged(interpret):
 
 
 # ---- prefill -------------------------------------------------------------------------------------------
-def prefill(shapes, sweep, interpret, reps):
+def attention_mgpu_peer(block_kv):
+    """JAX's own Mosaic GPU attention example (fp16 only: its shared-memory tiles are fp16; no 1/sqrt(d)
+    scale, which changes nothing in its timing)."""
+    from jax.experimental.pallas.ops.gpu import attention_mgpu
+
+    config = attention_mgpu.TuningConfig(block_q=64, block_kv=block_kv, max_concurrent_steps=2, causal=True)
+    return lambda q, k, v: attention_mgpu.attention(q, k, v, config=config)
+
+
+def prefill_impls(interpret, sweep, dtype, head_dim):
+    impls = {"xla": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")}
+    if on_gpu():
+        impls["cudnn"] = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                                      implementation="cudnn")
+    configs = [None] + (PREFILL_SWEEP[head_dim] if sweep else [])
+    for cfg in configs:
+        kw = {} if cfg is None else dict(zip(("block_q", "block_k", "num_warps", "num_stages", "heads_first"), cfg))
+        impls["pallas" if cfg is None else "pallas" + str(cfg)] = (
+            lambda q, k, v, kw=kw: flash_attention(q, k, v, interpret=interpret, **kw))
+    if on_hopper():
+        for block_kv, stages in [(None, None)] + HOPPER_SWEEP:
+            name = "hopper" if block_kv is None else f"hopper({block_kv}, {stages})"
+            impls[name] = lambda q, k, v, b=block_kv, st=stages: hopper_flash_attention(q, k, v, block_kv=b,
+                                                                                       stages=st)
+        if jnp.dtype(dtype) == jnp.float16:
+            for block_kv in (64, 128):
+                impls[f"attention_mgpu({block_kv})"] = attention_mgpu_peer(block_kv)
+    return impls
+
+
+def prefill(shapes, sweep, interpret, reps, dtype=jnp.bfloat16):
     results = []
     for b, s, h, d in shapes:
         flops = 2.0 * b * h * s * s * d
         set_bytes = 3 * b * s * h * d * 2
         keys = jax.random.split(jax.random.key(s + b), 3 * n_sets(set_bytes))
-        arrs = [jax.random.normal(kk, (b, s, h, d), jnp.bfloat16) for kk in keys]
+        arrs = [jax.random.normal(kk, (b, s, h, d), dtype) for kk in keys]
         sets = [tuple(arrs[3 * i:3 * i + 3]) for i in range(len(arrs) // 3)]
         q, k, v = sets[0]
         ref = jax.nn.dot_product_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
                                            is_causal=True, implementation="xla")
-        row = {"shape": [b, s, h, d], "impl": {}}
-        impls = {"xla": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")}
-        if on_gpu():
-            impls["cudnn"] = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                                                          implementation="cudnn")
-        configs = [None] + (PREFILL_SWEEP[d] if sweep else [])
-        for cfg in configs:
-            kw = {} if cfg is None else dict(zip(("block_q", "block_k", "num_warps", "num_stages", "heads_first"), cfg))
-            impls["pallas" if cfg is None else "pallas" + str(cfg)] = (
-                lambda q, k, v, kw=kw: flash_attention(q, k, v, interpret=interpret, **kw))
-        for name, fn in impls.items():
+        unscaled = jax.nn.dot_product_attention(q.astype(jnp.float32), k.astype(jnp.float32),
+                                                v.astype(jnp.float32), is_causal=True, scale=1.0,
+                                                implementation="xla")
+        row = {"shape": [b, s, h, d], "dtype": jnp.dtype(dtype).name, "impl": {}}
+        for name, fn in prefill_impls(interpret, sweep, dtype, d).items():
             try:
-                err = rel_err(jax.jit(fn)(q, k, v), ref)
+                err = rel_err(jax.jit(fn)(q, k, v), unscaled if name.startswith("attention_mgpu") else ref)
                 t = timed(fn, sets, reps=reps)
                 row["impl"][name] = {"ms": t * 1e3, "tflops": flops / t / 1e12, "rel_err": err}
             except Exception as e:  # one failing variant must not sink the run
-                row["impl"][name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-                traceback.print_exc(limit=2)
-            print(f"prefill {(b, s, h, d)} {name}: {row['impl'][name]}", flush=True)
+                row["impl"][name] = {"error": f"{type(e).__name__}: {str(e)[:2000]}"}
+                traceback.print_exc(limit=4)
+            print(f"prefill {(b, s, h, d)} {row['dtype']} {name}: {row['impl'][name]}", flush=True)
         del sets, arrs
         results.append(row)
     return results
@@ -190,9 +241,9 @@ def decode_impls(interpret, sweep):
         def fn(q, k, v, n, bk=bk, w=w, st=st, dot=dot, sp=sp):
             splits = None
             if sp is not None:
-                splits = int(sp[1:]) * default_params(q.shape[0], q.shape[1], k.shape[1], q.shape[2])[1]
+                splits = int(sp[1:]) * choose_params(q.shape[0], q.shape[1], k.shape[1], q.shape[2]).num_splits
             return decode_attention(q, k, v, n, interpret=interpret, block_k=bk, num_warps=w, num_stages=st,
-                                    use_dot=dot, num_splits=splits)
+                                    use_dot=dot, num_splits=splits, heads_per_program=1)
         impls[f"pallas{cfg}"] = fn
     return impls
 
@@ -226,17 +277,23 @@ def markdown(env, checks, copy_bw, prefill_rows, decode_rows):
     out.append(f"Correctness (ragged lengths, fp32/bf16/fp16 vs float64 on the host): {len(checks) - len(bad)}"
                f"/{len(checks)} within tolerance; worst bf16 {max(c[3] for c in checks if c[1] == 'bfloat16'):.1e}, "
                f"worst fp32 {max(c[3] for c in checks if c[1] == 'float32'):.1e}.")
-    out += ["", "Prefill, causal, bf16, TFLOP/s (ratio to cuDNN):", "",
-            "| (b, s, h, d) | XLA | cuDNN | Pallas (ours) | ours / cuDNN | ours / XLA | best swept config |",
-            "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in prefill_rows:
+        if r is prefill_rows[0] or r["dtype"] != prefill_rows[prefill_rows.index(r) - 1]["dtype"]:
+            out += ["", f"Prefill, causal, {r['dtype']}, TFLOP/s:", "",
+                    "| (b, s, h, d) | XLA | cuDNN | attention_mgpu (best) | ours, Triton | ours, Hopper | "
+                    "ours, Hopper best swept | best ours / cuDNN | best ours / attention_mgpu |",
+                    "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         im = r["impl"]
         tf = lambda n: im.get(n, {}).get("tflops", float("nan"))
-        swept = {n: v["tflops"] for n, v in im.items() if n.startswith("pallas(") and "tflops" in v}
-        best = max(swept, key=swept.get) if swept else None
-        best_txt = f"{best[6:]} {swept[best]:.0f}" if best else "-"
-        out.append(f"| {tuple(r['shape'])} | {tf('xla'):.0f} | {tf('cudnn'):.0f} | {tf('pallas'):.0f} | "
-                   f"{tf('pallas') / tf('cudnn'):.2f} | {tf('pallas') / tf('xla'):.1f} | {best_txt} |")
+        best_of = lambda prefix: max([v["tflops"] for n, v in im.items() if n.startswith(prefix) and "tflops" in v],
+                                     default=float("nan"))
+        peer = best_of("attention_mgpu")
+        swept = {n: v["tflops"] for n, v in im.items() if n.startswith("hopper(") and "tflops" in v}
+        best_swept = max(swept, key=swept.get) if swept else None
+        swept_txt = f"{best_swept[6:]} {swept[best_swept]:.0f}" if best_swept else "-"
+        ours = max(best_of("hopper"), best_of("pallas"))
+        out.append(f"| {tuple(r['shape'])} | {tf('xla'):.0f} | {tf('cudnn'):.0f} | {peer:.0f} | {tf('pallas'):.0f} | "
+                   f"{tf('hopper'):.0f} | {swept_txt} | {ours / tf('cudnn'):.2f} | {ours / peer:.2f} |")
     out += ["", f"Decode, bf16, GB/s over the valid K/V bytes (fraction of the {copy_bw / 1e9:.0f} GB/s copy "
             "bandwidth); XLA is the engine's `jnp` reference:", "",
             "| batch | context | heads x dim | Pallas (ours) | of copy bw | XLA | cuDNN | ours us |",
@@ -267,6 +324,9 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="small shapes (a smoke run, e.g. on CPU)")
     ap.add_argument("--skip-decode", action="store_true")
     ap.add_argument("--skip-prefill", action="store_true")
+    ap.add_argument("--checks", choices=("all", "hopper", "none"), default="all")
+    ap.add_argument("--prefill-dtypes", default="bfloat16",
+                    help="comma-separated; float16 adds JAX's attention_mgpu (fp16 only) as a peer")
     ap.add_argument("--cache-spread", action="store_true",
                     help="only: the same valid K/V (64 sequences of 192 keys, 16 x 64) in caches of 256, 640 and "
                          "2048 positions, to see what the cache's length costs when the bytes read are equal")
@@ -283,20 +343,23 @@ def main(argv=None):
     env = {"device": str(jax.devices()[0].device_kind), "date": datetime.date.today().isoformat(),
            "jax": jax.__version__, "jaxlib": jaxlib.__version__, "python": platform.python_version()}
     print(env, flush=True)
-    checks = check_ragged(interpret) if not args.quick else []
+    checks = check_ragged(interpret, args.checks) if not (args.quick or args.checks == "none") else []
     for c in checks:
         print("check", *c, flush=True)
-    copy_bw = copy_bandwidth((64 << 20) if args.quick else (2 << 30))
-    print(f"copy bandwidth {copy_bw / 1e9:.0f} GB/s", flush=True)
+    rates = floors.measure(with_torch=on_gpu())
+    copy_bw = rates["memory_bytes_per_s"]  # the larger of copy and read: a decode kernel only reads
+    print(f"floors {rates}", flush=True)
     shapes = [(2, 128, 2, 64), (1, 256, 2, 128)] if args.quick else PREFILL_SHAPES
     global MEM_BUDGET
     if args.quick:
         MEM_BUDGET = 1 << 20
-    prefill_rows = [] if args.skip_prefill else prefill(shapes, args.sweep, interpret, reps)
+    prefill_rows = [] if args.skip_prefill else [
+        row for dtype in args.prefill_dtypes.split(",") for row in prefill(shapes, args.sweep, interpret, reps,
+                                                                           jnp.dtype(dtype))]
     decode_rows = [] if args.skip_decode else decode(interpret, args.sweep, reps, args.quick)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"env": env, "checks": checks, "copy_bw": copy_bw, "prefill": prefill_rows,
+            json.dump({"env": env, "checks": checks, "copy_bw": copy_bw, "rates": rates, "prefill": prefill_rows,
                        "decode": decode_rows}, f, indent=1, default=str)
     if checks:
         print(markdown(env, checks, copy_bw, prefill_rows, decode_rows))

@@ -1,7 +1,10 @@
 """Attention kernels and the one place that picks an implementation ("pallas" | "xla" | "cudnn").
 
-- "pallas": our kernels (`flash_attention`, `decode_attention`); compiled through Triton on a GPU, run by
-  the Pallas interpreter elsewhere (slow, but the same arithmetic: it is how the tests check them on CPU).
+- "pallas": our kernels. Prefill on a Hopper GPU (sm_90) runs `hopper_flash_attention` (Mosaic GPU: wgmma,
+  TMA, warp specialisation) where it supports the shape (head_dim 64 or 128, fp16/bf16), else
+  `flash_attention` (Triton); decode runs `decode_attention` (Triton), its launch parameters from the swept
+  table. Off a GPU the Pallas interpreter runs the Triton-form kernels (slow, but the same arithmetic: it is
+  how the tests check them on CPU).
 - "xla": the plain `jnp` references, which XLA fuses as it can.
 - "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")` for prefill (GPU, fp16/bf16 only); decode
   uses the reference, which XLA fuses well enough for one query.
@@ -22,13 +25,19 @@ from jax.sharding import PartitionSpec as P
 
 from gptjax.kernels.decode_attention import decode_attention, decode_attention_reference
 from gptjax.kernels.flash_attention import flash_attention, flash_attention_reference
+from gptjax.kernels.flash_attention_hopper import hopper_flash_attention, supports as hopper_supports
 
-__all__ = ["prefill_attention", "decode_step_attention", "default_impl", "on_gpu",
-           "flash_attention", "flash_attention_reference", "decode_attention", "decode_attention_reference"]
+__all__ = ["prefill_attention", "decode_step_attention", "default_impl", "on_gpu", "on_hopper",
+           "flash_attention", "flash_attention_reference", "hopper_flash_attention", "decode_attention",
+           "decode_attention_reference"]
 
 
 def on_gpu() -> bool:
     return jax.default_backend() == "gpu"
+
+
+def on_hopper() -> bool:
+    return on_gpu() and getattr(jax.devices()[0], "compute_capability", "") == "9.0"
 
 
 def default_impl() -> str:
@@ -38,7 +47,10 @@ def default_impl() -> str:
 def prefill_attention(q, k, v, lengths, impl: str):
     """Causal self-attention over right-padded prompts, [batch, seq, heads, head_dim]; lengths [batch] or None."""
     if impl == "pallas":
-        kernel = functools.partial(flash_attention, causal=True, interpret=not on_gpu())
+        if on_hopper() and hopper_supports(q):
+            kernel = hopper_flash_attention
+        else:
+            kernel = functools.partial(flash_attention, causal=True, interpret=not on_gpu())
         if lengths is None:
             return _per_shard(lambda q, k, v: kernel(q, k, v), (q, k, v), (_QKV, _QKV, _QKV), _QKV)
         return _per_shard(lambda q, k, v, n: kernel(q, k, v, lengths=n), (q, k, v, lengths),

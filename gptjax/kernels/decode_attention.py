@@ -8,13 +8,26 @@ Decode attention moves bytes, not FLOPs: each cache entry is read once and used 
 element. The kernel reads only each sequence's valid entries (`lengths`) and splits the cache's sequence axis
 into chunks (flash-decoding), so that a small batch still puts enough programs on the chip to saturate
 memory bandwidth; each chunk leaves a partial output and its log-sum-exp, and a small `jnp` step combines
-them. With enough (sequence, head) pairs to fill the chip there is one chunk and no combine step.
+them. With enough programs to fill the chip there is one chunk and no combine step.
+
+Two forms of the program body, both tested against the reference:
+- one head per program (`heads_per_program=1`): scores by elementwise products (`use_dot=False`), or on the
+  matrix units with the query repeated over 16 rows (`use_dot=True`);
+- a group of G heads per program: the program reads [block_k, G * head_dim] tiles, whole cache rows when G
+  is every head, so its loads are long contiguous runs rather than one head's 128 bytes every few KB. Both
+  products run on the matrix units against a block-diagonal query (column h holds head h's query in rows
+  h*d..(h+1)*d): scores = K @ Q_bd is [block_k, G]; outputs = P^T @ V is [G, G * head_dim], of which head h
+  keeps its own d columns. That multiplies the FLOPs by G (at most 16 per byte read, far under what the
+  matrix units do at memory speed) to keep every reduction inside one matrix product.
+Which form, block size and split count a shape gets comes from `decode_table.TABLE`, which the sweep
+(`benchmarks/decode_sweep.py`) writes; shapes it does not cover get `default_params`.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,17 +35,27 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from gptjax.kernels import decode_table
+
 # aim for this many programs (several per multiprocessor of a 132-SM H100) before splitting the sequence
 TARGET_PROGRAMS = 1024
 MIN_SPLIT_KEYS = 512  # shorter chunks are not worth a combine step (three more small kernels per layer)
+SHARED_MEMORY = 227 * 1024  # per block on an H100 or H200
+MATRIX_ROWS = 16  # the matrix units' smallest tile side in Triton's dot
 
 
-SHARED_MEMORY = 227 * 1024  # per block on an H100
+class DecodeParams(NamedTuple):
+    heads_per_program: int
+    block_k: int
+    num_splits: int
+    num_warps: int
+    num_stages: int
+    use_dot: bool  # one head per program only: the matrix-unit form
 
 
-def default_params(batch: int, heads: int, max_seq: int, head_dim: int,
-                   itemsize: int = 2) -> tuple[int, int, int, int, bool]:
-    """(block_k, num_splits, num_warps, num_stages, use_dot), tuned on an H100 (benchmarks/kernels.py)."""
+def default_params(batch: int, heads: int, max_seq: int, head_dim: int, itemsize: int = 2) -> DecodeParams:
+    """The fallback for shapes the table does not cover: one head per program, matrix units (tuned on an
+    H100, benchmarks/kernels.py)."""
     block_k, stages = min(128, max(16, pl.next_power_of_2(max_seq))), 3
     # the pipelined key and value tiles (and the 16-row query) live in shared memory: fp32 needs smaller ones
     while (16 + 2 * stages * block_k) * max(16, head_dim) * itemsize > SHARED_MEMORY and block_k > 16:
@@ -42,28 +65,69 @@ def default_params(batch: int, heads: int, max_seq: int, head_dim: int,
     while (batch * heads * splits < TARGET_PROGRAMS and splits * 2 <= n_blocks
            and max_seq // (splits * 2) >= MIN_SPLIT_KEYS):
         splits *= 2
-    return block_k, splits, 4, stages, True
+    return DecodeParams(1, block_k, splits, 4, stages, True)
 
 
-def _decode_kernel(len_ref, q_ref, k_ref, v_ref, *out_refs, sm_scale: float, block_k: int, chunk: int,
-                   split: bool, rows: int):
+def choose_params(batch: int, heads: int, max_seq: int, head_dim: int, itemsize: int = 2) -> DecodeParams:
+    """The swept table's nearest entry for these heads x head_dim (nearest batch and cache length on a log
+    scale), its split count rescaled to keep the keys per chunk; `default_params` when none fits."""
+    entries = [(key, value) for key, value in decode_table.TABLE.items()
+               if key[:2] == (heads, head_dim) and heads % value[0] == 0]
+    if not entries or itemsize != 2:  # the sweep timed 16-bit caches
+        return default_params(batch, heads, max_seq, head_dim, itemsize)
+
+    def distance(item):
+        (_, _, b, s), _ = item
+        return abs(math.log2(b / batch)) + abs(math.log2(s / max_seq))
+
+    (_, _, _, table_seq), (group, block_k, splits, warps, stages, use_dot) = min(entries, key=distance)
+    keys_per_split = table_seq / splits
+    splits = max(1, min(round(max_seq / keys_per_split), -(-max_seq // block_k)))
+    return DecodeParams(group, min(block_k, max(16, pl.next_power_of_2(max_seq))), splits, warps, stages,
+                        use_dot)
+
+
+def _online_softmax_step(s, m_prev, l_prev, axis: int):
+    """One block of the running softmax over scores s (base 2): the new max, the rescale of what came
+    before, the block's probabilities and the new running sum, reduced along `axis` (the keys)."""
+    m_next = jnp.maximum(m_prev, jnp.max(s, axis=axis))
+    alpha = jnp.exp2(m_prev - m_next)
+    p = jnp.exp2(s - (m_next[:, None] if axis == 1 else m_next[None, :]))
+    return m_next, alpha, p, l_prev * alpha + jnp.sum(p, axis=axis)
+
+
+def _key_blocks(length, start, chunk: int, block_k: int):
+    """How many of this chunk's key blocks are whole (unmasked) and how many hold any valid key."""
+    n_blocks_chunk = chunk // block_k
+    remaining = jnp.maximum(length - start, 0)
+    return (jnp.minimum(lax.div(remaining, block_k), n_blocks_chunk),
+            jnp.minimum(pl.cdiv(remaining, block_k), n_blocks_chunk))
+
+
+def _store(out_refs, acc, m, l, split: bool):
+    """acc [..., d] unnormalised, m and l the max and sum (base 2); a chunk with no key gets zeros and -inf."""
+    safe_l = jnp.where(l == 0.0, 1.0, l)
+    if split:
+        o_ref, lse_ref = out_refs
+        o_ref[...] = acc
+        lse_ref[...] = jnp.where(l == 0.0, -jnp.inf, m + jnp.log2(safe_l))
+    else:
+        (o_ref,) = out_refs
+        o_ref[...] = acc.astype(o_ref.dtype)
+
+
+def _per_head_kernel(len_ref, q_ref, k_ref, v_ref, *out_refs, sm_scale: float, block_k: int, chunk: int,
+                     split: bool, rows: int):
     """rows == 1: scores and outputs by elementwise products and reductions. rows == 16: the query repeated
     over 16 rows so that both products run on the matrix units (whose smallest tile has 16 rows); that
     wastes FLOPs nobody needs but keeps reductions inside warps and lets Triton pipeline the tile loads."""
-    s_idx = pl.program_id(1)
     length = len_ref[...]
-    start = s_idx * chunk
+    start = pl.program_id(1) * chunk
     q = q_ref[...]
     head_dim = q.shape[-1]
     scale = sm_scale * math.log2(math.e)  # exp2 below
-    if rows == 1:
-        q = q.astype(jnp.float32) * scale
-    else:
-        q = jnp.broadcast_to(q[None, :], (rows, head_dim))
-    n_blocks_chunk = chunk // block_k
-    remaining = jnp.maximum(length - start, 0)
-    n_full = jnp.minimum(lax.div(remaining, block_k), n_blocks_chunk)
-    n_end = jnp.minimum(pl.cdiv(remaining, block_k), n_blocks_chunk)
+    q = q.astype(jnp.float32) * scale if rows == 1 else jnp.broadcast_to(q[None, :], (rows, head_dim))
+    n_full, n_end = _key_blocks(length, start, chunk, block_k)
 
     def body(j, carry, masked: bool):
         acc, m_prev, l_prev = carry
@@ -73,8 +137,7 @@ def _decode_kernel(len_ref, q_ref, k_ref, v_ref, *out_refs, sm_scale: float, blo
             k = plgpu.load(k_ref.at[idx, :], mask=ok, other=0.0)
             v = plgpu.load(v_ref.at[idx, :], mask=ok, other=0.0)
         else:
-            k = k_ref[idx, :]
-            v = v_ref[idx, :]
+            k, v = k_ref[idx, :], v_ref[idx, :]
         if rows == 1:
             s = jnp.sum(k.astype(jnp.float32) * q[None, :], axis=1)[None, :]  # [1, block_k]
         else:
@@ -82,10 +145,7 @@ def _decode_kernel(len_ref, q_ref, k_ref, v_ref, *out_refs, sm_scale: float, blo
         if masked:
             kpos = start + j * block_k + lax.broadcasted_iota(jnp.int32, s.shape, 1)
             s = jnp.where(kpos < length, s, -jnp.inf)
-        m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
-        alpha = jnp.exp2(m_prev - m_next)
-        p = jnp.exp2(s - m_next[:, None])
-        l_next = l_prev * alpha + jnp.sum(p, axis=1)
+        m_next, alpha, p, l_next = _online_softmax_step(s, m_prev, l_prev, axis=1)
         if rows == 1:
             pv = jnp.sum(p[0][:, None] * v.astype(jnp.float32), axis=0)[None, :]
         else:
@@ -98,78 +158,154 @@ def _decode_kernel(len_ref, q_ref, k_ref, v_ref, *out_refs, sm_scale: float, blo
     acc, m, l = lax.fori_loop(n_full, n_end, functools.partial(body, masked=True), carry)
     # every row holds the same numbers: keep one
     acc, m, l = jnp.max(acc, axis=0), jnp.max(m, axis=0, keepdims=True), jnp.max(l, axis=0, keepdims=True)
-    safe_l = jnp.where(l == 0.0, 1.0, l)
-    if split:
-        o_ref, lse_ref = out_refs
-        o_ref[...] = acc / safe_l
-        # log2-sum-exp2 of this chunk's scores; -inf for a chunk past the sequence's end
-        lse_ref[...] = jnp.where(l == 0.0, -jnp.inf, m + jnp.log2(safe_l))
-    else:
-        (o_ref,) = out_refs
-        o_ref[...] = (acc / safe_l).astype(o_ref.dtype)
+    _store(out_refs, acc / jnp.where(l == 0.0, 1.0, l), m, l, split)
+
+
+def _head_group_kernel(len_ref, q_ref, k_ref, v_ref, *out_refs, sm_scale: float, block_k: int, chunk: int,
+                       split: bool, head_dim: int, cols: int):
+    """G heads of one sequence's chunk: q_ref [G*d], k_ref and v_ref [chunk, G*d]; `cols` = max(G, 16)
+    columns of the block-diagonal query (those past G are zero and their results unused)."""
+    length = len_ref[...]
+    start = pl.program_id(1) * chunk
+    q = q_ref[...]
+    width = q.shape[0]
+    head_of_row = lax.broadcasted_iota(jnp.int32, (width, cols), 0) // head_dim
+    q_bd = jnp.where(head_of_row == lax.broadcasted_iota(jnp.int32, (width, cols), 1), q[:, None],
+                     jnp.zeros((), q.dtype))
+    scale = sm_scale * math.log2(math.e)
+    n_full, n_end = _key_blocks(length, start, chunk, block_k)
+
+    def body(j, carry, masked: bool):
+        acc, m_prev, l_prev = carry
+        idx = pl.ds(j * block_k, block_k)
+        if masked:  # the one block that crosses the sequence's end: never read past it (nor past the cache)
+            ok = (start + j * block_k + lax.broadcasted_iota(jnp.int32, (block_k, width), 0)) < length
+            k = plgpu.load(k_ref.at[idx, :], mask=ok, other=0.0)
+            v = plgpu.load(v_ref.at[idx, :], mask=ok, other=0.0)
+        else:
+            k, v = k_ref[idx, :], v_ref[idx, :]
+        s = plgpu.dot(k, q_bd) * scale  # [block_k, cols]: column h is head h's scores
+        if masked:
+            kpos = start + j * block_k + lax.broadcasted_iota(jnp.int32, s.shape, 0)
+            s = jnp.where(kpos < length, s, -jnp.inf)
+        m_next, alpha, p, l_next = _online_softmax_step(s, m_prev, l_prev, axis=0)
+        pv = plgpu.dot(p.astype(v.dtype), v, trans_a=True)  # [cols, width]: row h is head h's weights on all
+        return acc * alpha[:, None] + pv, m_next, l_next
+
+    carry = (jnp.zeros((cols, width), jnp.float32), jnp.full((cols,), -jnp.inf, jnp.float32),
+             jnp.zeros((cols,), jnp.float32))
+    carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), carry)
+    acc, m, l = lax.fori_loop(n_full, n_end, functools.partial(body, masked=True), carry)
+    acc = acc / jnp.where(l == 0.0, 1.0, l)[:, None]
+    own = (lax.broadcasted_iota(jnp.int32, (cols, width), 0)
+           == lax.broadcasted_iota(jnp.int32, (cols, width), 1) // head_dim)  # head h's own d columns
+    _store(out_refs, jnp.sum(jnp.where(own, acc, 0.0), axis=0), m, l, split)
 
 
 @functools.partial(jax.jit, static_argnames=("interpret", "block_k", "num_splits", "num_warps", "num_stages",
-                                             "use_dot"))
+                                             "use_dot", "heads_per_program"))
 def decode_attention(q, k_cache, v_cache, lengths, *, interpret: bool = False, block_k: int | None = None,
                      num_splits: int | None = None, num_warps: int | None = None,
-                     num_stages: int | None = None, use_dot: bool | None = None):
+                     num_stages: int | None = None, use_dot: bool | None = None,
+                     heads_per_program: int | None = None):
     """q: [batch, heads, head_dim]; caches: [rows >= batch, max_seq, heads, head_dim], of which the first `batch`
     rows are read; lengths: [batch] valid entries (including the current token). Scale 1/sqrt(head_dim). A
-    sequence of length 0 gets zeros."""
+    sequence of length 0 gets zeros. The keyword arguments override `choose_params`'s choice."""
     batch, heads, head_dim = q.shape
     rows, max_seq = k_cache.shape[:2]
     if rows < batch or k_cache.shape[2:] != (heads, head_dim) or v_cache.shape != k_cache.shape:
         raise ValueError(f"caches must be [rows >= {batch}, max_seq, {heads}, {head_dim}], "
                          f"got {k_cache.shape} and {v_cache.shape}")
-    d_bk, d_splits, d_warps, d_stages, d_dot = default_params(batch, heads, max_seq, pl.next_power_of_2(head_dim),
-                                                              q.dtype.itemsize)
-    block_k, splits = block_k or d_bk, num_splits or d_splits
-    num_warps, num_stages = num_warps or d_warps, num_stages or d_stages
-    use_dot = d_dot if use_dot is None else use_dot
-    lengths = jnp.clip(lengths.astype(jnp.int32), 0, max_seq)
     padded_d = max(16, pl.next_power_of_2(head_dim))
+    chosen = choose_params(batch, heads, max_seq, padded_d, q.dtype.itemsize)
+    given = DecodeParams(heads_per_program, block_k, num_splits, num_warps, num_stages, use_dot)
+    params = DecodeParams(*(c if g is None else g for g, c in zip(given, chosen)))
+    if heads % params.heads_per_program:
+        raise ValueError(f"heads_per_program={params.heads_per_program} must divide heads={heads}")
+    lengths = jnp.clip(lengths.astype(jnp.int32), 0, max_seq)
     if padded_d != head_dim:  # whole-cache copy: only for head dims that are not a power of two
         pad = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, padded_d - head_dim)])
         q, k_cache, v_cache = pad(q), pad(k_cache), pad(v_cache)
     # chunks are whole blocks; the last chunk may reach past max_seq, and its masked loads never read there
-    chunk = -(-(-(-max_seq // splits)) // block_k) * block_k
+    chunk = -(-(-(-max_seq // params.num_splits)) // params.block_k) * params.block_k
     splits = -(-max_seq // chunk)
-    split = splits > 1
+    launch = _launch_per_head if params.heads_per_program == 1 else _launch_head_group
+    out = launch(q, k_cache, v_cache, lengths, params, chunk, splits, 1.0 / math.sqrt(head_dim), interpret)
+    if splits > 1:
+        out = _combine(*out).astype(q.dtype)
+    return out[..., :head_dim]
 
-    kernel = functools.partial(_decode_kernel, sm_scale=1.0 / math.sqrt(head_dim), block_k=block_k, chunk=chunk,
-                               split=split, rows=16 if use_dot else 1)
+
+def _combine(o_parts, lse):
+    """o_parts [batch, heads, splits, d] fp32 and lse [batch, heads, splits] (base 2) -> [batch, heads, d]."""
+    top = jnp.max(lse, axis=-1, keepdims=True)
+    w = jnp.exp2(lse - jnp.where(jnp.isfinite(top), top, 0.0))  # empty chunks weigh 0
+    total = jnp.sum(w, axis=-1, keepdims=True)
+    return jnp.sum(o_parts * (w / jnp.where(total == 0.0, 1.0, total))[..., None], axis=2)
+
+
+def _launch_per_head(q, k_cache, v_cache, lengths, params: DecodeParams, chunk: int, splits: int,
+                     sm_scale: float, interpret: bool):
+    batch, heads, d = q.shape
+    split = splits > 1
+    kernel = functools.partial(_per_head_kernel, sm_scale=sm_scale, block_k=params.block_k, chunk=chunk,
+                               split=split, rows=MATRIX_ROWS if params.use_dot else 1)
     # heads vary fastest over the grid: neighbouring programs read neighbouring bytes of the cache
     in_specs = [pl.BlockSpec((None,), lambda h, s, b: (b,)),
-                pl.BlockSpec((None, None, padded_d), lambda h, s, b: (b, h, 0)),
-                pl.BlockSpec((None, chunk, None, padded_d), lambda h, s, b: (b, s, h, 0)),
-                pl.BlockSpec((None, chunk, None, padded_d), lambda h, s, b: (b, s, h, 0))]
+                pl.BlockSpec((None, None, d), lambda h, s, b: (b, h, 0)),
+                pl.BlockSpec((None, chunk, None, d), lambda h, s, b: (b, s, h, 0)),
+                pl.BlockSpec((None, chunk, None, d), lambda h, s, b: (b, s, h, 0))]
     if split:
-        out_shape = [jax.ShapeDtypeStruct((batch, heads, splits, padded_d), jnp.float32),
+        out_shape = [jax.ShapeDtypeStruct((batch, heads, splits, d), jnp.float32),
                      jax.ShapeDtypeStruct((batch, heads, splits, 1), jnp.float32)]
-        out_specs = [pl.BlockSpec((None, None, None, padded_d), lambda h, s, b: (b, h, s, 0)),
+        out_specs = [pl.BlockSpec((None, None, None, d), lambda h, s, b: (b, h, s, 0)),
                      pl.BlockSpec((None, None, None, 1), lambda h, s, b: (b, h, s, 0))]
     else:
-        out_shape = jax.ShapeDtypeStruct((batch, heads, padded_d), q.dtype)
-        out_specs = pl.BlockSpec((None, None, padded_d), lambda h, s, b: (b, h, 0))
+        out_shape = jax.ShapeDtypeStruct((batch, heads, d), q.dtype)
+        out_specs = pl.BlockSpec((None, None, d), lambda h, s, b: (b, h, 0))
     out = pl.pallas_call(
-        kernel,
-        grid=(heads, splits, batch),
-        in_specs=in_specs,
-        out_specs=out_specs,
-        out_shape=out_shape,
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=interpret,
-        name="decode_attention",
+        kernel, grid=(heads, splits, batch), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+        compiler_params=plgpu.CompilerParams(num_warps=params.num_warps, num_stages=params.num_stages),
+        interpret=interpret, name="decode_attention",
     )(lengths, q, k_cache, v_cache)
+    return (out[0], out[1][..., 0]) if split else out
+
+
+def _launch_head_group(q, k_cache, v_cache, lengths, params: DecodeParams, chunk: int, splits: int,
+                       sm_scale: float, interpret: bool):
+    batch, heads, d = q.shape
+    rows, max_seq = k_cache.shape[:2]
+    group = params.heads_per_program
+    width, cols = group * d, max(group, MATRIX_ROWS)
+    split = splits > 1
+    # [.., heads, d] -> [.., heads * d]: free (contiguous), and a group's slice is one run of G*d elements
+    q, k_cache, v_cache = q.reshape(batch, heads * d), *(c.reshape(rows, max_seq, heads * d)
+                                                         for c in (k_cache, v_cache))
+    kernel = functools.partial(_head_group_kernel, sm_scale=sm_scale, block_k=params.block_k, chunk=chunk,
+                               split=split, head_dim=d, cols=cols)
+    in_specs = [pl.BlockSpec((None,), lambda g, s, b: (b,)),
+                pl.BlockSpec((None, width), lambda g, s, b: (b, g)),
+                pl.BlockSpec((None, chunk, width), lambda g, s, b: (b, s, g)),
+                pl.BlockSpec((None, chunk, width), lambda g, s, b: (b, s, g))]
+    n_groups = heads // group
     if split:
-        o_parts, lse = out
-        lse = lse[..., 0]  # [batch, heads, splits], base 2
-        top = jnp.max(lse, axis=-1, keepdims=True)
-        w = jnp.exp2(lse - jnp.where(jnp.isfinite(top), top, 0.0))  # empty chunks weigh 0
-        total = jnp.sum(w, axis=-1, keepdims=True)
-        out = jnp.sum(o_parts * (w / jnp.where(total == 0.0, 1.0, total))[..., None], axis=2).astype(q.dtype)
-    return out[..., :head_dim]
+        out_shape = [jax.ShapeDtypeStruct((batch, splits, heads * d), jnp.float32),
+                     jax.ShapeDtypeStruct((batch, splits, n_groups, cols), jnp.float32)]
+        out_specs = [pl.BlockSpec((None, None, width), lambda g, s, b: (b, s, g)),
+                     pl.BlockSpec((None, None, None, cols), lambda g, s, b: (b, s, g, 0))]
+    else:
+        out_shape = jax.ShapeDtypeStruct((batch, heads * d), q.dtype)
+        out_specs = pl.BlockSpec((None, width), lambda g, s, b: (b, g))
+    out = pl.pallas_call(
+        kernel, grid=(n_groups, splits, batch), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+        compiler_params=plgpu.CompilerParams(num_warps=params.num_warps, num_stages=params.num_stages),
+        interpret=interpret, name="decode_attention_heads",
+    )(lengths, q, k_cache, v_cache)
+    if not split:
+        return out.reshape(batch, heads, d)
+    o_parts = out[0].reshape(batch, splits, heads, d).transpose(0, 2, 1, 3)
+    lse = out[1][..., :group].reshape(batch, splits, heads).transpose(0, 2, 1)
+    return o_parts, lse
 
 
 def decode_attention_reference(q, k_cache, v_cache, lengths):

@@ -1,0 +1,136 @@
+"""Sweep decode attention's launch parameters at the shapes a server sees, and write the table it picks from.
+
+    python -m benchmarks.decode_sweep --jsonl OUT.jsonl --table gptjax/kernels/decode_table.py [--quick]
+
+For each (heads x head_dim, batch, cache length), every candidate (body form, heads per program, block,
+warps, stages, and a split count from a target number of programs) is checked against the `jnp` reference
+and timed over full caches (every entry valid), GB/s over the K/V bytes read, beside the device's memory
+bandwidth measured in the same run (`benchmarks.floors`). The fastest correct candidate of each shape goes
+into the table; `gptjax.kernels.decode_attention.choose_params` reads it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import pprint
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks import floors
+from benchmarks.kernels import decode_inputs, rel_err, timed
+from gptjax.kernels import decode_attention, decode_attention_reference, on_gpu
+
+# (heads, head_dim) -> batches x cache lengths: the 345M model's layer, and the 6.7B model's
+SHAPES = {(16, 64): ([8, 32, 64, 128, 256], [512, 2048]), (32, 128): ([8, 32, 64], [512, 2048])}
+QUICK_SHAPES = {(4, 16): ([2], [64])}
+# (heads_per_program, block_k, num_warps, num_stages, use_dot, target programs to split toward);
+# a head group's tiles are [block_k, G * head_dim]: block_k shrinks as the group widens (shared memory)
+CANDIDATES = {64: [(1, 128, 4, 3, True, 1056), (16, 16, 8, 3, False, 264), (16, 16, 8, 3, False, 528),
+                   (8, 32, 8, 3, False, 528), (4, 64, 4, 3, False, 1056)],
+              128: [(1, 128, 4, 3, True, 1056), (8, 16, 8, 3, False, 264), (8, 16, 8, 3, False, 528),
+                    (4, 32, 8, 3, False, 528), (2, 64, 4, 3, False, 1056)],
+              16: [(1, 16, 4, 3, True, 8), (4, 16, 4, 3, False, 8)]}
+
+
+def splits_for(batch: int, heads: int, group: int, max_seq: int, block_k: int, target: int) -> int:
+    """The power of two that brings batch x head groups x splits to `target` programs, each chunk at least
+    two blocks long."""
+    programs, splits = batch * (heads // group), 1
+    while programs * splits < target and max_seq // (splits * 2) >= 2 * block_k:
+        splits *= 2
+    return splits
+
+
+def candidates(batch: int, heads: int, head_dim: int, max_seq: int) -> list[tuple]:
+    """Distinct (heads_per_program, block_k, num_splits, num_warps, num_stages, use_dot) to time."""
+    seen = []
+    for group, block_k, warps, stages, use_dot, target in CANDIDATES[head_dim]:
+        if heads % group:
+            continue
+        params = (group, block_k, splits_for(batch, heads, group, max_seq, block_k, target), warps, stages, use_dot)
+        if params not in seen:
+            seen.append(params)
+    return seen
+
+
+def sweep_shape(batch, heads, head_dim, max_seq, bandwidth, interpret, reps, out):
+    sets = decode_inputs(batch, max_seq, heads, head_dim)
+    q, kc, vc, lengths = sets[0]
+    ref = decode_attention_reference(q.astype(jnp.float32), kc.astype(jnp.float32), vc.astype(jnp.float32), lengths)
+    kv_bytes = 2 * batch * max_seq * heads * head_dim * 2
+    rows = []
+    for params in candidates(batch, heads, head_dim, max_seq):
+        kw = dict(zip(("heads_per_program", "block_k", "num_splits", "num_warps", "num_stages", "use_dot"), params))
+
+        def fn(q, k, v, n, kw=kw):
+            return decode_attention(q, k, v, n, interpret=interpret, **kw)
+        row = {"batch": batch, "max_seq": max_seq, "heads": heads, "head_dim": head_dim, "params": params}
+        try:
+            row["rel_err"] = rel_err(jax.jit(fn)(q, kc, vc, lengths), ref)
+            t = timed(fn, sets, reps=reps)
+            row |= {"us": t * 1e6, "gbps": kv_bytes / t / 1e9, "of_bandwidth": kv_bytes / t / bandwidth}
+        except Exception as e:  # one candidate that fails to compile (shared memory, registers) is skipped
+            row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        rows.append(row)
+        out.write(json.dumps(row) + "\n")
+        out.flush()
+    ok = [r for r in rows if "us" in r and r["rel_err"] < 3e-2]
+    best = min(ok, key=lambda r: r["us"]) if ok else None
+    print(f"b={batch} seq={max_seq} {heads}x{head_dim}: "
+          + ", ".join(f"{r['params']} {r.get('gbps', float('nan')):.0f}" for r in rows)
+          + (f" | best {best['params']} {best['of_bandwidth']:.0%}" if best else " | none"), flush=True)
+    return best
+
+
+def write_table(path: str, best_rows: list[dict], device: str) -> None:
+    table = {(r["heads"], r["head_dim"], r["batch"], r["max_seq"]): tuple(r["params"]) for r in best_rows}
+    text = (f'"""Decode attention\'s launch parameters by shape, as the sweep measured them '
+            f'(`benchmarks/decode_sweep.py`\nwrites this file; edit the sweep, not the table). '
+            f'Measured on {device}, {datetime.date.today().isoformat()}.\n\n'
+            '(heads, head_dim, batch, max_seq) -> (heads_per_program, block_k, num_splits, num_warps, '
+            'num_stages, use_dot)\n"""\n\n'
+            f"DEVICE = {device!r}\n"
+            "TABLE: dict[tuple[int, int, int, int], tuple[int, int, int, int, int, bool]] = "
+            + pprint.pformat(table, width=110, sort_dicts=True) + "\n")
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--jsonl", default="decode_sweep.jsonl", help="every candidate's row")
+    ap.add_argument("--table", help="write the chosen table (a Python module) here")
+    ap.add_argument("--quick", action="store_true", help="one tiny shape (a smoke run, e.g. on CPU)")
+    ap.add_argument("--time-limit", type=float, default=1e9, help="seconds: stop starting new shapes after")
+    ap.add_argument("--heads", help="only this heads x head_dim, e.g. 16x64")
+    args = ap.parse_args(argv)
+    interpret = not on_gpu()
+    started = time.perf_counter()
+    bandwidth = floors.memory_bandwidth()
+    device = jax.devices()[0].device_kind
+    print(f"{device}: memory bandwidth {bandwidth / 1e9:.0f} GB/s", flush=True)
+    best_rows = []
+    with open(args.jsonl, "a") as out:
+        for (heads, head_dim), (batches, seqs) in (QUICK_SHAPES if args.quick else SHAPES).items():
+            if args.heads and args.heads != f"{heads}x{head_dim}":
+                continue
+            for max_seq in seqs:
+                for batch in batches:
+                    if time.perf_counter() - started > args.time_limit:
+                        break
+                    best = sweep_shape(batch, heads, head_dim, max_seq, bandwidth, interpret, 3 if args.quick else 7,
+                                       out)
+                    if best:
+                        best_rows.append(best)
+    if args.table:
+        write_table(args.table, best_rows, device)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The kernel runs behind RESULTS.md's attention section, on one GPU. Logs and rows go to $OUT (default ./out).
+#   bash benchmarks/kernels_gpu.sh [floors] [prefill] [decode-sweep] [decode] [engine]   (all by default)
+# floors: benchmarks.floors with PyTorch's copy_ beside it. prefill: the Mosaic GPU kernel's correctness
+# check, then every prefill kernel and peer (bf16 and fp16). decode-sweep: the launch-parameter sweep, its
+# table written to $OUT/decode_table.py (copy it to gptjax/kernels/ to use it). decode: the decode table of
+# benchmarks.kernels with the table in use. engine: greedy tokens with --attention pallas and xla (into
+# env.txt, with the versions and the floors).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+parts=${*:-floors prefill decode-sweep decode engine}
+has() { [[ " $parts " == *" $1 "* ]]; }
+{ nvidia-smi -L; python3 -c 'import jax, jaxlib, sys; print(sys.version, jax.__version__, jaxlib.__version__, jax.devices()[0].device_kind, getattr(jax.devices()[0], "compute_capability", "?"))'; } > "$OUT/env.txt" 2>&1
+has floors && timeout 120 python3 -m benchmarks.floors --torch --json >> "$OUT/env.txt" 2>&1
+has prefill && timeout "${T_PREFILL:-240}" python3 -m benchmarks.kernels --skip-decode --checks hopper \
+  --prefill-dtypes bfloat16,float16 --json "$OUT/prefill.json" > "$OUT/prefill.log" 2>&1
+has decode-sweep && timeout "${T_SWEEP:-240}" python3 -m benchmarks.decode_sweep --jsonl "$OUT/decode_sweep.jsonl" \
+  --table "$OUT/decode_table.py" --time-limit "${T_SWEEP_SHAPES:-200}" ${SWEEP_HEADS:+--heads $SWEEP_HEADS} \
+  > "$OUT/decode_sweep.log" 2>&1
+has decode && timeout "${T_DECODE:-200}" python3 -m benchmarks.kernels --skip-prefill --checks none \
+  --json "$OUT/decode.json" > "$OUT/decode.log" 2>&1
+if has engine; then  # gpt2-124m: 12 heads x 64, so prefill takes the Hopper kernel on sm_90
+  for impl in pallas xla; do
+    timeout 150 python3 -m gptjax generate --model gpt2-124m --dtype bfloat16 --greedy --max-new-tokens 24 --json \
+      --attention $impl --prompt-ids 5,17,99 --prompt-ids "$(seq -s, 1 300)" --prompt-ids "$(seq -s, 7 3 500)" \
+      > "/tmp/engine-$impl.jsonl" 2>> "$OUT/env.txt"
+  done
+  python3 - >> "$OUT/env.txt" 2>&1 <<'PY'
+import json
+rows = {i: [json.loads(l)["output_ids"] for l in open(f"/tmp/engine-{i}.jsonl")] for i in ("pallas", "xla")}
+print("engine greedy tokens pallas == xla:", rows["pallas"] == rows["xla"], rows)
+PY
+fi
+exit 0
