@@ -9,65 +9,110 @@ import numpy as np
 from tqdm import tqdm
 
 from checkpoints.folder import CheckpointError, save_checkpoint
+from checkpoints.torch_pickle import safe_load, torch_to_numpy
 from gptjax.config import ModelConfig
 
 _ACTIVATIONS = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu": "gelu"}
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+ARCHITECTURE = "GPT2LMHeadModel"
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+# GPT-2 options that change the model's math from the one this engine runs, with the value it needs
+_FIXED = {"scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "add_cross_attention": False}
 
 
-def read_config(src: Path) -> ModelConfig:
-    path = src / "config.json"
+def check_architecture(hf: dict, label: str) -> None:
+    """Refuse a config.json that is not a GPT-2 language model, naming its architecture."""
+    architectures = hf.get("architectures") or []
+    if not isinstance(architectures, list):
+        raise CheckpointError(f"{label}: architectures should be a list, got {architectures!r}")
+    if ARCHITECTURE not in architectures and (architectures or hf.get("model_type") != "gpt2"):
+        found = ", ".join(map(str, architectures)) or f"model_type {hf.get('model_type')!r}"
+        raise CheckpointError(f"{label}: {found} is not supported: gptjax runs GPT-2 models ({ARCHITECTURE})")
+    for name, value in _FIXED.items():
+        if name in hf and hf[name] != value:
+            raise CheckpointError(f"{label}: {name}={hf[name]!r} is not supported (this model needs {value!r})")
+
+
+def read_config(src: Path, label: str | None = None) -> ModelConfig:
+    """The ModelConfig of a Hugging Face GPT-2 folder's config.json; messages start with `label` (the path)."""
+    path = Path(src) / "config.json"
+    label = label or str(path)
     if not path.is_file():
         raise CheckpointError(f"{src}: config.json is missing")
     try:
         hf = json.loads(path.read_text())
+        if not isinstance(hf, dict):
+            raise CheckpointError(f"{label}: expected a JSON object")
+        check_architecture(hf, label)
         activation = _ACTIVATIONS.get(hf.get("activation_function", "gelu_new"))
         if activation is None:
-            raise CheckpointError(f"{path}: activation_function {hf['activation_function']!r} is not supported")
+            raise CheckpointError(f"{label}: activation_function {hf['activation_function']!r} is not supported")
         dtype = _DTYPES.get(str(hf.get("torch_dtype") or hf.get("dtype") or "float32"), "float32")
         return ModelConfig(n_layers=int(hf["n_layer"]), hidden=int(hf["n_embd"]), n_heads=int(hf["n_head"]),
                            vocab_size=int(hf["vocab_size"]), n_positions=int(hf["n_positions"]),
                            ffn_hidden=int(hf.get("n_inner") or 0), activation=activation, dtype=dtype,
                            layer_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)))
     except KeyError as e:
-        raise CheckpointError(f"{path}: field {e.args[0]} is missing") from None
+        raise CheckpointError(f"{label}: field {e.args[0]} is missing") from None
+    except CheckpointError:
+        raise
     except (TypeError, ValueError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: {e}") from None
+        raise CheckpointError(f"{label}: {e}") from None
 
 
 def read_tensors(src: Path) -> dict[str, np.ndarray]:
-    """All tensors of the checkpoint as numpy arrays; never unpickles anything but tensors."""
-    safetensors_file, bin_file = src / "model.safetensors", src / "pytorch_model.bin"
+    """All tensors of the checkpoint as numpy arrays (one file or safetensors shards); never unpickles
+    anything but tensors."""
+    present = [name for name in WEIGHT_FILES if (src / name).is_file()]
+    if not present:
+        raise CheckpointError(f"{src}: none of {', '.join(WEIGHT_FILES)} is present")
+    if present[0] == "pytorch_model.bin":
+        state = safe_load(src / "pytorch_model.bin")
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{src / 'pytorch_model.bin'}: expected a dict of tensors, "
+                                  f"found {type(state).__name__}")
+        return {k: torch_to_numpy(v) if hasattr(v, "numpy") else v for k, v in state.items()}
+    files = [src / present[0]] if present[0] == "model.safetensors" else shard_files(src)
+    tensors: dict[str, np.ndarray] = {}
+    for f in files:
+        tensors.update(_read_safetensors(f))
+    return tensors
+
+
+def shard_names(index: Path) -> list[str]:
+    """The shard files that a model.safetensors.index.json names (in its own folder)."""
     try:
-        if safetensors_file.is_file():
-            from safetensors.numpy import load_file
-
-            try:
-                return load_file(str(safetensors_file))
-            except (TypeError, ValueError):  # bf16 has no numpy reader; go through torch
-                from safetensors.torch import load_file as load_torch
-
-                return {k: torch_to_numpy(v) for k, v in load_torch(str(safetensors_file)).items()}
-        if bin_file.is_file():
-            import torch
-
-            state = torch.load(bin_file, map_location="cpu", weights_only=True)
-            return {k: torch_to_numpy(v) for k, v in state.items()}
-    except CheckpointError:
-        raise
-    except Exception as e:  # truncated, corrupt, or a pickle that is not plain tensors
-        raise CheckpointError(f"{src}: cannot read weights ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    raise CheckpointError(f"{src}: neither model.safetensors nor pytorch_model.bin is present")
+        names = sorted({str(n) for n in json.loads(index.read_text())["weight_map"].values()})
+    except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
+    if not names or any(Path(n).name != n or not n.endswith(".safetensors") for n in names):
+        raise CheckpointError(f"{index}: weight_map should name .safetensors files in the same folder")
+    return names
 
 
-def torch_to_numpy(t) -> np.ndarray:
-    import torch
+def shard_files(src: Path) -> list[Path]:
+    """The files that model.safetensors.index.json names, each checked to be there."""
+    index = src / "model.safetensors.index.json"
+    names = shard_names(index)
+    for n in names:
+        if not (src / n).is_file():
+            raise CheckpointError(f"{index} names {n}, which is missing")
+    return [src / n for n in names]
 
-    if t.dtype == torch.bfloat16:
-        import ml_dtypes
 
-        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return t.numpy()
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    try:
+        try:
+            return load_file(str(path))
+        except TypeError:  # bf16 has no numpy reader; go through torch
+            from safetensors.torch import load_file as load_torch
+
+            return {k: torch_to_numpy(v) for k, v in load_torch(str(path)).items()}
+    except Exception as e:  # truncated or corrupt: SafetensorError, OSError, ValueError, ...
+        first = str(e).splitlines()[0] if str(e) else "no details"
+        raise CheckpointError(f"{path}: cannot read weights ({type(e).__name__}: {first})") from None
 
 
 def to_params(config: ModelConfig, tensors: dict[str, np.ndarray]):
@@ -80,6 +125,9 @@ def to_params(config: ModelConfig, tensors: dict[str, np.ndarray]):
         if key not in tensors:
             raise CheckpointError(f"tensor {key} is missing")
         value = tensors[key]
+        if not isinstance(value, np.ndarray) or value.dtype.name not in _DTYPES:
+            kind = value.dtype.name if isinstance(value, np.ndarray) else type(value).__name__
+            raise CheckpointError(f"tensor {key} is {kind}, expected one of {', '.join(_DTYPES)}")
         if value.size != int(np.prod(shape)) or (value.ndim == len(shape) and value.shape != shape):
             raise CheckpointError(f"tensor {key} has shape {tuple(value.shape)}, expected {shape}")
         return value.reshape(shape)
@@ -90,7 +138,7 @@ def to_params(config: ModelConfig, tensors: dict[str, np.ndarray]):
     f = config.ffn_hidden
     params = {"wte": get("wte.weight", (config.vocab_size, c)), "wpe": get("wpe.weight", (config.n_positions, c)),
               "ln_f": norm("ln_f")}
-    for i in tqdm(range(config.n_layers), desc="layers", unit="layer", leave=False):
+    for i in tqdm(range(config.n_layers), desc="layers", unit="layer", leave=False, disable=None):
         p = f"h.{i}."
         params[f"h_{i}"] = {
             "ln_1": norm(p + "ln_1"),

@@ -1,5 +1,9 @@
 """Megatron-LM GPT checkpoints (`mp_rank_XX[_YYY]/model_optim_rng.pt` parts) -> a checkpoint folder.
 
+A checkpoint is a folder, or a release archive as NVIDIA ships it (a zip holding
+`release/mp_rank_00/model_optim_rng.pt`), which is unpacked into a temporary folder first: torch reads a part
+file by seeking, which a compressed zip member can't do cheaply.
+
 Megatron splits a model over tensor-parallel ranks the way our mesh does: QKV and h->4h by output columns,
 the attention output and 4h->h by input rows, word embeddings by vocabulary rows (padded to a multiple of
 128 x ranks); norms, biases of row-parallel layers and position embeddings are replicated. Pipeline stages
@@ -14,15 +18,18 @@ from __future__ import annotations
 
 import argparse
 import re
+import tempfile
 import zipfile
-from pathlib import Path
+import zlib
+from contextlib import contextmanager
+from pathlib import Path, PurePosixPath
 
 import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
 from checkpoints.folder import CheckpointError, save_checkpoint
-from checkpoints.hf_gpt2 import torch_to_numpy
+from checkpoints.torch_pickle import safe_load, torch_to_numpy
 from gptjax.config import ModelConfig
 
 PART_FILES = ("model_optim_rng.pt", "model_rng.pt")
@@ -81,25 +88,7 @@ def _part_file(folder: Path) -> Path | None:
 
 def load_part(path: Path) -> dict:
     """One part file, unpickling nothing but tensors, plain containers and argparse.Namespace."""
-    import torch
-
-    try:
-        # the zip format can be memory-mapped: tensors are read when touched, optimizer state never
-        mmap = zipfile.is_zipfile(path)
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as e:  # truncated, corrupt, or a pickle that asks for more than tensors
-        text = str(e)
-        unsafe = re.search(r"GLOBAL ([\w.]+)", text)
-        if unsafe:
-            raise CheckpointError(f"{path}: refusing to load {unsafe.group(1)}: only tensors and argparse.Namespace "
-                                  "are allowed in a checkpoint (the file may try to run code)") from None
-        # torch's own explanation of weights_only comes first; the cause is on the last lines
-        lines = [line.strip() for line in text.splitlines() if line.strip() and "weights_only" not in line
-                 and not line.startswith("Please file an issue")]
-        first = lines[0] if lines else type(e).__name__
-        raise CheckpointError(f"{path}: cannot read: truncated, corrupt or not a PyTorch file "
-                              f"({type(e).__name__}: {first})") from None
+    state = safe_load(path, allowed=(argparse.Namespace,))
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a dict, found {type(state).__name__}")
     return state
@@ -144,6 +133,10 @@ class Part:
         if key not in self.tensors:
             raise CheckpointError(f"{self.label}: tensor {shown or key} is missing")
         t = self.tensors[key]
+        if not hasattr(t, "shape") or str(t.dtype) not in _DTYPES:
+            kind = t.dtype if hasattr(t, "dtype") else type(t).__name__
+            raise CheckpointError(f"{self.label}: tensor {shown or key} is {kind}, expected one of "
+                                  f"{', '.join(_DTYPES)}")
         if tuple(t.shape) != shape:
             raise CheckpointError(f"{self.label}: tensor {shown or key} has shape {tuple(t.shape)}, "
                                   f"expected {shape}")
@@ -317,27 +310,94 @@ def merge(config: ModelConfig, padded: int, parts: list[list[Part]]):
     return params
 
 
-def read_megatron(src: str | Path, *, num_heads: int | None = None, vocab_size: int | None = None):
-    """(config, params) of a Megatron-LM checkpoint folder."""
-    files = find_parts(src)
-    tp, pp = len(files), len(files[0])
-    parts = []
-    with tqdm(total=tp * pp, desc="reading parts", unit="part", leave=False, disable=None) as bar:
-        for r, stages in enumerate(files):
-            row = []
-            for s, path in enumerate(stages):
-                label = str(path) if tp * pp == 1 else f"{path.parent.name}/{path.name}"
-                row.append(Part(path, load_part(path), label))
-                bar.update()
-            parts.append(row)
-    versions = {p.version for row in parts for p in row}
-    if len(versions) > 1:
-        raise CheckpointError(f"the parts disagree on checkpoint_version: {sorted(versions)}")
-    config, padded = build_config(parts, num_heads, vocab_size)
-    return config, merge(config, padded, parts)
+def read_megatron(src: str | Path, *, num_heads: int | None = None, vocab_size: int | None = None,
+                  work_dir: str | Path | None = None):
+    """(config, params) of a Megatron-LM checkpoint: a folder, a part file, or a release archive (unpacked
+    for the while into a temporary folder in `work_dir`, by default the system's)."""
+    with unpacked(Path(src), work_dir) as folder:
+        files = find_parts(folder)
+        tp, pp = len(files), len(files[0])
+        parts = []
+        with tqdm(total=tp * pp, desc="reading parts", unit="part", leave=False, disable=None) as bar:
+            for r, stages in enumerate(files):
+                row = []
+                for s, path in enumerate(stages):
+                    label = str(path) if tp * pp == 1 else f"{path.parent.name}/{path.name}"
+                    row.append(Part(path, load_part(path), label))
+                    bar.update()
+                parts.append(row)
+        versions = {p.version for row in parts for p in row}
+        if len(versions) > 1:
+            raise CheckpointError(f"the parts disagree on checkpoint_version: {sorted(versions)}")
+        config, padded = build_config(parts, num_heads, vocab_size)
+        return config, merge(config, padded, parts)
 
 
 def convert_megatron(src: str | Path, dst: str | Path, *, num_heads: int | None = None,
                      vocab_size: int | None = None) -> Path:
-    config, params = read_megatron(src, num_heads=num_heads, vocab_size=vocab_size)
+    """Write the checkpoint folder `dst` from a Megatron-LM folder or release archive (unpacked beside `dst`,
+    where the space for the output is)."""
+    dst = Path(dst)
+    if dst.exists():
+        raise CheckpointError(f"output folder {dst} already exists")
+    config, params = read_megatron(src, num_heads=num_heads, vocab_size=vocab_size, work_dir=dst.absolute().parent)
     return save_checkpoint(dst, config, params)
+
+
+# ---- the release archive (the zip as downloaded) --------------------------------------------------------------
+_ARCHIVE_PART = re.compile(r"(?:.+/)?mp_rank_\d{2}(?:_\d{3})?/(?:" + "|".join(re.escape(n) for n in PART_FILES) + ")")
+TRACKER = "latest_checkpointed_iteration.txt"
+
+
+def archive_members(src: Path) -> list[str]:
+    """The part files and iteration trackers of a release archive; [] when `src` is not one (a part file in
+    torch's own format is a zip too, but holds no mp_rank_XX folders)."""
+    if not src.is_file() or not zipfile.is_zipfile(src):
+        return []
+    try:
+        with zipfile.ZipFile(src) as zf:
+            names = zf.namelist()
+    except (zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(f"{src}: cannot read the archive ({e})") from None
+    parts = [n for n in names if _ARCHIVE_PART.fullmatch(n)]
+    return parts + [n for n in names if n.rsplit("/", 1)[-1] == TRACKER] if parts else []
+
+
+@contextmanager
+def unpacked(src: Path, work_dir: str | Path | None):
+    """`src` itself; or, for a release archive, the checkpoint folder it holds, unpacked into a temporary folder
+    that is removed afterwards. Messages then name the archive's members, not the temporary files."""
+    members = archive_members(src)
+    if not members:
+        yield src
+        return
+    if work_dir is not None:
+        Path(work_dir).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".megatron-unpacked-", dir=work_dir) as tmp:
+        try:
+            _extract(src, members, Path(tmp))
+            yield _archive_root(src, members, Path(tmp))
+        except CheckpointError as e:
+            raise CheckpointError(str(e).replace(f"{tmp}/", f"{src}:")) from None
+
+
+def _extract(src: Path, members: list[str], into: Path) -> None:
+    with zipfile.ZipFile(src) as zf:
+        for name in tqdm(members, desc="unpacking", unit="file", leave=False, disable=None):
+            try:
+                zf.extract(name, into)  # zipfile keeps every member inside `into`
+            except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as e:
+                raise CheckpointError(f"{src}: cannot unpack {name}: truncated or corrupt archive "
+                                      f"({type(e).__name__}: {e})") from None
+
+
+def _archive_root(src: Path, members: list[str], tmp: Path) -> Path:
+    """The folder to read: the one release/iter_N folder, or the top holding the tracker that picks one."""
+    folders = {PurePosixPath(m).parent.parent for m in members if _ARCHIVE_PART.fullmatch(m)}
+    if len(folders) == 1:
+        return tmp / folders.pop()
+    tops = {f.parent for f in folders}
+    if len(tops) == 1 and (tmp / tops.copy().pop() / TRACKER).is_file():
+        return tmp / tops.pop()
+    raise CheckpointError(f"{src} holds several checkpoints ({', '.join(sorted(map(str, folders)))}): "
+                          "unpack it and convert one of them")

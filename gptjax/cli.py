@@ -1,4 +1,4 @@
-"""The `gptjax` command: generate, convert, serve, client, bench.
+"""The `gptjax` command: generate, convert, serve, client, bench, models.
 
 Exit status 0 on success, 2 on bad arguments or bad input files, with one line naming what is wrong.
 Under srun or mpirun every process runs the same command; only process 0 prints results.
@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import math
+import os
 import sys
 
 from gptjax.config import ATTENTION_IMPLS, DEFAULT_PRESET, DTYPES, PRESETS, MeshShape
@@ -34,10 +37,23 @@ def _ids(text: str) -> list[int]:
     return ids
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is between 0 and 65535, got {port}")
+    return port
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """What every model-running subcommand takes: the model, its dtype and layout, and multi-host flags."""
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", choices=sorted(PRESETS), help=f"a preset with random weights (default {DEFAULT_PRESET})")
+    src.add_argument("--model", metavar="NAME",
+                     help=f"a preset with random weights ({', '.join(PRESETS)}; default {DEFAULT_PRESET}), or a "
+                          "Hugging Face Hub id[@REVISION] of GPT-2 architecture, e.g. gpt2 (fetched and converted "
+                          "once; `gptjax models` lists them)")
     src.add_argument("--checkpoint", metavar="DIR", help="a converted checkpoint folder (config.json + params/)")
     p.add_argument("--config", metavar="FILE", help="engine/server config file (TOML or JSON)")
     p.add_argument("--dtype", choices=DTYPES, help="compute and weight dtype (default: the model's)")
@@ -46,6 +62,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--coordinator", metavar="HOST:PORT", help="jax.distributed coordinator (multi-host)")
     p.add_argument("--num-processes", type=int, help="number of processes (multi-host)")
     p.add_argument("--process-id", type=int, help="this process's index (multi-host)")
+    p.add_argument("--no-compile-cache", action="store_true",
+                   help="compile every program afresh instead of keeping compiled programs between runs")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,7 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="serve the model over gRPC (native API and Triton/KServe v2)")
     add_model_args(s)
     s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8001)
+    s.add_argument("--port", type=_port, default=8001, help="gRPC: native API and Triton/KServe v2 (default 8001)")
+    s.add_argument("--http-port", type=_port, default=8000,
+                   help="HTTP: KServe v2 REST, OpenAI completions, metrics (default 8000; 0 turns it off)")
+    s.add_argument("--metrics-port", type=_port, default=8002,
+                   help="Prometheus metrics alone (default 8002; 0 turns it off)")
+    s.add_argument("--api-key", default=os.environ.get("GPTJAX_API_KEY"),
+                   help="the key HTTP requests must carry (default: $GPTJAX_API_KEY; none: no key needed)")
 
     cl = sub.add_parser("client", help="send a request to a running server")
     cl.add_argument("--server", default="127.0.0.1:8001", metavar="HOST:PORT")
@@ -114,15 +138,37 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--peer", action="append", choices=["hf", "hf-compiled"], default=[],
                    help="also run a peer with the same weights (repeatable)")
     b.add_argument("--json", action="store_true", help="one JSON row per implementation")
+
+    m = sub.add_parser("models", help="list the presets and the models converted from the Hub, with their sizes")
+    m.add_argument("--rm", metavar="ID[@REV]", help="delete a converted model (every revision, unless REV names one)")
     return parser
 
 
-def build_engine(args):
-    """The Engine that the model arguments ask for (also starts jax.distributed when asked)."""
-    from gptjax import distributed
+def resolve_model(args) -> None:
+    """A `--model` that is not a preset names a Hugging Face Hub model: fetch and convert it (once), and run
+    its checkpoint folder. Call it before anything uses JAX, so that jax.distributed can still start."""
+    if args.model is None or args.model in PRESETS or args.checkpoint:
+        return
+    from gptjax.hub import ModelNotFound, pretrained_folder
 
+    try:
+        args.checkpoint = str(pretrained_folder(args.model, isolate=True))
+    except ModelNotFound as e:
+        raise UsageError(f"--model {args.model}: not a preset ({', '.join(PRESETS)}), and {e}") from None
+
+
+def build_engine(args):
+    """The Engine that the model arguments ask for (also starts jax.distributed when asked, and keeps compiled
+    programs between runs unless --no-compile-cache)."""
+    from gptjax import compile_cache, distributed
+
+    resolve_model(args)
     distributed.initialize(coordinator=args.coordinator, num_processes=args.num_processes,
                            process_id=args.process_id)
+    if args.no_compile_cache:
+        compile_cache.disable()
+    else:
+        compile_cache.enable()
     from gptjax.config import EngineConfig
     from gptjax.engine import Engine
     from gptjax.sharding import make_mesh
@@ -185,6 +231,39 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_models(args) -> int:
+    from checkpoints.folder import CheckpointError, read_config
+    from gptjax import hub
+
+    if args.rm:
+        for m in hub.remove_converted(args.rm):
+            print(f"removed {m.name} ({m.path}); its download stays in the Hugging Face cache", file=sys.stderr)
+        return 0
+    rows = [(name, "preset", _count(config.num_params()), "-") for name, config in PRESETS.items()]
+    for m in hub.converted_models():
+        try:
+            params = _count(read_config(m.path).num_params())
+        except CheckpointError:
+            params = "?"
+        rows.append((m.name, f"hub {m.revision}", params, _bytes(m.disk_bytes())))
+    widths = [max(len(r[i]) for r in [("MODEL", "SOURCE", "PARAMS", "DISK"), *rows]) for i in range(4)]
+    for row in [("MODEL", "SOURCE", "PARAMS", "DISK"), *rows]:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+    print(f"(presets have random weights; converted models are in {hub.models_dir()})")
+    return 0
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+def _bytes(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    exponent = min(3, int(math.log(n, 1024)))
+    return f"{n / 1024 ** exponent:.1f} {('KiB', 'MiB', 'GiB')[exponent - 1]}"
+
+
 def cmd_serve(args) -> int:
     from serving.server import serve
 
@@ -200,17 +279,23 @@ def cmd_client(args) -> int:
 def cmd_bench(args) -> int:
     from benchmarks.bench import run_bench
 
+    resolve_model(args)  # a run through --server reads the model's config without building an engine
     return run_bench(args, build_engine)
 
 
 COMMANDS = {"generate": cmd_generate, "convert": cmd_convert, "serve": cmd_serve, "client": cmd_client,
-            "bench": cmd_bench}
+            "bench": cmd_bench, "models": cmd_models}
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from checkpoints.folder import CheckpointError
 
+    # conversions from the Hub say where they went, on this run's stderr
+    hub_log, handler = logging.getLogger("gptjax.hub"), logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("gptjax: %(message)s"))
+    hub_log.addHandler(handler)
+    hub_log.setLevel(logging.INFO)
     try:
         return COMMANDS[args.command](args)
     except (UsageError, CheckpointError, ValueError, FileNotFoundError) as e:
@@ -218,6 +303,8 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    finally:
+        hub_log.removeHandler(handler)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from conftest import hf_greedy, run_cli
 
 
@@ -54,3 +56,41 @@ def test_convert_refuses_corrupt_weights_and_leaves_nothing(hf_dir, tmp_path):
     assert proc.returncode == 2 and "cannot read weights" in proc.stderr
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["broken"]
+
+
+class _RunsCode:
+    def __reduce__(self):
+        import os
+
+        return os.system, ("true",)
+
+
+def test_refusals_do_not_advise_turning_the_safety_off(capsys, hf_dir, tmp_path):
+    import torch
+
+    from checkpoint_writers import convert_failure
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_bytes((hf_dir / "config.json").read_bytes())
+    torch.save({"wte.weight": torch.randn(4, 4), "x": _RunsCode()}, src / "pytorch_model.bin")
+    line = convert_failure(capsys, tmp_path, "hf-gpt2", src)
+    assert "refusing to load posix.system" in line and "weights_only" not in line
+    data = (src / "pytorch_model.bin").read_bytes()
+    (src / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
+    line = convert_failure(capsys, tmp_path, "hf-gpt2", src)
+    assert "pytorch_model.bin: cannot read" in line and "weights_only" not in line
+
+
+def test_serve_flags(monkeypatch, capsys):
+    from gptjax import cli
+
+    monkeypatch.setenv("GPTJAX_API_KEY", "k-from-env")
+    args = cli.build_parser().parse_args(["serve"])
+    assert (args.port, args.http_port, args.metrics_port, args.api_key) == (8001, 8000, 8002, "k-from-env")
+    args = cli.build_parser().parse_args(["serve", "--http-port", "0", "--metrics-port", "0", "--api-key", "k"])
+    assert (args.http_port, args.metrics_port, args.api_key, args.no_compile_cache) == (0, 0, "k", False)
+    assert cli.build_parser().parse_args(["bench", "--no-compile-cache"]).no_compile_cache
+    with pytest.raises(SystemExit) as e:
+        cli.build_parser().parse_args(["serve", "--http-port", "70000"])
+    assert e.value.code == 2 and "between 0 and 65535" in capsys.readouterr().err

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import zipfile
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -17,6 +19,7 @@ import gptjax
 from checkpoint_writers import convert_failure, padded_vocab, write_megatron
 from checkpoints.megatron import read_megatron
 from conftest import hf_greedy, run_cli
+from gptjax import cli
 from gptjax.engine import Engine
 
 PROMPTS = [[464, 2068, 7586, 21831, 18045, 625, 262, 16931], [15496, 995], [40, 588, 257, 1310, 286]]
@@ -63,6 +66,28 @@ def test_layouts_give_hugging_face_tokens(hf_model, expected, tmp_path, case):
     src = root if case["src"] == "root" else root / case["src"]
     run_cli("convert", "megatron", str(src), str(tmp_path / "out"), *case["flags"])
     assert greedy(Engine.load(tmp_path / "out")) == expected
+
+
+def zip_release(root, archive, compression=zipfile.ZIP_DEFLATED):
+    """The checkpoint folder as NVIDIA ships a release: one zip, paths relative to the folder."""
+    with zipfile.ZipFile(archive, "w", compression) as zf:
+        for f in sorted(root.rglob("*")):
+            if f.is_file():
+                zf.write(f, f.relative_to(root).as_posix())
+    return archive
+
+
+def test_the_release_archive_converts_like_its_folder(hf_model, expected, tmp_path):
+    root = write_megatron(hf_model, tmp_path / "megatron", tp=2, version=3.0)
+    archive = zip_release(root, tmp_path / "megatron_lm_345m_v0.0.zip")
+    with zipfile.ZipFile(archive) as zf:
+        assert "release/mp_rank_00/model_optim_rng.pt" in zf.namelist()
+    _, from_folder = read_megatron(root)
+    _, from_zip = read_megatron(archive)
+    jax.tree.map(np.testing.assert_array_equal, from_zip, from_folder)
+    assert cli.main(["convert", "megatron", str(archive), str(tmp_path / "out")]) == 0
+    assert greedy(Engine.load(tmp_path / "out")) == expected
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["megatron", "megatron_lm_345m_v0.0.zip", "out"]
 
 
 def test_every_version_orders_qkv_the_same(hf_model, tmp_path):
@@ -123,6 +148,18 @@ def test_truncated_part(capsys, tmp_path, good):
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     line = convert_fails(capsys, tmp_path, good, "--num-heads", "4")
     assert "mp_rank_01" in line and "cannot read" in line
+
+
+def test_damaged_archive(capsys, tmp_path, good):
+    archive = zip_release(good.parent, tmp_path / "release.zip", zipfile.ZIP_STORED)
+    data = bytearray(archive.read_bytes())
+    at = data.index(b"mp_rank_01/model_optim_rng.pt") + 200  # inside that member's data
+    data[at : at + 64] = bytes(64)
+    archive.write_bytes(bytes(data))
+    line = convert_fails(capsys, tmp_path, archive, "--num-heads", "4")
+    assert f"{archive}: cannot unpack release/mp_rank_01/model_optim_rng.pt" in line
+    archive.write_bytes(bytes(data[: len(data) // 2]))  # cut short: no zip directory left
+    assert "cannot read" in convert_fails(capsys, tmp_path, archive, "--num-heads", "4")
 
 
 def test_corrupt_part(capsys, tmp_path, good):
