@@ -165,7 +165,7 @@ def prefill_impls(interpret, sweep, dtype, head_dim):
     return impls
 
 
-def prefill(shapes, sweep, interpret, reps, dtype=jnp.bfloat16):
+def prefill(shapes, sweep, interpret, reps, dtype=jnp.bfloat16, only=None):
     results = []
     for b, s, h, d in shapes:
         flops = 2.0 * b * h * s * s * d
@@ -181,6 +181,8 @@ def prefill(shapes, sweep, interpret, reps, dtype=jnp.bfloat16):
                                                 implementation="xla")
         row = {"shape": [b, s, h, d], "dtype": jnp.dtype(dtype).name, "impl": {}}
         for name, fn in prefill_impls(interpret, sweep, dtype, d).items():
+            if only and not name.startswith(tuple(only)):
+                continue
             try:
                 err = rel_err(jax.jit(fn)(q, k, v), unscaled if name.startswith("attention_mgpu") else ref)
                 t = timed(fn, sets, reps=reps)
@@ -325,6 +327,7 @@ def main(argv=None):
     ap.add_argument("--skip-decode", action="store_true")
     ap.add_argument("--skip-prefill", action="store_true")
     ap.add_argument("--checks", choices=("all", "hopper", "none"), default="all")
+    ap.add_argument("--only", help="comma-separated name prefixes: time only these prefill implementations")
     ap.add_argument("--prefill-dtypes", default="bfloat16",
                     help="comma-separated; float16 adds JAX's attention_mgpu (fp16 only) as a peer")
     ap.add_argument("--cache-spread", action="store_true",
@@ -350,12 +353,13 @@ def main(argv=None):
     copy_bw = rates["memory_bytes_per_s"]  # the larger of copy and read: a decode kernel only reads
     print(f"floors {rates}", flush=True)
     shapes = [(2, 128, 2, 64), (1, 256, 2, 128)] if args.quick else PREFILL_SHAPES
+    only = args.only.split(",") if args.only else None
     global MEM_BUDGET
     if args.quick:
         MEM_BUDGET = 1 << 20
     prefill_rows = [] if args.skip_prefill else [
         row for dtype in args.prefill_dtypes.split(",") for row in prefill(shapes, args.sweep, interpret, reps,
-                                                                           jnp.dtype(dtype))]
+                                                                           jnp.dtype(dtype), only)]
     decode_rows = [] if args.skip_decode else decode(interpret, args.sweep, reps, args.quick)
     if args.json:
         with open(args.json, "w") as f:

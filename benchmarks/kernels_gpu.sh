@@ -15,8 +15,12 @@ parts=${*:-floors prefill decode-sweep decode engine}
 has() { [[ " $parts " == *" $1 "* ]]; }
 { nvidia-smi -L; python3 -c 'import jax, jaxlib, sys; print(sys.version, jax.__version__, jaxlib.__version__, jax.devices()[0].device_kind, getattr(jax.devices()[0], "compute_capability", "?"))'; } > "$OUT/env.txt" 2>&1
 has floors && timeout 120 python3 -m benchmarks.floors --torch --json >> "$OUT/env.txt" 2>&1
-has prefill && timeout "${T_PREFILL:-240}" python3 -m benchmarks.kernels --skip-decode --checks hopper \
-  --prefill-dtypes bfloat16,float16 --json "$OUT/prefill.json" > "$OUT/prefill.log" 2>&1
+# the peers first, in a process of their own: a kernel of ours that hangs can't take their rows with it
+has prefill && timeout "${T_PEERS:-150}" python3 -m benchmarks.kernels --skip-decode --checks none \
+  --prefill-dtypes bfloat16,float16 --only xla,cudnn,pallas,attention_mgpu --json "$OUT/prefill-peers.json" \
+  > "$OUT/prefill.log" 2>&1
+has prefill && timeout "${T_PREFILL:-150}" python3 -m benchmarks.kernels --skip-decode --checks hopper \
+  --prefill-dtypes bfloat16,float16 --only hopper --json "$OUT/prefill.json" >> "$OUT/prefill.log" 2>&1
 has decode-sweep && timeout "${T_SWEEP:-240}" python3 -m benchmarks.decode_sweep --jsonl "$OUT/decode_sweep.jsonl" \
   --table "$OUT/decode_table.py" --time-limit "${T_SWEEP_SHAPES:-200}" ${SWEEP_HEADS:+--heads $SWEEP_HEADS} \
   > "$OUT/decode_sweep.log" 2>&1
