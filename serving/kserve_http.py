@@ -19,22 +19,19 @@ import sys
 import time
 
 import numpy as np
+from google.protobuf import json_format
 from fastapi import FastAPI, Request as HttpRequest
 from fastapi.responses import JSONResponse, Response
 
 import gptjax
 from serving import ft
+from serving import kserve
+from serving.kserve import MODEL_NAME, MODEL_VERSION, check_model
 from serving.frontend import Params, RequestError, invalid
 from serving.http import ClientGone, Context, EventStream, json_object, sse, streams, until_disconnect
-from serving.request import Code, Finished
+from serving.request import Finished
 
-MODEL_NAME = "fastertransformer"
-MODEL_VERSION = "1"
 EXTENSIONS = ["binary_tensor_data", "generate"]
-DTYPES = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
-          "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "FP16": np.float16,
-          "FP32": np.float32, "FP64": np.float64}
-DATATYPE_OF = {np.dtype(t): name for name, t in DTYPES.items()}
 REQUEST_PARAMETERS = ("binary_data_output", "timeout", "priority")  # the KServe request parameters taken here
 # Triton's generate extension: its JSON fields -> the front end's Params fields
 GENERATE_FIELDS = {"max_tokens": "max_new_tokens", "temperature": "temperature", "top_k": "top_k",
@@ -81,7 +78,7 @@ def _json_array(data, datatype: str, shape: list[int], name: str) -> np.ndarray:
     flat = _flatten(data)
     if len(flat) != math.prod(shape):
         raise invalid(f"input {name}: shape {shape} needs {math.prod(shape)} values, got {len(flat)}")
-    kind = np.dtype(DTYPES[datatype]).kind
+    kind = np.dtype(ft.DTYPES[datatype]).kind
     ok = {"b": lambda v: isinstance(v, bool),
           "f": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)}.get(
         kind, lambda v: isinstance(v, int) and not isinstance(v, bool))
@@ -89,40 +86,46 @@ def _json_array(data, datatype: str, shape: list[int], name: str) -> np.ndarray:
     if bad is not None:
         raise invalid(f"input {name}: {bad!r} is not a {datatype} value")
     try:
-        return np.array(flat, DTYPES[datatype]).reshape(shape)
+        return np.array(flat, ft.DTYPES[datatype]).reshape(shape)
     except OverflowError:
-        info = np.iinfo(DTYPES[datatype])
+        info = np.iinfo(ft.DTYPES[datatype])
         raise invalid(f"input {name}: a value is outside {datatype}'s range [{info.min}, {info.max}]") from None
 
 
+def _tensor_meta(i: int, t) -> tuple[str, str, list[int], int | None]:
+    """(name, datatype, shape, binary_data_size or None) of inputs[i], checked for form."""
+    if not isinstance(t, dict) or not isinstance(t.get("name"), str):
+        raise invalid(f"inputs[{i}] must be an object with a name")
+    name, datatype = t["name"], t.get("datatype")
+    params = t.get("parameters") or {}
+    if not isinstance(params, dict) or set(params) - {"binary_data_size"}:
+        raise invalid(f"input {name}: parameters takes only binary_data_size, got {params!r}")
+    size = params.get("binary_data_size")
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
+        raise invalid(f"input {name}: binary_data_size must be a byte count, got {size!r}")
+    return name, datatype if isinstance(datatype, str) else "", _shape(t, name), size
+
+
 def decode_inputs(header: dict, binary: memoryview) -> dict[str, np.ndarray]:
-    """The request's input tensors as numpy arrays by name, each checked against its datatype and shape."""
+    """The request's input tensors as numpy arrays by name: names first (ft.dialect_of: unknown, repeated or
+    mixed dialects), then each tensor's datatype and shape (ft.check_input), then its data."""
     inputs = header.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise invalid("inputs must be a non-empty list of tensors")
+    metas = [_tensor_meta(i, t) for i, t in enumerate(inputs)]
+    ft.dialect_of(m[0] for m in metas)
     arrays, offset = {}, 0
-    for i, t in enumerate(inputs):
-        if not isinstance(t, dict) or not isinstance(t.get("name"), str):
-            raise invalid(f"inputs[{i}] must be an object with a name")
-        name, datatype = t["name"], t.get("datatype")
-        if name in arrays:
-            raise invalid(f"input {name} is given twice")
-        if datatype not in DTYPES:
-            raise invalid(f"input {name}: datatype {datatype!r} is not one of {', '.join(DTYPES)}")
-        shape = _shape(t, name)
-        params = t.get("parameters") or {}
-        size = params.get("binary_data_size") if isinstance(params, dict) else None
+    for (name, datatype, shape, size), t in zip(metas, inputs):
+        dtype = ft.check_input(name, datatype, shape)
         if size is None:
             arrays[name] = _json_array(t.get("data"), datatype, shape, name)
             continue
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise invalid(f"input {name}: binary_data_size must be a byte count, got {size!r}")
-        dtype = np.dtype(DTYPES[datatype]).newbyteorder("<")
-        if size != math.prod(shape) * dtype.itemsize:
-            raise invalid(f"input {name}: shape {shape} of {datatype} needs {math.prod(shape) * dtype.itemsize} "
-                          f"bytes, binary_data_size says {size}")
+        need = ft.byte_size(dtype, shape)
+        if size != need:
+            raise invalid(f"input {name}: shape {shape} of {datatype} needs {need} bytes, binary_data_size says {size}")
         if offset + size > len(binary):
-            raise invalid(f"input {name}: its {size} binary bytes run past the end of the body")
+            raise invalid(f"input {name}: its {size} binary bytes run past the end of the body "
+                          f"({len(binary) - offset} left)")
         arrays[name] = np.frombuffer(binary[offset:offset + size], dtype).reshape(shape)
         offset += size
     if offset != len(binary):
@@ -137,7 +140,7 @@ def encode_outputs(header: dict, outputs: dict[str, np.ndarray], answer: dict) -
               for o in header.get("outputs") or [] if isinstance(o, dict)}
     tensors, blobs = [], []
     for name, a in outputs.items():
-        t = {"name": name, "datatype": DATATYPE_OF[a.dtype], "shape": list(a.shape)}
+        t = {"name": name, "datatype": ft.DATATYPE_OF[a.dtype.newbyteorder("=")], "shape": list(a.shape)}
         if wanted.get(name, every):
             blob = np.ascontiguousarray(a, a.dtype.newbyteorder("<")).tobytes()
             t["parameters"] = {"binary_data_size": len(blob)}
@@ -199,9 +202,7 @@ class Generate:
 
     async def request(self, frontend):
         """Tokenize off the event loop, then validate through the front end."""
-        from asyncio import wrap_future
-
-        ids = await wrap_future(frontend.tokenize_async(self.text, "text_input"))
+        ids = await asyncio.wrap_future(frontend.tokenize_async(self.text, "text_input"))
         names = {**GENERATE_NAMES, "prompt": "text_input (as tokens)"}
         return frontend.validate(Params(prompt=ids, **self.params), names)
 
@@ -233,11 +234,12 @@ async def _generate_events(call: Generate, stream, frontend, metered):
 
 
 # ---- routes -------------------------------------------------------------------------------------------------
-def check_model(model: str, version: str | None = None) -> None:
-    if model != MODEL_NAME:
-        raise RequestError(Code.NOT_FOUND, f"unknown model {model!r}; this server serves {MODEL_NAME!r}")
-    if version not in (None, "", MODEL_VERSION):
-        raise RequestError(Code.NOT_FOUND, f"model {model!r} has no version {version!r} (only {MODEL_VERSION})")
+def config_json(config) -> dict:
+    """A ModelConfig as Triton's HTTP API writes it: proto field names, enums by name, int64 dims as numbers."""
+    out = json_format.MessageToDict(config, preserving_proto_field_name=True)
+    for tensor in out.get("input", []) + out.get("output", []):
+        tensor["dims"] = [int(d) for d in tensor.get("dims", [])]
+    return out
 
 
 def _both(app: FastAPI, method: str, path: str):
@@ -268,19 +270,22 @@ def _health_routes(app: FastAPI, ctx: Context) -> None:
 
     @_both(app, "get", "")
     async def model_metadata(model: str, version: str | None = None):
-        check_model(model, version)
-        return ft.model_metadata(ctx.dialect)
+        check_model(model, version or "")
+        inputs, outputs = ft.metadata(ctx.dialect)
+        return {"name": MODEL_NAME, "versions": [MODEL_VERSION], "platform": "fastertransformer",
+                "inputs": [{"name": n, "datatype": d, "shape": s} for n, d, s in inputs],
+                "outputs": [{"name": n, "datatype": d, "shape": s} for n, d, s in outputs]}
 
     @_both(app, "get", "/ready")
     async def model_ready(model: str, version: str | None = None):
-        check_model(model, version)
+        check_model(model, version or "")
         frontend.require_ready()
         return {"name": MODEL_NAME, "ready": True}
 
     @_both(app, "get", "/config")
     async def model_config(model: str, version: str | None = None):
-        check_model(model, version)
-        return ft.model_config(ctx.dialect, frontend)
+        check_model(model, version or "")
+        return config_json(kserve.model_config(frontend, ctx.dialect))
 
 
 def _infer_route(app: FastAPI, ctx: Context) -> None:
@@ -288,7 +293,7 @@ def _infer_route(app: FastAPI, ctx: Context) -> None:
 
     @_both(app, "post", "/infer")
     async def infer(http: HttpRequest, model: str, version: str | None = None):
-        check_model(model, version)
+        check_model(model, version or "")
         if http.headers.get("content-encoding", "identity") != "identity":
             raise invalid(f"Content-Encoding {http.headers['content-encoding']!r} is not supported; send the body "
                           "uncompressed")
@@ -313,7 +318,7 @@ def _generate_routes(app: FastAPI, ctx: Context) -> None:
 
     @_both(app, "post", "/generate")
     async def generate(http: HttpRequest, model: str, version: str | None = None):
-        check_model(model, version)
+        check_model(model, version or "")
         body = json_object(await ctx.body(http))
         with frontend.api_call() as call:
             g = Generate(body)
@@ -326,7 +331,7 @@ def _generate_routes(app: FastAPI, ctx: Context) -> None:
 
     @_both(app, "post", "/generate_stream")
     async def generate_stream(http: HttpRequest, model: str, version: str | None = None):
-        check_model(model, version)
+        check_model(model, version or "")
         body = json_object(await ctx.body(http))
         metered = contextlib.ExitStack()  # the API call, for the metrics: closed when the stream ends
         call = metered.enter_context(frontend.api_call())
