@@ -72,24 +72,30 @@ def _flatten(data) -> list:
     return flat
 
 
+def _fits(v, kind: str) -> bool:
+    """Whether a JSON value is one of a datatype kind's: bool for BOOL, a number for floats, else an integer."""
+    if kind == "b":
+        return isinstance(v, bool)
+    if kind == "f":
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _json_array(data, datatype: str, shape: list[int], name: str) -> np.ndarray:
     if not isinstance(data, list):
         raise invalid(f"input {name}: data must be a list, got {type(data).__name__}")
     flat = _flatten(data)
     if len(flat) != math.prod(shape):
         raise invalid(f"input {name}: shape {shape} needs {math.prod(shape)} values, got {len(flat)}")
-    kind = np.dtype(ft.DTYPES[datatype]).kind
-    ok = {"b": lambda v: isinstance(v, bool),
-          "f": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)}.get(
-        kind, lambda v: isinstance(v, int) and not isinstance(v, bool))
-    bad = next((v for v in flat if not ok(v)), None)
+    dtype = np.dtype(ft.DTYPES[datatype])
+    bad = next((v for v in flat if not _fits(v, dtype.kind)), None)
     if bad is not None:
         raise invalid(f"input {name}: {bad!r} is not a {datatype} value")
-    try:
-        return np.array(flat, ft.DTYPES[datatype]).reshape(shape)
-    except OverflowError:
-        info = np.iinfo(ft.DTYPES[datatype])
-        raise invalid(f"input {name}: a value is outside {datatype}'s range [{info.min}, {info.max}]") from None
+    if dtype.kind in "iu" and flat:
+        info = np.iinfo(dtype)
+        if min(flat) < info.min or max(flat) > info.max:
+            raise invalid(f"input {name}: a value is outside {datatype}'s range [{info.min}, {info.max}]")
+    return np.array(flat, dtype).reshape(shape)
 
 
 def _tensor_meta(i: int, t) -> tuple[str, str, list[int], int | None]:
