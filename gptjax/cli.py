@@ -239,15 +239,17 @@ def cmd_models(args) -> int:
         for m in hub.remove_converted(args.rm):
             print(f"removed {m.name} ({m.path}); its download stays in the Hugging Face cache", file=sys.stderr)
         return 0
-    rows = [(name, "preset", _count(config.num_params()), "-") for name, config in PRESETS.items()]
+    rows = [("MODEL", "SOURCE", "PARAMS", "DISK")]
+    rows += [(name, "preset", _count(config.num_params()), "-") for name, config in PRESETS.items()]
     for m in hub.converted_models():
         try:
             params = _count(read_config(m.path).num_params())
         except CheckpointError:
             params = "?"
-        rows.append((m.name, f"hub {m.revision}", params, _bytes(m.disk_bytes())))
-    widths = [max(len(r[i]) for r in [("MODEL", "SOURCE", "PARAMS", "DISK"), *rows]) for i in range(4)]
-    for row in [("MODEL", "SOURCE", "PARAMS", "DISK"), *rows]:
+        pinned = m.revision == m.commit  # asked for by commit: its name shows it already
+        rows.append((m.name, "hub" if pinned else f"hub {m.revision}", params, _bytes(m.disk_bytes())))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for row in rows:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
     print(f"(presets have random weights; converted models are in {hub.models_dir()})")
     return 0

@@ -10,6 +10,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import hf_greedy, run_cli
@@ -205,3 +206,14 @@ def test_model_ids_and_revisions():
         hub.parse_model_id("org/name@a", "b")
     with pytest.raises(hub.ModelNotFound, match="not a Hugging Face Hub id"):
         hub.parse_model_id("a/b/c")
+
+
+def test_sharded_weights_read_as_one_file(hf_model, tmp_path):
+    from checkpoints.hf_gpt2 import read_tensors
+
+    hf_model.save_pretrained(tmp_path, max_shard_size="2MB")
+    assert (tmp_path / "model.safetensors.index.json").is_file() and len(list(tmp_path.glob("*.safetensors"))) > 1
+    tensors = read_tensors(tmp_path)
+    for name, value in hf_model.state_dict().items():
+        if name != "lm_head.weight":  # tied to the embedding: saved once
+            np.testing.assert_array_equal(tensors[name], value.numpy(), err_msg=name)
