@@ -19,14 +19,13 @@ import sys
 import time
 
 import numpy as np
-from google.protobuf import json_format
 from fastapi import FastAPI, Request as HttpRequest
 from fastapi.responses import JSONResponse, Response
 
 import gptjax
 from serving import ft
-from serving import kserve
-from serving.kserve import MODEL_NAME, MODEL_VERSION, check_model
+from serving.ft import MODEL_NAME, MODEL_VERSION
+from serving.kserve import check_model
 from serving.frontend import Params, RequestError, invalid
 from serving.http import ClientGone, Context, EventStream, json_object, sse, streams, until_disconnect
 from serving.request import Finished
@@ -240,14 +239,6 @@ async def _generate_events(call: Generate, stream, frontend, metered):
 
 
 # ---- routes -------------------------------------------------------------------------------------------------
-def config_json(config) -> dict:
-    """A ModelConfig as Triton's HTTP API writes it: proto field names, enums by name, int64 dims as numbers."""
-    out = json_format.MessageToDict(config, preserving_proto_field_name=True)
-    for tensor in out.get("input", []) + out.get("output", []):
-        tensor["dims"] = [int(d) for d in tensor.get("dims", [])]
-    return out
-
-
 def _both(app: FastAPI, method: str, path: str):
     """Register a model route with and without `/versions/{version}`."""
     def register(handler):
@@ -277,10 +268,7 @@ def _health_routes(app: FastAPI, ctx: Context) -> None:
     @_both(app, "get", "")
     async def model_metadata(model: str, version: str | None = None):
         check_model(model, version or "")
-        inputs, outputs = ft.metadata(ctx.dialect)
-        return {"name": MODEL_NAME, "versions": [MODEL_VERSION], "platform": "fastertransformer",
-                "inputs": [{"name": n, "datatype": d, "shape": s} for n, d, s in inputs],
-                "outputs": [{"name": n, "datatype": d, "shape": s} for n, d, s in outputs]}
+        return ft.model_metadata(ctx.dialect)
 
     @_both(app, "get", "/ready")
     async def model_ready(model: str, version: str | None = None):
@@ -291,7 +279,7 @@ def _health_routes(app: FastAPI, ctx: Context) -> None:
     @_both(app, "get", "/config")
     async def model_config(model: str, version: str | None = None):
         check_model(model, version or "")
-        return config_json(kserve.model_config(frontend, ctx.dialect))
+        return ft.model_config(ctx.dialect, frontend)
 
 
 def _infer_route(app: FastAPI, ctx: Context) -> None:
