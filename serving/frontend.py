@@ -41,7 +41,7 @@ from gptjax.sampling import SamplingParams
 from serving.request import Code, Event, Failed, Finished, Request, Tokens
 
 INT32_MAX = 2**31 - 1
-SEED_RANGE = (-(2**63), 2**64 - 1)  # int64 or uint64
+WIRE_INTS = (-(2**63), 2**64 - 1)  # fits int64 or uint64: the widest integer any wire format carries
 TEXT_BYTES_PER_POSITION = 16
 MAX_STOP_IDS = 1024
 TOKENIZE_THREADS = 2
@@ -187,7 +187,7 @@ def _sampling(p: Params, lim: Limits, names: Mapping[str, str]) -> SamplingParam
     top_p = _real(lim.top_p if p.top_p is None else p.top_p, names["top_p"])
     if not 0.0 < top_p <= 1.0 or np.float32(top_p) == 0:
         raise invalid(f"{names['top_p']} must be in (0, 1] (1 is off), got {top_p}")
-    seed = _integer(0 if p.seed is None else p.seed, names["seed"], *SEED_RANGE)
+    seed = _integer(0 if p.seed is None else p.seed, names["seed"], *WIRE_INTS)
     return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed % 2**32)
 
 
@@ -303,8 +303,8 @@ class Frontend:
         stops = set(_token_ids(p.stop_ids, names["stop_ids"], lim.vocab_size, MAX_STOP_IDS,
                                f"entries; at most {MAX_STOP_IDS} are taken"))
         if not p.ignore_eos:
-            end_id = lim.eos_token_id if p.end_id is None else _integer(p.end_id, names["end_id"], 0, INT32_MAX)
-            if end_id >= lim.vocab_size:
+            end_id = lim.eos_token_id if p.end_id is None else _integer(p.end_id, names["end_id"], *WIRE_INTS)
+            if not 0 <= end_id < lim.vocab_size:
                 raise invalid(f"{names['end_id']} = {end_id} is outside the vocabulary [0, {lim.vocab_size})")
             stops.add(end_id)
         if p.deadline is not None and not isinstance(p.deadline, numbers.Real):
@@ -313,7 +313,7 @@ class Frontend:
 
     def _new_tokens(self, n, prompt_len: int, name: str) -> int:
         lim = self.limits
-        n = _integer(lim.default_max_new_tokens if n is None else n, name, -(2**63), 2**64)
+        n = _integer(lim.default_max_new_tokens if n is None else n, name, *WIRE_INTS)
         if n < 1:
             raise invalid(f"{name} must be at least 1, got {n}")
         if n > lim.max_new_tokens:
@@ -366,14 +366,15 @@ class Frontend:
             raise
 
     def events(self, request: Request, is_active: Callable[[], bool], poll_s: float = POLL_S) -> Iterator[Event]:
-        """The request's events as they come, ending with its Finished (a Failed raises RequestError);
-        cancels the request when the caller goes away or stops iterating."""
+        """The request's events as they come, ending with its Finished; a Failed, or the caller going away
+        (`is_active()` false: CANCELLED), raises RequestError. The request is cancelled when the iteration
+        ends early."""
         try:
             while True:
                 event = request.next_event(poll_s)
                 if event is None:
                     if not is_active():
-                        return
+                        raise RequestError(Code.CANCELLED, "the call was cancelled")
                     continue
                 if isinstance(event, Failed):
                     raise RequestError(event.code, event.message)
