@@ -139,14 +139,18 @@ class ProgramStore:
 
 def _load(path: Path) -> "jax.stages.Compiled":
     with open(path, "rb") as f:
-        blob, in_tree, out_tree = pickle.load(f)
-    return serialize_executable.deserialize_and_load(blob, in_tree, out_tree)
+        (blob, in_tree, out_tree), device_ids = pickle.load(f)
+    by_id = {d.id: d for d in jax.devices()}
+    # onto the devices it was compiled for, in their order (by default it would expect one shard per device)
+    return serialize_executable.deserialize_and_load(blob, in_tree, out_tree,
+                                                     execution_devices=[by_id[i] for i in device_ids])
 
 
 def _save(program: "jax.stages.Compiled", path: Path) -> None:
     """Written beside, then renamed: a reader never sees half a file, and two writers leave one whole file."""
     try:
-        data = pickle.dumps(serialize_executable.serialize(program))
+        device_ids = [d.id for d in program.runtime_executable().local_devices()]
+        data = pickle.dumps((serialize_executable.serialize(program), device_ids))
     except (ValueError, NotImplementedError, pickle.PicklingError) as e:  # a program that can't be saved runs
         log.warning("not saving %s: %s", path.stem, e)
         return

@@ -1,0 +1,139 @@
+"""gptjax.compile_cache: JAX's persistent cache turned on for every program, counted; whole executables kept
+under names and loaded with no tracing.
+
+The persistent-cache tests run in fresh processes (JAX settles whether it uses a cache at its first compile,
+and this test process keeps none); the program store works in this process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gptjax import compile_cache
+
+# a program of several ops on random inputs, so a wrong executable would show in its numbers
+SCRIPT = """
+import json, sys
+import numpy as np
+from gptjax import compile_cache
+import jax, jax.numpy as jnp
+folder = compile_cache.disable() if sys.argv[1] == "off" else compile_cache.enable(None if sys.argv[1] == "default" else sys.argv[1])
+x = np.random.default_rng(int(sys.argv[2])).normal(size=(8, 16)).astype(np.float32)
+y = jax.jit(lambda a: jnp.tanh(a @ a.T) * 3 + 1)(x)
+z = jax.jit(lambda a: jnp.cumsum(a, axis=1))(x)
+err = max(float(np.abs(np.asarray(y) - (np.tanh(x @ x.T) * 3 + 1)).max()), float(np.abs(np.asarray(z) - np.cumsum(x, 1)).max()))
+print(json.dumps({"folder": str(folder), "hits": compile_cache.hits(), "lookups": compile_cache.lookups(), "err": err}))
+"""
+
+
+def run_script(where: str, seed: int, env: dict) -> dict:
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, where, str(seed)], capture_output=True, text=True,
+                          env=env, timeout=120, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def clean_env(**extra) -> dict:
+    """The environment without the tests' shared cache settings, so `enable` picks its own folder."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_PERSISTENT_CACHE")
+           and k != "JAX_COMPILATION_CACHE_DIR"}
+    return {**env, "JAX_PLATFORMS": "cpu", **extra}
+
+
+def test_a_second_process_reads_every_program_from_the_default_folder(tmp_path):
+    env = clean_env(GPTJAX_CACHE_DIR=str(tmp_path / "home"))
+    first = run_script("default", 0, env)
+    second = run_script("default", 1, env)  # other inputs of the same shapes: the same programs
+    assert first["folder"] == str(tmp_path / "home" / "xla")
+    assert first["hits"] == 0 and first["lookups"] >= 2  # even programs that compile in microseconds are cached
+    assert second["hits"] == second["lookups"] == first["lookups"]
+    assert first["err"] < 1e-5 and second["err"] < 1e-5
+    assert len(list((tmp_path / "home" / "xla").iterdir())) >= 2
+
+
+def test_a_folder_jax_was_given_is_kept(tmp_path):
+    env = clean_env(GPTJAX_CACHE_DIR=str(tmp_path / "unused"), JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax"))
+    out = run_script("default", 0, env)
+    assert out["folder"] == str(tmp_path / "jax") and not (tmp_path / "unused").exists()
+
+
+def test_disabled_nothing_is_looked_up_or_written(tmp_path):
+    env = clean_env(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax"))
+    out = run_script("off", 0, env)
+    assert out["lookups"] == 0 and out["err"] < 1e-5
+    assert not (tmp_path / "jax").exists() or not list((tmp_path / "jax").iterdir())
+
+
+class Traces:
+    """Counts JAX's tracing events while installed."""
+
+    def __init__(self):
+        self.count = 0
+
+    def __call__(self, event, duration, **_):
+        if event == "/jax/core/compile/jaxpr_trace_duration":
+            self.count += 1
+
+    def __enter__(self):
+        jax.monitoring.register_event_duration_secs_listener(self)
+        return self
+
+    def __exit__(self, *exc):
+        jax.monitoring.unregister_event_duration_listener(self)
+
+
+def _program(a, b):
+    return {"sum": jnp.sin(a) @ b, "max": jnp.max(a, axis=0)}
+
+
+def test_program_store_loads_a_saved_program_without_tracing(tmp_path):
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(4, 6)).astype(np.float32), rng.normal(size=(6, 5)).astype(np.float32)
+    jitted = jax.jit(_program)
+    store = compile_cache.ProgramStore(tmp_path)
+    saved = store.compiled("prog-4x6", lambda: jitted.lower(a, b))
+    assert (store.loaded, store.compiled_now) == (0, 1)
+
+    again = compile_cache.ProgramStore(tmp_path)
+    with Traces() as traces:
+        loaded = again.compiled("prog-4x6", lambda: pytest.fail("a saved program was lowered again"))
+    assert traces.count == 0 and (again.loaded, again.compiled_now) == (1, 0)
+    a2, b2 = rng.normal(size=(4, 6)).astype(np.float32), rng.normal(size=(6, 5)).astype(np.float32)
+    out = loaded(a2, b2)
+    np.testing.assert_allclose(out["sum"], np.sin(a2) @ b2, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(out["max"], a2.max(axis=0))
+    np.testing.assert_array_equal(saved(a2, b2)["max"], out["max"])
+
+
+def test_program_store_compiles_again_over_a_broken_file(tmp_path):
+    a = np.random.default_rng(4).normal(size=(3, 3)).astype(np.float32)
+    (tmp_path / "p.bin").write_bytes(b"not a program")
+    store = compile_cache.ProgramStore(tmp_path)
+    program = store.compiled("p", lambda: jax.jit(jnp.cumsum).lower(a))
+    assert store.compiled_now == 1
+    np.testing.assert_allclose(program(a), np.cumsum(a), rtol=1e-6)
+    assert compile_cache.ProgramStore(tmp_path).compiled("p", lambda: pytest.fail("not saved")) is not None
+
+
+def test_program_store_refuses_names_that_are_not_file_names(tmp_path):
+    with pytest.raises(ValueError, match="program name"):
+        compile_cache.ProgramStore(tmp_path).compiled("../escape", lambda: None)
+
+
+def test_program_store_folder_follows_identity_and_is_off_with_the_cache(tmp_path):
+    assert compile_cache.program_store("engine A", root=tmp_path) is None  # this process keeps no cache
+    jax.config.update("jax_enable_compilation_cache", True)
+    try:  # nothing compiles here, so JAX's own choice of cache for this process is not made now
+        a1 = compile_cache.program_store("engine A", root=tmp_path)
+        a2 = compile_cache.program_store("engine A", root=tmp_path)
+        b = compile_cache.program_store("engine B", root=tmp_path)
+    finally:
+        jax.config.update("jax_enable_compilation_cache", False)
+    assert a1.folder == a2.folder != b.folder and a1.folder.parent == tmp_path
