@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import pprint
 import sys
 import time
 
@@ -26,14 +25,16 @@ from benchmarks.kernels import decode_inputs, rel_err, timed
 from gptjax.kernels import decode_attention, decode_attention_reference, on_gpu
 
 # (heads, head_dim) -> batches x cache lengths: the 345M model's layer, and the 6.7B model's
-SHAPES = {(16, 64): ([8, 32, 64, 128, 256], [512, 2048]), (32, 128): ([8, 32, 64], [512, 2048])}
+SHAPES = {(16, 64): ([8, 32, 64, 128, 256], [512, 2048]), (32, 128): ([32, 64], [2048])}
 QUICK_SHAPES = {(4, 16): ([2], [64])}
 # (heads_per_program, block_k, num_warps, num_stages, use_dot, target programs to split toward);
 # a head group's tiles are [block_k, G * head_dim]: block_k shrinks as the group widens (shared memory)
-CANDIDATES = {64: [(1, 128, 4, 3, True, 1056), (16, 16, 8, 3, False, 264), (16, 16, 8, 3, False, 528),
-                   (8, 32, 8, 3, False, 528), (4, 64, 4, 3, False, 1056)],
-              128: [(1, 128, 4, 3, True, 1056), (8, 16, 8, 3, False, 264), (8, 16, 8, 3, False, 528),
-                    (4, 32, 8, 3, False, 528), (2, 64, 4, 3, False, 1056)],
+# (run 1 of 2026-12-02 on an H200: the head groups won only at batch 256 x 2048 and 32 x 128 at batch <= 32;
+# run 2 adds per-head variants: deeper or shallower pipelines, smaller and larger blocks)
+CANDIDATES = {64: [(1, 128, 4, 3, True, 1056), (1, 64, 4, 4, True, 1056), (1, 128, 4, 2, True, 2112),
+                   (1, 256, 8, 2, True, 1056), (4, 64, 4, 3, False, 1056)],
+              128: [(1, 128, 4, 3, True, 1056), (1, 64, 4, 4, True, 1056), (1, 128, 4, 2, True, 2112),
+                    (2, 64, 4, 3, False, 1056), (4, 32, 8, 3, False, 528)],
               16: [(1, 16, 4, 3, True, 8), (4, 16, 4, 3, False, 8)]}
 
 
@@ -58,6 +59,14 @@ def candidates(batch: int, heads: int, head_dim: int, max_seq: int) -> list[tupl
     return seen
 
 
+def peers() -> dict:
+    out = {"xla": decode_attention_reference}
+    if on_gpu():
+        out["cudnn"] = lambda q, k, v, n: jax.nn.dot_product_attention(
+            q[:, None], k, v, key_value_seq_lengths=n, implementation="cudnn")[:, 0]
+    return out
+
+
 def sweep_shape(batch, heads, head_dim, max_seq, bandwidth, interpret, reps, out):
     sets = decode_inputs(batch, max_seq, heads, head_dim)
     q, kc, vc, lengths = sets[0]
@@ -79,6 +88,15 @@ def sweep_shape(batch, heads, head_dim, max_seq, bandwidth, interpret, reps, out
         rows.append(row)
         out.write(json.dumps(row) + "\n")
         out.flush()
+    for name, fn in peers().items():  # beside the candidates, in the same run: XLA (the engine's "xla"), cuDNN
+        row = {"batch": batch, "max_seq": max_seq, "heads": heads, "head_dim": head_dim, "peer": name}
+        try:
+            t = timed(fn, sets, reps=reps)
+            row |= {"us": t * 1e6, "gbps": kv_bytes / t / 1e9, "of_bandwidth": kv_bytes / t / bandwidth}
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        out.write(json.dumps(row) + "\n")
+        print(f"  peer {name}: {row.get('gbps', float('nan')):.0f} GB/s", flush=True)
     ok = [r for r in rows if "us" in r and r["rel_err"] < 3e-2]
     best = min(ok, key=lambda r: r["us"]) if ok else None
     print(f"b={batch} seq={max_seq} {heads}x{head_dim}: "
@@ -88,15 +106,19 @@ def sweep_shape(batch, heads, head_dim, max_seq, bandwidth, interpret, reps, out
 
 
 def write_table(path: str, best_rows: list[dict], device: str) -> None:
-    table = {(r["heads"], r["head_dim"], r["batch"], r["max_seq"]): tuple(r["params"]) for r in best_rows}
+    """The checked-in table with this run's shapes replaced (a run may sweep only some shapes)."""
+    from gptjax.kernels import decode_table
+
+    table = dict(decode_table.TABLE)
+    table |= {(r["heads"], r["head_dim"], r["batch"], r["max_seq"]): tuple(r["params"]) for r in best_rows}
     text = (f'"""Decode attention\'s launch parameters by shape, as the sweep measured them '
             f'(`benchmarks/decode_sweep.py`\nwrites this file; edit the sweep, not the table). '
             f'Measured on {device}, {datetime.date.today().isoformat()}.\n\n'
             '(heads, head_dim, batch, max_seq) -> (heads_per_program, block_k, num_splits, num_warps, '
             'num_stages, use_dot)\n"""\n\n'
             f"DEVICE = {device!r}\n"
-            "TABLE: dict[tuple[int, int, int, int], tuple[int, int, int, int, int, bool]] = "
-            + pprint.pformat(table, width=110, sort_dicts=True) + "\n")
+            "TABLE: dict[tuple[int, int, int, int], tuple[int, int, int, int, int, bool]] = {\n"
+            + "".join(f"    {key}: {value},\n" for key, value in sorted(table.items())) + "}\n")
     with open(path, "w") as f:
         f.write(text)
 

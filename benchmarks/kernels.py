@@ -45,7 +45,9 @@ PREFILL_SWEEP = {64: [(128, 64, 8, 3, False), (128, 64, 4, 3, True), (64, 64, 4,
 DECODE_SWEEP = [(128, 4, 3, False, None), (64, 4, 3, True, None), (128, 4, 3, True, None),
                 (128, 8, 3, True, None), (256, 8, 3, True, None), (128, 8, 3, False, "x2"), (128, 8, 3, False, "x4"),
                 (128, 4, 3, True, "x2")]
-HOPPER_SWEEP = [(64, 2), (128, 3), (64, 3)]  # (block_kv, stages) beside the default (128, 2)
+# beside the default (persistent: one program per multiprocessor, block_kv 128, 2 stages)
+HOPPER_SWEEP = {"hopper(128, 3)": dict(block_kv=128, stages=3),
+                "hopper(one tile per program)": dict(programs=1 << 30)}
 MEM_BUDGET = 6 << 30  # bytes of input sets per timed function
 
 
@@ -111,11 +113,9 @@ def check_ragged(interpret, which="all"):
     dtypes = (jnp.float32, jnp.bfloat16, jnp.float16)
     rows = [] if which == "hopper" else check_prefill("flash", lambda q, k, v, n: flash_attention(q, k, v, lengths=n, interpret=interpret),
                          dtypes, [(3, 1000, 4, 64), (2, 300, 2, 128), (2, 77, 3, 80)], rng, tol)
-    if on_hopper():
-        for use_lengths in (True, False):
-            rows += check_prefill(f"hopper(lengths={use_lengths})",
-                                  lambda q, k, v, n, u=use_lengths: hopper_flash_attention(q, k, v, lengths=n,
-                                                                                            use_lengths=u),
+    if on_hopper():  # the default (persistent), and one tile per program
+        for name, kw in {"hopper": {}, "hopper(one tile per program)": dict(programs=1 << 30)}.items():
+            rows += check_prefill(name, lambda q, k, v, n, kw=kw: hopper_flash_attention(q, k, v, lengths=n, **kw),
                                   (jnp.bfloat16, jnp.float16), [(3, 1000, 4, 64), (2, 300, 2, 128), (1, 4096, 2, 64)],
                                   rng, tol)
     for dtype in dtypes if which == "all" else ():
@@ -155,10 +155,8 @@ def prefill_impls(interpret, sweep, dtype, head_dim):
         impls["pallas" if cfg is None else "pallas" + str(cfg)] = (
             lambda q, k, v, kw=kw: flash_attention(q, k, v, interpret=interpret, **kw))
     if on_hopper():
-        for block_kv, stages in [(None, None)] + HOPPER_SWEEP:
-            name = "hopper" if block_kv is None else f"hopper({block_kv}, {stages})"
-            impls[name] = lambda q, k, v, b=block_kv, st=stages: hopper_flash_attention(q, k, v, block_kv=b,
-                                                                                       stages=st)
+        for name, kw in {"hopper": {}, **HOPPER_SWEEP}.items():
+            impls[name] = lambda q, k, v, kw=kw: hopper_flash_attention(q, k, v, **kw)
         if jnp.dtype(dtype) == jnp.float16:
             for block_kv in (64, 128):
                 impls[f"attention_mgpu({block_kv})"] = attention_mgpu_peer(block_kv)

@@ -26,9 +26,10 @@ has decode-sweep && timeout "${T_SWEEP:-240}" python3 -m benchmarks.decode_sweep
   > "$OUT/decode_sweep.log" 2>&1
 has decode && timeout "${T_DECODE:-200}" python3 -m benchmarks.kernels --skip-prefill --checks none \
   --json "$OUT/decode.json" > "$OUT/decode.log" 2>&1
+[ -f "$OUT/decode_table.py" ] && cp "$OUT/decode_table.py" gptjax/kernels/decode_table.py  # the engine uses it
 if has engine; then  # gpt2-124m: 12 heads x 64, so prefill takes the Hopper kernel on sm_90
   for impl in pallas xla; do
-    timeout 150 python3 -m gptjax generate --model gpt2-124m --dtype bfloat16 --greedy --max-new-tokens 24 --json \
+    timeout "${T_ENGINE:-150}" python3 -m gptjax generate --model gpt2-124m --dtype bfloat16 --greedy --max-new-tokens 24 --json \
       --attention $impl --prompt-ids 5,17,99 --prompt-ids "$(seq -s, 1 300)" --prompt-ids "$(seq -s, 7 3 500)" \
       > "/tmp/engine-$impl.jsonl" 2>> "$OUT/env.txt"
   done

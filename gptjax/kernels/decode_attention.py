@@ -117,11 +117,11 @@ def _store(out_refs, acc, m, l, split: bool):
 
 
 def _per_head_kernel(len_ref, q_ref, k_ref, v_ref, *out_refs, sm_scale: float, block_k: int, chunk: int,
-                     split: bool, rows: int):
+                     split: bool, rows: int, max_seq: int):
     """rows == 1: scores and outputs by elementwise products and reductions. rows == 16: the query repeated
     over 16 rows so that both products run on the matrix units (whose smallest tile has 16 rows); that
     wastes FLOPs nobody needs but keeps reductions inside warps and lets Triton pipeline the tile loads."""
-    length = len_ref[...]
+    length = jnp.clip(len_ref[...], 0, max_seq)  # here, not a kernel of its own before the launch
     start = pl.program_id(1) * chunk
     q = q_ref[...]
     head_dim = q.shape[-1]
@@ -162,10 +162,10 @@ def _per_head_kernel(len_ref, q_ref, k_ref, v_ref, *out_refs, sm_scale: float, b
 
 
 def _head_group_kernel(len_ref, q_ref, k_ref, v_ref, *out_refs, sm_scale: float, block_k: int, chunk: int,
-                       split: bool, head_dim: int, cols: int):
+                       split: bool, head_dim: int, cols: int, max_seq: int):
     """G heads of one sequence's chunk: q_ref [G*d], k_ref and v_ref [chunk, G*d]; `cols` = max(G, 16)
     columns of the block-diagonal query (those past G are zero and their results unused)."""
-    length = len_ref[...]
+    length = jnp.clip(len_ref[...], 0, max_seq)  # here, not a kernel of its own before the launch
     start = pl.program_id(1) * chunk
     q = q_ref[...]
     width = q.shape[0]
@@ -222,7 +222,7 @@ def decode_attention(q, k_cache, v_cache, lengths, *, interpret: bool = False, b
     params = DecodeParams(*(c if g is None else g for g, c in zip(given, chosen)))
     if heads % params.heads_per_program:
         raise ValueError(f"heads_per_program={params.heads_per_program} must divide heads={heads}")
-    lengths = jnp.clip(lengths.astype(jnp.int32), 0, max_seq)
+    lengths = lengths.astype(jnp.int32)  # clipped to [0, max_seq] inside the kernel
     if padded_d != head_dim:  # whole-cache copy: only for head dims that are not a power of two
         pad = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, padded_d - head_dim)])
         q, k_cache, v_cache = pad(q), pad(k_cache), pad(v_cache)
@@ -249,7 +249,7 @@ def _launch_per_head(q, k_cache, v_cache, lengths, params: DecodeParams, chunk: 
     batch, heads, d = q.shape
     split = splits > 1
     kernel = functools.partial(_per_head_kernel, sm_scale=sm_scale, block_k=params.block_k, chunk=chunk,
-                               split=split, rows=MATRIX_ROWS if params.use_dot else 1)
+                               split=split, rows=MATRIX_ROWS if params.use_dot else 1, max_seq=k_cache.shape[1])
     # heads vary fastest over the grid: neighbouring programs read neighbouring bytes of the cache
     in_specs = [pl.BlockSpec((None,), lambda h, s, b: (b,)),
                 pl.BlockSpec((None, None, d), lambda h, s, b: (b, h, 0)),
@@ -282,7 +282,7 @@ def _launch_head_group(q, k_cache, v_cache, lengths, params: DecodeParams, chunk
     q, k_cache, v_cache = q.reshape(batch, heads * d), *(c.reshape(rows, max_seq, heads * d)
                                                          for c in (k_cache, v_cache))
     kernel = functools.partial(_head_group_kernel, sm_scale=sm_scale, block_k=params.block_k, chunk=chunk,
-                               split=split, head_dim=d, cols=cols)
+                               split=split, head_dim=d, cols=cols, max_seq=max_seq)
     in_specs = [pl.BlockSpec((None,), lambda g, s, b: (b,)),
                 pl.BlockSpec((None, width), lambda g, s, b: (b, g)),
                 pl.BlockSpec((None, chunk, width), lambda g, s, b: (b, s, g)),

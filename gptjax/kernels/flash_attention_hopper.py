@@ -4,9 +4,11 @@ against it and against float64); other GPUs run the Triton kernel in `flash_atte
 
 Why a second kernel: prefill at long sequences is bound by the matrix units, and the Triton kernel runs
 QK^T, the softmax and PV one after another in every warp, so the matrix units idle through each softmax.
-Here one program (a CTA) takes 2 x 64 query rows of one head and runs three warpgroups:
+Here a program (a CTA; by default one per multiprocessor, persistent) takes tiles of 2 x 64 query rows of one
+head in turn, longest first, and runs three warpgroups:
 - a producer that loads key and value blocks with TMA into a ring of `stages` shared-memory slots, each
-  slot's arrival signalled on a barrier, and reuses a slot once both consumers have released it;
+  slot's arrival signalled on a barrier, and reuses a slot once both consumers have released it; the ring
+  runs on across tiles, so the next tile's first blocks load while the consumers finish the last one;
 - two consumers, 64 query rows each, that run QK^T and PV as warpgroup MMAs (wgmma) from shared memory
   (P from registers), with the online softmax in registers. A two-party barrier taken twice per key block
   staggers them by half a block: while one computes its softmax the other's matrix product runs, so the
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -52,123 +55,198 @@ def _visible_blocks(first_row, length, block_kv: int):
     return jnp.where(first_row < length, jnp.minimum(causal, pl.cdiv(length, block_kv)), 0)
 
 
-def _consumer(q_ref, o_ref, scratch, *, tile_start, length, batch, head, block_kv: int, stages: int,
-              sm_scale: float, producer_steps):
+class _Tile(NamedTuple):
+    """One program's unit of work: 2 x 64 query rows of one head of one sequence."""
+    batch: jax.Array
+    head: jax.Array
+    start: jax.Array  # first query row
+    length: jax.Array  # the sequence's valid length
+    steps: jax.Array  # key blocks the producer loads: the larger of the two consumers' counts
+
+
+def _tile(t, len_ref, *, heads: int, batch_size: int, n_tiles: int, block_kv: int, seq: int, use_lengths: bool):
+    """Tile number t, in the order programs take them: the longest (last) query tiles of every head and
+    sequence first, so the short ones fill the tail."""
+    per_row = heads * batch_size
+    q_tile = n_tiles - 1 - lax.div(t, jnp.int32(per_row))
+    rest = lax.rem(t, jnp.int32(per_row))
+    batch, head = lax.div(rest, jnp.int32(heads)), lax.rem(rest, jnp.int32(heads))
+    start = q_tile * (CONSUMERS * BLOCK_Q)
+    length = len_ref[batch] if use_lengths else jnp.int32(seq)
+    steps = jnp.maximum(*(_visible_blocks(start + w * BLOCK_Q, length, block_kv) for w in range(CONSUMERS)))
+    return _Tile(batch, head, start, length, steps)
+
+
+def _my_tiles(n_total: int, programs: int):
+    """(first tile, stride, count) of this program: tiles program, program + programs, ..."""
+    program = lax.axis_index("p")
+    return program, programs, lax.div(n_total - program + programs - 1, jnp.int32(programs))
+
+
+class _Consumer(NamedTuple):
+    """What a consumer warpgroup's steps share: its query tile in shared memory, the key/value ring, and
+    the barriers."""
+    q_smem: object
+    k_smem: object
+    v_smem: object
+    k_ready: object
+    v_ready: object
+    k_free: object
+    v_free: object
+    turn: object
+    block_kv: int
+    stages: int
+    scale: float  # softmax scale times log2(e): scores in base 2, exp2 below
+
+
+def _rendezvous(turn):
+    """Both consumers arrive before either goes on."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
-    q_smem2, k_smem, v_smem, k_ready, v_ready, q_ready, k_free, v_free, turn = scratch
+    plgpu.barrier_arrive(turn)
+    plgpu.barrier_wait(turn)
+
+
+def _attend_block(j, carry, *, c: _Consumer, first_row, base, masked: bool):
+    """Key block j of the tile: scores, online softmax, then the weighted values, in the ping-pong order."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    acc, m, l = carry
+    slot = lax.rem(base + j, jnp.int32(c.stages))
+    plgpu.barrier_wait(c.k_ready.at[slot])
+
+    def scores(s_ref):
+        plgpu.wgmma(s_ref, c.q_smem, plgpu.transpose_ref(c.k_smem.at[slot], (1, 0)))
+        _rendezvous(c.turn)  # the other consumer's softmax ran while this product was issued
+        return s_ref[...]
+    s = pl.run_scoped(scores, plgpu.ACC((BLOCK_Q, c.block_kv), jnp.float32))
+    plgpu.barrier_arrive(c.k_free.at[slot])
+    if masked:
+        rows = plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=plgpu.Layout.WGMMA)
+        keys = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
+        s = jnp.where(first_row + rows >= j * c.block_kv + keys, s, -jnp.inf)
+    m_next = jnp.maximum(m, s.max(axis=1) * c.scale)
+    alpha = jnp.exp2(m - m_next)
+    p = jnp.exp2(s * c.scale - lax.broadcast_in_dim(m_next, s.shape, [0]))  # one FMA per score
+    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+    l = l * alpha + p.sum(axis=1)
+    p16 = p.astype(c.q_smem.dtype)
+    plgpu.barrier_arrive(c.turn)  # softmax done: the other consumer may issue its product
+    plgpu.barrier_wait(c.v_ready.at[slot])
+    plgpu.barrier_wait(c.turn)
+
+    def weighted_values(acc_ref):
+        plgpu.wgmma(acc_ref, p16, c.v_smem.at[slot])
+    acc = pl.run_state(weighted_values)(plgpu.ACC.init(acc))
+    plgpu.barrier_arrive(c.v_free.at[slot])
+    return acc, m_next, l
+
+
+def _release_block(j, _, *, c: _Consumer, base):
+    """A block the other consumer needs and this one does not: free its slot unread, keep the schedule."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    slot = lax.rem(base + j, jnp.int32(c.stages))
+    plgpu.barrier_arrive(c.k_free.at[slot])
+    plgpu.barrier_arrive(c.v_free.at[slot])
+    _rendezvous(c.turn)
+    _rendezvous(c.turn)
+
+
+def _consumer_tile(i, base, *, c: _Consumer, q_ref, o_ref, q_ready, tile_of, first, stride):
+    """This consumer's 64 rows of the program's i-th tile; returns the ring position after the tile."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
     wg = lax.axis_index("wg")
-    plgpu.set_max_registers(232, action="increase")
-    q_smem = q_smem2.at[wg]
-    first_row = tile_start + wg * BLOCK_Q
-    steps = _visible_blocks(first_row, length, block_kv)
-    full = jnp.minimum(lax.div(first_row, block_kv), steps)  # blocks wholly before the first row
-    plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(first_row, BLOCK_Q), head], q_smem, q_ready.at[wg])
+    tile = tile_of(first + i * stride)
+    first_row = tile.start + wg * BLOCK_Q
+    steps = _visible_blocks(first_row, tile.length, c.block_kv)
+    full = jnp.minimum(lax.div(first_row, c.block_kv), steps)  # blocks wholly before the first row
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's output has left q_smem
+    rows = (tile.batch, pl.ds(first_row, BLOCK_Q), tile.head)
+    plgpu.copy_gmem_to_smem(q_ref.at[rows], c.q_smem, q_ready.at[wg])
     plgpu.barrier_wait(q_ready.at[wg])
-    scale = sm_scale * LOG2_E  # scores in base 2: exp2 below
-
-    def rendezvous():  # both consumers arrive before either goes on
-        plgpu.barrier_arrive(turn)
-        plgpu.barrier_wait(turn)
-
-    def block(j, carry, masked: bool):
-        acc, m, l = carry
-        slot = lax.rem(j, jnp.int32(stages))
-        plgpu.barrier_wait(k_ready.at[slot])
-
-        def scores(s_ref):
-            plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
-            rendezvous()  # the other consumer's softmax ran while this product was issued
-            return s_ref[...]
-        s = pl.run_scoped(scores, plgpu.ACC((BLOCK_Q, block_kv), jnp.float32))
-        plgpu.barrier_arrive(k_free.at[slot])
-        if masked:
-            rows = plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=plgpu.Layout.WGMMA)
-            keys = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
-            s = jnp.where(first_row + rows >= j * block_kv + keys, s, -jnp.inf)
-        m_next = jnp.maximum(m, s.max(axis=1) * scale)
-        alpha = jnp.exp2(m - m_next)
-        p = jnp.exp2(s * scale - lax.broadcast_in_dim(m_next, s.shape, [0]))  # one FMA per score
-        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-        l = l * alpha + p.sum(axis=1)
-        p16 = p.astype(q_smem.dtype)
-        plgpu.barrier_arrive(turn)  # softmax done: the other consumer may issue its product
-        plgpu.barrier_wait(v_ready.at[slot])
-        plgpu.barrier_wait(turn)
-
-        def weighted_values(acc_ref):
-            plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-        acc = pl.run_state(weighted_values)(plgpu.ACC.init(acc))
-        plgpu.barrier_arrive(v_free.at[slot])
-        return acc, m_next, l
-
-    def release(j, _):  # blocks the other consumer needs and this one does not: free their slots unread
-        slot = lax.rem(j, jnp.int32(stages))
-        plgpu.barrier_arrive(k_free.at[slot])
-        plgpu.barrier_arrive(v_free.at[slot])
-        rendezvous()
-        rendezvous()
-
-    head_dim = q_smem.shape[-1]
+    head_dim = c.q_smem.shape[-1]
     acc = plgpu.layout_cast(jnp.zeros((BLOCK_Q, head_dim), jnp.float32), plgpu.Layout.WGMMA)
     m = plgpu.layout_cast(jnp.full((BLOCK_Q,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
     l = plgpu.layout_cast(jnp.zeros((BLOCK_Q,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-    pl.when(wg == 1)(rendezvous)  # consumer 0 takes the matrix units first
-    carry = lax.fori_loop(0, full, functools.partial(block, masked=False), (acc, m, l))
-    acc, m, l = lax.fori_loop(full, steps, functools.partial(block, masked=True), carry)
-    lax.fori_loop(steps, producer_steps, release, None)
-    pl.when(wg == 0)(rendezvous)
+    pl.when(wg == 1)(functools.partial(_rendezvous, c.turn))  # consumer 0 takes the matrix units first
+    step = functools.partial(_attend_block, c=c, first_row=first_row, base=base)
+    carry = lax.fori_loop(0, full, functools.partial(step, masked=False), (acc, m, l))
+    acc, m, l = lax.fori_loop(full, steps, functools.partial(step, masked=True), carry)
+    lax.fori_loop(steps, tile.steps, functools.partial(_release_block, c=c, base=base), None)
+    pl.when(wg == 0)(functools.partial(_rendezvous, c.turn))
     # l >= 1 for every row that saw a key (its max scores exp2(0)); rows that saw none keep acc = 0
     acc = acc / lax.broadcast_in_dim(jnp.maximum(l, 1e-30), acc.shape, [0])
-    q_smem[...] = acc.astype(q_smem.dtype)
+    c.q_smem[...] = acc.astype(c.q_smem.dtype)
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(q_smem, o_ref.at[batch, pl.ds(first_row, BLOCK_Q), head])
+    plgpu.copy_smem_to_gmem(c.q_smem, o_ref.at[rows])
+    return base + tile.steps
+
+
+def _consumer(q_ref, o_ref, len_ref, scratch, *, tile_of, n_total: int, programs: int, block_kv: int,
+              stages: int, sm_scale: float):
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    q_smem2, k_smem, v_smem, k_ready, v_ready, q_ready, k_free, v_free, turn = scratch
+    plgpu.set_max_registers(232, action="increase")
+    c = _Consumer(q_smem2.at[lax.axis_index("wg")], k_smem, v_smem, k_ready, v_ready, k_free, v_free, turn,
+                  block_kv, stages, sm_scale * LOG2_E)
+    first, stride, count = _my_tiles(n_total, programs)
+    tile = functools.partial(_consumer_tile, c=c, q_ref=q_ref, o_ref=o_ref, q_ready=q_ready, tile_of=tile_of,
+                             first=first, stride=stride)
+    lax.fori_loop(0, count, tile, jnp.int32(0))
     plgpu.wait_smem_to_gmem(0)
 
 
-def _producer(k_ref, v_ref, scratch, *, batch, head, block_kv: int, stages: int, producer_steps):
+def _producer(k_ref, v_ref, scratch, *, tile_of, n_total: int, programs: int, block_kv: int, stages: int):
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     _, k_smem, v_smem, k_ready, v_ready, _, k_free, v_free, _ = scratch
     plgpu.set_max_registers(40, action="decrease")
 
-    def load(step, slot):
-        keys = (batch, pl.ds(step * block_kv, block_kv), head)
-        plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_ready.at[slot])
-        plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_ready.at[slot])
+    def one_tile(i, base, first, stride):
+        tile = tile_of(first + i * stride)
 
-    for i in range(stages):
-        pl.when(i < producer_steps)(functools.partial(load, i, i))
+        @pl.loop(0, tile.steps)
+        def _(j):
+            n = base + j  # blocks loaded so far by this program: the ring's position
+            slot = lax.rem(n, jnp.int32(stages))
 
-    @pl.loop(0, jnp.maximum(producer_steps - stages, 0))
-    def _(j):
-        slot = lax.rem(j, jnp.int32(stages))  # the slot of block j, which block j + stages reuses
-        plgpu.barrier_wait(k_free.at[slot])
-        plgpu.barrier_wait(v_free.at[slot])
-        load(j + stages, slot)
+            @pl.when(n >= stages)  # the slot's last block must be released by both consumers first
+            def _():
+                plgpu.barrier_wait(k_free.at[slot])
+                plgpu.barrier_wait(v_free.at[slot])
+            keys = (tile.batch, pl.ds(j * block_kv, block_kv), tile.head)
+            plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_ready.at[slot])
+            plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_ready.at[slot])
+        return base + tile.steps
+
+    first, stride, count = _my_tiles(n_total, programs)
+    lax.fori_loop(0, count, functools.partial(one_tile, first=first, stride=stride), jnp.int32(0))
 
 
 def _program(len_ref, q_ref, k_ref, v_ref, o_ref, *scratch, block_kv: int, stages: int, sm_scale: float,
-             n_tiles: int, seq: int, use_lengths: bool):
-    tile = n_tiles - 1 - lax.axis_index("q")  # the longest tiles first: the short ones fill the tail
-    batch, head = lax.axis_index("batch"), lax.axis_index("heads")
-    tile_start = tile * (CONSUMERS * BLOCK_Q)
-    length = len_ref[batch] if use_lengths else jnp.int32(seq)
-    producer_steps = jnp.maximum(*(_visible_blocks(tile_start + w * BLOCK_Q, length, block_kv)
-                                   for w in range(CONSUMERS)))
+             n_tiles: int, heads: int, batch_size: int, seq: int, use_lengths: bool, programs: int):
+    tile_of = functools.partial(_tile, len_ref=len_ref, heads=heads, batch_size=batch_size, n_tiles=n_tiles,
+                                block_kv=block_kv, seq=seq, use_lengths=use_lengths)
+    common = dict(tile_of=tile_of, n_total=n_tiles * heads * batch_size, programs=programs, block_kv=block_kv,
+                  stages=stages)
     wg = lax.axis_index("wg")
-    where = dict(batch=batch, head=head, block_kv=block_kv, stages=stages, producer_steps=producer_steps)
-    pl.when(wg < CONSUMERS)(functools.partial(_consumer, q_ref, o_ref, scratch, tile_start=tile_start,
-                                              length=length, sm_scale=sm_scale, **where))
-    pl.when(wg == CONSUMERS)(functools.partial(_producer, k_ref, v_ref, scratch, **where))
+    pl.when(wg < CONSUMERS)(functools.partial(_consumer, q_ref, o_ref, len_ref, scratch, sm_scale=sm_scale,
+                                              **common))
+    pl.when(wg == CONSUMERS)(functools.partial(_producer, k_ref, v_ref, scratch, **common))
 
 
-@functools.partial(jax.jit, static_argnames=("block_kv", "stages", "use_lengths"))
+@functools.partial(jax.jit, static_argnames=("block_kv", "stages", "use_lengths", "programs"))
 def hopper_flash_attention(q, k, v, *, lengths=None, block_kv: int | None = None, stages: int | None = None,
-                           use_lengths: bool = True):
+                           use_lengths: bool = True, programs: int | None = None):
     """q, k, v: [batch, seq, heads, head_dim] (bf16 or fp16, head_dim 64 or 128); lengths: [batch] valid
     lengths (right padding) or None. Causal, scale 1/sqrt(head_dim); rows past a length are unspecified
-    (zeros for whole 64-row blocks past it). `use_lengths=False` ignores lengths (full causal work)."""
+    (zeros for whole 64-row blocks past it). `use_lengths=False` ignores lengths (full causal work).
+    `programs`: how many programs (CTAs) share the tiles, each taking every programs-th tile in turn and
+    streaming the next tile's keys while it finishes the last (default: one per multiprocessor, i.e.
+    persistent; a number >= the tile count gives one tile per program)."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     batch, seq, heads, head_dim = q.shape
@@ -196,13 +274,15 @@ def hopper_flash_attention(q, k, v, *, lengths=None, block_kv: int | None = None
                plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
                plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
                plgpu.Barrier(num_arrivals=CONSUMERS)]
+    programs = min(programs or getattr(jax.devices()[0], "core_count", 132), n_tiles * heads * batch)
     body = functools.partial(_program, block_kv=block_kv, stages=stages, sm_scale=1.0 / math.sqrt(head_dim),
-                             n_tiles=n_tiles, seq=seq, use_lengths=use_lengths)
+                             n_tiles=n_tiles, heads=heads, batch_size=batch, seq=seq, use_lengths=use_lengths,
+                             programs=programs)
     out = plgpu.kernel(
         body,
         out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        grid=(heads, n_tiles, batch),  # heads vary fastest: every head's longest tile is in the first wave
-        grid_names=("heads", "q", "batch"),
+        grid=(programs,),
+        grid_names=("p",),
         num_threads=CONSUMERS + 1,
         thread_name="wg",
         scratch_types=scratch,
