@@ -347,8 +347,8 @@ def main(argv=None):
     checks = check_ragged(interpret, args.checks) if not (args.quick or args.checks == "none") else []
     for c in checks:
         print("check", *c, flush=True)
-    rates = floors.measure(with_torch=on_gpu())
-    copy_bw = rates["memory_bytes_per_s"]  # the larger of copy and read: a decode kernel only reads
+    rates = {} if args.skip_decode else floors.measure(with_torch=on_gpu())
+    copy_bw = rates.get("memory_bytes_per_s", float("nan"))  # the larger of copy and read: decode only reads
     print(f"floors {rates}", flush=True)
     shapes = [(2, 128, 2, 64), (1, 256, 2, 128)] if args.quick else PREFILL_SHAPES
     only = args.only.split(",") if args.only else None

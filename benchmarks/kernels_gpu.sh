@@ -17,8 +17,9 @@ has() { [[ " $parts " == *" $1 "* ]]; }
 has floors && timeout 120 python3 -m benchmarks.floors --torch --json >> "$OUT/env.txt" 2>&1
 # the peers first, in a process of their own: a kernel of ours that hangs can't take their rows with it
 has prefill && timeout "${T_PEERS:-150}" python3 -m benchmarks.kernels --skip-decode --checks none \
-  --prefill-dtypes bfloat16,float16 --only xla,cudnn,pallas,attention_mgpu --json "$OUT/prefill-peers.json" \
-  > "$OUT/prefill.log" 2>&1
+  --prefill-dtypes bfloat16 --only xla,cudnn,pallas --json "$OUT/prefill-peers.json" > "$OUT/prefill.log" 2>&1
+has prefill && timeout "${T_PEERS:-150}" python3 -m benchmarks.kernels --skip-decode --checks none \
+  --prefill-dtypes float16 --only cudnn,attention_mgpu --json "$OUT/prefill-peers16.json" >> "$OUT/prefill.log" 2>&1
 has prefill && timeout "${T_PREFILL:-150}" python3 -m benchmarks.kernels --skip-decode --checks hopper \
   --prefill-dtypes bfloat16,float16 --only hopper --json "$OUT/prefill.json" >> "$OUT/prefill.log" 2>&1
 has decode-sweep && timeout "${T_SWEEP:-240}" python3 -m benchmarks.decode_sweep --jsonl "$OUT/decode_sweep.jsonl" \
