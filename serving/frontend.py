@@ -237,9 +237,15 @@ class Frontend:
     def ready(self) -> bool:
         return self._loaded and self.scheduler.accepting
 
-    def require_ready(self) -> Limits:
+    def require_loaded(self) -> Limits:
+        """The limits once the model is built (also while draining); UNAVAILABLE before."""
         if not self._loaded:
             raise RequestError(Code.UNAVAILABLE, "the model is loading; retry when health is SERVING")
+        return self.limits
+
+    def require_ready(self) -> Limits:
+        """The limits while requests are taken; UNAVAILABLE while loading, starting or draining."""
+        self.require_loaded()
         if not self.scheduler.accepting:
             raise RequestError(Code.UNAVAILABLE, "the server is not accepting requests (starting or shutting down)")
         return self.limits

@@ -21,7 +21,8 @@ v1 (the 2021 backend)
              temperature, read into the engine config's top_k / top_p / temperature), as in that backend.
 
 Sampling as in FasterTransformer: top_k 0 and top_p 0 (or top_k 1) is greedy; top_p 0 turns top-p off. A row
-stops at end_id (default: the model's end-of-text token) or a stop word. Anything not supported is refused
+stops at end_id (default: the model's end-of-text token; one past the vocabulary, such as 2**32 - 1, never
+stops a row: the way to ask for exactly request_output_len tokens) or a stop word. Anything not supported is refused
 with INVALID_ARGUMENT naming the tensor, never ignored. Every value then goes through the front end's one
 validation path, so its ranges are the native API's.
 """
@@ -185,8 +186,20 @@ def _ft_sampling(row: dict, i: int) -> dict:
     if temperature is not None and not (math.isfinite(temperature) and temperature >= 0):
         raise invalid(f"temperature[{i}] must be a finite number >= 0, got {temperature}")
     seed = int(row["random_seed"][i]) if "random_seed" in row else None
-    end_id = int(row["end_id"][i]) if "end_id" in row else None
-    return dict(top_k=top_k, top_p=1.0 if top_p == 0.0 else top_p, temperature=temperature, seed=seed, end_id=end_id)
+    return dict(top_k=top_k, top_p=1.0 if top_p == 0.0 else top_p, temperature=temperature, seed=seed)
+
+
+def _end(row: dict, i: int, frontend: Frontend) -> tuple[dict, int]:
+    """Row i's end_id -> (Params fields, the row's padding). An end_id past the vocabulary (2**32 - 1, the
+    usual one) is a token no model makes: as in FasterTransformer, the row never stops at it and is padded
+    with it; that is how this dialect asks for exactly request_output_len tokens. A negative one is refused."""
+    lim = frontend.limits
+    if "end_id" not in row:
+        return {}, lim.eos_token_id
+    end_id = int(row["end_id"][i])
+    if lim.vocab_size <= end_id < 2**32:
+        return {"ignore_eos": True}, end_id
+    return {"end_id": end_id}, end_id
 
 
 def _greedy_as_ft(p: Params, frontend: Frontend) -> Params:
@@ -238,11 +251,12 @@ def parse(arrays: dict[str, np.ndarray], frontend: Frontend, deadline: float | N
         n = int(row[lengths_name][i])
         if not 1 <= n <= width:
             raise invalid(f"{lengths_name}[{i}] = {n} must be in [1, {width}] (the width of {REQUIRED[dialect][0]})")
-        knobs = _ft_sampling(row, i) if dialect == V5 else {}
+        knobs, end_id = _end(row, i, frontend)
+        knobs.update(_ft_sampling(row, i) if dialect == V5 else {})
         p = _greedy_as_ft(Params(prompt=ids[i, :n], max_new_tokens=int(row[out_name][i]), stop_ids=_stop_ids(arrays, i),
                                  deadline=deadline, **knobs), frontend)
         requests.append(frontend.validate(p, _row_names(dialect, i)))
-        end_ids.append(frontend.limits.eos_token_id if p.end_id is None else p.end_id)
+        end_ids.append(end_id)
     return requests, Info(dialect, width, _outputs_wanted(dialect, requested, row), tuple(end_ids))
 
 

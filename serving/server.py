@@ -1,279 +1,318 @@
-"""`gptjax serve`: the gRPC server on process 0, the engine loop on every process.
+"""`gptjax serve`: the gRPC (and HTTP) server on process 0, the engine loop on every process.
 
 Process 0 listens (127.0.0.1:8001 unless told) with the native `gptjax.v1.Generator`, the Triton/KServe v2
-`inference.GRPCInferenceService` (model `fastertransformer`), the standard health service and reflection,
-all on one port. Handlers run on gRPC's thread pool: they validate and tokenize, queue the request with the
-scheduler and wait for its events; the engine loop runs on its own thread. The other processes only follow
-the loop's commands. SIGTERM (or SIGINT) drains: health turns NOT_SERVING, new requests get UNAVAILABLE,
-queued and running ones finish, then every process exits 0.
+`inference.GRPCInferenceService` (model `fastertransformer`, serving/kserve.py), the standard health service
+and reflection, all on one port, and starts the HTTP port (serving/http.py) beside it. Every API is a thin
+adapter over one front end (serving/frontend.py). Handlers run on gRPC's thread pool; the engine loop runs
+on its own thread; the other processes only follow the loop's commands.
+
+Limits that keep the server answering: each connection may hold at most as many concurrent streams as the
+scheduler can queue and run (`grpc.max_concurrent_streams`); streams that wait on the client (ModelStreamInfer,
+health watches, reflection) are bounded and closed after the idle time without a message; generation calls
+beyond the queue are refused at once, so threads stay free for health and model info. Keep-alive pings find
+dead connections.
+
+SIGTERM (or SIGINT) drains: health turns NOT_SERVING, new requests get UNAVAILABLE, queued and running ones
+finish, then every process exits 0. A second signal during the drain stops at once: the running requests
+get UNAVAILABLE and the process exits 128 + the signal's number.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import signal
+import socket
 import sys
 import threading
 import time
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health, health_pb2
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from gptjax.config import DEFAULT_PRESET
-from gptjax.sampling import SamplingParams
+from serving import ft, kserve
+from serving.frontend import Frontend, Params, RequestError
+from serving.request import Tokens
 from serving.proto.gptjax.v1 import generator_pb2 as pb
-from serving.proto.gptjax.v1 import generator_pb2_grpc as pb_grpc
-from serving.scheduler import NotAccepting, QueueFull, Request, Scheduler
+from serving.rpc import IdleStreams, StreamPermits, abort, add_service, client_messages, deadline_of, decoded
 
 log = logging.getLogger("gptjax.serving")
 
-GENERATOR_SERVICE = pb.DESCRIPTOR.services_by_name["Generator"].full_name
+GENERATOR = pb.DESCRIPTOR.services_by_name["Generator"]
+HEALTH = health_pb2.DESCRIPTOR.services_by_name["Health"]
+REFLECTION = reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]
 FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
-POLL_S = 0.25  # how often a waiting handler looks at its call's state
+# the native API's names for the front end's fields, in messages
+NATIVE_NAMES = {"max_new_tokens": "max_new_tokens", "temperature": "sampling.temperature",
+                "top_k": "sampling.top_k", "top_p": "sampling.top_p", "seed": "sampling.seed",
+                "stop_ids": "stop_token_ids"}
 
 
-class RequestError(Exception):
-    """A request the server refuses: the gRPC status code and a message naming the field."""
-
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
+class ListenError(ValueError):
+    """A port that can't be listened on (the CLI exits 2 with this one line)."""
 
 
-def invalid(message: str) -> RequestError:
-    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
+@dataclass(frozen=True)
+class ServerOptions:
+    """The listener's limits; a config file's [server] table may set any of them."""
+
+    stream_idle_timeout_s: float = 30.0  # a stream waiting on its client for longer is closed (UNAVAILABLE)
+    max_client_streams: int = 128  # streams at the client's pace at once (ModelStreamInfer, watches, reflection)
+    reserved_workers: int = 16  # handler threads beyond those the queue, the slots and those streams can hold
+    keepalive_time_s: float = 60.0  # ping a connection quiet for this long...
+    keepalive_timeout_s: float = 20.0  # ...and close it when the ping is not answered in this long
+    max_connection_idle_s: float = 300.0  # close a connection with no call for this long (clients reconnect)
+
+    @classmethod
+    def of(cls, server_config) -> "ServerOptions":
+        return cls(**{f.name: getattr(server_config, f.name) for f in fields(cls) if hasattr(server_config, f.name)})
 
 
-@dataclass
-class Completion:
-    """What the engine produced for one request, gathered from its events."""
-
-    token_ids: list
-    logprobs: list
-    finish_reason: str
-
-
-class Model:
-    """The served model's limits and the request checks shared by the native API and the KServe adapter."""
-
-    def __init__(self, engine, name: str):
-        self.engine = engine
-        self.name = name
-        self.config = engine.config
-        self.ec = engine.engine_config
-        self.vocab_size = engine.config.vocab_size
-        self.max_seq_len = engine.max_seq_len
-        self.new_tokens_limit = self.ec.new_tokens_limit(engine.config)
-        self.scheduler: Scheduler | None = None
-        self.ready = False
-
-    @property
-    def tokenizer(self):
-        return self.engine.tokenizer
-
-    def check_prompt(self, ids, field: str = "prompt") -> list[int]:
-        ids = [int(t) for t in ids]
-        if not ids:
-            raise invalid(f"{field} is empty")
-        for i, t in enumerate(ids):
-            if not 0 <= t < self.vocab_size:
-                raise invalid(f"{field}[{i}] = {t} is outside the vocabulary [0, {self.vocab_size})")
-        if len(ids) >= self.max_seq_len:
-            raise invalid(f"{field} has {len(ids)} tokens; the model holds {self.max_seq_len} positions, "
-                          f"so a prompt may have at most {self.max_seq_len - 1}")
-        return ids
-
-    def check_new_tokens(self, n: int, prompt_len: int, field: str = "max_new_tokens") -> int:
-        if n < 1:
-            raise invalid(f"{field} must be at least 1, got {n}")
-        if n > self.new_tokens_limit:
-            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f"{field} = {n} is over the server's limit of {self.new_tokens_limit}")
-        if prompt_len + n > self.max_seq_len:
-            raise invalid(f"prompt length {prompt_len} + {field} {n} exceeds the model's {self.max_seq_len} positions")
-        return n
-
-    def check_stop_ids(self, ids, field: str = "stop_token_ids") -> set[int]:
-        for i, t in enumerate(ids):
-            if not 0 <= int(t) < self.vocab_size:
-                raise invalid(f"{field}[{i}] = {t} is outside the vocabulary [0, {self.vocab_size})")
-        return {int(t) for t in ids}
-
-    def sampling(self, temperature, top_k, top_p, seed, prefix: str = "sampling.") -> SamplingParams:
-        for name, value in (("temperature", temperature), ("top_p", top_p)):
-            if not math.isfinite(value):
-                raise invalid(f"{prefix}{name} must be a finite number, got {value}")
-        try:
-            return SamplingParams(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), seed=int(seed))
-        except ValueError as e:
-            raise invalid(f"{prefix}{e}") from None
-
-    def submit(self, requests: list[Request]) -> None:
-        if not self.ready or self.scheduler is None:
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, "the model is loading; retry when health is SERVING")
-        try:
-            self.scheduler.submit(requests)
-        except QueueFull as e:
-            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
-        except NotAccepting:
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down") from None
+# ---- the native API -------------------------------------------------------------------------------------
+def native_params(req: pb.GenerateRequest, context) -> tuple[Params, dict]:
+    """A GenerateRequest -> the front end's Params and the native names of its fields."""
+    kind = req.WhichOneof("prompt")
+    prompt = req.text if kind == "text" else req.token_ids.ids if kind == "token_ids" else None
+    s = req.sampling
+    knobs = {name: getattr(s, name) if s.HasField(name) else None for name in ("temperature", "top_k", "top_p", "seed")}
+    params = Params(prompt=prompt, max_new_tokens=req.max_new_tokens if req.HasField("max_new_tokens") else None,
+                    stop_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, deadline=deadline_of(context), **knobs)
+    return params, {**NATIVE_NAMES, "prompt": kind or "prompt"}
 
 
-def deadline_of(context) -> float | None:
-    remaining = context.time_remaining()
-    return None if remaining is None else time.monotonic() + remaining
+class GeneratorServicer:
+    """gptjax.v1.Generator over the front end (registered with serving.rpc.add_service)."""
 
+    def __init__(self, frontend: Frontend):
+        self.frontend = frontend
 
-def events(request: Request, context):
-    """The request's events as they come; cancels it when the call ends first."""
-    context.add_callback(request.cancel)
-    while True:
-        event = request.next_event(POLL_S)
-        if event is None:
-            if not context.is_active():
-                request.cancel()
-                return
-            continue
-        yield event
-        if event[0] != "tokens":
-            return
-
-
-def wait_all(requests: list[Request], context) -> list[Completion]:
-    """Gather every request's tokens once it has ended; raise RequestError when one of them fails."""
-    for r in requests:
+    def _start(self, req, context, call):
+        """Validate and queue one request for this call."""
+        r = self.frontend.validate(*native_params(decoded(req), context))
+        call.requests = [r]
         context.add_callback(r.cancel)
-
-    def fail(code, message):
-        for other in requests:
-            other.cancel()
-        raise RequestError(code, message)
-
-    results = []
-    for r in requests:
-        while not r.wait_ended(POLL_S):
-            if not context.is_active():
-                fail(grpc.StatusCode.CANCELLED, "the call was cancelled")
-        ids, lps, reason = [], [], None
-        while reason is None:  # every event is queued by now
-            event = r.next_event(0)
-            if event[0] == "tokens":
-                ids += event[1]
-                lps += event[2]
-            elif event[0] == "done":
-                reason = event[1]
-            else:
-                fail(getattr(grpc.StatusCode, event[1]), event[2])
-        results.append(Completion(ids, lps, reason))
-    return results
-
-
-class TextStream:
-    """Decode a growing token list piece by piece, holding back bytes of an unfinished character."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.sent = 0
-
-    def add(self, ids, final: bool = False) -> str:
-        self.ids += ids
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd") and not final:
-            return ""
-        piece, self.sent = text[self.sent:], len(text)
-        return piece
-
-
-class GeneratorServicer(pb_grpc.GeneratorServicer):
-    def __init__(self, server: "Server"):
-        self.server = server
-
-    @property
-    def model(self) -> Model:
-        return self.server.ready_model()
-
-    def _request(self, req: pb.GenerateRequest, context) -> Request:
-        m = self.model
-        kind = req.WhichOneof("prompt")
-        if kind is None:
-            raise invalid("prompt: give text or token_ids")
-        if kind == "text":
-            if not req.text:
-                raise invalid("text is empty")
-            prompt = m.check_prompt(m.tokenizer.encode(req.text), "text (as tokens)")
-        else:
-            prompt = m.check_prompt(req.token_ids.ids, "token_ids")
-        n_new = req.max_new_tokens if req.HasField("max_new_tokens") else m.ec.max_new_tokens
-        m.check_new_tokens(n_new, len(prompt))
-        s = req.sampling
-        sampling = m.sampling(s.temperature if s.HasField("temperature") else m.ec.temperature,
-                              s.top_k if s.HasField("top_k") else m.ec.top_k,
-                              s.top_p if s.HasField("top_p") else m.ec.top_p,
-                              s.seed if s.HasField("seed") else 0)
-        stops = m.check_stop_ids(req.stop_token_ids)
-        if not req.ignore_eos:
-            stops.add(m.ec.eos_token_id)
-        return Request(prompt, n_new, sampling, frozenset(stops), deadline_of(context))
+        self.frontend.submit([r])
+        return r
 
     def Generate(self, req, context):
+        fe = self.frontend
         try:
-            m = self.model
-            r = self._request(req, context)
-            m.submit([r])
-            (done,) = wait_all([r], context)
+            with fe.api_call() as call:
+                r = self._start(req, context, call)
+                (done,) = fe.collect([r], context.is_active)
         except RequestError as e:
-            context.abort(e.code, e.message)
-        return pb.GenerateResponse(token_ids=done.token_ids, text=m.tokenizer.decode(done.token_ids),
+            abort(context, e)
+        return pb.GenerateResponse(token_ids=done.token_ids, text=fe.decode(done.token_ids),
                                    logprobs=done.logprobs if req.return_logprobs else [],
                                    finish_reason=FINISH[done.finish_reason], prompt_token_ids=r.prompt)
 
     def GenerateStream(self, req, context):
+        fe = self.frontend
         try:
-            m = self.model
-            r = self._request(req, context)
-            m.submit([r])
+            with fe.api_call() as call:
+                r = self._start(req, context, call)
+                yield from self._pieces(r, req.return_logprobs, context)
         except RequestError as e:
-            context.abort(e.code, e.message)
-        text = TextStream(m.tokenizer)
-        first = True
-        pending = None  # the last tokens message, held until we know whether it is the final one
-        for event in events(r, context):
-            if event[0] == "tokens":
+            abort(context, e)
+
+    def _pieces(self, r, logprobs: bool, context):
+        """One message per Tokens event; each is held until the next event says whether it is the last."""
+        text, pending, first = self.frontend.text_stream(), None, True
+        for event in self.frontend.events(r, context.is_active):
+            if isinstance(event, Tokens):
                 if pending is not None:
                     yield pending
-                pending = pb.GenerateResponse(token_ids=event[1], text=text.add(event[1]),
-                                              logprobs=event[2] if req.return_logprobs else [],
+                pending = pb.GenerateResponse(token_ids=event.ids, text=text.add(event.ids),
+                                              logprobs=event.logprobs if logprobs else [],
                                               prompt_token_ids=r.prompt if first else [])
                 first = False
-            elif event[0] == "done":
-                pending.finish_reason = FINISH[event[1]]
+            else:  # Finished (events() raises on Failed)
+                pending = pending or pb.GenerateResponse(prompt_token_ids=r.prompt)
+                pending.finish_reason = FINISH[event.reason]
                 pending.text += text.add([], final=True)
                 yield pending
-                return
-            else:
-                context.abort(getattr(grpc.StatusCode, event[1]), event[2])
 
     def GetModelInfo(self, req, context):
         import jax
 
+        fe = self.frontend
         try:
-            m = self.model
+            decoded(req)
+            lim = fe.require_loaded()
         except RequestError as e:
-            context.abort(e.code, e.message)
+            abort(context, e)
+        c, ec = fe.engine.config, fe.engine.engine_config
+        active, queued = fe.counts()
+        return pb.ModelInfo(name=fe.name, vocab_size=lim.vocab_size, max_seq_len=lim.max_seq_len,
+                            n_layers=c.n_layers, hidden=c.hidden, n_heads=c.n_heads, dtype=c.dtype,
+                            max_slots=ec.max_slots, max_new_tokens_limit=lim.max_new_tokens,
+                            default_max_new_tokens=lim.default_max_new_tokens, eos_token_id=lim.eos_token_id,
+                            mesh=str(ec.mesh), num_processes=jax.process_count(),
+                            max_queued_requests=lim.max_queued_requests, active_requests=active,
+                            queued_requests=queued)
 
-        return pb.ModelInfo(name=m.name, vocab_size=m.vocab_size, max_seq_len=m.max_seq_len,
-                            n_layers=m.config.n_layers, hidden=m.config.hidden, n_heads=m.config.n_heads,
-                            dtype=m.config.dtype, max_slots=m.ec.max_slots, max_new_tokens_limit=m.new_tokens_limit,
-                            default_max_new_tokens=m.ec.max_new_tokens, eos_token_id=m.ec.eos_token_id,
-                            mesh=str(m.ec.mesh), num_processes=jax.process_count(),
-                            max_queued_requests=m.ec.max_queued_requests,
-                            active_requests=m.scheduler.active(), queued_requests=m.scheduler.queued())
+
+# ---- health and reflection, with the stream bounds --------------------------------------------------------
+class HealthServicer:
+    """grpc.health.v1.Health: grpc's servicer, its watches bounded like every client-paced stream."""
+
+    def __init__(self, servicer: health.HealthServicer, permits: StreamPermits):
+        self.servicer = servicer
+        self.permits = permits
+
+    def Check(self, request, context):
+        try:
+            return self.servicer.Check(decoded(request), context)
+        except RequestError as e:
+            abort(context, e)
+
+    def List(self, request, context):
+        try:
+            return self.servicer.List(decoded(request), context)
+        except RequestError as e:
+            abort(context, e)
+
+    def Watch(self, request, context):
+        try:
+            request = decoded(request)
+            with self.permits.hold("health Watch"):
+                yield from self.servicer.Watch(request, context)
+        except RequestError as e:
+            abort(context, e)
+
+
+class ReflectionServicer:
+    """Server reflection: grpc's servicer, bounded and closed when idle like every client-paced stream."""
+
+    def __init__(self, service_names, permits: StreamPermits, idle: IdleStreams):
+        self.servicer = reflection.ReflectionServicer(service_names)
+        self.permits = permits
+        self.idle = idle
+
+    def ServerReflectionInfo(self, request_iterator, context):
+        try:
+            with self.permits.hold("reflection"):
+                yield from self.servicer.ServerReflectionInfo(client_messages(request_iterator, context, self.idle),
+                                                              context)
+        except RequestError as e:
+            abort(context, e)
+
+
+# ---- the listener -----------------------------------------------------------------------------------------
+def check_can_listen(host: str, port: int) -> None:
+    """Bind the address once here, so that a port in use is one clear error (grpc would log its own lines)."""
+    if port == 0:
+        return
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, OverflowError, UnicodeError) as e:
+        raise ListenError(f"can't listen on {host}:{port}: {e}") from None
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpc binds: TIME_WAIT is no conflict
+            try:
+                s.bind(address)
+            except OSError as e:
+                raise ListenError(f"can't listen on {host}:{port}: {e.strerror or e}") from None
+
+
+def _ms(seconds: float) -> int:
+    return int(seconds * 1000)
+
+
+class Server:
+    """The gRPC server: every service on one port, registered before the model exists (they answer
+    UNAVAILABLE, and health NOT_SERVING, until the front end is loaded and accepting)."""
+
+    def __init__(self, frontend: Frontend, host: str, port: int, ec, options: ServerOptions = ServerOptions(),
+                 dialect: str = ft.V5):
+        check_can_listen(host, port)
+        in_flight = ec.max_queued_requests + ec.max_slots  # generation calls the scheduler holds at most
+        workers = in_flight + options.max_client_streams + options.reserved_workers
+        opts = [("grpc.max_receive_message_length", ec.max_message_bytes),
+                ("grpc.max_send_message_length", ec.max_message_bytes), ("grpc.so_reuseport", 0),
+                ("grpc.max_concurrent_streams", in_flight),  # per connection
+                ("grpc.keepalive_time_ms", _ms(options.keepalive_time_s)),
+                ("grpc.keepalive_timeout_ms", _ms(options.keepalive_timeout_s)),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),  # clients may ping every 10 s
+                ("grpc.max_connection_idle_ms", _ms(options.max_connection_idle_s))]
+        self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
+                                options=opts, maximum_concurrent_rpcs=workers)
+        permits, self.idle = StreamPermits(options.max_client_streams), IdleStreams(options.stream_idle_timeout_s)
+        self.health = health.HealthServicer()
+        add_service(self.grpc, HEALTH, HealthServicer(self.health, permits))
+        add_service(self.grpc, GENERATOR, GeneratorServicer(frontend))
+        add_service(self.grpc, kserve.SERVICE, kserve.InferenceServicer(frontend, dialect, permits, self.idle))
+        self.services = [GENERATOR.full_name, kserve.SERVICE.full_name]
+        names = (*self.services, HEALTH.full_name, reflection.SERVICE_NAME)
+        add_service(self.grpc, REFLECTION, ReflectionServicer(names, permits, self.idle))
+        self.set_serving(False)
+        self.address = f"{host}:{port}"
+        try:
+            bound = self.grpc.add_insecure_port(self.address)
+        except RuntimeError:
+            bound = 0
+        if not bound:
+            raise ListenError(f"can't listen on {self.address}")
+        self.grpc.start()
+
+    def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", *self.services):
+            self.health.set(name, status)
+
+
+# ---- gptjax serve -----------------------------------------------------------------------------------------
+class Listeners:
+    """What process 0 listens with: the gRPC server and, when asked, the HTTP and metrics ports."""
+
+    def __init__(self, args, frontend: Frontend, server_config, options: ServerOptions):
+        ec = server_config.engine
+        self.grpc = Server(frontend, args.host, args.port, ec, options, server_config.dialect)
+        self.http = None
+        http_port, metrics_port = getattr(args, "http_port", 0), getattr(args, "metrics_port", 0)
+        if http_port or metrics_port:
+            from serving.http import start_http
+            from serving.metrics import Metrics
+
+            frontend.metrics = Metrics(frontend.name)
+            try:
+                self.http = start_http(frontend, args.host, http_port, metrics_port, getattr(args, "api_key", None),
+                                       max_body_bytes=ec.max_message_bytes, dialect=server_config.dialect)
+            except OSError as e:
+                self.grpc.grpc.stop(0)
+                raise ListenError(str(e)) from None
+        ports = [f"gRPC {self.grpc.address}"] + [f"{n} {p}" for n, p in (("HTTP", http_port),
+                                                                          ("metrics", metrics_port)) if p]
+        self.description = ", ".join(ports)
+
+    def set_serving(self, serving: bool) -> None:
+        self.grpc.set_serving(serving)
+
+    def stop(self, grace_s: float) -> None:
+        if self.http is not None:
+            self.http.stop(grace_s + 5)
+        self.grpc.grpc.stop(grace=grace_s).wait()
+
+
+class Signals:
+    """SIGTERM / SIGINT: the first asks for a drain, a second one for an immediate stop."""
+
+    def __init__(self):
+        self.first, self.second = threading.Event(), threading.Event()
+        self.second_signum = 0
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.first.is_set():
+            self.second_signum = signum
+            self.second.set()
+        self.first.set()
 
 
 def _launcher_rank(args) -> int:
@@ -286,113 +325,84 @@ def _launcher_rank(args) -> int:
     return launched["process_id"] if launched else 0
 
 
-class Server:
-    """The gRPC server: every service on one port, registered before the model exists (it answers
-    UNAVAILABLE, and health NOT_SERVING, until `set_model`)."""
-
-    def __init__(self, host: str, port: int, max_message_bytes: int, max_workers: int):
-        from serving import kserve
-        from serving.proto.inference import grpc_service_pb2 as kpb
-        from serving.proto.inference import grpc_service_pb2_grpc as kpb_grpc
-
-        opts = [("grpc.max_receive_message_length", max_message_bytes),
-                ("grpc.max_send_message_length", max_message_bytes),
-                ("grpc.so_reuseport", 0)]
-        self.model: Model | None = None
-        self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
-                                options=opts, maximum_concurrent_rpcs=max_workers)
-        self.health = health.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        pb_grpc.add_GeneratorServicer_to_server(GeneratorServicer(self), self.grpc)
-        kpb_grpc.add_GRPCInferenceServiceServicer_to_server(kserve.InferenceServicer(self), self.grpc)
-        self.services = [GENERATOR_SERVICE, kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name]
-        reflection.enable_server_reflection(
-            (*self.services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            self.grpc)
-        self.set_serving(False)
-        self.address = f"{host}:{port}"
-        if self.grpc.add_insecure_port(self.address) == 0:
-            raise OSError(f"can't listen on {self.address}")
-        self.grpc.start()
-
-    def ready_model(self) -> Model:
-        model = self.model
-        if model is None or not model.ready:
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, "the model is loading; retry when health is SERVING")
-        return model
-
-    def set_serving(self, serving: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        for name in ("", *self.services):
-            self.health.set(name, status)
-
-
-def serve(args, build_engine) -> int:
-    """Build the engine (every process), serve on process 0, follow on the others; 0 after a clean drain."""
-    from gptjax import distributed
-    from serving.config import ServerConfig, server_config_from_file
-
+def _log_to_stderr() -> None:
     if not log.handlers:  # our own lines on stderr, without turning on every library's INFO logging
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s gptjax serve: %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
+
+
+def serve(args, build_engine, options: ServerOptions | None = None) -> int:
+    """Build the engine (every process), serve on process 0, follow on the others. -> 0 after a clean
+    drain, 1 when the engine loop failed, 128 + the signal's number when a second signal cut the drain short.
+    Raises ListenError (a ValueError: the CLI exits 2) when a port can't be listened on."""
+    from gptjax import distributed
+    from serving.config import ServerConfig, server_config_from_file
+    from serving.scheduler import Scheduler
+
+    _log_to_stderr()
     server_config = server_config_from_file(args.config) if args.config else ServerConfig()
     if server_config.dtype and not args.dtype:
         args.dtype = server_config.dtype
-    ec = server_config.engine
-    workers = ec.max_queued_requests + ec.max_slots + 16  # a waiting call holds a thread
-
+    options = options or ServerOptions.of(server_config)
+    frontend = Frontend(args.checkpoint or args.model or DEFAULT_PRESET)
     # Process 0 listens before the model loads, so health says NOT_SERVING (not "connection refused") meanwhile.
-    server = None
-    if _launcher_rank(args) == 0:
-        server = Server(args.host, args.port, ec.max_message_bytes, workers)
-        log.info("listening on %s (loading the model)", server.address)
-
+    listeners = Listeners(args, frontend, server_config, options) if _launcher_rank(args) == 0 else None
+    if listeners is not None:
+        log.info("listening on %s (loading the model)", listeners.description)
     try:
         engine = build_engine(args)
         server_config.check_model(engine.config)
     except BaseException:
-        if server is not None:
-            server.grpc.stop(0)
+        if listeners is not None:
+            listeners.stop(0)
         raise
     scheduler = Scheduler(engine)
     if not distributed.is_main_process():
-        if server is not None:
-            server.grpc.stop(0)
+        if listeners is not None:
+            listeners.stop(0)
         # the drain is process 0's to run: a follower ends when process 0 says so
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_IGN)
         scheduler.warmup()
         scheduler.follow()
         return 0
+    listeners = listeners or Listeners(args, frontend, server_config, options)
+    return _serve_main(listeners, frontend, engine, scheduler, server_config.drain_timeout_s)
 
-    if server is None:
-        server = Server(args.host, args.port, ec.max_message_bytes, workers)
-    model = Model(engine, args.checkpoint or args.model or DEFAULT_PRESET)
-    model.scheduler = scheduler
-    server.model = model
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+
+def _serve_main(listeners: Listeners, frontend: Frontend, engine, scheduler, drain_timeout_s: float) -> int:
+    frontend.load(engine, scheduler)
+    if frontend.metrics is not None:
+        frontend.metrics.watch(scheduler, engine)
+    signals = Signals()
     scheduler.warmup()
     scheduler.accept()
     loop = threading.Thread(target=scheduler.run, name="engine-loop", daemon=True)
     loop.start()
-    model.ready = True
-    server.set_serving(True)
-    log.info("serving %s on %s", model.name, server.address)
-
-    while not stop.wait(0.5) and loop.is_alive():
+    listeners.set_serving(True)
+    log.info("serving %s on %s", frontend.name, listeners.description)
+    while not signals.first.wait(0.5) and loop.is_alive():
         pass
-    failed = not loop.is_alive() and not stop.is_set()
+    failed = not loop.is_alive() and not signals.first.is_set()
+    code = _drain(listeners, scheduler, signals, drain_timeout_s)
+    log.info("stopped")
+    return 1 if failed else code
+
+
+def _drain(listeners: Listeners, scheduler, signals: Signals, timeout_s: float) -> int:
+    """Answer what is queued and running (until the drain timeout or a second signal), then stop listening."""
     log.info("draining %d request(s)", scheduler.pending())
-    server.set_serving(False)
+    listeners.set_serving(False)
     scheduler.stop(drain=True)
-    if not scheduler.stopped.wait(server_config.drain_timeout_s):
-        log.info("drain timed out; cutting off what is left")
+    end = time.monotonic() + timeout_s
+    while not scheduler.stopped.wait(0.1) and not signals.second.is_set() and time.monotonic() < end:
+        pass
+    if not scheduler.stopped.is_set():
+        log.info("a second signal: stopping now" if signals.second.is_set() else
+                 "drain timed out; cutting off what is left")
         scheduler.stop(drain=False)
         scheduler.stopped.wait(10)
-    server.grpc.stop(grace=5).wait()
-    log.info("stopped")
-    return 1 if failed else 0
+    listeners.stop(grace_s=1.0 if signals.second.is_set() else 5.0)
+    return 128 + signals.second_signum if signals.second.is_set() else 0

@@ -87,7 +87,7 @@ def test_v1_names_pick_the_v1_dialect(frontend):
     ({"input_ids": np.ones((1, 2), np.uint32)}, "missing required input(s): input_lengths, request_output_len"),
     (dict(v5([[1]], [1], 1), prompt_learning_task_name_ids=np.zeros((1, 1), np.uint32)), "unknown input(s)"),
     (dict(v5([[1]], [1], 1), runtime_top_k=np.array([[2**31]], np.uint32)), "runtime_top_k[0] = 2147483648"),
-    (dict(v5([[1]], [1], 1), end_id=np.array([[2**32 - 1]], np.uint32)), "end_id[0] = 4294967295 is outside the vocab"),
+    (dict(v5([[1]], [1], 1), end_id=np.array([[-1]], np.int32)), "end_id[0] = -1 is outside the vocab"),
     (dict(v5([[1]], [1], 1), stop_words_list=np.array([[[-5], [1]]], np.int32)), "stop_words_list[0] tokens[0] = -5"),
     (dict(v5([[1]], [1], 1), stop_words_list=np.array([[[5, 6], [2, 1]]], np.int32)), "offsets must not decrease"),
     (dict(v5([[1]], [1], 1), stop_words_list=np.array([[[5], [3]]], np.int32)), "past the row's 1 tokens"),
@@ -134,3 +134,12 @@ def test_metadata_and_config_describe_the_dialect(frontend):
     config = ft.model_config(ft.V1, frontend)
     assert config["parameters"]["candidate_num"] == {"string_value": "0"} and config["max_batch_size"] == 64
     assert {i["name"]: i["optional"] for i in ft.model_config(ft.V5, frontend)["input"]}["runtime_top_k"]
+
+
+def test_an_end_id_past_the_vocabulary_never_stops_a_row(frontend):
+    """FasterTransformer's way to ask for exactly request_output_len tokens: the row pads with that end_id."""
+    arrays = v5([[5, 6], [7, 0]], [2, 1], 3, end_id=np.array([[2**32 - 1], [9]], np.uint32))
+    (a, b), info = ft.parse(arrays, frontend, None)
+    assert a.stop_ids == frozenset() and b.stop_ids == {9} and info.end_ids == (2**32 - 1, 9)
+    out = ft.outputs([a, b], [Completion([1], [0.0], "length"), Completion([2, 9], [0.0, 0.0], "stop")], info)
+    assert out["output_ids"][:, 0].tolist() == [[5, 6, 1, 2**32 - 1, 2**32 - 1], [7, 2, 9, 9, 9]]

@@ -1,0 +1,153 @@
+"""What the gRPC adapters share: decoding that never raises, status mapping, stream limits, idle streams.
+
+- Services are registered with `add_service`, whose request deserializers never raise: bytes that do not
+  parse (invalid UTF-8 in a string field, a truncated message) reach the handler as `Undecodable`, and
+  `decoded()` turns them into INVALID_ARGUMENT (grpc's own deserializer failure is INTERNAL).
+- `StreamPermits` bounds the calls that hold a handler thread at the client's pace (a bidirectional stream
+  waiting for the client's next message, a health watch), so they can never take the threads that health
+  checks, model info and generation need. Generation calls need no permit: the scheduler's bounded queue
+  refuses them (RESOURCE_EXHAUSTED) before they can pile up.
+- `IdleStreams` closes a stream whose client sent nothing for the idle time, with UNAVAILABLE.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from typing import NoReturn
+
+import grpc
+from google.protobuf import message_factory
+
+from serving.frontend import RequestError, grpc_status, invalid
+from serving.request import Code
+
+
+class Undecodable:
+    """A request message whose bytes did not parse."""
+
+    def __init__(self, type_name: str, error: Exception):
+        self.type_name = type_name
+        self.error = error
+
+
+def decoded(request):
+    """The request, or RequestError INVALID_ARGUMENT when its bytes did not parse."""
+    if isinstance(request, Undecodable):
+        raise invalid(f"the request's bytes do not parse as {request.type_name} (a string field that is not "
+                      f"valid UTF-8, or a malformed message): {request.error}")
+    return request
+
+
+def _tolerant(cls):
+    def deserialize(data: bytes):
+        try:
+            return cls.FromString(data)
+        except Exception as e:  # noqa: BLE001 - any parse failure is the client's bad bytes
+            return Undecodable(cls.DESCRIPTOR.full_name, e)
+
+    return deserialize
+
+
+_HANDLERS = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
+             (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}
+
+
+def add_service(server: grpc.Server, service_descriptor, servicer) -> None:
+    """Register every method of the service (a protobuf ServiceDescriptor) on `servicer`'s methods of the
+    same names, with deserializers that never raise."""
+    handlers = {}
+    for method in service_descriptor.methods:
+        make = _HANDLERS[(method.client_streaming, method.server_streaming)]
+        request_cls = message_factory.GetMessageClass(method.input_type)
+        response_cls = message_factory.GetMessageClass(method.output_type)
+        handlers[method.name] = make(getattr(servicer, method.name), request_deserializer=_tolerant(request_cls),
+                                     response_serializer=response_cls.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service_descriptor.full_name, handlers),))
+
+
+def abort(context, error: RequestError) -> NoReturn:
+    context.abort(grpc_status(error.code), error.message)
+
+
+def deadline_of(context) -> float | None:
+    """The call's deadline in time.monotonic() seconds (None: no deadline)."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+class StreamPermits:
+    """At most `limit` client-paced streams at once; one more is RESOURCE_EXHAUSTED."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._free = threading.BoundedSemaphore(limit)
+
+    @contextlib.contextmanager
+    def hold(self, what: str):
+        if not self._free.acquire(blocking=False):
+            raise RequestError(Code.RESOURCE_EXHAUSTED,
+                               f"the server holds at most {self.limit} open {what} streams; retry later")
+        try:
+            yield
+        finally:
+            self._free.release()
+
+
+def _close_call(context, code: grpc.StatusCode, message: str) -> None:
+    """End a call from another thread than its handler's, with a status the client can read."""
+    call = getattr(getattr(context, "_rpc_event", None), "call", None)
+    try:
+        # grpc's public cancel() shows the client CANCELLED; the core call's cancel takes a status
+        from grpc._cython import cygrpc
+
+        call.cancel(getattr(cygrpc.StatusCode, code.name.lower()), message)
+    except Exception:  # noqa: BLE001 - another grpc build: close it the public way
+        context.cancel()
+
+
+class IdleStreams:
+    """Close streams whose client has sent nothing for `timeout_s` seconds (one watcher thread for all)."""
+
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+        self._waiting: dict[int, tuple[float, object]] = {}  # id -> (waiting since, context)
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._watch, name="idle-streams", daemon=True)
+        self._thread.start()
+
+    @contextlib.contextmanager
+    def waiting(self, context):
+        """Around a handler's wait for the client's next message."""
+        key = id(context)
+        with self._lock:
+            self._waiting[key] = (time.monotonic(), context)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._waiting.pop(key, None)
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(min(1.0, self.timeout_s / 4))
+            now = time.monotonic()
+            with self._lock:
+                idle = [(k, c) for k, (since, c) in self._waiting.items() if now - since > self.timeout_s]
+                for k, _ in idle:
+                    del self._waiting[k]
+            for _, context in idle:
+                _close_call(context, grpc.StatusCode.UNAVAILABLE,
+                            f"the stream sent no request for {self.timeout_s:g} s; the server closed it")
+
+
+def client_messages(request_iterator, context, idle: IdleStreams, decode: bool = True):
+    """A bidirectional stream's messages from the client, each wait for one watched for idleness; decoded
+    (RequestError on bytes that do not parse) unless `decode` is false."""
+    while True:
+        with idle.waiting(context):
+            request = next(request_iterator, None)
+        if request is None:
+            return
+        yield decoded(request) if decode else request
