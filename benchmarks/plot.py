@@ -1,6 +1,8 @@
-"""Plot `gptjax bench --json` rows: latency and tokens/s against batch, per model and implementation.
+"""Plot `gptjax bench --json` rows: latency and tokens/s against batch, per model and implementation; or, with
+--serving, the serving benchmark's rows (`--request-rate`): latency against throughput, per model.
 
     python benchmarks/plot.py benchmarks/bench.png out/bench.jsonl [more.jsonl ...]
+    python benchmarks/plot.py --serving benchmarks/serving.png out/serving.jsonl [more.jsonl ...]
 """
 
 from __future__ import annotations
@@ -27,9 +29,48 @@ def _median_row(rows: list[dict]) -> dict:
     return sorted(rows, key=lambda r: r["latency_ms"])[len(rows) // 2]
 
 
-def main(dst: str, *sources: str) -> None:
+def read_rows(sources) -> list[dict]:
     rows = [json.loads(line) for src in sources for line in open(src) if line.strip().startswith("{")]
-    rows = [r for r in rows if "not_plotted" not in r["extra"]]  # the row says why (superseded, or invalid)
+    return [r for r in rows if "not_plotted" not in r.get("extra", {})]  # the row says why (superseded, invalid)
+
+
+def serving_label(row) -> str:
+    extra = row["extra"]
+    return f"{extra['model']} ({extra['dtype']}, {extra['max_slots']} slots)"
+
+
+def plot_serving(dst: str, rows: list[dict]) -> None:
+    """TTFT and TPOT (p50 solid, p99 dashed) against output tokens/s, one line per model and length setting:
+    each point a request rate, left to right as the rate rises, the last ones where the server saturates."""
+    rows = [r for r in rows if "request_rate" in r]
+    groups = defaultdict(list)
+    for r in rows:
+        groups[(serving_label(r), r["input_len_dist"], r["output_len_dist"])].append(r)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), squeeze=False)
+    for (label, inputs, outputs), rs in sorted(groups.items()):
+        rs = sorted(rs, key=lambda r: r["output_tokens_per_s"])
+        x = [r["output_tokens_per_s"] for r in rs]
+        for ax, metric in zip(axes[0], ("ttft_ms", "tpot_ms")):
+            line, = ax.plot(x, [r[metric]["p50"] for r in rs], "o-", label=f"{label}, in {inputs}, out {outputs}: p50")
+            ax.plot(x, [r[metric]["p99"] for r in rs], "s--", color=line.get_color(), label="p99")
+    for ax, name in zip(axes[0], ("time to first token, ms", "time per output token, ms")):
+        ax.set_xscale("log")  # models a few times apart in throughput share the axes
+        ax.set_yscale("log")
+        ax.set_xlabel("output tokens / s (each point a request rate)")
+        ax.set_ylabel(name)
+        ax.set_title(f"{name.split(',')[0]} against throughput")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(dst, dpi=110)
+    print(f"wrote {dst}")
+
+
+def main(dst: str, *sources: str) -> None:
+    if dst == "--serving":
+        plot_serving(sources[0], read_rows(sources[1:]))
+        return
+    rows = [r for r in read_rows(sources) if "batch" in r]
     models = sorted({model_name(r) for r in rows})
     devices = " / ".join(sorted({r["device"] for r in rows if r["impl"].startswith("gptjax")}))
     fig, axes = plt.subplots(len(models), 2, figsize=(12, 4.2 * len(models)), squeeze=False)
