@@ -44,8 +44,9 @@ def supports(q) -> bool:
 
 
 def default_blocks(seq: int, head_dim: int) -> tuple[int, int]:
-    """(block_kv, stages): 128-key blocks, two slots deep (benchmarks/kernels.py sweeps the others)."""
-    return (128 if seq >= 128 else 64), 2
+    """(block_kv, stages): 128-key blocks; three slots deep at head_dim 64, two at 128 (the better of each in
+    run 6 of benchmarks/RESULTS.md; 64-key blocks were slower at every shape there)."""
+    return (128 if seq >= 128 else 64), (3 if head_dim <= 64 else 2)
 
 
 def _visible_blocks(first_row, length, block_kv: int):
