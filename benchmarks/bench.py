@@ -2,9 +2,13 @@
 
 Every implementation gets the same random prompts and the same weights, produces exactly `output_len` new
 tokens per prompt (greedy, no stop token), is warmed up, then timed `runs` times; the median is reported.
-Beside each result stands the hardware floor, computed from rates measured in the same process:
-    decode step = (weight bytes + KV bytes read) / copy bandwidth
+Beside each result stands the hardware floor, computed from the device's ceilings as `benchmarks.floors`
+measures them in the same process (the memory bandwidth no measured copy or read beats, the matmul rate):
+    decode step = (weight bytes + KV bytes read) / memory bandwidth
     prefill     = 2 x params x prompt tokens / matmul rate
+
+`run_bench(BenchOptions(...), make_engine)` is the entry; the `gptjax bench` command builds the options from its
+flags (`parse_shapes` reads -b -i -o / --shapes).
 """
 
 from __future__ import annotations
@@ -15,10 +19,47 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import numpy as np
 
 PROMPT_SEED = 1234
+SERVER_APIS = ("triton", "native")
+PEERS = ("hf", "hf-compiled")
+Shape = tuple[int, int, int]  # (batch, input_len, output_len)
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """What one static benchmark run measures, and how."""
+
+    shapes: tuple[Shape, ...]
+    runs: int = 5
+    warmup: int = 1  # untimed runs before the timed ones (at least)
+    warmup_seconds: float | None = None  # keep warming up this long (default: 2 s through a server, else 0)
+    server: str | None = None  # HOST:PORT: measure through a running server
+    server_api: str = "triton"
+    peers: tuple[str, ...] = ()
+    json: bool = False
+    model: str | None = None  # the model a server run's floor is computed for (a preset) ...
+    checkpoint: str | None = None  # ... or a checkpoint folder
+    dtype: str | None = None
+
+    def __post_init__(self):
+        if not self.shapes:
+            raise ValueError("shapes: at least one (batch, input_len, output_len) is needed")
+        for shape in self.shapes:
+            if len(shape) != 3 or min(shape) < 1:
+                raise ValueError(f"batch, input_len and output_len must be at least 1, got {tuple(shape)}")
+        if self.runs < 1:
+            raise ValueError(f"--runs must be at least 1, got {self.runs}")
+        if self.warmup < 0:
+            raise ValueError(f"--warmup must not be negative, got {self.warmup}")
+        if self.server_api not in SERVER_APIS:
+            raise ValueError(f"--server-api must be one of {SERVER_APIS}, got {self.server_api!r}")
+        unknown = [p for p in self.peers if p not in PEERS]
+        if unknown:
+            raise ValueError(f"--peer must be one of {PEERS}, got {unknown[0]!r}")
 
 
 @dataclass
@@ -61,26 +102,11 @@ def random_prompts(batch: int, input_len: int, vocab: int) -> np.ndarray:
 
 # ---- hardware rates and floors -----------------------------------------------------------------------
 def measure_rates(dtype: str) -> dict:
-    """Copy bandwidth (bytes/s, read + write) and dense matmul rate (FLOP/s) of device 0, measured now.
+    """Device 0's memory bandwidth (bytes/s) and dense matmul rate (FLOP/s), measured now by `benchmarks.floors`,
+    the one measurement every benchmark's floor uses."""
+    from benchmarks import floors
 
-    Each timed call repeats the operation 16 times in a loop on device, so a call's fixed costs (the launch,
-    allocating its output) are a small part of the time."""
-    import jax
-    import jax.numpy as jnp
-
-    device = jax.devices()[0]
-    on_gpu = device.platform == "gpu"
-    n_copy = (1 << 30) if on_gpu else (1 << 26)  # elements: 2 GiB of bf16 on GPU
-    reps = 16 if on_gpu else 2
-    x = jax.device_put(jnp.ones((n_copy,), jnp.bfloat16), device)
-    copy = jax.jit(lambda a: jax.lax.fori_loop(0, reps, lambda _, y: y * 2, a))  # 2**16 stays finite in bf16
-    t = median_seconds(lambda: jax.block_until_ready(copy(x)), 10, 2, "copy bandwidth")
-    bandwidth = 2 * x.nbytes * reps / t
-    m = 8192 if on_gpu else 1024
-    a = jax.device_put(jnp.full((m, m), 1 / m, jnp.dtype(dtype)), device)  # a @ a == a: no overflow
-    mm = jax.jit(lambda p: jax.lax.fori_loop(0, reps, lambda _, q: q @ p, p))
-    t = median_seconds(lambda: jax.block_until_ready(mm(a)), 10, 2, "matmul rate")
-    return {"copy_bytes_per_s": bandwidth, "matmul_flops": 2 * m**3 * reps / t}
+    return {"memory_bytes_per_s": floors.memory_bandwidth(), "matmul_flops": floors.matmul_rate(dtype)}
 
 
 def floor_seconds(config, batch: int, input_len: int, output_len: int, rates: dict) -> float:
@@ -90,7 +116,7 @@ def floor_seconds(config, batch: int, input_len: int, output_len: int, rates: di
     weight_bytes = params * itemsize
     prefill = 2 * params * batch * input_len / rates["matmul_flops"]
     kv_bytes_per_token = 2 * config.n_layers * config.hidden * itemsize
-    decode = sum((weight_bytes + kv_bytes_per_token * batch * (input_len + j)) / rates["copy_bytes_per_s"]
+    decode = sum((weight_bytes + kv_bytes_per_token * batch * (input_len + j)) / rates["memory_bytes_per_s"]
                  for j in range(1, output_len))
     return prefill + decode
 
@@ -183,123 +209,145 @@ def hf_model_for(engine):
     return model, (torch.cuda.get_device_name() if device == "cuda" else "cpu")
 
 
-def parse_shapes(args) -> list[tuple[int, int, int]]:
-    """(batch, input_len, output_len) from -b -i -o or from --shapes B,I,O ...; each at least 1."""
-    if args.shapes:
-        if any(v is not None for v in (args.batch, args.input_len, args.output_len)):
+def parse_shapes(batch: int | None, input_len: int | None, output_len: int | None,
+                 shapes: list[str] | None) -> tuple[Shape, ...]:
+    """(batch, input_len, output_len) from -b -i -o or from --shapes B,I,O ..."""
+    if shapes:
+        if any(v is not None for v in (batch, input_len, output_len)):
             raise ValueError("give either -b/-i/-o or --shapes, not both")
         try:
-            shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes]
+            parsed = tuple(tuple(int(v) for v in s.split(",")) for s in shapes)
         except ValueError:
-            raise ValueError(f"--shapes: expected B,I,O triples, got {' '.join(args.shapes)}") from None
-        if any(len(s) != 3 for s in shapes):
-            raise ValueError(f"--shapes: expected B,I,O triples, got {' '.join(args.shapes)}")
-    else:
-        missing = [f for f, v in (("-b", args.batch), ("-i", args.input_len), ("-o", args.output_len)) if v is None]
-        if missing:
-            raise ValueError(f"{', '.join(missing)} required (or --shapes)")
-        shapes = [(args.batch, args.input_len, args.output_len)]
-    for b, i, o in shapes:
-        if min(b, i, o) < 1:
-            raise ValueError(f"batch, input_len and output_len must be at least 1, got ({b}, {i}, {o})")
-    if args.runs < 1:
-        raise ValueError(f"--runs must be at least 1, got {args.runs}")
-    return shapes
+            raise ValueError(f"--shapes: expected B,I,O triples, got {' '.join(shapes)}") from None
+        if any(len(s) != 3 for s in parsed):
+            raise ValueError(f"--shapes: expected B,I,O triples, got {' '.join(shapes)}")
+        return parsed
+    missing = [f for f, v in (("-b", batch), ("-i", input_len), ("-o", output_len)) if v is None]
+    if missing:
+        raise ValueError(f"{', '.join(missing)} required (or --shapes)")
+    return ((batch, input_len, output_len),)
 
 
-def model_config(args):
+def model_config(options: BenchOptions):
     """The model a `--server` run measures (for its floor), read without loading or creating weights."""
     from gptjax.config import DEFAULT_PRESET, preset
 
-    if args.checkpoint:
+    if options.checkpoint:
         from checkpoints.folder import read_config
 
-        config = read_config(args.checkpoint)
+        config = read_config(options.checkpoint)
     else:
-        config = preset(args.model or DEFAULT_PRESET)
-    return config.replace(dtype=args.dtype) if args.dtype else config
+        config = preset(options.model or DEFAULT_PRESET)
+    return config.replace(dtype=options.dtype) if options.dtype else config
 
 
-def run_bench(args, build_engine) -> int:
-    shapes = parse_shapes(args)
-    # a server compiles every shape it runs before serving; a couple of seconds of warm-up settle its threads
-    server_warmup_s = 2.0 if args.warmup_seconds is None else args.warmup_seconds
-    if args.peer or args.server:
+@dataclass
+class _Context:
+    """What every shape of one run shares."""
+
+    options: BenchOptions
+    config: object  # the ModelConfig
+    engine: object | None  # the in-process Engine (None through a server without peers)
+    rates: dict
+    device: str
+
+
+def _row(ctx: _Context, shape: Shape, impl: str, seconds: float, seconds_one: float | None, device: str) -> Row:
+    b, i, o = shape
+    floor = floor_seconds(ctx.config, b, i, o, ctx.rates)
+    decode = (seconds - seconds_one) / (o - 1) * 1e3 if seconds_one is not None and o > 1 else None
+    extra = {"memory_GBps": ctx.rates["memory_bytes_per_s"] / 1e9, "matmul_TFLOPs": ctx.rates["matmul_flops"] / 1e12,
+             "dtype": ctx.config.dtype, "model_params": ctx.config.num_params()}
+    if impl == "gptjax":
+        extra.update(mesh=str(ctx.engine.engine_config.mesh), attention=ctx.engine.attention)
+    if impl == "gptjax-server":
+        extra["server_api"] = ctx.options.server_api
+    return Row(impl=impl, batch=b, input_len=i, output_len=o, runs=ctx.options.runs, latency_ms=seconds * 1e3,
+               tokens_per_s=b * o / seconds, device=device, decode_ms_per_token=decode, floor_ms=floor * 1e3,
+               pct_of_floor=100 * floor / seconds, extra=extra)
+
+
+def _timed(ctx: _Context, shape: Shape, make, label: str, warmup_s: float = 0.0) -> tuple[float, float | None]:
+    """Median seconds of the whole shape, and of the same with one new token (None when the shape has one)."""
+    from gptjax import distributed
+
+    b, i, o = shape
+    opts = ctx.options
+    start = time.perf_counter()
+    full = median_seconds(make(o), opts.runs, opts.warmup, label, warmup_s)
+    one = median_seconds(make(1), opts.runs, opts.warmup, label + " (1 token)", warmup_s) if o > 1 else None
+    if distributed.is_main_process():  # a log line where no progress bar shows (not a terminal)
+        print(f"{label} ({b}, {i}, {o}): median {full * 1e3:.1f} ms, {time.perf_counter() - start:.0f} s "
+              "with warm-ups and compiles", file=sys.stderr, flush=True)
+    return full, one
+
+
+def _peer_rows(ctx: _Context, shape: Shape, prompts: np.ndarray, peers: dict) -> list[Row]:
+    """The peers first: torch hands its memory back after each, while JAX keeps what it grew to (a 6.7B
+    batch-256 cache is 32 GB, and each implementation needs its own in turn)."""
+    rows = []
+    for peer, (model, peer_device) in peers.items():
+        try:
+            full, one = _timed(ctx, shape, lambda n: hf_runner(model, prompts, n, compiled=peer == "hf-compiled"),
+                               peer)
+        except Exception as e:
+            if type(e).__name__ != "OutOfMemoryError":  # torch's: the peer's cache does not fit beside ours
+                raise
+            print(f"{peer}: out of memory at {shape}: no row ({e})", file=sys.stderr)
+            continue
+        finally:
+            _free_peer_memory()
+        rows.append(_row(ctx, shape, peer, full, one, peer_device))
+    return rows
+
+
+def _prepare_process(options: BenchOptions) -> None:
+    """Memory settings for JAX, before it starts its backend."""
+    if options.peers or options.server:
         # the peer (or the server) shares the GPU: let JAX allocate as it goes, not 75% up front
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    if args.peer:
+    if options.peers:
         # JAX keeps what it allocated for one shape, and the peer has emptied torch's cache before gptjax runs:
         # 75% was too little for a 6.7B model's batch-256 cache (37 GB) beside the earlier shapes' buffers
         os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
+
+
+def run_bench(options: BenchOptions, make_engine: Callable[[], object] | None = None) -> int:
+    """Every shape, in process (`make_engine()` builds the engine) or through `options.server`, beside the
+    peers; prints each shape's rows as it finishes (process 0)."""
+    _prepare_process(options)
     # through a server, the engine is the server's; here only a peer needs the weights
-    engine = build_engine(args) if args.peer or not args.server else None
+    needs_engine = bool(options.peers) or not options.server
+    if needs_engine and make_engine is None:
+        raise ValueError("an in-process benchmark (or a peer) needs the engine: pass make_engine")
+    engine = make_engine() if needs_engine else None
     import jax
 
     from gptjax import distributed
 
-    config = engine.config if engine else model_config(args)
+    config = engine.config if engine else model_config(options)
     max_seq = engine.max_seq_len if engine else config.n_positions
-    for b, i, o in shapes:
+    for b, i, o in options.shapes:
         if i + o > max_seq:
             raise ValueError(f"input_len {i} + output_len {o} exceeds the model's {max_seq} positions")
-    device = jax.devices()[0].device_kind
-    rates = measure_rates(config.dtype)
-    peers = {}
-    if distributed.is_main_process():
-        for peer in args.peer:
-            peers[peer] = hf_model_for(engine)
-
-    for b, i, o in shapes:
-        prompts = random_prompts(b, i, config.vocab_size)
-        floor = floor_seconds(config, b, i, o, rates)
-
-        def row(impl, seconds, seconds_one, device_name):
-            decode = (seconds - seconds_one) / (o - 1) * 1e3 if seconds_one is not None and o > 1 else None
-            return Row(impl=impl, batch=b, input_len=i, output_len=o, runs=args.runs, latency_ms=seconds * 1e3,
-                       tokens_per_s=b * o / seconds, device=device_name, decode_ms_per_token=decode,
-                       floor_ms=floor * 1e3, pct_of_floor=100 * floor / seconds,
-                       extra={"copy_GBps": rates["copy_bytes_per_s"] / 1e9,
-                              "matmul_TFLOPs": rates["matmul_flops"] / 1e12,
-                              "dtype": config.dtype, "model_params": config.num_params(),
-                              **({"mesh": str(engine.engine_config.mesh), "attention": engine.attention}
-                                 if impl == "gptjax" else {})})
-
-        def timed(make, label, warmup_s=0.0):
-            start = time.perf_counter()
-            full = median_seconds(make(o), args.runs, args.warmup, label, warmup_s)
-            one = median_seconds(make(1), args.runs, args.warmup, label + " (1 token)", warmup_s) if o > 1 else None
-            if distributed.is_main_process():  # a log line where no progress bar shows (not a terminal)
-                print(f"{label} ({b}, {i}, {o}): median {full * 1e3:.1f} ms, {time.perf_counter() - start:.0f} s "
-                      "with warm-ups and compiles", file=sys.stderr, flush=True)
-            return full, one
-
-        # the peers first: torch hands its memory back after each, while JAX keeps what it grew to (a 6.7B
-        # batch-256 cache is 32 GB, and each implementation needs its own in turn)
-        peer_rows = []
-        for peer, (model, peer_device) in peers.items():
-            try:
-                full, one = timed(lambda n: hf_runner(model, prompts, n, compiled=peer == "hf-compiled"), peer)
-            except Exception as e:
-                if type(e).__name__ != "OutOfMemoryError":  # torch's: the peer's cache does not fit beside ours
-                    raise
-                print(f"{peer}: out of memory at batch {b}, input {i}, output {o}: no row ({e})", file=sys.stderr)
-                continue
-            finally:
-                _free_peer_memory()
-            peer_rows.append(row(peer, full, one, peer_device))
+    ctx = _Context(options, config, engine, measure_rates(config.dtype), jax.devices()[0].device_kind)
+    peers = {peer: hf_model_for(engine) for peer in options.peers} if distributed.is_main_process() else {}
+    # a server compiles every shape it runs before serving; a couple of seconds of warm-up settle its threads
+    server_warmup_s = 2.0 if options.warmup_seconds is None else options.warmup_seconds
+    for shape in options.shapes:
+        prompts = random_prompts(shape[0], shape[1], config.vocab_size)
+        peer_rows = _peer_rows(ctx, shape, prompts, peers)
         rows = []
-        if args.server:
+        if options.server:
             if distributed.is_main_process():
-                full, one = timed(lambda n: server_runner(args.server, prompts, n, args.server_api), "server",
-                                  server_warmup_s)
-                rows.append(row("gptjax-server", full, one, device))
-                rows[-1].extra["server_api"] = args.server_api
+                full, one = _timed(ctx, shape, lambda n: server_runner(options.server, prompts, n, options.server_api),
+                                   "server", server_warmup_s)
+                rows.append(_row(ctx, shape, "gptjax-server", full, one, ctx.device))
         else:
-            full, one = timed(lambda n: gptjax_runner(engine, prompts, n), "gptjax")
-            rows.append(row("gptjax", full, one, device))
-        rows += peer_rows
+            full, one = _timed(ctx, shape, lambda n: gptjax_runner(engine, prompts, n), "gptjax")
+            rows.append(_row(ctx, shape, "gptjax", full, one, ctx.device))
         if distributed.is_main_process():
-            print_rows(rows, args.json)
+            print_rows(rows + peer_rows, options.json)
             sys.stdout.flush()
     return 0
 
@@ -317,5 +365,5 @@ def print_rows(rows: list[Row], as_json: bool) -> None:
         print(f"{r.impl:<14}{r.batch:>6}{r.input_len:>6}{r.output_len:>6}{r.latency_ms:>12.2f}"
               f"{r.tokens_per_s:>11.1f}{decode:>10}{r.floor_ms:>10.2f}{r.pct_of_floor:>8.1f}%"
               f"{r.latency_ms / base:>9.2f}x")
-    print(f"device: {rows[0].device}; copy {rows[0].extra['copy_GBps']:.0f} GB/s, "
+    print(f"device: {rows[0].device}; memory {rows[0].extra['memory_GBps']:.0f} GB/s, "
           f"matmul {rows[0].extra['matmul_TFLOPs']:.1f} TFLOP/s ({rows[0].extra['dtype']})")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from conftest import run_cli
 
 
@@ -31,3 +33,17 @@ def test_bench_bad_shapes_exit_2():
         proc = run_cli("bench", *args, check=False)
         assert proc.returncode == 2, (args, proc.stderr)
         assert proc.stderr.strip().count("\n") == 0 and "error" in proc.stderr
+
+
+def test_options_are_checked_where_they_are_made():
+    from benchmarks.bench import BenchOptions, parse_shapes
+
+    assert parse_shapes(2, 8, 4, None) == ((2, 8, 4),)
+    assert parse_shapes(None, None, None, ["1,4,2", "2,4,1"]) == ((1, 4, 2), (2, 4, 1))
+    for bad, field in ((dict(shapes=((1, 0, 2),)), "at least 1"), (dict(shapes=((1, 2, 2),), runs=0), "--runs"),
+                       (dict(shapes=((1, 2, 2),), server_api="http"), "--server-api"),
+                       (dict(shapes=((1, 2, 2),), peers=("vllm",)), "--peer")):
+        with pytest.raises(ValueError, match=field):
+            BenchOptions(**bad)
+    with pytest.raises(ValueError, match="-o required"):
+        parse_shapes(1, 4, None, None)
