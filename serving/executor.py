@@ -28,11 +28,13 @@ import numpy as np
 
 from gptjax import compile_cache
 from gptjax.engine import SamplingArrays, layout_of
+from serving import wire
 from serving.commands import Command, Decode, Prefill, Reset
 
 log = logging.getLogger("gptjax.serving")
 
 COMPILE_THREADS = min(8, os.cpu_count() or 1)  # warm-up's compiles at once (XLA compiles without the GIL)
+WARMUP_WAIT_S = 3600  # how long a process that has warmed up waits for the others
 
 
 class Outputs(NamedTuple):
@@ -126,7 +128,8 @@ class Executor:
     def warmup(self, steps: int) -> None:
         """Compile every program the loop can run before serving: prefill and insert of every prompt bucket and
         row count allowed, decode of every row bucket (greedy and sampled) at `steps` steps; several at once,
-        as XLA compiles without the GIL. Every process compiles the same programs."""
+        as XLA compiles without the GIL. Every process compiles the same programs, then waits for the others:
+        the first command is a collective, which would time out on a process still compiling."""
         engine, layout = self.engine, layout_of(self.state)
         jobs = [partial(engine.compile_prefill, rows, bucket, layout)
                 for bucket in engine.prefill_buckets() for rows in engine.prefill_rows(bucket, self.slots)]
@@ -142,3 +145,4 @@ class Executor:
                     log.info("compiled %d/%d shapes in %.0f s; %d of %d programs read from the compilation cache",
                              done, len(jobs), time.monotonic() - start, compile_cache.hits() - hits,
                              compile_cache.lookups() - lookups)
+        wire.wait_for_every_process("gptjax-warmup", WARMUP_WAIT_S)

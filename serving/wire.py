@@ -18,6 +18,7 @@ request (the front end's INVALID_ARGUMENT) and never the loop.
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 
 from gptjax import distributed
@@ -143,6 +144,18 @@ def send(command: Command, slots: int) -> None:
     distributed.broadcast_from_main(header)
     if payload is not None:
         distributed.broadcast_from_main(payload)
+
+
+def wait_for_every_process(name: str, timeout_s: float) -> None:
+    """Every process: return once all have called this with `name` (each name once). A collective waits only
+    about 30 s for a late process (gloo's rendezvous), so a process that is minutes ahead, say one whose
+    warm-up read its programs from the compilation cache while another compiled them, waits here instead.
+    The coordination service's barrier, which a dead process still ends early (its heartbeat stops)."""
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed as jax_distributed  # no public form of the barrier in jax 0.10 or 0.11
+
+    jax_distributed.global_state.client.wait_at_barrier(name, int(timeout_s * 1000))
 
 
 def receive(slots: int) -> Command:

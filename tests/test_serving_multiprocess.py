@@ -39,8 +39,9 @@ def free_coordinator_port() -> int:
 
 def launch(launcher: str, port: int, tmp_path):
     coordinator = free_coordinator_port()
-    config = tmp_path / "serve.toml"  # a short cache: fewer prompt buckets for each process to compile at start
-    config.write_text("[engine]\nmax_slots = 4\nmax_seq_len = 64\n")
+    # two slots and a short cache from a 32-token bucket: six shapes for each process to compile at start
+    config = tmp_path / "serve.toml"
+    config.write_text("[engine]\nmax_slots = 2\nmax_seq_len = 64\nmin_prefill_bucket = 32\n")
     procs, logs = [], []
     for rank in range(2):
         env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
