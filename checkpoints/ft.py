@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from checkpoints.folder import CheckpointError, save_checkpoint
+from gptjax.checkpoint import CheckpointError, save_checkpoint
 from gptjax.config import ModelConfig
 
 _DTYPES = {"fp32": (np.float32, "float32"), "fp16": (np.float16, "float16")}

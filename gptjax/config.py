@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,11 +161,22 @@ def to_dict(cfg) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
+# the annotation of a field (a string: annotations are not evaluated) -> what a value of it must be
+_FIELD_KINDS = {"int": (numbers.Integral, "an integer"), "float": (numbers.Real, "a number"), "str": (str, "a string")}
+
+
 def _from_dict(cls, data: dict, source: str):
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    """A config from a file's table: unknown fields and values of the wrong type are refused, naming the field."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: expected a table of {cls.__name__} fields, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ValueError(f"{source}: unknown {cls.__name__} field(s): {', '.join(unknown)}")
+    for name, value in data.items():
+        kind, what = _FIELD_KINDS.get(fields[name].type, (None, ""))
+        if kind is not None and (isinstance(value, bool) or not isinstance(value, kind)):
+            raise ValueError(f"{cls.__name__}.{name} must be {what}, got {value!r}")
     return cls(**data)
 
 

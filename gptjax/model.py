@@ -18,10 +18,40 @@ from gptjax.config import ModelConfig
 # attend(layer, q, k, v) -> (out, layer_state); q/k/v/out are [batch, seq, heads, head_dim]
 Attend = Callable[[int, jax.Array, jax.Array, jax.Array], tuple[jax.Array, object]]
 
-_ACTIVATIONS = {
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-}
+def gelu_tanh(x):
+    """GPT-2's GELU ("gelu_new"): the tanh approximation."""
+    return jax.nn.gelu(x, approximate=True)
+
+
+def gelu_erf(x):
+    """The exact GELU, with erf."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+_ACTIVATIONS = {"gelu_new": gelu_tanh, "gelu": gelu_erf}
+_LAYER_PREFIX = "h_"
+
+
+def layer_name(i: int) -> str:
+    """The name of layer i's subtree in the model's parameters."""
+    return f"{_LAYER_PREFIX}{i}"
+
+
+def layer_index(name: str) -> int | None:
+    """The layer number of a top-level parameter name (`h_3` -> 3); None for the others (wte, wpe, ln_f)."""
+    digits = name[len(_LAYER_PREFIX):]
+    return int(digits) if name.startswith(_LAYER_PREFIX) and digits.isdigit() else None
+
+
+def split_layers(params) -> tuple[list, dict]:
+    """The model's tree -> (its layers' subtrees in layer order, the other parameters)."""
+    layers = sorted((layer_index(k), v) for k, v in params.items() if layer_index(k) is not None)
+    return [v for _, v in layers], {k: v for k, v in params.items() if layer_index(k) is None}
+
+
+def join_layers(layers, rest) -> dict:
+    """The inverse of `split_layers`."""
+    return {**rest, **{layer_name(i): layer for i, layer in enumerate(layers)}}
 
 
 def _init(std: float, axes: tuple[str, ...]):
@@ -103,7 +133,7 @@ class GPT(nn.Module):
                               (self.vocab_rows or cfg.vocab_size, cfg.hidden), dtype)
         self.wpe = self.param("wpe", _init(cfg.init_std / 2, ("positions", "embed")),
                               (cfg.n_positions, cfg.hidden), dtype)
-        self.blocks = [Block(cfg, layer=i, name=f"h_{i}") for i in range(cfg.n_layers)]
+        self.blocks = [Block(cfg, layer=i, name=layer_name(i)) for i in range(cfg.n_layers)]
         self.ln_f = LayerNorm(cfg)
 
     def embed(self, tokens, positions):
@@ -156,21 +186,3 @@ def logical_axes(config: ModelConfig):
                                                           method=GPT.everything))
     return nn.get_partition_spec(boxed)["params"]
 
-
-def forward_logits(config: ModelConfig, params, tokens, attention: str = "xla"):
-    """Float32 logits at every position of `tokens` [batch, seq], without a cache (scoring and tests)."""
-    from gptjax.kernels import prefill_attention
-
-    tokens = jnp.asarray(tokens, jnp.int32)
-    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-    if "stages" in params:  # an engine's layer-parallel layout: back to one subtree per layer
-        from gptjax.pipeline import unstack_stages
-
-        params = unstack_stages(params)
-    model = GPT(config, vocab_rows=params["wte"].shape[0])
-
-    def attend(layer, q, k, v):
-        return prefill_attention(q, k, v, None, attention), None
-
-    x, _ = model.apply({"params": params}, tokens, positions, attend)
-    return model.apply({"params": params}, x, method=GPT.logits)

@@ -1,10 +1,10 @@
 """Layer parallelism: the layers split into stages over the `stage` mesh axis, activations passed on.
 
-Each stage holds only its own layers (`params["stages"]` leaves `[stages, stage_layers, ...]`, split over
-`stage`) and their KV cache (`cache.StagedKV`). The rows (prompts or slots) of each data shard are cut into
-micro-batches; at tick `t` stage `s` runs micro-batch `t - s` through its layers and hands the activations
-to stage `s + 1` with a collective permute, so after `stages - 1` ticks every stage is busy at once (GPipe's
-forward schedule). Inside, `data` and `stage` are manual (`shard_map`) while `tensor` stays automatic: the
+Each stage holds only its own layers (stacked: leaves `[stages, stage_layers, ...]`, split over `stage`) and
+their KV cache (`cache.StagedKV`); `gptjax/layout.py` chooses this layout and calls `run`. The rows (prompts or
+slots) of each data shard are cut into micro-batches; at tick `t` stage `s` runs micro-batch `t - s` through
+its layers and hands the activations to stage `s + 1` with a collective permute, so after `stages - 1` ticks
+every stage is busy at once (GPipe's forward schedule). Inside, `data` and `stage` are manual (`shard_map`) while `tensor` stays automatic: the
 blocks are the model's own, and XLA splits their heads and MLP over `tensor` exactly as on one stage.
 """
 
@@ -22,28 +22,21 @@ from gptjax.cache import StagedKV
 LayerFn = Callable[..., tuple[jax.Array, tuple[jax.Array, jax.Array]]]
 
 
-def stack_stages(params, stages: int):
-    """The model's per-layer tree (`h_0 ... h_{L-1}`) -> the same tree with the layers under `stages`,
-    every leaf `[stages, stage_layers, ...]`; stage `s` gets layers `s*L/S ... (s+1)*L/S - 1`."""
-    names = sorted((k for k in params if k.startswith("h_")), key=lambda k: int(k[2:]))
-    per = len(names) // stages
+def stack_stages(layers: list, stages: int):
+    """The model's layers (a subtree each, in order) -> one tree whose every leaf is `[stages, stage_layers, ...]`;
+    stage `s` gets layers `s*L/S ... (s+1)*L/S - 1`."""
+    per = len(layers) // stages
 
-    def stack(*layers):
-        return jnp.stack(layers).reshape(stages, per, *layers[0].shape)
+    def stack(*leaves):
+        return jnp.stack(leaves).reshape(stages, per, *leaves[0].shape)
 
-    out = {k: v for k, v in params.items() if not k.startswith("h_")}
-    out["stages"] = jax.tree.map(stack, *(params[k] for k in names))
-    return out
+    return jax.tree.map(stack, *layers)
 
 
-def unstack_stages(params):
-    """The inverse of `stack_stages`: back to per-layer subtrees (for checks and saving)."""
-    stages = jax.tree.leaves(params["stages"])[0]
-    n_stages, per = stages.shape[:2]
-    out = {k: v for k, v in params.items() if k != "stages"}
-    for i in range(n_stages * per):
-        out[f"h_{i}"] = jax.tree.map(lambda a: a[i // per, i % per], params["stages"])
-    return out
+def unstack_stages(stacked) -> list:
+    """The inverse of `stack_stages`: back to one subtree per layer (for checks and saving)."""
+    n_stages, per = jax.tree.leaves(stacked)[0].shape[:2]
+    return [jax.tree.map(lambda a: a[i // per, i % per], stacked) for i in range(n_stages * per)]
 
 
 def stack_placed_layers(layers, shardings):
@@ -89,7 +82,10 @@ def run(mesh: Mesh, layer_fn: LayerFn, stage_params, x, kv: StagedKV, rows, out_
         n_layers = k.shape[0]
         n_micro = micro_batches(x.shape[0], n_stages)
         mb = x.shape[0] // n_micro
-        take = lambda a, start: jax.lax.dynamic_slice_in_dim(a, start, mb, axis=0)
+
+        def take(a, start):
+            return jax.lax.dynamic_slice_in_dim(a, start, mb, axis=0)
+
         first_rows = jax.tree.map(lambda a: a[:mb], rows)
         out_shape = jax.eval_shape(out_fn, x[:mb], first_rows)
         outs = jnp.zeros((x.shape[0], *out_shape.shape[1:]), out_shape.dtype)

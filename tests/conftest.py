@@ -86,3 +86,53 @@ def hf_greedy(model, prompt_ids, n_new):
         out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=n_new, do_sample=False,
                              eos_token_id=None, pad_token_id=0, min_new_tokens=n_new)
     return out[0, len(prompt_ids):].tolist()
+
+
+def forward_logits(config, params, tokens):
+    """Float32 logits at every position of `tokens` [batch, seq] from the model's own parameter tree, with no
+    cache and the plain jnp attention: the reference the engine's cached, sharded paths are checked against."""
+    import jax.numpy as jnp
+
+    from gptjax.kernels import flash_attention_reference
+    from gptjax.model import GPT
+
+    tokens = jnp.asarray(tokens, jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    model = GPT(config, vocab_rows=params["wte"].shape[0])
+
+    def attend(layer, q, k, v):
+        return flash_attention_reference(q, k, v, lengths=None, causal=True), None
+
+    x, _ = model.apply({"params": params}, tokens, positions, attend)
+    return model.apply({"params": params}, x, method=GPT.logits)
+
+
+# ---- gpt2-tiny on meshes of the 8 CPU devices, shared by the sharding and engine tests ---------------------
+MESH_PROMPTS = [[5, 17, 99, 3], list(range(1, 20)), [7]]  # 3 rows: does not divide data=2, padded inside
+MESH_NEW_TOKENS = 8
+_mesh_engines: dict = {}
+
+
+def mesh_engine(layout):
+    """gpt2-tiny (random weights from its fixed seed) on a (data, stage, tensor) mesh, built once a session."""
+    import jax
+
+    from gptjax import Engine, make_mesh
+
+    if layout not in _mesh_engines:
+        d, s, t = layout
+        _mesh_engines[layout] = Engine.from_preset("gpt2-tiny", mesh=make_mesh(d, s, t, devices=jax.devices()[: d * s * t]))
+    return _mesh_engines[layout]
+
+
+def greedy_tokens(engine, prompts=MESH_PROMPTS):
+    return [r.output_ids for r in engine.generate(prompts, max_new_tokens=MESH_NEW_TOKENS, greedy=True,
+                                                  stop_token_ids=[])]
+
+
+@pytest.fixture(scope="session")
+def mesh_reference():
+    """The greedy tokens of MESH_PROMPTS on one device: what every layout must give."""
+    tokens = greedy_tokens(mesh_engine((1, 1, 1)))
+    assert len({tuple(t) for t in tokens}) == len(tokens)  # the prompts really lead different ways
+    return tokens

@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import hf_greedy, rel_error
+from conftest import forward_logits, hf_greedy, rel_error
 from gptjax.engine import Engine
-from gptjax.model import forward_logits
 
 PROMPTS = [[464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13], [15496, 995], [40, 588, 257, 1310, 286]]
 
@@ -23,14 +22,14 @@ def test_fp32_logits_match_hugging_face(hf_model, converted_dir):
     rng = np.random.default_rng(0)
     for length in (1, 7, 33):
         ids = rng.integers(0, 50257, length).tolist()
-        ours = np.asarray(forward_logits(engine.config, engine.params, [ids]))[0]
+        ours = np.asarray(forward_logits(engine.config, engine.model_params(), [ids]))[0]
         assert rel_error(ours, hf_logits(hf_model, ids)) < 1e-4
 
 
 def test_bf16_logits_match_hugging_face(hf_model, converted_dir):
     engine = Engine.load(converted_dir, dtype="bfloat16")
     ids = np.random.default_rng(1).integers(0, 50257, 24).tolist()
-    ours = np.asarray(forward_logits(engine.config, engine.params, [ids]))[0]
+    ours = np.asarray(forward_logits(engine.config, engine.model_params(), [ids]))[0]
     assert rel_error(ours, hf_logits(hf_model, ids)) < 2e-2
 
 

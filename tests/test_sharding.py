@@ -9,40 +9,19 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import MESH_PROMPTS, forward_logits, greedy_tokens
+from conftest import mesh_engine as engine
 from gptjax import Engine, make_mesh, sharding
-from gptjax.config import EngineConfig, MeshShape, preset
+from gptjax.config import MeshShape, preset
 from gptjax.model import init_params
-from gptjax.sampling import SamplingParams
-from gptjax.engine import SamplingArrays
 
 LAYOUTS = [(1, 1, 1), (2, 1, 4), (1, 1, 8), (1, 2, 4), (2, 2, 2), (1, 4, 1)]
-PROMPTS = [[5, 17, 99, 3], list(range(1, 20)), [7]]  # 3 rows: does not divide data=2, padded inside
-N_NEW = 8
 CONFIG = preset("gpt2-tiny")  # 4 layers, 8 heads, hidden 128
-_engines: dict = {}
-
-
-def engine(layout) -> Engine:
-    if layout not in _engines:
-        d, s, t = layout
-        _engines[layout] = Engine.from_preset("gpt2-tiny", mesh=make_mesh(d, s, t, devices=jax.devices()[: d * s * t]))
-    return _engines[layout]
-
-
-def greedy(e: Engine, prompts=PROMPTS):
-    return [r.output_ids for r in e.generate(prompts, max_new_tokens=N_NEW, greedy=True, stop_token_ids=[])]
-
-
-@pytest.fixture(scope="module")
-def reference():
-    tokens = greedy(engine((1, 1, 1)))
-    assert len({tuple(t) for t in tokens}) == len(tokens)  # the prompts really lead different ways
-    return tokens
 
 
 @pytest.mark.parametrize("layout", LAYOUTS[1:], ids=lambda l: "data=%d,stage=%d,tensor=%d" % l)
-def test_greedy_tokens_identical_on_every_layout(layout, reference):
-    assert greedy(engine(layout)) == reference
+def test_greedy_tokens_identical_on_every_layout(layout, mesh_reference):
+    assert greedy_tokens(engine(layout)) == mesh_reference
 
 
 def shard_shape(x) -> tuple:
@@ -108,79 +87,6 @@ def test_padding_rows_never_change_real_logits():
     np.testing.assert_allclose(wte[: CONFIG.vocab_size], np.asarray(init_params(CONFIG)["wte"]), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("layout", [(2, 2, 2), (1, 4, 1)], ids=lambda l: "data=%d,stage=%d,tensor=%d" % l)
-def test_serving_interface_matches_generate(layout, reference):
-    # prefill one prompt at a time into free slots, then decode all slots together (continuous batching)
-    e = engine(layout)
-    state = e.new_state(slots=3)  # rounded up to a multiple of data, at least two per device; extra slots idle
-    assert state.tokens.shape[0] == {1: 3, 2: 4}[layout[0]]
-    assert e.new_state(slots=1).tokens.shape[0] == 2 * layout[0]  # never one row: XLA's matrix-vector path is slow
-    first = []
-    greedy_params = SamplingArrays.from_params([SamplingParams(temperature=0.0)])
-    for slot, prompt in zip([2, 0, 1], PROMPTS):
-        bucket = e.prefill_bucket(len(prompt))
-        tokens = np.zeros((1, bucket), np.int32)
-        tokens[0, : len(prompt)] = prompt
-        prefix = e.prefill(tokens, np.array([len(prompt)]), greedy_params)
-        state = e.insert(prefix, state, np.array([slot]))
-        first.append(int(np.asarray(prefix.first_tokens)[0]))
-    state, steps, _ = e.generate_steps(state, 2)
-    # then slot 1's request ends: parked at position 0, it stops stepping; the others go on unchanged
-    state, more, _ = e.generate_steps(state, N_NEW - 3, live=[True, False, True])
-    steps = np.concatenate([np.asarray(steps), np.asarray(more)])
-    got = [[f] + steps[:, slot].tolist() for f, slot in zip(first, [2, 0, 1])]
-    assert got[:2] == reference[:2] and got[2][:3] == reference[2][:3]
-    assert np.asarray(state.positions)[1] == 0 and np.asarray(state.positions)[0] == len(PROMPTS[1]) + N_NEW - 1
-
-
-@pytest.mark.parametrize("layout", [(1, 1, 1), (2, 1, 4), (1, 2, 4)], ids=lambda l: "data=%d,stage=%d,tensor=%d" % l)
-def test_prefill_and_decode_compiled_ahead_run_without_compiling(layout, reference):
-    import jax.monitoring
-
-    e = engine(layout)
-    state = e.new_state(slots=4)
-    e.compile_prefill(2, 32, state)
-    e.compile_decode(state, 2, False, e.decode_buckets(4)[-1])
-    compiles = []
-    jax.monitoring.register_event_duration_secs_listener(
-        lambda name, secs, **kw: compiles.append(name) if name.endswith("backend_compile_duration") else None)
-    tokens = np.zeros((2, 32), np.int32)
-    tokens[0, :4], tokens[1, :19] = PROMPTS[0], PROMPTS[1]
-    prefix = e.prefill(tokens, np.array([4, 19]), SamplingArrays.from_params([SamplingParams(temperature=0.0)] * 2))
-    state = e.insert(prefix, state, np.array([1, 3]))
-    state, steps, _ = e.generate_steps(state, 2, sampled=False, live=[False, True, False, True])
-    assert compiles == []
-    got = np.concatenate([np.asarray(prefix.first_tokens)[None], np.asarray(steps)[:, [1, 3]]]).T.tolist()
-    assert got == [reference[0][:3], reference[1][:3]]
-
-
-def test_prefill_rows_stay_within_the_slots_and_the_token_budget():
-    e = Engine.from_preset("gpt2-tiny", engine_config=EngineConfig(max_slots=6, max_prefill_tokens=1000))
-    assert e.prefill_rows(16) == [1, 2, 4, 8]  # padded rows: up to the power of two that holds 6
-    assert e.prefill_rows(128) == [1, 2, 4]  # 7 rows of 128 fit in 1000 tokens: powers of two up to it
-    assert e.prefill_rows(1024) == [1]  # a prompt longer than the budget still runs, alone
-
-
-@pytest.mark.parametrize("layout", [(1, 1, 1), (1, 1, 8)], ids=lambda l: "data=%d,stage=%d,tensor=%d" % l)
-def test_decode_runs_only_the_slots_up_to_the_highest_live_one(layout, reference):
-    e = engine(layout)
-    assert e.decode_buckets(40) == [2, 4, 8, 16, 32, 40] and e.decode_buckets(8) == [2, 4, 8]
-    state = e.new_state(slots=40)
-    bucket = e.prefill_bucket(len(PROMPTS[0]))
-    tokens = np.zeros((1, bucket), np.int32)
-    tokens[0, : len(PROMPTS[0])] = PROMPTS[0]
-    prefix = e.prefill(tokens, np.array([len(PROMPTS[0])]), SamplingArrays.from_params([SamplingParams(temperature=0.0)]))
-    state = e.insert(prefix, state, np.array([1]))
-    live = np.zeros(40, bool)
-    live[1] = True
-    state, steps, _ = e.generate_steps(state, N_NEW - 1, live=live)  # runs 2 rows of the 40
-    steps = np.asarray(steps)
-    assert steps.shape == (N_NEW - 1, 40)
-    assert [int(np.asarray(prefix.first_tokens)[0])] + steps[:, 1].tolist() == reference[0]
-    assert not steps[:, 2:].any()  # rows past the bucket did not run
-    assert np.asarray(state.positions)[1] == len(PROMPTS[0]) + N_NEW - 1
-
-
 @pytest.mark.parametrize("layout, message", [
     ((1, 1, 3), "tensor=3 does not divide the model's 8 heads"),
     ((1, 3, 1), "stage=3 does not divide the model's 4 layers"),
@@ -201,15 +107,15 @@ def test_mesh_flag_parses():
     assert MeshShape.parse("tensor=8").size == 8
 
 
-def test_checkpoint_restores_into_pipeline_layout(tmp_path, reference):
-    from checkpoints.folder import save_checkpoint
+def test_checkpoint_restores_into_pipeline_layout(tmp_path, mesh_reference):
+    from gptjax.checkpoint import save_checkpoint
 
     save_checkpoint(tmp_path / "ckpt", CONFIG, jax.tree.map(np.asarray, init_params(CONFIG)))
     mesh = make_mesh(2, 2, 2)
     e = Engine.load(tmp_path / "ckpt", mesh=mesh)
     assert e.params["stages"]["qkv"]["kernel"].sharding.spec == engine((2, 2, 2)).params["stages"]["qkv"]["kernel"].sharding.spec
     assert shard_shape(e.params["stages"]["qkv"]["kernel"]) == (1, 2, CONFIG.hidden, 3, 4, CONFIG.head_dim)
-    assert greedy(e) == reference
+    assert greedy_tokens(e) == mesh_reference
 
 
 def test_pipeline_passes_activations_without_gathering_weights():
@@ -223,12 +129,10 @@ def test_pipeline_passes_activations_without_gathering_weights():
 
 
 def test_model_params_undo_the_layout():
-    # forward_logits and model_params read any engine's layout back as the model's own tree
-    from gptjax.model import forward_logits
-
+    # any engine's layout reads back as the model's own tree, with the same logits
     e = engine((2, 2, 2))
-    own = sharding.model_params(CONFIG, e.params)
+    own = e.model_params()
     assert own["wte"].shape == (CONFIG.vocab_size, CONFIG.hidden) and "h_3" in own and "stages" not in own
-    ids = [[5, 17, 99, 3]]
-    want = np.asarray(forward_logits(CONFIG, engine((1, 1, 1)).params, ids))
-    np.testing.assert_allclose(np.asarray(forward_logits(CONFIG, e.params, ids)), want, rtol=1e-4, atol=1e-4)
+    ids = [MESH_PROMPTS[0]]
+    want = np.asarray(forward_logits(CONFIG, engine((1, 1, 1)).model_params(), ids))
+    np.testing.assert_allclose(np.asarray(forward_logits(CONFIG, own, ids)), want, rtol=1e-4, atol=1e-4)

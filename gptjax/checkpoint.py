@@ -1,0 +1,195 @@
+"""The checkpoint folder: `config.json` (the ModelConfig and a format version) and `params/` (orbax).
+
+`params/` holds the full model's unsharded logical arrays under stable names (`wte`, `wpe`, `h_0/qkv/kernel`,
+..., `ln_f/scale`); any mesh restores it straight into its own layout, each process reading only the pieces
+its devices hold. Writers build the folder in a temporary sibling and rename it at the end, so a failed
+conversion leaves nothing behind. A reader checks `config.json` against the saved shapes (orbax's metadata,
+no array read) before it builds anything from the config, so a config that does not match its parameters is
+refused at once, naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from gptjax.config import ModelConfig, model_config_from_dict, to_dict
+from gptjax.layout import layout_for
+from gptjax.model import init_params, join_layers, layer_name, split_layers
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or source file that can't be read; the message names the file or tensor."""
+
+
+def expected_shapes(config: ModelConfig):
+    """The shape of every parameter of `config`, as a pytree of tuples."""
+    return _shapes(jax.eval_shape(partial(init_params, config)))
+
+
+def _shapes(tree) -> dict:
+    """A nested dict of arrays (or anything with a shape: ShapeDtypeStructs, orbax's metadata) -> of shapes."""
+    return {k: _shapes(v) if isinstance(v, dict) else tuple(getattr(v, "shape", np.shape(v))) for k, v in tree.items()}
+
+
+def _flat(shapes: dict) -> dict[str, tuple]:
+    return {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(
+        shapes, is_leaf=lambda x: isinstance(x, tuple))}
+
+
+def check_params(config: ModelConfig, params) -> None:
+    """Every expected parameter present, with the expected shape; messages name the parameter. `params`: arrays
+    or anything with a shape (orbax's metadata)."""
+    _compare(expected_shapes(config), _shapes(params))
+
+
+def _compare(expected: dict, got: dict) -> None:
+    expected, got = _flat(expected), _flat(got)
+    for name, shape in expected.items():
+        if name not in got:
+            raise CheckpointError(f"parameter {name} is missing")
+        if got[name] != shape:
+            raise CheckpointError(f"parameter {name} has shape {got[name]}, expected {shape}")
+    extra = sorted(set(got) - set(expected))
+    if extra:
+        raise CheckpointError(f"unexpected parameter {extra[0]}")
+
+
+def to_host_arrays(params):
+    """Numpy leaves -> jax arrays on the host CPU, in place, one leaf at a time.
+
+    Orbax holds one extra copy of jax arrays while saving but two of numpy arrays; this keeps a conversion's
+    peak memory near twice the model. Never the accelerator: the model need not fit there.
+    """
+    cpu = jax.devices("cpu")[0]
+    for key, value in params.items():
+        params[key] = to_host_arrays(value) if isinstance(value, dict) else (
+            value if isinstance(value, jax.Array) else jax.device_put(value, cpu))
+    return params
+
+
+def save_checkpoint(dst: str | Path, config: ModelConfig, params) -> Path:
+    """Write `params` (numpy or jax arrays, the model's tree) and `config` as a checkpoint folder at `dst`."""
+    import orbax.checkpoint as ocp
+
+    check_params(config, params)
+    params = to_host_arrays(params)
+    dst = Path(dst).absolute()
+    if dst.exists():
+        raise CheckpointError(f"output folder {dst} already exists")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    try:
+        (tmp / "config.json").write_text(json.dumps({"format_version": FORMAT_VERSION,
+                                                     "model": to_dict(config)}, indent=2) + "\n")
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(tmp / "params", params)
+            ckptr.wait_until_finished()
+        tmp.rename(dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+def read_config(checkpoint_dir: str | Path) -> ModelConfig:
+    path = Path(checkpoint_dir) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{checkpoint_dir} is not a checkpoint folder: {path.name} is missing")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION:
+        version = data.get("format_version") if isinstance(data, dict) else None
+        raise CheckpointError(f"{path}: format_version {version!r} is not {FORMAT_VERSION}")
+    try:
+        return model_config_from_dict(data["model"], str(path))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: bad model config ({e})") from None
+
+
+def saved_shapes(checkpoint_dir: str | Path) -> dict:
+    """The shapes of the arrays in `params/`, from orbax's metadata alone (no array is read)."""
+    import orbax.checkpoint as ocp
+
+    path = Path(checkpoint_dir).absolute() / "params"
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            meta = ckptr.metadata(path)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not an orbax checkpoint ({type(e).__name__}: {e})") from None
+    tree = getattr(meta, "item_metadata", meta)  # newer orbax wraps the tree in step metadata
+    return _shapes(getattr(tree, "tree", tree))
+
+
+def _dim(shapes: dict, path: tuple[str, ...], rank: int, axis: int, source: str) -> int:
+    node = shapes
+    for key in path:
+        node = node.get(key) if isinstance(node, dict) else None
+    if not isinstance(node, tuple) or len(node) != rank:
+        raise CheckpointError(f"{source}: parameter {'/'.join(path)} is missing or not of rank {rank}")
+    return node[axis]
+
+
+def check_sizes(config: ModelConfig, shapes: dict, source: str) -> None:
+    """Every size `config` gives (layers, widths, vocabulary, positions) against what the saved parameters hold,
+    so that nothing is built from a size no parameter backs; the message names the field."""
+    layers, _ = split_layers(shapes)
+    first = (layer_name(0),)
+    held = {
+        "n_layers": len(layers),
+        "vocab_size": _dim(shapes, ("wte",), 2, 0, source),
+        "hidden": _dim(shapes, ("wte",), 2, 1, source),
+        "n_positions": _dim(shapes, ("wpe",), 2, 0, source),
+        "n_heads": _dim(shapes, (*first, "qkv", "kernel"), 4, 2, source),
+        "ffn_hidden": _dim(shapes, (*first, "mlp_in", "kernel"), 2, 1, source),
+    }
+    for name, have in held.items():
+        if getattr(config, name) != have:
+            raise CheckpointError(f"{source}: config.json gives {name} = {getattr(config, name)}, but the saved "
+                                  f"parameters hold {have}")
+
+
+def load_checkpoint(checkpoint_dir: str | Path, mesh, dtype: str | None = None):
+    """(config, params) with every parameter placed in `mesh`'s layout (and cast to `dtype` if given).
+
+    Each layer is read straight onto the devices of the stage that holds it (split there over `tensor` and
+    `data` by the rules table), then the layers of a stage are stacked on those same devices: no device ever
+    holds another stage's layers. The embedding is read whole, then padded and split over `tensor`.
+    """
+    import orbax.checkpoint as ocp
+
+    config = read_config(checkpoint_dir)
+    saved = saved_shapes(checkpoint_dir)
+    check_sizes(config, saved, str(checkpoint_dir))  # first: the rest takes time and memory in these sizes
+    if dtype:
+        config = config.replace(dtype=dtype)
+    layout = layout_for(config, mesh)
+    abstract = jax.eval_shape(partial(init_params, config))
+    try:
+        _compare(_shapes(abstract), saved)
+    except CheckpointError as e:
+        raise CheckpointError(f"{checkpoint_dir}: config.json does not match the saved parameters: {e}") from None
+    layers, rest = split_layers(abstract)
+
+    def target(tree, shardings):
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, jnp.dtype(config.dtype), sharding=s),
+                            tree, shardings)
+
+    everywhere = NamedSharding(mesh, P())
+    targets = join_layers([target(layer, layout.layer_restore_shardings(i)) for i, layer in enumerate(layers)],
+                          {k: target(v, jax.tree.map(lambda _: everywhere, v)) for k, v in rest.items()})
+    with ocp.StandardCheckpointer() as ckptr:
+        params = ckptr.restore(Path(checkpoint_dir).absolute() / "params", targets)
+    return config, layout.assemble(*split_layers(params))

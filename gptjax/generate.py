@@ -1,0 +1,82 @@
+"""The notebook API: complete a batch of prompts, prefill and every decode step in one compiled program.
+
+    engine.generate(["Once upon a time"], max_new_tokens=32, top_p=0.9, seed=0)   # -> [GenerationResult]
+
+`Engine.generate` is `generate` below; it checks its arguments here, at the edge, and hands the engine arrays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from gptjax.prompts import check_new_tokens, check_prompt
+from gptjax.sampling import SamplingParams
+
+
+@dataclass
+class GenerationResult:
+    prompt_ids: list[int]
+    output_ids: list[int]  # the new tokens only
+    text: str
+    finish_reason: str  # "stop" (a stop token was produced, and is included) or "length"
+    logprobs: list[float] | None = None
+
+
+def encode_prompts(engine, prompts) -> list[list[int]]:
+    """Texts or token-id lists (or one of either) -> token-id lists, checked against the model."""
+    if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts
+                                    and isinstance(prompts[0], (int, np.integer))):
+        prompts = [prompts]
+    vocab, seq = engine.config.vocab_size, engine.max_seq_len
+    return [check_prompt(engine.tokenizer.encode(p), vocab, seq, f"prompts[{i}] (as tokens)") if isinstance(p, str)
+            else check_prompt(p, vocab, seq, f"prompts[{i}]") for i, p in enumerate(prompts)]
+
+
+def sampling_params(engine, n: int, temperature, top_k, top_p, seed, greedy: bool) -> list[SamplingParams]:
+    """One SamplingParams per prompt: the arguments given, the engine config's defaults for the rest."""
+    ec = engine.engine_config
+    seeds = [seed] * n if isinstance(seed, (int, np.integer)) else list(seed)
+    if len(seeds) != n:
+        raise ValueError(f"got {len(seeds)} seeds for {n} prompts")
+    return [SamplingParams(
+        temperature=0.0 if greedy else (ec.temperature if temperature is None else float(temperature)),
+        top_k=ec.top_k if top_k is None else int(top_k), top_p=ec.top_p if top_p is None else float(top_p),
+        seed=int(s)) for s in seeds]
+
+
+def generate(engine, prompts, max_new_tokens: int | None = None, *, temperature: float | None = None,
+             top_k: int | None = None, top_p: float | None = None, seed: int | Sequence[int] = 0,
+             greedy: bool = False, stop_token_ids: Sequence[int] | None = None,
+             return_logprobs: bool = False) -> list[GenerationResult]:
+    """Complete a batch of prompts (texts or token-id lists) in one compiled program.
+
+    Sampling defaults come from the engine config; `greedy=True` (or temperature 0) takes the argmax.
+    Generation stops at `max_new_tokens` or after a stop token (default: end-of-text; `[]` for none).
+    """
+    ec = engine.engine_config
+    ids = encode_prompts(engine, prompts)
+    longest = max(len(r) for r in ids)
+    n_new = check_new_tokens(ec.max_new_tokens if max_new_tokens is None else int(max_new_tokens), longest,
+                             engine.max_seq_len)
+    params = sampling_params(engine, len(ids), temperature, top_k, top_p, seed, greedy)
+    stops = {ec.eos_token_id} if stop_token_ids is None else {int(t) for t in stop_token_ids}
+
+    tokens = np.zeros((len(ids), engine.prefill_bucket(longest)), np.int32)
+    for i, row in enumerate(ids):
+        tokens[i, : len(row)] = row
+    lengths = np.array([len(r) for r in ids], np.int32)
+    out, logprobs = engine.complete(tokens, lengths, n_new, params)
+    return [_result(engine.tokenizer, row, out[i].tolist(), logprobs[i], stops, return_logprobs)
+            for i, row in enumerate(ids)]
+
+
+def _result(tokenizer, prompt: list[int], new: list[int], logprobs, stops: set[int], with_logprobs: bool):
+    stop_at = next((j for j, t in enumerate(new) if t in stops), None)
+    if stop_at is not None:
+        new = new[: stop_at + 1]
+    return GenerationResult(prompt_ids=prompt, output_ids=new, text=tokenizer.decode(new),
+                            finish_reason="stop" if stop_at is not None else "length",
+                            logprobs=logprobs[: len(new)].tolist() if with_logprobs else None)

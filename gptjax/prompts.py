@@ -1,0 +1,46 @@
+"""The checks every prompt passes, wherever it comes from (a notebook, the CLI, any server API).
+
+Pure functions of the values and the model's sizes; each raises ValueError with a message that names the field
+as the caller calls it (`field`), so a front end can pass the message on unchanged.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Sequence
+
+import numpy as np
+
+
+def check_prompt(ids, vocab_size: int, max_seq_len: int, field: str = "prompt") -> list[int]:
+    """Token ids -> a list of ints: a sequence (or 1-d integer array) of 1 to `max_seq_len - 1` ids (one position
+    is left for a new token), each in [0, vocab_size). The length is checked before any id is read."""
+    if isinstance(ids, np.ndarray):
+        if ids.ndim != 1 or ids.dtype.kind not in "iu":
+            raise ValueError(f"{field} must be a list of integer token ids, got an array of {ids.dtype} "
+                             f"{list(ids.shape)}")
+        ids = ids.tolist()
+    elif isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+        raise ValueError(f"{field} must be a list of token ids, got {type(ids).__name__}")
+    if not ids:
+        raise ValueError(f"{field} is empty")
+    if len(ids) >= max_seq_len:
+        raise ValueError(f"{field} has {len(ids)} tokens; the model holds {max_seq_len} positions, so a prompt may "
+                         f"have at most {max_seq_len - 1}")
+    out = []
+    for i, t in enumerate(ids):
+        if isinstance(t, bool) or not isinstance(t, numbers.Integral):
+            raise ValueError(f"{field}[{i}] must be an integer token id, got {t!r}")
+        if not 0 <= t < vocab_size:
+            raise ValueError(f"{field}[{i}] = {int(t)} is outside the vocabulary [0, {vocab_size})")
+        out.append(int(t))
+    return out
+
+
+def check_new_tokens(n: int, prompt_len: int, max_seq_len: int, field: str = "max_new_tokens") -> int:
+    """At least one new token, and room for all of them after the prompt."""
+    if n < 1:
+        raise ValueError(f"{field} must be at least 1, got {n}")
+    if prompt_len + n > max_seq_len:
+        raise ValueError(f"prompt length {prompt_len} + {field} {n} exceeds the model's {max_seq_len} positions")
+    return n

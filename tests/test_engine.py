@@ -1,0 +1,90 @@
+"""The engine's serving interface (prefill / insert / generate_steps and the shapes compiled ahead) against
+its own one-program `generate`, on one device and on meshes of 8 CPU devices; its interface and construction."""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import pytest
+
+from conftest import MESH_NEW_TOKENS, MESH_PROMPTS
+from conftest import mesh_engine as engine
+from gptjax import Engine
+from gptjax.config import EngineConfig
+from gptjax.engine import SamplingArrays
+from gptjax.engine_api import ServingEngine
+from gptjax.sampling import SamplingParams
+
+
+@pytest.mark.parametrize("layout", [(2, 2, 2), (1, 4, 1)], ids=lambda l: "data=%d,stage=%d,tensor=%d" % l)
+def test_serving_interface_matches_generate(layout, mesh_reference):
+    # prefill one prompt at a time into free slots, then decode all slots together (continuous batching)
+    e = engine(layout)
+    state = e.new_state(slots=3)  # rounded up to a multiple of data, at least two per device; extra slots idle
+    assert state.tokens.shape[0] == {1: 3, 2: 4}[layout[0]]
+    assert e.new_state(slots=1).tokens.shape[0] == 2 * layout[0]  # never one row: XLA's matrix-vector path is slow
+    first = []
+    greedy_params = SamplingArrays.from_params([SamplingParams(temperature=0.0)])
+    for slot, prompt in zip([2, 0, 1], MESH_PROMPTS):
+        bucket = e.prefill_bucket(len(prompt))
+        tokens = np.zeros((1, bucket), np.int32)
+        tokens[0, : len(prompt)] = prompt
+        prefix = e.prefill(tokens, np.array([len(prompt)]), greedy_params)
+        state = e.insert(prefix, state, np.array([slot]))
+        first.append(int(np.asarray(prefix.first_tokens)[0]))
+    state, steps, _ = e.generate_steps(state, 2)
+    # then slot 1's request ends: parked at position 0, it stops stepping; the others go on unchanged
+    state, more, _ = e.generate_steps(state, MESH_NEW_TOKENS - 3, live=[True, False, True])
+    steps = np.concatenate([np.asarray(steps), np.asarray(more)])
+    got = [[f] + steps[:, slot].tolist() for f, slot in zip(first, [2, 0, 1])]
+    assert got[:2] == mesh_reference[:2] and got[2][:3] == mesh_reference[2][:3]
+    assert np.asarray(state.positions)[1] == 0 and np.asarray(state.positions)[0] == len(MESH_PROMPTS[1]) + MESH_NEW_TOKENS - 1
+
+
+@pytest.mark.parametrize("layout", [(1, 1, 1), (2, 1, 4), (1, 2, 4)], ids=lambda l: "data=%d,stage=%d,tensor=%d" % l)
+def test_prefill_and_decode_compiled_ahead_run_without_compiling(layout, mesh_reference):
+    import jax.monitoring
+
+    e = engine(layout)
+    state = e.new_state(slots=4)
+    e.compile_prefill(2, 32, state)
+    e.compile_decode(state, 2, False, e.decode_buckets(4)[-1])
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda name, secs, **kw: compiles.append(name) if name.endswith("backend_compile_duration") else None)
+    tokens = np.zeros((2, 32), np.int32)
+    tokens[0, :4], tokens[1, :19] = MESH_PROMPTS[0], MESH_PROMPTS[1]
+    prefix = e.prefill(tokens, np.array([4, 19]), SamplingArrays.from_params([SamplingParams(temperature=0.0)] * 2))
+    state = e.insert(prefix, state, np.array([1, 3]))
+    state, steps, _ = e.generate_steps(state, 2, sampled=False, live=[False, True, False, True])
+    assert compiles == []
+    got = np.concatenate([np.asarray(prefix.first_tokens)[None], np.asarray(steps)[:, [1, 3]]]).T.tolist()
+    assert got == [mesh_reference[0][:3], mesh_reference[1][:3]]
+
+
+def test_prefill_rows_stay_within_the_slots_and_the_token_budget():
+    e = Engine.from_preset("gpt2-tiny", engine_config=EngineConfig(max_slots=6, max_prefill_tokens=1000))
+    assert e.prefill_rows(16) == [1, 2, 4, 8]  # padded rows: up to the power of two that holds 6
+    assert e.prefill_rows(128) == [1, 2, 4]  # 7 rows of 128 fit in 1000 tokens: powers of two up to it
+    assert e.prefill_rows(1024) == [1]  # a prompt longer than the budget still runs, alone
+
+
+@pytest.mark.parametrize("layout", [(1, 1, 1), (1, 1, 8)], ids=lambda l: "data=%d,stage=%d,tensor=%d" % l)
+def test_decode_runs_only_the_slots_up_to_the_highest_live_one(layout, mesh_reference):
+    e = engine(layout)
+    assert e.decode_buckets(40) == [2, 4, 8, 16, 32, 40] and e.decode_buckets(8) == [2, 4, 8]
+    state = e.new_state(slots=40)
+    bucket = e.prefill_bucket(len(MESH_PROMPTS[0]))
+    tokens = np.zeros((1, bucket), np.int32)
+    tokens[0, : len(MESH_PROMPTS[0])] = MESH_PROMPTS[0]
+    prefix = e.prefill(tokens, np.array([len(MESH_PROMPTS[0])]), SamplingArrays.from_params([SamplingParams(temperature=0.0)]))
+    state = e.insert(prefix, state, np.array([1]))
+    live = np.zeros(40, bool)
+    live[1] = True
+    state, steps, _ = e.generate_steps(state, MESH_NEW_TOKENS - 1, live=live)  # runs 2 rows of the 40
+    steps = np.asarray(steps)
+    assert steps.shape == (MESH_NEW_TOKENS - 1, 40)
+    assert [int(np.asarray(prefix.first_tokens)[0])] + steps[:, 1].tolist() == mesh_reference[0]
+    assert not steps[:, 2:].any()  # rows past the bucket did not run
+    assert np.asarray(state.positions)[1] == len(MESH_PROMPTS[0]) + MESH_NEW_TOKENS - 1
