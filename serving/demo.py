@@ -2,7 +2,8 @@
 
     python -m serving.demo [--port 8001] [--prompt TEXT] [serve args, e.g. --model gpt2-124m]
 
-Exits with the client's status, or 1 when the server fails to start or to stop cleanly.
+Exits with the client's status, or 1 when the server fails to start or to stop cleanly. The HTTP and metrics
+ports are off unless the serve args ask for them.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ def main(argv=None) -> int:
     args, serve_args = p.parse_known_args(argv)
     port = args.port or free_port()
     target = f"127.0.0.1:{port}"
+    for flag in ("--http-port", "--metrics-port"):  # the demo talks gRPC: no fixed ports that may be taken
+        if not any(a == flag or a.startswith(flag + "=") for a in serve_args):
+            serve_args += [flag, "0"]
     print(f"$ gptjax serve --port {port} {' '.join(serve_args)}", flush=True)
     server = subprocess.Popen([sys.executable, "-m", "gptjax", "serve", "--port", str(port), *serve_args])
     try:

@@ -246,6 +246,24 @@ def test_triton_infer_matches_cli(triton, reference):
     np.testing.assert_allclose(result.as_numpy("cum_log_probs")[:, 0], logprobs.sum(-1)[:, 0], rtol=1e-5)
 
 
+def test_triton_v1_dialect_matches_cli(triton, reference):
+    """The 2021 backend's tensors (INPUT_ID, REQUEST_INPUT_LEN, REQUEST_OUTPUT_LEN -> OUTPUT0): the prompt, then
+    the same greedy tokens (the server's default sampling, top_k 0 and top-p off, is FasterTransformer's
+    greedy), stopping at end-of-text and padded with it."""
+    ids, lengths = padded(PROMPTS)
+    inputs = []
+    for name, array in (("INPUT_ID", ids), ("REQUEST_INPUT_LEN", np.array(lengths, np.uint32)[:, None]),
+                        ("REQUEST_OUTPUT_LEN", np.full((len(PROMPTS), 1), N_NEW, np.uint32))):
+        inputs.append(tritonclient_grpc.InferInput(name, list(array.shape), "UINT32"))
+        inputs[-1].set_data_from_numpy(array)
+    out = triton.infer(MODEL, inputs).as_numpy("OUTPUT0")
+    assert out.shape == (len(PROMPTS), ids.shape[1] + N_NEW) and out.dtype == np.uint32
+    for row, prompt, want in zip(out.tolist(), PROMPTS, reference):
+        if 50256 in want:
+            want = want[: want.index(50256) + 1]
+        assert row == prompt + want + [50256] * (len(row) - len(prompt) - len(want))
+
+
 def test_triton_stream_infer(triton, reference):
     results = queue.Queue()
     triton.start_stream(callback=lambda result, error: results.put((result, error)))
