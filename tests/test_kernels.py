@@ -14,7 +14,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import gptjax
 from gptjax import kernels, sharding
-from gptjax.kernels import decode_attention, flash_attention
+from gptjax.kernels import decode_attention, decode_table, flash_attention, hopper_flash_attention
+from gptjax.kernels.decode_attention import DecodeParams, choose_params, default_params
 
 TOL = {np.float32: 2e-3, jnp.bfloat16: 3e-2, np.float16: 3e-2}
 
@@ -119,11 +120,59 @@ def test_decode_attention_matches_float64(case, dtype, use_dot):
     k_cache, v_cache = (draw(rng, (batch, max_seq, heads, head_dim), dtype) for _ in range(2))
     lengths = ragged_lengths(rng, batch, max_seq)
     out = decode_attention(q, k_cache, v_cache, jnp.asarray(lengths), interpret=True, block_k=block_k,
-                           num_splits=splits, use_dot=use_dot)
+                           num_splits=splits, use_dot=use_dot, heads_per_program=1)
     assert out.shape == q.shape and out.dtype == q.dtype
     ref = decode_reference64(q, k_cache, v_cache, lengths)
     err = np.linalg.norm(np.asarray(out, np.float64) - ref) / np.linalg.norm(ref)
     assert err < TOL[dtype], f"relative error {err:.2e} (seed {seed})"
+
+
+# (batch, max_seq, heads, head_dim, heads_per_program, block_k, num_splits, dtype): head groups of 2, of every
+# head (4), and of 16 (no padded columns of the block-diagonal query), split and not
+HEAD_GROUP_CASES = [(3, 100, 4, 16, 2, 16, 3, np.float32), (2, 77, 4, 32, 4, 16, 1, jnp.bfloat16),
+                    (2, 70, 16, 16, 16, 16, 2, np.float16)]
+
+
+@pytest.mark.parametrize("case", HEAD_GROUP_CASES, ids=lambda c: f"g{c[4]}s{c[6]}")
+def test_decode_attention_head_groups_match_float64(case):
+    batch, max_seq, heads, head_dim, group, block_k, splits, dtype = case
+    rng, seed = fresh_rng()
+    q = draw(rng, (batch, heads, head_dim), dtype)
+    k_cache, v_cache = (draw(rng, (batch, max_seq, heads, head_dim), dtype) for _ in range(2))
+    lengths = ragged_lengths(rng, batch, max_seq)
+    out = decode_attention(q, k_cache, v_cache, jnp.asarray(lengths), interpret=True, heads_per_program=group,
+                           block_k=block_k, num_splits=splits)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    ref = decode_reference64(q, k_cache, v_cache, lengths)
+    err = np.linalg.norm(np.asarray(out, np.float64) - ref) / np.linalg.norm(ref)
+    assert err < TOL[dtype], f"relative error {err:.2e} (seed {seed})"
+
+
+def test_decode_params_come_from_the_nearest_table_entry(monkeypatch):
+    table = {(16, 64, 32, 2048): (1, 128, 4, 4, 2, True), (16, 64, 256, 512): (4, 64, 2, 4, 3, False)}
+    monkeypatch.setattr(decode_table, "TABLE", table)
+    # nearest on a log scale; the split count keeps the entry's 512 keys per chunk
+    assert choose_params(24, 16, 1024, 64) == DecodeParams(1, 128, 2, 4, 2, True)
+    assert choose_params(200, 16, 640, 64) == DecodeParams(4, 64, 2, 4, 3, False)
+    # other heads x head_dim, or 32-bit caches (not swept): the default rule
+    assert choose_params(32, 12, 2048, 64) == default_params(32, 12, 2048, 64)
+    assert choose_params(32, 16, 2048, 64, itemsize=4) == default_params(32, 16, 2048, 64, 4)
+
+
+def test_decode_table_entries_are_valid_launches():
+    for (heads, head_dim, batch, max_seq), params in decode_table.TABLE.items():
+        group, block_k, splits = params[:3]
+        assert heads % group == 0 and block_k & (block_k - 1) == 0 and 1 <= splits <= max_seq // block_k
+
+
+def test_hopper_kernel_pads_and_traces_on_any_backend():
+    # Mosaic GPU runs only on a Hopper GPU (benchmarks/RESULTS.md records its checks there); here: that the
+    # wrapper pads a ragged sequence to whole tiles, launches one kernel and slices back to [b, s, h, d]
+    q = jnp.zeros((3, 300, 2, 64), jnp.bfloat16)
+    jaxpr = jax.make_jaxpr(lambda q, n: hopper_flash_attention(q, q, q, lengths=n, programs=4))(q, jnp.ones(3, int))
+    assert str(jaxpr).count("wgmma") >= 2 and jaxpr.out_avals[0].shape == q.shape
+    with pytest.raises(ValueError, match="head_dim"):
+        hopper_flash_attention(jnp.zeros((1, 64, 2, 32), jnp.bfloat16), *(jnp.zeros((1, 64, 2, 32), jnp.bfloat16),) * 2)
 
 
 def test_decode_attention_reads_the_first_rows_of_a_larger_cache():
@@ -150,9 +199,9 @@ def test_decode_attention_reads_only_valid_entries():
     for i, n in enumerate(lengths):
         k_cache[i, n:] = np.nan
         v_cache[i, n:] = np.nan
-    for splits, use_dot in [(1, False), (4, False), (4, True)]:
+    for splits, use_dot, group in [(1, False, 1), (4, False, 1), (4, True, 1), (3, False, 2)]:
         out = decode_attention(q, k_cache, v_cache, jnp.asarray(lengths), interpret=True, block_k=16,
-                               num_splits=splits, use_dot=use_dot)
+                               num_splits=splits, use_dot=use_dot, heads_per_program=group)
         err = np.linalg.norm(np.asarray(out, np.float64) - ref) / np.linalg.norm(ref)
         assert err < 2e-3, f"{splits} splits: relative error {err:.2e} (seed {seed})"
 
@@ -161,8 +210,9 @@ def test_decode_attention_empty_sequence_gives_zeros():
     rng, _ = fresh_rng()
     q = draw(rng, (2, 2, 16), np.float32)
     cache = draw(rng, (2, 64, 2, 16), np.float32)
-    for splits in (1, 2):
-        out = decode_attention(q, cache, cache, jnp.array([0, 5]), interpret=True, block_k=16, num_splits=splits)
+    for splits, group in [(1, 1), (2, 1), (2, 2)]:
+        out = decode_attention(q, cache, cache, jnp.array([0, 5]), interpret=True, block_k=16, num_splits=splits,
+                               heads_per_program=group)
         np.testing.assert_array_equal(np.asarray(out[0]), 0.0)
 
 

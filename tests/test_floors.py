@@ -1,0 +1,25 @@
+"""benchmarks.floors on the CPU: each ceiling is a positive rate in the units its docstring gives, and the
+floor's rate is the larger of the copy and read rates (so no result can pass it by only reading)."""
+
+from __future__ import annotations
+
+import math
+
+from benchmarks import floors
+
+
+def test_rates_are_positive_and_memory_bandwidth_is_the_larger(monkeypatch):
+    monkeypatch.setattr(floors, "REPS", 2)
+    monkeypatch.setattr(floors, "WARMUP", 1)
+    n = 8 << 20
+    copy, read = floors.copy_bandwidth(n_bytes=n), floors.read_bandwidth(n_bytes=n)
+    assert copy > 0 and read > 0 and math.isfinite(copy) and math.isfinite(read)
+    monkeypatch.setattr(floors, "copy_bandwidth", lambda *a, **k: 2.0)
+    monkeypatch.setattr(floors, "read_bandwidth", lambda *a, **k: 3.0)
+    assert floors.memory_bandwidth() == 3.0
+    assert floors.matmul_rate("float32", m=128) > 0
+
+
+def test_copy_rates_name_each_method():
+    assert set(floors.copy_rates(n_bytes=1 << 20)) == {"xla"}  # the Pallas copy runs on a GPU only
+    assert floors.torch_copy_bandwidth() is None  # no CUDA here
