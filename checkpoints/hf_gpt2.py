@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from checkpoints.folder import CheckpointError, save_checkpoint
 from checkpoints.torch_pickle import safe_load, torch_to_numpy
+from gptjax.checkpoint import CheckpointError, save_checkpoint
 from gptjax.config import ModelConfig
 
 _ACTIVATIONS = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu": "gelu"}

@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from checkpoints.folder import CheckpointError, save_checkpoint
 from checkpoints.torch_pickle import safe_load, torch_to_numpy
+from gptjax.checkpoint import CheckpointError, save_checkpoint
 from gptjax.config import ModelConfig
 
 PART_FILES = ("model_optim_rng.pt", "model_rng.pt")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from checkpoints.folder import CheckpointError
+from gptjax.checkpoint import CheckpointError
 
 
 def safe_load(path: Path, *, allowed: tuple[type, ...] = ()):

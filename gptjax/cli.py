@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import sys
+from functools import partial
 
 from gptjax.config import ATTENTION_IMPLS, DEFAULT_PRESET, DTYPES, PRESETS, MeshShape
 
@@ -232,7 +233,7 @@ def cmd_convert(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from checkpoints.folder import CheckpointError, read_config
+    from gptjax.checkpoint import CheckpointError, read_config
     from gptjax import hub
 
     if args.rm:
@@ -279,10 +280,14 @@ def cmd_client(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from benchmarks.bench import run_bench
+    from benchmarks.bench import BenchOptions, parse_shapes, run_bench
 
     resolve_model(args)  # a run through --server reads the model's config without building an engine
-    return run_bench(args, build_engine)
+    options = BenchOptions(shapes=parse_shapes(args.batch, args.input_len, args.output_len, args.shapes),
+                           runs=args.runs, warmup=args.warmup, warmup_seconds=args.warmup_seconds,
+                           server=args.server, server_api=args.server_api, peers=tuple(args.peer), json=args.json,
+                           model=args.model, checkpoint=args.checkpoint, dtype=args.dtype)
+    return run_bench(options, partial(build_engine, args))
 
 
 COMMANDS = {"generate": cmd_generate, "convert": cmd_convert, "serve": cmd_serve, "client": cmd_client,
@@ -291,7 +296,7 @@ COMMANDS = {"generate": cmd_generate, "convert": cmd_convert, "serve": cmd_serve
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from checkpoints.folder import CheckpointError
+    from gptjax.checkpoint import CheckpointError
 
     # conversions from the Hub say where they went, on this run's stderr
     hub_log, handler = logging.getLogger("gptjax.hub"), logging.StreamHandler(sys.stderr)

@@ -185,7 +185,7 @@ def _offline_hint() -> str:
 
 def _convert(snapshot: Path, folder: Path, source: dict, label: str, isolate: bool) -> None:
     """Convert into a temporary sibling of `folder`, add the tokenizer files and source.json, rename."""
-    from checkpoints.folder import CheckpointError
+    from gptjax.checkpoint import CheckpointError
     from checkpoints.hf_gpt2 import convert_hf_gpt2
 
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -244,7 +244,7 @@ def _byte_level_bpe(path: Path, label: str) -> tuple[dict, list]:
 
 def _convert_in_child(src: Path, dst: Path) -> None:
     """`gptjax convert hf-gpt2 SRC DST` in a fresh process on the CPU; its error line raised here."""
-    from checkpoints.folder import CheckpointError
+    from gptjax.checkpoint import CheckpointError
 
     proc = subprocess.run([sys.executable, "-m", "gptjax", "convert", "hf-gpt2", str(src), str(dst)],
                           env={**os.environ, "JAX_PLATFORMS": "cpu"}, stdout=subprocess.DEVNULL,

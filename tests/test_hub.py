@@ -118,8 +118,8 @@ def test_generate_from_a_hub_id_converts_once(fresh, expected):
     assert {p: p.stat().st_mtime_ns for p in [folder, *folder.rglob("*")]} == stamps
 
 
-def test_the_converted_folder_gives_hugging_face_tokens(converted, expected):
-    engine = Engine.load(converted)
+def test_from_pretrained_gives_hugging_face_tokens(converted, expected):
+    engine = Engine.from_pretrained("org/name")
     results = engine.generate(PROMPTS, max_new_tokens=N_NEW, greedy=True, stop_token_ids=[])
     assert [r.output_ids for r in results] == expected
     assert converted == hub.converted_folder("org/name", COMMIT)
