@@ -6,16 +6,18 @@
     floors.read_bandwidth()          # bytes/s, bytes read / time of a sum over a large buffer
     floors.matmul_rate("bfloat16")   # FLOP/s (2*m*n*k per product) of a large product on random data
 
-    python -m benchmarks.floors [--json] [--torch]   # print them (and PyTorch's copy_ beside them)
+    python -m benchmarks.floors [--json]   # print them, each copy method's rate beside
 
 Why these and not one elementwise op through XLA: a bf16 `x * 2` over 2 GiB read 3.09 TB/s on an H200
 where PyTorch's `copy_` reads 4.27 TB/s, and a floor computed from the low number was beaten by 10%. Each
 measurement here uses a large buffer (4 GiB on a big GPU, several times the L2), repeats the operation
 several times inside one dispatch (so a launch and an allocation are a small part of the time), takes the
-median of repeated dispatches after a warm-up, and on a GPU takes the fastest of an XLA loop and a Pallas
-copy kernel. A decode step mostly reads (weights, K/V): a read-only stream can run faster than a copy's
-mix of reads and writes, so `memory_bandwidth` is the larger of the copy and read rates, and a result at
-100% of a floor built on it moves bytes as fast as anything measured on this device.
+median of repeated dispatches after a warm-up, and on a GPU takes the faster of an XLA loop and PyTorch's
+`copy_` where PyTorch has the GPU (on an H200, 2026-12-02: XLA 4.05-4.14 TB/s, PyTorch 4.25-4.30; a Pallas
+copy kernel reached only 2.0 and is not used). A decode step mostly reads (weights, K/V): a read-only stream
+can run faster than a copy's mix of reads and writes (the sum read 4.17-4.36 TB/s), so `memory_bandwidth`
+is the larger of the copy and read rates, and a result at 100% of a floor built on it moves bytes as fast
+as anything measured on this device.
 """
 
 from __future__ import annotations
@@ -69,51 +71,26 @@ def _random_words(n_bytes: int, device) -> jax.Array:
 # ---- copy --------------------------------------------------------------------------------------------
 @functools.partial(jax.jit, static_argnames=("iters",), donate_argnums=0)
 def _xla_copy_loop(x, *, iters: int):
-    # y + 1 in float32: XLA vectorises 4-byte elements into 16-byte accesses (bf16 ran slower)
+    # y + 1 on float32 words, donated: one read and one write of the buffer per iteration, in place
     return lax.fori_loop(0, iters, lambda _, y: y + 1.0, x)
 
 
-COPY_BLOCK = 16384  # float32 words per program of the Pallas copy: 64 KiB
-
-
-def _pallas_copy_kernel(x_ref, o_ref):
-    o_ref[...] = x_ref[...] + 1.0
-
-
-@functools.partial(jax.jit, static_argnames=("iters", "block", "num_warps"), donate_argnums=0)
-def _pallas_copy_loop(x, *, iters: int, block: int = COPY_BLOCK, num_warps: int = 8):
-    from jax.experimental import pallas as pl
-    from jax.experimental.pallas import triton as pltriton
-
-    copy = pl.pallas_call(
-        _pallas_copy_kernel,
-        grid=(x.shape[0] // block,),
-        in_specs=[pl.BlockSpec((block,), lambda i: (i,))],
-        out_specs=pl.BlockSpec((block,), lambda i: (i,)),
-        out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
-        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
-        name="floors_copy",
-    )
-    return lax.fori_loop(0, iters, lambda _, y: copy(y), x)
-
-
-def copy_rates(device=None, n_bytes: int | None = None) -> dict[str, float]:
-    """bytes/s, (read + written) / time, of each copy method this device runs."""
+def copy_rates(device=None, n_bytes: int | None = None, with_torch: bool = True) -> dict[str, float]:
+    """bytes/s, (read + written) / time, of each copy method this device runs: the XLA loop, and PyTorch's
+    `copy_` where PyTorch has a GPU (the same device, when it is device 0)."""
     device = _device(device)
     n_bytes = n_bytes or default_bytes(device)
-    methods = {"xla": _xla_copy_loop}
-    if device.platform == "gpu":
-        n_bytes -= n_bytes % (4 * COPY_BLOCK)
-        methods["pallas"] = _pallas_copy_loop
-    rates = {}
-    for name, loop in methods.items():
-        box = [_random_words(n_bytes, device)]
+    box = [_random_words(n_bytes, device)]
 
-        def once(loop=loop, box=box):
-            box[0] = loop(box[0], iters=ITERS)  # donated: the same two buffers every call
-            box[0].block_until_ready()
-        rates[name] = 2 * n_bytes * ITERS / median_seconds(once)
-        del box
+    def once():
+        box[0] = _xla_copy_loop(box[0], iters=ITERS)  # donated: the same two buffers every call
+        box[0].block_until_ready()
+    rates = {"xla": 2 * n_bytes * ITERS / median_seconds(once)}
+    del box
+    if with_torch and device.platform == "gpu" and device.id == 0:
+        torch_rate = torch_copy_bandwidth(n_bytes)
+        if torch_rate is not None:
+            rates["torch"] = torch_rate
     return rates
 
 
@@ -164,7 +141,7 @@ def matmul_rate(dtype="bfloat16", device=None, m: int | None = None) -> float:
     return 2.0 * m ** 3 * ITERS / t
 
 
-# ---- the cross-check ---------------------------------------------------------------------------------
+# ---- PyTorch's copy -------------------------------------------------------------------------------------
 def torch_copy_bandwidth(n_bytes: int = 4 << 30) -> float | None:
     """bytes/s, (read + written) / time, of PyTorch's `y.copy_(x)` on CUDA, timed with CUDA events; None
     where PyTorch has no GPU."""
@@ -192,25 +169,23 @@ def torch_copy_bandwidth(n_bytes: int = 4 << 30) -> float | None:
     return 2 * n_bytes * ITERS / statistics.median(times)
 
 
-def measure(dtype: str = "bfloat16", with_torch: bool = False) -> dict:
+def measure(dtype: str = "bfloat16", with_torch: bool = True) -> dict:
     """Every number above for device 0, in one dict (bytes/s and FLOP/s)."""
-    copies = copy_rates()
+    copies = copy_rates(with_torch=with_torch)
     out = {"device": jax.devices()[0].device_kind, "copy_bytes_per_s": max(copies.values()),
            "copy_by_method": copies, "read_bytes_per_s": read_bandwidth(),
            "matmul_flops": matmul_rate(dtype), "matmul_dtype": str(jnp.dtype(dtype))}
     out["memory_bytes_per_s"] = max(out["copy_bytes_per_s"], out["read_bytes_per_s"])
-    if with_torch:
-        out["torch_copy_bytes_per_s"] = torch_copy_bandwidth()
     return out
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--torch", action="store_true", help="also time PyTorch's copy_ (the cross-check)")
+    ap.add_argument("--no-torch", action="store_true", help="leave PyTorch's copy_ out")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    rates = measure(args.dtype, args.torch)
+    rates = measure(args.dtype, not args.no_torch)
     if args.json:
         print(json.dumps(rates))
     else:

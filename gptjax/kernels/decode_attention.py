@@ -224,8 +224,8 @@ def decode_attention(q, k_cache, v_cache, lengths, *, interpret: bool = False, b
         raise ValueError(f"heads_per_program={params.heads_per_program} must divide heads={heads}")
     lengths = lengths.astype(jnp.int32)  # clipped to [0, max_seq] inside the kernel
     if padded_d != head_dim:  # whole-cache copy: only for head dims that are not a power of two
-        pad = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, padded_d - head_dim)])
-        q, k_cache, v_cache = pad(q), pad(k_cache), pad(v_cache)
+        q, k_cache, v_cache = (jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, padded_d - head_dim)])
+                               for x in (q, k_cache, v_cache))
     # chunks are whole blocks; the last chunk may reach past max_seq, and its masked loads never read there
     chunk = -(-(-(-max_seq // params.num_splits)) // params.block_k) * params.block_k
     splits = -(-max_seq // chunk)
