@@ -30,7 +30,8 @@ class StagedKV(NamedTuple):
 
 def _write_rows(dst, src, slots, lead: int):
     keep = (slice(None),) * lead
-    return dst.at[(*keep, slots, slice(0, src.shape[lead + 1]))].set(src[(*keep, slice(0, slots.shape[0]))].astype(dst.dtype))
+    rows = src[(*keep, slice(0, slots.shape[0]))]
+    return dst.at[(*keep, slots, slice(0, src.shape[lead + 1]))].set(rows.astype(dst.dtype))
 
 
 def write_prefix(cache, prefix, slots, lead: int = 0):

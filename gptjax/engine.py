@@ -1,12 +1,10 @@
-"""The engine: jitted prefill, insert and decode steps over slots, behind the interface a server drives.
-
-The interface is `gptjax.engine_api.ServingEngine` (new_state / prefill / insert / generate_steps, and the
-shapes a server compiles ahead, planned by `gptjax.planning`). `engine.generate(prompts, ...)`
-(`gptjax.generate`) runs prefill and every decode step as one compiled program for a batch of prompts.
-Every call is a jitted SPMD program over the engine's mesh; the state is donated, so the cache is updated in
-place. How the parameters and the cache sit on the mesh, and how the layers run over them (unrolled, or
-through the pipeline's stages), is the engine's `layout` (`gptjax.layout`). Rows (prompts, slots) are split
-over `data`; a batch that does not divide it is padded inside with copies of a row.
+"""The engine: jitted prefill, insert and decode steps over slots, behind the interface a server drives
+(`gptjax.engine_api.ServingEngine`, its shapes planned by `gptjax.planning`); `engine.generate` (`gptjax.generate`)
+runs prefill and every decode step as one program for a batch of prompts. Every call is a jitted SPMD program over
+the engine's mesh; the state is donated, so the cache is updated in place. How parameters and cache sit on the
+mesh and how the layers run over them (unrolled, or through pipeline stages) is the engine's `layout`
+(`gptjax.layout`). Rows (prompts, slots) are split over `data`; a batch that does not divide it is padded inside
+with copies of a row.
 """
 
 from __future__ import annotations
@@ -24,8 +22,8 @@ from gptjax.checkpoint import load_checkpoint
 from gptjax.config import EngineConfig, ModelConfig, preset
 from gptjax.engine_api import DecodeState, Prefix, SamplingArrays, layout_of
 from gptjax.generate import GenerationResult, generate
-from gptjax.layout import Layout, layout_for
-from gptjax.model import GPT, Block, init_params
+from gptjax.layout import layout_for
+from gptjax.model import GPT, Block
 from gptjax.planning import ShapePlan, round_up
 
 __all__ = ["DecodeState", "Engine", "GenerationResult", "Prefix", "SamplingArrays", "layout_of"]
@@ -36,17 +34,9 @@ def _last_token(x, lengths):
     return jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]
 
 
-def _only_token(x, _rows):
-    return x[:, 0]
-
-
 def _pad_end(a, to: int, mode: str = "constant"):
     """a's first axis grown to `to` rows: zeros, or with mode "edge" copies of its last row."""
     return jnp.pad(a, [(0, to - a.shape[0])] + [(0, 0)] * (a.ndim - 1), mode=mode)
-
-
-def _random_params(layout: Layout, seed: int | None):
-    return layout.arrange(init_params(layout.config, seed))
 
 
 class Engine:
@@ -77,8 +67,7 @@ class Engine:
         if dtype:
             config = config.replace(dtype=dtype)
         layout = layout_for(config, sharding.default_mesh(mesh))
-        params = jax.jit(partial(_random_params, layout, seed), out_shardings=layout.param_shardings())()
-        return cls(config, params, engine_config, layout.mesh)
+        return cls(config, layout.random_params(seed), engine_config, layout.mesh)
 
     @classmethod
     def load(cls, checkpoint_dir: str | Path, *, mesh=None, engine_config: EngineConfig | None = None,
@@ -157,9 +146,9 @@ class Engine:
         def put(dst, src):
             return dst.at[slots].set(src.astype(dst.dtype))
 
-        return DecodeState(cache=self.layout.write_prefix(state.cache, prefix.kv, slots),
-                           tokens=put(state.tokens, prefix.first_tokens), positions=put(state.positions, prefix.lengths),
-                           sampling=SamplingArrays(*map(put, state.sampling, prefix.sampling)))
+        return DecodeState(self.layout.write_prefix(state.cache, prefix.kv, slots),
+                           put(state.tokens, prefix.first_tokens), put(state.positions, prefix.lengths),
+                           SamplingArrays(*map(put, state.sampling, prefix.sampling)))
 
     def _decode_step(self, params, state: DecodeState, sampled: bool | None = None):
         pos = state.positions
@@ -171,7 +160,7 @@ class Engine:
             return self._block(layer_params, h, attend)
 
         x = self._embed(params, state.tokens[:, None], pos[:, None])
-        last, cache = self.layout.run(params, x, state.cache, pos, layer, _only_token)
+        last, cache = self.layout.run(params, x, state.cache, pos, layer, lambda h, _: h[:, 0])
         logits = self._logits(params, last)
         samp = state.sampling
         keys = partial(sampling.row_keys, samp.seed, pos + 1)
@@ -225,10 +214,7 @@ class Engine:
         return self._replicated(out), self._replicated(logprobs)
 
     def _empty_state(self, slots: int, max_seq: int) -> DecodeState:
-        zeros_i = jnp.zeros((slots,), jnp.int32)
-        samp = SamplingArrays(jnp.zeros((slots,), jnp.float32), zeros_i, jnp.ones((slots,), jnp.float32),
-                              jnp.zeros((slots,), jnp.uint32))
-        return DecodeState(self.layout.new_cache(slots, max_seq), zeros_i, zeros_i, samp)
+        return DecodeState.empty(self.layout.new_cache(slots, max_seq), slots)
 
     # ---- the serving interface (gptjax.engine_api.ServingEngine) -------------------------------------
     def new_state(self, slots: int | None = None) -> DecodeState:
@@ -236,9 +222,8 @@ class Engine:
         per device (extra slots idle)."""
         make = partial(self._empty_state, self.plan.state_rows(slots or self.engine_config.max_slots),
                        self.max_seq_len)
-        per_slot = sharding.slots_sharding(self.mesh)
-        shardings = DecodeState(self.layout.cache_shardings(jax.eval_shape(make).cache), per_slot, per_slot,
-                                SamplingArrays(*[per_slot] * len(SamplingArrays._fields)))
+        shardings = DecodeState.shardings(self.layout.cache_shardings(jax.eval_shape(make).cache),
+                                          sharding.slots_sharding(self.mesh))
         return jax.jit(make, out_shardings=shardings)()
 
     def _put(self, x, dtype=None):

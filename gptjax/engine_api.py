@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import NamedTuple, Protocol, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from gptjax import sampling
@@ -54,6 +55,19 @@ class DecodeState(NamedTuple):
     tokens: jax.Array  # [slots] the token to feed next
     positions: jax.Array  # [slots] the position that token takes; 0: the slot holds no sequence
     sampling: SamplingArrays
+
+    @classmethod
+    def empty(cls, cache, slots: int) -> "DecodeState":
+        """Every slot free (position 0) and greedy, over `cache` (inside jit)."""
+        zeros_i = jnp.zeros((slots,), jnp.int32)
+        samp = SamplingArrays(jnp.zeros((slots,), jnp.float32), zeros_i, jnp.ones((slots,), jnp.float32),
+                              jnp.zeros((slots,), jnp.uint32))
+        return cls(cache, zeros_i, zeros_i, samp)
+
+    @classmethod
+    def shardings(cls, cache, per_slot) -> "DecodeState":
+        """The shardings of a state: `cache`'s for the cache, `per_slot` for every per-slot vector."""
+        return cls(cache, per_slot, per_slot, SamplingArrays(*[per_slot] * len(SamplingArrays._fields)))
 
 
 def abstract(a) -> jax.ShapeDtypeStruct:

@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from gptjax import cache as kv_cache
 from gptjax import pipeline
 from gptjax.config import ModelConfig
-from gptjax.model import join_layers, logical_axes, split_layers
+from gptjax.model import init_params, join_layers, logical_axes, split_layers
 from gptjax.rules import CACHE_AXES, STAGE_AXES
 from gptjax.sharding import check_layout, mesh_shape, named, padded_vocab
 
@@ -67,8 +67,9 @@ class Layout(abc.ABC):
         layers, rest = split_layers(self._model_axes)
         return {**rest, **self._stack_axes(layers)}
 
+    @abc.abstractmethod
     def _stack_axes(self, layers: list) -> dict:
-        return join_layers(layers, {})
+        """`_stack` of the layers' logical axes (PartitionSpecs)."""
 
     def param_shardings(self):
         """NamedSharding for every parameter, from its logical axes and the rules table."""
@@ -97,6 +98,10 @@ class Layout(abc.ABC):
     @abc.abstractmethod
     def _holds_layers(self, params) -> bool:
         """Whether the layer entries of `params` are this layout's."""
+
+    def random_params(self, seed: int | None = None):
+        """Random weights (`init_params`, from `seed` or the config's) made in this layout on its devices."""
+        return jax.jit(lambda: self.arrange(init_params(self.config, seed)), out_shardings=self.param_shardings())()
 
     def place(self, params):
         """Parameters in the model's own tree (numpy or jax arrays, anywhere) -> this layout, on its devices."""
@@ -170,6 +175,9 @@ class PerLayer(Layout):
     def _stack(self, layers: list) -> dict:
         return join_layers(layers, {})
 
+    def _stack_axes(self, layers: list) -> dict:
+        return join_layers(layers, {})
+
     def _split(self, params) -> tuple[list, dict]:
         return split_layers(params)
 
@@ -216,7 +224,7 @@ class Staged(Layout):
     def _zeros(self, slots: int, max_seq: int):
         cfg = self.config
         shape = (self.shape.stage, cfg.n_layers // self.shape.stage, slots, max_seq, cfg.n_heads, cfg.head_dim)
-        return kv_cache.StagedKV(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype))
+        return kv_cache.StagedKV(jnp.zeros(shape, jnp.dtype(cfg.dtype)), jnp.zeros(shape, jnp.dtype(cfg.dtype)))
 
     def prefill_cache_rows(self, rows: int, slots: int) -> int:
         return rows  # the pipeline's cache rows travel with its micro-batches: the prompts' rows

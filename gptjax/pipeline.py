@@ -4,8 +4,9 @@ Each stage holds only its own layers (stacked: leaves `[stages, stage_layers, ..
 their KV cache (`cache.StagedKV`); `gptjax/layout.py` chooses this layout and calls `run`. The rows (prompts or
 slots) of each data shard are cut into micro-batches; at tick `t` stage `s` runs micro-batch `t - s` through
 its layers and hands the activations to stage `s + 1` with a collective permute, so after `stages - 1` ticks
-every stage is busy at once (GPipe's forward schedule). Inside, `data` and `stage` are manual (`shard_map`) while `tensor` stays automatic: the
-blocks are the model's own, and XLA splits their heads and MLP over `tensor` exactly as on one stage.
+every stage is busy at once (GPipe's forward schedule). Inside, `data` and `stage` are manual (`shard_map`)
+while `tensor` stays automatic: the blocks are the model's own, and XLA splits their heads and MLP over
+`tensor` exactly as on one stage.
 """
 
 from __future__ import annotations

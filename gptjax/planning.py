@@ -95,7 +95,7 @@ class ShapePlan:
     def warmup_programs(self, slots: int, steps: int) -> list[PrefillShape | DecodeShape]:
         """Every shape a server of `slots` slots running `steps` decode steps per call can run: each prompt
         bucket at each prefill row count, each decode bucket greedy and sampled."""
-        programs: list[PrefillShape | DecodeShape] = [
-            PrefillShape(rows, bucket) for bucket in self.prefill_buckets() for rows in self.prefill_rows(bucket, slots)]
-        programs += [DecodeShape(rows, steps, sampled) for rows in self.decode_buckets(slots) for sampled in (False, True)]
-        return programs
+        prefills = [PrefillShape(rows, bucket) for bucket in self.prefill_buckets()
+                    for rows in self.prefill_rows(bucket, slots)]
+        decodes = [DecodeShape(rows, steps, sampled) for rows in self.decode_buckets(slots) for sampled in (False, True)]
+        return [*prefills, *decodes]

@@ -121,7 +121,8 @@ def mesh_engine(layout):
 
     if layout not in _mesh_engines:
         d, s, t = layout
-        _mesh_engines[layout] = Engine.from_preset("gpt2-tiny", mesh=make_mesh(d, s, t, devices=jax.devices()[: d * s * t]))
+        mesh = make_mesh(d, s, t, devices=jax.devices()[: d * s * t])
+        _mesh_engines[layout] = Engine.from_preset("gpt2-tiny", mesh=mesh)
     return _mesh_engines[layout]
 
 

@@ -39,7 +39,8 @@ def test_serving_interface_matches_generate(layout, mesh_reference):
     steps = np.concatenate([np.asarray(steps), np.asarray(more)])
     got = [[f] + steps[:, slot].tolist() for f, slot in zip(first, [2, 0, 1])]
     assert got[:2] == mesh_reference[:2] and got[2][:3] == mesh_reference[2][:3]
-    assert np.asarray(state.positions)[1] == 0 and np.asarray(state.positions)[0] == len(MESH_PROMPTS[1]) + MESH_NEW_TOKENS - 1
+    positions = np.asarray(state.positions)
+    assert positions[1] == 0 and positions[0] == len(MESH_PROMPTS[1]) + MESH_NEW_TOKENS - 1
 
 
 @pytest.mark.parametrize("layout", [(1, 1, 1), (2, 1, 4), (1, 2, 4)], ids=lambda l: "data=%d,stage=%d,tensor=%d" % l)
@@ -78,7 +79,8 @@ def test_decode_runs_only_the_slots_up_to_the_highest_live_one(layout, mesh_refe
     bucket = e.prefill_bucket(len(MESH_PROMPTS[0]))
     tokens = np.zeros((1, bucket), np.int32)
     tokens[0, : len(MESH_PROMPTS[0])] = MESH_PROMPTS[0]
-    prefix = e.prefill(tokens, np.array([len(MESH_PROMPTS[0])]), SamplingArrays.from_params([SamplingParams(temperature=0.0)]))
+    greedy_params = SamplingArrays.from_params([SamplingParams(temperature=0.0)])
+    prefix = e.prefill(tokens, np.array([len(MESH_PROMPTS[0])]), greedy_params)
     state = e.insert(prefix, state, np.array([1]))
     live = np.zeros(40, bool)
     live[1] = True
@@ -88,3 +90,38 @@ def test_decode_runs_only_the_slots_up_to_the_highest_live_one(layout, mesh_refe
     assert [int(np.asarray(prefix.first_tokens)[0])] + steps[:, 1].tolist() == mesh_reference[0]
     assert not steps[:, 2:].any()  # rows past the bucket did not run
     assert np.asarray(state.positions)[1] == len(MESH_PROMPTS[0]) + MESH_NEW_TOKENS - 1
+
+
+def test_the_engine_implements_the_serving_interface():
+    e = engine((1, 1, 1))
+    assert all(hasattr(e, name) for name in ServingEngine.__annotations__)
+    members = {name: spec for name, spec in vars(ServingEngine).items() if not name.startswith("_")}
+    assert {"prefill", "insert", "generate_steps", "new_state", "max_seq_len"} <= set(members)
+    for name, spec in members.items():
+        ours = getattr(Engine, name)
+        if isinstance(spec, property):
+            assert isinstance(ours, property), name
+        else:
+            assert list(inspect.signature(ours).parameters) == list(inspect.signature(spec).parameters), name
+
+
+def test_from_pretrained_loads_the_folder_the_hub_resolves(monkeypatch, tmp_path):
+    import jax
+
+    from gptjax import hub
+    from gptjax.checkpoint import save_checkpoint
+    from gptjax.config import ModelConfig
+    from gptjax.model import init_params
+
+    config = ModelConfig(n_layers=2, hidden=32, n_heads=4, vocab_size=300, n_positions=64)
+    folder = save_checkpoint(tmp_path / "ckpt", config, jax.tree.map(np.asarray, init_params(config)))
+    asked = []
+
+    def pretrained_folder(model_id):
+        asked.append(model_id)
+        return folder
+
+    monkeypatch.setattr(hub, "pretrained_folder", pretrained_folder)
+    e = Engine.from_pretrained("someone/tiny-gpt2", dtype="bfloat16")
+    assert asked == ["someone/tiny-gpt2"]
+    assert e.config == config.replace(dtype="bfloat16")
