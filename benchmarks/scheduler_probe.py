@@ -18,10 +18,20 @@ import json
 import threading
 import time
 
+import jax
 import numpy as np
 
+from benchmarks.bench import median_seconds
+from benchmarks.decode_probe import kernel_summary
+from gptjax import EngineConfig
+from gptjax.engine import Engine
+from gptjax.sampling import SamplingParams
+from serving.commands import Decode, Prefill
+from serving.request import Finished, Request, Tokens
+from serving.scheduler import Scheduler
 
-def main():
+
+def parse_args():
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="megatron-345m")
     p.add_argument("--dtype", default="float16")
@@ -32,96 +42,86 @@ def main():
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--hlo", help="write each decode bucket's optimized HLO to HLO.rowsN.txt")
     p.add_argument("--profile", help="trace the last shape's scheduler run into this folder and summarise its kernels")
-    args = p.parse_args()
+    return p.parse_args()
 
-    import jax
 
-    from benchmarks.bench import median_seconds
-    from benchmarks.decode_probe import kernel_summary
-    from gptjax import EngineConfig
-    from gptjax.engine import Engine
-    from gptjax.sampling import SamplingParams
-    from serving.commands import Decode, Prefill
-    from serving.request import Finished, Request, Tokens
-    from serving.scheduler import Scheduler
+class Timings:
+    """Wraps a scheduler's executor and delivery: every command's host time, and when each decode call was read."""
 
-    ec = EngineConfig(max_slots=args.slots, max_seq_len=args.seq, decode_steps_per_call=args.steps_per_call)
-    engine = Engine.from_preset(args.model, dtype=args.dtype, engine_config=ec)
-    scheduler = Scheduler(engine)
-    start = time.perf_counter()
-    scheduler.warmup()
-    warmup_s = time.perf_counter() - start
+    def __init__(self, scheduler):
+        self.log = []  # (command type, rows, seconds), in order: a prefill until done, a decode its dispatch
+        self.reads = []  # when each decode call's tokens had been delivered
+        self._run, self._deliver = scheduler.executor.run, scheduler.deliver
+        scheduler.executor.run, scheduler.deliver = self.run, self.deliver
 
-    log = []  # (command type, rows, seconds) of every command, in order: a prefill until done, a decode its dispatch
-    reads = []  # when each decode call's tokens had been read
-    run, deliver = scheduler.executor.run, scheduler.deliver
+    def clear(self):
+        self.log.clear()
+        self.reads.clear()
 
-    def timed(command):
+    def run(self, command):
         t = time.perf_counter()
-        out = run(command)
+        out = self._run(command)
         if isinstance(command, Prefill):  # time the prefill itself (the scheduler reads it later)
             jax.block_until_ready(out)
-            log.append((Prefill, len(command.rows), time.perf_counter() - t))
+            self.log.append((Prefill, len(command.rows), time.perf_counter() - t))
         elif isinstance(command, Decode):  # a decode's rows: up to the highest live slot
-            log.append((Decode, max(command.live, default=-1) + 1, time.perf_counter() - t))
+            self.log.append((Decode, max(command.live, default=-1) + 1, time.perf_counter() - t))
         return out
 
-    def timed_deliver(command, outputs):  # the scheduler delivers a call's tokens once it has read them
-        deliver(command, outputs)
+    def deliver(self, command, outputs):
+        self._deliver(command, outputs)
         if isinstance(command, Decode):
-            reads.append(time.perf_counter())
+            self.reads.append(time.perf_counter())
 
-    scheduler.executor.run, scheduler.deliver = timed, timed_deliver
-    scheduler.accept()
-    loop = threading.Thread(target=scheduler.run, daemon=True)
-    loop.start()
-    greedy = SamplingParams(temperature=0.0)
-
-    for shape in args.shapes:
-        b, i, o = (int(v) for v in shape.split(","))
-        prompts = np.random.default_rng(0).integers(0, engine.config.vocab_size, (b, i)).tolist()
-
-        def through_scheduler():
-            reqs = [Request(row, o, greedy, frozenset()) for row in prompts]
-            scheduler.submit(reqs)
-            for r in reqs:
-                while isinstance(event := r.next_event(), Tokens):
-                    pass
-                assert event == Finished("length"), event
-                assert r.generated == o
-
-        in_process = median_seconds(lambda: engine.generate(prompts, o, greedy=True, stop_token_ids=[]),
-                                    args.runs, 1, f"generate {shape}")
-        through_scheduler()  # warm-up compiled every shape: this run only settles the server
-        served = median_seconds(through_scheduler, args.runs, 1, f"scheduler {shape}")
-        if args.profile and shape == args.shapes[-1]:
-            jax.profiler.start_trace(args.profile)
-        log.clear()
-        reads.clear()
-        start = time.perf_counter()
-        through_scheduler()
-        last = time.perf_counter() - start
-        if args.profile and shape == args.shapes[-1]:
-            jax.profiler.stop_trace()
-            kernel_summary(args.profile, o)
+    def summary(self) -> dict:
         dispatch = collections.defaultdict(list)
-        for op, rows, s in log:
-            if op is Decode:
+        for kind, rows, s in self.log:
+            if kind is Decode:
                 dispatch[rows].append(s * 1e3)
-        print(json.dumps({
-            "shape": [b, i, o], "generate_ms": round(in_process * 1e3, 2), "scheduler_ms": round(served * 1e3, 2),
-            "last_run_ms": round(last * 1e3, 2),
-            "prefills": [(rows, round(s * 1e3, 2)) for op, rows, s in log if op is Prefill],
+        return {
+            "prefills": [(rows, round(s * 1e3, 2)) for kind, rows, s in self.log if kind is Prefill],
             "decode_dispatch_ms": {rows: {"n": len(ms), "median": round(float(np.median(ms)), 3)}
                                    for rows, ms in dispatch.items()},
             # with a call always queued behind the one running, reads come one device call apart
-            "decode_read_interval_ms": round(float(np.median(np.diff(reads))) * 1e3, 3) if len(reads) > 1 else None,
-            "steps_per_call": args.steps_per_call, "slots": args.slots, "seq": args.seq,
-            "warmup_s": round(warmup_s, 1), "device": jax.devices()[0].device_kind}), flush=True)
-    scheduler.stop()
-    loop.join()
-    # a decode call's scratch memory per row bucket: a copy of the cache would show here as gigabytes
-    state, live = scheduler.executor.state, np.ones(args.slots, bool)
+            "decode_read_interval_ms": (round(float(np.median(np.diff(self.reads))) * 1e3, 3)
+                                        if len(self.reads) > 1 else None)}
+
+
+def through_scheduler(scheduler, prompts, n_new):
+    """Submit every prompt at once (as the bench's clients send them) and wait for each to finish."""
+    reqs = [Request(row, n_new, SamplingParams(temperature=0.0), frozenset()) for row in prompts]
+    scheduler.submit(reqs)
+    for r in reqs:
+        while isinstance(event := r.next_event(), Tokens):
+            pass
+        assert event == Finished("length"), event
+        assert r.generated == n_new
+
+
+def probe_shape(args, engine, scheduler, timings, shape, profile: bool) -> dict:
+    """One shape's row: `generate`, the scheduler's median, and what its last run was made of."""
+    b, i, o = (int(v) for v in shape.split(","))
+    prompts = np.random.default_rng(0).integers(0, engine.config.vocab_size, (b, i)).tolist()
+    in_process = median_seconds(lambda: engine.generate(prompts, o, greedy=True, stop_token_ids=[]),
+                                args.runs, 1, f"generate {shape}")
+    through_scheduler(scheduler, prompts, o)  # warm-up compiled every shape: this run only settles the server
+    served = median_seconds(lambda: through_scheduler(scheduler, prompts, o), args.runs, 1, f"scheduler {shape}")
+    if profile:
+        jax.profiler.start_trace(args.profile)
+    timings.clear()
+    start = time.perf_counter()
+    through_scheduler(scheduler, prompts, o)
+    last = time.perf_counter() - start
+    if profile:
+        jax.profiler.stop_trace()
+        kernel_summary(args.profile, o)
+    return {"shape": [b, i, o], "generate_ms": round(in_process * 1e3, 2), "scheduler_ms": round(served * 1e3, 2),
+            "last_run_ms": round(last * 1e3, 2), **timings.summary()}
+
+
+def decode_memory(args, engine, state) -> None:
+    """A decode call's scratch memory per row bucket: a copy of the cache would show here as gigabytes."""
+    live = np.ones(args.slots, bool)
     for rows in engine.decode_buckets(args.slots):
         with jax.set_mesh(engine.mesh):
             compiled = engine._steps_jit.lower(engine.params, state, args.steps_per_call, False,
@@ -132,6 +132,27 @@ def main():
         if args.hlo:
             with open(f"{args.hlo}.rows{rows}.txt", "w") as f:
                 f.write(compiled.as_text())
+
+
+def main():
+    args = parse_args()
+    ec = EngineConfig(max_slots=args.slots, max_seq_len=args.seq, decode_steps_per_call=args.steps_per_call)
+    engine = Engine.from_preset(args.model, dtype=args.dtype, engine_config=ec)
+    scheduler = Scheduler(engine)
+    start = time.perf_counter()
+    scheduler.warmup()
+    warmup_s = time.perf_counter() - start
+    timings = Timings(scheduler)
+    scheduler.accept()
+    loop = threading.Thread(target=scheduler.run, daemon=True)
+    loop.start()
+    for shape in args.shapes:
+        row = probe_shape(args, engine, scheduler, timings, shape, bool(args.profile) and shape == args.shapes[-1])
+        print(json.dumps({**row, "steps_per_call": args.steps_per_call, "slots": args.slots, "seq": args.seq,
+                          "warmup_s": round(warmup_s, 1), "device": jax.devices()[0].device_kind}), flush=True)
+    scheduler.stop()
+    loop.join()
+    decode_memory(args, engine, scheduler.executor.state)
 
 
 if __name__ == "__main__":
