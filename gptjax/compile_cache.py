@@ -11,8 +11,10 @@ chooses (`jax.experimental.serialize_executable`), and loads them with no tracin
     ...
     log.info("%d of %d programs from the compilation cache", compile_cache.hits(), compile_cache.lookups())
 
-    store = compile_cache.program_store(engine_identity)   # None when the cache is off
-    compiled = store.compiled("decode-s4-a16", lambda: jitted.lower(*args))   # loaded, or compiled and saved
+    store = compile_cache.program_store(compile_cache.identity(config, mesh, arrays=params))  # None: cache off
+    programs = compile_cache.Programs()
+    programs.prepare(("step", 16), partial(step_jit.lower, params, state), store)  # loaded, or compiled + saved
+    programs.get(("step", 16))(params, state)       # no jit lookup, no trace (static arguments are built in)
 
 Every program is cached, however quick its compile or small its executable: a server compiles dozens of small
 ones, and their count is what a restart pays for. A folder JAX was given already (`JAX_COMPILATION_CACHE_DIR`,
@@ -157,6 +159,37 @@ def _save(program: "jax.stages.Compiled", path: Path) -> None:
     partial = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.part")
     partial.write_bytes(data)
     os.replace(partial, path)
+
+
+class Programs:
+    """An engine's warm-up programs by key (a shape), each loaded from a store or compiled once, and called
+    directly rather than through `jax.jit`: a program loaded whole is in no jit's cache, so a jitted call of its
+    shape would trace, lower and compile again."""
+
+    def __init__(self):
+        self._by_key: dict[tuple, "jax.stages.Compiled"] = {}
+
+    def prepare(self, key: tuple, lower: Callable[[], "jax.stages.Lowered"],
+                store: ProgramStore | None = None) -> "jax.stages.Compiled":
+        """The program of `key`: from `store` (saved under the key's name) when it has it, else lowered and
+        compiled now (and saved to `store`). Any thread may call it."""
+        name = "-".join(str(part) for part in key)
+        program = store.compiled(name, lower) if store is not None else lower().compile()
+        self._by_key[key] = program
+        return program
+
+    def get(self, key: tuple) -> "jax.stages.Compiled | None":
+        return self._by_key.get(key)
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+
+def identity(*parts, arrays=None) -> str:
+    """What determines a set of programs besides their names and the code, as text for `program_store`: the
+    parts' reprs (configurations, a mesh) and each array's shape, dtype and sharding (never its values)."""
+    layout = jax.tree.map(lambda a: (tuple(a.shape), str(a.dtype), str(getattr(a, "sharding", None))), arrays)
+    return repr((parts, layout))
 
 
 def code_fingerprint() -> str:

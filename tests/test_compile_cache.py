@@ -137,3 +137,28 @@ def test_program_store_folder_follows_identity_and_is_off_with_the_cache(tmp_pat
     finally:
         jax.config.update("jax_enable_compilation_cache", False)
     assert a1.folder == a2.folder != b.folder and a1.folder.parent == tmp_path
+
+
+def test_identity_sees_layouts_not_values():
+    a, b = np.zeros((2, 3), np.float32), np.ones((2, 3), np.float32)
+    assert compile_cache.identity("cfg", arrays={"w": a}) == compile_cache.identity("cfg", arrays={"w": b})
+    assert compile_cache.identity("cfg", arrays={"w": a}) != compile_cache.identity("cfg", arrays={"w": a[:1]})
+    assert compile_cache.identity("cfg", arrays={"w": a}) != compile_cache.identity("cfg", arrays={"w": a.astype(np.int32)})
+    assert compile_cache.identity("cfg") != compile_cache.identity("other")
+
+
+def test_programs_run_a_loaded_program_by_key(tmp_path):
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(3, 4)).astype(np.float32)
+    scale = jax.jit(lambda a, k: a * k + jnp.arange(4.0), static_argnames=("k",))
+    first = compile_cache.Programs()
+    first.prepare(("scale", 3, 2), lambda: scale.lower(x, k=2), compile_cache.ProgramStore(tmp_path))
+    assert first.get(("scale", 3, 5)) is None and len(first) == 1
+
+    restarted = compile_cache.Programs()
+    with Traces() as traces:
+        restarted.prepare(("scale", 3, 2), lambda: pytest.fail("lowered again"), compile_cache.ProgramStore(tmp_path))
+        x2 = rng.normal(size=(3, 4)).astype(np.float32)
+        out = restarted.get(("scale", 3, 2))(x2)  # the static argument is part of the program
+    assert traces.count == 0
+    np.testing.assert_allclose(out, x2 * 2 + np.arange(4.0), rtol=1e-6)
