@@ -70,7 +70,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptjax", description="A JAX/XLA sharded inference engine for GPT models.")
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_generate, _add_convert, _add_serve, _add_client, _add_bench, _add_models):
+        add(sub)
+    return parser
 
+
+def _add_generate(sub) -> None:
     g = sub.add_parser("generate", help="complete prompts and print the text")
     add_model_args(g)
     prompts = g.add_mutually_exclusive_group(required=True)
@@ -86,10 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-stop", action="store_true", help="do not stop at end-of-text")
     g.add_argument("--json", action="store_true", help="one JSON object per prompt")
 
+
+def _add_convert(sub) -> None:
     c = sub.add_parser("convert", help="convert a checkpoint to a gptjax checkpoint folder")
     csub = c.add_subparsers(dest="format", required=True)
     hf = csub.add_parser("hf-gpt2", help="a Hugging Face GPT-2 folder (config.json + weights)")
-    mg = csub.add_parser("megatron", help="a Megatron-LM checkpoint folder (mp_rank_XX parts)")
+    mg = csub.add_parser("megatron", help="a Megatron-LM checkpoint folder (mp_rank_XX parts) or release zip")
     mg.add_argument("--num-heads", type=int, help="attention heads (when the checkpoint has no args)")
     mg.add_argument("--vocab-size", type=int, help="real vocabulary size: drops Megatron's padding rows")
     ft = csub.add_parser("ft", help="a FasterTransformer c-model folder (config.ini + model.*.bin)")
@@ -97,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("src")
         p.add_argument("dst")
 
+
+def _add_serve(sub) -> None:
     s = sub.add_parser("serve", help="serve the model over gRPC (native API and Triton/KServe v2)")
     add_model_args(s)
     s.add_argument("--host", default="127.0.0.1")
@@ -108,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--api-key", default=os.environ.get("GPTJAX_API_KEY"),
                    help="the key HTTP requests must carry (default: $GPTJAX_API_KEY; none: no key needed)")
 
+
+def _add_client(sub) -> None:
     cl = sub.add_parser("client", help="send a request to a running server")
     cl.add_argument("--server", default="127.0.0.1:8001", metavar="HOST:PORT")
     cl.add_argument("--prompt", help="prompt text")
@@ -121,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--stream", action="store_true", help="print tokens as they come")
     cl.add_argument("--json", action="store_true")
 
+
+def _add_bench(sub) -> None:
     b = sub.add_parser("bench", help="latency and throughput: gptjax against a peer and the hardware floor")
     add_model_args(b)
     b.add_argument("-b", "--batch", type=int)
@@ -140,9 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also run a peer with the same weights (repeatable)")
     b.add_argument("--json", action="store_true", help="one JSON row per implementation")
 
+
+def _add_models(sub) -> None:
     m = sub.add_parser("models", help="list the presets and the models converted from the Hub, with their sizes")
     m.add_argument("--rm", metavar="ID[@REV]", help="delete a converted model (every revision, unless REV names one)")
-    return parser
 
 
 def resolve_model(args) -> None:
