@@ -45,8 +45,9 @@ def launch(launcher: str, port: int, tmp_path):
     procs, logs = [], []
     for rank in range(2):
         env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-        args = [sys.executable, "-m", "gptjax", "serve", "--port", str(port), "--mesh", "tensor=8",
-                "--config", str(config)]
+        # no HTTP or metrics listener: this job speaks gRPC only, and fixed ports would clash with other servers
+        args = [sys.executable, "-m", "gptjax", "serve", "--port", str(port), "--http-port", "0", "--metrics-port", "0",
+                "--mesh", "tensor=8", "--config", str(config)]
         if launcher == "srun":
             env.update(SLURM_JOB_ID=str(coordinator - 61440), SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2",
                        SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_NODEID="0")
