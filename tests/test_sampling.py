@@ -17,7 +17,10 @@ ROWS = 64
 @jax.jit  # compiled once per shape, as the engine runs it: op by op, the filter tests took 40 s each
 def _draw(logits, temperature, top_k, top_p, seed, position):
     n = logits.shape[0]
-    full = lambda v, dt: jnp.full((n,), v, dt)
+
+    def full(value, dtype):
+        return jnp.full((n,), value, dtype)
+
     keys = row_keys(jnp.arange(n, dtype=jnp.uint32) + seed, full(position, jnp.int32))
     return sample(logits, full(temperature, jnp.float32), full(top_k, jnp.int32), full(top_p, jnp.float32), keys)
 
