@@ -113,6 +113,7 @@ async def until_disconnect(http: HttpRequest, work: Awaitable, requests: list[Re
             t.cancel()
         for r in requests:
             r.cancel()
+        await asyncio.gather(task, watcher, return_exceptions=True)  # retrieved: no "never retrieved" noise
 
 
 class EventStream(Response):
@@ -158,8 +159,21 @@ def sse(data) -> bytes:
 
 
 # ---- bodies and errors ------------------------------------------------------------------------------------
-def error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+OPENAI_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                      413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
+
+
+def error_body(path: str, status: int, message: str) -> dict:
+    """Triton's error form `{"error": "..."}`, or OpenAI's `{"error": {"message": ...}}` on the OpenAI routes
+    (its clients show only `error.message`)."""
+    if path.startswith("/v1/"):
+        return {"error": {"message": message, "type": OPENAI_ERROR_TYPES.get(status, "server_error"), "param": None,
+                          "code": status}}
+    return {"error": message}
+
+
+def error(path: str, status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(error_body(path, status, message), status_code=status, headers=headers)
 
 
 class BodyTooLarge(Exception):
@@ -224,7 +238,7 @@ class ApiKey:
             given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
             if not hmac.compare_digest(given, self.expected):
                 message = "missing API key: send 'Authorization: Bearer KEY'" if not given else "wrong API key"
-                response = JSONResponse({"error": message}, status_code=401, headers={"www-authenticate": "Bearer"})
+                response = error(scope["path"], 401, message, {"www-authenticate": "Bearer"})
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
@@ -232,24 +246,24 @@ class ApiKey:
 
 def _handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestError)
-    async def request_error(_, e: RequestError):
-        return error(e.http_status, e.message)
+    async def request_error(http: HttpRequest, e: RequestError):
+        return error(http.url.path, e.http_status, e.message)
 
     @app.exception_handler(BodyTooLarge)
-    async def too_large(_, e: BodyTooLarge):
-        return error(413, str(e))
+    async def too_large(http: HttpRequest, e: BodyTooLarge):
+        return error(http.url.path, 413, str(e))
 
     @app.exception_handler(ClientGone)
     async def gone(_, e: ClientGone):
         return Response(status_code=Code.CANCELLED.http_status)  # nobody reads it
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_, e: StarletteHTTPException):
-        return error(e.status_code, str(e.detail))
+    async def http_error(http: HttpRequest, e: StarletteHTTPException):
+        return error(http.url.path, e.status_code, str(e.detail))
 
     @app.exception_handler(Exception)
-    async def internal(_, e: Exception):  # a bug: still a JSON answer (the traceback goes to the log)
-        return error(500, f"internal error: {type(e).__name__}: {e}")
+    async def internal(http: HttpRequest, e: Exception):  # a bug: still a JSON answer (the traceback is logged)
+        return error(http.url.path, 500, f"internal error: {type(e).__name__}: {e}")
 
 
 def _metrics_route(app: FastAPI, ctx: Context) -> None:

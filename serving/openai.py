@@ -26,7 +26,8 @@ from fastapi import FastAPI, Request as HttpRequest
 from fastapi.responses import JSONResponse
 
 from serving.frontend import Params, RequestError, invalid
-from serving.http import ClientGone, Context, EventStream, Stream, json_object, sse, streams, until_disconnect
+from serving.http import (ClientGone, Context, EventStream, Stream, error_body, json_object, sse, streams,
+                          until_disconnect)
 from serving.request import Code, Finished, Request
 
 STARTED = int(time.time())
@@ -297,7 +298,7 @@ async def _events(call: Completions, runs: list[Stream], choices: list[Choice], 
         if call.include_usage:
             yield sse(call.chunk([], call.usage(choices)))
     except RequestError as e:
-        yield sse({"error": e.message})
+        yield sse(error_body("/v1/completions", e.http_status, e.message))
     finally:
         await events.aclose()
         for s in runs:

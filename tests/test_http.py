@@ -1,0 +1,414 @@
+"""The HTTP port of the real `gptjax serve`, started from a FasterTransformer v1 config.pbtxt (candidate_num 1:
+greedy) with an API key: KServe v2 through tritonclient.http (binary and JSON tensors, both dialects), Triton's
+generate extension, /metrics read by prometheus_client's parser, disconnects, bad input, and a load of four APIs.
+
+Greedy tokens are checked against `gptjax generate --greedy` with the same config (no server involved).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+import http_server
+from conftest import run_cli
+
+pytest_plugins = ["http_server"]  # the `served` fixture: one server for the session
+tritonclient_http = pytest.importorskip("tritonclient.http")
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+MODEL = http_server.MODEL
+SLOTS, MAX_SEQ_LEN = http_server.SLOTS, http_server.MAX_SEQ_LEN
+PROMPTS = [[464, 2068, 7586, 21831, 18045], [15496, 995], [40, 588, 257, 1310, 286, 9552, 13]]
+N_NEW = 8
+V1 = ("INPUT_ID", "REQUEST_INPUT_LEN", "REQUEST_OUTPUT_LEN")
+V5 = ("input_ids", "input_lengths", "request_output_len")
+EOS = 50256
+TEXT = "The quick brown fox"
+
+
+@pytest.fixture(scope="module")
+def http(served):
+    with httpx.Client(base_url=served.http, headers=served.headers, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def triton(served):
+    c = tritonclient_http.InferenceServerClient(served.http.removeprefix("http://"))
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def greedy(served):
+    """`gptjax generate --greedy` with the server's config (no server involved): PROMPTS, then TEXT's tokens."""
+    from gptjax.tokenizer import default_tokenizer
+
+    args = ["generate", "--config", str(served.config), "--greedy", "--json", "--no-stop",
+            "--max-new-tokens", str(N_NEW)]
+    for p in PROMPTS + [default_tokenizer().encode(TEXT)]:
+        args += ["--prompt-ids", ",".join(map(str, p))]
+    out = [json.loads(line) for line in run_cli(*args, env={"JAX_PLATFORMS": "cpu"}).stdout.splitlines()]
+    assert all(EOS not in r["output_ids"] for r in out)  # so the server (which stops at end-of-text) makes them all
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(greedy):
+    """Greedy new tokens of each of PROMPTS."""
+    return [r["output_ids"] for r in greedy[: len(PROMPTS)]]
+
+
+def ft_inputs(names, prompts, n_new, binary=True, module=tritonclient_http):
+    """The three FasterTransformer tensors of right-padded prompts, in the dialect the names give."""
+    width = max(len(p) for p in prompts)
+    ids = np.zeros((len(prompts), width), np.uint32)
+    for i, p in enumerate(prompts):
+        ids[i, : len(p)] = p
+    arrays = [ids, np.array([[len(p)] for p in prompts], np.uint32), np.full((len(prompts), 1), n_new, np.uint32)]
+    tensors = []
+    for name, a in zip(names, arrays):
+        t = module.InferInput(name, list(a.shape), "UINT32")
+        if module is tritonclient_http:
+            t.set_data_from_numpy(a, binary_data=binary)
+        else:
+            t.set_data_from_numpy(a)
+        tensors.append(t)
+    return tensors
+
+
+def metrics(url: str, headers: dict) -> dict:
+    """{(name, model label): value} of a /metrics page, read by prometheus_client's parser."""
+    text = httpx.get(url + "/metrics", headers=headers, timeout=10).raise_for_status().text
+    return {(s.name, s.labels.get("model")): s.value for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def running(served) -> float:
+    return metrics(served.metrics, served.headers)[("gptjax_requests_running", "gpt2-tiny")]
+
+
+def wait_idle(served, timeout_s: float = 30) -> None:
+    """Until no request holds a slot or waits for one (a cancelled request frees its slot at the next step)."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        m = metrics(served.metrics, served.headers)
+        if m[("gptjax_requests_running", "gpt2-tiny")] == 0 and m[("gptjax_requests_queued", "gpt2-tiny")] == 0:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"requests still running after {timeout_s} s: {running(served)}")
+
+
+# ---- KServe v2 through tritonclient.http ----------------------------------------------------------------------
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+@pytest.mark.parametrize("dialect", ["v1", "5.x"])
+def test_tritonclient_http_gets_the_prompt_then_the_greedy_tokens(triton, served, reference, binary, dialect):
+    names = V1 if dialect == "v1" else V5
+    out_name = "OUTPUT0" if dialect == "v1" else "output_ids"
+    outputs = [tritonclient_http.InferRequestedOutput(out_name, binary_data=binary)]
+    result = triton.infer(MODEL, ft_inputs(names, PROMPTS, N_NEW, binary), outputs=outputs, headers=served.headers)
+    (tensor,) = result.get_response()["outputs"]
+    assert ("parameters" in tensor and "binary_data_size" in tensor["parameters"]) == binary
+    rows = result.as_numpy(out_name)
+    rows = rows if dialect == "v1" else rows[:, 0]
+    width = max(map(len, PROMPTS))
+    assert rows.shape == (len(PROMPTS), width + N_NEW)
+    for row, prompt, new in zip(rows.tolist(), PROMPTS, reference):
+        assert row == prompt + new + [EOS] * (width - len(prompt))  # each row padded with end-of-text
+
+
+def test_tritonclients_defaults_all_outputs_in_binary(triton, served, reference):
+    result = triton.infer(MODEL, ft_inputs(V5, PROMPTS[:2], N_NEW), headers=served.headers)
+    assert {o["name"] for o in result.get_response()["outputs"]} == {"output_ids", "sequence_length"}
+    assert result.as_numpy("sequence_length")[:, 0].tolist() == [len(p) + N_NEW for p in PROMPTS[:2]]
+    assert result.as_numpy("output_ids")[0, 0, : len(PROMPTS[0]) + N_NEW].tolist() == PROMPTS[0] + reference[0]
+
+
+def test_health_metadata_and_config_describe_the_v1_dialect(triton, served, http):
+    assert httpx.get(served.http + "/v2/health/live").status_code == 200  # health needs no key
+    assert httpx.get(served.http + "/v2/health/ready").status_code == 200
+    assert triton.is_server_live() and triton.is_server_ready()
+    assert triton.is_model_ready(MODEL, headers=served.headers)
+    assert "generate" in triton.get_server_metadata(headers=served.headers)["extensions"]
+    meta = triton.get_model_metadata(MODEL, headers=served.headers)
+    assert [t["name"] for t in meta["inputs"]] == list(V1) and [t["name"] for t in meta["outputs"]] == ["OUTPUT0"]
+    config = triton.get_model_config(MODEL, headers=served.headers)
+    assert config["max_batch_size"] == 4 and config["parameters"]["candidate_num"]["string_value"] == "1"
+    assert config["input"][0]["dims"] == [-1]
+    assert http.get(f"/v2/models/{MODEL}/versions/1").json()["name"] == MODEL
+
+
+# ---- the generate extension ----------------------------------------------------------------------------------
+def test_generate_and_generate_stream_give_the_greedy_text(http, greedy):
+    text, ref = TEXT, greedy[-1]
+    unary = http.post(f"/v2/models/{MODEL}/generate", json={"text_input": text, "max_tokens": N_NEW})
+    assert unary.status_code == 200, unary.text
+    assert unary.json()["text_output"] == text + ref["text"]
+    pieces = []
+    with http.stream("POST", f"/v2/models/{MODEL}/versions/1/generate_stream",
+                     json={"text_input": text, "parameters": {"max_tokens": N_NEW}}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                pieces.append(json.loads(line[6:])["text_output"])
+    assert len(pieces) > 1 and "".join(pieces) == text + ref["text"]
+    excluded = http.post(f"/v2/models/{MODEL}/generate", json={"text_input": text, "max_tokens": N_NEW,
+                                                                "exclude_input_in_output": True})
+    assert excluded.json()["text_output"] == ref["text"]
+
+
+# ---- metrics ----------------------------------------------------------------------------------------------------
+def test_metrics_rise_by_exactly_what_was_sent(http, served, triton):
+    wait_idle(served)
+    before = metrics(served.metrics, served.headers)
+    rng = random.Random(5)
+    prompts = [[rng.randrange(50000) for _ in range(rng.randint(2, 9))] for _ in range(3)]
+    new = [rng.randint(1, 6) for _ in prompts]
+    for p, n in zip(prompts, new):
+        r = http.post("/v1/completions", json={"prompt": p, "max_tokens": n, "temperature": 0})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == n
+    result = triton.infer(MODEL, ft_inputs(V5, prompts[:2], 3), headers=served.headers)  # one call of two rows
+    infer_new = int(result.as_numpy("sequence_length").sum()) - sum(map(len, prompts[:2]))
+    after = metrics(served.http, served.headers)  # the HTTP port's /metrics is the same page
+    m = "gpt2-tiny"
+
+    def delta(name):
+        return after[(name, m)] - before[(name, m)]
+
+    assert delta("nv_inference_request_success_total") == 4 and delta("nv_inference_count_total") == 5
+    assert delta("nv_inference_exec_count_total") == 4 and delta("nv_inference_request_failure_total") == 0
+    assert delta("gptjax_prompt_tokens_total") == sum(map(len, prompts)) + sum(map(len, prompts[:2]))
+    assert delta("gptjax_generation_tokens_total") == sum(new) + infer_new
+    assert delta("gptjax_time_to_first_token_seconds_count") == 5
+    assert delta("gptjax_e2e_request_latency_seconds_count") == 5
+    assert delta("nv_inference_request_duration_us_total") > 0
+    assert after[("gptjax_slots", m)] == SLOTS and after[("gptjax_kv_cache_positions", m)] == SLOTS * MAX_SEQ_LEN
+
+
+# ---- disconnects -------------------------------------------------------------------------------------------------
+def test_a_disconnected_sse_client_frees_its_slot(served):
+    wait_idle(served)
+    failures = metrics(served.metrics, served.headers)[("nv_inference_request_failure_total", "gpt2-tiny")]
+    body = {"prompt": [464, 2068], "max_tokens": MAX_SEQ_LEN - 2, "temperature": 0, "stream": True}
+    with httpx.Client(base_url=served.http, headers=served.headers, timeout=60) as c:
+        with c.stream("POST", "/v1/completions", json=body) as r:
+            lines = r.iter_lines()  # held: an iterator dropped early would close the connection already
+            first = next(line for line in lines if line.startswith("data: "))
+            assert json.loads(first[6:])["choices"][0]["finish_reason"] is None
+            assert running(served) == 1
+    # the client has gone mid-stream: its request is cancelled (a failed call), and its slot is free
+    wait_idle(served)
+    m = metrics(served.metrics, served.headers)
+    assert m[("nv_inference_request_failure_total", "gpt2-tiny")] == failures + 1
+
+
+def test_a_unary_client_that_disconnects_frees_its_slot(served):
+    wait_idle(served)
+    failures = metrics(served.metrics, served.headers)[("nv_inference_request_failure_total", "gpt2-tiny")]
+    body = json.dumps({"prompt": [464, 2068], "max_tokens": MAX_SEQ_LEN - 2, "temperature": 0}).encode()
+    sock = socket.create_connection(("127.0.0.1", int(served.http.rsplit(":", 1)[1])))
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 + f"Authorization: Bearer {served.key}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+    end = time.monotonic() + 30
+    while running(served) == 0 and time.monotonic() < end:
+        time.sleep(0.01)
+    assert running(served) == 1
+    sock.close()  # before its tokens are all made: the request is cancelled, a failed call
+    wait_idle(served)
+    assert metrics(served.metrics, served.headers)[("nv_inference_request_failure_total", "gpt2-tiny")] == failures + 1
+
+
+# ---- bad input: a 4xx with a message, and the server keeps serving ------------------------------------------------
+def raw(served, request: bytes) -> tuple[int, dict]:
+    """Send bytes as they are; -> (status, JSON body) of the first response."""
+    with socket.create_connection(("127.0.0.1", int(served.http.rsplit(":", 1)[1])), timeout=30) as sock:
+        sock.sendall(request)
+        data = b""
+        while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < _length(data):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body[: _length(data)] or b"{}")
+
+
+def _length(data: bytes) -> int:
+    for line in data.split(b"\r\n\r\n", 1)[0].split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value)
+    return 0
+
+
+def binary_infer(served, header: dict, blob: bytes, header_length: int | None = None) -> httpx.Response:
+    head = json.dumps(header).encode()
+    return httpx.post(f"{served.http}/v2/models/{MODEL}/infer", content=head + blob, timeout=60,
+                      headers={**served.headers, "Inference-Header-Content-Length": str(header_length or len(head))})
+
+
+def v1_json(rows=1, input_dtype="UINT32", lengths_rows=None, data=None, model=MODEL, version=None):
+    lengths_rows = rows if lengths_rows is None else lengths_rows
+    inputs = [{"name": "INPUT_ID", "datatype": input_dtype, "shape": [rows, 2], "data": data or [[5, 6]] * rows},
+              {"name": "REQUEST_INPUT_LEN", "datatype": "UINT32", "shape": [lengths_rows, 1], "data": [2] * lengths_rows},
+              {"name": "REQUEST_OUTPUT_LEN", "datatype": "UINT32", "shape": [rows, 1], "data": [2] * rows}]
+    path = f"/v2/models/{model}" + (f"/versions/{version}" if version else "") + "/infer"
+    return path, {"inputs": inputs}
+
+
+def bad_cases(served):
+    """(what, send() -> (status, body)) for input that must be refused with a 4xx and a message."""
+    key = served.headers
+    post = f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {served.key}\r\n"
+
+    def call(method, path, **kw):
+        def send():
+            r = httpx.request(method, served.http + path, timeout=60, **{"headers": key, **kw})
+            return r.status_code, r.json()
+        return send
+
+    def infer_json(**kw):
+        path, body = v1_json(**kw)
+        return call("POST", path, json=body)
+
+    ids = np.array([[5, 6]], np.uint32).tobytes()
+    header = {"inputs": [{"name": name, "datatype": "UINT32", "shape": shape, "parameters": {"binary_data_size": size}}
+                         for name, shape, size in zip(V1, ([1, 2], [1, 1], [1, 1]), (8, 4, 4))]}
+
+    def completion(**body):
+        return call("POST", "/v1/completions", json={"prompt": [1, 2, 3], **body})
+
+    return [  # the OpenAI routes answer in OpenAI's error form, the others in Triton's
+        ("malformed JSON", 400, "not valid JSON", call("POST", f"/v2/models/{MODEL}/infer", content=b'{"inputs": [')),
+        ("malformed OpenAI JSON", 400, "not valid JSON", call("POST", "/v1/completions", content=b"{prompt: 1}")),
+        ("a Content-Length shorter than the body", 400, "not valid JSON",
+         lambda: raw(served, (post + "Content-Length: 12\r\n\r\n").encode() + json.dumps(v1_json()[1]).encode())),
+        ("a binary header longer than the body", 400, "body has only",
+         lambda: _status(binary_infer(served, header, ids, header_length=10_000))),
+        ("binary data past the body's end", 400, "run past the end", lambda: _status(binary_infer(served, header, b""))),
+        ("a header length that is not a number", 400, "Inference-Header-Content-Length",
+         call("POST", f"/v2/models/{MODEL}/infer", content=b"{}", headers={**key, "Inference-Header-Content-Length": "x"})),
+        ("an unknown model", 404, "unknown model", infer_json(model="gpt-5")),
+        ("an unknown version", 404, "no version", infer_json(version="7")),
+        ("a wrong datatype", 400, "INPUT_ID must be UINT32", infer_json(input_dtype="FP32", data=[[5.0, 6.0]])),
+        ("mismatched shapes", 400, "batch", infer_json(rows=2, lengths_rows=3)),
+        ("a batch over max_batch_size", 429, "over the server's limit of 4", infer_json(rows=5)),
+        ("a value outside its datatype", 400, "outside UINT32", infer_json(data=[[5, -1]])),
+        ("OpenAI max_tokens 0", 400, "max_tokens must be at least 1", completion(max_tokens=0)),
+        ("OpenAI max_tokens over the limit", 429, "max_tokens = 300 is over", completion(max_tokens=300)),
+        ("OpenAI temperature < 0", 400, "temperature must be >= 0", completion(temperature=-0.5)),
+        ("OpenAI temperature NaN", 400, "temperature must be a finite number",
+         call("POST", "/v1/completions", content=b'{"prompt": [1], "temperature": NaN}',
+              headers={**key, "content-type": "application/json"})),
+        ("a prompt over the context", 400, f"at most {MAX_SEQ_LEN - 1}", completion(prompt=[7] * 300)),
+        ("an unknown OpenAI field", 400, "unknown field(s) frequency", completion(frequency=1)),
+        ("a chat completion", 400, "no chat template", call("POST", "/v1/chat/completions", json={"messages": []})),
+        ("generate without text_input", 400, "text_input must be a string",
+         call("POST", f"/v2/models/{MODEL}/generate", json={"max_tokens": 2})),
+        ("a missing API key", 401, "missing API key", call("GET", "/v1/models", headers={})),
+        ("a wrong API key", 401, "wrong API key", call("GET", "/metrics", headers={"Authorization": "Bearer nope"})),
+        ("a body over the size limit", 413, "over the server's limit",
+         lambda: raw(served, (post + f"Content-Length: {16 * 2**20 + 1}\r\n\r\n").encode())),
+        ("an unknown route", 404, "Not Found", call("GET", "/v3/models")),
+    ]
+
+
+def _status(r: httpx.Response):
+    return r.status_code, r.json()
+
+
+def test_bad_http_input_gets_a_4xx_with_a_message_and_the_server_keeps_serving(served, http):
+    cases = bad_cases(served)
+    assert len(cases) >= 16
+    for what, status, words, send in cases:
+        got, body = send()
+        message = body["error"]["message"] if isinstance(body.get("error"), dict) else body.get("error", "")
+        assert (got, words in message) == (status, True), (what, got, body)
+        good = http.post("/v1/completions", json={"prompt": [464, 2068], "max_tokens": 2, "temperature": 0})
+        assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] == 2, (what, good.text)
+
+
+# ---- load: four APIs at once ---------------------------------------------------------------------------------------
+def test_load_of_four_apis_is_answered_in_full(served):
+    import grpc
+    import tritonclient.grpc as tritonclient_grpc
+
+    from serving.client import Client, make_request
+
+    wait_idle(served)
+    failures, done = [], []
+    lock = threading.Lock()
+
+    def client(k: int):
+        rng = random.Random(k)
+        native = Client(served.grpc)
+        kserve = tritonclient_grpc.InferenceServerClient(served.grpc)
+        kserve_http = tritonclient_http.InferenceServerClient(served.http.removeprefix("http://"))
+        try:
+            with httpx.Client(base_url=served.http, headers=served.headers, timeout=120) as h:
+                for j in range(8):
+                    prompt, n = [rng.randrange(50000) for _ in range(rng.randint(1, 12))], rng.randint(1, 4)
+                    api = (k + j) % 4
+                    if api == 0:
+                        out = native.stub.Generate(make_request(prompt, n, temperature=0.0, ignore_eos=True))
+                        got, stopped = len(out.token_ids), False
+                    elif api in (1, 2):
+                        mod = tritonclient_grpc if api == 1 else tritonclient_http
+                        extra = {} if api == 1 else {"headers": served.headers}
+                        result = (kserve if api == 1 else kserve_http).infer(MODEL, ft_inputs(V5, [prompt], n,
+                                                                                              module=mod), **extra)
+                        length = int(result.as_numpy("sequence_length")[0, 0])
+                        got = length - len(prompt)
+                        stopped = result.as_numpy("output_ids")[0, 0, length - 1] == EOS
+                    else:
+                        got, stopped = _streamed_tokens(h, prompt, n)
+                    with lock:
+                        done.append((api, got == n or (stopped and 1 <= got < n)))  # all, or up to end-of-text
+        except (grpc.RpcError, httpx.HTTPError, Exception) as e:  # noqa: B014 - any failure is reported
+            with lock:
+                failures.append(f"client {k}: {type(e).__name__}: {e}")
+        finally:
+            native.close()
+            kserve.close()
+            kserve_http.close()
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not failures, failures[:5]
+    assert len(done) == 256 and all(ok for _, ok in done)
+    assert {api for api, _ in done} == {0, 1, 2, 3}
+    with Client(served.grpc) as native:
+        info = native.model_info()
+    assert (info.active_requests, info.queued_requests) == (0, 0)
+    m = metrics(served.metrics, served.headers)
+    assert (m[("gptjax_requests_running", "gpt2-tiny")], m[("gptjax_requests_queued", "gpt2-tiny")]) == (0, 0)
+
+
+def _streamed_tokens(h: httpx.Client, prompt, n) -> tuple[int, bool]:
+    """An OpenAI streaming completion read to its end -> (its completion tokens from the usage chunk, whether it
+    stopped at end-of-text)."""
+    body = {"prompt": prompt, "max_tokens": n, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    usage, finished, reason = None, False, None
+    with h.stream("POST", "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if line == "data: [DONE]":
+                finished = True
+            elif line.startswith("data: "):
+                chunk = json.loads(line[6:])
+                assert "error" not in chunk, chunk
+                usage = chunk.get("usage") or usage
+                reason = next((c["finish_reason"] for c in chunk["choices"] if c["finish_reason"]), reason)
+    assert finished and usage is not None
+    return usage["completion_tokens"], reason == "stop"
