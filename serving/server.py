@@ -7,7 +7,7 @@ adapter over one front end (serving/frontend.py). Handlers run on gRPC's thread 
 on its own thread; the other processes only follow the loop's commands.
 
 Limits that keep the server answering: each connection may hold at most as many concurrent streams as the
-scheduler can queue and run (`grpc.max_concurrent_streams`); streams that wait on the client (ModelStreamInfer,
+scheduler can queue and run, plus a few (`grpc.max_concurrent_streams`); streams that wait on the client (ModelStreamInfer,
 health watches, reflection) are bounded and closed after the idle time without a message; generation calls
 beyond the queue are refused at once, so threads stay free for health and model info. Keep-alive pings find
 dead connections.
@@ -234,7 +234,8 @@ class Server:
         workers = in_flight + options.max_client_streams + options.reserved_workers
         opts = [("grpc.max_receive_message_length", ec.max_message_bytes),
                 ("grpc.max_send_message_length", ec.max_message_bytes), ("grpc.so_reuseport", 0),
-                ("grpc.max_concurrent_streams", in_flight),  # per connection
+                # per connection: one client may fill the queue and the slots and still ask for health or info
+                ("grpc.max_concurrent_streams", in_flight + options.reserved_workers),
                 ("grpc.keepalive_time_ms", _ms(options.keepalive_time_s)),
                 ("grpc.keepalive_timeout_ms", _ms(options.keepalive_timeout_s)),
                 ("grpc.keepalive_permit_without_calls", 1),

@@ -1,0 +1,334 @@
+"""Hardening, against the real server (gpt2-tiny on CPU): values at the bounds of their wire types, idle
+streams, a large text, expired queued requests, bytes that do not parse, a port in use, a second signal.
+
+One server for the module: 2 slots and a queue of 16 (so that 16 expired requests would fill it), a 2 s idle
+time for streams, the FasterTransformer v1 dialect declared (model metadata describes it). The last test
+stops it with two signals.
+"""
+
+from __future__ import annotations
+
+import queue
+import signal
+import socket
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from conftest import run_cli
+from serving.client import Client, make_request
+from test_serving import MODEL, ft_inputs, padded, rpc_error, start_server, tritonclient_grpc, wait_serving
+# tritonclient's copy of the KServe messages (ours and its share the descriptor pool's names: one per process)
+from tritonclient.grpc import service_pb2 as kpb
+from tritonclient.grpc import service_pb2_grpc as kpb_grpc
+
+INVALID, EXHAUSTED = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED
+IDLE_S = 2.0
+PROMPT = [464, 2068, 7586, 21831]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    config = tmp_path_factory.mktemp("hardening") / "server.toml"
+    config.write_text('[engine]\nmax_slots = 2\nmax_queued_requests = 16\n\n[server]\ndialect = "v1"\n')
+    proc, target, log = start_server("--config", str(config),
+                                     options={"stream_idle_timeout_s": IDLE_S, "max_client_streams": 320})
+    try:
+        wait_serving(proc, target, log)
+        yield proc, target
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def target(server):
+    return server[1]
+
+
+@pytest.fixture(scope="module")
+def client(target):
+    with Client(target) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def triton(target):
+    c = tritonclient_grpc.InferenceServerClient(target)
+    yield c
+    c.close()
+
+
+def still_serving(client) -> None:
+    done = client.generate(PROMPT, 2, temperature=0, ignore_eos=True, timeout=30)
+    assert len(done.token_ids) == 2
+
+
+def tensor(name, array, datatype):
+    t = tritonclient_grpc.InferInput(name, list(array.shape), datatype)
+    t.set_data_from_numpy(array)
+    return t
+
+
+# ---- values at the bounds of their wire types --------------------------------------------------------------
+U32, I32, U64, I64, F32 = np.uint32, np.int32, np.uint64, np.int64, np.float32
+KSERVE_BOUNDS = {  # name: (value, numpy type, datatype, expected code or None for an answer)
+    "runtime_top_k 2^31": ("runtime_top_k", 2**31, U32, "UINT32", INVALID),
+    "runtime_top_k uint32 max": ("runtime_top_k", 2**32 - 1, U32, "UINT32", INVALID),
+    "runtime_top_k int32 min": ("runtime_top_k", -(2**31), I32, "INT32", INVALID),
+    "runtime_top_k int32 max": ("runtime_top_k", 2**31 - 1, I32, "INT32", None),
+    "random_seed uint64 max": ("random_seed", 2**64 - 1, U64, "UINT64", None),
+    "random_seed int64 min": ("random_seed", -(2**63), I64, "INT64", None),
+    "end_id uint32 max": ("end_id", 2**32 - 1, U32, "UINT32", None),  # no model makes it: never stops
+    "end_id int32 min": ("end_id", -(2**31), I32, "INT32", INVALID),
+    "input_lengths uint32 max": ("input_lengths", 2**32 - 1, U32, "UINT32", INVALID),
+    "request_output_len uint32 max": ("request_output_len", 2**32 - 1, U32, "UINT32", EXHAUSTED),
+    "request_output_len int32 min": ("request_output_len", -(2**31), I32, "INT32", INVALID),
+    "runtime_top_p float32 max": ("runtime_top_p", np.finfo(F32).max, F32, "FP32", INVALID),
+    "runtime_top_p smallest subnormal": ("runtime_top_p", np.finfo(F32).smallest_subnormal, F32, "FP32", None),
+    "temperature float32 max": ("temperature", np.finfo(F32).max, F32, "FP32", None),
+    "temperature -inf": ("temperature", -np.inf, F32, "FP32", INVALID),
+    "min_length uint32 max": ("min_length", 2**32 - 1, U32, "UINT32", INVALID),
+    "beam_width 0": ("beam_width", 0, U32, "UINT32", INVALID),
+    "start_id uint32 max": ("start_id", 2**32 - 1, U32, "UINT32", None),  # no effect without beam search
+}
+
+
+@pytest.mark.parametrize("case", list(KSERVE_BOUNDS))
+def test_kserve_values_at_their_type_bounds(triton, client, case):
+    name, value, np_type, datatype, code = KSERVE_BOUNDS[case]
+    base = {t.name(): t for t in ft_inputs([PROMPT], [len(PROMPT)], 2)}
+    base[name] = tensor(name, np.array([[value]], np_type), datatype)
+    if code is None:
+        out = triton.infer(MODEL, list(base.values()), client_timeout=60)
+        assert out.as_numpy("sequence_length")[0, 0] == len(PROMPT) + 2
+    else:
+        with pytest.raises(tritonclient_grpc.InferenceServerException) as info:
+            triton.infer(MODEL, list(base.values()), client_timeout=60)
+        assert info.value.status() == f"StatusCode.{code.name}", info.value.message()
+        assert name in info.value.message()
+    still_serving(client)
+
+
+def test_kserve_token_and_stop_word_bounds(triton, client):
+    cases = [ft_inputs(np.array([[2**32 - 1]], np.uint32), [1], 2),
+             ft_inputs([PROMPT], [4], 2, stop_words_list=(np.array([[[-(2**31)], [1]]], np.int32), "INT32")),
+             ft_inputs([PROMPT], [4], 2, stop_words_list=(np.array([[[2**31 - 1], [1]]], np.int32), "INT32")),
+             ft_inputs([PROMPT], [4], 2, stop_words_list=(np.array([[[5, 6], [2, 1]]], np.int32), "INT32"))]
+    words = ["vocabulary", "stop_words_list[0] tokens[0] = -2147483648", "vocabulary", "offsets must not decrease"]
+    for inputs, word in zip(cases, words):
+        with pytest.raises(tritonclient_grpc.InferenceServerException) as info:
+            triton.infer(MODEL, inputs)
+        assert info.value.status() == "StatusCode.INVALID_ARGUMENT" and word in info.value.message()
+    still_serving(client)
+
+
+def test_native_values_at_their_type_bounds(client):
+    assert len(client.generate(PROMPT, 2, top_k=2**31 - 1, seed=2**64 - 1, temperature=3.4e38,
+                               ignore_eos=True).token_ids) == 2
+    for kwargs, code, word in [(dict(max_new_tokens=2**31 - 1), EXHAUSTED, "max_new_tokens"),
+                               (dict(max_new_tokens=-(2**31)), INVALID, "max_new_tokens"),
+                               (dict(top_k=-(2**31)), INVALID, "top_k"),
+                               (dict(stop_token_ids=[-(2**31)]), INVALID, "stop_token_ids"),
+                               (dict(stop_token_ids=[2**31 - 1]), INVALID, "stop_token_ids"),
+                               (dict(temperature=float("inf")), INVALID, "temperature")]:
+        kwargs.setdefault("max_new_tokens", 2)
+        err = rpc_error(client.generate, PROMPT, **kwargs)
+        assert err.code() == code and word in err.details(), (kwargs, err.details())
+    still_serving(client)
+
+
+# ---- bytes that do not parse ------------------------------------------------------------------------------
+def test_undecodable_bytes_are_invalid_argument(target, client):
+    bad_utf8 = b"\x0a\x02\xff\xfe"  # GenerateRequest.text (field 1) = two bytes that are not UTF-8
+    with grpc.insecure_channel(target) as channel:
+        for method, payload in [("/gptjax.v1.Generator/Generate", bad_utf8),
+                                ("/gptjax.v1.Generator/Generate", b"\xff\xff\xff\xff"),
+                                ("/gptjax.v1.Generator/GetModelInfo", b"\x0a"),
+                                ("/inference.GRPCInferenceService/ModelInfer", bad_utf8),
+                                ("/grpc.health.v1.Health/Check", bad_utf8)]:
+            err = rpc_error(channel.unary_unary(method), payload, timeout=30)
+            assert err.code() == INVALID and "do not parse" in err.details(), (method, err.code(), err.details())
+        stream = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")
+        replies = stream(iter([bad_utf8]), timeout=30)
+        (reply,) = [kpb.ModelStreamInferResponse.FromString(r) for r in replies]
+        assert reply.error_message.startswith("INVALID_ARGUMENT") and "do not parse" in reply.error_message
+    still_serving(client)
+
+
+# ---- idle streams -----------------------------------------------------------------------------------------
+def test_idle_streams_lock_no_one_out_and_are_closed(target, client):
+    """300 ModelStreamInfer streams that send nothing, over 20 connections: health and Generate answer within
+    5 s, and the server closes every idle stream after its idle time."""
+    # channels of one process share a connection unless told not to: 20 connections of 15 streams each
+    channels = [grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(20)]
+    never = threading.Event()
+    ended = queue.Queue()
+
+    def hold(stub):
+        start = time.monotonic()
+        try:
+            list(stub.ModelStreamInfer(iter(never.wait, True), timeout=60))
+            ended.put((None, time.monotonic() - start))
+        except grpc.RpcError as e:
+            ended.put((e.code(), time.monotonic() - start))
+
+    threads = [threading.Thread(target=hold, args=(kpb_grpc.GRPCInferenceServiceStub(channels[i % 20]),), daemon=True)
+               for i in range(300)]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        start = time.monotonic()
+        with grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+            status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
+        assert len(client.generate(PROMPT, 2, temperature=0, ignore_eos=True, timeout=5).token_ids) == 2
+        assert client.model_info(timeout=5).max_slots == 2
+        assert time.monotonic() - start < 5
+        for t in threads:
+            t.join(timeout=IDLE_S + 20)
+        results = [ended.get_nowait() for _ in range(300)]
+    finally:
+        never.set()
+        for c in channels:
+            c.close()
+    assert {code for code, _ in results} == {grpc.StatusCode.UNAVAILABLE}
+    assert all(IDLE_S - 0.5 < took < IDLE_S + 10 for _, took in results), sorted(took for _, took in results)[::50]
+
+
+def test_a_busy_stream_is_not_idle(triton, client):
+    """A ModelStreamInfer stream that sends a request more often than the idle time stays open."""
+    results = queue.Queue()
+    triton.start_stream(callback=lambda result, error: results.put(error))
+    try:
+        for _ in range(3):
+            triton.async_stream_infer(MODEL, ft_inputs([PROMPT], [4], 2))
+            assert results.get(timeout=30) is None
+            time.sleep(IDLE_S * 0.6)
+    finally:
+        triton.stop_stream()
+
+
+# ---- a large text ----------------------------------------------------------------------------------------
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def test_large_text_is_refused_at_once_and_stalls_no_one(server, client):
+    proc, target = server
+    still_serving(client)
+    before = rss_bytes(proc.pid)
+    errors = queue.Queue()
+
+    text = make_request("The quick brown fox. " * 400_000, 1)  # 8.4 MB
+
+    def big():
+        with Client(target) as c:
+            c.wait_ready(timeout=10)
+            start = time.monotonic()
+            err = rpc_error(c.stub.Generate, text, timeout=30)
+            errors.put((err, time.monotonic() - start))
+
+    threads = [threading.Thread(target=big) for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(0.05)
+    start = time.monotonic()
+    still_serving(client)
+    good_s = time.monotonic() - start
+    for t in threads:
+        t.join(timeout=30)
+    refusals = [errors.get_nowait() for _ in threads]
+    assert good_s < 2
+    for err, took in refusals:
+        assert err.code() == INVALID and "bytes of text" in err.details() and took < 1
+    assert rss_bytes(proc.pid) - before < 200 * 1024 * 1024
+
+
+# ---- expired queued requests --------------------------------------------------------------------------------
+def test_expired_queued_requests_free_their_places(client):
+    """Both slots busy, 16 requests with a 0.3 s deadline queued behind them: once they pass it, the queue is
+    empty within 0.5 s and takes a whole queue's worth (16) of new requests again."""
+    long = [client.stream(PROMPT, 240, temperature=0, ignore_eos=True, timeout=120) for _ in range(2)]
+    for s in long:
+        next(s)
+    try:
+        expiring = [client.stub.Generate.future(_request(), timeout=0.3) for _ in range(16)]
+        # none refused (RESOURCE_EXHAUSTED): the queue had room for all 16, and they passed their deadline
+        assert [c.exception(timeout=10).code() for c in expiring] == [grpc.StatusCode.DEADLINE_EXCEEDED] * 16
+        assert _queued_becomes(client, 0, within_s=0.5)
+        accepted = [client.stub.Generate.future(_request(), timeout=120) for _ in range(16)]
+        assert _queued_becomes(client, 16, within_s=10)
+        assert rpc_error(client.generate, PROMPT, 2, timeout=10).code() == EXHAUSTED  # and now it is full
+    finally:
+        for s in long:
+            s.close()
+    assert [len(a.result(timeout=120).token_ids) for a in accepted] == [2] * 16
+
+
+def _queued_becomes(client, n: int, within_s: float) -> bool:
+    end = time.monotonic() + within_s
+    while client.model_info().queued_requests != n:
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def _request():
+    return make_request(PROMPT, 2, temperature=0, ignore_eos=True)
+
+
+# ---- the dialect the config declares ------------------------------------------------------------------------
+def test_metadata_describes_the_declared_dialect(triton):
+    meta = triton.get_model_metadata(MODEL)
+    assert [t.name for t in meta.inputs] == ["INPUT_ID", "REQUEST_INPUT_LEN", "REQUEST_OUTPUT_LEN"]
+    assert [t.name for t in meta.outputs] == ["OUTPUT0"]
+    config = triton.get_model_config(MODEL).config
+    assert [i.name for i in config.input] == ["INPUT_ID", "REQUEST_INPUT_LEN", "REQUEST_OUTPUT_LEN"]
+    assert config.parameters["candidate_num"].string_value == "0" and config.max_batch_size == 64
+    # the 5.x names are served all the same
+    ids, lengths = padded([PROMPT])
+    assert triton.infer(MODEL, ft_inputs(ids, lengths, 2)).as_numpy("sequence_length")[0, 0] == 6
+
+
+# ---- a port in use ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("flag", ["--port", "--http-port"])
+def test_a_port_in_use_exits_2_with_one_line(flag):
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        ports = {"--port": "0", "--http-port": "0", flag: str(port)}
+        start = time.monotonic()
+        proc = run_cli("serve", "--metrics-port", "0", *[x for kv in ports.items() for x in kv], check=False,
+                       env={"JAX_PLATFORMS": "cpu"}, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"can't listen on 127.0.0.1:{port}" in lines[0] and "in use" in lines[0], lines
+    assert time.monotonic() - start < 60
+
+
+# ---- last: a second signal during the drain stops at once --------------------------------------------------
+def test_a_second_signal_stops_the_drain_at_once(server):
+    proc, target = server
+    with Client(target) as client:
+        stream = client.stream(PROMPT, 240, temperature=0, ignore_eos=True, timeout=120)
+        next(stream)
+        proc.send_signal(signal.SIGTERM)
+        assert next(stream).token_ids and proc.poll() is None  # draining: the stream goes on
+        proc.send_signal(signal.SIGINT)
+        start = time.monotonic()
+        with pytest.raises(grpc.RpcError) as info:
+            list(stream)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value.details()
+    assert proc.wait(timeout=30) == 128 + signal.SIGINT
+    assert time.monotonic() - start < 30
