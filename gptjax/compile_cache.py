@@ -104,7 +104,8 @@ def lookups() -> int:
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _PROGRAM_CODE = Path(__file__).resolve().parent  # the package whose code makes the programs: gptjax/
 # jax settings that change a program without changing its name or the engine's configuration
-_JAX_SETTINGS = ("jax_enable_x64", "jax_default_matmul_precision", "jax_default_prng_impl", "jax_threefry_partitionable")
+_JAX_SETTINGS = ("jax_enable_x64", "jax_default_matmul_precision", "jax_default_prng_impl",
+                 "jax_threefry_partitionable")
 
 
 class ProgramStore:
@@ -215,7 +216,7 @@ def program_store(identity: str, root: Path | None = None) -> ProgramStore | Non
     if root is None:
         if not jax.config.jax_compilation_cache_dir:
             return None
-        xla = Path(jax.config.jax_compilation_cache_dir)
-        root = xla.with_name(xla.name + "-programs")  # beside JAX's folder, whose files JAX alone manages
+        # inside JAX's folder, as JAX keeps its autotuning cache: JAX's eviction reads only its own top-level files
+        root = Path(jax.config.jax_compilation_cache_dir) / "gptjax-programs"
     key = hashlib.sha256((code_fingerprint() + identity).encode()).hexdigest()[:24]
     return ProgramStore(Path(root) / key)

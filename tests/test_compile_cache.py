@@ -25,11 +25,13 @@ import json, sys
 import numpy as np
 from gptjax import compile_cache
 import jax, jax.numpy as jnp
-folder = compile_cache.disable() if sys.argv[1] == "off" else compile_cache.enable(None if sys.argv[1] == "default" else sys.argv[1])
+where = sys.argv[1]
+folder = compile_cache.disable() if where == "off" else compile_cache.enable(None if where == "default" else where)
 x = np.random.default_rng(int(sys.argv[2])).normal(size=(8, 16)).astype(np.float32)
 y = jax.jit(lambda a: jnp.tanh(a @ a.T) * 3 + 1)(x)
 z = jax.jit(lambda a: jnp.cumsum(a, axis=1))(x)
-err = max(float(np.abs(np.asarray(y) - (np.tanh(x @ x.T) * 3 + 1)).max()), float(np.abs(np.asarray(z) - np.cumsum(x, 1)).max()))
+err = max(float(np.abs(np.asarray(y) - (np.tanh(x @ x.T) * 3 + 1)).max()),
+          float(np.abs(np.asarray(z) - np.cumsum(x, 1)).max()))
 print(json.dumps({"folder": str(folder), "hits": compile_cache.hits(), "lookups": compile_cache.lookups(), "err": err}))
 """
 
@@ -143,7 +145,7 @@ def test_identity_sees_layouts_not_values():
     a, b = np.zeros((2, 3), np.float32), np.ones((2, 3), np.float32)
     assert compile_cache.identity("cfg", arrays={"w": a}) == compile_cache.identity("cfg", arrays={"w": b})
     assert compile_cache.identity("cfg", arrays={"w": a}) != compile_cache.identity("cfg", arrays={"w": a[:1]})
-    assert compile_cache.identity("cfg", arrays={"w": a}) != compile_cache.identity("cfg", arrays={"w": a.astype(np.int32)})
+    assert compile_cache.identity("cfg", arrays={"w": a}) != compile_cache.identity("cfg", arrays={"w": a.astype(int)})
     assert compile_cache.identity("cfg") != compile_cache.identity("other")
 
 
