@@ -97,7 +97,7 @@ start_server small-cold "$slots" "$seq" $small || exit 1
 stop_server
 start_server small-restart "$slots" "$seq" $small || exit 1
 python3 -c "import json,sys; r=[json.loads(l) for l in open(sys.argv[1])][-1]; print('restart', 'within' if r['ready_s'] <= 15 else 'OVER', '15 s:', r['ready_s'], 's')" "$ROWS"
-sweep "${NUM_REQUESTS:-1024}"
+sweep "${NUM_REQUESTS:-512}"
 stop_server
 big=${BIG_MODEL-"--model gpt3-6.7b --dtype bfloat16"}
 [ -n "$big" ] || exit 0
@@ -108,6 +108,6 @@ if [ "$left" -lt "$T67_NEED_S" ]; then
   exit 0
 fi
 start_server big-cold 256 528 $big || exit 1
-sweep "$(( ${NUM_REQUESTS:-1024} / 2 ))"
+sweep "$(( ${NUM_REQUESTS:-512} / 2 ))"
 stop_server
 echo "done in $SECONDS s"
