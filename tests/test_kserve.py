@@ -1,9 +1,9 @@
 """Hardening, against the real server (gpt2-tiny on CPU): values at the bounds of their wire types, idle
 streams, a large text, expired queued requests, bytes that do not parse, a port in use, a second signal.
 
-One server for the module: 2 slots and a queue of 16 (so that 16 expired requests would fill it), a 2 s idle
-time for streams, the FasterTransformer v1 dialect declared (model metadata describes it). The last test
-stops it with two signals.
+One server for the module: the default 8 slots (the programs test_serving's server compiled) and a queue of
+16 (so that 16 expired requests would fill it), a 2 s idle time for streams, the FasterTransformer v1 dialect
+declared (model metadata describes it). The last test stops it with two signals.
 """
 
 from __future__ import annotations
@@ -28,13 +28,14 @@ from tritonclient.grpc import service_pb2_grpc as kpb_grpc
 
 INVALID, EXHAUSTED = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED
 IDLE_S = 2.0
+SLOTS = 8
 PROMPT = [464, 2068, 7586, 21831]
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     config = tmp_path_factory.mktemp("hardening") / "server.toml"
-    config.write_text('[engine]\nmax_slots = 2\nmax_queued_requests = 16\n\n[server]\ndialect = "v1"\n')
+    config.write_text('[engine]\nmax_queued_requests = 16\n\n[server]\ndialect = "v1"\n')
     proc, target, log = start_server("--config", str(config),
                                      options={"stream_idle_timeout_s": IDLE_S, "max_client_streams": 320})
     try:
@@ -190,7 +191,7 @@ def test_idle_streams_lock_no_one_out_and_are_closed(target, client):
             status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
         assert status == health_pb2.HealthCheckResponse.SERVING
         assert len(client.generate(PROMPT, 2, temperature=0, ignore_eos=True, timeout=5).token_ids) == 2
-        assert client.model_info(timeout=5).max_slots == 2
+        assert client.model_info(timeout=5).max_slots == SLOTS
         assert time.monotonic() - start < 5
         for t in threads:
             t.join(timeout=IDLE_S + 20)
@@ -255,9 +256,9 @@ def test_large_text_is_refused_at_once_and_stalls_no_one(server, client):
 
 # ---- expired queued requests --------------------------------------------------------------------------------
 def test_expired_queued_requests_free_their_places(client):
-    """Both slots busy, 16 requests with a 0.3 s deadline queued behind them: once they pass it, the queue is
+    """Every slot busy, 16 requests with a 0.3 s deadline queued behind them: once they pass it, the queue is
     empty within 0.5 s and takes a whole queue's worth (16) of new requests again."""
-    long = [client.stream(PROMPT, 240, temperature=0, ignore_eos=True, timeout=120) for _ in range(2)]
+    long = [client.stream(PROMPT, 240, temperature=0, ignore_eos=True, timeout=120) for _ in range(SLOTS)]
     for s in long:
         next(s)
     try:
