@@ -388,7 +388,8 @@ class Frontend:
                 if isinstance(event, Finished):
                     return
         finally:
-            request.cancel()
+            if not request.ended:
+                request.cancel()
 
     @contextlib.contextmanager
     def api_call(self) -> Iterator[ApiCall]:
