@@ -203,9 +203,8 @@ def hf_model_for(engine):
     from checkpoints.hf_gpt2 import to_hf_model
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    from gptjax.sharding import model_params
 
-    model = to_hf_model(engine.config, model_params(engine.config, engine.params), device=device)
+    model = to_hf_model(engine.config, engine.model_params(), device=device)
     return model, (torch.cuda.get_device_name() if device == "cuda" else "cpu")
 
 

@@ -151,6 +151,16 @@ def _add_bench(sub) -> None:
                         "or one native Generate call per row, all at once (native)")
     b.add_argument("--peer", action="append", choices=["hf", "hf-compiled"], default=[],
                    help="also run a peer with the same weights (repeatable)")
+    b.add_argument("--request-rate", nargs="+", metavar="R",
+                   help="with --server: the serving benchmark, Poisson arrivals at each rate (requests/s; inf sends "
+                        "all at once), or auto: the saturation rate, then fractions of it")
+    b.add_argument("--num-requests", type=int, default=200, help="with --request-rate: requests per rate")
+    b.add_argument("--input-len-dist", default="fixed:128", metavar="DIST",
+                   help="with --request-rate: prompt lengths, fixed:N, uniform:LO,HI or normal:MEAN,STD")
+    b.add_argument("--output-len-dist", default="fixed:128", metavar="DIST",
+                   help="with --request-rate: new tokens per request, as --input-len-dist")
+    b.add_argument("--seed", type=int, default=0,
+                   help="with --request-rate: the seed of the lengths, the prompts and the arrivals")
     b.add_argument("--json", action="store_true", help="one JSON row per implementation")
 
 
@@ -294,6 +304,8 @@ def cmd_client(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.request_rate:
+        return _serving_bench(args)
     from benchmarks.bench import BenchOptions, parse_shapes, run_bench
 
     resolve_model(args)  # a run through --server reads the model's config without building an engine
@@ -306,6 +318,23 @@ def cmd_bench(args) -> int:
 
 COMMANDS = {"generate": cmd_generate, "convert": cmd_convert, "serve": cmd_serve, "client": cmd_client,
             "bench": cmd_bench, "models": cmd_models}
+
+
+def _serving_bench(args) -> int:
+    """`bench --server HOST:PORT --request-rate ...`: the serving benchmark (benchmarks/serving_bench.py)."""
+    from benchmarks.serving_bench import LengthDist, ServingBenchOptions, parse_rates, run_serving_bench
+
+    if not args.server:
+        raise UsageError("--request-rate measures a running server: give --server HOST:PORT")
+    static = [flag for flag, value in (("-b", args.batch), ("-i", args.input_len), ("-o", args.output_len),
+                                       ("--shapes", args.shapes), ("--peer", args.peer)) if value]
+    if static:
+        raise UsageError(f"--request-rate runs the serving benchmark: {', '.join(static)} do not apply")
+    rates, auto = parse_rates(args.request_rate)
+    return run_serving_bench(ServingBenchOptions(
+        server=args.server, request_rates=rates, auto=auto, num_requests=args.num_requests,
+        input_len=LengthDist.parse(args.input_len_dist, "--input-len-dist"),
+        output_len=LengthDist.parse(args.output_len_dist, "--output-len-dist"), seed=args.seed, json=args.json))
 
 
 def main(argv=None) -> int:
