@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# Start `gptjax serve`, send the FasterTransformer backend's request with tritonclient (identity_test.py),
-# print the latency, stop the server: as FasterTransformer_backend's tools/benchmark_single_node.sh.
+# Start `gptjax serve` with a FasterTransformer v1 config.pbtxt, send the backend's request (identity_test.py,
+# over HTTP by default), print the latency, stop the server: as FasterTransformer_backend's
+# tools/benchmark_single_node.sh of 2021.
 #
-#   benchmarks/benchmark_single_node.sh -b 8 -i 512 -o 16 -n 10 [-p PORT] [serve args, e.g. --model gpt3-1.3b --mesh tensor=8]
+#   benchmarks/benchmark_single_node.sh -b 8 -i 512 -o 16 -n 10 [--protocol grpc] [--dialect 5.x] [-p PORT]
+#                                       [serve args, e.g. --model gpt3-1.3b --mesh tensor=8 --dtype bfloat16]
 #
-# -b batch size, -i input (prompt) length, -o output length, -n timed runs, -p port (default: a free one).
-# Every other argument goes to `gptjax serve`; with no --model/--checkpoint it serves megatron-345m (random
-# weights), the model of the FasterTransformer example. PYTHON picks the interpreter (default: .venv's).
+# -b batch size, -i input (prompt) length, -o output length, -n timed runs, --protocol http (default) or grpc,
+# --dialect v1 (default: INPUT_ID ... -> OUTPUT0) or 5.x (input_ids ...), -p the gRPC port (default: a free one;
+# HTTP takes another free one). Every other argument goes to `gptjax serve`; with no --model/--checkpoint it
+# serves megatron-345m (random weights), the model of the FasterTransformer example. With no --config it writes
+# the config.pbtxt the 2021 script wrote (candidate_num 1: greedy; max_seq_len = input + output; batch_size and
+# max_batch_size = the batch; is_half 1) to a temporary folder. PYTHON picks the interpreter (default: .venv's).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -15,7 +20,7 @@ if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x "$repo/.venv/bin/python" ]]; then PYTHON="$repo/.venv/bin/python"; else PYTHON=python3; fi
 fi
 
-batch=8 input_len=512 output_len=16 runs=10 port=""
+batch=8 input_len=512 output_len=16 runs=10 port="" protocol=http dialect=v1
 serve_args=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -24,20 +29,43 @@ while [[ $# -gt 0 ]]; do
     -o) output_len="$2"; shift 2 ;;
     -n) runs="$2"; shift 2 ;;
     -p) port="$2"; shift 2 ;;
-    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    --protocol) protocol="$2"; shift 2 ;;
+    --dialect) dialect="$2"; shift 2 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
     *) serve_args+=("$1"); shift ;;
   esac
 done
+if [[ "$protocol" != http && "$protocol" != grpc ]]; then
+  echo "benchmark_single_node.sh: --protocol must be http or grpc, got '$protocol'" >&2; exit 2
+fi
 if [[ ! " ${serve_args[*]-} " =~ " --model" && ! " ${serve_args[*]-} " =~ " --checkpoint" ]]; then
   serve_args+=(--model megatron-345m)
 fi
-if [[ -z "$port" ]]; then
-  port="$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+free_port() { "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+port="${port:-$(free_port)}"
+http_port="$(free_port)"
+
+work="$(mktemp -d -t gptjax-bench.XXXXXX)"
+log="$work/serve.log"
+if [[ ! " ${serve_args[*]-} " =~ " --config" ]]; then
+  # the 2021 script's config.pbtxt, less the model-shape keys (checked against the model when given)
+  param() { printf 'parameters {\n  key: "%s"\n  value: {\n    string_value: "%s"\n  }\n}\n' "$1" "$2"; }
+  {
+    printf 'name: "fastertransformer"\nbackend: "fastertransformer"\nmax_batch_size: %s\n' "$batch"
+    printf 'input [\n  { name: "INPUT_ID" data_type: TYPE_UINT32 dims: [ -1 ] },\n'
+    printf '  { name: "REQUEST_INPUT_LEN" data_type: TYPE_UINT32 dims: [ 1 ] },\n'
+    printf '  { name: "REQUEST_OUTPUT_LEN" data_type: TYPE_UINT32 dims: [ 1 ] }\n]\n'
+    printf 'output [\n  { name: "OUTPUT0" data_type: TYPE_UINT32 dims: [ -1 ] }\n]\n'
+    printf 'instance_group [\n  {\n    count: 1\n    kind : KIND_CPU\n  }\n]\n'
+    param candidate_num 1; param probability_threshold 0.0; param max_seq_len $((input_len + output_len))
+    param is_half 1; param batch_size "$batch"; param layer_para_batch_size "$batch"; param is_fuse_QKV 1
+    param temperature 1.0; param repetition_penalty 1.0
+  } >"$work/config.pbtxt"
+  serve_args+=(--config "$work/config.pbtxt")
 fi
 
-log="$(mktemp -t gptjax-serve.XXXXXX.log)"
 cd "$repo"
-"$PYTHON" -m gptjax serve --port "$port" "${serve_args[@]}" >"$log" 2>&1 &
+"$PYTHON" -m gptjax serve --port "$port" --http-port "$http_port" --metrics-port 0 "${serve_args[@]}" >"$log" 2>&1 &
 server=$!
 stop_server() {
   if kill -0 "$server" 2>/dev/null; then
@@ -47,7 +75,7 @@ stop_server() {
 }
 trap stop_server EXIT
 
-echo "[INFO] starting the server on 127.0.0.1:$port (${serve_args[*]}), log: $log"
+echo "[INFO] starting the server on 127.0.0.1:$port (gRPC) and :$http_port (HTTP) (${serve_args[*]}), log: $log"
 if ! "$PYTHON" - "$port" "$server" <<'PY'
 import os, sys, time
 from serving.client import Client
@@ -71,9 +99,11 @@ then
   exit 1
 fi
 
+url="127.0.0.1:$http_port"
+if [[ "$protocol" == grpc ]]; then url="127.0.0.1:$port"; fi
 status=0
-"$PYTHON" "$here/identity_test.py" -b "$batch" -i "$input_len" -o "$output_len" -n "$runs" -u "127.0.0.1:$port" \
-  || status=$?
+"$PYTHON" "$here/identity_test.py" -i "$protocol" --dialect "$dialect" -b "$batch" -s "$input_len" -o "$output_len" \
+  -n "$runs" -u "$url" || status=$?
 stop_server
 trap - EXIT
 exit $status
