@@ -79,7 +79,7 @@ FT_NO_EFFECT = {
     "beam_search_diversity_rate": "it only acts in beam search (beam_width 1 here)",
     "shared_contexts_ratio": "prompts are not shared between requests",
     "model_name": "the model is the one --model or --checkpoint gives",
-    "model_checkpoint_path": "the weights come from --model or --checkpoint (convert a c-model with `gptjax convert ft`)",
+    "model_checkpoint_path": "the weights come from --model or --checkpoint (`gptjax convert ft` reads a c-model)",
 }
 FT_DATA_TYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 FT_KNOWN = {*FT_ENGINE, *FT_MODEL, *FT_NEUTRAL, *FT_NO_EFFECT, "tensor_para_size", "layer_para_size", "is_half",
@@ -196,7 +196,8 @@ def _map_fastertransformer(ft: dict, source: str) -> tuple[dict, dict, str | Non
     if mesh:
         engine["mesh"] = mesh
     if "max_input_len" in ft and "max_seq_len" in ft and ft["max_input_len"] >= ft["max_seq_len"]:
-        raise ConfigError(f"{source}: max_input_len {ft['max_input_len']} must be below max_seq_len {ft['max_seq_len']}")
+        raise ConfigError(f"{source}: max_input_len {ft['max_input_len']} must be below "
+                          f"max_seq_len {ft['max_seq_len']}")
     dtype = None
     if "data_type" in ft:
         if ft["data_type"].lower() not in FT_DATA_TYPES:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import ast
 import re
 
-_TOKEN = re.compile(r"""\s+|\#[^\n]*|(?P<tok>"(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*'|[{}\[\]<>:,;]|[^\s{}\[\]<>:,;"'\#]+)""")
+_TOKEN = re.compile(r"""\s+|\#[^\n]*|(?P<tok>"(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*'"""  # space, comment, strings
+                    r"""|[{}\[\]<>:,;]|[^\s{}\[\]<>:,;"'\#]+)""")  # punctuation, a name or number
 _CLOSE = {"{": "}", "<": ">"}
 _PUNCTUATION = set("}[]>:,;")
 

@@ -257,7 +257,8 @@ def binary_infer(served, header: dict, blob: bytes, header_length: int | None = 
 def v1_json(rows=1, input_dtype="UINT32", lengths_rows=None, data=None, model=MODEL, version=None):
     lengths_rows = rows if lengths_rows is None else lengths_rows
     inputs = [{"name": "INPUT_ID", "datatype": input_dtype, "shape": [rows, 2], "data": data or [[5, 6]] * rows},
-              {"name": "REQUEST_INPUT_LEN", "datatype": "UINT32", "shape": [lengths_rows, 1], "data": [2] * lengths_rows},
+              {"name": "REQUEST_INPUT_LEN", "datatype": "UINT32", "shape": [lengths_rows, 1],
+               "data": [2] * lengths_rows},
               {"name": "REQUEST_OUTPUT_LEN", "datatype": "UINT32", "shape": [rows, 1], "data": [2] * rows}]
     path = f"/v2/models/{model}" + (f"/versions/{version}" if version else "") + "/infer"
     return path, {"inputs": inputs}
@@ -292,9 +293,11 @@ def bad_cases(served):
          lambda: raw(served, (post + "Content-Length: 12\r\n\r\n").encode() + json.dumps(v1_json()[1]).encode())),
         ("a binary header longer than the body", 400, "body has only",
          lambda: _status(binary_infer(served, header, ids, header_length=10_000))),
-        ("binary data past the body's end", 400, "run past the end", lambda: _status(binary_infer(served, header, b""))),
+        ("binary data past the body's end", 400, "run past the end",
+         lambda: _status(binary_infer(served, header, b""))),
         ("a header length that is not a number", 400, "Inference-Header-Content-Length",
-         call("POST", f"/v2/models/{MODEL}/infer", content=b"{}", headers={**key, "Inference-Header-Content-Length": "x"})),
+         call("POST", f"/v2/models/{MODEL}/infer", content=b"{}",
+              headers={**key, "Inference-Header-Content-Length": "x"})),
         ("an unknown model", 404, "unknown model", infer_json(model="gpt-5")),
         ("an unknown version", 404, "no version", infer_json(version="7")),
         ("a wrong datatype", 400, "INPUT_ID must be UINT32", infer_json(input_dtype="FP32", data=[[5.0, 6.0]])),
