@@ -59,6 +59,8 @@ class Served:
     metrics: str
     key: str | None
     log: object
+    slots: int = SLOTS
+    max_seq_len: int = MAX_SEQ_LEN
 
     @property
     def headers(self) -> dict:

@@ -17,15 +17,13 @@ import httpx
 import numpy as np
 import pytest
 
-import http_server
 from conftest import run_cli
 
 pytest_plugins = ["http_server"]  # the `served` fixture: one server for the session
 tritonclient_http = pytest.importorskip("tritonclient.http")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-MODEL = http_server.MODEL
-SLOTS, MAX_SEQ_LEN = http_server.SLOTS, http_server.MAX_SEQ_LEN
+MODEL = "fastertransformer"
 PROMPTS = [[464, 2068, 7586, 21831, 18045], [15496, 995], [40, 588, 257, 1310, 286, 9552, 13]]
 N_NEW = 8
 V1 = ("INPUT_ID", "REQUEST_INPUT_LEN", "REQUEST_OUTPUT_LEN")
@@ -189,14 +187,15 @@ def test_metrics_rise_by_exactly_what_was_sent(http, served, triton):
     assert delta("gptjax_time_to_first_token_seconds_count") == 5
     assert delta("gptjax_e2e_request_latency_seconds_count") == 5
     assert delta("nv_inference_request_duration_us_total") > 0
-    assert after[("gptjax_slots", m)] == SLOTS and after[("gptjax_kv_cache_positions", m)] == SLOTS * MAX_SEQ_LEN
+    assert after[("gptjax_slots", m)] == served.slots
+    assert after[("gptjax_kv_cache_positions", m)] == served.slots * served.max_seq_len
 
 
 # ---- disconnects -------------------------------------------------------------------------------------------------
 def test_a_disconnected_sse_client_frees_its_slot(served):
     wait_idle(served)
     failures = metrics(served.metrics, served.headers)[("nv_inference_request_failure_total", "gpt2-tiny")]
-    body = {"prompt": [464, 2068], "max_tokens": MAX_SEQ_LEN - 2, "temperature": 0, "stream": True}
+    body = {"prompt": [464, 2068], "max_tokens": served.max_seq_len - 2, "temperature": 0, "stream": True}
     with httpx.Client(base_url=served.http, headers=served.headers, timeout=60) as c:
         with c.stream("POST", "/v1/completions", json=body) as r:
             lines = r.iter_lines()  # held: an iterator dropped early would close the connection already
@@ -212,7 +211,7 @@ def test_a_disconnected_sse_client_frees_its_slot(served):
 def test_a_unary_client_that_disconnects_frees_its_slot(served):
     wait_idle(served)
     failures = metrics(served.metrics, served.headers)[("nv_inference_request_failure_total", "gpt2-tiny")]
-    body = json.dumps({"prompt": [464, 2068], "max_tokens": MAX_SEQ_LEN - 2, "temperature": 0}).encode()
+    body = json.dumps({"prompt": [464, 2068], "max_tokens": served.max_seq_len - 2, "temperature": 0}).encode()
     sock = socket.create_connection(("127.0.0.1", int(served.http.rsplit(":", 1)[1])))
     sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  + f"Authorization: Bearer {served.key}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
@@ -310,7 +309,7 @@ def bad_cases(served):
         ("OpenAI temperature NaN", 400, "temperature must be a finite number",
          call("POST", "/v1/completions", content=b'{"prompt": [1], "temperature": NaN}',
               headers={**key, "content-type": "application/json"})),
-        ("a prompt over the context", 400, f"at most {MAX_SEQ_LEN - 1}", completion(prompt=[7] * 300)),
+        ("a prompt over the context", 400, f"at most {served.max_seq_len - 1}", completion(prompt=[7] * 300)),
         ("an unknown OpenAI field", 400, "unknown field(s) frequency", completion(frequency=1)),
         ("a chat completion", 400, "no chat template", call("POST", "/v1/chat/completions", json={"messages": []})),
         ("generate without text_input", 400, "text_input must be a string",
