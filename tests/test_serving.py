@@ -304,8 +304,8 @@ def test_client_command(target, reference):
 
 @pytest.mark.parametrize("flags", [[], ["--no-tritonclient"]])
 def test_identity_test_benchmark(target, flags):
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "identity_test.py"), "-b", "2", "-i", "8", "-o",
-                           "4", "-n", "2", "-u", target, "--json", *flags], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "identity_test.py"), "-i", "grpc", "--dialect",
+                           "5.x", "-b", "2", "-s", "8", "-o", "4", "-n", "2", "-u", target, "--json", *flags], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     row = json.loads(proc.stdout)
     assert (row["batch"], row["input_len"], row["output_len"], row["runs"]) == (2, 8, 4, 2)
