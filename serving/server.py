@@ -277,7 +277,7 @@ class Listeners:
         self.http = None
         http_port, metrics_port = getattr(args, "http_port", 0), getattr(args, "metrics_port", 0)
         if http_port or metrics_port:
-            from serving.http import start_http
+            from serving.http_app import start_http
             from serving.metrics import Metrics
 
             frontend.metrics = Metrics(frontend.name)
