@@ -232,7 +232,7 @@ def model_config(options: BenchOptions):
     from gptjax.config import DEFAULT_PRESET, preset
 
     if options.checkpoint:
-        from checkpoints.folder import read_config
+        from gptjax.checkpoint import read_config
 
         config = read_config(options.checkpoint)
     else:

@@ -15,6 +15,21 @@ import time
 import numpy as np
 
 
+def _greedy_only_sampling() -> None:
+    """Swap the sampler for a bare argmax (and its keys for nothing), to see what sampling costs a step."""
+    import jax.numpy as jnp
+
+    from gptjax import sampling
+
+    def argmax(logits, *rest):
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def no_keys(seeds, positions):
+        return seeds
+
+    sampling.sample, sampling.row_keys = argmax, no_keys
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="megatron-345m")
@@ -36,12 +51,7 @@ def main():
     from gptjax.engine import Engine
 
     if args.greedy_only:
-        import jax.numpy as jnp
-
-        from gptjax import sampling
-
-        sampling.sample = lambda logits, *rest: jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        sampling.row_keys = lambda seeds, positions: seeds
+        _greedy_only_sampling()
     engine = Engine.from_preset(args.model, dtype=args.dtype, engine_config=EngineConfig(attention=args.attention))
     prompts = np.random.default_rng(0).integers(0, 50257, (args.batch, args.input_len)).tolist()
 

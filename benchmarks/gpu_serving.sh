@@ -41,8 +41,8 @@ start_server() {
   local label=$1 slots=$2 seq=$3; shift 3
   local cfg
   cfg=$(mktemp --suffix .toml)
-  printf '[engine]\nmax_slots = %d\nmax_batch_size = %d\nmax_seq_len = %d\ndecode_steps_per_call = 8\n' \
-    "$slots" "$slots" "$seq" > "$cfg"
+  printf '[engine]\nmax_slots = %d\nmax_seq_len = %d\n[server]\nmax_batch_size = %d\n[scheduler]\ndecode_steps_per_call = 8\n' \
+    "$slots" "$seq" "$slots" > "$cfg"
   local t0
   t0=$(date +%s.%N)
   XLA_PYTHON_CLIENT_MEM_FRACTION=0.85 python3 -m gptjax serve "$@" --config "$cfg" --port $PORT \

@@ -42,8 +42,8 @@ fi
 [ "$part" = inproc ] && exit 0
 
 cfg=$(mktemp --suffix .toml)
-printf '[engine]\nmax_slots = %d\nmax_batch_size = %d\nmax_seq_len = %d\ndecode_steps_per_call = 8\n' \
-  "$slots" "$slots" "$seq" > "$cfg"
+printf '[engine]\nmax_slots = %d\nmax_seq_len = %d\n[server]\nmax_batch_size = %d\n[scheduler]\ndecode_steps_per_call = 8\n' \
+  "$slots" "$seq" "$slots" > "$cfg"
 # 0.85 of the GPU: the 6.7B model's cache (128 slots: 35 GB; 256: 71 GB) and a prefill beside the weights;
 # the client's rate measurement takes 4 GB more
 XLA_PYTHON_CLIENT_MEM_FRACTION=0.85 python -m gptjax serve $model --config "$cfg" --port 8011 > "$OUT/server-$1.log" 2>&1 &

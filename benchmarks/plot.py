@@ -54,16 +54,22 @@ def plot_serving(dst: str, rows: list[dict]) -> None:
             line, = ax.plot(x, [r[metric]["p50"] for r in rs], "o-", label=f"{label}, in {inputs}, out {outputs}: p50")
             ax.plot(x, [r[metric]["p99"] for r in rs], "s--", color=line.get_color(), label="p99")
     for ax, name in zip(axes[0], ("time to first token, ms", "time per output token, ms")):
-        ax.set_xscale("log")  # models a few times apart in throughput share the axes
-        ax.set_yscale("log")
-        ax.set_xlabel("output tokens / s (each point a request rate)")
-        ax.set_ylabel(name)
-        ax.set_title(f"{name.split(',')[0]} against throughput")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        # log x: models a few times apart in throughput share the axes
+        _log_axes(ax, "output tokens / s (each point a request rate)", name, f"{name.split(',')[0]} against throughput",
+                  base=10, legend_size=7)
     fig.tight_layout()
     fig.savefig(dst, dpi=110)
     print(f"wrote {dst}")
+
+
+def _log_axes(ax, xlabel: str, ylabel: str, title: str, base: int, legend_size: int) -> None:
+    ax.set_xscale("log", base=base)
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=legend_size)
 
 
 def main(dst: str, *sources: str) -> None:
@@ -91,13 +97,7 @@ def main(dst: str, *sources: str) -> None:
             axes[m][0].plot(fb, [floors[b] for b in fb], "k--", label="hardware floor")
             axes[m][1].plot(fb, [b * 128 / floors[b] * 1e3 for b in fb], "k--", label="hardware floor")
         for ax, label in zip(axes[m], ("latency ms (128 in, 128 out)", "new tokens / s")):
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xlabel("batch")
-            ax.set_ylabel(label)
-            ax.set_title(f"{model}, {devices}")
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=8)
+            _log_axes(ax, "batch", label, f"{model}, {devices}", base=2, legend_size=8)
     fig.tight_layout()
     fig.savefig(dst, dpi=110)
     print(f"wrote {dst}")

@@ -27,6 +27,7 @@ from gptjax import EngineConfig
 from gptjax.engine import Engine
 from gptjax.sampling import SamplingParams
 from serving.commands import Decode, Prefill
+from serving.config import SchedulerConfig
 from serving.request import Finished, Request, Tokens
 from serving.scheduler import Scheduler
 
@@ -136,9 +137,9 @@ def decode_memory(args, engine, state) -> None:
 
 def main():
     args = parse_args()
-    ec = EngineConfig(max_slots=args.slots, max_seq_len=args.seq, decode_steps_per_call=args.steps_per_call)
+    ec = EngineConfig(max_slots=args.slots, max_seq_len=args.seq)
     engine = Engine.from_preset(args.model, dtype=args.dtype, engine_config=ec)
-    scheduler = Scheduler(engine)
+    scheduler = Scheduler(engine, SchedulerConfig(decode_steps_per_call=args.steps_per_call))
     start = time.perf_counter()
     scheduler.warmup()
     warmup_s = time.perf_counter() - start

@@ -63,13 +63,14 @@ def main(argv=None) -> None:
 
     from gptjax.config import EngineConfig
     from gptjax.engine import Engine
+    from serving.config import SchedulerConfig
     from serving.scheduler import Scheduler
 
-    ec = EngineConfig(max_slots=args.slots, max_seq_len=args.seq, decode_steps_per_call=args.steps)
+    ec = EngineConfig(max_slots=args.slots, max_seq_len=args.seq)
     engine = Engine.from_preset(args.model, dtype=args.dtype, engine_config=ec)
     jax.block_until_ready(engine.params)
     built = time.perf_counter()
-    scheduler = Scheduler(engine)
+    scheduler = Scheduler(engine, SchedulerConfig(decode_steps_per_call=args.steps))
     before = dict(phases.seconds)
     scheduler.warmup()
     warmed = time.perf_counter()

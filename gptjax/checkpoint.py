@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from gptjax.config import ModelConfig, model_config_from_dict, to_dict
+from gptjax.config import ModelConfig, config_from_dict, to_dict
 from gptjax.layout import layout_for
 from gptjax.model import init_params, join_layers, layer_name, split_layers
 
@@ -114,7 +114,7 @@ def read_config(checkpoint_dir: str | Path) -> ModelConfig:
         version = data.get("format_version") if isinstance(data, dict) else None
         raise CheckpointError(f"{path}: format_version {version!r} is not {FORMAT_VERSION}")
     try:
-        return model_config_from_dict(data["model"], str(path))
+        return config_from_dict(ModelConfig, data["model"], str(path))
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: bad model config ({e})") from None
 

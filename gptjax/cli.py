@@ -182,39 +182,41 @@ def resolve_model(args) -> None:
         raise UsageError(f"--model {args.model}: not a preset ({', '.join(PRESETS)}), and {e}") from None
 
 
-def build_engine(args):
-    """The Engine that the model arguments ask for (also starts jax.distributed when asked, and keeps compiled
-    programs between runs unless --no-compile-cache)."""
+def serving_config(args):
+    """The config file's engine, scheduler and server settings (defaults without --config), with the flags
+    that override them: --mesh, --attention, --dtype and, for `serve`, the addresses and --api-key."""
+    from serving.config import ADDRESS_FIELDS, ServingConfig, serving_config_from_file
+
+    config = serving_config_from_file(args.config) if args.config else ServingConfig()
+    engine = config.engine.replace(**{name: getattr(args, name) for name in ("mesh", "attention")
+                                      if getattr(args, name, None)})
+    server = config.server.replace(**{name: getattr(args, name) for name in ADDRESS_FIELDS if hasattr(args, name)})
+    return config.replace(engine=engine, server=server, dtype=args.dtype or config.dtype)
+
+
+def build_engine(args, config=None):
+    """The Engine that the model arguments and `config` (a ServingConfig; default: serving_config(args)) ask
+    for. Also starts jax.distributed when asked, and keeps compiled programs between runs unless
+    --no-compile-cache."""
     from gptjax import compile_cache, distributed
 
     resolve_model(args)
+    config = config or serving_config(args)
     distributed.initialize(coordinator=args.coordinator, num_processes=args.num_processes,
                            process_id=args.process_id)
     if args.no_compile_cache:
         compile_cache.disable()
     else:
         compile_cache.enable()
-    from gptjax.config import EngineConfig
     from gptjax.engine import Engine
     from gptjax.sharding import make_mesh
 
-    engine_config = EngineConfig()
-    if args.config:
-        from serving.config import server_config_from_file
-
-        engine_config = server_config_from_file(args.config).engine
-    changes = {}
-    if args.mesh:
-        changes["mesh"] = args.mesh
-    if args.attention:
-        changes["attention"] = args.attention
-    engine_config = engine_config.replace(**changes)
-    shape = engine_config.mesh
+    shape = config.engine.mesh
     mesh = make_mesh(shape.data, shape.stage, shape.tensor) if shape.size > 1 else None
     if args.checkpoint:
-        return Engine.load(args.checkpoint, mesh=mesh, engine_config=engine_config, dtype=args.dtype)
-    return Engine.from_preset(args.model or DEFAULT_PRESET, dtype=args.dtype, mesh=mesh,
-                              engine_config=engine_config)
+        return Engine.load(args.checkpoint, mesh=mesh, engine_config=config.engine, dtype=config.dtype)
+    return Engine.from_preset(args.model or DEFAULT_PRESET, dtype=config.dtype, mesh=mesh,
+                              engine_config=config.engine)
 
 
 def cmd_generate(args) -> int:
@@ -292,9 +294,12 @@ def _bytes(n: int) -> str:
 
 
 def cmd_serve(args) -> int:
+    from gptjax import distributed
     from serving.server import serve
 
-    return serve(args, build_engine)
+    config = serving_config(args)
+    rank = distributed.launcher_rank(args.process_id)
+    return serve(config, args.checkpoint or args.model or DEFAULT_PRESET, partial(build_engine, args, config), rank)
 
 
 def cmd_client(args) -> int:

@@ -108,7 +108,8 @@ class MeshShape:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """How the engine runs a model: slots, lengths, sampling defaults, kernels, layout, serving limits."""
+    """How the engine runs a model: slots, lengths, sampling defaults, kernels, layout. (How a server moves
+    requests through it is serving.config's SchedulerConfig; what it listens with, its ServerConfig.)"""
 
     max_slots: int = 8  # sequences decoded together by the server (continuous batching)
     max_seq_len: int = 0  # KV cache length per slot; 0 means the model's n_positions
@@ -116,18 +117,12 @@ class EngineConfig:
     max_new_tokens_limit: int = 0  # largest accepted; 0 means max_seq_len
     min_prefill_bucket: int = 16  # prompt lengths are padded to powers of two from here
     max_prefill_tokens: int = 8192  # a server prefill holds at most this many (padded) prompt tokens
-    decode_steps_per_call: int = 4  # decode steps the server runs per device call
-    batch_window_ms: float = 2.0  # an idle server waits up to this long for more requests to prefill at once
     temperature: float = 1.0
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1.0: off
     eos_token_id: int = 50256
     attention: str = ""  # "" picks pallas on GPU, xla elsewhere
     mesh: MeshShape = field(default_factory=MeshShape)
-    # serving limits
-    max_queued_requests: int = 256
-    max_message_bytes: int = 16 * 1024 * 1024
-    max_batch_size: int = 64  # rows in one KServe request
 
     def __post_init__(self):
         if isinstance(self.mesh, dict):
@@ -136,12 +131,7 @@ class EngineConfig:
             object.__setattr__(self, "mesh", MeshShape.parse(self.mesh))
         if self.attention and self.attention not in ATTENTION_IMPLS:
             raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {self.attention!r}")
-        for name in ("max_slots", "max_new_tokens", "min_prefill_bucket", "max_prefill_tokens",
-                     "decode_steps_per_call", "max_queued_requests", "max_message_bytes", "max_batch_size"):
-            if int(getattr(self, name)) <= 0:
-                raise ValueError(f"EngineConfig.{name} must be positive, got {getattr(self, name)}")
-        if not 0.0 <= self.batch_window_ms <= 1000.0:
-            raise ValueError(f"EngineConfig.batch_window_ms must be in [0, 1000], got {self.batch_window_ms}")
+        check_positive(self, ("max_slots", "max_new_tokens", "min_prefill_bucket", "max_prefill_tokens"))
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"EngineConfig.top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0 or self.temperature < 0:
@@ -157,6 +147,13 @@ class EngineConfig:
         return min(self.max_new_tokens_limit or self.seq_len(model), self.seq_len(model))
 
 
+def check_positive(config, names) -> None:
+    """Raise ValueError naming the first of a config's `names` fields that is not positive."""
+    for name in names:
+        if int(getattr(config, name)) <= 0:
+            raise ValueError(f"{type(config).__name__}.{name} must be positive, got {getattr(config, name)}")
+
+
 def to_dict(cfg) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
@@ -165,8 +162,8 @@ def to_dict(cfg) -> dict:
 _FIELD_KINDS = {"int": (numbers.Integral, "an integer"), "float": (numbers.Real, "a number"), "str": (str, "a string")}
 
 
-def _from_dict(cls, data: dict, source: str):
-    """A config from a file's table: unknown fields and values of the wrong type are refused, naming the field."""
+def config_from_dict(cls, data: dict, source: str = "config"):
+    """A `cls` config from a file's table: unknown fields and values of the wrong type are refused, named."""
     if not isinstance(data, dict):
         raise ValueError(f"{source}: expected a table of {cls.__name__} fields, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -180,12 +177,6 @@ def _from_dict(cls, data: dict, source: str):
     return cls(**data)
 
 
-def model_config_from_dict(data: dict, source: str = "config") -> ModelConfig:
-    return _from_dict(ModelConfig, data, source)
-
-
-def engine_config_from_dict(data: dict, source: str = "config") -> EngineConfig:
-    return _from_dict(EngineConfig, data, source)
 
 
 def load_file(path: str | Path) -> dict:

@@ -43,6 +43,15 @@ def _local_tasks_slurm(env) -> int:
     return 1
 
 
+def launcher_rank(process_id: int | None = None) -> int:
+    """This process's index as --process-id or the launcher tells it, known before jax.distributed starts
+    (process 0 listens for clients while the model loads)."""
+    if process_id is not None:
+        return int(process_id)
+    launched = launcher_env()
+    return launched["process_id"] if launched else 0
+
+
 def launcher_env(env=None) -> dict | None:
     """What srun or mpirun tells a process: {launcher, coordinator, num_processes, process_id, local_rank,
     local_size}; None when no multi-process launcher started this one. The coordinator is the first host

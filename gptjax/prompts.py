@@ -15,6 +15,17 @@ import numpy as np
 def check_prompt(ids, vocab_size: int, max_seq_len: int, field: str = "prompt") -> list[int]:
     """Token ids -> a list of ints: a sequence (or 1-d integer array) of 1 to `max_seq_len - 1` ids (one position
     is left for a new token), each in [0, vocab_size). The length is checked before any id is read."""
+    ids = check_token_ids(ids, vocab_size, max_seq_len - 1, field,
+                          f"tokens; the model holds {max_seq_len} positions, so a prompt may have at most "
+                          f"{max_seq_len - 1}")
+    if not ids:
+        raise ValueError(f"{field} is empty")
+    return ids
+
+
+def check_token_ids(ids, vocab_size: int, most: int, field: str, what: str = "ids") -> list[int]:
+    """Token ids -> a list of ints, each in [0, vocab_size); at most `most` of them, checked before any id is
+    read (`what` ends the message: "{field} has {n} {what}")."""
     if isinstance(ids, np.ndarray):
         if ids.ndim != 1 or ids.dtype.kind not in "iu":
             raise ValueError(f"{field} must be a list of integer token ids, got an array of {ids.dtype} "
@@ -22,11 +33,8 @@ def check_prompt(ids, vocab_size: int, max_seq_len: int, field: str = "prompt") 
         ids = ids.tolist()
     elif isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
         raise ValueError(f"{field} must be a list of token ids, got {type(ids).__name__}")
-    if not ids:
-        raise ValueError(f"{field} is empty")
-    if len(ids) >= max_seq_len:
-        raise ValueError(f"{field} has {len(ids)} tokens; the model holds {max_seq_len} positions, so a prompt may "
-                         f"have at most {max_seq_len - 1}")
+    if len(ids) > most:
+        raise ValueError(f"{field} has {len(ids)} {what}")
     out = []
     for i, t in enumerate(ids):
         if isinstance(t, bool) or not isinstance(t, numbers.Integral):

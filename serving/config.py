@@ -1,12 +1,13 @@
-"""The server's config file: the FasterTransformer backend's `config.pbtxt` knobs mapped onto gptjax's EngineConfig.
+"""What `gptjax serve` runs with: the engine's EngineConfig, the SchedulerConfig and the ServerConfig, read from
+one file whose FasterTransformer backend `config.pbtxt` knobs map onto them.
 
 Triton's own `config.pbtxt` (by suffix `.pbtxt`) loads unchanged, in the backend's v1 (2021) and 5.x forms:
 its `parameters` are read as the [fastertransformer] table below; its top-level `max_batch_size` becomes
-EngineConfig.max_batch_size (rows in one KServe request), and its declared `input` names decide the dialect
+ServerConfig.max_batch_size (rows in one KServe request), and its declared `input` names decide the dialect
 that model metadata and config describe (`INPUT_ID`: v1, `input_ids`: 5.x, none declared: 5.x). Requests of
 either dialect are served whatever the config declares: a request's own tensor names pick its dialect.
 
-Or a TOML (or JSON) file with up to three tables, every key optional:
+Or a TOML (or JSON) file with up to four tables, every key optional:
 
     [fastertransformer]      # every key of the backend's v1 and 5.x example configs
     top_k = 1                # -> EngineConfig.top_k (v1: candidate_num)
@@ -16,7 +17,7 @@ Or a TOML (or JSON) file with up to three tables, every key optional:
     tensor_para_size = 8     # -> EngineConfig.mesh.tensor
     layer_para_size = 1      # -> EngineConfig.mesh.stage (5.x: pipeline_para_size)
     max_seq_len = 1024       # -> EngineConfig.max_seq_len (KV cache length per slot)
-    batch_size = 8           # -> EngineConfig.max_slots (and max_batch_size, unless max_batch_size is given)
+    batch_size = 8           # -> EngineConfig.max_slots (and ServerConfig.max_batch_size, unless given)
     is_half = 1              # -> dtype float16 when --dtype is not given (5.x: data_type = "fp16" / "bf16" / "fp32")
     head_num = 16            # checked against the loaded model: n_heads
     size_per_head = 64       #   head_dim
@@ -27,17 +28,21 @@ Or a TOML (or JSON) file with up to three tables, every key optional:
                              #   int8_mode 0, model_type "GPT"; any other value is refused, naming the key
     is_fuse_QKV = 1          # accepted, no effect (listed in FT_NO_EFFECT, with why)
 
-    [engine]                 # any EngineConfig field; wins over [fastertransformer]
+    [engine]                 # any EngineConfig field (gptjax/config.py); wins over [fastertransformer]
     max_slots = 16
-    decode_steps_per_call = 4
-    batch_window_ms = 2.0    # an idle server waits this long for more requests, to prefill them together
     max_prefill_tokens = 8192  # padded prompt tokens in one prefill: bounds the shapes compiled at start
 
-    [server]
+    [scheduler]              # any SchedulerConfig field
+    decode_steps_per_call = 4
+    batch_window_ms = 2.0    # an idle server waits this long for more requests, to prefill them together
+    max_queued_requests = 256
+
+    [server]                 # any ServerConfig field but the addresses (--host, --port, ... and --api-key)
+    max_batch_size = 64      # rows in one KServe request; wins over [fastertransformer]
     drain_timeout_s = 30     # on SIGTERM, how long in-flight requests may take before they are cut off
     dialect = "v1"           # the FasterTransformer dialect model metadata describes: "v1" or "5.x" (default)
 
-Any other key is refused: the CLI exits 2 with one line naming it.
+Any other key is refused: the CLI exits 2 with one line naming it (and the table it belongs in).
 """
 
 from __future__ import annotations
@@ -47,7 +52,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gptjax.config import EngineConfig, MeshShape, ModelConfig, engine_config_from_dict, load_file
+from gptjax.config import EngineConfig, MeshShape, ModelConfig, check_positive, config_from_dict, load_file
+from gptjax.planning import cdiv
 from serving import pbtxt
 
 DIALECTS = ("v1", "5.x")
@@ -98,7 +104,7 @@ class ConfigError(ValueError):
 
 def megatron_padded_vocab(vocab_size: int, tensor_para_size: int) -> int:
     multiple = MEGATRON_VOCAB_MULTIPLE * tensor_para_size
-    return -(-vocab_size // multiple) * multiple
+    return cdiv(vocab_size, multiple) * multiple
 
 
 def padded_vocab_sizes(vocab_size: int, tensor_para_size: int) -> list[int]:
@@ -110,13 +116,71 @@ def padded_vocab_sizes(vocab_size: int, tensor_para_size: int) -> list[int]:
 
 
 @dataclass(frozen=True)
+class SchedulerConfig:
+    """How the engine loop moves requests through the engine's slots."""
+
+    decode_steps_per_call: int = 4  # decode steps per device call (tokens reach clients in groups this size)
+    batch_window_ms: float = 2.0  # an idle server waits up to this long for more requests to prefill at once
+    max_queued_requests: int = 256  # requests waiting for a slot; more are refused (RESOURCE_EXHAUSTED / 429)
+
+    def __post_init__(self):
+        check_positive(self, ("decode_steps_per_call", "max_queued_requests"))
+        if not 0.0 <= self.batch_window_ms <= 1000.0:
+            raise ValueError(f"SchedulerConfig.batch_window_ms must be in [0, 1000], got {self.batch_window_ms}")
+
+    def replace(self, **changes) -> "SchedulerConfig":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
 class ServerConfig:
+    """What process 0 listens with, and the limits that keep it answering."""
+
+    host: str = "127.0.0.1"
+    port: int = 8001  # gRPC: the native API and KServe v2
+    http_port: int = 8000  # KServe v2 REST, OpenAI, metrics; 0: off
+    metrics_port: int = 8002  # metrics alone; 0: off
+    api_key: str | None = None  # the bearer key every HTTP route but health asks for; None: no key
+    max_message_bytes: int = 16 * 1024 * 1024  # one gRPC message or HTTP body
+    max_batch_size: int = 64  # rows in one KServe request
+    drain_timeout_s: float = 30.0  # on SIGTERM, how long in-flight requests may take before they are cut off
+    dialect: str = DEFAULT_DIALECT  # the FasterTransformer dialect that model metadata and config describe
+    stream_idle_timeout_s: float = 30.0  # a stream waiting on its client for longer is closed (UNAVAILABLE)
+    max_client_streams: int = 128  # streams at the client's pace at once (ModelStreamInfer, watches, reflection)
+    reserved_workers: int = 16  # handler threads beyond those the queue, the slots and those streams can hold
+    keepalive_time_s: float = 60.0  # ping a connection quiet for this long...
+    keepalive_timeout_s: float = 20.0  # ...and close it when the ping is not answered in this long
+    max_connection_idle_s: float = 300.0  # close a connection with no call for this long (clients reconnect)
+
+    def __post_init__(self):
+        check_positive(self, ("max_message_bytes", "max_batch_size", "max_client_streams", "keepalive_time_s",
+                              "keepalive_timeout_s", "max_connection_idle_s", "stream_idle_timeout_s"))
+        if self.reserved_workers < 0 or self.drain_timeout_s < 0:
+            raise ValueError("ServerConfig.reserved_workers and drain_timeout_s must not be negative")
+        if self.dialect not in DIALECTS:
+            raise ValueError(f"ServerConfig.dialect must be one of {', '.join(DIALECTS)}, got {self.dialect!r}")
+
+    def replace(self, **changes) -> "ServerConfig":
+        return dataclasses.replace(self, **changes)
+
+
+ADDRESS_FIELDS = ("host", "port", "http_port", "metrics_port", "api_key")  # flags only: a file shared by hosts
+TABLES = {"engine": EngineConfig, "scheduler": SchedulerConfig, "server": ServerConfig}
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """Everything `gptjax serve` runs with, as one config file (and the command's flags) say it."""
+
     engine: EngineConfig = field(default_factory=EngineConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
     dtype: str | None = None  # from is_half / data_type; --dtype wins
     expected_model: dict = field(default_factory=dict)  # ModelConfig attribute -> value the file asked for
-    drain_timeout_s: float = 30.0
-    dialect: str = DEFAULT_DIALECT  # the FasterTransformer dialect that model metadata and config describe
     source: str = ""
+
+    def replace(self, **changes) -> "ServingConfig":
+        return dataclasses.replace(self, **changes)
 
     def check_model(self, model: ModelConfig) -> None:
         """Raise ConfigError naming every model-shape knob (and end_id) that the loaded model contradicts."""
@@ -182,7 +246,7 @@ def _checked(ft: dict, source: str) -> dict:
 
 
 def _map_fastertransformer(ft: dict, source: str) -> tuple[dict, dict, str | None]:
-    """FasterTransformer knobs -> (EngineConfig changes, expected model shape, dtype)."""
+    """FasterTransformer knobs -> ({table: changes} for [engine] and [server], expected model shape, dtype)."""
     ft = _checked(_canonical(ft, source), source)
     for key, (want, why) in FT_NEUTRAL.items():
         if key in ft and (ft[key].upper() != want if isinstance(want, str) else ft[key] != want):
@@ -190,14 +254,19 @@ def _map_fastertransformer(ft: dict, source: str) -> tuple[dict, dict, str | Non
     engine = {FT_ENGINE[k]: v for k, v in ft.items() if k in FT_ENGINE}
     if "top_p" in engine and engine["top_p"] == 0:
         engine["top_p"] = 1.0  # FasterTransformer's 0 turns top-p off
-    if "max_slots" in engine:
-        engine["max_batch_size"] = engine["max_slots"]
+    server = {"max_batch_size": engine["max_slots"]} if "max_slots" in engine else {}
     mesh = {axis: ft[k] for k, axis in (("tensor_para_size", "tensor"), ("layer_para_size", "stage")) if k in ft}
     if mesh:
         engine["mesh"] = mesh
     if "max_input_len" in ft and "max_seq_len" in ft and ft["max_input_len"] >= ft["max_seq_len"]:
         raise ConfigError(f"{source}: max_input_len {ft['max_input_len']} must be below "
                           f"max_seq_len {ft['max_seq_len']}")
+    expected = {attr: ft[k] for k, attr in FT_MODEL.items() if k in ft}
+    return {"engine": engine, "server": server}, expected, _dtype(ft, source)
+
+
+def _dtype(ft: dict, source: str) -> str | None:
+    """The dtype that data_type (5.x) or is_half (v1) asks for; None when neither is given."""
     dtype = None
     if "data_type" in ft:
         if ft["data_type"].lower() not in FT_DATA_TYPES:
@@ -208,19 +277,18 @@ def _map_fastertransformer(ft: dict, source: str) -> tuple[dict, dict, str | Non
         if dtype is not None and (dtype == "float32") != (half == "float32"):
             raise ConfigError(f"{source}: is_half = {ft['is_half']} contradicts data_type = {ft['data_type']!r}")
         dtype = dtype or half
-    expected = {attr: ft[k] for k, attr in FT_MODEL.items() if k in ft}
-    return engine, expected, dtype
+    return dtype
 
 
-def _declared(top: dict, source: str) -> tuple[dict, str | None]:
-    """A config.pbtxt's top level: (EngineConfig changes, the dialect its input names declare)."""
-    engine = {}
+def _declared(top: dict, source: str) -> dict:
+    """A config.pbtxt's top level -> its [server] changes: max_batch_size, and the dialect its inputs declare."""
+    server = {}
     if "max_batch_size" in top:
         rows = _number(top["max_batch_size"][-1], "max_batch_size", source)
         if rows < 1:
             raise ConfigError(f"{source}: max_batch_size must be at least 1 (the FasterTransformer tensors have a "
                               f"batch dimension), got {rows}")
-        engine["max_batch_size"] = rows
+        server["max_batch_size"] = rows
     names = [t["name"][-1] for t in top.get("input", []) if isinstance(t, dict) and t.get("name")]
     found = {DIALECT_MARKERS[n] for n in names if n in DIALECT_MARKERS}
     if len(found) > 1:
@@ -228,11 +296,13 @@ def _declared(top: dict, source: str) -> tuple[dict, str | None]:
     if names and not found:
         raise ConfigError(f"{source}: the inputs {', '.join(names)} are neither FasterTransformer dialect's "
                           "(v1 declares INPUT_ID, 5.x declares input_ids)")
-    return engine, (found.pop() if found else None)
+    if found:
+        server["dialect"] = found.pop()
+    return server
 
 
-def _read_pbtxt(path: Path) -> tuple[dict, dict, str | None]:
-    """A Triton config.pbtxt -> (its parameters as a [fastertransformer] table, top-level changes, dialect)."""
+def _read_pbtxt(path: Path) -> dict:
+    """A Triton config.pbtxt -> tables: its parameters as [fastertransformer], its top level as [server]."""
     try:
         top = pbtxt.parse(path.read_text())
     except pbtxt.PbtxtError as e:
@@ -244,59 +314,65 @@ def _read_pbtxt(path: Path) -> tuple[dict, dict, str | None]:
         except (KeyError, IndexError, TypeError):
             raise ConfigError(f"{path}: a parameters entry needs key and value {{ string_value }}: {p!r}") from None
         ft[key] = value
-    engine, dialect = _declared(top, str(path))
-    return {"fastertransformer": ft}, engine, dialect
+    return {"fastertransformer": ft, "server": _declared(top, str(path))}
 
 
-def _server_table(server: dict, source: str) -> tuple[float, str]:
-    unknown = sorted(set(server) - {"drain_timeout_s", "dialect"})
-    if unknown:
-        raise ConfigError(f"{source}: unknown [server] key(s): {', '.join(unknown)}")
-    drain = _number(server.get("drain_timeout_s", 30.0), "drain_timeout_s", source, float)
-    if drain < 0:
-        raise ConfigError(f"{source}: drain_timeout_s must not be negative, got {drain}")
-    dialect = server.get("dialect", DEFAULT_DIALECT)
-    if dialect not in DIALECTS:
-        raise ConfigError(f"{source}: dialect must be one of {', '.join(DIALECTS)}, got {dialect!r}")
-    return drain, dialect
+def _table_of(key: str) -> str | None:
+    return next((table for table, cls in TABLES.items() if key in {f.name for f in dataclasses.fields(cls)}), None)
 
 
-def server_config_from_dict(data: dict, source: str = "config", declared: dict | None = None) -> ServerConfig:
-    """`declared`: EngineConfig changes from a config.pbtxt's top level (they win over its parameters)."""
-    unknown = sorted(set(data) - {"fastertransformer", "engine", "server"})
+def _checked_table(name: str, table: dict, source: str) -> dict:
+    """A file's [engine], [scheduler] or [server] table: a key of another table is refused, saying which."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{source}: [{name}] must be a table, got {table!r}")
+    for key in table:
+        home = _table_of(key)
+        if name == "server" and key in ADDRESS_FIELDS:
+            raise ConfigError(f"{source}: [server] {key} is set by the command's flag (--{key.replace('_', '-')}), "
+                              "not by the file")
+        if home is not None and home != name:
+            raise ConfigError(f"{source}: {key} belongs in the [{home}] table, not [{name}]")
+    return table
+
+
+def _merged_mesh(changes: dict, table: dict) -> dict:
+    """A [fastertransformer] mesh and an [engine] mesh, axis by axis ([engine] wins)."""
+    if "mesh" not in changes or "mesh" not in table:
+        return table
+    mesh = table["mesh"]
+    mesh = dataclasses.asdict(MeshShape.parse(mesh)) if isinstance(mesh, str) else dict(mesh)
+    return {**table, "mesh": {**changes["mesh"], **mesh}}
+
+
+def serving_config_from_dict(data: dict, source: str = "config") -> ServingConfig:
+    """The tables of a config file -> a ServingConfig (ConfigError naming what is wrong)."""
+    unknown = sorted(set(data) - {"fastertransformer", *TABLES})
     if unknown:
         raise ConfigError(f"{source}: unknown table(s): {', '.join(unknown)} "
-                          "(expected [fastertransformer], [engine], [server])")
-    engine_changes, expected, dtype = _map_fastertransformer(dict(data.get("fastertransformer", {})), source)
-    engine_changes.update(declared or {})
-    engine_table = dict(data.get("engine", {}))
-    if "mesh" in engine_changes and "mesh" in engine_table:
-        mesh = engine_table["mesh"]
-        mesh = dataclasses.asdict(MeshShape.parse(mesh)) if isinstance(mesh, str) else dict(mesh)
-        engine_table["mesh"] = {**engine_changes["mesh"], **mesh}
-    try:
-        engine = engine_config_from_dict({**engine_changes, **engine_table}, source)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{source}: {e}") from None
-    drain, dialect = _server_table(dict(data.get("server", {})), source)
-    return ServerConfig(engine=engine, dtype=dtype, expected_model=expected, drain_timeout_s=drain, dialect=dialect,
-                        source=source)
+                          "(expected [fastertransformer], [engine], [scheduler], [server])")
+    ft_changes, expected, dtype = _map_fastertransformer(dict(data.get("fastertransformer", {})), source)
+    configs = {}
+    for name, cls in TABLES.items():
+        table = _checked_table(name, dict(data.get(name, {})), source)
+        changes = ft_changes.get(name, {})
+        try:
+            configs[name] = config_from_dict(cls, {**changes, **_merged_mesh(changes, table)}, source)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{source}: {e}") from None
+    return ServingConfig(**configs, dtype=dtype, expected_model=expected, source=source)
 
 
-def server_config_from_file(path: str | Path) -> ServerConfig:
+def serving_config_from_file(path: str | Path) -> ServingConfig:
     """Read a TOML, JSON or Triton config.pbtxt file; raise ConfigError (a ValueError) naming what is wrong."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     if path.suffix == ".pbtxt":
-        data, declared, dialect = _read_pbtxt(path)
-        if dialect:
-            data["server"] = {"dialect": dialect}
-        return server_config_from_dict(data, str(path), declared)
+        return serving_config_from_dict(_read_pbtxt(path), str(path))
     try:
         data = load_file(path)
     except ValueError as e:  # tomllib.TOMLDecodeError and json.JSONDecodeError are ValueErrors
         raise ConfigError(f"{path}: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a table at the top level")
-    return server_config_from_dict(data, str(path))
+    return serving_config_from_dict(data, str(path))

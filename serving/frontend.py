@@ -37,6 +37,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from gptjax.prompts import check_prompt, check_token_ids
 from gptjax.sampling import SamplingParams
 from serving.request import Code, Event, Failed, Finished, Request, Tokens
 
@@ -92,11 +93,11 @@ class Limits:
     top_p: float
 
     @classmethod
-    def of(cls, engine) -> "Limits":
+    def of(cls, engine, max_queued_requests: int, max_batch_size: int) -> "Limits":
         ec, seq = engine.engine_config, engine.max_seq_len
         return cls(vocab_size=engine.config.vocab_size, max_seq_len=seq,
                    max_new_tokens=ec.new_tokens_limit(engine.config), default_max_new_tokens=ec.max_new_tokens,
-                   max_batch_size=ec.max_batch_size, max_queued_requests=ec.max_queued_requests,
+                   max_batch_size=max_batch_size, max_queued_requests=max_queued_requests,
                    max_text_bytes=TEXT_BYTES_PER_POSITION * seq, eos_token_id=ec.eos_token_id,
                    temperature=ec.temperature, top_k=ec.top_k, top_p=ec.top_p)
 
@@ -159,24 +160,12 @@ def _real(value, name: str) -> float:
     return value
 
 
-def _token_ids(ids, name: str, vocab_size: int, most: int, what: str) -> list[int]:
-    """Token ids as a list of ints, each in the vocabulary; at most `most` of them (checked first)."""
-    if isinstance(ids, np.ndarray):
-        if ids.ndim != 1 or ids.dtype.kind not in "iu":
-            raise invalid(f"{name} must be a list of integer token ids, got an array of {ids.dtype} {list(ids.shape)}")
-        ids = ids.tolist()
-    elif isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
-        raise invalid(f"{name} must be a list of token ids, got {type(ids).__name__}")
-    if len(ids) > most:
-        raise invalid(f"{name} has {len(ids)} {what}")
-    out = []
-    for i, t in enumerate(ids):
-        if isinstance(t, bool) or not isinstance(t, numbers.Integral):
-            raise invalid(f"{name}[{i}] must be an integer token id, got {t!r}")
-        if not 0 <= t < vocab_size:
-            raise invalid(f"{name}[{i}] = {int(t)} is outside the vocabulary [0, {vocab_size})")
-        out.append(int(t))
-    return out
+def _checked(check: Callable, *args):
+    """A gptjax.prompts check, its ValueError as INVALID_ARGUMENT with the same message."""
+    try:
+        return check(*args)
+    except ValueError as e:
+        raise invalid(str(e)) from None
 
 
 def _sampling(p: Params, lim: Limits, names: Mapping[str, str]) -> SamplingParams:
@@ -228,9 +217,11 @@ class Frontend:
         self._loaded = False
         self._tokenize_pool = ThreadPoolExecutor(TOKENIZE_THREADS, thread_name_prefix="tokenize")
 
-    def load(self, engine, scheduler) -> None:
-        """The model is built: its limits apply. `ready` turns true once the scheduler accepts."""
-        self.engine, self.scheduler, self.limits = engine, scheduler, Limits.of(engine)
+    def load(self, engine, scheduler, max_batch_size: int) -> None:
+        """The model is built: its limits apply (`max_batch_size`: rows in one KServe request). `ready` turns
+        true once the scheduler accepts."""
+        self.engine, self.scheduler = engine, scheduler
+        self.limits = Limits.of(engine, scheduler.max_queued, max_batch_size)
         self._loaded = True
 
     @property
@@ -299,15 +290,11 @@ class Frontend:
             ids = self.tokenize(p.prompt, names["prompt"])
         else:
             prompt_name, ids = names["prompt"], p.prompt
-        prompt = _token_ids(ids, prompt_name, lim.vocab_size, lim.max_seq_len - 1,
-                            f"tokens; the model holds {lim.max_seq_len} positions, so a prompt may have at most "
-                            f"{lim.max_seq_len - 1}")
-        if not prompt:
-            raise invalid(f"{prompt_name} is empty")
+        prompt = _checked(check_prompt, ids, lim.vocab_size, lim.max_seq_len, prompt_name)
         n_new = self._new_tokens(p.max_new_tokens, len(prompt), names["max_new_tokens"])
         sampling = _sampling(p, lim, names)
-        stops = set(_token_ids(p.stop_ids, names["stop_ids"], lim.vocab_size, MAX_STOP_IDS,
-                               f"entries; at most {MAX_STOP_IDS} are taken"))
+        stops = set(_checked(check_token_ids, p.stop_ids, lim.vocab_size, MAX_STOP_IDS, names["stop_ids"],
+                             f"entries; at most {MAX_STOP_IDS} are taken"))
         if not p.ignore_eos:
             end_id = lim.eos_token_id if p.end_id is None else _integer(p.end_id, names["end_id"], *WIRE_INTS)
             if not 0 <= end_id < lim.vocab_size:

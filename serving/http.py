@@ -38,7 +38,6 @@ from serving.request import Code, Failed, Finished, Request, Tokens
 log = logging.getLogger("gptjax.serving")
 
 HEALTH_PATHS = ("/v2/health/live", "/v2/health/ready")
-DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024  # EngineConfig.max_message_bytes' default, as for gRPC messages
 
 
 class ClientGone(Exception):
@@ -211,8 +210,8 @@ class Context:
     settings known before the model loads."""
 
     frontend: Frontend
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    dialect: str = "5.x"  # what KServe model metadata and config describe (the config.pbtxt's declaration)
+    max_body_bytes: int  # ServerConfig.max_message_bytes, as for gRPC messages
+    dialect: str  # what KServe model metadata and config describe (the config.pbtxt's declaration)
 
     @property
     def metrics(self):

@@ -17,8 +17,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import gptjax
 from serving import kserve_http, openai
+from serving.config import ServerConfig
 from serving.frontend import Frontend, RequestError
-from serving.http import DEFAULT_MAX_BODY_BYTES, ApiKey, BodyTooLarge, ClientGone, Context, error
+from serving.http import ApiKey, BodyTooLarge, ClientGone, Context, error
 from serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from serving.request import Code
 
@@ -128,14 +129,13 @@ class HttpServer:
             sock.close()
 
 
-def start_http(frontend: Frontend, host: str, port: int, metrics_port: int = 0, api_key: str | None = None, *,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, dialect: str = "5.x") -> HttpServer | None:
-    """Listen on `port` (the HTTP app; 0: none) and `metrics_port` (/metrics; 0: none) -> the running server
+def start_http(frontend: Frontend, options: ServerConfig) -> HttpServer | None:
+    """Listen on the HTTP port (the app; 0: none) and the metrics port (/metrics; 0: none) -> the running server
     (`.stop()`), or None when both are 0. Raises OSError naming a port that can't be bound."""
-    ctx = Context(frontend, max_body_bytes=max_body_bytes, dialect=dialect)
+    ctx = Context(frontend, max_body_bytes=options.max_message_bytes, dialect=options.dialect)
     apps = []
-    if port:
-        apps.append((create_app(ctx, api_key), listen(host, port)))
-    if metrics_port:
-        apps.append((create_metrics_app(ctx, api_key), listen(host, metrics_port)))
+    if options.http_port:
+        apps.append((create_app(ctx, options.api_key), listen(options.host, options.http_port)))
+    if options.metrics_port:
+        apps.append((create_metrics_app(ctx, options.api_key), listen(options.host, options.metrics_port)))
     return HttpServer(apps) if apps else None

@@ -37,6 +37,7 @@ import jax
 from gptjax import distributed
 from serving import wire
 from serving.commands import Command, Decode, Idle, Prefill, Reset, Row, Stop
+from serving.config import SchedulerConfig
 from serving.executor import CommandFailed, Executor, Outputs
 from serving.request import Code, Event, Failed, Finished, Request, Tokens
 
@@ -68,13 +69,12 @@ def _pow2_at_least(n: int) -> int:
 
 
 class Scheduler:
-    def __init__(self, engine, max_queued: int | None = None):
-        ec = engine.engine_config
+    def __init__(self, engine, config: SchedulerConfig = SchedulerConfig()):
         self.engine = engine
-        self.slots = ec.max_slots
-        self.steps = ec.decode_steps_per_call
-        self.batch_window_s = ec.batch_window_ms / 1e3
-        self.max_queued = max_queued or ec.max_queued_requests
+        self.slots = engine.engine_config.max_slots
+        self.steps = config.decode_steps_per_call
+        self.batch_window_s = config.batch_window_ms / 1e3
+        self.max_queued = config.max_queued_requests
         self.executor = Executor(engine, self.slots)
         self.stopped = threading.Event()
         self._multi = jax.process_count() > 1

@@ -26,14 +26,14 @@ import sys
 import threading
 import time
 from concurrent import futures
-from dataclasses import dataclass, fields
+from typing import Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from gptjax.config import DEFAULT_PRESET
-from serving import ft, kserve
+from serving import kserve
+from serving.config import ServerConfig, ServingConfig
 from serving.frontend import Frontend, Params, RequestError
 from serving.request import Tokens
 from serving.proto.gptjax.v1 import generator_pb2 as pb
@@ -53,22 +53,6 @@ NATIVE_NAMES = {"max_new_tokens": "max_new_tokens", "temperature": "sampling.tem
 
 class ListenError(ValueError):
     """A port that can't be listened on (the CLI exits 2 with this one line)."""
-
-
-@dataclass(frozen=True)
-class ServerOptions:
-    """The listener's limits; a config file's [server] table may set any of them."""
-
-    stream_idle_timeout_s: float = 30.0  # a stream waiting on its client for longer is closed (UNAVAILABLE)
-    max_client_streams: int = 128  # streams at the client's pace at once (ModelStreamInfer, watches, reflection)
-    reserved_workers: int = 16  # handler threads beyond those the queue, the slots and those streams can hold
-    keepalive_time_s: float = 60.0  # ping a connection quiet for this long...
-    keepalive_timeout_s: float = 20.0  # ...and close it when the ping is not answered in this long
-    max_connection_idle_s: float = 300.0  # close a connection with no call for this long (clients reconnect)
-
-    @classmethod
-    def of(cls, server_config) -> "ServerOptions":
-        return cls(**{f.name: getattr(server_config, f.name) for f in fields(cls) if hasattr(server_config, f.name)})
 
 
 # ---- the native API -------------------------------------------------------------------------------------
@@ -227,13 +211,12 @@ class Server:
     """The gRPC server: every service on one port, registered before the model exists (they answer
     UNAVAILABLE, and health NOT_SERVING, until the front end is loaded and accepting)."""
 
-    def __init__(self, frontend: Frontend, host: str, port: int, ec, options: ServerOptions = ServerOptions(),
-                 dialect: str = ft.V5):
-        check_can_listen(host, port)
-        in_flight = ec.max_queued_requests + ec.max_slots  # generation calls the scheduler holds at most
+    def __init__(self, frontend: Frontend, options: ServerConfig, in_flight: int):
+        """`in_flight`: the generation calls the scheduler holds at most (its queue and its slots)."""
+        check_can_listen(options.host, options.port)
         workers = in_flight + options.max_client_streams + options.reserved_workers
-        opts = [("grpc.max_receive_message_length", ec.max_message_bytes),
-                ("grpc.max_send_message_length", ec.max_message_bytes), ("grpc.so_reuseport", 0),
+        opts = [("grpc.max_receive_message_length", options.max_message_bytes),
+                ("grpc.max_send_message_length", options.max_message_bytes), ("grpc.so_reuseport", 0),
                 # per connection: one client may fill the queue and the slots and still ask for health or info
                 ("grpc.max_concurrent_streams", in_flight + options.reserved_workers),
                 ("grpc.keepalive_time_ms", _ms(options.keepalive_time_s)),
@@ -247,12 +230,12 @@ class Server:
         self.health = health.HealthServicer()
         add_service(self.grpc, HEALTH, HealthServicer(self.health, permits))
         add_service(self.grpc, GENERATOR, GeneratorServicer(frontend))
-        add_service(self.grpc, kserve.SERVICE, kserve.InferenceServicer(frontend, dialect, permits, self.idle))
+        add_service(self.grpc, kserve.SERVICE, kserve.InferenceServicer(frontend, options.dialect, permits, self.idle))
         self.services = [GENERATOR.full_name, kserve.SERVICE.full_name]
         names = (*self.services, HEALTH.full_name, reflection.SERVICE_NAME)
         add_service(self.grpc, REFLECTION, ReflectionServicer(names, permits, self.idle))
         self.set_serving(False)
-        self.address = f"{host}:{port}"
+        self.address = f"{options.host}:{options.port}"
         try:
             bound = self.grpc.add_insecure_port(self.address)
         except RuntimeError:
@@ -271,19 +254,18 @@ class Server:
 class Listeners:
     """What process 0 listens with: the gRPC server and, when asked, the HTTP and metrics ports."""
 
-    def __init__(self, args, frontend: Frontend, server_config, options: ServerOptions):
-        ec = server_config.engine
-        self.grpc = Server(frontend, args.host, args.port, ec, options, server_config.dialect)
+    def __init__(self, frontend: Frontend, config: ServingConfig):
+        options = config.server
+        self.grpc = Server(frontend, options, config.scheduler.max_queued_requests + config.engine.max_slots)
         self.http = None
-        http_port, metrics_port = getattr(args, "http_port", 0), getattr(args, "metrics_port", 0)
+        http_port, metrics_port = options.http_port, options.metrics_port
         if http_port or metrics_port:
             from serving.http_app import start_http
             from serving.metrics import Metrics
 
             frontend.metrics = Metrics(frontend.name)
             try:
-                self.http = start_http(frontend, args.host, http_port, metrics_port, getattr(args, "api_key", None),
-                                       max_body_bytes=ec.max_message_bytes, dialect=server_config.dialect)
+                self.http = start_http(frontend, options)
             except OSError as e:
                 self.grpc.grpc.stop(0)
                 raise ListenError(str(e)) from None
@@ -316,16 +298,6 @@ class Signals:
         self.first.set()
 
 
-def _launcher_rank(args) -> int:
-    """This process's rank as the flags or the launcher tell it, known before jax.distributed starts."""
-    from gptjax import distributed
-
-    if getattr(args, "process_id", None) is not None:
-        return int(args.process_id)
-    launched = distributed.launcher_env()
-    return launched["process_id"] if launched else 0
-
-
 def _log_to_stderr() -> None:
     if not log.handlers:  # our own lines on stderr, without turning on every library's INFO logging
         handler = logging.StreamHandler(sys.stderr)
@@ -334,32 +306,29 @@ def _log_to_stderr() -> None:
         log.setLevel(logging.INFO)
 
 
-def serve(args, build_engine, options: ServerOptions | None = None) -> int:
-    """Build the engine (every process), serve on process 0, follow on the others. -> 0 after a clean
-    drain, 1 when the engine loop failed, 128 + the signal's number when a second signal cut the drain short.
-    Raises ListenError (a ValueError: the CLI exits 2) when a port can't be listened on."""
+def serve(config: ServingConfig, model_name: str, build_engine: Callable[[], object], rank: int = 0) -> int:
+    """Build the engine (every process), serve on process 0, follow on the others. `rank`: this process's
+    index as its launcher tells it, known before jax.distributed starts; `model_name`: what the APIs call the
+    model. -> 0 after a clean drain, 1 when the engine loop failed, 128 + the signal's number when a second
+    signal cut the drain short. Raises ListenError (a ValueError: the CLI exits 2) when a port can't be
+    listened on."""
     from gptjax import distributed
-    from serving.config import ServerConfig, server_config_from_file
     from serving.scheduler import Scheduler
 
     _log_to_stderr()
-    server_config = server_config_from_file(args.config) if args.config else ServerConfig()
-    if server_config.dtype and not args.dtype:
-        args.dtype = server_config.dtype
-    options = options or ServerOptions.of(server_config)
-    frontend = Frontend(args.checkpoint or args.model or DEFAULT_PRESET)
+    frontend = Frontend(model_name)
     # Process 0 listens before the model loads, so health says NOT_SERVING (not "connection refused") meanwhile.
-    listeners = Listeners(args, frontend, server_config, options) if _launcher_rank(args) == 0 else None
+    listeners = Listeners(frontend, config) if rank == 0 else None
     if listeners is not None:
         log.info("listening on %s (loading the model)", listeners.description)
     try:
-        engine = build_engine(args)
-        server_config.check_model(engine.config)
+        engine = build_engine()
+        config.check_model(engine.config)
     except BaseException:
         if listeners is not None:
             listeners.stop(0)
         raise
-    scheduler = Scheduler(engine)
+    scheduler = Scheduler(engine, config.scheduler)
     if not distributed.is_main_process():
         if listeners is not None:
             listeners.stop(0)
@@ -369,12 +338,12 @@ def serve(args, build_engine, options: ServerOptions | None = None) -> int:
         scheduler.warmup()
         scheduler.follow()
         return 0
-    listeners = listeners or Listeners(args, frontend, server_config, options)
-    return _serve_main(listeners, frontend, engine, scheduler, server_config.drain_timeout_s)
+    listeners = listeners or Listeners(frontend, config)
+    return _serve_main(listeners, frontend, engine, scheduler, config.server)
 
 
-def _serve_main(listeners: Listeners, frontend: Frontend, engine, scheduler, drain_timeout_s: float) -> int:
-    frontend.load(engine, scheduler)
+def _serve_main(listeners: Listeners, frontend: Frontend, engine, scheduler, options: ServerConfig) -> int:
+    frontend.load(engine, scheduler, options.max_batch_size)
     if frontend.metrics is not None:
         frontend.metrics.watch(scheduler, engine)
     signals = Signals()
@@ -387,7 +356,7 @@ def _serve_main(listeners: Listeners, frontend: Frontend, engine, scheduler, dra
     while not signals.first.wait(0.5) and loop.is_alive():
         pass
     failed = not loop.is_alive() and not signals.first.is_set()
-    code = _drain(listeners, scheduler, signals, drain_timeout_s)
+    code = _drain(listeners, scheduler, signals, options.drain_timeout_s)
     log.info("stopped")
     return 1 if failed else code
 

@@ -31,6 +31,8 @@ class _ModelShape:
 
 
 class _Scheduler:
+    max_queued = 256
+
     def __init__(self):
         self.accepting = True
         self.submitted = []
@@ -51,7 +53,7 @@ class _Scheduler:
 @pytest.fixture
 def frontend():
     f = Frontend("gpt2-tiny")
-    f.load(_ModelShape(temperature=0.7, top_k=40, top_p=0.9, max_new_tokens=16), _Scheduler())
+    f.load(_ModelShape(temperature=0.7, top_k=40, top_p=0.9, max_new_tokens=16), _Scheduler(), max_batch_size=64)
     return f
 
 

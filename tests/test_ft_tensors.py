@@ -18,7 +18,7 @@ from test_frontend import _ModelShape, _Scheduler
 @pytest.fixture
 def frontend():
     f = Frontend("gpt2-tiny")
-    f.load(_ModelShape(temperature=1.0, top_k=0, top_p=1.0), _Scheduler())
+    f.load(_ModelShape(temperature=1.0, top_k=0, top_p=1.0), _Scheduler(), max_batch_size=64)
     return f
 
 

@@ -35,9 +35,9 @@ PROMPT = [464, 2068, 7586, 21831]
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     config = tmp_path_factory.mktemp("hardening") / "server.toml"
-    config.write_text('[engine]\nmax_queued_requests = 16\n\n[server]\ndialect = "v1"\n')
-    proc, target, log = start_server("--config", str(config),
-                                     options={"stream_idle_timeout_s": IDLE_S, "max_client_streams": 320})
+    config.write_text(f'[scheduler]\nmax_queued_requests = 16\n\n[server]\ndialect = "v1"\n'
+                      f'stream_idle_timeout_s = {IDLE_S}\nmax_client_streams = 320\n')
+    proc, target, log = start_server("--config", str(config))
     try:
         wait_serving(proc, target, log)
         yield proc, target

@@ -106,3 +106,23 @@ def test_gptjax_imports_nothing_from_the_folders_built_on_it():
               if module.split(".")[0] == "gptjax" and module not in DISPATCHERS
               for target in targets if target.split(".")[0] != "gptjax"}
     assert upward == set()
+
+
+def long_functions(packages=("gptjax", "serving"), most: int = 60) -> list[str]:
+    """Functions (and methods) of the product code longer than `most` lines, as `path:line name (n lines)`."""
+    found = []
+    for package in packages:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            if "proto" in path.relative_to(ROOT).parts:  # generated
+                continue
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    lines = node.end_lineno - node.lineno + 1
+                    if lines > most:
+                        found.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines} lines)")
+    return found
+
+
+def test_functions_fit_on_a_screen():
+    assert long_functions() == []
+    assert len((ROOT / "gptjax" / "engine.py").read_text().splitlines()) < 300

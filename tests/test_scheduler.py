@@ -10,6 +10,7 @@ import pytest
 
 from gptjax.config import EngineConfig
 from gptjax.sampling import SamplingParams
+from serving.config import SchedulerConfig
 from serving.request import Code, Failed, Finished, Request, Tokens
 from serving.scheduler import NotAccepting, QueueFull, Scheduler
 
@@ -36,7 +37,8 @@ class FakeEngine:
     """A slot's token at position p is (its first prompt token + p) % 97; the engine calls are recorded."""
 
     def __init__(self, slots=2, steps=3, prefill_tokens=1024):
-        self.engine_config = EngineConfig(max_slots=slots, decode_steps_per_call=steps, max_queued_requests=4)
+        self.engine_config = EngineConfig(max_slots=slots)
+        self.scheduling = SchedulerConfig(decode_steps_per_call=steps, max_queued_requests=4)  # for its Scheduler
         self.prefill_tokens = prefill_tokens  # the token budget of one prefill
         self.calls = []
         self.live = []  # the live slots of each decode call
@@ -100,7 +102,7 @@ def collect(r):
 
 def test_continuous_batching_with_more_requests_than_slots():
     engine = FakeEngine(slots=2, steps=3)
-    sched = Scheduler(engine)
+    sched = Scheduler(engine, engine.scheduling)
     with pytest.raises(NotAccepting):
         sched.submit([request(1, 1, 1)])
     sched.accept()
@@ -122,7 +124,7 @@ def test_continuous_batching_with_more_requests_than_slots():
 
 def test_decode_calls_name_the_live_slots():
     engine = FakeEngine(slots=2, steps=2)
-    sched = Scheduler(engine)
+    sched = Scheduler(engine, engine.scheduling)
     sched.accept()
     short, long = request(1, 1, 3), request(5, 1, 7)
     sched.submit([short, long])
@@ -137,7 +139,7 @@ def test_decode_calls_name_the_live_slots():
 
 def test_the_next_decode_call_is_dispatched_before_the_last_one_is_read():
     engine = FakeEngine(slots=2, steps=2)
-    sched = Scheduler(engine)
+    sched = Scheduler(engine, engine.scheduling)
     sched.accept()
     r = request(1, 1, 7)  # the prefill's token, then three calls of two
     sched.submit([r])
@@ -153,7 +155,7 @@ def test_the_next_decode_call_is_dispatched_before_the_last_one_is_read():
 
 def test_a_stop_token_ends_the_stream_though_its_slot_stepped_on():
     engine = FakeEngine(slots=1, steps=2)
-    sched = Scheduler(engine)
+    sched = Scheduler(engine, engine.scheduling)
     sched.accept()
     stopped, after = request(1, 1, 100, stops={4}), request(50, 1, 3)
     sched.submit([stopped])
@@ -169,7 +171,7 @@ def test_a_stop_token_ends_the_stream_though_its_slot_stepped_on():
 
 def test_warmup_compiles_every_shape_the_loop_runs_and_a_burst_runs_in_those_shapes():
     engine = FakeEngine(slots=4, steps=2, prefill_tokens=32)  # at most 2 rows of 16 tokens, 1 of 32
-    sched = Scheduler(engine)
+    sched = Scheduler(engine, engine.scheduling)
     sched.warmup()
     assert sorted(engine.calls) == sorted([("compiled prefill", 1, 16), ("compiled prefill", 2, 16),
                                            ("compiled prefill", 1, 32),
@@ -194,7 +196,7 @@ def test_warmup_compiles_every_shape_the_loop_runs_and_a_burst_runs_in_those_sha
 
 def test_cancelled_request_frees_its_slot():
     engine = FakeEngine(slots=1, steps=2)
-    sched = Scheduler(engine)
+    sched = Scheduler(engine, engine.scheduling)
     sched.accept()
     long, short = request(1, 1, 10**9), request(5, 1, 3)
     sched.submit([long])
@@ -212,8 +214,8 @@ def test_cancelled_request_frees_its_slot():
 @pytest.mark.parametrize("window_ms, first_rows", [(1000.0, 4), (0.0, 1)])
 def test_an_idle_server_waits_its_batch_window_so_a_burst_shares_one_prefill(window_ms, first_rows):
     engine = FakeEngine(slots=4, steps=2)
-    engine.engine_config = engine.engine_config.replace(batch_window_ms=window_ms)
-    sched = Scheduler(engine)
+    engine.scheduling = engine.scheduling.replace(batch_window_ms=window_ms)
+    sched = Scheduler(engine, engine.scheduling)
     sched.accept()
     loop = threading.Thread(target=sched.run)
     loop.start()
@@ -281,7 +283,7 @@ def test_a_failing_prefill_ends_only_its_requests_and_the_loop_serves_on():
     rng = np.random.default_rng()
     first, bad = (int(v) for v in rng.choice(np.arange(1, 90), 2, replace=False))
     engine = FailingEngine(bad=bad, slots=2, steps=2)
-    sched = Scheduler(engine)
+    sched = Scheduler(engine, engine.scheduling)
     sched.accept()
     good, failing = request(first, 1, 5), request(bad, 20, 5)  # prompt buckets 16 and 32: two prefills
     sched.submit([good, failing])
@@ -298,7 +300,7 @@ def test_a_failing_prefill_ends_only_its_requests_and_the_loop_serves_on():
 
 def test_a_call_that_fails_on_the_device_fails_the_live_requests_and_the_next_run_on_a_fresh_state():
     engine = FailingEngine(broken=2, slots=2, steps=2)
-    sched = Scheduler(engine)
+    sched = Scheduler(engine, engine.scheduling)
     sched.accept()
     a, b = request(10, 1, 50), request(20, 1, 50)
     sched.submit([a, b])
@@ -315,7 +317,7 @@ def test_a_call_that_fails_on_the_device_fails_the_live_requests_and_the_next_ru
 
 def test_values_that_do_not_fit_the_command_fields_fail_their_request_and_nothing_else():
     engine = FakeEngine(slots=2, steps=2)
-    sched = Scheduler(engine, max_queued=8)
+    sched = Scheduler(engine, engine.scheduling.replace(max_queued_requests=8))
     sched.accept()
     big_top_k = Request([1, 2], 3, SamplingParams(temperature=1.0, top_k=2**31), frozenset())
     big_token = request(2**31, 2, 3)
@@ -335,7 +337,7 @@ def test_values_that_do_not_fit_the_command_fields_fail_their_request_and_nothin
 
 def test_queued_requests_past_their_deadline_leave_the_queue_at_once():
     engine = FakeEngine(slots=2, steps=2)
-    sched = Scheduler(engine, max_queued=16)
+    sched = Scheduler(engine, engine.scheduling.replace(max_queued_requests=16))
     sched.accept()
     busy = [request(1, 1, 10**9), request(2, 1, 10**9)]
     sched.submit(busy)
@@ -364,7 +366,7 @@ def test_queued_requests_past_their_deadline_leave_the_queue_at_once():
 
 def test_a_request_cancelled_in_the_queue_leaves_it_at_once():
     engine = FakeEngine(slots=1, steps=2)
-    sched = Scheduler(engine)
+    sched = Scheduler(engine, engine.scheduling)
     sched.accept()
     busy, queued, after = request(1, 1, 10**9), request(5, 1, 3), request(9, 1, 2)
     sched.submit([busy])

@@ -42,16 +42,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(*args, env=None, port=None, options=None):
-    """`gptjax serve --port PORT ARGS` in a subprocess; with `options` (ServerOptions fields), through the
-    test launcher that passes them."""
+def start_server(*args, env=None, port=None):
+    """`gptjax serve --port PORT ARGS` in a subprocess."""
     port = port or free_port()
     log = open(os.environ.get("TMPDIR", "/tmp") + f"/gptjax-serve-{port}.log", "w+")
     if "--http-port" not in args:  # the gRPC port alone unless asked: test servers never share a fixed port
         args = (*args, "--http-port", "0", "--metrics-port", "0")
-    command = ["-m", "gptjax", "serve"] if options is None else \
-        [str(REPO / "tests" / "launchers" / "serve_with_options.py"), json.dumps(options)]
-    proc = subprocess.Popen([sys.executable, *command, "--port", str(port), *args], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, "-m", "gptjax", "serve", "--port", str(port), *args], cwd=REPO,
                             env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO), **(env or {})},
                             stdout=log, stderr=log)
     return proc, f"127.0.0.1:{port}", log

@@ -70,8 +70,8 @@ def test_summary_of_hand_made_timings():
 @pytest.fixture(scope="module")
 def small_server(tmp_path_factory):
     config = tmp_path_factory.mktemp("serving-bench") / "server.toml"
-    config.write_text("[engine]\nmax_slots = 4\nmax_seq_len = 64\ndecode_steps_per_call = 2\n"
-                      "max_queued_requests = 32\n")
+    config.write_text("[engine]\nmax_slots = 4\nmax_seq_len = 64\n\n"
+                      "[scheduler]\ndecode_steps_per_call = 2\nmax_queued_requests = 32\n")
     proc, target, log = start_server("--config", str(config))
     try:
         wait_serving(proc, target, log)

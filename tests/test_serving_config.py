@@ -1,11 +1,12 @@
-"""The server's config files: TOML/JSON tables and Triton's config.pbtxt, mapped onto the engine config."""
+"""The server's config files: TOML/JSON tables and Triton's config.pbtxt, mapped onto the engine, scheduler and
+server configs."""
 
 from __future__ import annotations
 
 import pytest
 
 from gptjax.config import MeshShape, preset
-from serving.config import ConfigError, server_config_from_file
+from serving.config import ConfigError, serving_config_from_file
 
 
 def test_fastertransformer_knobs_map_onto_the_engine_config(tmp_path):
@@ -26,18 +27,18 @@ batch_size = 16
 is_fuse_QKV = 1
 layer_para_batch_size = 4
 
-[engine]
+[scheduler]
 decode_steps_per_call = 2
 
 [server]
 drain_timeout_s = 5
 """)
-    cfg = server_config_from_file(path)
+    cfg = serving_config_from_file(path)
     e = cfg.engine
-    assert (e.top_k, e.top_p, e.max_seq_len, e.max_slots, e.max_batch_size, e.decode_steps_per_call) == \
-        (1, 1.0, 128, 16, 16, 2)
+    assert (e.top_k, e.top_p, e.max_seq_len, e.max_slots, cfg.server.max_batch_size) == (1, 1.0, 128, 16, 16)
+    assert cfg.scheduler.decode_steps_per_call == 2
     assert e.mesh == MeshShape(data=1, stage=2, tensor=4)
-    assert cfg.dtype == "float16" and cfg.drain_timeout_s == 5
+    assert cfg.dtype == "float16" and cfg.server.drain_timeout_s == 5
     cfg.check_model(preset("gpt2-tiny"))  # 8 heads of 16, 4 layers, 50257 tokens
 
 
@@ -45,8 +46,8 @@ def test_engine_table_wins_and_a_wrong_model_is_named(tmp_path):
     path = tmp_path / "server.toml"
     path.write_text('[fastertransformer]\nbatch_size = 16\nhead_num = 12\ndecoder_layers = 4\n'
                     '[engine]\nmax_slots = 4\n')
-    cfg = server_config_from_file(path)
-    assert (cfg.engine.max_slots, cfg.engine.max_batch_size) == (4, 16)
+    cfg = serving_config_from_file(path)
+    assert (cfg.engine.max_slots, cfg.server.max_batch_size) == (4, 16)
     with pytest.raises(ConfigError, match="n_heads=12 but the model has 8"):
         cfg.check_model(preset("gpt2-tiny"))
 
@@ -56,7 +57,7 @@ def test_triton_pbtxt_is_read(tmp_path):
     path.write_text('name: "fastertransformer"\nbackend: "fastertransformer"\nparameters {\n  key: "top_k"\n'
                     '  value: {\n    string_value: "40"\n  }\n}\nparameters { key: "top_p" value: '
                     '{ string_value: "0.9" } }\nparameters { key: "tensor_para_size" value: { string_value: "2" } }\n')
-    cfg = server_config_from_file(path)
+    cfg = serving_config_from_file(path)
     assert (cfg.engine.top_k, cfg.engine.top_p, cfg.engine.mesh.tensor) == (40, 0.9, 2)
 
 
@@ -67,13 +68,18 @@ def test_triton_pbtxt_is_read(tmp_path):
     ("[fastertransformer]\nis_half = 3\n", "is_half"),
     ("[fastertransformer]\nbatch_size = 'many'\n", "batch_size"),
     ("[engine]\nmax_slots = 0\n", "max_slots"),
+    ("[engine]\ndecode_steps_per_call = 2\n", "decode_steps_per_call belongs in the \\[scheduler\\] table"),
+    ("[server]\nmax_slots = 2\n", "max_slots belongs in the \\[engine\\] table"),
+    ("[server]\nport = 9000\n", "--port"),
+    ("[scheduler]\nbatch_window_ms = 5000\n", "batch_window_ms"),
+    ("[server]\ndialect = 'v2'\n", "dialect"),
     ("[fastertransformer\n", "server.toml"),
 ])
 def test_bad_config_files_name_the_problem(tmp_path, text, word):
     path = tmp_path / "server.toml"
     path.write_text(text)
     with pytest.raises(ValueError, match=word):
-        server_config_from_file(path)
+        serving_config_from_file(path)
 
 
 # ---- Triton config.pbtxt files as the FasterTransformer backend's examples write them ----------------------------
@@ -114,10 +120,11 @@ V5_PARAMETERS = dict(tensor_para_size=1, pipeline_para_size=1, data_type="fp16",
 def test_the_2021_example_config_loads_unchanged(tmp_path):
     path = tmp_path / "config.pbtxt"
     path.write_text(pbtxt(V1_INPUTS, V1_OUTPUTS, max_batch_size=128, **V1_PARAMETERS))
-    cfg = server_config_from_file(path)
+    cfg = serving_config_from_file(path)
     e = cfg.engine
-    assert cfg.dialect == "v1" and cfg.dtype == "float16"
-    assert (e.top_k, e.top_p, e.temperature, e.max_seq_len, e.max_slots, e.max_batch_size) == (1, 1.0, 1.0, 32, 128, 128)
+    assert cfg.server.dialect == "v1" and cfg.dtype == "float16"
+    assert (e.top_k, e.top_p, e.temperature, e.max_seq_len, e.max_slots) == (1, 1.0, 1.0, 32, 128)
+    assert cfg.server.max_batch_size == 128
     assert e.mesh == MeshShape(tensor=8)
     cfg.check_model(preset("megatron-345m"))  # 50304 is 50257 padded to a multiple of 128
 
@@ -127,14 +134,15 @@ def test_the_v11_and_5x_example_configs_load_unchanged(tmp_path):
     params = {k: v for k, v in V1_PARAMETERS.items() if k not in ("candidate_num", "probability_threshold",
                                                                    "layer_para_size")}
     path.write_text(pbtxt(V1_INPUTS, V1_OUTPUTS, max_batch_size=16, **{**params, **V11_PARAMETERS}))
-    cfg = server_config_from_file(path)
-    assert (cfg.dialect, cfg.engine.max_batch_size, cfg.engine.max_slots, cfg.engine.eos_token_id) == ("v1", 16, 128, 50256)
+    cfg = serving_config_from_file(path)
+    assert (cfg.server.dialect, cfg.server.max_batch_size, cfg.engine.max_slots, cfg.engine.eos_token_id) == \
+        ("v1", 16, 128, 50256)
     cfg.check_model(preset("megatron-345m"))  # inter_size 4096 = 4 x 1024
 
     path.write_text(pbtxt(V5_INPUTS, V5_OUTPUTS, max_batch_size=1024, **V5_PARAMETERS))
-    cfg = server_config_from_file(path)
-    assert (cfg.dialect, cfg.dtype, cfg.engine.max_batch_size) == ("5.x", "float16", 1024)
-    assert server_config_from_file(write(tmp_path, pbtxt(top_k=2))).dialect == "5.x"  # none declared
+    cfg = serving_config_from_file(path)
+    assert (cfg.server.dialect, cfg.dtype, cfg.server.max_batch_size) == ("5.x", "float16", 1024)
+    assert serving_config_from_file(write(tmp_path, pbtxt(top_k=2))).server.dialect == "5.x"  # none declared
 
 
 def write(tmp_path, text: str, name="config.pbtxt"):
@@ -159,17 +167,17 @@ def write(tmp_path, text: str, name="config.pbtxt"):
 ])
 def test_a_refused_parameter_is_named_with_why(tmp_path, parameters, words):
     with pytest.raises(ConfigError, match=words):
-        server_config_from_file(write(tmp_path, pbtxt(V1_INPUTS, V1_OUTPUTS, **parameters)))
+        serving_config_from_file(write(tmp_path, pbtxt(V1_INPUTS, V1_OUTPUTS, **parameters)))
 
 
 def test_vocab_size_must_be_the_model_vocabulary_or_its_megatron_padding(tmp_path):
     tiny = preset("gpt2-tiny")  # 50257 tokens
     for vocab in (50257, 50304, 51200):  # exact; padded for 1 and for 8 tensor-parallel parts
-        server_config_from_file(write(tmp_path, pbtxt(vocab_size=vocab, tensor_para_size=8))).check_model(tiny)
+        serving_config_from_file(write(tmp_path, pbtxt(vocab_size=vocab, tensor_para_size=8))).check_model(tiny)
     with pytest.raises(ConfigError, match=r"vocab_size=50305 but the model has 50257 \(padded .*50304"):
-        server_config_from_file(write(tmp_path, pbtxt(vocab_size=50305))).check_model(tiny)
+        serving_config_from_file(write(tmp_path, pbtxt(vocab_size=50305))).check_model(tiny)
     with pytest.raises(ConfigError, match=r"end_id=60000 is outside"):
-        server_config_from_file(write(tmp_path, pbtxt(end_id=60000))).check_model(tiny)
+        serving_config_from_file(write(tmp_path, pbtxt(end_id=60000))).check_model(tiny)
 
 
 @pytest.mark.parametrize("text, words", [
@@ -181,7 +189,7 @@ def test_vocab_size_must_be_the_model_vocabulary_or_its_megatron_padding(tmp_pat
 ])
 def test_bad_pbtxt_structure_is_named(tmp_path, text, words):
     with pytest.raises(ConfigError, match=words):
-        server_config_from_file(write(tmp_path, text))
+        serving_config_from_file(write(tmp_path, text))
 
 
 def test_serve_exits_2_naming_a_refused_key(tmp_path):

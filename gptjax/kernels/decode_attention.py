@@ -60,7 +60,7 @@ def default_params(batch: int, heads: int, max_seq: int, head_dim: int, itemsize
     # the pipelined key and value tiles (and the 16-row query) live in shared memory: fp32 needs smaller ones
     while (16 + 2 * stages * block_k) * max(16, head_dim) * itemsize > SHARED_MEMORY and block_k > 16:
         block_k //= 2
-    n_blocks = -(-max_seq // block_k)
+    n_blocks = pl.cdiv(max_seq, block_k)
     splits = 1
     while (batch * heads * splits < TARGET_PROGRAMS and splits * 2 <= n_blocks
            and max_seq // (splits * 2) >= MIN_SPLIT_KEYS):
@@ -82,7 +82,7 @@ def choose_params(batch: int, heads: int, max_seq: int, head_dim: int, itemsize:
 
     (_, _, _, table_seq), (group, block_k, splits, warps, stages, use_dot) = min(entries, key=distance)
     keys_per_split = table_seq / splits
-    splits = max(1, min(round(max_seq / keys_per_split), -(-max_seq // block_k)))
+    splits = max(1, min(round(max_seq / keys_per_split), pl.cdiv(max_seq, block_k)))
     return DecodeParams(group, min(block_k, max(16, pl.next_power_of_2(max_seq))), splits, warps, stages,
                         use_dot)
 
@@ -131,13 +131,7 @@ def _per_head_kernel(len_ref, q_ref, k_ref, v_ref, *out_refs, sm_scale: float, b
 
     def body(j, carry, masked: bool):
         acc, m_prev, l_prev = carry
-        idx = pl.ds(j * block_k, block_k)
-        if masked:  # the one block that crosses the sequence's end: never read past it (nor past the cache)
-            ok = (start + j * block_k + lax.broadcasted_iota(jnp.int32, (block_k, head_dim), 0)) < length
-            k = plgpu.load(k_ref.at[idx, :], mask=ok, other=0.0)
-            v = plgpu.load(v_ref.at[idx, :], mask=ok, other=0.0)
-        else:
-            k, v = k_ref[idx, :], v_ref[idx, :]
+        k, v = _load_kv_block(k_ref, v_ref, j, block_k, start, length, masked)
         if rows == 1:
             s = jnp.sum(k.astype(jnp.float32) * q[None, :], axis=1)[None, :]  # [1, block_k]
         else:
@@ -161,6 +155,16 @@ def _per_head_kernel(len_ref, q_ref, k_ref, v_ref, *out_refs, sm_scale: float, b
     _store(out_refs, acc / jnp.where(l == 0.0, 1.0, l), m, l, split)
 
 
+def _load_kv_block(k_ref, v_ref, j, block_k: int, start, length, masked: bool):
+    """Key block j of a chunk starting at `start`, keys then values. `masked`: the one block that crosses the
+    sequence's end, read without going past it (nor past the cache); its rows past the end are zeros."""
+    idx = pl.ds(j * block_k, block_k)
+    if not masked:
+        return k_ref[idx, :], v_ref[idx, :]
+    ok = (start + j * block_k + lax.broadcasted_iota(jnp.int32, (block_k, k_ref.shape[-1]), 0)) < length
+    return plgpu.load(k_ref.at[idx, :], mask=ok, other=0.0), plgpu.load(v_ref.at[idx, :], mask=ok, other=0.0)
+
+
 def _head_group_kernel(len_ref, q_ref, k_ref, v_ref, *out_refs, sm_scale: float, block_k: int, chunk: int,
                        split: bool, head_dim: int, cols: int, max_seq: int):
     """G heads of one sequence's chunk: q_ref [G*d], k_ref and v_ref [chunk, G*d]; `cols` = max(G, 16)
@@ -177,13 +181,7 @@ def _head_group_kernel(len_ref, q_ref, k_ref, v_ref, *out_refs, sm_scale: float,
 
     def body(j, carry, masked: bool):
         acc, m_prev, l_prev = carry
-        idx = pl.ds(j * block_k, block_k)
-        if masked:  # the one block that crosses the sequence's end: never read past it (nor past the cache)
-            ok = (start + j * block_k + lax.broadcasted_iota(jnp.int32, (block_k, width), 0)) < length
-            k = plgpu.load(k_ref.at[idx, :], mask=ok, other=0.0)
-            v = plgpu.load(v_ref.at[idx, :], mask=ok, other=0.0)
-        else:
-            k, v = k_ref[idx, :], v_ref[idx, :]
+        k, v = _load_kv_block(k_ref, v_ref, j, block_k, start, length, masked)
         s = plgpu.dot(k, q_bd) * scale  # [block_k, cols]: column h is head h's scores
         if masked:
             kpos = start + j * block_k + lax.broadcasted_iota(jnp.int32, s.shape, 0)
@@ -227,8 +225,8 @@ def decode_attention(q, k_cache, v_cache, lengths, *, interpret: bool = False, b
         q, k_cache, v_cache = (jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, padded_d - head_dim)])
                                for x in (q, k_cache, v_cache))
     # chunks are whole blocks; the last chunk may reach past max_seq, and its masked loads never read there
-    chunk = -(-(-(-max_seq // params.num_splits)) // params.block_k) * params.block_k
-    splits = -(-max_seq // chunk)
+    chunk = pl.cdiv(pl.cdiv(max_seq, params.num_splits), params.block_k) * params.block_k
+    splits = pl.cdiv(max_seq, chunk)
     launch = _launch_per_head if params.heads_per_program == 1 else _launch_head_group
     out = launch(q, k_cache, v_cache, lengths, params, chunk, splits, 1.0 / math.sqrt(head_dim), interpret)
     if splits > 1:

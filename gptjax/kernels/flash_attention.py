@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,8 +32,23 @@ LOG2_E = math.log2(math.e)
 SHARED_MEMORY = 227 * 1024  # per block on an H100
 
 
-def default_blocks(seq: int, head_dim: int, itemsize: int = 2) -> tuple[int, int, int, int, bool]:
-    """(block_q, block_k, num_warps, num_stages, heads_first), tuned on an H100 (benchmarks/kernels.py)."""
+class BlockSizes(NamedTuple):
+    """One launch's tuning: tile sizes, Triton's warps and pipeline stages, and the launch order."""
+
+    block_q: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    heads_first: bool
+
+
+def _shared_bytes(block_q: int, block_k: int, stages: int, head_dim: int, itemsize: int) -> int:
+    """What Triton keeps in shared memory: the query tile and `stages` key and value tiles."""
+    return (block_q + 2 * stages * block_k) * max(16, head_dim) * itemsize
+
+
+def default_blocks(seq: int, head_dim: int, itemsize: int = 2) -> BlockSizes:
+    """Tuned on an H100 (benchmarks/kernels.py)."""
     if head_dim <= 64 and seq <= 1024:
         block_q, block_k, warps, stages, heads_first = 128, 64, 8, 3, False
     elif head_dim <= 64:
@@ -41,15 +57,13 @@ def default_blocks(seq: int, head_dim: int, itemsize: int = 2) -> tuple[int, int
         block_q, block_k, warps, stages, heads_first = 128, 128, 8, 3, False
     cap = max(16, pl.next_power_of_2(seq))
     block_q, block_k = min(block_q, cap), min(block_k, cap)
-    # Triton keeps the query tile and `stages` key and value tiles in shared memory (seen on an H100: 288 KiB
-    # asked for bf16 128x128 tiles, head_dim 128, 4 stages). fp32 tiles are twice the bytes: give up stages,
-    # then key rows, until they fit
-    smem = lambda: (block_q + 2 * stages * block_k) * max(16, head_dim) * itemsize
-    while smem() > SHARED_MEMORY and stages > 2:
+    # seen on an H100: 288 KiB asked for bf16 128x128 tiles, head_dim 128, 4 stages. fp32 tiles are twice the
+    # bytes: give up stages, then key rows, until they fit
+    while _shared_bytes(block_q, block_k, stages, head_dim, itemsize) > SHARED_MEMORY and stages > 2:
         stages -= 1
-    while smem() > SHARED_MEMORY and block_k > 16:
+    while _shared_bytes(block_q, block_k, stages, head_dim, itemsize) > SHARED_MEMORY and block_k > 16:
         block_k //= 2
-    return block_q, block_k, warps, stages, heads_first
+    return BlockSizes(block_q, block_k, warps, stages, heads_first)
 
 
 def _flash_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, *, sm_scale: float, block_q: int, block_k: int,
@@ -115,17 +129,16 @@ def flash_attention(q, k, v, *, lengths=None, causal: bool = True, interpret: bo
     batch, seq, heads, head_dim = q.shape
     if k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"q, k, v must have one shape, got {q.shape}, {k.shape}, {v.shape}")
-    d_bq, d_bk, d_warps, d_stages, d_heads_first = default_blocks(seq, pl.next_power_of_2(head_dim),
-                                                                  q.dtype.itemsize)
-    block_q, block_k = block_q or d_bq, block_k or d_bk
-    num_warps, num_stages = num_warps or d_warps, num_stages or d_stages
-    heads_first = d_heads_first if heads_first is None else heads_first
+    d = default_blocks(seq, pl.next_power_of_2(head_dim), q.dtype.itemsize)
+    block_q, block_k = block_q or d.block_q, block_k or d.block_k
+    num_warps, num_stages = num_warps or d.num_warps, num_stages or d.num_stages
+    heads_first = d.heads_first if heads_first is None else heads_first
     lengths = (jnp.full((batch,), seq, jnp.int32) if lengths is None
                else jnp.minimum(lengths.astype(jnp.int32), seq))
 
     # tiles want power-of-two head dims of at least 16 and sequences in whole blocks: pad, slice after
     padded_d = max(16, pl.next_power_of_2(head_dim))
-    padded_seq = -(-seq // max(block_q, block_k)) * max(block_q, block_k)
+    padded_seq = pl.cdiv(seq, max(block_q, block_k)) * max(block_q, block_k)
     if padded_d != head_dim or padded_seq != seq:
         pad = ((0, 0), (0, padded_seq - seq), (0, 0), (0, padded_d - head_dim))
         q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
@@ -133,12 +146,8 @@ def flash_attention(q, k, v, *, lengths=None, causal: bool = True, interpret: bo
     n_q_blocks = padded_seq // block_q
     kernel = functools.partial(_flash_kernel, sm_scale=1.0 / math.sqrt(head_dim), block_q=block_q,
                                block_k=block_k, causal=causal, n_q_blocks=n_q_blocks, q_axis=2 if heads_first else 0)
-    if heads_first:
-        grid = (heads, batch, n_q_blocks)
-        order = lambda f: lambda h, b, i: f(i, h, b)
-    else:
-        grid = (n_q_blocks, heads, batch)
-        order = lambda f: f
+    grid = (heads, batch, n_q_blocks) if heads_first else (n_q_blocks, heads, batch)
+    order = functools.partial(_in_launch_order, heads_first=heads_first)
     q_spec = pl.BlockSpec((None, block_q, None, padded_d), order(lambda i, h, b: (b, n_q_blocks - 1 - i, h, 0)))
     kv_spec = pl.BlockSpec((None, padded_seq, None, padded_d), order(lambda i, h, b: (b, 0, h, 0)))
     out = pl.pallas_call(
@@ -152,6 +161,16 @@ def flash_attention(q, k, v, *, lengths=None, causal: bool = True, interpret: bo
         name="flash_attention",
     )(lengths, q, k, v)
     return out[:, :seq, :, :head_dim]
+
+
+def _in_launch_order(index_map, heads_first: bool):
+    """An index map written over (query block, head, sequence), for the grid in its launch order."""
+    if not heads_first:
+        return index_map
+
+    def heads_first_map(h, b, i):
+        return index_map(i, h, b)
+    return heads_first_map
 
 
 def flash_attention_reference(q, k, v, *, lengths=None, causal=True):

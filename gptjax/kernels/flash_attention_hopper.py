@@ -43,10 +43,17 @@ def supports(q) -> bool:
     return q.shape[-1] in SUPPORTED_HEAD_DIMS and jnp.dtype(q.dtype).name in SUPPORTED_DTYPES
 
 
-def default_blocks(seq: int, head_dim: int) -> tuple[int, int]:
-    """(block_kv, stages): 128-key blocks; three slots deep at head_dim 64, two at 128 (the better of each in
-    run 6 of benchmarks/RESULTS.md; 64-key blocks were slower at every shape there)."""
-    return (128 if seq >= 128 else 64), (3 if head_dim <= 64 else 2)
+class BlockSizes(NamedTuple):
+    """One launch's tuning: keys per block, and how many blocks deep the producer runs ahead."""
+
+    block_kv: int
+    stages: int
+
+
+def default_blocks(seq: int, head_dim: int) -> BlockSizes:
+    """128-key blocks; three slots deep at head_dim 64, two at 128 (the better of each in run 6 of
+    benchmarks/RESULTS.md; 64-key blocks were slower at every shape there)."""
+    return BlockSizes(128 if seq >= 128 else 64, 3 if head_dim <= 64 else 2)
 
 
 def _visible_blocks(first_row, length, block_kv: int):
@@ -256,10 +263,10 @@ def hopper_flash_attention(q, k, v, *, lengths=None, block_kv: int | None = None
     if not supports(q):
         raise ValueError(f"head_dim must be one of {SUPPORTED_HEAD_DIMS} and dtype one of {SUPPORTED_DTYPES}, "
                          f"got {head_dim} and {q.dtype}")
-    d_kv, d_stages = default_blocks(seq, head_dim)
-    block_kv, stages = block_kv or d_kv, stages or d_stages
+    d = default_blocks(seq, head_dim)
+    block_kv, stages = block_kv or d.block_kv, stages or d.stages
     step = max(CONSUMERS * BLOCK_Q, block_kv)
-    padded = -(-seq // step) * step
+    padded = pl.cdiv(seq, step) * step
     if padded != seq:  # TMA moves whole blocks: pad the sequence, slice after
         q, k, v = (jnp.pad(x, ((0, 0), (0, padded - seq), (0, 0), (0, 0))) for x in (q, k, v))
     lengths = (jnp.full((batch,), seq, jnp.int32) if lengths is None
