@@ -125,8 +125,8 @@ def decode_memory(args, engine, state) -> None:
     live = np.ones(args.slots, bool)
     for rows in engine.decode_buckets(args.slots):
         with jax.set_mesh(engine.mesh):
-            compiled = engine._steps_jit.lower(engine.params, state, args.steps_per_call, False,
-                                               engine._put(live), rows).compile()
+            compiled = engine._steps_jit.lower(engine.params, state, engine._put(live), n_steps=args.steps_per_call,
+                                               sampled=False, active=rows).compile()
         stats = compiled.memory_analysis()
         print(json.dumps({"decode_rows": rows, "temp_MB": round(stats.temp_size_in_bytes / 2**20, 1),
                           "alias_MB": round(stats.alias_size_in_bytes / 2**20, 1)}))

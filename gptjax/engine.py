@@ -1,15 +1,14 @@
 """The engine: jitted prefill, insert and decode steps over slots, behind the interface a server drives
-(`gptjax.engine_api.ServingEngine`, its shapes planned by `gptjax.planning`); `engine.generate` (`gptjax.generate`)
-runs prefill and every decode step as one program for a batch of prompts. Every call is a jitted SPMD program over
-the engine's mesh; the state is donated, so the cache is updated in place. How parameters and cache sit on the
-mesh and how the layers run over them (unrolled, or through pipeline stages) is the engine's `layout`
-(`gptjax.layout`). Rows (prompts, slots) are split over `data`; a batch that does not divide it is padded inside
-with copies of a row.
-"""
+(`gptjax.engine_api.ServingEngine`; its shapes planned by `gptjax.planning`, its programs prepared by
+`gptjax.warmup`); `engine.generate` (`gptjax.generate`) runs prefill and every decode step as one program for a
+batch of prompts. Every call is a jitted SPMD program over the engine's mesh; the state is donated, so the cache is
+updated in place. How parameters and cache sit on the mesh and how the layers run over them (unrolled, or through
+pipeline stages) is the engine's `layout` (`gptjax.layout`). Rows (prompts, slots) are split over `data`; a batch
+that does not divide it is padded inside with copies of a row."""
 
 from __future__ import annotations
 
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 
 import jax
@@ -17,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptjax import cache as kv_cache
-from gptjax import distributed, kernels, sampling, sharding
+from gptjax import compile_cache, distributed, kernels, sampling, sharding, warmup
 from gptjax.checkpoint import load_checkpoint
 from gptjax.config import EngineConfig, ModelConfig, preset
 from gptjax.engine_api import DecodeState, Prefix, SamplingArrays, layout_of
@@ -57,6 +56,7 @@ class Engine:
         self._steps_jit = jax.jit(self._decode_steps, static_argnames=("n_steps", "sampled", "active"),
                                   donate_argnames=("state",))
         self._generate_jit = jax.jit(self._generate, static_argnames=("n_new", "cache_len", "sampled"))
+        self._programs = compile_cache.Programs()  # the serving programs compiled (or loaded) at warm-up
 
     # ---- construction -------------------------------------------------------------------------------
     @classmethod
@@ -170,7 +170,7 @@ class Engine:
         next_pos = jnp.where(pos > 0, jnp.minimum(pos + 1, self.layout.cache_len(state.cache) - 1), 0)
         return DecodeState(cache, tokens, next_pos, samp), tokens, sampling.token_logprobs(logits, tokens)
 
-    def _decode_steps(self, params, state: DecodeState, n_steps: int, sampled: bool | None = None, live=None,
+    def _decode_steps(self, params, state: DecodeState, live=None, *, n_steps: int, sampled: bool | None = None,
                       active: int | None = None):
         """n_steps for the first `active` slots (default all); the cache stays whole, written in place."""
         slots = state.tokens.shape[0]
@@ -208,7 +208,7 @@ class Engine:
         state = DecodeState(self.layout.pad_slots(prefix.kv, slots), _pad_end(prefix.first_tokens, slots),
                             _pad_end(prefix.lengths, slots),
                             SamplingArrays(*(_pad_end(a, slots, "edge") for a in prefix.sampling)))
-        _, steps, step_logprobs = self._decode_steps(params, state, n_new - 1, sampled)
+        _, steps, step_logprobs = self._decode_steps(params, state, n_steps=n_new - 1, sampled=sampled)
         out = jnp.concatenate([prefix.first_tokens[:, None], steps[:, :rows].T], axis=1)[:n]
         logprobs = jnp.concatenate([prefix.first_logprobs[:, None], step_logprobs[:, :rows].T], axis=1)[:n]
         return self._replicated(out), self._replicated(logprobs)
@@ -235,12 +235,13 @@ class Engine:
         temperatures)."""
         with jax.set_mesh(self.mesh):  # arrays made here carry the mesh in their types (one program per shape)
             samp = SamplingArrays(*(a if isinstance(a, jax.Array) else self._put(a) for a in samp))
-            return self._prefill_jit(self.params, self._put(tokens, np.int32), self._put(lengths, np.int32), samp,
-                                     None)
+            args = (self.params, self._put(tokens, np.int32), self._put(lengths, np.int32), samp)
+            return self._run(("prefill", *tokens.shape), self._prefill_jit, *args, sampled=None)
 
     def insert(self, prefix: Prefix, state: DecodeState, slots: np.ndarray) -> DecodeState:
         with jax.set_mesh(self.mesh):
-            return self._insert_jit(prefix, state, self._put(slots, np.int32))
+            key = ("insert", prefix.first_tokens.shape[0], self.layout.cache_len(prefix.kv))
+            return self._run(key, self._insert_jit, prefix, state, self._put(slots, np.int32))
 
     def generate_steps(self, state: DecodeState, n_steps: int, sampled: bool | None = None, live=None):
         """The tokens and logprobs come back replicated (read them with `distributed.to_host`). Only the
@@ -250,7 +251,14 @@ class Engine:
         live = np.ones(rows, bool) if live is None else np.pad(np.asarray(live, bool), (0, rows - len(live)))
         active = self.plan.decode_rows(int(np.flatnonzero(live)[-1]) if live.any() else 0, rows)
         with jax.set_mesh(self.mesh):  # the kernels' dispatch reads it to run per shard
-            return self._steps_jit(self.params, state, n_steps, sampled, self._put(live), active)
+            return self._run(("decode", n_steps, sampled, active), self._steps_jit, self.params, state,
+                             self._put(live), n_steps=n_steps, sampled=sampled, active=active)
+
+    def _run(self, key: tuple, jitted, *args, **static):
+        """The warm-up's program of `key` (its static arguments built in), or the jitted function for a shape
+        the warm-up did not prepare."""
+        program = self._programs.get(key)
+        return jitted(*args, **static) if program is None else program(*args)
 
     def prefill_bucket(self, prompt_len: int) -> int:
         return self.plan.prefill_bucket(prompt_len)
@@ -264,22 +272,17 @@ class Engine:
     def decode_buckets(self, slots: int | None = None) -> list[int]:
         return self.plan.decode_buckets(slots)
 
+    @cached_property
+    def _store(self):
+        """Where warm-up programs are kept between runs (None with the compilation cache off)."""
+        return compile_cache.program_store(compile_cache.identity(self.config, self.engine_config, self.attention,
+                                                                  self.mesh.shape, arrays=self.params))
+
     def compile_prefill(self, rows: int, bucket: int, state: DecodeState) -> None:
-        with jax.set_mesh(self.mesh):
-            # the arguments are made as `prefill` makes them (small real arrays, under the mesh: their types
-            # carry it), so the jit's own cache gets the program
-            tokens, lengths = self._put(np.zeros((rows, bucket), np.int32)), self._put(np.ones(rows, np.int32))
-            samp = SamplingArrays(*map(self._put, SamplingArrays.from_params([sampling.SamplingParams()] * rows)))
-            compiled = self._prefill_jit.lower(self.params, tokens, lengths, samp, None).compile()
-            prefix = jax.eval_shape(self._prefill, self.params, tokens, lengths, samp)
-            prefix = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), prefix,
-                                  compiled.output_shardings)
-            self._insert_jit.lower(prefix, layout_of(state), self._put(np.arange(rows, dtype=np.int32))).compile()
+        warmup.prepare_prefill(self, rows, bucket, state)
 
     def compile_decode(self, state: DecodeState, n_steps: int, sampled: bool, rows: int) -> None:
-        with jax.set_mesh(self.mesh):
-            live = self._put(np.ones(state.tokens.shape[0], bool))
-            self._steps_jit.lower(self.params, layout_of(state), n_steps, sampled, live, rows).compile()
+        warmup.prepare_decode(self, state, n_steps, sampled, rows)
 
     # ---- the notebook API ---------------------------------------------------------------------------
     generate = generate  # gptjax.generate.generate(engine, prompts, ...), as a method

@@ -186,7 +186,16 @@ class Completions:
         self.prompt_ids: list[list[int]] = []
 
     async def make_requests(self) -> list[Request]:
-        """Tokenize (off the loop) and validate every choice's request, through the front end."""
+        """Tokenize (off the loop) and validate every choice's request, through the front end. A request over
+        one of the server's size limits is a 400 here, as OpenAI answers it: its clients retry a 429."""
+        try:
+            return await self._make_requests()
+        except RequestError as e:
+            if e.code is Code.RESOURCE_EXHAUSTED:
+                raise invalid(e.message) from None
+            raise
+
+    async def _make_requests(self) -> list[Request]:
         prompts = _prompts(self.body.get("prompt"))
         self.frontend.check_batch(len(prompts) * self.n, "prompt x n")
         seed = self.body.get("seed")

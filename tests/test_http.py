@@ -304,7 +304,7 @@ def bad_cases(served):
         ("a batch over max_batch_size", 429, "over the server's limit of 4", infer_json(rows=5)),
         ("a value outside its datatype", 400, "outside UINT32", infer_json(data=[[5, -1]])),
         ("OpenAI max_tokens 0", 400, "max_tokens must be at least 1", completion(max_tokens=0)),
-        ("OpenAI max_tokens over the limit", 429, "max_tokens = 300 is over", completion(max_tokens=300)),
+        ("OpenAI max_tokens over the limit", 400, "max_tokens = 300 is over", completion(max_tokens=300)),
         ("OpenAI temperature < 0", 400, "temperature must be >= 0", completion(temperature=-0.5)),
         ("OpenAI temperature NaN", 400, "temperature must be a finite number",
          call("POST", "/v1/completions", content=b'{"prompt": [1], "temperature": NaN}',

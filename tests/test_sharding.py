@@ -123,7 +123,7 @@ def test_pipeline_passes_activations_without_gathering_weights():
     e = engine((1, 4, 1))
     state = e.new_state(slots=4)
     with jax.set_mesh(e.mesh):
-        hlo = e._steps_jit.lower(e.params, state, 1).compile().as_text()
+        hlo = e._steps_jit.lower(e.params, state, n_steps=1).compile().as_text()
     assert "collective-permute" in hlo
     assert "all-gather" not in hlo
 

@@ -1,0 +1,40 @@
+"""The serving programs, prepared before the first request: one per shape a server can run (`gptjax.planning`),
+loaded whole from the engine's program store when an earlier run saved it (no tracing, no lowering: a restart
+is ready in seconds), else compiled now and saved. The engine runs a prepared program directly; a shape nobody
+prepared goes through its jit."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import numpy as np
+
+from gptjax import sampling
+from gptjax.engine_api import SamplingArrays, layout_of
+
+
+def prepare_prefill(engine, rows: int, bucket: int, state) -> None:
+    """The prefill of `rows` prompts padded to `bucket` tokens, and the insert of its result into `state`."""
+    with jax.set_mesh(engine.mesh):
+        # the arguments are made as `Engine.prefill` makes them (small real arrays, under the mesh: their types
+        # carry it), so the program takes its arrays
+        tokens, lengths = engine._put(np.zeros((rows, bucket), np.int32)), engine._put(np.ones(rows, np.int32))
+        samp = SamplingArrays(*map(engine._put, SamplingArrays.from_params([sampling.SamplingParams()] * rows)))
+        lower = partial(engine._prefill_jit.lower, engine.params, tokens, lengths, samp, sampled=None)
+        compiled = engine._programs.prepare(("prefill", rows, bucket), lower, engine._store)
+        prefix = jax.eval_shape(engine._prefill, engine.params, tokens, lengths, samp)
+        prefix = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), prefix,
+                              compiled.output_shardings)
+        slots = engine._put(np.arange(rows, dtype=np.int32))
+        lower = partial(engine._insert_jit.lower, prefix, layout_of(state), slots)
+        engine._programs.prepare(("insert", rows, engine.layout.cache_len(prefix.kv)), lower, engine._store)
+
+
+def prepare_decode(engine, state, n_steps: int, sampled: bool, rows: int) -> None:
+    """A decode call of `n_steps` steps over the first `rows` slots of `state`."""
+    with jax.set_mesh(engine.mesh):
+        live = engine._put(np.ones(state.tokens.shape[0], bool))
+        lower = partial(engine._steps_jit.lower, engine.params, layout_of(state), live, n_steps=n_steps,
+                        sampled=sampled, active=rows)
+        engine._programs.prepare(("decode", n_steps, sampled, rows), lower, engine._store)

@@ -1,0 +1,59 @@
+"""gptjax.warmup: a restarted engine loads every serving program it prepared before (nothing traced, lowered or
+compiled) and those programs give the same tokens as the jitted functions.
+
+Each engine runs in a fresh process with the compilation cache on in a tmp folder (JAX settles its cache at the
+first compile; this test process keeps none).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+
+from test_compile_cache import clean_env
+
+SCRIPT = """
+import json, sys
+import numpy as np
+from gptjax import compile_cache
+compile_cache.enable(sys.argv[1])
+from gptjax import Engine, EngineConfig, sampling
+from gptjax.engine_api import SamplingArrays
+
+engine = Engine.from_preset("gpt2-tiny", engine_config=EngineConfig(max_slots=4, max_seq_len=64))
+state = engine.new_state()
+engine.compile_prefill(2, 16, state)
+engine.compile_decode(state, 3, False, 2)
+prompts = np.array(json.loads(sys.argv[2]), np.int32)
+samp = SamplingArrays.from_params([sampling.SamplingParams(temperature=0.0)] * 2)
+prefix = engine.prefill(np.pad(prompts, ((0, 0), (0, 16 - prompts.shape[1]))), np.full(2, prompts.shape[1]), samp)
+state = engine.insert(prefix, state, np.array([0, 1]))
+state, tokens, _ = engine.generate_steps(state, 3, sampled=False, live=[True, True])
+store = engine._store
+print(json.dumps({"loaded": store.loaded, "compiled": store.compiled_now,
+                  "first": np.asarray(prefix.first_tokens).tolist(), "steps": np.asarray(tokens)[:, :2].T.tolist()}))
+"""
+
+
+def run_engine(cache, prompts) -> dict:
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(cache), json.dumps(prompts)], capture_output=True,
+                          text=True, timeout=300, env=clean_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_a_restart_loads_every_program_and_gives_the_same_tokens(tmp_path):
+    from gptjax import Engine
+
+    prompts = np.random.default_rng(7).integers(0, 50257, (2, 5)).tolist()
+    cold = run_engine(tmp_path, prompts)
+    assert cold["compiled"] == 3 and cold["loaded"] == 0  # prefill, insert, decode
+    warm = run_engine(tmp_path, prompts)
+    assert warm["compiled"] == 0 and warm["loaded"] == 3
+    assert warm["first"] == cold["first"] and warm["steps"] == cold["steps"]
+    # the programs' tokens are the notebook path's (jit, no store) greedy tokens
+    results = Engine.from_preset("gpt2-tiny").generate(prompts, max_new_tokens=4, greedy=True, stop_token_ids=[])
+    assert [[f, *s] for f, s in zip(cold["first"], cold["steps"])] == [r.output_ids for r in results]
