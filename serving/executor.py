@@ -136,13 +136,14 @@ class Executor:
         jobs += [partial(engine.compile_decode, layout, steps, sampled, rows)
                  for rows in engine.decode_buckets(self.slots) for sampled in (False, True)]
         start, report = time.monotonic(), max(1, len(jobs) // 10)
-        hits, lookups = compile_cache.hits(), compile_cache.lookups()
+        hits, lookups, loaded = compile_cache.hits(), compile_cache.lookups(), compile_cache.loaded()
         with ThreadPoolExecutor(COMPILE_THREADS, thread_name_prefix="compile") as pool:
             for done, job in enumerate(as_completed([pool.submit(job) for job in jobs]), 1):
                 job.result()  # a failed compile fails the start
                 if done % report == 0 or done == len(jobs):
                     # a shape is one or two XLA programs (a prefill and its insert): the cache counts programs
-                    log.info("compiled %d/%d shapes in %.0f s; %d of %d programs read from the compilation cache",
-                             done, len(jobs), time.monotonic() - start, compile_cache.hits() - hits,
+                    log.info("prepared %d/%d shapes in %.0f s: %d programs loaded whole, %d of %d compiles read "
+                             "from the compilation cache", done, len(jobs), time.monotonic() - start,
+                             compile_cache.loaded() - loaded, compile_cache.hits() - hits,
                              compile_cache.lookups() - lookups)
         wire.wait_for_every_process("gptjax-warmup", WARMUP_WAIT_S)

@@ -46,6 +46,7 @@ __all__ = ["NotAccepting", "QueueFull", "Request", "Scheduler"]
 log = logging.getLogger("gptjax.serving")
 
 IDLE_HEARTBEAT_S = 1.0  # with several processes, an idle loop still sends a command this often
+REPORT_S = 30.0  # a busy loop logs its load this often
 
 
 class QueueFull(Exception):
@@ -66,6 +67,30 @@ class _Pending(NamedTuple):
 
 def _pow2_at_least(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
+
+
+class _LoadReport:
+    """A log line every REPORT_S while the loop works: what it holds and how fast commands go, so a slow or
+    stuck server shows in its log."""
+
+    def __init__(self):
+        self.since = time.monotonic()
+        self.prefills = self.decodes = self.tokens = 0
+
+    def count(self, command: Prefill | Decode) -> bool:
+        """Count a dispatched command -> whether a report is due."""
+        if isinstance(command, Prefill):
+            self.prefills += 1
+        else:
+            self.decodes += 1
+            self.tokens += command.steps * len(command.requests)
+        return time.monotonic() - self.since >= REPORT_S
+
+    def report(self, active: int, queued: int) -> None:
+        seconds = time.monotonic() - self.since
+        log.info("%d running, %d queued; in %.0f s: %d prefills, %d decode calls, %d tokens (%.0f/s)", active,
+                 queued, seconds, self.prefills, self.decodes, self.tokens, self.tokens / seconds)
+        self.__init__()
 
 
 class Scheduler:
@@ -92,6 +117,7 @@ class Scheduler:
         self._in_flight: _Pending | None = None  # the last decode call
         self._epoch = 0
         self._last_sent = time.monotonic()
+        self._load = _LoadReport()
 
     # ---- the callers' side (any thread) -------------------------------------------------------------
     def submit(self, requests: list[Request]) -> None:
@@ -399,6 +425,8 @@ class Scheduler:
             return None
         for r in command.requests:
             r.planned = 1 if isinstance(command, Prefill) else r.planned + command.steps
+        if self._load.count(command):
+            self._load.report(self.active(), self.queued())
         return _Pending(command, outputs, self._epoch)
 
     def _take_in_flight(self) -> _Pending | None:
