@@ -23,12 +23,18 @@ def prepare_prefill(engine, rows: int, bucket: int, state) -> None:
         samp = SamplingArrays(*map(engine._put, SamplingArrays.from_params([sampling.SamplingParams()] * rows)))
         lower = partial(engine._prefill_jit.lower, engine.params, tokens, lengths, samp, sampled=None)
         compiled = engine._programs.prepare(("prefill", rows, bucket), lower, engine._store)
-        prefix = jax.eval_shape(engine._prefill, engine.params, tokens, lengths, samp)
-        prefix = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), prefix,
-                              compiled.output_shardings)
         slots = engine._put(np.arange(rows, dtype=np.int32))
-        lower = partial(engine._insert_jit.lower, prefix, layout_of(state), slots)
-        engine._programs.prepare(("insert", rows, engine.layout.cache_len(prefix.kv)), lower, engine._store)
+        lower = partial(_lower_insert, engine, compiled, (tokens, lengths, samp), state, slots)
+        # a prefill's K/V are `bucket` long (the insert's key, as `Engine.insert` reads it off the K/V)
+        engine._programs.prepare(("insert", rows, bucket), lower, engine._store)
+
+
+def _lower_insert(engine, prefill, prefill_args, state, slots) -> "jax.stages.Lowered":
+    """The insert of `prefill`'s result (its outputs' shapes traced here, its shardings the program's own)."""
+    prefix = jax.eval_shape(engine._prefill, engine.params, *prefill_args)
+    prefix = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), prefix,
+                          prefill.output_shardings)
+    return engine._insert_jit.lower(prefix, layout_of(state), slots)
 
 
 def prepare_decode(engine, state, n_steps: int, sampled: bool, rows: int) -> None:
