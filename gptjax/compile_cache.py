@@ -25,6 +25,7 @@ to the user (JAX's warning: whoever can write to it can run code in the processe
 from __future__ import annotations
 
 import hashlib
+import importlib
 import logging
 import os
 import pickle
@@ -149,12 +150,23 @@ class ProgramStore:
 
 
 def _load(path: Path) -> "jax.stages.Compiled":
+    _load_kernel_runtimes()
     with open(path, "rb") as f:
         (blob, in_tree, out_tree), device_ids = pickle.load(f)
     by_id = {d.id: d for d in jax.devices()}
     # onto the devices it was compiled for, in their order (by default it would expect one shard per device)
     return serialize_executable.deserialize_and_load(blob, in_tree, out_tree,
                                                      execution_devices=[by_id[i] for i in device_ids])
+
+
+def _load_kernel_runtimes() -> None:
+    """A Mosaic GPU kernel calls into a runtime library that loads with its Python module: a saved program
+    holding one finds its host symbols only once that module is imported (a compile imports it; a load must)."""
+    if jax.devices()[0].platform == "gpu":
+        try:
+            importlib.import_module("jax.experimental.pallas.mosaic_gpu")
+        except ImportError:  # no Mosaic GPU in this jax: no saved program can hold its kernels
+            pass
 
 
 def _save(program: "jax.stages.Compiled", path: Path) -> None:
