@@ -368,6 +368,7 @@ class Scheduler:
             self.stopped.set()
 
     def _run(self) -> None:
+        self._load = _LoadReport()  # from the first turn, not from the warm-up
         while True:
             commands = self.schedule(time.monotonic())
             head = commands[0] if commands else None

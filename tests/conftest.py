@@ -137,3 +137,21 @@ def mesh_reference():
     tokens = greedy_tokens(mesh_engine((1, 1, 1)))
     assert len({tuple(t) for t in tokens}) == len(tokens)  # the prompts really lead different ways
     return tokens
+
+
+# ---- a running server's clients, for the modules that define `target` (HOST:PORT) ------------------------------
+@pytest.fixture(scope="module")
+def client(target):
+    from serving.client import Client
+
+    with Client(target) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def triton(target):
+    import tritonclient.grpc
+
+    c = tritonclient.grpc.InferenceServerClient(target)
+    yield c
+    c.close()

@@ -19,8 +19,8 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from serving import ft  # noqa: E402
-from serving.client import Client, make_request  # noqa: E402
-from test_serving import start_server, wait_serving  # noqa: E402
+from serving.client import make_request  # noqa: E402
+from test_serving import running_server  # noqa: E402
 # tritonclient's copy of the KServe messages (ours and its share the descriptor pool's names: one per process)
 from tritonclient.grpc import service_pb2 as kpb  # noqa: E402
 from tritonclient.grpc import service_pb2_grpc as kpb_grpc  # noqa: E402
@@ -47,22 +47,9 @@ PROMPT = [464, 2068, 7586]
 def target(tmp_path_factory):
     config = tmp_path_factory.mktemp("fuzz") / "server.toml"
     config.write_text("[engine]\nmax_new_tokens = 2\n")
-    proc, target, log = start_server("--config", str(config))
-    try:
-        wait_serving(proc, target, log)
+    with running_server("--config", str(config)) as (proc, target):
         yield target
         assert proc.poll() is None, "the server died"
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        log.close()
-
-
-@pytest.fixture(scope="module")
-def client(target):
-    with Client(target) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import run_cli
 from serving.client import Client, make_request
-from test_serving import MODEL, ft_inputs, padded, rpc_error, start_server, tritonclient_grpc, wait_serving
+from test_serving import MODEL, ft_inputs, padded, rpc_error, running_server, tritonclient_grpc
 # tritonclient's copy of the KServe messages (ours and its share the descriptor pool's names: one per process)
 from tritonclient.grpc import service_pb2 as kpb
 from tritonclient.grpc import service_pb2_grpc as kpb_grpc
@@ -37,33 +37,13 @@ def server(tmp_path_factory):
     config = tmp_path_factory.mktemp("hardening") / "server.toml"
     config.write_text(f'[scheduler]\nmax_queued_requests = 16\n\n[server]\ndialect = "v1"\n'
                       f'stream_idle_timeout_s = {IDLE_S}\nmax_client_streams = 320\n')
-    proc, target, log = start_server("--config", str(config))
-    try:
-        wait_serving(proc, target, log)
-        yield proc, target
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        log.close()
+    with running_server("--config", str(config)) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
 def target(server):
     return server[1]
-
-
-@pytest.fixture(scope="module")
-def client(target):
-    with Client(target) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def triton(target):
-    c = tritonclient_grpc.InferenceServerClient(target)
-    yield c
-    c.close()
 
 
 def still_serving(client) -> None:

@@ -6,6 +6,7 @@ SIGTERM. Greedy tokens are checked against `gptjax generate --greedy --json --no
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -70,9 +71,10 @@ def wait_serving(proc, target, log, timeout=480):
         raise AssertionError(f"server not SERVING in {timeout} s:\n{log.read()}")
 
 
-@pytest.fixture(scope="module")
-def server():
-    proc, target, log = start_server()
+@contextlib.contextmanager
+def running_server(*args):
+    """`gptjax serve ARGS` started and SERVING -> (process, HOST:PORT); killed on the way out if still alive."""
+    proc, target, log = start_server(*args)
     try:
         wait_serving(proc, target, log)
         yield proc, target
@@ -84,21 +86,14 @@ def server():
 
 
 @pytest.fixture(scope="module")
+def server():
+    with running_server() as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
 def target(server):
     return server[1]
-
-
-@pytest.fixture(scope="module")
-def client(target):
-    with Client(target) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def triton(target):
-    c = tritonclient_grpc.InferenceServerClient(target)
-    yield c
-    c.close()
 
 
 @pytest.fixture(scope="module")
