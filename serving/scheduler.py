@@ -40,6 +40,7 @@ from serving.commands import Command, Decode, Idle, Prefill, Reset, Row, Stop
 from serving.config import SchedulerConfig
 from serving.executor import CommandFailed, Executor, Outputs
 from serving.request import Code, Event, Failed, Finished, Request, Tokens
+from serving.watchdog import Watchdog
 
 __all__ = ["NotAccepting", "QueueFull", "Request", "Scheduler"]
 
@@ -47,6 +48,7 @@ log = logging.getLogger("gptjax.serving")
 
 IDLE_HEARTBEAT_S = 1.0  # with several processes, an idle loop still sends a command this often
 REPORT_S = 30.0  # a busy loop logs its load this often
+STUCK_TURN_S = 60.0  # a turn of the loop this long is logged with the loop's stack (serving.watchdog)
 
 
 class QueueFull(Exception):
@@ -67,6 +69,16 @@ class _Pending(NamedTuple):
 
 def _pow2_at_least(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
+
+
+def _describe(commands: list) -> str:
+    """A busy turn's commands in a few words, for the watchdog's line."""
+    if not commands:
+        return "reading the last decode call's tokens"
+    if isinstance(commands[0], Decode):
+        return f"a decode call of {commands[0].steps} steps over {len(commands[0].live)} slots"
+    shapes = ", ".join(f"{len(c.rows)} rows x {c.bucket}" for c in commands)
+    return f"prefills of {shapes}"
 
 
 class _LoadReport:
@@ -369,6 +381,13 @@ class Scheduler:
 
     def _run(self) -> None:
         self._load = _LoadReport()  # from the first turn, not from the warm-up
+        watchdog = Watchdog(STUCK_TURN_S)
+        try:
+            self._turns(watchdog)
+        finally:
+            watchdog.close()
+
+    def _turns(self, watchdog: Watchdog) -> None:
         while True:
             commands = self.schedule(time.monotonic())
             head = commands[0] if commands else None
@@ -376,8 +395,11 @@ class Scheduler:
                 self._send(head)
                 return
             if isinstance(head, Idle):
+                watchdog.idle()
                 self._idle(head)
-            elif isinstance(head, Prefill):
+                continue
+            watchdog.turn(_describe(commands))
+            if isinstance(head, Prefill):
                 self._read_first()  # an earlier burst's first tokens, before more prefills queue behind them
                 for command in commands:
                     if all(r.ended for r in command.requests):  # a failure before ended them: nothing to run

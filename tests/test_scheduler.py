@@ -382,3 +382,46 @@ def test_a_request_cancelled_in_the_queue_leaves_it_at_once():
     stop(sched, loop)
     assert (sched.active(), sched.queued(), sched.pending(), sched.live_requests()) == (0, 0, 0, [])
 
+
+
+class StallingEngine(FakeEngine):
+    """Its first decode call's tokens are not ready until `release` is set: a device call that hangs."""
+
+    def __init__(self):
+        super().__init__(slots=2, steps=2)
+        self.release = threading.Event()
+
+    def generate_steps(self, state, n, sampled=None, live=None):
+        state, tokens, logprobs = super().generate_steps(state, n, sampled, live)
+        return state, Stalled(tokens, self.release), logprobs
+
+
+class Stalled:
+    def __init__(self, tokens, release):
+        self.tokens, self.release = tokens, release
+
+    def __array__(self, dtype=None, copy=None):
+        self.release.wait(30)
+        return np.asarray(self.tokens, dtype)
+
+
+def test_a_stuck_turn_is_logged_with_its_command_and_where_the_loop_waits(monkeypatch, caplog):
+    import serving.scheduler as scheduler_module
+
+    monkeypatch.setattr(scheduler_module, "STUCK_TURN_S", 0.3)
+    engine = StallingEngine()
+    sched = Scheduler(engine, engine.scheduling)
+    sched.accept()
+    r = request(3, 2, 4)
+    sched.submit([r])
+    with caplog.at_level("WARNING", logger="gptjax.serving"):
+        loop = running(sched)
+        deadline = time.monotonic() + 10
+        while "spent" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+        engine.release.set()
+        assert collect(r) == ([5, 6, 7, 8], "length")
+        stop(sched, loop)
+    stuck = [rec.getMessage() for rec in caplog.records if "spent" in rec.getMessage()]
+    assert len(stuck) == 1, caplog.text  # once per stall
+    assert "a decode call of 2 steps over" in stuck[0] and "__array__" in stuck[0]  # the command, the stack
