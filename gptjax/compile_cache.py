@@ -54,7 +54,12 @@ def default_dir() -> Path:
     return paths.cache_dir() / "xla"
 
 
+_this_thread = threading.local()  # .cache_hit: this thread's last compile came from the persistent cache
+
+
 def _count(event: str, **_metadata) -> None:
+    if event == _HIT_EVENT:  # JAX records it in the thread that compiles
+        _this_thread.cache_hit = True
     if event in _counts:
         with _lock:
             _counts[event] += 1
@@ -142,8 +147,12 @@ class ProgramStore:
                 return program
             except Exception as e:  # a stale or broken file costs a compile, never a start
                 log.warning("compiling %s again: its saved program did not load (%s: %s)", name, type(e).__name__, e)
+        _this_thread.cache_hit = False
         program = lower().compile()
-        _save(program, path)
+        # an executable that JAX's cache handed back does not survive serializing again on XLA:CPU (its loaded
+        # copy fails with "Function ... not found"): only a program compiled afresh is kept whole
+        if not _this_thread.cache_hit:
+            _save(program, path)
         with self._lock:
             self.compiled_now += 1
         return program

@@ -57,3 +57,17 @@ def test_a_restart_loads_every_program_and_gives_the_same_tokens(tmp_path):
     # the programs' tokens are the notebook path's (jit, no store) greedy tokens
     results = Engine.from_preset("gpt2-tiny").generate(prompts, max_new_tokens=4, greedy=True, stop_token_ids=[])
     assert [[f, *s] for f, s in zip(cold["first"], cold["steps"])] == [r.output_ids for r in results]
+
+
+def test_a_program_that_jax_cache_served_is_not_kept_whole(tmp_path):
+    # an executable JAX's persistent cache hands back fails once serialized again and loaded (XLA:CPU): the store
+    # keeps only programs compiled afresh, and the next start still runs (through JAX's cache)
+    import shutil
+
+    prompts = np.random.default_rng(8).integers(0, 50257, (2, 5)).tolist()
+    cold = run_engine(tmp_path, prompts)
+    shutil.rmtree(tmp_path / "gptjax-programs")
+    served = run_engine(tmp_path, prompts)
+    assert served["compiled"] == 3 and not list((tmp_path / "gptjax-programs").rglob("*.bin"))
+    again = run_engine(tmp_path, prompts)
+    assert served["first"] == again["first"] == cold["first"] and served["steps"] == again["steps"] == cold["steps"]
