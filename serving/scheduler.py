@@ -13,8 +13,8 @@ prompt bucket, in prefills of the row counts `Engine.prefill_rows` allows (bound
 budget), and warm-up compiles each of those shapes and every decode program.
 
 The device always has the next call queued while this thread reads, streams and dispatches: each decode call
-is dispatched before the one before it is read, and a prefill's first tokens are read once the decode after
-it is queued. A request that stops on a stop token (or on its first token) has its slot stepped once more for
+is dispatched before the one before it is read, and a prefill's first tokens are read once the next prefill of
+its burst, or the decode after it, is queued. A request that stops on a stop token (or on its first token) has its slot stepped once more for
 nothing.
 
 Requests are serving.request's `Request` (re-exported here); each gets events: `Tokens`, then one `Finished`
@@ -405,6 +405,8 @@ class Scheduler:
                     if all(r.ended for r in command.requests):  # a failure before ended them: nothing to run
                         continue
                     if (pending := self._dispatch(command)) is not None:
+                        # the prefills before this one hand out their first tokens while the device runs it
+                        self._read_first()
                         self._first_reads.append(pending)
                 # read the decode call before while the prefills run (its tokens go before their first ones);
                 # no decode yet: requests that arrived meanwhile are prefilled first, at the next turn
