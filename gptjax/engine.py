@@ -255,8 +255,7 @@ class Engine:
                              self._put(live), n_steps=n_steps, sampled=sampled, active=active)
 
     def _run(self, key: tuple, jitted, *args, **static):
-        """The warm-up's program of `key` (its static arguments built in), or the jitted function for a shape
-        the warm-up did not prepare."""
+        """The warm-up's program of `key` (static arguments built in), else the jit (a shape not prepared)."""
         program = self._programs.get(key)
         return jitted(*args, **static) if program is None else program(*args)
 
@@ -274,8 +273,9 @@ class Engine:
 
     @cached_property
     def _store(self):
-        """Where warm-up programs are kept between runs (None with the compilation cache off)."""
-        return compile_cache.program_store(compile_cache.identity(self.config, self.engine_config, self.attention,
+        """Where warm-up programs are kept between runs (None with the cache off): keyed by the plan, as the rest
+        of EngineConfig (request defaults, read on the host) is in no program."""
+        return compile_cache.program_store(compile_cache.identity(self.config, self.plan, self.attention,
                                                                   self.mesh.shape, arrays=self.params))
 
     def compile_prefill(self, rows: int, bucket: int, state: DecodeState) -> None:

@@ -23,7 +23,8 @@ compile_cache.enable(sys.argv[1])
 from gptjax import Engine, EngineConfig, sampling
 from gptjax.engine_api import SamplingArrays
 
-engine = Engine.from_preset("gpt2-tiny", engine_config=EngineConfig(max_slots=4, max_seq_len=64))
+engine = Engine.from_preset("gpt2-tiny", engine_config=EngineConfig(max_slots=4, max_seq_len=64,
+                                                                   **json.loads(sys.argv[3])))
 state = engine.new_state()
 engine.compile_prefill(2, 16, state)
 engine.compile_decode(state, 3, False, 2)
@@ -38,9 +39,9 @@ print(json.dumps({"loaded": store.loaded, "compiled": store.compiled_now,
 """
 
 
-def run_engine(cache, prompts) -> dict:
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(cache), json.dumps(prompts)], capture_output=True,
-                          text=True, timeout=300, env=clean_env())
+def run_engine(cache, prompts, **engine_config) -> dict:
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(cache), json.dumps(prompts), json.dumps(engine_config)],
+                          capture_output=True, text=True, timeout=300, env=clean_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -51,7 +52,8 @@ def test_a_restart_loads_every_program_and_gives_the_same_tokens(tmp_path):
     prompts = np.random.default_rng(7).integers(0, 50257, (2, 5)).tolist()
     cold = run_engine(tmp_path, prompts)
     assert cold["compiled"] == 3 and cold["loaded"] == 0  # prefill, insert, decode
-    warm = run_engine(tmp_path, prompts)
+    # request defaults are in no program: an engine that differs only in them loads the same ones
+    warm = run_engine(tmp_path, prompts, temperature=0.7, top_k=40, max_new_tokens=5)
     assert warm["compiled"] == 0 and warm["loaded"] == 3
     assert warm["first"] == cold["first"] and warm["steps"] == cold["steps"]
     # the programs' tokens are the notebook path's (jit, no store) greedy tokens
