@@ -151,11 +151,17 @@ def _attend_block(j, carry, *, c: _Consumer, first_row, base, masked: bool):
 
 
 def _release_block(j, _, *, c: _Consumer, base):
-    """A block the other consumer needs and this one does not: free its slot unread, keep the schedule."""
+    """A block the other consumer needs and this one does not: free its slot unread, keep the schedule. It
+    still waits for the block to land: each wait on a barrier advances the phase this thread expects of it, so
+    a skipped wait would leave this consumer a phase behind on that slot for every later tile of the program
+    (ragged prompts, where one consumer's rows end before the other's, in programs of several tiles: it could
+    read a block before it lands, or wait for a phase that has passed)."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     slot = lax.rem(base + j, jnp.int32(c.stages))
+    plgpu.barrier_wait(c.k_ready.at[slot])
     plgpu.barrier_arrive(c.k_free.at[slot])
+    plgpu.barrier_wait(c.v_ready.at[slot])
     plgpu.barrier_arrive(c.v_free.at[slot])
     _rendezvous(c.turn)
     _rendezvous(c.turn)
