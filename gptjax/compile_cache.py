@@ -66,12 +66,33 @@ def _count(event: str, **_metadata) -> None:
 
 
 def _listen() -> None:
-    """Count the cache's events (the same names in jax 0.10 and 0.11), once per process."""
+    """Count the cache's events (the same names in jax 0.10 and 0.11), and salt its keys (`_salt_cache_keys`), once
+    per process."""
     global _listening
     with _lock:
         if not _listening:
             jax.monitoring.register_event_listener(_count)
+            _salt_cache_keys()
             _listening = True
+
+
+def _salt_cache_keys() -> None:
+    """JAX's cache key takes a string from `cache_key.custom_hook`: while a ProgramStore compiles on a thread,
+    that string is the store's name, so the store's programs have keys of their own in JAX's cache. A store of
+    new code (an upgrade) then compiles its programs afresh, and can keep them, instead of being handed the
+    old entries, which it could not keep (see ProgramStore.compiled). Without the hook (another jax), nothing
+    is salted and such programs go through JAX's cache."""
+    try:
+        from jax._src import cache_key
+    except ImportError:
+        return
+    plain = getattr(cache_key, "custom_hook", None)
+    if plain is None:
+        return
+
+    def salted() -> str:
+        return plain() + getattr(_this_thread, "salt", "")
+    cache_key.custom_hook = salted
 
 
 def enable(cache_dir: Path | str | None = None) -> Path:
@@ -147,8 +168,11 @@ class ProgramStore:
                 return program
             except Exception as e:  # a stale or broken file costs a compile, never a start
                 log.warning("compiling %s again: its saved program did not load (%s: %s)", name, type(e).__name__, e)
-        _this_thread.cache_hit = False
-        program = lower().compile()
+        _this_thread.cache_hit, _this_thread.salt = False, f"gptjax-program-store:{self.folder.name}"
+        try:
+            program = lower().compile()
+        finally:
+            _this_thread.salt = ""
         # an executable that JAX's cache handed back does not survive serializing again on XLA:CPU (its loaded
         # copy fails with "Function ... not found"): only a program compiled afresh is kept whole
         if not _this_thread.cache_hit:

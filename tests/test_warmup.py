@@ -20,6 +20,10 @@ import json, sys
 import numpy as np
 from gptjax import compile_cache
 compile_cache.enable(sys.argv[1])
+if len(sys.argv) > 4:  # another version of the code: another store
+    def code_fingerprint():
+        return sys.argv[4]
+    compile_cache.code_fingerprint = code_fingerprint
 from gptjax import Engine, EngineConfig, sampling
 from gptjax.engine_api import SamplingArrays
 
@@ -39,9 +43,10 @@ print(json.dumps({"loaded": store.loaded, "compiled": store.compiled_now,
 """
 
 
-def run_engine(cache, prompts, **engine_config) -> dict:
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(cache), json.dumps(prompts), json.dumps(engine_config)],
-                          capture_output=True, text=True, timeout=300, env=clean_env())
+def run_engine(cache, prompts, code_version=None, **engine_config) -> dict:
+    version = [code_version] if code_version else []
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(cache), json.dumps(prompts), json.dumps(engine_config),
+                           *version], capture_output=True, text=True, timeout=300, env=clean_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -73,3 +78,15 @@ def test_a_program_that_jax_cache_served_is_not_kept_whole(tmp_path):
     assert served["compiled"] == 3 and not list((tmp_path / "gptjax-programs").rglob("*.bin"))
     again = run_engine(tmp_path, prompts)
     assert served["first"] == again["first"] == cold["first"] and served["steps"] == again["steps"] == cold["steps"]
+
+
+def test_new_code_keeps_its_programs_though_jax_cache_holds_the_old_ones(tmp_path):
+    # an upgrade changes the store (its name hashes the code) but not the programs: JAX's cache keys of a store's
+    # compiles carry the store's name, so the new store compiles afresh and keeps what it compiled
+    prompts = np.random.default_rng(9).integers(0, 50257, (2, 5)).tolist()
+    old = run_engine(tmp_path, prompts, code_version="old")
+    new = run_engine(tmp_path, prompts, code_version="new")
+    assert new["compiled"] == 3 and new["loaded"] == 0
+    restarted = run_engine(tmp_path, prompts, code_version="new")
+    assert restarted["compiled"] == 0 and restarted["loaded"] == 3
+    assert old["first"] == new["first"] == restarted["first"] and old["steps"] == new["steps"] == restarted["steps"]
