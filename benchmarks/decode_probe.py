@@ -39,6 +39,7 @@ def main():
     p.add_argument("--steps", type=int, default=128)
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--attention", default="")
+    p.add_argument("--decode-matmuls", default="", help="pallas | xla (default: the engine's choice)")
     p.add_argument("--profile", help="write a jax.profiler trace of one run (at most 16 steps) here, and summarise it")
     p.add_argument("--greedy-only", action="store_true", help="replace the sampler by a bare argmax")
     p.add_argument("--hlo", help="write the optimized HLO of the generate program to this file")
@@ -52,7 +53,8 @@ def main():
 
     if args.greedy_only:
         _greedy_only_sampling()
-    engine = Engine.from_preset(args.model, dtype=args.dtype, engine_config=EngineConfig(attention=args.attention))
+    engine = Engine.from_preset(args.model, dtype=args.dtype, engine_config=EngineConfig(
+        attention=args.attention, decode_matmuls=args.decode_matmuls))
     prompts = np.random.default_rng(0).integers(0, 50257, (args.batch, args.input_len)).tolist()
 
     def run(n):
@@ -64,6 +66,7 @@ def main():
         compile_s = time.perf_counter() - start
         return median_seconds(lambda: run(n), args.runs, 0, f"{n} steps"), compile_s
 
+    first_row = run(args.steps + 1)[0].output_ids  # compiles; the tokens to compare between variants
     full, compile_full = med(args.steps + 1)
     one, _ = med(1)
     if args.hlo:
@@ -90,10 +93,11 @@ def main():
         jax.profiler.stop_trace()
         kernel_summary(args.profile, steps)
     print(json.dumps({"model": args.model, "dtype": args.dtype, "batch": args.batch, "input_len": args.input_len,
-                      "attention": engine.attention, "greedy_only": args.greedy_only, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                      "attention": engine.attention,
+                      "decode_matmuls": engine.decode_matmuls, "greedy_only": args.greedy_only, "xla_flags": os.environ.get("XLA_FLAGS", ""),
                       "prefill_plus_first_ms": round(one * 1e3, 3),
                       "decode_ms_per_token": round((full - one) / args.steps * 1e3, 4),
-                      "first_call_s": round(compile_full, 2), "device": jax.devices()[0].device_kind}))
+                      "first_call_s": round(compile_full, 2), "first_row_tokens": first_row[:32], "device": jax.devices()[0].device_kind}))
 
 
 def kernel_summary(trace_dir: str, steps: int, top: int = 40):

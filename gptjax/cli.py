@@ -14,7 +14,7 @@ import os
 import sys
 from functools import partial
 
-from gptjax.config import ATTENTION_IMPLS, DEFAULT_PRESET, DTYPES, PRESETS, MeshShape
+from gptjax.config import ATTENTION_IMPLS, DEFAULT_PRESET, DTYPES, MATMUL_IMPLS, PRESETS, MeshShape
 
 
 class UsageError(ValueError):
@@ -60,6 +60,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=DTYPES, help="compute and weight dtype (default: the model's)")
     p.add_argument("--mesh", type=_mesh, help="device layout, e.g. data=1,stage=1,tensor=8 (default: one device)")
     p.add_argument("--attention", choices=ATTENTION_IMPLS, help="attention implementation (default: pallas on GPU)")
+    p.add_argument("--decode-matmuls", choices=MATMUL_IMPLS,
+                   help="the decode step's small-batch products (default: pallas for a 16-bit model on one GPU)")
     p.add_argument("--coordinator", metavar="HOST:PORT", help="jax.distributed coordinator (multi-host)")
     p.add_argument("--num-processes", type=int, help="number of processes (multi-host)")
     p.add_argument("--process-id", type=int, help="this process's index (multi-host)")
@@ -182,13 +184,16 @@ def resolve_model(args) -> None:
         raise UsageError(f"--model {args.model}: not a preset ({', '.join(PRESETS)}), and {e}") from None
 
 
+ENGINE_FLAGS = ("mesh", "attention", "decode_matmuls")  # EngineConfig fields that flags override
+
+
 def serving_config(args):
-    """The config file's engine, scheduler and server settings (defaults without --config), with the flags
-    that override them: --mesh, --attention, --dtype and, for `serve`, the addresses and --api-key."""
+    """The config file's engine, scheduler and server settings (defaults without --config), with the flags that
+    override them: --mesh, --attention, --decode-matmuls, --dtype and, for `serve`, the addresses and --api-key."""
     from serving.config import ADDRESS_FIELDS, ServingConfig, serving_config_from_file
 
     config = serving_config_from_file(args.config) if args.config else ServingConfig()
-    engine = config.engine.replace(**{name: getattr(args, name) for name in ("mesh", "attention")
+    engine = config.engine.replace(**{name: getattr(args, name, None) for name in ENGINE_FLAGS
                                       if getattr(args, name, None)})
     server = config.server.replace(**{name: getattr(args, name) for name in ADDRESS_FIELDS if hasattr(args, name)})
     return config.replace(engine=engine, server=server, dtype=args.dtype or config.dtype)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("pallas", "xla", "cudnn")
+MATMUL_IMPLS = ("pallas", "xla")  # the decode step's small-batch products
 ACTIVATIONS = ("gelu_new", "gelu")
 
 
@@ -122,6 +123,7 @@ class EngineConfig:
     top_p: float = 1.0  # 1.0: off
     eos_token_id: int = 50256
     attention: str = ""  # "" picks pallas on GPU, xla elsewhere
+    decode_matmuls: str = ""  # "" picks pallas for a 16-bit model on one GPU, xla elsewhere
     mesh: MeshShape = field(default_factory=MeshShape)
 
     def __post_init__(self):
@@ -131,6 +133,8 @@ class EngineConfig:
             object.__setattr__(self, "mesh", MeshShape.parse(self.mesh))
         if self.attention and self.attention not in ATTENTION_IMPLS:
             raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {self.attention!r}")
+        if self.decode_matmuls and self.decode_matmuls not in MATMUL_IMPLS:
+            raise ValueError(f"decode_matmuls must be one of {MATMUL_IMPLS}, got {self.decode_matmuls!r}")
         check_positive(self, ("max_slots", "max_new_tokens", "min_prefill_bucket", "max_prefill_tokens"))
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"EngineConfig.top_p must be in (0, 1], got {self.top_p}")

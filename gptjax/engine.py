@@ -1,10 +1,10 @@
 """The engine: jitted prefill, insert and decode steps over slots, behind the interface a server drives
-(`gptjax.engine_api.ServingEngine`; its shapes planned by `gptjax.planning`, its programs prepared by
-`gptjax.warmup`); `engine.generate` (`gptjax.generate`) runs prefill and every decode step as one program for a
-batch of prompts. Every call is a jitted SPMD program over the engine's mesh; the state is donated, so the cache is
-updated in place. How parameters and cache sit on the mesh and how the layers run over them (unrolled, or through
-pipeline stages) is the engine's `layout` (`gptjax.layout`). Rows (prompts, slots) are split over `data`; a batch
-that does not divide it is padded inside with copies of a row."""
+(`gptjax.engine_api.ServingEngine`; shapes planned by `gptjax.planning`, programs prepared by `gptjax.warmup`);
+`engine.generate` (`gptjax.generate`) runs prefill and every decode step as one program. Every call is a jitted
+SPMD program over the engine's mesh; the state is donated, so the cache is updated in place. How parameters and
+cache sit on the mesh and how the layers run over them (unrolled, or through pipeline stages) is the `layout`
+(`gptjax.layout`); small decode steps on one GPU run `gptjax.decode_block`. Rows (prompts, slots) are split over
+`data`; a batch that does not divide it is padded inside with copies of a row."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptjax import cache as kv_cache
-from gptjax import compile_cache, distributed, kernels, sampling, sharding, warmup
+from gptjax import compile_cache, decode_block, distributed, kernels, sampling, sharding, warmup
 from gptjax.checkpoint import load_checkpoint
 from gptjax.config import EngineConfig, ModelConfig, preset
 from gptjax.engine_api import DecodeState, Prefix, SamplingArrays, layout_of
@@ -46,6 +46,7 @@ class Engine:
         self.mesh = sharding.default_mesh(mesh)
         self.layout = layout_for(config, self.mesh)
         self.attention = ec.attention or kernels.default_impl()
+        self.decode_matmuls = decode_block.choose(ec.decode_matmuls, config, self.mesh, kernels.on_gpu())
         self.params = params if self.layout.holds(params) else self.layout.place(params)
         self._tokenizer = tokenizer
         self._model = GPT(config, vocab_rows=self.layout.vocab_rows)
@@ -152,15 +153,16 @@ class Engine:
 
     def _decode_step(self, params, state: DecodeState, sampled: bool | None = None):
         pos = state.positions
+        block = decode_block.layer_block(self.decode_matmuls, self.config, pos.shape[0], self._block)
 
         def layer(layer_params, h, layer_kv, pos):
             def attend(_, q, k, v):
                 new_kv = kv_cache.write_token(layer_kv, k[:, 0], v[:, 0], pos)
                 return kernels.decode_step_attention(q[:, 0], *new_kv, pos + 1, self.attention)[:, None], new_kv
-            return self._block(layer_params, h, attend)
+            return block(layer_params, h, attend)
 
         x = self._embed(params, state.tokens[:, None], pos[:, None])
-        last, cache = self.layout.run(params, x, state.cache, pos, layer, lambda h, _: h[:, 0])
+        last, cache = self.layout.run(params, x, state.cache, pos, layer, lambda h, _: decode_block.value(h)[:, 0])
         logits = self._logits(params, last)
         samp = state.sampling
         keys = partial(sampling.row_keys, samp.seed, pos + 1)
@@ -198,8 +200,7 @@ class Engine:
         """New tokens end replicated, so every process (process 0 in particular) can read them."""
         return jax.lax.with_sharding_constraint(x, sharding.replicated(self.mesh))
 
-    def _generate(self, params, tokens, lengths, n_new: int, cache_len: int, samp: SamplingArrays,
-                  sampled: bool):
+    def _generate(self, params, tokens, lengths, n_new: int, cache_len: int, samp: SamplingArrays, sampled: bool):
         n = tokens.shape[0]
         tokens, lengths, samp = self._pad_rows((tokens, lengths, samp), n)
         rows, slots = tokens.shape[0], self.plan.state_rows(tokens.shape[0])
@@ -273,10 +274,9 @@ class Engine:
 
     @cached_property
     def _store(self):
-        """Where warm-up programs are kept between runs (None with the cache off): keyed by the plan, as the rest
-        of EngineConfig (request defaults, read on the host) is in no program."""
-        return compile_cache.program_store(compile_cache.identity(self.config, self.plan, self.attention,
-                                                                  self.mesh.shape, arrays=self.params))
+        """Where warm-up programs are kept (None with the cache off): the rest of EngineConfig is in no program."""
+        return compile_cache.program_store(compile_cache.identity(
+            self.config, self.plan, self.attention, self.decode_matmuls, self.mesh.shape, arrays=self.params))
 
     def compile_prefill(self, rows: int, bucket: int, state: DecodeState) -> None:
         warmup.prepare_prefill(self, rows, bucket, state)

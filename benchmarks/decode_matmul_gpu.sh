@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The small-batch decode matmuls on the GPU, in one call: the kernels against XLA at megatron-345m's and
+# gpt3-6.7b's shapes (with a sweep of block sizes and splits for 345M), then decode_probe with and without
+# them (345M fp16 batch 1 and 8, 6.7B bf16 batch 1) and a profile of the 345M step. Lines go to $OUT.
+#   OUT=/tmp/out bash benchmarks/decode_matmul_gpu.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "installing the carried wheels failed" >&2; exit 1; }
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+log() { tee -a "$OUT/decode_matmul.jsonl"; }
+timeout "${T_SWEEP:-200}" python3 -m benchmarks.decode_matmul_bench --model megatron-345m --dtype float16 \
+  --rows "${SWEEP_ROWS:-1,8,64}" --sweep 2>>"$OUT/decode_matmul.log" | log
+timeout 90 python3 -m benchmarks.decode_matmul_bench --model gpt3-6.7b --dtype bfloat16 --rows 1,32 \
+  2>>"$OUT/decode_matmul.log" | log
+probe() { timeout "${T_PROBE:-120}" python3 -m benchmarks.decode_probe "$@" 2>>"$OUT/decode_matmul.log" | log; }
+probe --model megatron-345m --dtype float16 --batch 1 --decode-matmuls pallas --profile "$OUT/trace"
+probe --model megatron-345m --dtype float16 --batch 1 --decode-matmuls xla
+probe --model megatron-345m --dtype float16 --batch 8 --decode-matmuls pallas
+probe --model megatron-345m --dtype float16 --batch 8 --decode-matmuls xla
+[ -z "${BIG:-1}" ] || probe --model gpt3-6.7b --dtype bfloat16 --batch 1 --decode-matmuls pallas --steps 64 --runs 3
+[ -z "${BIG:-1}" ] || probe --model gpt3-6.7b --dtype bfloat16 --batch 1 --decode-matmuls xla --steps 64 --runs 3
+rm -rf "$OUT/trace"
