@@ -97,7 +97,8 @@ def main():
                       "decode_matmuls": engine.decode_matmuls, "greedy_only": args.greedy_only, "xla_flags": os.environ.get("XLA_FLAGS", ""),
                       "prefill_plus_first_ms": round(one * 1e3, 3),
                       "decode_ms_per_token": round((full - one) / args.steps * 1e3, 4),
-                      "first_call_s": round(compile_full, 2), "first_row_tokens": first_row[:32], "device": jax.devices()[0].device_kind}))
+                      "first_call_s": round(compile_full, 2), "first_row_tokens": first_row[:32],
+                      "device": jax.devices()[0].device_kind}))
 
 
 def kernel_summary(trace_dir: str, steps: int, top: int = 40):

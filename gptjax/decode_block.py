@@ -5,8 +5,9 @@ besides attention: LayerNorm + QKV, attention out, LayerNorm + MLP in, GELU + ML
 residual stream travels as a `Residual`, base + sum(parts) + bias, and the next LayerNorm kernel sums it as it
 reads it (and writes the sum out once, as the new base): no kernel of its own for bias or residual adds.
 
-Used for decode steps of at most `MAX_ROWS` slots with the model on one GPU (`choose`); the Flax block serves
-every other case, and is the reference the tests compare this path's tokens against.
+Used for decode steps of at most `KERNEL_ROWS` slots with the model on one GPU (`choose`), and for products
+whose weights are at most `KERNEL_MAX_BYTES` (larger ones run the same arithmetic through XLA); the Flax block
+serves every other case, and is the reference the tests compare this path's tokens against.
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ import jax
 import jax.numpy as jnp
 
 from gptjax.config import ModelConfig
-from gptjax.kernels.decode_matmul import MAX_ROWS, decode_matmul, sum_parts, supports
+from gptjax.kernels.decode_matmul import decode_matmul, decode_matmul_reference, sum_parts, supports
+
+KERNEL_ROWS = 16  # more rows: XLA's matmuls win (the kernel's tiles grow past the matrix units' 16 rows)
+KERNEL_MAX_BYTES = 32 << 20  # larger weights: XLA's own matmul reads them faster (the H200, RESULTS run 11)
 
 
 class Residual(NamedTuple):
@@ -56,7 +60,7 @@ def block(config: ModelConfig, p, h, attend, *, interpret: bool):
     layer's `Residual`; returns (the new `Residual`, attend's layer state)."""
     h = h if isinstance(h, Residual) else Residual(h[:, 0].astype(jnp.float32))
     rows, heads, head_dim = h.base.shape[0], config.n_heads, config.head_dim
-    matmul = partial(decode_matmul, eps=config.layer_norm_eps, interpret=interpret)
+    matmul = partial(_product, eps=config.layer_norm_eps, interpret=interpret)
 
     qkv_w = p["qkv"]["kernel"]
     qkv, x = matmul(qkv_w.reshape(qkv_w.shape[0], -1), h.base, h.parts, h.bias, p["ln_1"]["scale"],
@@ -73,9 +77,17 @@ def block(config: ModelConfig, p, h, attend, *, interpret: bool):
     return Residual(x, out, p["mlp_out"]["bias"]), layer_state
 
 
+def _product(w, *args, interpret: bool, **kw):
+    """One of the layer's products: the kernel, or for weights larger than `KERNEL_MAX_BYTES` the same
+    arithmetic in `jnp` (its result one part), for XLA to compile."""
+    if w.size * w.dtype.itemsize <= KERNEL_MAX_BYTES:
+        return decode_matmul(w, *args, interpret=interpret, **kw)
+    return decode_matmul_reference(w, *args, **kw)
+
+
 def layer_block(impl: str, config: ModelConfig, rows: int, flax_block):
-    """The block function a decode step of `rows` slots runs: `block` with "pallas" up to `MAX_ROWS` rows
-    (past that the products are no longer weight-bound), else `flax_block`."""
-    if impl == "pallas" and 0 < rows <= MAX_ROWS:
+    """The block function a decode step of `rows` slots runs: `block` with "pallas" up to `KERNEL_ROWS`
+    rows, else `flax_block`."""
+    if impl == "pallas" and 0 < rows <= KERNEL_ROWS:
         return partial(block, config, interpret=jax.default_backend() != "gpu")
     return flax_block

@@ -33,6 +33,8 @@ from jax.experimental.pallas import triton as plgpu
 MATRIX_ROWS = 16  # the matrix units' smallest tile side in Triton's dot
 MAX_ROWS = 64  # past this the product is no longer weight-bound, and XLA's own matmuls do well
 TARGET_PROGRAMS = 256  # about two per multiprocessor of an H100 or H200
+SHARED_MEMORY = 160 * 1024  # of the 227 KB a block may have, what the pipelined tiles may take
+STATS_BLOCK = 512  # LayerNorm's statistics pass reads the input in wider tiles: fewer, longer loads
 
 
 class MatmulParams(NamedTuple):
@@ -55,16 +57,24 @@ def supports(rows: int, k: int, n: int) -> bool:
     return 0 < rows <= MAX_ROWS and _largest_block(k, 16) > 0 and _largest_block(n, 16) > 0
 
 
-def default_params(rows: int, k: int, n: int) -> MatmulParams:
+def default_params(rows: int, k: int, n: int, input_tiles: int = 1, itemsize: int = 2) -> MatmulParams:
     """Column blocks of 64 (128-byte runs of a 16-bit weight row), then K split until about TARGET_PROGRAMS
-    programs read the weights, each chunk at least 256 deep."""
+    programs read the weights, each chunk at least 128 deep; the K block shrinks until the pipelined tiles
+    (the weights', and `input_tiles` float32 input tiles: x and each part) fit in shared memory."""
     block_n = _largest_block(n, 64)
     block_k = _largest_block(k, 128)
     splits = 1
     while (n // block_n) * splits * 2 <= TARGET_PROGRAMS and k % (splits * 2 * block_k) == 0 \
-            and k // (splits * 2) >= 256:
+            and k // (splits * 2) >= 128:
         splits *= 2
-    return MatmulParams(block_n, block_k, splits, 4, 3)
+    stages, block_rows = 3, _block_rows(rows)
+    while stages * block_k * (block_rows * 4 * input_tiles + block_n * itemsize) > SHARED_MEMORY and block_k > 16:
+        block_k //= 2
+    return MatmulParams(block_n, block_k, splits, 4, stages)
+
+
+def _block_rows(rows: int) -> int:
+    return max(MATRIX_ROWS, pl.next_power_of_2(rows))
 
 
 def _activation(name: str, v):
@@ -82,38 +92,39 @@ def _kernel(*refs, rows: int, block_rows: int, k: int, chunk: int, params: Matmu
     save_ref = next(it) if save else None
     block_n, block_k = params.block_n, params.block_k
     col, split = pl.program_id(0), pl.program_id(1)
-    row_ok = lax.broadcasted_iota(jnp.int32, (block_rows, block_k), 0) < rows
 
-    def load_input(k0):
-        """v = x + sum(parts) + bias over columns [k0, k0 + block_k), float32 [block_rows, block_k]."""
-        cols = pl.ds(k0, block_k)
-        v = jnp.zeros((block_rows, block_k), jnp.float32)
+    def load_input(k0, width: int):
+        """v = x + sum(parts) + bias over columns [k0, k0 + width), float32 [block_rows, width]."""
+        cols = pl.ds(k0, width)
+        ok = lax.broadcasted_iota(jnp.int32, (block_rows, width), 0) < rows
+        v = jnp.zeros((block_rows, width), jnp.float32)
         if has_x:
-            v += plgpu.load(x_ref.at[pl.ds(0, block_rows), cols], mask=row_ok, other=0.0).astype(jnp.float32)
+            v += plgpu.load(x_ref.at[pl.ds(0, block_rows), cols], mask=ok, other=0.0).astype(jnp.float32)
         for p in range(n_parts):
-            v += plgpu.load(parts_ref.at[pl.ds(0, block_rows), pl.ds(p * k + k0, block_k)], mask=row_ok, other=0.0)
+            v += plgpu.load(parts_ref.at[pl.ds(0, block_rows), pl.ds(p * k + k0, width)], mask=ok, other=0.0)
         if has_bias:
             v += bias_ref[cols].astype(jnp.float32)[None, :]
         return v
 
     if ln or save:  # a first pass over the whole row: LayerNorm's statistics, and the saved input
         first = (col == 0) & (split == 0)
+        width = _largest_block(k, STATS_BLOCK)
 
         def stats(i, carry):
-            v = load_input(i * block_k)
+            v = load_input(i * width, width)
             if save:
-                plgpu.store(save_ref.at[pl.ds(0, block_rows), pl.ds(i * block_k, block_k)], v,
-                            mask=row_ok & first)
+                ok = lax.broadcasted_iota(jnp.int32, (block_rows, width), 0) < rows
+                plgpu.store(save_ref.at[pl.ds(0, block_rows), pl.ds(i * width, width)], v, mask=ok & first)
             return carry[0] + jnp.sum(v, axis=1), carry[1] + jnp.sum(v * v, axis=1)
 
         zero = jnp.zeros((block_rows,), jnp.float32)
-        total, total_sq = lax.fori_loop(0, k // block_k, stats, (zero, zero))
+        total, total_sq = lax.fori_loop(0, k // width, stats, (zero, zero))
         mean = total / k
         rstd = lax.rsqrt(jnp.maximum(total_sq / k - mean * mean, 0.0) + eps)
 
     def body(i, acc):
         k0 = split * chunk + i * block_k
-        v = load_input(k0)
+        v = load_input(k0, block_k)
         if ln:
             cols = pl.ds(k0, block_k)
             v = ((v - mean[:, None]) * rstd[:, None] * scale_ref[cols].astype(jnp.float32)[None, :]
@@ -146,17 +157,16 @@ def decode_matmul(w, x=None, parts=None, x_bias=None, ln_scale=None, ln_bias=Non
     if not supports(rows, k, n) or width % k or (x is not None and width != k):
         raise ValueError(f"decode_matmul: input [{rows}, {width}] against weights {w.shape} "
                          f"(rows 1-{MAX_ROWS}, K and N multiples of 16)")
-    params = params or default_params(rows, k, n)
+    n_parts = 0 if parts is None else parts.shape[1] // k
+    params = params or default_params(rows, k, n, (x is not None) + n_parts, w.dtype.itemsize)
     chunk = k // params.splits
     if n % params.block_n or chunk % params.block_k:
         raise ValueError(f"decode_matmul: {params} does not tile K={k}, N={n}")
     ln = ln_scale is not None
-    n_parts = 0 if parts is None else parts.shape[1] // k
     operands = [a for a in (x, parts, x_bias, ln_scale if ln else None, ln_bias if ln else None) if a is not None]
     kernel = functools.partial(
-        _kernel, rows=rows, block_rows=max(MATRIX_ROWS, pl.next_power_of_2(rows)), k=k, chunk=chunk,
-        params=params, has_x=x is not None, n_parts=n_parts,
-        has_bias=x_bias is not None, ln=ln, eps=eps, activation=activation, save=save_input)
+        _kernel, rows=rows, block_rows=_block_rows(rows), k=k, chunk=chunk, params=params, has_x=x is not None,
+        n_parts=n_parts, has_bias=x_bias is not None, ln=ln, eps=eps, activation=activation, save=save_input)
     out_shape = [jax.ShapeDtypeStruct((rows, params.splits * n), jnp.float32)]
     if save_input:
         out_shape.append(jax.ShapeDtypeStruct((rows, k), jnp.float32))

@@ -1,0 +1,102 @@
+"""The decode step's small-batch matmul kernel (interpret mode here) against float64 numpy, and the engine's
+tokens with it against the Flax block's.
+
+Every check draws new inputs (the seed is in the failure message) and a row count that is not a power of two
+where it can, so the kernel's masked rows are exercised."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import gptjax
+from benchmarks.decode_matmul_bench import float64_product, operands
+from gptjax import decode_block
+from gptjax.config import preset
+from gptjax.kernels.decode_matmul import (MatmulParams, decode_matmul, decode_matmul_reference, default_params,
+                                          sum_parts)
+
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2, jnp.float16: 2e-3}
+
+
+def fresh_seed() -> int:
+    return int(np.random.SeedSequence().entropy % 2**31)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("prologue", ["ln", "", "gelu"])
+@pytest.mark.parametrize("splits", [1, 4])
+def test_kernel_matches_float64(dtype, prologue, splits):
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    rows = int(rng.choice([1, 3, 16, 23, 64]))
+    k, n = (512, 96) if prologue == "gelu" else (128, 192)  # N not a power of two: 3 column blocks of 32
+    ws, kw = operands(jax.random.PRNGKey(seed), rows, k, n, prologue, dtype, copies=1)
+    params = MatmulParams(32, 32, splits, 4, 2)
+    out = decode_matmul(ws[0], params=params, interpret=True, **kw)
+    ref = float64_product(ws[0], kw)
+    got = np.asarray(sum_parts(out[0] if kw.get("save_input") else out, n), np.float64)
+    err = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+    assert err < TOL[dtype], f"seed {seed}, rows {rows}: relative error {err:.2e}"
+    if kw.get("save_input"):  # the residual stream, summed: x + parts + bias before the LayerNorm
+        _, saved = decode_matmul_reference(ws[0], **kw)
+        np.testing.assert_allclose(out[1], saved, rtol=1e-6, atol=1e-5, err_msg=f"seed {seed}")
+
+
+def test_default_params_fill_the_chip_and_tile():
+    for rows, k, n in [(1, 1024, 3072), (8, 1024, 1024), (64, 4096, 1024), (1, 4096, 16384), (3, 128, 384)]:
+        p = default_params(rows, k, n)
+        assert n % p.block_n == 0 and (k // p.splits) % p.block_k == 0
+        if n >= 1024:
+            assert (n // p.block_n) * p.splits >= 128, (rows, k, n, p)  # a narrow output is split over K
+
+
+def test_bad_shapes_are_refused_by_name():
+    w = jnp.zeros((128, 64), jnp.float32)
+    with pytest.raises(ValueError, match="decode_matmul"):
+        decode_matmul(w, jnp.ones((65, 128)), interpret=True)  # more rows than the kernel serves
+    with pytest.raises(ValueError, match="decode_matmul"):
+        decode_matmul(w, jnp.ones((2, 100)), interpret=True)  # K mismatch
+    with pytest.raises(ValueError, match="decode_matmuls"):
+        gptjax.EngineConfig(decode_matmuls="cublas")
+
+
+def test_choose_keeps_xla_off_gpu_and_refuses_a_split_model():
+    config = preset("gpt2-tiny")
+    one = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    assert decode_block.choose("", config, one, on_gpu=False) == "xla"
+    assert decode_block.choose("", config.replace(dtype="bfloat16"), one, on_gpu=True) == "pallas"
+    assert decode_block.choose("", config, one, on_gpu=True) == "xla"  # float32: Triton's dot would round it to TF32
+    if len(jax.devices()) > 1:
+        two = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("tensor",))
+        assert decode_block.choose("", config.replace(dtype="bfloat16"), two, on_gpu=True) == "xla"
+        with pytest.raises(ValueError, match="one device"):
+            decode_block.choose("pallas", config, two, on_gpu=True)
+
+
+@pytest.mark.parametrize("dtype, kernel_max_bytes", [("float32", decode_block.KERNEL_MAX_BYTES),
+                                                     ("bfloat16", 100_000)])
+def test_engine_greedy_tokens_equal_with_and_without_the_kernels(dtype, kernel_max_bytes, monkeypatch):
+    """Ragged prompts, then 10 decode steps on the kernels (interpret mode) and on the Flax block; with a
+    small `KERNEL_MAX_BYTES` the larger products run through XLA among the kernels' (the 6.7B model's mix)."""
+    monkeypatch.setattr(decode_block, "KERNEL_MAX_BYTES", kernel_max_bytes)
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(0, 50257, size=int(n)).tolist() for n in (1, 7, 20)]
+    tokens = {}
+    for impl in ("pallas", "xla"):
+        engine = gptjax.Engine.from_preset("gpt2-tiny", dtype=dtype,
+                                           engine_config=gptjax.EngineConfig(decode_matmuls=impl))
+        assert engine.decode_matmuls == impl
+        tokens[impl] = [r.output_ids for r in engine.generate(prompts, max_new_tokens=10, greedy=True,
+                                                              stop_token_ids=[])]
+    assert tokens["pallas"] == tokens["xla"], f"seed {seed}"
+
+
+def test_residual_value_sums_its_parts():
+    rng = np.random.default_rng(fresh_seed())
+    base, parts, bias = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((3, 32), (3, 64), (32,)))
+    got = decode_block.value(decode_block.Residual(base, parts, bias))
+    np.testing.assert_allclose(got[:, 0], base + parts[:, :32] + parts[:, 32:] + bias, rtol=1e-5, atol=1e-6)
