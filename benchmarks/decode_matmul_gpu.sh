@@ -14,17 +14,17 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 log() { tee -a "$OUT/decode_matmul.jsonl"; }
+probe() { timeout "${T_PROBE:-120}" python3 -m benchmarks.decode_probe "$@" 2>>"$OUT/decode_matmul.log" | log; }
+probe --model megatron-345m --dtype float16 --batch 1 --decode-matmuls pallas --profile "$OUT/trace"
+probe --model megatron-345m --dtype float16 --batch 1 --decode-matmuls xla
+probe --model megatron-345m --dtype float16 --batch 8 --decode-matmuls pallas
+probe --model megatron-345m --dtype float16 --batch 8 --decode-matmuls xla
 timeout "${T_SWEEP:-200}" python3 -m benchmarks.decode_matmul_bench --model megatron-345m --dtype float16 \
   --rows 1 --sweep 2>>"$OUT/decode_matmul.log" | log
 timeout 60 python3 -m benchmarks.decode_matmul_bench --model megatron-345m --dtype float16 --rows 8,16 \
   2>>"$OUT/decode_matmul.log" | log
 timeout 90 python3 -m benchmarks.decode_matmul_bench --model gpt3-6.7b --dtype bfloat16 --rows 1 \
   2>>"$OUT/decode_matmul.log" | log
-probe() { timeout "${T_PROBE:-120}" python3 -m benchmarks.decode_probe "$@" 2>>"$OUT/decode_matmul.log" | log; }
-probe --model megatron-345m --dtype float16 --batch 1 --decode-matmuls pallas --profile "$OUT/trace"
-probe --model megatron-345m --dtype float16 --batch 1 --decode-matmuls xla
-probe --model megatron-345m --dtype float16 --batch 8 --decode-matmuls pallas
-probe --model megatron-345m --dtype float16 --batch 8 --decode-matmuls xla
 [ -z "${BIG:-1}" ] || probe --model gpt3-6.7b --dtype bfloat16 --batch 1 --decode-matmuls pallas --steps 32 --runs 3
 [ -z "${BIG:-1}" ] || probe --model gpt3-6.7b --dtype bfloat16 --batch 1 --decode-matmuls xla --steps 32 --runs 3
 rm -rf "$OUT/trace"
