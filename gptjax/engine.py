@@ -46,7 +46,7 @@ class Engine:
         self.mesh = sharding.default_mesh(mesh)
         self.layout = layout_for(config, self.mesh)
         self.attention = ec.attention or kernels.default_impl()
-        self.decode_matmuls = decode_block.choose(ec.decode_matmuls, config, self.mesh, kernels.on_gpu())
+        self.decode_matmuls = decode_block.choose(ec.decode_matmuls, config, self.mesh)
         self.params = params if self.layout.holds(params) else self.layout.place(params)
         self._tokenizer = tokenizer
         self._model = GPT(config, vocab_rows=self.layout.vocab_rows)
@@ -162,7 +162,7 @@ class Engine:
             return block(layer_params, h, attend)
 
         x = self._embed(params, state.tokens[:, None], pos[:, None])
-        last, cache = self.layout.run(params, x, state.cache, pos, layer, lambda h, _: decode_block.value(h)[:, 0])
+        last, cache = self.layout.run(params, x, state.cache, pos, layer, lambda h, _: h[:, 0])
         logits = self._logits(params, last)
         samp = state.sampling
         keys = partial(sampling.row_keys, samp.seed, pos + 1)

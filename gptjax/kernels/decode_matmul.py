@@ -12,8 +12,6 @@ here does a product with its neighbours fused in:
   (every start index the kernel reads is then a traced one, whatever the split): no atomics, and
   the same numbers every run. Whoever reads the result next sums the parts in its own prologue (the next
   matmul) or in an XLA fusion it needs anyway.
-- `save_input`: the prologue's v before LayerNorm also comes out (by the first program), which is how the
-  residual stream is carried forward without a kernel of its own.
 
 `decode_matmul_reference` is the same arithmetic in plain `jnp`, the reference the kernel is tested against.
 Rows past the input's are masked, not padded: the kernel reads and writes exactly `rows` rows.
@@ -32,8 +30,8 @@ from jax.experimental.pallas import triton as plgpu
 
 MATRIX_ROWS = 16  # the matrix units' smallest tile side in Triton's dot
 MAX_ROWS = 64  # past this the product is no longer weight-bound, and XLA's own matmuls do well
-TARGET_PROGRAMS = 256  # about two per multiprocessor of an H100 or H200
-SHARED_MEMORY = 160 * 1024  # of the 227 KB a block may have, what the pipelined tiles may take
+TARGET_PROGRAMS = 128  # about one per multiprocessor of an H100 or H200 (fewer, longer programs won the sweep)
+SHARED_MEMORY = 200 * 1024  # of the 227 KB a block may have, what the pipelined tiles may take
 STATS_BLOCK = 512  # LayerNorm's statistics pass reads the input in wider tiles: fewer, longer loads
 
 
@@ -58,15 +56,15 @@ def supports(rows: int, k: int, n: int) -> bool:
 
 
 def default_params(rows: int, k: int, n: int, input_tiles: int = 1, itemsize: int = 2) -> MatmulParams:
-    """Column blocks of 64 (128-byte runs of a 16-bit weight row), then K split until about TARGET_PROGRAMS
-    programs read the weights, each chunk at least 128 deep; the K block shrinks until the pipelined tiles
-    (the weights', and `input_tiles` float32 input tiles: x and each part) fit in shared memory."""
-    block_n = _largest_block(n, 64)
-    block_k = _largest_block(k, 128)
+    """Column blocks of 128 (256-byte runs of a 16-bit weight row), then K split (in chunks of at least 64)
+    until about TARGET_PROGRAMS programs read the weights; the K block shrinks until the pipelined tiles (the
+    weights', and `input_tiles` float32 input tiles: x and each part) fit in shared memory. The H200 sweep of
+    RESULTS run 11 chose these."""
+    block_n = _largest_block(n, 128)
     splits = 1
-    while (n // block_n) * splits * 2 <= TARGET_PROGRAMS and k % (splits * 2 * block_k) == 0 \
-            and k // (splits * 2) >= 128:
+    while (n // block_n) * splits * 2 <= TARGET_PROGRAMS and k % (splits * 2 * 64) == 0:
         splits *= 2
+    block_k = _largest_block(k // splits, 128)
     stages, block_rows = 3, _block_rows(rows)
     while stages * block_k * (block_rows * 4 * input_tiles + block_n * itemsize) > SHARED_MEMORY and block_k > 16:
         block_k //= 2
@@ -82,14 +80,13 @@ def _activation(name: str, v):
 
 
 def _kernel(*refs, rows: int, block_rows: int, k: int, chunk: int, params: MatmulParams, has_x: bool,
-            n_parts: int, has_bias: bool, ln: bool, eps: float, activation: str, save: bool):
+            n_parts: int, has_bias: bool, ln: bool, eps: float, activation: str):
     it = iter(refs)
     x_ref = next(it) if has_x else None
     parts_ref = next(it) if n_parts else None
     bias_ref = next(it) if has_bias else None
     scale_ref, shift_ref = (next(it), next(it)) if ln else (None, None)
     w_ref, out_ref = next(it), next(it)
-    save_ref = next(it) if save else None
     block_n, block_k = params.block_n, params.block_k
     col, split = pl.program_id(0), pl.program_id(1)
 
@@ -106,15 +103,11 @@ def _kernel(*refs, rows: int, block_rows: int, k: int, chunk: int, params: Matmu
             v += bias_ref[cols].astype(jnp.float32)[None, :]
         return v
 
-    if ln or save:  # a first pass over the whole row: LayerNorm's statistics, and the saved input
-        first = (col == 0) & (split == 0)
+    if ln:  # a first pass over the whole row: LayerNorm's statistics
         width = _largest_block(k, STATS_BLOCK)
 
         def stats(i, carry):
             v = load_input(i * width, width)
-            if save:
-                ok = lax.broadcasted_iota(jnp.int32, (block_rows, width), 0) < rows
-                plgpu.store(save_ref.at[pl.ds(0, block_rows), pl.ds(i * width, width)], v, mask=ok & first)
             return carry[0] + jnp.sum(v, axis=1), carry[1] + jnp.sum(v * v, axis=1)
 
         zero = jnp.zeros((block_rows,), jnp.float32)
@@ -140,13 +133,11 @@ def _kernel(*refs, rows: int, block_rows: int, k: int, chunk: int, params: Matmu
     plgpu.store(out_ref.at[pl.ds(0, block_rows), pl.ds(start, block_n)], acc, mask=out_ok)
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "activation", "save_input", "params", "interpret"))
+@functools.partial(jax.jit, static_argnames=("eps", "activation", "params", "interpret"))
 def decode_matmul(w, x=None, parts=None, x_bias=None, ln_scale=None, ln_bias=None, *, eps: float = 1e-5,
-                  activation: str = "", save_input: bool = False, params: MatmulParams | None = None,
-                  interpret: bool = False):
+                  activation: str = "", params: MatmulParams | None = None, interpret: bool = False):
     """prologue(x + sum(parts) + x_bias) @ w as float32 partial sums side by side, [rows, splits * N] (the
-    product is `sum_parts(out, N)`); with `save_input`, also the prologue's input before LayerNorm, float32
-    [rows, K].
+    product is `sum_parts(out, N)`).
 
     w: [K, N]; x: [rows, K] (any float dtype) or None; parts: [rows, P * K] float32 (P partial sums side by
     side, as this kernel writes them) or None; x_bias: [K];
@@ -166,16 +157,13 @@ def decode_matmul(w, x=None, parts=None, x_bias=None, ln_scale=None, ln_bias=Non
     operands = [a for a in (x, parts, x_bias, ln_scale if ln else None, ln_bias if ln else None) if a is not None]
     kernel = functools.partial(
         _kernel, rows=rows, block_rows=_block_rows(rows), k=k, chunk=chunk, params=params, has_x=x is not None,
-        n_parts=n_parts, has_bias=x_bias is not None, ln=ln, eps=eps, activation=activation, save=save_input)
-    out_shape = [jax.ShapeDtypeStruct((rows, params.splits * n), jnp.float32)]
-    if save_input:
-        out_shape.append(jax.ShapeDtypeStruct((rows, k), jnp.float32))
-    out = pl.pallas_call(
-        kernel, grid=(n // params.block_n, params.splits), out_shape=out_shape,
+        n_parts=n_parts, has_bias=x_bias is not None, ln=ln, eps=eps, activation=activation)
+    return pl.pallas_call(
+        kernel, grid=(n // params.block_n, params.splits),
+        out_shape=jax.ShapeDtypeStruct((rows, params.splits * n), jnp.float32),
         compiler_params=plgpu.CompilerParams(num_warps=params.num_warps, num_stages=params.num_stages),
         interpret=interpret, name=f"decode_matmul_{k}x{n}",
     )(*operands, w)
-    return tuple(out) if save_input else out[0]
 
 
 def sum_parts(parts, n: int):
@@ -184,8 +172,8 @@ def sum_parts(parts, n: int):
 
 
 def decode_matmul_reference(w, x=None, parts=None, x_bias=None, ln_scale=None, ln_bias=None, *,
-                            eps: float = 1e-5, activation: str = "", save_input: bool = False):
-    """The same product in plain `jnp`, summed: float32 [rows, N] (and the saved input)."""
+                            eps: float = 1e-5, activation: str = ""):
+    """The same product in plain `jnp`, summed: float32 [rows, N] (one part)."""
     v = 0.0
     if x is not None:
         v = v + x.astype(jnp.float32)
@@ -193,12 +181,10 @@ def decode_matmul_reference(w, x=None, parts=None, x_bias=None, ln_scale=None, l
         v = v + sum_parts(parts, w.shape[0])
     if x_bias is not None:
         v = v + x_bias.astype(jnp.float32)
-    saved = v
     if ln_scale is not None:
         mean = v.mean(-1, keepdims=True)
         var = jnp.square(v - mean).mean(-1, keepdims=True)
         v = (v - mean) * lax.rsqrt(var + eps) * ln_scale.astype(jnp.float32) + ln_bias.astype(jnp.float32)
     if activation:
         v = _activation(activation, v)
-    out = jnp.dot(v.astype(w.dtype), w, preferred_element_type=jnp.float32)
-    return (out, saved) if save_input else out
+    return jnp.dot(v.astype(w.dtype), w, preferred_element_type=jnp.float32)
