@@ -22,8 +22,8 @@ probe --model megatron-345m --dtype float16 --batch 8 --decode-matmuls pallas
 probe --model megatron-345m --dtype float16 --batch 8 --decode-matmuls xla
 timeout "${T_BENCH:-100}" python3 -m benchmarks.decode_matmul_bench --model megatron-345m --dtype float16 \
   --rows 1,8 ${SWEEP:+--sweep} 2>>"$OUT/decode_matmul.log" | log
-[ -z "${BIG:-1}" ] || timeout 90 python3 -m benchmarks.decode_matmul_bench --model gpt3-6.7b --dtype bfloat16 \
+[ -z "${BIG-1}" ] || timeout 90 python3 -m benchmarks.decode_matmul_bench --model gpt3-6.7b --dtype bfloat16 \
   --rows 1 2>>"$OUT/decode_matmul.log" | log
-[ -z "${BIG:-1}" ] || probe --model gpt3-6.7b --dtype bfloat16 --batch 1 --decode-matmuls pallas --steps 32 --runs 3
-[ -z "${BIG:-1}" ] || probe --model gpt3-6.7b --dtype bfloat16 --batch 1 --decode-matmuls xla --steps 32 --runs 3
+[ -z "${BIG-1}" ] || probe --model gpt3-6.7b --dtype bfloat16 --batch 1 --decode-matmuls pallas --steps 32 --runs 3
+[ -z "${BIG-1}" ] || probe --model gpt3-6.7b --dtype bfloat16 --batch 1 --decode-matmuls xla --steps 32 --runs 3
 rm -rf "$OUT/trace"
