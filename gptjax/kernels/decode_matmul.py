@@ -81,6 +81,7 @@ def _activation(name: str, v):
 
 def _kernel(*refs, rows: int, block_rows: int, k: int, chunk: int, params: MatmulParams, has_x: bool,
             n_parts: int, has_bias: bool, ln: bool, eps: float, activation: str):
+    """Program (col, split): output columns [col * block_n, +block_n) over K rows [split * chunk, +chunk)."""
     it = iter(refs)
     x_ref = next(it) if has_x else None
     parts_ref = next(it) if n_parts else None
