@@ -46,7 +46,7 @@ PROMPT = [464, 2068, 7586]
 @pytest.fixture(scope="module")
 def target(tmp_path_factory):
     config = tmp_path_factory.mktemp("fuzz") / "server.toml"
-    config.write_text("[engine]\nmax_new_tokens = 2\n")
+    config.write_text("[engine]\nmax_new_tokens = 2\nmax_slots = 2\n")  # fewer programs to prepare at start
     with running_server("--config", str(config)) as (proc, target):
         yield target
         assert proc.poll() is None, "the server died"
