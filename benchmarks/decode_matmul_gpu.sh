@@ -6,14 +6,7 @@
 #   OUT=/tmp/out bash benchmarks/decode_matmul_gpu.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "installing the carried wheels failed" >&2; exit 1; }
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
+source benchmarks/gpu_env.sh
 log() { tee -a "$OUT/decode_matmul.jsonl"; }
 probe() { timeout "${T_PROBE:-120}" python3 -m benchmarks.decode_probe "$@" 2>>"$OUT/decode_matmul.log" | log; }
 probe --model megatron-345m --dtype float16 --batch 1 --decode-matmuls pallas --profile "$OUT/trace"

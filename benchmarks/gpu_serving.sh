@@ -18,14 +18,7 @@
 #  SMALL_MODEL="--model gpt2-tiny" SLOTS=4 SEQ=64 NUM_REQUESTS=16 INPUT_DIST=uniform:4,24 OUTPUT_DIST=fixed:8 BIG_MODEL="" JAX_PLATFORMS=cpu)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "installing the carried wheels failed" >&2; exit 1; }
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
+source benchmarks/gpu_env.sh
 unset JAX_COMPILATION_CACHE_DIR  # the cache under test is gptjax's own default folder
 export GPTJAX_CACHE_DIR=${GPTJAX_CACHE_DIR:-/tmp/gptjax-serving-cache}
 rm -rf "$GPTJAX_CACHE_DIR"  # the first start is cold
