@@ -1,6 +1,7 @@
 """Where does a decode step's time go? Times one preset's generate loop under variants, one line each.
 
-    python benchmarks/decode_probe.py --model megatron-345m --dtype float16 [--greedy-only] [--profile DIR]
+    python -m benchmarks.decode_probe --model megatron-345m --dtype float16 --batch 1,8 --decode-matmuls pallas,xla
+        [--greedy-only] [--profile DIR]
 
 Run it once per XLA_FLAGS setting (flags are read when JAX starts); compare lines from the same machine.
 """
@@ -34,28 +35,38 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="megatron-345m")
     p.add_argument("--dtype", default="float16")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", default="1", help="batch sizes, comma-separated (one line each)")
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--steps", type=int, default=128)
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--attention", default="")
-    p.add_argument("--decode-matmuls", default="", help="pallas | xla (default: the engine's choice)")
-    p.add_argument("--profile", help="write a jax.profiler trace of one run (at most 16 steps) here, and summarise it")
+    p.add_argument("--decode-matmuls", default="",
+                   help="pallas | xla | both, comma-separated (one engine each; default: the engine's choice)")
+    p.add_argument("--profile", help="write jax.profiler traces of the first batch size here, and summarise them")
     p.add_argument("--greedy-only", action="store_true", help="replace the sampler by a bare argmax")
     p.add_argument("--hlo", help="write the optimized HLO of the generate program to this file")
     args = p.parse_args()
 
-    import jax
-
-    from benchmarks.bench import median_seconds
     from gptjax import EngineConfig
     from gptjax.engine import Engine
 
     if args.greedy_only:
         _greedy_only_sampling()
-    engine = Engine.from_preset(args.model, dtype=args.dtype, engine_config=EngineConfig(
-        attention=args.attention, decode_matmuls=args.decode_matmuls))
-    prompts = np.random.default_rng(0).integers(0, 50257, (args.batch, args.input_len)).tolist()
+    for impl in args.decode_matmuls.split(","):
+        engine = Engine.from_preset(args.model, dtype=args.dtype, engine_config=EngineConfig(
+            attention=args.attention, decode_matmuls=impl))
+        for i, batch in enumerate(map(int, args.batch.split(","))):
+            probe(engine, batch, args, profile=args.profile and i == 0 and f"{args.profile}/{engine.decode_matmuls}")
+        del engine
+
+
+def probe(engine, batch: int, args, profile: str | None) -> None:
+    """One JSON line: the prefill and the per-token decode time of `batch` prompts on `engine`."""
+    import jax
+
+    from benchmarks.bench import median_seconds
+
+    prompts = np.random.default_rng(0).integers(0, 50257, (batch, args.input_len)).tolist()
 
     def run(n):
         return engine.generate(prompts, max_new_tokens=n, greedy=True, stop_token_ids=[])
@@ -76,35 +87,39 @@ def main():
         from gptjax.sampling import SamplingParams
 
         bucket = engine.prefill_bucket(args.input_len)
-        tokens = jnp.zeros((args.batch, bucket), jnp.int32)
-        lengths = jnp.full((args.batch,), args.input_len, jnp.int32)
-        samp = SamplingArrays.from_params([SamplingParams()] * args.batch)
+        tokens = jnp.zeros((batch, bucket), jnp.int32)
+        lengths = jnp.full((batch,), args.input_len, jnp.int32)
+        samp = SamplingArrays.from_params([SamplingParams()] * batch)
         cache_len = min(engine.max_seq_len, -(-(bucket + args.steps + 1) // 64) * 64)
         compiled = engine._generate_jit.lower(engine.params, tokens, lengths, args.steps + 1, cache_len, samp,
                                              False).compile()
         with open(args.hlo, "w") as f:
             f.write(compiled.as_text())
-    if args.profile:
+    if profile:
         # a short run keeps the trace small (one 128-step trace of the 345M model ended in a segfault, cause unknown)
         steps = min(args.steps, 16)
-        run(steps + 1)
-        jax.profiler.start_trace(args.profile)
-        run(steps + 1)
-        jax.profiler.stop_trace()
-        kernel_summary(args.profile, steps)
-    print(json.dumps({"model": args.model, "dtype": args.dtype, "batch": args.batch, "input_len": args.input_len,
+        counts = {}
+        for n in (1, steps + 1):  # the prefill's kernels and the first token's: the difference is the steps'
+            run(n)
+            jax.profiler.start_trace(f"{profile}/{n}")
+            run(n)
+            jax.profiler.stop_trace()
+            counts[n] = kernel_summary(f"{profile}/{n}", steps, top=40 if n > 1 else 0)
+        print(json.dumps({"decode_kernels_per_step": round((counts[steps + 1] - counts[1]) / steps, 1)}))
+    print(json.dumps({"model": args.model, "dtype": args.dtype, "batch": batch, "input_len": args.input_len,
                       "attention": engine.attention,
                       "decode_matmuls": engine.decode_matmuls, "greedy_only": args.greedy_only, "xla_flags": os.environ.get("XLA_FLAGS", ""),
                       "prefill_plus_first_ms": round(one * 1e3, 3),
                       "decode_ms_per_token": round((full - one) / args.steps * 1e3, 4),
                       "first_call_s": round(compile_full, 2), "first_row_tokens": first_row[:32],
-                      "device": jax.devices()[0].device_kind}))
+                      "device": jax.devices()[0].device_kind}), flush=True)
 
 
-def kernel_summary(trace_dir: str, steps: int, top: int = 40):
+def kernel_summary(trace_dir: str, steps: int, top: int = 40) -> int:
     """Print what the GPU ran during the trace: kernels per decode step, busy time and the idle gaps between
-    kernels, then the costliest kernels. Unrolled layers give each layer's copy of a fusion its own name
-    (`loop_add_fusion.12`); the numeric suffix is dropped so the copies count as one kernel."""
+    kernels, then the costliest kernels; return the number of kernels (memsets and copies included). Unrolled
+    layers give each layer's copy of a fusion its own name (`loop_add_fusion.12`); the numeric suffix is
+    dropped so the copies count as one kernel."""
     import collections
     import glob
     import re
@@ -137,6 +152,8 @@ def kernel_summary(trace_dir: str, steps: int, top: int = 40):
                           "gap_us_median": round(float(np.median(gaps)), 2) if len(gaps) else 0.0}))
         for name, (n, us) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]:
             print(json.dumps({"kernel": name[:90], "count": n, "total_us": round(us, 1), "mean_us": round(us / n, 2)}))
+        return len(events)
+    return 0
 
 if __name__ == "__main__":
     main()

@@ -1,12 +1,13 @@
 """A decode step's layers on the small-batch matmul kernels (`gptjax.kernels.decode_matmul`).
 
-The same arithmetic as `gptjax.model.Block`, read from the same parameters, in four matmul kernels per layer
-besides attention: LayerNorm + QKV, attention out, LayerNorm + MLP in, GELU + MLP out. LayerNorm and GELU
-happen inside the kernels as their inputs are read; each product leaves float32 partial sums (split over K),
-which the next kernel (GELU + MLP out) or one small XLA fusion (bias + residual add, QKV's bias) sums.
+The same arithmetic as `gptjax.model.Block`, read from the same parameters, in five kernels per layer: LayerNorm
++ QKV + bias with the new token's K/V stored into the cache, attention, attention out + bias + residual,
+LayerNorm + MLP in + bias + GELU, MLP out + bias + residual. The residual stream stays in float32 between them,
+and no other kernel runs in the layer.
 
-Opt-in (`EngineConfig.decode_matmuls="pallas"`) for decode steps of at most `KERNEL_ROWS` slots with the
-model on one device; products whose weights exceed `KERNEL_MAX_BYTES` run the same arithmetic through XLA.
+The default on one GPU for a model whose products fit the kernels, for decode steps of at most `AUTO_ROWS`
+slots (`EngineConfig.decode_matmuls="pallas"`: up to `KERNEL_ROWS`, "xla": never); products whose weights
+exceed `KERNEL_MAX_BYTES` run the same arithmetic through XLA.
 The Flax block serves every other case, and is the reference the tests compare this path's tokens against.
 """
 
@@ -17,57 +18,81 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from gptjax import kernels
 from gptjax.config import ModelConfig
-from gptjax.kernels.decode_matmul import decode_matmul, decode_matmul_reference, sum_parts, supports
+from gptjax.kernels.decode_matmul import decode_matmul, decode_matmul_reference, new_counters, supports
 
 KERNEL_ROWS = 16  # more rows: XLA's matmuls win (the kernel's tiles grow past the matrix units' 16 rows)
+AUTO_ROWS = 1  # the default's limit: at 8 rows XLA's step was the faster on the H200 (RESULTS run 12)
 KERNEL_MAX_BYTES = 32 << 20  # larger weights: XLA's own matmul reads them faster (the H200, RESULTS run 11)
 
 
-def choose(requested: str, config: ModelConfig, mesh) -> str:
-    """The decode matmuls' implementation: "xla" unless "pallas" is asked for (on the H200 the XLA path is
-    still the faster one, RESULTS run 11), which needs the model on one device and hidden sizes the kernel
-    tiles."""
+def choose(requested: str, config: ModelConfig, mesh, backend: str | None = None) -> str:
+    """The decode matmuls' implementation: "pallas" (the kernels for steps of up to `KERNEL_ROWS` slots),
+    "xla", or by default "auto": the kernels for steps of up to `AUTO_ROWS` slots on one GPU when every
+    product of the model fits them, XLA otherwise. "pallas" needs the model on one device and hidden sizes
+    the kernel tiles."""
     dims = (config.hidden, config.ffn_hidden, 3 * config.hidden)
     fits = all(supports(1, k, n) for k in dims for n in dims) and mesh.size == 1
     if requested == "pallas" and not fits:
         raise ValueError(f"decode_matmuls='pallas' needs the model on one device and hidden sizes that are "
                          f"multiples of 16; this is hidden {config.hidden} on {mesh.size} devices")
-    return requested or "xla"
+    if requested:
+        return requested
+    itemsize = jnp.dtype(config.dtype).itemsize
+    small = config.hidden * config.ffn_hidden * itemsize <= KERNEL_MAX_BYTES
+    return "auto" if fits and small and (backend or jax.default_backend()) == "gpu" else "xla"
 
 
 def _product(w, *args, interpret: bool, **kw):
     """One of the layer's products: the kernel, or for weights larger than `KERNEL_MAX_BYTES` the same
-    arithmetic in `jnp` (its result one part), for XLA to compile."""
+    arithmetic in `jnp`, for XLA to compile."""
     if w.size * w.dtype.itemsize <= KERNEL_MAX_BYTES:
         return decode_matmul(w, *args, interpret=interpret, **kw)
     return decode_matmul_reference(w, *args, **kw)
 
 
-def block(config: ModelConfig, p, h, attend, *, interpret: bool):
-    """One layer for one new token per row, h [rows, 1, hidden] float32 -> (the same, attend's layer state)."""
+def block(config: ModelConfig, attention: str, p, h, layer_kv, pos, counters, *, interpret: bool):
+    """One layer for one new token per row: h [rows, 1, hidden] float32, the layer's (k, v) cache, each row's
+    position and the split counters (`new_counters`) -> (the next h, the cache with the new token's K/V in
+    it, the counters)."""
     x = h[:, 0].astype(jnp.float32)
-    rows, heads, head_dim = x.shape[0], config.n_heads, config.head_dim
+    rows, hidden = x.shape
+    dtype = p["qkv"]["kernel"].dtype
     matmul = partial(_product, eps=config.layer_norm_eps, interpret=interpret)
+    cache_shape = layer_kv[0].shape
+    flat = [c.reshape(*cache_shape[:2], hidden) for c in layer_kv]  # [slots, max_seq, heads * head_dim]: free
 
     qkv_w = p["qkv"]["kernel"]
-    qkv = matmul(qkv_w.reshape(qkv_w.shape[0], -1), x, ln_scale=p["ln_1"]["scale"], ln_bias=p["ln_1"]["bias"])
-    qkv = sum_parts(qkv, 3 * config.hidden) + p["qkv"]["bias"].reshape(-1).astype(jnp.float32)
-    qkv = qkv.astype(qkv_w.dtype).reshape(rows, 1, 3, heads, head_dim)
-    attn, layer_state = attend(0, qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+    q, k_cache, v_cache, counters = matmul(
+        qkv_w.reshape(qkv_w.shape[0], -1), x, p["ln_1"]["scale"], p["ln_1"]["bias"],
+        bias=p["qkv"]["bias"].reshape(-1), out_dtype=dtype, kv=(*flat, pos), counters=counters)
+    layer_kv = (k_cache.reshape(cache_shape), v_cache.reshape(cache_shape))
+    q = q.reshape(rows, config.n_heads, config.head_dim)
+    attn = kernels.decode_step_attention(q, *layer_kv, pos + 1, attention).reshape(rows, hidden)
 
     out_w = p["attn_out"]["kernel"]
-    attn = matmul(out_w.reshape(-1, out_w.shape[-1]), attn.reshape(rows, heads * head_dim))
-    x = x + sum_parts(attn, config.hidden) + p["attn_out"]["bias"].astype(jnp.float32)
-    mlp = matmul(p["mlp_in"]["kernel"], x, ln_scale=p["ln_2"]["scale"], ln_bias=p["ln_2"]["bias"])
-    out = matmul(p["mlp_out"]["kernel"], None, mlp, p["mlp_in"]["bias"], activation=config.activation)
-    x = x + sum_parts(out, config.hidden) + p["mlp_out"]["bias"].astype(jnp.float32)
-    return x[:, None], layer_state
+    x, counters = matmul(out_w.reshape(-1, out_w.shape[-1]), attn, bias=p["attn_out"]["bias"], residual=x,
+                         counters=counters)
+    mlp, counters = matmul(p["mlp_in"]["kernel"], x, p["ln_2"]["scale"], p["ln_2"]["bias"],
+                           bias=p["mlp_in"]["bias"], activation=config.activation, out_dtype=dtype,
+                           counters=counters)
+    x, counters = matmul(p["mlp_out"]["kernel"], mlp, bias=p["mlp_out"]["bias"], residual=x, counters=counters)
+    return x[:, None], layer_kv, counters
 
 
-def layer_block(impl: str, config: ModelConfig, rows: int, flax_block):
-    """The block function a decode step of `rows` slots runs: `block` with "pallas" up to `KERNEL_ROWS`
-    rows, else `flax_block`."""
-    if impl == "pallas" and 0 < rows <= KERNEL_ROWS:
-        return partial(block, config, interpret=jax.default_backend() != "gpu")
-    return flax_block
+def layer_fn(impl: str, config: ModelConfig, rows: int, attention: str):
+    """The layer function (layer_params, h, layer_kv, positions) -> (h, layer_kv) that a decode step of
+    `rows` slots runs on the kernels, or None for the Flax block's path (`choose`'s implementation says up to
+    how many rows). The layers run one after another in Python (one device: `layout.PerLayer`), so the split
+    counters go from each layer to the next here: one zeroed buffer per step."""
+    if not 0 < rows <= {"pallas": KERNEL_ROWS, "auto": AUTO_ROWS}.get(impl, 0):
+        return None
+    counters = [new_counters(3 * config.hidden, config.ffn_hidden)]
+
+    def layer(p, h, layer_kv, pos):
+        h, layer_kv, counters[0] = block(config, attention, p, h, layer_kv, pos, counters[0],
+                                         interpret=jax.default_backend() != "gpu")
+        return h, layer_kv
+
+    return layer

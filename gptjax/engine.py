@@ -153,16 +153,16 @@ class Engine:
 
     def _decode_step(self, params, state: DecodeState, sampled: bool | None = None):
         pos = state.positions
-        block = decode_block.layer_block(self.decode_matmuls, self.config, pos.shape[0], self._block)
 
         def layer(layer_params, h, layer_kv, pos):
             def attend(_, q, k, v):
                 new_kv = kv_cache.write_token(layer_kv, k[:, 0], v[:, 0], pos)
                 return kernels.decode_step_attention(q[:, 0], *new_kv, pos + 1, self.attention)[:, None], new_kv
-            return block(layer_params, h, attend)
+            return self._block(layer_params, h, attend)
 
+        fused = decode_block.layer_fn(self.decode_matmuls, self.config, pos.shape[0], self.attention)
         x = self._embed(params, state.tokens[:, None], pos[:, None])
-        last, cache = self.layout.run(params, x, state.cache, pos, layer, lambda h, _: h[:, 0])
+        last, cache = self.layout.run(params, x, state.cache, pos, fused or layer, lambda h, _: h[:, 0])
         logits = self._logits(params, last)
         samp = state.sampling
         keys = partial(sampling.row_keys, samp.seed, pos + 1)

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 import gptjax
-from benchmarks.decode_matmul_bench import float64_product, operands
+from benchmarks.decode_matmul_bench import operands, rel_err
 from gptjax import decode_block
 from gptjax.config import preset
 from gptjax.kernels.decode_matmul import (TARGET_PROGRAMS, MatmulParams, decode_matmul, decode_matmul_reference,
-                                          default_params, sum_parts)
+                                          default_params, new_counters)
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2, jnp.float16: 2e-3}
 
@@ -26,28 +26,41 @@ def fresh_seed() -> int:
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
-@pytest.mark.parametrize("prologue", ["ln", "", "gelu"])  # "gelu": GELU over two parts + bias
-def test_kernel_matches_float64(dtype, prologue):
+@pytest.mark.parametrize("kind", ["qkv", "residual", "gelu"])  # the decode block's three epilogues
+def test_kernel_matches_float64(dtype, kind):
     seed = fresh_seed()
     rng = np.random.default_rng(seed)
     rows, splits = int(rng.choice([1, 3, 16, 23, 64])), int(rng.choice([1, 4]))
-    k, n = (512, 96) if prologue == "gelu" else (128, 192)  # N not a power of two: 3 column blocks of 32
-    ws, kw = operands(jax.random.PRNGKey(seed), rows, k, n, prologue, dtype, copies=1)
-    params = MatmulParams(32, 32, splits, 4, 2)
-    out = decode_matmul(ws[0], params=params, interpret=True, **kw)
-    ref = float64_product(ws[0], kw)
-    got = np.asarray(sum_parts(out, n), np.float64)
-    err = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+    k, n = {"qkv": (128, 192), "residual": (512, 96), "gelu": (128, 96)}[kind]  # 3 column blocks of 32
+    ws, kw = operands(jax.random.PRNGKey(seed), rows, k, n, kind, dtype, copies=1)
+    counters = new_counters(n)
+    *out, counters = decode_matmul(ws[0], params=MatmulParams(32, 32, splits, 4, 2), counters=counters,
+                                   interpret=True, **kw)
+    err = rel_err(out if kind == "qkv" else out[0], ws[0], kw)
     assert err < TOL[dtype], f"seed {seed}, rows {rows}, splits {splits}: relative error {err:.2e}"
+    assert not np.any(np.asarray(counters)), "the split counters must be left at zero for the next kernel"
     # the jnp form (the path for weights too large for the kernel) agrees with it too
-    err = np.linalg.norm(np.asarray(decode_matmul_reference(ws[0], **kw), np.float64) - ref) / np.linalg.norm(ref)
+    err = rel_err(decode_matmul_reference(ws[0], **kw), ws[0], kw)
     assert err < TOL[dtype], f"seed {seed}, rows {rows}: reference's relative error {err:.2e}"
 
 
+def test_kv_write_touches_only_each_rows_position():
+    seed = fresh_seed()
+    ws, kw = operands(jax.random.PRNGKey(seed), 5, 128, 192, "qkv", jnp.float32, copies=1)
+    k_cache, v_cache, pos = kw["kv"]
+    _, k_new, v_new = decode_matmul(ws[0], params=MatmulParams(32, 32, 4, 4, 2), interpret=True, **kw)
+    for before, after in ((k_cache, k_new), (v_cache, v_new)):
+        changed = np.any(np.asarray(before) != np.asarray(after), axis=-1)  # [slots, max_seq]
+        want = np.zeros_like(changed)
+        want[np.arange(5), np.asarray(pos)] = True
+        assert (changed == want).all(), f"seed {seed}: the write went elsewhere than (row, position)"
+
+
 def test_default_params_fill_the_chip_and_tile():
-    for rows, k, n in [(1, 1024, 3072), (8, 1024, 1024), (64, 4096, 1024), (1, 4096, 16384), (3, 128, 384)]:
-        p = default_params(rows, k, n)
-        assert n % p.block_n == 0 and (k // p.splits) % p.block_k == 0
+    for rows, k, n, unit in [(1, 1024, 3072, 1024), (8, 1024, 1024, None), (64, 4096, 1024, None),
+                             (1, 4096, 16384, None), (3, 128, 384, 128), (1, 96, 288, 96)]:
+        p = default_params(rows, k, n, unit)
+        assert n % p.block_n == 0 and (unit or n) % p.block_n == 0 and (k // p.splits) % p.block_k == 0
         if n >= 1024:  # a narrow output is split over K
             assert (n // p.block_n) * p.splits >= TARGET_PROGRAMS // 2, (rows, k, n, p)
 
@@ -58,14 +71,19 @@ def test_bad_shapes_are_refused_by_name():
         decode_matmul(w, jnp.ones((65, 128)), interpret=True)  # more rows than the kernel serves
     with pytest.raises(ValueError, match="decode_matmul"):
         decode_matmul(w, jnp.ones((2, 100)), interpret=True)  # K mismatch
+    cache = jnp.zeros((2, 8, 32))
+    with pytest.raises(ValueError, match="K/V write"):  # 64 columns are no Q, K and V of 32
+        decode_matmul(w, jnp.ones((2, 128)), kv=(cache, cache, jnp.zeros(2, jnp.int32)), interpret=True)
     with pytest.raises(ValueError, match="decode_matmuls"):
         gptjax.EngineConfig(decode_matmuls="cublas")
 
 
-def test_choose_defaults_to_xla_and_refuses_a_split_model():
+def test_choose_picks_the_kernels_on_a_gpu_for_small_models_and_refuses_a_split_model():
     config = preset("gpt2-tiny")
     one = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
-    assert decode_block.choose("", config, one) == "xla"
+    assert decode_block.choose("", config, one) == "xla"  # off a GPU the kernels would run interpreted
+    assert decode_block.choose("", config, one, backend="gpu") == "auto"
+    assert decode_block.choose("", preset("gpt3-6.7b"), one, backend="gpu") == "xla"  # XLA reads 128 MB faster
     assert decode_block.choose("pallas", config, one) == "pallas"
     if len(jax.devices()) > 1:
         two = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("tensor",))
@@ -73,3 +91,8 @@ def test_choose_defaults_to_xla_and_refuses_a_split_model():
             decode_block.choose("pallas", config, two)
     with pytest.raises(ValueError, match="one device"):
         decode_block.choose("pallas", config.replace(hidden=72, n_heads=8), one)  # 72 is no multiple of 16
+    # "auto" takes the kernels for one-row steps only; "pallas" up to KERNEL_ROWS
+    assert decode_block.layer_fn("auto", config, 1, "xla") is not None
+    assert decode_block.layer_fn("auto", config, 2, "xla") is None
+    assert decode_block.layer_fn("pallas", config, decode_block.KERNEL_ROWS, "xla") is not None
+    assert decode_block.layer_fn("xla", config, 1, "xla") is None

@@ -1,17 +1,18 @@
 """Small-batch matmuls for the decode step: a few rows of activations times a whole weight matrix.
 
 At decode a layer's products have 1-64 rows, so they are bound by reading the weights once; what costs time is
-each kernel's launch and the small XLA kernels between them (LayerNorm, bias, GELU, residual adds). One kernel
-here does a product with its neighbours fused in:
+the launches, of the products and of the small XLA kernels between them (LayerNorm, bias, GELU, residual adds,
+the K/V cache writes): on an H200 each launch leaves the GPU idle for a microsecond or two. One kernel here is a
+product with its neighbours fused in, so a layer is four of them and attention:
 
-- a prologue on the input, computed in float32 as each [rows, block_k] tile is loaded:
-  v = x + sum(parts) + x_bias (any of the three), then LayerNorm (statistics over the whole row, in a first
-  pass) or an activation, then cast to the weights' dtype;
+- a LayerNorm prologue (optional), in float32 as each [rows, block_k] tile of the input is loaded, with the
+  row's statistics from a first pass;
 - the product, split over K (`splits`) so that a narrow output still puts enough programs on the chip to read
-  the weights at full speed. Each split writes its own float32 partial sum, side by side in [rows, splits * N]
-  (every start index the kernel reads is then a traced one, whatever the split): no atomics, and
-  the same numbers every run. Whoever reads the result next sums the parts in its own prologue (the next
-  matmul) or in an XLA fusion it needs anyway.
+  the weights at full speed. Each split stores its float32 partial sum; the split of a column block that
+  finishes last (it counts the finished splits on an atomic counter) adds them up in split order, so the
+  result is the same whichever split finishes last;
+- an epilogue on that sum: + bias, an activation, + a residual, the cast to the output's dtype, and for the
+  QKV product the new token's K and V stored into the layer's cache at each row's position.
 
 `decode_matmul_reference` is the same arithmetic in plain `jnp`, the reference the kernel is tested against.
 Rows past the input's are masked, not padded: the kernel reads and writes exactly `rows` rows.
@@ -55,18 +56,18 @@ def supports(rows: int, k: int, n: int) -> bool:
     return 0 < rows <= MAX_ROWS and _largest_block(k, 16) > 0 and _largest_block(n, 16) > 0
 
 
-def default_params(rows: int, k: int, n: int, input_tiles: int = 1, itemsize: int = 2) -> MatmulParams:
-    """Column blocks of 128 (256-byte runs of a 16-bit weight row), then K split (in chunks of at least 64)
-    until about TARGET_PROGRAMS programs read the weights; the K block shrinks until the pipelined tiles (the
-    weights', and `input_tiles` float32 input tiles: x and each part) fit in shared memory. The H200 sweep of
-    RESULTS run 11 chose these."""
-    block_n = _largest_block(n, 128)
+def default_params(rows: int, k: int, n: int, unit: int | None = None, itemsize: int = 2) -> MatmulParams:
+    """Column blocks of 128 (256-byte runs of a 16-bit weight row) that divide `unit` (default n: with a K/V
+    write, the hidden size, so no block straddles Q, K and V), then K split (in chunks of at least 64) until
+    about TARGET_PROGRAMS programs read the weights; the K block shrinks until the pipelined tiles fit in
+    shared memory. The H200 sweep of RESULTS run 11 chose these."""
+    block_n = _largest_block(unit or n, 128)
     splits = 1
     while (n // block_n) * splits * 2 <= TARGET_PROGRAMS and k % (splits * 2 * 64) == 0:
         splits *= 2
     block_k = _largest_block(k // splits, 128)
     stages, block_rows = 3, _block_rows(rows)
-    while stages * block_k * (block_rows * 4 * input_tiles + block_n * itemsize) > SHARED_MEMORY and block_k > 16:
+    while stages * block_k * (block_rows * 4 + block_n * itemsize) > SHARED_MEMORY and block_k > 16:
         block_k //= 2
     return MatmulParams(block_n, block_k, splits, 4, stages)
 
@@ -79,113 +80,212 @@ def _activation(name: str, v):
     return jax.nn.gelu(v, approximate=(name == "gelu_new"))
 
 
-def _kernel(*refs, rows: int, block_rows: int, k: int, chunk: int, params: MatmulParams, has_x: bool,
-            n_parts: int, has_bias: bool, ln: bool, eps: float, activation: str):
+class _Shape(NamedTuple):
+    """What a kernel instance is: its static shapes and which optional operands it has."""
+
+    rows: int
+    k: int
+    hidden: int  # with a K/V write: columns [hidden, 2 hidden) are K, [2 hidden, 3 hidden) V
+    chunk: int  # K rows per split
+    params: MatmulParams
+    ln: bool
+    eps: float
+    bias: bool
+    activation: str
+    residual: bool
+    kv: bool
+    interpret: bool  # the interpreter runs programs one at a time, and has no barrier
+
+
+def _kernel(*refs, s: _Shape):
     """Program (col, split): output columns [col * block_n, +block_n) over K rows [split * chunk, +chunk)."""
     it = iter(refs)
-    x_ref = next(it) if has_x else None
-    parts_ref = next(it) if n_parts else None
-    bias_ref = next(it) if has_bias else None
-    scale_ref, shift_ref = (next(it), next(it)) if ln else (None, None)
-    w_ref, out_ref = next(it), next(it)
-    block_n, block_k = params.block_n, params.block_k
+    x_ref = next(it)
+    scale_ref, shift_ref = (next(it), next(it)) if s.ln else (None, None)
+    w_ref = next(it)
+    bias_ref = next(it) if s.bias else None
+    res_ref = next(it) if s.residual else None
+    pos_ref = next(it) if s.kv else None
+    split_k = s.params.splits > 1
+    if split_k:
+        next(it)  # the counters' input: the output of the same name is the same buffer
+    if s.kv:
+        next(it), next(it)  # the caches' inputs, likewise
+    out_ref = next(it)
+    parts_ref, count_ref = (next(it), next(it)) if split_k else (None, None)
+    k_out, v_out = (next(it), next(it)) if s.kv else (None, None)
+
+    block_n, block_k, block_rows = s.params.block_n, s.params.block_k, _block_rows(s.rows)
     col, split = pl.program_id(0), pl.program_id(1)
+    rows_ok = lax.broadcasted_iota(jnp.int32, (block_rows, block_n), 0) < s.rows
 
-    def load_input(k0, width: int):
-        """v = x + sum(parts) + bias over columns [k0, k0 + width), float32 [block_rows, width]."""
-        cols = pl.ds(k0, width)
-        ok = lax.broadcasted_iota(jnp.int32, (block_rows, width), 0) < rows
-        v = jnp.zeros((block_rows, width), jnp.float32)
-        if has_x:
-            v += plgpu.load(x_ref.at[pl.ds(0, block_rows), cols], mask=ok, other=0.0).astype(jnp.float32)
-        for p in range(n_parts):
-            v += plgpu.load(parts_ref.at[pl.ds(0, block_rows), pl.ds(p * k + k0, width)], mask=ok, other=0.0)
-        if has_bias:
-            v += bias_ref[cols].astype(jnp.float32)[None, :]
-        return v
+    def load_x(k0, width: int):
+        ok = lax.broadcasted_iota(jnp.int32, (block_rows, width), 0) < s.rows
+        return plgpu.load(x_ref.at[pl.ds(0, block_rows), pl.ds(k0, width)], mask=ok, other=0.0).astype(jnp.float32)
 
-    if ln:  # a first pass over the whole row: LayerNorm's statistics
-        width = _largest_block(k, STATS_BLOCK)
+    if s.ln:  # a first pass over the whole row: LayerNorm's statistics
+        width = _largest_block(s.k, STATS_BLOCK)
 
         def stats(i, carry):
-            v = load_input(i * width, width)
+            v = load_x(i * width, width)
             return carry[0] + jnp.sum(v, axis=1), carry[1] + jnp.sum(v * v, axis=1)
 
         zero = jnp.zeros((block_rows,), jnp.float32)
-        total, total_sq = lax.fori_loop(0, k // width, stats, (zero, zero))
-        mean = total / k
-        rstd = lax.rsqrt(jnp.maximum(total_sq / k - mean * mean, 0.0) + eps)
+        total, total_sq = lax.fori_loop(0, s.k // width, stats, (zero, zero))
+        mean = total / s.k
+        rstd = lax.rsqrt(jnp.maximum(total_sq / s.k - mean * mean, 0.0) + s.eps)
 
     def body(i, acc):
-        k0 = split * chunk + i * block_k
-        v = load_input(k0, block_k)
-        if ln:
+        k0 = split * s.chunk + i * block_k
+        v = load_x(k0, block_k)
+        if s.ln:
             cols = pl.ds(k0, block_k)
             v = ((v - mean[:, None]) * rstd[:, None] * scale_ref[cols].astype(jnp.float32)[None, :]
                  + shift_ref[cols].astype(jnp.float32)[None, :])
-        if activation:
-            v = _activation(activation, v)
         w = w_ref[pl.ds(k0, block_k), pl.ds(col * block_n, block_n)]
         return acc + jnp.dot(v.astype(w.dtype), w, preferred_element_type=jnp.float32)
 
-    acc = lax.fori_loop(0, chunk // block_k, body, jnp.zeros((block_rows, block_n), jnp.float32))
-    out_ok = lax.broadcasted_iota(jnp.int32, (block_rows, block_n), 0) < rows
-    start = split * (out_ref.shape[1] // params.splits) + col * block_n  # split s's sums sit in [s*N, (s+1)*N)
-    plgpu.store(out_ref.at[pl.ds(0, block_rows), pl.ds(start, block_n)], acc, mask=out_ok)
+    acc = lax.fori_loop(0, s.chunk // block_k, body, jnp.zeros((block_rows, block_n), jnp.float32))
+    c0 = col * block_n
+    tile = (pl.ds(0, block_rows), pl.ds(c0, block_n))
+
+    def finish(total):
+        if s.bias:
+            total += bias_ref[pl.ds(c0, block_n)].astype(jnp.float32)[None, :]
+        if s.activation:
+            total = _activation(s.activation, total)
+        if s.residual:
+            total += plgpu.load(res_ref.at[tile], mask=rows_ok, other=0.0).astype(jnp.float32)
+        if not s.kv:
+            plgpu.store(out_ref.at[tile], total.astype(out_ref.dtype), mask=rows_ok)
+            return
+
+        @pl.when(c0 < s.hidden)
+        def _():  # Q: the output
+            plgpu.store(out_ref.at[tile], total.astype(out_ref.dtype), mask=rows_ok)
+
+        for which, cache in ((1, k_out), (2, v_out)):  # K and V: into the cache
+            pl.when((c0 >= which * s.hidden) & (c0 < (which + 1) * s.hidden))(
+                functools.partial(_store_new_token, cache, pos_ref, total, c0 - which * s.hidden, s.rows))
+
+    if not split_k:
+        finish(acc)
+        return
+    plgpu.store(parts_ref.at[(split, *tile)], acc, mask=rows_ok)
+    if not s.interpret:
+        plgpu.debug_barrier()  # every thread's part is stored before the counter says so
+    finished = plgpu.atomic_add(count_ref, (jnp.asarray(col, jnp.int32),), jnp.int32(1))  # acq-rel, GPU scope
+
+    @pl.when(finished == s.params.splits - 1)
+    def _():  # the last split: every other one's part is in memory; sum them in split order
+        total = jnp.zeros((block_rows, block_n), jnp.float32)
+        for p in range(s.params.splits):
+            part = parts_ref.at[(jnp.int32(p), *tile)]
+            total += plgpu.load(part, mask=rows_ok, other=0.0, volatile=True)  # not an L1 copy: fresh
+        finish(total)
+        count_ref[col] = 0  # every split has counted: the counter is zero again for the next kernel
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "activation", "params", "interpret"))
-def decode_matmul(w, x=None, parts=None, x_bias=None, ln_scale=None, ln_bias=None, *, eps: float = 1e-5,
-                  activation: str = "", params: MatmulParams | None = None, interpret: bool = False):
-    """prologue(x + sum(parts) + x_bias) @ w as float32 partial sums side by side, [rows, splits * N] (the
-    product is `sum_parts(out, N)`).
+def _store_new_token(cache_ref, pos_ref, values, c0, rows: int):
+    """Row r of values [block_rows, block_n] into cache_ref [slots, max_seq, hidden] at (r, pos[r], c0:)."""
+    block_rows, block_n = values.shape
+    row_of = lax.broadcasted_iota(jnp.int32, values.shape, 0)
+    for r in range(rows):
+        pos = jnp.clip(pos_ref[r], 0, cache_ref.shape[1] - 1)
+        row = jnp.sum(jnp.where(row_of == r, values, 0.0), axis=0)
+        cache_ref[r, pos, pl.ds(c0, block_n)] = row.astype(cache_ref.dtype)
 
-    w: [K, N]; x: [rows, K] (any float dtype) or None; parts: [rows, P * K] float32 (P partial sums side by
-    side, as this kernel writes them) or None; x_bias: [K];
-    ln_scale and ln_bias: [K] for a LayerNorm prologue; activation: "gelu_new" | "gelu" | "" (after the
-    LayerNorm, if both)."""
+
+@functools.partial(jax.jit, static_argnames=("eps", "activation", "out_dtype", "params", "interpret"))
+def decode_matmul(w, x, ln_scale=None, ln_bias=None, *, bias=None, residual=None, activation: str = "",
+                  out_dtype=jnp.float32, kv=None, counters=None, eps: float = 1e-5,
+                  params: MatmulParams | None = None, interpret: bool = False):
+    """epilogue(prologue(x) @ w), [rows, N] in `out_dtype`; with `kv` or `counters` a tuple: (that, the two
+    updated caches if `kv`, the counters if `counters`).
+
+    w: [K, N]; x: [rows, K]; ln_scale and ln_bias: [K] for a LayerNorm prologue. The epilogue, in float32:
+    + bias [N], then activation ("gelu_new" | "gelu" | ""), then + residual [rows, N].
+    kv: (k_cache, v_cache, positions) for a QKV product (N = 3 hidden, columns Q then K then V): caches [slots
+    >= rows, max_seq, hidden]; row r's K and V are stored at (r, positions[r]), in place when the caller's
+    buffers are donated, and the output is Q alone, [rows, hidden].
+    counters: int32 zeros, at least N / 16 of them (`new_counters`), which a split product counts its
+    finished splits on and leaves zero again: one buffer handed from kernel to kernel saves each kernel the
+    memset of its own."""
     k, n = w.shape
-    rows, width = (x if x is not None else parts).shape
-    if not supports(rows, k, n) or width % k or (x is not None and width != k):
-        raise ValueError(f"decode_matmul: input [{rows}, {width}] against weights {w.shape} "
+    rows = x.shape[0]
+    if not supports(rows, k, n) or x.shape[1] != k:
+        raise ValueError(f"decode_matmul: input {x.shape} against weights {w.shape} "
                          f"(rows 1-{MAX_ROWS}, K and N multiples of 16)")
-    n_parts = 0 if parts is None else parts.shape[1] // k
-    params = params or default_params(rows, k, n, (x is not None) + n_parts, w.dtype.itemsize)
+    hidden = n // 3 if kv is not None else n
+    if kv is not None and (n % 3 or kv[0].shape[2:] != (hidden,) or kv[0].shape[0] < rows):
+        raise ValueError(f"decode_matmul: a K/V write needs N = 3 x hidden and caches [slots >= {rows}, max_seq, "
+                         f"{hidden}]; got N={n} and caches {kv[0].shape}")
+    params = params or default_params(rows, k, n, hidden, w.dtype.itemsize)
     chunk = k // params.splits
-    if n % params.block_n or chunk % params.block_k:
-        raise ValueError(f"decode_matmul: {params} does not tile K={k}, N={n}")
-    ln = ln_scale is not None
-    operands = [a for a in (x, parts, x_bias, ln_scale if ln else None, ln_bias if ln else None) if a is not None]
-    kernel = functools.partial(
-        _kernel, rows=rows, block_rows=_block_rows(rows), k=k, chunk=chunk, params=params, has_x=x is not None,
-        n_parts=n_parts, has_bias=x_bias is not None, ln=ln, eps=eps, activation=activation)
-    return pl.pallas_call(
-        kernel, grid=(n // params.block_n, params.splits),
-        out_shape=jax.ShapeDtypeStruct((rows, params.splits * n), jnp.float32),
+    if n % params.block_n or chunk % params.block_k or k % params.splits or hidden % params.block_n:
+        raise ValueError(f"decode_matmul: {params} does not tile K={k}, N={n} (hidden {hidden})")
+    n_cols = n // params.block_n
+    if counters is not None and counters.shape[0] < n_cols:
+        raise ValueError(f"decode_matmul: {counters.shape[0]} counters for {n_cols} column blocks")
+    s = _Shape(rows, k, hidden, chunk, params, ln_scale is not None, eps, bias is not None, activation,
+               residual is not None, kv is not None, interpret)
+    inputs = [x, *((ln_scale, ln_bias) if s.ln else ()), w, *(a for a in (bias, residual) if a is not None)]
+    out_shape = [jax.ShapeDtypeStruct((rows, hidden), out_dtype)]
+    aliases = {}
+    if kv is not None:
+        inputs.append(kv[2].astype(jnp.int32))
+    split_k = params.splits > 1
+    if split_k:  # each split's partial sums, and per column block the count of its finished splits
+        counts = counters if counters is not None else new_counters(n)
+        aliases[len(inputs)] = 2
+        inputs.append(counts)
+        out_shape += [jax.ShapeDtypeStruct((params.splits, rows, n), jnp.float32),
+                      jax.ShapeDtypeStruct(counts.shape, jnp.int32)]
+    if kv is not None:
+        for cache in kv[:2]:
+            aliases[len(inputs)] = len(out_shape)
+            inputs.append(cache)
+            out_shape.append(jax.ShapeDtypeStruct(cache.shape, cache.dtype))
+    out = pl.pallas_call(
+        functools.partial(_kernel, s=s), grid=(n_cols, params.splits), out_shape=out_shape,
+        input_output_aliases=aliases,
         compiler_params=plgpu.CompilerParams(num_warps=params.num_warps, num_stages=params.num_stages),
         interpret=interpret, name=f"decode_matmul_{k}x{n}",
-    )(*operands, w)
+    )(*inputs)
+    result = (out[0], *(out[-2:] if kv is not None else ()))
+    if counters is not None:
+        result += (out[2] if split_k else counters,)
+    return result if len(result) > 1 else result[0]
 
 
-def sum_parts(parts, n: int):
-    """[rows, P * n] partial sums side by side -> their sum, [rows, n]."""
-    return parts.reshape(parts.shape[0], -1, n).sum(1)
+def new_counters(*widths: int):
+    """Zeros for the split counters of products with these output widths (one per 16 columns, the narrowest
+    column block)."""
+    return jnp.zeros((max(widths) // MATRIX_ROWS,), jnp.int32)
 
 
-def decode_matmul_reference(w, x=None, parts=None, x_bias=None, ln_scale=None, ln_bias=None, *,
-                            eps: float = 1e-5, activation: str = ""):
-    """The same product in plain `jnp`, summed: float32 [rows, N] (one part)."""
-    v = 0.0
-    if x is not None:
-        v = v + x.astype(jnp.float32)
-    if parts is not None:
-        v = v + sum_parts(parts, w.shape[0])
-    if x_bias is not None:
-        v = v + x_bias.astype(jnp.float32)
+def decode_matmul_reference(w, x, ln_scale=None, ln_bias=None, *, bias=None, residual=None, activation: str = "",
+                            out_dtype=jnp.float32, kv=None, counters=None, eps: float = 1e-5):
+    """The same product in plain `jnp`, for XLA to compile (the same arguments and results)."""
+    v = x.astype(jnp.float32)
     if ln_scale is not None:
         mean = v.mean(-1, keepdims=True)
         var = jnp.square(v - mean).mean(-1, keepdims=True)
         v = (v - mean) * lax.rsqrt(var + eps) * ln_scale.astype(jnp.float32) + ln_bias.astype(jnp.float32)
+    out = jnp.dot(v.astype(w.dtype), w, preferred_element_type=jnp.float32)
+    if bias is not None:
+        out += bias.astype(jnp.float32)
     if activation:
-        v = _activation(activation, v)
-    return jnp.dot(v.astype(w.dtype), w, preferred_element_type=jnp.float32)
+        out = _activation(activation, out)
+    if residual is not None:
+        out += residual.astype(jnp.float32)
+    result = (out.astype(out_dtype),)
+    if kv is not None:
+        k_cache, v_cache, positions = kv
+        hidden, rows = k_cache.shape[2], jnp.arange(x.shape[0])
+        positions = jnp.clip(positions, 0, k_cache.shape[1] - 1)
+        result = (result[0][:, :hidden], k_cache.at[rows, positions].set(out[:, hidden:2 * hidden].astype(k_cache.dtype)),
+                  v_cache.at[rows, positions].set(out[:, 2 * hidden:].astype(v_cache.dtype)))
+    if counters is not None:
+        result += (counters,)
+    return result if len(result) > 1 else result[0]
