@@ -20,6 +20,8 @@ from functools import partial
 
 import numpy as np
 
+from benchmarks.gpu_time import gpu_busy_seconds
+
 COPIES = 24
 
 
@@ -82,28 +84,6 @@ def time_call(fn, ws, reps: int = 20) -> tuple[float, float]:
         times.append(time.perf_counter() - start)
     busy = gpu_busy_seconds(fn, ws)
     return float(np.median(times)) / len(ws), busy and busy / len(ws)
-
-
-def gpu_busy_seconds(fn, ws) -> float:
-    """The summed duration of the GPU kernels of one call of fn, from a profiler trace (None off a GPU)."""
-    import glob
-    import os
-    import tempfile
-
-    import jax
-    from jax.profiler import ProfileData
-
-    if jax.default_backend() != "gpu":
-        return None
-    with tempfile.TemporaryDirectory() as trace:
-        jax.profiler.start_trace(trace)
-        jax.block_until_ready(fn(ws))
-        jax.profiler.stop_trace()
-        path = sorted(glob.glob(os.path.join(trace, "**", "*.xplane.pb"), recursive=True))[-1]
-        data = ProfileData.from_file(path)
-    total_ns = sum(ev.duration_ns for plane in data.planes if plane.name.startswith("/device:GPU")
-                   for line in plane.lines if "stream" in line.name.lower() for ev in line.events)
-    return total_ns / 1e9
 
 
 def gpu_fields(busy, weight_bytes: int, xla_busy=None) -> dict:

@@ -9,6 +9,11 @@ once), next to the device's memory bandwidth measured in the same run (`benchmar
 its copy rate, read + written bytes, and its read rate), so no row can honestly pass 100%.
 Every number is a median over repeated runs after a warm-up; each run goes through several independent input
 sets in one dispatch (so that launch overhead is amortised and no input is still in L2 from the run before).
+On a GPU every row also has the device's own time: one more dispatch under the profiler, its kernels'
+durations summed (the decode kernel and its combine step, XLA's or cuDNN's fusions alike) and divided by the
+input sets (`gpu_us` / `gpu_ms`, and the rates from it, beside the host clock's `us` / `ms`): at the small
+shapes the host clock holds launch and dispatch jitter. Off a GPU the trace has no kernels and those fields
+are absent.
 `--sweep` also times other block shapes; `--quick` is a small smoke run (interpret mode on CPU).
 """
 
@@ -31,6 +36,7 @@ import numpy as np
 from gptjax.kernels import decode_attention, decode_attention_reference, flash_attention, on_gpu, on_hopper
 from gptjax.kernels.flash_attention_hopper import hopper_flash_attention
 from benchmarks import floors
+from benchmarks.gpu_time import gpu_busy_seconds
 from gptjax.kernels.decode_attention import choose_params
 
 PREFILL_SHAPES = [(8, 512, 16, 64), (4, 2048, 16, 64), (2, 4096, 32, 128), (1, 8192, 32, 128)]
@@ -45,15 +51,25 @@ PREFILL_SWEEP = {64: [(128, 64, 8, 3, False), (128, 64, 4, 3, True), (64, 64, 4,
 DECODE_SWEEP = [(128, 4, 3, False, None), (64, 4, 3, True, None), (128, 4, 3, True, None),
                 (128, 8, 3, True, None), (256, 8, 3, True, None), (128, 8, 3, False, "x2"), (128, 8, 3, False, "x4"),
                 (128, 4, 3, True, "x2")]
-# beside the default (persistent: one program per multiprocessor, block_kv 128, 2 stages)
-HOPPER_SWEEP = {"hopper(128, 3)": dict(block_kv=128, stages=3),
-                "hopper(one tile per program)": dict(programs=1 << 30)}
+# the Mosaic GPU kernel's variants timed beside its default (persistent; 128-key blocks, 3 stages at head_dim
+# 64, 2 at 128), by head_dim: run 6's next steps (RESULTS.md), the next key block's wait inside the PV product
+# (with and without a fence after the softmax) and, at 64, larger key blocks (shared memory holds 4 stages of
+# 192 keys, 3 of 256: `flash_attention_hopper.smem_bytes`)
+WAIT = dict(wait_in_pv=True)
+FENCE = dict(wait_in_pv=True, fence_softmax=True)
+HOPPER_SWEEP = {64: {"hopper(wait in PV)": WAIT, "hopper(wait in PV, fence)": FENCE,
+                     "hopper(192, 2)": dict(block_kv=192, stages=2), "hopper(256, 2)": dict(block_kv=256, stages=2),
+                     "hopper(192, 2, wait in PV, fence)": dict(block_kv=192, stages=2, **FENCE)},
+                128: {"hopper(wait in PV)": WAIT, "hopper(wait in PV, fence)": FENCE}}
+# the ragged float64 checks of the Mosaic GPU kernel: name -> (keywords, the head_dims it runs at); the
+# variants' code paths: the waits' order with ragged tiles in persistent programs, and the padding to whole
+# 192-key blocks (384 rows)
+HOPPER_CHECKS = {"hopper": ({}, (64, 128)), "hopper(wait in PV, fence)": (FENCE, (64, 128)),
+                 "hopper(192, 2, wait in PV, fence)": (dict(block_kv=192, stages=2, **FENCE), (64,))}
 MEM_BUDGET = 6 << 30  # bytes of input sets per timed function
 
 
-def timed(fn, sets, reps=7, warmup=2):
-    """Median seconds per call of fn over the input sets (all sets in one jitted dispatch)."""
-    run = jax.jit(lambda sets: [fn(*s) for s in sets])
+def _host_seconds(run, sets, reps, warmup):
     for _ in range(warmup):
         jax.block_until_ready(run(sets))
     times = []
@@ -62,6 +78,33 @@ def timed(fn, sets, reps=7, warmup=2):
         jax.block_until_ready(run(sets))
         times.append(time.perf_counter() - t0)
     return statistics.median(times) / len(sets)
+
+
+def timed(fn, sets, reps=7, warmup=2):
+    """Median seconds per call of fn over the input sets (all sets in one jitted dispatch), by the host clock."""
+    return _host_seconds(jax.jit(lambda sets: [fn(*s) for s in sets]), sets, reps, warmup)
+
+
+def timed_device(fn, sets, reps=7, warmup=2):
+    """(host seconds, device seconds or None) per call of fn: the host clock as `timed`, and the summed GPU
+    kernel time of one more dispatch of all the sets in a profiler trace, over the sets (None off a GPU, or
+    when the trace fails or holds no kernels)."""
+    run = jax.jit(lambda sets: [fn(*s) for s in sets])
+    host = _host_seconds(run, sets, reps, warmup)
+    try:
+        busy = gpu_busy_seconds(run, sets)
+    except Exception as e:  # the profiler is a second opinion: its failure must not lose the host number
+        print(f"device timing failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        busy = None
+    return host, (busy / len(sets) if busy else None)
+
+
+def device_fields(device_s, amount, unit: str, scale: float) -> dict:
+    """The device-time fields of a row: gpu_us (or gpu_ms) and the rate `amount / time` in `unit` / scale."""
+    if device_s is None:
+        return {}
+    key = "gpu_ms" if unit == "tflops" else "gpu_us"
+    return {key: device_s * (1e3 if key == "gpu_ms" else 1e6), f"gpu_{unit}": amount / device_s / scale}
 
 
 def n_sets(set_bytes, most=8):
@@ -115,11 +158,11 @@ def check_ragged(interpret, which="all"):
     if which == "all":
         rows += check_prefill("flash", lambda q, k, v, n: flash_attention(q, k, v, lengths=n, interpret=interpret),
                               dtypes, [(3, 1000, 4, 64), (2, 300, 2, 128), (2, 77, 3, 80)], rng, tol)
-    if on_hopper():  # the default (persistent), and one tile per program
-        for name, kw in {"hopper": {}, "hopper(one tile per program)": dict(programs=1 << 30)}.items():
+    if on_hopper():  # the default (persistent) and the timed variants' code paths
+        for name, (kw, dims) in HOPPER_CHECKS.items():
+            shapes = [x for x in [(3, 1000, 4, 64), (2, 300, 2, 128), (1, 4096, 2, 64)] if x[-1] in dims]
             rows += check_prefill(name, lambda q, k, v, n, kw=kw: hopper_flash_attention(q, k, v, lengths=n, **kw),
-                                  (jnp.bfloat16, jnp.float16), [(3, 1000, 4, 64), (2, 300, 2, 128), (1, 4096, 2, 64)],
-                                  rng, tol)
+                                  (jnp.bfloat16, jnp.float16), shapes, rng, tol)
     for dtype in dtypes if which == "all" else ():
         for b, s, h, d in [(5, 3000, 8, 64), (2, 1000, 4, 128), (64, 700, 4, 64), (8, 640, 16, 64)]:
             q = jnp.asarray(rng.standard_normal((b, h, d)), dtype)
@@ -157,7 +200,7 @@ def prefill_impls(interpret, sweep, dtype, head_dim):
         impls["pallas" if cfg is None else "pallas" + str(cfg)] = (
             lambda q, k, v, kw=kw: flash_attention(q, k, v, interpret=interpret, **kw))
     if on_hopper():
-        for name, kw in {"hopper": {}, **HOPPER_SWEEP}.items():
+        for name, kw in {"hopper": {}, **HOPPER_SWEEP.get(head_dim, {})}.items():
             impls[name] = lambda q, k, v, kw=kw: hopper_flash_attention(q, k, v, **kw)
         if jnp.dtype(dtype) == jnp.float16:
             for block_kv in (64, 128):
@@ -165,7 +208,9 @@ def prefill_impls(interpret, sweep, dtype, head_dim):
     return impls
 
 
-def prefill(shapes, sweep, interpret, reps, dtype=jnp.bfloat16, only=None):
+def prefill(shapes, sweep, interpret, reps, dtype=jnp.bfloat16, only=None, deadline=math.inf):
+    """Rows of every implementation at every shape; past `deadline` (time.perf_counter()) the rest are marked
+    skipped rather than run, so that a time-limited run still writes its JSON."""
     results = []
     for b, s, h, d in shapes:
         flops = 2.0 * b * h * s * s * d
@@ -183,10 +228,14 @@ def prefill(shapes, sweep, interpret, reps, dtype=jnp.bfloat16, only=None):
         for name, fn in prefill_impls(interpret, sweep, dtype, d).items():
             if only and not name.startswith(tuple(only)):
                 continue
+            if time.perf_counter() > deadline:
+                row["impl"][name] = {"skipped": "time limit"}
+                continue
             try:
                 err = rel_err(jax.jit(fn)(q, k, v), unscaled if name.startswith("attention_mgpu") else ref)
-                t = timed(fn, sets, reps=reps)
-                row["impl"][name] = {"ms": t * 1e3, "tflops": flops / t / 1e12, "rel_err": err}
+                t, dev = timed_device(fn, sets, reps=reps)
+                row["impl"][name] = {"ms": t * 1e3, "tflops": flops / t / 1e12, "rel_err": err,
+                                     **device_fields(dev, flops, "tflops", 1e12)}
             except Exception as e:  # one failing variant must not sink the run
                 row["impl"][name] = {"error": f"{type(e).__name__}: {str(e)[:2000]}"}
                 traceback.print_exc(limit=4)
@@ -221,13 +270,15 @@ def decode_one(b, ctx, h, d, impls, reps, ragged=False, cache_len=None):
     for name, fn in impls.items():
         try:
             err = rel_err(jax.jit(fn)(q, kc, vc, lengths), ref)
-            t = timed(fn, sets, reps=reps)
-            row["impl"][name] = {"us": t * 1e6, "gbps": valid_bytes / t / 1e9, "rel_err": err}
+            t, dev = timed_device(fn, sets, reps=reps)
+            row["impl"][name] = {"us": t * 1e6, "gbps": valid_bytes / t / 1e9, "rel_err": err,
+                                 **device_fields(dev, valid_bytes, "gbps", 1e9)}
         except Exception as e:
             row["impl"][name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
             traceback.print_exc(limit=2)
     print(f"decode b={b} ctx={ctx} cache={cache_len or ctx} h={h} d={d} ragged={ragged}: "
-          + ", ".join(f"{n} {v.get('gbps', float('nan')):.0f} GB/s" for n, v in row["impl"].items()), flush=True)
+          + ", ".join(f"{n} {v.get('gbps', float('nan')):.0f} GB/s (device {v.get('gpu_gbps', float('nan')):.0f})"
+                      for n, v in row["impl"].items()), flush=True)
     return row
 
 
@@ -250,7 +301,8 @@ def decode_impls(interpret, sweep):
     return impls
 
 
-def decode(interpret, sweep, reps, quick):
+def decode(interpret, sweep, reps, quick, deadline=math.inf):
+    """The decode table (and the sweep's points with `sweep`); no new shape starts past `deadline`."""
     rows = []
     if quick:
         grid = [(2, 256, 4, 64), (8, 512, 4, 64)]
@@ -262,12 +314,15 @@ def decode(interpret, sweep, reps, quick):
     if sweep:
         swept = decode_impls(interpret, True)
         for b, c, h, d in sweep_points:
-            rows.append(decode_one(b, c, h, d, swept, reps) | {"sweep": True})
+            if time.perf_counter() < deadline:
+                rows.append(decode_one(b, c, h, d, swept, reps) | {"sweep": True})
     plain = decode_impls(interpret, False)
     for b, c, h, d in grid:
-        rows.append(decode_one(b, c, h, d, plain, reps))
+        if time.perf_counter() < deadline:
+            rows.append(decode_one(b, c, h, d, plain, reps))
     b, c = (4, 512) if quick else (64, 8192)
-    rows.append(decode_one(b, c, 16, 64, plain, reps, ragged=True))
+    if time.perf_counter() < deadline:
+        rows.append(decode_one(b, c, 16, 64, plain, reps, ragged=True))
     return rows
 
 
@@ -276,16 +331,17 @@ def markdown(env, checks, copy_bw, prefill_rows, decode_rows):
     out = [f"Device: {env['device']}; {env['date']}; jax {env['jax']}, jaxlib {env['jaxlib']}, "
            f"Python {env['python']}. Medians of repeated runs after warm-up, all numbers from one run.", ""]
     bad = [c for c in checks if not c[4]]
-    out.append(f"Correctness (ragged lengths, fp32/bf16/fp16 vs float64 on the host): {len(checks) - len(bad)}"
-               f"/{len(checks)} within tolerance; worst bf16 {max(c[3] for c in checks if c[1] == 'bfloat16'):.1e}, "
-               f"worst fp32 {max(c[3] for c in checks if c[1] == 'float32'):.1e}.")
+    worst = "; ".join(f"worst {dtype} {max(c[3] for c in checks if c[1] == dtype):.1e}"
+                      for dtype in ("float32", "bfloat16", "float16") if any(c[1] == dtype for c in checks))
+    out.append(f"Correctness (ragged lengths vs float64 on the host): {len(checks) - len(bad)}/{len(checks)} "
+               f"within tolerance{'; ' + worst if worst else ''}.")
     for r in prefill_rows:
         if r is prefill_rows[0] or r["dtype"] != prefill_rows[prefill_rows.index(r) - 1]["dtype"]:
-            out += ["", f"Prefill, causal, {r['dtype']}, TFLOP/s:", "",
+            out += ["", f"Prefill, causal, {r['dtype']}, TFLOP/s (by the device's kernel time where measured):", "",
                     "| (b, s, h, d) | XLA | cuDNN | attention_mgpu (best) | ours, Triton | ours, Hopper | "
                     "ours, Hopper best swept | best ours / cuDNN | best ours / attention_mgpu |",
                     "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-        im = r["impl"]
+        im = {n: {"tflops": v.get("gpu_tflops", v["tflops"])} for n, v in r["impl"].items() if "tflops" in v}
         def tf(name, im=im):
             return im.get(name, {}).get("tflops", float("nan"))
 
@@ -299,25 +355,29 @@ def markdown(env, checks, copy_bw, prefill_rows, decode_rows):
         ours = max(best_of("hopper"), best_of("pallas"))
         out.append(f"| {tuple(r['shape'])} | {tf('xla'):.0f} | {tf('cudnn'):.0f} | {peer:.0f} | {tf('pallas'):.0f} | "
                    f"{tf('hopper'):.0f} | {swept_txt} | {ours / tf('cudnn'):.2f} | {ours / peer:.2f} |")
-    out += ["", f"Decode, bf16, GB/s over the valid K/V bytes (fraction of the {copy_bw / 1e9:.0f} GB/s copy "
-            "bandwidth); XLA is the engine's `jnp` reference:", "",
-            "| batch | context | heads x dim | Pallas (ours) | of copy bw | XLA | cuDNN | ours us |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    out += ["", "Decode, bf16, GB/s over the valid K/V bytes by the device's kernel time where measured "
+            f"(fraction of the {copy_bw / 1e9:.0f} GB/s copy bandwidth), and ours by the host clock; XLA is the "
+            "engine's `jnp` reference:", "",
+            "| batch | context | heads x dim | Pallas (ours) | of copy bw | XLA | cuDNN | ours us | ours, host clock | "
+            "host us |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in decode_rows:
         if r.get("sweep"):
             continue
         im = r["impl"]
-        def gb(name, im=im):
-            return im.get(name, {}).get("gbps", float("nan"))
+        def gb(name, key="gbps", im=im):  # the device's number where measured, else the host clock's
+            v = im.get(name, {})
+            return v.get(f"gpu_{key}", v.get(key, float("nan")))
         ctx = f"{r['context']}" + (" (ragged)" if r["ragged"] else "")
+        host = im.get("pallas", {})
         out.append(f"| {r['batch']} | {ctx} | {r['heads']}x{r['head_dim']} | {gb('pallas'):.0f} | "
                    f"{gb('pallas') * 1e9 / copy_bw:.0%} | {gb('xla'):.0f} | {gb('cudnn'):.0f} | "
-                   f"{im.get('pallas', {}).get('us', float('nan')):.1f} |")
+                   f"{gb('pallas', 'us'):.1f} | {host.get('gbps', float('nan')):.0f} | "
+                   f"{host.get('us', float('nan')):.1f} |")
     sweeps = [r for r in decode_rows if r.get("sweep")]
     if sweeps:
-        out += ["", "Decode sweep (block_k, num_warps, num_stages), GB/s:", ""]
+        out += ["", "Decode sweep (block_k, num_warps, num_stages), GB/s (device time where measured):", ""]
         for r in sweeps:
-            cells = ", ".join(f"{n[6:] or 'default'} {v['gbps']:.0f}" for n, v in r["impl"].items()
+            cells = ", ".join(f"{n[6:] or 'default'} {v.get('gpu_gbps', v['gbps']):.0f}" for n, v in r["impl"].items()
                               if n.startswith("pallas") and "gbps" in v)
             out.append(f"- b={r['batch']} ctx={r['context']} {r['heads']}x{r['head_dim']}: {cells}")
     return "\n".join(out)
@@ -332,12 +392,16 @@ def main(argv=None):
     ap.add_argument("--skip-prefill", action="store_true")
     ap.add_argument("--checks", choices=("all", "hopper", "none"), default="all")
     ap.add_argument("--only", help="comma-separated name prefixes: time only these prefill implementations")
+    ap.add_argument("--time-limit", type=float, default=math.inf,
+                    help="seconds from the start: no new prefill timing or decode shape after (the JSON is still "
+                         "written; skipped prefill rows say so)")
     ap.add_argument("--prefill-dtypes", default="bfloat16",
                     help="comma-separated; float16 adds JAX's attention_mgpu (fp16 only) as a peer")
     ap.add_argument("--cache-spread", action="store_true",
                     help="only: the same valid K/V (64 sequences of 192 keys, 16 x 64) in caches of 256, 640 and "
                          "2048 positions, to see what the cache's length costs when the bytes read are equal")
     args = ap.parse_args(argv)
+    deadline = time.perf_counter() + args.time_limit
     interpret = not on_gpu()
     reps = 3 if args.quick else 7
     if args.cache_spread:
@@ -363,8 +427,8 @@ def main(argv=None):
         MEM_BUDGET = 1 << 20
     prefill_rows = [] if args.skip_prefill else [
         row for dtype in args.prefill_dtypes.split(",") for row in prefill(shapes, args.sweep, interpret, reps,
-                                                                           jnp.dtype(dtype), only)]
-    decode_rows = [] if args.skip_decode else decode(interpret, args.sweep, reps, args.quick)
+                                                                           jnp.dtype(dtype), only, deadline)]
+    decode_rows = [] if args.skip_decode else decode(interpret, args.sweep, reps, args.quick, deadline)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"env": env, "checks": checks, "copy_bw": copy_bw, "rates": rates, "prefill": prefill_rows,

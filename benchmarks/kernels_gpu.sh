@@ -6,6 +6,12 @@
 # table written to $OUT/decode_table.py (copy it to gptjax/kernels/ to use it). decode: the decode table of
 # benchmarks.kernels with the table in use. engine: greedy tokens with --attention pallas and xla (into
 # env.txt, with the versions and the floors).
+# Time limits (seconds, per process): T_PEERS (each of the two prefill peer runs), T_PREFILL (the Mosaic GPU
+# kernel's checks and its variants), T_SWEEP and T_SWEEP_SHAPES (no new sweep shape after), T_DECODE,
+# T_ENGINE. The benchmarks.kernels runs stop starting timings LIMIT_MARGIN (default 20) seconds before their
+# limit, so their JSON is written; every timed row has the host clock's time and, from a profiler trace, the
+# device's kernel time (gpu_us / gpu_ms). The prefill and decode-sweep parts fit in ~400 s with
+#   T_PEERS=60 T_PREFILL=180 T_SWEEP=140 T_SWEEP_SHAPES=105
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}
@@ -13,20 +19,28 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 parts=${*:-floors prefill decode-sweep decode engine}
 has() { [[ " $parts " == *" $1 "* ]]; }
+limit() { echo $(( $1 > ${LIMIT_MARGIN:-20} + 10 ? $1 - ${LIMIT_MARGIN:-20} : $1 / 2 )); }
+T_PEERS=${T_PEERS:-150} T_PREFILL=${T_PREFILL:-200} T_DECODE=${T_DECODE:-200}
 { nvidia-smi -L; python3 -c 'import jax, jaxlib, sys; print(sys.version, jax.__version__, jaxlib.__version__, jax.devices()[0].device_kind, getattr(jax.devices()[0], "compute_capability", "?"))'; } > "$OUT/env.txt" 2>&1
 has floors && timeout 120 python3 -m benchmarks.floors --json >> "$OUT/env.txt" 2>&1
 # the peers first, in a process of their own: a kernel of ours that hangs can't take their rows with it
-has prefill && timeout "${T_PEERS:-150}" python3 -m benchmarks.kernels --skip-decode --checks none \
-  --prefill-dtypes bfloat16 --only xla,cudnn,pallas --json "$OUT/prefill-peers.json" > "$OUT/prefill.log" 2>&1
-has prefill && timeout "${T_PEERS:-150}" python3 -m benchmarks.kernels --skip-decode --checks none \
-  --prefill-dtypes float16 --only cudnn,attention_mgpu --json "$OUT/prefill-peers16.json" >> "$OUT/prefill.log" 2>&1
-has prefill && timeout "${T_PREFILL:-150}" python3 -m benchmarks.kernels --skip-decode --checks hopper \
-  --prefill-dtypes bfloat16,float16 --only hopper --json "$OUT/prefill.json" >> "$OUT/prefill.log" 2>&1
+has prefill && timeout "$T_PEERS" python3 -m benchmarks.kernels --skip-decode --checks none \
+  --prefill-dtypes bfloat16 --only xla,cudnn,pallas --time-limit "$(limit "$T_PEERS")" \
+  --json "$OUT/prefill-peers.json" > "$OUT/prefill.log" 2>&1
+has prefill && timeout "$T_PEERS" python3 -m benchmarks.kernels --skip-decode --checks none \
+  --prefill-dtypes float16 --only cudnn,attention_mgpu --time-limit "$(limit "$T_PEERS")" \
+  --json "$OUT/prefill-peers16.json" >> "$OUT/prefill.log" 2>&1
+# ours: the ragged checks of the default and the variants' code paths, then the default and its variants
+# (benchmarks/kernels.py HOPPER_SWEEP: the next key block's wait inside PV, the softmax fence, 192/256-key
+# blocks at head_dim 64) at the four shapes, bf16 then fp16
+has prefill && timeout "$T_PREFILL" python3 -m benchmarks.kernels --skip-decode --checks hopper \
+  --prefill-dtypes bfloat16,float16 --only hopper --time-limit "$(limit "$T_PREFILL")" \
+  --json "$OUT/prefill.json" >> "$OUT/prefill.log" 2>&1
 has decode-sweep && timeout "${T_SWEEP:-240}" python3 -m benchmarks.decode_sweep --jsonl "$OUT/decode_sweep.jsonl" \
   --table "$OUT/decode_table.py" --time-limit "${T_SWEEP_SHAPES:-200}" ${SWEEP_HEADS:+--heads $SWEEP_HEADS} \
   > "$OUT/decode_sweep.log" 2>&1
-has decode && timeout "${T_DECODE:-200}" python3 -m benchmarks.kernels --skip-prefill --checks none \
-  --json "$OUT/decode.json" > "$OUT/decode.log" 2>&1
+has decode && timeout "$T_DECODE" python3 -m benchmarks.kernels --skip-prefill --checks none \
+  --time-limit "$(limit "$T_DECODE")" --json "$OUT/decode.json" > "$OUT/decode.log" 2>&1
 [ -f "$OUT/decode_table.py" ] && cp "$OUT/decode_table.py" gptjax/kernels/decode_table.py  # the engine uses it
 if has engine; then  # gpt2-124m: 12 heads x 64, so prefill takes the Hopper kernel on sm_90
   for impl in pallas xla; do

@@ -175,6 +175,32 @@ def test_hopper_kernel_pads_and_traces_on_any_backend():
         hopper_flash_attention(jnp.zeros((1, 64, 2, 32), jnp.bfloat16), *(jnp.zeros((1, 64, 2, 32), jnp.bfloat16),) * 2)
 
 
+def test_hopper_kernel_options_and_block_limits():
+    # the orderings of run 6's next step are options: off, the kernel traces as before (no fence, one key wait
+    # per block at its top); on, the fence appears. 192-key blocks pad to whole blocks (300 -> 384) and slice
+    # back
+    from gptjax.kernels.flash_attention_hopper import SMEM_BYTES, SMEM_RESERVED, check_blocks, smem_bytes
+
+    q = jnp.zeros((3, 300, 2, 64), jnp.bfloat16)
+    n = jnp.ones(3, jnp.int32)
+    base = str(jax.make_jaxpr(lambda q, n: hopper_flash_attention(q, q, q, lengths=n))(q, n))
+    both = jax.make_jaxpr(lambda q, n: hopper_flash_attention(q, q, q, lengths=n, block_kv=192, stages=2,
+                                                              wait_in_pv=True, fence_softmax=True))(q, n)
+    assert "optimization_barrier" not in base and "optimization_barrier" in str(both)
+    assert both.out_avals[0].shape == q.shape and "384" in str(both)
+    with pytest.raises(ValueError, match="block_kv"):
+        hopper_flash_attention(q, q, q, block_kv=96)
+    with pytest.raises(ValueError, match="shared memory"):
+        hopper_flash_attention(q, q, q, block_kv=256, stages=4)
+    with pytest.raises(ValueError, match="stages >= 2"):
+        hopper_flash_attention(q, q, q, stages=1, wait_in_pv=True)
+    # the most stages that fit (Mosaic GPU's own count, lowered for sm_90, agrees; see the module)
+    most = {(d, b): max(s for s in range(1, 16) if smem_bytes(b, s, d) + SMEM_RESERVED <= SMEM_BYTES)
+            for d in (64, 128) for b in (128, 192, 256)}
+    assert most == {(64, 128): 6, (64, 192): 4, (64, 256): 3, (128, 128): 3, (128, 192): 2, (128, 256): 1}
+    check_blocks(128, 3, 128)  # run 6 timed it
+
+
 def test_decode_attention_reads_the_first_rows_of_a_larger_cache():
     # a decode call that runs only the first slots passes the whole cache
     rng, seed = fresh_rng()

@@ -18,6 +18,12 @@ consumer's first row run unmasked, the rest up to its last row (or the sequence 
 mask, and the producer loads the larger of the two consumers' counts; a consumer with fewer blocks releases
 the remaining slots unread. Right padding needs no key mask: a valid query never sees a later key. Query
 rows of a consumer wholly past its sequence's length read nothing and are written as zeros.
+
+Two static options (off by default until a GPU run times them, `benchmarks/kernels.py`): `wait_in_pv` waits
+for the next key block right after issuing the PV product, inside its scope, so the wait overlaps the matrix
+product (JAX's `attention_mgpu` does this) instead of at the top of the next block; `fence_softmax` puts an
+optimization barrier between the softmax and its "done" signal, so the compiler cannot sink softmax work past
+the point where the other consumer takes the matrix units.
 """
 
 from __future__ import annotations
@@ -36,6 +42,10 @@ CONSUMERS = 2
 LOG2_E = math.log2(math.e)
 SUPPORTED_HEAD_DIMS = (64, 128)
 SUPPORTED_DTYPES = ("bfloat16", "float16")
+# the shared memory a block may opt into on sm_90 (227 KiB), and what Mosaic GPU adds to our buffers: scratch
+# for the row reductions (its CompilerParams.reduction_scratch_bytes default; its own check counts it)
+SMEM_BYTES = 227 * 1024
+SMEM_RESERVED = 128 * 4 * 4
 
 
 def supports(q) -> bool:
@@ -54,6 +64,27 @@ def default_blocks(seq: int, head_dim: int) -> BlockSizes:
     """128-key blocks; three slots deep at head_dim 64, two at 128 (the better of each in run 6 of
     benchmarks/RESULTS.md; 64-key blocks were slower at every shape there)."""
     return BlockSizes(128 if seq >= 128 else 64, 3 if head_dim <= 64 else 2)
+
+
+def smem_bytes(block_kv: int, stages: int, head_dim: int, itemsize: int = 2) -> int:
+    """Shared memory of one program: both consumers' query tiles, `stages` key and value blocks, the barriers.
+    The most stages that fit: at head_dim 64, 6 of 128 keys, 4 of 192, 3 of 256; at 128, 3 of 128, 2 of 192,
+    1 of 256 (Mosaic GPU's own count, lowered for sm_90, agrees to the byte)."""
+    tiles = (CONSUMERS * BLOCK_Q + 2 * stages * block_kv) * head_dim * itemsize
+    return tiles + 8 * (4 * stages + CONSUMERS + 1)
+
+
+def check_blocks(block_kv: int, stages: int, head_dim: int, itemsize: int = 2) -> None:
+    """Raise ValueError for a launch the kernel cannot run: key blocks must be whole 64-key tiles of at most
+    256 (the wgmma's N), and the ring must fit in shared memory."""
+    if block_kv % 64 or not 64 <= block_kv <= 256:
+        raise ValueError(f"block_kv must be 64, 128, 192 or 256, got {block_kv}")
+    if stages < 1:
+        raise ValueError(f"stages must be >= 1, got {stages}")
+    need = smem_bytes(block_kv, stages, head_dim, itemsize)
+    if need + SMEM_RESERVED > SMEM_BYTES:
+        raise ValueError(f"block_kv={block_kv}, stages={stages} at head_dim {head_dim} needs {need} bytes of "
+                         f"shared memory (+{SMEM_RESERVED} reserved), over the {SMEM_BYTES} a block may use")
 
 
 def _visible_blocks(first_row, length, block_kv: int):
@@ -105,6 +136,8 @@ class _Consumer(NamedTuple):
     block_kv: int
     stages: int
     scale: float  # softmax scale times log2(e): scores in base 2, exp2 below
+    wait_in_pv: bool = False  # wait for block j + 1's keys inside block j's PV product (module docstring)
+    fence_softmax: bool = False  # an optimization barrier before the softmax's "done" arrival
 
 
 def _rendezvous(turn):
@@ -115,13 +148,24 @@ def _rendezvous(turn):
     plgpu.barrier_wait(turn)
 
 
-def _attend_block(j, carry, *, c: _Consumer, first_row, base, masked: bool):
-    """Key block j of the tile: scores, online softmax, then the weighted values, in the ping-pong order."""
+def _wait_keys(j, *, c: _Consumer, base, steps):
+    """With `wait_in_pv`: wait for the keys of the tile's block j, if the producer loads one (j < steps)."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    @pl.when(j < steps)
+    def _():
+        plgpu.barrier_wait(c.k_ready.at[lax.rem(base + j, jnp.int32(c.stages))])
+
+
+def _attend_block(j, carry, *, c: _Consumer, first_row, base, masked: bool, steps=None):
+    """Key block j of the tile: scores, online softmax, then the weighted values, in the ping-pong order.
+    `steps`: the blocks the producer loads for the tile (used with `wait_in_pv` only)."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     acc, m, l = carry
     slot = lax.rem(base + j, jnp.int32(c.stages))
-    plgpu.barrier_wait(c.k_ready.at[slot])
+    if not c.wait_in_pv:  # else the keys were waited for in the last block's PV product (or before block 0)
+        plgpu.barrier_wait(c.k_ready.at[slot])
 
     def scores(s_ref):
         plgpu.wgmma(s_ref, c.q_smem, plgpu.transpose_ref(c.k_smem.at[slot], (1, 0)))
@@ -139,18 +183,22 @@ def _attend_block(j, carry, *, c: _Consumer, first_row, base, masked: bool):
     acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
     l = l * alpha + p.sum(axis=1)
     p16 = p.astype(c.q_smem.dtype)
+    if c.fence_softmax:  # the softmax's values exist before the arrival says so
+        acc, l, m_next, p16 = lax.optimization_barrier((acc, l, m_next, p16))
     plgpu.barrier_arrive(c.turn)  # softmax done: the other consumer may issue its product
     plgpu.barrier_wait(c.v_ready.at[slot])
     plgpu.barrier_wait(c.turn)
 
     def weighted_values(acc_ref):
         plgpu.wgmma(acc_ref, p16, c.v_smem.at[slot])
+        if c.wait_in_pv:  # the next block's wait overlaps this product (issued, not yet read back)
+            _wait_keys(j + 1, c=c, base=base, steps=steps)
     acc = pl.run_state(weighted_values)(plgpu.ACC.init(acc))
     plgpu.barrier_arrive(c.v_free.at[slot])
     return acc, m_next, l
 
 
-def _release_block(j, _, *, c: _Consumer, base):
+def _release_block(j, _, *, c: _Consumer, base, steps=None):
     """A block the other consumer needs and this one does not: free its slot unread, keep the schedule. It
     still waits for the block to land: each wait on a barrier advances the phase this thread expects of it, so
     a skipped wait would leave this consumer a phase behind on that slot for every later tile of the program
@@ -159,12 +207,15 @@ def _release_block(j, _, *, c: _Consumer, base):
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     slot = lax.rem(base + j, jnp.int32(c.stages))
-    plgpu.barrier_wait(c.k_ready.at[slot])
+    if not c.wait_in_pv:  # else waited for before block 0 or at the end of the last block
+        plgpu.barrier_wait(c.k_ready.at[slot])
     plgpu.barrier_arrive(c.k_free.at[slot])
     plgpu.barrier_wait(c.v_ready.at[slot])
     plgpu.barrier_arrive(c.v_free.at[slot])
     _rendezvous(c.turn)
     _rendezvous(c.turn)
+    if c.wait_in_pv:
+        _wait_keys(j + 1, c=c, base=base, steps=steps)
 
 
 def _consumer_tile(i, base, *, c: _Consumer, q_ref, o_ref, q_ready, tile_of, first, stride):
@@ -184,11 +235,16 @@ def _consumer_tile(i, base, *, c: _Consumer, q_ref, o_ref, q_ready, tile_of, fir
     acc = plgpu.layout_cast(jnp.zeros((BLOCK_Q, head_dim), jnp.float32), plgpu.Layout.WGMMA)
     m = plgpu.layout_cast(jnp.full((BLOCK_Q,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
     l = plgpu.layout_cast(jnp.zeros((BLOCK_Q,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+    # with wait_in_pv, each block waits for the next one's keys: every block of the tile < tile.steps is waited
+    # for exactly once by each consumer, as without it (the barriers' phases stay in step across tiles)
+    more = dict(steps=tile.steps) if c.wait_in_pv else {}
+    if c.wait_in_pv:
+        _wait_keys(jnp.int32(0), c=c, base=base, steps=tile.steps)
     pl.when(wg == 1)(functools.partial(_rendezvous, c.turn))  # consumer 0 takes the matrix units first
-    step = functools.partial(_attend_block, c=c, first_row=first_row, base=base)
+    step = functools.partial(_attend_block, c=c, first_row=first_row, base=base, **more)
     carry = lax.fori_loop(0, full, functools.partial(step, masked=False), (acc, m, l))
     acc, m, l = lax.fori_loop(full, steps, functools.partial(step, masked=True), carry)
-    lax.fori_loop(steps, tile.steps, functools.partial(_release_block, c=c, base=base), None)
+    lax.fori_loop(steps, tile.steps, functools.partial(_release_block, c=c, base=base, **more), None)
     pl.when(wg == 0)(functools.partial(_rendezvous, c.turn))
     # l >= 1 for every row that saw a key (its max scores exp2(0)); rows that saw none keep acc = 0
     acc = acc / lax.broadcast_in_dim(jnp.maximum(l, 1e-30), acc.shape, [0])
@@ -199,13 +255,13 @@ def _consumer_tile(i, base, *, c: _Consumer, q_ref, o_ref, q_ready, tile_of, fir
 
 
 def _consumer(q_ref, o_ref, len_ref, scratch, *, tile_of, n_total: int, programs: int, block_kv: int,
-              stages: int, sm_scale: float):
+              stages: int, sm_scale: float, wait_in_pv: bool, fence_softmax: bool):
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     q_smem2, k_smem, v_smem, k_ready, v_ready, q_ready, k_free, v_free, turn = scratch
     plgpu.set_max_registers(232, action="increase")
     c = _Consumer(q_smem2.at[lax.axis_index("wg")], k_smem, v_smem, k_ready, v_ready, k_free, v_free, turn,
-                  block_kv, stages, sm_scale * LOG2_E)
+                  block_kv, stages, sm_scale * LOG2_E, wait_in_pv, fence_softmax)
     first, stride, count = _my_tiles(n_total, programs)
     tile = functools.partial(_consumer_tile, c=c, q_ref=q_ref, o_ref=o_ref, q_ready=q_ready, tile_of=tile_of,
                              first=first, stride=stride)
@@ -241,26 +297,31 @@ def _producer(k_ref, v_ref, scratch, *, tile_of, n_total: int, programs: int, bl
 
 
 def _program(len_ref, q_ref, k_ref, v_ref, o_ref, *scratch, block_kv: int, stages: int, sm_scale: float,
-             n_tiles: int, heads: int, batch_size: int, seq: int, use_lengths: bool, programs: int):
+             n_tiles: int, heads: int, batch_size: int, seq: int, use_lengths: bool, programs: int,
+             wait_in_pv: bool, fence_softmax: bool):
     tile_of = functools.partial(_tile, len_ref=len_ref, heads=heads, batch_size=batch_size, n_tiles=n_tiles,
                                 block_kv=block_kv, seq=seq, use_lengths=use_lengths)
     common = dict(tile_of=tile_of, n_total=n_tiles * heads * batch_size, programs=programs, block_kv=block_kv,
                   stages=stages)
     wg = lax.axis_index("wg")
     pl.when(wg < CONSUMERS)(functools.partial(_consumer, q_ref, o_ref, len_ref, scratch, sm_scale=sm_scale,
-                                              **common))
+                                              wait_in_pv=wait_in_pv, fence_softmax=fence_softmax, **common))
     pl.when(wg == CONSUMERS)(functools.partial(_producer, k_ref, v_ref, scratch, **common))
 
 
-@functools.partial(jax.jit, static_argnames=("block_kv", "stages", "use_lengths", "programs"))
+@functools.partial(jax.jit, static_argnames=("block_kv", "stages", "use_lengths", "programs", "wait_in_pv",
+                                             "fence_softmax"))
 def hopper_flash_attention(q, k, v, *, lengths=None, block_kv: int | None = None, stages: int | None = None,
-                           use_lengths: bool = True, programs: int | None = None):
+                           use_lengths: bool = True, programs: int | None = None, wait_in_pv: bool = False,
+                           fence_softmax: bool = False):
     """q, k, v: [batch, seq, heads, head_dim] (bf16 or fp16, head_dim 64 or 128); lengths: [batch] valid
     lengths (right padding) or None. Causal, scale 1/sqrt(head_dim); rows past a length are unspecified
     (zeros for whole 64-row blocks past it). `use_lengths=False` ignores lengths (full causal work).
     `programs`: how many programs (CTAs) share the tiles, each taking every programs-th tile in turn and
     streaming the next tile's keys while it finishes the last (default: one per multiprocessor, i.e.
-    persistent; a number >= the tile count gives one tile per program)."""
+    persistent; a number >= the tile count gives one tile per program). `block_kv`: 64, 128, 192 or 256 keys
+    where shared memory holds `stages` of them (`check_blocks`). `wait_in_pv`, `fence_softmax`: the orderings
+    of the module docstring (`wait_in_pv` needs stages >= 2: block j + 1 must not reuse block j's slot)."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     batch, seq, heads, head_dim = q.shape
@@ -271,8 +332,11 @@ def hopper_flash_attention(q, k, v, *, lengths=None, block_kv: int | None = None
                          f"got {head_dim} and {q.dtype}")
     d = default_blocks(seq, head_dim)
     block_kv, stages = block_kv or d.block_kv, stages or d.stages
-    step = max(CONSUMERS * BLOCK_Q, block_kv)
-    padded = pl.cdiv(seq, step) * step
+    check_blocks(block_kv, stages, head_dim, jnp.dtype(q.dtype).itemsize)
+    if wait_in_pv and stages < 2:
+        raise ValueError("wait_in_pv needs stages >= 2 (the next block's slot is freed only after this block)")
+    # whole query tiles and whole key blocks (the larger of the two roundings; tiles past `seq` stay empty)
+    padded = max(pl.cdiv(seq, step) * step for step in (CONSUMERS * BLOCK_Q, block_kv))
     if padded != seq:  # TMA moves whole blocks: pad the sequence, slice after
         q, k, v = (jnp.pad(x, ((0, 0), (0, padded - seq), (0, 0), (0, 0))) for x in (q, k, v))
     lengths = (jnp.full((batch,), seq, jnp.int32) if lengths is None
@@ -291,7 +355,7 @@ def hopper_flash_attention(q, k, v, *, lengths=None, block_kv: int | None = None
     programs = min(programs or getattr(jax.devices()[0], "core_count", 132), n_tiles * heads * batch)
     body = functools.partial(_program, block_kv=block_kv, stages=stages, sm_scale=1.0 / math.sqrt(head_dim),
                              n_tiles=n_tiles, heads=heads, batch_size=batch, seq=seq, use_lengths=use_lengths,
-                             programs=programs)
+                             programs=programs, wait_in_pv=wait_in_pv, fence_softmax=fence_softmax)
     out = plgpu.kernel(
         body,
         out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),

@@ -1,0 +1,26 @@
+"""GPU time from the profiler: what the kernels of one call took on the device, without the host's dispatch and
+launch gaps that a wall clock around a small call mostly measures."""
+
+from __future__ import annotations
+
+
+def gpu_busy_seconds(fn, ws) -> float:
+    """The summed duration of the GPU kernels of one call of fn, from a profiler trace (None off a GPU)."""
+    import glob
+    import os
+    import tempfile
+
+    import jax
+    from jax.profiler import ProfileData
+
+    if jax.default_backend() != "gpu":
+        return None
+    with tempfile.TemporaryDirectory() as trace:
+        jax.profiler.start_trace(trace)
+        jax.block_until_ready(fn(ws))
+        jax.profiler.stop_trace()
+        path = sorted(glob.glob(os.path.join(trace, "**", "*.xplane.pb"), recursive=True))[-1]
+        data = ProfileData.from_file(path)
+    total_ns = sum(ev.duration_ns for plane in data.planes if plane.name.startswith("/device:GPU")
+                   for line in plane.lines if "stream" in line.name.lower() for ev in line.events)
+    return total_ns / 1e9

@@ -1,0 +1,79 @@
+"""benchmarks.kernels and benchmarks.decode_sweep on the CPU: the device-time fields beside the host clock's,
+the sweep's choice by device time only when every candidate has one, and the time limit that still leaves rows.
+(The profiler's GPU kernels exist only on a GPU: here `gpu_busy_seconds` is replaced by a fixed answer.)"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from benchmarks import decode_sweep, kernels
+
+
+def test_timed_device_divides_the_traced_dispatch_by_the_input_sets(monkeypatch):
+    sets = [(jnp.ones(4),) for _ in range(3)]
+    monkeypatch.setattr(kernels, "gpu_busy_seconds", lambda run, s: 3e-4 if s is sets else None)
+    host, device = kernels.timed_device(lambda x: x * 2, sets, reps=2, warmup=1)
+    assert host > 0 and device == pytest.approx(1e-4)
+    assert kernels.device_fields(device, 2e5, "gbps", 1e9) == pytest.approx({"gpu_us": 100.0, "gpu_gbps": 2.0})
+    assert set(kernels.device_fields(device, 1e9, "tflops", 1e12)) == {"gpu_ms", "gpu_tflops"}
+
+
+def test_timed_device_keeps_the_host_time_when_the_trace_fails_or_has_no_kernels(monkeypatch):
+    sets = [(jnp.ones(4),), (jnp.ones(4),)]
+    for answer in (None, 0.0, RuntimeError("no profiler")):
+        def busy(run, s, answer=answer):
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+        monkeypatch.setattr(kernels, "gpu_busy_seconds", busy)
+        host, device = kernels.timed_device(lambda x: x + 1, sets, reps=1, warmup=1)
+        assert host > 0 and device is None and kernels.device_fields(device, 1.0, "gbps", 1e9) == {}
+
+
+def test_on_cpu_the_trace_is_not_taken():
+    if jax.default_backend() == "gpu":
+        pytest.skip("the CPU's answer")
+    assert kernels.gpu_busy_seconds(lambda s: s, [1]) is None
+
+
+def test_sweep_picks_by_device_time_only_when_every_candidate_has_one():
+    fast_host = {"params": (1,), "rel_err": 1e-3, "us": 10.0, "gpu_us": 9.0}
+    fast_device = {"params": (2,), "rel_err": 1e-3, "us": 12.0, "gpu_us": 5.0}
+    wrong = {"params": (3,), "rel_err": 0.5, "us": 1.0, "gpu_us": 1.0}
+    failed = {"params": (4,), "error": "shared memory"}
+    best = decode_sweep.pick_best([fast_host, fast_device, wrong, failed])
+    assert best["params"] == (2,) and best["chosen_by"] == "gpu_us"
+    untraced = dict(fast_host, us=11.0)
+    del untraced["gpu_us"]
+    best = decode_sweep.pick_best([untraced, fast_device])  # one clock for all: the host's
+    assert best["params"] == (1,) and best["chosen_by"] == "us"
+    assert decode_sweep.pick_best([wrong, failed]) is None
+
+
+def test_sweep_rows_carry_both_clocks():
+    row = decode_sweep.timing_fields(2e-5, 1e-5, 40_000, 4e9)
+    assert row == pytest.approx({"us": 20.0, "gbps": 2.0, "of_bandwidth": 0.5, "gpu_us": 10.0, "gpu_gbps": 4.0,
+                                 "gpu_of_bandwidth": 1.0})
+    assert set(decode_sweep.timing_fields(2e-5, None, 40_000, 4e9)) == {"us", "gbps", "of_bandwidth"}
+
+
+def test_prefill_past_its_deadline_marks_rows_skipped():
+    rows = kernels.prefill([(1, 128, 1, 16)], False, True, 1, jnp.float32, only=["xla"],
+                           deadline=time.perf_counter() - 1)
+    assert rows[0]["impl"] == {"xla": {"skipped": "time limit"}}
+    assert kernels.decode(True, False, 1, True, deadline=time.perf_counter() - 1) == []
+
+
+def test_hopper_variants_fit_shared_memory():
+    from gptjax.kernels.flash_attention_hopper import check_blocks
+
+    for head_dim, variants in kernels.HOPPER_SWEEP.items():
+        for kw in variants.values():
+            check_blocks(kw.get("block_kv", 128), kw.get("stages", 2), head_dim)
+    for kw, dims in kernels.HOPPER_CHECKS.values():
+        for head_dim in dims:
+            check_blocks(kw.get("block_kv", 128), kw.get("stages", 2), head_dim)
