@@ -1,5 +1,5 @@
 """Decode attention's launch parameters by shape, as the sweep measured them (`benchmarks/decode_sweep.py`
-writes this file; edit the sweep, not the table). Measured on NVIDIA H200, 2026-12-02.
+writes this file; edit the sweep, not the table). Measured on NVIDIA H200, 2026-12-03.
 
 (heads, head_dim, batch, max_seq) -> (heads_per_program, block_k, num_splits, num_warps, num_stages, use_dot)
 """
@@ -7,10 +7,10 @@ writes this file; edit the sweep, not the table). Measured on NVIDIA H200, 2026-
 DEVICE = 'NVIDIA H200'
 TABLE: dict[tuple[int, int, int, int], tuple[int, int, int, int, int, bool]] = {
     (16, 64, 8, 512): (1, 256, 1, 8, 2, True),
-    (16, 64, 8, 2048): (1, 128, 8, 4, 3, True),
-    (16, 64, 32, 512): (1, 128, 2, 4, 2, True),
+    (16, 64, 8, 2048): (1, 128, 8, 4, 2, True),
+    (16, 64, 32, 512): (1, 256, 1, 8, 2, True),
     (16, 64, 32, 2048): (1, 64, 4, 4, 4, True),
-    (16, 64, 64, 512): (1, 256, 1, 8, 2, True),
+    (16, 64, 64, 512): (1, 128, 2, 4, 2, True),
     (16, 64, 64, 2048): (1, 256, 2, 8, 2, True),
     (16, 64, 128, 512): (1, 128, 1, 4, 3, True),
     (16, 64, 128, 2048): (1, 64, 1, 4, 4, True),
@@ -19,5 +19,5 @@ TABLE: dict[tuple[int, int, int, int], tuple[int, int, int, int, int, bool]] = {
     (32, 128, 8, 512): (2, 64, 4, 4, 3, False),
     (32, 128, 32, 512): (2, 64, 4, 4, 3, False),
     (32, 128, 32, 2048): (1, 128, 4, 4, 2, True),
-    (32, 128, 64, 2048): (1, 128, 2, 4, 2, True),
+    (32, 128, 64, 2048): (1, 128, 1, 4, 3, True),
 }
