@@ -97,31 +97,45 @@ class _Shape(NamedTuple):
     interpret: bool  # the interpreter runs programs one at a time, and has no barrier
 
 
-def _kernel(*refs, s: _Shape):
-    """Program (col, split): output columns [col * block_n, +block_n) over K rows [split * chunk, +chunk)."""
-    it = iter(refs)
-    x_ref = next(it)
-    scale_ref, shift_ref = (next(it), next(it)) if s.ln else (None, None)
-    w_ref = next(it)
-    bias_ref = next(it) if s.bias else None
-    res_ref = next(it) if s.residual else None
-    pos_ref = next(it) if s.kv else None
-    split_k = s.params.splits > 1
-    if split_k:
-        next(it)  # the counters' input: the output of the same name is the same buffer
-    if s.kv:
-        next(it), next(it)  # the caches' inputs, likewise
-    out_ref = next(it)
-    parts_ref, count_ref = (next(it), next(it)) if split_k else (None, None)
-    k_out, v_out = (next(it), next(it)) if s.kv else (None, None)
+class _Refs(NamedTuple):
+    """A program's operands by name (None where the kernel has no such operand)."""
 
+    x: object
+    scale: object
+    shift: object
+    w: object
+    bias: object
+    residual: object
+    positions: object
+    out: object
+    parts: object
+    counts: object
+    k_cache: object
+    v_cache: object
+
+
+def _unpack(refs, s: _Shape) -> _Refs:
+    """The pallas_call's refs in `decode_matmul`'s order: inputs, then outputs. The aliased inputs (counters,
+    caches) are skipped: their outputs are the same buffers."""
+    it = iter(refs)
+    x, (scale, shift), w = next(it), ((next(it), next(it)) if s.ln else (None, None)), next(it)
+    bias, residual, positions = (next(it) if on else None for on in (s.bias, s.residual, s.kv))
+    split_k = s.params.splits > 1
+    for _ in range(split_k + 2 * s.kv):
+        next(it)
+    out = next(it)
+    parts, counts = (next(it), next(it)) if split_k else (None, None)
+    k_cache, v_cache = (next(it), next(it)) if s.kv else (None, None)
+    return _Refs(x, scale, shift, w, bias, residual, positions, out, parts, counts, k_cache, v_cache)
+
+
+def _product(r: _Refs, s: _Shape, col, split):
+    """This program's float32 partial product: LayerNorm(x)[:, chunk] @ w[chunk, columns], [block_rows, block_n]."""
     block_n, block_k, block_rows = s.params.block_n, s.params.block_k, _block_rows(s.rows)
-    col, split = pl.program_id(0), pl.program_id(1)
-    rows_ok = lax.broadcasted_iota(jnp.int32, (block_rows, block_n), 0) < s.rows
 
     def load_x(k0, width: int):
         ok = lax.broadcasted_iota(jnp.int32, (block_rows, width), 0) < s.rows
-        return plgpu.load(x_ref.at[pl.ds(0, block_rows), pl.ds(k0, width)], mask=ok, other=0.0).astype(jnp.float32)
+        return plgpu.load(r.x.at[pl.ds(0, block_rows), pl.ds(k0, width)], mask=ok, other=0.0).astype(jnp.float32)
 
     if s.ln:  # a first pass over the whole row: LayerNorm's statistics
         width = _largest_block(s.k, STATS_BLOCK)
@@ -140,50 +154,61 @@ def _kernel(*refs, s: _Shape):
         v = load_x(k0, block_k)
         if s.ln:
             cols = pl.ds(k0, block_k)
-            v = ((v - mean[:, None]) * rstd[:, None] * scale_ref[cols].astype(jnp.float32)[None, :]
-                 + shift_ref[cols].astype(jnp.float32)[None, :])
-        w = w_ref[pl.ds(k0, block_k), pl.ds(col * block_n, block_n)]
+            v = ((v - mean[:, None]) * rstd[:, None] * r.scale[cols].astype(jnp.float32)[None, :]
+                 + r.shift[cols].astype(jnp.float32)[None, :])
+        w = r.w[pl.ds(k0, block_k), pl.ds(col * block_n, block_n)]
         return acc + jnp.dot(v.astype(w.dtype), w, preferred_element_type=jnp.float32)
 
-    acc = lax.fori_loop(0, s.chunk // block_k, body, jnp.zeros((block_rows, block_n), jnp.float32))
+    return lax.fori_loop(0, s.chunk // block_k, body, jnp.zeros((block_rows, block_n), jnp.float32))
+
+
+def _finish(r: _Refs, s: _Shape, total, c0, tile, rows_ok):
+    """The epilogue on a column block's whole sum: bias, activation, residual, then the output (or Q's output
+    and K's and V's cache rows)."""
+    if s.bias:
+        total += r.bias[pl.ds(c0, s.params.block_n)].astype(jnp.float32)[None, :]
+    if s.activation:
+        total = _activation(s.activation, total)
+    if s.residual:
+        total += plgpu.load(r.residual.at[tile], mask=rows_ok, other=0.0).astype(jnp.float32)
+    if not s.kv:
+        plgpu.store(r.out.at[tile], total.astype(r.out.dtype), mask=rows_ok)
+        return
+
+    @pl.when(c0 < s.hidden)
+    def _():  # Q: the output
+        plgpu.store(r.out.at[tile], total.astype(r.out.dtype), mask=rows_ok)
+
+    for which, cache in ((1, r.k_cache), (2, r.v_cache)):  # K and V: into the cache
+        pl.when((c0 >= which * s.hidden) & (c0 < (which + 1) * s.hidden))(
+            functools.partial(_store_new_token, cache, r.positions, total, c0 - which * s.hidden, s.rows))
+
+
+def _kernel(*refs, s: _Shape):
+    """Program (col, split): output columns [col * block_n, +block_n) over K rows [split * chunk, +chunk)."""
+    r = _unpack(refs, s)
+    block_n, block_rows = s.params.block_n, _block_rows(s.rows)
+    col, split = pl.program_id(0), pl.program_id(1)
+    rows_ok = lax.broadcasted_iota(jnp.int32, (block_rows, block_n), 0) < s.rows
+    acc = _product(r, s, col, split)
     c0 = col * block_n
     tile = (pl.ds(0, block_rows), pl.ds(c0, block_n))
-
-    def finish(total):
-        if s.bias:
-            total += bias_ref[pl.ds(c0, block_n)].astype(jnp.float32)[None, :]
-        if s.activation:
-            total = _activation(s.activation, total)
-        if s.residual:
-            total += plgpu.load(res_ref.at[tile], mask=rows_ok, other=0.0).astype(jnp.float32)
-        if not s.kv:
-            plgpu.store(out_ref.at[tile], total.astype(out_ref.dtype), mask=rows_ok)
-            return
-
-        @pl.when(c0 < s.hidden)
-        def _():  # Q: the output
-            plgpu.store(out_ref.at[tile], total.astype(out_ref.dtype), mask=rows_ok)
-
-        for which, cache in ((1, k_out), (2, v_out)):  # K and V: into the cache
-            pl.when((c0 >= which * s.hidden) & (c0 < (which + 1) * s.hidden))(
-                functools.partial(_store_new_token, cache, pos_ref, total, c0 - which * s.hidden, s.rows))
-
-    if not split_k:
-        finish(acc)
+    if s.params.splits == 1:
+        _finish(r, s, acc, c0, tile, rows_ok)
         return
-    plgpu.store(parts_ref.at[(split, *tile)], acc, mask=rows_ok)
+    plgpu.store(r.parts.at[(split, *tile)], acc, mask=rows_ok)
     if not s.interpret:
         plgpu.debug_barrier()  # every thread's part is stored before the counter says so
-    finished = plgpu.atomic_add(count_ref, (jnp.asarray(col, jnp.int32),), jnp.int32(1))  # acq-rel, GPU scope
+    finished = plgpu.atomic_add(r.counts, (jnp.asarray(col, jnp.int32),), jnp.int32(1))  # acq-rel, GPU scope
 
     @pl.when(finished == s.params.splits - 1)
     def _():  # the last split: every other one's part is in memory; sum them in split order
         total = jnp.zeros((block_rows, block_n), jnp.float32)
         for p in range(s.params.splits):
-            part = parts_ref.at[(jnp.int32(p), *tile)]
+            part = r.parts.at[(jnp.int32(p), *tile)]
             total += plgpu.load(part, mask=rows_ok, other=0.0, volatile=True)  # not an L1 copy: fresh
-        finish(total)
-        count_ref[col] = 0  # every split has counted: the counter is zero again for the next kernel
+        _finish(r, s, total, c0, tile, rows_ok)
+        r.counts[col] = 0  # every split has counted: the counter is zero again for the next kernel
 
 
 def _store_new_token(cache_ref, pos_ref, values, c0, rows: int):
