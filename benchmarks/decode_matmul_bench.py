@@ -3,12 +3,13 @@
     python -m benchmarks.decode_matmul_bench --model megatron-345m --dtype float16 --rows 1,8,64 [--sweep]
 
 Each product runs as the decode path runs it, with its prologue and epilogue (LayerNorm, bias, GELU, residual,
-the K/V write); the XLA peer is the same arithmetic in `jnp` (`decode_matmul_reference`), compiled by XLA. A timed call runs the
-product on COPIES different weight matrices one after the other, so no weight is read from L2. Two times per
-product: `us`, the call's wall-clock median over the copies (host dispatch and launch gaps included), and
-`gpu_us`, the kernels' own time in a profiler trace of one call (every kernel of the call, so XLA's
-LayerNorm, bias and scatter fusions count with its matmul). GB/s counts the weight bytes (the activations are a
-few KB). `--sweep` also times the block sizes and split counts around the default. The relative error is against a float64 product of the same rounded inputs.
+the K/V write); the XLA peer is the same arithmetic in `jnp` (`decode_matmul_reference`), compiled by XLA. A
+timed call runs the product on COPIES different weight matrices one after the other, so no weight is read from
+L2. Two times per product: `us`, the call's wall-clock median over the copies (host dispatch and launch gaps
+included), and `gpu_us`, the kernels' own time in a profiler trace of one call (every kernel of the call, so
+XLA's LayerNorm, bias and scatter fusions count with its matmul). GB/s counts the weight bytes (the activations
+are a few KB). `--sweep` also times the block sizes and split counts around the default. The relative error is
+against a float64 product of the same rounded inputs.
 """
 
 from __future__ import annotations

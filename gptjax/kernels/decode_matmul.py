@@ -309,8 +309,9 @@ def decode_matmul_reference(w, x, ln_scale=None, ln_bias=None, *, bias=None, res
         k_cache, v_cache, positions = kv
         hidden, rows = k_cache.shape[2], jnp.arange(x.shape[0])
         positions = jnp.clip(positions, 0, k_cache.shape[1] - 1)
-        result = (result[0][:, :hidden], k_cache.at[rows, positions].set(out[:, hidden:2 * hidden].astype(k_cache.dtype)),
-                  v_cache.at[rows, positions].set(out[:, 2 * hidden:].astype(v_cache.dtype)))
+        k_new, v_new = out[:, hidden:2 * hidden], out[:, 2 * hidden:]
+        result = (result[0][:, :hidden], k_cache.at[rows, positions].set(k_new.astype(k_cache.dtype)),
+                  v_cache.at[rows, positions].set(v_new.astype(v_cache.dtype)))
     if counters is not None:
         result += (counters,)
     return result if len(result) > 1 else result[0]
