@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from functools import partial
 
 import numpy as np
 
-from benchmarks.gpu_time import gpu_busy_seconds
+from benchmarks.gpu_time import gpu_busy_seconds, host_seconds
 
 COPIES = 24
 
@@ -75,16 +74,8 @@ def run_all(matmul, ws, kw):
 def time_call(fn, ws, reps: int = 20) -> tuple[float, float]:
     """(wall seconds, GPU busy seconds) per product: medians of `reps` calls, and one profiled call's kernel
     time (every kernel the call ran, so XLA's prologue fusions count with its matmul)."""
-    import jax
-
-    jax.block_until_ready(fn(ws))
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(ws))
-        times.append(time.perf_counter() - start)
     busy = gpu_busy_seconds(fn, ws)
-    return float(np.median(times)) / len(ws), busy and busy / len(ws)
+    return host_seconds(fn, ws, reps, warmup=1), busy and busy / len(ws)
 
 
 def gpu_fields(busy, weight_bytes: int, xla_busy=None) -> dict:

@@ -1,7 +1,25 @@
-"""GPU time from the profiler: what the kernels of one call took on the device, without the host's dispatch and
-launch gaps that a wall clock around a small call mostly measures."""
+"""A call's time, two ways: the host clock around it (`host_seconds`), and from the profiler what its kernels took
+on the device (`gpu_busy_seconds`), without the host's dispatch and launch gaps that a wall clock around a small
+call mostly measures."""
 
 from __future__ import annotations
+
+import statistics
+import time
+
+
+def host_seconds(run, items, reps: int, warmup: int) -> float:
+    """Median wall seconds of run(items) after `warmup` calls, per item (`run` handles them all in one call)."""
+    import jax
+
+    for _ in range(warmup):
+        jax.block_until_ready(run(items))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(run(items))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) / len(items)
 
 
 def gpu_busy_seconds(fn, ws) -> float:

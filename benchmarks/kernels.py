@@ -24,7 +24,6 @@ import datetime
 import json
 import math
 import platform
-import statistics
 import sys
 import time
 import traceback
@@ -36,7 +35,7 @@ import numpy as np
 from gptjax.kernels import decode_attention, decode_attention_reference, flash_attention, on_gpu, on_hopper
 from gptjax.kernels.flash_attention_hopper import hopper_flash_attention
 from benchmarks import floors
-from benchmarks.gpu_time import gpu_busy_seconds
+from benchmarks.gpu_time import gpu_busy_seconds, host_seconds
 from gptjax.kernels.decode_attention import choose_params
 
 PREFILL_SHAPES = [(8, 512, 16, 64), (4, 2048, 16, 64), (2, 4096, 32, 128), (1, 8192, 32, 128)]
@@ -69,20 +68,9 @@ HOPPER_CHECKS = {"hopper": ({}, (64, 128)), "hopper(wait in PV, fence)": (FENCE,
 MEM_BUDGET = 6 << 30  # bytes of input sets per timed function
 
 
-def _host_seconds(run, sets, reps, warmup):
-    for _ in range(warmup):
-        jax.block_until_ready(run(sets))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(run(sets))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) / len(sets)
-
-
 def timed(fn, sets, reps=7, warmup=2):
     """Median seconds per call of fn over the input sets (all sets in one jitted dispatch), by the host clock."""
-    return _host_seconds(jax.jit(lambda sets: [fn(*s) for s in sets]), sets, reps, warmup)
+    return host_seconds(jax.jit(lambda sets: [fn(*s) for s in sets]), sets, reps, warmup)
 
 
 def timed_device(fn, sets, reps=7, warmup=2):
@@ -90,7 +78,7 @@ def timed_device(fn, sets, reps=7, warmup=2):
     kernel time of one more dispatch of all the sets in a profiler trace, over the sets (None off a GPU, or
     when the trace fails or holds no kernels)."""
     run = jax.jit(lambda sets: [fn(*s) for s in sets])
-    host = _host_seconds(run, sets, reps, warmup)
+    host = host_seconds(run, sets, reps, warmup)
     try:
         busy = gpu_busy_seconds(run, sets)
     except Exception as e:  # the profiler is a second opinion: its failure must not lose the host number
