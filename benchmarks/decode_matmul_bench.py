@@ -121,22 +121,24 @@ def rel_err(out, w, kw) -> float:
                for got, want in pairs)
 
 
-def variants(rows, k, n, sweep: bool):
-    """The default launch parameters for n output columns (with a K/V write: n is the hidden size, which the
-    column blocks divide) and with `sweep` those around them."""
+def variants(rows, k, n, unit, sweep: bool):
+    """The default launch parameters for n output columns (column blocks divide `unit`: with a K/V write the
+    hidden size) and with `sweep` those around them: a loop over K tiles pipelined in 3 stages, and one tile per
+    program (its whole K chunk loaded at once) with 4 or 8 warps."""
     from gptjax.kernels.decode_matmul import MatmulParams, default_params
 
-    base = default_params(rows, k, n)
+    base = default_params(rows, k, n, unit)
     out = [base]
     if sweep:
-        for block_n in (32, 64, 128):
+        for block_n in (16, 32, 64, 128):
             for splits in (1, 2, 4, 8, 16):
-                programs = n // block_n * splits
-                if n % block_n or k % (splits * 64) or not 48 <= programs <= 1024:
+                chunk, programs = k // splits, n // block_n * splits
+                if unit % block_n or k % (splits * 64) or not 64 <= programs <= 1024:
                     continue
-                p = MatmulParams(block_n, min(base.block_k, k // splits), splits, 4, 3)
-                if p not in out:
-                    out.append(p)
+                options = [MatmulParams(block_n, min(128, chunk), splits, 4, 3)]
+                if chunk * block_n * 2 <= 64 << 10:
+                    options += [MatmulParams(block_n, chunk, splits, warps, 1) for warps in (4, 8)]
+                out += [p for p in options if p not in out]
     return out
 
 
@@ -166,7 +168,7 @@ def main():
             row = dict(model=args.model, dtype=args.dtype, product=name, k=k, n=n, rows=rows, impl="xla",
                        us=round(xla_s * 1e6, 2), **gpu_fields(xla_gpu, weight_bytes))
             print(json.dumps(row), flush=True)
-            for params in variants(rows, k, n // 3 if kind == "qkv" else n, args.sweep):
+            for params in variants(rows, k, n, n // 3 if kind == "qkv" else n, args.sweep):
                 matmul = partial(decode_matmul, params=params, interpret=interpret)
                 ours = jax.jit(lambda ws, matmul=matmul: run_all(matmul, ws, kw))
                 try:

@@ -1,6 +1,7 @@
 """Sweep decode attention's launch parameters at the shapes a server sees, and write the table it picks from.
 
     python -m benchmarks.decode_sweep --jsonl OUT.jsonl --table gptjax/kernels/decode_table.py [--quick]
+        [--heads 16x64] [--seqs 2048]   # some shapes only: the table keeps the others' entries
 
 For each (heads x head_dim, batch, cache length), every candidate (body form, heads per program, block,
 warps, stages, and a split count from a target number of programs) is checked against the `jnp` reference
@@ -155,6 +156,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="one tiny shape (a smoke run, e.g. on CPU)")
     ap.add_argument("--time-limit", type=float, default=1e9, help="seconds: stop starting new shapes after")
     ap.add_argument("--heads", help="only this heads x head_dim, e.g. 16x64")
+    ap.add_argument("--seqs", help="only these cache lengths, e.g. 2048")
     args = ap.parse_args(argv)
     interpret = not on_gpu()
     started = time.perf_counter()
@@ -167,6 +169,8 @@ def main(argv=None) -> int:
             if args.heads and args.heads != f"{heads}x{head_dim}":
                 continue
             for max_seq in seqs:
+                if args.seqs and str(max_seq) not in args.seqs.split(","):
+                    continue
                 for batch in batches:
                     if time.perf_counter() - started > args.time_limit:
                         break

@@ -3,10 +3,10 @@
     from benchmarks import floors
     floors.memory_bandwidth()        # bytes/s: what a floor divides bytes by (max of the two below)
     floors.copy_bandwidth()          # bytes/s, (bytes read + bytes written) / time of the fastest copy
-    floors.read_bandwidth()          # bytes/s, bytes read / time of a sum over a large buffer
+    floors.read_bandwidth()          # bytes/s, bytes read / time of the fastest sum over a large buffer
     floors.matmul_rate("bfloat16")   # FLOP/s (2*m*n*k per product) of a large product on random data
 
-    python -m benchmarks.floors [--json]   # print them, each copy method's rate beside
+    python -m benchmarks.floors [--json]   # print them, each copy and read method's rate beside
 
 Why these and not one elementwise op through XLA: a bf16 `x * 2` over 2 GiB read 3.09 TB/s on an H200
 where PyTorch's `copy_` reads 4.27 TB/s, and a floor computed from the low number was beaten by 10%. Each
@@ -100,22 +100,39 @@ def copy_bandwidth(device=None, n_bytes: int | None = None) -> float:
 
 
 # ---- read --------------------------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnames=("iters",))
-def _read_loop(x, *, iters: int):
+READ_ROW = 8192  # the row length of the row-wise sum: a reduction XLA tiles differently from the whole sum
+
+
+@functools.partial(jax.jit, static_argnames=("iters", "rows"))
+def _read_loop(x, *, iters: int, rows: bool = False):
     def body(_, carry):
         total, c = carry
         # the carried factor keeps XLA from hoisting the (otherwise loop-invariant) sum out of the loop
-        return total + jnp.sum(x * c), c * 1.0001
+        y = x * c
+        return total + (jnp.sum(y.reshape(-1, READ_ROW), axis=1).sum() if rows else jnp.sum(y)), c * 1.0001
     return lax.fori_loop(0, iters, body, (jnp.float32(0), jnp.float32(1)))[0]
 
 
-def read_bandwidth(device=None, n_bytes: int | None = None) -> float:
-    """bytes/s, bytes read / time, of a sum over a large buffer (nothing written but a scalar)."""
+def read_rates(device=None, n_bytes: int | None = None, with_torch: bool = True) -> dict[str, float]:
+    """bytes/s, bytes read / time, of each way of reading a large buffer into a scalar: XLA's sum of the whole
+    buffer, its row-wise sums, and PyTorch's `sum` where PyTorch has the GPU."""
     device = _device(device)
     n_bytes = n_bytes or default_bytes(device)
+    n_bytes -= n_bytes % (READ_ROW * 4)  # whole rows
     x = _random_words(n_bytes, device)
-    t = median_seconds(lambda: _read_loop(x, iters=ITERS).block_until_ready())
-    return n_bytes * ITERS / t
+    rates = {name: n_bytes * ITERS / median_seconds(lambda: _read_loop(x, iters=ITERS, rows=rows).block_until_ready())
+             for name, rows in (("xla_sum", False), ("xla_rows", True))}
+    del x
+    if with_torch and device.platform == "gpu" and device.id == 0:
+        torch_rate = torch_read_bandwidth(n_bytes)
+        if torch_rate is not None:
+            rates["torch_sum"] = torch_rate
+    return rates
+
+
+def read_bandwidth(device=None, n_bytes: int | None = None) -> float:
+    """bytes/s, bytes read / time, of the fastest read of a large buffer (nothing written but a scalar)."""
+    return max(read_rates(device, n_bytes).values())
 
 
 def memory_bandwidth(device=None, n_bytes: int | None = None) -> float:
@@ -141,39 +158,64 @@ def matmul_rate(dtype="bfloat16", device=None, m: int | None = None) -> float:
     return 2.0 * m ** 3 * ITERS / t
 
 
-# ---- PyTorch's copy -------------------------------------------------------------------------------------
-def torch_copy_bandwidth(n_bytes: int = 4 << 30) -> float | None:
-    """bytes/s, (read + written) / time, of PyTorch's `y.copy_(x)` on CUDA, timed with CUDA events; None
-    where PyTorch has no GPU."""
-    try:
-        import torch
-    except ImportError:
-        return None
-    if not torch.cuda.is_available():
-        return None
-    x = torch.randn(n_bytes // 4, device="cuda")
-    y = torch.empty_like(x)
+# ---- PyTorch's copy and read ---------------------------------------------------------------------------
+def _cuda_seconds(op) -> float:
+    """Median seconds of ITERS calls of op(), timed with CUDA events after a warm-up."""
+    import torch
+
     for _ in range(WARMUP):
-        y.copy_(x)
+        op()
     times = []
     for _ in range(REPS):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(ITERS):
-            y.copy_(x)
+            op()
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def _torch_cuda():
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch if torch.cuda.is_available() else None
+
+
+def torch_copy_bandwidth(n_bytes: int = 4 << 30) -> float | None:
+    """bytes/s, (read + written) / time, of PyTorch's `y.copy_(x)` on CUDA; None where PyTorch has no GPU."""
+    torch = _torch_cuda()
+    if torch is None:
+        return None
+    x = torch.randn(n_bytes // 4, device="cuda")
+    y = torch.empty_like(x)
+    seconds = _cuda_seconds(lambda: y.copy_(x))
     del x, y
     torch.cuda.empty_cache()
-    return 2 * n_bytes * ITERS / statistics.median(times)
+    return 2 * n_bytes * ITERS / seconds
+
+
+def torch_read_bandwidth(n_bytes: int = 4 << 30) -> float | None:
+    """bytes/s, bytes read / time, of PyTorch's `x.sum()` on CUDA; None where PyTorch has no GPU."""
+    torch = _torch_cuda()
+    if torch is None:
+        return None
+    x = torch.randn(n_bytes // 4, device="cuda")
+    seconds = _cuda_seconds(lambda: x.sum())
+    del x
+    torch.cuda.empty_cache()
+    return n_bytes * ITERS / seconds
 
 
 def measure(dtype: str = "bfloat16", with_torch: bool = True) -> dict:
     """Every number above for device 0, in one dict (bytes/s and FLOP/s)."""
     copies = copy_rates(with_torch=with_torch)
+    reads = read_rates(with_torch=with_torch)
     out = {"device": jax.devices()[0].device_kind, "copy_bytes_per_s": max(copies.values()),
-           "copy_by_method": copies, "read_bytes_per_s": read_bandwidth(),
+           "copy_by_method": copies, "read_bytes_per_s": max(reads.values()), "read_by_method": reads,
            "matmul_flops": matmul_rate(dtype), "matmul_dtype": str(jnp.dtype(dtype))}
     out["memory_bytes_per_s"] = max(out["copy_bytes_per_s"], out["read_bytes_per_s"])
     return out

@@ -196,6 +196,11 @@ def prefill_impls(interpret, sweep, dtype, head_dim):
     return impls
 
 
+def selected(name: str, only: list[str]) -> bool:
+    """`--only`'s test: the name is listed, or starts with a listed prefix that ends in '*'."""
+    return name in only or any(p.endswith("*") and name.startswith(p[:-1]) for p in only)
+
+
 def prefill(shapes, sweep, interpret, reps, dtype=jnp.bfloat16, only=None, deadline=math.inf):
     """Rows of every implementation at every shape; past `deadline` (time.perf_counter()) the rest are marked
     skipped rather than run, so that a time-limited run still writes its JSON."""
@@ -214,7 +219,7 @@ def prefill(shapes, sweep, interpret, reps, dtype=jnp.bfloat16, only=None, deadl
                                                 implementation="xla")
         row = {"shape": [b, s, h, d], "dtype": jnp.dtype(dtype).name, "impl": {}}
         for name, fn in prefill_impls(interpret, sweep, dtype, d).items():
-            if only and not name.startswith(tuple(only)):
+            if only and not selected(name, only):
                 continue
             if time.perf_counter() > deadline:
                 row["impl"][name] = {"skipped": "time limit"}
@@ -379,7 +384,10 @@ def main(argv=None):
     ap.add_argument("--skip-decode", action="store_true")
     ap.add_argument("--skip-prefill", action="store_true")
     ap.add_argument("--checks", choices=("all", "hopper", "none"), default="all")
-    ap.add_argument("--only", help="comma-separated name prefixes: time only these prefill implementations")
+    ap.add_argument("--only", help="comma-separated names: time only these prefill implementations (a trailing * "
+                                   "takes every name it starts: hopper* is the Mosaic GPU kernel and its variants)")
+    ap.add_argument("--prefill-shapes", help="comma-separated b x s x h x d, e.g. 1x8192x32x128 (default: the four "
+                                             "of PREFILL_SHAPES)")
     ap.add_argument("--time-limit", type=float, default=math.inf,
                     help="seconds from the start: no new prefill timing or decode shape after (the JSON is still "
                          "written; skipped prefill rows say so)")
@@ -409,6 +417,8 @@ def main(argv=None):
     copy_bw = rates.get("memory_bytes_per_s", float("nan"))  # the larger of copy and read: decode only reads
     print(f"floors {rates}", flush=True)
     shapes = [(2, 128, 2, 64), (1, 256, 2, 128)] if args.quick else PREFILL_SHAPES
+    if args.prefill_shapes:
+        shapes = [tuple(map(int, shape.split("x"))) for shape in args.prefill_shapes.split(",")]
     only = args.only.split(",") if args.only else None
     global MEM_BUDGET
     if args.quick:

@@ -28,16 +28,16 @@ has prefill && timeout "$T_PEERS" python3 -m benchmarks.kernels --skip-decode --
   --prefill-dtypes bfloat16 --only xla,cudnn,pallas --time-limit "$(limit "$T_PEERS")" \
   --json "$OUT/prefill-peers.json" > "$OUT/prefill.log" 2>&1
 has prefill && timeout "$T_PEERS" python3 -m benchmarks.kernels --skip-decode --checks none \
-  --prefill-dtypes float16 --only cudnn,attention_mgpu --time-limit "$(limit "$T_PEERS")" \
+  --prefill-dtypes float16 --only 'cudnn,attention_mgpu*' --time-limit "$(limit "$T_PEERS")" \
   --json "$OUT/prefill-peers16.json" >> "$OUT/prefill.log" 2>&1
 # ours: the ragged checks of the default and the variants' code paths, then the default and its variants
 # (benchmarks/kernels.py HOPPER_SWEEP: the next key block's wait inside PV, the softmax fence, 192/256-key
 # blocks at head_dim 64) at the four shapes, bf16 then fp16
 has prefill && timeout "$T_PREFILL" python3 -m benchmarks.kernels --skip-decode --checks hopper \
-  --prefill-dtypes bfloat16,float16 --only hopper --time-limit "$(limit "$T_PREFILL")" \
+  --prefill-dtypes bfloat16,float16 --only 'hopper*' --time-limit "$(limit "$T_PREFILL")" \
   --json "$OUT/prefill.json" >> "$OUT/prefill.log" 2>&1
 has decode-sweep && timeout "${T_SWEEP:-240}" python3 -m benchmarks.decode_sweep --jsonl "$OUT/decode_sweep.jsonl" \
-  --table "$OUT/decode_table.py" --time-limit "${T_SWEEP_SHAPES:-200}" ${SWEEP_HEADS:+--heads $SWEEP_HEADS} \
+  --table "$OUT/decode_table.py" --time-limit "${T_SWEEP_SHAPES:-200}" ${SWEEP_HEADS:+--heads $SWEEP_HEADS} ${SWEEP_SEQS:+--seqs $SWEEP_SEQS} \
   > "$OUT/decode_sweep.log" 2>&1
 has decode && timeout "$T_DECODE" python3 -m benchmarks.kernels --skip-prefill --checks none \
   --time-limit "$(limit "$T_DECODE")" --json "$OUT/decode.json" > "$OUT/decode.log" 2>&1

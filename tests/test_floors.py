@@ -20,6 +20,8 @@ def test_rates_are_positive_and_memory_bandwidth_is_the_larger(monkeypatch):
     assert floors.matmul_rate("float32", m=128) > 0
 
 
-def test_copy_rates_name_each_method():
-    assert set(floors.copy_rates(n_bytes=1 << 20)) == {"xla"}  # the Pallas copy runs on a GPU only
-    assert floors.torch_copy_bandwidth() is None  # no CUDA here
+def test_copy_and_read_rates_name_each_method():
+    assert set(floors.copy_rates(n_bytes=1 << 20)) == {"xla"}  # PyTorch's copy runs on a GPU only
+    reads = floors.read_rates(n_bytes=(1 << 20) + 12)  # not whole rows: cut to them
+    assert set(reads) == {"xla_sum", "xla_rows"} and min(reads.values()) > 0
+    assert floors.torch_copy_bandwidth() is None and floors.torch_read_bandwidth() is None  # no CUDA here

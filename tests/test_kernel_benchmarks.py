@@ -68,6 +68,13 @@ def test_prefill_past_its_deadline_marks_rows_skipped():
     assert kernels.decode(True, False, 1, True, deadline=time.perf_counter() - 1) == []
 
 
+def test_only_takes_names_and_starred_prefixes():
+    only = ["cudnn", "hopper*"]
+    assert kernels.selected("cudnn", only) and kernels.selected("hopper", only)
+    assert kernels.selected("hopper(wait in PV)", only)
+    assert not kernels.selected("cudnn(sweep)", only) and not kernels.selected("xla", only)
+
+
 def test_hopper_variants_fit_shared_memory():
     from gptjax.kernels.flash_attention_hopper import check_blocks
 

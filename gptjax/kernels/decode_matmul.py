@@ -137,6 +137,12 @@ def _product(r: _Refs, s: _Shape, col, split):
         ok = lax.broadcasted_iota(jnp.int32, (block_rows, width), 0) < s.rows
         return plgpu.load(r.x.at[pl.ds(0, block_rows), pl.ds(k0, width)], mask=ok, other=0.0).astype(jnp.float32)
 
+    def load_w(k0):
+        return r.w[pl.ds(k0, block_k), pl.ds(col * block_n, block_n)]
+
+    # a program of one weight tile loads it first: its read is in flight during the statistics pass
+    first_w = load_w(split * s.chunk) if s.chunk == block_k else None
+
     if s.ln:  # a first pass over the whole row: LayerNorm's statistics
         width = _largest_block(s.k, STATS_BLOCK)
 
@@ -144,22 +150,25 @@ def _product(r: _Refs, s: _Shape, col, split):
             v = load_x(i * width, width)
             return carry[0] + jnp.sum(v, axis=1), carry[1] + jnp.sum(v * v, axis=1)
 
-        zero = jnp.zeros((block_rows,), jnp.float32)
-        total, total_sq = lax.fori_loop(0, s.k // width, stats, (zero, zero))
+        zeros = jnp.zeros((block_rows,), jnp.float32)
+        total, total_sq = lax.fori_loop(0, s.k // width, stats, (zeros, zeros))
         mean = total / s.k
         rstd = lax.rsqrt(jnp.maximum(total_sq / s.k - mean * mean, 0.0) + s.eps)
 
-    def body(i, acc):
+    def body(i, acc, w=None):
         k0 = split * s.chunk + i * block_k
         v = load_x(k0, block_k)
         if s.ln:
             cols = pl.ds(k0, block_k)
             v = ((v - mean[:, None]) * rstd[:, None] * r.scale[cols].astype(jnp.float32)[None, :]
                  + r.shift[cols].astype(jnp.float32)[None, :])
-        w = r.w[pl.ds(k0, block_k), pl.ds(col * block_n, block_n)]
+        w = load_w(k0) if w is None else w
         return acc + jnp.dot(v.astype(w.dtype), w, preferred_element_type=jnp.float32)
 
-    return lax.fori_loop(0, s.chunk // block_k, body, jnp.zeros((block_rows, block_n), jnp.float32))
+    zero = jnp.zeros((block_rows, block_n), jnp.float32)
+    if first_w is not None:
+        return body(0, zero, first_w)
+    return lax.fori_loop(0, s.chunk // block_k, body, zero)
 
 
 def _finish(r: _Refs, s: _Shape, total, c0, tile, rows_ok):
