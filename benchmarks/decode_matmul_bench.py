@@ -121,13 +121,13 @@ def rel_err(out, w, kw) -> float:
                for got, want in pairs)
 
 
-def variants(rows, k, n, unit, sweep: bool):
+def variants(rows, k, n, unit, ln: bool, sweep: bool):
     """The default launch parameters for n output columns (column blocks divide `unit`: with a K/V write the
     hidden size) and with `sweep` those around them: a loop over K tiles pipelined in 3 stages, and one tile per
     program (its whole K chunk loaded at once) with 4 or 8 warps."""
     from gptjax.kernels.decode_matmul import MatmulParams, default_params
 
-    base = default_params(rows, k, n, unit)
+    base = default_params(rows, k, n, unit, ln=ln)
     out = [base]
     if sweep:
         for block_n in (16, 32, 64, 128):
@@ -168,7 +168,7 @@ def main():
             row = dict(model=args.model, dtype=args.dtype, product=name, k=k, n=n, rows=rows, impl="xla",
                        us=round(xla_s * 1e6, 2), **gpu_fields(xla_gpu, weight_bytes))
             print(json.dumps(row), flush=True)
-            for params in variants(rows, k, n, n // 3 if kind == "qkv" else n, args.sweep):
+            for params in variants(rows, k, n, n // 3 if kind == "qkv" else n, kind != "residual", args.sweep):
                 matmul = partial(decode_matmul, params=params, interpret=interpret)
                 ours = jax.jit(lambda ws, matmul=matmul: run_all(matmul, ws, kw))
                 try:

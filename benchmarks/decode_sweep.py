@@ -157,10 +157,16 @@ def main(argv=None) -> int:
     ap.add_argument("--time-limit", type=float, default=1e9, help="seconds: stop starting new shapes after")
     ap.add_argument("--heads", help="only this heads x head_dim, e.g. 16x64")
     ap.add_argument("--seqs", help="only these cache lengths, e.g. 2048")
+    ap.add_argument("--floors", help="the memory bandwidth from this `benchmarks.floors --json` output of the "
+                                     "same machine, rather than measured again")
     args = ap.parse_args(argv)
     interpret = not on_gpu()
     started = time.perf_counter()
-    bandwidth = floors.memory_bandwidth()
+    if args.floors:
+        with open(args.floors) as f:
+            bandwidth = json.load(f)["memory_bytes_per_s"]
+    else:
+        bandwidth = floors.memory_bandwidth()
     device = jax.devices()[0].device_kind
     print(f"{device}: memory bandwidth {bandwidth / 1e9:.0f} GB/s", flush=True)
     best_rows = []

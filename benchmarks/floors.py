@@ -113,9 +113,77 @@ def _read_loop(x, *, iters: int, rows: bool = False):
     return lax.fori_loop(0, iters, body, (jnp.float32(0), jnp.float32(1)))[0]
 
 
+# Pallas read kernels: (tile rows, num_warps, num_stages, through the matrix units), each program summing its
+# share of [*, READ_ROW // 16] bf16 tiles in a pipelined loop; the dot form reads its tiles as the decode
+# kernels read K and V (into shared memory, asynchronously)
+PALLAS_READS = [(32, 4, 3, True), (64, 8, 3, True), (16, 4, 4, False), (32, 8, 4, False)]
+READ_PROGRAMS = 1056  # 8 per multiprocessor of an H200
+
+
+def _pallas_read(x2d, scale, *, tile_rows: int, num_warps: int, num_stages: int, use_dot: bool, programs: int,
+                 interpret: bool = False):
+    """scale x the sum of x2d [rows, width] (bf16), one partial sum per program: a read of every byte."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    rows, width = x2d.shape
+    per = rows // programs
+
+    def kernel(x_ref, scale_ref, out_ref):
+        first = pl.program_id(0) * per
+
+        def body(i, acc):
+            tile = x_ref[pl.ds(first + i * tile_rows, tile_rows), :]
+            if use_dot:
+                return acc + jnp.dot(jnp.ones((16, tile_rows), tile.dtype), tile, preferred_element_type=jnp.float32)
+            return acc + tile.astype(jnp.float32)
+        acc = lax.fori_loop(0, per // tile_rows, body,
+                            jnp.zeros((16, width) if use_dot else (tile_rows, width), jnp.float32))
+        # the dot form's 16 rows each hold the column sums
+        out_ref[pl.program_id(0)] = jnp.sum(acc) / (16 if use_dot else 1) * scale_ref[0]
+
+    return pl.pallas_call(kernel, grid=(programs,), out_shape=jax.ShapeDtypeStruct((programs,), jnp.float32),
+                          compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+                          interpret=interpret)(x2d, scale)
+
+
+@functools.partial(jax.jit, static_argnames=("iters", "config", "programs", "interpret"))
+def _pallas_read_loop(x2d, *, iters: int, config: tuple, programs: int, interpret: bool = False):
+    def body(_, carry):
+        total, c = carry  # the carried scale: each call depends on the last, so none is hoisted or merged
+        part = _pallas_read(x2d, c[None], tile_rows=config[0], num_warps=config[1], num_stages=config[2],
+                            use_dot=config[3], programs=programs, interpret=interpret)
+        return total + jnp.sum(part), c * 1.0001
+    return lax.fori_loop(0, iters, body, (jnp.float32(0), jnp.float32(1)))[0]
+
+
+def pallas_read_rates(device=None, n_bytes: int | None = None, programs: int = READ_PROGRAMS,
+                      interpret: bool = False) -> dict[str, float]:
+    """bytes/s of each `PALLAS_READS` kernel over a large bf16 buffer (a config that fails to compile is left
+    out, with its error on stderr)."""
+    device = _device(device)
+    n_bytes = n_bytes or default_bytes(device)
+    width = READ_ROW // 16
+    quantum = programs * max(c[0] for c in PALLAS_READS) * width * 2
+    n_bytes -= n_bytes % quantum
+    x2d = _random_words(n_bytes, device).view(jnp.bfloat16).reshape(-1, width)
+    x2d = jnp.where(jnp.isfinite(x2d), x2d, 1.0)  # random words as bf16: no inf or NaN in the sums
+    rates = {}
+    for config in PALLAS_READS:
+        try:
+            seconds = median_seconds(lambda: _pallas_read_loop(x2d, iters=ITERS, config=config, programs=programs,
+                                                               interpret=interpret).block_until_ready())
+        except Exception as e:  # noqa: BLE001 - a config Triton cannot build (shared memory): the others stand
+            print(f"pallas read {config}: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
+            continue
+        rates["pallas_read" + "".join(f"_{v}" for v in config)] = n_bytes * ITERS / seconds
+    return rates
+
+
 def read_rates(device=None, n_bytes: int | None = None, with_torch: bool = True) -> dict[str, float]:
     """bytes/s, bytes read / time, of each way of reading a large buffer into a scalar: XLA's sum of the whole
-    buffer, its row-wise sums, and PyTorch's `sum` where PyTorch has the GPU."""
+    buffer, its row-wise sums, and on a GPU the Pallas read kernels and PyTorch's `sum` (where PyTorch has
+    the GPU)."""
     device = _device(device)
     n_bytes = n_bytes or default_bytes(device)
     n_bytes -= n_bytes % (READ_ROW * 4)  # whole rows
@@ -123,6 +191,8 @@ def read_rates(device=None, n_bytes: int | None = None, with_torch: bool = True)
     rates = {name: n_bytes * ITERS / median_seconds(lambda: _read_loop(x, iters=ITERS, rows=rows).block_until_ready())
              for name, rows in (("xla_sum", False), ("xla_rows", True))}
     del x
+    if device.platform == "gpu":
+        rates |= pallas_read_rates(device, n_bytes)
     if with_torch and device.platform == "gpu" and device.id == 0:
         torch_rate = torch_read_bandwidth(n_bytes)
         if torch_rate is not None:

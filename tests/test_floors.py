@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from benchmarks import floors
 
 
@@ -25,3 +27,17 @@ def test_copy_and_read_rates_name_each_method():
     reads = floors.read_rates(n_bytes=(1 << 20) + 12)  # not whole rows: cut to them
     assert set(reads) == {"xla_sum", "xla_rows"} and min(reads.values()) > 0
     assert floors.torch_copy_bandwidth() is None and floors.torch_read_bandwidth() is None  # no CUDA here
+
+
+def test_pallas_read_kernels_sum_every_byte():
+    """The read kernels (in the Pallas interpreter here) add up the whole buffer, times the carried scale."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    x2d = jax.random.normal(jax.random.key(3), (4 * 64, floors.READ_ROW // 16), jnp.float32).astype(jnp.bfloat16)
+    want = float(np.asarray(x2d, np.float64).sum())
+    for config in floors.PALLAS_READS:
+        got = floors._pallas_read(x2d, jnp.float32([2.0]), tile_rows=config[0], num_warps=config[1],
+                                  num_stages=config[2], use_dot=config[3], programs=4, interpret=True)
+        assert float(got.sum()) == pytest.approx(2 * want, rel=1e-4, abs=1e-2), config
