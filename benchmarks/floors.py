@@ -180,10 +180,36 @@ def pallas_read_rates(device=None, n_bytes: int | None = None, programs: int = R
     return rates
 
 
+CUDNN_READ_SHAPE = (64, 32, 128)  # batch, heads, head_dim: the 6.7B model's layer at a full server's batch
+
+
+@functools.partial(jax.jit, static_argnames=("iters",))
+def _cudnn_read_loop(q, k, v, *, iters: int):
+    def body(_, carry):
+        total, c = carry  # the carried scale on the query: each call depends on the last
+        out = jax.nn.dot_product_attention(q * c.astype(q.dtype), k, v, implementation="cudnn")
+        return total + jnp.sum(out.astype(jnp.float32)), c * 1.0001
+    return lax.fori_loop(0, iters, body, (jnp.float32(0), jnp.float32(1)))[0]
+
+
+def cudnn_read_bandwidth(device=None, n_bytes: int | None = None) -> float:
+    """bytes/s, K/V bytes / time, of cuDNN's attention for one query per sequence over bf16 K/V caches of
+    n_bytes: a decode step's read, by a library kernel built for it (a GPU only)."""
+    device = _device(device)
+    n_bytes = n_bytes or default_bytes(device)
+    batch, heads, dim = CUDNN_READ_SHAPE
+    seq = n_bytes // (2 * batch * heads * dim * 2)
+    keys = jax.random.split(jax.random.key(2), 3)
+    q, k, v = (jax.device_put(jax.random.normal(key, (batch, s, heads, dim), jnp.bfloat16), device)
+               for key, s in zip(keys, (1, seq, seq)))
+    seconds = median_seconds(lambda: _cudnn_read_loop(q, k, v, iters=ITERS).block_until_ready())
+    return 2 * batch * seq * heads * dim * 2 * ITERS / seconds
+
+
 def read_rates(device=None, n_bytes: int | None = None, with_torch: bool = True) -> dict[str, float]:
-    """bytes/s, bytes read / time, of each way of reading a large buffer into a scalar: XLA's sum of the whole
-    buffer, its row-wise sums, and on a GPU the Pallas read kernels and PyTorch's `sum` (where PyTorch has
-    the GPU)."""
+    """bytes/s, bytes read / time, of each way of reading a large buffer: XLA's sum of the whole buffer, its
+    row-wise sums, and on a GPU the Pallas read kernels, cuDNN's decode attention and PyTorch's `sum` (where
+    PyTorch has the GPU)."""
     device = _device(device)
     n_bytes = n_bytes or default_bytes(device)
     n_bytes -= n_bytes % (READ_ROW * 4)  # whole rows
@@ -193,6 +219,7 @@ def read_rates(device=None, n_bytes: int | None = None, with_torch: bool = True)
     del x
     if device.platform == "gpu":
         rates |= pallas_read_rates(device, n_bytes)
+        rates["cudnn_attention"] = cudnn_read_bandwidth(device, n_bytes)
     if with_torch and device.platform == "gpu" and device.id == 0:
         torch_rate = torch_read_bandwidth(n_bytes)
         if torch_rate is not None:
