@@ -92,7 +92,7 @@ def test_choose_picks_the_kernels_on_a_gpu_for_small_models_and_refuses_a_split_
             decode_block.choose("pallas", config, two)
     with pytest.raises(ValueError, match="one device"):
         decode_block.choose("pallas", config.replace(hidden=72, n_heads=8), one)  # 72 is no multiple of 16
-    # "auto" takes the kernels for one-row steps only; "pallas" up to KERNEL_ROWS
+    # "auto" takes the kernels for steps of up to AUTO_ROWS rows; "pallas" up to KERNEL_ROWS
     assert decode_block.layer_fn("auto", config, decode_block.AUTO_ROWS, "xla") is not None
     assert decode_block.layer_fn("auto", config, decode_block.AUTO_ROWS + 1, "xla") is None
     assert decode_block.layer_fn("pallas", config, decode_block.KERNEL_ROWS, "xla") is not None
