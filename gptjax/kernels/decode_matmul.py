@@ -259,6 +259,25 @@ def _store_new_token(cache_ref, pos_ref, values, c0, rows: int):
         cache_ref[r, pos, pl.ds(c0, block_n)] = row.astype(cache_ref.dtype)
 
 
+def _check_operands(w, x, ln_scale, ln_stats, kv, emit_stats: bool) -> int:
+    """`decode_matmul`'s operands against each other (a ValueError naming the one that does not fit); the
+    output's width: N, or the hidden size with a K/V write."""
+    (k, n), rows = w.shape, x.shape[0]
+    if not supports(rows, k, n) or x.shape[1] != k:
+        raise ValueError(f"decode_matmul: input {x.shape} against weights {w.shape} "
+                         f"(rows 1-{MAX_ROWS}, K and N multiples of 16)")
+    hidden = n // 3 if kv is not None else n
+    if kv is not None and (n % 3 or kv[0].shape[2:] != (hidden,) or kv[0].shape[0] < rows):
+        raise ValueError(f"decode_matmul: a K/V write needs N = 3 x hidden and caches [slots >= {rows}, max_seq, "
+                         f"{hidden}]; got N={n} and caches {kv[0].shape}")
+    if ln_stats is not None and (ln_scale is None or ln_stats.ndim != 3 or ln_stats.shape[::2] != (2, rows)):
+        raise ValueError(f"decode_matmul: ln_stats {getattr(ln_stats, 'shape', None)} needs a LayerNorm and the "
+                         f"shape [2, parts, {rows}]")
+    if emit_stats and kv is not None:
+        raise ValueError("decode_matmul: emit_stats is for a product whose output a LayerNorm reads, not a K/V write")
+    return hidden
+
+
 @functools.partial(jax.jit, static_argnames=("eps", "activation", "out_dtype", "emit_stats", "params", "interpret"))
 def decode_matmul(w, x, ln_scale=None, ln_bias=None, *, ln_stats=None, bias=None, residual=None,
                   activation: str = "", out_dtype=jnp.float32, kv=None, emit_stats: bool = False, counters=None,
@@ -279,18 +298,7 @@ def decode_matmul(w, x, ln_scale=None, ln_bias=None, *, ln_stats=None, bias=None
     memset of its own."""
     k, n = w.shape
     rows = x.shape[0]
-    if not supports(rows, k, n) or x.shape[1] != k:
-        raise ValueError(f"decode_matmul: input {x.shape} against weights {w.shape} "
-                         f"(rows 1-{MAX_ROWS}, K and N multiples of 16)")
-    hidden = n // 3 if kv is not None else n
-    if kv is not None and (n % 3 or kv[0].shape[2:] != (hidden,) or kv[0].shape[0] < rows):
-        raise ValueError(f"decode_matmul: a K/V write needs N = 3 x hidden and caches [slots >= {rows}, max_seq, "
-                         f"{hidden}]; got N={n} and caches {kv[0].shape}")
-    if ln_stats is not None and (ln_scale is None or ln_stats.ndim != 3 or ln_stats.shape[::2] != (2, rows)):
-        raise ValueError(f"decode_matmul: ln_stats {getattr(ln_stats, 'shape', None)} needs a LayerNorm and the "
-                         f"shape [2, parts, {rows}]")
-    if emit_stats and kv is not None:
-        raise ValueError("decode_matmul: emit_stats is for a product whose output a LayerNorm reads, not a K/V write")
+    hidden = _check_operands(w, x, ln_scale, ln_stats, kv, emit_stats)
     params = params or default_params(rows, k, n, hidden, w.dtype.itemsize, ln_scale is not None and ln_stats is None)
     chunk = k // params.splits
     if n % params.block_n or chunk % params.block_k or k % params.splits or hidden % params.block_n:
