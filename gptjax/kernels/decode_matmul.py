@@ -193,24 +193,36 @@ def _product(r: _Refs, s: _Shape, col, split):
     return lax.fori_loop(0, s.chunk // block_k, body, zero)
 
 
-def _finish(r: _Refs, s: _Shape, total, col, tile, rows_ok):
-    """The epilogue on a column block's whole sum: bias, activation, residual, then the output (or Q's output
-    and K's and V's cache rows) and with `emit_stats` the block's part of each output row's sums."""
+def _epilogue_operands(r: _Refs, s: _Shape, c0, tile, rows_ok):
+    """The bias [block_n] and residual [block_rows, block_n] tiles the epilogue adds (None where there are none),
+    in float32: loaded by every program before its product, so that their reads overlap the weights' rather
+    than follow the split sums."""
+    bias = r.bias[pl.ds(c0, s.params.block_n)].astype(jnp.float32) if s.bias else None
+    residual = (plgpu.load(r.residual.at[tile], mask=rows_ok, other=0.0).astype(jnp.float32) if s.residual
+                else None)
+    return bias, residual
+
+
+def _finish(r: _Refs, s: _Shape, total, col, tile, rows_ok, operands):
+    """The epilogue on a column block's whole sum: bias, activation, residual (`_epilogue_operands`), then the
+    output (or Q's output and K's and V's cache rows) and with `emit_stats` the block's part of each output row's
+    sums."""
     c0 = col * s.params.block_n
+    bias, residual = operands
     if s.bias:
-        total += r.bias[pl.ds(c0, s.params.block_n)].astype(jnp.float32)[None, :]
+        total += bias[None, :]
     if s.activation:
         total = _activation(s.activation, total)
     if s.residual:
-        total += plgpu.load(r.residual.at[tile], mask=rows_ok, other=0.0).astype(jnp.float32)
+        total += residual
     if not s.kv:
         out = total.astype(r.out.dtype)
         plgpu.store(r.out.at[tile], out, mask=rows_ok)
         if s.emit_stats:  # of the values stored, as the next kernel's LayerNorm reads them
             v = out.astype(jnp.float32)
-            row = pl.ds(0, v.shape[0])
+            row, ok = pl.ds(0, v.shape[0]), lax.broadcasted_iota(jnp.int32, (v.shape[0],), 0) < s.rows
             for i, sums in enumerate((jnp.sum(v, axis=1), jnp.sum(v * v, axis=1))):
-                plgpu.store(r.stats_out.at[jnp.int32(i), col, row], sums, mask=rows_ok[:, 0])
+                plgpu.store(r.stats_out.at[jnp.int32(i), col, row], sums, mask=ok)
         return
 
     @pl.when(c0 < s.hidden)
@@ -228,11 +240,12 @@ def _kernel(*refs, s: _Shape):
     block_n, block_rows = s.params.block_n, _block_rows(s.rows)
     col, split = pl.program_id(0), pl.program_id(1)
     rows_ok = lax.broadcasted_iota(jnp.int32, (block_rows, block_n), 0) < s.rows
-    acc = _product(r, s, col, split)
     c0 = col * block_n
     tile = (pl.ds(0, block_rows), pl.ds(c0, block_n))
+    operands = _epilogue_operands(r, s, c0, tile, rows_ok)
+    acc = _product(r, s, col, split)
     if s.params.splits == 1:
-        _finish(r, s, acc, col, tile, rows_ok)
+        _finish(r, s, acc, col, tile, rows_ok, operands)
         return
     plgpu.store(r.parts.at[(split, *tile)], acc, mask=rows_ok)
     if not s.interpret:
@@ -245,7 +258,7 @@ def _kernel(*refs, s: _Shape):
         for p in range(s.params.splits):
             part = r.parts.at[(jnp.int32(p), *tile)]
             total += plgpu.load(part, mask=rows_ok, other=0.0, volatile=True)  # not an L1 copy: fresh
-        _finish(r, s, total, col, tile, rows_ok)
+        _finish(r, s, total, col, tile, rows_ok, operands)
         r.counts[col] = 0  # every split has counted: the counter is zero again for the next kernel
 
 
