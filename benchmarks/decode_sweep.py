@@ -31,7 +31,7 @@ from gptjax.kernels import decode_attention, decode_attention_reference, on_gpu
 
 # (heads, head_dim) -> batches x cache lengths: the 6.7B model's layer, and the 345M model's (in this order, so
 # that a time-limited run drops the 345M model's largest shapes, already near the copy rate, first)
-SHAPES = {(32, 128): ([32, 64], [2048]), (16, 64): ([8, 32, 64, 128, 256], [512, 2048])}
+SHAPES = {(32, 128): ([32, 64], [512, 2048]), (16, 64): ([8, 32, 64, 128, 256], [512, 2048])}
 QUICK_SHAPES = {(4, 16): ([2], [64])}
 # (heads_per_program, block_k, num_warps, num_stages, use_dot, target programs to split toward);
 # a head group's tiles are [block_k, G * head_dim]: block_k shrinks as the group widens (shared memory)
