@@ -118,12 +118,15 @@ def _add_serve(sub) -> None:
     s.add_argument("--metrics-port", type=_port, default=8002,
                    help="Prometheus metrics alone (default 8002; 0 turns it off)")
     s.add_argument("--api-key", default=os.environ.get("GPTJAX_API_KEY"),
-                   help="the key HTTP requests must carry (default: $GPTJAX_API_KEY; none: no key needed)")
+                   help="the key every request but health must carry, over HTTP and gRPC (default: "
+                        "$GPTJAX_API_KEY; none: no key needed)")
 
 
 def _add_client(sub) -> None:
     cl = sub.add_parser("client", help="send a request to a running server")
     cl.add_argument("--server", default="127.0.0.1:8001", metavar="HOST:PORT")
+    cl.add_argument("--api-key", default=os.environ.get("GPTJAX_API_KEY"),
+                    help="the key of a server started with --api-key (default: $GPTJAX_API_KEY)")
     cl.add_argument("--prompt", help="prompt text")
     cl.add_argument("--prompt-ids", type=_ids, metavar="1,2,3")
     cl.add_argument("--max-new-tokens", type=int, default=32)

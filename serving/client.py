@@ -14,7 +14,7 @@ import json
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -61,10 +61,40 @@ def make_request(prompt: str | Sequence[int], max_new_tokens: int | None = None,
     return req
 
 
+class _CallDetails(NamedTuple):
+    method: str
+    timeout: float | None
+    metadata: tuple | None
+    credentials: object
+    wait_for_ready: bool | None
+    compression: object
+
+
+class _BearerKey(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds `authorization: Bearer KEY` to every call's metadata, for a server started with `--api-key`."""
+
+    def __init__(self, key: str):
+        self.header = ("authorization", "Bearer " + key)
+
+    def _with_key(self, details):
+        return _CallDetails(details.method, details.timeout, (*(details.metadata or ()), self.header),
+                            details.credentials, details.wait_for_ready, getattr(details, "compression", None))
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._with_key(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._with_key(details), request)
+
+
 class Client:
-    def __init__(self, target: str = "127.0.0.1:8001", *, max_message_bytes: int = 16 * 1024 * 1024):
+    def __init__(self, target: str = "127.0.0.1:8001", *, api_key: str | None = None,
+                 max_message_bytes: int = 16 * 1024 * 1024):
+        """`api_key`: the key of a server started with `--api-key` (sent with every call)."""
         self.channel = grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", max_message_bytes),
                                                               ("grpc.max_send_message_length", max_message_bytes)])
+        if api_key:
+            self.channel = grpc.intercept_channel(self.channel, _BearerKey(api_key))
         self.stub = pb_grpc.GeneratorStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
@@ -121,7 +151,7 @@ def main(args) -> int:
     kwargs = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                   ignore_eos=getattr(args, "no_stop", False))
     try:
-        with Client(args.server) as client:
+        with Client(args.server, api_key=args.api_key) as client:
             if args.stream:
                 ids, prompt_ids, reason = [], [], ""
                 if not args.json and isinstance(prompt, str):

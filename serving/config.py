@@ -140,7 +140,7 @@ class ServerConfig:
     port: int = 8001  # gRPC: the native API and KServe v2
     http_port: int = 8000  # KServe v2 REST, OpenAI, metrics; 0: off
     metrics_port: int = 8002  # metrics alone; 0: off
-    api_key: str | None = None  # the bearer key every HTTP route but health asks for; None: no key
+    api_key: str | None = None  # the bearer key every call but health needs, HTTP and gRPC; None: no key
     max_message_bytes: int = 16 * 1024 * 1024  # one gRPC message or HTTP body
     max_batch_size: int = 64  # rows in one KServe request
     drain_timeout_s: float = 30.0  # on SIGTERM, how long in-flight requests may take before they are cut off

@@ -8,11 +8,14 @@
   checks, model info and generation need. Generation calls need no permit: the scheduler's bounded queue
   refuses them (RESOURCE_EXHAUSTED) before they can pile up.
 - `IdleStreams` closes a stream whose client sent nothing for the idle time, with UNAVAILABLE.
+- `ApiKey` answers every call but health UNAUTHENTICATED unless its metadata carries the server's key, as the
+  HTTP routes ask for it (`serving.http.ApiKey`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hmac
 import threading
 import time
 from typing import NoReturn
@@ -50,8 +53,9 @@ def _tolerant(cls):
     return deserialize
 
 
-_HANDLERS = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
-             (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}
+_HANDLERS = {  # (request streaming, response streaming) -> the handler maker
+    (False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}
 
 
 def add_service(server: grpc.Server, service_descriptor, servicer) -> None:
@@ -151,3 +155,35 @@ def client_messages(request_iterator, context, idle: IdleStreams, decode: bool =
         if request is None:
             return
         yield decoded(request) if decode else request
+
+
+HEALTH_SERVICE = "/grpc.health.v1.Health/"  # answered without a key: a load balancer's probe has none
+
+_HANDLERS = {  # (request streaming, response streaming) -> the handler maker
+    (False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}
+
+
+class ApiKey(grpc.ServerInterceptor):
+    """Every call but health needs `authorization: Bearer KEY` in its metadata (what tritonclient sends for
+    `headers={"authorization": ...}`); without it the call ends UNAUTHENTICATED before any handler runs."""
+
+    def __init__(self, key: str):
+        self.expected = ("Bearer " + key).encode()
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        if handler is None or details.method.startswith(HEALTH_SERVICE):
+            return handler
+        given = next((v for k, v in details.invocation_metadata or () if k == "authorization"), "")
+        given = given.encode() if isinstance(given, str) else given
+        if hmac.compare_digest(given, self.expected):
+            return handler
+        message = "missing API key: send metadata 'authorization: Bearer KEY'" if not given else "wrong API key"
+
+        def refuse(request_or_iterator, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+        return _HANDLERS[handler.request_streaming, handler.response_streaming](
+            refuse, request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)

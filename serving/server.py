@@ -7,10 +7,11 @@ adapter over one front end (serving/frontend.py). Handlers run on gRPC's thread 
 on its own thread; the other processes only follow the loop's commands.
 
 Limits that keep the server answering: each connection may hold at most as many concurrent streams as the
-scheduler can queue and run, plus a few (`grpc.max_concurrent_streams`); streams that wait on the client (ModelStreamInfer,
-health watches, reflection) are bounded and closed after the idle time without a message; generation calls
-beyond the queue are refused at once, so threads stay free for health and model info. Keep-alive pings find
-dead connections.
+scheduler can queue and run, plus a few (`grpc.max_concurrent_streams`); streams that wait on the client
+(ModelStreamInfer, health watches, reflection) are bounded and closed after the idle time without a message;
+generation calls beyond the queue are refused at once, so threads stay free for health and model info.
+Keep-alive pings find dead connections. With `--api-key`, every call but health needs the metadata
+`authorization: Bearer KEY` (`serving.rpc.ApiKey`), as every HTTP route but health needs the header.
 
 SIGTERM (or SIGINT) drains: health turns NOT_SERVING, new requests get UNAVAILABLE, queued and running ones
 finish, then every process exits 0. A second signal during the drain stops at once: the running requests
@@ -37,7 +38,7 @@ from serving.config import ServerConfig, ServingConfig
 from serving.frontend import Frontend, Params, RequestError
 from serving.request import Tokens
 from serving.proto.gptjax.v1 import generator_pb2 as pb
-from serving.rpc import IdleStreams, StreamPermits, abort, add_service, client_messages, deadline_of, decoded
+from serving.rpc import ApiKey, IdleStreams, StreamPermits, abort, add_service, client_messages, deadline_of, decoded
 
 log = logging.getLogger("gptjax.serving")
 
@@ -225,7 +226,8 @@ class Server:
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),  # clients may ping every 10 s
                 ("grpc.max_connection_idle_ms", _ms(options.max_connection_idle_s))]
         self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
-                                options=opts, maximum_concurrent_rpcs=workers)
+                                options=opts, maximum_concurrent_rpcs=workers,
+                                interceptors=[ApiKey(options.api_key)] if options.api_key else None)
         permits, self.idle = StreamPermits(options.max_client_streams), IdleStreams(options.stream_idle_timeout_s)
         self.health = health.HealthServicer()
         add_service(self.grpc, HEALTH, HealthServicer(self.health, permits))

@@ -350,7 +350,7 @@ def test_load_of_four_apis_is_answered_in_full(served):
 
     def client(k: int):
         rng = random.Random(k)
-        native = Client(served.grpc)
+        native = Client(served.grpc, api_key=served.key)
         kserve = tritonclient_grpc.InferenceServerClient(served.grpc)
         kserve_http = tritonclient_http.InferenceServerClient(served.http.removeprefix("http://"))
         try:
@@ -363,7 +363,7 @@ def test_load_of_four_apis_is_answered_in_full(served):
                         got, stopped = len(out.token_ids), False
                     elif api in (1, 2):
                         mod = tritonclient_grpc if api == 1 else tritonclient_http
-                        extra = {} if api == 1 else {"headers": served.headers}
+                        extra = {"headers": {k.lower(): v for k, v in served.headers.items()}}
                         result = (kserve if api == 1 else kserve_http).infer(MODEL, ft_inputs(V5, [prompt], n,
                                                                                               module=mod), **extra)
                         length = int(result.as_numpy("sequence_length")[0, 0])
@@ -389,7 +389,7 @@ def test_load_of_four_apis_is_answered_in_full(served):
     assert not failures, failures[:5]
     assert len(done) == 256 and all(ok for _, ok in done)
     assert {api for api, _ in done} == {0, 1, 2, 3}
-    with Client(served.grpc) as native:
+    with Client(served.grpc, api_key=served.key) as native:
         info = native.model_info()
     assert (info.active_requests, info.queued_requests) == (0, 0)
     m = metrics(served.metrics, served.headers)
@@ -414,3 +414,21 @@ def _streamed_tokens(h: httpx.Client, prompt, n) -> tuple[int, bool]:
                 reason = next((c["finish_reason"] for c in chunk["choices"] if c["finish_reason"]), reason)
     assert finished and usage is not None
     return usage["completion_tokens"], reason == "stop"
+
+
+def test_grpc_asks_for_the_same_key_but_not_for_health(served):
+    import grpc
+
+    from serving.client import Client
+
+    for key, message in ((None, "missing API key"), ("nope", "wrong API key")):
+        with Client(served.grpc, api_key=key) as client:
+            client.wait_ready(timeout=30)  # health needs no key
+            with pytest.raises(grpc.RpcError) as e:
+                client.model_info(timeout=30)
+            assert (e.value.code(), message in e.value.details()) == (grpc.StatusCode.UNAUTHENTICATED, True)
+            with pytest.raises(grpc.RpcError) as e:
+                list(client.stream([464, 2068], 2, timeout=30))
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with Client(served.grpc, api_key=served.key) as client:
+        assert len(client.generate([464, 2068], 2, temperature=0.0, timeout=60).token_ids) >= 1
