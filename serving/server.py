@@ -344,12 +344,22 @@ def serve(config: ServingConfig, model_name: str, build_engine: Callable[[], obj
     return _serve_main(listeners, frontend, engine, scheduler, config.server)
 
 
+def _load_tokenizer(engine) -> None:
+    """The tokenizer now rather than at the first request with text, whose loading (~2 s, holding the
+    interpreter) would stall every other call meanwhile."""
+    try:
+        engine.tokenizer
+    except Exception as e:  # noqa: BLE001 - requests of token ids still work; those with text will say why not
+        log.warning("no tokenizer (%s): requests with text will fail", e)
+
+
 def _serve_main(listeners: Listeners, frontend: Frontend, engine, scheduler, options: ServerConfig) -> int:
     frontend.load(engine, scheduler, options.max_batch_size)
     if frontend.metrics is not None:
         frontend.metrics.watch(scheduler, engine)
     signals = Signals()
     scheduler.warmup()
+    _load_tokenizer(engine)
     scheduler.accept()
     loop = threading.Thread(target=scheduler.run, name="engine-loop", daemon=True)
     loop.start()
