@@ -46,7 +46,10 @@ PROMPT = [464, 2068, 7586]
 @pytest.fixture(scope="module")
 def target(tmp_path_factory):
     config = tmp_path_factory.mktemp("fuzz") / "server.toml"
-    config.write_text("[engine]\nmax_new_tokens = 2\nmax_slots = 2\n")  # fewer programs to prepare at start
+    # the engine of test_serving_bench's server (4 slots of 64 positions, 2 decode steps a call): its programs are
+    # in the session's compilation cache, loaded whole instead of compiled again
+    config.write_text("[engine]\nmax_new_tokens = 2\nmax_slots = 4\nmax_seq_len = 64\n\n"
+                      "[scheduler]\ndecode_steps_per_call = 2\n")
     with running_server("--config", str(config)) as (proc, target):
         yield target
         assert proc.poll() is None, "the server died"

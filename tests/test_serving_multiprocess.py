@@ -39,9 +39,9 @@ def free_coordinator_port() -> int:
 
 def launch(launcher: str, port: int, tmp_path):
     coordinator = free_coordinator_port()
-    # two slots and a short cache from a 32-token bucket: six shapes for each process to compile at start
+    # two slots and a cache of one 32-token prompt bucket: four shapes for each process to compile at start
     config = tmp_path / "serve.toml"
-    config.write_text("[engine]\nmax_slots = 2\nmax_seq_len = 64\nmin_prefill_bucket = 32\n")
+    config.write_text("[engine]\nmax_slots = 2\nmax_seq_len = 32\nmin_prefill_bucket = 32\n")
     procs, logs = [], []
     for rank in range(2):
         env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
@@ -59,8 +59,16 @@ def launch(launcher: str, port: int, tmp_path):
     return procs, logs
 
 
+@pytest.fixture(scope="module")
+def reference():
+    """Greedy new tokens of PROMPT from `gptjax generate` (one process, no server): what both jobs must give."""
+    out = run_cli("generate", "--greedy", "--json", "--no-stop", "--max-new-tokens", str(N_NEW), "--prompt-ids",
+                  ",".join(map(str, PROMPT)), env={"JAX_PLATFORMS": "cpu"}).stdout
+    return json.loads(out)["output_ids"]
+
+
 @pytest.mark.parametrize("launcher", ["srun", "flags"])
-def test_two_processes_serve_and_stop_on_sigterm(launcher, tmp_path):
+def test_two_processes_serve_and_stop_on_sigterm(launcher, reference, tmp_path):
     import tritonclient.grpc as triton_grpc
 
     port = free_port()
@@ -80,9 +88,6 @@ def test_two_processes_serve_and_stop_on_sigterm(launcher, tmp_path):
         result = triton.infer("fastertransformer", ft_inputs(ids, [len(PROMPT)], N_NEW,
                                                              end_id=(np.full((1, 1), 50255, np.uint32), "UINT32")))
         triton.close()
-        reference = json.loads(run_cli("generate", "--greedy", "--json", "--no-stop", "--max-new-tokens",
-                                       str(N_NEW), "--prompt-ids", ",".join(map(str, PROMPT)),
-                                       env={"JAX_PLATFORMS": "cpu"}).stdout)["output_ids"]
         assert unary == streamed == reference
         assert result.as_numpy("output_ids")[0, 0].tolist() == PROMPT + reference
         assert len(sampled) == N_NEW

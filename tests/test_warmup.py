@@ -8,12 +8,16 @@ first compile; this test process keeps none).
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from test_compile_cache import clean_env
+
+PROMPTS = np.random.default_rng(7).integers(0, 50257, (2, 5)).tolist()
 
 SCRIPT = """
 import json, sys
@@ -51,42 +55,57 @@ def run_engine(cache, prompts, code_version=None, **engine_config) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_a_restart_loads_every_program_and_gives_the_same_tokens(tmp_path):
+@pytest.fixture(scope="module")
+def cold_start(tmp_path_factory):
+    """One engine started on an empty cache -> (its result, the folder it filled, a copy of that folder). The cold
+    start compiles every program, the slowest run here: it is made once for the module's tests."""
+    folder = tmp_path_factory.mktemp("warmup") / "cache"
+    result = run_engine(folder, PROMPTS)
+    return result, folder, shutil.copytree(folder, folder.parent / "after-cold-start")
+
+
+@pytest.fixture
+def cold(cold_start):
+    """The cold start's result and its folder as the cold start left it, whatever an earlier test did to it: put
+    back in place, not copied elsewhere, for JAX's cache keys hold the folder's path (a copy gets no hits)."""
+    result, folder, saved = cold_start
+    shutil.rmtree(folder)
+    shutil.copytree(saved, folder)
+    return result, folder
+
+
+def test_a_restart_loads_every_program_and_gives_the_same_tokens(cold):
     from gptjax import Engine
 
-    prompts = np.random.default_rng(7).integers(0, 50257, (2, 5)).tolist()
-    cold = run_engine(tmp_path, prompts)
+    cold, cache = cold
     assert cold["compiled"] == 3 and cold["loaded"] == 0  # prefill, insert, decode
     # request defaults are in no program: an engine that differs only in them loads the same ones
-    warm = run_engine(tmp_path, prompts, temperature=0.7, top_k=40, max_new_tokens=5)
+    warm = run_engine(cache, PROMPTS, temperature=0.7, top_k=40, max_new_tokens=5)
     assert warm["compiled"] == 0 and warm["loaded"] == 3
     assert warm["first"] == cold["first"] and warm["steps"] == cold["steps"]
     # the programs' tokens are the notebook path's (jit, no store) greedy tokens
-    results = Engine.from_preset("gpt2-tiny").generate(prompts, max_new_tokens=4, greedy=True, stop_token_ids=[])
+    results = Engine.from_preset("gpt2-tiny").generate(PROMPTS, max_new_tokens=4, greedy=True, stop_token_ids=[])
     assert [[f, *s] for f, s in zip(cold["first"], cold["steps"])] == [r.output_ids for r in results]
 
 
-def test_a_program_that_jax_cache_served_is_not_kept_whole(tmp_path):
+def test_a_program_that_jax_cache_served_is_not_kept_whole(cold):
     # an executable JAX's persistent cache hands back fails once serialized again and loaded (XLA:CPU): the store
     # keeps only programs compiled afresh, and the next start still runs (through JAX's cache)
-    import shutil
-
-    prompts = np.random.default_rng(8).integers(0, 50257, (2, 5)).tolist()
-    cold = run_engine(tmp_path, prompts)
-    shutil.rmtree(tmp_path / "gptjax-programs")
-    served = run_engine(tmp_path, prompts)
-    assert served["compiled"] == 3 and not list((tmp_path / "gptjax-programs").rglob("*.bin"))
-    again = run_engine(tmp_path, prompts)
+    cold, cache = cold
+    shutil.rmtree(cache / "gptjax-programs")
+    served = run_engine(cache, PROMPTS)
+    assert served["compiled"] == 3 and not list((cache / "gptjax-programs").rglob("*.bin"))
+    again = run_engine(cache, PROMPTS)
     assert served["first"] == again["first"] == cold["first"] and served["steps"] == again["steps"] == cold["steps"]
 
 
-def test_new_code_keeps_its_programs_though_jax_cache_holds_the_old_ones(tmp_path):
+def test_new_code_keeps_its_programs_though_jax_cache_holds_the_old_ones(cold):
     # an upgrade changes the store (its name hashes the code) but not the programs: JAX's cache keys of a store's
-    # compiles carry the store's name, so the new store compiles afresh and keeps what it compiled
-    prompts = np.random.default_rng(9).integers(0, 50257, (2, 5)).tolist()
-    old = run_engine(tmp_path, prompts, code_version="old")
-    new = run_engine(tmp_path, prompts, code_version="new")
+    # compiles carry the store's name, so the new store compiles afresh and keeps what it compiled. The cold
+    # start is the old code (this code's own fingerprint).
+    old, cache = cold
+    new = run_engine(cache, PROMPTS, code_version="new")
     assert new["compiled"] == 3 and new["loaded"] == 0
-    restarted = run_engine(tmp_path, prompts, code_version="new")
+    restarted = run_engine(cache, PROMPTS, code_version="new")
     assert restarted["compiled"] == 0 and restarted["loaded"] == 3
     assert old["first"] == new["first"] == restarted["first"] and old["steps"] == new["steps"] == restarted["steps"]
