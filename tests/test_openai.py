@@ -29,7 +29,7 @@ def reference(served):
     from serving.client import Client
 
     rows = []
-    with Client(served.grpc) as native:
+    with Client(served.grpc, api_key=served.key) as native:
         for ids in (default_tokenizer().encode(TEXT), [40, 588, 257, 1310]):
             out = native.generate(ids, N_NEW, temperature=0.0, return_logprobs=True, ignore_eos=True)
             assert EOS not in out.token_ids
