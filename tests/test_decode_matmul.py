@@ -25,10 +25,14 @@ def fresh_seed() -> int:
     return int(np.random.SeedSequence().entropy % 2**31)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
-@pytest.mark.parametrize("kind", ["qkv", "residual", "gelu"])  # the decode block's three epilogues
-@pytest.mark.parametrize("one_tile", [False, True])  # a loop over K tiles, or each program's chunk at once
-def test_kernel_matches_float64(dtype, kind, one_tile):
+DTYPES, KINDS = [jnp.float32, jnp.bfloat16, jnp.float16], ["qkv", "residual", "gelu"]  # the three epilogues
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_kernel_matches_float64(dtype, kind):
+    # a loop over K tiles, or each program's chunk as one tile: each kind and each dtype meets both forms
+    one_tile = (DTYPES.index(dtype) + KINDS.index(kind)) % 2 == 1
     seed = fresh_seed()
     rng = np.random.default_rng(seed)
     rows, splits = int(rng.choice([1, 3, 16, 23, 64])), int(rng.choice([1, 2]))
