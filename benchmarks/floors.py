@@ -65,6 +65,14 @@ def read_seconds(fn) -> float:
     return seconds
 
 
+def _add_torch_rate(rates: dict, name: str, measure, device, with_torch: bool) -> None:
+    """rates[name] = measure() where PyTorch shares the device (a GPU, device 0) and measures something."""
+    if with_torch and device.platform == "gpu" and device.id == 0:
+        rate = measure()
+        if rate is not None:
+            rates[name] = rate
+
+
 def _device(device):
     return device if device is not None else jax.devices()[0]
 
@@ -102,10 +110,7 @@ def copy_rates(device=None, n_bytes: int | None = None, with_torch: bool = True)
         box[0].block_until_ready()
     rates = {"xla": 2 * n_bytes * ITERS / median_seconds(once)}
     del box
-    if with_torch and device.platform == "gpu" and device.id == 0:
-        torch_rate = torch_copy_bandwidth(n_bytes)
-        if torch_rate is not None:
-            rates["torch"] = torch_rate
+    _add_torch_rate(rates, "torch", lambda: torch_copy_bandwidth(n_bytes), device, with_torch)
     return rates
 
 
@@ -235,10 +240,7 @@ def read_rates(device=None, n_bytes: int | None = None, with_torch: bool = True)
     if device.platform == "gpu":
         rates |= pallas_read_rates(device, n_bytes)
         rates["cudnn_attention"] = cudnn_read_bandwidth(device, n_bytes)
-    if with_torch and device.platform == "gpu" and device.id == 0:
-        torch_rate = torch_read_bandwidth(n_bytes)
-        if torch_rate is not None:
-            rates["torch_sum"] = torch_rate
+    _add_torch_rate(rates, "torch_sum", lambda: torch_read_bandwidth(n_bytes), device, with_torch)
     return rates
 
 

@@ -64,7 +64,7 @@ def default_params(rows: int, k: int, n: int, unit: int | None = None, itemsize:
     weights. With a LayerNorm prologue (`ln`) and up to 16 rows, a program's whole chunk is one tile of at most
     64 KB, loaded before the statistics pass so the two overlap (8 warps hold it); otherwise 128-row K tiles in
     a 3-stage pipeline, shrunk until the tiles fit in shared memory. The H200 sweep of RESULTS run 13 chose
-    these: 13-22% less kernel time than run 12's 128-column blocks."""
+    these: 13-20% less kernel time than run 12's 128-column blocks."""
     block_n = _largest_block(unit or n, 64)
     splits = 1
     while (n // block_n) * splits * 2 <= TARGET_PROGRAMS and k % (splits * 2 * 64) == 0:
