@@ -5,7 +5,8 @@ against it and against float64); other GPUs run the Triton kernel in `flash_atte
 Why a second kernel: prefill at long sequences is bound by the matrix units, and the Triton kernel runs
 QK^T, the softmax and PV one after another in every warp, so the matrix units idle through each softmax.
 Here a program (a CTA; by default one per multiprocessor, persistent) takes tiles of 2 x 64 query rows of one
-head in turn, longest first, and runs three warpgroups:
+head in turn, longest first and dealt in a snake order so that the programs' sums of work come out even, and
+runs three warpgroups:
 - a producer that loads key and value blocks with TMA into a ring of `stages` shared-memory slots, each
   slot's arrival signalled on a barrier, and reuses a slot once both consumers have released it; the ring
   runs on across tiles, so the next tile's first blocks load while the consumers finish the last one;
@@ -116,10 +117,20 @@ def _tile(t, len_ref, *, heads: int, batch_size: int, n_tiles: int, block_kv: in
     return _Tile(batch, head, start, length, steps)
 
 
-def _my_tiles(n_total: int, programs: int):
-    """(first tile, stride, count) of this program: tiles program, program + programs, ..."""
-    program = lax.axis_index("p")
-    return program, programs, lax.div(n_total - program + programs - 1, jnp.int32(programs))
+def tile_order(program, i, programs: int, snake: bool = True):
+    """The tile a program takes on its i-th turn. Tiles come longest first, so dealing them round-robin hands
+    program 0 the longest tile of every round (6-9% more work than the mean at the causal shapes of
+    benchmarks/kernels.py); the snake order deals every other round backwards, which evens the sums out to
+    within 0-3%."""
+    backwards = jnp.logical_and(snake, lax.rem(i, 2) == 1)
+    return i * programs + jnp.where(backwards, programs - 1 - program, program)
+
+
+def tile_count(program, n_total: int, programs: int, snake: bool = True):
+    """How many tiles a program takes: the whole rounds, and one more if its place in the last round is a tile."""
+    rounds, rest = divmod(n_total, programs)
+    last = tile_order(program, jnp.int32(rounds), programs, snake) - rounds * programs
+    return rounds + (last < rest).astype(jnp.int32)
 
 
 class _Consumer(NamedTuple):
@@ -218,12 +229,12 @@ def _release_block(j, _, *, c: _Consumer, base, steps=None):
         _wait_keys(j + 1, c=c, base=base, steps=steps)
 
 
-def _consumer_tile(i, base, *, c: _Consumer, q_ref, o_ref, q_ready, tile_of, first, stride):
+def _consumer_tile(i, base, *, c: _Consumer, q_ref, o_ref, q_ready, tile_of):
     """This consumer's 64 rows of the program's i-th tile; returns the ring position after the tile."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     wg = lax.axis_index("wg")
-    tile = tile_of(first + i * stride)
+    tile = tile_of(i)
     first_row = tile.start + wg * BLOCK_Q
     steps = _visible_blocks(first_row, tile.length, c.block_kv)
     full = jnp.minimum(lax.div(first_row, c.block_kv), steps)  # blocks wholly before the first row
@@ -254,29 +265,27 @@ def _consumer_tile(i, base, *, c: _Consumer, q_ref, o_ref, q_ready, tile_of, fir
     return base + tile.steps
 
 
-def _consumer(q_ref, o_ref, len_ref, scratch, *, tile_of, n_total: int, programs: int, block_kv: int,
-              stages: int, sm_scale: float, wait_in_pv: bool, fence_softmax: bool):
+def _consumer(q_ref, o_ref, len_ref, scratch, *, tile_of, count, block_kv: int, stages: int, sm_scale: float,
+              wait_in_pv: bool, fence_softmax: bool):
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     q_smem2, k_smem, v_smem, k_ready, v_ready, q_ready, k_free, v_free, turn = scratch
     plgpu.set_max_registers(232, action="increase")
     c = _Consumer(q_smem2.at[lax.axis_index("wg")], k_smem, v_smem, k_ready, v_ready, k_free, v_free, turn,
                   block_kv, stages, sm_scale * LOG2_E, wait_in_pv, fence_softmax)
-    first, stride, count = _my_tiles(n_total, programs)
-    tile = functools.partial(_consumer_tile, c=c, q_ref=q_ref, o_ref=o_ref, q_ready=q_ready, tile_of=tile_of,
-                             first=first, stride=stride)
+    tile = functools.partial(_consumer_tile, c=c, q_ref=q_ref, o_ref=o_ref, q_ready=q_ready, tile_of=tile_of)
     lax.fori_loop(0, count, tile, jnp.int32(0))
     plgpu.wait_smem_to_gmem(0)
 
 
-def _producer(k_ref, v_ref, scratch, *, tile_of, n_total: int, programs: int, block_kv: int, stages: int):
+def _producer(k_ref, v_ref, scratch, *, tile_of, count, block_kv: int, stages: int):
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     _, k_smem, v_smem, k_ready, v_ready, _, k_free, v_free, _ = scratch
     plgpu.set_max_registers(40, action="decrease")
 
-    def one_tile(i, base, first, stride):
-        tile = tile_of(first + i * stride)
+    def one_tile(i, base):
+        tile = tile_of(i)
 
         @pl.loop(0, tile.steps)
         def _(j):
@@ -292,16 +301,18 @@ def _producer(k_ref, v_ref, scratch, *, tile_of, n_total: int, programs: int, bl
             plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_ready.at[slot])
         return base + tile.steps
 
-    first, stride, count = _my_tiles(n_total, programs)
-    lax.fori_loop(0, count, functools.partial(one_tile, first=first, stride=stride), jnp.int32(0))
+    lax.fori_loop(0, count, one_tile, jnp.int32(0))
 
 
 def _program(len_ref, q_ref, k_ref, v_ref, o_ref, *scratch, block_kv: int, stages: int, sm_scale: float,
              n_tiles: int, heads: int, batch_size: int, seq: int, use_lengths: bool, programs: int,
-             wait_in_pv: bool, fence_softmax: bool):
-    tile_of = functools.partial(_tile, len_ref=len_ref, heads=heads, batch_size=batch_size, n_tiles=n_tiles,
-                                block_kv=block_kv, seq=seq, use_lengths=use_lengths)
-    common = dict(tile_of=tile_of, n_total=n_tiles * heads * batch_size, programs=programs, block_kv=block_kv,
+             wait_in_pv: bool, fence_softmax: bool, snake: bool):
+    program, n_total = lax.axis_index("p"), n_tiles * heads * batch_size
+
+    def tile_of(i):  # this program's i-th tile
+        return _tile(tile_order(program, i, programs, snake), len_ref, heads=heads, batch_size=batch_size,
+                     n_tiles=n_tiles, block_kv=block_kv, seq=seq, use_lengths=use_lengths)
+    common = dict(tile_of=tile_of, count=tile_count(program, n_total, programs, snake), block_kv=block_kv,
                   stages=stages)
     wg = lax.axis_index("wg")
     pl.when(wg < CONSUMERS)(functools.partial(_consumer, q_ref, o_ref, len_ref, scratch, sm_scale=sm_scale,
@@ -310,16 +321,17 @@ def _program(len_ref, q_ref, k_ref, v_ref, o_ref, *scratch, block_kv: int, stage
 
 
 @functools.partial(jax.jit, static_argnames=("block_kv", "stages", "use_lengths", "programs", "wait_in_pv",
-                                             "fence_softmax"))
+                                             "fence_softmax", "snake"))
 def hopper_flash_attention(q, k, v, *, lengths=None, block_kv: int | None = None, stages: int | None = None,
                            use_lengths: bool = True, programs: int | None = None, wait_in_pv: bool = False,
-                           fence_softmax: bool = False):
+                           fence_softmax: bool = False, snake: bool = True):
     """q, k, v: [batch, seq, heads, head_dim] (bf16 or fp16, head_dim 64 or 128); lengths: [batch] valid
     lengths (right padding) or None. Causal, scale 1/sqrt(head_dim); rows past a length are unspecified
     (zeros for whole 64-row blocks past it). `use_lengths=False` ignores lengths (full causal work).
-    `programs`: how many programs (CTAs) share the tiles, each taking every programs-th tile in turn and
-    streaming the next tile's keys while it finishes the last (default: one per multiprocessor, i.e.
-    persistent; a number >= the tile count gives one tile per program). `block_kv`: 64, 128, 192 or 256 keys
+    `programs`: how many programs (CTAs) share the tiles, each taking one tile of every round of `programs`
+    in turn and streaming the next tile's keys while it finishes the last (default: one per multiprocessor,
+    i.e. persistent; a number >= the tile count gives one tile per program); `snake=False` deals the rounds
+    round-robin rather than in the snake order (`tile_order`). `block_kv`: 64, 128, 192 or 256 keys
     where shared memory holds `stages` of them (`check_blocks`). `wait_in_pv`, `fence_softmax`: the orderings
     of the module docstring (`wait_in_pv` needs stages >= 2: block j + 1 must not reuse block j's slot)."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
@@ -355,7 +367,7 @@ def hopper_flash_attention(q, k, v, *, lengths=None, block_kv: int | None = None
     programs = min(programs or getattr(jax.devices()[0], "core_count", 132), n_tiles * heads * batch)
     body = functools.partial(_program, block_kv=block_kv, stages=stages, sm_scale=1.0 / math.sqrt(head_dim),
                              n_tiles=n_tiles, heads=heads, batch_size=batch, seq=seq, use_lengths=use_lengths,
-                             programs=programs, wait_in_pv=wait_in_pv, fence_softmax=fence_softmax)
+                             programs=programs, wait_in_pv=wait_in_pv, fence_softmax=fence_softmax, snake=snake)
     out = plgpu.kernel(
         body,
         out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
