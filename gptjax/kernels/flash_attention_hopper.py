@@ -67,22 +67,23 @@ def default_blocks(seq: int, head_dim: int) -> BlockSizes:
     return BlockSizes(128 if seq >= 128 else 64, 3 if head_dim <= 64 else 2)
 
 
-def smem_bytes(block_kv: int, stages: int, head_dim: int, itemsize: int = 2) -> int:
-    """Shared memory of one program: both consumers' query tiles, `stages` key and value blocks, the barriers.
-    The most stages that fit: at head_dim 64, 6 of 128 keys, 4 of 192, 3 of 256; at 128, 3 of 128, 2 of 192,
-    1 of 256 (Mosaic GPU's own count, lowered for sm_90, agrees to the byte)."""
-    tiles = (CONSUMERS * BLOCK_Q + 2 * stages * block_kv) * head_dim * itemsize
-    return tiles + 8 * (4 * stages + CONSUMERS + 1)
+def smem_bytes(block_kv: int, stages: int, head_dim: int, itemsize: int = 2, q_buffers: int = 1) -> int:
+    """Shared memory of one program: both consumers' query tiles (two each with `prefetch_q`), `stages` key
+    and value blocks, the barriers. The most stages that fit: at head_dim 64, 6 of 128 keys, 4 of 192, 3 of
+    256; at 128, 3 of 128, 2 of 192, 1 of 256 (Mosaic GPU's own count, lowered for sm_90, agrees to the
+    byte); with `prefetch_q`, one stage fewer at each (2 of 128 keys at head_dim 128)."""
+    tiles = (CONSUMERS * q_buffers * BLOCK_Q + 2 * stages * block_kv) * head_dim * itemsize
+    return tiles + 8 * (4 * stages + CONSUMERS * q_buffers + 1)
 
 
-def check_blocks(block_kv: int, stages: int, head_dim: int, itemsize: int = 2) -> None:
+def check_blocks(block_kv: int, stages: int, head_dim: int, itemsize: int = 2, q_buffers: int = 1) -> None:
     """Raise ValueError for a launch the kernel cannot run: key blocks must be whole 64-key tiles of at most
     256 (the wgmma's N), and the ring must fit in shared memory."""
     if block_kv % 64 or not 64 <= block_kv <= 256:
         raise ValueError(f"block_kv must be 64, 128, 192 or 256, got {block_kv}")
     if stages < 1:
         raise ValueError(f"stages must be >= 1, got {stages}")
-    need = smem_bytes(block_kv, stages, head_dim, itemsize)
+    need = smem_bytes(block_kv, stages, head_dim, itemsize, q_buffers)
     if need + SMEM_RESERVED > SMEM_BYTES:
         raise ValueError(f"block_kv={block_kv}, stages={stages} at head_dim {head_dim} needs {need} bytes of "
                          f"shared memory (+{SMEM_RESERVED} reserved), over the {SMEM_BYTES} a block may use")
@@ -134,8 +135,8 @@ def tile_count(program, n_total: int, programs: int, snake: bool = True):
 
 
 class _Consumer(NamedTuple):
-    """What a consumer warpgroup's steps share: its query tile in shared memory, the key/value ring, and
-    the barriers."""
+    """What a consumer warpgroup's steps share: its query tile in shared memory (the one of the tile at
+    hand), the key/value ring, and the barriers."""
     q_smem: object
     k_smem: object
     v_smem: object
@@ -229,19 +230,30 @@ def _release_block(j, _, *, c: _Consumer, base, steps=None):
         _wait_keys(j + 1, c=c, base=base, steps=steps)
 
 
-def _consumer_tile(i, base, *, c: _Consumer, q_ref, o_ref, q_ready, tile_of):
-    """This consumer's 64 rows of the program's i-th tile; returns the ring position after the tile."""
+def _rows(tile: _Tile, wg):
+    """The consumer's first query row of a tile, and the tile's block of q (and of the output) it takes."""
+    first_row = tile.start + wg * BLOCK_Q
+    return first_row, (tile.batch, pl.ds(first_row, BLOCK_Q), tile.head)
+
+
+def _consumer_tile(i, base, *, c: _Consumer, q_bufs, q_ref, o_ref, q_ready, tile_of, count: int):
+    """This consumer's 64 rows of the program's i-th tile; returns the ring position after the tile. With two
+    query buffers (`prefetch_q`) the tile's queries were loaded during the last tile, and the next tile's load
+    starts once this one's unmasked blocks are done (by then the output that left from that buffer is out)."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     wg = lax.axis_index("wg")
+    n_bufs = q_bufs.shape[0]
+    buf = lax.rem(i, jnp.int32(n_bufs))
+    c = c._replace(q_smem=q_bufs.at[buf])
     tile = tile_of(i)
-    first_row = tile.start + wg * BLOCK_Q
+    first_row, rows = _rows(tile, wg)
     steps = _visible_blocks(first_row, tile.length, c.block_kv)
     full = jnp.minimum(lax.div(first_row, c.block_kv), steps)  # blocks wholly before the first row
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's output has left q_smem
-    rows = (tile.batch, pl.ds(first_row, BLOCK_Q), tile.head)
-    plgpu.copy_gmem_to_smem(q_ref.at[rows], c.q_smem, q_ready.at[wg])
-    plgpu.barrier_wait(q_ready.at[wg])
+    if n_bufs == 1:
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's output has left q_smem
+        plgpu.copy_gmem_to_smem(q_ref.at[rows], c.q_smem, q_ready.at[wg])
+    plgpu.barrier_wait(q_ready.at[wg * n_bufs + buf])
     head_dim = c.q_smem.shape[-1]
     acc = plgpu.layout_cast(jnp.zeros((BLOCK_Q, head_dim), jnp.float32), plgpu.Layout.WGMMA)
     m = plgpu.layout_cast(jnp.full((BLOCK_Q,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
@@ -254,6 +266,13 @@ def _consumer_tile(i, base, *, c: _Consumer, q_ref, o_ref, q_ready, tile_of):
     pl.when(wg == 1)(functools.partial(_rendezvous, c.turn))  # consumer 0 takes the matrix units first
     step = functools.partial(_attend_block, c=c, first_row=first_row, base=base, **more)
     carry = lax.fori_loop(0, full, functools.partial(step, masked=False), (acc, m, l))
+    if n_bufs > 1:
+        @pl.when(i + 1 < count)
+        def _():
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's output has left the other buffer
+            other = 1 - buf
+            plgpu.copy_gmem_to_smem(q_ref.at[_rows(tile_of(i + 1), wg)[1]], q_bufs.at[other],
+                                    q_ready.at[wg * n_bufs + other])
     acc, m, l = lax.fori_loop(full, steps, functools.partial(step, masked=True), carry)
     lax.fori_loop(steps, tile.steps, functools.partial(_release_block, c=c, base=base, **more), None)
     pl.when(wg == 0)(functools.partial(_rendezvous, c.turn))
@@ -271,9 +290,17 @@ def _consumer(q_ref, o_ref, len_ref, scratch, *, tile_of, count, block_kv: int, 
 
     q_smem2, k_smem, v_smem, k_ready, v_ready, q_ready, k_free, v_free, turn = scratch
     plgpu.set_max_registers(232, action="increase")
-    c = _Consumer(q_smem2.at[lax.axis_index("wg")], k_smem, v_smem, k_ready, v_ready, k_free, v_free, turn,
+    wg = lax.axis_index("wg")
+    q_bufs = q_smem2.at[wg]
+    c = _Consumer(q_bufs.at[0], k_smem, v_smem, k_ready, v_ready, k_free, v_free, turn,
                   block_kv, stages, sm_scale * LOG2_E, wait_in_pv, fence_softmax)
-    tile = functools.partial(_consumer_tile, c=c, q_ref=q_ref, o_ref=o_ref, q_ready=q_ready, tile_of=tile_of)
+    if q_bufs.shape[0] > 1:  # the first tile's queries; each tile loads the next one's
+        @pl.when(count > 0)
+        def _():
+            plgpu.copy_gmem_to_smem(q_ref.at[_rows(tile_of(jnp.int32(0)), wg)[1]], q_bufs.at[0],
+                                    q_ready.at[wg * q_bufs.shape[0]])
+    tile = functools.partial(_consumer_tile, c=c, q_bufs=q_bufs, q_ref=q_ref, o_ref=o_ref, q_ready=q_ready,
+                             tile_of=tile_of, count=count)
     lax.fori_loop(0, count, tile, jnp.int32(0))
     plgpu.wait_smem_to_gmem(0)
 
@@ -321,17 +348,18 @@ def _program(len_ref, q_ref, k_ref, v_ref, o_ref, *scratch, block_kv: int, stage
 
 
 @functools.partial(jax.jit, static_argnames=("block_kv", "stages", "use_lengths", "programs", "wait_in_pv",
-                                             "fence_softmax", "snake"))
+                                             "fence_softmax", "snake", "prefetch_q"))
 def hopper_flash_attention(q, k, v, *, lengths=None, block_kv: int | None = None, stages: int | None = None,
                            use_lengths: bool = True, programs: int | None = None, wait_in_pv: bool = False,
-                           fence_softmax: bool = False, snake: bool = True):
+                           fence_softmax: bool = False, snake: bool = True, prefetch_q: bool = False):
     """q, k, v: [batch, seq, heads, head_dim] (bf16 or fp16, head_dim 64 or 128); lengths: [batch] valid
     lengths (right padding) or None. Causal, scale 1/sqrt(head_dim); rows past a length are unspecified
     (zeros for whole 64-row blocks past it). `use_lengths=False` ignores lengths (full causal work).
     `programs`: how many programs (CTAs) share the tiles, each taking one tile of every round of `programs`
     in turn and streaming the next tile's keys while it finishes the last (default: one per multiprocessor,
     i.e. persistent; a number >= the tile count gives one tile per program); `snake=False` deals the rounds
-    round-robin rather than in the snake order (`tile_order`). `block_kv`: 64, 128, 192 or 256 keys
+    round-robin rather than in the snake order (`tile_order`); `prefetch_q` gives each consumer two query
+    buffers, so that a tile's queries load while the last tile finishes (`_consumer_tile`). `block_kv`: 64, 128, 192 or 256 keys
     where shared memory holds `stages` of them (`check_blocks`). `wait_in_pv`, `fence_softmax`: the orderings
     of the module docstring (`wait_in_pv` needs stages >= 2: block j + 1 must not reuse block j's slot)."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
@@ -344,7 +372,8 @@ def hopper_flash_attention(q, k, v, *, lengths=None, block_kv: int | None = None
                          f"got {head_dim} and {q.dtype}")
     d = default_blocks(seq, head_dim)
     block_kv, stages = block_kv or d.block_kv, stages or d.stages
-    check_blocks(block_kv, stages, head_dim, jnp.dtype(q.dtype).itemsize)
+    q_buffers = 2 if prefetch_q else 1
+    check_blocks(block_kv, stages, head_dim, jnp.dtype(q.dtype).itemsize, q_buffers)
     if wait_in_pv and stages < 2:
         raise ValueError("wait_in_pv needs stages >= 2 (the next block's slot is freed only after this block)")
     # whole query tiles and whole key blocks (the larger of the two roundings; tiles past `seq` stay empty)
@@ -356,11 +385,11 @@ def hopper_flash_attention(q, k, v, *, lengths=None, block_kv: int | None = None
     n_tiles = padded // (CONSUMERS * BLOCK_Q)
     # 128-byte swizzled tiles of 64 columns: the layout wgmma reads without bank conflicts
     transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-    scratch = [plgpu.SMEM((CONSUMERS, BLOCK_Q, head_dim), q.dtype, transforms=transforms),
+    scratch = [plgpu.SMEM((CONSUMERS, q_buffers, BLOCK_Q, head_dim), q.dtype, transforms=transforms),
                plgpu.SMEM((stages, block_kv, head_dim), q.dtype, transforms=transforms),
                plgpu.SMEM((stages, block_kv, head_dim), q.dtype, transforms=transforms),
                plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
-               plgpu.Barrier(num_barriers=CONSUMERS),
+               plgpu.Barrier(num_barriers=CONSUMERS * q_buffers),
                plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
                plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
                plgpu.Barrier(num_arrivals=CONSUMERS)]
