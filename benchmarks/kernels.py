@@ -50,29 +50,31 @@ PREFILL_SWEEP = {64: [(128, 64, 8, 3, False), (128, 64, 4, 3, True), (64, 64, 4,
 DECODE_SWEEP = [(128, 4, 3, False, None), (64, 4, 3, True, None), (128, 4, 3, True, None),
                 (128, 8, 3, True, None), (256, 8, 3, True, None), (128, 8, 3, False, "x2"), (128, 8, 3, False, "x4"),
                 (128, 4, 3, True, "x2")]
-# the Mosaic GPU kernel's variants timed beside its default (persistent, snake order; 128-key blocks, 3 stages
-# at head_dim 64, 2 at 128), by head_dim: the tiles dealt round-robin (the order before the snake), the next
-# tile's queries prefetched, one tile per program (not persistent), run 6's next steps (RESULTS.md), the next
-# key block's wait inside the PV product (with and without a fence after the softmax) and, at 64, larger key
-# blocks (shared memory holds 4 stages of 192 keys, 3 of 256: `flash_attention_hopper.smem_bytes`)
+# the Mosaic GPU kernel's variants timed beside its default (persistent, snake order, the next tile's queries
+# prefetched; 128-key blocks, 3 stages at head_dim 64, 2 at 128), by head_dim: the tiles dealt round-robin (the
+# order before the snake), one query buffer (no prefetch), one tile per program (not persistent), run 6's next
+# steps (RESULTS.md), the next key block's wait inside the PV product (with and without a fence after the
+# softmax) and, at 64, larger key blocks (shared memory holds 4 stages of 192 keys, 3 of 256:
+# `flash_attention_hopper.smem_bytes`)
 WAIT = dict(wait_in_pv=True)
 FENCE = dict(wait_in_pv=True, fence_softmax=True)
 ROUND_ROBIN = dict(snake=False)
-PREFETCH_Q = dict(prefetch_q=True)
+NO_PREFETCH = dict(prefetch_q=False)
 A_TILE_A_PROGRAM = dict(programs=1 << 30)  # not persistent: the hardware hands out tiles, longest first
-HOPPER_SWEEP = {64: {"hopper(round robin)": ROUND_ROBIN, "hopper(prefetch q)": PREFETCH_Q,
+HOPPER_SWEEP = {64: {"hopper(round robin)": ROUND_ROBIN, "hopper(no prefetch)": NO_PREFETCH,
                      "hopper(a tile a program)": A_TILE_A_PROGRAM, "hopper(wait in PV)": WAIT,
                      "hopper(wait in PV, fence)": FENCE,
                      "hopper(192, 2)": dict(block_kv=192, stages=2), "hopper(256, 2)": dict(block_kv=256, stages=2),
                      "hopper(192, 2, wait in PV, fence)": dict(block_kv=192, stages=2, **FENCE)},
-                128: {"hopper(round robin)": ROUND_ROBIN, "hopper(prefetch q)": PREFETCH_Q,
+                128: {"hopper(round robin)": ROUND_ROBIN, "hopper(no prefetch)": NO_PREFETCH,
                       "hopper(a tile a program)": A_TILE_A_PROGRAM, "hopper(wait in PV)": WAIT,
                       "hopper(wait in PV, fence)": FENCE}}
 # the ragged float64 checks of the Mosaic GPU kernel: name -> (keywords, the head_dims it runs at); the
 # variants' code paths: the waits' order with ragged tiles in persistent programs (7 programs: several tiles
-# each at the checks' shapes), the prefetched queries, and the padding to whole 192-key blocks (384 rows)
+# each at the checks' shapes), with and without the prefetched queries, and the padding to whole 192-key
+# blocks (384 rows)
 HOPPER_CHECKS = {"hopper": ({}, (64, 128)), "hopper(7 programs)": (dict(programs=7), (64, 128)),
-                 "hopper(prefetch q, 7 programs)": (dict(prefetch_q=True, programs=7), (64, 128)),
+                 "hopper(no prefetch, 7 programs)": (dict(prefetch_q=False, programs=7), (64, 128)),
                  "hopper(wait in PV, fence)": (FENCE, (64, 128)),
                  "hopper(192, 2, wait in PV, fence)": (dict(block_kv=192, stages=2, **FENCE), (64,))}
 MEM_BUDGET = 6 << 30  # bytes of input sets per timed function

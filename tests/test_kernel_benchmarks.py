@@ -81,8 +81,8 @@ def test_hopper_variants_fit_shared_memory():
     for head_dim, variants in kernels.HOPPER_SWEEP.items():
         for kw in variants.values():
             check_blocks(kw.get("block_kv", 128), kw.get("stages", 2), head_dim,
-                         q_buffers=2 if kw.get("prefetch_q") else 1)
+                         q_buffers=1 if kw.get("prefetch_q") is False else 2)
     for kw, dims in kernels.HOPPER_CHECKS.values():
         for head_dim in dims:
             check_blocks(kw.get("block_kv", 128), kw.get("stages", 2), head_dim,
-                         q_buffers=2 if kw.get("prefetch_q") else 1)
+                         q_buffers=1 if kw.get("prefetch_q") is False else 2)

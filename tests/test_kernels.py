@@ -216,6 +216,14 @@ def test_hopper_kernel_options_and_block_limits():
     most = {(d, b): max(s for s in range(1, 16) if smem_bytes(b, s, d) + SMEM_RESERVED <= SMEM_BYTES)
             for d in (64, 128) for b in (128, 192, 256)}
     assert most == {(64, 128): 6, (64, 192): 4, (64, 256): 3, (128, 128): 3, (128, 192): 2, (128, 256): 1}
+    # the default prefetches the next tile's queries into a second buffer (one query load more in the program;
+    # one stage fewer fits at head_dim 128)
+    single = jax.make_jaxpr(lambda q, n: hopper_flash_attention(q, q, q, lengths=n, prefetch_q=False))(q, n)
+    assert base.count("copy_gmem_to_smem") == str(single).count("copy_gmem_to_smem") + 1
+    assert smem_bytes(128, 2, 128, q_buffers=2) + SMEM_RESERVED <= SMEM_BYTES
+    with pytest.raises(ValueError, match="shared memory"):
+        wide = jnp.zeros((1, 128, 2, 128), jnp.float16)
+        hopper_flash_attention(wide, wide, wide, stages=3)
     check_blocks(128, 3, 128)  # run 6 timed it
 
 

@@ -10,8 +10,9 @@ runs three warpgroups:
 - a producer that loads key and value blocks with TMA into a ring of `stages` shared-memory slots, each
   slot's arrival signalled on a barrier, and reuses a slot once both consumers have released it; the ring
   runs on across tiles, so the next tile's first blocks load while the consumers finish the last one;
-- two consumers, 64 query rows each, that run QK^T and PV as warpgroup MMAs (wgmma) from shared memory
-  (P from registers), with the online softmax in registers. A two-party barrier taken twice per key block
+- two consumers, 64 query rows each, that load their query rows with TMA (the next tile's while this one's
+  last blocks run: two query buffers each, `prefetch_q`) and run QK^T and PV as warpgroup MMAs (wgmma) from
+  shared memory (P from registers), with the online softmax in registers. A two-party barrier taken twice per key block
   staggers them by half a block: while one computes its softmax the other's matrix product runs, so the
   matrix units stay busy (the ping-pong schedule of FlashAttention-3).
 Causality and `lengths` only decide how many key blocks each consumer visits: blocks wholly before a
@@ -319,13 +320,12 @@ def _producer(k_ref, v_ref, scratch, *, tile_of, count, block_kv: int, stages: i
             n = base + j  # blocks loaded so far by this program: the ring's position
             slot = lax.rem(n, jnp.int32(stages))
 
-            @pl.when(n >= stages)  # the slot's last block must be released by both consumers first
-            def _():
-                plgpu.barrier_wait(k_free.at[slot])
-                plgpu.barrier_wait(v_free.at[slot])
             keys = (tile.batch, pl.ds(j * block_kv, block_kv), tile.head)
-            plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_ready.at[slot])
-            plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_ready.at[slot])
+            # the slot's last block must be released by both consumers first; its keys are, a softmax before
+            # its values, so the keys' load starts without waiting for the values
+            for free, ref, smem, ready in ((k_free, k_ref, k_smem, k_ready), (v_free, v_ref, v_smem, v_ready)):
+                pl.when(n >= stages)(functools.partial(plgpu.barrier_wait, free.at[slot]))
+                plgpu.copy_gmem_to_smem(ref.at[keys], smem.at[slot], ready.at[slot])
         return base + tile.steps
 
     lax.fori_loop(0, count, one_tile, jnp.int32(0))
@@ -351,15 +351,15 @@ def _program(len_ref, q_ref, k_ref, v_ref, o_ref, *scratch, block_kv: int, stage
                                              "fence_softmax", "snake", "prefetch_q"))
 def hopper_flash_attention(q, k, v, *, lengths=None, block_kv: int | None = None, stages: int | None = None,
                            use_lengths: bool = True, programs: int | None = None, wait_in_pv: bool = False,
-                           fence_softmax: bool = False, snake: bool = True, prefetch_q: bool = False):
+                           fence_softmax: bool = False, snake: bool = True, prefetch_q: bool = True):
     """q, k, v: [batch, seq, heads, head_dim] (bf16 or fp16, head_dim 64 or 128); lengths: [batch] valid
     lengths (right padding) or None. Causal, scale 1/sqrt(head_dim); rows past a length are unspecified
     (zeros for whole 64-row blocks past it). `use_lengths=False` ignores lengths (full causal work).
     `programs`: how many programs (CTAs) share the tiles, each taking one tile of every round of `programs`
     in turn and streaming the next tile's keys while it finishes the last (default: one per multiprocessor,
     i.e. persistent; a number >= the tile count gives one tile per program); `snake=False` deals the rounds
-    round-robin rather than in the snake order (`tile_order`); `prefetch_q` gives each consumer two query
-    buffers, so that a tile's queries load while the last tile finishes (`_consumer_tile`). `block_kv`: 64, 128, 192 or 256 keys
+    round-robin rather than in the snake order (`tile_order`); `prefetch_q` (default) gives each consumer two
+    query buffers, so that a tile's queries load while the last tile finishes (`_consumer_tile`); off, one. `block_kv`: 64, 128, 192 or 256 keys
     where shared memory holds `stages` of them (`check_blocks`). `wait_in_pv`, `fence_softmax`: the orderings
     of the module docstring (`wait_in_pv` needs stages >= 2: block j + 1 must not reuse block j's slot)."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
