@@ -51,7 +51,7 @@ if has engine; then  # gpt2-124m: 12 heads x 64, so prefill takes the Hopper ker
   python3 - >> "$OUT/env.txt" 2>&1 <<'PY'
 import json
 rows = {i: [json.loads(l)["output_ids"] for l in open(f"/tmp/engine-{i}.jsonl")] for i in ("pallas", "xla")}
-print("engine greedy tokens pallas == xla:", rows["pallas"] == rows["xla"], rows)
+print("engine greedy tokens pallas == xla:", bool(rows["pallas"]) and rows["pallas"] == rows["xla"], rows)
 PY
 fi
 exit 0

@@ -62,10 +62,15 @@ def test_kv_write_touches_only_each_rows_position():
 
 
 def test_default_params_fill_the_chip_and_tile():
+    # gpt2-124m's K = 768 splits into chunks of 384: no one-tile LayerNorm product there (Triton's blocks are
+    # powers of two; interpret mode would not notice)
     for rows, k, n, unit in [(1, 1024, 3072, 1024), (8, 1024, 1024, None), (64, 4096, 1024, None),
-                             (1, 4096, 16384, None), (3, 128, 384, 128), (1, 96, 288, 96)]:
-        p = default_params(rows, k, n, unit)
-        assert n % p.block_n == 0 and (unit or n) % p.block_n == 0 and (k // p.splits) % p.block_k == 0
+                             (1, 4096, 16384, None), (3, 128, 384, 128), (1, 96, 288, 96), (1, 768, 2304, 768),
+                             (1, 768, 3072, None), (2, 3072, 768, None)]:
+        for ln in (False, True):
+            p = default_params(rows, k, n, unit, ln=ln)
+            assert n % p.block_n == 0 and (unit or n) % p.block_n == 0 and (k // p.splits) % p.block_k == 0
+            assert not (p.block_n & (p.block_n - 1) or p.block_k & (p.block_k - 1)), (rows, k, n, ln, p)
         if n >= 1024:  # a narrow output is split over K
             assert (n // p.block_n) * p.splits >= TARGET_PROGRAMS // 2, (rows, k, n, p)
 
@@ -84,6 +89,8 @@ def test_bad_shapes_are_refused_by_name():
     with pytest.raises(ValueError, match="emit_stats"):
         decode_matmul(jnp.zeros((128, 96)), jnp.ones((2, 128)), kv=(cache, cache, jnp.zeros(2, jnp.int32)),
                       emit_stats=True, interpret=True)
+    with pytest.raises(ValueError, match="powers of two"):
+        decode_matmul(jnp.zeros((768, 64)), jnp.ones((1, 768)), params=MatmulParams(64, 384, 2, 8, 1), interpret=True)
     with pytest.raises(ValueError, match="decode_matmuls"):
         gptjax.EngineConfig(decode_matmuls="cublas")
 

@@ -63,14 +63,16 @@ def default_params(rows: int, k: int, n: int, unit: int | None = None, itemsize:
     straddles Q, K and V), then K split (in chunks of at least 64) until about TARGET_PROGRAMS programs read the
     weights. With a LayerNorm prologue (`ln`) and up to 16 rows, a program's whole chunk is one tile of at most
     64 KB, loaded before the statistics pass so the two overlap (8 warps hold it); otherwise 128-row K tiles in
-    a 3-stage pipeline, shrunk until the tiles fit in shared memory. The H200 sweep of RESULTS run 13 chose
+    a 3-stage pipeline, shrunk until the tiles fit in shared memory (also when the chunk is no power of two, as
+    at K = 768: Triton's blocks are). The H200 sweep of RESULTS run 13 chose
     these: 13-20% less kernel time than run 12's 128-column blocks."""
     block_n = _largest_block(unit or n, 64)
     splits = 1
     while (n // block_n) * splits * 2 <= TARGET_PROGRAMS and k % (splits * 2 * 64) == 0:
         splits *= 2
     chunk, block_rows = k // splits, _block_rows(rows)
-    if ln and block_rows == MATRIX_ROWS and chunk * block_n * itemsize <= 64 << 10:
+    one_tile = chunk & (chunk - 1) == 0 and chunk * block_n * itemsize <= 64 << 10  # Triton's blocks: 2^n
+    if ln and block_rows == MATRIX_ROWS and one_tile:
         return MatmulParams(block_n, chunk, splits, 8, 1)
     block_k, stages = _largest_block(chunk, 128), 3
     while stages * block_k * (block_rows * 4 + block_n * itemsize) > SHARED_MEMORY and block_k > 16:
@@ -314,8 +316,10 @@ def decode_matmul(w, x, ln_scale=None, ln_bias=None, *, ln_stats=None, bias=None
     hidden = _check_operands(w, x, ln_scale, ln_stats, kv, emit_stats)
     params = params or default_params(rows, k, n, hidden, w.dtype.itemsize, ln_scale is not None and ln_stats is None)
     chunk = k // params.splits
-    if n % params.block_n or chunk % params.block_k or k % params.splits or hidden % params.block_n:
-        raise ValueError(f"decode_matmul: {params} does not tile K={k}, N={n} (hidden {hidden})")
+    if (n % params.block_n or chunk % params.block_k or k % params.splits or hidden % params.block_n
+            or any(b & (b - 1) for b in (params.block_n, params.block_k))):
+        raise ValueError(f"decode_matmul: {params} does not tile K={k}, N={n} (hidden {hidden}) in blocks of "
+                         f"powers of two")
     n_cols = n // params.block_n
     if counters is not None and counters.shape[0] < n_cols:
         raise ValueError(f"decode_matmul: {counters.shape[0]} counters for {n_cols} column blocks")
