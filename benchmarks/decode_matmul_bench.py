@@ -168,25 +168,12 @@ def main():
             row = dict(model=args.model, dtype=args.dtype, product=name, k=k, n=n, rows=rows, impl="xla",
                        us=round(xla_s * 1e6, 2), **gpu_fields(xla_gpu, weight_bytes))
             print(json.dumps(row), flush=True)
-            ln, unit = kind != "residual", n // 3 if kind == "qkv" else n
-            timed = partial(time_variants, ws=ws, row=row, weight_bytes=weight_bytes, xla_gpu=xla_gpu,
-                            interpret=interpret)
-            timed("pallas", kw, variants(rows, k, n, unit, ln, args.sweep))
-            if ln:  # the LayerNorm's row sums handed in by the producing kernel (`decode_block.ROW_SUMS`)
-                timed("pallas+sums", dict(kw, ln_stats=row_sums(kw["x"], k // 64)),
-                      variants(rows, k, n, unit, False, args.sweep))
+            unit = n // 3 if kind == "qkv" else n
+            time_variants(ws, kw, row, variants(rows, k, n, unit, kind != "residual", args.sweep),
+                          weight_bytes=weight_bytes, xla_gpu=xla_gpu, interpret=interpret)
 
 
-def row_sums(x, parts: int):
-    """x's row sums and sums of squares in `parts` column blocks, [2, parts, rows], as a residual product's
-    `emit_stats` hands them on."""
-    import jax.numpy as jnp
-
-    v = x.astype(jnp.float32).reshape(x.shape[0], parts, -1)
-    return jnp.stack([v.sum(-1).T, jnp.square(v).sum(-1).T])
-
-
-def time_variants(impl: str, kw, params_list, *, ws, row: dict, weight_bytes: int, xla_gpu, interpret: bool):
+def time_variants(ws, kw, row: dict, params_list, *, weight_bytes: int, xla_gpu, interpret: bool):
     """One JSON line per launch-parameter set: the kernel's times beside XLA's and its error against float64."""
     import jax
 
@@ -199,10 +186,10 @@ def time_variants(impl: str, kw, params_list, *, ws, row: dict, weight_bytes: in
             s, gpu = time_call(ours, ws)
             err = rel_err(matmul(ws[0], **kw), ws[0], kw)
         except Exception as e:  # a variant Triton cannot compile (shared memory, say): say so, go on
-            print(json.dumps(dict(product=row["product"], rows=row["rows"], impl=impl, params=params._asdict(),
+            print(json.dumps(dict(product=row["product"], rows=row["rows"], impl="pallas", params=params._asdict(),
                                   error=str(e)[:200])))
             continue
-        print(json.dumps(dict(row, impl=impl, params=params._asdict(), us=round(s * 1e6, 2),
+        print(json.dumps(dict(row, impl="pallas", params=params._asdict(), us=round(s * 1e6, 2),
                               **gpu_fields(gpu, weight_bytes, xla_gpu), rel_err=float(f"{err:.2e}"))), flush=True)
 
 

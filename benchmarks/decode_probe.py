@@ -41,8 +41,7 @@ def main():
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--attention", default="")
     p.add_argument("--decode-matmuls", default="",
-                   help="pallas | xla | both, comma-separated (one engine each; default: the engine's choice); "
-                        "pallas+sums: the kernels with decode_block.ROW_SUMS on")
+                   help="pallas | xla | both, comma-separated (one engine each; default: the engine's choice)")
     p.add_argument("--profile", help="write jax.profiler traces of the first batch size here, and summarise them")
     p.add_argument("--greedy-only", action="store_true", help="replace the sampler by a bare argmax")
     p.add_argument("--hlo", help="write the optimized HLO of the generate program to this file")
@@ -53,12 +52,9 @@ def main():
 
     if args.greedy_only:
         _greedy_only_sampling()
-    from gptjax import decode_block
-
     for impl in args.decode_matmuls.split(","):
-        decode_block.ROW_SUMS = impl.endswith("+sums")  # read when the step is traced: one engine each
         engine = Engine.from_preset(args.model, dtype=args.dtype, engine_config=EngineConfig(
-            attention=args.attention, decode_matmuls=impl.removesuffix("+sums")))
+            attention=args.attention, decode_matmuls=impl))
         for i, batch in enumerate(map(int, args.batch.split(","))):
             probe(engine, batch, args, profile=args.profile and i == 0 and f"{args.profile}/{impl}")
         del engine
@@ -69,7 +65,6 @@ def probe(engine, batch: int, args, profile: str | None) -> None:
     import jax
 
     from benchmarks.bench import median_seconds
-    from gptjax import decode_block
 
     prompts = np.random.default_rng(0).integers(0, 50257, (batch, args.input_len)).tolist()
 
@@ -113,7 +108,7 @@ def probe(engine, batch: int, args, profile: str | None) -> None:
         print(json.dumps({"decode_kernels_per_step": round((counts[steps + 1] - counts[1]) / steps, 1)}))
     print(json.dumps({"model": args.model, "dtype": args.dtype, "batch": batch, "input_len": args.input_len,
                       "attention": engine.attention,
-                      "decode_matmuls": engine.decode_matmuls, "row_sums": decode_block.ROW_SUMS,
+                      "decode_matmuls": engine.decode_matmuls,
                       "greedy_only": args.greedy_only, "xla_flags": os.environ.get("XLA_FLAGS", ""),
                       "prefill_plus_first_ms": round(one * 1e3, 3),
                       "decode_ms_per_token": round((full - one) / args.steps * 1e3, 4),

@@ -25,9 +25,6 @@ from gptjax.kernels.decode_matmul import decode_matmul, decode_matmul_reference,
 KERNEL_ROWS = 16  # more rows: XLA's matmuls win (the kernel's tiles grow past the matrix units' 16 rows)
 AUTO_ROWS = 8  # the default's limit: the kernels beat XLA at 1, 2, 4 and 8 rows on the H200 (RESULTS run 13)
 KERNEL_MAX_BYTES = 32 << 20  # larger weights: XLA's own matmul reads them faster (the H200, RESULTS run 11)
-# Each residual product hands its output's row sums to the LayerNorm product that reads that output, which
-# then makes no statistics pass of its own. Off by default until a GPU run times it against the pass.
-ROW_SUMS = False
 
 
 def choose(requested: str, config: ModelConfig, mesh, backend: str | None = None) -> str:
@@ -55,18 +52,10 @@ def _product(w, *args, interpret: bool, **kw):
     return decode_matmul_reference(w, *args, **kw)
 
 
-def _residual_product(matmul, w, a, bias, x, counters, row_sums: bool):
-    """x + a @ w + bias -> (the new x, its row sums for the next LayerNorm or None, the counters)."""
-    out = matmul(w, a, bias=bias, residual=x, emit_stats=row_sums, counters=counters)
-    return out if row_sums else (out[0], None, out[1])
-
-
-def block(config: ModelConfig, attention: str, p, h, layer_kv, pos, counters, sums=None, *, interpret: bool,
-          row_sums: bool = False):
+def block(config: ModelConfig, attention: str, p, h, layer_kv, pos, counters, *, interpret: bool):
     """One layer for one new token per row: h [rows, 1, hidden] float32, the layer's (k, v) cache, each row's
-    position, the split counters (`new_counters`) and h's row sums from the previous layer's last product (None:
-    the first LayerNorm makes a pass over h) -> (the next h, the cache with the new token's K/V in it, the
-    counters, the next h's row sums if `row_sums` (see `ROW_SUMS`), else None)."""
+    position and the split counters (`new_counters`) -> (the next h, the cache with the new token's K/V in it,
+    the counters)."""
     x = h[:, 0].astype(jnp.float32)
     rows, hidden = x.shape
     dtype = p["qkv"]["kernel"].dtype
@@ -76,36 +65,34 @@ def block(config: ModelConfig, attention: str, p, h, layer_kv, pos, counters, su
 
     qkv_w = p["qkv"]["kernel"]
     q, k_cache, v_cache, counters = matmul(
-        qkv_w.reshape(qkv_w.shape[0], -1), x, p["ln_1"]["scale"], p["ln_1"]["bias"], ln_stats=sums,
+        qkv_w.reshape(qkv_w.shape[0], -1), x, p["ln_1"]["scale"], p["ln_1"]["bias"],
         bias=p["qkv"]["bias"].reshape(-1), out_dtype=dtype, kv=(*flat, pos), counters=counters)
     layer_kv = (k_cache.reshape(cache_shape), v_cache.reshape(cache_shape))
     q = q.reshape(rows, config.n_heads, config.head_dim)
     attn = kernels.decode_step_attention(q, *layer_kv, pos + 1, attention).reshape(rows, hidden)
 
     out_w = p["attn_out"]["kernel"]
-    x, sums, counters = _residual_product(matmul, out_w.reshape(-1, out_w.shape[-1]), attn, p["attn_out"]["bias"],
-                                          x, counters, row_sums)
-    mlp, counters = matmul(p["mlp_in"]["kernel"], x, p["ln_2"]["scale"], p["ln_2"]["bias"], ln_stats=sums,
+    x, counters = matmul(out_w.reshape(-1, out_w.shape[-1]), attn, bias=p["attn_out"]["bias"], residual=x,
+                         counters=counters)
+    mlp, counters = matmul(p["mlp_in"]["kernel"], x, p["ln_2"]["scale"], p["ln_2"]["bias"],
                            bias=p["mlp_in"]["bias"], activation=config.activation, out_dtype=dtype,
                            counters=counters)
-    x, sums, counters = _residual_product(matmul, p["mlp_out"]["kernel"], mlp, p["mlp_out"]["bias"], x, counters,
-                                          row_sums)
-    return x[:, None], layer_kv, counters, sums
+    x, counters = matmul(p["mlp_out"]["kernel"], mlp, bias=p["mlp_out"]["bias"], residual=x, counters=counters)
+    return x[:, None], layer_kv, counters
 
 
 def layer_fn(impl: str, config: ModelConfig, rows: int, attention: str):
     """The layer function (layer_params, h, layer_kv, positions) -> (h, layer_kv) that a decode step of
     `rows` slots runs on the kernels, or None for the Flax block's path (`choose`'s implementation says up to
     how many rows). The layers run one after another in Python (one device: `layout.PerLayer`), so the split
-    counters (one zeroed buffer per step) and the residual's row sums go from each layer to the next here."""
+    counters (one zeroed buffer per step) go from each layer to the next here."""
     if not 0 < rows <= {"pallas": KERNEL_ROWS, "auto": AUTO_ROWS}.get(impl, 0):
         return None
-    carried = {"counters": new_counters(3 * config.hidden, config.ffn_hidden), "sums": None}
+    carried = {"counters": new_counters(3 * config.hidden, config.ffn_hidden)}
 
     def layer(p, h, layer_kv, pos):
-        h, layer_kv, carried["counters"], carried["sums"] = block(
-            config, attention, p, h, layer_kv, pos, carried["counters"], carried["sums"],
-            interpret=jax.default_backend() != "gpu", row_sums=ROW_SUMS)
+        h, layer_kv, carried["counters"] = block(config, attention, p, h, layer_kv, pos, carried["counters"],
+                                                 interpret=jax.default_backend() != "gpu")
         return h, layer_kv
 
     return layer

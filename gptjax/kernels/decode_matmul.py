@@ -6,8 +6,7 @@ the K/V cache writes): on an H200 each launch leaves the GPU idle for a microsec
 product with its neighbours fused in, so a layer is four of them and attention:
 
 - a LayerNorm prologue (optional), in float32 as each [rows, block_k] tile of the input is loaded, with the
-  row's statistics from a first pass, or from the row sums that the kernel which produced the input handed on
-  (`emit_stats` there, `ln_stats` here);
+  row's statistics from a first pass;
 - the product, split over K (`splits`) so that a narrow output still puts enough programs on the chip to read
   the weights at full speed. Each split stores its float32 partial sum; the split of a column block that
   finishes last (it counts the finished splits on an atomic counter) adds them up in split order, so the
@@ -97,13 +96,11 @@ class _Shape(NamedTuple):
     chunk: int  # K rows per split
     params: MatmulParams
     ln: bool
-    stats_parts: int  # the LayerNorm's row sums come in this many parts (`ln_stats`); 0: a pass over x
     eps: float
     bias: bool
     activation: str
     residual: bool
     kv: bool
-    emit_stats: bool
     interpret: bool  # the interpreter runs programs one at a time, and has no barrier
 
 
@@ -113,7 +110,6 @@ class _Refs(NamedTuple):
     x: object
     scale: object
     shift: object
-    stats_in: object
     w: object
     bias: object
     residual: object
@@ -123,7 +119,6 @@ class _Refs(NamedTuple):
     counts: object
     k_cache: object
     v_cache: object
-    stats_out: object
 
 
 def _unpack(refs, s: _Shape) -> _Refs:
@@ -131,7 +126,6 @@ def _unpack(refs, s: _Shape) -> _Refs:
     caches) are skipped: their outputs are the same buffers."""
     it = iter(refs)
     x, (scale, shift) = next(it), ((next(it), next(it)) if s.ln else (None, None))
-    stats_in = next(it) if s.stats_parts else None
     w = next(it)
     bias, residual, positions = (next(it) if on else None for on in (s.bias, s.residual, s.kv))
     split_k = s.params.splits > 1
@@ -140,9 +134,7 @@ def _unpack(refs, s: _Shape) -> _Refs:
     out = next(it)
     parts, counts = (next(it), next(it)) if split_k else (None, None)
     k_cache, v_cache = (next(it), next(it)) if s.kv else (None, None)
-    stats_out = next(it) if s.emit_stats else None
-    return _Refs(x, scale, shift, stats_in, w, bias, residual, positions, out, parts, counts, k_cache, v_cache,
-                 stats_out)
+    return _Refs(x, scale, shift, w, bias, residual, positions, out, parts, counts, k_cache, v_cache)
 
 
 def _product(r: _Refs, s: _Shape, col, split):
@@ -159,14 +151,7 @@ def _product(r: _Refs, s: _Shape, col, split):
     # a program of one weight tile loads it first: its read is in flight during the statistics pass
     first_w = load_w(split * s.chunk) if s.chunk == block_k else None
 
-    if s.stats_parts:  # the row's sums, in parts from the kernel that produced x
-        parts = pl.next_power_of_2(s.stats_parts)
-        ok = ((lax.broadcasted_iota(jnp.int32, (parts, block_rows), 0) < s.stats_parts)
-              & (lax.broadcasted_iota(jnp.int32, (parts, block_rows), 1) < s.rows))
-        total, total_sq = (
-            jnp.sum(plgpu.load(r.stats_in.at[jnp.int32(i), pl.ds(0, parts), pl.ds(0, block_rows)], mask=ok,
-                               other=0.0), axis=0) for i in (0, 1))
-    elif s.ln:  # a first pass over the whole row: LayerNorm's statistics
+    if s.ln:  # a first pass over the whole row: LayerNorm's statistics
         width = _largest_block(s.k, STATS_BLOCK)
 
         def stats(i, carry):
@@ -175,7 +160,6 @@ def _product(r: _Refs, s: _Shape, col, split):
 
         zeros = jnp.zeros((block_rows,), jnp.float32)
         total, total_sq = lax.fori_loop(0, s.k // width, stats, (zeros, zeros))
-    if s.ln:
         mean = total / s.k
         rstd = lax.rsqrt(jnp.maximum(total_sq / s.k - mean * mean, 0.0) + s.eps)
 
@@ -205,11 +189,9 @@ def _epilogue_operands(r: _Refs, s: _Shape, c0, tile, rows_ok):
     return bias, residual
 
 
-def _finish(r: _Refs, s: _Shape, total, col, tile, rows_ok, operands):
+def _finish(r: _Refs, s: _Shape, total, c0, tile, rows_ok, operands):
     """The epilogue on a column block's whole sum: bias, activation, residual (`_epilogue_operands`), then the
-    output (or Q's output and K's and V's cache rows) and with `emit_stats` the block's part of each output row's
-    sums."""
-    c0 = col * s.params.block_n
+    output (or Q's output and K's and V's cache rows)."""
     bias, residual = operands
     if s.bias:
         total += bias[None, :]
@@ -218,13 +200,7 @@ def _finish(r: _Refs, s: _Shape, total, col, tile, rows_ok, operands):
     if s.residual:
         total += residual
     if not s.kv:
-        out = total.astype(r.out.dtype)
-        plgpu.store(r.out.at[tile], out, mask=rows_ok)
-        if s.emit_stats:  # of the values stored, as the next kernel's LayerNorm reads them
-            v = out.astype(jnp.float32)
-            row, ok = pl.ds(0, v.shape[0]), lax.broadcasted_iota(jnp.int32, (v.shape[0],), 0) < s.rows
-            for i, sums in enumerate((jnp.sum(v, axis=1), jnp.sum(v * v, axis=1))):
-                plgpu.store(r.stats_out.at[jnp.int32(i), col, row], sums, mask=ok)
+        plgpu.store(r.out.at[tile], total.astype(r.out.dtype), mask=rows_ok)
         return
 
     @pl.when(c0 < s.hidden)
@@ -247,7 +223,7 @@ def _kernel(*refs, s: _Shape):
     operands = _epilogue_operands(r, s, c0, tile, rows_ok)
     acc = _product(r, s, col, split)
     if s.params.splits == 1:
-        _finish(r, s, acc, col, tile, rows_ok, operands)
+        _finish(r, s, acc, c0, tile, rows_ok, operands)
         return
     plgpu.store(r.parts.at[(split, *tile)], acc, mask=rows_ok)
     if not s.interpret:
@@ -260,7 +236,7 @@ def _kernel(*refs, s: _Shape):
         for p in range(s.params.splits):
             part = r.parts.at[(jnp.int32(p), *tile)]
             total += plgpu.load(part, mask=rows_ok, other=0.0, volatile=True)  # not an L1 copy: fresh
-        _finish(r, s, total, col, tile, rows_ok, operands)
+        _finish(r, s, total, c0, tile, rows_ok, operands)
         r.counts[col] = 0  # every split has counted: the counter is zero again for the next kernel
 
 
@@ -274,7 +250,7 @@ def _store_new_token(cache_ref, pos_ref, values, c0, rows: int):
         cache_ref[r, pos, pl.ds(c0, block_n)] = row.astype(cache_ref.dtype)
 
 
-def _check_operands(w, x, ln_scale, ln_stats, kv, emit_stats: bool) -> int:
+def _check_operands(w, x, kv) -> int:
     """`decode_matmul`'s operands against each other (a ValueError naming the one that does not fit); the
     output's width: N, or the hidden size with a K/V write."""
     (k, n), rows = w.shape, x.shape[0]
@@ -285,26 +261,18 @@ def _check_operands(w, x, ln_scale, ln_stats, kv, emit_stats: bool) -> int:
     if kv is not None and (n % 3 or kv[0].shape[2:] != (hidden,) or kv[0].shape[0] < rows):
         raise ValueError(f"decode_matmul: a K/V write needs N = 3 x hidden and caches [slots >= {rows}, max_seq, "
                          f"{hidden}]; got N={n} and caches {kv[0].shape}")
-    if ln_stats is not None and (ln_scale is None or ln_stats.ndim != 3 or ln_stats.shape[::2] != (2, rows)):
-        raise ValueError(f"decode_matmul: ln_stats {getattr(ln_stats, 'shape', None)} needs a LayerNorm and the "
-                         f"shape [2, parts, {rows}]")
-    if emit_stats and kv is not None:
-        raise ValueError("decode_matmul: emit_stats is for a product whose output a LayerNorm reads, not a K/V write")
     return hidden
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "activation", "out_dtype", "emit_stats", "params", "interpret"))
-def decode_matmul(w, x, ln_scale=None, ln_bias=None, *, ln_stats=None, bias=None, residual=None,
-                  activation: str = "", out_dtype=jnp.float32, kv=None, emit_stats: bool = False, counters=None,
-                  eps: float = 1e-5, params: MatmulParams | None = None, interpret: bool = False):
-    """epilogue(prologue(x) @ w), [rows, N] in `out_dtype`; with `kv`, `emit_stats` or `counters` a tuple:
-    (that, the two updated caches if `kv`, the output's row sums if `emit_stats`, the counters if `counters`).
+@functools.partial(jax.jit, static_argnames=("eps", "activation", "out_dtype", "params", "interpret"))
+def decode_matmul(w, x, ln_scale=None, ln_bias=None, *, bias=None, residual=None, activation: str = "",
+                  out_dtype=jnp.float32, kv=None, counters=None, eps: float = 1e-5,
+                  params: MatmulParams | None = None, interpret: bool = False):
+    """epilogue(prologue(x) @ w), [rows, N] in `out_dtype`; with `kv` or `counters` a tuple: (that, the two
+    updated caches if `kv`, the counters if `counters`).
 
-    w: [K, N]; x: [rows, K]; ln_scale and ln_bias: [K] for a LayerNorm prologue, whose statistics come from
-    a pass over x, or from `ln_stats`: [2, parts, rows] float32, x's row sums and sums of squares in parts (the
-    `emit_stats` output of the kernel that produced x), which saves the pass. The epilogue, in float32:
-    + bias [N], then activation ("gelu_new" | "gelu" | ""), then + residual [rows, N]; `emit_stats` (not with
-    `kv`) also returns the output's sums per column block, [2, N / block_n, rows], for the next LayerNorm.
+    w: [K, N]; x: [rows, K]; ln_scale and ln_bias: [K] for a LayerNorm prologue. The epilogue, in float32:
+    + bias [N], then activation ("gelu_new" | "gelu" | ""), then + residual [rows, N].
     kv: (k_cache, v_cache, positions) for a QKV product (N = 3 hidden, columns Q then K then V): caches [slots
     >= rows, max_seq, hidden]; row r's K and V are stored at (r, positions[r]), in place when the caller's
     buffers are donated, and the output is Q alone, [rows, hidden].
@@ -313,8 +281,8 @@ def decode_matmul(w, x, ln_scale=None, ln_bias=None, *, ln_stats=None, bias=None
     memset of its own."""
     k, n = w.shape
     rows = x.shape[0]
-    hidden = _check_operands(w, x, ln_scale, ln_stats, kv, emit_stats)
-    params = params or default_params(rows, k, n, hidden, w.dtype.itemsize, ln_scale is not None and ln_stats is None)
+    hidden = _check_operands(w, x, kv)
+    params = params or default_params(rows, k, n, hidden, w.dtype.itemsize, ln_scale is not None)
     chunk = k // params.splits
     if (n % params.block_n or chunk % params.block_k or k % params.splits or hidden % params.block_n
             or any(b & (b - 1) for b in (params.block_n, params.block_k))):
@@ -323,10 +291,9 @@ def decode_matmul(w, x, ln_scale=None, ln_bias=None, *, ln_stats=None, bias=None
     n_cols = n // params.block_n
     if counters is not None and counters.shape[0] < n_cols:
         raise ValueError(f"decode_matmul: {counters.shape[0]} counters for {n_cols} column blocks")
-    s = _Shape(rows, k, hidden, chunk, params, ln_scale is not None, 0 if ln_stats is None else ln_stats.shape[1],
-               eps, bias is not None, activation, residual is not None, kv is not None, emit_stats, interpret)
-    inputs = [x, *((ln_scale, ln_bias) if s.ln else ()), *(() if ln_stats is None else (ln_stats,)), w,
-              *(a for a in (bias, residual) if a is not None)]
+    s = _Shape(rows, k, hidden, chunk, params, ln_scale is not None, eps, bias is not None, activation,
+               residual is not None, kv is not None, interpret)
+    inputs = [x, *((ln_scale, ln_bias) if s.ln else ()), w, *(a for a in (bias, residual) if a is not None)]
     out_shape = [jax.ShapeDtypeStruct((rows, hidden), out_dtype)]
     aliases = {}
     if kv is not None:
@@ -343,15 +310,13 @@ def decode_matmul(w, x, ln_scale=None, ln_bias=None, *, ln_stats=None, bias=None
             aliases[len(inputs)] = len(out_shape)
             inputs.append(cache)
             out_shape.append(jax.ShapeDtypeStruct(cache.shape, cache.dtype))
-    if emit_stats:
-        out_shape.append(jax.ShapeDtypeStruct((2, n_cols, rows), jnp.float32))
     out = pl.pallas_call(
         functools.partial(_kernel, s=s), grid=(n_cols, params.splits), out_shape=out_shape,
         input_output_aliases=aliases,
         compiler_params=plgpu.CompilerParams(num_warps=params.num_warps, num_stages=params.num_stages),
         interpret=interpret, name=f"decode_matmul_{k}x{n}",
     )(*inputs)
-    result = (out[0], *(out[-2:] if kv is not None else ()), *(out[-1:] if emit_stats else ()))
+    result = (out[0], *(out[-2:] if kv is not None else ()))
     if counters is not None:
         result += (out[2] if split_k else counters,)
     return result if len(result) > 1 else result[0]
@@ -363,20 +328,13 @@ def new_counters(*widths: int):
     return jnp.zeros((max(widths) // MATRIX_ROWS,), jnp.int32)
 
 
-def decode_matmul_reference(w, x, ln_scale=None, ln_bias=None, *, ln_stats=None, bias=None, residual=None,
-                            activation: str = "", out_dtype=jnp.float32, kv=None, emit_stats: bool = False,
-                            counters=None, eps: float = 1e-5):
-    """The same product in plain `jnp`, for XLA to compile (the same arguments and results; `emit_stats`'s sums
-    come in one part)."""
+def decode_matmul_reference(w, x, ln_scale=None, ln_bias=None, *, bias=None, residual=None, activation: str = "",
+                            out_dtype=jnp.float32, kv=None, counters=None, eps: float = 1e-5):
+    """The same product in plain `jnp`, for XLA to compile (the same arguments and results)."""
     v = x.astype(jnp.float32)
     if ln_scale is not None:
-        if ln_stats is None:
-            mean = v.mean(-1, keepdims=True)
-            var = jnp.square(v - mean).mean(-1, keepdims=True)
-        else:  # as the kernel takes them: E[x^2] - mean^2 from the producer's sums
-            total, total_sq = (ln_stats[i].sum(0)[:, None] for i in (0, 1))
-            mean = total / v.shape[-1]
-            var = jnp.maximum(total_sq / v.shape[-1] - mean * mean, 0.0)
+        mean = v.mean(-1, keepdims=True)
+        var = jnp.square(v - mean).mean(-1, keepdims=True)
         v = (v - mean) * lax.rsqrt(var + eps) * ln_scale.astype(jnp.float32) + ln_bias.astype(jnp.float32)
     out = jnp.dot(v.astype(w.dtype), w, preferred_element_type=jnp.float32)
     if bias is not None:
@@ -393,9 +351,6 @@ def decode_matmul_reference(w, x, ln_scale=None, ln_bias=None, *, ln_stats=None,
         k_new, v_new = out[:, hidden:2 * hidden], out[:, 2 * hidden:]
         result = (result[0][:, :hidden], k_cache.at[rows, positions].set(k_new.astype(k_cache.dtype)),
                   v_cache.at[rows, positions].set(v_new.astype(v_cache.dtype)))
-    if emit_stats:
-        stored = result[0].astype(jnp.float32)
-        result += (jnp.stack([stored.sum(-1), jnp.square(stored).sum(-1)])[:, None, :],)
     if counters is not None:
         result += (counters,)
     return result if len(result) > 1 else result[0]
