@@ -39,6 +39,7 @@ class BenchOptions:
     warmup_seconds: float | None = None  # keep warming up this long (default: 2 s through a server, else 0)
     server: str | None = None  # HOST:PORT: measure through a running server
     server_api: str = "triton"
+    api_key: str | None = None  # the key of a server started with --api-key
     peers: tuple[str, ...] = ()
     json: bool = False
     model: str | None = None  # the model a server run's floor is computed for (a preset) ...
@@ -148,15 +149,16 @@ def hf_runner(model, prompts: np.ndarray, output_len: int, compiled: bool):
     return run
 
 
-def server_runner(target: str, prompts: np.ndarray, output_len: int, api: str = "triton"):
+def server_runner(target: str, prompts: np.ndarray, output_len: int, api: str = "triton",
+                  api_key: str | None = None):
     """Through a server. `triton`: the batch as the seed's client sends it, in KServe v2 `ModelInfer` requests
     of up to the server's `batch_size` rows (one request when it fits), all in flight at once. `native`: one
     `Generate` call per row, issued from one thread without waiting (gRPC futures), as independent clients'
-    requests would reach the server."""
+    requests would reach the server. `api_key`: sent with every call."""
     if api == "native":
         from serving.client import Client, make_request
 
-        client = Client(target)
+        client = Client(target, api_key=api_key)
         requests = [make_request(list(map(int, p)), output_len, temperature=0.0, ignore_eos=True) for p in prompts]
 
         def run():
@@ -168,7 +170,7 @@ def server_runner(target: str, prompts: np.ndarray, output_len: int, api: str = 
 
     from benchmarks.identity_test import KServeClient, KServeInput, KServeResult, build_inputs
 
-    client = KServeClient(target)
+    client = KServeClient(target, api_key=api_key)
     model = "fastertransformer"
     limit = int(client.get_model_config(model).config.parameters["batch_size"].string_value or len(prompts))
     ids = np.asarray(prompts, np.uint32)
@@ -329,6 +331,10 @@ def run_bench(options: BenchOptions, make_engine: Callable[[], object] | None = 
     for b, i, o in options.shapes:
         if i + o > max_seq:
             raise ValueError(f"input_len {i} + output_len {o} exceeds the model's {max_seq} positions")
+    if options.server and distributed.is_main_process():
+        from serving.client import serving_model_info
+
+        serving_model_info(options.server, options.api_key)  # a clear error for no server, or a key it wants
     ctx = _Context(options, config, engine, measure_rates(config.dtype), jax.devices()[0].device_kind)
     peers = {peer: hf_model_for(engine) for peer in options.peers} if distributed.is_main_process() else {}
     # a server compiles every shape it runs before serving; a couple of seconds of warm-up settle its threads
@@ -339,8 +345,9 @@ def run_bench(options: BenchOptions, make_engine: Callable[[], object] | None = 
         rows = []
         if options.server:
             if distributed.is_main_process():
-                full, one = _timed(ctx, shape, lambda n: server_runner(options.server, prompts, n, options.server_api),
-                                   "server", server_warmup_s)
+                def runner(n):
+                    return server_runner(options.server, prompts, n, options.server_api, options.api_key)
+                full, one = _timed(ctx, shape, runner, "server", server_warmup_s)
                 rows.append(_row(ctx, shape, "gptjax-server", full, one, ctx.device))
         else:
             full, one = _timed(ctx, shape, lambda n: gptjax_runner(engine, prompts, n), "gptjax")

@@ -63,14 +63,16 @@ class KServeResult:
 class KServeClient:
     """The few calls of tritonclient.grpc.InferenceServerClient used here, over gptjax's own KServe stubs."""
 
-    def __init__(self, url):
+    def __init__(self, url, api_key=None):
         import grpc
 
+        from serving.client import keyed_channel
         from serving.proto.inference import grpc_service_pb2 as pb, grpc_service_pb2_grpc as pb_grpc
 
         self.grpc, self.pb = grpc, pb
-        self.channel = grpc.insecure_channel(url, options=[("grpc.max_receive_message_length", 2**30),
-                                                           ("grpc.max_send_message_length", 2**30)])
+        self.channel = keyed_channel(grpc.insecure_channel(url, options=[("grpc.max_receive_message_length", 2**30),
+                                                                         ("grpc.max_send_message_length", 2**30)]),
+                                     api_key)
         self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
 
     def _call(self, method, request):

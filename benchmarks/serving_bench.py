@@ -98,6 +98,7 @@ class ServingBenchOptions:
     seed: int = 0
     json: bool = False
     request_timeout_s: float = 600.0
+    api_key: str | None = None  # the key of a server started with --api-key
 
     def __post_init__(self):
         if self.auto == bool(self.request_rates):
@@ -214,11 +215,11 @@ def poisson_arrivals(rate: float, n: int, seed: int) -> np.ndarray:
 
 
 # ---- the client ------------------------------------------------------------------------------------
-async def _one(stub, request, timing: Timing, timeout: float) -> None:
+async def _one(stub, request, timing: Timing, timeout: float, metadata: tuple) -> None:
     import grpc
 
     try:
-        async for message in stub.GenerateStream(request, timeout=timeout):
+        async for message in stub.GenerateStream(request, timeout=timeout, metadata=metadata):
             if message.token_ids:
                 now = time.perf_counter()
                 timing.first = timing.first or now
@@ -230,12 +231,13 @@ async def _one(stub, request, timing: Timing, timeout: float) -> None:
         timing.error = e.code().name
 
 
-async def _send(target: str, workload: Workload, arrivals: np.ndarray, timeout: float) -> tuple[list[Timing], float]:
+async def _send(target: str, workload: Workload, arrivals: np.ndarray, timeout: float,
+                api_key: str | None = None) -> tuple[list[Timing], float]:
     """Each request at its arrival time (from now) -> timings, and the time from the first arrival to the
     last completion."""
     import grpc
 
-    from serving.client import make_request
+    from serving.client import key_metadata, make_request
     from serving.proto.gptjax.v1 import generator_pb2_grpc as pb_grpc
 
     channels = [grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) for _ in range(CHANNELS)]
@@ -251,7 +253,8 @@ async def _send(target: str, workload: Workload, arrivals: np.ndarray, timeout: 
                 await asyncio.sleep(wait)
             timing = Timing(time.perf_counter(), len(request.token_ids.ids), request.max_new_tokens)
             timings.append(timing)
-            tasks.append(asyncio.create_task(_one(stubs[i % CHANNELS], request, timing, timeout)))
+            tasks.append(asyncio.create_task(_one(stubs[i % CHANNELS], request, timing, timeout,
+                                                  key_metadata(api_key))))
         await asyncio.gather(*tasks)
         end = max([t.last for t in timings if t.last] or [time.perf_counter()])
         return timings, end - begin
@@ -262,7 +265,7 @@ async def _send(target: str, workload: Workload, arrivals: np.ndarray, timeout: 
 
 def measure(options: ServingBenchOptions, workload: Workload, rate: float) -> tuple[list[Timing], float]:
     arrivals = poisson_arrivals(rate, len(workload.prompts), options.seed)
-    return asyncio.run(_send(options.server, workload, arrivals, options.request_timeout_s))
+    return asyncio.run(_send(options.server, workload, arrivals, options.request_timeout_s, options.api_key))
 
 
 def _row(options, workload: Workload, rate: float, timings, duration, info, fraction=None) -> ServingRow:
@@ -282,14 +285,9 @@ def _head(workload: Workload, n: int) -> Workload:
 
 def run_serving_bench(options: ServingBenchOptions) -> int:
     """Measure every rate (or the saturation, then AUTO_FRACTIONS of it); print a row as each finishes."""
-    from serving.client import Client
+    from serving.client import serving_model_info
 
-    with Client(options.server) as client:
-        try:
-            client.wait_ready(timeout=60)
-        except TimeoutError:
-            raise ValueError(f"--server {options.server}: no server SERVING there within 60 s") from None
-        info = client.model_info()
+    info = serving_model_info(options.server, options.api_key)
     workload = make_workload(options, options.num_requests, info)
     warmup = make_workload(replace(options, seed=options.seed + 1), WARMUP_REQUESTS, info)
     measure(options, warmup, math.inf)  # the first requests' connections and threads, not timed

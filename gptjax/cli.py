@@ -152,6 +152,8 @@ def _add_bench(sub) -> None:
     b.add_argument("--warmup-seconds", type=float, default=None,
                    help="with --server, keep warming up for this long (default 2)")
     b.add_argument("--server", metavar="HOST:PORT", help="measure through a running server instead")
+    b.add_argument("--api-key", default=os.environ.get("GPTJAX_API_KEY"),
+                   help="with --server: the key of a server started with --api-key (default: $GPTJAX_API_KEY)")
     b.add_argument("--server-api", choices=["triton", "native"], default="triton",
                    help="with --server: the batch in KServe v2 requests as the seed's client sends it (triton), "
                         "or one native Generate call per row, all at once (native)")
@@ -325,7 +327,8 @@ def cmd_bench(args) -> int:
     resolve_model(args)  # a run through --server reads the model's config without building an engine
     options = BenchOptions(shapes=parse_shapes(args.batch, args.input_len, args.output_len, args.shapes),
                            runs=args.runs, warmup=args.warmup, warmup_seconds=args.warmup_seconds,
-                           server=args.server, server_api=args.server_api, peers=tuple(args.peer), json=args.json,
+                           server=args.server, server_api=args.server_api, api_key=args.api_key,
+                           peers=tuple(args.peer), json=args.json,
                            model=args.model, checkpoint=args.checkpoint, dtype=args.dtype)
     return run_bench(options, partial(build_engine, args))
 
@@ -348,7 +351,8 @@ def _serving_bench(args) -> int:
     return run_serving_bench(ServingBenchOptions(
         server=args.server, request_rates=rates, auto=auto, num_requests=args.num_requests,
         input_len=LengthDist.parse(args.input_len_dist, "--input-len-dist"),
-        output_len=LengthDist.parse(args.output_len_dist, "--output-len-dist"), seed=args.seed, json=args.json))
+        output_len=LengthDist.parse(args.output_len_dist, "--output-len-dist"), seed=args.seed, json=args.json,
+        api_key=args.api_key))
 
 
 def main(argv=None) -> int:

@@ -70,11 +70,21 @@ class _CallDetails(NamedTuple):
     compression: object
 
 
+def key_metadata(api_key: str | None) -> tuple:
+    """The call metadata that carries `api_key` to a server started with `--api-key` (none without a key)."""
+    return (("authorization", "Bearer " + api_key),) if api_key else ()
+
+
+def keyed_channel(channel: grpc.Channel, api_key: str | None) -> grpc.Channel:
+    """`channel`, sending `api_key` with every call when there is one."""
+    return grpc.intercept_channel(channel, _BearerKey(api_key)) if api_key else channel
+
+
 class _BearerKey(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
     """Adds `authorization: Bearer KEY` to every call's metadata, for a server started with `--api-key`."""
 
     def __init__(self, key: str):
-        self.header = ("authorization", "Bearer " + key)
+        (self.header,) = key_metadata(key)
 
     def _with_key(self, details):
         return _CallDetails(details.method, details.timeout, (*(details.metadata or ()), self.header),
@@ -93,8 +103,7 @@ class Client:
         """`api_key`: the key of a server started with `--api-key` (sent with every call)."""
         self.channel = grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", max_message_bytes),
                                                               ("grpc.max_send_message_length", max_message_bytes)])
-        if api_key:
-            self.channel = grpc.intercept_channel(self.channel, _BearerKey(api_key))
+        self.channel = keyed_channel(self.channel, api_key)
         self.stub = pb_grpc.GeneratorStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
@@ -140,6 +149,23 @@ class Client:
 
     def model_info(self, timeout: float | None = None) -> pb.ModelInfo:
         return self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout)
+
+
+def serving_model_info(target: str, api_key: str | None = None, timeout: float = 60.0) -> pb.ModelInfo:
+    """The model of the server at `target` once it is SERVING, for the tools that measure a server; a ValueError
+    that says what is wrong when there is none, or it wants a key that was not given or refuses the one given."""
+    with Client(target, api_key=api_key) as client:
+        try:
+            client.wait_ready(timeout=timeout)
+        except TimeoutError:
+            raise ValueError(f"--server {target}: no server SERVING there within {timeout:.0f} s") from None
+        try:
+            return client.model_info(timeout=timeout)
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.UNAUTHENTICATED:
+                raise
+            what = "refuses the key given" if api_key else "needs a key"
+            raise ValueError(f"--server {target} {what}: pass its --api-key (or set $GPTJAX_API_KEY)") from None
 
 
 def main(args) -> int:

@@ -432,3 +432,21 @@ def test_grpc_asks_for_the_same_key_but_not_for_health(served):
             assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
     with Client(served.grpc, api_key=served.key) as client:
         assert len(client.generate([464, 2068], 2, temperature=0.0, timeout=60).token_ids) >= 1
+
+
+def test_the_benchmarks_send_the_key(served):
+    # `gptjax bench --server` (KServe requests) and its serving benchmark (native streams; the key from
+    # $GPTJAX_API_KEY) measure a keyed server when given its key, and say in one line what is missing when not
+    wait_idle(served)
+    env = {"JAX_PLATFORMS": "cpu", "GPTJAX_API_KEY": ""}
+    out = run_cli("bench", "--server", served.grpc, "--api-key", served.key, "--shapes", "1,4,2", "-n", "1",
+                  "--warmup-seconds", "0", "--json", env=env).stdout
+    (row,) = [json.loads(line) for line in out.strip().splitlines()]
+    assert row["impl"] == "gptjax-server" and row["latency_ms"] > 0
+    rate = ("bench", "--server", served.grpc, "--request-rate", "inf", "--num-requests", "2", "--input-len-dist",
+            "fixed:4", "--output-len-dist", "fixed:2", "--json")
+    keyed = run_cli(*rate, env={**env, "GPTJAX_API_KEY": served.key})
+    (row,) = [json.loads(line) for line in keyed.stdout.splitlines()]
+    assert (row["completed"], row["failed"]) == (2, 0)
+    refused = run_cli(*rate, check=False, env=env)
+    assert refused.returncode == 2 and "needs a key: pass its --api-key" in refused.stderr, refused.stderr
