@@ -66,14 +66,37 @@ def _count(event: str, **_metadata) -> None:
 
 
 def _listen() -> None:
-    """Count the cache's events (the same names in jax 0.10 and 0.11), and salt its keys (`_salt_cache_keys`), once
-    per process."""
+    """Count the cache's events (the same names in jax 0.10 and 0.11), salt its keys (`_salt_cache_keys`) and
+    give every process of a job the same keys (`_same_keys_on_every_process`), once per process."""
     global _listening
     with _lock:
         if not _listening:
             jax.monitoring.register_event_listener(_count)
             _salt_cache_keys()
+            _same_keys_on_every_process()
             _listening = True
+
+
+def _same_keys_on_every_process() -> None:
+    """Only process 0 writes JAX's cache, and JAX's key of a program that spans processes hashes the devices'
+    topology as each process sees it, which differs between them (on XLA:CPU at least): so the other processes
+    never found a program process 0 wrote, and every restart of a multi-process job compiled everything again
+    on each of them. For such programs the key takes the devices' kinds instead, as JAX does for a backend
+    without a topology; the device assignment is in the key's compile options either way."""
+    try:
+        from jax._src import cache_key
+    except ImportError:
+        return
+    per_process = getattr(cache_key, "_hash_accelerator_config", None)
+    if per_process is None or not hasattr(cache_key, "_hash_devices"):
+        return
+
+    def hash_devices(hash_obj, devices) -> None:
+        if len({d.process_index for d in devices.flat}) > 1:
+            cache_key._hash_devices(hash_obj, devices)
+        else:
+            per_process(hash_obj, devices)
+    cache_key._hash_accelerator_config = hash_devices
 
 
 def _salt_cache_keys() -> None:

@@ -60,6 +60,43 @@ def test_a_second_process_reads_every_program_from_the_default_folder(tmp_path):
     assert len(list((tmp_path / "home" / "xla").iterdir())) >= 2
 
 
+# one program over the devices of two processes (two CPU devices each), as a multi-host job runs them
+TWO_PROCESS_SCRIPT = """
+import json, sys
+import numpy as np
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+rank, port, folder = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=rank)
+from gptjax import compile_cache
+compile_cache.enable(folder)
+x = np.arange(32, dtype=np.float32).reshape(8, 4)
+sharded = jax.make_array_from_callback(x.shape, NamedSharding(Mesh(np.array(jax.devices()), ("d",)), P("d")),
+                                       lambda index: x[index])
+mine = np.concatenate([np.asarray(s.data) for s in jax.jit(lambda a: (a * 2).sum(1))(sharded).addressable_shards])
+print(json.dumps({"hits": compile_cache.hits(), "lookups": compile_cache.lookups(),
+                  "ok": mine.tolist() == (x * 2).sum(1)[4 * rank:4 * rank + 4].tolist()}))
+"""
+
+
+def test_every_process_of_a_job_reads_what_process_0_wrote(tmp_path):
+    # JAX lets process 0 alone write the cache, and its keys differed between processes: a restarted
+    # multi-process job had no hits beyond process 0's
+    from launchers.slurm_localhost import free_port
+
+    env = clean_env(XLA_FLAGS="--xla_force_host_platform_device_count=2")
+
+    def job() -> list[dict]:
+        port = free_port()
+        procs = [subprocess.Popen([sys.executable, "-c", TWO_PROCESS_SCRIPT, str(rank), str(port), str(tmp_path)],
+                                  stdout=subprocess.PIPE, text=True, env=env) for rank in (0, 1)]
+        return [json.loads(p.communicate(timeout=120)[0].strip().splitlines()[-1]) for p in procs]
+
+    first, second = job(), job()
+    assert [r["hits"] for r in first] == [0, 0] and all(r["ok"] for r in first + second)
+    assert [(r["hits"], r["lookups"]) for r in second] == [(1, 1), (1, 1)]
+
+
 def test_a_folder_jax_was_given_is_kept(tmp_path):
     env = clean_env(GPTJAX_CACHE_DIR=str(tmp_path / "unused"), JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax"))
     out = run_script("default", 0, env)
