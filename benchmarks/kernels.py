@@ -51,23 +51,21 @@ DECODE_SWEEP = [(128, 4, 3, False, None), (64, 4, 3, True, None), (128, 4, 3, Tr
                 (128, 8, 3, True, None), (256, 8, 3, True, None), (128, 8, 3, False, "x2"), (128, 8, 3, False, "x4"),
                 (128, 4, 3, True, "x2")]
 # the Mosaic GPU kernel's variants timed beside its default (persistent, snake order, the next tile's queries
-# prefetched; 128-key blocks, 3 stages at head_dim 64, 2 at 128), by head_dim: the tiles dealt round-robin (the
-# order before the snake), one query buffer (no prefetch), one tile per program (not persistent), run 6's next
-# steps (RESULTS.md), the next key block's wait inside the PV product and a fence after the softmax (alone and
-# together; `attention_mgpu` has both at head_dim <= 128) and, at 64, larger key blocks (shared memory holds 4 stages of 192 keys, 3 of 256:
-# `flash_attention_hopper.smem_bytes`)
+# prefetched; 128-key blocks, 3 stages at head_dim 64, 2 at 128), by head_dim: one query buffer (no prefetch),
+# one tile per program (not persistent), run 6's next steps (RESULTS.md), the next key block's wait inside the PV
+# product and a fence after the softmax (alone and together; `attention_mgpu` has both at head_dim <= 128) and,
+# at 64, larger key blocks (shared memory holds 4 stages of 192 keys, 3 of 256: `flash_attention_hopper.smem_bytes`)
 WAIT = dict(wait_in_pv=True)
 FENCE = dict(wait_in_pv=True, fence_softmax=True)
-ROUND_ROBIN = dict(snake=False)
 NO_PREFETCH = dict(prefetch_q=False)
 A_TILE_A_PROGRAM = dict(programs=1 << 30)  # not persistent: the hardware hands out tiles, longest first
-HOPPER_SWEEP = {64: {"hopper(round robin)": ROUND_ROBIN, "hopper(no prefetch)": NO_PREFETCH,
-                     "hopper(a tile a program)": A_TILE_A_PROGRAM, "hopper(wait in PV)": WAIT,
+HOPPER_SWEEP = {64: {"hopper(no prefetch)": NO_PREFETCH, "hopper(a tile a program)": A_TILE_A_PROGRAM,
+                     "hopper(wait in PV)": WAIT,
                      "hopper(wait in PV, fence)": FENCE,
                      "hopper(192, 2)": dict(block_kv=192, stages=2), "hopper(256, 2)": dict(block_kv=256, stages=2),
                      "hopper(192, 2, wait in PV, fence)": dict(block_kv=192, stages=2, **FENCE)},
-                128: {"hopper(round robin)": ROUND_ROBIN, "hopper(no prefetch)": NO_PREFETCH,
-                      "hopper(a tile a program)": A_TILE_A_PROGRAM, "hopper(wait in PV)": WAIT,
+                128: {"hopper(no prefetch)": NO_PREFETCH, "hopper(a tile a program)": A_TILE_A_PROGRAM,
+                      "hopper(wait in PV)": WAIT,
                       "hopper(fence)": dict(fence_softmax=True), "hopper(wait in PV, fence)": FENCE}}
 # the ragged float64 checks of the Mosaic GPU kernel: name -> (keywords, the head_dims it runs at); the
 # variants' code paths: the waits' order with ragged tiles in persistent programs (7 programs: several tiles

@@ -119,19 +119,19 @@ def _tile(t, len_ref, *, heads: int, batch_size: int, n_tiles: int, block_kv: in
     return _Tile(batch, head, start, length, steps)
 
 
-def tile_order(program, i, programs: int, snake: bool = True):
+def tile_order(program, i, programs: int):
     """The tile a program takes on its i-th turn. Tiles come longest first, so dealing them round-robin hands
     program 0 the longest tile of every round (6-9% more work than the mean at the causal shapes of
     benchmarks/kernels.py); the snake order deals every other round backwards, which evens the sums out to
     within 0-3%."""
-    backwards = jnp.logical_and(snake, lax.rem(i, 2) == 1)
+    backwards = lax.rem(i, 2) == 1
     return i * programs + jnp.where(backwards, programs - 1 - program, program)
 
 
-def tile_count(program, n_total: int, programs: int, snake: bool = True):
+def tile_count(program, n_total: int, programs: int):
     """How many tiles a program takes: the whole rounds, and one more if its place in the last round is a tile."""
     rounds, rest = divmod(n_total, programs)
-    last = tile_order(program, jnp.int32(rounds), programs, snake) - rounds * programs
+    last = tile_order(program, jnp.int32(rounds), programs) - rounds * programs
     return rounds + (last < rest).astype(jnp.int32)
 
 
@@ -333,13 +333,13 @@ def _producer(k_ref, v_ref, scratch, *, tile_of, count, block_kv: int, stages: i
 
 def _program(len_ref, q_ref, k_ref, v_ref, o_ref, *scratch, block_kv: int, stages: int, sm_scale: float,
              n_tiles: int, heads: int, batch_size: int, seq: int, use_lengths: bool, programs: int,
-             wait_in_pv: bool, fence_softmax: bool, snake: bool):
+             wait_in_pv: bool, fence_softmax: bool):
     program, n_total = lax.axis_index("p"), n_tiles * heads * batch_size
 
     def tile_of(i):  # this program's i-th tile
-        return _tile(tile_order(program, i, programs, snake), len_ref, heads=heads, batch_size=batch_size,
+        return _tile(tile_order(program, i, programs), len_ref, heads=heads, batch_size=batch_size,
                      n_tiles=n_tiles, block_kv=block_kv, seq=seq, use_lengths=use_lengths)
-    common = dict(tile_of=tile_of, count=tile_count(program, n_total, programs, snake), block_kv=block_kv,
+    common = dict(tile_of=tile_of, count=tile_count(program, n_total, programs), block_kv=block_kv,
                   stages=stages)
     wg = lax.axis_index("wg")
     pl.when(wg < CONSUMERS)(functools.partial(_consumer, q_ref, o_ref, len_ref, scratch, sm_scale=sm_scale,
@@ -348,20 +348,20 @@ def _program(len_ref, q_ref, k_ref, v_ref, o_ref, *scratch, block_kv: int, stage
 
 
 @functools.partial(jax.jit, static_argnames=("block_kv", "stages", "use_lengths", "programs", "wait_in_pv",
-                                             "fence_softmax", "snake", "prefetch_q"))
+                                             "fence_softmax", "prefetch_q"))
 def hopper_flash_attention(q, k, v, *, lengths=None, block_kv: int | None = None, stages: int | None = None,
                            use_lengths: bool = True, programs: int | None = None, wait_in_pv: bool = False,
-                           fence_softmax: bool = False, snake: bool = True, prefetch_q: bool = True):
+                           fence_softmax: bool = False, prefetch_q: bool = True):
     """q, k, v: [batch, seq, heads, head_dim] (bf16 or fp16, head_dim 64 or 128); lengths: [batch] valid
     lengths (right padding) or None. Causal, scale 1/sqrt(head_dim); rows past a length are unspecified
     (zeros for whole 64-row blocks past it). `use_lengths=False` ignores lengths (full causal work).
     `programs`: how many programs (CTAs) share the tiles, each taking one tile of every round of `programs`
     in turn and streaming the next tile's keys while it finishes the last (default: one per multiprocessor,
-    i.e. persistent; a number >= the tile count gives one tile per program); `snake=False` deals the rounds
-    round-robin rather than in the snake order (`tile_order`); `prefetch_q` (default) gives each consumer two
-    query buffers, so that a tile's queries load while the last tile finishes (`_consumer_tile`); off, one. `block_kv`: 64, 128, 192 or 256 keys
-    where shared memory holds `stages` of them (`check_blocks`). `wait_in_pv`, `fence_softmax`: the orderings
-    of the module docstring (`wait_in_pv` needs stages >= 2: block j + 1 must not reuse block j's slot)."""
+    i.e. persistent; a number >= the tile count gives one tile per program), in the snake order (`tile_order`).
+    `prefetch_q` (default) gives each consumer two query buffers, so that a tile's queries load while the last
+    tile finishes (`_consumer_tile`); off, one. `block_kv`: 64, 128, 192 or 256 keys where shared memory holds
+    `stages` of them (`check_blocks`). `wait_in_pv`, `fence_softmax`: the orderings of the module docstring
+    (`wait_in_pv` needs stages >= 2: block j + 1 must not reuse block j's slot)."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     batch, seq, heads, head_dim = q.shape
@@ -396,7 +396,7 @@ def hopper_flash_attention(q, k, v, *, lengths=None, block_kv: int | None = None
     programs = min(programs or getattr(jax.devices()[0], "core_count", 132), n_tiles * heads * batch)
     body = functools.partial(_program, block_kv=block_kv, stages=stages, sm_scale=1.0 / math.sqrt(head_dim),
                              n_tiles=n_tiles, heads=heads, batch_size=batch, seq=seq, use_lengths=use_lengths,
-                             programs=programs, wait_in_pv=wait_in_pv, fence_softmax=fence_softmax, snake=snake)
+                             programs=programs, wait_in_pv=wait_in_pv, fence_softmax=fence_softmax)
     out = plgpu.kernel(
         body,
         out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
