@@ -72,7 +72,7 @@ def smem_bytes(block_kv: int, stages: int, head_dim: int, itemsize: int = 2, q_b
     """Shared memory of one program: both consumers' query tiles (two each with `prefetch_q`), `stages` key
     and value blocks, the barriers. The most stages that fit: at head_dim 64, 6 of 128 keys, 4 of 192, 3 of
     256; at 128, 3 of 128, 2 of 192, 1 of 256 (Mosaic GPU's own count, lowered for sm_90, agrees to the
-    byte); with `prefetch_q`, one stage fewer at each (2 of 128 keys at head_dim 128)."""
+    byte); with `prefetch_q`, the same at head_dim 64 and one fewer of 128 and of 192 keys at 128."""
     tiles = (CONSUMERS * q_buffers * BLOCK_Q + 2 * stages * block_kv) * head_dim * itemsize
     return tiles + 8 * (4 * stages + CONSUMERS * q_buffers + 1)
 
@@ -237,6 +237,14 @@ def _rows(tile: _Tile, wg):
     return first_row, (tile.batch, pl.ds(first_row, BLOCK_Q), tile.head)
 
 
+def _load_queries(tile: _Tile, buf, *, q_ref, q_bufs, q_ready):
+    """Start the TMA load of this consumer's query rows of `tile` into its buffer `buf`."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    wg = lax.axis_index("wg")
+    plgpu.copy_gmem_to_smem(q_ref.at[_rows(tile, wg)[1]], q_bufs.at[buf], q_ready.at[wg * q_bufs.shape[0] + buf])
+
+
 def _consumer_tile(i, base, *, c: _Consumer, q_bufs, q_ref, o_ref, q_ready, tile_of, count: int):
     """This consumer's 64 rows of the program's i-th tile; returns the ring position after the tile. With two
     query buffers (`prefetch_q`) the tile's queries were loaded during the last tile, and the next tile's load
@@ -251,9 +259,10 @@ def _consumer_tile(i, base, *, c: _Consumer, q_bufs, q_ref, o_ref, q_ready, tile
     first_row, rows = _rows(tile, wg)
     steps = _visible_blocks(first_row, tile.length, c.block_kv)
     full = jnp.minimum(lax.div(first_row, c.block_kv), steps)  # blocks wholly before the first row
+    load = functools.partial(_load_queries, q_ref=q_ref, q_bufs=q_bufs, q_ready=q_ready)
     if n_bufs == 1:
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's output has left q_smem
-        plgpu.copy_gmem_to_smem(q_ref.at[rows], c.q_smem, q_ready.at[wg])
+        load(tile, buf)
     plgpu.barrier_wait(q_ready.at[wg * n_bufs + buf])
     head_dim = c.q_smem.shape[-1]
     acc = plgpu.layout_cast(jnp.zeros((BLOCK_Q, head_dim), jnp.float32), plgpu.Layout.WGMMA)
@@ -271,9 +280,7 @@ def _consumer_tile(i, base, *, c: _Consumer, q_bufs, q_ref, o_ref, q_ready, tile
         @pl.when(i + 1 < count)
         def _():
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's output has left the other buffer
-            other = 1 - buf
-            plgpu.copy_gmem_to_smem(q_ref.at[_rows(tile_of(i + 1), wg)[1]], q_bufs.at[other],
-                                    q_ready.at[wg * n_bufs + other])
+            load(tile_of(i + 1), 1 - buf)
     acc, m, l = lax.fori_loop(full, steps, functools.partial(step, masked=True), carry)
     lax.fori_loop(steps, tile.steps, functools.partial(_release_block, c=c, base=base, **more), None)
     pl.when(wg == 0)(functools.partial(_rendezvous, c.turn))
@@ -296,10 +303,8 @@ def _consumer(q_ref, o_ref, len_ref, scratch, *, tile_of, count, block_kv: int, 
     c = _Consumer(q_bufs.at[0], k_smem, v_smem, k_ready, v_ready, k_free, v_free, turn,
                   block_kv, stages, sm_scale * LOG2_E, wait_in_pv, fence_softmax)
     if q_bufs.shape[0] > 1:  # the first tile's queries; each tile loads the next one's
-        @pl.when(count > 0)
-        def _():
-            plgpu.copy_gmem_to_smem(q_ref.at[_rows(tile_of(jnp.int32(0)), wg)[1]], q_bufs.at[0],
-                                    q_ready.at[wg * q_bufs.shape[0]])
+        pl.when(count > 0)(lambda: _load_queries(tile_of(jnp.int32(0)), 0, q_ref=q_ref, q_bufs=q_bufs,
+                                                  q_ready=q_ready))
     tile = functools.partial(_consumer_tile, c=c, q_bufs=q_bufs, q_ref=q_ref, o_ref=o_ref, q_ready=q_ready,
                              tile_of=tile_of, count=count)
     lax.fori_loop(0, count, tile, jnp.int32(0))
