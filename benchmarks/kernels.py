@@ -54,7 +54,8 @@ DECODE_SWEEP = [(128, 4, 3, False, None), (64, 4, 3, True, None), (128, 4, 3, Tr
 # prefetched; 128-key blocks, 3 stages at head_dim 64, 2 at 128), by head_dim: one query buffer (no prefetch),
 # one tile per program (not persistent), run 6's next steps (RESULTS.md), the next key block's wait inside the PV
 # product and a fence after the softmax (alone and together; `attention_mgpu` has both at head_dim <= 128) and,
-# at 64, larger key blocks (shared memory holds 4 stages of 192 keys, 3 of 256: `flash_attention_hopper.smem_bytes`)
+# at 64, larger key blocks (shared memory holds 4 stages of 192 keys, 3 of 256: `flash_attention_hopper.smem_bytes`);
+# at 128, a third stage in place of the second query buffer, and 64-key blocks four deep
 WAIT = dict(wait_in_pv=True)
 FENCE = dict(wait_in_pv=True, fence_softmax=True)
 NO_PREFETCH = dict(prefetch_q=False)
@@ -64,7 +65,9 @@ HOPPER_SWEEP = {64: {"hopper(no prefetch)": NO_PREFETCH, "hopper(a tile a progra
                      "hopper(wait in PV, fence)": FENCE,
                      "hopper(192, 2)": dict(block_kv=192, stages=2), "hopper(256, 2)": dict(block_kv=256, stages=2),
                      "hopper(192, 2, wait in PV, fence)": dict(block_kv=192, stages=2, **FENCE)},
-                128: {"hopper(no prefetch)": NO_PREFETCH, "hopper(a tile a program)": A_TILE_A_PROGRAM,
+                128: {"hopper(no prefetch)": NO_PREFETCH, "hopper(no prefetch, 3 stages)": dict(NO_PREFETCH, stages=3),
+                      "hopper(no prefetch, 3 stages, wait in PV)": dict(NO_PREFETCH, stages=3, **WAIT),
+                      "hopper(64, 4)": dict(block_kv=64, stages=4), "hopper(a tile a program)": A_TILE_A_PROGRAM,
                       "hopper(wait in PV)": WAIT,
                       "hopper(fence)": dict(fence_softmax=True), "hopper(wait in PV, fence)": FENCE}}
 # the ragged float64 checks of the Mosaic GPU kernel: name -> (keywords, the head_dims it runs at); the
@@ -311,8 +314,9 @@ def decode(interpret, sweep, reps, quick, deadline=math.inf):
         grid = [(2, 256, 4, 64), (8, 512, 4, 64)]
         sweep_points = grid[:1]
     else:
-        grid = [(b, c, 16, 64) for c in DECODE_CONTEXTS for b in DECODE_BATCHES]
-        grid += [(b, c, 32, 128) for c in (2048, 8192) for b in (1, 32, 64)]
+        # by context, shortest first (a run cut short by its deadline loses the longest), both head shapes
+        grid = [(b, c, h, d) for c in DECODE_CONTEXTS
+                for h, d, batches in ((16, 64, DECODE_BATCHES), (32, 128, (1, 32, 64))) for b in batches]
         sweep_points = [(8, 8192, 16, 64), (32, 2048, 16, 64), (32, 8192, 16, 64), (64, 2048, 32, 128)]
     if sweep:
         swept = decode_impls(interpret, True)
