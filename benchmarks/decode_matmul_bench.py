@@ -59,132 +59,6 @@ def operands(key, rows, k, n, kind, dtype, copies):
     return ws, kw
 
 
-def tail_operands(key, rows: int, hidden: int, ffn: int, dtype):
-    """Random operands of `decode_tail` in its argument order: attention output, a residual stream with a
-    large mean (as a real one has), weights scaled to keep activations O(1), biases and a LayerNorm near 1."""
-    import jax
-
-    ks = jax.random.split(key, 10)
-
-    def normal(i, shape, scale=1.0):
-        return (scale * jax.random.normal(ks[i], shape)).astype(dtype)
-    return (normal(0, (rows, hidden)), 3 + jax.random.normal(ks[1], (rows, hidden)),
-            normal(2, (hidden, hidden), hidden ** -0.5), normal(3, (hidden,), 0.1),
-            (1 + 0.1 * jax.random.normal(ks[4], (hidden,))).astype(dtype), normal(5, (hidden,), 0.1),
-            normal(6, (hidden, ffn), hidden ** -0.5), normal(7, (ffn,), 0.1),
-            normal(8, (ffn, hidden), ffn ** -0.5), normal(9, (hidden,), 0.1))
-
-
-def float64_tail(attn, x, w_o, b_o, scale, shift, w_i, b_i, w_m, b_m, eps=1e-5) -> np.ndarray:
-    """What `decode_tail` computes, in float64 numpy, with the tanh GELU (gelu_new): an independent reference.
-    The MLP's input and hidden activations are rounded to the weights' dtype, as both implementations do."""
-    import jax.numpy as jnp
-
-    def f64(a):
-        return np.asarray(jnp.asarray(a, jnp.float32), np.float64)
-
-    def rounded(a):
-        return f64(jnp.asarray(a, jnp.float32).astype(w_i.dtype))
-    h = f64(x) + f64(b_o) + f64(attn) @ f64(w_o)
-    mean, var = h.mean(-1, keepdims=True), h.var(-1, keepdims=True)
-    u = rounded((h - mean) / np.sqrt(var + eps) * f64(scale) + f64(shift)) @ f64(w_i) + f64(b_i)
-    g = rounded(0.5 * u * (1 + np.tanh(np.sqrt(2 / np.pi) * (u + 0.044715 * u ** 3))))
-    return h + f64(b_m) + g @ f64(w_m)
-
-
-def three_kernels(attn, x, w_o, b_o, scale, shift, w_i, b_i, w_m, b_m, *, sync, counters, interpret: bool):
-    """The same layer tail as `decode_tail` on three `decode_matmul` kernels, as `gptjax.decode_block` runs it
-    without the persistent kernel."""
-    from gptjax.kernels.decode_matmul import decode_matmul
-
-    mm = partial(decode_matmul, interpret=interpret)
-    h, counters = mm(w_o, attn, bias=b_o, residual=x, counters=counters)
-    g, counters = mm(w_i, h, scale, shift, bias=b_i, activation="gelu_new", out_dtype=w_i.dtype,
-                     counters=counters)
-    out, counters = mm(w_m, g, bias=b_m, residual=h, counters=counters)
-    return out, sync, counters
-
-
-TAIL_VARIANTS = {"no prefetch": dict(prefetch=False), "volatile spin": dict(spin="volatile"),
-                 "4 warps": dict(num_warps=4), "16 warps": dict(num_warps=16), "barriers only": dict(work=False)}
-
-
-def check_tail_phases(config, dtype, rows: int, interpret: bool):
-    """Each phase's output of `decode_tail` (h, g, out) against float64, row by row: one JSON line per launch
-    choice, so that an error on the GPU says which phase and which rows it is in."""
-    import jax
-    import jax.numpy as jnp
-
-    from gptjax.kernels.decode_matmul import new_counters
-    from gptjax.kernels.decode_tail import Options, decode_tail_buffers, new_sync
-
-    ops = tail_operands(jax.random.PRNGKey(7), rows, config.hidden, config.ffn_hidden, dtype)
-    attn, x, w_o, b_o, scale, shift, w_i, b_i, w_m, b_m = ops
-    f64 = lambda a: np.asarray(jnp.asarray(a, jnp.float32), np.float64)  # noqa: E731
-    want_h = f64(x) + f64(b_o) + f64(attn) @ f64(w_o)
-    want_out = float64_tail(*ops)
-    for name, options in {"default": {}, **TAIL_VARIANTS}.items():
-        if not options.get("work", True):
-            continue
-        call = jax.jit(partial(decode_tail_buffers, interpret=interpret, options=Options(**options)))
-        rel = lambda got, want: [round(float(np.linalg.norm(f64(got)[i] - want[i]) / np.linalg.norm(want[i])), 7)  # noqa: E731
-                                 for i in range(rows)]
-        sync, counters = new_sync(), new_counters(config.ffn_hidden)
-        for launch in (1, 2):  # the second finds the barrier and the counters as the first left them
-            try:
-                out, h, g, sync, counters = call(*ops, sync=sync, counters=counters)
-            except Exception as e:
-                print(json.dumps(dict(check="tail phases", variant=name, error=str(e)[:300])), flush=True)
-                break
-            print(json.dumps(dict(check="tail phases", variant=name, launch=launch, rows=rows, h=rel(h, want_h),
-                                  out=rel(out, want_out), g_nonfinite=int(np.sum(~np.isfinite(f64(g)))),
-                                  sync=np.asarray(sync).tolist(), counters=int(np.abs(np.asarray(counters)).sum()))),
-                  flush=True)
-
-
-def time_tail(model: str, config, dtype, rows_list, interpret: bool):
-    """The layer's products after attention: the persistent kernel (`decode_tail`) against the three kernels
-    and XLA, COPIES layers' weights a call, one JSON line each, with the error against `float64_tail`."""
-    import jax
-
-    from gptjax.kernels.decode_matmul import new_counters
-    from gptjax.kernels.decode_tail import decode_tail, decode_tail_reference, new_sync
-
-    from gptjax.kernels.decode_tail import Options
-
-    c, f = config.hidden, config.ffn_hidden
-    weight_bytes = (c * c + 2 * c * f) * dtype.itemsize
-    impls = {"xla": decode_tail_reference, "pallas": partial(three_kernels, interpret=interpret),
-             "pallas-tail": partial(decode_tail, interpret=interpret)}
-    if not interpret:  # the launch choices (`decode_tail.Options`), and the barriers alone (errors meaningless)
-        for name, options in TAIL_VARIANTS.items():
-            impls[f"pallas-tail({name})"] = partial(decode_tail, options=Options(**options))
-    for rows in rows_list:
-        sets = [tail_operands(jax.random.PRNGKey(1000 * rows + i), rows, c, f, dtype) for i in range(COPIES)]
-        xla_gpu = None
-        for name, fn in impls.items():
-            def layers(sets, fn=fn):
-                sync, counters, outs = new_sync(), new_counters(f), []
-                for ops in sets:
-                    out, sync, counters = fn(*ops, sync=sync, counters=counters)
-                    outs.append(out)
-                return outs
-            call = jax.jit(layers)
-            try:
-                s, gpu = time_call(call, sets)
-                got = call(sets[:2])  # two launches: the second finds the barrier as the first left it
-                err = max(float(np.linalg.norm(np.asarray(o, np.float64) - want) / np.linalg.norm(want))
-                          for o, want in zip(got, map(lambda ops: float64_tail(*ops), sets[:2])))
-            except Exception as e:  # a kernel that does not compile: say so, go on
-                print(json.dumps(dict(product="tail", rows=rows, impl=name, error=str(e)[:300])), flush=True)
-                continue
-            xla_gpu = xla_gpu or gpu
-            print(json.dumps(dict(model=model, dtype=dtype.name, product="tail", rows=rows, impl=name,
-                                  us=round(s * 1e6, 2), **gpu_fields(gpu, weight_bytes, None if name == "xla"
-                                                                     else xla_gpu),
-                                  rel_err=float(f"{err:.2e}"))), flush=True)
-
-
 def run_all(matmul, ws, kw):
     """matmul(w, **kw) for every w; a K/V write hands its caches from one product to the next (in place)."""
     outs = []
@@ -274,8 +148,6 @@ def main():
     p.add_argument("--dtype", default="float16")
     p.add_argument("--rows", default="1,8,64")
     p.add_argument("--sweep", action="store_true")
-    p.add_argument("--tail", action="store_true",
-                   help="time the products after attention as one persistent kernel against the three kernels")
     args = p.parse_args()
 
     import jax
@@ -287,11 +159,6 @@ def main():
     config = preset(args.model)
     interpret = jax.default_backend() != "gpu"  # the Pallas interpreter: slow, but the same arithmetic
     dtype = jnp.dtype(args.dtype)
-    if args.tail:
-        for rows in map(int, args.rows.split(",")):
-            check_tail_phases(config, dtype, rows, interpret)
-        time_tail(args.model, config, dtype, list(map(int, args.rows.split(","))), interpret)
-        return
     for name, k, n, kind in products(config):
         for rows in map(int, args.rows.split(",")):
             ws, kw = operands(jax.random.PRNGKey(rows), rows, k, n, kind, dtype, COPIES)

@@ -12,6 +12,8 @@
 # limit, so their JSON is written; every timed row has the host clock's time and, from a profiler trace, the
 # device's kernel time (gpu_us / gpu_ms). The prefill and decode-sweep parts fit in ~400 s with
 #   T_PEERS=60 T_PREFILL=180 T_SWEEP=140 T_SWEEP_SHAPES=105
+# (the Mosaic GPU kernel's 28 checks compile for ~110 s before its timings start: at T_PREFILL=130 none did,
+# RESULTS run 15)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}

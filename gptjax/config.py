@@ -11,7 +11,7 @@ from pathlib import Path
 
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("pallas", "xla", "cudnn")
-MATMUL_IMPLS = ("pallas", "persistent", "xla")  # the decode step's small-batch products (gptjax/decode_block.py)
+MATMUL_IMPLS = ("pallas", "xla")  # the decode step's small-batch products
 ACTIVATIONS = ("gelu_new", "gelu")
 
 

@@ -8,8 +8,6 @@ and no other kernel runs in the layer.
 The default on one GPU for a model whose products fit the kernels, for decode steps of at most `AUTO_ROWS`
 slots (`EngineConfig.decode_matmuls="pallas"`: up to `KERNEL_ROWS`, "xla": never); products whose weights
 exceed `KERNEL_MAX_BYTES` run the same arithmetic through XLA.
-"persistent" runs the products after attention as one persistent kernel instead of three
-(`gptjax.kernels.decode_tail`) where the model's sizes fit it: three kernels per layer.
 The Flax block serves every other case, and is the reference the tests compare this path's tokens against.
 """
 
@@ -22,7 +20,6 @@ import jax.numpy as jnp
 
 from gptjax import kernels
 from gptjax.config import ModelConfig
-from gptjax.kernels import decode_tail
 from gptjax.kernels.decode_matmul import decode_matmul, decode_matmul_reference, new_counters, supports
 
 KERNEL_ROWS = 16  # more rows: XLA's matmuls win (the kernel's tiles grow past the matrix units' 16 rows)
@@ -37,8 +34,8 @@ def choose(requested: str, config: ModelConfig, mesh, backend: str | None = None
     the kernel tiles."""
     dims = (config.hidden, config.ffn_hidden, 3 * config.hidden)
     fits = all(supports(1, k, n) for k in dims for n in dims) and mesh.size == 1
-    if requested in ("pallas", "persistent") and not fits:
-        raise ValueError(f"decode_matmuls={requested!r} needs the model on one device and hidden sizes that are "
+    if requested == "pallas" and not fits:
+        raise ValueError(f"decode_matmuls='pallas' needs the model on one device and hidden sizes that are "
                          f"multiples of 16; this is hidden {config.hidden} on {mesh.size} devices")
     if requested:
         return requested
@@ -55,11 +52,10 @@ def _product(w, *args, interpret: bool, **kw):
     return decode_matmul_reference(w, *args, **kw)
 
 
-def block(config: ModelConfig, attention: str, p, h, layer_kv, pos, counters, sync=None, *, interpret: bool):
+def block(config: ModelConfig, attention: str, p, h, layer_kv, pos, counters, *, interpret: bool):
     """One layer for one new token per row: h [rows, 1, hidden] float32, the layer's (k, v) cache, each row's
-    position, the split counters (`new_counters`) and, to run the products after attention as one persistent
-    kernel where they fit it, its barrier state (`decode_tail.new_sync`) -> (the next h, the cache with the new
-    token's K/V in it, the counters, the barrier state)."""
+    position and the split counters (`new_counters`) -> (the next h, the cache with the new token's K/V in it,
+    the counters)."""
     x = h[:, 0].astype(jnp.float32)
     rows, hidden = x.shape
     dtype = p["qkv"]["kernel"].dtype
@@ -75,20 +71,14 @@ def block(config: ModelConfig, attention: str, p, h, layer_kv, pos, counters, sy
     q = q.reshape(rows, config.n_heads, config.head_dim)
     attn = kernels.decode_step_attention(q, *layer_kv, pos + 1, attention).reshape(rows, hidden)
 
-    out_w = p["attn_out"]["kernel"].reshape(-1, hidden)
-    if sync is not None and decode_tail.supports(rows, hidden, config.ffn_hidden, dtype.itemsize):
-        x, sync, counters = decode_tail.decode_tail(
-            attn, x, out_w, p["attn_out"]["bias"], p["ln_2"]["scale"], p["ln_2"]["bias"], p["mlp_in"]["kernel"],
-            p["mlp_in"]["bias"], p["mlp_out"]["kernel"], p["mlp_out"]["bias"], sync=sync, counters=counters,
-            activation=config.activation, eps=config.layer_norm_eps, interpret=interpret)
-        return x[:, None], layer_kv, counters, sync
-    x, counters = matmul(out_w, attn, bias=p["attn_out"]["bias"], residual=x,
+    out_w = p["attn_out"]["kernel"]
+    x, counters = matmul(out_w.reshape(-1, out_w.shape[-1]), attn, bias=p["attn_out"]["bias"], residual=x,
                          counters=counters)
     mlp, counters = matmul(p["mlp_in"]["kernel"], x, p["ln_2"]["scale"], p["ln_2"]["bias"],
                            bias=p["mlp_in"]["bias"], activation=config.activation, out_dtype=dtype,
                            counters=counters)
     x, counters = matmul(p["mlp_out"]["kernel"], mlp, bias=p["mlp_out"]["bias"], residual=x, counters=counters)
-    return x[:, None], layer_kv, counters, sync
+    return x[:, None], layer_kv, counters
 
 
 def layer_fn(impl: str, config: ModelConfig, rows: int, attention: str):
@@ -96,15 +86,13 @@ def layer_fn(impl: str, config: ModelConfig, rows: int, attention: str):
     `rows` slots runs on the kernels, or None for the Flax block's path (`choose`'s implementation says up to
     how many rows). The layers run one after another in Python (one device: `layout.PerLayer`), so the split
     counters (one zeroed buffer per step) go from each layer to the next here."""
-    if not 0 < rows <= {"pallas": KERNEL_ROWS, "persistent": KERNEL_ROWS, "auto": AUTO_ROWS}.get(impl, 0):
+    if not 0 < rows <= {"pallas": KERNEL_ROWS, "auto": AUTO_ROWS}.get(impl, 0):
         return None
-    carried = {"counters": new_counters(3 * config.hidden, config.ffn_hidden),
-               "sync": decode_tail.new_sync() if impl == "persistent" else None}
+    carried = {"counters": new_counters(3 * config.hidden, config.ffn_hidden)}
 
     def layer(p, h, layer_kv, pos):
-        h, layer_kv, carried["counters"], carried["sync"] = block(
-            config, attention, p, h, layer_kv, pos, carried["counters"], carried["sync"],
-            interpret=jax.default_backend() != "gpu")
+        h, layer_kv, carried["counters"] = block(config, attention, p, h, layer_kv, pos, carried["counters"],
+                                                 interpret=jax.default_backend() != "gpu")
         return h, layer_kv
 
     return layer
