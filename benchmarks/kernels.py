@@ -56,17 +56,21 @@ DECODE_SWEEP = [(128, 4, 3, False, None), (64, 4, 3, True, None), (128, 4, 3, Tr
 # product and a fence after the softmax (alone and together; `attention_mgpu` has both at head_dim <= 128) and,
 # at 64, larger key blocks (shared memory holds 4 stages of 192 keys, 3 of 256: `flash_attention_hopper.smem_bytes`);
 # at 128, a third stage in place of the second query buffer (one tile a program, the fence alone and 64-key blocks
-# four deep were 2-22% slower there in runs 14-15 and are no longer timed)
+# four deep were 2-22% slower there in runs 14-15 and are no longer timed); at both, FlashAttention-3's pipelining
+# within each consumer in place of the ping-pong (`overlap_softmax`), first
 WAIT = dict(wait_in_pv=True)
 FENCE = dict(wait_in_pv=True, fence_softmax=True)
 NO_PREFETCH = dict(prefetch_q=False)
 A_TILE_A_PROGRAM = dict(programs=1 << 30)  # not persistent: the hardware hands out tiles, longest first
-HOPPER_SWEEP = {64: {"hopper(no prefetch)": NO_PREFETCH, "hopper(a tile a program)": A_TILE_A_PROGRAM,
+OVERLAP = dict(overlap_softmax=True)
+HOPPER_SWEEP = {64: {"hopper(overlap)": OVERLAP, "hopper(no prefetch)": NO_PREFETCH,
+                     "hopper(a tile a program)": A_TILE_A_PROGRAM,
                      "hopper(wait in PV)": WAIT,
                      "hopper(wait in PV, fence)": FENCE,
                      "hopper(192, 2)": dict(block_kv=192, stages=2), "hopper(256, 2)": dict(block_kv=256, stages=2),
                      "hopper(192, 2, wait in PV, fence)": dict(block_kv=192, stages=2, **FENCE)},
-                128: {"hopper(wait in PV)": WAIT, "hopper(wait in PV, fence)": FENCE, "hopper(no prefetch)": NO_PREFETCH,
+                128: {"hopper(overlap)": OVERLAP, "hopper(wait in PV)": WAIT, "hopper(wait in PV, fence)": FENCE,
+                      "hopper(no prefetch)": NO_PREFETCH,
                       "hopper(no prefetch, 3 stages)": dict(NO_PREFETCH, stages=3),
                       "hopper(no prefetch, 3 stages, wait in PV)": dict(NO_PREFETCH, stages=3, **WAIT)}}
 # the ragged float64 checks of the Mosaic GPU kernel: name -> (keywords, the head_dims it runs at); the
@@ -74,6 +78,7 @@ HOPPER_SWEEP = {64: {"hopper(no prefetch)": NO_PREFETCH, "hopper(a tile a progra
 # each at the checks' shapes), with and without the prefetched queries, and the padding to whole 192-key
 # blocks (384 rows)
 HOPPER_CHECKS = {"hopper": ({}, (64, 128)), "hopper(7 programs)": (dict(programs=7), (64, 128)),
+                 "hopper(overlap, 7 programs)": (dict(OVERLAP, programs=7), (64, 128)),
                  "hopper(no prefetch, 7 programs)": (dict(prefetch_q=False, programs=7), (64, 128)),
                  "hopper(wait in PV, fence)": (FENCE, (64, 128)),
                  "hopper(192, 2, wait in PV, fence)": (dict(block_kv=192, stages=2, **FENCE), (64,))}

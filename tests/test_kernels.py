@@ -223,6 +223,26 @@ def test_hopper_kernel_options_and_block_limits():
         wide = jnp.zeros((1, 128, 2, 128), jnp.float16)
         hopper_flash_attention(wide, wide, wide, stages=3)
     check_blocks(128, 3, 128)  # run 6 timed it
+    # FlashAttention-3's pipelining within a consumer in place of the ping-pong: its blocks read their scores
+    # while the last block's PV product may still run, and the turns barrier is never taken
+    overlap = str(jax.make_jaxpr(lambda q, n: hopper_flash_attention(q, q, q, lengths=n, overlap_softmax=True))(q, n))
+    assert "wait_n=1" in overlap and "wait_n=1" not in base
+    assert overlap.count("barrier_arrive") < base.count("barrier_arrive")
+    with pytest.raises(ValueError, match="overlap_softmax"):
+        hopper_flash_attention(q, q, q, overlap_softmax=True, wait_in_pv=True)
+
+
+@pytest.mark.parametrize("head_dim, options", [(64, {}), (128, {"overlap_softmax": True})])
+def test_hopper_kernel_lowers_for_cuda_on_any_machine(head_dim, options):
+    """Mosaic GPU cannot run on a CPU, but it lowers there: exporting for CUDA runs the kernel's lowering
+    (layouts, the matrix products' operands, barriers, shared memory), which a trace alone does not."""
+    from jax import export
+
+    q = jax.ShapeDtypeStruct((2, 300, 2, head_dim), jnp.bfloat16)
+    n = jax.ShapeDtypeStruct((2,), jnp.int32)
+    exported = export.export(jax.jit(lambda q, n: hopper_flash_attention(q, q, q, lengths=n, programs=5, **options)),
+                             platforms=["cuda"])(q, n)
+    assert "mosaic_gpu" in exported.mlir_module()
 
 
 def test_decode_attention_reads_the_first_rows_of_a_larger_cache():
