@@ -19,8 +19,10 @@ LAYOUTS = [(1, 1, 1), (2, 1, 4), (1, 1, 8), (1, 2, 4), (2, 2, 2), (1, 4, 1)]
 CONFIG = preset("gpt2-tiny")  # 4 layers, 8 heads, hidden 128
 
 
-@pytest.mark.parametrize("layout", LAYOUTS[1:], ids=lambda l: "data=%d,stage=%d,tensor=%d" % l)
+@pytest.mark.parametrize("layout", [l for l in LAYOUTS[1:] if l != (2, 2, 2)],
+                         ids=lambda l: "data=%d,stage=%d,tensor=%d" % l)
 def test_greedy_tokens_identical_on_every_layout(layout, mesh_reference):
+    # (2, 2, 2): test_engine's serving interface checks its tokens against the same reference
     assert greedy_tokens(engine(layout)) == mesh_reference
 
 
