@@ -173,13 +173,18 @@ def _rendezvous(turn):
     plgpu.barrier_wait(turn)
 
 
+def _slot(c: _Consumer, base, j):
+    """The ring slot of the tile's key block j (`base`: blocks the program loaded before the tile)."""
+    return lax.rem(base + j, jnp.int32(c.stages))
+
+
 def _wait_keys(j, *, c: _Consumer, base, steps):
     """With `wait_in_pv`: wait for the keys of the tile's block j, if the producer loads one (j < steps)."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     @pl.when(j < steps)
     def _():
-        plgpu.barrier_wait(c.k_ready.at[lax.rem(base + j, jnp.int32(c.stages))])
+        plgpu.barrier_wait(c.k_ready.at[_slot(c, base, j)])
 
 
 def _online_softmax(s, m, l, *, c: _Consumer, first_row, j, masked: bool, acc=None):
@@ -198,10 +203,6 @@ def _online_softmax(s, m, l, *, c: _Consumer, first_row, j, masked: bool, acc=No
         acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
     l = l * alpha + p.sum(axis=1)
     return p.astype(c.q_smem.dtype), m_next, l, alpha, acc
-
-
-def _slot(c: _Consumer, base, j):
-    return lax.rem(base + j, jnp.int32(c.stages))
 
 
 def _first_block_softmax(m, l, *, c: _Consumer, first_row, base):
@@ -286,7 +287,7 @@ def _attend_block(j, carry, *, c: _Consumer, first_row, base, masked: bool, step
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     acc, m, l = carry
-    slot = lax.rem(base + j, jnp.int32(c.stages))
+    slot = _slot(c, base, j)
     if not c.wait_in_pv:  # else the keys were waited for in the last block's PV product (or before block 0)
         plgpu.barrier_wait(c.k_ready.at[slot])
 
@@ -320,7 +321,7 @@ def _release_block(j, _, *, c: _Consumer, base, steps=None):
     read a block before it lands, or wait for a phase that has passed)."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
-    slot = lax.rem(base + j, jnp.int32(c.stages))
+    slot = _slot(c, base, j)
     if not c.wait_in_pv:  # else waited for before block 0 or at the end of the last block
         plgpu.barrier_wait(c.k_ready.at[slot])
     plgpu.barrier_arrive(c.k_free.at[slot])
