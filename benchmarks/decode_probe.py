@@ -104,7 +104,7 @@ def probe(engine, batch: int, args, profile: str | None) -> None:
             jax.profiler.start_trace(f"{profile}/{n}")
             run(n)
             jax.profiler.stop_trace()
-            counts[n] = kernel_summary(f"{profile}/{n}", steps, top=40 if n > 1 else 0)
+            counts[n] = kernel_summary(f"{profile}/{n}", steps, top=40 if n > 1 else 25)
         print(json.dumps({"decode_kernels_per_step": round((counts[steps + 1] - counts[1]) / steps, 1)}))
     print(json.dumps({"model": args.model, "dtype": args.dtype, "batch": batch, "input_len": args.input_len,
                       "attention": engine.attention,

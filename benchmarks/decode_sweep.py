@@ -1,7 +1,7 @@
 """Sweep decode attention's launch parameters at the shapes a server sees, and write the table it picks from.
 
     python -m benchmarks.decode_sweep --jsonl OUT.jsonl --table gptjax/kernels/decode_table.py [--quick]
-        [--heads 16x64] [--seqs 2048]   # some shapes only: the table keeps the others' entries
+        [--heads 16x64] [--seqs 2048] [--batches 64,256]   # some shapes only: the table keeps the others'
 
 For each (heads x head_dim, batch, cache length), every candidate (body form, heads per program, block,
 warps, stages, and a split count from a target number of programs) is checked against the `jnp` reference
@@ -31,12 +31,14 @@ from gptjax.kernels import decode_attention, decode_attention_reference, on_gpu
 
 # (heads, head_dim) -> batches x cache lengths: the 6.7B model's layer, and the 345M model's (in this order, so
 # that a time-limited run drops the 345M model's largest shapes, already near the copy rate, first)
-SHAPES = {(32, 128): ([32, 64], [512, 2048]), (16, 64): ([8, 32, 64, 128, 256], [512, 2048])}
+SHAPES = {(32, 128): ([32, 64], [512, 2048]), (16, 64): ([8, 32, 64, 128, 256], [512, 2048, 256])}
 QUICK_SHAPES = {(4, 16): ([2], [64])}
 # (heads_per_program, block_k, num_warps, num_stages, use_dot, target programs to split toward);
 # a head group's tiles are [block_k, G * head_dim]: block_k shrinks as the group widens (shared memory)
 # (run 1 of 2026-12-02 on an H200: the head groups won only at batch 256 x 2048 and 32 x 128 at batch <= 32;
-# run 2 adds per-head variants: deeper or shallower pipelines, smaller and larger blocks)
+# run 2 adds per-head variants: deeper or shallower pipelines, smaller and larger blocks; 8 and 16 heads a
+# program, each key's heads read as one run of 1-2 KB, lost to one head a program by 25-50% at 256-key caches
+# and batch 64-256 in run 16 of RESULTS.md, and are not swept)
 CANDIDATES = {64: [(1, 128, 4, 3, True, 1056), (1, 64, 4, 4, True, 1056), (1, 128, 4, 2, True, 2112),
                    (1, 256, 8, 2, True, 1056), (4, 64, 4, 3, False, 1056)],
               128: [(1, 128, 4, 3, True, 1056), (1, 64, 4, 4, True, 1056), (1, 128, 4, 2, True, 2112),
@@ -149,6 +151,10 @@ def write_table(path: str, best_rows: list[dict], device: str) -> None:
         f.write(text)
 
 
+def _ints(text: str | None) -> list[int]:
+    return [int(x) for x in text.split(",")] if text else []
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--jsonl", default="decode_sweep.jsonl", help="every candidate's row")
@@ -156,7 +162,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="one tiny shape (a smoke run, e.g. on CPU)")
     ap.add_argument("--time-limit", type=float, default=1e9, help="seconds: stop starting new shapes after")
     ap.add_argument("--heads", help="only this heads x head_dim, e.g. 16x64")
-    ap.add_argument("--seqs", help="only these cache lengths, e.g. 2048")
+    ap.add_argument("--seqs", help="these cache lengths in place of the shapes' own, e.g. 256,2048")
+    ap.add_argument("--batches", help="these batch sizes in place of the shapes' own, e.g. 64,256")
     ap.add_argument("--floors", help="the memory bandwidth from this `benchmarks.floors --json` output of the "
                                      "same machine, rather than measured again")
     args = ap.parse_args(argv)
@@ -174,10 +181,8 @@ def main(argv=None) -> int:
         for (heads, head_dim), (batches, seqs) in (QUICK_SHAPES if args.quick else SHAPES).items():
             if args.heads and args.heads != f"{heads}x{head_dim}":
                 continue
-            for max_seq in seqs:
-                if args.seqs and str(max_seq) not in args.seqs.split(","):
-                    continue
-                for batch in batches:
+            for max_seq in _ints(args.seqs) or seqs:
+                for batch in _ints(args.batches) or batches:
                     if time.perf_counter() - started > args.time_limit:
                         break
                     best = sweep_shape(batch, heads, head_dim, max_seq, bandwidth, interpret, 3 if args.quick else 7,

@@ -51,25 +51,25 @@ DECODE_SWEEP = [(128, 4, 3, False, None), (64, 4, 3, True, None), (128, 4, 3, Tr
                 (128, 8, 3, True, None), (256, 8, 3, True, None), (128, 8, 3, False, "x2"), (128, 8, 3, False, "x4"),
                 (128, 4, 3, True, "x2")]
 # the Mosaic GPU kernel's variants timed beside its default (persistent, snake order, the next tile's queries
-# prefetched; 128-key blocks, 3 stages at head_dim 64, 2 at 128), by head_dim: one query buffer (no prefetch),
+# prefetched; 128-key blocks, 3 stages at head_dim 64, 2 at 128 with the next block's wait inside PV), by
+# head_dim: one query buffer (no prefetch), at 128 the wait at the top of the next block (no wait in PV),
 # one tile per program (not persistent), run 6's next steps (RESULTS.md), the next key block's wait inside the PV
 # product and a fence after the softmax (alone and together; `attention_mgpu` has both at head_dim <= 128) and,
 # at 64, larger key blocks (shared memory holds 4 stages of 192 keys, 3 of 256: `flash_attention_hopper.smem_bytes`);
 # at 128, a third stage in place of the second query buffer (one tile a program, the fence alone and 64-key blocks
-# four deep were 2-22% slower there in runs 14-15 and are no longer timed); at both, FlashAttention-3's pipelining
-# within each consumer in place of the ping-pong (`overlap_softmax`), first
+# four deep were 2-22% slower there in runs 14-15, and FlashAttention-3's pipelining within each consumer 10-14%
+# slower at both head dims in run 16 (its code is in f92219e): none is timed now)
 WAIT = dict(wait_in_pv=True)
 FENCE = dict(wait_in_pv=True, fence_softmax=True)
 NO_PREFETCH = dict(prefetch_q=False)
 A_TILE_A_PROGRAM = dict(programs=1 << 30)  # not persistent: the hardware hands out tiles, longest first
-OVERLAP = dict(overlap_softmax=True)
-HOPPER_SWEEP = {64: {"hopper(overlap)": OVERLAP, "hopper(no prefetch)": NO_PREFETCH,
+HOPPER_SWEEP = {64: {"hopper(no prefetch)": NO_PREFETCH,
                      "hopper(a tile a program)": A_TILE_A_PROGRAM,
                      "hopper(wait in PV)": WAIT,
                      "hopper(wait in PV, fence)": FENCE,
                      "hopper(192, 2)": dict(block_kv=192, stages=2), "hopper(256, 2)": dict(block_kv=256, stages=2),
                      "hopper(192, 2, wait in PV, fence)": dict(block_kv=192, stages=2, **FENCE)},
-                128: {"hopper(overlap)": OVERLAP, "hopper(wait in PV)": WAIT, "hopper(wait in PV, fence)": FENCE,
+                128: {"hopper(no wait in PV)": dict(wait_in_pv=False), "hopper(wait in PV, fence)": FENCE,
                       "hopper(no prefetch)": NO_PREFETCH,
                       "hopper(no prefetch, 3 stages)": dict(NO_PREFETCH, stages=3),
                       "hopper(no prefetch, 3 stages, wait in PV)": dict(NO_PREFETCH, stages=3, **WAIT)}}
@@ -79,9 +79,9 @@ HOPPER_SWEEP = {64: {"hopper(overlap)": OVERLAP, "hopper(no prefetch)": NO_PREFE
 # blocks (384 rows)
 HOPPER_CHECKS = {"hopper": ({}, (64, 128)), "hopper(7 programs)": (dict(programs=7), (64, 128)),
                  "hopper(no prefetch, 7 programs)": (dict(prefetch_q=False, programs=7), (64, 128)),
+                 "hopper(no wait in PV, 7 programs)": (dict(wait_in_pv=False, programs=7), (128,)),
                  "hopper(wait in PV, fence)": (FENCE, (64, 128)),
-                 "hopper(192, 2, wait in PV, fence)": (dict(block_kv=192, stages=2, **FENCE), (64,)),
-                 "hopper(overlap, 7 programs)": (dict(OVERLAP, programs=7), (64, 128))}  # last: new on the GPU
+                 "hopper(192, 2, wait in PV, fence)": (dict(block_kv=192, stages=2, **FENCE), (64,))}
 MEM_BUDGET = 6 << 30  # bytes of input sets per timed function
 
 

@@ -8,9 +8,10 @@
 # env.txt, with the versions and the floors).
 # Time limits (seconds, per process): T_PEERS (each of the two prefill peer runs), T_PREFILL (the Mosaic GPU
 # kernel's checks and its variants), T_SWEEP and T_SWEEP_SHAPES (no new sweep shape after), T_DECODE,
-# T_ENGINE. The benchmarks.kernels runs stop starting timings LIMIT_MARGIN (default 20) seconds before their
-# limit, so their JSON is written; every timed row has the host clock's time and, from a profiler trace, the
-# device's kernel time (gpu_us / gpu_ms). The prefill and decode-sweep parts fit in ~400 s with
+# T_ENGINE. OURS: which of our prefill kernels to time (`--only`, default 'hopper*'). The benchmarks.kernels
+# runs stop starting timings LIMIT_MARGIN (default 20) seconds before their limit, so their JSON is written;
+# every timed row has the host clock's time and, from a profiler trace, the device's kernel time (gpu_us /
+# gpu_ms). The prefill and decode-sweep parts fit in ~400 s with
 #   T_PEERS=60 T_PREFILL=180 T_SWEEP=140 T_SWEEP_SHAPES=105
 # (the Mosaic GPU kernel's 28 checks compile for ~110 s before its timings start: at T_PREFILL=130 none did,
 # RESULTS run 15)
@@ -36,7 +37,7 @@ has prefill && timeout "$T_PEERS" python3 -m benchmarks.kernels --skip-decode --
 # (benchmarks/kernels.py HOPPER_SWEEP: the next key block's wait inside PV, the softmax fence, 192/256-key
 # blocks at head_dim 64) at the four shapes, bf16 then fp16
 has prefill && timeout "$T_PREFILL" python3 -m benchmarks.kernels --skip-decode --checks hopper \
-  --prefill-dtypes bfloat16,float16 --only 'hopper*' --time-limit "$(limit "$T_PREFILL")" \
+  --prefill-dtypes bfloat16,float16 --only "${OURS:-hopper*}" --time-limit "$(limit "$T_PREFILL")" \
   --json "$OUT/prefill.json" >> "$OUT/prefill.log" 2>&1
 has decode-sweep && timeout "${T_SWEEP:-240}" python3 -m benchmarks.decode_sweep --jsonl "$OUT/decode_sweep.jsonl" \
   --table "$OUT/decode_table.py" --time-limit "${T_SWEEP_SHAPES:-200}" ${SWEEP_HEADS:+--heads $SWEEP_HEADS} ${SWEEP_SEQS:+--seqs $SWEEP_SEQS} \

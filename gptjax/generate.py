@@ -69,14 +69,15 @@ def generate(engine, prompts, max_new_tokens: int | None = None, *, temperature:
         tokens[i, : len(row)] = row
     lengths = np.array([len(r) for r in ids], np.int32)
     out, logprobs = engine.complete(tokens, lengths, n_new, params)
-    return [_result(engine.tokenizer, row, out[i].tolist(), logprobs[i], stops, return_logprobs)
+    new = [_until_stop(row, stops) for row in out.tolist()]
+    texts = engine.tokenizer.decode_batch(new)
+    return [GenerationResult(prompt_ids=row, output_ids=new[i], text=texts[i],
+                             finish_reason="stop" if len(new[i]) < n_new or new[i][-1] in stops else "length",
+                             logprobs=logprobs[i, : len(new[i])].tolist() if return_logprobs else None)
             for i, row in enumerate(ids)]
 
 
-def _result(tokenizer, prompt: list[int], new: list[int], logprobs, stops: set[int], with_logprobs: bool):
+def _until_stop(new: list[int], stops: set[int]) -> list[int]:
+    """The new tokens up to and including the first stop token."""
     stop_at = next((j for j, t in enumerate(new) if t in stops), None)
-    if stop_at is not None:
-        new = new[: stop_at + 1]
-    return GenerationResult(prompt_ids=prompt, output_ids=new, text=tokenizer.decode(new),
-                            finish_reason="stop" if stop_at is not None else "length",
-                            logprobs=logprobs[: len(new)].tolist() if with_logprobs else None)
+    return new if stop_at is None else new[: stop_at + 1]

@@ -35,6 +35,8 @@ def check_token_ids(ids, vocab_size: int, most: int, field: str, what: str = "id
         raise ValueError(f"{field} must be a list of token ids, got {type(ids).__name__}")
     if len(ids) > most:
         raise ValueError(f"{field} has {len(ids)} {what}")
+    if all(type(t) is int for t in ids) and (not ids or (min(ids) >= 0 and max(ids) < vocab_size)):
+        return list(ids)  # the common case, checked in C loops (a 256-prompt batch: ~1 ms, not ~40)
     out = []
     for i, t in enumerate(ids):
         if isinstance(t, bool) or not isinstance(t, numbers.Integral):

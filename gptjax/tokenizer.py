@@ -43,7 +43,14 @@ class Tokenizer:
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids) -> str:
-        return self._tok.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size], skip_special_tokens=False)
+        return self._tok.decode(self._known(ids), skip_special_tokens=False)
+
+    def decode_batch(self, rows) -> list[str]:
+        """`decode` of each row, the rows decoded in parallel."""
+        return self._tok.decode_batch([self._known(r) for r in rows], skip_special_tokens=False)
+
+    def _known(self, ids) -> list[int]:
+        return [int(i) for i in ids if 0 <= int(i) < self.vocab_size]
 
 
 @lru_cache(maxsize=1)

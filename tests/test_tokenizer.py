@@ -48,3 +48,9 @@ def test_user_files(tmp_path):
 
 def test_decode_skips_ids_outside_the_vocabulary():
     assert default_tokenizer().decode([15496, 50300, 995]) == "Hello world"
+
+
+def test_decode_batch_is_decode_of_each_row():
+    tok = default_tokenizer()
+    rows = [tok.encode(t) for t in TEXTS] + [[15496, 50300, 995]]
+    assert tok.decode_batch(rows) == [tok.decode(r) for r in rows]

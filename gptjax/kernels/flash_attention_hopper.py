@@ -21,13 +21,12 @@ mask, and the producer loads the larger of the two consumers' counts; a consumer
 the remaining slots unread. Right padding needs no key mask: a valid query never sees a later key. Query
 rows of a consumer wholly past its sequence's length read nothing and are written as zeros.
 
-Static options (off by default until a GPU run times them, `benchmarks/kernels.py`): `wait_in_pv` waits
-for the next key block right after issuing the PV product, inside its scope, so the wait overlaps the matrix
-product (JAX's `attention_mgpu` does this) instead of at the top of the next block; `fence_softmax` puts an
+Two static orderings, timed by `benchmarks/kernels.py`: `wait_in_pv` waits for the next key block right after
+issuing the PV product, inside its scope, so the wait overlaps the matrix product (JAX's `attention_mgpu` does
+this) instead of at the top of the next block (the default at head_dim 128, where runs 15-16 of RESULTS.md
+measured it 0.5-2% faster; off at 64); `fence_softmax` (off) puts an
 optimization barrier between the softmax and its "done" signal, so the compiler cannot sink softmax work past
-the point where the other consumer takes the matrix units. A third, `overlap_softmax`, replaces the ping-pong by
-FlashAttention-3's pipelining within each consumer: block j's QK^T and block j - 1's PV are issued together and
-block j's softmax runs while the PV product does (`_overlapped_blocks`; more registers live at once).
+the point where the other consumer takes the matrix units.
 """
 
 from __future__ import annotations
@@ -92,15 +91,6 @@ def check_blocks(block_kv: int, stages: int, head_dim: int, itemsize: int = 2, q
                          f"shared memory (+{SMEM_RESERVED} reserved), over the {SMEM_BYTES} a block may use")
 
 
-def _check_orderings(stages: int, wait_in_pv: bool, fence_softmax: bool, overlap_softmax: bool) -> None:
-    """Raise ValueError for option combinations the kernel cannot run."""
-    if wait_in_pv and stages < 2:
-        raise ValueError("wait_in_pv needs stages >= 2 (the next block's slot is freed only after this block)")
-    if overlap_softmax and (wait_in_pv or fence_softmax or stages < 2):
-        raise ValueError("overlap_softmax takes neither wait_in_pv nor fence_softmax (they order the ping-pong "
-                         "it replaces), and needs stages >= 2")
-
-
 def _visible_blocks(first_row, length, block_kv: int):
     """Key blocks that query rows [first_row, first_row + BLOCK_Q) see: up to the last row (causal) and not
     past the sequence's end; none for rows wholly past it."""
@@ -162,7 +152,6 @@ class _Consumer(NamedTuple):
     scale: float  # softmax scale times log2(e): scores in base 2, exp2 below
     wait_in_pv: bool = False  # wait for block j + 1's keys inside block j's PV product (module docstring)
     fence_softmax: bool = False  # an optimization barrier before the softmax's "done" arrival
-    overlap_softmax: bool = False  # block j's softmax runs while block j - 1's PV product does (`_overlapped_blocks`)
 
 
 def _rendezvous(turn):
@@ -173,112 +162,13 @@ def _rendezvous(turn):
     plgpu.barrier_wait(turn)
 
 
-def _slot(c: _Consumer, base, j):
-    """The ring slot of the tile's key block j (`base`: blocks the program loaded before the tile)."""
-    return lax.rem(base + j, jnp.int32(c.stages))
-
-
 def _wait_keys(j, *, c: _Consumer, base, steps):
     """With `wait_in_pv`: wait for the keys of the tile's block j, if the producer loads one (j < steps)."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     @pl.when(j < steps)
     def _():
-        plgpu.barrier_wait(c.k_ready.at[_slot(c, base, j)])
-
-
-def _online_softmax(s, m, l, *, c: _Consumer, first_row, j, masked: bool, acc=None):
-    """Key block j's scores s [64, block_kv] -> (P in the inputs' dtype, the rows' new max and sum, alpha: the
-    factor that brings the output accumulated so far to the new max, and `acc` times alpha if given)."""
-    import jax.experimental.pallas.mosaic_gpu as plgpu
-
-    if masked:
-        rows = plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=plgpu.Layout.WGMMA)
-        keys = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
-        s = jnp.where(first_row + rows >= j * c.block_kv + keys, s, -jnp.inf)
-    m_next = jnp.maximum(m, s.max(axis=1) * c.scale)
-    alpha = jnp.exp2(m - m_next)
-    p = jnp.exp2(s * c.scale - lax.broadcast_in_dim(m_next, s.shape, [0]))  # one FMA per score
-    if acc is not None:
-        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-    l = l * alpha + p.sum(axis=1)
-    return p.astype(c.q_smem.dtype), m_next, l, alpha, acc
-
-
-def _first_block_softmax(m, l, *, c: _Consumer, first_row, base):
-    """`_overlapped_blocks`' first block: its scores alone, and their softmax -> (P, the rows' max and sum)."""
-    import jax.experimental.pallas.mosaic_gpu as plgpu
-
-    slot = _slot(c, base, 0)
-    plgpu.barrier_wait(c.k_ready.at[slot])
-
-    def scores(s_ref):
-        plgpu.wgmma(s_ref, c.q_smem, plgpu.transpose_ref(c.k_smem.at[slot], (1, 0)))
-        return s_ref[...]
-    s = pl.run_scoped(scores, plgpu.ACC((BLOCK_Q, c.block_kv), jnp.float32))
-    plgpu.barrier_arrive(c.k_free.at[slot])
-    # masked whatever the tile's first unmasked block count: a block wholly before the rows passes the test anyway
-    return _online_softmax(s, m, l, c=c, first_row=first_row, j=0, masked=True)[:3]
-
-
-def _overlapped_block(j, carry, *, c: _Consumer, first_row, base, masked: bool):
-    """Block j's QK^T, then block j - 1's PV, then block j's softmax while that PV product may still run."""
-    import jax.experimental.pallas.mosaic_gpu as plgpu
-
-    acc, p, m, l = carry
-    plgpu.barrier_wait(c.k_ready.at[_slot(c, base, j)])
-    plgpu.barrier_wait(c.v_ready.at[_slot(c, base, j - 1)])
-
-    def both_products(refs):
-        s_ref, o_ref, p_ref, m_ref, l_ref, alpha_ref = refs
-        plgpu.wgmma(s_ref, c.q_smem, plgpu.transpose_ref(c.k_smem.at[_slot(c, base, j)], (1, 0)))
-        plgpu.wgmma(o_ref, p_ref[...], c.v_smem.at[_slot(c, base, j - 1)])
-        s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # the scores; the PV product may still run
-        plgpu.barrier_arrive(c.k_free.at[_slot(c, base, j)])
-        p_ref[...], m_ref[...], l_ref[...], alpha_ref[...], _ = _online_softmax(
-            s, m_ref[...], l_ref[...], c=c, first_row=first_row, j=j, masked=masked)
-    zero_s = plgpu.layout_cast(jnp.zeros((BLOCK_Q, c.block_kv), jnp.float32), plgpu.Layout.WGMMA)
-    _, acc, p, m, l, alpha = pl.run_state(both_products)((plgpu.ACC.init(zero_s), plgpu.ACC.init(acc), p, m, l, m))
-    plgpu.barrier_arrive(c.v_free.at[_slot(c, base, j - 1)])
-    return acc * lax.broadcast_in_dim(alpha, acc.shape, [0]), p, m, l
-
-
-def _last_block_values(carry, *, c: _Consumer, base, steps):
-    """`_overlapped_blocks`' last PV product (block steps - 1) -> the accumulated output."""
-    import jax.experimental.pallas.mosaic_gpu as plgpu
-
-    acc, p, _, _ = carry
-    slot = _slot(c, base, steps - 1)
-    plgpu.barrier_wait(c.v_ready.at[slot])
-
-    def weighted_values(o_ref):
-        plgpu.wgmma(o_ref, p, c.v_smem.at[slot])
-    acc = pl.run_state(weighted_values)(plgpu.ACC.init(acc))
-    plgpu.barrier_arrive(c.v_free.at[slot])
-    return acc
-
-
-def _overlapped_blocks(carry, *, c: _Consumer, first_row, base, full, steps, between):
-    """Key blocks [0, steps) of the tile with FlashAttention-3's pipelining within a warpgroup instead of the
-    ping-pong between the two: block j's QK^T is issued, then block j - 1's PV, and block j's softmax runs as
-    soon as its scores are in (`wait_n=1`: the PV product may still run), so the matrix units work through
-    each softmax. The output takes block j's rescaling once block j - 1's PV is in. Each block's barriers are
-    waited for and released once, as in `_attend_block`: K_j in step j, V_j in step j + 1 (or the last).
-    `between` runs after the unmasked blocks (the next tile's query load)."""
-    import jax.experimental.pallas.mosaic_gpu as plgpu
-
-    acc, m, l = carry
-    zero_p = plgpu.layout_cast(jnp.zeros((BLOCK_Q, c.block_kv), c.q_smem.dtype), plgpu.Layout.WGMMA)
-    first = functools.partial(_first_block_softmax, m, l, c=c, first_row=first_row, base=base)
-    p, m, l = lax.cond(steps > 0, first, lambda: (zero_p, m, l))
-    block = functools.partial(_overlapped_block, c=c, first_row=first_row, base=base)
-    first_masked = jnp.maximum(full, 1)
-    carry = lax.fori_loop(1, first_masked, functools.partial(block, masked=False), (acc, p, m, l))
-    between()
-    carry = lax.fori_loop(first_masked, steps, functools.partial(block, masked=True), carry)
-    last = functools.partial(_last_block_values, c=c, base=base, steps=steps)
-    acc = lax.cond(steps > 0, last, lambda carry: carry[0], carry)
-    return acc, carry[2], carry[3]
+        plgpu.barrier_wait(c.k_ready.at[lax.rem(base + j, jnp.int32(c.stages))])
 
 
 def _attend_block(j, carry, *, c: _Consumer, first_row, base, masked: bool, steps=None):
@@ -287,7 +177,7 @@ def _attend_block(j, carry, *, c: _Consumer, first_row, base, masked: bool, step
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     acc, m, l = carry
-    slot = _slot(c, base, j)
+    slot = lax.rem(base + j, jnp.int32(c.stages))
     if not c.wait_in_pv:  # else the keys were waited for in the last block's PV product (or before block 0)
         plgpu.barrier_wait(c.k_ready.at[slot])
 
@@ -297,7 +187,16 @@ def _attend_block(j, carry, *, c: _Consumer, first_row, base, masked: bool, step
         return s_ref[...]
     s = pl.run_scoped(scores, plgpu.ACC((BLOCK_Q, c.block_kv), jnp.float32))
     plgpu.barrier_arrive(c.k_free.at[slot])
-    p16, m_next, l, _, acc = _online_softmax(s, m, l, c=c, first_row=first_row, j=j, masked=masked, acc=acc)
+    if masked:
+        rows = plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=plgpu.Layout.WGMMA)
+        keys = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
+        s = jnp.where(first_row + rows >= j * c.block_kv + keys, s, -jnp.inf)
+    m_next = jnp.maximum(m, s.max(axis=1) * c.scale)
+    alpha = jnp.exp2(m - m_next)
+    p = jnp.exp2(s * c.scale - lax.broadcast_in_dim(m_next, s.shape, [0]))  # one FMA per score
+    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+    l = l * alpha + p.sum(axis=1)
+    p16 = p.astype(c.q_smem.dtype)
     if c.fence_softmax:  # the softmax's values exist before the arrival says so
         acc, l, m_next, p16 = lax.optimization_barrier((acc, l, m_next, p16))
     plgpu.barrier_arrive(c.turn)  # softmax done: the other consumer may issue its product
@@ -321,15 +220,14 @@ def _release_block(j, _, *, c: _Consumer, base, steps=None):
     read a block before it lands, or wait for a phase that has passed)."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
-    slot = _slot(c, base, j)
+    slot = lax.rem(base + j, jnp.int32(c.stages))
     if not c.wait_in_pv:  # else waited for before block 0 or at the end of the last block
         plgpu.barrier_wait(c.k_ready.at[slot])
     plgpu.barrier_arrive(c.k_free.at[slot])
     plgpu.barrier_wait(c.v_ready.at[slot])
     plgpu.barrier_arrive(c.v_free.at[slot])
-    if not c.overlap_softmax:  # keep the ping-pong's turns in step with the other consumer
-        _rendezvous(c.turn)
-        _rendezvous(c.turn)
+    _rendezvous(c.turn)
+    _rendezvous(c.turn)
     if c.wait_in_pv:
         _wait_keys(j + 1, c=c, base=base, steps=steps)
 
@@ -376,24 +274,17 @@ def _consumer_tile(i, base, *, c: _Consumer, q_bufs, q_ref, o_ref, q_ready, tile
     more = dict(steps=tile.steps) if c.wait_in_pv else {}
     if c.wait_in_pv:
         _wait_keys(jnp.int32(0), c=c, base=base, steps=tile.steps)
-    def prefetch_next_queries():
-        if n_bufs > 1:
-            @pl.when(i + 1 < count)
-            def _():
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's output has left the other buffer
-                load(tile_of(i + 1), 1 - buf)
-    if c.overlap_softmax:
-        acc, m, l = _overlapped_blocks((acc, m, l), c=c, first_row=first_row, base=base, full=full, steps=steps,
-                                       between=prefetch_next_queries)
-    else:
-        pl.when(wg == 1)(functools.partial(_rendezvous, c.turn))  # consumer 0 takes the matrix units first
-        step = functools.partial(_attend_block, c=c, first_row=first_row, base=base, **more)
-        carry = lax.fori_loop(0, full, functools.partial(step, masked=False), (acc, m, l))
-        prefetch_next_queries()
-        acc, m, l = lax.fori_loop(full, steps, functools.partial(step, masked=True), carry)
+    pl.when(wg == 1)(functools.partial(_rendezvous, c.turn))  # consumer 0 takes the matrix units first
+    step = functools.partial(_attend_block, c=c, first_row=first_row, base=base, **more)
+    carry = lax.fori_loop(0, full, functools.partial(step, masked=False), (acc, m, l))
+    if n_bufs > 1:
+        @pl.when(i + 1 < count)
+        def _():
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's output has left the other buffer
+            load(tile_of(i + 1), 1 - buf)
+    acc, m, l = lax.fori_loop(full, steps, functools.partial(step, masked=True), carry)
     lax.fori_loop(steps, tile.steps, functools.partial(_release_block, c=c, base=base, **more), None)
-    if not c.overlap_softmax:
-        pl.when(wg == 0)(functools.partial(_rendezvous, c.turn))
+    pl.when(wg == 0)(functools.partial(_rendezvous, c.turn))
     # l >= 1 for every row that saw a key (its max scores exp2(0)); rows that saw none keep acc = 0
     acc = acc / lax.broadcast_in_dim(jnp.maximum(l, 1e-30), acc.shape, [0])
     c.q_smem[...] = acc.astype(c.q_smem.dtype)
@@ -403,7 +294,7 @@ def _consumer_tile(i, base, *, c: _Consumer, q_bufs, q_ref, o_ref, q_ready, tile
 
 
 def _consumer(q_ref, o_ref, len_ref, scratch, *, tile_of, count, block_kv: int, stages: int, sm_scale: float,
-              wait_in_pv: bool, fence_softmax: bool, overlap_softmax: bool):
+              wait_in_pv: bool, fence_softmax: bool):
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     q_smem2, k_smem, v_smem, k_ready, v_ready, q_ready, k_free, v_free, turn = scratch
@@ -411,7 +302,7 @@ def _consumer(q_ref, o_ref, len_ref, scratch, *, tile_of, count, block_kv: int, 
     wg = lax.axis_index("wg")
     q_bufs = q_smem2.at[wg]
     c = _Consumer(q_bufs.at[0], k_smem, v_smem, k_ready, v_ready, k_free, v_free, turn,
-                  block_kv, stages, sm_scale * LOG2_E, wait_in_pv, fence_softmax, overlap_softmax)
+                  block_kv, stages, sm_scale * LOG2_E, wait_in_pv, fence_softmax)
     if q_bufs.shape[0] > 1:  # the first tile's queries; each tile loads the next one's
         pl.when(count > 0)(lambda: _load_queries(tile_of(jnp.int32(0)), 0, q_ref=q_ref, q_bufs=q_bufs,
                                                   q_ready=q_ready))
@@ -448,7 +339,7 @@ def _producer(k_ref, v_ref, scratch, *, tile_of, count, block_kv: int, stages: i
 
 def _program(len_ref, q_ref, k_ref, v_ref, o_ref, *scratch, block_kv: int, stages: int, sm_scale: float,
              n_tiles: int, heads: int, batch_size: int, seq: int, use_lengths: bool, programs: int,
-             wait_in_pv: bool, fence_softmax: bool, overlap_softmax: bool):
+             wait_in_pv: bool, fence_softmax: bool):
     program, n_total = lax.axis_index("p"), n_tiles * heads * batch_size
 
     def tile_of(i):  # this program's i-th tile
@@ -458,34 +349,15 @@ def _program(len_ref, q_ref, k_ref, v_ref, o_ref, *scratch, block_kv: int, stage
                   stages=stages)
     wg = lax.axis_index("wg")
     pl.when(wg < CONSUMERS)(functools.partial(_consumer, q_ref, o_ref, len_ref, scratch, sm_scale=sm_scale,
-                                              wait_in_pv=wait_in_pv, fence_softmax=fence_softmax,
-                                              overlap_softmax=overlap_softmax, **common))
+                                              wait_in_pv=wait_in_pv, fence_softmax=fence_softmax, **common))
     pl.when(wg == CONSUMERS)(functools.partial(_producer, k_ref, v_ref, scratch, **common))
 
 
-def _scratch(dtype, head_dim: int, block_kv: int, stages: int, q_buffers: int) -> list:
-    """A program's shared memory (`smem_bytes` counts it), in `_program`'s scratch order: the query buffers,
-    the key and value rings, then the barriers: keys and values ready, queries ready, keys and values free,
-    the consumers' turns."""
-    import jax.experimental.pallas.mosaic_gpu as plgpu
-
-    # 128-byte swizzled tiles of 64 columns: the layout wgmma reads without bank conflicts
-    transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-    return [plgpu.SMEM((CONSUMERS, q_buffers, BLOCK_Q, head_dim), dtype, transforms=transforms),
-            plgpu.SMEM((stages, block_kv, head_dim), dtype, transforms=transforms),
-            plgpu.SMEM((stages, block_kv, head_dim), dtype, transforms=transforms),
-            plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
-            plgpu.Barrier(num_barriers=CONSUMERS * q_buffers),
-            plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
-            plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
-            plgpu.Barrier(num_arrivals=CONSUMERS)]
-
-
 @functools.partial(jax.jit, static_argnames=("block_kv", "stages", "use_lengths", "programs", "wait_in_pv",
-                                             "fence_softmax", "prefetch_q", "overlap_softmax"))
+                                             "fence_softmax", "prefetch_q"))
 def hopper_flash_attention(q, k, v, *, lengths=None, block_kv: int | None = None, stages: int | None = None,
-                           use_lengths: bool = True, programs: int | None = None, wait_in_pv: bool = False,
-                           fence_softmax: bool = False, prefetch_q: bool = True, overlap_softmax: bool = False):
+                           use_lengths: bool = True, programs: int | None = None, wait_in_pv: bool | None = None,
+                           fence_softmax: bool = False, prefetch_q: bool = True):
     """q, k, v: [batch, seq, heads, head_dim] (bf16 or fp16, head_dim 64 or 128); lengths: [batch] valid
     lengths (right padding) or None. Causal, scale 1/sqrt(head_dim); rows past a length are unspecified
     (zeros for whole 64-row blocks past it). `use_lengths=False` ignores lengths (full causal work).
@@ -495,10 +367,7 @@ def hopper_flash_attention(q, k, v, *, lengths=None, block_kv: int | None = None
     `prefetch_q` (default) gives each consumer two query buffers, so that a tile's queries load while the last
     tile finishes (`_consumer_tile`); off, one. `block_kv`: 64, 128, 192 or 256 keys where shared memory holds
     `stages` of them (`check_blocks`). `wait_in_pv`, `fence_softmax`: the orderings of the module docstring
-    (`wait_in_pv` needs stages >= 2: block j + 1 must not reuse block j's slot). `overlap_softmax`: each
-    consumer overlaps its own softmax with its matrix products (`_overlapped_blocks`) instead of the
-    ping-pong with the other; not with the two orderings, and with stages >= 2 (blocks j - 1 and j are in
-    the ring at once)."""
+    (`wait_in_pv` needs stages >= 2: block j + 1 must not reuse block j's slot; None: on at head_dim 128)."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     batch, seq, heads, head_dim = q.shape
@@ -511,7 +380,10 @@ def hopper_flash_attention(q, k, v, *, lengths=None, block_kv: int | None = None
     block_kv, stages = block_kv or d.block_kv, stages or d.stages
     q_buffers = 2 if prefetch_q else 1
     check_blocks(block_kv, stages, head_dim, jnp.dtype(q.dtype).itemsize, q_buffers)
-    _check_orderings(stages, wait_in_pv, fence_softmax, overlap_softmax)
+    if wait_in_pv is None:
+        wait_in_pv = head_dim == 128 and stages >= 2
+    if wait_in_pv and stages < 2:
+        raise ValueError("wait_in_pv needs stages >= 2 (the next block's slot is freed only after this block)")
     # whole query tiles and whole key blocks (the larger of the two roundings; tiles past `seq` stay empty)
     padded = max(pl.cdiv(seq, step) * step for step in (CONSUMERS * BLOCK_Q, block_kv))
     if padded != seq:  # TMA moves whole blocks: pad the sequence, slice after
@@ -519,11 +391,20 @@ def hopper_flash_attention(q, k, v, *, lengths=None, block_kv: int | None = None
     lengths = (jnp.full((batch,), seq, jnp.int32) if lengths is None
                else jnp.minimum(lengths.astype(jnp.int32), seq))
     n_tiles = padded // (CONSUMERS * BLOCK_Q)
+    # 128-byte swizzled tiles of 64 columns: the layout wgmma reads without bank conflicts
+    transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    scratch = [plgpu.SMEM((CONSUMERS, q_buffers, BLOCK_Q, head_dim), q.dtype, transforms=transforms),
+               plgpu.SMEM((stages, block_kv, head_dim), q.dtype, transforms=transforms),
+               plgpu.SMEM((stages, block_kv, head_dim), q.dtype, transforms=transforms),
+               plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
+               plgpu.Barrier(num_barriers=CONSUMERS * q_buffers),
+               plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
+               plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
+               plgpu.Barrier(num_arrivals=CONSUMERS)]
     programs = min(programs or getattr(jax.devices()[0], "core_count", 132), n_tiles * heads * batch)
     body = functools.partial(_program, block_kv=block_kv, stages=stages, sm_scale=1.0 / math.sqrt(head_dim),
                              n_tiles=n_tiles, heads=heads, batch_size=batch, seq=seq, use_lengths=use_lengths,
-                             programs=programs, wait_in_pv=wait_in_pv, fence_softmax=fence_softmax,
-                             overlap_softmax=overlap_softmax)
+                             programs=programs, wait_in_pv=wait_in_pv, fence_softmax=fence_softmax)
     out = plgpu.kernel(
         body,
         out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -531,7 +412,7 @@ def hopper_flash_attention(q, k, v, *, lengths=None, block_kv: int | None = None
         grid_names=("p",),
         num_threads=CONSUMERS + 1,
         thread_name="wg",
-        scratch_types=_scratch(q.dtype, head_dim, block_kv, stages, q_buffers),
+        scratch_types=scratch,
         compiler_params=plgpu.CompilerParams(approx_math=True),
     )(lengths, q, k, v)
     return out[:, :seq]
