@@ -37,7 +37,7 @@ QUICK_SHAPES = {(4, 16): ([2], [64])}
 # a head group's tiles are [block_k, G * head_dim]: block_k shrinks as the group widens (shared memory)
 # (run 1 of 2026-12-02 on an H200: the head groups won only at batch 256 x 2048 and 32 x 128 at batch <= 32;
 # run 2 adds per-head variants: deeper or shallower pipelines, smaller and larger blocks; 8 and 16 heads a
-# program, each key's heads read as one run of 1-2 KB, lost to one head a program by 25-50% at 256-key caches
+# program, each key's heads read as one run of 1-2 KB, lost to one head a program by 25-54% at 256-key caches
 # and batch 64-256 in run 16 of RESULTS.md, and are not swept)
 CANDIDATES = {64: [(1, 128, 4, 3, True, 1056), (1, 64, 4, 4, True, 1056), (1, 128, 4, 2, True, 2112),
                    (1, 256, 8, 2, True, 1056), (4, 64, 4, 3, False, 1056)],
