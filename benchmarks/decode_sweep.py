@@ -2,16 +2,17 @@
 
     python -m benchmarks.decode_sweep --jsonl OUT.jsonl --table gptjax/kernels/decode_table.py [--quick]
         [--heads 16x64] [--seqs 2048] [--batches 64,256]   # some shapes only: the table keeps the others'
+        [--ragged]
 
 For each (heads x head_dim, batch, cache length), every candidate (body form, heads per program, block,
 warps, stages, and a split count from a target number of programs) is checked against the `jnp` reference
-and timed over full caches (every entry valid), GB/s over the K/V bytes read, beside the device's memory
-bandwidth measured in the same run (`benchmarks.floors`). Two times per row: `us`, the host clock's median
-over dispatches of several input sets, and on a GPU `gpu_us`, the kernels' own time (the decode kernel and its
-combine step) summed over one more dispatch in a profiler trace, per input set (`benchmarks.kernels.
-timed_device`); GB/s and the fraction of bandwidth come from each. The fastest correct candidate of each shape,
-by `gpu_us` where every candidate has it (by `us` otherwise, e.g. on the CPU), goes into the table;
-`gptjax.kernels.decode_attention.choose_params` reads it.
+and timed over full caches (every entry valid; with `--ragged`, lengths uniform in [1, max_seq]), GB/s over
+the valid K/V bytes, beside the device's memory bandwidth measured in the same run (`benchmarks.floors`).
+Two times per row: `us`, the host clock's median over dispatches of several input sets, and on a GPU `gpu_us`,
+the kernels' own time (the decode kernel and its combine step) summed over one more dispatch in a profiler
+trace, per input set (`benchmarks.kernels.timed_device`); GB/s and the fraction of bandwidth come from each.
+The fastest correct candidate of each shape, by `gpu_us` where every candidate has it (by `us` otherwise, e.g.
+on the CPU), goes into the table; `gptjax.kernels.decode_attention.choose_params` reads it.
 """
 
 from __future__ import annotations
@@ -38,9 +39,11 @@ QUICK_SHAPES = {(4, 16): ([2], [64])}
 # (run 1 of 2026-12-02 on an H200: the head groups won only at batch 256 x 2048 and 32 x 128 at batch <= 32;
 # run 2 adds per-head variants: deeper or shallower pipelines, smaller and larger blocks; 8 and 16 heads a
 # program, each key's heads read as one run of 1-2 KB, lost to one head a program by 25-54% at 256-key caches
-# and batch 64-256 in run 16 of RESULTS.md, and are not swept)
+# and batch 64-256 in run 16 of RESULTS.md, and are not swept; 64-key blocks two deep put twice the programs
+# on a multiprocessor as 128-key ones, for rows of a few blocks (run 16: the engine's rows of 129-145 keys in
+# 192-position caches read 53% of the floor, full 256-key caches 90%))
 CANDIDATES = {64: [(1, 128, 4, 3, True, 1056), (1, 64, 4, 4, True, 1056), (1, 128, 4, 2, True, 2112),
-                   (1, 256, 8, 2, True, 1056), (4, 64, 4, 3, False, 1056)],
+                   (1, 256, 8, 2, True, 1056), (4, 64, 4, 3, False, 1056), (1, 64, 4, 2, True, 2112)],
               128: [(1, 128, 4, 3, True, 1056), (1, 64, 4, 4, True, 1056), (1, 128, 4, 2, True, 2112),
                     (2, 64, 4, 3, False, 1056), (4, 32, 8, 3, False, 528)],
               16: [(1, 16, 4, 3, True, 8), (4, 16, 4, 3, False, 8)]}
@@ -94,18 +97,21 @@ def pick_best(rows: list[dict], tol: float = 3e-2):
     return min(ok, key=lambda r: r[key]) | {"chosen_by": key}
 
 
-def sweep_shape(batch, heads, head_dim, max_seq, bandwidth, interpret, reps, out):
-    sets = decode_inputs(batch, max_seq, heads, head_dim)
+def sweep_shape(batch, heads, head_dim, max_seq, bandwidth, interpret, reps, out, ragged: bool = False):
+    """`ragged`: each row's length uniform in [1, max_seq] (a server's mix of short and long sequences) in
+    place of full caches; the bytes are the valid K/V's either way."""
+    sets = decode_inputs(batch, max_seq, heads, head_dim, ragged=ragged)
     q, kc, vc, lengths = sets[0]
     ref = decode_attention_reference(q.astype(jnp.float32), kc.astype(jnp.float32), vc.astype(jnp.float32), lengths)
-    kv_bytes = 2 * batch * max_seq * heads * head_dim * 2
+    kv_bytes = sum(2 * int(jnp.sum(s[3])) * heads * head_dim * 2 for s in sets) / len(sets)
     rows, nan = [], float("nan")
     for params in candidates(batch, heads, head_dim, max_seq):
         kw = dict(zip(("heads_per_program", "block_k", "num_splits", "num_warps", "num_stages", "use_dot"), params))
 
         def fn(q, k, v, n, kw=kw):
             return decode_attention(q, k, v, n, interpret=interpret, **kw)
-        row = {"batch": batch, "max_seq": max_seq, "heads": heads, "head_dim": head_dim, "params": params}
+        row = {"batch": batch, "max_seq": max_seq, "heads": heads, "head_dim": head_dim, "ragged": ragged,
+               "params": params}
         try:
             row["rel_err"] = rel_err(jax.jit(fn)(q, kc, vc, lengths), ref)
             row |= timing_fields(*timed_device(fn, sets, reps=reps), kv_bytes, bandwidth)
@@ -115,7 +121,8 @@ def sweep_shape(batch, heads, head_dim, max_seq, bandwidth, interpret, reps, out
         out.write(json.dumps(row) + "\n")
         out.flush()
     for name, fn in peers().items():  # beside the candidates, in the same run: XLA (the engine's "xla"), cuDNN
-        row = {"batch": batch, "max_seq": max_seq, "heads": heads, "head_dim": head_dim, "peer": name}
+        row = {"batch": batch, "max_seq": max_seq, "heads": heads, "head_dim": head_dim, "ragged": ragged,
+               "peer": name}
         try:
             row |= timing_fields(*timed_device(fn, sets, reps=reps), kv_bytes, bandwidth)
         except Exception as e:
@@ -164,6 +171,8 @@ def main(argv=None) -> int:
     ap.add_argument("--heads", help="only this heads x head_dim, e.g. 16x64")
     ap.add_argument("--seqs", help="these cache lengths in place of the shapes' own, e.g. 256,2048")
     ap.add_argument("--batches", help="these batch sizes in place of the shapes' own, e.g. 64,256")
+    ap.add_argument("--ragged", action="store_true",
+                    help="time (and choose) on rows of lengths uniform in [1, max_seq] rather than full caches")
     ap.add_argument("--floors", help="the memory bandwidth from this `benchmarks.floors --json` output of the "
                                      "same machine, rather than measured again")
     args = ap.parse_args(argv)
@@ -186,7 +195,7 @@ def main(argv=None) -> int:
                     if time.perf_counter() - started > args.time_limit:
                         break
                     best = sweep_shape(batch, heads, head_dim, max_seq, bandwidth, interpret, 3 if args.quick else 7,
-                                       out)
+                                       out, args.ragged)
                     if best:
                         best_rows.append(best)
     if args.table:

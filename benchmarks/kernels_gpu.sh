@@ -7,7 +7,8 @@
 # benchmarks.kernels with the table in use. engine: greedy tokens with --attention pallas and xla (into
 # env.txt, with the versions and the floors).
 # Time limits (seconds, per process): T_PEERS (each of the two prefill peer runs), T_PREFILL (the Mosaic GPU
-# kernel's checks and its variants), T_SWEEP and T_SWEEP_SHAPES (no new sweep shape after), T_DECODE,
+# kernel's checks and its variants), T_SWEEP and T_SWEEP_SHAPES (no new sweep shape after; SWEEP_HEADS,
+# SWEEP_SEQS, SWEEP_BATCHES and SWEEP_RAGGED=1 pass decode_sweep's options), T_DECODE,
 # T_ENGINE. OURS: which of our prefill kernels to time (`--only`, default 'hopper*'). The benchmarks.kernels
 # runs stop starting timings LIMIT_MARGIN (default 20) seconds before their limit, so their JSON is written;
 # every timed row has the host clock's time and, from a profiler trace, the device's kernel time (gpu_us /
@@ -41,6 +42,7 @@ has prefill && timeout "$T_PREFILL" python3 -m benchmarks.kernels --skip-decode 
   --json "$OUT/prefill.json" >> "$OUT/prefill.log" 2>&1
 has decode-sweep && timeout "${T_SWEEP:-240}" python3 -m benchmarks.decode_sweep --jsonl "$OUT/decode_sweep.jsonl" \
   --table "$OUT/decode_table.py" --time-limit "${T_SWEEP_SHAPES:-200}" ${SWEEP_HEADS:+--heads $SWEEP_HEADS} ${SWEEP_SEQS:+--seqs $SWEEP_SEQS} \
+  ${SWEEP_BATCHES:+--batches $SWEEP_BATCHES} ${SWEEP_RAGGED:+--ragged} \
   > "$OUT/decode_sweep.log" 2>&1
 has decode && timeout "$T_DECODE" python3 -m benchmarks.kernels --skip-prefill --checks none \
   --time-limit "$(limit "$T_DECODE")" --json "$OUT/decode.json" > "$OUT/decode.log" 2>&1
