@@ -31,6 +31,18 @@ def _greedy_only_sampling() -> None:
     sampling.sample, sampling.row_keys = argmax, no_keys
 
 
+def _two_step_decode() -> None:
+    """Store each step's K/V with XLA's scatter, then attend: the decode step before `decode_attention_append`
+    took the step's qkv whole, to time one against the other."""
+    from gptjax import cache, kernels
+
+    def two_steps(qkv, layer_kv, positions, impl):
+        layer_kv = cache.write_token(layer_kv, qkv[:, 1], qkv[:, 2], positions)
+        return kernels.decode_step_attention(qkv[:, 0], *layer_kv, positions + 1, impl), layer_kv
+
+    kernels.decode_step_append = two_steps
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="megatron-345m")
@@ -44,6 +56,8 @@ def main():
                    help="pallas | xla | both, comma-separated (one engine each; default: the engine's choice)")
     p.add_argument("--profile", help="write jax.profiler traces of the first batch size here, and summarise them")
     p.add_argument("--greedy-only", action="store_true", help="replace the sampler by a bare argmax")
+    p.add_argument("--two-step-decode", action="store_true",
+                   help="store each step's K/V with XLA's scatter, then attend (not in the attention kernel)")
     p.add_argument("--hlo", help="write the optimized HLO of the generate program to this file")
     args = p.parse_args()
 
@@ -52,6 +66,8 @@ def main():
 
     if args.greedy_only:
         _greedy_only_sampling()
+    if args.two_step_decode:
+        _two_step_decode()
     for impl in args.decode_matmuls.split(","):
         engine = Engine.from_preset(args.model, dtype=args.dtype, engine_config=EngineConfig(
             attention=args.attention, decode_matmuls=impl))
@@ -109,7 +125,8 @@ def probe(engine, batch: int, args, profile: str | None) -> None:
     print(json.dumps({"model": args.model, "dtype": args.dtype, "batch": batch, "input_len": args.input_len,
                       "attention": engine.attention,
                       "decode_matmuls": engine.decode_matmuls,
-                      "greedy_only": args.greedy_only, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                      "greedy_only": args.greedy_only, "two_step_decode": args.two_step_decode,
+                      "xla_flags": os.environ.get("XLA_FLAGS", ""),
                       "prefill_plus_first_ms": round(one * 1e3, 3),
                       "decode_ms_per_token": round((full - one) / args.steps * 1e3, 4),
                       "first_call_s": round(compile_full, 2), "first_row_tokens": first_row[:32],

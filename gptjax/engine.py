@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptjax import cache as kv_cache
 from gptjax import compile_cache, decode_block, distributed, kernels, sampling, sharding, warmup
 from gptjax.checkpoint import load_checkpoint
 from gptjax.config import EngineConfig, ModelConfig, preset
@@ -130,7 +129,8 @@ class Engine:
         positions = jnp.broadcast_to(jnp.arange(bucket, dtype=jnp.int32), tokens.shape)
 
         def layer(layer_params, h, layer_kv, lengths):
-            def attend(_, q, k, v):
+            def attend(_, qkv):
+                q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
                 grown = (self.layout.fit_kv(k, layer_kv[0]), self.layout.fit_kv(v, layer_kv[1]))
                 return kernels.prefill_attention(q, k, v, lengths, self.attention), grown
             return self._block(layer_params, h, attend)
@@ -155,9 +155,9 @@ class Engine:
         pos = state.positions
 
         def layer(layer_params, h, layer_kv, pos):
-            def attend(_, q, k, v):
-                new_kv = kv_cache.write_token(layer_kv, k[:, 0], v[:, 0], pos)
-                return kernels.decode_step_attention(q[:, 0], *new_kv, pos + 1, self.attention)[:, None], new_kv
+            def attend(_, qkv):
+                out, new_kv = kernels.decode_step_append(qkv[:, 0], layer_kv, pos, self.attention)
+                return out[:, None], new_kv
             return self._block(layer_params, h, attend)
 
         fused = decode_block.layer_fn(self.decode_matmuls, self.config, pos.shape[0], self.attention)

@@ -38,12 +38,18 @@ class Layout(abc.ABC):
     """The parameters' tree and shardings, the cache's buffers and writes, and how the layers run."""
 
     lead = 0  # stacked axes before a cache buffer's `slots` axis
-    leading_rows = True  # whether a call may run only a state's first rows (a decode bucket)
 
     def __init__(self, config: ModelConfig, mesh: Mesh):
         self.config, self.mesh, self.shape = config, mesh, mesh_shape(mesh)
         check_layout(config, self.shape)
         self.vocab_rows = padded_vocab(config, self.shape.tensor)
+
+    @property
+    def leading_rows(self) -> bool:
+        """Whether a decode call may run only a state's first rows (a decode bucket): not with the rows split
+        over `data`, where a call's first rows and the cache's first rows are split differently (the kernels
+        run per shard, each pairing its own rows of both)."""
+        return self.shape.data == 1
 
     # ---- parameters ---------------------------------------------------------------------------------
     @cached_property

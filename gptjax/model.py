@@ -15,8 +15,9 @@ import jax.numpy as jnp
 
 from gptjax.config import ModelConfig
 
-# attend(layer, q, k, v) -> (out, layer_state); q/k/v/out are [batch, seq, heads, head_dim]
-Attend = Callable[[int, jax.Array, jax.Array, jax.Array], tuple[jax.Array, object]]
+# attend(layer, qkv) -> (out, layer_state); qkv is [batch, seq, 3, heads, head_dim] (queries, keys, values: one
+# array, so a kernel may read all three without XLA copying each out), out [batch, seq, heads, head_dim]
+Attend = Callable[[int, jax.Array], tuple[jax.Array, object]]
 
 def gelu_tanh(x):
     """GPT-2's GELU ("gelu_new"): the tanh approximation."""
@@ -102,7 +103,7 @@ class Block(nn.Module):
         qkv = nn.DenseGeneral((3, cfg.n_heads, cfg.head_dim), name="qkv", **dense,
                               kernel_init=_init(cfg.init_std, ("embed", "qkv", "heads", "head_dim")),
                               bias_init=_zeros(("qkv", "heads", "head_dim")))(h)
-        attn, layer_state = attend(self.layer, qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+        attn, layer_state = attend(self.layer, qkv)
         x = x + nn.DenseGeneral(cfg.hidden, axis=(-2, -1), name="attn_out", **dense,
                                 kernel_init=_init(out_std, ("heads", "head_dim", "embed")),
                                 bias_init=_zeros(("norm",)))(attn)
@@ -167,8 +168,8 @@ class GPT(nn.Module):
         return self.logits(x)
 
 
-def _init_attend(layer, q, k, v):
-    return v, None
+def _init_attend(layer, qkv):
+    return qkv[:, :, 2], None
 
 
 def init_params(config: ModelConfig, seed: int | None = None):

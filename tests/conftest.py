@@ -139,8 +139,8 @@ def forward_logits(config, params, tokens):
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     model = GPT(config, vocab_rows=params["wte"].shape[0])
 
-    def attend(layer, q, k, v):
-        return flash_attention_reference(q, k, v, lengths=None, causal=True), None
+    def attend(layer, qkv):
+        return flash_attention_reference(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], lengths=None, causal=True), None
 
     x, _ = model.apply({"params": params}, tokens, positions, attend)
     return model.apply({"params": params}, x, method=GPT.logits)

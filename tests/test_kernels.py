@@ -127,6 +127,54 @@ def test_decode_attention_matches_float64(case, dtype, use_dot):
     assert err < TOL[dtype], f"relative error {err:.2e} (seed {seed})"
 
 
+# (batch, rows, max_seq, heads, head_dim, overrides): one chunk and several (the last past max_seq), both body
+# forms, a cache with more rows than the step, and the two-step path (head groups; a head_dim of 40)
+APPEND_CASES = [(3, 3, 100, 2, 16, dict(block_k=16, num_splits=1, use_dot=True, heads_per_program=1)),
+                (4, 6, 200, 2, 32, dict(block_k=32, num_splits=3, use_dot=False, heads_per_program=1)),
+                (2, 2, 70, 2, 16, dict(block_k=16, num_splits=2, use_dot=True, heads_per_program=1)),
+                (3, 3, 64, 4, 16, dict(block_k=16, num_splits=2, heads_per_program=2)),
+                (2, 2, 50, 2, 40, dict(heads_per_program=1))]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16, np.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("case", APPEND_CASES, ids=lambda c: f"{c[0]}x{c[2]}x{c[3]}x{c[4]}-{len(c[5])}")
+def test_decode_attention_append_stores_then_attends(case, dtype):
+    """The step's key and value stored at each row's position (0, the last entry, and between) and attended
+    with the cache's entries before it: the caches as `cache.write_token` leaves them, bit for bit, and the
+    output against float64."""
+    from gptjax.cache import write_token
+    from gptjax.kernels import decode_attention_append
+
+    batch, rows, max_seq, heads, head_dim, overrides = case
+    rng, seed = fresh_rng()
+    qkv = draw(rng, (batch, 3, heads, head_dim), dtype)
+    k_cache, v_cache = (draw(rng, (rows, max_seq, heads, head_dim), dtype) for _ in range(2))
+    positions = rng.integers(0, max_seq, size=batch).astype(np.int32)
+    positions[0], positions[-1] = 0, max_seq - 1
+    want_k, want_v = write_token((k_cache, v_cache), qkv[:, 1], qkv[:, 2], jnp.asarray(positions))
+    out, new_k, new_v = decode_attention_append(qkv, k_cache, v_cache, jnp.asarray(positions), interpret=True,
+                                                **overrides)
+    np.testing.assert_array_equal(np.asarray(new_k), np.asarray(want_k))
+    np.testing.assert_array_equal(np.asarray(new_v), np.asarray(want_v))
+    assert out.shape == (batch, heads, head_dim) and out.dtype == qkv.dtype
+    ref = decode_reference64(qkv[:, 0], want_k[:batch], want_v[:batch], positions + 1)
+    err = np.linalg.norm(np.asarray(out, np.float64) - ref) / np.linalg.norm(ref)
+    assert err < TOL[dtype], f"relative error {err:.2e} (seed {seed})"
+
+
+def test_decode_attention_append_lowers_for_cuda_with_the_caches_in_place():
+    """Triton's lowering runs on any machine: one kernel, its caches aliased to its inputs (no copy of them)."""
+    from gptjax.kernels import decode_attention_append
+
+    qkv = jax.ShapeDtypeStruct((8, 3, 16, 64), jnp.bfloat16)
+    cache = jax.ShapeDtypeStruct((8, 576, 16, 64), jnp.bfloat16)
+    positions = jax.ShapeDtypeStruct((8,), jnp.int32)
+    for overrides in ({"heads_per_program": 1}, {"heads_per_program": 1, "num_splits": 4, "use_dot": False}):
+        step = jax.jit(lambda *a, kw=overrides: decode_attention_append(*a, **kw))
+        text = step.trace(qkv, cache, cache, positions).lower(lowering_platforms=("cuda",)).as_text()
+        assert text.count("xla.gpu.triton") == 1 and text.count("output_operand_alias<") == 2
+
+
 # (batch, max_seq, heads, head_dim, heads_per_program, block_k, num_splits, dtype): head groups of 2, of every
 # head (4), and of 16 (no padded columns of the block-diagonal query), split and not
 HEAD_GROUP_CASES = [(3, 100, 4, 16, 2, 16, 3, np.float32), (2, 77, 4, 32, 4, 16, 1, jnp.bfloat16),
@@ -310,11 +358,20 @@ def test_dispatch_runs_per_shard_under_a_mesh():
     ls = jax.device_put(lengths, NamedSharding(mesh, P("data")))
     prefill = jax.jit(lambda *a: kernels.prefill_attention(*a, "pallas"))
     decode = jax.jit(lambda *a: kernels.decode_step_attention(*a, "pallas"))
+    append = jax.jit(lambda qkv, k, v, pos: kernels.decode_step_append(qkv, (k, v), pos, "pallas"))
+    step = jnp.stack([q[:, 1], k[:, 1], v[:, 1]], axis=1)  # the token at position 1 again
     with jax.set_mesh(mesh):
         assert "shard_map" in str(jax.make_jaxpr(prefill)(qs, ks, vs, ls))
         out = prefill(qs, ks, vs, ls)
         out1 = decode(qs[:, 0], ks, vs, ls)
         odd = decode(qs[:3, 0], ks[:3], vs[:3], ls[:3])  # 3 rows don't split over data=2: kept whole
+        appended, (k2, v2) = append(step, ks, vs, ls - 1)
+    assert k2.sharding.is_equivalent_to(ks.sharding, k2.ndim)  # the caches stay where they were
+    np.testing.assert_allclose(np.asarray(appended),
+                               decode_reference64(q[:, 1], np.asarray(k2), np.asarray(v2), np.asarray(lengths)),
+                               rtol=2e-3, atol=2e-4)
+    last = np.asarray(lengths) - 1
+    np.testing.assert_array_equal(np.asarray(k2)[np.arange(4), last], np.asarray(k)[:, 1])
     assert out.sharding.spec == P("data", None, "tensor", None)
     n = np.asarray(lengths)
     assert valid_rows_error(out, prefill_reference64(q, k, v, n), n) < 2e-3, f"seed {seed}"
@@ -324,7 +381,8 @@ def test_dispatch_runs_per_shard_under_a_mesh():
 
 
 def test_engine_greedy_tokens_pallas_equal_xla(monkeypatch):
-    """Every Pallas kernel at once (interpret mode) against the XLA path: attention, and the decode matmuls.
+    """Every Pallas kernel at once (interpret mode) against the XLA path: attention, and the decode matmuls;
+    then attention alone, its decode kernel storing each step's K/V (`decode_attention_append`).
     With `KERNEL_MAX_BYTES` at 200 KB, gpt2-tiny's QKV (196 KB) and attention out run on the matmul kernels
     and the MLP's two products (256 KB each) through XLA: both paths and their hand-over of the residual, as
     for the 6.7B model. float32: in 16-bit formats the paths round at
@@ -338,8 +396,12 @@ def test_engine_greedy_tokens_pallas_equal_xla(monkeypatch):
     xla = gptjax.Engine.from_preset("gpt2-tiny", engine_config=gptjax.EngineConfig(attention="xla"))
     pallas = gptjax.Engine.from_preset("gpt2-tiny", engine_config=gptjax.EngineConfig(attention="pallas",
                                                                                       decode_matmuls="pallas"))
+    # the Flax block's decode step with the attention kernel that stores the step's K/V itself
+    appending = gptjax.Engine.from_preset("gpt2-tiny", engine_config=gptjax.EngineConfig(attention="pallas",
+                                                                                         decode_matmuls="xla"))
     assert (xla.decode_matmuls, pallas.decode_matmuls) == ("xla", "pallas")
     want = xla.generate(prompts, max_new_tokens=8, greedy=True, stop_token_ids=[])
-    got = pallas.generate(prompts, max_new_tokens=8, greedy=True, stop_token_ids=[])
-    assert [r.output_ids for r in got] == [r.output_ids for r in want]
+    for engine in (pallas, appending):
+        got = engine.generate(prompts, max_new_tokens=8, greedy=True, stop_token_ids=[])
+        assert [r.output_ids for r in got] == [r.output_ids for r in want]
     assert len({tuple(r.output_ids) for r in want}) > 1  # the prompts really lead different ways

@@ -138,3 +138,16 @@ def test_model_params_undo_the_layout():
     ids = [MESH_PROMPTS[0]]
     want = np.asarray(forward_logits(CONFIG, engine((1, 1, 1)).model_params(), ids))
     np.testing.assert_allclose(np.asarray(forward_logits(CONFIG, own, ids)), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("data, stage, buckets", [(1, 1, [2, 4, 8]), (2, 1, [8]), (1, 2, [8])])
+def test_decode_runs_leading_rows_only_on_one_data_shard(data, stage, buckets):
+    """With rows split over `data`, a call's first rows and the cache's first rows sit on different devices
+    (the kernels pair each shard's own rows of both): such a mesh runs every row; so does the pipeline."""
+    from gptjax.layout import layout_for
+    from gptjax.planning import ShapePlan
+
+    mesh = make_mesh(data=data, stage=stage, devices=jax.devices()[: data * stage])
+    layout = layout_for(preset("gpt2-tiny"), mesh)
+    assert layout.leading_rows == (data == 1 and stage == 1)
+    assert ShapePlan(64, 16, 64, 8, data, layout.leading_rows).decode_buckets(8) == buckets

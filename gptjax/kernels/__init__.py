@@ -3,8 +3,9 @@
 - "pallas": our kernels. Prefill on a Hopper GPU (sm_90) runs `hopper_flash_attention` (Mosaic GPU: wgmma,
   TMA, warp specialisation) where it supports the shape (head_dim 64 or 128, fp16/bf16), else
   `flash_attention` (Triton); decode runs `decode_attention` (Triton), its launch parameters from the swept
-  table. Off a GPU the Pallas interpreter runs the Triton-form kernels (slow, but the same arithmetic: it is
-  how the tests check them on CPU).
+  table, or `decode_attention_append`, which also stores the step's keys and values. Off a GPU the Pallas
+  interpreter runs the Triton-form kernels (slow, but the same arithmetic: it is how the tests check them on
+  CPU).
 - "xla": the plain `jnp` references, which XLA fuses as it can.
 - "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")` for prefill (GPU, fp16/bf16 only); decode
   uses the reference, which XLA fuses well enough for one query.
@@ -23,13 +24,14 @@ import functools
 import jax
 from jax.sharding import PartitionSpec as P
 
-from gptjax.kernels.decode_attention import decode_attention, decode_attention_reference
+from gptjax.cache import write_token
+from gptjax.kernels.decode_attention import decode_attention, decode_attention_append, decode_attention_reference
 from gptjax.kernels.flash_attention import flash_attention, flash_attention_reference
 from gptjax.kernels.flash_attention_hopper import hopper_flash_attention, supports as hopper_supports
 
-__all__ = ["prefill_attention", "decode_step_attention", "default_impl", "on_gpu", "on_hopper",
-           "flash_attention", "flash_attention_reference", "hopper_flash_attention", "decode_attention",
-           "decode_attention_reference"]
+__all__ = ["prefill_attention", "decode_step_attention", "decode_step_append", "default_impl", "on_gpu",
+           "on_hopper", "flash_attention", "flash_attention_reference", "hopper_flash_attention", "decode_attention",
+           "decode_attention_append", "decode_attention_reference"]
 
 
 def on_gpu() -> bool:
@@ -71,14 +73,29 @@ def decode_step_attention(q, k_cache, v_cache, lengths, impl: str):
     return decode_attention_reference(q, k_cache, v_cache, lengths)
 
 
+def decode_step_append(qkv, layer_kv, positions, impl: str):
+    """One decode step's attention with its own keys and values: qkv [batch, 3, heads, head_dim] (the new
+    token's query, key and value per sequence), the layer's (k, v) caches [rows, max_seq, heads, head_dim] and
+    `positions` [batch] where the new tokens go -> (out [batch, heads, head_dim], the caches with them stored).
+    "pallas" stores and attends in one kernel (`decode_attention_append`); the others store, then attend."""
+    if impl == "pallas":
+        kernel = functools.partial(decode_attention_append, interpret=not on_gpu())
+        out, k, v = _per_shard(kernel, (qkv, *layer_kv, positions), (_STEP, _QKV, _QKV, _ROWS), (_Q1, _QKV, _QKV))
+        return out, (k, v)
+    layer_kv = write_token(layer_kv, qkv[:, 1], qkv[:, 2], positions)
+    return decode_step_attention(qkv[:, 0], *layer_kv, positions + 1, impl), layer_kv
+
+
 # logical axes of the kernels' operands, mapped to mesh axes by gptjax.sharding's one table
 _QKV = ("slots", "cache_seq", "heads", "head_dim")  # [batch, seq, heads, head_dim]
 _Q1 = ("slots", "heads", "head_dim")  # [batch, heads, head_dim]
+_STEP = ("slots", "qkv", "heads", "head_dim")  # [batch, 3, heads, head_dim]: a step's query, key and value
 _ROWS = ("slots",)  # [batch]
 
 
 def _per_shard(fn, args, logical, out_logical):
-    """fn(*args), inside shard_map when a mesh with more than one device is set; plain otherwise."""
+    """fn(*args), inside shard_map when a mesh with more than one device is set; plain otherwise.
+    `out_logical`: the output's logical axes, or a tuple of them for a tuple of outputs."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return fn(*args)
@@ -90,8 +107,10 @@ def _per_shard(fn, args, logical, out_logical):
         return P(*(a if a is not None and _splits(mesh, a, n) else None for a, n in zip(mesh_axes, shape)))
 
     in_specs = tuple(spec(axes, x.shape) for axes, x in zip(logical, args))
-    out_spec = spec(out_logical, args[0].shape)
-    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_spec, check_vma=False)(*args)
+    out_shapes = jax.eval_shape(fn, *args)
+    out_specs = (tuple(spec(axes, o.shape) for axes, o in zip(out_logical, out_shapes))
+                 if isinstance(out_shapes, (tuple, list)) else spec(out_logical, out_shapes.shape))
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
 
 
 def _splits(mesh, axes, n: int) -> bool:

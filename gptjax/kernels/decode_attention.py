@@ -21,6 +21,11 @@ Two forms of the program body, both tested against the reference:
   matrix units do at memory speed) to keep every reduction inside one matrix product.
 Which form, block size and split count a shape gets comes from `decode_table.TABLE`, which the sweep
 (`benchmarks/decode_sweep.py`) writes; shapes it does not cover get `default_params`.
+
+`decode_attention_append` is a decode step's whole attention: it takes the step's query, key and value as
+one [batch, 3, heads, head_dim] array (the QKV product's output, uncopied), attends over the cache's entries
+before each row's position and the new key, and stores the new key and value into the caches in place: one
+kernel where XLA would run a copy of each of q, k and v out of the product and a scatter of k and v.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from gptjax.cache import write_token
 from gptjax.kernels import decode_table
 
 # aim for this many programs (several per multiprocessor of a 132-SM H100) before splitting the sequence
@@ -116,12 +122,21 @@ def _store(out_refs, acc, m, l, split: bool):
         o_ref[...] = acc.astype(o_ref.dtype)
 
 
-def _per_head_kernel(len_ref, q_ref, k_ref, v_ref, *out_refs, sm_scale: float, block_k: int, chunk: int,
-                     split: bool, rows: int, max_seq: int):
+def _per_head_kernel(len_ref, q_ref, k_ref, v_ref, *refs, sm_scale: float, block_k: int, chunk: int,
+                     split: bool, rows: int, max_seq: int, append: bool = False):
     """rows == 1: scores and outputs by elementwise products and reductions. rows == 16: the query repeated
     over 16 rows so that both products run on the matrix units (whose smallest tile has 16 rows); that
-    wastes FLOPs nobody needs but keeps reductions inside warps and lets Triton pipeline the tile loads."""
-    length = jnp.clip(len_ref[...], 0, max_seq)  # here, not a kernel of its own before the launch
+    wastes FLOPs nobody needs but keeps reductions inside warps and lets Triton pipeline the tile loads.
+    `append` (`decode_attention_append`): len_ref holds the new token's position, refs start with its key and
+    value and end with the caches (aliased to k_ref and v_ref): the cache's keys before that position are
+    read, the new one is taken from its ref and stored by the program whose chunk holds the position."""
+    if append:
+        k_new_ref, v_new_ref, *out_refs, k_out_ref, v_out_ref = refs
+        position = jnp.clip(len_ref[...], 0, max_seq - 1)
+        length = position  # the cache's keys before the new token
+    else:
+        out_refs = refs
+        length = jnp.clip(len_ref[...], 0, max_seq)  # here, not a kernel of its own before the launch
     start = pl.program_id(1) * chunk
     q = q_ref[...]
     head_dim = q.shape[-1]
@@ -152,7 +167,27 @@ def _per_head_kernel(len_ref, q_ref, k_ref, v_ref, *out_refs, sm_scale: float, b
     acc, m, l = lax.fori_loop(n_full, n_end, functools.partial(body, masked=True), carry)
     # every row holds the same numbers: keep one
     acc, m, l = jnp.max(acc, axis=0), jnp.max(m, axis=0, keepdims=True), jnp.max(l, axis=0, keepdims=True)
+    if append:
+        owner = (start <= position) & (position < start + chunk)
+        acc, m, l = _append_key(acc, m, l, q_ref[...], k_new_ref[...], v_new_ref[...], owner, sm_scale)
+
+        @pl.when(owner)
+        def _():
+            row = pl.ds(position - start, 1)
+            k_out_ref[row, :] = k_new_ref[...][None, :].astype(k_out_ref.dtype)
+            v_out_ref[row, :] = v_new_ref[...][None, :].astype(v_out_ref.dtype)
     _store(out_refs, acc / jnp.where(l == 0.0, 1.0, l), m, l, split)
+
+
+def _append_key(acc, m, l, q, k, v, owner, sm_scale: float):
+    """The running softmax (acc [d], m and l [1], base 2) with one more key and value where `owner`, unchanged
+    elsewhere; safe on a chunk that has seen no key (m = -inf)."""
+    s = jnp.sum(q.astype(jnp.float32) * k.astype(jnp.float32)) * (sm_scale * math.log2(math.e))
+    s = jnp.where(owner, s, -jnp.inf)
+    m_next = jnp.maximum(m, s)
+    base = jnp.where(m_next == -jnp.inf, 0.0, m_next)
+    alpha, p = jnp.exp2(m - base), jnp.exp2(s - base)
+    return acc * alpha + p * v.astype(jnp.float32), m_next, l * alpha + p
 
 
 def _load_kv_block(k_ref, v_ref, j, block_k: int, start, length, masked: bool):
@@ -200,8 +235,35 @@ def _head_group_kernel(len_ref, q_ref, k_ref, v_ref, *out_refs, sm_scale: float,
     _store(out_refs, jnp.sum(jnp.where(own, acc, 0.0), axis=0), m, l, split)
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "block_k", "num_splits", "num_warps", "num_stages",
-                                             "use_dot", "heads_per_program"))
+def _check_caches(k_cache, v_cache, batch: int, heads: int, head_dim: int) -> int:
+    """Raise ValueError unless the caches are [rows >= batch, max_seq, heads, head_dim]; return max_seq."""
+    rows, max_seq = k_cache.shape[:2]
+    if rows < batch or k_cache.shape[2:] != (heads, head_dim) or v_cache.shape != k_cache.shape:
+        raise ValueError(f"caches must be [rows >= {batch}, max_seq, {heads}, {head_dim}], "
+                         f"got {k_cache.shape} and {v_cache.shape}")
+    return max_seq
+
+
+_OVERRIDES = ("heads_per_program", "block_k", "num_splits", "num_warps", "num_stages", "use_dot")
+
+
+def _launch_params(batch: int, heads: int, max_seq: int, head_dim: int, dtype, overrides: dict) -> DecodeParams:
+    """`choose_params`'s choice for a (power-of-two padded) head_dim, with the caller's overrides."""
+    chosen = choose_params(batch, heads, max_seq, max(16, pl.next_power_of_2(head_dim)), jnp.dtype(dtype).itemsize)
+    params = chosen._replace(**{k: v for k, v in overrides.items() if v is not None})
+    if heads % params.heads_per_program:
+        raise ValueError(f"heads_per_program={params.heads_per_program} must divide heads={heads}")
+    return params
+
+
+def _chunks(max_seq: int, params: DecodeParams) -> tuple[int, int]:
+    """(keys per chunk, chunks): chunks are whole blocks; the last may reach past max_seq, and its masked loads
+    never read there."""
+    chunk = pl.cdiv(pl.cdiv(max_seq, params.num_splits), params.block_k) * params.block_k
+    return chunk, pl.cdiv(max_seq, chunk)
+
+
+@functools.partial(jax.jit, static_argnames=("interpret", *_OVERRIDES))
 def decode_attention(q, k_cache, v_cache, lengths, *, interpret: bool = False, block_k: int | None = None,
                      num_splits: int | None = None, num_warps: int | None = None,
                      num_stages: int | None = None, use_dot: bool | None = None,
@@ -210,28 +272,51 @@ def decode_attention(q, k_cache, v_cache, lengths, *, interpret: bool = False, b
     rows are read; lengths: [batch] valid entries (including the current token). Scale 1/sqrt(head_dim). A
     sequence of length 0 gets zeros. The keyword arguments override `choose_params`'s choice."""
     batch, heads, head_dim = q.shape
-    rows, max_seq = k_cache.shape[:2]
-    if rows < batch or k_cache.shape[2:] != (heads, head_dim) or v_cache.shape != k_cache.shape:
-        raise ValueError(f"caches must be [rows >= {batch}, max_seq, {heads}, {head_dim}], "
-                         f"got {k_cache.shape} and {v_cache.shape}")
+    max_seq = _check_caches(k_cache, v_cache, batch, heads, head_dim)
+    params = _launch_params(batch, heads, max_seq, head_dim, q.dtype, dict(
+        heads_per_program=heads_per_program, block_k=block_k, num_splits=num_splits, num_warps=num_warps,
+        num_stages=num_stages, use_dot=use_dot))
     padded_d = max(16, pl.next_power_of_2(head_dim))
-    chosen = choose_params(batch, heads, max_seq, padded_d, q.dtype.itemsize)
-    given = DecodeParams(heads_per_program, block_k, num_splits, num_warps, num_stages, use_dot)
-    params = DecodeParams(*(c if g is None else g for g, c in zip(given, chosen)))
-    if heads % params.heads_per_program:
-        raise ValueError(f"heads_per_program={params.heads_per_program} must divide heads={heads}")
     lengths = lengths.astype(jnp.int32)  # clipped to [0, max_seq] inside the kernel
     if padded_d != head_dim:  # whole-cache copy: only for head dims that are not a power of two
         q, k_cache, v_cache = (jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, padded_d - head_dim)])
                                for x in (q, k_cache, v_cache))
-    # chunks are whole blocks; the last chunk may reach past max_seq, and its masked loads never read there
-    chunk = pl.cdiv(pl.cdiv(max_seq, params.num_splits), params.block_k) * params.block_k
-    splits = pl.cdiv(max_seq, chunk)
+    chunk, splits = _chunks(max_seq, params)
     launch = _launch_per_head if params.heads_per_program == 1 else _launch_head_group
     out = launch(q, k_cache, v_cache, lengths, params, chunk, splits, 1.0 / math.sqrt(head_dim), interpret)
     if splits > 1:
         out = _combine(*out).astype(q.dtype)
     return out[..., :head_dim]
+
+
+@functools.partial(jax.jit, static_argnames=("interpret", *_OVERRIDES))
+def decode_attention_append(qkv, k_cache, v_cache, positions, *, interpret: bool = False,
+                            block_k: int | None = None, num_splits: int | None = None,
+                            num_warps: int | None = None, num_stages: int | None = None,
+                            use_dot: bool | None = None, heads_per_program: int | None = None):
+    """A decode step's attention with the step's own key and value: qkv [batch, 3, heads, head_dim] (the new
+    token's query, key and value), caches [rows >= batch, max_seq, heads, head_dim], positions [batch] (where
+    each row's new token goes, < max_seq) -> (out [batch, heads, head_dim], the caches with the new keys and
+    values stored). The same as storing them (`cache.write_token`) and running `decode_attention` over
+    `positions + 1` entries, in one kernel where the launch is one head a program (the caches updated in
+    place, aliased): no scatter of K and V, nor a copy of each out of qkv, before it. Head groups and head
+    dims that are not a power of two take the two steps."""
+    batch, _, heads, head_dim = qkv.shape
+    max_seq = _check_caches(k_cache, v_cache, batch, heads, head_dim)
+    positions = positions.astype(jnp.int32)
+    overrides = dict(heads_per_program=heads_per_program, block_k=block_k, num_splits=num_splits,
+                     num_warps=num_warps, num_stages=num_stages, use_dot=use_dot)
+    params = _launch_params(batch, heads, max_seq, head_dim, qkv.dtype, overrides)
+    if params.heads_per_program != 1 or head_dim != max(16, pl.next_power_of_2(head_dim)):
+        k_cache, v_cache = write_token((k_cache, v_cache), qkv[:, 1], qkv[:, 2], positions)
+        out = decode_attention(qkv[:, 0], k_cache, v_cache, positions + 1, interpret=interpret, **overrides)
+        return out, k_cache, v_cache
+    chunk, splits = _chunks(max_seq, params)
+    out, k_cache, v_cache = _launch_per_head(qkv, k_cache, v_cache, positions, params, chunk, splits,
+                                             1.0 / math.sqrt(head_dim), interpret, append=True)
+    if splits > 1:
+        out = _combine(*out).astype(qkv.dtype)
+    return out, k_cache, v_cache
 
 
 def _combine(o_parts, lse):
@@ -243,30 +328,42 @@ def _combine(o_parts, lse):
 
 
 def _launch_per_head(q, k_cache, v_cache, lengths, params: DecodeParams, chunk: int, splits: int,
-                     sm_scale: float, interpret: bool):
-    batch, heads, d = q.shape
+                     sm_scale: float, interpret: bool, append: bool = False):
+    """`append`: q is the step's qkv [batch, 3, heads, d] and lengths its positions; the caches come back too."""
+    batch, heads, d = q.shape[0], q.shape[-2], q.shape[-1]
     split = splits > 1
     kernel = functools.partial(_per_head_kernel, sm_scale=sm_scale, block_k=params.block_k, chunk=chunk,
-                               split=split, rows=MATRIX_ROWS if params.use_dot else 1, max_seq=k_cache.shape[1])
+                               split=split, rows=MATRIX_ROWS if params.use_dot else 1, max_seq=k_cache.shape[1],
+                               append=append)
     # heads vary fastest over the grid: neighbouring programs read neighbouring bytes of the cache
-    in_specs = [pl.BlockSpec((None,), lambda h, s, b: (b,)),
-                pl.BlockSpec((None, None, d), lambda h, s, b: (b, h, 0)),
-                pl.BlockSpec((None, chunk, None, d), lambda h, s, b: (b, s, h, 0)),
-                pl.BlockSpec((None, chunk, None, d), lambda h, s, b: (b, s, h, 0))]
+    cache_spec = pl.BlockSpec((None, chunk, None, d), lambda h, s, b: (b, s, h, 0))
+    if append:  # the query, key and value: three views of qkv
+        step = [pl.BlockSpec((None, None, None, d), lambda h, s, b, i=i: (b, i, h, 0)) for i in range(3)]
+    else:
+        step = [pl.BlockSpec((None, None, d), lambda h, s, b: (b, h, 0))]
+    in_specs = [pl.BlockSpec((None,), lambda h, s, b: (b,)), step[0], cache_spec, cache_spec, *step[1:]]
     if split:
         out_shape = [jax.ShapeDtypeStruct((batch, heads, splits, d), jnp.float32),
                      jax.ShapeDtypeStruct((batch, heads, splits, 1), jnp.float32)]
         out_specs = [pl.BlockSpec((None, None, None, d), lambda h, s, b: (b, h, s, 0)),
                      pl.BlockSpec((None, None, None, 1), lambda h, s, b: (b, h, s, 0))]
     else:
-        out_shape = jax.ShapeDtypeStruct((batch, heads, d), q.dtype)
-        out_specs = pl.BlockSpec((None, None, d), lambda h, s, b: (b, h, 0))
+        out_shape = [jax.ShapeDtypeStruct((batch, heads, d), q.dtype)]
+        out_specs = [pl.BlockSpec((None, None, d), lambda h, s, b: (b, h, 0))]
+    operands = [lengths, q, k_cache, v_cache] + [q] * 2 * append
+    aliases = {}
+    if append:  # the caches are outputs too, in place: only the new token's entries are stored
+        aliases = {2: len(out_shape), 3: len(out_shape) + 1}
+        out_shape += [jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype)] * 2
+        out_specs += [cache_spec] * 2
     out = pl.pallas_call(
         kernel, grid=(heads, splits, batch), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+        input_output_aliases=aliases,
         compiler_params=plgpu.CompilerParams(num_warps=params.num_warps, num_stages=params.num_stages),
-        interpret=interpret, name="decode_attention",
-    )(lengths, q, k_cache, v_cache)
-    return (out[0], out[1][..., 0]) if split else out
+        interpret=interpret, name="decode_attention_append" if append else "decode_attention",
+    )(*operands)
+    attn = (out[0], out[1][..., 0]) if split else out[0]
+    return (attn, *out[-2:]) if append else attn
 
 
 def _launch_head_group(q, k_cache, v_cache, lengths, params: DecodeParams, chunk: int, splits: int,

@@ -380,8 +380,7 @@ def hopper_flash_attention(q, k, v, *, lengths=None, block_kv: int | None = None
     block_kv, stages = block_kv or d.block_kv, stages or d.stages
     q_buffers = 2 if prefetch_q else 1
     check_blocks(block_kv, stages, head_dim, jnp.dtype(q.dtype).itemsize, q_buffers)
-    if wait_in_pv is None:
-        wait_in_pv = head_dim == 128 and stages >= 2
+    wait_in_pv = head_dim == 128 and stages >= 2 if wait_in_pv is None else wait_in_pv
     if wait_in_pv and stages < 2:
         raise ValueError("wait_in_pv needs stages >= 2 (the next block's slot is freed only after this block)")
     # whole query tiles and whole key blocks (the larger of the two roundings; tiles past `seq` stay empty)
