@@ -111,8 +111,10 @@ DECODE_CASES = [(3, 100, 2, 16, 16, 1), (4, 200, 2, 32, 32, 3), (2, 130, 3, 40, 
 
 
 @pytest.mark.parametrize("use_dot", [False, True], ids=["vector", "matrix-units"])
-@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16, np.float16], ids=["fp32", "bf16", "fp16"])
-@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: "x".join(map(str, c[:4])) + f"s{c[5]}")
+@pytest.mark.parametrize("case, dtype", [(c, np.float32) for c in DECODE_CASES]
+                         + [(DECODE_CASES[i], d) for i in (1, 2) for d in (jnp.bfloat16, np.float16)],
+                         ids=lambda x: "x".join(map(str, x[:4])) + f"s{x[5]}" if isinstance(x, tuple)
+                         else jnp.dtype(x).name)
 def test_decode_attention_matches_float64(case, dtype, use_dot):
     batch, max_seq, heads, head_dim, block_k, splits = case
     rng, seed = fresh_rng()
@@ -127,17 +129,21 @@ def test_decode_attention_matches_float64(case, dtype, use_dot):
     assert err < TOL[dtype], f"relative error {err:.2e} (seed {seed})"
 
 
-# (batch, rows, max_seq, heads, head_dim, overrides): one chunk and several (the last past max_seq), both body
-# forms, a cache with more rows than the step, and the two-step path (head groups; a head_dim of 40)
+# (batch, rows, max_seq, heads, head_dim, overrides): one chunk and several (the last past max_seq), every body
+# form (one head by vectors and by the matrix units, head groups of 2 and of every head), a cache with more rows
+# than the step, and the two-step path (a head_dim of 40)
 APPEND_CASES = [(3, 3, 100, 2, 16, dict(block_k=16, num_splits=1, use_dot=True, heads_per_program=1)),
                 (4, 6, 200, 2, 32, dict(block_k=32, num_splits=3, use_dot=False, heads_per_program=1)),
                 (2, 2, 70, 2, 16, dict(block_k=16, num_splits=2, use_dot=True, heads_per_program=1)),
                 (3, 3, 64, 4, 16, dict(block_k=16, num_splits=2, heads_per_program=2)),
+                (2, 4, 77, 4, 32, dict(block_k=16, num_splits=1, heads_per_program=4)),
                 (2, 2, 50, 2, 40, dict(heads_per_program=1))]
 
 
-@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16, np.float16], ids=["fp32", "bf16", "fp16"])
-@pytest.mark.parametrize("case", APPEND_CASES, ids=lambda c: f"{c[0]}x{c[2]}x{c[3]}x{c[4]}-{len(c[5])}")
+@pytest.mark.parametrize("case, dtype", [(c, np.float32) for c in APPEND_CASES]
+                         + [(APPEND_CASES[i], d) for i in (1, 3) for d in (jnp.bfloat16, np.float16)],
+                         ids=lambda x: f"{x[0]}x{x[2]}x{x[3]}x{x[4]}-{len(x[5])}" if isinstance(x, tuple)
+                         else jnp.dtype(x).name)
 def test_decode_attention_append_stores_then_attends(case, dtype):
     """The step's key and value stored at each row's position (0, the last entry, and between) and attended
     with the cache's entries before it: the caches as `cache.write_token` leaves them, bit for bit, and the
@@ -169,7 +175,8 @@ def test_decode_attention_append_lowers_for_cuda_with_the_caches_in_place():
     qkv = jax.ShapeDtypeStruct((8, 3, 16, 64), jnp.bfloat16)
     cache = jax.ShapeDtypeStruct((8, 576, 16, 64), jnp.bfloat16)
     positions = jax.ShapeDtypeStruct((8,), jnp.int32)
-    for overrides in ({"heads_per_program": 1}, {"heads_per_program": 1, "num_splits": 4, "use_dot": False}):
+    for overrides in ({"heads_per_program": 1}, {"heads_per_program": 1, "num_splits": 4, "use_dot": False},
+                      {"heads_per_program": 2, "block_k": 64}):
         step = jax.jit(lambda *a, kw=overrides: decode_attention_append(*a, **kw))
         text = step.trace(qkv, cache, cache, positions).lower(lowering_platforms=("cuda",)).as_text()
         assert text.count("xla.gpu.triton") == 1 and text.count("output_operand_alias<") == 2
@@ -392,7 +399,7 @@ def test_engine_greedy_tokens_pallas_equal_xla(monkeypatch):
     from gptjax import decode_block
 
     monkeypatch.setattr(decode_block, "KERNEL_MAX_BYTES", 200_000)
-    prompts = [[5, 17, 99], list(range(1, 20)), [7] * 40]
+    prompts = [[5, 17, 99], list(range(1, 20)), [7] * 30]
     xla = gptjax.Engine.from_preset("gpt2-tiny", engine_config=gptjax.EngineConfig(attention="xla"))
     pallas = gptjax.Engine.from_preset("gpt2-tiny", engine_config=gptjax.EngineConfig(attention="pallas",
                                                                                       decode_matmuls="pallas"))
@@ -400,8 +407,8 @@ def test_engine_greedy_tokens_pallas_equal_xla(monkeypatch):
     appending = gptjax.Engine.from_preset("gpt2-tiny", engine_config=gptjax.EngineConfig(attention="pallas",
                                                                                          decode_matmuls="xla"))
     assert (xla.decode_matmuls, pallas.decode_matmuls) == ("xla", "pallas")
-    want = xla.generate(prompts, max_new_tokens=8, greedy=True, stop_token_ids=[])
+    want = xla.generate(prompts, max_new_tokens=6, greedy=True, stop_token_ids=[])
     for engine in (pallas, appending):
-        got = engine.generate(prompts, max_new_tokens=8, greedy=True, stop_token_ids=[])
+        got = engine.generate(prompts, max_new_tokens=6, greedy=True, stop_token_ids=[])
         assert [r.output_ids for r in got] == [r.output_ids for r in want]
     assert len({tuple(r.output_ids) for r in want}) > 1  # the prompts really lead different ways

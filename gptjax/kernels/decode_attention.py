@@ -169,25 +169,29 @@ def _per_head_kernel(len_ref, q_ref, k_ref, v_ref, *refs, sm_scale: float, block
     acc, m, l = jnp.max(acc, axis=0), jnp.max(m, axis=0, keepdims=True), jnp.max(l, axis=0, keepdims=True)
     if append:
         owner = (start <= position) & (position < start + chunk)
-        acc, m, l = _append_key(acc, m, l, q_ref[...], k_new_ref[...], v_new_ref[...], owner, sm_scale)
-
-        @pl.when(owner)
-        def _():
-            row = pl.ds(position - start, 1)
-            k_out_ref[row, :] = k_new_ref[...][None, :].astype(k_out_ref.dtype)
-            v_out_ref[row, :] = v_new_ref[...][None, :].astype(v_out_ref.dtype)
+        s_new = jnp.sum(q_ref[...].astype(jnp.float32) * k_new_ref[...].astype(jnp.float32)) * scale
+        acc, m, l = _append_key(acc[None], m, l, s_new[None], v_new_ref[...], owner)
+        acc = jnp.sum(acc, axis=0)
+        _store_new_token(k_new_ref, v_new_ref, k_out_ref, v_out_ref, owner, position - start)
     _store(out_refs, acc / jnp.where(l == 0.0, 1.0, l), m, l, split)
 
 
-def _append_key(acc, m, l, q, k, v, owner, sm_scale: float):
-    """The running softmax (acc [d], m and l [1], base 2) with one more key and value where `owner`, unchanged
-    elsewhere; safe on a chunk that has seen no key (m = -inf)."""
-    s = jnp.sum(q.astype(jnp.float32) * k.astype(jnp.float32)) * (sm_scale * math.log2(math.e))
+def _append_key(acc, m, l, s, v, owner):
+    """The running softmax (acc [n, width], m and l [n], base 2) with one more key, of scores s [n] and values
+    v [width], where `owner`; unchanged elsewhere, and safe on a chunk that has seen no key (m = -inf)."""
     s = jnp.where(owner, s, -jnp.inf)
     m_next = jnp.maximum(m, s)
     base = jnp.where(m_next == -jnp.inf, 0.0, m_next)
     alpha, p = jnp.exp2(m - base), jnp.exp2(s - base)
-    return acc * alpha + p * v.astype(jnp.float32), m_next, l * alpha + p
+    return acc * alpha[:, None] + p[:, None] * v.astype(jnp.float32)[None, :], m_next, l * alpha + p
+
+
+def _store_new_token(k_new_ref, v_new_ref, k_out_ref, v_out_ref, owner, row):
+    """The new token's key and value into row `row` of the program's chunk of the caches, by its owner."""
+    @pl.when(owner)
+    def _():
+        k_out_ref[pl.ds(row, 1), :] = k_new_ref[...][None, :].astype(k_out_ref.dtype)
+        v_out_ref[pl.ds(row, 1), :] = v_new_ref[...][None, :].astype(v_out_ref.dtype)
 
 
 def _load_kv_block(k_ref, v_ref, j, block_k: int, start, length, masked: bool):
@@ -200,11 +204,18 @@ def _load_kv_block(k_ref, v_ref, j, block_k: int, start, length, masked: bool):
     return plgpu.load(k_ref.at[idx, :], mask=ok, other=0.0), plgpu.load(v_ref.at[idx, :], mask=ok, other=0.0)
 
 
-def _head_group_kernel(len_ref, q_ref, k_ref, v_ref, *out_refs, sm_scale: float, block_k: int, chunk: int,
-                       split: bool, head_dim: int, cols: int, max_seq: int):
+def _head_group_kernel(len_ref, q_ref, k_ref, v_ref, *refs, sm_scale: float, block_k: int, chunk: int,
+                       split: bool, head_dim: int, cols: int, max_seq: int, append: bool = False):
     """G heads of one sequence's chunk: q_ref [G*d], k_ref and v_ref [chunk, G*d]; `cols` = max(G, 16)
-    columns of the block-diagonal query (those past G are zero and their results unused)."""
-    length = jnp.clip(len_ref[...], 0, max_seq)  # here, not a kernel of its own before the launch
+    columns of the block-diagonal query (those past G are zero and their results unused). `append`: as in
+    `_per_head_kernel`."""
+    if append:
+        k_new_ref, v_new_ref, *out_refs, k_out_ref, v_out_ref = refs
+        position = jnp.clip(len_ref[...], 0, max_seq - 1)
+        length = position
+    else:
+        out_refs = refs
+        length = jnp.clip(len_ref[...], 0, max_seq)  # here, not a kernel of its own before the launch
     start = pl.program_id(1) * chunk
     q = q_ref[...]
     width = q.shape[0]
@@ -229,6 +240,11 @@ def _head_group_kernel(len_ref, q_ref, k_ref, v_ref, *out_refs, sm_scale: float,
              jnp.zeros((cols,), jnp.float32))
     carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), carry)
     acc, m, l = lax.fori_loop(n_full, n_end, functools.partial(body, masked=True), carry)
+    if append:  # the new key's scores, column h head h's: elementwise, a one-row product being too small
+        owner = (start <= position) & (position < start + chunk)
+        s_new = jnp.sum(q_bd.astype(jnp.float32) * k_new_ref[...].astype(jnp.float32)[:, None], axis=0) * scale
+        acc, m, l = _append_key(acc, m, l, s_new, v_new_ref[...], owner)
+        _store_new_token(k_new_ref, v_new_ref, k_out_ref, v_out_ref, owner, position - start)
     acc = acc / jnp.where(l == 0.0, 1.0, l)[:, None]
     own = (lax.broadcasted_iota(jnp.int32, (cols, width), 0)
            == lax.broadcasted_iota(jnp.int32, (cols, width), 1) // head_dim)  # head h's own d columns
@@ -298,22 +314,22 @@ def decode_attention_append(qkv, k_cache, v_cache, positions, *, interpret: bool
     token's query, key and value), caches [rows >= batch, max_seq, heads, head_dim], positions [batch] (where
     each row's new token goes, < max_seq) -> (out [batch, heads, head_dim], the caches with the new keys and
     values stored). The same as storing them (`cache.write_token`) and running `decode_attention` over
-    `positions + 1` entries, in one kernel where the launch is one head a program (the caches updated in
-    place, aliased): no scatter of K and V, nor a copy of each out of qkv, before it. Head groups and head
-    dims that are not a power of two take the two steps."""
+    `positions + 1` entries, in one kernel (the caches updated in place, aliased): no scatter of K and V,
+    nor a copy of each out of qkv, before it. Head dims that are not a power of two take the two steps."""
     batch, _, heads, head_dim = qkv.shape
     max_seq = _check_caches(k_cache, v_cache, batch, heads, head_dim)
     positions = positions.astype(jnp.int32)
     overrides = dict(heads_per_program=heads_per_program, block_k=block_k, num_splits=num_splits,
                      num_warps=num_warps, num_stages=num_stages, use_dot=use_dot)
     params = _launch_params(batch, heads, max_seq, head_dim, qkv.dtype, overrides)
-    if params.heads_per_program != 1 or head_dim != max(16, pl.next_power_of_2(head_dim)):
+    if head_dim != max(16, pl.next_power_of_2(head_dim)):  # padded caches would be copies
         k_cache, v_cache = write_token((k_cache, v_cache), qkv[:, 1], qkv[:, 2], positions)
         out = decode_attention(qkv[:, 0], k_cache, v_cache, positions + 1, interpret=interpret, **overrides)
         return out, k_cache, v_cache
     chunk, splits = _chunks(max_seq, params)
-    out, k_cache, v_cache = _launch_per_head(qkv, k_cache, v_cache, positions, params, chunk, splits,
-                                             1.0 / math.sqrt(head_dim), interpret, append=True)
+    launch = _launch_per_head if params.heads_per_program == 1 else _launch_head_group
+    out, k_cache, v_cache = launch(qkv, k_cache, v_cache, positions, params, chunk, splits,
+                                   1.0 / math.sqrt(head_dim), interpret, append=True)
     if splits > 1:
         out = _combine(*out).astype(qkv.dtype)
     return out, k_cache, v_cache
@@ -350,12 +366,7 @@ def _launch_per_head(q, k_cache, v_cache, lengths, params: DecodeParams, chunk: 
     else:
         out_shape = [jax.ShapeDtypeStruct((batch, heads, d), q.dtype)]
         out_specs = [pl.BlockSpec((None, None, d), lambda h, s, b: (b, h, 0))]
-    operands = [lengths, q, k_cache, v_cache] + [q] * 2 * append
-    aliases = {}
-    if append:  # the caches are outputs too, in place: only the new token's entries are stored
-        aliases = {2: len(out_shape), 3: len(out_shape) + 1}
-        out_shape += [jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype)] * 2
-        out_specs += [cache_spec] * 2
+    operands, aliases = _append_operands(out_shape, out_specs, cache_spec, (lengths, q, k_cache, v_cache), append)
     out = pl.pallas_call(
         kernel, grid=(heads, splits, batch), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
         input_output_aliases=aliases,
@@ -367,21 +378,25 @@ def _launch_per_head(q, k_cache, v_cache, lengths, params: DecodeParams, chunk: 
 
 
 def _launch_head_group(q, k_cache, v_cache, lengths, params: DecodeParams, chunk: int, splits: int,
-                       sm_scale: float, interpret: bool):
-    batch, heads, d = q.shape
-    rows, max_seq = k_cache.shape[:2]
+                       sm_scale: float, interpret: bool, append: bool = False):
+    """`append`: as for `_launch_per_head`."""
+    batch, heads, d = q.shape[0], q.shape[-2], q.shape[-1]
+    cache_shape = k_cache.shape
+    rows, max_seq = cache_shape[:2]
     group = params.heads_per_program
     width, cols = group * d, max(group, MATRIX_ROWS)
     split = splits > 1
     # [.., heads, d] -> [.., heads * d]: free (contiguous), and a group's slice is one run of G*d elements
-    q, k_cache, v_cache = q.reshape(batch, heads * d), *(c.reshape(rows, max_seq, heads * d)
-                                                         for c in (k_cache, v_cache))
+    q, k_cache, v_cache = q.reshape(*q.shape[:-2], heads * d), *(c.reshape(rows, max_seq, heads * d)
+                                                                 for c in (k_cache, v_cache))
     kernel = functools.partial(_head_group_kernel, sm_scale=sm_scale, block_k=params.block_k, chunk=chunk,
-                               split=split, head_dim=d, cols=cols, max_seq=max_seq)
-    in_specs = [pl.BlockSpec((None,), lambda g, s, b: (b,)),
-                pl.BlockSpec((None, width), lambda g, s, b: (b, g)),
-                pl.BlockSpec((None, chunk, width), lambda g, s, b: (b, s, g)),
-                pl.BlockSpec((None, chunk, width), lambda g, s, b: (b, s, g))]
+                               split=split, head_dim=d, cols=cols, max_seq=max_seq, append=append)
+    cache_spec = pl.BlockSpec((None, chunk, width), lambda g, s, b: (b, s, g))
+    if append:  # the query, key and value: three views of qkv
+        step = [pl.BlockSpec((None, None, width), lambda g, s, b, i=i: (b, i, g)) for i in range(3)]
+    else:
+        step = [pl.BlockSpec((None, width), lambda g, s, b: (b, g))]
+    in_specs = [pl.BlockSpec((None,), lambda g, s, b: (b,)), step[0], cache_spec, cache_spec, *step[1:]]
     n_groups = heads // group
     if split:
         out_shape = [jax.ShapeDtypeStruct((batch, splits, heads * d), jnp.float32),
@@ -389,18 +404,34 @@ def _launch_head_group(q, k_cache, v_cache, lengths, params: DecodeParams, chunk
         out_specs = [pl.BlockSpec((None, None, width), lambda g, s, b: (b, s, g)),
                      pl.BlockSpec((None, None, None, cols), lambda g, s, b: (b, s, g, 0))]
     else:
-        out_shape = jax.ShapeDtypeStruct((batch, heads * d), q.dtype)
-        out_specs = pl.BlockSpec((None, width), lambda g, s, b: (b, g))
+        out_shape = [jax.ShapeDtypeStruct((batch, heads * d), q.dtype)]
+        out_specs = [pl.BlockSpec((None, width), lambda g, s, b: (b, g))]
+    operands, aliases = _append_operands(out_shape, out_specs, cache_spec, (lengths, q, k_cache, v_cache), append)
     out = pl.pallas_call(
         kernel, grid=(n_groups, splits, batch), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+        input_output_aliases=aliases,
         compiler_params=plgpu.CompilerParams(num_warps=params.num_warps, num_stages=params.num_stages),
-        interpret=interpret, name="decode_attention_heads",
-    )(lengths, q, k_cache, v_cache)
-    if not split:
-        return out.reshape(batch, heads, d)
-    o_parts = out[0].reshape(batch, splits, heads, d).transpose(0, 2, 1, 3)
-    lse = out[1][..., :group].reshape(batch, splits, heads).transpose(0, 2, 1)
-    return o_parts, lse
+        interpret=interpret, name="decode_attention_heads_append" if append else "decode_attention_heads",
+    )(*operands)
+    if split:
+        attn = (out[0].reshape(batch, splits, heads, d).transpose(0, 2, 1, 3),
+                out[1][..., :group].reshape(batch, splits, heads).transpose(0, 2, 1))
+    else:
+        attn = out[0].reshape(batch, heads, d)
+    return (attn, *(c.reshape(cache_shape) for c in out[-2:])) if append else attn
+
+
+def _append_operands(out_shape: list, out_specs: list, cache_spec, operands: tuple, append: bool):
+    """With `append`, the launch's operands and outputs grow: qkv twice more (the key's and the value's
+    views) and the caches as outputs, aliased to their inputs so that only the new entries are stored.
+    Returns (operands, input_output_aliases); extends out_shape and out_specs in place."""
+    if not append:
+        return operands, {}
+    lengths, qkv, k_cache, v_cache = operands
+    aliases = {2: len(out_shape), 3: len(out_shape) + 1}
+    out_shape += [jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype)] * 2
+    out_specs += [cache_spec] * 2
+    return (lengths, qkv, k_cache, v_cache, qkv, qkv), aliases
 
 
 def decode_attention_reference(q, k_cache, v_cache, lengths):
