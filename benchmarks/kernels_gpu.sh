@@ -4,8 +4,9 @@
 # floors: benchmarks.floors with PyTorch's copy_ beside it. prefill: the Mosaic GPU kernel's correctness
 # check, then every prefill kernel and peer (bf16 and fp16). decode-sweep: the launch-parameter sweep, its
 # table written to $OUT/decode_table.py (copy it to gptjax/kernels/ to use it). decode: the decode table of
-# benchmarks.kernels with the table in use. engine: greedy tokens with --attention pallas and xla (into
-# env.txt, with the versions and the floors).
+# benchmarks.kernels with the table in use. engine: greedy tokens with --attention pallas (on the decode
+# matmul kernels, and on XLA's with the K/V-storing attention kernel) and xla (into env.txt, with the versions
+# and the floors).
 # Time limits (seconds, per process): T_PEERS (each of the two prefill peer runs), T_PREFILL (the Mosaic GPU
 # kernel's checks and its variants), T_SWEEP and T_SWEEP_SHAPES (no new sweep shape after; SWEEP_HEADS,
 # SWEEP_SEQS, SWEEP_BATCHES and SWEEP_RAGGED=1 pass decode_sweep's options), T_DECODE,
@@ -48,15 +49,20 @@ has decode && timeout "$T_DECODE" python3 -m benchmarks.kernels --skip-prefill -
   --time-limit "$(limit "$T_DECODE")" --json "$OUT/decode.json" > "$OUT/decode.log" 2>&1
 [ -f "$OUT/decode_table.py" ] && cp "$OUT/decode_table.py" gptjax/kernels/decode_table.py  # the engine uses it
 if has engine; then  # gpt2-124m: 12 heads x 64, so prefill takes the Hopper kernel on sm_90
-  for impl in pallas xla; do
+  # pallas: 3 rows decode on the matmul kernels; pallas-append: on XLA's matmuls, the attention kernel storing
+  # each step's K/V (decode_attention_append); xla: the references
+  for run in "pallas pallas" "pallas-append pallas --decode-matmuls=xla" "xla xla"; do
+    set -- $run  # name, attention, flags
     timeout "${T_ENGINE:-150}" python3 -m gptjax generate --model gpt2-124m --dtype bfloat16 --greedy --max-new-tokens 24 --json \
-      --attention $impl --prompt-ids 5,17,99 --prompt-ids "$(seq -s, 1 300)" --prompt-ids "$(seq -s, 7 3 500)" \
-      > "/tmp/engine-$impl.jsonl" 2>> "$OUT/env.txt"
+      --attention "$2" ${3:-} --prompt-ids 5,17,99 --prompt-ids "$(seq -s, 1 300)" \
+      --prompt-ids "$(seq -s, 7 3 500)" > "/tmp/engine-$1.jsonl" 2>> "$OUT/env.txt"
   done
   python3 - >> "$OUT/env.txt" 2>&1 <<'PY'
 import json
-rows = {i: [json.loads(l)["output_ids"] for l in open(f"/tmp/engine-{i}.jsonl")] for i in ("pallas", "xla")}
-print("engine greedy tokens pallas == xla:", bool(rows["pallas"]) and rows["pallas"] == rows["xla"], rows)
+rows = {i: [json.loads(l)["output_ids"] for l in open(f"/tmp/engine-{i}.jsonl")] for i in ("pallas", "pallas-append", "xla")}
+for i in ("pallas", "pallas-append"):
+    print(f"engine greedy tokens {i} == xla:", bool(rows[i]) and rows[i] == rows["xla"], rows[i])
+print("xla:", rows["xla"])
 PY
 fi
 exit 0
