@@ -72,7 +72,7 @@ def generate(engine, prompts, max_new_tokens: int | None = None, *, temperature:
     new = [_until_stop(row, stops) for row in out.tolist()]
     texts = engine.tokenizer.decode_batch(new)
     return [GenerationResult(prompt_ids=row, output_ids=new[i], text=texts[i],
-                             finish_reason="stop" if len(new[i]) < n_new or new[i][-1] in stops else "length",
+                             finish_reason="stop" if new[i][-1] in stops else "length",
                              logprobs=logprobs[i, : len(new[i])].tolist() if return_logprobs else None)
             for i, row in enumerate(ids)]
 

@@ -130,13 +130,7 @@ def _per_head_kernel(len_ref, q_ref, k_ref, v_ref, *refs, sm_scale: float, block
     `append` (`decode_attention_append`): len_ref holds the new token's position, refs start with its key and
     value and end with the caches (aliased to k_ref and v_ref): the cache's keys before that position are
     read, the new one is taken from its ref and stored by the program whose chunk holds the position."""
-    if append:
-        k_new_ref, v_new_ref, *out_refs, k_out_ref, v_out_ref = refs
-        position = jnp.clip(len_ref[...], 0, max_seq - 1)
-        length = position  # the cache's keys before the new token
-    else:
-        out_refs = refs
-        length = jnp.clip(len_ref[...], 0, max_seq)  # here, not a kernel of its own before the launch
+    length, out_refs, (k_new_ref, v_new_ref, k_out_ref, v_out_ref) = _split_refs(len_ref, refs, max_seq, append)
     start = pl.program_id(1) * chunk
     q = q_ref[...]
     head_dim = q.shape[-1]
@@ -168,12 +162,22 @@ def _per_head_kernel(len_ref, q_ref, k_ref, v_ref, *refs, sm_scale: float, block
     # every row holds the same numbers: keep one
     acc, m, l = jnp.max(acc, axis=0), jnp.max(m, axis=0, keepdims=True), jnp.max(l, axis=0, keepdims=True)
     if append:
-        owner = (start <= position) & (position < start + chunk)
+        owner = (start <= length) & (length < start + chunk)  # the new token's position is `length`
         s_new = jnp.sum(q_ref[...].astype(jnp.float32) * k_new_ref[...].astype(jnp.float32)) * scale
         acc, m, l = _append_key(acc[None], m, l, s_new[None], v_new_ref[...], owner)
         acc = jnp.sum(acc, axis=0)
-        _store_new_token(k_new_ref, v_new_ref, k_out_ref, v_out_ref, owner, position - start)
+        _store_new_token(k_new_ref, v_new_ref, k_out_ref, v_out_ref, owner, length - start)
     _store(out_refs, acc / jnp.where(l == 0.0, 1.0, l), m, l, split)
+
+
+def _split_refs(len_ref, refs, max_seq: int, append: bool):
+    """(the keys to read from the cache, the output refs, with `append` the new token's key and value refs and
+    the caches' output refs, else Nones): without `append` len_ref holds lengths, with it the new token's
+    position, and the cache's keys before it are read. Clipped here, not in a kernel of its own."""
+    if not append:
+        return jnp.clip(len_ref[...], 0, max_seq), refs, (None,) * 4
+    k_new_ref, v_new_ref, *out_refs, k_out_ref, v_out_ref = refs
+    return jnp.clip(len_ref[...], 0, max_seq - 1), out_refs, (k_new_ref, v_new_ref, k_out_ref, v_out_ref)
 
 
 def _append_key(acc, m, l, s, v, owner):
@@ -209,13 +213,7 @@ def _head_group_kernel(len_ref, q_ref, k_ref, v_ref, *refs, sm_scale: float, blo
     """G heads of one sequence's chunk: q_ref [G*d], k_ref and v_ref [chunk, G*d]; `cols` = max(G, 16)
     columns of the block-diagonal query (those past G are zero and their results unused). `append`: as in
     `_per_head_kernel`."""
-    if append:
-        k_new_ref, v_new_ref, *out_refs, k_out_ref, v_out_ref = refs
-        position = jnp.clip(len_ref[...], 0, max_seq - 1)
-        length = position
-    else:
-        out_refs = refs
-        length = jnp.clip(len_ref[...], 0, max_seq)  # here, not a kernel of its own before the launch
+    length, out_refs, (k_new_ref, v_new_ref, k_out_ref, v_out_ref) = _split_refs(len_ref, refs, max_seq, append)
     start = pl.program_id(1) * chunk
     q = q_ref[...]
     width = q.shape[0]
@@ -241,10 +239,10 @@ def _head_group_kernel(len_ref, q_ref, k_ref, v_ref, *refs, sm_scale: float, blo
     carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), carry)
     acc, m, l = lax.fori_loop(n_full, n_end, functools.partial(body, masked=True), carry)
     if append:  # the new key's scores, column h head h's: elementwise, a one-row product being too small
-        owner = (start <= position) & (position < start + chunk)
+        owner = (start <= length) & (length < start + chunk)  # the new token's position is `length`
         s_new = jnp.sum(q_bd.astype(jnp.float32) * k_new_ref[...].astype(jnp.float32)[:, None], axis=0) * scale
         acc, m, l = _append_key(acc, m, l, s_new, v_new_ref[...], owner)
-        _store_new_token(k_new_ref, v_new_ref, k_out_ref, v_out_ref, owner, position - start)
+        _store_new_token(k_new_ref, v_new_ref, k_out_ref, v_out_ref, owner, length - start)
     acc = acc / jnp.where(l == 0.0, 1.0, l)[:, None]
     own = (lax.broadcasted_iota(jnp.int32, (cols, width), 0)
            == lax.broadcasted_iota(jnp.int32, (cols, width), 1) // head_dim)  # head h's own d columns
