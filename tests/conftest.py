@@ -28,8 +28,8 @@ jax.config.update("jax_enable_compilation_cache", False)
 
 HF_VOCAB = 50257
 
-# The order the two workers of `make test` (xdist, --dist loadfile) take files in: the longest first (seconds on
-# a two-core machine in comments), so that neither worker is left with a long file while the other is idle. Pairs
+# The order the workers of `make test` (xdist, --dist loadfile) take files in: the longest first (seconds on
+# a two-core machine in comments), so that no worker is left with a long file while the others are idle. Pairs
 # that start the same server engine are kept apart, the compiling one first, so that the second loads its programs
 # from the shared compilation cache instead of compiling them at the same time: test_serving / test_kserve,
 # test_serving_bench / test_fuzz, test_http / test_openai. Files not listed follow, in their usual order.
