@@ -373,6 +373,9 @@ def test_dispatch_runs_per_shard_under_a_mesh():
         out1 = decode(qs[:, 0], ks, vs, ls)
         odd = decode(qs[:3, 0], ks[:3], vs[:3], ls[:3])  # 3 rows don't split over data=2: kept whole
         appended, (k2, v2) = append(step, ks, vs, ls - 1)
+        # the first 2 rows of a 4-row cache, both split over data=2: each shard would pair the wrong rows
+        with pytest.raises(ValueError, match="same rows"):
+            decode(qs[:2, 0], ks, vs, ls[:2])
     assert k2.sharding.is_equivalent_to(ks.sharding, k2.ndim)  # the caches stay where they were
     np.testing.assert_allclose(np.asarray(appended),
                                decode_reference64(q[:, 1], np.asarray(k2), np.asarray(v2), np.asarray(lengths)),

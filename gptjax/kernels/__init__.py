@@ -107,6 +107,12 @@ def _per_shard(fn, args, logical, out_logical):
         return P(*(a if a is not None and _splits(mesh, a, n) else None for a, n in zip(mesh_axes, shape)))
 
     in_specs = tuple(spec(axes, x.shape) for axes, x in zip(logical, args))
+    # the kernels pair row i of every operand: split over devices, rows only line up when every operand has
+    # as many (a decode over the first rows of a cache split over `data` would read other sequences' rows)
+    split_rows = {x.shape[0] for axes, x, s in zip(logical, args, in_specs)
+                  if axes[0] == "slots" and s[0] is not None and _size(mesh, s[0]) > 1}
+    if len(split_rows) > 1:
+        raise ValueError(f"operands split over the slots' mesh axis must have the same rows, got {sorted(split_rows)}")
     out_shapes = jax.eval_shape(fn, *args)
     out_specs = (tuple(spec(axes, o.shape) for axes, o in zip(out_logical, out_shapes))
                  if isinstance(out_shapes, (tuple, list)) else spec(out_logical, out_shapes.shape))
@@ -115,9 +121,12 @@ def _per_shard(fn, args, logical, out_logical):
 
 def _splits(mesh, axes, n: int) -> bool:
     axes = axes if isinstance(axes, tuple) else (axes,)
-    if not all(a in mesh.axis_names for a in axes):
-        return False
+    return all(a in mesh.axis_names for a in axes) and n % _size(mesh, axes) == 0
+
+
+def _size(mesh, axes) -> int:
+    """Devices along mesh axis `axes` (a name or a tuple of names)."""
     size = 1
-    for a in axes:
+    for a in axes if isinstance(axes, tuple) else (axes,):
         size *= mesh.shape[a]
-    return n % size == 0
+    return size
