@@ -146,7 +146,8 @@ class ServerConfig:
     drain_timeout_s: float = 30.0  # on SIGTERM, how long in-flight requests may take before they are cut off
     dialect: str = DEFAULT_DIALECT  # the FasterTransformer dialect that model metadata and config describe
     stream_idle_timeout_s: float = 30.0  # a stream waiting on its client for longer is closed (UNAVAILABLE)
-    max_client_streams: int = 128  # streams at the client's pace at once (ModelStreamInfer, watches, reflection)
+    max_client_streams: int = 128  # streams at the client's pace at once (ModelStreamInfer and reflection; as
+                                   # many health watches besides)
     reserved_workers: int = 16  # handler threads beyond those the queue, the slots and those streams can hold
     keepalive_time_s: float = 60.0  # ping a connection quiet for this long...
     keepalive_timeout_s: float = 20.0  # ...and close it when the ping is not answered in this long

@@ -153,7 +153,10 @@ def _real(value, name: str) -> float:
     """A finite number that stays finite as float32 (the scheduler's wire type)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise invalid(f"{name} must be a number, got {value!r}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an integer past float64
+        raise invalid(f"{name} must be a finite number (float32), got an integer too large for a float") from None
     with np.errstate(over="ignore"):
         if not np.isfinite(np.float32(value)):
             raise invalid(f"{name} must be a finite number (float32), got {value}")
@@ -260,7 +263,10 @@ class Frontend:
         if not text:
             raise invalid(f"{name} is empty")
         # len() counts characters, each at least one UTF-8 byte: a long text is refused without encoding it
-        size = len(text) if len(text) > lim.max_text_bytes else len(text.encode("utf-8", "surrogatepass"))
+        try:
+            size = len(text) if len(text) > lim.max_text_bytes else len(text.encode("utf-8"))
+        except UnicodeEncodeError:  # a lone surrogate (JSON's "\ud800"): no UTF-8 text, nothing to tokenize
+            raise invalid(f"{name} is not valid Unicode text (it holds a lone surrogate)") from None
         if size > lim.max_text_bytes:
             raise invalid(f"{name} is {size} bytes; the model's {lim.max_seq_len} positions take at most "
                           f"{lim.max_text_bytes} bytes of text ({TEXT_BYTES_PER_POSITION} per position; "
@@ -270,6 +276,10 @@ class Frontend:
         """Check the text (raises RequestError now), then tokenize it on the front end's pool -> a Future
         of the token ids (wrap it with asyncio.wrap_future in an event loop)."""
         self.check_text(text, name)
+        if self.scheduler.queued() >= self.scheduler.max_queued:  # refused now, not after the tokenizing
+            from serving.scheduler import QueueFull
+
+            raise RequestError(Code.RESOURCE_EXHAUSTED, str(QueueFull.of(self.scheduler.max_queued)))
         return self._tokenize_pool.submit(self.engine.tokenizer.encode, text)
 
     def tokenize(self, text, name: str = "text") -> list[int]:

@@ -45,6 +45,8 @@ DTYPES = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np
 DATATYPE_OF = {np.dtype(v): k for k, v in DTYPES.items()}
 
 UINT = ("UINT32", "INT32")
+# values in one input tensor: well above any real request (a batch of prompts), refused before numpy sizes it
+MAX_ELEMENTS = 1 << 24
 # name -> (accepted datatypes, kind): "ids" [B, L], "row" [B, 1] or [B], "words" [B, 2, S]
 INPUTS = {
     V5: {
@@ -124,6 +126,8 @@ def check_input(name: str, datatype: str, shape) -> np.dtype:
         raise invalid(f"input {name} must be {' or '.join(spec[0])}, got {datatype or '(none)'}")
     if any(int(d) < 0 for d in shape):
         raise invalid(f"input {name} has a negative dimension in its shape {list(shape)}")
+    if any(int(d) > MAX_ELEMENTS for d in shape) or math.prod(int(d) for d in shape) > MAX_ELEMENTS:
+        raise invalid(f"input {name}: shape {list(shape)} holds more than {MAX_ELEMENTS} values")
     return np.dtype(DTYPES[datatype]).newbyteorder("<")
 
 

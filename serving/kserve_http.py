@@ -44,7 +44,7 @@ def split_binary(body: bytes, header_length: str | None) -> tuple[dict, memoryvi
     """(the JSON header, the binary section after it) of an infer request."""
     if header_length is None:
         return json_object(body), memoryview(b"")
-    if not header_length.isdigit():
+    if not (header_length.isascii() and header_length.isdigit()):
         raise invalid(f"Inference-Header-Content-Length must be a byte count, got {header_length!r}")
     n = int(header_length)
     if n > len(body):
@@ -138,11 +138,23 @@ def decode_inputs(header: dict, binary: memoryview) -> dict[str, np.ndarray]:
     return arrays
 
 
+def requested_outputs(header: dict) -> list[dict]:
+    """The request's `outputs` entries, checked for form before anything runs (a malformed one found only when
+    answering would throw the finished work away)."""
+    outputs = header.get("outputs") or []
+    if not isinstance(header.get("parameters") or {}, dict):
+        raise invalid("parameters must be an object")
+    if not isinstance(outputs, list) or not all(
+            isinstance(o, dict) and isinstance(o.get("name"), str) and isinstance(o.get("parameters") or {}, dict)
+            for o in outputs):
+        raise invalid("outputs must be a list of objects, each with a name and, optionally, a parameters object")
+    return outputs
+
+
 def encode_outputs(header: dict, outputs: dict[str, np.ndarray], answer: dict) -> Response:
     """The response: JSON tensors, or binary ones (with Inference-Header-Content-Length) where asked."""
     every = bool((header.get("parameters") or {}).get("binary_data_output", False))
-    wanted = {o.get("name"): bool((o.get("parameters") or {}).get("binary_data", every))
-              for o in header.get("outputs") or [] if isinstance(o, dict)}
+    wanted = {o["name"]: bool((o.get("parameters") or {}).get("binary_data", every)) for o in requested_outputs(header)}
     tensors, blobs = [], []
     for name, a in outputs.items():
         t = {"name": name, "datatype": ft.DATATYPE_OF[a.dtype.newbyteorder("=")], "shape": list(a.shape)}
@@ -294,7 +306,7 @@ def _infer_route(app: FastAPI, ctx: Context) -> None:
         header, binary = split_binary(await ctx.body(http), http.headers.get("inference-header-content-length"))
         with frontend.api_call() as call:
             arrays = decode_inputs(header, binary)
-            requested = [o.get("name") for o in header.get("outputs") or [] if isinstance(o, dict)]
+            requested = [o["name"] for o in requested_outputs(header)]
             call.requests, info = ft.parse(arrays, frontend, request_deadline(header), requested)
             runs = streams(call.requests)
             frontend.submit(call.requests)

@@ -7,8 +7,9 @@ OpenAI); `watch` hands the gauges the scheduler and engine they read at scrape t
 text that `/metrics` answers, on the HTTP port and on the metrics port alike.
 
 Triton's counters keep Triton's exact names (no `_total` suffix, which prometheus_client's own counters would
-add), so dashboards written for Triton read them unchanged; they are written here in Prometheus' text format.
-Everything else is an ordinary prometheus_client metric named `gptjax_*`.
+add) and labels (the model Triton clients ask for, `fastertransformer`, and its version), so dashboards written
+for Triton read them unchanged; they are written here in Prometheus' text format. Everything else is an
+ordinary prometheus_client metric named `gptjax_*`, labelled with the served model's own name.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ import threading
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from serving.ft import MODEL_NAME as TRITON_MODEL, MODEL_VERSION as TRITON_VERSION
 from serving.request import Request
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
-MODEL_VERSION = "1"
 
 # Triton's counters and its help texts; durations are cumulative microseconds of the successful calls
 TRITON_COUNTERS = {
@@ -37,10 +38,6 @@ TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75
 ITL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2,
                0.3, 0.5, 0.75, 1.0, 2.5)
 E2E_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0, 600.0)
-
-
-def _label(value: str) -> str:
-    return value.replace("\\", r"\\").replace('"', r"\"").replace("\n", r"\n")
 
 
 def _us(seconds: float) -> int:
@@ -136,7 +133,7 @@ class Metrics:
         """Triton's counters in Prometheus' text format, named and labelled as Triton does."""
         with self._lock:
             values = dict(self._triton)
-        labels = f'{{model="{_label(self.model)}",version="{MODEL_VERSION}"}}'
+        labels = f'{{model="{TRITON_MODEL}",version="{TRITON_VERSION}"}}'
         lines = []
         for name, doc in TRITON_COUNTERS.items():
             lines += [f"# HELP {name} {doc}", f"# TYPE {name} counter", f"{name}{labels} {values[name]}"]

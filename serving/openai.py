@@ -33,6 +33,7 @@ from serving.request import Code, Finished, Request
 STARTED = int(time.time())
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 MAX_STOP_STRINGS = 4
+MAX_STOP_CHARS = 256  # each stop string: streaming checks every prefix of each one against the text's end
 FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed", "logprobs", "echo",
           "stream", "stream_options", "user", "best_of", "presence_penalty", "frequency_penalty", "logit_bias",
           "suffix"}
@@ -124,7 +125,10 @@ def _stops(value) -> list[str]:
     if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
         raise invalid("stop must be a string or a list of strings")
     if len(stops) > MAX_STOP_STRINGS or not all(stops):
-        raise invalid(f"stop takes up to {MAX_STOP_STRINGS} non-empty strings, got {stops!r}")
+        raise invalid(f"stop takes up to {MAX_STOP_STRINGS} non-empty strings, got {len(stops)}")
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise invalid(f"stop strings are at most {MAX_STOP_CHARS} characters, got one of "
+                      f"{max(map(len, stops))}")
     return stops
 
 
@@ -290,6 +294,8 @@ async def _events(call: Completions, runs: list[Stream], choices: list[Choice], 
                                            "finish_reason": None}]))
             async for i, event in events:
                 c = choices[i]
+                if c.done:  # what a finished choice's request sends after its stop string (its cancel) is not news
+                    continue
                 if isinstance(event, RequestError):
                     raise event
                 c.add(event)

@@ -136,7 +136,6 @@ class Request:
             now = time.monotonic()
             if ends:
                 self.ended_at = now
-                self._ended.set()
             else:
                 self.first_token_at = self.first_token_at or now
                 self.last_token_at = now
@@ -145,6 +144,8 @@ class Request:
                 self._ready.notify()
             else:
                 self.on_event(event)
+            if ends:  # set last: a reader woken by it (`wait_ended`, no lock) finds the event already there
+                self._ended.set()
         if ends and self.on_end is not None:
             self.on_end(self, event)
 

@@ -52,7 +52,9 @@ STUCK_TURN_S = 60.0  # a turn of the loop this long is logged with the loop's st
 
 
 class QueueFull(Exception):
-    pass
+    @classmethod
+    def of(cls, max_queued: int) -> "QueueFull":
+        return cls(f"the server's queue is full ({max_queued} requests); retry later")
 
 
 class NotAccepting(Exception):
@@ -142,7 +144,7 @@ class Scheduler:
             if not self._accepting:
                 refusal = NotAccepting()
             elif len(self._queue) + len(fit) > self.max_queued:
-                refusal = QueueFull(f"the server's queue is full ({self.max_queued} requests); retry later")
+                refusal = QueueFull.of(self.max_queued)
             else:
                 refusal = None
                 for r in fit:

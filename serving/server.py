@@ -215,7 +215,9 @@ class Server:
     def __init__(self, frontend: Frontend, options: ServerConfig, in_flight: int):
         """`in_flight`: the generation calls the scheduler holds at most (its queue and its slots)."""
         check_can_listen(options.host, options.port)
-        workers = in_flight + options.max_client_streams + options.reserved_workers
+        # client-paced streams: ModelStreamInfer and reflection share one pool of permits, and health watches
+        # (open to callers without the API key, held as long as they like) have a pool of their own
+        workers = in_flight + 2 * options.max_client_streams + options.reserved_workers
         opts = [("grpc.max_receive_message_length", options.max_message_bytes),
                 ("grpc.max_send_message_length", options.max_message_bytes), ("grpc.so_reuseport", 0),
                 # per connection: one client may fill the queue and the slots and still ask for health or info
@@ -230,7 +232,7 @@ class Server:
                                 interceptors=[ApiKey(options.api_key)] if options.api_key else None)
         permits, self.idle = StreamPermits(options.max_client_streams), IdleStreams(options.stream_idle_timeout_s)
         self.health = health.HealthServicer()
-        add_service(self.grpc, HEALTH, HealthServicer(self.health, permits))
+        add_service(self.grpc, HEALTH, HealthServicer(self.health, StreamPermits(options.max_client_streams)))
         add_service(self.grpc, GENERATOR, GeneratorServicer(frontend))
         add_service(self.grpc, kserve.SERVICE, kserve.InferenceServicer(frontend, options.dialect, permits, self.idle))
         self.services = [GENERATOR.full_name, kserve.SERVICE.full_name]

@@ -176,6 +176,12 @@ def test_submit_maps_the_schedulers_refusals(frontend, error, code):
     assert info.value.code == code and info.value.message
 
 
+def test_a_text_meeting_a_full_queue_is_refused_before_tokenizing(frontend, monkeypatch):
+    frontend.scheduler.submitted = [object()] * frontend.scheduler.max_queued
+    monkeypatch.setattr(frontend.engine.tokenizer, "encode", lambda text: pytest.fail("tokenized"))
+    assert "queue is full" in refused(frontend, Code.RESOURCE_EXHAUSTED, prompt="Once upon a time")
+
+
 def test_collect_gathers_events_and_reports_the_call(frontend):
     calls = []
     frontend.metrics = type("M", (), {"call_finished": staticmethod(lambda *a: calls.append(a))})()

@@ -177,8 +177,9 @@ def test_metrics_rise_by_exactly_what_was_sent(http, served, triton):
     after = metrics(served.http, served.headers)  # the HTTP port's /metrics is the same page
     m = "gpt2-tiny"
 
-    def delta(name):
-        return after[(name, m)] - before[(name, m)]
+    def delta(name):  # Triton's counters carry the name Triton clients use, the rest the model's own
+        label = MODEL if name.startswith("nv_") else m
+        return after[(name, label)] - before[(name, label)]
 
     assert delta("nv_inference_request_success_total") == 4 and delta("nv_inference_count_total") == 5
     assert delta("nv_inference_exec_count_total") == 4 and delta("nv_inference_request_failure_total") == 0
@@ -194,7 +195,7 @@ def test_metrics_rise_by_exactly_what_was_sent(http, served, triton):
 # ---- disconnects -------------------------------------------------------------------------------------------------
 def test_a_disconnected_sse_client_frees_its_slot(served):
     wait_idle(served)
-    failures = metrics(served.metrics, served.headers)[("nv_inference_request_failure_total", "gpt2-tiny")]
+    failures = metrics(served.metrics, served.headers)[("nv_inference_request_failure_total", MODEL)]
     body = {"prompt": [464, 2068], "max_tokens": served.max_seq_len - 2, "temperature": 0, "stream": True}
     with httpx.Client(base_url=served.http, headers=served.headers, timeout=60) as c:
         with c.stream("POST", "/v1/completions", json=body) as r:
@@ -205,12 +206,12 @@ def test_a_disconnected_sse_client_frees_its_slot(served):
     # the client has gone mid-stream: its request is cancelled (a failed call), and its slot is free
     wait_idle(served)
     m = metrics(served.metrics, served.headers)
-    assert m[("nv_inference_request_failure_total", "gpt2-tiny")] == failures + 1
+    assert m[("nv_inference_request_failure_total", MODEL)] == failures + 1
 
 
 def test_a_unary_client_that_disconnects_frees_its_slot(served):
     wait_idle(served)
-    failures = metrics(served.metrics, served.headers)[("nv_inference_request_failure_total", "gpt2-tiny")]
+    failures = metrics(served.metrics, served.headers)[("nv_inference_request_failure_total", MODEL)]
     body = json.dumps({"prompt": [464, 2068], "max_tokens": served.max_seq_len - 2, "temperature": 0}).encode()
     sock = socket.create_connection(("127.0.0.1", int(served.http.rsplit(":", 1)[1])))
     sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -221,7 +222,7 @@ def test_a_unary_client_that_disconnects_frees_its_slot(served):
     assert running(served) == 1
     sock.close()  # before its tokens are all made: the request is cancelled, a failed call
     wait_idle(served)
-    assert metrics(served.metrics, served.headers)[("nv_inference_request_failure_total", "gpt2-tiny")] == failures + 1
+    assert metrics(served.metrics, served.headers)[("nv_inference_request_failure_total", MODEL)] == failures + 1
 
 
 # ---- bad input: a 4xx with a message, and the server keeps serving ------------------------------------------------
@@ -297,6 +298,16 @@ def bad_cases(served):
         ("a header length that is not a number", 400, "Inference-Header-Content-Length",
          call("POST", f"/v2/models/{MODEL}/infer", content=b"{}",
               headers={**key, "Inference-Header-Content-Length": "x"})),
+        ("a header length of non-ASCII digits", 400, "Inference-Header-Content-Length",
+         call("POST", f"/v2/models/{MODEL}/infer", content=b"{}",
+              headers={**key, "Inference-Header-Content-Length": b"\xb2"})),
+        ("a tensor of 2**62 values", 400, "more than",
+         call("POST", f"/v2/models/{MODEL}/infer", json={"inputs": [
+             {"name": "INPUT_ID", "datatype": "UINT32", "shape": [2**31, 2**31, 0], "data": []},
+             *v1_json()[1]["inputs"][1:]]})),
+        ("outputs that are no list of objects", 400, "outputs must be a list",
+         call("POST", f"/v2/models/{MODEL}/infer", json={**v1_json()[1], "outputs": [{"name": "OUTPUT0",
+                                                                                        "parameters": [1]}]})),
         ("an unknown model", 404, "unknown model", infer_json(model="gpt-5")),
         ("an unknown version", 404, "no version", infer_json(version="7")),
         ("a wrong datatype", 400, "INPUT_ID must be UINT32", infer_json(input_dtype="FP32", data=[[5.0, 6.0]])),
@@ -308,6 +319,10 @@ def bad_cases(served):
         ("OpenAI temperature < 0", 400, "temperature must be >= 0", completion(temperature=-0.5)),
         ("OpenAI temperature NaN", 400, "temperature must be a finite number",
          call("POST", "/v1/completions", content=b'{"prompt": [1], "temperature": NaN}',
+              headers={**key, "content-type": "application/json"})),
+        ("OpenAI temperature past float64", 400, "too large for a float", completion(temperature=10**400)),
+        ("OpenAI text with a lone surrogate", 400, "not valid Unicode",
+         call("POST", "/v1/completions", content=b'{"prompt": "a\\ud800b", "max_tokens": 2}',
               headers={**key, "content-type": "application/json"})),
         ("a prompt over the context", 400, f"at most {served.max_seq_len - 1}", completion(prompt=[7] * 300)),
         ("an unknown OpenAI field", 400, "unknown field(s) frequency", completion(frequency=1)),

@@ -52,7 +52,7 @@ def test_triton_counters_and_token_counters_count_each_call():
 
     s = parse(metrics)
     rows = [r for call in calls for r in call]
-    triton = {"version": "1"}
+    triton = {"model": "fastertransformer", "version": "1"}
     assert value(s, "nv_inference_request_success_total", **triton) == 5  # the parser's name for the counter
     assert value(s, "nv_inference_request_failure_total", **triton) == 2
     assert value(s, "nv_inference_count_total", **triton) == len(rows)
@@ -71,10 +71,12 @@ def test_triton_counters_and_token_counters_count_each_call():
     assert value(s, "gptjax_e2e_request_latency_seconds_count") == len(rows)
 
 
-def test_triton_counters_keep_tritons_names_in_the_text():
+def test_triton_counters_keep_tritons_names_and_labels_in_the_text():
+    """Triton's dashboards select the model clients ask for; the served model's name labels the rest."""
     text = Metrics('a "quoted" model').exposition().decode()
     assert "# TYPE nv_inference_request_success counter\n" in text
-    assert 'nv_inference_request_success{model="a \\"quoted\\" model",version="1"} 0\n' in text
+    assert 'nv_inference_request_success{model="fastertransformer",version="1"} 0\n' in text
+    assert 'gptjax_slots{model="a \\"quoted\\" model"} 0.0\n' in text
 
 
 def test_gauges_read_the_scheduler_at_scrape_time():

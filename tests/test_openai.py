@@ -85,6 +85,22 @@ def test_stop_strings_end_the_text_before_them(client, reference):
     assert (texts[0], reasons[0]) == (cut, "stop")
 
 
+def test_a_streamed_choice_that_stops_early_leaves_the_others_running(client, reference):
+    """Two prompts streamed together, a stop string in the middle of the first one's text: the first ends there
+    and its request is cancelled, the second streams to its end."""
+    full = reference[0]["text"]
+    words = full.split(" ")
+    stop = " " + words[len(words) // 2]
+    cut = [r["text"][: r["text"].index(stop)] if stop in r["text"] else r["text"] for r in reference]
+    reasons_expected = {i: "stop" if stop in r["text"] else "length" for i, r in enumerate(reference)}
+    texts, reasons, usage = streamed(client, prompt=[r["prompt_ids"] for r in reference], max_tokens=N_NEW,
+                                     temperature=0, stop=stop, stream_options={"include_usage": True})
+    assert texts == dict(enumerate(cut)) and reasons == reasons_expected
+    assert usage.completion_tokens > 0
+    with pytest.raises(openai.BadRequestError, match="at most 256 characters"):
+        client.completions.create(model=MODEL, prompt=TEXT, max_tokens=2, stop="z" * 257)
+
+
 def test_echo_logprobs_and_seeded_choices(client, reference):
     echoed = client.completions.create(model=MODEL, prompt=TEXT, max_tokens=N_NEW, temperature=0, echo=True)
     assert echoed.choices[0].text == TEXT + reference[0]["text"]
