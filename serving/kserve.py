@@ -111,16 +111,21 @@ class InferenceServicer:
         config = json_format.ParseDict(ft.model_config(self.dialect, self.frontend), mc.ModelConfig())
         return pb.ModelConfigResponse(config=config)
 
-    def _infer(self, request, context) -> pb.ModelInferResponse:
-        """One inference, in an API call of its own (for the metrics)."""
+    def _infer(self, request, context, current: list | None = None) -> pb.ModelInferResponse:
+        """One inference, in an API call of its own (for the metrics). Its requests are cancelled when the
+        call ends early: by a callback of their own, or, in a stream, by the stream's one callback, which
+        cancels the requests in `current` (a callback per request would keep every request of a long stream)."""
         fe = self.frontend
         with fe.api_call() as call:
             check_model(decoded(request).model_name, request.model_version)
             fe.require_ready()
             arrays = arrays_of(request)
             call.requests, info = ft.parse(arrays, fe, deadline_of(context), [o.name for o in request.outputs])
-            for r in call.requests:
-                context.add_callback(r.cancel)
+            if current is None:
+                for r in call.requests:
+                    context.add_callback(r.cancel)
+            else:
+                current[:] = call.requests
             fe.submit(call.requests)
             done = fe.collect(call.requests, context.is_active)
             return response_of(request, ft.outputs(call.requests, done, info), info.dialect)
@@ -139,9 +144,11 @@ class InferenceServicer:
             abort(context, e)
 
     def _stream(self, request_iterator, context):
+        current: list = []
+        context.add_callback(lambda: [r.cancel() for r in list(current)])
         for request in client_messages(request_iterator, context, self.idle, decode=False):
             try:
-                yield pb.ModelStreamInferResponse(infer_response=self._infer(request, context))
+                yield pb.ModelStreamInferResponse(infer_response=self._infer(request, context, current))
             except RequestError as e:
                 if e.code == Code.CANCELLED:
                     return

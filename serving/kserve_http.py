@@ -303,9 +303,12 @@ def _infer_route(app: FastAPI, ctx: Context) -> None:
         if http.headers.get("content-encoding", "identity") != "identity":
             raise invalid(f"Content-Encoding {http.headers['content-encoding']!r} is not supported; send the body "
                           "uncompressed")
-        header, binary = split_binary(await ctx.body(http), http.headers.get("inference-header-content-length"))
+        body = await ctx.body(http)
+        # a large JSON body takes seconds of Python to read: off the event loop, which answers every other client
+        length = http.headers.get("inference-header-content-length")
+        header, binary = await asyncio.to_thread(split_binary, body, length)
         with frontend.api_call() as call:
-            arrays = decode_inputs(header, binary)
+            arrays = await asyncio.to_thread(decode_inputs, header, binary)
             requested = [o["name"] for o in requested_outputs(header)]
             call.requests, info = ft.parse(arrays, frontend, request_deadline(header), requested)
             runs = streams(call.requests)
