@@ -150,7 +150,7 @@ def kernel_summary(trace_dir: str, steps: int, top: int = 40) -> int:
         if not plane.name.startswith("/device:GPU"):
             continue
         by_name = collections.defaultdict(lambda: [0, 0.0])
-        events = []
+        events, named = [], []
         for line in plane.lines:
             if "stream" not in line.name.lower():
                 continue
@@ -159,6 +159,14 @@ def kernel_summary(trace_dir: str, steps: int, top: int = 40) -> int:
                 by_name[name][0] += 1
                 by_name[name][1] += ev.duration_ns / 1e3
                 events.append((ev.start_ns, ev.start_ns + ev.duration_ns))
+                named.append((ev.start_ns, ev.name, ev.duration_ns, line.name, ev))
+        named.sort(key=lambda e: e[0])
+        for i, (_, name, ns, line_name, ev) in enumerate(named):  # copies of over 100 us: what they are, where
+            if name.startswith("Memcpy") and ns > 100_000:
+                print(json.dumps({"long_copy": name, "us": round(ns / 1e3, 1), "stream": line_name,
+                                  "stats": {k: str(v)[:120] for k, v in ev.stats},
+                                  "after": [n[1][:60] for n in named[max(0, i - 3):i]],
+                                  "before": [n[1][:60] for n in named[i + 1:i + 4]]}))
         if not events:
             continue
         events.sort()

@@ -4,7 +4,8 @@ A job is one process per host (seeing all of its GPUs) or one per GPU, started b
 with `--coordinator HOST:PORT --num-processes N --process-id I`. Every process runs the same program; the
 jitted calls span every device of every process. `initialize` must run before anything touches a JAX
 backend. A process that dies takes the job down: the others miss its heartbeats and exit non-zero within
-`HEARTBEAT_TIMEOUT_S`, so a launcher can restart the job instead of waiting on a hang.
+`HEARTBEAT_TIMEOUT_S` (or `$GPTJAX_HEARTBEAT_TIMEOUT_S` seconds), so a launcher can restart the job instead of
+waiting on a hang.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 import jax
 import numpy as np
 
-HEARTBEAT_TIMEOUT_S = 15  # a process silent this long is dead, and the job ends
+HEARTBEAT_TIMEOUT_S = 15  # a process silent this long is dead, and the job ends ($GPTJAX_HEARTBEAT_TIMEOUT_S)
 INIT_TIMEOUT_S = 300  # how long processes wait for each other at start-up
 
 
@@ -105,7 +106,18 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                process_id=process_id, local_device_ids=local_devices,
                                cluster_detection_method="deactivate", initialization_timeout=INIT_TIMEOUT_S,
-                               heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S)
+                               heartbeat_timeout_seconds=heartbeat_timeout_s())
+
+
+def heartbeat_timeout_s(env=None) -> int:
+    """Seconds of silence after which a process counts as dead: `$GPTJAX_HEARTBEAT_TIMEOUT_S`, else
+    `HEARTBEAT_TIMEOUT_S`. Shorter ends a broken job sooner; longer rides out a busy host's stalls."""
+    text = (os.environ if env is None else env).get("GPTJAX_HEARTBEAT_TIMEOUT_S", "").strip()
+    if not text:
+        return HEARTBEAT_TIMEOUT_S
+    if not text.isascii() or not text.isdigit() or int(text) < 1:
+        raise ValueError(f"GPTJAX_HEARTBEAT_TIMEOUT_S must be a whole number of seconds >= 1, got {text!r}")
+    return int(text)
 
 
 def _results_only_on_stdout() -> None:

@@ -84,6 +84,14 @@ def test_no_launcher_and_partial_flags(monkeypatch):
         distributed.initialize(coordinator="localhost:1234")
 
 
+def test_heartbeat_timeout_from_the_environment():
+    assert distributed.heartbeat_timeout_s({}) == distributed.HEARTBEAT_TIMEOUT_S
+    assert distributed.heartbeat_timeout_s({"GPTJAX_HEARTBEAT_TIMEOUT_S": " 40 "}) == 40
+    for bad in ("0", "-3", "2.5", "ten", "\u0663"):  # the last: an Arabic-Indic digit, which int() would take
+        with pytest.raises(ValueError, match="GPTJAX_HEARTBEAT_TIMEOUT_S"):
+            distributed.heartbeat_timeout_s({"GPTJAX_HEARTBEAT_TIMEOUT_S": bad})
+
+
 # ---- real jobs -------------------------------------------------------------------------------------------
 def run_job(envs, args, timeout=240):
     procs = [subprocess.Popen([sys.executable, "-m", "gptjax", *args], env=env, cwd=ROOT, text=True,
@@ -110,12 +118,13 @@ def test_two_processes_with_srun_environment(single_process_lines):
                          ids=["follower dies (explicit flags)", "process 0 dies (srun environment)"])
 def test_a_dead_process_ends_the_job(victim, flags):
     port = free_port()
+    quick = {"GPTJAX_HEARTBEAT_TIMEOUT_S": "5"}  # the survivor gives up 5 s after the last heartbeat, not 15
     if flags:  # --coordinator/--num-processes/--process-id, as `gptjax ... --coordinator` passes them
         cmds = [[str(HOLD), f"localhost:{port}", "2", str(i)] for i in range(2)]
-        envs = [{**os.environ, **CPU4, "PYTHONPATH": str(ROOT)}] * 2
+        envs = [{**os.environ, **CPU4, **quick, "PYTHONPATH": str(ROOT)}] * 2
     else:
         cmds = [[str(HOLD)]] * 2
-        envs = [slurm_env(i, port) for i in range(2)]
+        envs = [{**slurm_env(i, port), **quick} for i in range(2)]
     procs = [subprocess.Popen([sys.executable, *cmd], env=env, cwd=ROOT, text=True, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE) for cmd, env in zip(cmds, envs)]
     try:
