@@ -62,7 +62,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention", choices=ATTENTION_IMPLS, help="attention implementation (default: pallas on GPU)")
     p.add_argument("--decode-matmuls", choices=MATMUL_IMPLS,
                    help="the decode step's small-batch products (default: this project's kernels for "
-                        "steps of up to 4 slots on one GPU, XLA's otherwise; pallas: the kernels up to 16 slots)")
+                        "steps of up to 8 slots on one GPU, XLA's otherwise; pallas: the kernels up to 16 slots)")
     p.add_argument("--coordinator", metavar="HOST:PORT", help="jax.distributed coordinator (multi-host)")
     p.add_argument("--num-processes", type=int, help="number of processes (multi-host)")
     p.add_argument("--process-id", type=int, help="this process's index (multi-host)")

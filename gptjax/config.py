@@ -123,7 +123,7 @@ class EngineConfig:
     top_p: float = 1.0  # 1.0: off
     eos_token_id: int = 50256
     attention: str = ""  # "" picks pallas on GPU, xla elsewhere
-    decode_matmuls: str = ""  # "": the small-batch kernels for steps of <= 4 rows on one GPU (gptjax/decode_block.py)
+    decode_matmuls: str = ""  # "": the small-batch kernels for steps of <= 8 rows on one GPU (gptjax/decode_block.py)
     mesh: MeshShape = field(default_factory=MeshShape)
 
     def __post_init__(self):

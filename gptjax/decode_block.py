@@ -23,8 +23,8 @@ from gptjax.config import ModelConfig
 from gptjax.kernels.decode_matmul import decode_matmul, decode_matmul_reference, new_counters, supports
 
 KERNEL_ROWS = 16  # more rows: XLA's matmuls win (the kernel's tiles grow past the matrix units' 16 rows)
-AUTO_ROWS = 4  # the default's limit: on the H200 the kernels beat XLA's matmuls (with the attention kernel that
-               # stores the step's K/V) at 1, 2 and 4 rows, and lose at 8 (RESULTS run 17)
+AUTO_ROWS = 8  # the default's limit: on the H200 the kernels beat XLA's matmuls at 1, 2 and 4 rows; at 8 the two are
+               # level within 2% (RESULTS runs 13 and 17)
 KERNEL_MAX_BYTES = 32 << 20  # larger weights: XLA's own matmul reads them faster (the H200, RESULTS run 11)
 
 
