@@ -34,8 +34,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from serving.frontend import Completion, Frontend, Params, invalid
-from serving.request import Request
+from serving.frontend import Completion, Frontend, Params, RequestError, invalid
+from serving.request import Code, Request
 
 V5, V1 = "5.x", "v1"
 
@@ -284,6 +284,14 @@ def outputs(requests: list[Request], completions: list[Completion], info: Info) 
 
 MODEL_NAME, MODEL_VERSION = "fastertransformer", "1"
 CONFIG_DIMS = {"ids": [-1], "row": [1], "words": [2, -1]}  # a config's dims leave out the batch
+
+
+def check_model(name: str, version: str) -> None:
+    """The model and version a KServe call names (gRPC or HTTP): this server's, or NOT_FOUND."""
+    if name != MODEL_NAME:
+        raise RequestError(Code.NOT_FOUND, f"unknown model {name!r}; this server serves {MODEL_NAME!r}")
+    if version not in ("", MODEL_VERSION):
+        raise RequestError(Code.NOT_FOUND, f"model {name!r} has no version {version!r} (only {MODEL_VERSION})")
 
 
 def model_metadata(dialect: str) -> dict:

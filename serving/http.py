@@ -13,7 +13,7 @@ KServe v2 (model `fastertransformer`, version 1), so `tritonclient.http` works w
 
 The FasterTransformer tensors of both dialects are serving/ft.py's; every field check is the front end's
 (serving/frontend.py), so the rules are those of the gRPC APIs. Errors are JSON `{"error": "..."}` with the
-front end's HTTP status (400, 401, 404, 413, 429, 503).
+front end's HTTP status (400, 401, 404, 408, 413, 429, 503).
 
 uvicorn runs on a thread of its own with its own event loop. A request's events cross from the engine thread
 with `loop.call_soon_threadsafe` into a queue of that request (no polling), and a client that disconnects,
@@ -155,7 +155,8 @@ def sse(data) -> bytes:
 
 # ---- bodies and errors ------------------------------------------------------------------------------------
 OPENAI_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                      413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
+                      408: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+                      503: "service_unavailable"}
 
 
 def error_body(path: str, status: int, message: str) -> dict:
@@ -178,16 +179,29 @@ class BodyTooLarge(Exception):
         super().__init__(f"the request body of {size} bytes (or more) is over the server's limit of {limit} bytes")
 
 
-async def read_body(http: HttpRequest, limit: int) -> bytes:
-    """The request body, refused past `limit` bytes before more than that is read."""
+class BodyTimeout(Exception):
+    """A request body that did not arrive whole in the server's time (408): a stalled or trickling client
+    would otherwise hold its connection for ever."""
+
+    def __init__(self, received: int, timeout_s: float):
+        super().__init__(f"the request body did not arrive within {timeout_s:g} s ({received} bytes came)")
+
+
+async def read_body(http: HttpRequest, limit: int, timeout_s: float) -> bytes:
+    """The request body, refused past `limit` bytes before more than that is read, or when it has not
+    arrived whole within `timeout_s`."""
     length = http.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise BodyTooLarge(int(length), limit)
     body = bytearray()
-    async for chunk in http.stream():
-        body += chunk
-        if len(body) > limit:
-            raise BodyTooLarge(len(body), limit)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in http.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise BodyTooLarge(len(body), limit)
+    except TimeoutError:
+        raise BodyTimeout(len(body), timeout_s) from None
     return bytes(body)
 
 
@@ -212,13 +226,14 @@ class Context:
     frontend: Frontend
     max_body_bytes: int  # ServerConfig.max_message_bytes, as for gRPC messages
     dialect: str  # what KServe model metadata and config describe (the config.pbtxt's declaration)
+    body_timeout_s: float = 60.0  # ServerConfig.http_body_timeout_s
 
     @property
     def metrics(self):
         return self.frontend.metrics
 
     async def body(self, http: HttpRequest) -> bytes:
-        return await read_body(http, self.max_body_bytes)
+        return await read_body(http, self.max_body_bytes, self.body_timeout_s)
 
 
 class ApiKey:

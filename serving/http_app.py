@@ -19,7 +19,7 @@ import gptjax
 from serving import kserve_http, openai
 from serving.config import ServerConfig
 from serving.frontend import Frontend, RequestError
-from serving.http import ApiKey, BodyTooLarge, ClientGone, Context, error
+from serving.http import ApiKey, BodyTimeout, BodyTooLarge, ClientGone, Context, error
 from serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from serving.request import Code
 
@@ -34,6 +34,10 @@ def _handlers(app: FastAPI) -> None:
     @app.exception_handler(BodyTooLarge)
     async def too_large(http: HttpRequest, e: BodyTooLarge):
         return error(http.url.path, 413, str(e))
+
+    @app.exception_handler(BodyTimeout)
+    async def too_slow(http: HttpRequest, e: BodyTimeout):
+        return error(http.url.path, 408, str(e), {"connection": "close"})
 
     @app.exception_handler(ClientGone)
     async def gone(_, e: ClientGone):
@@ -101,14 +105,17 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 class HttpServer:
-    """uvicorn serving the HTTP app (and the metrics app) on a thread of its own, with one event loop."""
+    """uvicorn serving the HTTP app (and the metrics app) on a thread of its own, with one event loop. Past
+    `max_connections` connections or requests in progress on a port, uvicorn answers 503 at once."""
 
-    def __init__(self, apps: list[tuple[FastAPI, socket.socket]], grace_s: float = 5.0):
+    def __init__(self, apps: list[tuple[FastAPI, socket.socket]], grace_s: float = 5.0,
+                 max_connections: int | None = None):
         import uvicorn
 
         self.sockets = [sock for _, sock in apps]
         self.servers = [uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
-                                                      timeout_graceful_shutdown=grace_s))
+                                                      timeout_graceful_shutdown=grace_s,
+                                                      limit_concurrency=max_connections))
                         for app, _ in apps]
         self.addresses = ["%s:%d" % sock.getsockname()[:2] for sock in self.sockets]
         self._thread = threading.Thread(target=self._run, name="http", daemon=True)
@@ -132,10 +139,11 @@ class HttpServer:
 def start_http(frontend: Frontend, options: ServerConfig) -> HttpServer | None:
     """Listen on the HTTP port (the app; 0: none) and the metrics port (/metrics; 0: none) -> the running server
     (`.stop()`), or None when both are 0. Raises OSError naming a port that can't be bound."""
-    ctx = Context(frontend, max_body_bytes=options.max_message_bytes, dialect=options.dialect)
+    ctx = Context(frontend, max_body_bytes=options.max_message_bytes, dialect=options.dialect,
+                  body_timeout_s=options.http_body_timeout_s)
     apps = []
     if options.http_port:
         apps.append((create_app(ctx, options.api_key), listen(options.host, options.http_port)))
     if options.metrics_port:
         apps.append((create_metrics_app(ctx, options.api_key), listen(options.host, options.metrics_port)))
-    return HttpServer(apps) if apps else None
+    return HttpServer(apps, max_connections=options.max_http_connections) if apps else None

@@ -22,7 +22,7 @@ from serving.proto.inference import model_config_pb2 as mc
 from serving.request import Code
 from serving.rpc import IdleStreams, StreamPermits, abort, client_messages, deadline_of, decoded
 
-MODEL_NAME, MODEL_VERSION = ft.MODEL_NAME, ft.MODEL_VERSION
+MODEL_NAME, MODEL_VERSION, check_model = ft.MODEL_NAME, ft.MODEL_VERSION, ft.check_model
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 
 CONTENTS = {"BOOL": "bool_contents", "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
@@ -62,13 +62,6 @@ def response_of(req: pb.ModelInferRequest, arrays: dict[str, np.ndarray], dialec
         resp.outputs.add(name=name, datatype=ft.OUTPUTS[dialect][name][0], shape=list(a.shape))
         resp.raw_output_contents.append(a.astype(a.dtype.newbyteorder("<")).tobytes())
     return resp
-
-
-def check_model(name: str, version: str) -> None:
-    if name != MODEL_NAME:
-        raise RequestError(Code.NOT_FOUND, f"unknown model {name!r}; this server serves {MODEL_NAME!r}")
-    if version not in ("", MODEL_VERSION):
-        raise RequestError(Code.NOT_FOUND, f"model {name!r} has no version {version!r} (only {MODEL_VERSION})")
 
 
 class InferenceServicer:

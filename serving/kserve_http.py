@@ -24,8 +24,7 @@ from fastapi.responses import JSONResponse, Response
 
 import gptjax
 from serving import ft
-from serving.ft import MODEL_NAME, MODEL_VERSION
-from serving.kserve import check_model
+from serving.ft import MODEL_NAME, MODEL_VERSION, check_model
 from serving.frontend import Params, RequestError, invalid
 from serving.http import ClientGone, Context, EventStream, json_object, sse, streams, until_disconnect
 from serving.request import Finished

@@ -465,3 +465,57 @@ def test_the_benchmarks_send_the_key(served):
     assert (row["completed"], row["failed"]) == (2, 0)
     refused = run_cli(*rate, check=False, env=env)
     assert refused.returncode == 2 and "needs a key: pass its --api-key" in refused.stderr, refused.stderr
+
+
+# ---- the port's own limits, on an app with no model behind it ---------------------------------------------
+def _answer(sock) -> bytes:
+    """What the server sends until it closes the connection (or 10 s pass)."""
+    sock.settimeout(10)
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except TimeoutError:
+        pass
+    return data
+
+
+def test_a_stalled_body_is_a_408_and_connections_past_the_limit_a_503():
+    from serving.config import DEFAULT_DIALECT
+    from serving.frontend import Frontend
+    from serving.http import Context
+    from serving.http_app import HttpServer, create_app, listen
+
+    ctx = Context(Frontend("gpt2-tiny"), max_body_bytes=1 << 20, dialect=DEFAULT_DIALECT, body_timeout_s=0.5)
+    server = HttpServer([(create_app(ctx), listen("127.0.0.1", 0))], max_connections=2)
+    host, port = server.addresses[0].rsplit(":", 1)
+    health = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    try:
+        with socket.create_connection((host, int(port))) as slow:  # 100 bytes promised, 14 sent
+            slow.sendall(b"POST /v2/models/fastertransformer/generate HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"text_input\":")
+            start = time.monotonic()
+            answer = _answer(slow)
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+        assert b"did not arrive within 0.5 s (14 bytes came)" in answer
+        assert time.monotonic() - start < 5
+
+        holders = [socket.create_connection((host, int(port))) for _ in range(2)]  # connected, silent
+        try:
+            deadline, refused = time.monotonic() + 10, b""
+            while not refused.startswith(b"HTTP/1.1 503") and time.monotonic() < deadline:
+                with socket.create_connection((host, int(port))) as third:
+                    third.sendall(health)
+                    refused = _answer(third)
+            assert refused.startswith(b"HTTP/1.1 503"), refused
+        finally:
+            for h in holders:
+                h.close()
+        deadline, answer = time.monotonic() + 10, b""
+        while not answer.startswith(b"HTTP/1.1 200") and time.monotonic() < deadline:  # once they have gone
+            with socket.create_connection((host, int(port))) as again:
+                again.sendall(health)
+                answer = _answer(again)
+        assert answer.startswith(b"HTTP/1.1 200"), answer
+    finally:
+        server.stop()
