@@ -167,6 +167,56 @@ def test_health_is_serving_and_reflection_lists_the_services(target):
     assert {"gptjax.v1.Generator", "inference.GRPCInferenceService", "grpc.health.v1.Health"} <= names
 
 
+WATCH_LIMIT_SCRIPT = """
+import sys, threading
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from serving.config import ServerConfig
+from serving.frontend import Frontend
+from serving.server import Server
+
+port = int(sys.argv[1])
+server = Server(Frontend("gpt2-tiny"), ServerConfig(port=port, http_port=0, metrics_port=0, max_client_streams=1),
+                in_flight=2)
+with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+    health = health_pb2_grpc.HealthStub(channel)
+    first = health.Watch(health_pb2.HealthCheckRequest())
+    print("first", health_pb2.HealthCheckResponse.ServingStatus.Name(next(first).status))
+    try:
+        next(health.Watch(health_pb2.HealthCheckRequest()))
+    except grpc.RpcError as e:
+        print("second", e.code().name, e.details())
+    # reflection draws on the other pool: the watch holding the only health permit leaves it free
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    print("reflection", len([s for r in replies for s in r.list_services_response.service]))
+    first.cancel()
+    for attempt in range(50):  # the permit comes back once the server has seen the cancel
+        try:
+            print("again", health_pb2.HealthCheckResponse.ServingStatus.Name(
+                next(health.Watch(health_pb2.HealthCheckRequest(), timeout=5)).status))
+            break
+        except grpc.RpcError:
+            threading.Event().wait(0.1)
+server.grpc.stop(0)
+"""
+
+
+def test_health_watches_have_a_stream_limit_of_their_own():
+    """Health watches need no API key and stay open as long as the client likes: past max_client_streams they
+    are RESOURCE_EXHAUSTED, and they never take the permits of ModelStreamInfer or reflection. (A process of
+    its own: serving's KServe protos and tritonclient's can't share one descriptor pool.)"""
+    proc = subprocess.run([sys.executable, "-c", WATCH_LIMIT_SCRIPT, str(free_port())], cwd=REPO, timeout=120,
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "first NOT_SERVING"
+    assert lines[1] == "second RESOURCE_EXHAUSTED the server holds at most 1 open health Watch streams; retry later"
+    assert lines[2] == "reflection 4"
+    assert lines[3] == "again NOT_SERVING"
+
+
 def test_model_info(client):
     info = client.model_info()
     assert (info.name, info.vocab_size, info.max_seq_len, info.n_layers, info.n_heads) == \
