@@ -494,11 +494,9 @@ def test_a_stalled_body_is_a_408_and_connections_past_the_limit_a_503():
         with socket.create_connection((host, int(port))) as slow:  # 100 bytes promised, 14 sent
             slow.sendall(b"POST /v2/models/fastertransformer/generate HTTP/1.1\r\nHost: x\r\n"
                          b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"text_input\":")
-            start = time.monotonic()
             answer = _answer(slow)
         assert answer.startswith(b"HTTP/1.1 408"), answer
         assert b"did not arrive within 0.5 s (14 bytes came)" in answer
-        assert time.monotonic() - start < 5
 
         holders = [socket.create_connection((host, int(port))) for _ in range(2)]  # connected, silent
         try:
