@@ -1,7 +1,7 @@
 """Where does a decode step's time go? Times one preset's generate loop under variants, one line each.
 
     python -m benchmarks.decode_probe --model megatron-345m --dtype float16 --batch 1,8 --decode-matmuls pallas,xla
-        [--greedy-only] [--profile DIR]
+        [--greedy-only] [--profile DIR] [--no-compile-cache]
 
 Run it once per XLA_FLAGS setting (flags are read when JAX starts); compare lines from the same machine.
 """
@@ -59,10 +59,16 @@ def main():
     p.add_argument("--two-step-decode", action="store_true",
                    help="store each step's K/V with XLA's scatter, then attend (not in the attention kernel)")
     p.add_argument("--hlo", help="write the optimized HLO of the generate program to this file")
+    p.add_argument("--no-compile-cache", action="store_true",
+                   help="compile afresh (by default a later probe of the same programs, the 6.7B model's above all, "
+                        "reads them from gptjax's compilation cache)")
     args = p.parse_args()
 
-    from gptjax import EngineConfig
+    from gptjax import EngineConfig, compile_cache
     from gptjax.engine import Engine
+
+    if not args.no_compile_cache:
+        compile_cache.enable()
 
     if args.greedy_only:
         _greedy_only_sampling()

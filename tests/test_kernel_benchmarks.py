@@ -1,10 +1,16 @@
-"""benchmarks.kernels and benchmarks.decode_sweep on the CPU: the device-time fields beside the host clock's,
-the sweep's choice by device time only when every candidate has one, and the time limit that still leaves rows.
-(The profiler's GPU kernels exist only on a GPU: here `gpu_busy_seconds` is replaced by a fixed answer.)"""
+"""benchmarks.kernels, benchmarks.decode_sweep and benchmarks.decode_probe on the CPU: the device-time fields
+beside the host clock's, the sweep's choice by device time only when every candidate has one, the time limit
+that still leaves rows, and the probe's rows. (The profiler's GPU kernels exist only on a GPU: here
+`gpu_busy_seconds` is replaced by a fixed answer.)"""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -104,3 +110,22 @@ def test_ragged_sweep_counts_only_the_valid_keys(monkeypatch):
     assert timed and best and all(r["ragged"] and r["rel_err"] < 3e-2 for r in timed)
     # the rate is the valid bytes over the time: fewer than the full caches' 2 x 2 x 64 x 4 x 16 x 2 bytes
     assert all(0 < r["gbps"] * 1e9 * r["us"] * 1e-6 < 2 * 2 * 64 * 4 * 16 * 2 for r in timed)
+
+
+def test_decode_probe_rows_and_the_two_step_variant_give_the_same_tokens(tmp_path):
+    """The probe as the GPU runs use it (in a process of its own: its variants patch modules), on gpt2-tiny's
+    Pallas kernels in interpret mode; the step that stores K/V in the attention kernel and the one that
+    scatters them first must give the same greedy tokens."""
+    root = Path(__file__).resolve().parents[1]
+    rows = []
+    for extra in ([], ["--two-step-decode"]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "benchmarks.decode_probe", "--model", "gpt2-tiny", "--dtype", "float32",
+             "--batch", "2", "--input-len", "5", "--steps", "3", "--runs", "1", "--attention", "pallas",
+             "--decode-matmuls", "xla", *extra], cwd=root, capture_output=True, text=True, timeout=600,
+            env={**os.environ, "JAX_PLATFORMS": "cpu", "GPTJAX_CACHE_DIR": str(tmp_path)})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    assert [r["two_step_decode"] for r in rows] == [False, True]
+    assert all(r["attention"] == "pallas" and r["decode_ms_per_token"] > 0 for r in rows)
+    assert rows[0]["first_row_tokens"] == rows[1]["first_row_tokens"] and len(rows[0]["first_row_tokens"]) == 4
