@@ -5,8 +5,7 @@
 # 165 tokens, 24 new tokens; then whether the rows agree with the xla row of the same dtype.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-out}
-mkdir -p "$OUT"
+source benchmarks/gpu_env.sh
 for run in ${1:-float16:pallas float16:xla}; do
   dtype=${run%%:*} impl=${run##*:}
   ids=$(timeout "${T_ENGINE:-90}" python3 -m gptjax generate --model gpt2-124m --dtype "$dtype" --greedy \

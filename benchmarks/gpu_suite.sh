@@ -12,9 +12,7 @@
 # On one H200 (run 5, one client API) the 345M suite took 6 minutes, the 6.7B one 9 (in-process 6, server 3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
+source benchmarks/gpu_env.sh
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/gptjax-jax-cache}
 gpu_mb=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
 all_shapes="8,512,16 1,128,128 64,128,128 256,128,128"

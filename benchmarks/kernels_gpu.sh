@@ -19,9 +19,7 @@
 # RESULTS run 15)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
+source benchmarks/gpu_env.sh
 parts=${*:-floors prefill decode-sweep decode engine}
 has() { [[ " $parts " == *" $1 "* ]]; }
 limit() { echo $(( $1 > ${LIMIT_MARGIN:-20} + 10 ? $1 - ${LIMIT_MARGIN:-20} : $1 / 2 )); }

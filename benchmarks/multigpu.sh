@@ -5,9 +5,8 @@
 # NCCL's NVLink multicast stays off (NCCL_NVLS_ENABLE=0).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
+source benchmarks/gpu_env.sh
+export NCCL_NVLS_ENABLE=0
 gpus=$(nvidia-smi -L | wc -l)
 models=("$@")
 [[ ${#models[@]} -eq 0 ]] && models=(gpt2-tiny gpt3-6.7b)

@@ -129,3 +129,26 @@ def test_decode_probe_rows_and_the_two_step_variant_give_the_same_tokens(tmp_pat
     assert [r["two_step_decode"] for r in rows] == [False, True]
     assert all(r["attention"] == "pallas" and r["decode_ms_per_token"] > 0 for r in rows)
     assert rows[0]["first_row_tokens"] == rows[1]["first_row_tokens"] and len(rows[0]["first_row_tokens"]) == 4
+
+
+def test_pack_out_bundles_what_a_device_call_would_drop(tmp_path):
+    from benchmarks import pack_out
+
+    out = tmp_path / "out"
+    (out / "logs").mkdir(parents=True)
+    for i in range(7):
+        (out / f"rows{i}.jsonl").write_text(json.dumps({"i": i, "source": "its own"}) + "\n\n[1, 2]\n")
+    (out / "logs" / "serve.log").write_text("listening\nready\n")
+    assert pack_out.pack(out) == []  # eight files: all come back as they are
+    (out / "decode_table.py").write_text("TABLE = {}\n")
+    assert len(pack_out.pack(out, keep=["decode_table.py"])) == 8
+    assert sorted(p.name for p in out.rglob("*")) == ["bundle.jsonl", "decode_table.py"]  # logs/ went too
+    rows = [json.loads(line) for line in (out / "bundle.jsonl").read_text().splitlines()]
+    assert rows[0] == {"source": "logs/serve.log", "line": "listening"}
+    assert {"source": "rows3.jsonl", "i": 3, "row_source": "its own"} in rows
+    assert {"source": "rows3.jsonl", "line": "[1, 2]"} in rows
+    assert len(rows) == 2 + 7 * 2  # blank lines dropped
+
+    results = tmp_path / "results.jsonl"  # the form of the results files: everything, nothing removed
+    assert pack_out.pack(out, into=results) == ["bundle.jsonl", "decode_table.py"]
+    assert (out / "decode_table.py").exists() and results.read_text().count('"source": "bundle.jsonl"') == len(rows)
