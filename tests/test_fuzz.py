@@ -4,13 +4,18 @@ KServe requests start from a good one and get mutated: tensors dropped or given 
 dialect or unknown ones, any datatype, random shapes, values at the bounds of their types, data of the wrong
 size. Native requests draw every field from its type's bounds (or leave it out). Raw bytes go to every method.
 The property: each answer is OK, or INVALID_ARGUMENT / RESOURCE_EXHAUSTED / NOT_FOUND / OUT_OF_RANGE with a
-message; a good request succeeds afterwards. A fixed, derandomized budget of examples (over 500 requests);
-the server's default is 2 new tokens, so the valid ones are quick.
+message; a good request succeeds afterwards. Over HTTP, JSON bodies of any shape (OpenAI, the generate
+extension, KServe JSON tensors) and binary KServe bodies with any header length: a 2xx, or a 4xx with a
+message. A fixed, derandomized budget of examples (over 1000 requests); the server's default is 2 new tokens,
+so the valid ones are quick.
 """
 
 from __future__ import annotations
 
+import json
+
 import grpc
+import httpx
 import numpy as np
 import pytest
 
@@ -20,7 +25,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from serving import ft  # noqa: E402
 from serving.client import make_request  # noqa: E402
-from test_serving import running_server  # noqa: E402
+from test_serving import free_port, running_server  # noqa: E402
 # tritonclient's copy of the KServe messages (ours and its share the descriptor pool's names: one per process)
 from tritonclient.grpc import service_pb2 as kpb  # noqa: E402
 from tritonclient.grpc import service_pb2_grpc as kpb_grpc  # noqa: E402
@@ -44,15 +49,27 @@ PROMPT = [464, 2068, 7586]
 
 
 @pytest.fixture(scope="module")
-def target(tmp_path_factory):
+def served(tmp_path_factory):
     config = tmp_path_factory.mktemp("fuzz") / "server.toml"
     # the engine of test_serving_bench's server (4 slots of 64 positions, 2 decode steps a call): its programs are
     # in the session's compilation cache, loaded whole instead of compiled again
     config.write_text("[engine]\nmax_new_tokens = 2\nmax_slots = 4\nmax_seq_len = 64\n\n"
                       "[scheduler]\ndecode_steps_per_call = 2\n")
-    with running_server("--config", str(config)) as (proc, target):
-        yield target
+    http_port = free_port()
+    with running_server("--config", str(config), "--http-port", str(http_port), "--metrics-port", "0") as (proc, target):
+        yield target, f"http://127.0.0.1:{http_port}"
         assert proc.poll() is None, "the server died"
+
+
+@pytest.fixture(scope="module")
+def target(served):
+    return served[0]
+
+
+@pytest.fixture(scope="module")
+def http(served):
+    with httpx.Client(base_url=served[1], timeout=60) as c:
+        yield c
 
 
 @pytest.fixture(scope="module")
@@ -216,7 +233,63 @@ def test_raw_bytes(target, method, payload):
         answered(call, payload)
 
 
-def test_a_good_request_succeeds_afterwards(client, kserve):
+# ---- HTTP ------------------------------------------------------------------------------------------------
+def http_answered(response) -> None:
+    """A 2xx, or a 4xx whose JSON body says what was wrong."""
+    assert response.status_code < 500, (response.status_code, response.text[:300])
+    if response.status_code >= 400:
+        error = response.json()["error"]
+        assert (error["message"] if isinstance(error, dict) else error), response.text
+
+
+SCALARS = (st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=12))
+JSON_VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+    st.text(max_size=8), inner, max_size=3), max_leaves=8)
+OPENAI_FIELDS = ["model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed", "logprobs",
+                 "echo", "stream", "stream_options", "best_of", "suffix", "messages"]
+GENERATE_PARAMETERS = ["max_tokens", "temperature", "top_k", "top_p", "seed", "stop", "end_id", "return_full_text"]
+TENSOR = st.fixed_dictionaries(
+    {"name": st.sampled_from(NAMES), "datatype": st.sampled_from(DATATYPES),
+     "shape": st.lists(st.integers(-2, 4), max_size=3), "data": JSON_VALUES},
+    optional={"parameters": JSON_VALUES})
+
+
+@fuzz(200)
+@given(openai=st.dictionaries(st.sampled_from(OPENAI_FIELDS), JSON_VALUES, max_size=5), merged=st.booleans(),
+       generate=st.dictionaries(st.sampled_from(GENERATE_PARAMETERS), JSON_VALUES, max_size=4),
+       text=JSON_VALUES, tensors=st.lists(TENSOR, max_size=3), outputs=st.none() | JSON_VALUES)
+def test_http_json_bodies(http, openai, merged, generate, text, tensors, outputs):
+    body = {"model": "gpt2-tiny", "prompt": "Hi", "max_tokens": 2, **openai} if merged else openai
+    http_answered(http.post("/v1/completions", content=json.dumps(body)))
+    for route in ("generate", "generate_stream"):
+        http_answered(http.post(f"/v2/models/fastertransformer/{route}",
+                                json={"text_input": text if merged else "Hi", "parameters": generate}))
+    infer = {"inputs": tensors, **({} if outputs is None else {"outputs": outputs})}
+    http_answered(http.post("/v2/models/fastertransformer/infer", content=json.dumps(infer)))
+
+
+@fuzz(150)
+@given(tensors=st.lists(st.tuples(st.sampled_from(NAMES), st.sampled_from(DATATYPES),
+                                  st.lists(st.integers(-1, 4), max_size=3),
+                                  st.none() | st.integers(-5, 64) | st.text(max_size=3), st.binary(max_size=40)),
+                        max_size=4),
+       header_length=st.none() | st.integers(-10, 400) | st.text("0123456789-+.xe", min_size=1, max_size=5),
+       binary_output=st.booleans())
+def test_http_binary_infer(http, tensors, header_length, binary_output):
+    """KServe's binary extension: a JSON header of `Inference-Header-Content-Length` bytes, then the tensors."""
+    inputs = [{"name": n, "datatype": d, "shape": shape, **({} if size is None else
+                                                            {"parameters": {"binary_data_size": size}})}
+              for n, d, shape, size, _ in tensors]
+    header = json.dumps({"inputs": inputs, "parameters": {"binary_data_output": binary_output}}).encode()
+    length = str(len(header) if header_length is None else header_length)
+    http_answered(http.post("/v2/models/fastertransformer/infer", content=header + b"".join(t[4] for t in tensors),
+                            headers={"Inference-Header-Content-Length": length}))
+
+
+def test_a_good_request_succeeds_afterwards(client, kserve, http):
+    answer = http.post("/v1/completions", json={"model": "gpt2-tiny", "prompt": PROMPT, "max_tokens": 2,
+                                                "temperature": 0})
+    assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 2
     still_serving(client)
     req = kpb.ModelInferRequest(model_name="fastertransformer")
     for name, a in (("input_ids", np.array([PROMPT], np.uint32)), ("input_lengths", np.array([[3]], np.uint32)),
