@@ -153,12 +153,12 @@ class ServerConfig:
     keepalive_timeout_s: float = 20.0  # ...and close it when the ping is not answered in this long
     max_connection_idle_s: float = 300.0  # close a connection with no call for this long (clients reconnect)
     http_body_timeout_s: float = 60.0  # an HTTP request's body must arrive whole within this long (408 otherwise)
-    max_http_connections: int = 1024  # HTTP connections and requests in progress at once; past it, 503
+    max_http_requests: int = 1024  # HTTP requests in progress at once (a stream until it ends); past it, 503
 
     def __post_init__(self):
         check_positive(self, ("max_message_bytes", "max_batch_size", "max_client_streams", "keepalive_time_s",
                               "keepalive_timeout_s", "max_connection_idle_s", "stream_idle_timeout_s",
-                              "http_body_timeout_s", "max_http_connections"))
+                              "http_body_timeout_s", "max_http_requests"))
         if self.reserved_workers < 0 or self.drain_timeout_s < 0:
             raise ValueError("ServerConfig.reserved_workers and drain_timeout_s must not be negative")
         if self.dialect not in DIALECTS:

@@ -236,6 +236,29 @@ class Context:
         return await read_body(http, self.max_body_bytes, self.body_timeout_s)
 
 
+class RequestLimit:
+    """ASGI middleware: at most `limit` requests in progress (a stream counts until it ends); one more gets a
+    503 with a JSON body and Retry-After at once, instead of queueing on the event loop. Health checks always
+    pass, so that a busy server is not taken for a dead one. (One event loop: no lock.)"""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit, self.active = app, limit, 0
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] in HEALTH_PATHS:
+            await self.app(scope, receive, send)
+            return
+        if self.active >= self.limit:
+            message = f"the server is answering {self.limit} HTTP requests already; retry later"
+            await error(scope["path"], 503, message, {"retry-after": "1"})(scope, receive, send)
+            return
+        self.active += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1
+
+
 class ApiKey:
     """ASGI middleware: every route but health answers 401 without `Authorization: Bearer KEY`."""
 

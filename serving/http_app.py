@@ -19,7 +19,7 @@ import gptjax
 from serving import kserve_http, openai
 from serving.config import ServerConfig
 from serving.frontend import Frontend, RequestError
-from serving.http import ApiKey, BodyTimeout, BodyTooLarge, ClientGone, Context, error
+from serving.http import ApiKey, BodyTimeout, BodyTooLarge, ClientGone, Context, RequestLimit, error
 from serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from serving.request import Code
 
@@ -60,8 +60,9 @@ def _metrics_route(app: FastAPI, ctx: Context) -> None:
         return Response(ctx.metrics.exposition(), media_type=METRICS_CONTENT_TYPE)
 
 
-def create_app(ctx: Context, api_key: str | None = None) -> FastAPI:
-    """The HTTP port's app: KServe v2, the generate extension, OpenAI, /metrics."""
+def create_app(ctx: Context, api_key: str | None = None, max_requests: int = 1024) -> FastAPI:
+    """The HTTP port's app: KServe v2, the generate extension, OpenAI, /metrics; at most `max_requests` in
+    progress."""
 
     app = FastAPI(title="gptjax", version=gptjax.__version__, docs_url=None, redoc_url=None, openapi_url=None)
     _handlers(app)
@@ -70,6 +71,7 @@ def create_app(ctx: Context, api_key: str | None = None) -> FastAPI:
     _metrics_route(app, ctx)
     if api_key:
         app.add_middleware(ApiKey, key=api_key)
+    app.add_middleware(RequestLimit, limit=max_requests)  # outermost: counts every request, keyed or not
     return app
 
 
@@ -106,7 +108,8 @@ def listen(host: str, port: int) -> socket.socket:
 
 class HttpServer:
     """uvicorn serving the HTTP app (and the metrics app) on a thread of its own, with one event loop. Past
-    `max_connections` connections or requests in progress on a port, uvicorn answers 503 at once."""
+    `max_connections` open connections on a port (idle ones too: a client that connects and sends nothing holds
+    one) uvicorn answers its own plain-text 503; the app's RequestLimit answers requests before that."""
 
     def __init__(self, apps: list[tuple[FastAPI, socket.socket]], grace_s: float = 5.0,
                  max_connections: int | None = None):
@@ -143,7 +146,9 @@ def start_http(frontend: Frontend, options: ServerConfig) -> HttpServer | None:
                   body_timeout_s=options.http_body_timeout_s)
     apps = []
     if options.http_port:
-        apps.append((create_app(ctx, options.api_key), listen(options.host, options.http_port)))
+        apps.append((create_app(ctx, options.api_key, options.max_http_requests),
+                     listen(options.host, options.http_port)))
     if options.metrics_port:
         apps.append((create_metrics_app(ctx, options.api_key), listen(options.host, options.metrics_port)))
-    return HttpServer(apps, max_connections=options.max_http_connections) if apps else None
+    # connections are counted apart from requests: several per request in progress before uvicorn refuses
+    return HttpServer(apps, max_connections=4 * options.max_http_requests) if apps else None

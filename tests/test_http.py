@@ -480,40 +480,42 @@ def _answer(sock) -> bytes:
     return data
 
 
-def test_a_stalled_body_is_a_408_and_connections_past_the_limit_a_503():
+def test_a_stalled_body_is_a_408_and_requests_past_the_limit_a_503():
     from serving.config import DEFAULT_DIALECT
     from serving.frontend import Frontend
     from serving.http import Context
     from serving.http_app import HttpServer, create_app, listen
 
-    ctx = Context(Frontend("gpt2-tiny"), max_body_bytes=1 << 20, dialect=DEFAULT_DIALECT, body_timeout_s=0.5)
-    server = HttpServer([(create_app(ctx), listen("127.0.0.1", 0))], max_connections=2)
+    ctx = Context(Frontend("gpt2-tiny"), max_body_bytes=1 << 20, dialect=DEFAULT_DIALECT, body_timeout_s=3)
+    server = HttpServer([(create_app(ctx, max_requests=2), listen("127.0.0.1", 0))], max_connections=8)
     host, port = server.addresses[0].rsplit(":", 1)
-    health = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    try:
-        with socket.create_connection((host, int(port))) as slow:  # 100 bytes promised, 14 sent
-            slow.sendall(b"POST /v2/models/fastertransformer/generate HTTP/1.1\r\nHost: x\r\n"
-                         b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"text_input\":")
-            answer = _answer(slow)
-        assert answer.startswith(b"HTTP/1.1 408"), answer
-        assert b"did not arrive within 0.5 s (14 bytes came)" in answer
 
-        holders = [socket.create_connection((host, int(port))) for _ in range(2)]  # connected, silent
-        try:
-            deadline, refused = time.monotonic() + 10, b""
-            while not refused.startswith(b"HTTP/1.1 503") and time.monotonic() < deadline:
-                with socket.create_connection((host, int(port))) as third:
-                    third.sendall(health)
-                    refused = _answer(third)
-            assert refused.startswith(b"HTTP/1.1 503"), refused
-        finally:
-            for h in holders:
-                h.close()
-        deadline, answer = time.monotonic() + 10, b""
-        while not answer.startswith(b"HTTP/1.1 200") and time.monotonic() < deadline:  # once they have gone
-            with socket.create_connection((host, int(port))) as again:
-                again.sendall(health)
-                answer = _answer(again)
-        assert answer.startswith(b"HTTP/1.1 200"), answer
+    def stalled():  # 100 bytes promised, 14 sent: in progress until the body timeout
+        sock = socket.create_connection((host, int(port)))
+        sock.sendall(b"POST /v2/models/fastertransformer/generate HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"text_input\":")
+        return sock
+
+    def get(path):
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+            return _answer(sock)
+
+    try:
+        holders = [stalled(), stalled()]
+        deadline, refused = time.monotonic() + 10, b""
+        while not refused.startswith(b"HTTP/1.1 503") and time.monotonic() < deadline:
+            refused = get("/v2/models/fastertransformer")  # once both holders are in progress
+        assert refused.startswith(b"HTTP/1.1 503"), refused
+        assert b"retry-after: 1" in refused.lower()
+        assert json.loads(refused.split(b"\r\n\r\n", 1)[1]) == {
+            "error": "the server is answering 2 HTTP requests already; retry later"}
+        assert get("/v2/health/live").startswith(b"HTTP/1.1 200")  # a busy server is not a dead one
+        for sock in holders:
+            with sock:
+                answer = _answer(sock)
+            assert answer.startswith(b"HTTP/1.1 408"), answer
+            assert b"did not arrive within 3 s (14 bytes came)" in answer
+        assert get("/v2/models/fastertransformer").startswith(b"HTTP/1.1 200")  # their places are free again
     finally:
         server.stop()

@@ -74,7 +74,7 @@ def test_triton_pbtxt_is_read(tmp_path):
     ("[scheduler]\nbatch_window_ms = 5000\n", "batch_window_ms"),
     ("[server]\ndialect = 'v2'\n", "dialect"),
     ("[server]\nhttp_body_timeout_s = 0\n", "http_body_timeout_s"),
-    ("[server]\nmax_http_connections = -1\n", "max_http_connections"),
+    ("[server]\nmax_http_requests = -1\n", "max_http_requests"),
     ("[fastertransformer\n", "server.toml"),
 ])
 def test_bad_config_files_name_the_problem(tmp_path, text, word):
