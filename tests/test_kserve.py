@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import run_cli
 from serving.client import Client, make_request
-from test_serving import MODEL, ft_inputs, padded, rpc_error, running_server, tritonclient_grpc
+from test_serving import MODEL, _wait_idle, ft_inputs, padded, rpc_error, running_server, tritonclient_grpc
 # tritonclient's copy of the KServe messages (ours and its share the descriptor pool's names: one per process)
 from tritonclient.grpc import service_pb2 as kpb
 from tritonclient.grpc import service_pb2_grpc as kpb_grpc
@@ -196,6 +196,35 @@ def test_a_busy_stream_is_not_idle(triton, client):
     finally:
         triton.stop_stream()
 
+
+
+def test_a_model_stream_answers_request_after_request_and_a_cancel_leaves_no_slot_taken(target, client):
+    """A ModelStreamInfer stream answers one request after another on the same call; cancelled while its
+    latest runs, the slot that request held is free again and the server keeps serving."""
+    def infer(out_len):
+        req = kpb.ModelInferRequest(model_name=MODEL)
+        for name, a in (("input_ids", np.array([PROMPT], np.uint32)), ("input_lengths", np.array([[4]], np.uint32)),
+                        ("request_output_len", np.array([[out_len]], np.uint32)),
+                        ("end_id", np.array([[2**32 - 1]], np.uint32))):  # no token ends it early
+            req.inputs.add(name=name, datatype="UINT32", shape=list(a.shape))
+            req.raw_input_contents.append(a.tobytes())
+        return req
+
+    sends = queue.Queue()
+    with grpc.insecure_channel(target) as channel:
+        stream = kpb_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(iter(sends.get, None))
+        for _ in range(5):
+            sends.put(infer(2))
+            reply = next(stream)
+            assert not reply.error_message and len(reply.infer_response.raw_output_contents) > 0
+        sends.put(infer(240))
+        deadline = time.monotonic() + 30
+        while client.model_info().active_requests < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert client.model_info().active_requests >= 1
+        stream.cancel()
+        _wait_idle(client)  # the long request gave its slot back
+    still_serving(client)
 
 # ---- a large text ----------------------------------------------------------------------------------------
 def rss_bytes(pid: int) -> int:
