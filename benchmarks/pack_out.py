@@ -7,8 +7,8 @@ A device call returns at most 8 files from $OUT (the rest are dropped, named onl
 script that writes a log per part loses parts. With more than `--limit` files, every file but the kept ones
 becomes lines of OUT_DIR/bundle.jsonl and is removed: a JSON object line keeps its fields, with "source" (the
 file's path under OUT_DIR) first (a field of that name becomes "row_source"); any other line becomes
-{"source": ..., "line": text}. `--into` writes the
-bundle to a file of its own and removes nothing: the form of the results files beside RESULTS.md.
+{"source": ..., "line": text}. `--into` writes the bundle to a file of its own and removes nothing: the form of
+the results files beside RESULTS.md.
 """
 
 from __future__ import annotations

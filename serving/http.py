@@ -226,7 +226,7 @@ class Context:
     frontend: Frontend
     max_body_bytes: int  # ServerConfig.max_message_bytes, as for gRPC messages
     dialect: str  # what KServe model metadata and config describe (the config.pbtxt's declaration)
-    body_timeout_s: float = 60.0  # ServerConfig.http_body_timeout_s
+    body_timeout_s: float  # ServerConfig.http_body_timeout_s
 
     @property
     def metrics(self):

@@ -60,7 +60,7 @@ def _metrics_route(app: FastAPI, ctx: Context) -> None:
         return Response(ctx.metrics.exposition(), media_type=METRICS_CONTENT_TYPE)
 
 
-def create_app(ctx: Context, api_key: str | None = None, max_requests: int = 1024) -> FastAPI:
+def create_app(ctx: Context, api_key: str | None = None, *, max_requests: int) -> FastAPI:
     """The HTTP port's app: KServe v2, the generate extension, OpenAI, /metrics; at most `max_requests` in
     progress."""
 
@@ -146,7 +146,7 @@ def start_http(frontend: Frontend, options: ServerConfig) -> HttpServer | None:
                   body_timeout_s=options.http_body_timeout_s)
     apps = []
     if options.http_port:
-        apps.append((create_app(ctx, options.api_key, options.max_http_requests),
+        apps.append((create_app(ctx, options.api_key, max_requests=options.max_http_requests),
                      listen(options.host, options.http_port)))
     if options.metrics_port:
         apps.append((create_metrics_app(ctx, options.api_key), listen(options.host, options.metrics_port)))
