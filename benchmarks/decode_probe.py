@@ -43,6 +43,18 @@ def _two_step_decode() -> None:
     kernels.decode_step_append = two_steps
 
 
+def _per_array_puts() -> None:
+    """Send host arrays to the device one `jnp.asarray` at a time and read results one `np.asarray` at a time,
+    as the engine did before run 18, to time what the batched transfers save."""
+    import jax
+    import jax.numpy as jnp
+
+    from gptjax import distributed
+
+    distributed.to_global = lambda tree, mesh: jax.tree.map(jnp.asarray, tree)
+    distributed.to_host = lambda tree: jax.tree.map(np.asarray, tree)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="megatron-345m")
@@ -58,6 +70,8 @@ def main():
     p.add_argument("--greedy-only", action="store_true", help="replace the sampler by a bare argmax")
     p.add_argument("--two-step-decode", action="store_true",
                    help="store each step's K/V with XLA's scatter, then attend (not in the attention kernel)")
+    p.add_argument("--per-array-puts", action="store_true",
+                   help="one jnp.asarray per host array and one np.asarray per result (the engine before run 18)")
     p.add_argument("--hlo", help="write the optimized HLO of the generate program to this file")
     p.add_argument("--no-compile-cache", action="store_true",
                    help="compile afresh (by default a later probe of the same programs, the 6.7B model's above all, "
@@ -74,6 +88,8 @@ def main():
         _greedy_only_sampling()
     if args.two_step_decode:
         _two_step_decode()
+    if args.per_array_puts:
+        _per_array_puts()
     for impl in args.decode_matmuls.split(","):
         engine = Engine.from_preset(args.model, dtype=args.dtype, engine_config=EngineConfig(
             attention=args.attention, decode_matmuls=impl))
@@ -132,6 +148,7 @@ def probe(engine, batch: int, args, profile: str | None) -> None:
                       "attention": engine.attention,
                       "decode_matmuls": engine.decode_matmuls,
                       "greedy_only": args.greedy_only, "two_step_decode": args.two_step_decode,
+                      "per_array_puts": args.per_array_puts,
                       "xla_flags": os.environ.get("XLA_FLAGS", ""),
                       "prefill_plus_first_ms": round(one * 1e3, 3),
                       "decode_ms_per_token": round((full - one) / args.steps * 1e3, 4),
@@ -184,8 +201,30 @@ def kernel_summary(trace_dir: str, steps: int, top: int = 40) -> int:
                           "gap_us_median": round(float(np.median(gaps)), 2) if len(gaps) else 0.0}))
         for name, (n, us) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]:
             print(json.dumps({"kernel": name[:90], "count": n, "total_us": round(us, 1), "mean_us": round(us / n, 2)}))
+        for i in np.argsort(gaps)[::-1][:8]:  # where the device waited longest, between which kernels
+            print(json.dumps({"idle_us": round(float(gaps[i]), 1), "after": named[i][1][:70],
+                              "before": named[i + 1][1][:70]}))
+        host_summary(data, events[0][0], events[-1][1])
         return len(events)
     return 0
+
+
+def host_summary(data, start_ns: int, end_ns: int, top: int = 25) -> None:
+    """What the host threads were doing while the device ran (the profiler's named host events in that window,
+    by total time): whether a gap between kernels is the host launching them, or waiting."""
+    import collections
+
+    by_name = collections.defaultdict(lambda: [0, 0.0])
+    for plane in data.planes:
+        if not plane.name.startswith("/host"):
+            continue
+        for line in plane.lines:
+            for ev in line.events:
+                if ev.start_ns < end_ns and ev.start_ns + ev.duration_ns > start_ns:
+                    by_name[ev.name[:90]][0] += 1
+                    by_name[ev.name[:90]][1] += ev.duration_ns / 1e3
+    for name, (n, us) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]:
+        print(json.dumps({"host": name, "count": n, "total_us": round(us, 1)}))
 
 if __name__ == "__main__":
     main()

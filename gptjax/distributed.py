@@ -143,17 +143,22 @@ def broadcast_from_main(x: np.ndarray) -> np.ndarray:
     return np.asarray(multihost_utils.broadcast_one_to_all(x))
 
 
-def to_global(x, mesh):
-    """A host array that every process holds the same copy of -> one array replicated over `mesh`."""
+def to_global(tree, mesh):
+    """Host arrays that every process holds the same copy of (one, or a pytree of them) -> arrays replicated
+    over `mesh`, sent in one transfer. (`jnp.asarray` would run a small program per array: about half a
+    millisecond each on the GPU, RESULTS run 18.)"""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     if jax.process_count() == 1:
-        return jax.numpy.asarray(x)
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
-                                        lambda index: x[index])
+        return jax.device_put(tree, replicated)
+
+    def one(x):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, replicated, lambda index: x[index])
+
+    return jax.tree.map(one, tree)
 
 
-def to_host(x) -> np.ndarray:
-    """A replicated array -> numpy, on every process (each reads its own copy)."""
-    if jax.process_count() == 1 or x.is_fully_addressable:
-        return np.asarray(x)
-    return np.asarray(x.addressable_data(0))
+def to_host(tree):
+    """Replicated arrays (one, or a pytree of them) -> numpy, on every process (each reads its own copy); all
+    of them fetched at once."""
+    return jax.device_get(jax.tree.map(lambda x: x if x.is_fully_addressable else x.addressable_data(0), tree))

@@ -231,13 +231,22 @@ class Engine:
         """Host values (the same on every process) -> device arrays the jitted calls take."""
         return distributed.to_global(np.asarray(x, dtype), self.mesh)
 
+    def _put_all(self, tree):
+        """A pytree of host arrays (device arrays pass through) -> device arrays, in one transfer."""
+        leaves, treedef = jax.tree.flatten(tree)
+        host = [i for i, a in enumerate(leaves) if not isinstance(a, jax.Array)]
+        for i, a in zip(host, distributed.to_global([np.asarray(leaves[i]) for i in host], self.mesh)):
+            leaves[i] = a
+        return jax.tree.unflatten(treedef, leaves)
+
     def prefill(self, tokens: np.ndarray, lengths: np.ndarray, samp: SamplingArrays) -> Prefix:
         """Whether any row samples is decided on the device (one program per shape, whatever the requests'
         temperatures)."""
         with jax.set_mesh(self.mesh):  # arrays made here carry the mesh in their types (one program per shape)
-            samp = SamplingArrays(*(a if isinstance(a, jax.Array) else self._put(a) for a in samp))
-            args = (self.params, self._put(tokens, np.int32), self._put(lengths, np.int32), samp)
-            return self._run(("prefill", *tokens.shape), self._prefill_jit, *args, sampled=None)
+            tokens, lengths, samp = self._put_all((np.asarray(tokens, np.int32), np.asarray(lengths, np.int32),
+                                                   samp))
+            return self._run(("prefill", *tokens.shape), self._prefill_jit, self.params, tokens, lengths, samp,
+                             sampled=None)
 
     def insert(self, prefix: Prefix, state: DecodeState, slots: np.ndarray) -> DecodeState:
         with jax.set_mesh(self.mesh):
@@ -292,8 +301,8 @@ class Engine:
         [n, n_new], their logprobs) as host arrays, prefill and every decode step in one program."""
         bucket = tokens.shape[1]
         cache_len = min(self.max_seq_len, max(bucket, round_up(bucket + n_new, 64)))
-        samp = SamplingArrays(*map(self._put, SamplingArrays.from_params(params)))
         with jax.set_mesh(self.mesh):
-            out, logprobs = self._generate_jit(self.params, self._put(tokens), self._put(lengths), n_new, cache_len,
-                                               samp, any(p.temperature > 0 for p in params))
-        return distributed.to_host(out), distributed.to_host(logprobs)
+            tokens, lengths, samp = self._put_all((tokens, lengths, SamplingArrays.from_params(params)))
+            out, logprobs = self._generate_jit(self.params, tokens, lengths, n_new, cache_len, samp,
+                                               any(p.temperature > 0 for p in params))
+        return distributed.to_host((out, logprobs))

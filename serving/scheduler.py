@@ -472,7 +472,7 @@ class Scheduler:
             return
         try:
             tokens, logprobs = pending.outputs
-            outputs = Outputs(distributed.to_host(tokens), distributed.to_host(logprobs))
+            outputs = Outputs(*distributed.to_host((tokens, logprobs)))
         except Exception as e:  # it failed on the device: the state it left can't be trusted anywhere
             log.exception("a %s command failed while it ran", type(pending.command).__name__)
             self._send(Reset())
