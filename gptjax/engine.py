@@ -227,31 +227,22 @@ class Engine:
                                           sharding.slots_sharding(self.mesh))
         return jax.jit(make, out_shardings=shardings)()
 
-    def _put(self, x, dtype=None):
-        """Host values (the same on every process) -> device arrays the jitted calls take."""
-        return distributed.to_global(np.asarray(x, dtype), self.mesh)
-
-    def _put_all(self, tree):
-        """A pytree of host arrays (device arrays pass through) -> device arrays, in one transfer."""
-        leaves, treedef = jax.tree.flatten(tree)
-        host = [i for i, a in enumerate(leaves) if not isinstance(a, jax.Array)]
-        for i, a in zip(host, distributed.to_global([np.asarray(leaves[i]) for i in host], self.mesh)):
-            leaves[i] = a
-        return jax.tree.unflatten(treedef, leaves)
+    def _put(self, tree):
+        """Host arrays (one, or a pytree of them; device arrays pass as they are) -> the device arrays the
+        jitted calls take, in one transfer."""
+        return distributed.to_global(tree, self.mesh)
 
     def prefill(self, tokens: np.ndarray, lengths: np.ndarray, samp: SamplingArrays) -> Prefix:
         """Whether any row samples is decided on the device (one program per shape, whatever the requests'
         temperatures)."""
         with jax.set_mesh(self.mesh):  # arrays made here carry the mesh in their types (one program per shape)
-            tokens, lengths, samp = self._put_all((np.asarray(tokens, np.int32), np.asarray(lengths, np.int32),
-                                                   samp))
-            return self._run(("prefill", *tokens.shape), self._prefill_jit, self.params, tokens, lengths, samp,
-                             sampled=None)
+            args = self._put((np.asarray(tokens, np.int32), np.asarray(lengths, np.int32), samp))
+            return self._run(("prefill", *tokens.shape), self._prefill_jit, self.params, *args, sampled=None)
 
     def insert(self, prefix: Prefix, state: DecodeState, slots: np.ndarray) -> DecodeState:
         with jax.set_mesh(self.mesh):
             key = ("insert", prefix.first_tokens.shape[0], self.layout.cache_len(prefix.kv))
-            return self._run(key, self._insert_jit, prefix, state, self._put(slots, np.int32))
+            return self._run(key, self._insert_jit, prefix, state, self._put(np.asarray(slots, np.int32)))
 
     def generate_steps(self, state: DecodeState, n_steps: int, sampled: bool | None = None, live=None):
         """The tokens and logprobs come back replicated (read them with `distributed.to_host`). Only the
@@ -302,7 +293,7 @@ class Engine:
         bucket = tokens.shape[1]
         cache_len = min(self.max_seq_len, max(bucket, round_up(bucket + n_new, 64)))
         with jax.set_mesh(self.mesh):
-            tokens, lengths, samp = self._put_all((tokens, lengths, SamplingArrays.from_params(params)))
+            tokens, lengths, samp = self._put((tokens, lengths, SamplingArrays.from_params(params)))
             out, logprobs = self._generate_jit(self.params, tokens, lengths, n_new, cache_len, samp,
                                                any(p.temperature > 0 for p in params))
         return distributed.to_host((out, logprobs))

@@ -19,8 +19,8 @@ def prepare_prefill(engine, rows: int, bucket: int, state) -> None:
     with jax.set_mesh(engine.mesh):
         # the arguments are made as `Engine.prefill` makes them (small real arrays, under the mesh: their types
         # carry it), so the program takes its arrays
-        tokens, lengths = engine._put(np.zeros((rows, bucket), np.int32)), engine._put(np.ones(rows, np.int32))
-        samp = SamplingArrays(*map(engine._put, SamplingArrays.from_params([sampling.SamplingParams()] * rows)))
+        tokens, lengths, samp = engine._put((np.zeros((rows, bucket), np.int32), np.ones(rows, np.int32),
+                                             SamplingArrays.from_params([sampling.SamplingParams()] * rows)))
         lower = partial(engine._prefill_jit.lower, engine.params, tokens, lengths, samp, sampled=None)
         compiled = engine._programs.prepare(("prefill", rows, bucket), lower, engine._store)
         slots = engine._put(np.arange(rows, dtype=np.int32))
