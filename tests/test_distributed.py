@@ -55,6 +55,31 @@ def check_job(results, single_process_lines):
     assert all(not out.strip() for _, out, _ in results[1:])
 
 
+def test_host_arrays_cross_as_one_pytree_and_come_back_as_numpy():
+    """What the engine sends a call (prompts, lengths, sampling arrays; some already on the device) arrives
+    replicated over the mesh, and what it reads back arrives as numpy, whatever the pytree."""
+    import jax
+    import numpy as np
+
+    from gptjax.engine_api import SamplingArrays
+
+    mesh = jax.make_mesh((len(jax.devices()),), ("data",))
+    rng = np.random.default_rng(0)
+    prompts = rng.integers(0, 50257, (3, 5)).astype(np.int32)
+    samp = SamplingArrays(rng.random(3, np.float32), np.arange(3, dtype=np.int32), rng.random(3, np.float32),
+                          np.arange(3, dtype=np.uint32))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    on_device = jax.device_put(np.arange(3, dtype=np.int32), replicated)
+    sent = distributed.to_global((prompts, samp, on_device), mesh)
+    assert isinstance(sent[1], SamplingArrays)
+    for leaf in jax.tree.leaves(sent):
+        assert isinstance(leaf, jax.Array) and leaf.sharding.is_fully_replicated and leaf.sharding.mesh == mesh
+    back = distributed.to_host(sent)
+    assert isinstance(back[1], SamplingArrays)
+    for got, want in zip(jax.tree.leaves(back), jax.tree.leaves((prompts, samp, np.arange(3, dtype=np.int32)))):
+        assert isinstance(got, np.ndarray) and np.array_equal(got, want) and got.dtype == want.dtype
+
+
 # ---- reading the launchers' environments ------------------------------------------------------------------
 def test_srun_environment():
     env = {"SLURM_JOB_ID": "1000", "SLURM_STEP_NODELIST": "gpu[07-09,12],login1", "SLURM_NTASKS": "8",
