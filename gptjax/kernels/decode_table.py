@@ -1,5 +1,5 @@
 """Decode attention's launch parameters by shape, as the sweep measured them (`benchmarks/decode_sweep.py`
-writes this file; edit the sweep, not the table). Measured on NVIDIA H200, 2026-12-03.
+writes this file; edit the sweep, not the table). Measured on NVIDIA H200, 2026-12-04.
 
 (heads, head_dim, batch, max_seq) -> (heads_per_program, block_k, num_splits, num_warps, num_stages, use_dot)
 """
@@ -19,6 +19,7 @@ TABLE: dict[tuple[int, int, int, int], tuple[int, int, int, int, int, bool]] = {
     (16, 64, 256, 256): (1, 128, 1, 4, 2, True),
     (16, 64, 256, 512): (1, 128, 1, 4, 2, True),
     (16, 64, 256, 2048): (1, 128, 1, 4, 2, True),
+    (32, 128, 2, 256): (1, 128, 1, 4, 3, True),
     (32, 128, 8, 512): (2, 64, 4, 4, 3, False),
     (32, 128, 32, 512): (1, 128, 2, 4, 2, True),
     (32, 128, 32, 2048): (1, 64, 2, 4, 4, True),
