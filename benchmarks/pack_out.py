@@ -7,8 +7,9 @@ A device call returns at most 8 files from $OUT (the rest are dropped, named onl
 script that writes a log per part loses parts. With more than `--limit` files, every file but the kept ones
 becomes lines of OUT_DIR/bundle.jsonl and is removed: a JSON object line keeps its fields, with "source" (the
 file's path under OUT_DIR) first (a field of that name becomes "row_source"); any other line becomes
-{"source": ..., "line": text}. `--into` writes the bundle to a file of its own and removes nothing: the form of
-the results files beside RESULTS.md.
+{"source": ..., "line": text}; a bundle already there (from a script run inside the script) is added to.
+`--into` writes the bundle to a file of its own, anew, and removes nothing: the form of the results files
+beside RESULTS.md.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def pack(out_dir: Path, into: Path | None = None, keep=(), limit: int = DEVICE_F
             return []
         into = out_dir / BUNDLE
     bundled = [p for p in files if p.name not in keep and p.resolve() != into.resolve()]
-    with open(into, "a") as f:
+    with open(into, "a" if in_place else "w") as f:  # in place, a nested script's bundle stays; --into: anew
         for p in bundled:
             for row in rows(p, str(p.relative_to(out_dir))):
                 f.write(json.dumps(row) + "\n")

@@ -152,3 +152,6 @@ def test_pack_out_bundles_what_a_device_call_would_drop(tmp_path):
     results = tmp_path / "results.jsonl"  # the form of the results files: everything, nothing removed
     assert pack_out.pack(out, into=results) == ["bundle.jsonl", "decode_table.py"]
     assert (out / "decode_table.py").exists() and results.read_text().count('"source": "bundle.jsonl"') == len(rows)
+    (out / "bundle.jsonl").unlink()  # packed again into the same results file: it holds only what is there now
+    assert pack_out.pack(out, into=results) == ["decode_table.py"]
+    assert results.read_text().splitlines() == ['{"source": "decode_table.py", "line": "TABLE = {}"}']
