@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
@@ -161,15 +162,15 @@ def check_sizes(config: ModelConfig, shapes: dict, source: str) -> None:
                                   f"parameters hold {have}")
 
 
-def load_checkpoint(checkpoint_dir: str | Path, mesh, dtype: str | None = None):
-    """(config, params) with every parameter placed in `mesh`'s layout (and cast to `dtype` if given).
+def open_checkpoint(checkpoint_dir: str | Path, mesh, dtype: str | None = None):
+    """(config, restore): config.json read and checked against the saved shapes now (cast to `dtype` if
+    given), and `restore()` -> every parameter placed in `mesh`'s layout: the long part, which a caller may run
+    beside other work (`Engine.load` compiles meanwhile).
 
     Each layer is read straight onto the devices of the stage that holds it (split there over `tensor` and
     `data` by the rules table), then the layers of a stage are stacked on those same devices: no device ever
     holds another stage's layers. The embedding is read whole, then padded and split over `tensor`.
     """
-    import orbax.checkpoint as ocp
-
     config = read_config(checkpoint_dir)
     saved = saved_shapes(checkpoint_dir)
     check_sizes(config, saved, str(checkpoint_dir))  # first: the rest takes time and memory in these sizes
@@ -190,6 +191,27 @@ def load_checkpoint(checkpoint_dir: str | Path, mesh, dtype: str | None = None):
     everywhere = NamedSharding(mesh, P())
     targets = join_layers([target(layer, layout.layer_restore_shardings(i)) for i, layer in enumerate(layers)],
                           {k: target(v, jax.tree.map(lambda _: everywhere, v)) for k, v in rest.items()})
-    with ocp.StandardCheckpointer() as ckptr:
-        params = ckptr.restore(Path(checkpoint_dir).absolute() / "params", targets)
-    return config, layout.assemble(*split_layers(params))
+
+    def restore():
+        import orbax.checkpoint as ocp
+
+        with ocp.StandardCheckpointer() as ckptr:
+            params = ckptr.restore(Path(checkpoint_dir).absolute() / "params", targets)
+        return layout.assemble(*split_layers(params))
+
+    return config, restore
+
+
+def restore_in_background(restore) -> Future:
+    """An `open_checkpoint` restore run on a thread of its own: its Future holds the parameters, or raises
+    what the restore raised."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix="restore")
+    future = pool.submit(restore)
+    pool.shutdown(wait=False)
+    return future
+
+
+def load_checkpoint(checkpoint_dir: str | Path, mesh, dtype: str | None = None):
+    """(config, params) with every parameter placed in `mesh`'s layout (`open_checkpoint`, then its restore)."""
+    config, restore = open_checkpoint(checkpoint_dir, mesh, dtype)
+    return config, restore()

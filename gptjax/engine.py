@@ -8,6 +8,7 @@ cache sit on the mesh and how the layers run over them (unrolled, or through pip
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from functools import cached_property, partial
 from pathlib import Path
 
@@ -16,13 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptjax import compile_cache, decode_block, distributed, kernels, sampling, sharding, warmup
-from gptjax.checkpoint import load_checkpoint
+from gptjax.checkpoint import open_checkpoint, restore_in_background
 from gptjax.config import EngineConfig, ModelConfig, preset
 from gptjax.engine_api import DecodeState, Prefix, SamplingArrays, layout_of
 from gptjax.generate import GenerationResult, generate
 from gptjax.layout import layout_for
 from gptjax.model import GPT, Block
-from gptjax.planning import ShapePlan, round_up
+from gptjax.planning import PlannedShapes, ShapePlan, round_up
 
 __all__ = ["DecodeState", "Engine", "GenerationResult", "Prefix", "SamplingArrays", "layout_of"]
 
@@ -37,7 +38,7 @@ def _pad_end(a, to: int, mode: str = "constant"):
     return jnp.pad(a, [(0, to - a.shape[0])] + [(0, 0)] * (a.ndim - 1), mode=mode)
 
 
-class Engine:
+class Engine(PlannedShapes):
     def __init__(self, config: ModelConfig, params, engine_config: EngineConfig | None = None, mesh=None,
                  tokenizer=None):
         self.config = config
@@ -46,7 +47,7 @@ class Engine:
         self.layout = layout_for(config, self.mesh)
         self.attention = ec.attention or kernels.default_impl()
         self.decode_matmuls = decode_block.choose(ec.decode_matmuls, config, self.mesh)
-        self.params = params if self.layout.holds(params) else self.layout.place(params)
+        self._params = params if isinstance(params, Future) or self.layout.holds(params) else self.layout.place(params)
         self._tokenizer = tokenizer
         self._model = GPT(config, vocab_rows=self.layout.vocab_rows)
         self.plan = ShapePlan(self.max_seq_len, ec.min_prefill_bucket, ec.max_prefill_tokens, ec.max_slots,
@@ -72,10 +73,12 @@ class Engine:
     @classmethod
     def load(cls, checkpoint_dir: str | Path, *, mesh=None, engine_config: EngineConfig | None = None,
              dtype: str | None = None) -> "Engine":
-        """A converted checkpoint folder (config.json + orbax params/), restored into the mesh's layout."""
+        """A converted checkpoint folder (config.json + orbax params/), restored into the mesh's layout: checked
+        now, read on a thread of its own (one process), so that a server's programs compile meanwhile."""
         mesh = sharding.default_mesh(mesh)
-        config, params = load_checkpoint(checkpoint_dir, mesh, dtype=dtype)
-        return cls(config, params, engine_config, mesh)
+        config, restore = open_checkpoint(checkpoint_dir, mesh, dtype=dtype)
+        return cls(config, restore_in_background(restore) if jax.process_count() == 1 else restore(), engine_config,
+                   mesh)
 
     @classmethod
     def from_pretrained(cls, model_id: str, **kw) -> "Engine":
@@ -92,6 +95,14 @@ class Engine:
 
             self._tokenizer = default_tokenizer()
         return self._tokenizer
+
+    @property
+    def params(self):
+        """The weights in this layout. While a checkpoint loads (`load`: a Future), the warm-up compiles against
+        `layout.abstract_params`; the first call that runs a program waits for the weights here."""
+        if isinstance(self._params, Future):
+            self._params = self._params.result()
+        return self._params
 
     @property
     def max_seq_len(self) -> int:
@@ -260,23 +271,12 @@ class Engine:
         program = self._programs.get(key)
         return jitted(*args, **static) if program is None else program(*args)
 
-    def prefill_bucket(self, prompt_len: int) -> int:
-        return self.plan.prefill_bucket(prompt_len)
-
-    def prefill_buckets(self) -> list[int]:
-        return self.plan.prefill_buckets()
-
-    def prefill_rows(self, bucket: int, slots: int | None = None) -> list[int]:
-        return self.plan.prefill_rows(bucket, slots)
-
-    def decode_buckets(self, slots: int | None = None) -> list[int]:
-        return self.plan.decode_buckets(slots)
-
     @cached_property
     def _store(self):
         """Where warm-up programs are kept (None with the cache off): the rest of EngineConfig is in no program."""
         return compile_cache.program_store(compile_cache.identity(
-            self.config, self.plan, self.attention, self.decode_matmuls, self.mesh.shape, arrays=self.params))
+            self.config, self.plan, self.attention, self.decode_matmuls, self.mesh.shape,
+            arrays=self.layout.abstract_params))
 
     def compile_prefill(self, rows: int, bucket: int, state: DecodeState) -> None:
         warmup.prepare_prefill(self, rows, bucket, state)

@@ -109,6 +109,14 @@ class Layout(abc.ABC):
         """Random weights (`init_params`, from `seed` or the config's) made in this layout on its devices."""
         return jax.jit(lambda: self.arrange(init_params(self.config, seed)), out_shardings=self.param_shardings())()
 
+    @cached_property
+    def abstract_params(self):
+        """The parameters' shapes, dtypes and shardings in this layout, nothing made: what the programs compile
+        against while a checkpoint still loads."""
+        shapes = jax.eval_shape(lambda: self.arrange(init_params(self.config)))
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
+                            self.param_shardings())
+
     def place(self, params):
         """Parameters in the model's own tree (numpy or jax arrays, anywhere) -> this layout, on its devices."""
         return jax.jit(self.arrange, out_shardings=self.param_shardings())(params)

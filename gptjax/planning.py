@@ -99,3 +99,22 @@ class ShapePlan:
                     for rows in self.prefill_rows(bucket, slots)]
         decodes = [DecodeShape(rows, steps, sampled) for rows in self.decode_buckets(slots) for sampled in (False, True)]
         return [*prefills, *decodes]
+
+
+class PlannedShapes:
+    """The shape part of the serving interface (`gptjax.engine_api.ServingEngine`), read off the engine's
+    `plan`."""
+
+    plan: ShapePlan
+
+    def prefill_bucket(self, prompt_len: int) -> int:
+        return self.plan.prefill_bucket(prompt_len)
+
+    def prefill_buckets(self) -> list[int]:
+        return self.plan.prefill_buckets()
+
+    def prefill_rows(self, bucket: int, slots: int | None = None) -> list[int]:
+        return self.plan.prefill_rows(bucket, slots)
+
+    def decode_buckets(self, slots: int | None = None) -> list[int]:
+        return self.plan.decode_buckets(slots)

@@ -21,7 +21,7 @@ def prepare_prefill(engine, rows: int, bucket: int, state) -> None:
         # carry it), so the program takes its arrays
         tokens, lengths, samp = engine._put((np.zeros((rows, bucket), np.int32), np.ones(rows, np.int32),
                                              SamplingArrays.from_params([sampling.SamplingParams()] * rows)))
-        lower = partial(engine._prefill_jit.lower, engine.params, tokens, lengths, samp, sampled=None)
+        lower = partial(engine._prefill_jit.lower, engine.layout.abstract_params, tokens, lengths, samp, sampled=None)
         compiled = engine._programs.prepare(("prefill", rows, bucket), lower, engine._store)
         slots = engine._put(np.arange(rows, dtype=np.int32))
         lower = partial(_lower_insert, engine, compiled, (tokens, lengths, samp), state, slots)
@@ -31,7 +31,7 @@ def prepare_prefill(engine, rows: int, bucket: int, state) -> None:
 
 def _lower_insert(engine, prefill, prefill_args, state, slots) -> "jax.stages.Lowered":
     """The insert of `prefill`'s result (its outputs' shapes traced here, its shardings the program's own)."""
-    prefix = jax.eval_shape(engine._prefill, engine.params, *prefill_args)
+    prefix = jax.eval_shape(engine._prefill, engine.layout.abstract_params, *prefill_args)
     prefix = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), prefix,
                           prefill.output_shardings)
     return engine._insert_jit.lower(prefix, layout_of(state), slots)
@@ -41,6 +41,6 @@ def prepare_decode(engine, state, n_steps: int, sampled: bool, rows: int) -> Non
     """A decode call of `n_steps` steps over the first `rows` slots of `state`."""
     with jax.set_mesh(engine.mesh):
         live = engine._put(np.ones(state.tokens.shape[0], bool))
-        lower = partial(engine._steps_jit.lower, engine.params, layout_of(state), live, n_steps=n_steps,
+        lower = partial(engine._steps_jit.lower, engine.layout.abstract_params, layout_of(state), live, n_steps=n_steps,
                         sampled=sampled, active=rows)
         engine._programs.prepare(("decode", n_steps, sampled, rows), lower, engine._store)

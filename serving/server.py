@@ -340,10 +340,20 @@ def serve(config: ServingConfig, model_name: str, build_engine: Callable[[], obj
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_IGN)
         scheduler.warmup()
+        _wait_for_weights(engine)
         scheduler.follow()
         return 0
     listeners = listeners or Listeners(frontend, config)
     return _serve_main(listeners, frontend, engine, scheduler, config.server)
+
+
+def _wait_for_weights(engine) -> None:
+    """The weights (a checkpoint is read while the programs compile: `Engine.load`) on the devices before the
+    first request: a failed read fails the start here."""
+    start = time.monotonic()
+    engine.params  # waits for a checkpoint still being read, and raises what the read raised
+    if time.monotonic() - start > 1:
+        log.info("the weights arrived %.0f s after the programs", time.monotonic() - start)
 
 
 def _load_tokenizer(engine) -> None:
@@ -361,6 +371,7 @@ def _serve_main(listeners: Listeners, frontend: Frontend, engine, scheduler, opt
         frontend.metrics.watch(scheduler, engine)
     signals = Signals()
     scheduler.warmup()
+    _wait_for_weights(engine)
     _load_tokenizer(engine)
     scheduler.accept()
     loop = threading.Thread(target=scheduler.run, name="engine-loop", daemon=True)

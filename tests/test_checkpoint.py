@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 import time
 
 import jax
@@ -13,7 +14,8 @@ import pytest
 
 from gptjax import Engine, cli
 from gptjax.checkpoint import CheckpointError, save_checkpoint
-from gptjax.config import ModelConfig
+from gptjax.config import EngineConfig, ModelConfig
+from gptjax.layout import Layout
 from gptjax.model import init_params
 
 CONFIG = ModelConfig(n_layers=2, hidden=32, n_heads=4, vocab_size=300, n_positions=64)
@@ -54,6 +56,38 @@ def test_saved_parameters_load_back_unchanged(saved):
     got = engine.model_params()
     for (path, want), have in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(got)):
         np.testing.assert_array_equal(np.asarray(have), want, err_msg=jax.tree_util.keystr(path))
+
+
+def test_a_checkpoint_is_read_while_the_programs_compile(saved, monkeypatch):
+    """`Engine.load` returns once the checkpoint is checked; the programs compile against the layout while the
+    weights are read, and the first call that runs one waits for them (the same tokens as weights in memory)."""
+    folder, params = saved
+    compiled, assemble = threading.Event(), Layout.assemble
+
+    def assemble_once_compiled(self, *args):
+        assert compiled.wait(30), "the weights were waited for before any program compiled"
+        return assemble(self, *args)
+
+    monkeypatch.setattr(Layout, "assemble", assemble_once_compiled)
+    config = EngineConfig(max_slots=2, max_seq_len=32)
+    engine = Engine.load(folder, engine_config=config)  # would wait 30 s here if the read came first
+    state = engine.new_state()
+    engine.compile_prefill(1, engine.prefill_bucket(3), state)
+    engine.compile_decode(state, 2, False, engine.decode_buckets()[-1])
+    compiled.set()
+    prompt = [[5, 17, 99]]
+    got = engine.generate(prompt, max_new_tokens=5, greedy=True)[0].output_ids
+    assert got == Engine(CONFIG, params, config).generate(prompt, max_new_tokens=5, greedy=True)[0].output_ids
+
+
+def test_a_read_that_fails_behind_the_compiles_fails_the_first_use(saved, monkeypatch):
+    def unreadable(self, *args):
+        raise CheckpointError("params/h_1/qkv: the file ends early")
+
+    monkeypatch.setattr(Layout, "assemble", unreadable)
+    engine = Engine.load(saved[0])
+    with pytest.raises(CheckpointError, match="ends early"):
+        engine.params
 
 
 def test_an_absurd_layer_count_exits_2_at_once_naming_the_mismatch(saved, tmp_path, capsys):
