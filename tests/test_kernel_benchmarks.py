@@ -1,6 +1,6 @@
-"""benchmarks.kernels, benchmarks.decode_sweep and benchmarks.decode_probe on the CPU: the device-time fields
-beside the host clock's, the sweep's choice by device time only when every candidate has one, the time limit
-that still leaves rows, and the probe's rows. (The profiler's GPU kernels exist only on a GPU: here
+"""benchmarks.kernels, benchmarks.decode_sweep, benchmarks.decode_probe and benchmarks.startup_probe on the CPU:
+the device-time fields beside the host clock's, the sweep's choice by device time only when every candidate
+has one, the time limit that still leaves rows, and the probes' rows. (The profiler's GPU kernels exist only on a GPU: here
 `gpu_busy_seconds` is replaced by a fixed answer.)"""
 
 from __future__ import annotations
@@ -129,6 +129,28 @@ def test_decode_probe_rows_and_the_two_step_variant_give_the_same_tokens(tmp_pat
     assert [r["two_step_decode"] for r in rows] == [False, True]
     assert all(r["attention"] == "pallas" and r["decode_ms_per_token"] > 0 for r in rows)
     assert rows[0]["first_row_tokens"] == rows[1]["first_row_tokens"] and len(rows[0]["first_row_tokens"]) == 4
+
+
+def test_startup_probe_times_a_checkpoint_read_beside_the_warmup_and_before_it(tmp_path):
+    import numpy as np
+
+    from gptjax.checkpoint import save_checkpoint
+    from gptjax.config import preset
+    from gptjax.model import init_params
+
+    config = preset("gpt2-tiny")
+    folder = save_checkpoint(tmp_path / "tiny", config, jax.tree.map(np.asarray, init_params(config, seed=1)))
+    rows = []
+    for extra in ([], ["--read-first"]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "benchmarks.startup_probe", "--checkpoint", str(folder), "--slots", "2",
+             "--seq", "32", *extra], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+            timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    assert [r["read_first"] for r in rows] == [False, True]
+    assert all(r["model"] == str(folder) and r["programs_compiled_or_read"] > 0 and r["weights_wait_s"] >= 0
+               and r["total_s"] >= r["engine_s"] + r["warmup_s"] for r in rows)
 
 
 def test_pack_out_bundles_what_a_device_call_would_drop(tmp_path):
