@@ -136,14 +136,16 @@ def probe(engine, batch: int, args, profile: str | None) -> None:
     if profile:
         # a short run keeps the trace small (one 128-step trace of the 345M model ended in a segfault, cause unknown)
         steps = min(args.steps, 16)
-        counts = {}
+        counts, kinds = {}, {}
         for n in (1, steps + 1):  # the prefill's kernels and the first token's: the difference is the steps'
             run(n)
             jax.profiler.start_trace(f"{profile}/{n}")
             run(n)
             jax.profiler.stop_trace()
-            counts[n] = kernel_summary(f"{profile}/{n}", steps, top=40 if n > 1 else 25)
-        print(json.dumps({"decode_kernels_per_step": round((counts[steps + 1] - counts[1]) / steps, 1)}))
+            counts[n], kinds[n] = kernel_summary(f"{profile}/{n}", steps, top=40 if n > 1 else 25)
+        print(json.dumps({"decode_kernels_per_step": round((counts[steps + 1] - counts[1]) / steps, 1),
+                          "decode_us_per_step_by_kind": {k: round((us - kinds[1].get(k, 0.0)) / steps, 1)
+                                                         for k, us in sorted(kinds[steps + 1].items())}}))
     print(json.dumps({"model": args.model, "dtype": args.dtype, "batch": batch, "input_len": args.input_len,
                       "attention": engine.attention,
                       "decode_matmuls": engine.decode_matmuls,
@@ -156,9 +158,22 @@ def probe(engine, batch: int, args, profile: str | None) -> None:
                       "device": jax.devices()[0].device_kind}), flush=True)
 
 
-def kernel_summary(trace_dir: str, steps: int, top: int = 40) -> int:
+KINDS = (("copies", ("memcpy", "memset")), ("attention", ("attention", "mosaic", "flash")),
+         ("products", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "decode_matmul", "dot")),
+         ("reductions", ("reduce",)))
+
+
+def kernel_kind(name: str) -> str:
+    """What a GPU kernel of a trace does, from its name: copies, attention, products (GEMMs and our decode
+    matmuls), reductions (LayerNorm's statistics, split sums), else elementwise (adds, casts, GELU, slices)."""
+    lowered = name.lower()
+    return next((kind for kind, words in KINDS if any(w in lowered for w in words)), "elementwise")
+
+
+def kernel_summary(trace_dir: str, steps: int, top: int = 40) -> tuple[int, dict]:
     """Print what the GPU ran during the trace: kernels per decode step, busy time and the idle gaps between
-    kernels, then the costliest kernels; return the number of kernels (memsets and copies included). Unrolled
+    kernels, then the costliest kernels; return the number of kernels (memsets and copies included) and the
+    microseconds of each `kernel_kind`. Unrolled
     layers give each layer's copy of a fusion its own name (`loop_add_fusion.12`); the numeric suffix is
     dropped so the copies count as one kernel."""
     import collections
@@ -205,8 +220,11 @@ def kernel_summary(trace_dir: str, steps: int, top: int = 40) -> int:
             print(json.dumps({"idle_us": round(float(gaps[i]), 1), "after": named[i][1][:70],
                               "before": named[i + 1][1][:70]}))
         host_summary(data, events[0][0], events[-1][1])
-        return len(events)
-    return 0
+        by_kind = collections.Counter()
+        for name, (_, us) in by_name.items():
+            by_kind[kernel_kind(name)] += us
+        return len(events), dict(by_kind)
+    return 0, {}
 
 
 def host_summary(data, start_ns: int, end_ns: int, top: int = 25) -> None:

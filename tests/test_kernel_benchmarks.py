@@ -153,6 +153,19 @@ def test_startup_probe_times_a_checkpoint_read_beside_the_warmup_and_before_it(t
                and r["total_s"] >= r["engine_s"] + r["warmup_s"] for r in rows)
 
 
+def test_profile_kernels_are_told_apart_by_what_they_do():
+    """Names from the H200 traces of RESULTS runs 16-18, and the kind each one's time is summed under."""
+    from benchmarks.decode_probe import kernel_kind
+
+    kinds = {"nvjet_sm90_hsh_128x128_64x6_2x1_v_bz_bias_NNT": "products", "gemm_fusion_dot": "products",
+             "decode_matmul_1024x3072": "products", "decode_attention": "attention",
+             "anonymous_mosaic_gpu_kernel": "attention", "input_reduce_fusion": "reductions",
+             "input_add_reduce_fusion": "reductions", "MemcpyD2D": "copies", "Memset 0": "copies",
+             "memcpy32_post": "copies", "loop_multiply_fusion": "elementwise", "loop_slice_fusion": "elementwise",
+             "loop_dynamic_update_slice_fusion": "elementwise", "loop_convert_fusion": "elementwise"}
+    assert {name: kernel_kind(name) for name in kinds} == kinds
+
+
 def test_pack_out_bundles_what_a_device_call_would_drop(tmp_path):
     from benchmarks import pack_out
 
