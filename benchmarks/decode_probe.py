@@ -211,7 +211,8 @@ def kernel_summary(trace_dir: str, steps: int, top: int = 40) -> tuple[int, dict
         busy = sum(e - s for s, e in events) / 1e3
         span = (events[-1][1] - events[0][0]) / 1e3
         gaps = np.diff([s for s, _ in events]) / 1e3 - np.array([(e - s) / 1e3 for s, e in events[:-1]])
-        print(json.dumps({"plane": plane.name, "kernels": len(events), "kernels_per_step": round(len(events) / steps, 1),
+        print(json.dumps({"plane": plane.name, "kernels": len(events),
+                          "kernels_per_step": round(len(events) / steps, 1),
                           "busy_us": round(busy), "span_us": round(span), "busy_fraction": round(busy / span, 3),
                           "gap_us_median": round(float(np.median(gaps)), 2) if len(gaps) else 0.0}))
         for name, (n, us) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]:

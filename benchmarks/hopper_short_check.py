@@ -12,7 +12,8 @@ for dt in (jnp.bfloat16, jnp.float16):
         n = np.array(L, np.int32)
         out = np.asarray(hopper_flash_attention(q, k, v, lengths=jnp.asarray(n)), np.float64)
         ref = prefill_reference64(q, k, v, n)
-        print(jnp.dtype(dt).name, (b, s), L, [round(rel_err(out[i, :m], ref[i, :m]), 5) for i, m in enumerate(L)], flush=True)
+        print(jnp.dtype(dt).name, (b, s), L, [round(rel_err(out[i, :m], ref[i, :m]), 5) for i, m in enumerate(L)],
+              flush=True)
 
 for dt in (jnp.bfloat16, jnp.float16):
     b, s, h = 32, 256, 16
@@ -20,4 +21,5 @@ for dt in (jnp.bfloat16, jnp.float16):
     n = rng.integers(64, 193, b).astype(np.int32)
     out = np.asarray(hopper_flash_attention(q, k, v, lengths=jnp.asarray(n)), np.float64)
     ref = prefill_reference64(q, k, v, n)
-    print(jnp.dtype(dt).name, "burst", (b, s, h), "worst rel err", max(rel_err(out[i, :m], ref[i, :m]) for i, m in enumerate(n)), flush=True)
+    print(jnp.dtype(dt).name, "burst", (b, s, h), "worst rel err",
+          max(rel_err(out[i, :m], ref[i, :m]) for i, m in enumerate(n)), flush=True)

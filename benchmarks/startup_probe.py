@@ -89,7 +89,8 @@ def main(argv=None) -> None:
     warmed = time.perf_counter()
     warmup_phases = {k: round(v - before.get(k, 0.0), 3) for k, v in phases.seconds.items()}
     print(json.dumps({
-        "model": args.checkpoint or args.model, "read_first": args.read_first, "slots": args.slots, "seq": engine.max_seq_len, "device": jax.devices()[0].device_kind,
+        "model": args.checkpoint or args.model, "read_first": args.read_first, "slots": args.slots,
+        "seq": engine.max_seq_len, "device": jax.devices()[0].device_kind,
         "cache": bool(args.cache_dir), "import_s": round(imported - START, 3), "engine_s": round(built - imported, 3),
         "warmup_s": round(compiled - built, 3), "weights_wait_s": round(warmed - compiled, 3),
         "total_s": round(warmed - START, 3),

@@ -97,7 +97,8 @@ class ShapePlan:
         bucket at each prefill row count, each decode bucket greedy and sampled."""
         prefills = [PrefillShape(rows, bucket) for bucket in self.prefill_buckets()
                     for rows in self.prefill_rows(bucket, slots)]
-        decodes = [DecodeShape(rows, steps, sampled) for rows in self.decode_buckets(slots) for sampled in (False, True)]
+        decodes = [DecodeShape(rows, steps, sampled) for rows in self.decode_buckets(slots)
+                   for sampled in (False, True)]
         return [*prefills, *decodes]
 
 

@@ -320,7 +320,8 @@ class Frontend:
         if n < 1:
             raise invalid(f"{name} must be at least 1, got {n}")
         if n > lim.max_new_tokens:
-            raise RequestError(Code.RESOURCE_EXHAUSTED, f"{name} = {n} is over the server's limit of {lim.max_new_tokens}")
+            raise RequestError(Code.RESOURCE_EXHAUSTED,
+                               f"{name} = {n} is over the server's limit of {lim.max_new_tokens}")
         if prompt_len + n > lim.max_seq_len:
             raise invalid(f"prompt length {prompt_len} + {name} {n} exceeds the model's {lim.max_seq_len} positions")
         return n

@@ -299,7 +299,8 @@ def model_metadata(dialect: str) -> dict:
     return {"name": MODEL_NAME, "versions": [MODEL_VERSION], "platform": "fastertransformer",
             "inputs": [{"name": n, "datatype": types[0], "shape": SHAPES[kind]}
                        for n, (types, kind) in INPUTS[dialect].items()],
-            "outputs": [{"name": n, "datatype": dtype, "shape": shape} for n, (dtype, shape) in OUTPUTS[dialect].items()]}
+            "outputs": [{"name": n, "datatype": dtype, "shape": shape}
+                        for n, (dtype, shape) in OUTPUTS[dialect].items()]}
 
 
 def model_config(dialect: str, frontend: Frontend) -> dict:

@@ -14,8 +14,8 @@ budget), and warm-up compiles each of those shapes and every decode program.
 
 The device always has the next call queued while this thread reads, streams and dispatches: each decode call
 is dispatched before the one before it is read, and a prefill's first tokens are read once the next prefill of
-its burst, or the decode after it, is queued. A request that stops on a stop token (or on its first token) has its slot stepped once more for
-nothing.
+its burst, or the decode after it, is queued. A request that stops on a stop token (or on its first token)
+has its slot stepped once more for nothing.
 
 Requests are serving.request's `Request` (re-exported here); each gets events: `Tokens`, then one `Finished`
 or `Failed`. A request whose values don't fit the commands' fields fails with INVALID_ARGUMENT at `submit`;

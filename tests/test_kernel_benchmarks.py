@@ -1,7 +1,7 @@
 """benchmarks.kernels, benchmarks.decode_sweep, benchmarks.decode_probe and benchmarks.startup_probe on the CPU:
 the device-time fields beside the host clock's, the sweep's choice by device time only when every candidate
-has one, the time limit that still leaves rows, and the probes' rows. (The profiler's GPU kernels exist only on a GPU: here
-`gpu_busy_seconds` is replaced by a fixed answer.)"""
+has one, the time limit that still leaves rows, and the probes' rows. (The profiler's GPU kernels exist only
+on a GPU: here `gpu_busy_seconds` is replaced by a fixed answer.)"""
 
 from __future__ import annotations
 
