@@ -195,8 +195,12 @@ def open_checkpoint(checkpoint_dir: str | Path, mesh, dtype: str | None = None):
     def restore():
         import orbax.checkpoint as ocp
 
-        with ocp.StandardCheckpointer() as ckptr:
-            params = ckptr.restore(Path(checkpoint_dir).absolute() / "params", targets)
+        try:
+            with ocp.StandardCheckpointer() as ckptr:
+                params = ckptr.restore(Path(checkpoint_dir).absolute() / "params", targets)
+        except Exception as e:  # orbax raises a bare Exception; its cause names the array and the file
+            raise CheckpointError(f"{checkpoint_dir}: the saved parameters could not be read: "
+                                  f"{e.__cause__ or e}") from e
         return layout.assemble(*split_layers(params))
 
     return config, restore

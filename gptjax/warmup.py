@@ -5,6 +5,7 @@ prepared goes through its jit."""
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from functools import partial
 
 import jax
@@ -14,8 +15,16 @@ from gptjax import sampling
 from gptjax.engine_api import SamplingArrays, layout_of
 
 
+def _read_failed_stops_here(engine) -> None:
+    """A checkpoint read beside the warm-up (`Engine.load`) that has already failed raises here, before the next
+    program compiles, rather than after all of them."""
+    if isinstance(engine._params, Future) and engine._params.done():
+        engine.params  # raises what the read raised (or keeps the weights it read)
+
+
 def prepare_prefill(engine, rows: int, bucket: int, state) -> None:
     """The prefill of `rows` prompts padded to `bucket` tokens, and the insert of its result into `state`."""
+    _read_failed_stops_here(engine)
     with jax.set_mesh(engine.mesh):
         # the arguments are made as `Engine.prefill` makes them (small real arrays, under the mesh: their types
         # carry it), so the program takes its arrays
@@ -39,6 +48,7 @@ def _lower_insert(engine, prefill, prefill_args, state, slots) -> "jax.stages.Lo
 
 def prepare_decode(engine, state, n_steps: int, sampled: bool, rows: int) -> None:
     """A decode call of `n_steps` steps over the first `rows` slots of `state`."""
+    _read_failed_stops_here(engine)
     with jax.set_mesh(engine.mesh):
         live = engine._put(np.ones(state.tokens.shape[0], bool))
         lower = partial(engine._steps_jit.lower, engine.layout.abstract_params, layout_of(state), live, n_steps=n_steps,

@@ -4,15 +4,18 @@ saved parameters do not back is refused before anything is built from it, naming
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import threading
 import time
+from concurrent.futures import Future
 
 import jax
 import numpy as np
 import pytest
 
 from gptjax import Engine, cli
+from gptjax import engine as engine_module
 from gptjax.checkpoint import CheckpointError, save_checkpoint
 from gptjax.config import EngineConfig, ModelConfig
 from gptjax.layout import Layout
@@ -88,6 +91,24 @@ def test_a_read_that_fails_behind_the_compiles_fails_the_first_use(saved, monkey
     engine = Engine.load(saved[0])
     with pytest.raises(CheckpointError, match="ends early"):
         engine.params
+
+
+def test_a_read_that_has_failed_stops_the_warmup_at_the_next_program(saved, monkeypatch):
+    failed = Future()
+    failed.set_exception(CheckpointError("params/h_1/qkv: the file ends early"))
+    monkeypatch.setattr(engine_module, "restore_in_background", lambda restore: failed)
+    engine = Engine.load(saved[0], engine_config=EngineConfig(max_slots=2, max_seq_len=32))
+    with pytest.raises(CheckpointError, match="ends early"):
+        engine.compile_decode(engine.new_state(), 2, False, 2)
+
+
+def test_a_damaged_parameter_file_exits_2_naming_the_array(saved, tmp_path, capsys):
+    folder = shutil.copytree(saved[0], tmp_path / "damaged")
+    largest = max((p for p in (folder / "params").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    with open(largest, "r+b") as f:
+        f.truncate(1000)
+    line, _ = generate_fails(capsys, folder)
+    assert "the saved parameters could not be read" in line and re.search(r'reading "(wte|wpe|h_\d+)', line), line
 
 
 def test_an_absurd_layer_count_exits_2_at_once_naming_the_mismatch(saved, tmp_path, capsys):
