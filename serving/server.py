@@ -340,7 +340,6 @@ def serve(config: ServingConfig, model_name: str, build_engine: Callable[[], obj
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_IGN)
         scheduler.warmup()
-        _wait_for_weights(engine)
         scheduler.follow()
         return 0
     listeners = listeners or Listeners(frontend, config)
@@ -348,8 +347,8 @@ def serve(config: ServingConfig, model_name: str, build_engine: Callable[[], obj
 
 
 def _wait_for_weights(engine) -> None:
-    """The weights (a checkpoint is read while the programs compile: `Engine.load`) on the devices before the
-    first request: a failed read fails the start here."""
+    """The weights (with one process, a checkpoint is read while the programs compile: `Engine.load`) on the
+    devices before the first request: a failed read fails the start here."""
     start = time.monotonic()
     engine.params  # waits for a checkpoint still being read, and raises what the read raised
     if time.monotonic() - start > 1:
