@@ -43,6 +43,15 @@ def _two_step_decode() -> None:
     kernels.decode_step_append = two_steps
 
 
+def _two_loop_decode_attention() -> None:
+    """Walk every chunk of decode attention in two loops (whole blocks, then the block that crosses the end),
+    as before `decode_attention.one_loop`, to time one against the other."""
+    import importlib
+
+    module = importlib.import_module("gptjax.kernels.decode_attention")  # the package's name is the function's
+    module.one_loop = lambda chunk, params: False
+
+
 def _per_array_puts() -> None:
     """Send host arrays to the device one `jnp.asarray` at a time and read results one `np.asarray` at a time,
     as the engine did before run 18, to time what the batched transfers save."""
@@ -70,6 +79,8 @@ def main():
     p.add_argument("--greedy-only", action="store_true", help="replace the sampler by a bare argmax")
     p.add_argument("--two-step-decode", action="store_true",
                    help="store each step's K/V with XLA's scatter, then attend (not in the attention kernel)")
+    p.add_argument("--two-loop-attention", action="store_true",
+                   help="decode attention walks whole blocks and the crossing block in two loops everywhere")
     p.add_argument("--per-array-puts", action="store_true",
                    help="one jnp.asarray per host array and one np.asarray per result (the engine before run 18)")
     p.add_argument("--hlo", help="write the optimized HLO of the generate program to this file")
@@ -90,6 +101,8 @@ def main():
         _two_step_decode()
     if args.per_array_puts:
         _per_array_puts()
+    if args.two_loop_attention:
+        _two_loop_decode_attention()
     for impl in args.decode_matmuls.split(","):
         engine = Engine.from_preset(args.model, dtype=args.dtype, engine_config=EngineConfig(
             attention=args.attention, decode_matmuls=impl))
@@ -150,7 +163,7 @@ def probe(engine, batch: int, args, profile: str | None) -> None:
                       "attention": engine.attention,
                       "decode_matmuls": engine.decode_matmuls,
                       "greedy_only": args.greedy_only, "two_step_decode": args.two_step_decode,
-                      "per_array_puts": args.per_array_puts,
+                      "per_array_puts": args.per_array_puts, "two_loop_attention": args.two_loop_attention,
                       "xla_flags": os.environ.get("XLA_FLAGS", ""),
                       "prefill_plus_first_ms": round(one * 1e3, 3),
                       "decode_ms_per_token": round((full - one) / args.steps * 1e3, 4),

@@ -9,11 +9,12 @@ once), next to the device's memory bandwidth measured in the same run (`benchmar
 its copy rate, read + written bytes, and its read rate), so no row can honestly pass 100%.
 Every number is a median over repeated runs after a warm-up; each run goes through several independent input
 sets in one dispatch (so that launch overhead is amortised and no input is still in L2 from the run before).
-On a GPU every row also has the device's own time: one more dispatch under the profiler, its kernels'
-durations summed (the decode kernel and its combine step, XLA's or cuDNN's fusions alike) and divided by the
-input sets (`gpu_us` / `gpu_ms`, and the rates from it, beside the host clock's `us` / `ms`): at the small
-shapes the host clock holds launch and dispatch jitter. Off a GPU the trace has no kernels and those fields
-are absent.
+On a GPU every row also has the device's own time: a dispatch under the profiler, its kernels' durations
+summed (the decode kernel and its combine step, XLA's or cuDNN's fusions alike) and divided by the input sets
+(`gpu_us` / `gpu_ms`, and the rates from it, beside the host clock's `us` / `ms`): at the small shapes the host
+clock holds launch and dispatch jitter. Decode takes one such dispatch; prefill, where ours and the peers are
+within a few percent, the median of `--rounds` dispatches per implementation, interleaved with the others'.
+Off a GPU the trace has no kernels and those fields are absent.
 `--sweep` also times other block shapes; `--quick` is a small smoke run (interpret mode on CPU).
 """
 
@@ -24,6 +25,7 @@ import datetime
 import json
 import math
 import platform
+import statistics
 import sys
 import time
 import traceback
@@ -218,9 +220,30 @@ def selected(name: str, only: list[str]) -> bool:
     return name in only or any(p.endswith("*") and name.startswith(p[:-1]) for p in only)
 
 
-def prefill(shapes, sweep, interpret, reps, dtype=jnp.bfloat16, only=None, deadline=math.inf):
-    """Rows of every implementation at every shape; past `deadline` (time.perf_counter()) the rest are marked
-    skipped rather than run, so that a time-limited run still writes its JSON."""
+def interleaved_device_seconds(runs: dict, sets, rounds: int) -> dict:
+    """name -> the device seconds per input set of each of `rounds` traced calls of runs[name] (each one jitted
+    call over all the sets), taken in rounds that call every function once, in an order rotated each round:
+    the GPU's clocks and temperature drift over a run, and timing one function's calls back to back would hand
+    that drift to whichever came last. Empty off a GPU (the trace has no kernels)."""
+    names, times = list(runs), {name: [] for name in runs}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            try:
+                busy = gpu_busy_seconds(runs[name], sets)
+            except Exception as e:  # the profiler is a second opinion: its failure must not lose the row
+                print(f"device timing of {name} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                busy = None
+            if busy is None:
+                return {}
+            times[name].append(busy / len(sets))
+    return times
+
+
+def prefill(shapes, sweep, interpret, reps, dtype=jnp.bfloat16, only=None, deadline=math.inf, rounds=5):
+    """Rows of every implementation at every shape: each one checked and timed by the host clock, then all of
+    a shape's implementations timed on the device in interleaved rounds (`interleaved_device_seconds`; the row
+    keeps every round and the median). Past `deadline` (time.perf_counter()) the rest are marked skipped rather
+    than run, so that a time-limited run still writes its JSON."""
     results = []
     for b, s, h, d in shapes:
         flops = 2.0 * b * h * s * s * d
@@ -235,6 +258,7 @@ def prefill(shapes, sweep, interpret, reps, dtype=jnp.bfloat16, only=None, deadl
                                                 v.astype(jnp.float32), is_causal=True, scale=1.0,
                                                 implementation="xla")
         row = {"shape": [b, s, h, d], "dtype": jnp.dtype(dtype).name, "impl": {}}
+        runs = {}
         for name, fn in prefill_impls(interpret, sweep, dtype, d).items():
             if only and not selected(name, only):
                 continue
@@ -243,14 +267,22 @@ def prefill(shapes, sweep, interpret, reps, dtype=jnp.bfloat16, only=None, deadl
                 continue
             try:
                 err = rel_err(jax.jit(fn)(q, k, v), unscaled if name.startswith("attention_mgpu") else ref)
-                t, dev = timed_device(fn, sets, reps=reps)
-                row["impl"][name] = {"ms": t * 1e3, "tflops": flops / t / 1e12, "rel_err": err,
-                                     **device_fields(dev, flops, "tflops", 1e12)}
+                runs[name] = jax.jit(lambda sets, fn=fn: [fn(*s) for s in sets])
+                t = host_seconds(runs[name], sets, reps, warmup=2)
+                row["impl"][name] = {"ms": t * 1e3, "tflops": flops / t / 1e12, "rel_err": err}
             except Exception as e:  # one failing variant must not sink the run
                 row["impl"][name] = {"error": f"{type(e).__name__}: {str(e)[:2000]}"}
+                runs.pop(name, None)
                 traceback.print_exc(limit=4)
             print(f"prefill {(b, s, h, d)} {row['dtype']} {name}: {row['impl'][name]}", flush=True)
-        del sets, arrs
+        if runs and time.perf_counter() < deadline:
+            for name, times in interleaved_device_seconds(runs, sets, rounds).items():
+                row["impl"][name] |= {"gpu_ms_rounds": [round(t * 1e3, 4) for t in times],
+                                      **device_fields(statistics.median(times), flops, "tflops", 1e12)}
+                cell = row["impl"][name]
+                print(f"prefill {(b, s, h, d)} {row['dtype']} {name} on the device: {cell['gpu_tflops']:.0f} "
+                      f"TFLOP/s (rounds {cell['gpu_ms_rounds']} ms)", flush=True)
+        del sets, arrs, runs
         results.append(row)
     return results
 
@@ -411,6 +443,8 @@ def main(argv=None):
                          "written; skipped prefill rows say so)")
     ap.add_argument("--prefill-dtypes", default="bfloat16",
                     help="comma-separated; float16 adds JAX's attention_mgpu (fp16 only) as a peer")
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="prefill: interleaved rounds of device timing per shape (the median is reported)")
     ap.add_argument("--cache-spread", action="store_true",
                     help="only: the same valid K/V (64 sequences of 192 keys, 16 x 64) in caches of 256, 640 and "
                          "2048 positions, to see what the cache's length costs when the bytes read are equal")
@@ -443,7 +477,8 @@ def main(argv=None):
         MEM_BUDGET = 1 << 20
     prefill_rows = [] if args.skip_prefill else [
         row for dtype in args.prefill_dtypes.split(",") for row in prefill(shapes, args.sweep, interpret, reps,
-                                                                           jnp.dtype(dtype), only, deadline)]
+                                                                           jnp.dtype(dtype), only, deadline,
+                                                                           args.rounds)]
     decode_rows = [] if args.skip_decode else decode(interpret, args.sweep, reps, args.quick, deadline)
     if args.json:
         with open(args.json, "w") as f:

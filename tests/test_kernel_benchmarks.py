@@ -67,6 +67,27 @@ def test_sweep_rows_carry_both_clocks():
     assert set(decode_sweep.timing_fields(2e-5, None, 40_000, 4e9)) == {"us", "gbps", "of_bandwidth"}
 
 
+def test_prefill_device_times_are_medians_of_interleaved_rounds(monkeypatch):
+    calls = []
+    drift = iter(range(1, 100))  # the device slows with every trace: a back-to-back order would favour the first
+
+    def busy(run, sets):
+        calls.append(run)
+        return 1e-3 * next(drift) * len(sets)
+    monkeypatch.setattr(kernels, "gpu_busy_seconds", busy)
+    rows = kernels.prefill([(1, 128, 1, 16)], False, True, 1, jnp.float32, only=["xla", "pallas"], rounds=3)
+    xla, pallas = rows[0]["impl"]["xla"], rows[0]["impl"]["pallas"]
+    assert len(calls) == 6 and calls[0] is not calls[1] and calls[2] is calls[1]  # the order rotates each round
+    assert xla["gpu_ms_rounds"] == [1.0, 4.0, 5.0] and pallas["gpu_ms_rounds"] == [2.0, 3.0, 6.0]
+    assert xla["gpu_ms"] == 4.0 and pallas["gpu_ms"] == 3.0 and xla["rel_err"] < 1e-5
+
+
+def test_prefill_keeps_host_times_when_the_device_has_none(monkeypatch):
+    monkeypatch.setattr(kernels, "gpu_busy_seconds", lambda run, sets: None)
+    rows = kernels.prefill([(1, 128, 1, 16)], False, True, 1, jnp.float32, only=["xla"], rounds=3)
+    assert rows[0]["impl"]["xla"]["ms"] > 0 and "gpu_ms" not in rows[0]["impl"]["xla"]
+
+
 def test_prefill_past_its_deadline_marks_rows_skipped():
     rows = kernels.prefill([(1, 128, 1, 16)], False, True, 1, jnp.float32, only=["xla"],
                            deadline=time.perf_counter() - 1)
@@ -114,11 +135,11 @@ def test_ragged_sweep_counts_only_the_valid_keys(monkeypatch):
 
 def test_decode_probe_rows_and_the_two_step_variant_give_the_same_tokens(tmp_path):
     """The probe as the GPU runs use it (in a process of its own: its variants patch modules), on gpt2-tiny's
-    Pallas kernels in interpret mode; the step that stores K/V in the attention kernel and the one that
-    scatters them first must give the same greedy tokens."""
+    Pallas kernels in interpret mode; the step that stores K/V in the attention kernel, the one that scatters
+    them first, and the attention walking its blocks in two loops must give the same greedy tokens."""
     root = Path(__file__).resolve().parents[1]
     rows = []
-    for extra in ([], ["--two-step-decode"]):
+    for extra in ([], ["--two-step-decode"], ["--two-loop-attention"]):
         proc = subprocess.run(
             [sys.executable, "-m", "benchmarks.decode_probe", "--model", "gpt2-tiny", "--dtype", "float32",
              "--batch", "2", "--input-len", "5", "--steps", "3", "--runs", "1", "--attention", "pallas",
@@ -126,9 +147,11 @@ def test_decode_probe_rows_and_the_two_step_variant_give_the_same_tokens(tmp_pat
             env={**os.environ, "JAX_PLATFORMS": "cpu", "GPTJAX_CACHE_DIR": str(tmp_path)})
         assert proc.returncode == 0, proc.stderr[-3000:]
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    assert [r["two_step_decode"] for r in rows] == [False, True]
+    assert [r["two_step_decode"] for r in rows] == [False, True, False]
+    assert [r["two_loop_attention"] for r in rows] == [False, False, True]
     assert all(r["attention"] == "pallas" and r["decode_ms_per_token"] > 0 for r in rows)
-    assert rows[0]["first_row_tokens"] == rows[1]["first_row_tokens"] and len(rows[0]["first_row_tokens"]) == 4
+    assert all(r["first_row_tokens"] == rows[0]["first_row_tokens"] for r in rows)
+    assert len(rows[0]["first_row_tokens"]) == 4
 
 
 def test_startup_probe_times_a_checkpoint_read_beside_the_warmup_and_before_it(tmp_path):

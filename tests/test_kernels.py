@@ -176,7 +176,8 @@ def test_decode_attention_append_lowers_for_cuda_with_the_caches_in_place():
     cache = jax.ShapeDtypeStruct((8, 576, 16, 64), jnp.bfloat16)
     positions = jax.ShapeDtypeStruct((8,), jnp.int32)
     for overrides in ({"heads_per_program": 1}, {"heads_per_program": 1, "num_splits": 4, "use_dot": False},
-                      {"heads_per_program": 2, "block_k": 64}):
+                      {"heads_per_program": 2, "block_k": 64}, {"heads_per_program": 1, "single_loop": True},
+                      {"heads_per_program": 2, "block_k": 64, "single_loop": True}):
         step = jax.jit(lambda *a, kw=overrides: decode_attention_append(*a, **kw))
         text = step.trace(qkv, cache, cache, positions).lower(lowering_platforms=("cuda",)).as_text()
         assert text.count("xla.gpu.triton") == 1 and text.count("output_operand_alias<") == 2
@@ -312,6 +313,34 @@ def test_decode_attention_reads_the_first_rows_of_a_larger_cache():
         assert err < TOL[np.float32], f"relative error {err:.2e} (seed {seed})"
 
 
+@pytest.mark.parametrize("group", [1, 2])
+def test_decode_attention_in_one_loop_or_two_gives_the_same_answer(group):
+    """`one_loop` picks one masked loop where a chunk fits in the pipeline; both walks, on ragged rows that end
+    inside a block, on whole blocks and at zero, match float64, for the step's store and attention alike."""
+    from gptjax.kernels import decode_attention_append
+    from gptjax.kernels.decode_attention import DecodeParams, one_loop
+
+    assert one_loop(256, DecodeParams(1, 128, 1, 4, 2, True)) and not one_loop(512, DecodeParams(1, 128, 1, 4, 2, True))
+    rng, seed = fresh_rng()
+    qkv = draw(rng, (4, 3, 4, 16), np.float32)
+    k_cache, v_cache = (draw(rng, (4, 96, 4, 16), np.float32) for _ in range(2))
+    positions = np.array([37, 63, 0, 95], np.int32)  # new tokens at these entries: 37 valid, 63, none, 95
+    kw = dict(interpret=True, block_k=32, num_splits=1, num_stages=3, heads_per_program=group)
+    outs = [decode_attention_append(qkv, k_cache, v_cache, jnp.asarray(positions), single_loop=single, **kw)
+            for single in (True, False)]
+    ref = decode_reference64(qkv[:, 0], outs[1][1], outs[1][2], positions + 1)
+    for out, new_k, new_v in outs:
+        err = np.linalg.norm(np.asarray(out, np.float64) - ref) / np.linalg.norm(ref)
+        assert err < TOL[np.float32], f"relative error {err:.2e} (seed {seed})"
+        np.testing.assert_array_equal(np.asarray(new_k), np.asarray(outs[0][1]))
+    lengths = positions + 1
+    reads = [decode_attention(qkv[:, 0], outs[0][1], outs[0][2], jnp.asarray(lengths), single_loop=single, **kw)
+             for single in (True, False)]
+    for out in reads:
+        err = np.linalg.norm(np.asarray(out, np.float64) - ref) / np.linalg.norm(ref)
+        assert err < TOL[np.float32], f"relative error {err:.2e} (seed {seed})"
+
+
 def test_decode_attention_reads_only_valid_entries():
     # entries past a length hold NaN here: a kernel that reads them (or weighs them by 0) returns NaN
     rng, seed = fresh_rng()
@@ -322,11 +351,12 @@ def test_decode_attention_reads_only_valid_entries():
     for i, n in enumerate(lengths):
         k_cache[i, n:] = np.nan
         v_cache[i, n:] = np.nan
-    for splits, use_dot, group in [(1, False, 1), (4, False, 1), (4, True, 1), (3, False, 2)]:
+    for splits, use_dot, group, single in [(1, False, 1, False), (4, False, 1, False), (4, True, 1, True),
+                                           (3, False, 2, False), (1, True, 1, True), (2, False, 2, True)]:
         out = decode_attention(q, k_cache, v_cache, jnp.asarray(lengths), interpret=True, block_k=16,
-                               num_splits=splits, use_dot=use_dot, heads_per_program=group)
+                               num_splits=splits, use_dot=use_dot, heads_per_program=group, single_loop=single)
         err = np.linalg.norm(np.asarray(out, np.float64) - ref) / np.linalg.norm(ref)
-        assert err < 2e-3, f"{splits} splits: relative error {err:.2e} (seed {seed})"
+        assert err < 2e-3, f"{splits} splits, one loop {single}: relative error {err:.2e} (seed {seed})"
 
 
 def test_decode_attention_empty_sequence_gives_zeros():

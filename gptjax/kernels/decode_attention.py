@@ -21,6 +21,9 @@ Two forms of the program body, both tested against the reference:
   matrix units do at memory speed) to keep every reduction inside one matrix product.
 Which form, block size and split count a shape gets comes from `decode_table.TABLE`, which the sweep
 (`benchmarks/decode_sweep.py`) writes; shapes it does not cover get `default_params`.
+A program walks its chunk's whole key blocks, then the one that crosses the sequence's end, masked; or, where
+the chunk fits in the pipeline, every block masked in one loop, so that all their loads are in flight at once
+(`one_loop`).
 
 `decode_attention_append` is a decode step's whole attention: it takes the step's query, key and value as
 one [batch, 3, heads, head_dim] array (the QKV product's output, uncopied), attends over the cache's entries
@@ -110,6 +113,25 @@ def _key_blocks(length, start, chunk: int, block_k: int):
             jnp.minimum(pl.cdiv(remaining, block_k), n_blocks_chunk))
 
 
+def one_loop(chunk: int, params: DecodeParams) -> bool:
+    """Whether a program walks its chunk in one loop, every block masked at the sequence's end, rather than the
+    whole blocks first and the block that crosses the end after them. Two loops spare the whole blocks the
+    mask; but the pipeline does not run on from one loop into the next, so the crossing block's load starts
+    only once the whole blocks are done: a second wait for memory. Where the whole chunk fits in the pipeline
+    (no more blocks than stages: a short cache, e.g. a batch of 256 rows of 129-256 keys in 128-key blocks),
+    one loop has every block's load in flight at once."""
+    return chunk // params.block_k <= params.num_stages
+
+
+def _walk_blocks(body, carry, n_full, n_end, single: bool):
+    """Run `body(j, carry, masked)` over the chunk's blocks [0, n_end), of which [0, n_full) are whole: in
+    one masked loop (`single`) or in two (`one_loop`)."""
+    if single:
+        return lax.fori_loop(0, n_end, functools.partial(body, masked=True), carry)
+    carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), carry)
+    return lax.fori_loop(n_full, n_end, functools.partial(body, masked=True), carry)
+
+
 def _store(out_refs, acc, m, l, split: bool):
     """acc [..., d] unnormalised, m and l the max and sum (base 2); a chunk with no key gets zeros and -inf."""
     safe_l = jnp.where(l == 0.0, 1.0, l)
@@ -123,13 +145,14 @@ def _store(out_refs, acc, m, l, split: bool):
 
 
 def _per_head_kernel(len_ref, q_ref, k_ref, v_ref, *refs, sm_scale: float, block_k: int, chunk: int,
-                     split: bool, rows: int, max_seq: int, append: bool = False):
+                     split: bool, rows: int, max_seq: int, single: bool, append: bool = False):
     """rows == 1: scores and outputs by elementwise products and reductions. rows == 16: the query repeated
     over 16 rows so that both products run on the matrix units (whose smallest tile has 16 rows); that
     wastes FLOPs nobody needs but keeps reductions inside warps and lets Triton pipeline the tile loads.
     `append` (`decode_attention_append`): len_ref holds the new token's position, refs start with its key and
     value and end with the caches (aliased to k_ref and v_ref): the cache's keys before that position are
-    read, the new one is taken from its ref and stored by the program whose chunk holds the position."""
+    read, the new one is taken from its ref and stored by the program whose chunk holds the position.
+    `single`: the chunk's blocks in one loop (`one_loop`)."""
     length, out_refs, (k_new_ref, v_new_ref, k_out_ref, v_out_ref) = _split_refs(len_ref, refs, max_seq, append)
     start = pl.program_id(1) * chunk
     q = q_ref[...]
@@ -157,8 +180,7 @@ def _per_head_kernel(len_ref, q_ref, k_ref, v_ref, *refs, sm_scale: float, block
 
     carry = (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), -jnp.inf, jnp.float32),
              jnp.zeros((rows,), jnp.float32))
-    carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), carry)
-    acc, m, l = lax.fori_loop(n_full, n_end, functools.partial(body, masked=True), carry)
+    acc, m, l = _walk_blocks(body, carry, n_full, n_end, single)
     # every row holds the same numbers: keep one
     acc, m, l = jnp.max(acc, axis=0), jnp.max(m, axis=0, keepdims=True), jnp.max(l, axis=0, keepdims=True)
     if append:
@@ -209,10 +231,10 @@ def _load_kv_block(k_ref, v_ref, j, block_k: int, start, length, masked: bool):
 
 
 def _head_group_kernel(len_ref, q_ref, k_ref, v_ref, *refs, sm_scale: float, block_k: int, chunk: int,
-                       split: bool, head_dim: int, cols: int, max_seq: int, append: bool = False):
+                       split: bool, head_dim: int, cols: int, max_seq: int, single: bool, append: bool = False):
     """G heads of one sequence's chunk: q_ref [G*d], k_ref and v_ref [chunk, G*d]; `cols` = max(G, 16)
-    columns of the block-diagonal query (those past G are zero and their results unused). `append`: as in
-    `_per_head_kernel`."""
+    columns of the block-diagonal query (those past G are zero and their results unused). `append` and
+    `single`: as in `_per_head_kernel`."""
     length, out_refs, (k_new_ref, v_new_ref, k_out_ref, v_out_ref) = _split_refs(len_ref, refs, max_seq, append)
     start = pl.program_id(1) * chunk
     q = q_ref[...]
@@ -236,8 +258,7 @@ def _head_group_kernel(len_ref, q_ref, k_ref, v_ref, *refs, sm_scale: float, blo
 
     carry = (jnp.zeros((cols, width), jnp.float32), jnp.full((cols,), -jnp.inf, jnp.float32),
              jnp.zeros((cols,), jnp.float32))
-    carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), carry)
-    acc, m, l = lax.fori_loop(n_full, n_end, functools.partial(body, masked=True), carry)
+    acc, m, l = _walk_blocks(body, carry, n_full, n_end, single)
     if append:  # the new key's scores, column h head h's: elementwise, a one-row product being too small
         owner = (start <= length) & (length < start + chunk)  # the new token's position is `length`
         s_new = jnp.sum(q_bd.astype(jnp.float32) * k_new_ref[...].astype(jnp.float32)[:, None], axis=0) * scale
@@ -277,14 +298,15 @@ def _chunks(max_seq: int, params: DecodeParams) -> tuple[int, int]:
     return chunk, pl.cdiv(max_seq, chunk)
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", *_OVERRIDES))
+@functools.partial(jax.jit, static_argnames=("interpret", "single_loop", *_OVERRIDES))
 def decode_attention(q, k_cache, v_cache, lengths, *, interpret: bool = False, block_k: int | None = None,
                      num_splits: int | None = None, num_warps: int | None = None,
                      num_stages: int | None = None, use_dot: bool | None = None,
-                     heads_per_program: int | None = None):
+                     heads_per_program: int | None = None, single_loop: bool | None = None):
     """q: [batch, heads, head_dim]; caches: [rows >= batch, max_seq, heads, head_dim], of which the first `batch`
     rows are read; lengths: [batch] valid entries (including the current token). Scale 1/sqrt(head_dim). A
-    sequence of length 0 gets zeros. The keyword arguments override `choose_params`'s choice."""
+    sequence of length 0 gets zeros. The keyword arguments override `choose_params`'s choice, and
+    `single_loop` `one_loop`'s."""
     batch, heads, head_dim = q.shape
     max_seq = _check_caches(k_cache, v_cache, batch, heads, head_dim)
     params = _launch_params(batch, heads, max_seq, head_dim, q.dtype, dict(
@@ -297,17 +319,19 @@ def decode_attention(q, k_cache, v_cache, lengths, *, interpret: bool = False, b
                                for x in (q, k_cache, v_cache))
     chunk, splits = _chunks(max_seq, params)
     launch = _launch_per_head if params.heads_per_program == 1 else _launch_head_group
-    out = launch(q, k_cache, v_cache, lengths, params, chunk, splits, 1.0 / math.sqrt(head_dim), interpret)
+    single = one_loop(chunk, params) if single_loop is None else single_loop
+    out = launch(q, k_cache, v_cache, lengths, params, chunk, splits, 1.0 / math.sqrt(head_dim), interpret, single)
     if splits > 1:
         out = _combine(*out).astype(q.dtype)
     return out[..., :head_dim]
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", *_OVERRIDES))
+@functools.partial(jax.jit, static_argnames=("interpret", "single_loop", *_OVERRIDES))
 def decode_attention_append(qkv, k_cache, v_cache, positions, *, interpret: bool = False,
                             block_k: int | None = None, num_splits: int | None = None,
                             num_warps: int | None = None, num_stages: int | None = None,
-                            use_dot: bool | None = None, heads_per_program: int | None = None):
+                            use_dot: bool | None = None, heads_per_program: int | None = None,
+                            single_loop: bool | None = None):
     """A decode step's attention with the step's own key and value: qkv [batch, 3, heads, head_dim] (the new
     token's query, key and value), caches [rows >= batch, max_seq, heads, head_dim], positions [batch] (where
     each row's new token goes, < max_seq) -> (out [batch, heads, head_dim], the caches with the new keys and
@@ -322,12 +346,14 @@ def decode_attention_append(qkv, k_cache, v_cache, positions, *, interpret: bool
     params = _launch_params(batch, heads, max_seq, head_dim, qkv.dtype, overrides)
     if head_dim != max(16, pl.next_power_of_2(head_dim)):  # padded caches would be copies
         k_cache, v_cache = write_token((k_cache, v_cache), qkv[:, 1], qkv[:, 2], positions)
-        out = decode_attention(qkv[:, 0], k_cache, v_cache, positions + 1, interpret=interpret, **overrides)
+        out = decode_attention(qkv[:, 0], k_cache, v_cache, positions + 1, interpret=interpret,
+                               single_loop=single_loop, **overrides)
         return out, k_cache, v_cache
     chunk, splits = _chunks(max_seq, params)
     launch = _launch_per_head if params.heads_per_program == 1 else _launch_head_group
+    single = one_loop(chunk, params) if single_loop is None else single_loop
     out, k_cache, v_cache = launch(qkv, k_cache, v_cache, positions, params, chunk, splits,
-                                   1.0 / math.sqrt(head_dim), interpret, append=True)
+                                   1.0 / math.sqrt(head_dim), interpret, single, append=True)
     if splits > 1:
         out = _combine(*out).astype(qkv.dtype)
     return out, k_cache, v_cache
@@ -342,13 +368,13 @@ def _combine(o_parts, lse):
 
 
 def _launch_per_head(q, k_cache, v_cache, lengths, params: DecodeParams, chunk: int, splits: int,
-                     sm_scale: float, interpret: bool, append: bool = False):
+                     sm_scale: float, interpret: bool, single: bool, append: bool = False):
     """`append`: q is the step's qkv [batch, 3, heads, d] and lengths its positions; the caches come back too."""
     batch, heads, d = q.shape[0], q.shape[-2], q.shape[-1]
     split = splits > 1
     kernel = functools.partial(_per_head_kernel, sm_scale=sm_scale, block_k=params.block_k, chunk=chunk,
                                split=split, rows=MATRIX_ROWS if params.use_dot else 1, max_seq=k_cache.shape[1],
-                               append=append)
+                               single=single, append=append)
     # heads vary fastest over the grid: neighbouring programs read neighbouring bytes of the cache
     cache_spec = pl.BlockSpec((None, chunk, None, d), lambda h, s, b: (b, s, h, 0))
     if append:  # the query, key and value: three views of qkv
@@ -376,7 +402,7 @@ def _launch_per_head(q, k_cache, v_cache, lengths, params: DecodeParams, chunk: 
 
 
 def _launch_head_group(q, k_cache, v_cache, lengths, params: DecodeParams, chunk: int, splits: int,
-                       sm_scale: float, interpret: bool, append: bool = False):
+                       sm_scale: float, interpret: bool, single: bool, append: bool = False):
     """`append`: as for `_launch_per_head`."""
     batch, heads, d = q.shape[0], q.shape[-2], q.shape[-1]
     cache_shape = k_cache.shape
@@ -388,7 +414,7 @@ def _launch_head_group(q, k_cache, v_cache, lengths, params: DecodeParams, chunk
     q, k_cache, v_cache = q.reshape(*q.shape[:-2], heads * d), *(c.reshape(rows, max_seq, heads * d)
                                                                  for c in (k_cache, v_cache))
     kernel = functools.partial(_head_group_kernel, sm_scale=sm_scale, block_k=params.block_k, chunk=chunk,
-                               split=split, head_dim=d, cols=cols, max_seq=max_seq, append=append)
+                               split=split, head_dim=d, cols=cols, max_seq=max_seq, single=single, append=append)
     cache_spec = pl.BlockSpec((None, chunk, width), lambda g, s, b: (b, s, g))
     if append:  # the query, key and value: three views of qkv
         step = [pl.BlockSpec((None, None, width), lambda g, s, b, i=i: (b, i, g)) for i in range(3)]
