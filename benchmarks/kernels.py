@@ -58,9 +58,10 @@ DECODE_SWEEP = [(128, 4, 3, False, None), (64, 4, 3, True, None), (128, 4, 3, Tr
 # one tile per program (not persistent), run 6's next steps (RESULTS.md), the next key block's wait inside the PV
 # product and a fence after the softmax (alone and together; `attention_mgpu` has both at head_dim <= 128) and,
 # at 64, larger key blocks (shared memory holds 4 stages of 192 keys, 3 of 256: `flash_attention_hopper.smem_bytes`);
-# at 128, a third stage in place of the second query buffer (one tile a program, the fence alone and 64-key blocks
-# four deep were 2-22% slower there in runs 14-15, and FlashAttention-3's pipelining within each consumer 10-14%
-# slower at both head dims in run 16 (its code is in f92219e): none is timed now)
+# at 128, a third stage in place of the second query buffer, and (2-22% slower in runs 14-15 by one traced
+# dispatch each; timed again by the interleaved rounds) one tile a program and 64-key blocks four deep (the fence
+# alone, and FlashAttention-3's pipelining within each consumer, 10-14% slower at both head dims in run 16 (its
+# code is in f92219e), are not timed now)
 WAIT = dict(wait_in_pv=True)
 FENCE = dict(wait_in_pv=True, fence_softmax=True)
 NO_PREFETCH = dict(prefetch_q=False)
@@ -72,6 +73,7 @@ HOPPER_SWEEP = {64: {"hopper(no prefetch)": NO_PREFETCH,
                      "hopper(192, 2)": dict(block_kv=192, stages=2), "hopper(256, 2)": dict(block_kv=256, stages=2),
                      "hopper(192, 2, wait in PV, fence)": dict(block_kv=192, stages=2, **FENCE)},
                 128: {"hopper(no wait in PV)": dict(wait_in_pv=False), "hopper(wait in PV, fence)": FENCE,
+                      "hopper(a tile a program)": A_TILE_A_PROGRAM, "hopper(64, 4)": dict(block_kv=64, stages=4),
                       "hopper(no prefetch)": NO_PREFETCH,
                       "hopper(no prefetch, 3 stages)": dict(NO_PREFETCH, stages=3),
                       "hopper(no prefetch, 3 stages, wait in PV)": dict(NO_PREFETCH, stages=3, **WAIT)}}
