@@ -345,6 +345,21 @@ def decode_impls(interpret, sweep):
     return impls
 
 
+# (batch, valid keys, cache length, heads, head_dim) for `--loops`: the engine's caches after a 128-token prompt
+# (256 positions for 128 new tokens, 192 for 64), after a 512-token one (576 positions) and long ones
+LOOP_SHAPES = [(256, 137, 256, 16, 64), (256, 250, 256, 16, 64), (64, 137, 192, 16, 64), (8, 528, 576, 16, 64),
+               (32, 528, 576, 16, 64), (8, 2100, 2112, 16, 64), (32, 2100, 2112, 16, 64), (1, 140, 192, 32, 128),
+               (32, 528, 576, 32, 128)]
+LOOP_SHAPES_QUICK = [(4, 40, 64, 2, 16)]
+
+
+def loop_impls(interpret):
+    """Decode attention with the table's launch, its chunks walked in one loop and in two (`one_loop`)."""
+    return {f"pallas({'one' if single else 'two'} loop{'' if single else 's'})":
+            lambda q, k, v, n, single=single: decode_attention(q, k, v, n, interpret=interpret, single_loop=single)
+            for single in (True, False)}
+
+
 def decode(interpret, sweep, reps, quick, deadline=math.inf):
     """The decode table (and the sweep's points with `sweep`); no new shape starts past `deadline`."""
     rows = []
@@ -447,6 +462,9 @@ def main(argv=None):
                     help="comma-separated; float16 adds JAX's attention_mgpu (fp16 only) as a peer")
     ap.add_argument("--rounds", type=int, default=5,
                     help="prefill: interleaved rounds of device timing per shape (the median is reported)")
+    ap.add_argument("--loops", action="store_true",
+                    help="only: decode attention walking its chunks in one masked loop against two (whole blocks, "
+                         "then the crossing one), at rows the engine makes: a few keys into a block of its cache")
     ap.add_argument("--cache-spread", action="store_true",
                     help="only: the same valid K/V (64 sequences of 192 keys, 16 x 64) in caches of 256, 640 and "
                          "2048 positions, to see what the cache's length costs when the bytes read are equal")
@@ -454,6 +472,10 @@ def main(argv=None):
     deadline = time.perf_counter() + args.time_limit
     interpret = not on_gpu()
     reps = 3 if args.quick else 7
+    if args.loops:
+        for b, ctx, cache_len, h, d in LOOP_SHAPES_QUICK if args.quick else LOOP_SHAPES:
+            decode_one(b, ctx, h, d, loop_impls(interpret), reps, cache_len=cache_len)
+        return 0
     if args.cache_spread:
         b, ctx, caches = (4, 24, (32, 80)) if args.quick else (64, 192, (256, 640, 2048))
         for cache_len in caches:

@@ -213,3 +213,10 @@ def test_pack_out_bundles_what_a_device_call_would_drop(tmp_path):
     (out / "bundle.jsonl").unlink()  # packed again into the same results file: it holds only what is there now
     assert pack_out.pack(out, into=results) == ["decode_table.py"]
     assert results.read_text().splitlines() == ['{"source": "decode_table.py", "line": "TABLE = {}"}']
+
+
+def test_loops_rows_time_both_walks_against_the_reference():
+    (b, ctx, cache_len, h, d), = kernels.LOOP_SHAPES_QUICK
+    row = kernels.decode_one(b, ctx, h, d, kernels.loop_impls(True), 1, cache_len=cache_len)
+    assert set(row["impl"]) == {"pallas(one loop)", "pallas(two loops)"}
+    assert row["cache_len"] == cache_len and all(v["rel_err"] < 1e-2 and v["us"] > 0 for v in row["impl"].values())
