@@ -286,7 +286,8 @@ def test_hopper_kernel_options_and_block_limits():
     check_blocks(128, 3, 128)  # run 6 timed it
 
 
-@pytest.mark.parametrize("head_dim, options", [(64, {}), (128, {"wait_in_pv": True, "fence_softmax": True})])
+@pytest.mark.parametrize("head_dim, options", [(64, {}), (128, {"wait_in_pv": True, "fence_softmax": True}),
+                                               (128, {"carry_stagger": False})])
 def test_hopper_kernel_lowers_for_cuda_on_any_machine(head_dim, options):
     """Mosaic GPU cannot run on a CPU, but it lowers there: exporting for CUDA runs the kernel's lowering
     (layouts, the matrix products' operands, barriers, shared memory), which a trace alone does not."""

@@ -14,7 +14,10 @@ runs three warpgroups:
   last blocks run: two query buffers each, `prefetch_q`) and run QK^T and PV as warpgroup MMAs (wgmma) from
   shared memory (P from registers), with the online softmax in registers. A two-party barrier taken twice per key block
   staggers them by half a block: while one computes its softmax the other's matrix product runs, so the
-  matrix units stay busy (the ping-pong schedule of FlashAttention-3).
+  matrix units stay busy (the ping-pong schedule of FlashAttention-3). The stagger runs on from one tile
+  into the next: consumer 0 finishes a tile, writes its rows out and starts the next tile's first product
+  while consumer 1 is still on the last block, rather than both meeting at each tile's end and consumer 1
+  waiting half a block at each start (a bubble per tile, worth most where tiles are short).
 Causality and `lengths` only decide how many key blocks each consumer visits: blocks wholly before a
 consumer's first row run unmasked, the rest up to its last row (or the sequence end) run with the causal
 mask, and the producer loads the larger of the two consumers' counts; a consumer with fewer blocks releases
@@ -152,6 +155,7 @@ class _Consumer(NamedTuple):
     scale: float  # softmax scale times log2(e): scores in base 2, exp2 below
     wait_in_pv: bool = False  # wait for block j + 1's keys inside block j's PV product (module docstring)
     fence_softmax: bool = False  # an optimization barrier before the softmax's "done" arrival
+    carry_stagger: bool = True  # the half-block stagger runs on from tile to tile (module docstring)
 
 
 def _rendezvous(turn):
@@ -274,7 +278,11 @@ def _consumer_tile(i, base, *, c: _Consumer, q_bufs, q_ref, o_ref, q_ready, tile
     more = dict(steps=tile.steps) if c.wait_in_pv else {}
     if c.wait_in_pv:
         _wait_keys(jnp.int32(0), c=c, base=base, steps=tile.steps)
-    pl.when(wg == 1)(functools.partial(_rendezvous, c.turn))  # consumer 0 takes the matrix units first
+    # consumer 0 takes the matrix units first: consumer 1 starts a phase of the turn barrier behind, and
+    # consumer 0 takes that phase after its last block; both do two phases a block, so with `carry_stagger`
+    # they do so once per program (a count of 0 tiles does neither), else once per tile
+    first, last = (i == 0, i == count - 1) if c.carry_stagger else (True, True)
+    pl.when((wg == 1) & first)(functools.partial(_rendezvous, c.turn))
     step = functools.partial(_attend_block, c=c, first_row=first_row, base=base, **more)
     carry = lax.fori_loop(0, full, functools.partial(step, masked=False), (acc, m, l))
     if n_bufs > 1:
@@ -284,7 +292,7 @@ def _consumer_tile(i, base, *, c: _Consumer, q_bufs, q_ref, o_ref, q_ready, tile
             load(tile_of(i + 1), 1 - buf)
     acc, m, l = lax.fori_loop(full, steps, functools.partial(step, masked=True), carry)
     lax.fori_loop(steps, tile.steps, functools.partial(_release_block, c=c, base=base, **more), None)
-    pl.when(wg == 0)(functools.partial(_rendezvous, c.turn))
+    pl.when((wg == 0) & last)(functools.partial(_rendezvous, c.turn))
     # l >= 1 for every row that saw a key (its max scores exp2(0)); rows that saw none keep acc = 0
     acc = acc / lax.broadcast_in_dim(jnp.maximum(l, 1e-30), acc.shape, [0])
     c.q_smem[...] = acc.astype(c.q_smem.dtype)
@@ -294,7 +302,7 @@ def _consumer_tile(i, base, *, c: _Consumer, q_bufs, q_ref, o_ref, q_ready, tile
 
 
 def _consumer(q_ref, o_ref, len_ref, scratch, *, tile_of, count, block_kv: int, stages: int, sm_scale: float,
-              wait_in_pv: bool, fence_softmax: bool):
+              wait_in_pv: bool, fence_softmax: bool, carry_stagger: bool):
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     q_smem2, k_smem, v_smem, k_ready, v_ready, q_ready, k_free, v_free, turn = scratch
@@ -302,7 +310,7 @@ def _consumer(q_ref, o_ref, len_ref, scratch, *, tile_of, count, block_kv: int, 
     wg = lax.axis_index("wg")
     q_bufs = q_smem2.at[wg]
     c = _Consumer(q_bufs.at[0], k_smem, v_smem, k_ready, v_ready, k_free, v_free, turn,
-                  block_kv, stages, sm_scale * LOG2_E, wait_in_pv, fence_softmax)
+                  block_kv, stages, sm_scale * LOG2_E, wait_in_pv, fence_softmax, carry_stagger)
     if q_bufs.shape[0] > 1:  # the first tile's queries; each tile loads the next one's
         pl.when(count > 0)(lambda: _load_queries(tile_of(jnp.int32(0)), 0, q_ref=q_ref, q_bufs=q_bufs,
                                                   q_ready=q_ready))
@@ -339,7 +347,7 @@ def _producer(k_ref, v_ref, scratch, *, tile_of, count, block_kv: int, stages: i
 
 def _program(len_ref, q_ref, k_ref, v_ref, o_ref, *scratch, block_kv: int, stages: int, sm_scale: float,
              n_tiles: int, heads: int, batch_size: int, seq: int, use_lengths: bool, programs: int,
-             wait_in_pv: bool, fence_softmax: bool):
+             wait_in_pv: bool, fence_softmax: bool, carry_stagger: bool):
     program, n_total = lax.axis_index("p"), n_tiles * heads * batch_size
 
     def tile_of(i):  # this program's i-th tile
@@ -349,15 +357,16 @@ def _program(len_ref, q_ref, k_ref, v_ref, o_ref, *scratch, block_kv: int, stage
                   stages=stages)
     wg = lax.axis_index("wg")
     pl.when(wg < CONSUMERS)(functools.partial(_consumer, q_ref, o_ref, len_ref, scratch, sm_scale=sm_scale,
-                                              wait_in_pv=wait_in_pv, fence_softmax=fence_softmax, **common))
+                                              wait_in_pv=wait_in_pv, fence_softmax=fence_softmax,
+                                              carry_stagger=carry_stagger, **common))
     pl.when(wg == CONSUMERS)(functools.partial(_producer, k_ref, v_ref, scratch, **common))
 
 
 @functools.partial(jax.jit, static_argnames=("block_kv", "stages", "use_lengths", "programs", "wait_in_pv",
-                                             "fence_softmax", "prefetch_q"))
+                                             "fence_softmax", "prefetch_q", "carry_stagger"))
 def hopper_flash_attention(q, k, v, *, lengths=None, block_kv: int | None = None, stages: int | None = None,
                            use_lengths: bool = True, programs: int | None = None, wait_in_pv: bool | None = None,
-                           fence_softmax: bool = False, prefetch_q: bool = True):
+                           fence_softmax: bool = False, prefetch_q: bool = True, carry_stagger: bool = True):
     """q, k, v: [batch, seq, heads, head_dim] (bf16 or fp16, head_dim 64 or 128); lengths: [batch] valid
     lengths (right padding) or None. Causal, scale 1/sqrt(head_dim); rows past a length are unspecified
     (zeros for whole 64-row blocks past it). `use_lengths=False` ignores lengths (full causal work).
@@ -367,7 +376,9 @@ def hopper_flash_attention(q, k, v, *, lengths=None, block_kv: int | None = None
     `prefetch_q` (default) gives each consumer two query buffers, so that a tile's queries load while the last
     tile finishes (`_consumer_tile`); off, one. `block_kv`: 64, 128, 192 or 256 keys where shared memory holds
     `stages` of them (`check_blocks`). `wait_in_pv`, `fence_softmax`: the orderings of the module docstring
-    (`wait_in_pv` needs stages >= 2: block j + 1 must not reuse block j's slot; None: on at head_dim 128)."""
+    (`wait_in_pv` needs stages >= 2: block j + 1 must not reuse block j's slot; None: on at head_dim 128).
+    `carry_stagger` (default): the consumers' stagger runs on across a program's tiles; off, they meet at
+    each tile's end and stagger anew."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     batch, seq, heads, head_dim = q.shape
@@ -403,7 +414,8 @@ def hopper_flash_attention(q, k, v, *, lengths=None, block_kv: int | None = None
     programs = min(programs or getattr(jax.devices()[0], "core_count", 132), n_tiles * heads * batch)
     body = functools.partial(_program, block_kv=block_kv, stages=stages, sm_scale=1.0 / math.sqrt(head_dim),
                              n_tiles=n_tiles, heads=heads, batch_size=batch, seq=seq, use_lengths=use_lengths,
-                             programs=programs, wait_in_pv=wait_in_pv, fence_softmax=fence_softmax)
+                             programs=programs, wait_in_pv=wait_in_pv, fence_softmax=fence_softmax,
+                             carry_stagger=carry_stagger)
     out = plgpu.kernel(
         body,
         out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
