@@ -220,3 +220,22 @@ def test_loops_rows_time_both_walks_against_the_reference():
     row = kernels.decode_one(b, ctx, h, d, kernels.loop_impls(True), 1, cache_len=cache_len)
     assert set(row["impl"]) == {"pallas(one loop)", "pallas(two loops)"}
     assert row["cache_len"] == cache_len and all(v["rel_err"] < 1e-2 and v["us"] > 0 for v in row["impl"].values())
+
+
+def test_ragged_checks_share_their_inputs_and_float64_answers(monkeypatch, capsys):
+    import numpy as np
+
+    from gptjax.kernels import flash_attention_reference
+
+    calls = []
+    reference64 = kernels.prefill_reference64
+    monkeypatch.setattr(kernels, "prefill_reference64", lambda *a: calls.append(1) or reference64(*a))
+    cases = kernels.RaggedCases(np.random.default_rng(0))
+    tol = {jnp.float32: 1e-5, jnp.bfloat16: 3e-2}
+    right = lambda q, k, v, n: flash_attention_reference(q, k, v, lengths=n, causal=True)  # noqa: E731
+    wrong = lambda q, k, v, n: flash_attention_reference(q, k, v, lengths=n, causal=False)  # noqa: E731
+    rows = (kernels.check_prefill("right", right, (jnp.float32, jnp.bfloat16), [(2, 40, 2, 16)], cases, tol)
+            + kernels.check_prefill("wrong", wrong, (jnp.float32,), [(2, 40, 2, 16)], cases, tol))
+    assert len(calls) == 2  # one answer per dtype, not per kernel
+    assert [r[4] for r in rows] == [True, True, False] and rows[0][2] == (2, 40, 2, 16)
+    assert capsys.readouterr().out.count("check ") == 3
