@@ -45,11 +45,11 @@ def _two_step_decode() -> None:
 
 def _two_loop_decode_attention() -> None:
     """Walk every chunk of decode attention in two loops (whole blocks, then the block that crosses the end),
-    as before `decode_attention.one_loop`, to time one against the other."""
+    as before `decode_attention.SINGLE_LOOP`, to time one against the other."""
     import importlib
 
     module = importlib.import_module("gptjax.kernels.decode_attention")  # the package's name is the function's
-    module.one_loop = lambda chunk, params: False
+    module.SINGLE_LOOP = False
 
 
 def _per_array_puts() -> None:

@@ -376,7 +376,7 @@ LOOP_SHAPES_QUICK = [(4, 40, 64, 2, 16)]
 
 
 def loop_impls(interpret):
-    """Decode attention with the table's launch, its chunks walked in one loop and in two (`one_loop`)."""
+    """Decode attention with the table's launch, its chunks walked in one loop and in two (`SINGLE_LOOP`)."""
     return {f"pallas({'one' if single else 'two'} loop{'' if single else 's'})":
             lambda q, k, v, n, single=single: decode_attention(q, k, v, n, interpret=interpret, single_loop=single)
             for single in (True, False)}

@@ -21,9 +21,7 @@ Two forms of the program body, both tested against the reference:
   matrix units do at memory speed) to keep every reduction inside one matrix product.
 Which form, block size and split count a shape gets comes from `decode_table.TABLE`, which the sweep
 (`benchmarks/decode_sweep.py`) writes; shapes it does not cover get `default_params`.
-A program walks its chunk's whole key blocks, then the one that crosses the sequence's end, masked; or, where
-the chunk fits in the pipeline, every block masked in one loop, so that all their loads are in flight at once
-(`one_loop`).
+A program walks its chunk's key blocks in one loop, every block masked at the sequence's end (`SINGLE_LOOP`).
 
 `decode_attention_append` is a decode step's whole attention: it takes the step's query, key and value as
 one [batch, 3, heads, head_dim] array (the QKV product's output, uncopied), attends over the cache's entries
@@ -51,6 +49,11 @@ TARGET_PROGRAMS = 1024
 MIN_SPLIT_KEYS = 512  # shorter chunks are not worth a combine step (three more small kernels per layer)
 SHARED_MEMORY = 227 * 1024  # per block on an H100 or H200
 MATRIX_ROWS = 16  # the matrix units' smallest tile side in Triton's dot
+# Walk a chunk's key blocks in one loop, each masked at the row's end, rather than the whole blocks in one loop and
+# the block that crosses the end in a second: the pipeline does not run on from one loop into the next, so the
+# crossing block's load would start only once the whole blocks are done. The mask on whole blocks costs less than
+# that wait at every shape timed (run 19d of benchmarks/RESULTS.md: 1-18% of device time, most on short rows).
+SINGLE_LOOP = True
 
 
 class DecodeParams(NamedTuple):
@@ -113,19 +116,9 @@ def _key_blocks(length, start, chunk: int, block_k: int):
             jnp.minimum(pl.cdiv(remaining, block_k), n_blocks_chunk))
 
 
-def one_loop(chunk: int, params: DecodeParams) -> bool:
-    """Whether a program walks its chunk in one loop, every block masked at the sequence's end, rather than the
-    whole blocks first and the block that crosses the end after them. Two loops spare the whole blocks the
-    mask; but the pipeline does not run on from one loop into the next, so the crossing block's load starts
-    only once the whole blocks are done: a second wait for memory. Where the whole chunk fits in the pipeline
-    (no more blocks than stages: a short cache, e.g. a batch of 256 rows of 129-256 keys in 128-key blocks),
-    one loop has every block's load in flight at once."""
-    return chunk // params.block_k <= params.num_stages
-
-
 def _walk_blocks(body, carry, n_full, n_end, single: bool):
     """Run `body(j, carry, masked)` over the chunk's blocks [0, n_end), of which [0, n_full) are whole: in
-    one masked loop (`single`) or in two (`one_loop`)."""
+    one masked loop (`single`, `SINGLE_LOOP`) or in two."""
     if single:
         return lax.fori_loop(0, n_end, functools.partial(body, masked=True), carry)
     carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), carry)
@@ -152,7 +145,7 @@ def _per_head_kernel(len_ref, q_ref, k_ref, v_ref, *refs, sm_scale: float, block
     `append` (`decode_attention_append`): len_ref holds the new token's position, refs start with its key and
     value and end with the caches (aliased to k_ref and v_ref): the cache's keys before that position are
     read, the new one is taken from its ref and stored by the program whose chunk holds the position.
-    `single`: the chunk's blocks in one loop (`one_loop`)."""
+    `single`: the chunk's blocks in one loop (`SINGLE_LOOP`)."""
     length, out_refs, (k_new_ref, v_new_ref, k_out_ref, v_out_ref) = _split_refs(len_ref, refs, max_seq, append)
     start = pl.program_id(1) * chunk
     q = q_ref[...]
@@ -306,7 +299,7 @@ def decode_attention(q, k_cache, v_cache, lengths, *, interpret: bool = False, b
     """q: [batch, heads, head_dim]; caches: [rows >= batch, max_seq, heads, head_dim], of which the first `batch`
     rows are read; lengths: [batch] valid entries (including the current token). Scale 1/sqrt(head_dim). A
     sequence of length 0 gets zeros. The keyword arguments override `choose_params`'s choice, and
-    `single_loop` `one_loop`'s."""
+    `single_loop` `SINGLE_LOOP`."""
     batch, heads, head_dim = q.shape
     max_seq = _check_caches(k_cache, v_cache, batch, heads, head_dim)
     params = _launch_params(batch, heads, max_seq, head_dim, q.dtype, dict(
@@ -319,7 +312,7 @@ def decode_attention(q, k_cache, v_cache, lengths, *, interpret: bool = False, b
                                for x in (q, k_cache, v_cache))
     chunk, splits = _chunks(max_seq, params)
     launch = _launch_per_head if params.heads_per_program == 1 else _launch_head_group
-    single = one_loop(chunk, params) if single_loop is None else single_loop
+    single = SINGLE_LOOP if single_loop is None else single_loop
     out = launch(q, k_cache, v_cache, lengths, params, chunk, splits, 1.0 / math.sqrt(head_dim), interpret, single)
     if splits > 1:
         out = _combine(*out).astype(q.dtype)
@@ -351,7 +344,7 @@ def decode_attention_append(qkv, k_cache, v_cache, positions, *, interpret: bool
         return out, k_cache, v_cache
     chunk, splits = _chunks(max_seq, params)
     launch = _launch_per_head if params.heads_per_program == 1 else _launch_head_group
-    single = one_loop(chunk, params) if single_loop is None else single_loop
+    single = SINGLE_LOOP if single_loop is None else single_loop
     out, k_cache, v_cache = launch(qkv, k_cache, v_cache, positions, params, chunk, splits,
                                    1.0 / math.sqrt(head_dim), interpret, single, append=True)
     if splits > 1:
