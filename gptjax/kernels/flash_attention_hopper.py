@@ -362,6 +362,23 @@ def _program(len_ref, q_ref, k_ref, v_ref, o_ref, *scratch, block_kv: int, stage
     pl.when(wg == CONSUMERS)(functools.partial(_producer, k_ref, v_ref, scratch, **common))
 
 
+def _scratch(dtype, head_dim: int, block_kv: int, stages: int, q_buffers: int) -> list:
+    """A program's shared memory, in the order `_program` unpacks it: the query tiles, the key and value rings
+    (128-byte swizzled tiles of 64 columns: the layout wgmma reads without bank conflicts), and the barriers
+    (keys and values ready, queries ready, keys and values free, the consumers' turn)."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    return [plgpu.SMEM((CONSUMERS, q_buffers, BLOCK_Q, head_dim), dtype, transforms=transforms),
+            plgpu.SMEM((stages, block_kv, head_dim), dtype, transforms=transforms),
+            plgpu.SMEM((stages, block_kv, head_dim), dtype, transforms=transforms),
+            plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
+            plgpu.Barrier(num_barriers=CONSUMERS * q_buffers),
+            plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
+            plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
+            plgpu.Barrier(num_arrivals=CONSUMERS)]
+
+
 @functools.partial(jax.jit, static_argnames=("block_kv", "stages", "use_lengths", "programs", "wait_in_pv",
                                              "fence_softmax", "prefetch_q", "carry_stagger"))
 def hopper_flash_attention(q, k, v, *, lengths=None, block_kv: int | None = None, stages: int | None = None,
@@ -401,16 +418,6 @@ def hopper_flash_attention(q, k, v, *, lengths=None, block_kv: int | None = None
     lengths = (jnp.full((batch,), seq, jnp.int32) if lengths is None
                else jnp.minimum(lengths.astype(jnp.int32), seq))
     n_tiles = padded // (CONSUMERS * BLOCK_Q)
-    # 128-byte swizzled tiles of 64 columns: the layout wgmma reads without bank conflicts
-    transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-    scratch = [plgpu.SMEM((CONSUMERS, q_buffers, BLOCK_Q, head_dim), q.dtype, transforms=transforms),
-               plgpu.SMEM((stages, block_kv, head_dim), q.dtype, transforms=transforms),
-               plgpu.SMEM((stages, block_kv, head_dim), q.dtype, transforms=transforms),
-               plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
-               plgpu.Barrier(num_barriers=CONSUMERS * q_buffers),
-               plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
-               plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
-               plgpu.Barrier(num_arrivals=CONSUMERS)]
     programs = min(programs or getattr(jax.devices()[0], "core_count", 132), n_tiles * heads * batch)
     body = functools.partial(_program, block_kv=block_kv, stages=stages, sm_scale=1.0 / math.sqrt(head_dim),
                              n_tiles=n_tiles, heads=heads, batch_size=batch, seq=seq, use_lengths=use_lengths,
@@ -423,7 +430,7 @@ def hopper_flash_attention(q, k, v, *, lengths=None, block_kv: int | None = None
         grid_names=("p",),
         num_threads=CONSUMERS + 1,
         thread_name="wg",
-        scratch_types=scratch,
+        scratch_types=_scratch(q.dtype, head_dim, block_kv, stages, q_buffers),
         compiler_params=plgpu.CompilerParams(approx_math=True),
     )(lengths, q, k, v)
     return out[:, :seq]
