@@ -66,14 +66,15 @@ WAIT = dict(wait_in_pv=True)
 FENCE = dict(wait_in_pv=True, fence_softmax=True)
 NO_PREFETCH = dict(prefetch_q=False)
 A_TILE_A_PROGRAM = dict(programs=1 << 30)  # not persistent: the hardware hands out tiles, longest first
-RESYNC = dict(carry_stagger=False)  # the consumers meet at each tile's end, as before run 19
+RESYNC = dict(carry_stagger=False)  # the consumers meet at each tile's end (the default at head_dim 128)
+CARRY = dict(carry_stagger=True)  # the stagger runs on from tile to tile (the default at head_dim 64)
 HOPPER_SWEEP = {64: {"hopper(resync each tile)": RESYNC, "hopper(no prefetch)": NO_PREFETCH,
                      "hopper(a tile a program)": A_TILE_A_PROGRAM,
                      "hopper(wait in PV)": WAIT,
                      "hopper(wait in PV, fence)": FENCE,
                      "hopper(192, 2)": dict(block_kv=192, stages=2), "hopper(256, 2)": dict(block_kv=256, stages=2),
                      "hopper(192, 2, wait in PV, fence)": dict(block_kv=192, stages=2, **FENCE)},
-                128: {"hopper(resync each tile)": RESYNC,
+                128: {"hopper(stagger carried)": CARRY,
                       "hopper(no wait in PV)": dict(wait_in_pv=False), "hopper(wait in PV, fence)": FENCE,
                       "hopper(a tile a program)": A_TILE_A_PROGRAM, "hopper(64, 4)": dict(block_kv=64, stages=4),
                       "hopper(no prefetch)": NO_PREFETCH,
@@ -84,7 +85,8 @@ HOPPER_SWEEP = {64: {"hopper(resync each tile)": RESYNC, "hopper(no prefetch)": 
 # each at the checks' shapes), with and without the prefetched queries, and the padding to whole 192-key
 # blocks (384 rows)
 HOPPER_CHECKS = {"hopper": ({}, (64, 128)), "hopper(7 programs)": (dict(programs=7), (64, 128)),
-                 "hopper(resync each tile, 7 programs)": (dict(RESYNC, programs=7), (64, 128)),
+                 "hopper(resync each tile, 7 programs)": (dict(RESYNC, programs=7), (64,)),
+                 "hopper(stagger carried, 7 programs)": (dict(CARRY, programs=7), (128,)),
                  "hopper(no prefetch, 7 programs)": (dict(prefetch_q=False, programs=7), (64, 128)),
                  "hopper(no wait in PV, 7 programs)": (dict(wait_in_pv=False, programs=7), (128,)),
                  "hopper(wait in PV, fence)": (FENCE, (64, 128)),

@@ -14,10 +14,11 @@ runs three warpgroups:
   last blocks run: two query buffers each, `prefetch_q`) and run QK^T and PV as warpgroup MMAs (wgmma) from
   shared memory (P from registers), with the online softmax in registers. A two-party barrier taken twice per key block
   staggers them by half a block: while one computes its softmax the other's matrix product runs, so the
-  matrix units stay busy (the ping-pong schedule of FlashAttention-3). The stagger runs on from one tile
-  into the next: consumer 0 finishes a tile, writes its rows out and starts the next tile's first product
-  while consumer 1 is still on the last block, rather than both meeting at each tile's end and consumer 1
-  waiting half a block at each start (a bubble per tile, worth most where tiles are short).
+  matrix units stay busy (the ping-pong schedule of FlashAttention-3). At head_dim 64 the stagger runs on
+  from one tile into the next (`carry_stagger`): consumer 0 finishes a tile, writes its rows out and starts
+  the next tile's first product while consumer 1 is still on the last block, rather than both meeting at each
+  tile's end and consumer 1 waiting half a block at each start. Run 19e of benchmarks/RESULTS.md: 1.5-2%
+  faster at head_dim 64, and level or 0.7% slower at 128, where the two meet at each tile's end.
 Causality and `lengths` only decide how many key blocks each consumer visits: blocks wholly before a
 consumer's first row run unmasked, the rest up to its last row (or the sequence end) run with the causal
 mask, and the producer loads the larger of the two consumers' counts; a consumer with fewer blocks releases
@@ -383,7 +384,7 @@ def _scratch(dtype, head_dim: int, block_kv: int, stages: int, q_buffers: int) -
                                              "fence_softmax", "prefetch_q", "carry_stagger"))
 def hopper_flash_attention(q, k, v, *, lengths=None, block_kv: int | None = None, stages: int | None = None,
                            use_lengths: bool = True, programs: int | None = None, wait_in_pv: bool | None = None,
-                           fence_softmax: bool = False, prefetch_q: bool = True, carry_stagger: bool = True):
+                           fence_softmax: bool = False, prefetch_q: bool = True, carry_stagger: bool | None = None):
     """q, k, v: [batch, seq, heads, head_dim] (bf16 or fp16, head_dim 64 or 128); lengths: [batch] valid
     lengths (right padding) or None. Causal, scale 1/sqrt(head_dim); rows past a length are unspecified
     (zeros for whole 64-row blocks past it). `use_lengths=False` ignores lengths (full causal work).
@@ -394,8 +395,8 @@ def hopper_flash_attention(q, k, v, *, lengths=None, block_kv: int | None = None
     tile finishes (`_consumer_tile`); off, one. `block_kv`: 64, 128, 192 or 256 keys where shared memory holds
     `stages` of them (`check_blocks`). `wait_in_pv`, `fence_softmax`: the orderings of the module docstring
     (`wait_in_pv` needs stages >= 2: block j + 1 must not reuse block j's slot; None: on at head_dim 128).
-    `carry_stagger` (default): the consumers' stagger runs on across a program's tiles; off, they meet at
-    each tile's end and stagger anew."""
+    `carry_stagger`: the consumers' stagger runs on across a program's tiles; off, they meet at each tile's end
+    and stagger anew (None: on at head_dim 64, module docstring)."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     batch, seq, heads, head_dim = q.shape
@@ -409,6 +410,7 @@ def hopper_flash_attention(q, k, v, *, lengths=None, block_kv: int | None = None
     q_buffers = 2 if prefetch_q else 1
     check_blocks(block_kv, stages, head_dim, jnp.dtype(q.dtype).itemsize, q_buffers)
     wait_in_pv = head_dim == 128 and stages >= 2 if wait_in_pv is None else wait_in_pv
+    carry_stagger = head_dim == 64 if carry_stagger is None else carry_stagger
     if wait_in_pv and stages < 2:
         raise ValueError("wait_in_pv needs stages >= 2 (the next block's slot is freed only after this block)")
     # whole query tiles and whole key blocks (the larger of the two roundings; tiles past `seq` stay empty)
