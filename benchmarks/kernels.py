@@ -105,12 +105,18 @@ def timed_device(fn, sets, reps=7, warmup=2):
     when the trace fails or holds no kernels)."""
     run = jax.jit(lambda sets: [fn(*s) for s in sets])
     host = host_seconds(run, sets, reps, warmup)
-    try:
-        busy = gpu_busy_seconds(run, sets)
-    except Exception as e:  # the profiler is a second opinion: its failure must not lose the host number
-        print(f"device timing failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
-        busy = None
+    busy = traced_seconds(run, sets)
     return host, (busy / len(sets) if busy else None)
+
+
+def traced_seconds(run, sets, what: str = ""):
+    """`gpu_busy_seconds(run, sets)`, or None where the trace fails: the profiler is a second opinion, and its
+    failure must not lose the host clock's number."""
+    try:
+        return gpu_busy_seconds(run, sets)
+    except Exception as e:
+        print(f"device timing{' of ' + what if what else ''} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        return None
 
 
 def device_fields(device_s, amount, unit: str, scale: float) -> dict:
@@ -254,11 +260,7 @@ def interleaved_device_seconds(runs: dict, sets, rounds: int) -> dict:
     names, times = list(runs), {name: [] for name in runs}
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
-            try:
-                busy = gpu_busy_seconds(runs[name], sets)
-            except Exception as e:  # the profiler is a second opinion: its failure must not lose the row
-                print(f"device timing of {name} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
-                busy = None
+            busy = traced_seconds(runs[name], sets, name)
             if busy is None:
                 return {}
             times[name].append(busy / len(sets))
