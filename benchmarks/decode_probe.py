@@ -83,6 +83,9 @@ def main():
                    help="decode attention walks whole blocks and the crossing block in two loops everywhere")
     p.add_argument("--per-array-puts", action="store_true",
                    help="one jnp.asarray per host array and one np.asarray per result (the engine before run 18)")
+    p.add_argument("--early-launch", action="store_true",
+                   help="the decode kernels issue the next kernel's launch as they start "
+                        "(gptjax/kernels/early_launch.py; off by default)")
     p.add_argument("--hlo", help="write the optimized HLO of the generate program to this file")
     p.add_argument("--no-compile-cache", action="store_true",
                    help="compile afresh (by default a later probe of the same programs, the 6.7B model's above all, "
@@ -103,6 +106,10 @@ def main():
         _per_array_puts()
     if args.two_loop_attention:
         _two_loop_decode_attention()
+    if args.early_launch:
+        from gptjax.kernels import early_launch
+
+        early_launch.EARLY_LAUNCH = True
     for impl in args.decode_matmuls.split(","):
         engine = Engine.from_preset(args.model, dtype=args.dtype, engine_config=EngineConfig(
             attention=args.attention, decode_matmuls=impl))
@@ -164,6 +171,7 @@ def probe(engine, batch: int, args, profile: str | None) -> None:
                       "decode_matmuls": engine.decode_matmuls,
                       "greedy_only": args.greedy_only, "two_step_decode": args.two_step_decode,
                       "per_array_puts": args.per_array_puts, "two_loop_attention": args.two_loop_attention,
+                      "early_launch": args.early_launch,
                       "xla_flags": os.environ.get("XLA_FLAGS", ""),
                       "prefill_plus_first_ms": round(one * 1e3, 3),
                       "decode_ms_per_token": round((full - one) / args.steps * 1e3, 4),

@@ -108,3 +108,37 @@ def test_choose_picks_the_kernels_on_a_gpu_for_small_models_and_refuses_a_split_
     assert decode_block.layer_fn("auto", config, decode_block.AUTO_ROWS + 1, "xla") is None
     assert decode_block.layer_fn("pallas", config, decode_block.KERNEL_ROWS, "xla") is not None
     assert decode_block.layer_fn("xla", config, 1, "xla") is None
+
+
+def test_early_launch_trigger_is_in_both_decode_kernels_compiled_for_cuda_and_never_interpreted():
+    """`early_launch`: each decode kernel issues the next one's launch as it starts. Compiled for CUDA (Triton's
+    lowering runs on any machine) the kernels carry the trigger when asked; on a CPU the default leaves it out,
+    and the interpreter, which cannot run the assembly, never takes it."""
+    from gptjax.kernels import decode_attention_append, early_launch
+
+    w = jax.ShapeDtypeStruct((256, 512), jnp.float16)
+    x = jax.ShapeDtypeStruct((2, 256), jnp.float32)
+    qkv = jax.ShapeDtypeStruct((2, 3, 4, 64), jnp.float16)
+    cache = jax.ShapeDtypeStruct((2, 128, 4, 64), jnp.float16)
+    positions = jax.ShapeDtypeStruct((2,), jnp.int32)
+    step = (qkv, cache, cache, positions)
+    calls = [(lambda w, x, e: decode_matmul(w, x, bias=jnp.ones(512, jnp.float16), early_launch=e), (w, x)),
+             (lambda q, k, v, p, e: decode_attention_append(q, k, v, p, early_launch=e), step),
+             (lambda q, k, v, p, e: decode_attention_append(q, k, v, p, heads_per_program=2, block_k=64,
+                                                            early_launch=e), step)]
+    for fn, args in calls:
+        for requested in (True, False, None):
+            traced = jax.jit(lambda *a, fn=fn, e=requested: fn(*a, e)).trace(*args)
+            assert ("griddepcontrol.launch_dependents" in str(traced.jaxpr)) == (requested is True)
+            assert traced.lower(lowering_platforms=("cuda",)).as_text().count("xla.gpu.triton") == 1
+    assert not early_launch.enabled(interpret=False)  # no GPU here
+    assert not early_launch.resolve(True, interpret=True) and early_launch.resolve(True, interpret=False)
+
+
+def test_interpreted_kernels_ignore_a_requested_early_launch():
+    rng = np.random.default_rng()
+    w = jnp.asarray(rng.standard_normal((256, 512)) * 0.05, jnp.float32)
+    x = jnp.asarray(rng.standard_normal((3, 256)), jnp.float32)
+    want = np.asarray(decode_matmul_reference(w, x, activation="gelu_new"), np.float64)
+    got = np.asarray(decode_matmul(w, x, activation="gelu_new", interpret=True, early_launch=True), np.float64)
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5

@@ -43,6 +43,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from gptjax.cache import write_token
 from gptjax.kernels import decode_table
+from gptjax.kernels import early_launch as pdl
 
 # aim for this many programs (several per multiprocessor of a 132-SM H100) before splitting the sequence
 TARGET_PROGRAMS = 1024
@@ -138,16 +139,17 @@ def _store(out_refs, acc, m, l, split: bool):
 
 
 def _per_head_kernel(len_ref, q_ref, k_ref, v_ref, *refs, sm_scale: float, block_k: int, chunk: int,
-                     split: bool, rows: int, max_seq: int, single: bool, append: bool = False):
+                     split: bool, rows: int, max_seq: int, single: bool, early: bool, append: bool = False):
     """rows == 1: scores and outputs by elementwise products and reductions. rows == 16: the query repeated
     over 16 rows so that both products run on the matrix units (whose smallest tile has 16 rows); that
     wastes FLOPs nobody needs but keeps reductions inside warps and lets Triton pipeline the tile loads.
     `append` (`decode_attention_append`): len_ref holds the new token's position, refs start with its key and
     value and end with the caches (aliased to k_ref and v_ref): the cache's keys before that position are
     read, the new one is taken from its ref and stored by the program whose chunk holds the position.
-    `single`: the chunk's blocks in one loop (`SINGLE_LOOP`)."""
+    `single`: the chunk's blocks in one loop (`SINGLE_LOOP`). `early`: the next kernel's launch is issued as
+    the program starts (`early_launch`)."""
     length, out_refs, (k_new_ref, v_new_ref, k_out_ref, v_out_ref) = _split_refs(len_ref, refs, max_seq, append)
-    start = pl.program_id(1) * chunk
+    start = _chunk_start(chunk, early)
     q = q_ref[...]
     head_dim = q.shape[-1]
     scale = sm_scale * math.log2(math.e)  # exp2 below
@@ -183,6 +185,12 @@ def _per_head_kernel(len_ref, q_ref, k_ref, v_ref, *refs, sm_scale: float, block
         acc = jnp.sum(acc, axis=0)
         _store_new_token(k_new_ref, v_new_ref, k_out_ref, v_out_ref, owner, length - start)
     _store(out_refs, acc / jnp.where(l == 0.0, 1.0, l), m, l, split)
+
+
+def _chunk_start(chunk: int, early: bool):
+    """The first key of this program's chunk; with `early`, the trigger of `early_launch` comes first."""
+    split = pl.program_id(1)
+    return (pdl.launch_dependents(split) if early else split) * chunk
 
 
 def _split_refs(len_ref, refs, max_seq: int, append: bool):
@@ -224,12 +232,13 @@ def _load_kv_block(k_ref, v_ref, j, block_k: int, start, length, masked: bool):
 
 
 def _head_group_kernel(len_ref, q_ref, k_ref, v_ref, *refs, sm_scale: float, block_k: int, chunk: int,
-                       split: bool, head_dim: int, cols: int, max_seq: int, single: bool, append: bool = False):
+                       split: bool, head_dim: int, cols: int, max_seq: int, single: bool, early: bool,
+                       append: bool = False):
     """G heads of one sequence's chunk: q_ref [G*d], k_ref and v_ref [chunk, G*d]; `cols` = max(G, 16)
-    columns of the block-diagonal query (those past G are zero and their results unused). `append` and
-    `single`: as in `_per_head_kernel`."""
+    columns of the block-diagonal query (those past G are zero and their results unused). `append`, `single`
+    and `early`: as in `_per_head_kernel`."""
     length, out_refs, (k_new_ref, v_new_ref, k_out_ref, v_out_ref) = _split_refs(len_ref, refs, max_seq, append)
-    start = pl.program_id(1) * chunk
+    start = _chunk_start(chunk, early)
     q = q_ref[...]
     width = q.shape[0]
     head_of_row = lax.broadcasted_iota(jnp.int32, (width, cols), 0) // head_dim
@@ -291,15 +300,17 @@ def _chunks(max_seq: int, params: DecodeParams) -> tuple[int, int]:
     return chunk, pl.cdiv(max_seq, chunk)
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "single_loop", *_OVERRIDES))
+@functools.partial(jax.jit, static_argnames=("interpret", "single_loop", "early_launch", *_OVERRIDES))
 def decode_attention(q, k_cache, v_cache, lengths, *, interpret: bool = False, block_k: int | None = None,
                      num_splits: int | None = None, num_warps: int | None = None,
                      num_stages: int | None = None, use_dot: bool | None = None,
-                     heads_per_program: int | None = None, single_loop: bool | None = None):
+                     heads_per_program: int | None = None, single_loop: bool | None = None,
+                     early_launch: bool | None = None):
     """q: [batch, heads, head_dim]; caches: [rows >= batch, max_seq, heads, head_dim], of which the first `batch`
     rows are read; lengths: [batch] valid entries (including the current token). Scale 1/sqrt(head_dim). A
-    sequence of length 0 gets zeros. The keyword arguments override `choose_params`'s choice, and
-    `single_loop` `SINGLE_LOOP`."""
+    sequence of length 0 gets zeros. The keyword arguments override `choose_params`'s choice, `single_loop`
+    `SINGLE_LOOP`, and `early_launch` `early_launch.enabled` (the next kernel's launch issued as each program
+    starts)."""
     batch, heads, head_dim = q.shape
     max_seq = _check_caches(k_cache, v_cache, batch, heads, head_dim)
     params = _launch_params(batch, heads, max_seq, head_dim, q.dtype, dict(
@@ -313,18 +324,19 @@ def decode_attention(q, k_cache, v_cache, lengths, *, interpret: bool = False, b
     chunk, splits = _chunks(max_seq, params)
     launch = _launch_per_head if params.heads_per_program == 1 else _launch_head_group
     single = SINGLE_LOOP if single_loop is None else single_loop
-    out = launch(q, k_cache, v_cache, lengths, params, chunk, splits, 1.0 / math.sqrt(head_dim), interpret, single)
+    out = launch(q, k_cache, v_cache, lengths, params, chunk, splits, 1.0 / math.sqrt(head_dim), interpret, single,
+                 pdl.resolve(early_launch, interpret))
     if splits > 1:
         out = _combine(*out).astype(q.dtype)
     return out[..., :head_dim]
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "single_loop", *_OVERRIDES))
+@functools.partial(jax.jit, static_argnames=("interpret", "single_loop", "early_launch", *_OVERRIDES))
 def decode_attention_append(qkv, k_cache, v_cache, positions, *, interpret: bool = False,
                             block_k: int | None = None, num_splits: int | None = None,
                             num_warps: int | None = None, num_stages: int | None = None,
                             use_dot: bool | None = None, heads_per_program: int | None = None,
-                            single_loop: bool | None = None):
+                            single_loop: bool | None = None, early_launch: bool | None = None):
     """A decode step's attention with the step's own key and value: qkv [batch, 3, heads, head_dim] (the new
     token's query, key and value), caches [rows >= batch, max_seq, heads, head_dim], positions [batch] (where
     each row's new token goes, < max_seq) -> (out [batch, heads, head_dim], the caches with the new keys and
@@ -340,13 +352,14 @@ def decode_attention_append(qkv, k_cache, v_cache, positions, *, interpret: bool
     if head_dim != max(16, pl.next_power_of_2(head_dim)):  # padded caches would be copies
         k_cache, v_cache = write_token((k_cache, v_cache), qkv[:, 1], qkv[:, 2], positions)
         out = decode_attention(qkv[:, 0], k_cache, v_cache, positions + 1, interpret=interpret,
-                               single_loop=single_loop, **overrides)
+                               single_loop=single_loop, early_launch=early_launch, **overrides)
         return out, k_cache, v_cache
     chunk, splits = _chunks(max_seq, params)
     launch = _launch_per_head if params.heads_per_program == 1 else _launch_head_group
     single = SINGLE_LOOP if single_loop is None else single_loop
     out, k_cache, v_cache = launch(qkv, k_cache, v_cache, positions, params, chunk, splits,
-                                   1.0 / math.sqrt(head_dim), interpret, single, append=True)
+                                   1.0 / math.sqrt(head_dim), interpret, single, pdl.resolve(early_launch, interpret),
+                                   append=True)
     if splits > 1:
         out = _combine(*out).astype(qkv.dtype)
     return out, k_cache, v_cache
@@ -361,13 +374,13 @@ def _combine(o_parts, lse):
 
 
 def _launch_per_head(q, k_cache, v_cache, lengths, params: DecodeParams, chunk: int, splits: int,
-                     sm_scale: float, interpret: bool, single: bool, append: bool = False):
+                     sm_scale: float, interpret: bool, single: bool, early: bool, append: bool = False):
     """`append`: q is the step's qkv [batch, 3, heads, d] and lengths its positions; the caches come back too."""
     batch, heads, d = q.shape[0], q.shape[-2], q.shape[-1]
     split = splits > 1
     kernel = functools.partial(_per_head_kernel, sm_scale=sm_scale, block_k=params.block_k, chunk=chunk,
                                split=split, rows=MATRIX_ROWS if params.use_dot else 1, max_seq=k_cache.shape[1],
-                               single=single, append=append)
+                               single=single, early=early, append=append)
     # heads vary fastest over the grid: neighbouring programs read neighbouring bytes of the cache
     cache_spec = pl.BlockSpec((None, chunk, None, d), lambda h, s, b: (b, s, h, 0))
     if append:  # the query, key and value: three views of qkv
@@ -395,7 +408,7 @@ def _launch_per_head(q, k_cache, v_cache, lengths, params: DecodeParams, chunk: 
 
 
 def _launch_head_group(q, k_cache, v_cache, lengths, params: DecodeParams, chunk: int, splits: int,
-                       sm_scale: float, interpret: bool, single: bool, append: bool = False):
+                       sm_scale: float, interpret: bool, single: bool, early: bool, append: bool = False):
     """`append`: as for `_launch_per_head`."""
     batch, heads, d = q.shape[0], q.shape[-2], q.shape[-1]
     cache_shape = k_cache.shape
@@ -407,7 +420,8 @@ def _launch_head_group(q, k_cache, v_cache, lengths, params: DecodeParams, chunk
     q, k_cache, v_cache = q.reshape(*q.shape[:-2], heads * d), *(c.reshape(rows, max_seq, heads * d)
                                                                  for c in (k_cache, v_cache))
     kernel = functools.partial(_head_group_kernel, sm_scale=sm_scale, block_k=params.block_k, chunk=chunk,
-                               split=split, head_dim=d, cols=cols, max_seq=max_seq, single=single, append=append)
+                               split=split, head_dim=d, cols=cols, max_seq=max_seq, single=single,
+                               early=early, append=append)
     cache_spec = pl.BlockSpec((None, chunk, width), lambda g, s, b: (b, s, g))
     if append:  # the query, key and value: three views of qkv
         step = [pl.BlockSpec((None, None, width), lambda g, s, b, i=i: (b, i, g)) for i in range(3)]

@@ -29,6 +29,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from gptjax.kernels import early_launch as pdl
+
 MATRIX_ROWS = 16  # the matrix units' smallest tile side in Triton's dot
 MAX_ROWS = 64  # past this the product is no longer weight-bound, and XLA's own matmuls do well
 TARGET_PROGRAMS = 128  # about one per multiprocessor of an H100 or H200 (fewer, longer programs won the sweep)
@@ -102,6 +104,7 @@ class _Shape(NamedTuple):
     residual: bool
     kv: bool
     interpret: bool  # the interpreter runs programs one at a time, and has no barrier
+    early_launch: bool  # the next kernel may launch as this one starts (`early_launch.py`)
 
 
 class _Refs(NamedTuple):
@@ -217,6 +220,8 @@ def _kernel(*refs, s: _Shape):
     r = _unpack(refs, s)
     block_n, block_rows = s.params.block_n, _block_rows(s.rows)
     col, split = pl.program_id(0), pl.program_id(1)
+    if s.early_launch:
+        col = pdl.launch_dependents(col)
     rows_ok = lax.broadcasted_iota(jnp.int32, (block_rows, block_n), 0) < s.rows
     c0 = col * block_n
     tile = (pl.ds(0, block_rows), pl.ds(c0, block_n))
@@ -264,10 +269,11 @@ def _check_operands(w, x, kv) -> int:
     return hidden
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "activation", "out_dtype", "params", "interpret"))
+@functools.partial(jax.jit, static_argnames=("eps", "activation", "out_dtype", "params", "interpret",
+                                             "early_launch"))
 def decode_matmul(w, x, ln_scale=None, ln_bias=None, *, bias=None, residual=None, activation: str = "",
                   out_dtype=jnp.float32, kv=None, counters=None, eps: float = 1e-5,
-                  params: MatmulParams | None = None, interpret: bool = False):
+                  params: MatmulParams | None = None, interpret: bool = False, early_launch: bool | None = None):
     """epilogue(prologue(x) @ w), [rows, N] in `out_dtype`; with `kv` or `counters` a tuple: (that, the two
     updated caches if `kv`, the counters if `counters`).
 
@@ -278,7 +284,8 @@ def decode_matmul(w, x, ln_scale=None, ln_bias=None, *, bias=None, residual=None
     buffers are donated, and the output is Q alone, [rows, hidden].
     counters: int32 zeros, at least N / 16 of them (`new_counters`), which a split product counts its
     finished splits on and leaves zero again: one buffer handed from kernel to kernel saves each kernel the
-    memset of its own."""
+    memset of its own. early_launch: issue the next kernel's launch as each program starts (None: where the
+    GPU has it; `early_launch.resolve`)."""
     k, n = w.shape
     rows = x.shape[0]
     hidden = _check_operands(w, x, kv)
@@ -292,7 +299,8 @@ def decode_matmul(w, x, ln_scale=None, ln_bias=None, *, bias=None, residual=None
     if counters is not None and counters.shape[0] < n_cols:
         raise ValueError(f"decode_matmul: {counters.shape[0]} counters for {n_cols} column blocks")
     s = _Shape(rows, k, hidden, chunk, params, ln_scale is not None, eps, bias is not None, activation,
-               residual is not None, kv is not None, interpret)
+               residual is not None, kv is not None, interpret,
+               pdl.resolve(early_launch, interpret))
     inputs = [x, *((ln_scale, ln_bias) if s.ln else ()), w, *(a for a in (bias, residual) if a is not None)]
     out_shape = [jax.ShapeDtypeStruct((rows, hidden), out_dtype)]
     aliases = {}
