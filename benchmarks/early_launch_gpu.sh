@@ -10,7 +10,7 @@ source benchmarks/gpu_env.sh
 probe() {  # name, time limit, command...: one probe's rows into probe.log, its stderr into err.log
   local name=$1 t=$2; shift 2
   echo "== $name: $*" >> "$OUT/probe.log"; echo "== $name" >> "$OUT/err.log"
-  timeout "$t" "$@" >> "$OUT/probe.log" 2>> "$OUT/err.log"; echo "rc=$? at ${SECONDS}s" >> "$OUT/probe.log"
+  timeout -k 10 "$t" "$@" >> "$OUT/probe.log" 2>> "$OUT/err.log"; echo "rc=$? at ${SECONDS}s" >> "$OUT/probe.log"
 }
 { nvidia-smi -L; python3 -c 'import jax, jaxlib, sys; print(sys.version, jax.__version__, jaxlib.__version__)'; } \
   > "$OUT/env.txt" 2>&1
