@@ -163,6 +163,8 @@ _PROGRAM_CODE = Path(__file__).resolve().parent  # the package whose code makes 
 # jax settings that change a program without changing its name or the engine's configuration
 _JAX_SETTINGS = ("jax_enable_x64", "jax_default_matmul_precision", "jax_default_prng_impl",
                  "jax_threefry_partitionable")
+# this project's module switches that kernels read as they are traced: (module, attribute)
+_KERNEL_SWITCHES = (("gptjax.kernels.early_launch", "EARLY_LAUNCH"), ("gptjax.kernels.decode_attention", "SINGLE_LOOP"))
 
 
 class ProgramStore:
@@ -271,7 +273,8 @@ def identity(*parts, arrays=None) -> str:
 
 def code_fingerprint() -> str:
     """A hash of the source that makes the programs (gptjax/*.py and its kernels), the jax and XLA in use, the
-    devices, and the settings that change programs (`XLA_FLAGS`, x64, matmul precision, PRNG)."""
+    devices, and the settings that change programs (`XLA_FLAGS`, x64, matmul precision, PRNG, the kernels'
+    switches: `GPTJAX_EARLY_LAUNCH` sets one)."""
     h = hashlib.sha256()
     for source in sorted(_PROGRAM_CODE.rglob("*.py")):
         h.update(source.relative_to(_PROGRAM_CODE).as_posix().encode())
@@ -279,7 +282,8 @@ def code_fingerprint() -> str:
     devices = jax.devices()
     h.update(repr((jax.__version__, jaxlib.__version__,
                    devices[0].client.platform_version, [d.device_kind for d in devices], jax.process_count(),
-                   os.environ.get("XLA_FLAGS", ""), [getattr(jax.config, k, None) for k in _JAX_SETTINGS])).encode())
+                   os.environ.get("XLA_FLAGS", ""), [getattr(jax.config, k, None) for k in _JAX_SETTINGS],
+                   [getattr(importlib.import_module(m), a) for m, a in _KERNEL_SWITCHES])).encode())
     return h.hexdigest()
 
 

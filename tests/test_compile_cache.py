@@ -201,3 +201,18 @@ def test_programs_run_a_loaded_program_by_key(tmp_path):
         out = restarted.get(("scale", 3, 2))(x2)  # the static argument is part of the program
     assert traces.count == 0
     np.testing.assert_allclose(out, x2 * 2 + np.arange(4.0), rtol=1e-6)
+
+
+def test_fingerprint_follows_the_kernel_switches(monkeypatch):
+    """A kernel switch (`GPTJAX_EARLY_LAUNCH`, the decode attention's walk) changes the programs traced, so a
+    stored executable made with it off must not be loaded with it on."""
+    import importlib
+
+    from gptjax.kernels import early_launch
+
+    decode_attention = importlib.import_module("gptjax.kernels.decode_attention")  # the package's name: a function
+    base = compile_cache.code_fingerprint()
+    monkeypatch.setattr(early_launch, "EARLY_LAUNCH", not early_launch.EARLY_LAUNCH)
+    launched = compile_cache.code_fingerprint()
+    monkeypatch.setattr(decode_attention, "SINGLE_LOOP", not decode_attention.SINGLE_LOOP)
+    assert len({base, launched, compile_cache.code_fingerprint()}) == 3
