@@ -4,7 +4,7 @@ XLA (jaxlib >= 0.10, on sm_90+) compiles every Triton kernel, Pallas's included,
 at its entry and launches it with programmatic stream serialization: the kernel may be launched before the
 one ahead of it has finished, and waits at its entry until that one has completed and its writes are
 visible. When the next kernel is launched is up to the running one: at its `griddepcontrol.launch_dependents`,
-or without one when its last program exits. XLA emits that trigger in its own GEMMs only, so each of the
+or without one when its last program exits. XLA emits that trigger only in its own Triton GEMMs, so each of the
 decode step's small dependent kernels (3-8 us apiece) was launched only once the one before it had exited.
 Issued as each program starts, the trigger puts that launch behind the running kernel.
 
