@@ -309,7 +309,7 @@ def decode_attention(q, k_cache, v_cache, lengths, *, interpret: bool = False, b
     """q: [batch, heads, head_dim]; caches: [rows >= batch, max_seq, heads, head_dim], of which the first `batch`
     rows are read; lengths: [batch] valid entries (including the current token). Scale 1/sqrt(head_dim). A
     sequence of length 0 gets zeros. The keyword arguments override `choose_params`'s choice, `single_loop`
-    `SINGLE_LOOP`, and `early_launch` `early_launch.enabled` (the next kernel's launch issued as each program
+    `SINGLE_LOOP`, and `early_launch` `early_launch.resolve` (the next kernel's launch issued as each program
     starts)."""
     batch, heads, head_dim = q.shape
     max_seq = _check_caches(k_cache, v_cache, batch, heads, head_dim)
