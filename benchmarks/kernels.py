@@ -61,36 +61,41 @@ DECODE_SWEEP = [(128, 4, 3, False, None), (64, 4, 3, True, None), (128, 4, 3, Tr
 # at 128, a third stage in place of the second query buffer, and (2-22% slower in runs 14-15 by one traced
 # dispatch each; timed again by the interleaved rounds) one tile a program and 64-key blocks four deep (the fence
 # alone, and FlashAttention-3's pipelining within each consumer, 10-14% slower at both head dims in run 16 (its
-# code is in f92219e), are not timed now)
+# code is in f92219e), are not timed now); at both, consumer 0's block on the diagonal read to its first half only
 WAIT = dict(wait_in_pv=True)
 FENCE = dict(wait_in_pv=True, fence_softmax=True)
 NO_PREFETCH = dict(prefetch_q=False)
 A_TILE_A_PROGRAM = dict(programs=1 << 30)  # not persistent: the hardware hands out tiles, longest first
 RESYNC = dict(carry_stagger=False)  # the consumers meet at each tile's end (the default at head_dim 128)
 CARRY = dict(carry_stagger=True)  # the stagger runs on from tile to tile (the default at head_dim 64)
+HALF = dict(half_diagonal=True)  # no product or softmax over a block's half that is after all of the rows
 HOPPER_SWEEP = {64: {"hopper(resync each tile)": RESYNC, "hopper(no prefetch)": NO_PREFETCH,
                      "hopper(a tile a program)": A_TILE_A_PROGRAM,
                      "hopper(wait in PV)": WAIT,
                      "hopper(wait in PV, fence)": FENCE,
                      "hopper(192, 2)": dict(block_kv=192, stages=2), "hopper(256, 2)": dict(block_kv=256, stages=2),
-                     "hopper(192, 2, wait in PV, fence)": dict(block_kv=192, stages=2, **FENCE)},
+                     "hopper(192, 2, wait in PV, fence)": dict(block_kv=192, stages=2, **FENCE),
+                     "hopper(half diagonal)": HALF},
                 128: {"hopper(stagger carried)": CARRY,
                       "hopper(no wait in PV)": dict(wait_in_pv=False), "hopper(wait in PV, fence)": FENCE,
                       "hopper(a tile a program)": A_TILE_A_PROGRAM, "hopper(64, 4)": dict(block_kv=64, stages=4),
                       "hopper(no prefetch)": NO_PREFETCH,
                       "hopper(no prefetch, 3 stages)": dict(NO_PREFETCH, stages=3),
-                      "hopper(no prefetch, 3 stages, wait in PV)": dict(NO_PREFETCH, stages=3, **WAIT)}}
+                      "hopper(no prefetch, 3 stages, wait in PV)": dict(NO_PREFETCH, stages=3, **WAIT),
+                      "hopper(half diagonal)": HALF}}
 # the ragged float64 checks of the Mosaic GPU kernel: name -> (keywords, the head_dims it runs at); the
 # variants' code paths: the waits' order with ragged tiles in persistent programs (7 programs: several tiles
-# each at the checks' shapes), with and without the prefetched queries, and the padding to whole 192-key
-# blocks (384 rows)
+# each at the checks' shapes), with and without the prefetched queries, the padding to whole 192-key blocks
+# (384 rows), and the half-read diagonal block at 128 and 256 keys (ragged rows end inside such blocks too)
 HOPPER_CHECKS = {"hopper": ({}, (64, 128)), "hopper(7 programs)": (dict(programs=7), (64, 128)),
                  "hopper(resync each tile, 7 programs)": (dict(RESYNC, programs=7), (64,)),
                  "hopper(stagger carried, 7 programs)": (dict(CARRY, programs=7), (128,)),
                  "hopper(no prefetch, 7 programs)": (dict(prefetch_q=False, programs=7), (64, 128)),
                  "hopper(no wait in PV, 7 programs)": (dict(wait_in_pv=False, programs=7), (128,)),
                  "hopper(wait in PV, fence)": (FENCE, (64, 128)),
-                 "hopper(192, 2, wait in PV, fence)": (dict(block_kv=192, stages=2, **FENCE), (64,))}
+                 "hopper(192, 2, wait in PV, fence)": (dict(block_kv=192, stages=2, **FENCE), (64,)),
+                 "hopper(half diagonal, 7 programs)": (dict(HALF, programs=7), (64, 128)),
+                 "hopper(256, 2, half diagonal)": (dict(block_kv=256, stages=2, **HALF), (64,))}
 MEM_BUDGET = 6 << 30  # bytes of input sets per timed function
 
 

@@ -287,7 +287,9 @@ def test_hopper_kernel_options_and_block_limits():
 
 
 @pytest.mark.parametrize("head_dim, options", [(64, {}), (128, {"wait_in_pv": True, "fence_softmax": True}),
-                                               (128, {"carry_stagger": True}), (64, {"carry_stagger": False})])
+                                               (128, {"carry_stagger": True}), (64, {"carry_stagger": False}),
+                                               (128, {"half_diagonal": True}),
+                                               (64, {"half_diagonal": True, "block_kv": 256, "stages": 2})])
 def test_hopper_kernel_lowers_for_cuda_on_any_machine(head_dim, options):
     """Mosaic GPU cannot run on a CPU, but it lowers there: exporting for CUDA runs the kernel's lowering
     (layouts, the matrix products' operands, barriers, shared memory), which a trace alone does not."""

@@ -22,8 +22,11 @@ runs three warpgroups:
 Causality and `lengths` only decide how many key blocks each consumer visits: blocks wholly before a
 consumer's first row run unmasked, the rest up to its last row (or the sequence end) run with the causal
 mask, and the producer loads the larger of the two consumers' counts; a consumer with fewer blocks releases
-the remaining slots unread. Right padding needs no key mask: a valid query never sees a later key. Query
-rows of a consumer wholly past its sequence's length read nothing and are written as zeros.
+the remaining slots unread. Right padding needs no key mask: a valid query never sees a later key. With
+`half_diagonal` (off until a GPU run has timed it), a masked block whose second half lies after all of a
+consumer's rows (consumer 0's block on the diagonal, at 128-key blocks) is multiplied and softmaxed over its
+first half only: a tenth less matrix work at 512-token prompts, 3% at 2048, 1.5% at 4096, 0.8% at 8192.
+Query rows of a consumer wholly past its sequence's length read nothing and are written as zeros.
 
 Two static orderings, timed by `benchmarks/kernels.py`: `wait_in_pv` waits for the next key block right after
 issuing the PV product, inside its scope, so the wait overlaps the matrix product (JAX's `attention_mgpu` does
@@ -157,6 +160,7 @@ class _Consumer(NamedTuple):
     wait_in_pv: bool = False  # wait for block j + 1's keys inside block j's PV product (module docstring)
     fence_softmax: bool = False  # an optimization barrier before the softmax's "done" arrival
     carry_stagger: bool = True  # the half-block stagger runs on from tile to tile (module docstring)
+    half_diagonal: bool = False  # a block whose second half no row sees is read to its first half only
 
 
 def _rendezvous(turn):
@@ -176,26 +180,30 @@ def _wait_keys(j, *, c: _Consumer, base, steps):
         plgpu.barrier_wait(c.k_ready.at[lax.rem(base + j, jnp.int32(c.stages))])
 
 
-def _attend_block(j, carry, *, c: _Consumer, first_row, base, masked: bool, steps=None):
+def _attend_block(j, carry, *, c: _Consumer, first_row, base, masked: bool, steps=None, keys: int | None = None):
     """Key block j of the tile: scores, online softmax, then the weighted values, in the ping-pong order.
-    `steps`: the blocks the producer loads for the tile (used with `wait_in_pv` only)."""
+    `steps`: the blocks the producer loads for the tile (used with `wait_in_pv` only). `keys`: the block's
+    first keys only (`half_diagonal`: the rest are after every row of this consumer)."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     acc, m, l = carry
+    keys = keys or c.block_kv
     slot = lax.rem(base + j, jnp.int32(c.stages))
+    k_tile, v_tile = ((ring.at[slot] if keys == c.block_kv else ring.at[slot, pl.ds(0, keys)])
+                      for ring in (c.k_smem, c.v_smem))
     if not c.wait_in_pv:  # else the keys were waited for in the last block's PV product (or before block 0)
         plgpu.barrier_wait(c.k_ready.at[slot])
 
     def scores(s_ref):
-        plgpu.wgmma(s_ref, c.q_smem, plgpu.transpose_ref(c.k_smem.at[slot], (1, 0)))
+        plgpu.wgmma(s_ref, c.q_smem, plgpu.transpose_ref(k_tile, (1, 0)))
         _rendezvous(c.turn)  # the other consumer's softmax ran while this product was issued
         return s_ref[...]
-    s = pl.run_scoped(scores, plgpu.ACC((BLOCK_Q, c.block_kv), jnp.float32))
+    s = pl.run_scoped(scores, plgpu.ACC((BLOCK_Q, keys), jnp.float32))
     plgpu.barrier_arrive(c.k_free.at[slot])
     if masked:
         rows = plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=plgpu.Layout.WGMMA)
-        keys = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
-        s = jnp.where(first_row + rows >= j * c.block_kv + keys, s, -jnp.inf)
+        cols = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
+        s = jnp.where(first_row + rows >= j * c.block_kv + cols, s, -jnp.inf)
     m_next = jnp.maximum(m, s.max(axis=1) * c.scale)
     alpha = jnp.exp2(m - m_next)
     p = jnp.exp2(s * c.scale - lax.broadcast_in_dim(m_next, s.shape, [0]))  # one FMA per score
@@ -209,12 +217,24 @@ def _attend_block(j, carry, *, c: _Consumer, first_row, base, masked: bool, step
     plgpu.barrier_wait(c.turn)
 
     def weighted_values(acc_ref):
-        plgpu.wgmma(acc_ref, p16, c.v_smem.at[slot])
+        plgpu.wgmma(acc_ref, p16, v_tile)
         if c.wait_in_pv:  # the next block's wait overlaps this product (issued, not yet read back)
             _wait_keys(j + 1, c=c, base=base, steps=steps)
     acc = pl.run_state(weighted_values)(plgpu.ACC.init(acc))
     plgpu.barrier_arrive(c.v_free.at[slot])
     return acc, m_next, l
+
+
+def _attend_masked_block(j, carry, *, c: _Consumer, first_row, **kw):
+    """A block that reaches past this consumer's first row. With `half_diagonal` (128- or 256-key blocks), one
+    whose second half lies after all of its rows (consumer 0's block on the diagonal: its 64 rows start the
+    block) is read to its first half: a product half as wide, and no softmax of scores that are all masked."""
+    full = functools.partial(_attend_block, c=c, first_row=first_row, masked=True, **kw)
+    half = c.block_kv // 2
+    if not (c.half_diagonal and half % 64 == 0):
+        return full(j, carry)
+    seen = first_row + BLOCK_Q - j * c.block_kv  # keys of block j that this consumer's last row sees
+    return lax.cond(seen <= half, functools.partial(full, keys=half), full, j, carry)
 
 
 def _release_block(j, _, *, c: _Consumer, base, steps=None):
@@ -291,7 +311,8 @@ def _consumer_tile(i, base, *, c: _Consumer, q_bufs, q_ref, o_ref, q_ready, tile
         def _():
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's output has left the other buffer
             load(tile_of(i + 1), 1 - buf)
-    acc, m, l = lax.fori_loop(full, steps, functools.partial(step, masked=True), carry)
+    masked = functools.partial(_attend_masked_block, c=c, first_row=first_row, base=base, **more)
+    acc, m, l = lax.fori_loop(full, steps, masked, carry)
     lax.fori_loop(steps, tile.steps, functools.partial(_release_block, c=c, base=base, **more), None)
     pl.when((wg == 0) & last)(functools.partial(_rendezvous, c.turn))
     # l >= 1 for every row that saw a key (its max scores exp2(0)); rows that saw none keep acc = 0
@@ -303,7 +324,7 @@ def _consumer_tile(i, base, *, c: _Consumer, q_bufs, q_ref, o_ref, q_ready, tile
 
 
 def _consumer(q_ref, o_ref, len_ref, scratch, *, tile_of, count, block_kv: int, stages: int, sm_scale: float,
-              wait_in_pv: bool, fence_softmax: bool, carry_stagger: bool):
+              wait_in_pv: bool, fence_softmax: bool, carry_stagger: bool, half_diagonal: bool):
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     q_smem2, k_smem, v_smem, k_ready, v_ready, q_ready, k_free, v_free, turn = scratch
@@ -311,7 +332,7 @@ def _consumer(q_ref, o_ref, len_ref, scratch, *, tile_of, count, block_kv: int, 
     wg = lax.axis_index("wg")
     q_bufs = q_smem2.at[wg]
     c = _Consumer(q_bufs.at[0], k_smem, v_smem, k_ready, v_ready, k_free, v_free, turn,
-                  block_kv, stages, sm_scale * LOG2_E, wait_in_pv, fence_softmax, carry_stagger)
+                  block_kv, stages, sm_scale * LOG2_E, wait_in_pv, fence_softmax, carry_stagger, half_diagonal)
     if q_bufs.shape[0] > 1:  # the first tile's queries; each tile loads the next one's
         pl.when(count > 0)(lambda: _load_queries(tile_of(jnp.int32(0)), 0, q_ref=q_ref, q_bufs=q_bufs,
                                                   q_ready=q_ready))
@@ -347,8 +368,8 @@ def _producer(k_ref, v_ref, scratch, *, tile_of, count, block_kv: int, stages: i
 
 
 def _program(len_ref, q_ref, k_ref, v_ref, o_ref, *scratch, block_kv: int, stages: int, sm_scale: float,
-             n_tiles: int, heads: int, batch_size: int, seq: int, use_lengths: bool, programs: int,
-             wait_in_pv: bool, fence_softmax: bool, carry_stagger: bool):
+             n_tiles: int, heads: int, batch_size: int, seq: int, use_lengths: bool, programs: int, **orderings):
+    """`orderings`: the consumers' options (`wait_in_pv`, `fence_softmax`, `carry_stagger`, `half_diagonal`)."""
     program, n_total = lax.axis_index("p"), n_tiles * heads * batch_size
 
     def tile_of(i):  # this program's i-th tile
@@ -358,8 +379,7 @@ def _program(len_ref, q_ref, k_ref, v_ref, o_ref, *scratch, block_kv: int, stage
                   stages=stages)
     wg = lax.axis_index("wg")
     pl.when(wg < CONSUMERS)(functools.partial(_consumer, q_ref, o_ref, len_ref, scratch, sm_scale=sm_scale,
-                                              wait_in_pv=wait_in_pv, fence_softmax=fence_softmax,
-                                              carry_stagger=carry_stagger, **common))
+                                              **orderings, **common))
     pl.when(wg == CONSUMERS)(functools.partial(_producer, k_ref, v_ref, scratch, **common))
 
 
@@ -381,10 +401,11 @@ def _scratch(dtype, head_dim: int, block_kv: int, stages: int, q_buffers: int) -
 
 
 @functools.partial(jax.jit, static_argnames=("block_kv", "stages", "use_lengths", "programs", "wait_in_pv",
-                                             "fence_softmax", "prefetch_q", "carry_stagger"))
+                                             "fence_softmax", "prefetch_q", "carry_stagger", "half_diagonal"))
 def hopper_flash_attention(q, k, v, *, lengths=None, block_kv: int | None = None, stages: int | None = None,
                            use_lengths: bool = True, programs: int | None = None, wait_in_pv: bool | None = None,
-                           fence_softmax: bool = False, prefetch_q: bool = True, carry_stagger: bool | None = None):
+                           fence_softmax: bool = False, prefetch_q: bool = True, carry_stagger: bool | None = None,
+                           half_diagonal: bool = False):
     """q, k, v: [batch, seq, heads, head_dim] (bf16 or fp16, head_dim 64 or 128); lengths: [batch] valid
     lengths (right padding) or None. Causal, scale 1/sqrt(head_dim); rows past a length are unspecified
     (zeros for whole 64-row blocks past it). `use_lengths=False` ignores lengths (full causal work).
@@ -396,7 +417,8 @@ def hopper_flash_attention(q, k, v, *, lengths=None, block_kv: int | None = None
     `stages` of them (`check_blocks`). `wait_in_pv`, `fence_softmax`: the orderings of the module docstring
     (`wait_in_pv` needs stages >= 2: block j + 1 must not reuse block j's slot; None: on at head_dim 128).
     `carry_stagger`: the consumers' stagger runs on across a program's tiles; off, they meet at each tile's end
-    and stagger anew (None: on at head_dim 64, module docstring)."""
+    and stagger anew (None: on at head_dim 64, module docstring). `half_diagonal`: consumer 0's block on the
+    diagonal is read to its first half (`_attend_masked_block`; 128- and 256-key blocks)."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     batch, seq, heads, head_dim = q.shape
@@ -424,7 +446,7 @@ def hopper_flash_attention(q, k, v, *, lengths=None, block_kv: int | None = None
     body = functools.partial(_program, block_kv=block_kv, stages=stages, sm_scale=1.0 / math.sqrt(head_dim),
                              n_tiles=n_tiles, heads=heads, batch_size=batch, seq=seq, use_lengths=use_lengths,
                              programs=programs, wait_in_pv=wait_in_pv, fence_softmax=fence_softmax,
-                             carry_stagger=carry_stagger)
+                             carry_stagger=carry_stagger, half_diagonal=half_diagonal)
     out = plgpu.kernel(
         body,
         out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
