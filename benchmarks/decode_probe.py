@@ -86,6 +86,9 @@ def main():
     p.add_argument("--early-launch", action="store_true",
                    help="the decode kernels issue the next kernel's launch as they start "
                         "(gptjax/kernels/early_launch.py; off by default)")
+    p.add_argument("--kernel-max-mb", type=float,
+                   help="with --decode-matmuls pallas: products with weights up to this many MiB run on the kernels "
+                        "(default: decode_block.KERNEL_MAX_BYTES, 32), the larger ones on XLA's matmuls")
     p.add_argument("--hlo", help="write the optimized HLO of the generate program to this file")
     p.add_argument("--no-compile-cache", action="store_true",
                    help="compile afresh (by default a later probe of the same programs, the 6.7B model's above all, "
@@ -106,6 +109,10 @@ def main():
         _per_array_puts()
     if args.two_loop_attention:
         _two_loop_decode_attention()
+    if args.kernel_max_mb is not None:
+        from gptjax import decode_block
+
+        decode_block.KERNEL_MAX_BYTES = int(args.kernel_max_mb * (1 << 20))
     if args.early_launch:
         from gptjax.kernels import early_launch
 
@@ -171,7 +178,7 @@ def probe(engine, batch: int, args, profile: str | None) -> None:
                       "decode_matmuls": engine.decode_matmuls,
                       "greedy_only": args.greedy_only, "two_step_decode": args.two_step_decode,
                       "per_array_puts": args.per_array_puts, "two_loop_attention": args.two_loop_attention,
-                      "early_launch": args.early_launch,
+                      "early_launch": args.early_launch, "kernel_max_mb": args.kernel_max_mb,
                       "xla_flags": os.environ.get("XLA_FLAGS", ""),
                       "prefill_plus_first_ms": round(one * 1e3, 3),
                       "decode_ms_per_token": round((full - one) / args.steps * 1e3, 4),

@@ -164,7 +164,8 @@ _PROGRAM_CODE = Path(__file__).resolve().parent  # the package whose code makes 
 _JAX_SETTINGS = ("jax_enable_x64", "jax_default_matmul_precision", "jax_default_prng_impl",
                  "jax_threefry_partitionable")
 # this project's module switches that kernels read as they are traced: (module, attribute)
-_KERNEL_SWITCHES = (("gptjax.kernels.early_launch", "EARLY_LAUNCH"), ("gptjax.kernels.decode_attention", "SINGLE_LOOP"))
+_KERNEL_SWITCHES = (("gptjax.kernels.early_launch", "EARLY_LAUNCH"), ("gptjax.kernels.decode_attention", "SINGLE_LOOP"),
+                    ("gptjax.decode_block", "KERNEL_MAX_BYTES"))
 
 
 class ProgramStore:
