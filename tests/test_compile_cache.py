@@ -93,7 +93,9 @@ def test_every_process_of_a_job_reads_what_process_0_wrote(tmp_path):
         return [json.loads(p.communicate(timeout=120)[0].strip().splitlines()[-1]) for p in procs]
 
     first, second = job(), job()
-    assert [r["hits"] for r in first] == [0, 0] and all(r["ok"] for r in first + second)
+    # process 0 compiles afresh; process 1 may already find what process 0 wrote, if it looks later (a loaded
+    # machine): the restart below is what must hit on both
+    assert first[0]["hits"] == 0 and all(r["ok"] for r in first + second)
     assert [(r["hits"], r["lookups"]) for r in second] == [(1, 1), (1, 1)]
 
 
