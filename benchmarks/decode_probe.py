@@ -43,13 +43,23 @@ def _two_step_decode() -> None:
     kernels.decode_step_append = two_steps
 
 
-def _two_loop_decode_attention() -> None:
-    """Walk every chunk of decode attention in two loops (whole blocks, then the block that crosses the end),
-    as before `decode_attention.SINGLE_LOOP`, to time one against the other."""
+def _set_kernel_switches(args) -> None:
+    """The module switches the kernels read as they are traced, set before any engine is made:
+    `--two-loop-attention` walks every chunk of decode attention in two loops (whole blocks, then the block that
+    crosses the end) as before `decode_attention.SINGLE_LOOP`; `--kernel-max-mb` moves
+    `decode_block.KERNEL_MAX_BYTES`; `--early-launch` sets `early_launch.EARLY_LAUNCH`."""
     import importlib
 
-    module = importlib.import_module("gptjax.kernels.decode_attention")  # the package's name is the function's
-    module.SINGLE_LOOP = False
+    from gptjax import decode_block
+    from gptjax.kernels import early_launch
+
+    if args.two_loop_attention:
+        module = importlib.import_module("gptjax.kernels.decode_attention")  # the package's name is the function's
+        module.SINGLE_LOOP = False
+    if args.kernel_max_mb is not None:
+        decode_block.KERNEL_MAX_BYTES = int(args.kernel_max_mb * (1 << 20))
+    if args.early_launch:
+        early_launch.EARLY_LAUNCH = True
 
 
 def _per_array_puts() -> None:
@@ -107,16 +117,7 @@ def main():
         _two_step_decode()
     if args.per_array_puts:
         _per_array_puts()
-    if args.two_loop_attention:
-        _two_loop_decode_attention()
-    if args.kernel_max_mb is not None:
-        from gptjax import decode_block
-
-        decode_block.KERNEL_MAX_BYTES = int(args.kernel_max_mb * (1 << 20))
-    if args.early_launch:
-        from gptjax.kernels import early_launch
-
-        early_launch.EARLY_LAUNCH = True
+    _set_kernel_switches(args)
     for impl in args.decode_matmuls.split(","):
         engine = Engine.from_preset(args.model, dtype=args.dtype, engine_config=EngineConfig(
             attention=args.attention, decode_matmuls=impl))
