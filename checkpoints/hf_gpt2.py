@@ -17,7 +17,8 @@ _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 ARCHITECTURE = "GPT2LMHeadModel"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 # GPT-2 options that change the model's math from the one this engine runs, with the value it needs
-_FIXED = {"scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "add_cross_attention": False}
+_FIXED = {"scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "add_cross_attention": False,
+          "tie_word_embeddings": True}
 
 
 def check_architecture(hf: dict, label: str) -> None:
@@ -120,7 +121,8 @@ def to_params(config: ModelConfig, tensors: dict[str, np.ndarray]):
     c, h, d = config.hidden, config.n_heads, config.head_dim
     prefix = "transformer." if any(k.startswith("transformer.") for k in tensors) else ""
 
-    def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
+    def get(name: str, stored: tuple[int, ...], shape: tuple[int, ...] | None = None) -> np.ndarray:
+        """The tensor `name`, checked to have GPT-2's `stored` shape, as the model's `shape`."""
         key = prefix + name
         if key not in tensors:
             raise CheckpointError(f"tensor {key} is missing")
@@ -128,9 +130,9 @@ def to_params(config: ModelConfig, tensors: dict[str, np.ndarray]):
         if not isinstance(value, np.ndarray) or value.dtype.name not in _DTYPES:
             kind = value.dtype.name if isinstance(value, np.ndarray) else type(value).__name__
             raise CheckpointError(f"tensor {key} is {kind}, expected one of {', '.join(_DTYPES)}")
-        if value.size != int(np.prod(shape)) or (value.ndim == len(shape) and value.shape != shape):
-            raise CheckpointError(f"tensor {key} has shape {tuple(value.shape)}, expected {shape}")
-        return value.reshape(shape)
+        if value.shape != stored:
+            raise CheckpointError(f"tensor {key} has shape {tuple(value.shape)}, expected {stored}")
+        return value.reshape(shape or stored)
 
     def norm(name):
         return {"scale": get(f"{name}.weight", (c,)), "bias": get(f"{name}.bias", (c,))}
@@ -138,13 +140,18 @@ def to_params(config: ModelConfig, tensors: dict[str, np.ndarray]):
     f = config.ffn_hidden
     params = {"wte": get("wte.weight", (config.vocab_size, c)), "wpe": get("wpe.weight", (config.n_positions, c)),
               "ln_f": norm("ln_f")}
+    head = tensors.get("lm_head.weight")
+    if head is not None and not np.array_equal(head, params["wte"]):
+        raise CheckpointError("tensor lm_head.weight differs from transformer.wte.weight: gptjax runs GPT-2 with "
+                              "the output layer tied to the token embedding")
     for i in tqdm(range(config.n_layers), desc="layers", unit="layer", leave=False, disable=None):
         p = f"h.{i}."
         params[f"h_{i}"] = {
             "ln_1": norm(p + "ln_1"),
-            "qkv": {"kernel": get(p + "attn.c_attn.weight", (c, 3, h, d)),
-                    "bias": get(p + "attn.c_attn.bias", (3, h, d))},
-            "attn_out": {"kernel": get(p + "attn.c_proj.weight", (h, d, c)), "bias": get(p + "attn.c_proj.bias", (c,))},
+            "qkv": {"kernel": get(p + "attn.c_attn.weight", (c, 3 * c), (c, 3, h, d)),
+                    "bias": get(p + "attn.c_attn.bias", (3 * c,), (3, h, d))},
+            "attn_out": {"kernel": get(p + "attn.c_proj.weight", (c, c), (h, d, c)),
+                         "bias": get(p + "attn.c_proj.bias", (c,))},
             "ln_2": norm(p + "ln_2"),
             "mlp_in": {"kernel": get(p + "mlp.c_fc.weight", (c, f)), "bias": get(p + "mlp.c_fc.bias", (f,))},
             "mlp_out": {"kernel": get(p + "mlp.c_proj.weight", (f, c)), "bias": get(p + "mlp.c_proj.bias", (c,))},

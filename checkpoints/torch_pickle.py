@@ -50,6 +50,7 @@ def torch_to_numpy(t) -> np.ndarray:
     """A tensor's values as numpy, without a copy where the dtype allows; bf16 as ml_dtypes.bfloat16."""
     import torch
 
+    t = t.detach()  # a saved nn.Parameter requires grad, and numpy() refuses those
     if t.dtype == torch.bfloat16:
         import ml_dtypes
 

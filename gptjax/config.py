@@ -138,6 +138,14 @@ class EngineConfig:
         check_positive(self, ("max_slots", "max_new_tokens", "min_prefill_bucket", "max_prefill_tokens"))
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"EngineConfig.top_p must be in (0, 1], got {self.top_p}")
+
+    def ending_at(self, tokenizer) -> "EngineConfig":
+        """This config, stopping at `tokenizer`'s <|endoftext|> if it kept GPT-2's default id: a checkpoint with a
+        vocabulary of its own then ends where its text does."""
+        eos = getattr(tokenizer, "eos_token_id", None)
+        if eos is None or self.eos_token_id != EngineConfig.eos_token_id:
+            return self
+        return dataclasses.replace(self, eos_token_id=eos)
         if self.top_k < 0 or self.temperature < 0:
             raise ValueError("EngineConfig.top_k and temperature must not be negative")
 

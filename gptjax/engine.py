@@ -24,6 +24,7 @@ from gptjax.generate import GenerationResult, generate
 from gptjax.layout import layout_for
 from gptjax.model import GPT, Block
 from gptjax.planning import PlannedShapes, ShapePlan, round_up
+from gptjax.tokenizer import default_tokenizer, folder_tokenizer
 
 __all__ = ["DecodeState", "Engine", "GenerationResult", "Prefix", "SamplingArrays", "layout_of"]
 
@@ -75,10 +76,10 @@ class Engine(PlannedShapes):
              dtype: str | None = None) -> "Engine":
         """A converted checkpoint folder (config.json + orbax params/), restored into the mesh's layout: checked
         now, read on a thread of its own (one process), so that a server's programs compile meanwhile."""
-        mesh = sharding.default_mesh(mesh)
+        mesh, tokenizer = sharding.default_mesh(mesh), folder_tokenizer(checkpoint_dir)
         config, restore = open_checkpoint(checkpoint_dir, mesh, dtype=dtype)
-        return cls(config, restore_in_background(restore) if jax.process_count() == 1 else restore(), engine_config,
-                   mesh)
+        return cls(config, restore_in_background(restore) if jax.process_count() == 1 else restore(),
+                   (engine_config or EngineConfig()).ending_at(tokenizer), mesh, tokenizer)
 
     @classmethod
     def from_pretrained(cls, model_id: str, **kw) -> "Engine":
@@ -91,8 +92,6 @@ class Engine(PlannedShapes):
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from gptjax.tokenizer import default_tokenizer
-
             self._tokenizer = default_tokenizer()
         return self._tokenizer
 

@@ -22,11 +22,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from gptjax.paths import cache_dir
+from gptjax.tokenizer import FOLDER_FILES
 
 log = logging.getLogger("gptjax.hub")
 
 SOURCE_FILE = "source.json"
-TOKENIZER_FILES = ("vocab.json", "merges.txt")
 DEFAULT_REVISION = "main"
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 
@@ -105,7 +105,7 @@ def pretrained_folder(model_id: str, revision: str | None = None, *, isolate: bo
         if _is_converted(folder):  # another process converted it meanwhile
             return folder
         snapshot = _fetch_weights(repo, commit, label)
-        if not all(_hub_file(repo, name, commit, required=False) for name in TOKENIZER_FILES):
+        if not all(_hub_file(repo, name, commit, required=False) for name in FOLDER_FILES):
             _hub_file(repo, "tokenizer.json", commit, required=False)  # what transformers 5 saves alone
         source = {"model_id": repo, "revision": revision or DEFAULT_REVISION, "commit": commit}
         _convert(snapshot, folder, source, label, isolate)
@@ -211,8 +211,8 @@ def _convert(snapshot: Path, folder: Path, source: dict, label: str, isolate: bo
 def write_tokenizer_files(snapshot: Path, dst: Path, label: str) -> None:
     """The repo's vocab.json and merges.txt into `dst`, or the two made from its tokenizer.json; neither when
     the repo has none (the engine then uses GPT-2's)."""
-    if all((snapshot / n).is_file() for n in TOKENIZER_FILES):
-        for n in TOKENIZER_FILES:
+    if all((snapshot / n).is_file() for n in FOLDER_FILES):
+        for n in FOLDER_FILES:
             shutil.copyfile(snapshot / n, dst / n)
     elif (snapshot / "tokenizer.json").is_file():
         vocab, merges = _byte_level_bpe(snapshot / "tokenizer.json", label)

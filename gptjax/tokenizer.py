@@ -10,6 +10,7 @@ from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
 EOS_TOKEN_ID = 50256  # <|endoftext|>
+FOLDER_FILES = ("vocab.json", "merges.txt")  # a checkpoint folder's own tokenizer (the Hub conversion writes them)
 
 
 def default_files() -> tuple[Path, Path]:
@@ -56,3 +57,9 @@ class Tokenizer:
 @lru_cache(maxsize=1)
 def default_tokenizer() -> Tokenizer:
     return Tokenizer()
+
+
+def folder_tokenizer(folder: str | Path) -> Tokenizer | None:
+    """The tokenizer a checkpoint folder brings (its vocab.json and merges.txt), or None: then GPT-2's."""
+    files = [Path(folder) / name for name in FOLDER_FILES]
+    return Tokenizer(*files) if all(f.is_file() for f in files) else None

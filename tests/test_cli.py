@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import hf_greedy, run_cli
+from gptjax import cli
 
 
 def test_generate_json_matches_hugging_face(hf_model, converted_dir):
@@ -83,8 +86,6 @@ def test_refusals_do_not_advise_turning_the_safety_off(capsys, hf_dir, tmp_path)
 
 
 def test_serve_flags(monkeypatch, capsys):
-    from gptjax import cli
-
     monkeypatch.setenv("GPTJAX_API_KEY", "k-from-env")
     args = cli.build_parser().parse_args(["serve"])
     assert (args.port, args.http_port, args.metrics_port, args.api_key) == (8001, 8000, 8002, "k-from-env")
@@ -94,3 +95,58 @@ def test_serve_flags(monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         cli.build_parser().parse_args(["serve", "--http-port", "70000"])
     assert e.value.code == 2 and "between 0 and 65535" in capsys.readouterr().err
+
+
+def hf_folder(hf_model, folder: Path, config: dict | None = None, state: dict | None = None) -> Path:
+    """hf_model saved to `folder`, with its config.json fields and its tensors changed as given."""
+    from safetensors.torch import save_file
+
+    hf_model.save_pretrained(folder)
+    if config:
+        path = folder / "config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **config}))
+    if state:
+        tensors = {k: v.detach().clone() for k, v in hf_model.state_dict().items()}
+        tensors.pop("lm_head.weight")  # save_pretrained leaves the tied copy out too
+        save_file({k: v.contiguous() for k, v in {**tensors, **state}.items()}, str(folder / "model.safetensors"))
+    return folder
+
+
+def test_an_output_layer_of_its_own_is_refused(capsys, hf_model, tmp_path):
+    from checkpoint_writers import convert_failure
+
+    src = hf_folder(hf_model, tmp_path / "untied", config={"tie_word_embeddings": False})
+    capsys.readouterr()  # save_pretrained's progress bar
+    assert "tie_word_embeddings=False is not supported" in convert_failure(capsys, tmp_path, "hf-gpt2", src)
+    wte = hf_model.state_dict()["transformer.wte.weight"]
+    src = hf_folder(hf_model, tmp_path / "other-head", state={"lm_head.weight": wte + 1.0})
+    capsys.readouterr()
+    line = convert_failure(capsys, tmp_path, "hf-gpt2", src)
+    assert "lm_head.weight differs from transformer.wte.weight" in line
+
+
+def test_a_transposed_weight_of_the_same_size_is_refused(capsys, hf_model, tmp_path):
+    from checkpoint_writers import convert_failure
+
+    weight = hf_model.state_dict()["transformer.h.0.attn.c_attn.weight"]
+    src = hf_folder(hf_model, tmp_path / "transposed", state={"transformer.h.0.attn.c_attn.weight": weight.T})
+    c = weight.shape[0]
+    capsys.readouterr()
+    assert (f"tensor transformer.h.0.attn.c_attn.weight has shape {(3 * c, c)}, expected {(c, 3 * c)}"
+            in convert_failure(capsys, tmp_path, "hf-gpt2", src))
+
+
+def test_a_pickle_of_parameters_converts(hf_model, tmp_path):
+    """torch.save(dict(model.named_parameters())): tensors that require grad."""
+    import torch
+
+    from gptjax import sharding
+    from gptjax.checkpoint import open_checkpoint
+
+    src = tmp_path / "params"
+    hf_model.config.save_pretrained(src)
+    torch.save(dict(hf_model.named_parameters()), src / "pytorch_model.bin")
+    assert cli.main(["convert", "hf-gpt2", str(src), str(tmp_path / "out")]) == 0
+    config, restore = open_checkpoint(tmp_path / "out", sharding.default_mesh(None))
+    wte = hf_model.state_dict()["transformer.wte.weight"].detach().numpy()
+    np.testing.assert_array_equal(np.asarray(restore()["wte"])[: config.vocab_size], wte)

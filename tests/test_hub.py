@@ -135,11 +135,32 @@ def test_the_repo_tokenizer_files_come_along(converted, hub_cache):
     assert ours.encode(TEXT) != Tokenizer().encode(TEXT)  # the repo's merges, not the default ones
 
 
+def test_a_loaded_folder_speaks_with_its_own_tokenizer(converted):
+    engine = Engine.load(converted)
+    assert engine.tokenizer.encode(TEXT) == Tokenizer(converted / "vocab.json", converted / "merges.txt").encode(TEXT)
+    assert engine.tokenizer.encode(TEXT) != Tokenizer().encode(TEXT)
+    assert engine.engine_config.eos_token_id == 50256  # where this vocabulary has <|endoftext|>
+
+
+def test_the_end_token_follows_a_vocabulary_that_moves_it(tmp_path):
+    from gptjax.config import EngineConfig
+
+    folder = write_bpe_files(tmp_path / "moved")
+    vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+    moved = next(token for token, i in vocab.items() if i == 7)
+    vocab[moved], vocab["<|endoftext|>"] = 50256, 7
+    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    tokenizer = Tokenizer(folder / "vocab.json", folder / "merges.txt")
+    assert EngineConfig().ending_at(tokenizer).eos_token_id == 7
+    assert EngineConfig(eos_token_id=99).ending_at(tokenizer).eos_token_id == 99  # a configured end_id stays
+    assert EngineConfig().ending_at(None).eos_token_id == 50256
+
+
 def test_vocab_and_merges_files_are_copied_as_they_are(tmp_path):
     src = write_bpe_files(tmp_path / "repo")
     (tmp_path / "out").mkdir()
     hub.write_tokenizer_files(src, tmp_path / "out", "org/name")
-    for name in hub.TOKENIZER_FILES:
+    for name in hub.FOLDER_FILES:
         assert (tmp_path / "out" / name).read_bytes() == (src / name).read_bytes()
 
 
