@@ -160,6 +160,8 @@ def _check_supported(args, label: str) -> None:
         ("position_embedding_type", lambda v: v not in (None, "learned_absolute"), "learned position embeddings"),
         ("normalization", lambda v: v not in (None, "LayerNorm"), "LayerNorm"),
         ("swiglu", bool, "a GELU MLP"),
+        ("squared_relu", bool, "a GELU MLP"),
+        ("apply_layernorm_1p", bool, "LayerNorm weights stored as they are used, not less one"),
         ("group_query_attention", bool, "multi-head attention"),
         ("add_bias_linear", lambda v: v is False, "biases on linear layers"),
         ("apply_residual_connection_post_layernorm", bool, "pre-LayerNorm residuals"),
@@ -169,6 +171,14 @@ def _check_supported(args, label: str) -> None:
         v = getattr(args, name, None)
         if v is not None and bad(v):
             raise CheckpointError(f"{label}: args.{name}={v!r} is not supported (this model needs {needs})")
+
+
+def _activation(args) -> str:
+    """Megatron's GELU: its fused bias-GELU (the default) and --openai-gelu are the tanh approximation; without
+    the fusion it runs the exact (erf) form, F.gelu or --onnx-safe's."""
+    if args is None or _arg(args, "bias_gelu_fusion", "bias_activation_fusion", default=True):
+        return "gelu_new"
+    return "gelu_new" if _arg(args, "openai_gelu", default=False) else "gelu"
 
 
 def build_config(parts: list[list[Part]], num_heads: int | None, vocab_size: int | None) -> tuple[ModelConfig, int]:
@@ -237,8 +247,7 @@ def build_config(parts: list[list[Part]], num_heads: int | None, vocab_size: int
     try:
         config = ModelConfig(n_layers=n_layers, hidden=hidden, n_heads=heads, vocab_size=vocab_size or padded,
                              n_positions=positions, ffn_hidden=ffn, layer_norm_eps=eps,
-                             # Megatron's fused bias-GELU is the tanh approximation
-                             activation="gelu_new", dtype=dtype)
+                             activation=_activation(args), dtype=dtype)
     except ValueError as e:
         raise CheckpointError(f"bad model shape in the checkpoint: {e}") from None
     return config, padded
@@ -360,7 +369,11 @@ def archive_members(src: Path) -> list[str]:
     except (zipfile.BadZipFile, OSError) as e:
         raise CheckpointError(f"{src}: cannot read the archive ({e})") from None
     parts = [n for n in names if _ARCHIVE_PART.fullmatch(n)]
-    return parts + [n for n in names if n.rsplit("/", 1)[-1] == TRACKER] if parts else []
+    members = parts + [n for n in names if n.rsplit("/", 1)[-1] == TRACKER] if parts else []
+    for n in members:  # the members are read from where they unpack; a name must not point elsewhere
+        if PurePosixPath(n).is_absolute() or ".." in PurePosixPath(n).parts or "\\" in n or ":" in n:
+            raise CheckpointError(f"{src}: member {n} is not a relative path inside the archive")
+    return members
 
 
 @contextmanager

@@ -11,6 +11,7 @@ refused at once, naming the field.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -125,13 +126,23 @@ def saved_shapes(checkpoint_dir: str | Path) -> dict:
     import orbax.checkpoint as ocp
 
     path = Path(checkpoint_dir).absolute() / "params"
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is missing: not a folder that `gptjax convert` wrote")
+    absl = logging.getLogger("absl")  # orbax warns of each missing metadata file; the error below says it once
+    level = absl.level
     try:
+        absl.setLevel(logging.ERROR)
         with ocp.StandardCheckpointer() as ckptr:
             meta = ckptr.metadata(path)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: not an orbax checkpoint ({type(e).__name__}: {e})") from None
+    finally:
+        absl.setLevel(level)
     tree = getattr(meta, "item_metadata", meta)  # newer orbax wraps the tree in step metadata
-    return _shapes(getattr(tree, "tree", tree))
+    tree = getattr(tree, "tree", tree)
+    if not tree:  # orbax finds no metadata: params/ or its _METADATA is gone
+        raise CheckpointError(f"{path}: not an orbax checkpoint (no parameters listed: is its _METADATA there?)")
+    return _shapes(tree)
 
 
 def _dim(shapes: dict, path: tuple[str, ...], rank: int, axis: int, source: str) -> int:

@@ -366,7 +366,7 @@ def main(argv=None) -> int:
     hub_log.setLevel(logging.INFO)
     try:
         return COMMANDS[args.command](args)
-    except (UsageError, CheckpointError, ValueError, FileNotFoundError) as e:
+    except (UsageError, CheckpointError, ValueError, OSError) as e:  # OSError: a path that cannot be read or written
         print(f"gptjax {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -33,7 +33,7 @@ class SamplingArrays(NamedTuple):
     @classmethod
     def from_params(cls, params: Sequence[sampling.SamplingParams]) -> "SamplingArrays":
         return cls(np.array([p.temperature for p in params], np.float32),
-                   np.array([p.top_k for p in params], np.int32),
+                   np.array([min(p.top_k, 2**31 - 1) for p in params], np.int32),  # past the vocabulary: off
                    np.array([p.top_p for p in params], np.float32),
                    np.array([int(p.seed) % 2**32 for p in params], np.uint32))
 

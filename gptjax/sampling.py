@@ -1,7 +1,7 @@
 """Choosing the next token on device: greedy, temperature, top-k, top-p, one seed per sequence.
 
 Every argument is a per-row array, so one compiled step serves a batch whose rows ask for different things.
-A row with temperature 0 is greedy. Top-k is applied before top-p (the nucleus is taken from the
+A row with temperature 0 (or below `GREEDY_BELOW`) is greedy. Top-k is applied before top-p (the nucleus is taken from the
 renormalized top-k distribution), as Hugging Face and FasterTransformer do.
 """
 
@@ -13,6 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# a row whose temperature is below this is greedy: logits / temperature would overflow float32 near 1e-38, and the
+# distribution is already its argmax long before that
+GREEDY_BELOW = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -21,7 +25,7 @@ class SamplingParams:
     temperature: float = 0.0
     top_k: int = 0  # 0: no top-k
     top_p: float = 1.0  # 1.0: no top-p
-    seed: int = 0
+    seed: int = 0  # used modulo 2**32: seeds equal modulo 2**32 give the same tokens
 
     def __post_init__(self):
         if not np.isfinite(self.temperature) or self.temperature < 0:
@@ -46,7 +50,7 @@ def row_keys(seeds, positions):
 def _filtered_logits(logits, temperature, top_k, top_p):
     """Scaled logits with everything outside top-k and the top-p nucleus set to -inf."""
     vocab = logits.shape[-1]
-    scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+    scaled = logits / jnp.where(temperature >= GREEDY_BELOW, temperature, 1.0)[:, None]
     sorted_desc = -jnp.sort(-scaled, axis=-1)
     k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
     kth_value = jnp.take_along_axis(sorted_desc, (k - 1)[:, None], axis=-1)
@@ -77,11 +81,11 @@ def sample(logits, temperature, top_k, top_p, keys, sampled: bool | None = None)
         keys_now = keys() if callable(keys) else keys  # a callable defers the key math to when it is needed
         gumbel = jax.vmap(lambda key: jax.random.gumbel(key, logits.shape[-1:], jnp.float32))(keys_now)
         drawn = jnp.argmax(filtered + gumbel, axis=-1).astype(jnp.int32)
-        return jnp.where(temperature > 0, drawn, greedy)
+        return jnp.where(temperature >= GREEDY_BELOW, drawn, greedy)
 
     if sampled:
         return draw(None)
-    return jax.lax.cond(jnp.any(temperature > 0), draw, lambda _: greedy, None)
+    return jax.lax.cond(jnp.any(temperature >= GREEDY_BELOW), draw, lambda _: greedy, None)
 
 
 def token_logprobs(logits, tokens):

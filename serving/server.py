@@ -246,6 +246,7 @@ class Server:
             bound = 0
         if not bound:
             raise ListenError(f"can't listen on {self.address}")
+        self.address = f"{options.host}:{bound}"  # port 0: the one the system chose
         self.grpc.start()
 
     def set_serving(self, serving: bool) -> None:

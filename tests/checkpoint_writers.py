@@ -49,8 +49,10 @@ def _qkv_rows(x, heads_slice, n_heads, version):
 
 def write_megatron(model, root: Path, *, tp: int = 1, pp: int = 1, version: float = 3.0, with_args: bool = True,
                    vocab_padded: int | None = None, new_names: bool = True, file_name: str = "model_optim_rng.pt",
-                   iteration: int | str = "release", dtype=torch.float32, seed: int = 0) -> Path:
-    """`root/latest_checkpointed_iteration.txt` and `root/<release|iter_N>/mp_rank_XX[_YYY]/<file_name>`.
+                   iteration: int | str = "release", dtype=torch.float32, seed: int = 0,
+                   args: dict | None = None) -> Path:
+    """`root/latest_checkpointed_iteration.txt` and `root/<release|iter_N>/mp_rank_XX[_YYY]/<file_name>`; `args`
+    adds fields to the saved args.
 
     The padding rows of the word embeddings get random values, as Megatron's are; a reader that keeps them
     would change the greedy tokens.
@@ -115,7 +117,7 @@ def write_megatron(model, root: Path, *, tp: int = 1, pp: int = 1, version: floa
                     max_position_embeddings=sd["wpe.weight"].shape[0], padded_vocab_size=vp,
                     tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, layernorm_epsilon=1e-5,
                     tokenizer_type="GPT2BPETokenizer", fp16=dtype == torch.float16, bf16=dtype == torch.bfloat16,
-                    params_dtype=dtype, make_vocab_size_divisible_by=128, seq_length=64)
+                    params_dtype=dtype, make_vocab_size_divisible_by=128, seq_length=64, **(args or {}))
             name = f"mp_rank_{r:02d}" if pp == 1 else f"mp_rank_{r:02d}_{s:03d}"
             (folder / name).mkdir(parents=True, exist_ok=True)
             torch.save(state, folder / name / file_name)

@@ -111,6 +111,16 @@ def test_a_damaged_parameter_file_exits_2_naming_the_array(saved, tmp_path, caps
     assert "the saved parameters could not be read" in line and re.search(r'reading "(wte|wpe|h_\d+)', line), line
 
 
+@pytest.mark.parametrize("missing, words", [("params", "params is missing: not a folder that `gptjax convert` wrote"),
+                                             ("params/_METADATA", "params: not an orbax checkpoint (no parameters")])
+def test_a_folder_without_its_parameter_list_exits_2(saved, tmp_path, capsys, missing, words):
+    folder = shutil.copytree(saved[0], tmp_path / "partial")
+    target = folder / missing
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
+    line, _ = generate_fails(capsys, folder)
+    assert words in line, line
+
+
 def test_an_absurd_layer_count_exits_2_at_once_naming_the_mismatch(saved, tmp_path, capsys):
     line, seconds = generate_fails(capsys, edited(saved, tmp_path, n_layers=10**6))
     assert "n_layers = 1000000" in line and "hold 2" in line

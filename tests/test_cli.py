@@ -150,3 +150,10 @@ def test_a_pickle_of_parameters_converts(hf_model, tmp_path):
     config, restore = open_checkpoint(tmp_path / "out", sharding.default_mesh(None))
     wte = hf_model.state_dict()["transformer.wte.weight"].detach().numpy()
     np.testing.assert_array_equal(np.asarray(restore()["wte"])[: config.vocab_size], wte)
+
+
+def test_an_output_folder_that_cannot_be_made_exits_2(capsys, hf_dir, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    assert cli.main(["convert", "hf-gpt2", str(hf_dir), str(tmp_path / "a-file" / "out")]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("gptjax convert: error: ") and "a-file" in lines[0], lines

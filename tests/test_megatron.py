@@ -7,6 +7,7 @@ the real command line, and must give Hugging Face's greedy tokens exactly.
 from __future__ import annotations
 
 import argparse
+import copy
 import shutil
 import zipfile
 
@@ -90,6 +91,18 @@ def test_the_release_archive_converts_like_its_folder(hf_model, expected, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["megatron", "megatron_lm_345m_v0.0.zip", "out"]
 
 
+@pytest.mark.parametrize("prefix", ["/", "../", "release/../../"])
+def test_an_archive_naming_files_outside_itself_is_refused(capsys, good, tmp_path, prefix):
+    """The parts are read where they unpack: a name that points elsewhere (absolute, or climbing out with ..)
+    would have the converter read that folder of this machine instead."""
+    archive = tmp_path / "release.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for f in sorted(good.rglob("*.pt")):
+            zf.writestr(prefix + f.relative_to(tmp_path).as_posix(), b"not a checkpoint")
+    line = convert_fails(capsys, tmp_path, archive, "--num-heads", "4")
+    assert f"{archive}: member {prefix}" in line and "is not a relative path inside the archive" in line
+
+
 def test_every_version_orders_qkv_the_same(hf_model, tmp_path):
     ref = None
     for version in (0, 1.0, 2.0, 3.0):
@@ -126,6 +139,34 @@ def test_restored_on_a_stage_and_tensor_mesh_gives_the_same_tokens(tp2_dir, expe
 
 
 # ---- bad input: exit 2, one line, nothing left behind ------------------------------------------------------
+def test_without_the_fused_bias_gelu_the_exact_gelu_is_kept(hf_model, tmp_path):
+    """Megatron's fused bias-GELU (its default) is the tanh form; --no-bias-gelu-fusion runs F.gelu (erf)."""
+    from transformers import GPT2LMHeadModel
+
+    config = copy.deepcopy(hf_model.config)
+    config.activation_function = "gelu"
+    exact = GPT2LMHeadModel(config).eval()
+    exact.load_state_dict(hf_model.state_dict())
+    write_megatron(exact, tmp_path / "m", args={"bias_gelu_fusion": False, "openai_gelu": False})
+    run_cli("convert", "megatron", str(tmp_path / "m"), str(tmp_path / "out"))
+    engine = Engine.load(tmp_path / "out")
+    assert engine.config.activation == "gelu"
+    assert greedy(engine) == [hf_greedy(exact, p, N_NEW) for p in PROMPTS]
+
+
+@pytest.mark.parametrize("field, value, needs", [
+    ("position_embedding_type", "rope", "learned position embeddings"),
+    ("swiglu", True, "a GELU MLP"),
+    ("squared_relu", True, "a GELU MLP"),
+    ("apply_layernorm_1p", True, "LayerNorm weights stored as they are used"),
+    ("untie_embeddings_and_output_weights", True, "an LM head tied to the embeddings"),
+])
+def test_args_that_change_the_math_are_refused(capsys, hf_model, tmp_path, field, value, needs):
+    write_megatron(hf_model, tmp_path / "m", args={field: value})
+    line = convert_fails(capsys, tmp_path, tmp_path / "m")
+    assert f"args.{field}={value!r} is not supported (this model needs {needs}" in line
+
+
 def convert_fails(capsys, tmp_path, src, *flags) -> str:
     return convert_failure(capsys, tmp_path, "megatron", src, *flags)
 

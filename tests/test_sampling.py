@@ -73,6 +73,7 @@ def test_seeds_reproduce_and_differ(logits):
 def test_tiny_temperature_is_greedy(logits):
     assert (draw(logits, temperature=1e-5) == logits.argmax(-1)).all()
     assert (draw(logits, temperature=0.0) == logits.argmax(-1)).all()
+    assert (draw(logits, temperature=1.5e-38) == logits.argmax(-1)).all()  # logits / T would overflow
 
 
 def test_rows_mix_greedy_and_sampling(logits):
@@ -93,6 +94,7 @@ def test_engine_seeds_are_per_request():
     # a request's tokens do not depend on what shares its batch
     batch = engine.generate(["Hello there", "Something else entirely"], seed=[1, 5], **kw)
     assert batch[0].output_ids == a
+    assert engine.generate(["Hello there"], seed=1, top_k=10**10, **kw)[0].output_ids == a  # past the vocabulary: off
 
 
 @pytest.mark.parametrize("bad", [dict(temperature=-1.0), dict(temperature=float("nan")), dict(top_k=-1),

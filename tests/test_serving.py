@@ -176,10 +176,10 @@ from serving.config import ServerConfig
 from serving.frontend import Frontend
 from serving.server import Server
 
-port = int(sys.argv[1])
-server = Server(Frontend("gpt2-tiny"), ServerConfig(port=port, http_port=0, metrics_port=0, max_client_streams=1),
+server = Server(Frontend("gpt2-tiny"), ServerConfig(port=0, http_port=0, metrics_port=0, max_client_streams=1),
                 in_flight=2)
-with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+assert server.address.startswith("127.0.0.1:") and not server.address.endswith(":0"), server.address  # the port bound
+with grpc.insecure_channel(server.address) as channel:
     health = health_pb2_grpc.HealthStub(channel)
     first = health.Watch(health_pb2.HealthCheckRequest())
     print("first", health_pb2.HealthCheckResponse.ServingStatus.Name(next(first).status))
@@ -205,9 +205,9 @@ server.grpc.stop(0)
 
 def test_health_watches_have_a_stream_limit_of_their_own():
     """Health watches need no API key and stay open as long as the client likes: past max_client_streams they
-    are RESOURCE_EXHAUSTED, and they never take the permits of ModelStreamInfer or reflection. (A process of
-    its own: serving's KServe protos and tritonclient's can't share one descriptor pool.)"""
-    proc = subprocess.run([sys.executable, "-c", WATCH_LIMIT_SCRIPT, str(free_port())], cwd=REPO, timeout=120,
+    are RESOURCE_EXHAUSTED, and they never take the permits of ModelStreamInfer or reflection. The server
+    listens on port 0, the one the system picks, and reports it. (A process of its own: serving's KServe protos and tritonclient's can't share one descriptor pool.)"""
+    proc = subprocess.run([sys.executable, "-c", WATCH_LIMIT_SCRIPT], cwd=REPO, timeout=120,
                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
