@@ -223,7 +223,8 @@ def parse_args(argv=None):
                    help="5.x: stop token; -1 (the default) never stops early, so every row makes output-len tokens")
     p.add_argument("--json-tensors", action="store_true", help="HTTP: JSON tensors instead of binary ones")
     p.add_argument("--api-key", default=os.environ.get("GPTJAX_API_KEY"),
-                   help="HTTP: the server's key, sent as 'Authorization: Bearer KEY' (default: $GPTJAX_API_KEY)")
+                   help="the server's key, sent as 'authorization: Bearer KEY' (an HTTP header or gRPC "
+                        "metadata; default: $GPTJAX_API_KEY)")
     p.add_argument("--json", action="store_true", help="one JSON line instead of text")
     p.add_argument("--no-tritonclient", action="store_true",
                    help="send the requests without tritonclient even when it is installed")
@@ -242,8 +243,8 @@ def run(args) -> tuple[np.ndarray, object, list[float]]:
     # a long request must not time out over HTTP (tritonclient.http's default is 60 s)
     client = (InferenceServerClient(args.url, network_timeout=600.0) if args.protocol == "http"
               else InferenceServerClient(args.url))
-    # gRPC carries no key: only HTTP routes ask for one
-    extra = {"headers": {"Authorization": f"Bearer {args.api_key}"}} if args.protocol == "http" and args.api_key else {}
+    # the key as an HTTP header, or as gRPC metadata (whose keys are lower case)
+    extra = {"headers": {"authorization": f"Bearer {args.api_key}"}} if args.api_key else {}
     try:
         vocab = _vocab_size(client.get_model_config(args.model, **extra))
         rng = np.random.default_rng(args.seed)

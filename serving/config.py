@@ -363,6 +363,9 @@ def serving_config_from_dict(data: dict, source: str = "config") -> ServingConfi
             configs[name] = config_from_dict(cls, {**changes, **_merged_mesh(changes, table)}, source)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{source}: {e}") from None
+    batch, scheduler = configs["server"].max_batch_size, configs["scheduler"]
+    if batch > scheduler.max_queued_requests and "max_queued_requests" not in data.get("scheduler", {}):
+        configs["scheduler"] = dataclasses.replace(scheduler, max_queued_requests=batch)  # a batch is queued whole
     return ServingConfig(**configs, dtype=dtype, expected_model=expected, source=source)
 
 

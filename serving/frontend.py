@@ -97,7 +97,8 @@ class Limits:
         ec, seq = engine.engine_config, engine.max_seq_len
         return cls(vocab_size=engine.config.vocab_size, max_seq_len=seq,
                    max_new_tokens=ec.new_tokens_limit(engine.config), default_max_new_tokens=ec.max_new_tokens,
-                   max_batch_size=max_batch_size, max_queued_requests=max_queued_requests,
+                   # a batch is queued whole: one larger than the queue could never be taken
+                   max_batch_size=min(max_batch_size, max_queued_requests), max_queued_requests=max_queued_requests,
                    max_text_bytes=TEXT_BYTES_PER_POSITION * seq, eos_token_id=ec.eos_token_id,
                    temperature=ec.temperature, top_k=ec.top_k, top_p=ec.top_p)
 

@@ -30,6 +30,7 @@ validation path, so its ranges are the native API's.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -190,7 +191,7 @@ def _ft_sampling(row: dict, i: int) -> dict:
     if temperature is not None and not (math.isfinite(temperature) and temperature >= 0):
         raise invalid(f"temperature[{i}] must be a finite number >= 0, got {temperature}")
     seed = int(row["random_seed"][i]) if "random_seed" in row else None
-    return dict(top_k=top_k, top_p=1.0 if top_p == 0.0 else top_p, temperature=temperature, seed=seed)
+    return dict(top_k=top_k, top_p=top_p, temperature=temperature, seed=seed)
 
 
 def _end(row: dict, i: int, frontend: Frontend) -> tuple[dict, int]:
@@ -207,11 +208,15 @@ def _end(row: dict, i: int, frontend: Frontend) -> tuple[dict, int]:
 
 
 def _greedy_as_ft(p: Params, frontend: Frontend) -> Params:
-    """FasterTransformer's greedy: top_k 1, or top_k 0 with top-p off, whatever the temperature."""
+    """FasterTransformer's greedy: top_k 1, or top_k 0 with top-p off (runtime_top_p 0; without one, the server's
+    top_p, which its config's 0 turned to 1.0), whatever the temperature. runtime_top_p 1.0 samples from the
+    whole distribution; gptjax's top_p 1.0 is FasterTransformer's 0."""
     lim = frontend.limits
     top_k = lim.top_k if p.top_k is None else p.top_k
-    top_p = lim.top_p if p.top_p is None else p.top_p
-    if top_k == 1 or (top_k == 0 and top_p == 1.0):
+    top_p_off = lim.top_p == 1.0 if p.top_p is None else p.top_p == 0.0
+    if p.top_p == 0.0:
+        p.top_p = 1.0
+    if top_k == 1 or (top_k == 0 and top_p_off):
         p.temperature, p.top_k = 0.0, 0
     return p
 
@@ -245,6 +250,9 @@ def parse(arrays: dict[str, np.ndarray], frontend: Frontend, deadline: float | N
     lengths_name, out_name = REQUIRED[dialect][1:]
     batch, width = _shapes(arrays, dialect)
     frontend.check_batch(batch, REQUIRED[dialect][0])
+    if width > frontend.limits.max_seq_len:  # padding columns are echoed back: they would only swell the answer
+        raise invalid(f"{REQUIRED[dialect][0]} is {width} tokens wide, more than the model's "
+                      f"{frontend.limits.max_seq_len} positions")
     row = {n: a.reshape(batch) for n, a in arrays.items() if INPUTS[dialect][n][1] == "row"}
     for name, want, why in NEUTRAL:
         if name in row and np.any(row[name] != want):
@@ -280,6 +288,30 @@ def outputs(requests: list[Request], completions: list[Completion], info: Info) 
     arrays = {"OUTPUT0": ids, "output_ids": ids[:, None, :], "sequence_length": lengths,
               "cum_log_probs": log_probs.sum(-1).astype(np.float32), "output_log_probs": log_probs}
     return {name: arrays[name] for name in info.outputs}
+
+
+# the KServe request parameters this model takes on both transports (HTTP adds binary_data_output, a gRPC stream
+# Triton's triton_enable_empty_final_response); any other is refused, as an unknown input is
+REQUEST_PARAMETERS = ("timeout", "priority")
+
+
+def request_deadline(params, also: tuple[str, ...] = ()) -> float | None:
+    """A request's KServe `parameters` checked -> the deadline its `timeout` sets (microseconds, as Triton
+    takes it), or None."""
+    if not isinstance(params, dict):
+        raise invalid("parameters must be an object")
+    taken = (*also, *REQUEST_PARAMETERS)
+    unknown = sorted(set(params) - set(taken))
+    if unknown:
+        raise invalid(f"unsupported request parameter(s) {', '.join(unknown)}; this model takes {', '.join(taken)}")
+    if params.get("priority") not in (None, 0):
+        raise invalid(f"parameters.priority must be 0 (one priority level), got {params['priority']!r}")
+    timeout = params.get("timeout")
+    if timeout is None:
+        return None
+    if not isinstance(timeout, int) or isinstance(timeout, bool) or timeout <= 0:
+        raise invalid(f"parameters.timeout must be a positive number of microseconds, got {timeout!r}")
+    return time.monotonic() + timeout / 1e6
 
 
 MODEL_NAME, MODEL_VERSION = "fastertransformer", "1"

@@ -210,6 +210,8 @@ def json_object(data: bytes, what: str = "the request body") -> dict:
         value = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise invalid(f"{what} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise invalid(f"{what} nests its JSON too deeply") from None
     if not isinstance(value, dict):
         raise invalid(f"{what} must be a JSON object, got {type(value).__name__}")
     return value

@@ -24,6 +24,8 @@ from serving.rpc import IdleStreams, StreamPermits, abort, client_messages, dead
 
 MODEL_NAME, MODEL_VERSION, check_model = ft.MODEL_NAME, ft.MODEL_VERSION, ft.check_model
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+# a stream's request may ask for Triton's final-response flag: its one response then carries triton_final_response
+FINAL_FLAG = "triton_enable_empty_final_response"
 
 CONTENTS = {"BOOL": "bool_contents", "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
             "UINT64": "uint64_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
@@ -54,6 +56,18 @@ def arrays_of(req: pb.ModelInferRequest) -> dict[str, np.ndarray]:
     if raw and len(raw) != len(req.inputs):
         raise invalid(f"raw_input_contents has {len(raw)} entries for {len(req.inputs)} inputs")
     return {t.name: _tensor(t, raw[i] if raw else None) for i, t in enumerate(req.inputs)}
+
+
+def parameters_of(message) -> dict:
+    """A gRPC message's `parameters` map as plain values, as HTTP's JSON carries them."""
+    return {k: getattr(v, v.WhichOneof("parameter_choice") or "bool_param") for k, v in message.parameters.items()}
+
+
+def deadline_of_request(req: pb.ModelInferRequest, context, in_stream: bool) -> float | None:
+    """The earlier of the call's gRPC deadline and the request's `timeout` parameter."""
+    also = (FINAL_FLAG,) if in_stream else ()
+    deadlines = [d for d in (deadline_of(context), ft.request_deadline(parameters_of(req), also)) if d is not None]
+    return min(deadlines, default=None)
 
 
 def response_of(req: pb.ModelInferRequest, arrays: dict[str, np.ndarray], dialect: str) -> pb.ModelInferResponse:
@@ -113,7 +127,8 @@ class InferenceServicer:
             check_model(decoded(request).model_name, request.model_version)
             fe.require_ready()
             arrays = arrays_of(request)
-            call.requests, info = ft.parse(arrays, fe, deadline_of(context), [o.name for o in request.outputs])
+            deadline = deadline_of_request(request, context, in_stream=current is not None)
+            call.requests, info = ft.parse(arrays, fe, deadline, [o.name for o in request.outputs])
             if current is None:
                 for r in call.requests:
                     context.add_callback(r.cancel)
@@ -141,7 +156,10 @@ class InferenceServicer:
         context.add_callback(lambda: [r.cancel() for r in list(current)])
         for request in client_messages(request_iterator, context, self.idle, decode=False):
             try:
-                yield pb.ModelStreamInferResponse(infer_response=self._infer(request, context, current))
+                response = self._infer(request, context, current)
+                if parameters_of(request).get(FINAL_FLAG):  # one response per request: it is the final one
+                    response.parameters["triton_final_response"].bool_param = True
+                yield pb.ModelStreamInferResponse(infer_response=response)
             except RequestError as e:
                 if e.code == Code.CANCELLED:
                     return

@@ -16,7 +16,6 @@ import contextlib
 import json
 import math
 import sys
-import time
 
 import numpy as np
 from fastapi import FastAPI, Request as HttpRequest
@@ -27,10 +26,9 @@ from serving import ft
 from serving.ft import MODEL_NAME, MODEL_VERSION, check_model
 from serving.frontend import Params, RequestError, invalid
 from serving.http import ClientGone, Context, EventStream, json_object, sse, streams, until_disconnect
-from serving.request import Finished
+from serving.request import Code, Finished
 
 EXTENSIONS = ["binary_tensor_data", "generate"]
-REQUEST_PARAMETERS = ("binary_data_output", "timeout", "priority")  # the KServe request parameters taken here
 # Triton's generate extension: its JSON fields -> the front end's Params fields
 GENERATE_FIELDS = {"max_tokens": "max_new_tokens", "temperature": "temperature", "top_k": "top_k",
                    "top_p": "top_p", "random_seed": "seed", "end_id": "end_id"}
@@ -171,25 +169,6 @@ def encode_outputs(header: dict, outputs: dict[str, np.ndarray], answer: dict) -
                     headers={"Inference-Header-Content-Length": str(len(head))})
 
 
-def request_deadline(header: dict) -> float | None:
-    """KServe's `timeout` request parameter (microseconds, as Triton takes it) as a deadline."""
-    params = header.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise invalid("parameters must be an object")
-    unknown = sorted(set(params) - set(REQUEST_PARAMETERS))
-    if unknown:
-        raise invalid(f"unsupported request parameter(s) {', '.join(unknown)}; this model takes "
-                      f"{', '.join(REQUEST_PARAMETERS)}")
-    if params.get("priority") not in (None, 0):
-        raise invalid(f"parameters.priority must be 0 (one priority level), got {params['priority']!r}")
-    timeout = params.get("timeout")
-    if timeout is None:
-        return None
-    if not isinstance(timeout, int) or isinstance(timeout, bool) or timeout <= 0:
-        raise invalid(f"parameters.timeout must be a positive number of microseconds, got {timeout!r}")
-    return time.monotonic() + timeout / 1e6
-
-
 # ---- Triton's generate extension ----------------------------------------------------------------------------
 class Generate:
     """One generate / generate_stream call: `text_input` and its knobs, at the top level or in `parameters`."""
@@ -276,6 +255,13 @@ def _health_routes(app: FastAPI, ctx: Context) -> None:
     async def server_metadata():
         return {"name": "gptjax", "version": gptjax.__version__, "extensions": EXTENSIONS}
 
+    @app.get("/v2/models/stats")  # before /v2/models/{model}, which would take "stats" for a model's name
+    @_both(app, "get", "/stats")
+    async def statistics(model: str | None = None, version: str | None = None):
+        if model is not None:
+            check_model(model, version or "")
+        raise RequestError(Code.UNIMPLEMENTED, "Triton's statistics extension is not served: /metrics has the counts")
+
     @_both(app, "get", "")
     async def model_metadata(model: str, version: str | None = None):
         check_model(model, version or "")
@@ -309,7 +295,8 @@ def _infer_route(app: FastAPI, ctx: Context) -> None:
         with frontend.api_call() as call:
             arrays = await asyncio.to_thread(decode_inputs, header, binary)
             requested = [o["name"] for o in requested_outputs(header)]
-            call.requests, info = ft.parse(arrays, frontend, request_deadline(header), requested)
+            deadline = ft.request_deadline(header.get("parameters") or {}, also=("binary_data_output",))
+            call.requests, info = ft.parse(arrays, frontend, deadline, requested)
             runs = streams(call.requests)
             frontend.submit(call.requests)
             work = asyncio.gather(*(s.completion() for s in runs))

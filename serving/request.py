@@ -34,6 +34,7 @@ class Code(enum.Enum):
     CANCELLED = enum.auto()
     INTERNAL = enum.auto()
     UNAVAILABLE = enum.auto()
+    UNIMPLEMENTED = enum.auto()
 
     @property
     def http_status(self) -> int:
@@ -42,7 +43,7 @@ class Code(enum.Enum):
 
 HTTP_STATUS = {Code.INVALID_ARGUMENT: 400, Code.OUT_OF_RANGE: 400, Code.UNAUTHENTICATED: 401, Code.NOT_FOUND: 404,
                Code.DEADLINE_EXCEEDED: 408, Code.RESOURCE_EXHAUSTED: 429, Code.CANCELLED: 499,
-               Code.INTERNAL: 500, Code.UNAVAILABLE: 503}
+               Code.INTERNAL: 500, Code.UNAVAILABLE: 503, Code.UNIMPLEMENTED: 501}
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,24 @@ def test_sampling_knobs_per_row(frontend):
     assert b.sampling.temperature == pytest.approx(0.7) and b.deadline == 12.5 and info.end_ids == (7, 9)
 
 
+def test_top_p_zero_is_off_and_one_is_the_whole_distribution(frontend):
+    """FasterTransformer's greedy is top_k 0 with runtime_top_p 0 (off); runtime_top_p 1.0 samples."""
+    arrays = v5([[1], [2], [3]], [1, 1, 1], 2, runtime_top_k=np.zeros((3, 1), np.uint32),
+                runtime_top_p=np.array([[0.0], [1.0], [0.9]], np.float32), temperature=np.ones((3, 1), np.float32))
+    off, whole, nucleus = (r.sampling for r in ft.parse(arrays, frontend, None)[0])
+    assert off.temperature == 0
+    assert (whole.temperature, whole.top_k, whole.top_p) == (1.0, 0, 1.0)
+    assert (nucleus.temperature, nucleus.top_p) == (1.0, pytest.approx(0.9))
+
+
+def test_a_request_wider_than_the_model_is_refused(frontend):
+    """Its padding columns would come back in output_ids: a few short rows padded to 65300 ran, then their answer
+    was over the message limit."""
+    width = frontend.limits.max_seq_len + 1
+    message = refused(frontend, v5(np.zeros((2, width)), [1, 1], 4))
+    assert message == f"input_ids is {width} tokens wide, more than the model's {width - 1} positions"
+
+
 def test_outputs_are_prompt_then_new_tokens_then_end_id(frontend):
     requests, info = ft.parse(v5([[5, 6, 7], [8, 0, 0]], [3, 1], 3, is_return_log_probs=np.ones((2, 1), bool)),
                               frontend, None)

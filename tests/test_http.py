@@ -8,10 +8,14 @@ Greedy tokens are checked against `gptjax generate --greedy` with the same confi
 from __future__ import annotations
 
 import json
+import os
 import random
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -141,6 +145,10 @@ def test_health_metadata_and_config_describe_the_v1_dialect(triton, served, http
     assert config["max_batch_size"] == 4 and config["parameters"]["candidate_num"]["string_value"] == "1"
     assert config["input"][0]["dims"] == [-1]
     assert http.get(f"/v2/models/{MODEL}/versions/1").json()["name"] == MODEL
+    for path in ("/v2/models/stats", f"/v2/models/{MODEL}/stats"):  # not served: said so, not "unknown model"
+        answer = http.get(path)
+        assert answer.status_code == 501 and "statistics extension is not served" in answer.json()["error"], path
+    assert http.get("/v2/models/other/stats").status_code == 404
 
 
 # ---- the generate extension ----------------------------------------------------------------------------------
@@ -289,6 +297,8 @@ def bad_cases(served):
     return [  # the OpenAI routes answer in OpenAI's error form, the others in Triton's
         ("malformed JSON", 400, "not valid JSON", call("POST", f"/v2/models/{MODEL}/infer", content=b'{"inputs": [')),
         ("malformed OpenAI JSON", 400, "not valid JSON", call("POST", "/v1/completions", content=b"{prompt: 1}")),
+        ("JSON nested 4000 deep", 400, "nests its JSON too deeply",
+         call("POST", f"/v2/models/{MODEL}/infer", content=b"[" * 4000)),
         ("a Content-Length shorter than the body", 400, "not valid JSON",
          lambda: raw(served, (post + "Content-Length: 12\r\n\r\n").encode() + json.dumps(v1_json()[1]).encode())),
         ("a binary header longer than the body", 400, "body has only",
@@ -465,6 +475,12 @@ def test_the_benchmarks_send_the_key(served):
     assert (row["completed"], row["failed"]) == (2, 0)
     refused = run_cli(*rate, check=False, env=env)
     assert refused.returncode == 2 and "needs a key: pass its --api-key" in refused.stderr, refused.stderr
+    for protocol, url in (("grpc", served.grpc), ("http", served.http.removeprefix("http://"))):  # the seed's client
+        proc = subprocess.run([sys.executable, "benchmarks/identity_test.py", "-i", protocol, "-u", url,
+                               "--api-key", served.key, "-b", "1", "-s", "4", "-o", "2", "-n", "1", "--json"],
+                              capture_output=True, text=True, timeout=120, env={**os.environ, **env},
+                              cwd=Path(__file__).resolve().parents[1])
+        assert proc.returncode == 0 and json.loads(proc.stdout)["runs"] == 1, (protocol, proc.stderr)
 
 
 # ---- the port's own limits, on an app with no model behind it ---------------------------------------------

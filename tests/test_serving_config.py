@@ -3,9 +3,11 @@ server configs."""
 
 from __future__ import annotations
 
+import types
+
 import pytest
 
-from gptjax.config import MeshShape, preset
+from gptjax.config import EngineConfig, MeshShape, preset
 from serving.config import ConfigError, serving_config_from_file
 
 
@@ -144,6 +146,7 @@ def test_the_v11_and_5x_example_configs_load_unchanged(tmp_path):
     path.write_text(pbtxt(V5_INPUTS, V5_OUTPUTS, max_batch_size=1024, **V5_PARAMETERS))
     cfg = serving_config_from_file(path)
     assert (cfg.server.dialect, cfg.dtype, cfg.server.max_batch_size) == ("5.x", "float16", 1024)
+    assert cfg.scheduler.max_queued_requests == 1024  # a batch is queued whole: the default queue grows to hold it
     assert serving_config_from_file(write(tmp_path, pbtxt(top_k=2))).server.dialect == "5.x"  # none declared
 
 
@@ -201,3 +204,15 @@ def test_serve_exits_2_naming_a_refused_key(tmp_path):
     proc = run_cli("serve", "--config", str(path), "--port", "0", check=False, timeout=120)
     assert proc.returncode == 2
     assert "repetition_penalty" in proc.stderr and "not supported" in proc.stderr
+
+
+def test_a_queue_set_below_the_batch_limit_caps_the_batch(tmp_path):
+    """A KServe batch is queued whole, so a file's smaller queue is the batch limit too (refused at once, naming it,
+    rather than as a full queue to retry)."""
+    from serving.frontend import Limits
+
+    cfg = serving_config_from_file(write(tmp_path, "[scheduler]\nmax_queued_requests = 16\n[server]\n"
+                                                   "max_batch_size = 32\n", "server.toml"))
+    assert (cfg.scheduler.max_queued_requests, cfg.server.max_batch_size) == (16, 32)
+    engine = types.SimpleNamespace(engine_config=EngineConfig(), max_seq_len=128, config=preset("gpt2-tiny"))
+    assert Limits.of(engine, cfg.scheduler.max_queued_requests, cfg.server.max_batch_size).max_batch_size == 16
