@@ -272,10 +272,10 @@ def main(argv=None) -> int:
     except InferenceServerException as e:
         print(f"identity_test: error: {e.status()}: {e.message()}", file=sys.stderr)
         return 1
-    if args.dialect == "v1":  # [B, input + output]: the prompt, then the new tokens (no lengths in v1)
+    if args.dialect == "v1":  # [B, input + output] time-major: the prompt, then the new tokens (no lengths in v1)
         out = result.as_numpy("OUTPUT0")
         assert out.shape == (args.batch_size, args.input_len + args.output_len), f"OUTPUT0 has shape {out.shape}"
-        rows, new_tokens = out, args.batch_size * args.output_len
+        rows, new_tokens = out.reshape([-1, args.batch_size]).T, args.batch_size * args.output_len
     else:
         out, lengths = result.as_numpy("output_ids"), result.as_numpy("sequence_length")
         assert out.shape[:2] == (args.batch_size, 1), f"output_ids has shape {out.shape}"

@@ -17,7 +17,9 @@ Two dialects; the names in a request pick one (mixing them is INVALID_ARGUMENT):
 v1 (the 2021 backend)
     inputs   INPUT_ID [B, L], REQUEST_INPUT_LEN [B, 1], REQUEST_OUTPUT_LEN [B, 1], all UINT32 (or INT32).
     outputs  OUTPUT0 [B, L + max(REQUEST_OUTPUT_LEN)] UINT32: each row's prompt, its new tokens, then the
-             end-of-text token. Sampling is the server config's (candidate_num / probability_threshold /
+             end-of-text token, laid out time-major under that shape, as that backend returned its decoder's
+             [length, batch] buffer: its tools read it with reshape([-1, B]) and transpose the rows out
+             (tools/identity_test.py, then FasterTransformer's convert_gpt_token.py). Sampling is the server config's (candidate_num / probability_threshold /
              temperature, read into the engine config's top_k / top_p / temperature), as in that backend.
 
 Sampling as in FasterTransformer: top_k 0 and top_p 0 (or top_k 1) is greedy; top_p 0 turns top-p off. A row
@@ -285,7 +287,8 @@ def outputs(requests: list[Request], completions: list[Completion], info: Info) 
         ids[i, : len(tokens)] = tokens
         lengths[i, 0] = len(tokens)
         log_probs[i, 0, : len(done.logprobs)] = done.logprobs
-    arrays = {"OUTPUT0": ids, "output_ids": ids[:, None, :], "sequence_length": lengths,
+    time_major = np.ascontiguousarray(ids.T).reshape(ids.shape)  # v1: see the module's docstring
+    arrays = {"OUTPUT0": time_major, "output_ids": ids[:, None, :], "sequence_length": lengths,
               "cum_log_probs": log_probs.sum(-1).astype(np.float32), "output_log_probs": log_probs}
     return {name: arrays[name] for name in info.outputs}
 

@@ -118,10 +118,10 @@ def test_tritonclient_http_gets_the_prompt_then_the_greedy_tokens(triton, served
     result = triton.infer(MODEL, ft_inputs(names, PROMPTS, N_NEW, binary), outputs=outputs, headers=served.headers)
     (tensor,) = result.get_response()["outputs"]
     assert ("parameters" in tensor and "binary_data_size" in tensor["parameters"]) == binary
-    rows = result.as_numpy(out_name)
-    rows = rows if dialect == "v1" else rows[:, 0]
+    out = result.as_numpy(out_name)
     width = max(map(len, PROMPTS))
-    assert rows.shape == (len(PROMPTS), width + N_NEW)
+    assert out.shape[0] == len(PROMPTS) and out.shape[-1] == width + N_NEW
+    rows = out.reshape(-1, len(PROMPTS)).T if dialect == "v1" else out[:, 0]  # v1: time-major, as in 2021
     for row, prompt, new in zip(rows.tolist(), PROMPTS, reference):
         assert row == prompt + new + [EOS] * (width - len(prompt))  # each row padded with end-of-text
 

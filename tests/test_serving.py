@@ -289,8 +289,8 @@ def test_triton_infer_matches_cli(triton, reference):
 
 
 def test_triton_v1_dialect_matches_cli(triton, reference):
-    """The 2021 backend's tensors (INPUT_ID, REQUEST_INPUT_LEN, REQUEST_OUTPUT_LEN -> OUTPUT0): the prompt, then
-    the same greedy tokens (the server's default sampling, top_k 0 and top-p off, is FasterTransformer's
+    """The 2021 backend's tensors (INPUT_ID, REQUEST_INPUT_LEN, REQUEST_OUTPUT_LEN -> OUTPUT0, time-major): the
+    prompt, then the same greedy tokens (the server's default sampling, top_k 0 and top-p off, is FasterTransformer's
     greedy), stopping at end-of-text and padded with it."""
     ids, lengths = padded(PROMPTS)
     inputs = []
@@ -300,7 +300,8 @@ def test_triton_v1_dialect_matches_cli(triton, reference):
         inputs[-1].set_data_from_numpy(array)
     out = triton.infer(MODEL, inputs).as_numpy("OUTPUT0")
     assert out.shape == (len(PROMPTS), ids.shape[1] + N_NEW) and out.dtype == np.uint32
-    for row, prompt, want in zip(out.tolist(), PROMPTS, reference):
+    rows = out.reshape(-1, len(PROMPTS)).T  # time-major, read as the 2021 tools read it
+    for row, prompt, want in zip(rows.tolist(), PROMPTS, reference):
         if 50256 in want:
             want = want[: want.index(50256) + 1]
         assert row == prompt + want + [50256] * (len(row) - len(prompt) - len(want))
