@@ -188,20 +188,20 @@ NAMES = {f: f for f in ("prompt", "max_new_tokens", "temperature", "top_k", "top
 
 
 class TextStream:
-    """Decode a growing token list piece by piece, holding back bytes of an unfinished character."""
+    """Decode a growing token list piece by piece, holding back the tokens of an unfinished character: only those
+    are decoded again, so a long stream costs its length, not its length squared."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.sent = 0
+        self.pending: list[int] = []
 
     def add(self, ids, final: bool = False) -> str:
-        self.ids += ids
-        text = self.tokenizer.decode(self.ids)
+        self.pending += ids
+        text = self.tokenizer.decode(self.pending) if self.pending else ""
         if text.endswith("\ufffd") and not final:
             return ""
-        piece, self.sent = text[self.sent:], len(text)
-        return piece
+        self.pending = []
+        return text
 
 
 class Frontend:

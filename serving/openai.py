@@ -1,13 +1,15 @@
-"""The OpenAI-compatible API on the HTTP port: `GET /v1/models`, `POST /v1/completions`, `/v1/chat/completions`.
+"""The OpenAI-compatible API on the HTTP port: `GET /v1/models[/{id}]`, `POST /v1/completions`,
+`/v1/chat/completions`.
 
 `/v1/completions` takes `prompt` as a string, a token list, or a list of either (each one a choice, times
 `n`), `max_tokens` (default 16), `temperature` (default 1), `top_p`, `seed` (none: a random one per choice),
 `stop` (up to 4 strings, matched on the decoded text: the text ends before the stop string and the request
 stops there, freeing its slot), `logprobs` 0 (each token's own log-probability; the top alternatives of
 larger values are not computed), `echo`, `stream` (server-sent events ending with `data: [DONE]`;
-`stream_options.include_usage` adds a last chunk with the usage), and gives `usage` counts. `top_k` is
-accepted as an extension. Fields that ask for what gptjax can't do (`best_of` > n, penalties, `logit_bias`,
-`suffix`) get a 400 naming them; values are checked by the front end, as for every API.
+`stream_options.include_usage` adds a last chunk with the usage), and gives `usage` counts (the completion's:
+the tokens whose text starts before a stop string). `top_k` is accepted as an extension. Fields that ask for
+what gptjax can't do (`best_of` > n, penalties, `logit_bias`, `suffix`) get a 400 naming them; values are
+checked by the front end, as for every API.
 
 The models GPT-2 style checkpoints bring have no chat template, so `/v1/chat/completions` answers 400.
 """
@@ -15,6 +17,7 @@ The models GPT-2 style checkpoints bring have no chat template, so `/v1/chat/com
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import secrets
 import sys
@@ -43,40 +46,51 @@ NAMES = {"prompt": "prompt", "max_new_tokens": "max_tokens", "temperature": "tem
 
 @dataclass
 class Choice:
-    """One choice's text as its tokens come: decoded incrementally, cut at the first stop string, and held back
-    while its end could still be the start of one. The end-of-text token that ends a request counts as a
-    token but adds no text."""
+    """One choice's text as its tokens come: decoded incrementally, cut before the first stop string to complete,
+    and held back while its end could still be the start of one. Tokens are taken one at a time, so how the
+    engine groups them per event never changes the answer; tokens after the one that completes a stop string
+    are dropped. The end-of-text token that ends a request counts as a token but adds no text."""
 
     frontend: object
     stops: list[str]
     stop_ids: frozenset
     ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
-    offsets: list[int] = field(default_factory=list)  # each token's start in `text`, by its own decoded text
+    # each token's start in `text`: the characters decoded before it, so the tokens of a character split over
+    # several (an emoji's bytes) all start where that character does
+    offsets: list[int] = field(default_factory=list)
     text: str = ""
     sent: int = 0  # characters of `text` already streamed
+    cut: bool = False  # a stop string ended the text
     finish_reason: str | None = None
 
     def __post_init__(self):
         self.decoder = self.frontend.text_stream()
 
     def add(self, event) -> None:
+        if self.done:  # what a request sends after its stop string (the rest of its decode call) is not news
+            return
         if isinstance(event, Finished):
-            self.text += self.decoder.add([], final=True)
+            self._extend(self.decoder.add([], final=True))
             self.finish_reason = self.finish_reason or event.reason
-        else:
-            ids = event.ids
-            for t in ids:
-                previous = len(self.frontend.decode([self.ids[-1]])) + self.offsets[-1] if self.ids else 0
-                self.offsets.append(previous)
-                self.ids.append(t)
-            self.logprobs += event.logprobs
-            shown = ids[:-1] if ids and ids[-1] in self.stop_ids else ids
-            self.text += self.decoder.add(list(shown))
-        hits = [i for i in (self.text.find(s) for s in self.stops) if i >= 0]
+            return
+        for t, logprob in zip(event.ids, event.logprobs):
+            self.offsets.append(len(self.text))
+            self.ids.append(t)
+            self.logprobs.append(logprob)
+            self._extend("" if t in self.stop_ids else self.decoder.add([t]))
+            if self.done:
+                return
+
+    def _extend(self, piece: str) -> None:
+        """Add decoded text, cut before the stop string that completes first: the one ending earliest, and of
+        those ending together the longest (the text before `piece` held none)."""
+        checked = len(self.text)
+        self.text += piece
+        hits = [(i + len(s), i) for s in self.stops if (i := self.text.find(s, max(0, checked - len(s) + 1))) >= 0]
         if hits:
-            self.text = self.text[: min(hits)]
-            self.finish_reason = "stop"
+            self.text = self.text[: min(hits)[1]]
+            self.cut, self.finish_reason = True, "stop"
 
     @property
     def done(self) -> bool:
@@ -96,10 +110,9 @@ class Choice:
         return piece
 
     def kept_tokens(self) -> int:
-        """Tokens whose text starts inside the kept text (all of them unless a stop string cut it)."""
-        if self.finish_reason != "stop" or not self.stops:
-            return len(self.ids)
-        return sum(1 for o in self.offsets if o < len(self.text)) or min(1, len(self.ids))
+        """Tokens whose text starts inside the kept text (all of them unless a stop string cut it): what the
+        answer's logprobs list and its usage counts."""
+        return bisect.bisect_left(self.offsets, len(self.text)) if self.cut else len(self.ids)
 
 
 def _prompts(value) -> list:
@@ -180,33 +193,22 @@ class Completions:
         _refuse_unsupported(body, self.n)
         self.stream, self.echo = _flag(body, "stream"), _flag(body, "echo")
         self.want_logprobs = body.get("logprobs") is not None
-        options = body.get("stream_options") or {}
-        if not isinstance(options, dict) or set(options) - {"include_usage"}:
-            raise invalid("stream_options takes only include_usage")
-        self.include_usage = bool(options.get("include_usage")) and self.stream
+        self.include_usage = _include_usage(body, self.stream)
         self.stops = _stops(body.get("stop"))
         self.id, self.created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         self.requests: list[Request] = []
         self.prompt_ids: list[list[int]] = []
 
     async def make_requests(self) -> list[Request]:
-        """Tokenize (off the loop) and validate every choice's request, through the front end. A request over
-        one of the server's size limits is a 400 here, as OpenAI answers it: its clients retry a 429."""
-        try:
-            return await self._make_requests()
-        except RequestError as e:
-            if e.code is Code.RESOURCE_EXHAUSTED:
-                raise invalid(e.message) from None
-            raise
-
-    async def _make_requests(self) -> list[Request]:
+        """Tokenize (off the loop) and validate every choice's request, through the front end. A text prompt
+        meeting a full queue is a 429 (the tokenizer refuses it first), as at `submit`."""
         prompts = _prompts(self.body.get("prompt"))
-        self.frontend.check_batch(len(prompts) * self.n, "prompt x n")
+        with _size_limits_are_400():
+            self.frontend.check_batch(len(prompts) * self.n, "prompt x n")
         seed = self.body.get("seed")
         for i, prompt in enumerate(prompts):
             name = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
             if isinstance(prompt, str):
-                self.frontend.check_text(prompt, name)
                 prompt = await asyncio.wrap_future(self.frontend.tokenize_async(prompt, name))
                 name += " (as tokens)"
             for j in range(self.n):
@@ -214,13 +216,15 @@ class Completions:
                            temperature=_option(self.body, "temperature", 1.0),
                            top_p=_option(self.body, "top_p", 1.0), top_k=_option(self.body, "top_k", 0),
                            seed=secrets.randbits(63) if seed is None else _shifted(seed, j))
-                self.requests.append(self.frontend.validate(p, {**NAMES, "prompt": name}))
+                with _size_limits_are_400():
+                    self.requests.append(self.frontend.validate(p, {**NAMES, "prompt": name}))
             self.prompt_ids.append(self.requests[-1].prompt)
         return self.requests
 
     def usage(self, choices: list[Choice]) -> dict:
+        """The prompts' tokens and the choices' kept ones (none generated after a stop string)."""
         prompt = sum(len(p) for p in self.prompt_ids)
-        completion = sum(len(c.ids) for c in choices)
+        completion = sum(c.kept_tokens() for c in choices)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     def prefix(self, index: int) -> str:
@@ -243,9 +247,42 @@ class Completions:
         return out
 
 
+def _include_usage(body: dict, stream: bool) -> bool:
+    """`stream_options.include_usage`; like OpenAI, stream_options without `stream` is refused."""
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    if not stream:
+        raise invalid("stream_options is only allowed when stream is true")
+    if not isinstance(options, dict):
+        raise invalid(f"stream_options must be an object, got {type(options).__name__}")
+    if set(options) - {"include_usage"}:
+        raise invalid("stream_options takes only include_usage")
+    value = options.get("include_usage", False)
+    if not isinstance(value, bool):
+        raise invalid(f"stream_options.include_usage must be true or false, got {value!r}")
+    return value
+
+
+@contextlib.contextmanager
+def _size_limits_are_400():
+    """A request over one of the server's size limits (`n` x prompts, `max_tokens`) is a 400, as OpenAI answers
+    it: its clients retry a 429, and only a full queue is worth retrying."""
+    try:
+        yield
+    except RequestError as e:
+        if e.code is Code.RESOURCE_EXHAUSTED:
+            raise invalid(e.message) from None
+        raise
+
+
 def _shifted(seed, j: int):
-    """Choice j's seed: distinct choices of one seeded call differ, and the call stays reproducible."""
-    return seed + j if isinstance(seed, int) and not isinstance(seed, bool) else seed
+    """Choice j's seed: distinct choices of one seeded call differ, and the call stays reproducible. Past the
+    largest seed (2**64 - 1) they wrap to 0, which keeps them the same modulo 2**32 (what the engine uses); the
+    seed the client sent (choice 0's) is checked as sent."""
+    if j and isinstance(seed, int) and not isinstance(seed, bool):
+        return (seed + j) % 2**64
+    return seed
 
 
 async def _run_choice(stream: Stream, choice: Choice) -> None:
@@ -329,23 +366,30 @@ def _option(body: dict, name: str, default):
 def add_routes(app: FastAPI, ctx: Context) -> None:
     frontend = ctx.frontend
 
-    def check_model(body: dict) -> None:
-        model = body.get("model")
+    def check_model(model) -> None:
         if model is not None and model != frontend.name:
             raise RequestError(Code.NOT_FOUND, f"model {model!r} is not served here; this server serves "
                                                f"{frontend.name!r}")
 
+    def card() -> dict:
+        out = {"id": frontend.name, "object": "model", "created": STARTED, "owned_by": "gptjax"}
+        if frontend.limits is not None:
+            out["max_model_len"] = frontend.limits.max_seq_len
+        return out
+
     @app.get("/v1/models")
     async def models():
-        card = {"id": frontend.name, "object": "model", "created": STARTED, "owned_by": "gptjax"}
-        if frontend.limits is not None:
-            card["max_model_len"] = frontend.limits.max_seq_len
-        return {"object": "list", "data": [card]}
+        return {"object": "list", "data": [card()]}
+
+    @app.get("/v1/models/{model:path}")  # a Hub id holds a '/' (org/name)
+    async def retrieve_model(model: str):
+        check_model(model)
+        return card()
 
     @app.post("/v1/completions")
     async def completions(http: HttpRequest):
         body = json_object(await ctx.body(http))
-        check_model(body)
+        check_model(body.get("model"))
         metered = contextlib.ExitStack()  # the API call, for the metrics: closed when its answer is done
         call_info = metered.enter_context(frontend.api_call())
         try:
@@ -371,6 +415,6 @@ def add_routes(app: FastAPI, ctx: Context) -> None:
 
     @app.post("/v1/chat/completions")
     async def chat(http: HttpRequest):
-        check_model(json_object(await ctx.body(http)))
+        check_model(json_object(await ctx.body(http)).get("model"))
         raise invalid("model has no chat template: its checkpoint brings none; use /v1/completions with the "
                       "conversation as one prompt")

@@ -1,10 +1,23 @@
 """The OpenAI-compatible API of the real `gptjax serve`, driven by the official `openai` package: the model list,
 completions unary and streamed (the streamed text is the unary text at temperature 0, and both are the native
-API's greedy text), stop strings, echo, logprobs, n, seeds, usage, and the errors it raises."""
+API's greedy text), stop strings, echo, logprobs, n, seeds, usage, and the errors it raises.
+
+What needs no tokens runs in this process too: the routes over a front end whose engine and scheduler are
+test_frontend's stand-ins (any name, any queue), and a choice's text, offsets and stops fed crafted tokens."""
 
 from __future__ import annotations
 
 import pytest
+from starlette.testclient import TestClient
+from test_frontend import _ModelShape, _Scheduler
+
+from gptjax.tokenizer import default_tokenizer
+from serving.frontend import Frontend
+from serving.http import Context
+from serving.http_app import create_app
+from serving.openai import Choice
+from serving.request import Finished, Tokens
+from serving.scheduler import QueueFull
 
 openai = pytest.importorskip("openai")
 pytest_plugins = ["http_server"]  # the `served` fixture: one server for the session
@@ -25,7 +38,6 @@ def client(served):
 def reference(served):
     """The greedy tokens and text of TEXT and of a token-id prompt from the native gRPC API (tested against
     `gptjax generate` in test_serving.py), with their log-probabilities."""
-    from gptjax.tokenizer import default_tokenizer
     from serving.client import Client
 
     rows = []
@@ -131,3 +143,120 @@ def test_what_is_not_supported_is_a_clear_400(client):
     bad_key = openai.OpenAI(base_url=str(client.base_url), api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad_key.models.list()
+
+
+def test_a_model_is_retrieved_by_its_id(client):
+    assert client.models.retrieve(MODEL) == client.models.list().data[0]
+    with pytest.raises(openai.NotFoundError, match="not served"):
+        client.models.retrieve("gpt-4")
+
+
+def test_usage_counts_no_token_after_a_stop_string(client, reference):
+    """A stop string that a token starts: the engine has made the rest of its decode call's tokens by then, but
+    the answer's text, logprobs and usage all end before that token."""
+    tokenizer, ids, full = default_tokenizer(), reference[0]["output_ids"], reference[0]["text"]
+    pieces = [tokenizer.decode([t]) for t in ids]
+    i = next(i for i in range(1, N_NEW - 1) if pieces[i].strip() and full.find(pieces[i]) == len("".join(pieces[:i])))
+    kw = dict(prompt=TEXT, max_tokens=N_NEW, temperature=0, stop=pieces[i])
+    out = client.completions.create(model=MODEL, logprobs=0, **kw)
+    (choice,) = out.choices
+    assert (choice.text, choice.finish_reason) == ("".join(pieces[:i]), "stop")
+    assert out.usage.completion_tokens == len(choice.logprobs.tokens) == i
+    _, _, usage = streamed(client, stream_options={"include_usage": True}, **kw)
+    assert usage.completion_tokens == i
+
+
+def test_seeds_of_the_choices_wrap_past_the_largest(client):
+    """Choice j's seed is seed + j modulo 2**64, and the engine samples with the seed modulo 2**32."""
+    def texts(seed, n=1):
+        out = client.completions.create(model=MODEL, prompt=TEXT, max_tokens=N_NEW, temperature=1.0, n=n, seed=seed)
+        return [c.text for c in out.choices]
+
+    assert texts(2**64 - 1, n=2) == texts(2**32 - 1) + texts(0)
+    with pytest.raises(openai.BadRequestError, match="seed"):
+        texts(2**64, n=2)
+
+
+def test_stream_options_ask_for_a_stream_and_an_object(client):
+    for kwargs, words in ((dict(stream_options={"include_usage": True}), "only allowed when stream is true"),
+                          (dict(stream=True, extra_body={"stream_options": []}), "stream_options must be an object"),
+                          (dict(stream=True, stream_options={"include_usage": 1}), "include_usage must be true")):
+        with pytest.raises(openai.BadRequestError, match=words):
+            client.completions.create(model=MODEL, prompt=TEXT, max_tokens=2, **kwargs)
+
+
+# ---- in this process ------------------------------------------------------------------------------------
+HUB_ID = "openai-community/gpt2"
+
+
+@pytest.fixture
+def local():
+    """(the scheduler stand-in, an OpenAI client) of the routes in this process: nothing is generated, so only
+    answers that come before any token can be asked for."""
+    frontend = Frontend(HUB_ID)
+    frontend.load(_ModelShape(), _Scheduler(), max_batch_size=4)
+    app = create_app(Context(frontend, max_body_bytes=1 << 20, dialect="v1", body_timeout_s=10.0), max_requests=8)
+    with TestClient(app) as http, openai.OpenAI(base_url="http://testserver/v1", api_key="-", http_client=http,
+                                                max_retries=0) as c:
+        yield frontend.scheduler, c
+
+
+def test_a_hub_id_with_a_slash_is_retrieved(local):
+    _, c = local
+    assert c.models.retrieve(HUB_ID).id == HUB_ID == c.models.list().data[0].id
+    with pytest.raises(openai.NotFoundError, match="not served"):
+        c.models.retrieve("openai-community/gpt2-xl")
+
+
+def test_a_full_queue_is_a_429_for_text_and_token_prompts_and_a_size_limit_a_400(local):
+    """OpenAI clients retry a 429 (a full queue clears) but not a 400 (a request over a limit stays over it)."""
+    scheduler, c = local
+    scheduler.submitted = [object()] * scheduler.max_queued  # the text is refused before tokenizing
+    with pytest.raises(openai.RateLimitError, match="queue is full"):
+        c.completions.create(model=HUB_ID, prompt=TEXT, max_tokens=2)
+    scheduler.refuse = QueueFull.of(scheduler.max_queued)  # token ids meet the queue at submit
+    with pytest.raises(openai.RateLimitError, match="queue is full"):
+        c.completions.create(model=HUB_ID, prompt=[1, 2], max_tokens=2)
+    scheduler.submitted, scheduler.refuse = [], None
+    for kwargs, words in ((dict(prompt="x" * 5000), "bytes"), (dict(prompt=[1] * 999), "positions"),
+                          (dict(prompt=TEXT, max_tokens=10**6), "over the server's limit"),
+                          (dict(prompt=[TEXT] * 3, n=2), "over the server's limit")):
+        with pytest.raises(openai.BadRequestError, match=words):
+            c.completions.create(model=HUB_ID, **kwargs)
+
+
+def _choice(stops: list[str], groups: list[list[int]], end: str | None = None):
+    """A choice fed `groups` of tokens, an event each (as a decode call sends them), then `end`'s Finished."""
+    frontend = Frontend(MODEL)
+    frontend.load(_ModelShape(), _Scheduler(), max_batch_size=1)
+    choice = Choice(frontend, stops, frozenset({EOS}))
+    for ids in groups:
+        choice.add(Tokens(ids, [-float(t) for t in ids]))
+    if end:
+        choice.add(Finished(end))
+    return choice
+
+
+def test_text_offsets_start_a_character_split_over_tokens_at_its_first_token():
+    """Each byte of an emoji is a token that alone decodes to U+FFFD: all of them start where the emoji does,
+    so a stop string right after one keeps every token of it."""
+    ids = default_tokenizer().encode("a😀😀 b")
+    assert len(ids) == 6  # a, two tokens per emoji, " b"
+    whole = _choice([], [ids], end="length")
+    assert (whole.text, whole.offsets) == ("a😀😀 b", [0, 1, 1, 2, 2, 3])
+    cut = _choice([" b"], [[t] for t in ids])
+    assert (cut.text, cut.finish_reason, cut.kept_tokens()) == ("a😀😀", "stop", 5)
+    assert cut.offsets == whole.offsets and cut.logprobs == [-float(t) for t in ids]
+
+
+def test_the_stop_string_that_completes_first_wins_however_tokens_are_grouped():
+    """Of the stops "quick brown" and "ck", the second completes first (with " quick", the first one token
+    later, though it starts earlier): the text ends before "ck" and the tokens after " quick" are not taken,
+    whether the tokens come one by one or together."""
+    ids = default_tokenizer().encode("The quick brown fox")
+    assert len(ids) == 4
+    for groups in ([[t] for t in ids], [ids], [ids[:1], ids[1:]], [ids[:3], ids[3:]]):
+        c = _choice(["quick brown", "ck"], groups)
+        assert (c.text, c.finish_reason, c.ids, c.kept_tokens()) == ("The qui", "stop", ids[:2], 2), groups
+    together = _choice(["quick", "u", "qu"], [ids])  # in one token: the earliest end, then the longest
+    assert together.text == "The "
