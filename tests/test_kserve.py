@@ -305,10 +305,35 @@ def test_metadata_describes_the_declared_dialect(triton):
     assert [t.name for t in meta.outputs] == ["OUTPUT0"]
     config = triton.get_model_config(MODEL).config
     assert [i.name for i in config.input] == ["INPUT_ID", "REQUEST_INPUT_LEN", "REQUEST_OUTPUT_LEN"]
-    assert config.parameters["candidate_num"].string_value == "0" and config.max_batch_size == 64
+    # a batch is queued whole: this server's queue of 16 caps the config's 64 rows
+    assert config.parameters["candidate_num"].string_value == "0" and config.max_batch_size == 16
     # the 5.x names are served all the same
     ids, lengths = padded([PROMPT])
     assert triton.infer(MODEL, ft_inputs(ids, lengths, 2)).as_numpy("sequence_length")[0, 0] == 6
+
+
+def test_kserve_request_parameters_mean_on_grpc_what_they_mean_over_http(triton, client):
+    """A `timeout` parameter (microseconds) ends the request; a priority other than 0 and unknown parameters are
+    refused; a stream request's final-response flag marks its one response final."""
+    inputs = ft_inputs([PROMPT], [len(PROMPT)], 200)
+    with pytest.raises(tritonclient_grpc.InferenceServerException) as info:
+        triton.infer(MODEL, inputs, timeout=1000, client_timeout=60)
+    assert info.value.status() == "StatusCode.DEADLINE_EXCEEDED", info.value.message()
+    for kwargs, word in [(dict(priority=5), "parameters.priority must be 0"),
+                         (dict(sequence_id=3), "unsupported request parameter(s) sequence_end, sequence_id")]:
+        with pytest.raises(tritonclient_grpc.InferenceServerException) as info:
+            triton.infer(MODEL, ft_inputs([PROMPT], [len(PROMPT)], 2), client_timeout=60, **kwargs)
+        assert info.value.status() == "StatusCode.INVALID_ARGUMENT" and word in info.value.message()
+    answers = queue.Queue()
+    triton.start_stream(callback=lambda result, error: answers.put((result, error)))
+    try:
+        triton.async_stream_infer(MODEL, ft_inputs([PROMPT], [len(PROMPT)], 2), enable_empty_final_response=True)
+        result, error = answers.get(timeout=60)
+    finally:
+        triton.stop_stream()
+    assert error is None and result.get_response().parameters["triton_final_response"].bool_param
+    assert result.as_numpy("sequence_length")[0, 0] == len(PROMPT) + 2
+    still_serving(client)
 
 
 # ---- a port in use ------------------------------------------------------------------------------------------
@@ -344,26 +369,3 @@ def test_a_second_signal_stops_the_drain_at_once(server):
     assert proc.wait(timeout=30) == 128 + signal.SIGINT
     assert time.monotonic() - start < 30
 
-
-def test_kserve_request_parameters_mean_on_grpc_what_they_mean_over_http(triton, client):
-    """A `timeout` parameter (microseconds) ends the request; a priority other than 0 and unknown parameters are
-    refused; a stream request's final-response flag marks its one response final."""
-    inputs = ft_inputs([PROMPT], [len(PROMPT)], 200)
-    with pytest.raises(tritonclient_grpc.InferenceServerException) as info:
-        triton.infer(MODEL, inputs, timeout=1000, client_timeout=60)
-    assert info.value.status() == "StatusCode.DEADLINE_EXCEEDED", info.value.message()
-    for kwargs, word in [(dict(priority=5), "parameters.priority must be 0"),
-                         (dict(sequence_id=3), "unsupported request parameter(s) sequence_end, sequence_id")]:
-        with pytest.raises(tritonclient_grpc.InferenceServerException) as info:
-            triton.infer(MODEL, ft_inputs([PROMPT], [len(PROMPT)], 2), client_timeout=60, **kwargs)
-        assert info.value.status() == "StatusCode.INVALID_ARGUMENT" and word in info.value.message()
-    answers = queue.Queue()
-    triton.start_stream(callback=lambda result, error: answers.put((result, error)))
-    try:
-        triton.async_stream_infer(MODEL, ft_inputs([PROMPT], [len(PROMPT)], 2), enable_empty_final_response=True)
-        result, error = answers.get(timeout=60)
-    finally:
-        triton.stop_stream()
-    assert error is None and result.get_response().parameters["triton_final_response"].bool_param
-    assert result.as_numpy("sequence_length")[0, 0] == len(PROMPT) + 2
-    still_serving(client)
