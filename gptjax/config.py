@@ -138,6 +138,10 @@ class EngineConfig:
         check_positive(self, ("max_slots", "max_new_tokens", "min_prefill_bucket", "max_prefill_tokens"))
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"EngineConfig.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0 or self.temperature < 0:
+            raise ValueError("EngineConfig.top_k and temperature must not be negative")
+        if self.max_seq_len < 0 or self.max_new_tokens_limit < 0:
+            raise ValueError("EngineConfig.max_seq_len and max_new_tokens_limit must not be negative (0: the model's)")
 
     def ending_at(self, tokenizer) -> "EngineConfig":
         """This config, stopping at `tokenizer`'s <|endoftext|> if it kept GPT-2's default id: a checkpoint with a
@@ -146,8 +150,6 @@ class EngineConfig:
         if eos is None or self.eos_token_id != EngineConfig.eos_token_id:
             return self
         return dataclasses.replace(self, eos_token_id=eos)
-        if self.top_k < 0 or self.temperature < 0:
-            raise ValueError("EngineConfig.top_k and temperature must not be negative")
 
     def replace(self, **changes) -> "EngineConfig":
         return dataclasses.replace(self, **changes)
