@@ -13,12 +13,14 @@ flags (`parse_shapes` reads -b -i -o / --shapes).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -56,6 +58,8 @@ class BenchOptions:
             raise ValueError(f"--runs must be at least 1, got {self.runs}")
         if self.warmup < 0:
             raise ValueError(f"--warmup must not be negative, got {self.warmup}")
+        if self.warmup_seconds is not None and not self.warmup_seconds >= 0:
+            raise ValueError(f"--warmup-seconds must not be negative, got {self.warmup_seconds}")
         if self.server_api not in SERVER_APIS:
             raise ValueError(f"--server-api must be one of {SERVER_APIS}, got {self.server_api!r}")
         unknown = [p for p in self.peers if p not in PEERS]
@@ -110,15 +114,23 @@ def measure_rates(dtype: str) -> dict:
     return {"memory_bytes_per_s": floors.memory_bandwidth(), "matmul_flops": floors.matmul_rate(dtype)}
 
 
-def floor_seconds(config, batch: int, input_len: int, output_len: int, rates: dict) -> float:
-    """The least time any engine could take on this device: prefill compute, then each decode step's bytes."""
+def floor_seconds(config, batch: int, input_len: int, output_len: int, rates: dict, devices: int = 1) -> float:
+    """The least time any engine could take on `devices` of this device, the work spread evenly over them: the
+    prefill's FLOPs at the matmul rate (the layers' products on every prompt token, causal attention's half of
+    the score and value products, the LM head on each row's last token only, as the engine runs it), then each
+    decode step's bytes at the read rate (the weights, but of the position table the one row a step uses, and
+    the K/V so far)."""
     itemsize = 2 if config.dtype in ("bfloat16", "float16") else 4
-    params = config.num_params()
-    weight_bytes = params * itemsize
-    prefill = 2 * params * batch * input_len / rates["matmul_flops"]
-    kv_bytes_per_token = 2 * config.n_layers * config.hidden * itemsize
+    c, layers = config.hidden, config.n_layers
+    tables = (config.vocab_size + config.n_positions) * c
+    layer_flops = 2 * (config.num_params() - tables) * batch * input_len
+    attention_flops = 2 * layers * c * batch * input_len * (input_len + 1)
+    head_flops = 2 * config.vocab_size * c * batch
+    prefill = (layer_flops + attention_flops + head_flops) / (rates["matmul_flops"] * devices)
+    weight_bytes = (config.num_params() - config.n_positions * c + c) * itemsize
+    kv_bytes_per_token = 2 * layers * c * itemsize
     decode = sum((weight_bytes + kv_bytes_per_token * batch * (input_len + j)) / rates["memory_bytes_per_s"]
-                 for j in range(1, output_len))
+                 for j in range(1, output_len)) / devices
     return prefill + decode
 
 
@@ -164,7 +176,7 @@ def server_runner(target: str, prompts: np.ndarray, output_len: int, api: str = 
         def run():
             calls = [client.stub.Generate.future(r) for r in requests]
             for call in calls:
-                assert len(call.result().token_ids) == output_len, "the server returned fewer tokens than asked"
+                assert len(_answer(call, target).token_ids) == output_len, "the server returned fewer tokens than asked"
 
         return run
 
@@ -181,10 +193,20 @@ def server_runner(target: str, prompts: np.ndarray, output_len: int, api: str = 
     def run():
         calls = [client.stub.ModelInfer.future(r) for r in requests]
         for call in calls:
-            lengths = KServeResult(call.result()).as_numpy("sequence_length")
+            lengths = KServeResult(_answer(call, target)).as_numpy("sequence_length")
             assert (lengths == ids.shape[1] + output_len).all(), "the server returned fewer tokens than asked"
 
     return run
+
+
+def _answer(call, target: str):
+    """A gRPC future's answer; a refusal as a ValueError saying what the server said (the command's one line)."""
+    import grpc
+
+    try:
+        return call.result()
+    except grpc.RpcError as e:
+        raise ValueError(f"--server {target} refused a request: {e.code().name}: {e.details()}") from None
 
 
 def _free_peer_memory():
@@ -242,6 +264,32 @@ def model_config(options: BenchOptions):
     return config.replace(dtype=options.dtype) if options.dtype else config
 
 
+def served_model(options: BenchOptions):
+    """(ModelConfig, positions, devices) of the model the `--server` runs: its shape from the server, the rest
+    from `--model` / `--checkpoint`, or from the server's model name when that is a preset or a folder here (else
+    GPT-2's MLP width), in the server's dtype; refused when they disagree, so that the floor is the served
+    model's."""
+    from gptjax.config import PRESETS, MeshShape, ModelConfig
+    from serving.client import serving_model_info
+
+    info = serving_model_info(options.server, options.api_key)  # a clear error for no server, or a key it wants
+    options = dataclasses.replace(options, dtype=options.dtype or info.dtype)
+    shape = {"n_layers": info.n_layers, "hidden": info.hidden, "n_heads": info.n_heads,
+             "vocab_size": info.vocab_size, "dtype": info.dtype}
+    if options.model or options.checkpoint:
+        config = model_config(options)
+    elif info.name in PRESETS or (Path(info.name) / "config.json").is_file():
+        config = model_config(dataclasses.replace(options, model=info.name if info.name in PRESETS else None,
+                                                  checkpoint=None if info.name in PRESETS else info.name))
+    else:
+        config = ModelConfig(n_positions=info.max_seq_len, **shape)
+    wrong = [f"{k} {getattr(config, k)} (the server's: {v})" for k, v in shape.items() if getattr(config, k) != v]
+    if wrong:
+        raise ValueError(f"--server {options.server} runs {info.name}, not this model: {', '.join(wrong)}; pass the "
+                         "server's --model or --checkpoint (and --dtype)")
+    return config, info.max_seq_len, MeshShape.parse(info.mesh).size
+
+
 @dataclass
 class _Context:
     """What every shape of one run shares."""
@@ -251,11 +299,12 @@ class _Context:
     engine: object | None  # the in-process Engine (None through a server without peers)
     rates: dict
     device: str
+    devices: int  # the floor's work is spread over this many (the engine's mesh; the server's)
 
 
 def _row(ctx: _Context, shape: Shape, impl: str, seconds: float, seconds_one: float | None, device: str) -> Row:
     b, i, o = shape
-    floor = floor_seconds(ctx.config, b, i, o, ctx.rates)
+    floor = floor_seconds(ctx.config, b, i, o, ctx.rates, ctx.devices)
     decode = (seconds - seconds_one) / (o - 1) * 1e3 if seconds_one is not None and o > 1 else None
     extra = {"memory_GBps": ctx.rates["memory_bytes_per_s"] / 1e9, "matmul_TFLOPs": ctx.rates["matmul_flops"] / 1e12,
              "dtype": ctx.config.dtype, "model_params": ctx.config.num_params()}
@@ -326,16 +375,14 @@ def run_bench(options: BenchOptions, make_engine: Callable[[], object] | None = 
 
     from gptjax import distributed
 
-    config = engine.config if engine else model_config(options)
-    max_seq = engine.max_seq_len if engine else config.n_positions
+    if options.server:
+        config, max_seq, devices = served_model(options)
+    else:
+        config, max_seq, devices = engine.config, engine.max_seq_len, engine.mesh.devices.size
     for b, i, o in options.shapes:
         if i + o > max_seq:
             raise ValueError(f"input_len {i} + output_len {o} exceeds the model's {max_seq} positions")
-    if options.server and distributed.is_main_process():
-        from serving.client import serving_model_info
-
-        serving_model_info(options.server, options.api_key)  # a clear error for no server, or a key it wants
-    ctx = _Context(options, config, engine, measure_rates(config.dtype), jax.devices()[0].device_kind)
+    ctx = _Context(options, config, engine, measure_rates(config.dtype), jax.devices()[0].device_kind, devices)
     peers = {peer: hf_model_for(engine) for peer in options.peers} if distributed.is_main_process() else {}
     # a server compiles every shape it runs before serving; a couple of seconds of warm-up settle its threads
     server_warmup_s = 2.0 if options.warmup_seconds is None else options.warmup_seconds

@@ -56,8 +56,8 @@ class LengthDist:
             numbers = [float(v) for v in values.split(",")]
         except ValueError:
             raise ValueError(f"{flag}: {kind} takes {_KINDS[kind]} number(s), got {text!r}") from None
-        if len(numbers) != _KINDS[kind]:
-            raise ValueError(f"{flag}: {kind} takes {_KINDS[kind]} number(s), got {text!r}")
+        if len(numbers) != _KINDS[kind] or not all(map(math.isfinite, numbers)):
+            raise ValueError(f"{flag}: {kind} takes {_KINDS[kind]} finite number(s), got {text!r}")
         dist = cls(kind, *numbers)
         if kind == "fixed" and (dist.a < 1 or dist.a != int(dist.a)):
             raise ValueError(f"{flag}: fixed:N needs a whole N of at least 1, got {text!r}")

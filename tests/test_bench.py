@@ -42,8 +42,35 @@ def test_options_are_checked_where_they_are_made():
     assert parse_shapes(None, None, None, ["1,4,2", "2,4,1"]) == ((1, 4, 2), (2, 4, 1))
     for bad, field in ((dict(shapes=((1, 0, 2),)), "at least 1"), (dict(shapes=((1, 2, 2),), runs=0), "--runs"),
                        (dict(shapes=((1, 2, 2),), server_api="http"), "--server-api"),
-                       (dict(shapes=((1, 2, 2),), peers=("vllm",)), "--peer")):
+                       (dict(shapes=((1, 2, 2),), peers=("vllm",)), "--peer"),
+                       (dict(shapes=((1, 2, 2),), warmup_seconds=-5.0), "--warmup-seconds")):
         with pytest.raises(ValueError, match=field):
             BenchOptions(**bad)
     with pytest.raises(ValueError, match="-o required"):
         parse_shapes(1, 4, None, None)
+
+
+def test_the_prefill_floor_is_no_more_than_the_work_xla_counts():
+    """The floor is a lower bound: its prefill FLOPs are at most those XLA counts in the engine's own prefill
+    program (the LM head runs on each row's last token only: counting it on every token, as an earlier floor
+    did, overstated a small model's prefill sevenfold)."""
+    import numpy as np
+
+    from benchmarks.bench import floor_seconds
+    from gptjax.engine import Engine
+    from gptjax.engine_api import SamplingArrays
+    from gptjax.sampling import SamplingParams
+
+    engine = Engine.from_preset("gpt2-tiny")
+    batch, length = 4, 64
+    tokens, lengths = np.ones((batch, length), np.int32), np.full((batch,), length, np.int32)
+    samp = SamplingArrays.from_params([SamplingParams()] * batch)
+    compiled = engine._prefill_jit.lower(engine.params, tokens, lengths, samp, sampled=False).compile()
+    cost = compiled.cost_analysis()
+    xla_flops = (cost[0] if isinstance(cost, list) else cost)["flops"]
+    unit = {"matmul_flops": 1.0, "memory_bytes_per_s": 1.0}
+    floor_flops = floor_seconds(engine.config, batch, length, 1, unit)
+    assert 0.5 * xla_flops < floor_flops <= xla_flops
+    # spread over two devices, the same work takes half the time at best
+    assert floor_seconds(engine.config, batch, length, 8, unit, devices=2) == \
+        floor_seconds(engine.config, batch, length, 8, unit) / 2

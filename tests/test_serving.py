@@ -23,6 +23,7 @@ import grpc
 import numpy as np
 import pytest
 
+from gptjax.config import preset
 from serving.client import Client
 from serving.proto.gptjax.v1 import generator_pb2 as pb
 from serving.proto.gptjax.v1 import generator_pb2_grpc as pb_grpc
@@ -365,6 +366,13 @@ def test_bench_through_the_server(target, api):
     assert row["impl"] == "gptjax-server" and (row["batch"], row["input_len"], row["output_len"]) == (2, 8, 4)
     assert row["latency_ms"] > 0 and row["tokens_per_s"] > 0 and row["floor_ms"] > 0
     assert row["extra"]["server_api"] == api
+    assert row["extra"]["model_params"] == preset("gpt2-tiny").num_params()  # the served model's floor
+
+
+def test_bench_through_the_server_refuses_another_models_floor(target):
+    proc = run_cli("bench", "--server", target, "--model", "gpt2-124m", "--shapes", "2,8,4", "-n", "1", check=False,
+                   env={"JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 2 and "runs gpt2-tiny, not this model: n_layers 12 (the server's: 4)" in proc.stderr
 
 
 # ---- bad requests: a clear status, never INTERNAL, and the server keeps serving ---------------------------

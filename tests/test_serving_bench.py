@@ -28,7 +28,8 @@ def test_normal_lengths_are_rounded_and_clipped_to_the_limit():
 
 
 @pytest.mark.parametrize("text", ["fixed", "fixed:0", "fixed:2.5", "uniform:5,3", "uniform:1", "normal:0,1",
-                                  "poisson:3", "uniform:a,b"])
+                                  "poisson:3", "uniform:a,b", "fixed:inf", "uniform:1,inf", "fixed:1e400",
+                                  "normal:nan,1"])
 def test_bad_length_distributions_name_the_flag(text):
     with pytest.raises(ValueError, match="--input-len-dist"):
         LengthDist.parse(text, "--input-len-dist")
