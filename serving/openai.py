@@ -290,7 +290,7 @@ async def _run_choice(stream: Stream, choice: Choice) -> None:
     async for event in stream.events():
         choice.add(event)
         if choice.done:
-            stream.request.cancel()  # a stop string: free the slot now
+            stream.request.stop_here()  # a stop string: free the slot now
             return
 
 
@@ -337,7 +337,7 @@ async def _events(call: Completions, runs: list[Stream], choices: list[Choice], 
                     raise event
                 c.add(event)
                 if c.done:
-                    runs[i].request.cancel()  # finished, or a stop string: free the slot now
+                    runs[i].request.stop_here()  # finished, or a stop string: free the slot now
                 piece = c.piece()
                 if piece or c.done:
                     end = c.kept_tokens() if c.done else len(c.ids)

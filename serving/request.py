@@ -102,6 +102,12 @@ class Request:
         if hook is not None and not self._ended.is_set():
             hook(self)
 
+    def stop_here(self) -> None:
+        """The caller has all it wants (a stop string in the text): the request ends now, finished (its metrics
+        count it so), and its slot frees at the scheduler's next turn."""
+        self.put(Finished("stop"))
+        self.cancel()
+
     def next_event(self, timeout: float | None = None) -> Event | None:
         """The next event, or None after `timeout` seconds."""
         with self._ready:

@@ -7,7 +7,9 @@ test_frontend's stand-ins (any name, any queue), and a choice's text, offsets an
 
 from __future__ import annotations
 
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 from test_frontend import _ModelShape, _Scheduler
 
@@ -151,9 +153,18 @@ def test_a_model_is_retrieved_by_its_id(client):
         client.models.retrieve("gpt-4")
 
 
-def test_usage_counts_no_token_after_a_stop_string(client, reference):
+def ended_calls(served) -> tuple[float, float]:
+    """(successful API calls, requests in the end-to-end latency histogram) from /metrics."""
+    text = httpx.get(served.metrics + "/metrics", headers=served.headers, timeout=10).raise_for_status().text
+    values = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    return values["nv_inference_request_success_total"], values["gptjax_e2e_request_latency_seconds_count"]
+
+
+def test_usage_counts_no_token_after_a_stop_string(client, reference, served):
     """A stop string that a token starts: the engine has made the rest of its decode call's tokens by then, but
-    the answer's text, logprobs and usage all end before that token."""
+    the answer's text, logprobs and usage all end before that token. The request ends there, a success with its
+    end-to-end latency in the metrics."""
+    before = ended_calls(served)
     tokenizer, ids, full = default_tokenizer(), reference[0]["output_ids"], reference[0]["text"]
     pieces = [tokenizer.decode([t]) for t in ids]
     i = next(i for i in range(1, N_NEW - 1) if pieces[i].strip() and full.find(pieces[i]) == len("".join(pieces[:i])))
@@ -164,6 +175,7 @@ def test_usage_counts_no_token_after_a_stop_string(client, reference):
     assert out.usage.completion_tokens == len(choice.logprobs.tokens) == i
     _, _, usage = streamed(client, stream_options={"include_usage": True}, **kw)
     assert usage.completion_tokens == i
+    assert [after - b for after, b in zip(ended_calls(served), before)] == [2, 2]
 
 
 def test_seeds_of_the_choices_wrap_past_the_largest(client):
