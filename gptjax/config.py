@@ -161,6 +161,15 @@ class EngineConfig:
         return min(self.max_new_tokens_limit or self.seq_len(model), self.seq_len(model))
 
 
+def engine_config_of(value) -> EngineConfig:
+    """An EngineConfig from itself, a dict of its fields, or None (the defaults)."""
+    if value is None or isinstance(value, EngineConfig):
+        return value or EngineConfig()
+    if isinstance(value, dict):
+        return config_from_dict(EngineConfig, value, "engine_config")
+    raise ValueError(f"engine_config must be an EngineConfig or a dict of its fields, got {type(value).__name__}")
+
+
 def check_positive(config, names) -> None:
     """Raise ValueError naming the first of a config's `names` fields that is not positive."""
     for name in names:

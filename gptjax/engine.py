@@ -18,7 +18,7 @@ import numpy as np
 
 from gptjax import compile_cache, decode_block, distributed, kernels, sampling, sharding, warmup
 from gptjax.checkpoint import open_checkpoint, restore_in_background
-from gptjax.config import EngineConfig, ModelConfig, preset
+from gptjax.config import EngineConfig, ModelConfig, engine_config_of, preset
 from gptjax.engine_api import DecodeState, Prefix, SamplingArrays, layout_of
 from gptjax.generate import GenerationResult, generate
 from gptjax.layout import layout_for
@@ -43,7 +43,7 @@ class Engine(PlannedShapes):
     def __init__(self, config: ModelConfig, params, engine_config: EngineConfig | None = None, mesh=None,
                  tokenizer=None):
         self.config = config
-        self.engine_config = ec = engine_config or EngineConfig()
+        self.engine_config = ec = engine_config_of(engine_config)
         self.mesh = sharding.default_mesh(mesh)
         self.layout = layout_for(config, self.mesh)
         self.attention = ec.attention or kernels.default_impl()
@@ -79,7 +79,7 @@ class Engine(PlannedShapes):
         mesh, tokenizer = sharding.default_mesh(mesh), folder_tokenizer(checkpoint_dir)
         config, restore = open_checkpoint(checkpoint_dir, mesh, dtype=dtype)
         return cls(config, restore_in_background(restore) if jax.process_count() == 1 else restore(),
-                   (engine_config or EngineConfig()).ending_at(tokenizer), mesh, tokenizer)
+                   engine_config_of(engine_config).ending_at(tokenizer), mesh, tokenizer)
 
     @classmethod
     def from_pretrained(cls, model_id: str, **kw) -> "Engine":

@@ -26,10 +26,13 @@ class GenerationResult:
 
 
 def encode_prompts(engine, prompts) -> list[list[int]]:
-    """Texts or token-id lists (or one of either) -> token-id lists, checked against the model."""
-    if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts
-                                    and isinstance(prompts[0], (int, np.integer))):
+    """Texts or token-id lists (or one of either: a string, a list or 1-D array of ids) -> token-id lists,
+    checked against the model."""
+    one_of_ids = isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], (int, np.integer))
+    if isinstance(prompts, str) or one_of_ids or (isinstance(prompts, np.ndarray) and prompts.ndim == 1):
         prompts = [prompts]
+    if len(prompts) == 0:
+        raise ValueError("prompts is empty: give at least one text or list of token ids")
     vocab, seq = engine.config.vocab_size, engine.max_seq_len
     return [check_prompt(engine.tokenizer.encode(p), vocab, seq, f"prompts[{i}] (as tokens)") if isinstance(p, str)
             else check_prompt(p, vocab, seq, f"prompts[{i}]") for i, p in enumerate(prompts)]
@@ -38,6 +41,8 @@ def encode_prompts(engine, prompts) -> list[list[int]]:
 def sampling_params(engine, n: int, temperature, top_k, top_p, seed, greedy: bool) -> list[SamplingParams]:
     """One SamplingParams per prompt: the arguments given, the engine config's defaults for the rest."""
     ec = engine.engine_config
+    if not isinstance(seed, (int, np.integer, Sequence, np.ndarray)) or isinstance(seed, (bool, str)):
+        raise ValueError(f"seed must be an integer or one per prompt, got {seed!r}")
     seeds = [seed] * n if isinstance(seed, (int, np.integer)) else list(seed)
     if len(seeds) != n:
         raise ValueError(f"got {len(seeds)} seeds for {n} prompts")
@@ -62,6 +67,8 @@ def generate(engine, prompts, max_new_tokens: int | None = None, *, temperature:
     n_new = check_new_tokens(ec.max_new_tokens if max_new_tokens is None else int(max_new_tokens), longest,
                              engine.max_seq_len)
     params = sampling_params(engine, len(ids), temperature, top_k, top_p, seed, greedy)
+    if stop_token_ids is not None and not isinstance(stop_token_ids, (Sequence, np.ndarray, set, frozenset)):
+        raise ValueError(f"stop_token_ids must be a list of token ids, got {stop_token_ids!r}")
     stops = {ec.eos_token_id} if stop_token_ids is None else {int(t) for t in stop_token_ids}
 
     tokens = np.zeros((len(ids), engine.prefill_bucket(longest)), np.int32)

@@ -21,6 +21,8 @@ __all__ = ["LOGICAL_AXIS_RULES", "MESH_AXES", "check_layout", "default_mesh", "l
 def make_mesh(data: int = 1, stage: int = 1, tensor: int = 1, devices=None) -> Mesh:
     """A Mesh over `data x stage x tensor` devices; tensor is the fastest-varying (inside a node)."""
     shape = MeshShape(data=data, stage=stage, tensor=tensor)
+    if min(data, stage, tensor) < 1:
+        raise ValueError(f"every mesh axis must be at least 1, got {shape}")
     devices = jax.devices() if devices is None else devices
     if shape.size != len(devices):
         raise ValueError(f"mesh {shape} needs data*stage*tensor = {shape.size} devices, "
@@ -28,9 +30,17 @@ def make_mesh(data: int = 1, stage: int = 1, tensor: int = 1, devices=None) -> M
     return Mesh(np.asarray(devices).reshape(shape.data, shape.stage, shape.tensor), MESH_AXES)
 
 
-def default_mesh(mesh: Mesh | None = None) -> Mesh:
-    """`mesh`, or when None the mesh of the first device alone (what an engine runs on unless told)."""
-    return mesh if mesh is not None else make_mesh(devices=jax.devices()[:1])
+def default_mesh(mesh: Mesh | MeshShape | str | None = None) -> Mesh:
+    """`mesh`; a MeshShape or its text (`"tensor=2"`) over the first devices; or when None the mesh of the first
+    device alone (what an engine runs on unless told)."""
+    if mesh is None:
+        return make_mesh(devices=jax.devices()[:1])
+    shape = MeshShape.parse(mesh) if isinstance(mesh, str) else mesh
+    if isinstance(shape, MeshShape):
+        return make_mesh(shape.data, shape.stage, shape.tensor, jax.devices()[: shape.size])
+    if not isinstance(mesh, Mesh):
+        raise ValueError(f"mesh must be a jax Mesh, a MeshShape or text such as 'tensor=2', got {mesh!r}")
+    return mesh
 
 
 def mesh_shape(mesh: Mesh) -> MeshShape:

@@ -126,3 +126,18 @@ def test_from_pretrained_loads_the_folder_the_hub_resolves(monkeypatch, tmp_path
     e = Engine.from_pretrained("someone/tiny-gpt2", dtype="bfloat16")
     assert asked == ["someone/tiny-gpt2"]
     assert e.config == config.replace(dtype="bfloat16")
+
+
+def test_the_engine_takes_its_mesh_and_config_in_the_forms_a_notebook_writes():
+    from gptjax.sharding import make_mesh
+
+    engine = Engine.from_preset("gpt2-tiny", mesh="tensor=1", engine_config={"max_slots": 2})
+    assert engine.mesh.devices.size == 1 and engine.engine_config.max_slots == 2
+    for kwargs, words in [(dict(mesh=3), "mesh must be a jax Mesh, a MeshShape or text"),
+                          (dict(mesh="tensor=0"), "every axis must be at least 1"),
+                          (dict(engine_config={"slots": 2}), "unknown EngineConfig field"),
+                          (dict(engine_config=[2]), "engine_config must be an EngineConfig or a dict")]:
+        with pytest.raises(ValueError, match=words):
+            Engine.from_preset("gpt2-tiny", **kwargs)
+    with pytest.raises(ValueError, match="every mesh axis must be at least 1"):
+        make_mesh(tensor=0)

@@ -49,3 +49,12 @@ def test_the_notebook_generate_uses_it():
         engine.generate([[1, 2], [50257]], max_new_tokens=2)
     with pytest.raises(ValueError, match=r"prompts\[0\] \(as tokens\) is empty"):
         engine.generate([""], max_new_tokens=2)
+    for args, kwargs, words in [(([],), {}, "prompts is empty"),
+                                (([[1, 2]],), dict(seed=None), "seed must be an integer or one per prompt"),
+                                (([[1, 2]],), dict(stop_token_ids=5), "stop_token_ids must be a list of token ids")]:
+        with pytest.raises(ValueError, match=words):
+            engine.generate(*args, max_new_tokens=2, **kwargs)
+    # one prompt as a 1-D array of ids, as a list of them would be
+    (one,) = engine.generate(np.array([464, 2068]), max_new_tokens=2, greedy=True)
+    assert one.prompt_ids == [464, 2068]
+
