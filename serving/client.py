@@ -3,7 +3,7 @@
     from serving.client import Client
     with Client("127.0.0.1:8001") as client:
         client.wait_ready()
-        done = client.generate("Once upon a time", max_new_tokens=16)           # temperature 0: greedy
+        done = client.generate("Once upon a time", max_new_tokens=16, temperature=0)   # greedy
         for piece in client.stream([464, 2068, 7586], max_new_tokens=16, temperature=0.8, top_p=0.9, seed=1):
             print(piece.text, end="", flush=True)
 """
@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import operator
 import sys
 import time
 from dataclasses import dataclass, field
@@ -52,13 +53,22 @@ def make_request(prompt: str | Sequence[int], max_new_tokens: int | None = None,
         req.text = prompt
     else:
         req.token_ids.SetInParent()  # an empty list is still a token_ids prompt (the server refuses it)
-        req.token_ids.ids.extend(int(t) for t in prompt)
+        req.token_ids.ids.extend(_token_ids(prompt))
     if max_new_tokens is not None:
         req.max_new_tokens = max_new_tokens
     for name, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("seed", seed)):
         if value is not None:
-            setattr(req.sampling, name, value)
+            setattr(req.sampling, name, int(value) % 2**64 if name == "seed" else value)  # seeds are unsigned
     return req
+
+
+def _token_ids(prompt) -> list[int]:
+    """The prompt's ids as ints; a float (464.9) is refused, not cut to an id."""
+    try:
+        return [operator.index(t) for t in prompt]
+    except TypeError:
+        bad = next(t for t in prompt if not hasattr(t, "__index__"))
+        raise ValueError(f"prompt token ids must be integers, got {bad!r}") from None
 
 
 class _CallDetails(NamedTuple):

@@ -346,6 +346,17 @@ def test_client_command(target, reference):
     assert bad.returncode == 2 and "INVALID_ARGUMENT" in bad.stderr and "top_p" in bad.stderr
 
 
+def test_the_python_client_sends_what_the_server_takes():
+    """A negative seed goes as its unsigned 64-bit form (the server uses seeds modulo 2**32, as the engine does);
+    a float token id is refused, not cut to an integer."""
+    from serving.client import make_request
+
+    assert make_request([1, np.int64(2)], 2, seed=-1).sampling.seed == 2**64 - 1
+    assert list(make_request([1, np.int64(2)], 2).token_ids.ids) == [1, 2]
+    with pytest.raises(ValueError, match="prompt token ids must be integers, got 464.9"):
+        make_request([464.9, 2068], 2)
+
+
 @pytest.mark.parametrize("flags", [[], ["--no-tritonclient"]])
 def test_identity_test_benchmark(target, flags):
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "identity_test.py"), "-i", "grpc", "--dialect",
