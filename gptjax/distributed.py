@@ -163,6 +163,10 @@ def to_host(tree):
     """Replicated arrays (one, or a pytree of them) -> numpy, on every process (each reads its own copy); all
     of them fetched at once."""
     def local(x):
-        return x.addressable_data(0) if isinstance(x, jax.Array) and not x.is_fully_addressable else x
+        if not isinstance(x, jax.Array) or x.is_fully_addressable:
+            return x
+        if not x.is_fully_replicated:  # this process's piece would be read as if it were the whole
+            raise ValueError(f"to_host reads replicated arrays; this one is split as {x.sharding.spec}")
+        return x.addressable_data(0)
 
     return jax.device_get(jax.tree.map(local, tree))

@@ -150,8 +150,8 @@ class Engine(PlannedShapes):
         logits = self._logits(params, last)
         keys = partial(sampling.row_keys, samp.seed, lengths)
         first = sampling.sample(logits, samp.temperature, samp.top_k, samp.top_p, keys, sampled)
-        return Prefix(kv, lengths[:n], first[:n], sampling.token_logprobs(logits, first)[:n],
-                      SamplingArrays(*(a[:n] for a in samp)))
+        first, first_logprobs = self._replicated((first[:n], sampling.token_logprobs(logits, first)[:n]))
+        return Prefix(kv, lengths[:n], first, first_logprobs, SamplingArrays(*(a[:n] for a in samp)))  # process 0 reads
 
     def _insert(self, prefix: Prefix, state: DecodeState, slots) -> DecodeState:
         def put(dst, src):

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from conftest import run_cli
+from gptjax.config import MeshShape
 from serving.client import Client
 from test_serving import REPO, free_port, ft_inputs, wait_serving
 
@@ -37,7 +38,7 @@ def free_coordinator_port() -> int:
     raise RuntimeError("no free port for the coordinator")
 
 
-def launch(launcher: str, port: int, tmp_path):
+def launch(launcher: str, port: int, tmp_path, mesh: str = "tensor=8"):
     coordinator = free_coordinator_port()
     # two slots and a cache of one 32-token prompt bucket: four shapes for each process to compile at start
     config = tmp_path / "serve.toml"
@@ -47,7 +48,7 @@ def launch(launcher: str, port: int, tmp_path):
         env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
         # no HTTP or metrics listener: this job speaks gRPC only, and fixed ports would clash with other servers
         args = [sys.executable, "-m", "gptjax", "serve", "--port", str(port), "--http-port", "0", "--metrics-port", "0",
-                "--mesh", "tensor=8", "--config", str(config)]
+                "--mesh", mesh, "--config", str(config)]
         if launcher == "srun":
             env.update(SLURM_JOB_ID=str(coordinator - 61440), SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2",
                        SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_NODEID="0")
@@ -67,29 +68,30 @@ def reference():
     return json.loads(out)["output_ids"]
 
 
-@pytest.mark.parametrize("launcher", ["srun", "flags"])
-def test_two_processes_serve_and_stop_on_sigterm(launcher, reference, tmp_path):
+# data=2,stage=2,tensor=2: each process holds one data shard's slots, and one stage's layers of both shards
+@pytest.mark.parametrize("launcher, mesh", [("srun", "tensor=8"), ("flags", "data=2,stage=2,tensor=2")])
+def test_two_processes_serve_and_stop_on_sigterm(launcher, mesh, reference, tmp_path):
     import tritonclient.grpc as triton_grpc
 
     port = free_port()
-    procs, logs = launch(launcher, port, tmp_path)
+    procs, logs = launch(launcher, port, tmp_path, mesh)
     target = f"127.0.0.1:{port}"
     try:
         wait_serving(procs[0], target, logs[0], timeout=300)
         assert procs[1].poll() is None, "process 1 exited"
         with Client(target) as client:
             info = client.model_info()
-            assert info.num_processes == 2 and info.mesh == "data=1,stage=1,tensor=8"
+            assert info.num_processes == 2 and info.mesh == str(MeshShape.parse(mesh))
             unary = client.generate(PROMPT, N_NEW, temperature=0, ignore_eos=True).token_ids
             streamed = [t for p in client.stream(PROMPT, N_NEW, temperature=0, ignore_eos=True) for t in p.token_ids]
             sampled = client.generate(PROMPT, N_NEW, temperature=0.8, top_p=0.9, seed=3, ignore_eos=True).token_ids
         triton = triton_grpc.InferenceServerClient(target)
-        ids = np.array([PROMPT], np.uint32)
-        result = triton.infer("fastertransformer", ft_inputs(ids, [len(PROMPT)], N_NEW,
-                                                             end_id=(np.full((1, 1), 50255, np.uint32), "UINT32")))
+        ids = np.array([PROMPT, PROMPT], np.uint32)  # two rows in one prefill: their first tokens on both shards
+        result = triton.infer("fastertransformer", ft_inputs(ids, [len(PROMPT)] * 2, N_NEW,
+                                                             end_id=(np.full((2, 1), 50255, np.uint32), "UINT32")))
         triton.close()
         assert unary == streamed == reference
-        assert result.as_numpy("output_ids")[0, 0].tolist() == PROMPT + reference
+        assert result.as_numpy("output_ids")[:, 0].tolist() == [PROMPT + reference] * 2
         assert len(sampled) == N_NEW
 
         procs[0].send_signal(signal.SIGTERM)
