@@ -13,10 +13,12 @@ from __future__ import annotations
 import os
 import re
 import sys
+import zlib
 
 import jax
 import numpy as np
 
+COORDINATOR_PORTS = range(61440, 65536)  # where a launcher's job puts its coordinator (unless JAX_COORDINATOR_PORT)
 HEARTBEAT_TIMEOUT_S = 15  # a process silent this long is dead, and the job ends ($GPTJAX_HEARTBEAT_TIMEOUT_S)
 INIT_TIMEOUT_S = 300  # how long processes wait for each other at start-up
 
@@ -58,25 +60,34 @@ def launcher_env(env=None) -> dict | None:
     local_size}; None when no multi-process launcher started this one. The coordinator is the first host
     (srun) or mpirun's own host, on a port derived from the job id unless JAX_COORDINATOR_PORT says."""
     env = os.environ if env is None else env
-    if "OMPI_COMM_WORLD_SIZE" in env and int(env["OMPI_COMM_WORLD_SIZE"]) > 1:
+    if "OMPI_COMM_WORLD_SIZE" in env:
+        if int(env["OMPI_COMM_WORLD_SIZE"]) < 2:
+            return None  # one rank of mpirun: a lone process, whatever else its environment says
         uri = env.get("OMPI_MCA_orte_hnp_uri", "")  # Open MPI 4: `<jobid>.0;tcp://IP[,IP...]:PORT`
         m = re.search(r"tcp://([^,:;]+)", uri)
-        coordinator = None
-        if m:
-            job = int(uri.split(".", 1)[0])
-            coordinator = f"{m.group(1)}:{env.get('JAX_COORDINATOR_PORT') or job % 4096 + 61440}"
+        coordinator = f"{m.group(1)}:{coordinator_port(uri.split(';')[0], env)}" if m else None
         return dict(launcher="mpirun", coordinator=coordinator, num_processes=int(env["OMPI_COMM_WORLD_SIZE"]),
                     process_id=int(env["OMPI_COMM_WORLD_RANK"]),
                     local_rank=int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)),
                     local_size=int(env.get("OMPI_COMM_WORLD_LOCAL_SIZE", 1)))
     ntasks = env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS")
     if "SLURM_JOB_ID" in env and "SLURM_STEP_NODELIST" in env and ntasks and int(ntasks) > 1:
-        port = env.get("JAX_COORDINATOR_PORT") or int(env["SLURM_JOB_ID"]) % 4096 + 61440
+        port = coordinator_port(f"{env['SLURM_JOB_ID']}.{env.get('SLURM_STEP_ID', '0')}", env)
         local_size = _local_tasks_slurm(env)
         return dict(launcher="srun", coordinator=f"{_slurm_first_host(env['SLURM_STEP_NODELIST'])}:{port}",
                     num_processes=int(ntasks), process_id=int(env["SLURM_PROCID"]),
                     local_rank=int(env.get("SLURM_LOCALID", 0)), local_size=local_size)
     return None
+
+
+def coordinator_port(job: str, env) -> int:
+    """The coordinator's port of a launcher's job: $JAX_COORDINATOR_PORT, else one of COORDINATOR_PORTS picked by
+    a hash of the job's whole id (mpirun's job family and number; srun's job and step), so that two jobs, or two
+    steps of one job, on one host rarely pick the same port. (The job id modulo the range collided: Open MPI's
+    ids end in 16 zero bits, so every mpirun job took the same port.)"""
+    if env.get("JAX_COORDINATOR_PORT"):
+        return int(env["JAX_COORDINATOR_PORT"])
+    return COORDINATOR_PORTS[zlib.crc32(job.encode()) % len(COORDINATOR_PORTS)]
 
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None,
@@ -92,8 +103,9 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     num_processes = launched.get("num_processes") if num_processes is None else num_processes
     process_id = launched.get("process_id") if process_id is None else process_id
     if coordinator is None or num_processes is None or process_id is None:
-        raise ValueError("--coordinator, --num-processes and --process-id go together "
-                         "(or start every process with srun or mpirun)")
+        raise ValueError("--coordinator, --num-processes and --process-id go together (or start every process "
+                         "with srun or mpirun; under an mpirun that does not say where it runs, such as Open MPI 5, "
+                         "pass --coordinator HOST:PORT of rank 0's host)")
     if not 0 <= process_id < num_processes:
         raise ValueError(f"--process-id {process_id} is outside [0, {num_processes})")
     # several processes on one node: each takes one GPU (its local rank); one process per node takes them all

@@ -85,8 +85,11 @@ def test_srun_environment():
     env = {"SLURM_JOB_ID": "1000", "SLURM_STEP_NODELIST": "gpu[07-09,12],login1", "SLURM_NTASKS": "8",
            "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NODEID": "2", "SLURM_STEP_TASKS_PER_NODE": "2(x3),1"}
     got = distributed.launcher_env(env)
-    assert got == dict(launcher="srun", coordinator=f"gpu07:{1000 % 4096 + 61440}", num_processes=8,
+    port = distributed.coordinator_port("1000.0", {})
+    assert got == dict(launcher="srun", coordinator=f"gpu07:{port}", num_processes=8,
                        process_id=5, local_rank=1, local_size=2)
+    # another step of the job (srun inside one allocation) picks another port
+    assert distributed.launcher_env({**env, "SLURM_STEP_ID": "1"})["coordinator"] != f"gpu07:{port}"
     assert distributed.launcher_env({**env, "SLURM_NODEID": "3"})["local_size"] == 1
     assert distributed.launcher_env({**env, "JAX_COORDINATOR_PORT": "1234"})["coordinator"] == "gpu07:1234"
     assert distributed.launcher_env({**env, "SLURM_NTASKS": "1"}) is None  # one task: nothing to start
@@ -96,8 +99,16 @@ def test_mpirun_environment():
     env = {"OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
            "OMPI_COMM_WORLD_LOCAL_SIZE": "2", "OMPI_MCA_orte_hnp_uri": "2906324992.0;tcp://10.1.2.3,172.17.0.1:45001"}
     got = distributed.launcher_env(env)
-    assert got == dict(launcher="mpirun", coordinator=f"10.1.2.3:{2906324992 % 4096 + 61440}", num_processes=4,
-                       process_id=3, local_rank=1, local_size=2)
+    assert got == dict(launcher="mpirun", coordinator=f"10.1.2.3:{distributed.coordinator_port('2906324992.0', {})}",
+                       num_processes=4, process_id=3, local_rank=1, local_size=2)
+    # two mpirun jobs: Open MPI's job ids end in 16 zero bits, and the ports must still differ
+    other = distributed.launcher_env({**env, "OMPI_MCA_orte_hnp_uri": "2906390528.0;tcp://10.1.2.3:45002"})
+    assert other["coordinator"] != got["coordinator"]
+    assert {int(c.rsplit(":")[1]) for c in (got["coordinator"], other["coordinator"])} <= set(
+        distributed.COORDINATOR_PORTS)
+    # one rank is a lone process, even inside a Slurm step of several tasks
+    slurm = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n1", "SLURM_NTASKS": "2", "SLURM_PROCID": "1"}
+    assert distributed.launcher_env({**slurm, "OMPI_COMM_WORLD_SIZE": "1", "OMPI_COMM_WORLD_RANK": "0"}) is None
 
 
 def test_no_launcher_and_partial_flags(monkeypatch):

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from conftest import run_cli
+from gptjax import distributed
 from gptjax.config import MeshShape
 from serving.client import Client
 from test_serving import REPO, free_port, ft_inputs, wait_serving
@@ -26,20 +27,21 @@ PROMPT = [464, 2068, 7586, 21831]
 N_NEW = 10
 
 
-def free_coordinator_port() -> int:
-    """A free port in srun's coordinator range (61440 + SLURM_JOB_ID % 4096)."""
-    for port in range(61440 + os.getpid() % 4000, 65536):
+def free_srun_job() -> tuple[int, int]:
+    """A SLURM_JOB_ID whose coordinator port (gptjax.distributed.coordinator_port) is free here, and that port."""
+    for job in range(os.getpid(), os.getpid() + 4000):
+        port = distributed.coordinator_port(f"{job}.0", {})
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
-                return port
+                return job, port
             except OSError:
                 continue
     raise RuntimeError("no free port for the coordinator")
 
 
 def launch(launcher: str, port: int, tmp_path, mesh: str = "tensor=8"):
-    coordinator = free_coordinator_port()
+    job, coordinator = free_srun_job()
     # two slots and a cache of one 32-token prompt bucket: four shapes for each process to compile at start
     config = tmp_path / "serve.toml"
     config.write_text("[engine]\nmax_slots = 2\nmax_seq_len = 32\nmin_prefill_bucket = 32\n")
@@ -50,7 +52,7 @@ def launch(launcher: str, port: int, tmp_path, mesh: str = "tensor=8"):
         args = [sys.executable, "-m", "gptjax", "serve", "--port", str(port), "--http-port", "0", "--metrics-port", "0",
                 "--mesh", mesh, "--config", str(config)]
         if launcher == "srun":
-            env.update(SLURM_JOB_ID=str(coordinator - 61440), SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2",
+            env.update(SLURM_JOB_ID=str(job), SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2",
                        SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_NODEID="0")
         else:
             args += ["--coordinator", f"127.0.0.1:{coordinator}", "--num-processes", "2", "--process-id", str(rank)]
