@@ -204,17 +204,36 @@ def open_checkpoint(checkpoint_dir: str | Path, mesh, dtype: str | None = None):
                           {k: target(v, jax.tree.map(lambda _: everywhere, v)) for k, v in rest.items()})
 
     def restore():
-        import orbax.checkpoint as ocp
-
         try:
-            with ocp.StandardCheckpointer() as ckptr:
-                params = ckptr.restore(Path(checkpoint_dir).absolute() / "params", targets)
+            params = _read(Path(checkpoint_dir).absolute() / "params", targets)
         except Exception as e:  # orbax raises a bare Exception; its cause names the array and the file
             raise CheckpointError(f"{checkpoint_dir}: the saved parameters could not be read: "
                                   f"{e.__cause__ or e}") from e
         return layout.assemble(*split_layers(params))
 
     return config, restore
+
+
+def _read(path: Path, targets):
+    """The saved arrays as `targets` asks. A layer held only by other processes' devices (its stage's, when the
+    stage axis spans processes) is not read here: orbax can't make an array with no shard on this process, so it
+    is made empty (each process reads what its own devices hold)."""
+    import orbax.checkpoint as ocp
+
+    def here(x) -> bool:
+        return bool(x.sharding.addressable_devices)
+
+    if all(here(x) for x in jax.tree.leaves(targets)):
+        with ocp.StandardCheckpointer() as ckptr:
+            return ckptr.restore(path, targets)
+    local = jax.tree.map(lambda x: x if here(x) else None, targets)
+    local = {k: v for k, v in local.items() if jax.tree.leaves(v)}
+    with ocp.PyTreeCheckpointer() as ckptr:
+        read = ckptr.restore(path, args=ocp.args.PyTreeRestore(
+            item=local, restore_args=ocp.checkpoint_utils.construct_restore_args(local), partial_restore=True))
+    return {k: read[k] if k in read else jax.tree.map(
+        lambda x: jax.make_array_from_single_device_arrays(x.shape, x.sharding, [], dtype=x.dtype), v)
+            for k, v in targets.items()}
 
 
 def restore_in_background(restore) -> Future:

@@ -145,6 +145,16 @@ def _wait(p, timeout):
     return p.returncode, out, err
 
 
+def test_a_checkpoint_whose_stages_span_processes_loads(converted_dir):
+    """README's multi-host example: `--checkpoint` with the stage axis across processes. Each process reads the
+    layers its own devices hold, and the job gives one process's tokens."""
+    args = ["generate", "--checkpoint", str(converted_dir), *(a for p in PROMPTS for a in ("--prompt-ids", p)),
+            "--max-new-tokens", "4", "--greedy", "--json"]
+    port = free_port()
+    results = run_job([slurm_env(0, port), slurm_env(1, port)], [*args, "--mesh", "stage=2,tensor=4"])
+    check_job(results, run_cli(*args).stdout.splitlines())
+
+
 def test_two_processes_with_srun_environment(single_process_lines):
     port = free_port()
     check_job(run_job([slurm_env(0, port), slurm_env(1, port)], GENERATE), single_process_lines)
