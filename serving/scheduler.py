@@ -28,6 +28,7 @@ import collections
 import heapq
 import itertools
 import logging
+import os
 import threading
 import time
 from typing import Iterable, NamedTuple
@@ -509,11 +510,15 @@ class Scheduler:
 
     # ---- every process but 0 ------------------------------------------------------------------------
     def follow(self) -> None:
-        """Run the commands process 0 sends, until Stop. A command that fails here is logged: process 0 fails
-        on it alike and decides what follows."""
+        """Run the commands process 0 sends, until Stop. A command that fails here ends this process: process 0
+        may not have failed alike, and would then wait for this one in a collective that never completes; its
+        end takes the job down (heartbeats), so that a launcher restarts it rather than serving a hang."""
         while not isinstance(command := wire.receive(self.slots), Stop):
             try:
                 self.executor.run(command)
             except CommandFailed as e:
-                log.error("%s", e, exc_info=e.cause)
+                log.critical("%s; ending this process, and so the job, so that it can be restarted", e,
+                             exc_info=e.cause)
+                logging.shutdown()
+                os._exit(1)  # no clean shutdown: it would wait on the other processes first
         self.stopped.set()

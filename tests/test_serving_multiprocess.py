@@ -40,7 +40,19 @@ def free_srun_job() -> tuple[int, int]:
     raise RuntimeError("no free port for the coordinator")
 
 
-def launch(launcher: str, port: int, tmp_path, mesh: str = "tensor=8"):
+# `gptjax` whose prefills fail on this process only, as a host's own out-of-memory would
+FAILING_PREFILL = """
+import sys
+from gptjax.engine import Engine
+def prefill(self, *args, **kwargs):
+    raise RuntimeError("injected: out of device memory on this host")
+Engine.prefill = prefill
+from gptjax.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def launch(launcher: str, port: int, tmp_path, mesh: str = "tensor=8", failing_rank: int | None = None):
     job, coordinator = free_srun_job()
     # two slots and a cache of one 32-token prompt bucket: four shapes for each process to compile at start
     config = tmp_path / "serve.toml"
@@ -49,7 +61,8 @@ def launch(launcher: str, port: int, tmp_path, mesh: str = "tensor=8"):
     for rank in range(2):
         env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
         # no HTTP or metrics listener: this job speaks gRPC only, and fixed ports would clash with other servers
-        args = [sys.executable, "-m", "gptjax", "serve", "--port", str(port), "--http-port", "0", "--metrics-port", "0",
+        program = ["-c", FAILING_PREFILL] if rank == failing_rank else ["-m", "gptjax"]
+        args = [sys.executable, *program, "serve", "--port", str(port), "--http-port", "0", "--metrics-port", "0",
                 "--mesh", mesh, "--config", str(config)]
         if launcher == "srun":
             env.update(SLURM_JOB_ID=str(job), SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2",
@@ -106,3 +119,28 @@ def test_two_processes_serve_and_stop_on_sigterm(launcher, mesh, reference, tmp_
                 p.wait()
         for log in logs:
             log.close()
+
+
+def test_a_command_that_fails_on_one_follower_ends_the_job(tmp_path):
+    """Process 0 would wait for that follower in a collective that never completes: the follower ends itself, the
+    heartbeats end process 0, and the client gets an answer (UNAVAILABLE) instead of a hang."""
+    import grpc
+
+    port = free_port()
+    procs, logs = launch("flags", port, tmp_path, failing_rank=1)
+    target = f"127.0.0.1:{port}"
+    try:
+        wait_serving(procs[0], target, logs[0], timeout=300)
+        with Client(target) as client, pytest.raises(grpc.RpcError):
+            client.generate(PROMPT, N_NEW, temperature=0, ignore_eos=True, timeout=120)
+        codes = [p.wait(timeout=120) for p in procs]
+        assert codes[1] == 1 and codes[0] != 0, codes
+        assert "ending this process, and so the job" in open(logs[1].name).read()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for log in logs:
+            log.close()
+
