@@ -155,6 +155,30 @@ def test_a_checkpoint_whose_stages_span_processes_loads(converted_dir):
     check_job(results, run_cli(*args).stdout.splitlines())
 
 
+def test_a_process_that_fails_at_start_ends_the_job_at_once(tmp_path):
+    """Its one-line error and exit 2 at once, not after waiting at the job's shutdown barrier (up to 5 minutes)
+    for the others; the other process then ends by the heartbeats."""
+    port, fast = free_port(), {"GPTJAX_HEARTBEAT_TIMEOUT_S": "5"}
+    args = ["generate", "--prompt-ids", "5,17", "--max-new-tokens", "2", "--mesh", "tensor=8"]
+    start = time.monotonic()
+    procs = [subprocess.Popen([sys.executable, "-m", "gptjax", *args, *extra], env={**slurm_env(rank, port), **fast},
+                              cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for rank, extra in ((0, []), (1, ["--checkpoint", str(tmp_path / "missing")]))]
+    ended = {}
+    try:
+        while len(ended) < 2 and time.monotonic() - start < 200:
+            ended.update({rank: time.monotonic() for rank, p in enumerate(procs) if p.poll() is not None
+                          and rank not in ended})
+            time.sleep(0.2)
+        results = [_wait(p, 10) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert results[1][0] == 2 and "gptjax generate: error:" in results[1][2], results[1][2][-2000:]
+    assert results[0][0] != 0 and ended[1] < ended[0]  # the failed process did not wait for the other
+
+
 def test_two_processes_with_srun_environment(single_process_lines):
     port = free_port()
     check_job(run_job([slurm_env(0, port), slurm_env(1, port)], GENERATE), single_process_lines)
