@@ -222,7 +222,12 @@ def build_engine(args, config=None):
     from gptjax.engine import Engine
     from gptjax.sharding import make_mesh
 
+    import jax
+
     shape = config.engine.mesh
+    if jax.process_count() > 1 and shape.size != jax.device_count():  # each process would run its own model
+        raise UsageError(f"a job of {jax.process_count()} processes runs one model over all {jax.device_count()} "
+                         f"devices: give --mesh with data*stage*tensor = {jax.device_count()} (got {shape})")
     mesh = make_mesh(shape.data, shape.stage, shape.tensor) if shape.size > 1 else None
     if args.checkpoint:
         return Engine.load(args.checkpoint, mesh=mesh, engine_config=config.engine, dtype=config.dtype)

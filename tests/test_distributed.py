@@ -179,6 +179,14 @@ def test_a_process_that_fails_at_start_ends_the_job_at_once(tmp_path):
     assert results[0][0] != 0 and ended[1] < ended[0]  # the failed process did not wait for the other
 
 
+def test_a_job_without_a_mesh_over_all_its_devices_says_so():
+    port = free_port()
+    results = run_job([slurm_env(0, port), slurm_env(1, port)], ["generate", "--prompt-ids", "5", "--max-new-tokens",
+                                                                 "1"], timeout=120)
+    for rc, _, err in results:
+        assert rc == 2 and "runs one model over all 8 devices: give --mesh with data*stage*tensor = 8" in err, err
+
+
 def test_two_processes_with_srun_environment(single_process_lines):
     port = free_port()
     check_job(run_job([slurm_env(0, port), slurm_env(1, port)], GENERATE), single_process_lines)
