@@ -21,6 +21,11 @@ class UsageError(ValueError):
     """Bad input from the command line or its files: exit 2 with one line."""
 
 
+class JobUsageError(UsageError):
+    """A UsageError that every process of a multi-process job finds alike, at the same point: each exits 2 the
+    usual way (a clean shutdown of the job), where a process failing alone leaves at once."""
+
+
 def _mesh(text: str) -> MeshShape:
     try:
         return MeshShape.parse(text)
@@ -224,15 +229,38 @@ def build_engine(args, config=None):
 
     import jax
 
+    if jax.process_count() > 1:
+        _check_one_job(args, config)
     shape = config.engine.mesh
-    if jax.process_count() > 1 and shape.size != jax.device_count():  # each process would run its own model
-        raise UsageError(f"a job of {jax.process_count()} processes runs one model over all {jax.device_count()} "
-                         f"devices: give --mesh with data*stage*tensor = {jax.device_count()} (got {shape})")
     mesh = make_mesh(shape.data, shape.stage, shape.tensor) if shape.size > 1 else None
     if args.checkpoint:
         return Engine.load(args.checkpoint, mesh=mesh, engine_config=config.engine, dtype=config.dtype)
     return Engine.from_preset(args.model or DEFAULT_PRESET, dtype=config.dtype, mesh=mesh,
                               engine_config=config.engine)
+
+
+def _check_one_job(args, config) -> None:
+    """Every process of a job must build the same engine over all the job's devices: process 0's commands would
+    meet another engine on a process started with other flags or another config (a hang, or wrong tokens). The
+    processes compare their settings first, so that each refuses alike."""
+    import zlib
+
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    from gptjax.config import to_dict
+
+    settings = [args.model, args.checkpoint, config.dtype, to_dict(config.engine), to_dict(config.scheduler)]
+    mine = np.uint32(zlib.crc32(json.dumps(settings, sort_keys=True).encode()))
+    if len(set(np.asarray(multihost_utils.process_allgather(mine)).tolist())) > 1:
+        raise JobUsageError("the processes of this job were started with different models or settings (model, "
+                            "checkpoint, dtype, engine or scheduler): start every process with the same command "
+                            "and config")
+    shape, devices = config.engine.mesh, jax.device_count()
+    if shape.size != devices:  # each process would run a model of its own
+        raise JobUsageError(f"a job of {jax.process_count()} processes runs one model over all {devices} devices: "
+                            f"give --mesh with data*stage*tensor = {devices} (got {shape})")
 
 
 def cmd_generate(args) -> int:
@@ -385,7 +413,7 @@ def main(argv=None) -> int:
         return COMMANDS[args.command](args)
     except (UsageError, CheckpointError, ValueError, OSError) as e:  # OSError: a path that cannot be read or written
         print(f"gptjax {args.command}: error: {e}", file=sys.stderr)
-        return _leave_job(2)
+        return 2 if isinstance(e, JobUsageError) else _leave_job(2)
     except KeyboardInterrupt:
         return 130
     finally:

@@ -155,15 +155,27 @@ def test_a_checkpoint_whose_stages_span_processes_loads(converted_dir):
     check_job(results, run_cli(*args).stdout.splitlines())
 
 
-def test_a_process_that_fails_at_start_ends_the_job_at_once(tmp_path):
+# `gptjax` whose model fails to load on this process alone (its host's copy of a checkpoint is damaged, say)
+FAILING_LOAD = """
+import sys
+from gptjax.engine import Engine
+def from_preset(*args, **kwargs):
+    raise ValueError("injected: this host's copy of the weights is damaged")
+Engine.from_preset = from_preset
+from gptjax.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_process_that_fails_at_start_ends_the_job_at_once():
     """Its one-line error and exit 2 at once, not after waiting at the job's shutdown barrier (up to 5 minutes)
     for the others; the other process then ends by the heartbeats."""
     port, fast = free_port(), {"GPTJAX_HEARTBEAT_TIMEOUT_S": "5"}
     args = ["generate", "--prompt-ids", "5,17", "--max-new-tokens", "2", "--mesh", "tensor=8"]
     start = time.monotonic()
-    procs = [subprocess.Popen([sys.executable, "-m", "gptjax", *args, *extra], env={**slurm_env(rank, port), **fast},
+    procs = [subprocess.Popen([sys.executable, *program, *args], env={**slurm_env(rank, port), **fast},
                               cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-             for rank, extra in ((0, []), (1, ["--checkpoint", str(tmp_path / "missing")]))]
+             for rank, program in ((0, ["-m", "gptjax"]), (1, ["-c", FAILING_LOAD]))]
     ended = {}
     try:
         while len(ended) < 2 and time.monotonic() - start < 200:
@@ -185,6 +197,22 @@ def test_a_job_without_a_mesh_over_all_its_devices_says_so():
                                                                  "1"], timeout=120)
     for rc, _, err in results:
         assert rc == 2 and "runs one model over all 8 devices: give --mesh with data*stage*tensor = 8" in err, err
+
+
+def test_processes_started_with_different_settings_are_refused():
+    port, args = free_port(), ["generate", "--prompt-ids", "5", "--max-new-tokens", "1", "--mesh", "tensor=8"]
+    procs = [subprocess.Popen([sys.executable, "-m", "gptjax", *args, *extra], env=slurm_env(rank, port), cwd=ROOT,
+                              text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for rank, extra in ((0, []), (1, ["--dtype", "bfloat16"]))]
+    try:
+        results = [_wait(p, 120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for rc, _, err in results:
+        assert rc == 2 and "the processes of this job were started with different models or settings" in err, \
+            err[-2000:]
 
 
 def test_two_processes_with_srun_environment(single_process_lines):
