@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
 import zlib
 
@@ -115,10 +116,17 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     except (AttributeError, ValueError):
         pass
     _results_only_on_stdout()
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                process_id=process_id, local_device_ids=local_devices,
                                cluster_detection_method="deactivate", initialization_timeout=INIT_TIMEOUT_S,
                                heartbeat_timeout_seconds=heartbeat_timeout_s())
+    # JAX's preemption notice takes SIGTERM for itself (in C: Python still reports its own handler), and a job
+    # would then ignore it while it loads, or for a whole `generate`: the handlers that were there come back (the
+    # server installs its drain later)
+    for sig, handler in handlers.items():
+        if handler is not None:
+            signal.signal(sig, handler)
 
 
 def heartbeat_timeout_s(env=None) -> int:

@@ -128,6 +128,24 @@ def test_heartbeat_timeout_from_the_environment():
             distributed.heartbeat_timeout_s({"GPTJAX_HEARTBEAT_TIMEOUT_S": bad})
 
 
+SIGTERM_AFTER_START = """
+import os, signal, sys, time
+from gptjax import distributed
+distributed.initialize(coordinator="127.0.0.1:" + sys.argv[1], num_processes=1, process_id=0)
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(5)
+print("still running 5 s after SIGTERM")
+"""
+
+
+def test_sigterm_still_ends_a_process_once_the_job_has_started():
+    """jax.distributed takes SIGTERM for its preemption notice, which would leave a loading server, or a whole
+    `generate`, deaf to it; the handler that was there comes back."""
+    proc = subprocess.run([sys.executable, "-c", SIGTERM_AFTER_START, str(free_port())], cwd=ROOT, timeout=120,
+                          capture_output=True, text=True, env={**os.environ, **CPU4, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == -signal.SIGTERM and "still running" not in proc.stdout, proc.stderr[-2000:]
+
+
 # ---- real jobs -------------------------------------------------------------------------------------------
 def run_job(envs, args, timeout=240):
     procs = [subprocess.Popen([sys.executable, "-m", "gptjax", *args], env=env, cwd=ROOT, text=True,
