@@ -82,7 +82,7 @@ def _same_keys_on_every_process() -> None:
     topology as each process sees it, which differs between them (on XLA:CPU at least): so the other processes
     never found a program process 0 wrote, and every restart of a multi-process job compiled everything again
     on each of them. For such programs the key takes the devices' kinds instead, as JAX does for a backend
-    without a topology; the device assignment is in the key's compile options either way."""
+    without a topology, and which process holds each device."""
     try:
         from jax._src import cache_key
     except ImportError:
@@ -94,6 +94,9 @@ def _same_keys_on_every_process() -> None:
     def hash_devices(hash_obj, devices) -> None:
         if len({d.process_index for d in devices.flat}) > 1:
             cache_key._hash_devices(hash_obj, devices)
+            # which process holds which device, the same on every process: a job of 2 x 4 devices and one of 4 x 2
+            # never share a program
+            hash_obj.update(repr([(d.id, d.process_index) for d in devices.flat]).encode())
         else:
             per_process(hash_obj, devices)
     cache_key._hash_accelerator_config = hash_devices

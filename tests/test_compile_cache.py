@@ -218,3 +218,23 @@ def test_fingerprint_follows_the_kernel_switches(monkeypatch):
     launched = compile_cache.code_fingerprint()
     monkeypatch.setattr(decode_attention, "SINGLE_LOOP", not decode_attention.SINGLE_LOOP)
     assert len({base, launched, compile_cache.code_fingerprint()}) == 3
+
+
+def test_a_multi_process_programs_key_names_which_process_holds_each_device():
+    """Two jobs whose devices are spread over their processes differently never share a program; every process
+    of one job computes the same key."""
+    import hashlib
+    from types import SimpleNamespace
+
+    from jax._src import cache_key
+
+    compile_cache._listen()
+
+    def key(processes):
+        devices = np.array([SimpleNamespace(id=i, process_index=p, device_kind="cpu") for i, p in enumerate(processes)])
+        h = hashlib.sha256()
+        cache_key._hash_accelerator_config(h, devices)
+        return h.hexdigest()
+
+    assert key([0, 0, 1, 1]) == key([0, 0, 1, 1])
+    assert key([0, 0, 1, 1]) != key([0, 1, 0, 1]) != key([0, 1, 2, 3])
