@@ -57,19 +57,27 @@ def read_config(folder: Path) -> tuple[ModelConfig, int, type, int]:
         raise CheckpointError(f"{path}: the [gpt] section is missing")
     gpt = parser["gpt"]
 
-    def field(*names, default=None, kind=int):
+    def field(*names, default=None, kind=int, least=None):
         for n in names:
             if n in gpt:
                 try:
-                    return kind(gpt[n])
+                    value = kind(gpt[n])
                 except ValueError:
                     raise CheckpointError(f"{path}: {n} = {gpt[n]!r} is not a valid {kind.__name__}") from None
+                if least is not None and value < least:
+                    raise CheckpointError(f"{path}: {n} = {value} must be at least {least}")
+                return value
         if default is None:
             raise CheckpointError(f"{path}: field {names[0]} is missing")
         return default
 
-    if gpt.get("has_adapters", "False").strip().lower() in ("true", "1"):
-        raise CheckpointError(f"{path}: adapters (has_adapters = {gpt['has_adapters']}) are not supported")
+    for section, key, plain in _VARIANTS:  # what FasterTransformer reads to run another model than this GPT
+        text = parser.get(section, key, fallback=None) if parser.has_section(section) else None
+        if text is not None and _flag(text, path, key) != plain:
+            raise CheckpointError(f"{path}: {key} = {text} is not supported (this GPT needs {plain})")
+    if (folder / "model.lm_head.weight.bin").is_file():
+        raise CheckpointError(f"{folder}: model.lm_head.weight.bin is an output layer of its own; gptjax runs GPT "
+                              "with the output layer tied to the token embedding")
     if gpt.get("layernorm_type", "pre_layernorm") != "pre_layernorm":
         raise CheckpointError(f"{path}: layernorm_type = {gpt['layernorm_type']} is not supported")
     if gpt.get("activation_type", "gelu").lower() not in ("gelu", "gelu_new"):
@@ -78,31 +86,49 @@ def read_config(folder: Path) -> tuple[ModelConfig, int, type, int]:
     if weight_type not in _DTYPES:
         raise CheckpointError(f"{path}: weight_data_type = {weight_type} is not one of {', '.join(_DTYPES)}")
     np_dtype, dtype = _DTYPES[weight_type]
-    heads = field("head_num", "n_head")
-    size_per_head = field("size_per_head")
+    heads = field("head_num", "n_head", least=1)
+    size_per_head = field("size_per_head", least=1)
     hidden = heads * size_per_head
     n_layers = field("num_layer", "n_layer")
+    if (folder / f"model.layers.{n_layers}.input_layernorm.weight.bin").is_file():
+        raise CheckpointError(f"{path}: num_layer = {n_layers}, but the folder holds layer {n_layers} too")
     itemsize = np.dtype(np_dtype).itemsize
     wpe = folder / "model.wpe.bin"
     positions = field("max_pos_seq_len", "n_positions",
                       default=(wpe.stat().st_size // (hidden * itemsize)) if wpe.is_file() else None)
     vocab = file_vocab = field("vocab_size")
-    tp = field("tensor_para_size", "infer_gpu_num", default=_count_ranks(folder))
+    tp = field("tensor_para_size", "infer_gpu_num", default=_count_ranks(folder), least=1)
     if heads % tp:
         raise CheckpointError(f"{path}: head_num {heads} is not divisible by tensor_para_size {tp}")
     # Megatron pads GPT-2's vocabulary to a multiple of 128 x ranks; FT keeps the padding, we drop it
-    if int(gpt.get("end_id", -1)) == GPT2_END_ID and GPT2_VOCAB < vocab < GPT2_VOCAB + 1024 and vocab % 128 == 0:
+    if field("end_id", default=-1) == GPT2_END_ID and GPT2_VOCAB < vocab < GPT2_VOCAB + 1024 and vocab % 128 == 0:
         vocab = GPT2_VOCAB
+    ffn_hidden = field("inter_size", default=4 * hidden)
+    eps = field("layernorm_eps", "layer_norm_eps", default=1e-5, kind=float)
     try:
         config = ModelConfig(n_layers=n_layers, hidden=hidden, n_heads=heads, vocab_size=vocab, n_positions=positions,
-                             ffn_hidden=field("inter_size", default=4 * hidden),
-                             layer_norm_eps=field("layernorm_eps", "layer_norm_eps", default=1e-5, kind=float),
-                             activation="gelu_new", dtype=dtype)
+                             ffn_hidden=ffn_hidden, layer_norm_eps=eps, activation="gelu_new", dtype=dtype)
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
     if config.ffn_hidden % tp:
         raise CheckpointError(f"{path}: inter_size {config.ffn_hidden} is not divisible by tensor_para_size {tp}")
     return config, tp, np_dtype, file_vocab
+
+
+# (section, key, the value this GPT needs) of the c-model options that make FasterTransformer run another model
+_VARIANTS = (("gpt", "has_adapters", False), ("gpt", "has_pre_decoder_layernorm", False),
+             ("gpt", "has_post_decoder_layernorm", True), ("gpt", "has_positional_encoding", True),
+             ("gpt", "use_attention_linear_bias", False), ("structure", "gpt_with_moe", False))
+
+
+def _flag(text: str, path: Path, key: str) -> bool:
+    """An INI boolean as FasterTransformer's reader takes it."""
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise CheckpointError(f"{path}: {key} = {text!r} is not true or false")
 
 
 def _count_ranks(folder: Path) -> int:

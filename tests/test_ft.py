@@ -66,3 +66,37 @@ def test_config_that_does_not_match_the_files(capsys, tmp_path, folder):
 def test_not_a_c_model(capsys, tmp_path):
     (tmp_path / "empty").mkdir()
     assert "no config.ini" in convert_fails(capsys, tmp_path, tmp_path / "empty")
+
+
+@pytest.mark.parametrize("line, words", [
+    ("has_pre_decoder_layernorm = True", "has_pre_decoder_layernorm = True is not supported"),
+    ("use_attention_linear_bias = 1", "use_attention_linear_bias = 1 is not supported"),
+    ("has_positional_encoding = False", "has_positional_encoding = False is not supported"),
+    ("has_post_decoder_layernorm = no", "has_post_decoder_layernorm = no is not supported"),
+    ("has_pre_decoder_layernorm = maybe", "has_pre_decoder_layernorm = 'maybe' is not true or false"),
+    ("end_id = abc", "config.ini: end_id = 'abc' is not a valid int"),
+])
+def test_options_of_other_models_are_refused(capsys, tmp_path, folder, line, words):
+    """FasterTransformer reads these to run another model (BLOOM's embedding LayerNorm, ALiBi, no positions);
+    converted as this GPT they would run wrong, so each is refused, naming it."""
+    ini = folder / "config.ini"
+    key = line.split(" = ")[0]
+    kept = [l for l in ini.read_text().splitlines() if not l.startswith(key + " ")]
+    ini.write_text("\n".join(kept).replace("[gpt]", f"[gpt]\n{line}", 1) + "\n")
+    assert words in convert_fails(capsys, tmp_path, folder)
+
+
+def test_an_output_layer_of_its_own_is_refused(capsys, tmp_path, folder):
+    (folder / "model.lm_head.weight.bin").write_bytes((folder / "model.wte.bin").read_bytes())
+    assert "model.lm_head.weight.bin is an output layer of its own" in convert_fails(capsys, tmp_path, folder)
+
+
+@pytest.mark.parametrize("old, new, words", [("tensor_para_size = 2", "tensor_para_size = 0",
+                                              "tensor_para_size = 0 must be at least 1"),
+                                             ("size_per_head = 16", "size_per_head = 0", "size_per_head = 0 must be"),
+                                             ("num_layer = 2", "num_layer = 1", "num_layer = 1, but the folder holds")])
+def test_sizes_the_files_contradict_are_refused(capsys, tmp_path, folder, old, new, words):
+    ini = folder / "config.ini"
+    assert old in ini.read_text()
+    ini.write_text(ini.read_text().replace(old, new))
+    assert words in convert_fails(capsys, tmp_path, folder)
