@@ -150,9 +150,11 @@ def _offline() -> bool:
 
 
 def _converted_offline(repo: str, revision: str | None) -> Path:
-    """Without the Hub: the conversion of that commit, or the newest one of that branch or tag."""
+    """Without the Hub: the conversion of that commit (or of a commit prefix of 7 or more characters, as `gptjax
+    models` shows it), or the newest one of that branch or tag."""
     wanted = revision or DEFAULT_REVISION
-    found = [m for m in converted_models() if m.model_id == repo and wanted in (m.revision, m.commit)]
+    found = [m for m in converted_models() if m.model_id == repo and
+             (wanted in (m.revision, m.commit) or (len(wanted) >= 7 and m.commit.startswith(wanted)))]
     if found:
         return max(found, key=lambda m: m.path.stat().st_mtime).path
     where = f"{repo}@{revision}" if revision else repo
@@ -199,6 +201,8 @@ def _convert(snapshot: Path, folder: Path, source: dict, label: str, isolate: bo
                            "again)") from None
         write_tokenizer_files(snapshot, staged, label)
         (staged / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
+        if folder.is_dir() and not _is_converted(folder):  # a leftover of a conversion or removal cut short
+            shutil.rmtree(folder)
         try:
             staged.rename(folder)
         except OSError:  # a process without our lock (another host) renamed its copy first
@@ -290,6 +294,7 @@ def remove_converted(spec: str) -> list[ConvertedModel]:
     if not matches:
         raise HubError(f"no converted model {spec} in {models_dir()} (`gptjax models` lists them)")
     for m in matches:
+        (m.path / SOURCE_FILE).unlink()  # first: a removal cut short leaves a folder that counts as a leftover
         shutil.rmtree(m.path)
         if m.path.parent != models_dir() and not any(m.path.parent.iterdir()):
             m.path.parent.rmdir()  # the org's folder, now empty

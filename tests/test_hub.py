@@ -238,3 +238,18 @@ def test_sharded_weights_read_as_one_file(hf_model, tmp_path):
     for name, value in hf_model.state_dict().items():
         if name != "lm_head.weight":  # tied to the embedding: saved once
             np.testing.assert_array_equal(tensors[name], value.numpy(), err_msg=name)
+
+
+def test_the_name_models_lists_loads_offline(converted):
+    """`gptjax models` shows a commit's first 12 characters; that name is a --model too."""
+    assert hub.pretrained_folder(f"org/name@{COMMIT[:12]}") == converted
+
+
+def test_a_folder_left_without_its_source_is_converted_again(fresh):
+    """A conversion or removal cut short leaves the folder without source.json (written last, removed first): it
+    is a leftover, not a model, and the next use converts into its place."""
+    folder = hub.converted_folder("org/name", COMMIT)
+    (folder / "params").mkdir(parents=True)
+    assert hub.pretrained_folder("org/name") == folder and (folder / hub.SOURCE_FILE).is_file()
+    hub.remove_converted("org/name")
+    assert not folder.exists()
