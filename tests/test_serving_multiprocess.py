@@ -7,6 +7,7 @@ drains, and both processes exit 0.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -75,6 +76,21 @@ def launch(launcher: str, port: int, tmp_path, mesh: str = "tensor=8", failing_r
     return procs, logs
 
 
+@contextlib.contextmanager
+def running_job(launcher: str, port: int, tmp_path, mesh: str = "tensor=8", failing_rank: int | None = None):
+    """The two processes of `launch`, killed on the way out if they still run."""
+    procs, logs = launch(launcher, port, tmp_path, mesh, failing_rank)
+    try:
+        yield procs, logs
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for log in logs:
+            log.close()
+
+
 @pytest.fixture(scope="module")
 def reference():
     """Greedy new tokens of PROMPT from `gptjax generate` (one process, no server): what both jobs must give."""
@@ -89,9 +105,8 @@ def test_two_processes_serve_and_stop_on_sigterm(launcher, mesh, reference, tmp_
     import tritonclient.grpc as triton_grpc
 
     port = free_port()
-    procs, logs = launch(launcher, port, tmp_path, mesh)
     target = f"127.0.0.1:{port}"
-    try:
+    with running_job(launcher, port, tmp_path, mesh) as (procs, logs):
         wait_serving(procs[0], target, logs[0], timeout=300)
         assert procs[1].poll() is None, "process 1 exited"
         with Client(target) as client:
@@ -112,13 +127,6 @@ def test_two_processes_serve_and_stop_on_sigterm(launcher, mesh, reference, tmp_
         procs[0].send_signal(signal.SIGTERM)
         codes = [p.wait(timeout=120) for p in procs]
         assert codes == [0, 0], [open(log.name).read()[-3000:] for log in logs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        for log in logs:
-            log.close()
 
 
 def test_a_command_that_fails_on_one_follower_ends_the_job(tmp_path):
@@ -127,20 +135,12 @@ def test_a_command_that_fails_on_one_follower_ends_the_job(tmp_path):
     import grpc
 
     port = free_port()
-    procs, logs = launch("flags", port, tmp_path, failing_rank=1)
     target = f"127.0.0.1:{port}"
-    try:
+    with running_job("flags", port, tmp_path, failing_rank=1) as (procs, logs):
         wait_serving(procs[0], target, logs[0], timeout=300)
         with Client(target) as client, pytest.raises(grpc.RpcError):
             client.generate(PROMPT, N_NEW, temperature=0, ignore_eos=True, timeout=120)
         codes = [p.wait(timeout=120) for p in procs]
         assert codes[1] == 1 and codes[0] != 0, codes
         assert "ending this process, and so the job" in open(logs[1].name).read()
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        for log in logs:
-            log.close()
 
