@@ -12,9 +12,13 @@ import logging
 import math
 import os
 import sys
+import time
 from functools import partial
 
 from gptjax.config import ATTENTION_IMPLS, DEFAULT_PRESET, DTYPES, MATMUL_IMPLS, PRESETS, MeshShape
+
+
+LEADER_GRACE_S = 2.0  # how long process 0 of a failed job lets the others print their own error before it ends
 
 
 class UsageError(ValueError):
@@ -224,10 +228,10 @@ def build_engine(args, config=None):
         compile_cache.disable()
     else:
         compile_cache.enable()
+    import jax
+
     from gptjax.engine import Engine
     from gptjax.sharding import make_mesh
-
-    import jax
 
     if jax.process_count() > 1:
         _check_one_job(args, config)
@@ -390,12 +394,15 @@ def _serving_bench(args) -> int:
 
 def _leave_job(code: int) -> int:
     """`code`; but a process of a multi-process job ends at once: a clean exit would first wait, up to 5 minutes,
-    at the job's shutdown barrier for processes still loading, which the heartbeats end instead."""
+    at the job's shutdown barrier for processes still loading, which the heartbeats end instead. Process 0 holds
+    the job's coordination service: it waits a moment first, so that processes failing alike say why themselves."""
     import jax
 
     if jax.distributed.is_initialized():
         sys.stdout.flush()
         sys.stderr.flush()
+        if jax.process_index() == 0:
+            time.sleep(LEADER_GRACE_S)
         os._exit(code)
     return code
 

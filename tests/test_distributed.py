@@ -217,6 +217,16 @@ def test_a_job_without_a_mesh_over_all_its_devices_says_so():
         assert rc == 2 and "runs one model over all 8 devices: give --mesh with data*stage*tensor = 8" in err, err
 
 
+def test_a_bad_prompt_in_a_job_is_refused_by_every_process():
+    """Every process meets it alike after the job started: each says so and exits 2 (process 0, which holds the
+    job's coordination, lets the others say it first)."""
+    port = free_port()
+    results = run_job([slurm_env(0, port), slurm_env(1, port)], ["generate", "--prompt-ids", "5,99999999",
+                                                                 "--max-new-tokens", "2", "--mesh", "tensor=8"])
+    for rc, _, err in results:
+        assert rc == 2 and "prompts[0][1] = 99999999 is outside the vocabulary" in err, err[-2000:]
+
+
 def test_processes_started_with_different_settings_are_refused():
     port, args = free_port(), ["generate", "--prompt-ids", "5", "--max-new-tokens", "1", "--mesh", "tensor=8"]
     procs = [subprocess.Popen([sys.executable, "-m", "gptjax", *args, *extra], env=slurm_env(rank, port), cwd=ROOT,
