@@ -11,9 +11,10 @@ Issued as each program starts, the trigger puts that launch behind the running k
 Safe whatever the next kernel reads: its entry wait is for the whole of this grid, not for the trigger. A
 kernel launched without programmatic serialization (cuBLAS, Mosaic GPU) waits for completion as ever.
 
-Off by default until a GPU run has timed it and checked the engine's tokens with it
-(`benchmarks/early_launch_gpu.sh`): `GPTJAX_EARLY_LAUNCH=1` in the environment, `EARLY_LAUNCH = True`, or
-`decode_probe --early-launch` turns it on.
+Off by default: run 21 of benchmarks/RESULTS.md (`benchmarks/early_launch_gpu.sh`) found it correct (the same
+outputs, bitwise, and the engine's tokens) but 3-10% slower a decode step, the next kernel's programs waiting on
+the multiprocessors while this one's still need them. `GPTJAX_EARLY_LAUNCH=1` in the environment,
+`EARLY_LAUNCH = True`, or `decode_probe --early-launch` turns it on.
 """
 
 from __future__ import annotations

@@ -23,9 +23,10 @@ Causality and `lengths` only decide how many key blocks each consumer visits: bl
 consumer's first row run unmasked, the rest up to its last row (or the sequence end) run with the causal
 mask, and the producer loads the larger of the two consumers' counts; a consumer with fewer blocks releases
 the remaining slots unread. Right padding needs no key mask: a valid query never sees a later key. With
-`half_diagonal` (off until a GPU run has timed it), a masked block whose second half lies after all of a
-consumer's rows (consumer 0's block on the diagonal, at 128-key blocks) is multiplied and softmaxed over its
-first half only: a tenth less matrix work at 512-token prompts, 3% at 2048, 1.5% at 4096, 0.8% at 8192.
+`half_diagonal` (on at head_dim 64), a masked block whose second half lies after all of a consumer's rows
+(consumer 0's block on the diagonal, at 128-key blocks) is multiplied and softmaxed over its first half only: a
+tenth less matrix work at 512-token prompts, 3% at 2048, 1.5% at 4096, 0.8% at 8192. Run 21 of
+benchmarks/RESULTS.md: 2.4-3.5% faster at head_dim 64, level (+-0.3%) at 128.
 Query rows of a consumer wholly past its sequence's length read nothing and are written as zeros.
 
 Two static orderings, timed by `benchmarks/kernels.py`: `wait_in_pv` waits for the next key block right after
@@ -405,7 +406,7 @@ def _scratch(dtype, head_dim: int, block_kv: int, stages: int, q_buffers: int) -
 def hopper_flash_attention(q, k, v, *, lengths=None, block_kv: int | None = None, stages: int | None = None,
                            use_lengths: bool = True, programs: int | None = None, wait_in_pv: bool | None = None,
                            fence_softmax: bool = False, prefetch_q: bool = True, carry_stagger: bool | None = None,
-                           half_diagonal: bool = False):
+                           half_diagonal: bool | None = None):
     """q, k, v: [batch, seq, heads, head_dim] (bf16 or fp16, head_dim 64 or 128); lengths: [batch] valid
     lengths (right padding) or None. Causal, scale 1/sqrt(head_dim); rows past a length are unspecified
     (zeros for whole 64-row blocks past it). `use_lengths=False` ignores lengths (full causal work).
@@ -418,7 +419,8 @@ def hopper_flash_attention(q, k, v, *, lengths=None, block_kv: int | None = None
     (`wait_in_pv` needs stages >= 2: block j + 1 must not reuse block j's slot; None: on at head_dim 128).
     `carry_stagger`: the consumers' stagger runs on across a program's tiles; off, they meet at each tile's end
     and stagger anew (None: on at head_dim 64, module docstring). `half_diagonal`: consumer 0's block on the
-    diagonal is read to its first half (`_attend_masked_block`; 128- and 256-key blocks)."""
+    diagonal is read to its first half (`_attend_masked_block`; 128- and 256-key blocks; None: on at head_dim
+    64)."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     batch, seq, heads, head_dim = q.shape
@@ -433,6 +435,7 @@ def hopper_flash_attention(q, k, v, *, lengths=None, block_kv: int | None = None
     check_blocks(block_kv, stages, head_dim, jnp.dtype(q.dtype).itemsize, q_buffers)
     wait_in_pv = head_dim == 128 and stages >= 2 if wait_in_pv is None else wait_in_pv
     carry_stagger = head_dim == 64 if carry_stagger is None else carry_stagger
+    half_diagonal = head_dim == 64 if half_diagonal is None else half_diagonal
     if wait_in_pv and stages < 2:
         raise ValueError("wait_in_pv needs stages >= 2 (the next block's slot is freed only after this block)")
     # whole query tiles and whole key blocks (the larger of the two roundings; tiles past `seq` stay empty)
