@@ -247,17 +247,13 @@ def _check_one_job(args, config) -> None:
     """Every process of a job must build the same engine over all the job's devices: process 0's commands would
     meet another engine on a process started with other flags or another config (a hang, or wrong tokens). The
     processes compare their settings first, so that each refuses alike."""
-    import zlib
-
     import jax
-    import numpy as np
-    from jax.experimental import multihost_utils
 
+    from gptjax import distributed
     from gptjax.config import to_dict
 
     settings = [args.model, args.checkpoint, config.dtype, to_dict(config.engine), to_dict(config.scheduler)]
-    mine = np.uint32(zlib.crc32(json.dumps(settings, sort_keys=True).encode()))
-    if len(set(np.asarray(multihost_utils.process_allgather(mine)).tolist())) > 1:
+    if not distributed.same_on_every_process(json.dumps(settings, sort_keys=True)):
         raise JobUsageError("the processes of this job were started with different models or settings (model, "
                             "checkpoint, dtype, engine or scheduler): start every process with the same command "
                             "and config")

@@ -163,6 +163,14 @@ def broadcast_from_main(x: np.ndarray) -> np.ndarray:
     return np.asarray(multihost_utils.broadcast_one_to_all(x))
 
 
+def same_on_every_process(text: str) -> bool:
+    """Whether every process of the job holds the same `text` (its hash, gathered to every process)."""
+    from jax.experimental import multihost_utils
+
+    mine = np.uint32(zlib.crc32(text.encode()))
+    return len(set(np.asarray(multihost_utils.process_allgather(mine)).tolist())) == 1
+
+
 def to_global(tree, mesh):
     """Host arrays that every process holds the same copy of (one, or a pytree of them; device arrays pass as
     they are) -> arrays replicated over `mesh`, sent in one transfer. (`jnp.asarray` would run a small program
