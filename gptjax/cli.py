@@ -343,7 +343,10 @@ def cmd_serve(args) -> int:
 
     config = serving_config(args)
     rank = distributed.launcher_rank(args.process_id)
-    return serve(config, args.checkpoint or args.model or DEFAULT_PRESET, partial(build_engine, args, config), rank)
+    join_job = partial(distributed.initialize, coordinator=args.coordinator, num_processes=args.num_processes,
+                       process_id=args.process_id)
+    return serve(config, args.checkpoint or args.model or DEFAULT_PRESET, partial(build_engine, args, config), rank,
+                 join_job)
 
 
 def cmd_client(args) -> int:

@@ -94,7 +94,10 @@ def coordinator_port(job: str, env) -> int:
 def initialize(coordinator: str | None = None, num_processes: int | None = None,
                process_id: int | None = None) -> None:
     """Start jax.distributed for a multi-process job: from explicit flags, else from srun's or mpirun's
-    environment; a lone process needs nothing. Flags given override what the launcher says."""
+    environment; a lone process needs nothing. Flags given override what the launcher says. Once started, a
+    second call does nothing."""
+    if jax.distributed.is_initialized():
+        return
     launched = launcher_env()
     explicit = (coordinator, num_processes, process_id)
     if launched is None and explicit == (None, None, None):

@@ -311,19 +311,27 @@ def _log_to_stderr() -> None:
         log.setLevel(logging.INFO)
 
 
-def serve(config: ServingConfig, model_name: str, build_engine: Callable[[], object], rank: int = 0) -> int:
+def serve(config: ServingConfig, model_name: str, build_engine: Callable[[], object], rank: int = 0,
+          join_job: Callable[[], None] | None = None) -> int:
     """Build the engine (every process), serve on process 0, follow on the others. `rank`: this process's
     index as its launcher tells it, known before jax.distributed starts; `model_name`: what the APIs call the
-    model. -> 0 after a clean drain, 1 when the engine loop failed, 128 + the signal's number when a second
-    signal cut the drain short. Raises ListenError (a ValueError: the CLI exits 2) when a port can't be
-    listened on."""
+    model; `join_job`: starts the multi-process job (as `build_engine` does first). -> 0 after a clean drain,
+    1 when the engine loop failed, 128 + the signal's number when a second signal cut the drain short. Raises
+    ListenError (a ValueError: the CLI exits 2) when a port can't be listened on."""
     from gptjax import distributed
     from serving.scheduler import Scheduler
 
     _log_to_stderr()
     frontend = Frontend(model_name)
     # Process 0 listens before the model loads, so health says NOT_SERVING (not "connection refused") meanwhile.
-    listeners = Listeners(frontend, config) if rank == 0 else None
+    try:
+        listeners = Listeners(frontend, config) if rank == 0 else None
+    except ListenError:
+        # the other processes wait for process 0 to start the job: it does so, then fails, and they end by the
+        # heartbeats in seconds rather than at the start's time limit (distributed.INIT_TIMEOUT_S)
+        if join_job is not None:
+            join_job()
+        raise
     if listeners is not None:
         log.info("listening on %s (loading the model)", listeners.description)
     try:

@@ -53,14 +53,16 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def launch(launcher: str, port: int, tmp_path, mesh: str = "tensor=8", failing_rank: int | None = None):
+def launch(launcher: str, port: int, tmp_path, mesh: str = "tensor=8", failing_rank: int | None = None,
+           env_extra: dict | None = None):
     job, coordinator = free_srun_job()
     # two slots and a cache of one 32-token prompt bucket: four shapes for each process to compile at start
     config = tmp_path / "serve.toml"
     config.write_text("[engine]\nmax_slots = 2\nmax_seq_len = 32\nmin_prefill_bucket = 32\n")
     procs, logs = [], []
     for rank in range(2):
-        env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+               **(env_extra or {})}
         # no HTTP or metrics listener: this job speaks gRPC only, and fixed ports would clash with other servers
         program = ["-c", FAILING_PREFILL] if rank == failing_rank else ["-m", "gptjax"]
         args = [sys.executable, *program, "serve", "--port", str(port), "--http-port", "0", "--metrics-port", "0",
@@ -77,9 +79,10 @@ def launch(launcher: str, port: int, tmp_path, mesh: str = "tensor=8", failing_r
 
 
 @contextlib.contextmanager
-def running_job(launcher: str, port: int, tmp_path, mesh: str = "tensor=8", failing_rank: int | None = None):
+def running_job(launcher: str, port: int, tmp_path, mesh: str = "tensor=8", failing_rank: int | None = None,
+                env_extra: dict | None = None):
     """The two processes of `launch`, killed on the way out if they still run."""
-    procs, logs = launch(launcher, port, tmp_path, mesh, failing_rank)
+    procs, logs = launch(launcher, port, tmp_path, mesh, failing_rank, env_extra)
     try:
         yield procs, logs
     finally:
@@ -144,3 +147,16 @@ def test_a_command_that_fails_on_one_follower_ends_the_job(tmp_path):
         assert codes[1] == 1 and codes[0] != 0, codes
         assert "ending this process, and so the job" in open(logs[1].name).read()
 
+
+
+def test_a_port_in_use_on_process_0_ends_the_whole_job(tmp_path):
+    """Process 0 can't listen: it says so and exits 2, and its follower, which waits for process 0 to start the
+    job, ends too, by the heartbeats, rather than waiting out the start's 5-minute limit."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with running_job("flags", port, tmp_path, env_extra={"GPTJAX_HEARTBEAT_TIMEOUT_S": "5"}) as (procs, logs):
+            codes = [p.wait(timeout=150) for p in procs]
+    assert codes[0] == 2 and f"can't listen on 127.0.0.1:{port}" in open(logs[0].name).read(), codes
+    assert codes[1] != 0, open(logs[1].name).read()[-2000:]
