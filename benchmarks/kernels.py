@@ -25,6 +25,7 @@ import datetime
 import json
 import math
 import platform
+import re
 import statistics
 import sys
 import time
@@ -62,6 +63,8 @@ DECODE_SWEEP = [(128, 4, 3, False, None), (64, 4, 3, True, None), (128, 4, 3, Tr
 # dispatch each; timed again by the interleaved rounds) one tile a program and 64-key blocks four deep (the fence
 # alone, and FlashAttention-3's pipelining within each consumer, 10-14% slower at both head dims in run 16 (its
 # code is in f92219e), are not timed now); at both, consumer 0's block on the diagonal read to its first half only
+# (at 128 also with the stagger carried, so that consumer 0 can spend the half block it saves on the next tile),
+# and every head's longest tiles first (the order before the tiles went one head after another, `head_major`)
 WAIT = dict(wait_in_pv=True)
 FENCE = dict(wait_in_pv=True, fence_softmax=True)
 NO_PREFETCH = dict(prefetch_q=False)
@@ -69,20 +72,22 @@ A_TILE_A_PROGRAM = dict(programs=1 << 30)  # not persistent: the hardware hands 
 RESYNC = dict(carry_stagger=False)  # the consumers meet at each tile's end (the default at head_dim 128)
 CARRY = dict(carry_stagger=True)  # the stagger runs on from tile to tile (the default at head_dim 64)
 HALF = dict(half_diagonal=True)  # no product or softmax over a block's half that is after all of the rows
+LEVELS = dict(head_major=False)  # every head's longest tiles first (the order before run 22), not head by head
 HOPPER_SWEEP = {64: {"hopper(resync each tile)": RESYNC, "hopper(no prefetch)": NO_PREFETCH,
                      "hopper(a tile a program)": A_TILE_A_PROGRAM,
                      "hopper(wait in PV)": WAIT,
                      "hopper(wait in PV, fence)": FENCE,
                      "hopper(192, 2)": dict(block_kv=192, stages=2), "hopper(256, 2)": dict(block_kv=256, stages=2),
                      "hopper(192, 2, wait in PV, fence)": dict(block_kv=192, stages=2, **FENCE),
-                     "hopper(half diagonal)": HALF},
+                     "hopper(half diagonal)": HALF, "hopper(longest first)": LEVELS},
                 128: {"hopper(stagger carried)": CARRY,
                       "hopper(no wait in PV)": dict(wait_in_pv=False), "hopper(wait in PV, fence)": FENCE,
                       "hopper(a tile a program)": A_TILE_A_PROGRAM, "hopper(64, 4)": dict(block_kv=64, stages=4),
                       "hopper(no prefetch)": NO_PREFETCH,
                       "hopper(no prefetch, 3 stages)": dict(NO_PREFETCH, stages=3),
                       "hopper(no prefetch, 3 stages, wait in PV)": dict(NO_PREFETCH, stages=3, **WAIT),
-                      "hopper(half diagonal)": HALF}}
+                      "hopper(half diagonal)": HALF, "hopper(half diagonal, stagger carried)": dict(HALF, **CARRY),
+                      "hopper(longest first)": LEVELS}}
 # the ragged float64 checks of the Mosaic GPU kernel: name -> (keywords, the head_dims it runs at); the
 # variants' code paths: the waits' order with ragged tiles in persistent programs (7 programs: several tiles
 # each at the checks' shapes), with and without the prefetched queries, the padding to whole 192-key blocks
@@ -95,7 +100,8 @@ HOPPER_CHECKS = {"hopper": ({}, (64, 128)), "hopper(7 programs)": (dict(programs
                  "hopper(wait in PV, fence)": (FENCE, (64, 128)),
                  "hopper(192, 2, wait in PV, fence)": (dict(block_kv=192, stages=2, **FENCE), (64,)),
                  "hopper(half diagonal, 7 programs)": (dict(HALF, programs=7), (64, 128)),
-                 "hopper(256, 2, half diagonal)": (dict(block_kv=256, stages=2, **HALF), (64,))}
+                 "hopper(256, 2, half diagonal)": (dict(block_kv=256, stages=2, **HALF), (64,)),
+                 "hopper(longest first, 7 programs)": (dict(LEVELS, programs=7), (64, 128))}
 MEM_BUDGET = 6 << 30  # bytes of input sets per timed function
 
 
@@ -191,8 +197,9 @@ def check_prefill(name, kernel, dtypes, shapes, cases: RaggedCases, tol):
     return rows
 
 
-def check_ragged(interpret, which="all"):
-    """which: "all", or "hopper" (only the Mosaic GPU kernel's checks)."""
+def check_ragged(interpret, which="all", only=None):
+    """which: "all", or "hopper" (only the Mosaic GPU kernel's checks); `only`: `--only`'s names, which select
+    among the Mosaic GPU kernel's checks too."""
     rng = np.random.default_rng()
     cases = RaggedCases(rng)
     tol = {jnp.float32: 2e-3, jnp.bfloat16: 3e-2, jnp.float16: 3e-2}
@@ -203,6 +210,8 @@ def check_ragged(interpret, which="all"):
                               dtypes, [(3, 1000, 4, 64), (2, 300, 2, 128), (2, 77, 3, 80)], cases, tol)
     if on_hopper():  # the default (persistent) and the timed variants' code paths
         for name, (kw, dims) in HOPPER_CHECKS.items():
+            if only and not selected(name, only):
+                continue
             shapes = [x for x in [(3, 1000, 4, 64), (2, 300, 2, 128), (1, 4096, 2, 64)] if x[-1] in dims]
             rows += check_prefill(name, lambda q, k, v, n, kw=kw: hopper_flash_attention(q, k, v, lengths=n, **kw),
                                   (jnp.bfloat16, jnp.float16), shapes, cases, tol)
@@ -250,6 +259,11 @@ def prefill_impls(interpret, sweep, dtype, head_dim):
             for block_kv in (64, 128):
                 impls[f"attention_mgpu({block_kv})"] = attention_mgpu_peer(block_kv)
     return impls
+
+
+def only_names(text: str | None) -> list[str] | None:
+    """`--only`'s comma-separated names; a comma inside parentheses is part of a name ("hopper(wait in PV, fence)")."""
+    return [name.strip() for name in re.split(r",(?![^()]*\))", text)] if text else None
 
 
 def selected(name: str, only: list[str]) -> bool:
@@ -482,8 +496,9 @@ def main(argv=None):
     ap.add_argument("--skip-decode", action="store_true")
     ap.add_argument("--skip-prefill", action="store_true")
     ap.add_argument("--checks", choices=("all", "hopper", "none"), default="all")
-    ap.add_argument("--only", help="comma-separated names: time only these prefill implementations (a trailing * "
-                                   "takes every name it starts: hopper* is the Mosaic GPU kernel and its variants)")
+    ap.add_argument("--only", help="comma-separated names: time (and check) only these prefill implementations (a "
+                                   "trailing * takes every name it starts: hopper* is the Mosaic GPU kernel and its "
+                                   "variants)")
     ap.add_argument("--prefill-shapes", help="comma-separated b x s x h x d, e.g. 1x8192x32x128 (default: the four "
                                              "of PREFILL_SHAPES)")
     ap.add_argument("--time-limit", type=float, default=math.inf,
@@ -517,14 +532,14 @@ def main(argv=None):
     env = {"device": str(jax.devices()[0].device_kind), "date": datetime.date.today().isoformat(),
            "jax": jax.__version__, "jaxlib": jaxlib.__version__, "python": platform.python_version()}
     print(env, flush=True)
-    checks = check_ragged(interpret, args.checks) if not (args.quick or args.checks == "none") else []
+    only = only_names(args.only)
+    checks = check_ragged(interpret, args.checks, only) if not (args.quick or args.checks == "none") else []
     rates = {} if args.skip_decode else floors.measure(with_torch=on_gpu())
     copy_bw = rates.get("memory_bytes_per_s", float("nan"))  # the larger of copy and read: decode only reads
     print(f"floors {rates}", flush=True)
     shapes = [(2, 128, 2, 64), (1, 256, 2, 128)] if args.quick else PREFILL_SHAPES
     if args.prefill_shapes:
         shapes = [tuple(map(int, shape.split("x"))) for shape in args.prefill_shapes.split(",")]
-    only = args.only.split(",") if args.only else None
     global MEM_BUDGET
     if args.quick:
         MEM_BUDGET = 1 << 20

@@ -100,6 +100,9 @@ def test_only_takes_names_and_starred_prefixes():
     assert kernels.selected("cudnn", only) and kernels.selected("hopper", only)
     assert kernels.selected("hopper(wait in PV)", only)
     assert not kernels.selected("cudnn(sweep)", only) and not kernels.selected("xla", only)
+    # a comma inside a variant's parentheses is part of its name
+    assert kernels.only_names("cudnn,hopper(wait in PV, fence),hopper(7 programs)") == [
+        "cudnn", "hopper(wait in PV, fence)", "hopper(7 programs)"]
 
 
 def test_hopper_variants_fit_shared_memory():

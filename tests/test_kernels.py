@@ -247,6 +247,26 @@ def test_hopper_tile_orders_deal_every_tile_once(n_total, programs):
     assert max(cost[d].sum() for d in dealt) <= max(cost[p::programs].sum() for p in range(programs))
 
 
+@pytest.mark.parametrize("head_major", [True, False])
+def test_hopper_tiles_cover_every_query_tile_once(head_major):
+    # both orders number each (sequence, head, 128-row query tile) once, each head's longest tile first; head by
+    # head (the default), consecutive tiles share a head, so the programs at work share its keys and values
+    from gptjax.kernels.flash_attention_hopper import _tile
+
+    batch, heads, n_tiles = 3, 4, 5
+    t = jnp.arange(batch * heads * n_tiles, dtype=jnp.int32)
+    tile = _tile(t, None, heads=heads, batch_size=batch, n_tiles=n_tiles, block_kv=128, seq=n_tiles * 128,
+                 use_lengths=False, head_major=head_major)
+    seen = list(zip(*(np.asarray(x).tolist() for x in (tile.batch, tile.head, tile.start))))
+    assert sorted(seen) == [(b, h, q * 128) for b in range(batch) for h in range(heads) for q in range(n_tiles)]
+    firsts = {}
+    for b, h, start in seen:
+        firsts.setdefault((b, h), start)
+    assert set(firsts.values()) == {(n_tiles - 1) * 128}
+    runs = sum(1 for a, b in zip(seen, seen[1:]) if a[:2] != b[:2])  # changes of (sequence, head)
+    assert runs == (batch * heads - 1 if head_major else len(seen) - 1)
+
+
 def test_hopper_kernel_options_and_block_limits():
     # the orderings of run 6's next step are options: off, the kernel traces as before (no fence, one key wait
     # per block at its top); on, the fence appears. 192-key blocks pad to whole blocks (300 -> 384) and slice
@@ -289,7 +309,8 @@ def test_hopper_kernel_options_and_block_limits():
 @pytest.mark.parametrize("head_dim, options", [(64, {}), (128, {"wait_in_pv": True, "fence_softmax": True}),
                                                (128, {"carry_stagger": True}), (64, {"carry_stagger": False}),
                                                (128, {"half_diagonal": True}),
-                                               (64, {"half_diagonal": True, "block_kv": 256, "stages": 2})])
+                                               (64, {"half_diagonal": True, "block_kv": 256, "stages": 2}),
+                                               (128, {"head_major": False})])
 def test_hopper_kernel_lowers_for_cuda_on_any_machine(head_dim, options):
     """Mosaic GPU cannot run on a CPU, but it lowers there: exporting for CUDA runs the kernel's lowering
     (layouts, the matrix products' operands, barriers, shared memory), which a trace alone does not."""

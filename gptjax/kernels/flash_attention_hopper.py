@@ -5,8 +5,13 @@ against it and against float64); other GPUs run the Triton kernel in `flash_atte
 Why a second kernel: prefill at long sequences is bound by the matrix units, and the Triton kernel runs
 QK^T, the softmax and PV one after another in every warp, so the matrix units idle through each softmax.
 Here a program (a CTA; by default one per multiprocessor, persistent) takes tiles of 2 x 64 query rows of one
-head in turn, longest first and dealt in a snake order so that the programs' sums of work come out even, and
-runs three warpgroups:
+head in turn, numbered one head after another (each head's longest first) and dealt in a snake order so that the
+programs' sums of work come out nearly even, and runs three warpgroups. Head by head, the programs at work at any
+moment share a few heads' keys and values in L2; every head's longest tiles first (`head_major=False`) had all
+heads in flight and read them from memory again and again: at (2, 4096, 32, 128) fp16 51% of the memory's
+bandwidth against 13% head by head, and the power that took lowered the clock (1.54 GHz against 1.67 under
+Nsight Compute), so the kernel was 6% slower for 2% fewer cycles (run 22 of benchmarks/RESULTS.md).
+The three warpgroups:
 - a producer that loads key and value blocks with TMA into a ring of `stages` shared-memory slots, each
   slot's arrival signalled on a barrier, and reuses a slot once both consumers have released it; the ring
   runs on across tiles, so the next tile's first blocks load while the consumers finish the last one;
@@ -115,12 +120,18 @@ class _Tile(NamedTuple):
     steps: jax.Array  # key blocks the producer loads: the larger of the two consumers' counts
 
 
-def _tile(t, len_ref, *, heads: int, batch_size: int, n_tiles: int, block_kv: int, seq: int, use_lengths: bool):
+def _tile(t, len_ref, *, heads: int, batch_size: int, n_tiles: int, block_kv: int, seq: int, use_lengths: bool,
+          head_major: bool = False):
     """Tile number t, in the order programs take them: the longest (last) query tiles of every head and
-    sequence first, so the short ones fill the tail."""
-    per_row = heads * batch_size
-    q_tile = n_tiles - 1 - lax.div(t, jnp.int32(per_row))
-    rest = lax.rem(t, jnp.int32(per_row))
+    sequence first, so the short ones fill the tail; with `head_major`, one head's tiles after another (each
+    head's longest first), so that the programs at work at any moment share the keys and values of a few
+    heads in L2 rather than reading those of every head from memory."""
+    if head_major:
+        rest = lax.div(t, jnp.int32(n_tiles))
+        q_tile = n_tiles - 1 - lax.rem(t, jnp.int32(n_tiles))
+    else:
+        q_tile = n_tiles - 1 - lax.div(t, jnp.int32(heads * batch_size))
+        rest = lax.rem(t, jnp.int32(heads * batch_size))
     batch, head = lax.div(rest, jnp.int32(heads)), lax.rem(rest, jnp.int32(heads))
     start = q_tile * (CONSUMERS * BLOCK_Q)
     length = len_ref[batch] if use_lengths else jnp.int32(seq)
@@ -129,10 +140,10 @@ def _tile(t, len_ref, *, heads: int, batch_size: int, n_tiles: int, block_kv: in
 
 
 def tile_order(program, i, programs: int):
-    """The tile a program takes on its i-th turn. Tiles come longest first, so dealing them round-robin hands
-    program 0 the longest tile of every round (6-9% more work than the mean at the causal shapes of
-    benchmarks/kernels.py); the snake order deals every other round backwards, which evens the sums out to
-    within 0-3%."""
+    """The tile a program takes on its i-th turn. Dealing tiles round-robin in `_tile`'s order hands program 0
+    the longest tile of every round when tiles come longest first over all heads (6-9% more work than the mean
+    at the causal shapes of benchmarks/kernels.py; head by head 8-55%); the snake order deals every other round
+    backwards, which evens the sums out to within 0-3% in either order (by the tiles' causal costs)."""
     backwards = lax.rem(i, 2) == 1
     return i * programs + jnp.where(backwards, programs - 1 - program, program)
 
@@ -369,13 +380,14 @@ def _producer(k_ref, v_ref, scratch, *, tile_of, count, block_kv: int, stages: i
 
 
 def _program(len_ref, q_ref, k_ref, v_ref, o_ref, *scratch, block_kv: int, stages: int, sm_scale: float,
-             n_tiles: int, heads: int, batch_size: int, seq: int, use_lengths: bool, programs: int, **orderings):
+             n_tiles: int, heads: int, batch_size: int, seq: int, use_lengths: bool, programs: int,
+             head_major: bool, **orderings):
     """`orderings`: the consumers' options (`wait_in_pv`, `fence_softmax`, `carry_stagger`, `half_diagonal`)."""
     program, n_total = lax.axis_index("p"), n_tiles * heads * batch_size
 
     def tile_of(i):  # this program's i-th tile
         return _tile(tile_order(program, i, programs), len_ref, heads=heads, batch_size=batch_size,
-                     n_tiles=n_tiles, block_kv=block_kv, seq=seq, use_lengths=use_lengths)
+                     n_tiles=n_tiles, block_kv=block_kv, seq=seq, use_lengths=use_lengths, head_major=head_major)
     common = dict(tile_of=tile_of, count=tile_count(program, n_total, programs), block_kv=block_kv,
                   stages=stages)
     wg = lax.axis_index("wg")
@@ -402,11 +414,12 @@ def _scratch(dtype, head_dim: int, block_kv: int, stages: int, q_buffers: int) -
 
 
 @functools.partial(jax.jit, static_argnames=("block_kv", "stages", "use_lengths", "programs", "wait_in_pv",
-                                             "fence_softmax", "prefetch_q", "carry_stagger", "half_diagonal"))
+                                             "fence_softmax", "prefetch_q", "carry_stagger", "half_diagonal",
+                                             "head_major"))
 def hopper_flash_attention(q, k, v, *, lengths=None, block_kv: int | None = None, stages: int | None = None,
                            use_lengths: bool = True, programs: int | None = None, wait_in_pv: bool | None = None,
                            fence_softmax: bool = False, prefetch_q: bool = True, carry_stagger: bool | None = None,
-                           half_diagonal: bool | None = None):
+                           half_diagonal: bool | None = None, head_major: bool = True):
     """q, k, v: [batch, seq, heads, head_dim] (bf16 or fp16, head_dim 64 or 128); lengths: [batch] valid
     lengths (right padding) or None. Causal, scale 1/sqrt(head_dim); rows past a length are unspecified
     (zeros for whole 64-row blocks past it). `use_lengths=False` ignores lengths (full causal work).
@@ -420,7 +433,8 @@ def hopper_flash_attention(q, k, v, *, lengths=None, block_kv: int | None = None
     `carry_stagger`: the consumers' stagger runs on across a program's tiles; off, they meet at each tile's end
     and stagger anew (None: on at head_dim 64, module docstring). `half_diagonal`: consumer 0's block on the
     diagonal is read to its first half (`_attend_masked_block`; 128- and 256-key blocks; None: on at head_dim
-    64)."""
+    64). `head_major` (default): the tiles in one head after another (`_tile`); off, every head's longest
+    first."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     batch, seq, heads, head_dim = q.shape
@@ -448,8 +462,8 @@ def hopper_flash_attention(q, k, v, *, lengths=None, block_kv: int | None = None
     programs = min(programs or getattr(jax.devices()[0], "core_count", 132), n_tiles * heads * batch)
     body = functools.partial(_program, block_kv=block_kv, stages=stages, sm_scale=1.0 / math.sqrt(head_dim),
                              n_tiles=n_tiles, heads=heads, batch_size=batch, seq=seq, use_lengths=use_lengths,
-                             programs=programs, wait_in_pv=wait_in_pv, fence_softmax=fence_softmax,
-                             carry_stagger=carry_stagger, half_diagonal=half_diagonal)
+                             programs=programs, head_major=head_major, wait_in_pv=wait_in_pv,
+                             fence_softmax=fence_softmax, carry_stagger=carry_stagger, half_diagonal=half_diagonal)
     out = plgpu.kernel(
         body,
         out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
