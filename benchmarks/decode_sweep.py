@@ -41,9 +41,15 @@ QUICK_SHAPES = {(4, 16): ([2], [64])}
 # program, each key's heads read as one run of 1-2 KB, lost to one head a program by 25-54% at 256-key caches
 # and batch 64-256 in run 16 of RESULTS.md, and are not swept; 64-key blocks two deep put twice the programs
 # on a multiprocessor as 128-key ones, for rows of a few blocks (run 16: the engine's rows of 129-145 keys in
-# 192-position caches read 53% of the floor, full 256-key caches 90%))
+# 192-position caches read 53% of the floor, full 256-key caches 90%)); run 3 adds programs with no pipeline
+# (one stage: their loads go to registers, no shared-memory ring) on 2 or 4 warps, so that many more of them fit
+# on a multiprocessor: a row of one or two blocks spends its time waiting on a few dependent loads (its length, its
+# query, its blocks), and only more programs at once hide that (RESULTS run 17: 61-63 us a layer at batch 256
+# whether 137 or 250 of 256 keys are valid)
 CANDIDATES = {64: [(1, 128, 4, 3, True, 1056), (1, 64, 4, 4, True, 1056), (1, 128, 4, 2, True, 2112),
-                   (1, 256, 8, 2, True, 1056), (4, 64, 4, 3, False, 1056), (1, 64, 4, 2, True, 2112)],
+                   (1, 256, 8, 2, True, 1056), (4, 64, 4, 3, False, 1056), (1, 64, 4, 2, True, 2112),
+                   (1, 128, 4, 1, True, 2112), (1, 128, 2, 1, True, 2112), (1, 64, 2, 1, True, 2112),
+                   (1, 128, 4, 1, False, 2112)],
               128: [(1, 128, 4, 3, True, 1056), (1, 64, 4, 4, True, 1056), (1, 128, 4, 2, True, 2112),
                     (2, 64, 4, 3, False, 1056), (4, 32, 8, 3, False, 528)],
               16: [(1, 16, 4, 3, True, 8), (4, 16, 4, 3, False, 8)]}
