@@ -61,7 +61,8 @@ class Metrics:
                              "token, for requests that finished", labels, registry=r, buckets=E2E_BUCKETS).labels(model)
         self.prompt_tokens = Counter("gptjax_prompt_tokens", "Prompt tokens prefilled", labels,
                                      registry=r).labels(model)
-        self.generation_tokens = Counter("gptjax_generation_tokens", "New tokens sent to callers", labels,
+        self.generation_tokens = Counter("gptjax_generation_tokens", "New tokens the model generated (an OpenAI "
+                                         "stop string's text may cut some of them from the answer)", labels,
                                          registry=r).labels(model)
         self.gauges = {name: Gauge(name, doc, labels, registry=r).labels(model) for name, doc in (
             ("gptjax_requests_running", "Requests holding a slot"),
