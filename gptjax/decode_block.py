@@ -6,8 +6,8 @@ LayerNorm + MLP in + bias + GELU, MLP out + bias + residual. The residual stream
 and no other kernel runs in the layer.
 
 The default on one GPU for a model whose products fit the kernels, for decode steps of at most `AUTO_ROWS`
-slots (`EngineConfig.decode_matmuls="pallas"`: up to `KERNEL_ROWS`, "xla": never); products whose weights
-exceed `KERNEL_MAX_BYTES` run the same arithmetic through XLA.
+slots (`EngineConfig.decode_matmuls="pallas"`: up to `KERNEL_ROWS`, a server's steps of up to 256 slots, "xla":
+never); products whose weights exceed `KERNEL_MAX_BYTES` run the same arithmetic through XLA.
 The Flax block serves every other case, and is the reference the tests compare this path's tokens against.
 """
 
@@ -20,9 +20,9 @@ import jax.numpy as jnp
 
 from gptjax import kernels
 from gptjax.config import ModelConfig
-from gptjax.kernels.decode_matmul import decode_matmul, decode_matmul_reference, new_counters, supports
+from gptjax.kernels.decode_matmul import MAX_ROWS, decode_matmul, decode_matmul_reference, new_counters, supports
 
-KERNEL_ROWS = 16  # more rows: XLA's matmuls win (the kernel's tiles grow past the matrix units' 16 rows)
+KERNEL_ROWS = MAX_ROWS  # what decode_matmuls="pallas" runs on the kernels: every step they take
 AUTO_ROWS = 8  # the default's limit: on the H200 the kernels beat XLA's matmuls at 1, 2 and 4 rows; at 8 the two are
                # level within 2% (RESULTS runs 13 and 17)
 KERNEL_MAX_BYTES = 32 << 20  # larger weights: XLA's own matmul reads them faster (the H200, RESULTS run 11)
@@ -89,7 +89,7 @@ def layer_fn(impl: str, config: ModelConfig, rows: int, attention: str):
     counters (one zeroed buffer per step) go from each layer to the next here."""
     if not 0 < rows <= {"pallas": KERNEL_ROWS, "auto": AUTO_ROWS}.get(impl, 0):
         return None
-    carried = {"counters": new_counters(3 * config.hidden, config.ffn_hidden)}
+    carried = {"counters": new_counters(3 * config.hidden, config.ffn_hidden, rows=rows)}
 
     def layer(p, h, layer_kv, pos):
         h, layer_kv, carried["counters"] = block(config, attention, p, h, layer_kv, pos, carried["counters"],
