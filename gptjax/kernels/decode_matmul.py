@@ -221,7 +221,8 @@ def _finish(r: _Refs, s: _Shape, total, r0, c0, tile, rows_ok, operands):
 
     for which, cache in ((1, r.k_cache), (2, r.v_cache)):  # K and V: into the cache
         pl.when((c0 >= which * s.hidden) & (c0 < (which + 1) * s.hidden))(
-            functools.partial(_store_new_token, cache, r.positions, total, c0 - which * s.hidden, r0, s.rows))
+            functools.partial(_store_new_token, cache, r.positions, total, c0 - which * s.hidden, r0, s.rows,
+                              s.interpret))
 
 
 def _program_ids(s: _Shape):
@@ -266,10 +267,19 @@ def _kernel(*refs, s: _Shape):
         r.counts[counter] = 0  # every split has counted: the counter is zero again for the next kernel
 
 
-def _store_new_token(cache_ref, pos_ref, values, c0, r0, rows: int):
+def _store_new_token(cache_ref, pos_ref, values, c0, r0, rows: int, interpret: bool):
     """Row r of values [block_rows, block_n], the input's row r0 + r, into cache_ref [slots, max_seq, hidden] at
-    (r0 + r, pos[r0 + r], c0:), for the rows below `rows`."""
+    (r0 + r, pos[r0 + r], c0:), for the rows below `rows`. Up to 16 rows, one row at a time; more, compiled, in
+    one scattered store (a row at a time would be one cross-warp reduction per row; the interpreter has no
+    scattered store)."""
     block_rows, block_n = values.shape
+    if block_rows > MATRIX_ROWS and not interpret:
+        slots = r0 + lax.broadcasted_iota(jnp.int32, (block_rows,), 0)
+        ok = slots < rows
+        pos = jnp.clip(plgpu.load(pos_ref.at[slots], mask=ok, other=0), 0, cache_ref.shape[1] - 1)
+        plgpu.store(cache_ref.at[slots, pos, pl.ds(c0, block_n)], values.astype(cache_ref.dtype),
+                    mask=jnp.broadcast_to(ok[:, None], values.shape))
+        return
     row_of = lax.broadcasted_iota(jnp.int32, values.shape, 0)
     for r in range(min(block_rows, rows)):
         def store(r=r):
