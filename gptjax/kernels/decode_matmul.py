@@ -39,6 +39,7 @@ ROW_BLOCK = 64  # rows per program (a matrix-unit tile's M)
 TARGET_PROGRAMS = 128  # about one per multiprocessor of an H100 or H200 (fewer, longer programs won the sweep)
 SHARED_MEMORY = 200 * 1024  # of the 227 KB a block may have, what the pipelined tiles may take
 STATS_BLOCK = 512  # LayerNorm's statistics pass reads the input in wider tiles: fewer, longer loads
+STATS_ELEMENTS = MATRIX_ROWS * STATS_BLOCK  # ... of at most this many elements (registers), so narrower for more rows
 
 
 class MatmulParams(NamedTuple):
@@ -164,7 +165,7 @@ def _product(r: _Refs, s: _Shape, r0, col, split):
     first_w = load_w(split * s.chunk) if s.chunk == block_k else None
 
     if s.ln:  # a first pass over the whole row: LayerNorm's statistics
-        width = _largest_block(s.k, STATS_BLOCK)
+        width = _largest_block(s.k, min(STATS_BLOCK, STATS_ELEMENTS // block_rows))
 
         def stats(i, carry):
             v = load_x(i * width, width)
