@@ -129,6 +129,44 @@ def test_decode_attention_matches_float64(case, dtype, use_dot):
     assert err < TOL[dtype], f"relative error {err:.2e} (seed {seed})"
 
 
+# (batch, max_seq, heads, head_dim, block_k, rows_per_program, use_dot): rows whose lengths end inside a block,
+# on its edge and at 0 (a row of no keys), a max_seq that is not a whole number of blocks, and a batch that R
+# does not divide (the one-row-a-program launch)
+ROW_RUN_CASES = [(8, 100, 2, 16, 32, 4, True), (6, 64, 3, 32, 16, 2, False), (4, 256, 2, 64, 128, 4, True),
+                 (6, 50, 2, 16, 16, 4, True)]
+
+
+@pytest.mark.parametrize("case, dtype", [(c, np.float32) for c in ROW_RUN_CASES]
+                         + [(ROW_RUN_CASES[i], d) for i in (0, 1) for d in (jnp.bfloat16, np.float16)],
+                         ids=lambda x: "x".join(map(str, x[:4])) + f"r{x[5]}" if isinstance(x, tuple)
+                         else jnp.dtype(x).name)
+def test_decode_attention_row_runs_match_float64(case, dtype):
+    batch, max_seq, heads, head_dim, block_k, rows, use_dot = case
+    rng, seed = fresh_rng()
+    q = draw(rng, (batch, heads, head_dim), dtype)
+    k_cache, v_cache = (draw(rng, (batch + 1, max_seq, heads, head_dim), dtype) for _ in range(2))
+    lengths = ragged_lengths(rng, batch, max_seq)
+    lengths[0], lengths[1] = 0, block_k  # no keys; a whole block and not a key past it
+    out = decode_attention(q, k_cache, v_cache, jnp.asarray(lengths), interpret=True, block_k=block_k,
+                           num_splits=1, use_dot=use_dot, heads_per_program=1, rows_per_program=rows)
+    assert out.shape == q.shape and out.dtype == q.dtype and not np.asarray(out[0], np.float64).any()
+    ref = decode_reference64(q[1:], k_cache[1:batch], v_cache[1:batch], lengths[1:])
+    err = np.linalg.norm(np.asarray(out[1:], np.float64) - ref) / np.linalg.norm(ref)
+    assert err < TOL[dtype], f"relative error {err:.2e} (seed {seed})"
+
+
+def test_decode_attention_row_runs_lower_for_cuda():
+    # Triton's lowering runs on any machine: the 345M model's heads at a 256-slot step, four rows a program
+    q = jax.ShapeDtypeStruct((256, 16, 64), jnp.float16)
+    cache = jax.ShapeDtypeStruct((256, 256, 16, 64), jnp.float16)
+    lengths = jax.ShapeDtypeStruct((256,), jnp.int32)
+    for use_dot in (True, False):
+        traced = jax.jit(lambda q, k, v, n, d=use_dot: decode_attention(
+            q, k, v, n, block_k=64, num_splits=1, heads_per_program=1, rows_per_program=4, use_dot=d)).trace(
+            q, cache, cache, lengths)
+        assert "decode_attention_rows" in traced.lower(lowering_platforms=("cuda",)).as_text()
+
+
 # (batch, rows, max_seq, heads, head_dim, overrides): one chunk and several (the last past max_seq), every body
 # form (one head by vectors and by the matrix units, head groups of 2 and of every head), a cache with more rows
 # than the step, and the two-step path (a head_dim of 40)

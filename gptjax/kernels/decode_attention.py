@@ -19,6 +19,10 @@ Two forms of the program body, both tested against the reference:
   h*d..(h+1)*d): scores = K @ Q_bd is [block_k, G]; outputs = P^T @ V is [G, G * head_dim], of which head h
   keeps its own d columns. That multiplies the FLOPs by G (at most 16 per byte read, far under what the
   matrix units do at memory speed) to keep every reduction inside one matrix product.
+- one head per program over several rows (`rows_per_program=R`, `decode_attention` only, one chunk): the R
+  rows' key blocks are walked as one loop, so that the pipeline runs on from one row's blocks into the next
+  row's instead of each program's few blocks waiting on their first loads (a server's rows of one or two
+  blocks spend most of a program's life on that wait), and the launch costs are shared by R rows.
 Which form, block size and split count a shape gets comes from `decode_table.TABLE`, which the sweep
 (`benchmarks/decode_sweep.py`) writes; shapes it does not cover get `default_params`.
 A program walks its chunk's key blocks in one loop, every block masked at the sequence's end (`SINGLE_LOOP`).
@@ -64,6 +68,7 @@ class DecodeParams(NamedTuple):
     num_warps: int
     num_stages: int
     use_dot: bool  # one head per program only: the matrix-unit form
+    rows_per_program: int = 1  # one head per program and one chunk only: rows walked in one loop
 
 
 def default_params(batch: int, heads: int, max_seq: int, head_dim: int, itemsize: int = 2) -> DecodeParams:
@@ -93,11 +98,10 @@ def choose_params(batch: int, heads: int, max_seq: int, head_dim: int, itemsize:
         (_, _, b, s), _ = item
         return abs(math.log2(b / batch)) + abs(math.log2(s / max_seq))
 
-    (_, _, _, table_seq), (group, block_k, splits, warps, stages, use_dot) = min(entries, key=distance)
-    keys_per_split = table_seq / splits
-    splits = max(1, min(round(max_seq / keys_per_split), pl.cdiv(max_seq, block_k)))
-    return DecodeParams(group, min(block_k, max(16, pl.next_power_of_2(max_seq))), splits, warps, stages,
-                        use_dot)
+    (_, _, _, table_seq), entry = min(entries, key=distance)
+    entry = DecodeParams(*entry)
+    splits = max(1, min(round(max_seq / (table_seq / entry.num_splits)), pl.cdiv(max_seq, entry.block_k)))
+    return entry._replace(block_k=min(entry.block_k, max(16, pl.next_power_of_2(max_seq))), num_splits=splits)
 
 
 def _online_softmax_step(s, m_prev, l_prev, axis: int):
@@ -157,25 +161,11 @@ def _per_head_kernel(len_ref, q_ref, k_ref, v_ref, *refs, sm_scale: float, block
     n_full, n_end = _key_blocks(length, start, chunk, block_k)
 
     def body(j, carry, masked: bool):
-        acc, m_prev, l_prev = carry
         k, v = _load_kv_block(k_ref, v_ref, j, block_k, start, length, masked)
-        if rows == 1:
-            s = jnp.sum(k.astype(jnp.float32) * q[None, :], axis=1)[None, :]  # [1, block_k]
-        else:
-            s = plgpu.dot(q, k, trans_b=True) * scale  # [rows, block_k], every row the same
-        if masked:
-            kpos = start + j * block_k + lax.broadcasted_iota(jnp.int32, s.shape, 1)
-            s = jnp.where(kpos < length, s, -jnp.inf)
-        m_next, alpha, p, l_next = _online_softmax_step(s, m_prev, l_prev, axis=1)
-        if rows == 1:
-            pv = jnp.sum(p[0][:, None] * v.astype(jnp.float32), axis=0)[None, :]
-        else:
-            pv = plgpu.dot(p.astype(v.dtype), v)
-        return acc * alpha[:, None] + pv, m_next, l_next
+        first_key = start + j * block_k
+        return _attend_head_block(q, k, v, carry, scale, first_key if masked else None, length)
 
-    carry = (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), -jnp.inf, jnp.float32),
-             jnp.zeros((rows,), jnp.float32))
-    acc, m, l = _walk_blocks(body, carry, n_full, n_end, single)
+    acc, m, l = _walk_blocks(body, _head_carry(rows, head_dim), n_full, n_end, single)
     # every row holds the same numbers: keep one
     acc, m, l = jnp.max(acc, axis=0), jnp.max(m, axis=0, keepdims=True), jnp.max(l, axis=0, keepdims=True)
     if append:
@@ -185,6 +175,65 @@ def _per_head_kernel(len_ref, q_ref, k_ref, v_ref, *refs, sm_scale: float, block
         acc = jnp.sum(acc, axis=0)
         _store_new_token(k_new_ref, v_new_ref, k_out_ref, v_out_ref, owner, length - start)
     _store(out_refs, acc / jnp.where(l == 0.0, 1.0, l), m, l, split)
+
+
+def _head_carry(rows: int, head_dim: int):
+    """A head's running softmax before its first key: (acc [rows, d], max [rows], sum [rows])."""
+    return (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), -jnp.inf, jnp.float32),
+            jnp.zeros((rows,), jnp.float32))
+
+
+def _attend_head_block(q, k, v, carry, scale: float, first_key, length):
+    """One key block of one head's running softmax: q [d] scaled (elementwise form) or [16, d] (the query on
+    every row, matrix-unit form), k and v [block_k, d]; keys from `first_key` on at or past `length` are masked
+    (first_key None: a whole block)."""
+    acc, m_prev, l_prev = carry
+    if q.ndim == 1:
+        s = jnp.sum(k.astype(jnp.float32) * q[None, :], axis=1)[None, :]  # [1, block_k]
+    else:
+        s = plgpu.dot(q, k, trans_b=True) * scale  # [rows, block_k], every row the same
+    if first_key is not None:
+        kpos = first_key + lax.broadcasted_iota(jnp.int32, s.shape, 1)
+        s = jnp.where(kpos < length, s, -jnp.inf)
+    m_next, alpha, p, l_next = _online_softmax_step(s, m_prev, l_prev, axis=1)
+    if q.ndim == 1:
+        pv = jnp.sum(p[0][:, None] * v.astype(jnp.float32), axis=0)[None, :]
+    else:
+        pv = plgpu.dot(p.astype(v.dtype), v)
+    return acc * alpha[:, None] + pv, m_next, l_next
+
+
+def _row_run_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, *, sm_scale: float, block_k: int, n_blocks: int,
+                    use_dot: bool, max_seq: int):
+    """One head of R rows: q_ref [R, d], k_ref and v_ref [R, max_seq, d], o_ref [R, d]. Step t of one loop takes
+    row t // n_blocks's key block t % n_blocks (masked past the row's length: a block wholly past it reads
+    nothing), and a row's last block stores its output and starts the next row's softmax afresh."""
+    n_rows, head_dim = q_ref.shape
+    scale = sm_scale * math.log2(math.e)
+
+    def body(t, carry):
+        r, j = lax.div(t, jnp.int32(n_blocks)), lax.rem(t, jnp.int32(n_blocks))
+        length = jnp.clip(len_ref[r], 0, max_seq)
+        ok = (j * block_k + lax.broadcasted_iota(jnp.int32, (block_k, head_dim), 0)) < length
+        keys = (r, pl.ds(j * block_k, block_k), slice(None))
+        k = plgpu.load(k_ref.at[keys], mask=ok, other=0.0)
+        v = plgpu.load(v_ref.at[keys], mask=ok, other=0.0)
+        q = q_ref[r, :]
+        q = jnp.broadcast_to(q[None, :], (MATRIX_ROWS, head_dim)) if use_dot else q.astype(jnp.float32) * scale
+        seen = _attend_head_block(q, k, v, carry, scale, j * block_k, length)
+        # a block wholly past the row's end leaves the softmax as it was (a row of no keys would divide -inf by -inf)
+        acc, m, l = (jnp.where(j * block_k < length, new, old) for new, old in zip(seen, carry))
+        last = j == n_blocks - 1
+
+        @pl.when(last)
+        def _():
+            out = jnp.max(acc, axis=0) / jnp.where(jnp.max(l) == 0.0, 1.0, jnp.max(l))
+            o_ref[r, :] = out.astype(o_ref.dtype)
+        fresh = _head_carry(acc.shape[0], head_dim)
+        return tuple(jnp.where(last, new, old) for new, old in zip(fresh, (acc, m, l)))
+
+    rows = MATRIX_ROWS if use_dot else 1
+    lax.fori_loop(0, n_rows * n_blocks, body, _head_carry(rows, head_dim))
 
 
 def _chunk_start(chunk: int, early: bool):
@@ -300,12 +349,13 @@ def _chunks(max_seq: int, params: DecodeParams) -> tuple[int, int]:
     return chunk, pl.cdiv(max_seq, chunk)
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "single_loop", "early_launch", *_OVERRIDES))
+@functools.partial(jax.jit, static_argnames=("interpret", "single_loop", "early_launch", "rows_per_program",
+                                             *_OVERRIDES))
 def decode_attention(q, k_cache, v_cache, lengths, *, interpret: bool = False, block_k: int | None = None,
                      num_splits: int | None = None, num_warps: int | None = None,
                      num_stages: int | None = None, use_dot: bool | None = None,
-                     heads_per_program: int | None = None, single_loop: bool | None = None,
-                     early_launch: bool | None = None):
+                     heads_per_program: int | None = None, rows_per_program: int | None = None,
+                     single_loop: bool | None = None, early_launch: bool | None = None):
     """q: [batch, heads, head_dim]; caches: [rows >= batch, max_seq, heads, head_dim], of which the first `batch`
     rows are read; lengths: [batch] valid entries (including the current token). Scale 1/sqrt(head_dim). A
     sequence of length 0 gets zeros. The keyword arguments override `choose_params`'s choice, `single_loop`
@@ -315,13 +365,16 @@ def decode_attention(q, k_cache, v_cache, lengths, *, interpret: bool = False, b
     max_seq = _check_caches(k_cache, v_cache, batch, heads, head_dim)
     params = _launch_params(batch, heads, max_seq, head_dim, q.dtype, dict(
         heads_per_program=heads_per_program, block_k=block_k, num_splits=num_splits, num_warps=num_warps,
-        num_stages=num_stages, use_dot=use_dot))
+        num_stages=num_stages, use_dot=use_dot, rows_per_program=rows_per_program))
     padded_d = max(16, pl.next_power_of_2(head_dim))
     lengths = lengths.astype(jnp.int32)  # clipped to [0, max_seq] inside the kernel
     if padded_d != head_dim:  # whole-cache copy: only for head dims that are not a power of two
         q, k_cache, v_cache = (jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, padded_d - head_dim)])
                                for x in (q, k_cache, v_cache))
     chunk, splits = _chunks(max_seq, params)
+    if _runs_rows(params, batch, splits):
+        return _launch_row_runs(q, k_cache, v_cache, lengths, params, 1.0 / math.sqrt(head_dim),
+                                interpret)[..., :head_dim]
     launch = _launch_per_head if params.heads_per_program == 1 else _launch_head_group
     single = SINGLE_LOOP if single_loop is None else single_loop
     out = launch(q, k_cache, v_cache, lengths, params, chunk, splits, 1.0 / math.sqrt(head_dim), interpret, single,
@@ -348,7 +401,7 @@ def decode_attention_append(qkv, k_cache, v_cache, positions, *, interpret: bool
     positions = positions.astype(jnp.int32)
     overrides = dict(heads_per_program=heads_per_program, block_k=block_k, num_splits=num_splits,
                      num_warps=num_warps, num_stages=num_stages, use_dot=use_dot)
-    params = _launch_params(batch, heads, max_seq, head_dim, qkv.dtype, overrides)
+    params = _launch_params(batch, heads, max_seq, head_dim, qkv.dtype, overrides)._replace(rows_per_program=1)
     if head_dim != max(16, pl.next_power_of_2(head_dim)):  # padded caches would be copies
         k_cache, v_cache = write_token((k_cache, v_cache), qkv[:, 1], qkv[:, 2], positions)
         out = decode_attention(qkv[:, 0], k_cache, v_cache, positions + 1, interpret=interpret,
@@ -450,6 +503,30 @@ def _launch_head_group(q, k_cache, v_cache, lengths, params: DecodeParams, chunk
     else:
         attn = out[0].reshape(batch, heads, d)
     return (attn, *(c.reshape(cache_shape) for c in out[-2:])) if append else attn
+
+
+def _runs_rows(params: DecodeParams, batch: int, splits: int) -> bool:
+    """Whether this launch walks several rows a program: one head a program, one chunk, and R dividing batch."""
+    rows = params.rows_per_program
+    return rows > 1 and params.heads_per_program == 1 and splits == 1 and batch % rows == 0
+
+
+def _launch_row_runs(q, k_cache, v_cache, lengths, params: DecodeParams, sm_scale: float, interpret: bool):
+    """One program per (head, R rows): `_row_run_kernel`."""
+    batch, heads, d = q.shape
+    rows, max_seq = params.rows_per_program, k_cache.shape[1]
+    kernel = functools.partial(_row_run_kernel, sm_scale=sm_scale, block_k=params.block_k,
+                               n_blocks=pl.cdiv(max_seq, params.block_k), use_dot=params.use_dot, max_seq=max_seq)
+    # heads vary fastest over the grid: neighbouring programs read neighbouring bytes of the cache
+    cache_spec = pl.BlockSpec((rows, max_seq, None, d), lambda h, b: (b, 0, h, 0))
+    row_spec = pl.BlockSpec((rows, None, d), lambda h, b: (b, h, 0))
+    return pl.pallas_call(
+        kernel, grid=(heads, batch // rows),
+        in_specs=[pl.BlockSpec((rows,), lambda h, b: (b,)), row_spec, cache_spec, cache_spec],
+        out_specs=row_spec, out_shape=jax.ShapeDtypeStruct((batch, heads, d), q.dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=params.num_warps, num_stages=params.num_stages),
+        interpret=interpret, name="decode_attention_rows",
+    )(lengths, q, k_cache, v_cache)
 
 
 def _append_operands(out_shape: list, out_specs: list, cache_spec, operands: tuple, append: bool):

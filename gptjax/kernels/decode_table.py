@@ -1,11 +1,12 @@
 """Decode attention's launch parameters by shape, as the sweep measured them (`benchmarks/decode_sweep.py`
 writes this file; edit the sweep, not the table). Measured on NVIDIA H200, 2026-12-04.
 
-(heads, head_dim, batch, max_seq) -> (heads_per_program, block_k, num_splits, num_warps, num_stages, use_dot)
+(heads, head_dim, batch, max_seq) -> (heads_per_program, block_k, num_splits, num_warps, num_stages, use_dot
+[, rows_per_program])
 """
 
 DEVICE = 'NVIDIA H200'
-TABLE: dict[tuple[int, int, int, int], tuple[int, int, int, int, int, bool]] = {
+TABLE: dict[tuple[int, int, int, int], tuple] = {
     (16, 64, 8, 512): (1, 256, 1, 8, 2, True),
     (16, 64, 8, 2048): (1, 128, 8, 4, 2, True),
     (16, 64, 32, 512): (1, 256, 1, 8, 2, True),
