@@ -242,3 +242,12 @@ def test_ragged_checks_share_their_inputs_and_float64_answers(monkeypatch, capsy
     assert len(calls) == 2  # one answer per dtype, not per kernel
     assert [r[4] for r in rows] == [True, True, False] and rows[0][2] == (2, 40, 2, 16)
     assert capsys.readouterr().out.count("check ") == 3
+
+
+def test_ncu_prefill_names_the_implementations_it_knows(capsys):
+    # the Nsight Compute script's one call refuses an unknown implementation before it touches a device
+    from benchmarks import ncu_prefill
+
+    with pytest.raises(SystemExit) as exit_info:
+        ncu_prefill.main(["--impl", "flashy", "--shape", "1x128x2x64", "--dtype", "float32"])
+    assert exit_info.value.code == 2 and "--impl must be one of" in capsys.readouterr().err
