@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import pytest
 
 from benchmarks import decode_sweep, kernels
+from gptjax.kernels import decode_table
 
 
 def test_timed_device_divides_the_traced_dispatch_by_the_input_sets(monkeypatch):
@@ -134,6 +135,29 @@ def test_ragged_sweep_counts_only_the_valid_keys(monkeypatch):
     assert timed and best and all(r["ragged"] and r["rel_err"] < 3e-2 for r in timed)
     # the rate is the valid bytes over the time: fewer than the full caches' 2 x 2 x 64 x 4 x 16 x 2 bytes
     assert all(0 < r["gbps"] * 1e9 * r["us"] * 1e-6 < 2 * 2 * 64 * 4 * 16 * 2 for r in timed)
+
+
+def test_sweep_times_row_runs_apart_and_writes_both_tables(monkeypatch, tmp_path):
+    """A shape's one-row winner goes to TABLE and a faster several-row launch to ROW_RUNS, and an entry there
+    goes when its shape is swept again without a row-run winner; the written file reads back."""
+    import importlib.util
+    import io
+
+    monkeypatch.setattr(kernels, "n_sets", lambda *a, **k: 2)
+    monkeypatch.setattr(decode_sweep, "peers", lambda: {})
+    out = io.StringIO()
+    found = decode_sweep.sweep_shape(8, 4, 16, 64, 1e10, True, 1, out)
+    assert found["params"][6] == 1 and found.get("row_runs", (0,) * 7)[6] != 1
+    best = dict(found, params=(1, 32, 1, 4, 3, True, 1), row_runs=(1, 64, 1, 4, 3, True, 4))
+    stale = dict(found, batch=16, params=(1, 64, 1, 4, 2, True, 1), row_runs=None)
+    monkeypatch.setattr(decode_table, "ROW_RUNS", {(4, 16, 16, 64): (16, 4, 3, True, 2)})
+    path = tmp_path / "decode_table.py"
+    decode_sweep.write_table(str(path), [best, stale], "a test device")
+    spec = importlib.util.spec_from_file_location("written", path)
+    written = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(written)
+    assert written.TABLE[(4, 16, 8, 64)] == (1, 32, 1, 4, 3, True)
+    assert written.ROW_RUNS == {(4, 16, 8, 64): (64, 4, 3, True, 4)}
 
 
 def test_decode_probe_rows_and_the_two_step_variant_give_the_same_tokens(tmp_path):

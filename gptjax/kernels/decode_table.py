@@ -1,12 +1,13 @@
 """Decode attention's launch parameters by shape, as the sweep measured them (`benchmarks/decode_sweep.py`
 writes this file; edit the sweep, not the table). Measured on NVIDIA H200, 2026-12-04.
 
-(heads, head_dim, batch, max_seq) -> (heads_per_program, block_k, num_splits, num_warps, num_stages, use_dot
-[, rows_per_program])
+TABLE: (heads, head_dim, batch, max_seq) -> (heads_per_program, block_k, num_splits, num_warps, num_stages,
+use_dot), the fastest launch of one row a program. ROW_RUNS: the same key -> (block_k, num_warps, num_stages,
+use_dot, rows_per_program), where several rows a program were faster still.
 """
 
 DEVICE = 'NVIDIA H200'
-TABLE: dict[tuple[int, int, int, int], tuple] = {
+TABLE: dict[tuple[int, int, int, int], tuple[int, int, int, int, int, bool]] = {
     (16, 64, 8, 512): (1, 256, 1, 8, 2, True),
     (16, 64, 8, 2048): (1, 128, 8, 4, 2, True),
     (16, 64, 32, 512): (1, 256, 1, 8, 2, True),
@@ -27,3 +28,4 @@ TABLE: dict[tuple[int, int, int, int], tuple] = {
     (32, 128, 64, 512): (1, 64, 1, 4, 4, True),
     (32, 128, 64, 2048): (1, 128, 1, 4, 3, True),
 }
+ROW_RUNS: dict[tuple[int, int, int, int], tuple[int, int, int, bool, int]] = {}
