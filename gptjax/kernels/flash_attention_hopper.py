@@ -9,7 +9,7 @@ head in turn, numbered one head after another (each head's longest first) and de
 programs' sums of work come out nearly even, and runs three warpgroups. Head by head, the programs at work at any
 moment share a few heads' keys and values in L2; every head's longest tiles first (`head_major=False`) had all
 heads in flight and read them from memory again and again: at (2, 4096, 32, 128) fp16 51% of the memory's
-bandwidth against 13% head by head, and the power that took lowered the clock (1.54 GHz against 1.67 under
+bandwidth against 13% head by head, and (likely by the power that took) a lower clock (1.54 GHz against 1.67 under
 Nsight Compute), so the kernel was 6% slower for 2% fewer cycles (run 22 of benchmarks/RESULTS.md).
 The three warpgroups:
 - a producer that loads key and value blocks with TMA into a ring of `stages` shared-memory slots, each
