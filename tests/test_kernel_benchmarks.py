@@ -275,3 +275,20 @@ def test_ncu_prefill_names_the_implementations_it_knows(capsys):
     with pytest.raises(SystemExit) as exit_info:
         ncu_prefill.main(["--impl", "flashy", "--shape", "1x128x2x64", "--dtype", "float32"])
     assert exit_info.value.code == 2 and "--impl must be one of" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("barriers", [True, False])
+def test_stream_probe_kernel_lowers_for_cuda(barriers):
+    """The streaming probe's Mosaic GPU kernel (Mosaic GPU's interpreter has no TMA copies, so the GPU run checks
+    its outputs against float64): a megatron-345m layer's four products with grid barriers between them, and
+    one product alone, lower for CUDA."""
+    import jax.numpy as jnp
+
+    from benchmarks.stream_probe import ROWS, layer_shapes, streaming_call
+    from gptjax.config import preset
+
+    shapes = layer_shapes(preset("megatron-345m"))[:4 if barriers else 1]
+    call = streaming_call(shapes, jnp.float16, barriers=barriers)
+    args = [jax.ShapeDtypeStruct((ROWS, 4096), jnp.float16), *(jax.ShapeDtypeStruct(s, jnp.float16) for s in shapes)]
+    text = jax.jit(call).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
