@@ -143,6 +143,10 @@ class ServerConfig:
     api_key: str | None = None  # the bearer key every call but health needs, HTTP and gRPC; None: no key
     max_message_bytes: int = 16 * 1024 * 1024  # one gRPC message or HTTP body
     max_batch_size: int = 64  # rows in one KServe request
+    # FasterTransformer requests without runtime_top_p: is top-p off (its greedy, with top_k 0)? Its config's
+    # probability_threshold / top_p says (0: off; 1.0: the whole distribution, sampled); None: the engine's
+    # top_p of 1.0 is off
+    ft_top_p_off: bool | None = None
     drain_timeout_s: float = 30.0  # on SIGTERM, how long in-flight requests may take before they are cut off
     dialect: str = DEFAULT_DIALECT  # the FasterTransformer dialect that model metadata and config describe
     stream_idle_timeout_s: float = 30.0  # a stream waiting on its client for longer is closed (UNAVAILABLE)
@@ -256,9 +260,10 @@ def _map_fastertransformer(ft: dict, source: str) -> tuple[dict, dict, str | Non
         if key in ft and (ft[key].upper() != want if isinstance(want, str) else ft[key] != want):
             raise ConfigError(f"{source}: {key} = {ft[key]!r} is refused: {why} (only {want!r})")
     engine = {FT_ENGINE[k]: v for k, v in ft.items() if k in FT_ENGINE}
-    if "top_p" in engine and engine["top_p"] == 0:
-        engine["top_p"] = 1.0  # FasterTransformer's 0 turns top-p off
     server = {"max_batch_size": engine["max_slots"]} if "max_slots" in engine else {}
+    if "top_p" in engine:  # FasterTransformer's 0 turns top-p off; its 1.0 samples the whole distribution
+        server["ft_top_p_off"] = engine["top_p"] == 0
+        engine["top_p"] = engine["top_p"] or 1.0
     mesh = {axis: ft[k] for k, axis in (("tensor_para_size", "tensor"), ("layer_para_size", "stage")) if k in ft}
     if mesh:
         engine["mesh"] = mesh

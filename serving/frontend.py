@@ -91,16 +91,19 @@ class Limits:
     temperature: float  # the defaults of a request that does not say
     top_k: int
     top_p: float
+    ft_top_p_off: bool  # FasterTransformer's default: top-p off (ServerConfig.ft_top_p_off)
 
     @classmethod
-    def of(cls, engine, max_queued_requests: int, max_batch_size: int) -> "Limits":
+    def of(cls, engine, max_queued_requests: int, max_batch_size: int,
+           ft_top_p_off: bool | None = None) -> "Limits":
         ec, seq = engine.engine_config, engine.max_seq_len
         return cls(vocab_size=engine.config.vocab_size, max_seq_len=seq,
                    max_new_tokens=ec.new_tokens_limit(engine.config), default_max_new_tokens=ec.max_new_tokens,
                    # a batch is queued whole: one larger than the queue could never be taken
                    max_batch_size=min(max_batch_size, max_queued_requests), max_queued_requests=max_queued_requests,
                    max_text_bytes=TEXT_BYTES_PER_POSITION * seq, eos_token_id=ec.eos_token_id,
-                   temperature=ec.temperature, top_k=ec.top_k, top_p=ec.top_p)
+                   temperature=ec.temperature, top_k=ec.top_k, top_p=ec.top_p,
+                   ft_top_p_off=ec.top_p == 1.0 if ft_top_p_off is None else ft_top_p_off)
 
 
 @dataclass
@@ -221,11 +224,11 @@ class Frontend:
         self._loaded = False
         self._tokenize_pool = ThreadPoolExecutor(TOKENIZE_THREADS, thread_name_prefix="tokenize")
 
-    def load(self, engine, scheduler, max_batch_size: int) -> None:
-        """The model is built: its limits apply (`max_batch_size`: rows in one KServe request). `ready` turns
-        true once the scheduler accepts."""
+    def load(self, engine, scheduler, max_batch_size: int, ft_top_p_off: bool | None = None) -> None:
+        """The model is built: its limits apply (`max_batch_size`: rows in one KServe request; `ft_top_p_off`:
+        ServerConfig's). `ready` turns true once the scheduler accepts."""
         self.engine, self.scheduler = engine, scheduler
-        self.limits = Limits.of(engine, scheduler.max_queued, max_batch_size)
+        self.limits = Limits.of(engine, scheduler.max_queued, max_batch_size, ft_top_p_off)
         self._loaded = True
 
     @property

@@ -210,12 +210,12 @@ def _end(row: dict, i: int, frontend: Frontend) -> tuple[dict, int]:
 
 
 def _greedy_as_ft(p: Params, frontend: Frontend) -> Params:
-    """FasterTransformer's greedy: top_k 1, or top_k 0 with top-p off (runtime_top_p 0; without one, the server's
-    top_p, which its config's 0 turned to 1.0), whatever the temperature. runtime_top_p 1.0 samples from the
+    """FasterTransformer's greedy: top_k 1, or top_k 0 with top-p off (runtime_top_p 0; without one, as the
+    server's config says: `Limits.ft_top_p_off`), whatever the temperature. runtime_top_p 1.0 samples from the
     whole distribution; gptjax's top_p 1.0 is FasterTransformer's 0."""
     lim = frontend.limits
     top_k = lim.top_k if p.top_k is None else p.top_k
-    top_p_off = lim.top_p == 1.0 if p.top_p is None else p.top_p == 0.0
+    top_p_off = lim.ft_top_p_off if p.top_p is None else p.top_p == 0.0
     if p.top_p == 0.0:
         p.top_p = 1.0
     if top_k == 1 or (top_k == 0 and top_p_off):

@@ -374,7 +374,7 @@ def _load_tokenizer(engine) -> None:
 
 
 def _serve_main(listeners: Listeners, frontend: Frontend, engine, scheduler, options: ServerConfig) -> int:
-    frontend.load(engine, scheduler, options.max_batch_size)
+    frontend.load(engine, scheduler, options.max_batch_size, options.ft_top_p_off)
     if frontend.metrics is not None:
         frontend.metrics.watch(scheduler, engine)
     signals = Signals()

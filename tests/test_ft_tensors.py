@@ -70,6 +70,15 @@ def test_top_p_zero_is_off_and_one_is_the_whole_distribution(frontend):
     assert (nucleus.temperature, nucleus.top_p) == (1.0, pytest.approx(0.9))
 
 
+def test_a_config_of_top_p_one_samples_requests_that_name_no_top_p():
+    """probability_threshold 1.0 (ServerConfig.ft_top_p_off False) with top_k 0: FasterTransformer samples the
+    whole distribution where gptjax's engine top_p of 1.0 alone would read as its greedy."""
+    f = Frontend("gpt2-tiny")
+    f.load(_ModelShape(temperature=0.8, top_k=0, top_p=1.0), _Scheduler(), max_batch_size=64, ft_top_p_off=False)
+    (row,), _ = ft.parse(v5([[1]], [1], 2), f, None)
+    assert (row.sampling.temperature, row.sampling.top_k, row.sampling.top_p) == (pytest.approx(0.8), 0, 1.0)
+
+
 def test_a_request_wider_than_the_model_is_refused(frontend):
     """Its padding columns would come back in output_ids: a few short rows padded to 65300 ran, then their answer
     was over the message limit."""

@@ -133,6 +133,17 @@ def test_the_2021_example_config_loads_unchanged(tmp_path):
     cfg.check_model(preset("megatron-345m"))  # 50304 is 50257 padded to a multiple of 128
 
 
+@pytest.mark.parametrize("threshold, off", [("0.0", True), ("1.0", False), ("0.9", False)])
+def test_the_config_says_whether_fastertransformer_requests_have_top_p_off(tmp_path, threshold, off):
+    # candidate_num 0 with probability_threshold 0 is FasterTransformer's greedy; 1.0 samples the whole
+    # distribution, where gptjax's top_p 1.0 alone would read as "off"
+    path = tmp_path / "config.pbtxt"
+    path.write_text(pbtxt(V1_INPUTS, V1_OUTPUTS, **dict(V1_PARAMETERS, candidate_num=0,
+                                                         probability_threshold=threshold)))
+    cfg = serving_config_from_file(path)
+    assert cfg.server.ft_top_p_off is off and cfg.engine.top_p == (1.0 if off else float(threshold))
+
+
 def test_the_v11_and_5x_example_configs_load_unchanged(tmp_path):
     path = tmp_path / "config.pbtxt"
     params = {k: v for k, v in V1_PARAMETERS.items() if k not in ("candidate_num", "probability_threshold",
