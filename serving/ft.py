@@ -349,8 +349,9 @@ def model_config(dialect: str, frontend: Frontend) -> dict:
                          for n, (dtype, shape) in OUTPUTS[dialect].items()]}
     if frontend.engine is not None:
         c, ec = frontend.engine.config, frontend.engine.engine_config
-        sampling = {"candidate_num": ec.top_k, "probability_threshold": ec.top_p} if dialect == V1 else \
-            {"top_k": ec.top_k, "top_p": ec.top_p}
+        top_p = 0.0 if lim.ft_top_p_off and ec.top_p == 1.0 else ec.top_p  # FasterTransformer's "off" is 0
+        sampling = {"candidate_num": ec.top_k, "probability_threshold": top_p} if dialect == V1 else \
+            {"top_k": ec.top_k, "top_p": top_p}
         params = {**sampling, "temperature": ec.temperature, "tensor_para_size": ec.mesh.tensor,
                   "layer_para_size": ec.mesh.stage, "max_seq_len": lim.max_seq_len,
                   "is_half": int(c.dtype != "float32"), "head_num": c.n_heads, "size_per_head": c.head_dim,

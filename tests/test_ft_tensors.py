@@ -162,6 +162,7 @@ def test_metadata_and_config_describe_the_dialect(frontend):
     assert config["max_batch_size"] == 0 and "parameters" not in config
     config = ft.model_config(ft.V1, frontend)
     assert config["parameters"]["candidate_num"] == {"string_value": "0"} and config["max_batch_size"] == 64
+    assert config["parameters"]["probability_threshold"] == {"string_value": "0.0"}  # top-p off, as FT says it
     assert {i["name"]: i["optional"] for i in ft.model_config(ft.V5, frontend)["input"]}["runtime_top_k"]
 
 
