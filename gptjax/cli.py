@@ -214,16 +214,23 @@ def serving_config(args):
     return config.replace(engine=engine, server=server, dtype=args.dtype or config.dtype)
 
 
+def join_job(args) -> None:
+    """Start jax.distributed as the multi-host flags (or the launcher) say; a lone process needs nothing."""
+    from gptjax import distributed
+
+    distributed.initialize(coordinator=args.coordinator, num_processes=args.num_processes,
+                           process_id=args.process_id)
+
+
 def build_engine(args, config=None):
     """The Engine that the model arguments and `config` (a ServingConfig; default: serving_config(args)) ask
     for. Also starts jax.distributed when asked, and keeps compiled programs between runs unless
     --no-compile-cache."""
-    from gptjax import compile_cache, distributed
+    from gptjax import compile_cache
 
     resolve_model(args)
     config = config or serving_config(args)
-    distributed.initialize(coordinator=args.coordinator, num_processes=args.num_processes,
-                           process_id=args.process_id)
+    join_job(args)
     if args.no_compile_cache:
         compile_cache.disable()
     else:
@@ -343,10 +350,8 @@ def cmd_serve(args) -> int:
 
     config = serving_config(args)
     rank = distributed.launcher_rank(args.process_id)
-    join_job = partial(distributed.initialize, coordinator=args.coordinator, num_processes=args.num_processes,
-                       process_id=args.process_id)
     return serve(config, args.checkpoint or args.model or DEFAULT_PRESET, partial(build_engine, args, config), rank,
-                 join_job)
+                 partial(join_job, args))
 
 
 def cmd_client(args) -> int:

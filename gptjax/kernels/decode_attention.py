@@ -88,6 +88,11 @@ def default_params(batch: int, heads: int, max_seq: int, head_dim: int, itemsize
     return DecodeParams(1, block_k, splits, 4, stages, True)
 
 
+def _nearest(entries, batch: int, max_seq: int):
+    """The table item ((heads, head_dim, batch, max_seq), launch) nearest these on a log scale."""
+    return min(entries, key=lambda item: abs(math.log2(item[0][2] / batch)) + abs(math.log2(item[0][3] / max_seq)))
+
+
 def row_run_params(batch: int, heads: int, max_seq: int, head_dim: int, itemsize: int = 2) -> DecodeParams | None:
     """The nearest `decode_table.ROW_RUNS` entry (several rows a program, where the sweep found that faster
     than any one-row launch) for these heads x head_dim, at a batch within a factor of two of the entry's
@@ -96,8 +101,7 @@ def row_run_params(batch: int, heads: int, max_seq: int, head_dim: int, itemsize
                if key[:2] == (heads, head_dim) and abs(math.log2(key[2] / batch)) <= 1 and batch % value[4] == 0]
     if not entries or itemsize != 2:
         return None
-    _, (block_k, warps, stages, use_dot, rows) = min(
-        entries, key=lambda item: abs(math.log2(item[0][2] / batch)) + abs(math.log2(item[0][3] / max_seq)))
+    _, (block_k, warps, stages, use_dot, rows) = _nearest(entries, batch, max_seq)
     return DecodeParams(1, min(block_k, max(16, pl.next_power_of_2(max_seq))), 1, warps, stages, use_dot, rows)
 
 
@@ -109,11 +113,7 @@ def choose_params(batch: int, heads: int, max_seq: int, head_dim: int, itemsize:
     if not entries or itemsize != 2:  # the sweep timed 16-bit caches
         return default_params(batch, heads, max_seq, head_dim, itemsize)
 
-    def distance(item):
-        (_, _, b, s), _ = item
-        return abs(math.log2(b / batch)) + abs(math.log2(s / max_seq))
-
-    (_, _, _, table_seq), entry = min(entries, key=distance)
+    (_, _, _, table_seq), entry = _nearest(entries, batch, max_seq)
     entry = DecodeParams(*entry)
     splits = max(1, min(round(max_seq / (table_seq / entry.num_splits)), pl.cdiv(max_seq, entry.block_k)))
     return entry._replace(block_k=min(entry.block_k, max(16, pl.next_power_of_2(max_seq))), num_splits=splits)
