@@ -47,7 +47,7 @@ def _set_kernel_switches(args) -> None:
     """The module switches the kernels read as they are traced, set before any engine is made:
     `--two-loop-attention` walks every chunk of decode attention in two loops (whole blocks, then the block that
     crosses the end) as before `decode_attention.SINGLE_LOOP`; `--kernel-max-mb` moves
-    `decode_block.KERNEL_MAX_BYTES`; `--early-launch` sets `early_launch.EARLY_LAUNCH`."""
+    `decode_block.KERNEL_MAX_BYTES`; `--early-launch [start|end]` sets `early_launch.EARLY_LAUNCH`."""
     import importlib
 
     from gptjax import decode_block
@@ -59,7 +59,7 @@ def _set_kernel_switches(args) -> None:
     if args.kernel_max_mb is not None:
         decode_block.KERNEL_MAX_BYTES = int(args.kernel_max_mb * (1 << 20))
     if args.early_launch:
-        early_launch.EARLY_LAUNCH = True
+        early_launch.EARLY_LAUNCH = early_launch.placement(args.early_launch)
 
 
 def _per_array_puts() -> None:
@@ -93,9 +93,9 @@ def main():
                    help="decode attention walks whole blocks and the crossing block in two loops everywhere")
     p.add_argument("--per-array-puts", action="store_true",
                    help="one jnp.asarray per host array and one np.asarray per result (the engine before run 18)")
-    p.add_argument("--early-launch", action="store_true",
-                   help="the decode kernels issue the next kernel's launch as they start "
-                        "(gptjax/kernels/early_launch.py; off by default)")
+    p.add_argument("--early-launch", nargs="?", const="start", choices=("start", "end"),
+                   help="the decode kernels issue the next kernel's launch as they start, or once their loads are "
+                        "done (gptjax/kernels/early_launch.py; off by default)")
     p.add_argument("--kernel-max-mb", type=float,
                    help="with --decode-matmuls pallas: products with weights up to this many MiB run on the kernels "
                         "(default: decode_block.KERNEL_MAX_BYTES, 32), the larger ones on XLA's matmuls")

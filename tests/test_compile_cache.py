@@ -214,7 +214,7 @@ def test_fingerprint_follows_the_kernel_switches(monkeypatch):
 
     decode_attention = importlib.import_module("gptjax.kernels.decode_attention")  # the package's name: a function
     base = compile_cache.code_fingerprint()
-    monkeypatch.setattr(early_launch, "EARLY_LAUNCH", not early_launch.EARLY_LAUNCH)
+    monkeypatch.setattr(early_launch, "EARLY_LAUNCH", "" if early_launch.EARLY_LAUNCH else "end")
     launched = compile_cache.code_fingerprint()
     monkeypatch.setattr(decode_attention, "SINGLE_LOOP", not decode_attention.SINGLE_LOOP)
     assert len({base, launched, compile_cache.code_fingerprint()}) == 3

@@ -141,9 +141,10 @@ def test_choose_picks_the_kernels_on_a_gpu_for_small_models_and_refuses_a_split_
 
 
 def test_early_launch_trigger_is_in_both_decode_kernels_compiled_for_cuda_and_never_interpreted():
-    """`early_launch`: each decode kernel issues the next one's launch as it starts. Compiled for CUDA (Triton's
-    lowering runs on any machine) the kernels carry the trigger when asked; on a CPU the default leaves it out,
-    and the interpreter, which cannot run the assembly, never takes it."""
+    """`early_launch`: each decode kernel issues the next one's launch as it starts, or once its loads are done.
+    Compiled for CUDA (Triton's lowering runs on any machine) the kernels carry the trigger when asked, once
+    per program wherever it is placed; on a CPU the default leaves it out, and the interpreter, which cannot run
+    the assembly, never takes it."""
     from gptjax.kernels import decode_attention_append, early_launch
 
     w = jax.ShapeDtypeStruct((256, 512), jnp.float16)
@@ -157,12 +158,15 @@ def test_early_launch_trigger_is_in_both_decode_kernels_compiled_for_cuda_and_ne
              (lambda q, k, v, p, e: decode_attention_append(q, k, v, p, heads_per_program=2, block_k=64,
                                                             early_launch=e), step)]
     for fn, args in calls:
-        for requested in (True, False, None):
+        for requested in (True, "start", "end", False, None):
             traced = jax.jit(lambda *a, fn=fn, e=requested: fn(*a, e)).trace(*args)
-            assert ("griddepcontrol.launch_dependents" in str(traced.jaxpr)) == (requested is True)
+            assert str(traced.jaxpr).count("griddepcontrol.launch_dependents") == (requested not in (False, None))
             assert traced.lower(lowering_platforms=("cuda",)).as_text().count("xla.gpu.triton") == 1
     assert not early_launch.enabled(interpret=False)  # no GPU here
-    assert not early_launch.resolve(True, interpret=True) and early_launch.resolve(True, interpret=False)
+    assert not early_launch.resolve(True, interpret=True) and early_launch.resolve(True, interpret=False) == "start"
+    assert early_launch.resolve("end", interpret=False) == "end" and early_launch.placement("1") == "start"
+    with pytest.raises(ValueError, match="middle"):
+        early_launch.placement("middle")
 
 
 def test_interpreted_kernels_ignore_a_requested_early_launch():

@@ -158,15 +158,15 @@ def _store(out_refs, acc, m, l, split: bool):
 
 
 def _per_head_kernel(len_ref, q_ref, k_ref, v_ref, *refs, sm_scale: float, block_k: int, chunk: int,
-                     split: bool, rows: int, max_seq: int, single: bool, early: bool, append: bool = False):
+                     split: bool, rows: int, max_seq: int, single: bool, early: str, append: bool = False):
     """rows == 1: scores and outputs by elementwise products and reductions. rows == 16: the query repeated
     over 16 rows so that both products run on the matrix units (whose smallest tile has 16 rows); that
     wastes FLOPs nobody needs but keeps reductions inside warps and lets Triton pipeline the tile loads.
     `append` (`decode_attention_append`): len_ref holds the new token's position, refs start with its key and
     value and end with the caches (aliased to k_ref and v_ref): the cache's keys before that position are
     read, the new one is taken from its ref and stored by the program whose chunk holds the position.
-    `single`: the chunk's blocks in one loop (`SINGLE_LOOP`). `early`: the next kernel's launch is issued as
-    the program starts (`early_launch`)."""
+    `single`: the chunk's blocks in one loop (`SINGLE_LOOP`). `early`: where the next kernel's launch is
+    issued (`early_launch`): as the program starts, or at the "end" of its walk over the keys."""
     length, out_refs, (k_new_ref, v_new_ref, k_out_ref, v_out_ref) = _split_refs(len_ref, refs, max_seq, append)
     start = _chunk_start(chunk, early)
     q = q_ref[...]
@@ -181,6 +181,8 @@ def _per_head_kernel(len_ref, q_ref, k_ref, v_ref, *refs, sm_scale: float, block
         return _attend_head_block(q, k, v, carry, scale, first_key if masked else None, length)
 
     acc, m, l = _walk_blocks(body, _head_carry(rows, head_dim), n_full, n_end, single)
+    if early == "end":
+        acc = pdl.launch_dependents_after(acc)
     # every row holds the same numbers: keep one
     acc, m, l = jnp.max(acc, axis=0), jnp.max(m, axis=0, keepdims=True), jnp.max(l, axis=0, keepdims=True)
     if append:
@@ -253,10 +255,10 @@ def _store_row(o_ref, r, out):
     o_ref[r, :] = out.astype(o_ref.dtype)
 
 
-def _chunk_start(chunk: int, early: bool):
-    """The first key of this program's chunk; with `early`, the trigger of `early_launch` comes first."""
+def _chunk_start(chunk: int, early: str):
+    """The first key of this program's chunk; with `early` "start", the trigger of `early_launch` comes first."""
     split = pl.program_id(1)
-    return (pdl.launch_dependents(split) if early else split) * chunk
+    return (pdl.launch_dependents(split) if early == "start" else split) * chunk
 
 
 def _split_refs(len_ref, refs, max_seq: int, append: bool):
@@ -298,7 +300,7 @@ def _load_kv_block(k_ref, v_ref, j, block_k: int, start, length, masked: bool):
 
 
 def _head_group_kernel(len_ref, q_ref, k_ref, v_ref, *refs, sm_scale: float, block_k: int, chunk: int,
-                       split: bool, head_dim: int, cols: int, max_seq: int, single: bool, early: bool,
+                       split: bool, head_dim: int, cols: int, max_seq: int, single: bool, early: str,
                        append: bool = False):
     """G heads of one sequence's chunk: q_ref [G*d], k_ref and v_ref [chunk, G*d]; `cols` = max(G, 16)
     columns of the block-diagonal query (those past G are zero and their results unused). `append`, `single`
@@ -327,6 +329,8 @@ def _head_group_kernel(len_ref, q_ref, k_ref, v_ref, *refs, sm_scale: float, blo
     carry = (jnp.zeros((cols, width), jnp.float32), jnp.full((cols,), -jnp.inf, jnp.float32),
              jnp.zeros((cols,), jnp.float32))
     acc, m, l = _walk_blocks(body, carry, n_full, n_end, single)
+    if early == "end":
+        acc = pdl.launch_dependents_after(acc)
     if append:  # the new key's scores, column h head h's: elementwise, a one-row product being too small
         owner = (start <= length) & (length < start + chunk)  # the new token's position is `length`
         s_new = jnp.sum(q_bd.astype(jnp.float32) * k_new_ref[...].astype(jnp.float32)[:, None], axis=0) * scale
@@ -372,13 +376,13 @@ def decode_attention(q, k_cache, v_cache, lengths, *, interpret: bool = False, b
                      num_splits: int | None = None, num_warps: int | None = None,
                      num_stages: int | None = None, use_dot: bool | None = None,
                      heads_per_program: int | None = None, rows_per_program: int | None = None,
-                     single_loop: bool | None = None, early_launch: bool | None = None):
+                     single_loop: bool | None = None, early_launch: bool | str | None = None):
     """q: [batch, heads, head_dim]; caches: [rows >= batch, max_seq, heads, head_dim], of which the first `batch`
     rows are read; lengths: [batch] valid entries (including the current token). Scale 1/sqrt(head_dim). A
     sequence of length 0 gets zeros. The keyword arguments override `choose_params`'s choice, `single_loop`
-    `SINGLE_LOOP`, and `early_launch` `early_launch.resolve` (the next kernel's launch issued as each program
-    starts); with none of them, a shape near one where the sweep found several rows a program faster
-    (`row_run_params`) gets that launch."""
+    `SINGLE_LOOP`, and `early_launch` `early_launch.resolve` (where the next kernel's launch is issued: as
+    each program starts, or at the end of its walk); with none of them, a shape near one where the sweep found
+    several rows a program faster (`row_run_params`) gets that launch."""
     batch, heads, head_dim = q.shape
     max_seq = _check_caches(k_cache, v_cache, batch, heads, head_dim)
     overrides = dict(heads_per_program=heads_per_program, block_k=block_k, num_splits=num_splits,
@@ -410,7 +414,7 @@ def decode_attention_append(qkv, k_cache, v_cache, positions, *, interpret: bool
                             block_k: int | None = None, num_splits: int | None = None,
                             num_warps: int | None = None, num_stages: int | None = None,
                             use_dot: bool | None = None, heads_per_program: int | None = None,
-                            single_loop: bool | None = None, early_launch: bool | None = None):
+                            single_loop: bool | None = None, early_launch: bool | str | None = None):
     """A decode step's attention with the step's own key and value: qkv [batch, 3, heads, head_dim] (the new
     token's query, key and value), caches [rows >= batch, max_seq, heads, head_dim], positions [batch] (where
     each row's new token goes, < max_seq) -> (out [batch, heads, head_dim], the caches with the new keys and
@@ -448,7 +452,7 @@ def _combine(o_parts, lse):
 
 
 def _launch_per_head(q, k_cache, v_cache, lengths, params: DecodeParams, chunk: int, splits: int,
-                     sm_scale: float, interpret: bool, single: bool, early: bool, append: bool = False):
+                     sm_scale: float, interpret: bool, single: bool, early: str, append: bool = False):
     """`append`: q is the step's qkv [batch, 3, heads, d] and lengths its positions; the caches come back too."""
     batch, heads, d = q.shape[0], q.shape[-2], q.shape[-1]
     split = splits > 1
@@ -482,7 +486,7 @@ def _launch_per_head(q, k_cache, v_cache, lengths, params: DecodeParams, chunk: 
 
 
 def _launch_head_group(q, k_cache, v_cache, lengths, params: DecodeParams, chunk: int, splits: int,
-                       sm_scale: float, interpret: bool, single: bool, early: bool, append: bool = False):
+                       sm_scale: float, interpret: bool, single: bool, early: str, append: bool = False):
     """`append`: as for `_launch_per_head`."""
     batch, heads, d = q.shape[0], q.shape[-2], q.shape[-1]
     cache_shape = k_cache.shape

@@ -113,7 +113,7 @@ class _Shape(NamedTuple):
     residual: bool
     kv: bool
     interpret: bool  # the interpreter runs programs one at a time, and has no barrier
-    early_launch: bool  # the next kernel may launch as this one starts (`early_launch.py`)
+    early_launch: str  # where the next kernel's launch is issued: "start", "end" or "" (`early_launch.py`)
 
 
 class _Refs(NamedTuple):
@@ -241,7 +241,7 @@ def _kernel(*refs, s: _Shape):
     r = _unpack(refs, s)
     block_n, block_rows = s.params.block_n, _block_rows(s.rows)
     row_block, col, split = _program_ids(s)
-    if s.early_launch:
+    if s.early_launch == "start":
         col = pdl.launch_dependents(col)
     r0 = row_block * block_rows
     rows_ok = r0 + lax.broadcasted_iota(jnp.int32, (block_rows, block_n), 0) < s.rows
@@ -249,6 +249,8 @@ def _kernel(*refs, s: _Shape):
     tile = (pl.ds(r0, block_rows), pl.ds(c0, block_n))
     operands = _epilogue_operands(r, s, c0, tile, rows_ok)
     acc = _product(r, s, r0, col, split)
+    if s.early_launch == "end":
+        acc = pdl.launch_dependents_after(acc)
     if s.params.splits == 1:
         _finish(r, s, acc, r0, c0, tile, rows_ok, operands)
         return
@@ -317,7 +319,8 @@ def _check_operands(w, x, kv) -> int:
                                              "early_launch"))
 def decode_matmul(w, x, ln_scale=None, ln_bias=None, *, bias=None, residual=None, activation: str = "",
                   out_dtype=jnp.float32, kv=None, counters=None, eps: float = 1e-5,
-                  params: MatmulParams | None = None, interpret: bool = False, early_launch: bool | None = None):
+                  params: MatmulParams | None = None, interpret: bool = False,
+                  early_launch: bool | str | None = None):
     """epilogue(prologue(x) @ w), [rows, N] in `out_dtype`; with `kv` or `counters` a tuple: (that, the two
     updated caches if `kv`, the counters if `counters`).
 
@@ -328,8 +331,9 @@ def decode_matmul(w, x, ln_scale=None, ln_bias=None, *, bias=None, residual=None
     buffers are donated, and the output is Q alone, [rows, hidden].
     counters: int32 zeros, at least N / 16 of them (`new_counters`), which a split product counts its
     finished splits on and leaves zero again: one buffer handed from kernel to kernel saves each kernel the
-    memset of its own. early_launch: issue the next kernel's launch as each program starts (None: where the
-    GPU has it; `early_launch.resolve`)."""
+    memset of its own. early_launch: issue the next kernel's launch as each program starts ("start" or True) or
+    once its product is done ("end"); None: as `early_launch.EARLY_LAUNCH` says, where the GPU has it
+    (`early_launch.resolve`)."""
     k, n = w.shape
     rows = x.shape[0]
     hidden = _check_operands(w, x, kv)

@@ -1,4 +1,4 @@
-"""Programmatic dependent launch (sm_90 and later): each decode kernel lets the next one launch as it starts.
+"""Programmatic dependent launch (sm_90 and later): each decode kernel lets the next one launch early.
 
 XLA (jaxlib >= 0.10, on sm_90+) compiles every Triton kernel, Pallas's included, with `griddepcontrol.wait`
 at its entry and launches it with programmatic stream serialization: the kernel may be launched before the
@@ -6,15 +6,17 @@ one ahead of it has finished, and waits at its entry until that one has complete
 visible. When the next kernel is launched is up to the running one: at its `griddepcontrol.launch_dependents`,
 or without one when its last program exits. XLA emits that trigger only in its own Triton GEMMs, so each of the
 decode step's small dependent kernels (3-8 us apiece) was launched only once the one before it had exited.
-Issued as each program starts, the trigger puts that launch behind the running kernel.
+Issued as each program starts ("start"), the trigger puts that launch behind the running kernel; issued once a
+program's loads are done ("end": after its product, or its walk over the keys), the next kernel's programs
+launch while this one's finish their sums and stores, as XLA places the trigger in its GEMMs.
 
 Safe whatever the next kernel reads: its entry wait is for the whole of this grid, not for the trigger. A
 kernel launched without programmatic serialization (cuBLAS, Mosaic GPU) waits for completion as ever.
 
 Off by default: run 21 of benchmarks/RESULTS.md (`benchmarks/early_launch_gpu.sh`) found it correct (the same
 outputs, bitwise, and the engine's tokens) but 3-10% slower a decode step, the next kernel's programs waiting on
-the multiprocessors while this one's still need them. `GPTJAX_EARLY_LAUNCH=1` in the environment,
-`EARLY_LAUNCH = True`, or `decode_probe --early-launch` turns it on.
+the multiprocessors while this one's still need them. `GPTJAX_EARLY_LAUNCH=start` (or `1`) or `=end` in the
+environment, `EARLY_LAUNCH = "start"` or `"end"`, or `decode_probe --early-launch [start|end]` turns it on.
 """
 
 from __future__ import annotations
@@ -25,21 +27,38 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import triton as plgpu
 
-EARLY_LAUNCH = os.environ.get("GPTJAX_EARLY_LAUNCH") == "1"  # the decode kernels issue the trigger where they can
+PLACEMENTS = ("start", "end")  # where a program issues the trigger: as it starts, or once its loads are done
+
+
+def placement(value) -> str:
+    """"start", "end" or "" (no trigger) from a switch's value: True and "1" mean "start"."""
+    value = {True: "start", "1": "start", False: "", None: "", "0": ""}.get(value, value)
+    if value not in ("", *PLACEMENTS):
+        raise ValueError(f"early launch: {value!r} is none of {PLACEMENTS} (or off)")
+    return value
+
+
+EARLY_LAUNCH = placement(os.environ.get("GPTJAX_EARLY_LAUNCH", ""))  # where the decode kernels issue the trigger
 MIN_COMPUTE_CAPABILITY = 9.0  # `griddepcontrol` is an sm_90 instruction
 
 
-def enabled(interpret: bool) -> bool:
-    """Whether the kernels traced now issue the trigger: compiled (not interpreted) for a GPU that has it."""
+def enabled(interpret: bool) -> str:
+    """Where the kernels traced now issue the trigger ("" for nowhere): compiled (not interpreted) for a GPU
+    that has it, at `EARLY_LAUNCH`."""
     if interpret or not EARLY_LAUNCH or jax.default_backend() != "gpu":
-        return False
-    return float(getattr(jax.devices()[0], "compute_capability", 0) or 0) >= MIN_COMPUTE_CAPABILITY
+        return ""
+    has_it = float(getattr(jax.devices()[0], "compute_capability", 0) or 0) >= MIN_COMPUTE_CAPABILITY
+    return placement(EARLY_LAUNCH) if has_it else ""
 
 
-def resolve(requested: bool | None, interpret: bool) -> bool:
-    """A kernel's `early_launch` argument -> whether it issues the trigger: None means `enabled`; never in the
-    interpreter, which cannot run the assembly."""
-    return (enabled(interpret) if requested is None else requested) and not interpret
+def resolve(requested: bool | str | None, interpret: bool) -> str:
+    """A kernel's `early_launch` argument -> where it issues the trigger ("" for nowhere): None means
+    `enabled`, True `EARLY_LAUNCH` or else "start"; never in the interpreter, which cannot run the assembly."""
+    if interpret:
+        return ""
+    if requested is None:
+        return enabled(interpret)
+    return placement(EARLY_LAUNCH or "start") if requested is True else placement(requested)
 
 
 def launch_dependents(program_id):
@@ -52,3 +71,12 @@ def launch_dependents(program_id):
         args=[jnp.full((1,), program_id, jnp.int32)], constraints="=r,r", pack=1,
         result_shape_dtypes=[jax.ShapeDtypeStruct((1,), jnp.int32)])
     return jnp.max(same)
+
+
+def launch_dependents_after(values):
+    """The trigger once `values` (a float32 tile) is computed: the tile comes back through the assembly (in
+    float registers), so everything after it waits for it and it for the loads before."""
+    [same] = plgpu.elementwise_inline_asm(
+        "griddepcontrol.launch_dependents;\n\tmov.b32 $0, $1;", args=[values], constraints="=f,f", pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(values.shape, values.dtype)])
+    return same
