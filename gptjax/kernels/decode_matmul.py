@@ -319,8 +319,7 @@ def _check_operands(w, x, kv) -> int:
                                              "early_launch"))
 def decode_matmul(w, x, ln_scale=None, ln_bias=None, *, bias=None, residual=None, activation: str = "",
                   out_dtype=jnp.float32, kv=None, counters=None, eps: float = 1e-5,
-                  params: MatmulParams | None = None, interpret: bool = False,
-                  early_launch: bool | str | None = None):
+                  params: MatmulParams | None = None, interpret: bool = False, early_launch: bool | str | None = None):
     """epilogue(prologue(x) @ w), [rows, N] in `out_dtype`; with `kv` or `counters` a tuple: (that, the two
     updated caches if `kv`, the counters if `counters`).
 
