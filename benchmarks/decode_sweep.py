@@ -34,7 +34,7 @@ from gptjax.kernels import decode_attention, decode_attention_reference, on_gpu
 # that a time-limited run drops the 345M model's largest shapes, already near the copy rate, first)
 SHAPES = {(32, 128): ([32, 64], [512, 2048]), (16, 64): ([8, 32, 64, 128, 256], [512, 2048, 256])}
 QUICK_SHAPES = {(4, 16): ([2], [64])}
-# (heads_per_program, block_k, num_warps, num_stages, use_dot, target programs to split toward[, rows_per_program]);
+# (heads_per_program, block_k, num_warps, num_stages, use_dot, target programs to split toward);
 # a head group's tiles are [block_k, G * head_dim]: block_k shrinks as the group widens (shared memory)
 # (run 1 of 2026-12-02 on an H200: the head groups won only at batch 256 x 2048 and 32 x 128 at batch <= 32;
 # run 2 adds per-head variants: deeper or shallower pipelines, smaller and larger blocks; 8 and 16 heads a
@@ -45,13 +45,13 @@ QUICK_SHAPES = {(4, 16): ([2], [64])}
 # (one stage: their loads go to registers, no shared-memory ring) on 2 or 4 warps, so that many more of them fit
 # on a multiprocessor: a row of one or two blocks spends its time waiting on a few dependent loads (its length, its
 # query, its blocks), and only more programs at once hide that (RESULTS run 17: 61-63 us a layer at batch 256
-# whether 137 or 250 of 256 keys are valid); and one head of 2-8 rows a program, their blocks in one loop
-# (`rows_per_program`), timed where they make one chunk a row
+# whether 137 or 250 of 256 keys are valid); one head of 2-8 rows a program, their blocks in one loop
+# (`rows_per_program`), lost to the best one-row launch by 5-17% at batch 256 and 64 with ragged 256-key rows
+# (RESULTS, attention run 23) and were removed
 CANDIDATES = {64: [(1, 128, 4, 3, True, 1056), (1, 64, 4, 4, True, 1056), (1, 128, 4, 2, True, 2112),
                    (1, 256, 8, 2, True, 1056), (4, 64, 4, 3, False, 1056), (1, 64, 4, 2, True, 2112),
                    (1, 128, 4, 1, True, 2112), (1, 128, 2, 1, True, 2112), (1, 64, 2, 1, True, 2112),
-                   (1, 128, 4, 1, False, 2112), (1, 64, 4, 3, True, 1056, 2), (1, 64, 4, 3, True, 1056, 4),
-                   (1, 128, 4, 3, True, 1056, 4), (1, 64, 4, 3, True, 1056, 8), (1, 64, 4, 4, False, 1056, 4)],
+                   (1, 128, 4, 1, False, 2112)],
               128: [(1, 128, 4, 3, True, 1056), (1, 64, 4, 4, True, 1056), (1, 128, 4, 2, True, 2112),
                     (2, 64, 4, 3, False, 1056), (4, 32, 8, 3, False, 528)],
               16: [(1, 16, 4, 3, True, 8), (4, 16, 4, 3, False, 8)]}
@@ -67,16 +67,12 @@ def splits_for(batch: int, heads: int, group: int, max_seq: int, block_k: int, t
 
 
 def candidates(batch: int, heads: int, head_dim: int, max_seq: int) -> list[tuple]:
-    """Distinct (heads_per_program, block_k, num_splits, num_warps, num_stages, use_dot, rows_per_program) to
-    time; several rows a program only where they make one chunk and divide the batch (else the launch would be
-    the one-row form's, timed under another name)."""
+    """Distinct (heads_per_program, block_k, num_splits, num_warps, num_stages, use_dot) to time."""
     seen = []
-    for group, block_k, warps, stages, use_dot, target, *rows in CANDIDATES[head_dim]:
-        rows = rows[0] if rows else 1
-        splits = splits_for(batch, heads, group, max_seq, block_k, target)
-        if heads % group or (rows > 1 and (splits > 1 or batch % rows)):
+    for group, block_k, warps, stages, use_dot, target in CANDIDATES[head_dim]:
+        if heads % group:
             continue
-        params = (group, block_k, splits, warps, stages, use_dot, rows)
+        params = (group, block_k, splits_for(batch, heads, group, max_seq, block_k, target), warps, stages, use_dot)
         if params not in seen:
             seen.append(params)
     return seen
@@ -118,8 +114,7 @@ def sweep_shape(batch, heads, head_dim, max_seq, bandwidth, interpret, reps, out
     kv_bytes = sum(2 * int(jnp.sum(s[3])) * heads * head_dim * 2 for s in sets) / len(sets)
     rows, nan = [], float("nan")
     for params in candidates(batch, heads, head_dim, max_seq):
-        kw = dict(zip(("heads_per_program", "block_k", "num_splits", "num_warps", "num_stages", "use_dot",
-                       "rows_per_program"), params))
+        kw = dict(zip(("heads_per_program", "block_k", "num_splits", "num_warps", "num_stages", "use_dot"), params))
 
         def fn(q, k, v, n, kw=kw):
             return decode_attention(q, k, v, n, interpret=interpret, **kw)
@@ -142,54 +137,31 @@ def sweep_shape(batch, heads, head_dim, max_seq, bandwidth, interpret, reps, out
             row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
         out.write(json.dumps(row) + "\n")
         print(f"  peer {name}: {row.get('gbps', nan):.0f} GB/s (device {row.get('gpu_gbps', nan):.0f})", flush=True)
-    best = pick_best([r for r in rows if r["params"][6] == 1])  # TABLE's: one row a program
-    runs = pick_best([r for r in rows if r["params"][6] > 1])
-    if best and runs and faster(runs, best):  # ROW_RUNS's, where several rows a program beat them all
-        best |= {"row_runs": runs["params"]}
+    best = pick_best(rows)
     print(f"b={batch} seq={max_seq} {heads}x{head_dim}: "
           + ", ".join(f"{r['params']} {r.get('gbps', nan):.0f} (device {r.get('gpu_gbps', nan):.0f})" for r in rows)
           + (f" | best by {best['chosen_by']} {best['params']} {best.get('gpu_of_bandwidth', best['of_bandwidth']):.0%}"
              if best else " | none"), flush=True)
-    if best:  # which candidate the tables take, and by which clock
+    if best:  # which candidate the table takes, and by which clock
         out.write(json.dumps({"batch": batch, "max_seq": max_seq, "heads": heads, "head_dim": head_dim,
-                              "chosen": best["params"], "chosen_by": best["chosen_by"],
-                              "row_runs": best.get("row_runs")}) + "\n")
+                              "chosen": best["params"], "chosen_by": best["chosen_by"]}) + "\n")
     return best
 
 
-def faster(a: dict, b: dict) -> bool:
-    """Whether row a is faster than row b, by device time where both have one, else by the host clock."""
-    key = "gpu_us" if "gpu_us" in a and "gpu_us" in b else "us"
-    return a[key] < b[key]
-
-
 def write_table(path: str, best_rows: list[dict], device: str) -> None:
-    """The checked-in tables with this run's shapes replaced (a run may sweep only some shapes): TABLE the
-    fastest one-row launch, ROW_RUNS the several-row one where it was faster still (and no entry where not)."""
+    """The checked-in table with this run's shapes replaced (a run may sweep only some shapes)."""
     from gptjax.kernels import decode_table
 
-    table, row_runs = dict(decode_table.TABLE), dict(decode_table.ROW_RUNS)
-    for r in best_rows:
-        key = (r["heads"], r["head_dim"], r["batch"], r["max_seq"])
-        table[key] = tuple(r["params"][:6])
-        row_runs.pop(key, None)
-        if r.get("row_runs"):
-            _, block_k, _, warps, stages, use_dot, rows = r["row_runs"]
-            row_runs[key] = (block_k, warps, stages, use_dot, rows)
-
-    def entries(d):
-        return "".join(f"    {key}: {value},\n" for key, value in sorted(d.items()))
+    table = dict(decode_table.TABLE)
+    table |= {(r["heads"], r["head_dim"], r["batch"], r["max_seq"]): tuple(r["params"]) for r in best_rows}
     text = (f'"""Decode attention\'s launch parameters by shape, as the sweep measured them '
             f'(`benchmarks/decode_sweep.py`\nwrites this file; edit the sweep, not the table). '
             f'Measured on {device}, {datetime.date.today().isoformat()}.\n\n'
-            'TABLE: (heads, head_dim, batch, max_seq) -> (heads_per_program, block_k, num_splits, num_warps, '
-            'num_stages,\nuse_dot), the fastest launch of one row a program. ROW_RUNS: the same key -> (block_k, '
-            'num_warps, num_stages,\nuse_dot, rows_per_program), where several rows a program were faster still.\n'
-            '"""\n\n'
+            '(heads, head_dim, batch, max_seq) -> (heads_per_program, block_k, num_splits, num_warps, '
+            'num_stages, use_dot)\n"""\n\n'
             f"DEVICE = {device!r}\n"
-            "TABLE: dict[tuple[int, int, int, int], tuple[int, int, int, int, int, bool]] = {\n" + entries(table)
-            + "}\nROW_RUNS: dict[tuple[int, int, int, int], tuple[int, int, int, bool, int]] = {\n"
-            + entries(row_runs) + "}\n")
+            "TABLE: dict[tuple[int, int, int, int], tuple[int, int, int, int, int, bool]] = {\n"
+            + "".join(f"    {key}: {value},\n" for key, value in sorted(table.items())) + "}\n")
     with open(path, "w") as f:
         f.write(text)
 

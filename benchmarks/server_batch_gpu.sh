@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# A server's batch-64/256 decode step on the GPU. Parts (all by default, in this order):
+# A server's batch-64/256 decode step on the GPU (RESULTS, run 23). Parts (all by default, in this order):
 #   sweep: the decode attention sweep at 16 x 64 heads and 256-position caches with ragged rows, its table
 #          written to $OUT/decode_table.py and copied into gptjax/kernels/ for the parts after it;
-#   probe: decode_probe at $BATCHES (default 256,64) on the decode matmul kernels and on XLA's, one process;
-#   bench: the kernels per product at $ROWS rows (default 64,256; their rel_err checks the scattered K/V store
-#          of the blocks over 16 rows).
+#   probe: decode_probe at $BATCHES (default 256,64) with --decode-matmuls pallas,xla, one process (a step of more
+#          slots than the kernels take runs XLA's matmuls either way);
+#   bench: the decode matmul kernels per product against XLA's at $ROWS rows (default 16,64: the most they take).
 # Lines go to $OUT/server_batch.jsonl. Time limits: T_SWEEP, T_PROBE, T_BENCH (seconds).
 #   bash benchmarks/server_batch_gpu.sh [sweep] [probe] [bench]
 set -uo pipefail
@@ -23,5 +23,5 @@ fi
 has probe && timeout "${T_PROBE:-240}" python3 -m benchmarks.decode_probe --model megatron-345m --dtype float16 \
   --batch "${BATCHES:-256,64}" --steps 32 --runs 5 --decode-matmuls pallas,xla 2>>"$OUT/err.log" | log
 has bench && timeout "${T_BENCH:-120}" python3 -m benchmarks.decode_matmul_bench --model megatron-345m \
-  --dtype float16 --rows "${ROWS:-64,256}" 2>>"$OUT/err.log" | log
+  --dtype float16 --rows "${ROWS:-16,64}" 2>>"$OUT/err.log" | log
 exit 0

@@ -137,27 +137,37 @@ def test_ragged_sweep_counts_only_the_valid_keys(monkeypatch):
     assert all(0 < r["gbps"] * 1e9 * r["us"] * 1e-6 < 2 * 2 * 64 * 4 * 16 * 2 for r in timed)
 
 
-def test_sweep_times_row_runs_apart_and_writes_both_tables(monkeypatch, tmp_path):
-    """A shape's one-row winner goes to TABLE and a faster several-row launch to ROW_RUNS, and an entry there
-    goes when its shape is swept again without a row-run winner; the written file reads back."""
+def test_sweep_writes_the_table_it_picks_from(monkeypatch, tmp_path):
+    """A swept shape's winner replaces its TABLE entry and the other entries stay; the written file reads back,
+    and is the checked-in table's form (written from that table, the same text but for the date)."""
     import importlib.util
     import io
+    import re
 
+    def written(best_rows, device):
+        path = tmp_path / "decode_table.py"
+        decode_sweep.write_table(str(path), best_rows, device)
+        spec = importlib.util.spec_from_file_location("written", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module, path.read_text()
+
+    def undated(text):
+        return re.sub(r"\d{4}-\d{2}-\d{2}\.", "DATE.", text)
+
+    checked_in = Path(decode_table.__file__).read_text()
+    _, text = written([], decode_table.DEVICE)
+    assert undated(text) == undated(checked_in)
     monkeypatch.setattr(kernels, "n_sets", lambda *a, **k: 2)
     monkeypatch.setattr(decode_sweep, "peers", lambda: {})
-    out = io.StringIO()
-    found = decode_sweep.sweep_shape(8, 4, 16, 64, 1e10, True, 1, out)
-    assert found["params"][6] == 1 and found.get("row_runs", (0,) * 7)[6] != 1
-    best = dict(found, params=(1, 32, 1, 4, 3, True, 1), row_runs=(1, 64, 1, 4, 3, True, 4))
-    stale = dict(found, batch=16, params=(1, 64, 1, 4, 2, True, 1), row_runs=None)
-    monkeypatch.setattr(decode_table, "ROW_RUNS", {(4, 16, 16, 64): (16, 4, 3, True, 2)})
-    path = tmp_path / "decode_table.py"
-    decode_sweep.write_table(str(path), [best, stale], "a test device")
-    spec = importlib.util.spec_from_file_location("written", path)
-    written = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(written)
-    assert written.TABLE[(4, 16, 8, 64)] == (1, 32, 1, 4, 3, True)
-    assert written.ROW_RUNS == {(4, 16, 8, 64): (64, 4, 3, True, 4)}
+    found = decode_sweep.sweep_shape(8, 4, 16, 64, 1e10, True, 1, io.StringIO())
+    assert len(found["params"]) == 6
+    best = dict(found, params=(1, 32, 1, 4, 3, True))
+    monkeypatch.setattr(decode_table, "TABLE", {(4, 16, 8, 64): (1, 16, 1, 4, 3, True),
+                                                (4, 16, 16, 64): (1, 64, 1, 4, 2, True)})
+    module, _ = written([best], "a test device")
+    assert module.TABLE == {(4, 16, 8, 64): (1, 32, 1, 4, 3, True), (4, 16, 16, 64): (1, 64, 1, 4, 2, True)}
+    assert module.DEVICE == "a test device" and [n for n in vars(module) if n.isupper()] == ["DEVICE", "TABLE"]
 
 
 def test_decode_probe_rows_and_the_two_step_variant_give_the_same_tokens(tmp_path):

@@ -6,7 +6,6 @@ of the block sizes, and compares only the rows the contract specifies.
 
 from __future__ import annotations
 
-import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,8 +14,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import gptjax
 from gptjax import kernels, sharding
-from gptjax.kernels import (decode_attention, decode_attention_append, decode_table, flash_attention,
-                            hopper_flash_attention)
+from gptjax.kernels import decode_attention, decode_table, flash_attention, hopper_flash_attention
 from gptjax.kernels.decode_attention import DecodeParams, choose_params, default_params
 
 TOL = {np.float32: 2e-3, jnp.bfloat16: 3e-2, np.float16: 3e-2}
@@ -129,73 +127,6 @@ def test_decode_attention_matches_float64(case, dtype, use_dot):
     ref = decode_reference64(q, k_cache, v_cache, lengths)
     err = np.linalg.norm(np.asarray(out, np.float64) - ref) / np.linalg.norm(ref)
     assert err < TOL[dtype], f"relative error {err:.2e} (seed {seed})"
-
-
-# (batch, max_seq, heads, head_dim, block_k, rows_per_program, use_dot): rows whose lengths end inside a block,
-# on its edge and at 0 (a row of no keys), a max_seq that is not a whole number of blocks, R of 2, 3 and 4
-ROW_RUN_CASES = [(8, 100, 2, 16, 32, 4, True), (6, 64, 3, 32, 16, 2, False), (4, 256, 2, 64, 128, 4, True),
-                 (6, 50, 2, 16, 16, 3, True)]
-
-
-@pytest.mark.parametrize("case, dtype", [(c, np.float32) for c in ROW_RUN_CASES]
-                         + [(ROW_RUN_CASES[i], d) for i in (0, 1) for d in (jnp.bfloat16, np.float16)],
-                         ids=lambda x: "x".join(map(str, x[:4])) + f"r{x[5]}" if isinstance(x, tuple)
-                         else jnp.dtype(x).name)
-def test_decode_attention_row_runs_match_float64(case, dtype):
-    batch, max_seq, heads, head_dim, block_k, rows, use_dot = case
-    rng, seed = fresh_rng()
-    q = draw(rng, (batch, heads, head_dim), dtype)
-    k_cache, v_cache = (draw(rng, (batch + 1, max_seq, heads, head_dim), dtype) for _ in range(2))
-    lengths = ragged_lengths(rng, batch, max_seq)
-    lengths[0], lengths[1] = 0, block_k  # no keys; a whole block and not a key past it
-    out = decode_attention(q, k_cache, v_cache, jnp.asarray(lengths), interpret=True, block_k=block_k,
-                           num_splits=1, use_dot=use_dot, heads_per_program=1, rows_per_program=rows)
-    assert out.shape == q.shape and out.dtype == q.dtype and not np.asarray(out[0], np.float64).any()
-    ref = decode_reference64(q[1:], k_cache[1:batch], v_cache[1:batch], lengths[1:])
-    err = np.linalg.norm(np.asarray(out[1:], np.float64) - ref) / np.linalg.norm(ref)
-    assert err < TOL[dtype], f"relative error {err:.2e} (seed {seed})"
-
-
-def test_row_runs_come_from_their_own_table_and_only_where_they_fit(monkeypatch):
-    """A ROW_RUNS entry is taken by `decode_attention` called with no launch arguments, at a batch within 2x of
-    the entry's that its rows divide; never by an explicit launch, nor by the append kernel (TABLE's launch);
-    an explicit one that can't be honoured is refused."""
-    from gptjax.kernels.decode_attention import DecodeParams, row_run_params
-
-    monkeypatch.setattr(decode_table, "ROW_RUNS", {(2, 16, 8, 64): (32, 4, 3, True, 4)})
-    assert row_run_params(8, 2, 100, 16) == DecodeParams(1, 32, 1, 4, 3, True, 4)
-    assert row_run_params(8, 2, 16, 16) == DecodeParams(1, 16, 1, 4, 3, True, 4)  # blocks no longer than the cache
-    assert row_run_params(32, 2, 64, 16) is None and row_run_params(6, 2, 64, 16) is None  # 4x away; 4 rows in 6
-    assert row_run_params(8, 2, 64, 32) is None and row_run_params(8, 2, 64, 16, itemsize=4) is None
-    rng, seed = fresh_rng()
-    q = draw(rng, (8, 2, 16), np.float16)  # the tables hold 16-bit caches' launches
-    k_cache, v_cache = (draw(rng, (8, 64, 2, 16), np.float16) for _ in range(2))
-    lengths = jnp.asarray(ragged_lengths(rng, 8, 64))
-
-    def launched(fn, *args, **kw):  # which kernel the call launches, from its lowering for CUDA (any machine)
-        text = jax.jit(functools.partial(fn, **kw)).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-        return "decode_attention_rows" if "decode_attention_rows" in text else "one row"
-
-    assert [launched(decode_attention, q, k_cache, v_cache, lengths, **kw)
-            for kw in ({}, dict(single_loop=True), dict(block_k=32))] == ["decode_attention_rows", "one row", "one row"]
-    assert launched(decode_attention_append, jnp.stack([q, q, q], axis=1), k_cache, v_cache, lengths - 1) == "one row"
-    out = np.asarray(decode_attention(q, k_cache, v_cache, lengths, interpret=True), np.float64)  # interpreted
-    ref = decode_reference64(q, k_cache, v_cache, np.asarray(lengths))
-    assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < TOL[np.float16], f"seed {seed}"
-    with pytest.raises(ValueError, match="rows_per_program=4 needs a batch it divides"):
-        decode_attention(q[:6], k_cache, v_cache, lengths[:6], interpret=True, rows_per_program=4)
-
-
-def test_decode_attention_row_runs_lower_for_cuda():
-    # Triton's lowering runs on any machine: the 345M model's heads at a 256-slot step, four rows a program
-    q = jax.ShapeDtypeStruct((256, 16, 64), jnp.float16)
-    cache = jax.ShapeDtypeStruct((256, 256, 16, 64), jnp.float16)
-    lengths = jax.ShapeDtypeStruct((256,), jnp.int32)
-    for use_dot in (True, False):
-        traced = jax.jit(lambda q, k, v, n, d=use_dot: decode_attention(
-            q, k, v, n, block_k=64, num_splits=1, heads_per_program=1, rows_per_program=4, use_dot=d)).trace(
-            q, cache, cache, lengths)
-        assert "decode_attention_rows" in traced.lower(lowering_platforms=("cuda",)).as_text()
 
 
 # (batch, rows, max_seq, heads, head_dim, overrides): one chunk and several (the last past max_seq), every body

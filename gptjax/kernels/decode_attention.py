@@ -19,13 +19,8 @@ Two forms of the program body, both tested against the reference:
   h*d..(h+1)*d): scores = K @ Q_bd is [block_k, G]; outputs = P^T @ V is [G, G * head_dim], of which head h
   keeps its own d columns. That multiplies the FLOPs by G (at most 16 per byte read, far under what the
   matrix units do at memory speed) to keep every reduction inside one matrix product.
-- one head per program over several rows (`rows_per_program=R`, `decode_attention` only, one chunk a row):
-  the R rows' valid key blocks are walked as one loop, so that the pipeline runs on from one row's blocks
-  into the next row's instead of each program's few blocks waiting on their first loads (a server's rows of
-  one or two blocks spend most of a program's life on that wait), and the launch costs are shared by R rows.
-Which form, block size and split count a shape gets comes from `decode_table.TABLE` (and, for
-`decode_attention` called without launch arguments, `decode_table.ROW_RUNS` where it has a near entry), which
-the sweep (`benchmarks/decode_sweep.py`) writes; shapes it does not cover get `default_params`.
+Which form, block size and split count a shape gets comes from `decode_table.TABLE`, which the sweep
+(`benchmarks/decode_sweep.py`) writes; shapes it does not cover get `default_params`.
 A program walks its chunk's key blocks in one loop, every block masked at the sequence's end (`SINGLE_LOOP`).
 
 `decode_attention_append` is a decode step's whole attention: it takes the step's query, key and value as
@@ -37,7 +32,6 @@ kernel where XLA would run a copy of each of q, k and v out of the product and a
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 from typing import NamedTuple
 
@@ -70,7 +64,6 @@ class DecodeParams(NamedTuple):
     num_warps: int
     num_stages: int
     use_dot: bool  # one head per program only: the matrix-unit form
-    rows_per_program: int = 1  # `decode_attention` with one head a program and one chunk a row only
 
 
 def default_params(batch: int, heads: int, max_seq: int, head_dim: int, itemsize: int = 2) -> DecodeParams:
@@ -91,18 +84,6 @@ def default_params(batch: int, heads: int, max_seq: int, head_dim: int, itemsize
 def _nearest(entries, batch: int, max_seq: int):
     """The table item ((heads, head_dim, batch, max_seq), launch) nearest these on a log scale."""
     return min(entries, key=lambda item: abs(math.log2(item[0][2] / batch)) + abs(math.log2(item[0][3] / max_seq)))
-
-
-def row_run_params(batch: int, heads: int, max_seq: int, head_dim: int, itemsize: int = 2) -> DecodeParams | None:
-    """The nearest `decode_table.ROW_RUNS` entry (several rows a program, where the sweep found that faster
-    than any one-row launch) for these heads x head_dim, at a batch within a factor of two of the entry's
-    (fewer rows would leave the chip short of programs) that its rows divide; None when there is none."""
-    entries = [(key, value) for key, value in decode_table.ROW_RUNS.items()
-               if key[:2] == (heads, head_dim) and abs(math.log2(key[2] / batch)) <= 1 and batch % value[4] == 0]
-    if not entries or itemsize != 2:
-        return None
-    _, (block_k, warps, stages, use_dot, rows) = _nearest(entries, batch, max_seq)
-    return DecodeParams(1, min(block_k, max(16, pl.next_power_of_2(max_seq))), 1, warps, stages, use_dot, rows)
 
 
 def choose_params(batch: int, heads: int, max_seq: int, head_dim: int, itemsize: int = 2) -> DecodeParams:
@@ -220,41 +201,6 @@ def _attend_head_block(q, k, v, carry, scale: float, first_key, length):
     return acc * alpha[:, None] + pv, m_next, l_next
 
 
-def _row_run_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, *, sm_scale: float, block_k: int, use_dot: bool,
-                    max_seq: int):
-    """One head of R rows: q_ref [R, d], k_ref and v_ref [R, max_seq, d], o_ref [R, d]. One loop over the rows'
-    valid key blocks, row after row (as many steps as they have blocks, however long the cache): step t takes
-    the row whose blocks it falls among, from the running sums of the rows' block counts, and a row's last
-    block stores its output and starts the next row's softmax afresh. A row of no keys is written as zeros."""
-    n_rows, head_dim = q_ref.shape
-    scale = sm_scale * math.log2(math.e)
-    lengths = [jnp.clip(len_ref[r], 0, max_seq) for r in range(n_rows)]
-    ends = list(itertools.accumulate(pl.cdiv(n, block_k) for n in lengths))  # after row r's blocks
-    for r in range(n_rows):
-        pl.when(lengths[r] == 0)(functools.partial(_store_row, o_ref, r, jnp.zeros((head_dim,), jnp.float32)))
-
-    def body(t, carry):
-        r = sum((t >= end).astype(jnp.int32) for end in ends[:-1])
-        start = functools.reduce(lambda acc, i: jnp.where(r == i + 1, ends[i], acc), range(n_rows - 1), 0)
-        end = functools.reduce(lambda acc, i: jnp.where(r == i, ends[i], acc), range(n_rows), 0)
-        j, length = t - start, jnp.clip(len_ref[r], 0, max_seq)
-        ok = (j * block_k + lax.broadcasted_iota(jnp.int32, (block_k, head_dim), 0)) < length
-        keys = (r, pl.ds(j * block_k, block_k), slice(None))
-        k, v = (plgpu.load(ref.at[keys], mask=ok, other=0.0) for ref in (k_ref, v_ref))
-        q = q_ref[r, :]
-        q = jnp.broadcast_to(q[None, :], (MATRIX_ROWS, head_dim)) if use_dot else q.astype(jnp.float32) * scale
-        acc, m, l = _attend_head_block(q, k, v, carry, scale, j * block_k, length)
-        last = t == end - 1
-        pl.when(last)(lambda: _store_row(o_ref, r, jnp.max(acc, axis=0) / jnp.max(l)))  # l >= 1: a key was seen
-        return tuple(jnp.where(last, new, old) for new, old in zip(_head_carry(acc.shape[0], head_dim), (acc, m, l)))
-
-    lax.fori_loop(0, ends[-1], body, _head_carry(MATRIX_ROWS if use_dot else 1, head_dim))
-
-
-def _store_row(o_ref, r, out):
-    o_ref[r, :] = out.astype(o_ref.dtype)
-
-
 def _chunk_start(chunk: int, early: str):
     """The first key of this program's chunk; with `early` "start", the trigger of `early_launch` comes first."""
     split = pl.program_id(1)
@@ -370,35 +316,27 @@ def _chunks(max_seq: int, params: DecodeParams) -> tuple[int, int]:
     return chunk, pl.cdiv(max_seq, chunk)
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "single_loop", "early_launch", "rows_per_program",
-                                             *_OVERRIDES))
+@functools.partial(jax.jit, static_argnames=("interpret", "single_loop", "early_launch", *_OVERRIDES))
 def decode_attention(q, k_cache, v_cache, lengths, *, interpret: bool = False, block_k: int | None = None,
                      num_splits: int | None = None, num_warps: int | None = None,
                      num_stages: int | None = None, use_dot: bool | None = None,
-                     heads_per_program: int | None = None, rows_per_program: int | None = None,
-                     single_loop: bool | None = None, early_launch: bool | str | None = None):
+                     heads_per_program: int | None = None, single_loop: bool | None = None,
+                     early_launch: bool | str | None = None):
     """q: [batch, heads, head_dim]; caches: [rows >= batch, max_seq, heads, head_dim], of which the first `batch`
     rows are read; lengths: [batch] valid entries (including the current token). Scale 1/sqrt(head_dim). A
     sequence of length 0 gets zeros. The keyword arguments override `choose_params`'s choice, `single_loop`
     `SINGLE_LOOP`, and `early_launch` `early_launch.resolve` (where the next kernel's launch is issued: as
-    each program starts, or at the end of its walk); with none of them, a shape near one where the sweep found
-    several rows a program faster (`row_run_params`) gets that launch."""
+    each program starts, or at the end of its walk)."""
     batch, heads, head_dim = q.shape
     max_seq = _check_caches(k_cache, v_cache, batch, heads, head_dim)
-    overrides = dict(heads_per_program=heads_per_program, block_k=block_k, num_splits=num_splits,
-                     num_warps=num_warps, num_stages=num_stages, use_dot=use_dot, rows_per_program=rows_per_program)
-    asked = any(v is not None for v in (*overrides.values(), single_loop, early_launch))
-    params = None if asked else row_run_params(batch, heads, max_seq, head_dim, jnp.dtype(q.dtype).itemsize)
-    params = params or _launch_params(batch, heads, max_seq, head_dim, q.dtype, overrides)
+    params = _launch_params(batch, heads, max_seq, head_dim, q.dtype, dict(
+        heads_per_program=heads_per_program, block_k=block_k, num_splits=num_splits, num_warps=num_warps,
+        num_stages=num_stages, use_dot=use_dot))
     padded_d = max(16, pl.next_power_of_2(head_dim))
     lengths = lengths.astype(jnp.int32)  # clipped to [0, max_seq] inside the kernel
     if padded_d != head_dim:  # whole-cache copy: only for head dims that are not a power of two
         q, k_cache, v_cache = (jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, padded_d - head_dim)])
                                for x in (q, k_cache, v_cache))
-    if params.rows_per_program > 1:
-        _check_row_runs(params, batch, num_splits)
-        return _launch_row_runs(q, k_cache, v_cache, lengths, params, 1.0 / math.sqrt(head_dim),
-                                interpret)[..., :head_dim]
     chunk, splits = _chunks(max_seq, params)
     launch = _launch_per_head if params.heads_per_program == 1 else _launch_head_group
     single = SINGLE_LOOP if single_loop is None else single_loop
@@ -528,33 +466,6 @@ def _launch_head_group(q, k_cache, v_cache, lengths, params: DecodeParams, chunk
     else:
         attn = out[0].reshape(batch, heads, d)
     return (attn, *(c.reshape(cache_shape) for c in out[-2:])) if append else attn
-
-
-def _check_row_runs(params: DecodeParams, batch: int, num_splits) -> None:
-    """Raise ValueError for several rows a program where they can't be: the rows must divide the batch, the
-    program reads one head, and each row is one chunk."""
-    rows = params.rows_per_program
-    if batch % rows or params.heads_per_program != 1 or (num_splits or 1) > 1:
-        raise ValueError(f"rows_per_program={rows} needs a batch it divides (got {batch}), one head a program (got "
-                         f"{params.heads_per_program}) and one chunk a row (num_splits {num_splits})")
-
-
-def _launch_row_runs(q, k_cache, v_cache, lengths, params: DecodeParams, sm_scale: float, interpret: bool):
-    """One program per (head, R rows): `_row_run_kernel`."""
-    batch, heads, d = q.shape
-    rows, max_seq = params.rows_per_program, k_cache.shape[1]
-    kernel = functools.partial(_row_run_kernel, sm_scale=sm_scale, block_k=params.block_k, use_dot=params.use_dot,
-                               max_seq=max_seq)
-    # heads vary fastest over the grid: neighbouring programs read neighbouring bytes of the cache
-    cache_spec = pl.BlockSpec((rows, max_seq, None, d), lambda h, b: (b, 0, h, 0))
-    row_spec = pl.BlockSpec((rows, None, d), lambda h, b: (b, h, 0))
-    return pl.pallas_call(
-        kernel, grid=(heads, batch // rows),
-        in_specs=[pl.BlockSpec((rows,), lambda h, b: (b,)), row_spec, cache_spec, cache_spec],
-        out_specs=row_spec, out_shape=jax.ShapeDtypeStruct((batch, heads, d), q.dtype),
-        compiler_params=plgpu.CompilerParams(num_warps=params.num_warps, num_stages=params.num_stages),
-        interpret=interpret, name="decode_attention_rows",
-    )(lengths, q, k_cache, v_cache)
 
 
 def _append_operands(out_shape: list, out_specs: list, cache_spec, operands: tuple, append: bool):

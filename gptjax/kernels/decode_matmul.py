@@ -15,9 +15,7 @@ product with its neighbours fused in, so a layer is four of them and attention:
   QKV product the new token's K and V stored into the layer's cache at each row's position.
 
 `decode_matmul_reference` is the same arithmetic in plain `jnp`, the reference the kernel is tested against.
-Rows past the input's are masked, not padded: the kernel reads and writes exactly `rows` rows. Past `ROW_BLOCK`
-rows a program takes one block of them (a server's larger decode steps): the row blocks of a weight tile are
-neighbouring programs, so the tile comes from memory once and from L2 for the others.
+Rows past the input's are masked, not padded: the kernel reads and writes exactly `rows` rows.
 """
 
 from __future__ import annotations
@@ -34,12 +32,10 @@ from jax.experimental.pallas import triton as plgpu
 from gptjax.kernels import early_launch as pdl
 
 MATRIX_ROWS = 16  # the matrix units' smallest tile side in Triton's dot
-MAX_ROWS = 256  # the most rows a call takes (a server's slots), in blocks of ROW_BLOCK
-ROW_BLOCK = 64  # rows per program (a matrix-unit tile's M)
+MAX_ROWS = 64  # past this the product is no longer weight-bound, and XLA's own matmuls do well
 TARGET_PROGRAMS = 128  # about one per multiprocessor of an H100 or H200 (fewer, longer programs won the sweep)
 SHARED_MEMORY = 200 * 1024  # of the 227 KB a block may have, what the pipelined tiles may take
 STATS_BLOCK = 512  # LayerNorm's statistics pass reads the input in wider tiles: fewer, longer loads
-STATS_ELEMENTS = MATRIX_ROWS * STATS_BLOCK  # ... of at most this many elements (registers), so narrower for more rows
 
 
 class MatmulParams(NamedTuple):
@@ -73,7 +69,7 @@ def default_params(rows: int, k: int, n: int, unit: int | None = None, itemsize:
     these: 13-20% less kernel time than run 12's 128-column blocks."""
     block_n = _largest_block(unit or n, 64)
     splits = 1
-    while (n // block_n) * _row_blocks(rows) * splits * 2 <= TARGET_PROGRAMS and k % (splits * 2 * 64) == 0:
+    while (n // block_n) * splits * 2 <= TARGET_PROGRAMS and k % (splits * 2 * 64) == 0:
         splits *= 2
     chunk, block_rows = k // splits, _block_rows(rows)
     one_tile = chunk & (chunk - 1) == 0 and chunk * block_n * itemsize <= 64 << 10  # Triton's blocks: 2^n
@@ -86,12 +82,7 @@ def default_params(rows: int, k: int, n: int, unit: int | None = None, itemsize:
 
 
 def _block_rows(rows: int) -> int:
-    """Rows per program: all of them, padded to a power of two of at least 16, up to ROW_BLOCK."""
-    return min(ROW_BLOCK, max(MATRIX_ROWS, pl.next_power_of_2(rows)))
-
-
-def _row_blocks(rows: int) -> int:
-    return pl.cdiv(rows, _block_rows(rows))
+    return max(MATRIX_ROWS, pl.next_power_of_2(rows))
 
 
 def _activation(name: str, v):
@@ -149,14 +140,13 @@ def _unpack(refs, s: _Shape) -> _Refs:
     return _Refs(x, scale, shift, w, bias, residual, positions, out, parts, counts, k_cache, v_cache)
 
 
-def _product(r: _Refs, s: _Shape, r0, col, split):
-    """This program's float32 partial product: LayerNorm(x)[rows, chunk] @ w[chunk, columns], [block_rows,
-    block_n], for the rows from r0."""
+def _product(r: _Refs, s: _Shape, col, split):
+    """This program's float32 partial product: LayerNorm(x)[:, chunk] @ w[chunk, columns], [block_rows, block_n]."""
     block_n, block_k, block_rows = s.params.block_n, s.params.block_k, _block_rows(s.rows)
 
     def load_x(k0, width: int):
-        ok = r0 + lax.broadcasted_iota(jnp.int32, (block_rows, width), 0) < s.rows
-        return plgpu.load(r.x.at[pl.ds(r0, block_rows), pl.ds(k0, width)], mask=ok, other=0.0).astype(jnp.float32)
+        ok = lax.broadcasted_iota(jnp.int32, (block_rows, width), 0) < s.rows
+        return plgpu.load(r.x.at[pl.ds(0, block_rows), pl.ds(k0, width)], mask=ok, other=0.0).astype(jnp.float32)
 
     def load_w(k0):
         return r.w[pl.ds(k0, block_k), pl.ds(col * block_n, block_n)]
@@ -165,7 +155,7 @@ def _product(r: _Refs, s: _Shape, r0, col, split):
     first_w = load_w(split * s.chunk) if s.chunk == block_k else None
 
     if s.ln:  # a first pass over the whole row: LayerNorm's statistics
-        width = _largest_block(s.k, min(STATS_BLOCK, STATS_ELEMENTS // block_rows))
+        width = _largest_block(s.k, STATS_BLOCK)
 
         def stats(i, carry):
             v = load_x(i * width, width)
@@ -202,7 +192,7 @@ def _epilogue_operands(r: _Refs, s: _Shape, c0, tile, rows_ok):
     return bias, residual
 
 
-def _finish(r: _Refs, s: _Shape, total, r0, c0, tile, rows_ok, operands):
+def _finish(r: _Refs, s: _Shape, total, c0, tile, rows_ok, operands):
     """The epilogue on a column block's whole sum: bias, activation, residual (`_epilogue_operands`), then the
     output (or Q's output and K's and V's cache rows)."""
     bias, residual = operands
@@ -222,43 +212,30 @@ def _finish(r: _Refs, s: _Shape, total, r0, c0, tile, rows_ok, operands):
 
     for which, cache in ((1, r.k_cache), (2, r.v_cache)):  # K and V: into the cache
         pl.when((c0 >= which * s.hidden) & (c0 < (which + 1) * s.hidden))(
-            functools.partial(_store_new_token, cache, r.positions, total, c0 - which * s.hidden, r0, s.rows,
-                              s.interpret))
-
-
-def _program_ids(s: _Shape):
-    """(row block, column block, split) of this program: the grid is (column blocks, splits), or with several
-    row blocks (row blocks, column blocks, splits), row blocks fastest so that those of a weight tile run
-    together (one read from memory, the rest from L2)."""
-    if _row_blocks(s.rows) == 1:
-        return 0, pl.program_id(0), pl.program_id(1)
-    return pl.program_id(0), pl.program_id(1), pl.program_id(2)
+            functools.partial(_store_new_token, cache, r.positions, total, c0 - which * s.hidden, s.rows))
 
 
 def _kernel(*refs, s: _Shape):
-    """Program (row block, col, split): output columns [col * block_n, +block_n) of its rows over K rows
-    [split * chunk, +chunk)."""
+    """Program (col, split): output columns [col * block_n, +block_n) over K rows [split * chunk, +chunk)."""
     r = _unpack(refs, s)
     block_n, block_rows = s.params.block_n, _block_rows(s.rows)
-    row_block, col, split = _program_ids(s)
+    col, split = pl.program_id(0), pl.program_id(1)
     if s.early_launch == "start":
         col = pdl.launch_dependents(col)
-    r0 = row_block * block_rows
-    rows_ok = r0 + lax.broadcasted_iota(jnp.int32, (block_rows, block_n), 0) < s.rows
+    rows_ok = lax.broadcasted_iota(jnp.int32, (block_rows, block_n), 0) < s.rows
     c0 = col * block_n
-    tile = (pl.ds(r0, block_rows), pl.ds(c0, block_n))
+    tile = (pl.ds(0, block_rows), pl.ds(c0, block_n))
     operands = _epilogue_operands(r, s, c0, tile, rows_ok)
-    acc = _product(r, s, r0, col, split)
+    acc = _product(r, s, col, split)
     if s.early_launch == "end":
         acc = pdl.launch_dependents_after(acc)
     if s.params.splits == 1:
-        _finish(r, s, acc, r0, c0, tile, rows_ok, operands)
+        _finish(r, s, acc, c0, tile, rows_ok, operands)
         return
     plgpu.store(r.parts.at[(split, *tile)], acc, mask=rows_ok)
     if not s.interpret:
         plgpu.debug_barrier()  # every thread's part is stored before the counter says so
-    counter = jnp.asarray(row_block * (_n(s) // block_n) + col, jnp.int32)  # one per (row block, column block)
-    finished = plgpu.atomic_add(r.counts, (counter,), jnp.int32(1))  # acq-rel, GPU scope
+    finished = plgpu.atomic_add(r.counts, (jnp.asarray(col, jnp.int32),), jnp.int32(1))  # acq-rel, GPU scope
 
     @pl.when(finished == s.params.splits - 1)
     def _():  # the last split: every other one's part is in memory; sum them in split order
@@ -266,39 +243,18 @@ def _kernel(*refs, s: _Shape):
         for p in range(s.params.splits):
             part = r.parts.at[(jnp.int32(p), *tile)]
             total += plgpu.load(part, mask=rows_ok, other=0.0, volatile=True)  # not an L1 copy: fresh
-        _finish(r, s, total, r0, c0, tile, rows_ok, operands)
-        r.counts[counter] = 0  # every split has counted: the counter is zero again for the next kernel
+        _finish(r, s, total, c0, tile, rows_ok, operands)
+        r.counts[col] = 0  # every split has counted: the counter is zero again for the next kernel
 
 
-def _store_new_token(cache_ref, pos_ref, values, c0, r0, rows: int, interpret: bool):
-    """Row r of values [block_rows, block_n], the input's row r0 + r, into cache_ref [slots, max_seq, hidden] at
-    (r0 + r, pos[r0 + r], c0:), for the rows below `rows`. Up to 16 rows, one row at a time; more, compiled, in
-    one scattered store (a row at a time would be one cross-warp reduction per row; the interpreter has no
-    scattered store)."""
+def _store_new_token(cache_ref, pos_ref, values, c0, rows: int):
+    """Row r of values [block_rows, block_n] into cache_ref [slots, max_seq, hidden] at (r, pos[r], c0:)."""
     block_rows, block_n = values.shape
-    if block_rows > MATRIX_ROWS and not interpret:
-        slots = r0 + lax.broadcasted_iota(jnp.int32, (block_rows,), 0)
-        ok = slots < rows
-        pos = jnp.clip(plgpu.load(pos_ref.at[slots], mask=ok, other=0), 0, cache_ref.shape[1] - 1)
-        plgpu.store(cache_ref.at[slots, pos, pl.ds(c0, block_n)], values.astype(cache_ref.dtype),
-                    mask=jnp.broadcast_to(ok[:, None], values.shape))
-        return
     row_of = lax.broadcasted_iota(jnp.int32, values.shape, 0)
-    for r in range(min(block_rows, rows)):
-        def store(r=r):
-            slot = r0 + r
-            pos = jnp.clip(pos_ref[slot], 0, cache_ref.shape[1] - 1)
-            row = jnp.sum(jnp.where(row_of == r, values, 0.0), axis=0)
-            cache_ref[slot, pos, pl.ds(c0, block_n)] = row.astype(cache_ref.dtype)
-        if isinstance(r0, int) and r0 + r < rows:  # one row block: every row is there
-            store()
-        else:
-            pl.when(r0 + r < rows)(store)
-
-
-def _n(s: _Shape) -> int:
-    """The product's N (with a K/V write, Q's, K's and V's columns)."""
-    return 3 * s.hidden if s.kv else s.hidden
+    for r in range(rows):
+        pos = jnp.clip(pos_ref[r], 0, cache_ref.shape[1] - 1)
+        row = jnp.sum(jnp.where(row_of == r, values, 0.0), axis=0)
+        cache_ref[r, pos, pl.ds(c0, block_n)] = row.astype(cache_ref.dtype)
 
 
 def _check_operands(w, x, kv) -> int:
@@ -342,10 +298,9 @@ def decode_matmul(w, x, ln_scale=None, ln_bias=None, *, bias=None, residual=None
             or any(b & (b - 1) for b in (params.block_n, params.block_k))):
         raise ValueError(f"decode_matmul: {params} does not tile K={k}, N={n} (hidden {hidden}) in blocks of "
                          f"powers of two")
-    n_cols, row_blocks = n // params.block_n, _row_blocks(rows)
-    if counters is not None and counters.shape[0] < n_cols * row_blocks:
-        raise ValueError(f"decode_matmul: {counters.shape[0]} counters for {n_cols} column blocks x {row_blocks} "
-                         f"row blocks")
+    n_cols = n // params.block_n
+    if counters is not None and counters.shape[0] < n_cols:
+        raise ValueError(f"decode_matmul: {counters.shape[0]} counters for {n_cols} column blocks")
     s = _Shape(rows, k, hidden, chunk, params, ln_scale is not None, eps, bias is not None, activation,
                residual is not None, kv is not None, interpret,
                pdl.resolve(early_launch, interpret))
@@ -356,7 +311,7 @@ def decode_matmul(w, x, ln_scale=None, ln_bias=None, *, bias=None, residual=None
         inputs.append(kv[2].astype(jnp.int32))
     split_k = params.splits > 1
     if split_k:  # each split's partial sums, and per column block the count of its finished splits
-        counts = counters if counters is not None else new_counters(n, rows=rows)
+        counts = counters if counters is not None else new_counters(n)
         aliases[len(inputs)] = 2
         inputs.append(counts)
         out_shape += [jax.ShapeDtypeStruct((params.splits, rows, n), jnp.float32),
@@ -366,9 +321,8 @@ def decode_matmul(w, x, ln_scale=None, ln_bias=None, *, bias=None, residual=None
             aliases[len(inputs)] = len(out_shape)
             inputs.append(cache)
             out_shape.append(jax.ShapeDtypeStruct(cache.shape, cache.dtype))
-    grid = (n_cols, params.splits) if row_blocks == 1 else (row_blocks, n_cols, params.splits)
     out = pl.pallas_call(
-        functools.partial(_kernel, s=s), grid=grid, out_shape=out_shape,
+        functools.partial(_kernel, s=s), grid=(n_cols, params.splits), out_shape=out_shape,
         input_output_aliases=aliases,
         compiler_params=plgpu.CompilerParams(num_warps=params.num_warps, num_stages=params.num_stages),
         interpret=interpret, name=f"decode_matmul_{k}x{n}",
@@ -379,10 +333,10 @@ def decode_matmul(w, x, ln_scale=None, ln_bias=None, *, bias=None, residual=None
     return result if len(result) > 1 else result[0]
 
 
-def new_counters(*widths: int, rows: int = 1):
-    """Zeros for the split counters of products with these output widths and `rows` rows (one per 16 columns,
-    the narrowest column block, in each row block)."""
-    return jnp.zeros((max(widths) // MATRIX_ROWS * _row_blocks(rows),), jnp.int32)
+def new_counters(*widths: int):
+    """Zeros for the split counters of products with these output widths (one per 16 columns, the narrowest
+    column block)."""
+    return jnp.zeros((max(widths) // MATRIX_ROWS,), jnp.int32)
 
 
 def decode_matmul_reference(w, x, ln_scale=None, ln_bias=None, *, bias=None, residual=None, activation: str = "",

@@ -1,9 +1,7 @@
 """Decode attention's launch parameters by shape, as the sweep measured them (`benchmarks/decode_sweep.py`
-writes this file; edit the sweep, not the table). Measured on NVIDIA H200, 2026-12-04.
+writes this file; edit the sweep, not the table). Measured on NVIDIA H200, 2026-12-05.
 
-TABLE: (heads, head_dim, batch, max_seq) -> (heads_per_program, block_k, num_splits, num_warps, num_stages,
-use_dot), the fastest launch of one row a program. ROW_RUNS: the same key -> (block_k, num_warps, num_stages,
-use_dot, rows_per_program), where several rows a program were faster still.
+(heads, head_dim, batch, max_seq) -> (heads_per_program, block_k, num_splits, num_warps, num_stages, use_dot)
 """
 
 DEVICE = 'NVIDIA H200'
@@ -18,7 +16,7 @@ TABLE: dict[tuple[int, int, int, int], tuple[int, int, int, int, int, bool]] = {
     (16, 64, 128, 256): (1, 128, 1, 4, 2, True),
     (16, 64, 128, 512): (1, 128, 1, 4, 3, True),
     (16, 64, 128, 2048): (1, 128, 1, 4, 3, True),
-    (16, 64, 256, 256): (1, 128, 1, 4, 2, True),
+    (16, 64, 256, 256): (1, 64, 1, 4, 2, True),
     (16, 64, 256, 512): (1, 128, 1, 4, 2, True),
     (16, 64, 256, 2048): (1, 128, 1, 4, 2, True),
     (32, 128, 2, 256): (1, 128, 1, 4, 3, True),
@@ -28,4 +26,3 @@ TABLE: dict[tuple[int, int, int, int], tuple[int, int, int, int, int, bool]] = {
     (32, 128, 64, 512): (1, 64, 1, 4, 4, True),
     (32, 128, 64, 2048): (1, 128, 1, 4, 3, True),
 }
-ROW_RUNS: dict[tuple[int, int, int, int], tuple[int, int, int, bool, int]] = {}
