@@ -9,9 +9,12 @@ program a multiprocessor read them at 600-750 GB/s (run 15). Here one CTA a mult
 slabs of each weight matrix by TMA, `--stages` deep, and multiplies them with up to 8 rows on the matrix units
 (the slab's columns as the wgmma's M, the rows as its N: no padding of the rows to 64). Forms timed, each over
 `COPIES` layers' distinct weights (so none is read from L2):
-- "layer": one launch per layer, its four products in turn with a grid-wide barrier between them (a global
-  semaphore), as a whole-layer kernel would run its dependent phases;
+- "layer": one launch per layer, its four products in turn with a grid-wide barrier between them
+  (`_grid_barrier`), as a whole-layer kernel would run its dependent phases;
 - "product": the same kernel, one launch per product;
+- "layer_stream_k", "product_stream_k": the same two, with each product's (slab, K tile) steps dealt to the CTAs
+  in equal runs (stream-K, `_product_stream_k`): a product of N / 64 slabs fills every multiprocessor, where
+  one slab a CTA leaves most of them idle (16 of 132 for attention out and MLP out);
 - "triton": the decode path's `decode_matmul` kernels (the default launch parameters), one launch per product;
 - "xla": `x @ w` per product.
 The products here have no LayerNorm, bias or epilogue, and every one reads the same input rows: the probe
@@ -74,25 +77,122 @@ def _product(x_ref, w_ref, o_ref, *, tile_k: int, stages: int, sm, n_sm: int):
                   plgpu.Barrier(num_barriers=1))
 
 
-def streaming_call(shapes, dtype, *, barriers: bool, tile_k: int = 64, stages: int = 4, n_sm: int = NUM_SMS,
-                   interpret: bool = False):
+def _product_stream_k(x_ref, w_ref, o_ref, *, tile_k: int, stages: int, sm, n_sm: int):
+    """Stream-K: the product's steps, K tile by K tile and slab after slab, dealt to the CTAs in runs of
+    ceil(steps / n_sm); a CTA adds its partial sum into o (zero beforehand) atomically where a slab or its run
+    ends, so every multiprocessor streams whatever the number of slabs. o [N, ROWS] += (x @ w)^T."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+    import jax.numpy as jnp
+    from jax.experimental import pallas as pl
+
+    k, n = w_ref.shape
+    k_tiles = k // tile_k
+    total = k_tiles * (n // SLAB)
+    run = pl.cdiv(total, n_sm)
+    first = sm * run
+    transforms = _transforms(w_ref.dtype)
+
+    def tile(i):
+        return stream_k_step(first, i, run, k_tiles, total)[:2]
+
+    def with_rows(rows_smem, ready):
+        plgpu.copy_gmem_to_smem(x_ref.at[:, pl.ds(0, k)], rows_smem, ready.at[0])
+        plgpu.barrier_wait(ready.at[0])
+
+        def with_acc(acc):
+            def step(index, w_smem, flushed):
+                (i,) = index
+                kk, slab, flush = stream_k_step(first, i, run, k_tiles, total)
+                rows = plgpu.transpose_ref(rows_smem.at[:, pl.ds(kk * tile_k, tile_k)], (1, 0))
+                plgpu.wgmma(acc, plgpu.transpose_ref(w_smem, (1, 0)), rows)
+                total_so_far = acc[...]  # waits for the wgmma
+                # acc runs on over the slabs: what was added before is taken off (one register tile, no
+                # store to the accumulator)
+                pl.when(flush)(lambda: plgpu.atomic_add(o_ref.at[pl.ds(slab * SLAB, SLAB), :],
+                                                        total_so_far - flushed))
+                return jnp.where(flush, total_so_far, flushed)
+
+            spec = plgpu.BlockSpec((tile_k, SLAB), lambda i: tile(i), transforms=transforms)
+            plgpu.emit_pipeline(step, grid=(run,), in_specs=[spec], max_concurrent_steps=stages,
+                                init_carry=acc[...])(w_ref)
+
+        pl.when(first < total)(lambda: pl.run_scoped(with_acc, plgpu.ACC((SLAB, ROWS), jnp.float32)))
+
+    pl.run_scoped(with_rows, plgpu.SMEM((ROWS, k), w_ref.dtype, transforms=transforms),
+                  plgpu.Barrier(num_barriers=1))
+
+
+def stream_k_step(first, i, run: int, k_tiles: int, total: int):
+    """(K tile, slab, whether to add the sum into o) of step i of the CTA whose run starts at step `first`; a
+    step past the product's last repeats the last tile and adds nothing (its load is wasted, its sum unused)."""
+    import jax.numpy as jnp
+
+    t = jnp.minimum(first + i, total - 1)
+    kk = t % k_tiles
+    return kk, t // k_tiles, (first + i < total) & ((kk == k_tiles - 1) | (i == run - 1))
+
+
+def _zero(o_ref, *, sm, n_sm: int):
+    """This CTA's share of o's slabs set to zero (stores of a fresh accumulator: its layout's own store)."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+    import jax.numpy as jnp
+    from jax.experimental import pallas as pl
+
+    def with_acc(acc):
+        @pl.loop(sm, o_ref.shape[0] // SLAB, step=n_sm)
+        def _(slab):
+            o_ref[pl.ds(slab * SLAB, SLAB), :] = acc[...]
+
+    pl.run_scoped(with_acc, plgpu.ACC((SLAB, ROWS), jnp.float32))
+
+
+def _grid_barrier(arrived, released, sm, n_sm: int):
+    """Every CTA gets here before any goes on (all n_sm CTAs are resident: one a multiprocessor). A kernel's
+    global semaphores keep their counts from launch to launch (`pl.get_global`), so a barrier must leave them
+    at zero: CTA 0 takes the n_sm arrivals, then hands each other CTA one release; `released` is this barrier's
+    own (a CTA already at the next barrier could take a release meant for one still waiting here)."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+    from jax.experimental import pallas as pl
+
+    plgpu.semaphore_signal(arrived, 1, memory_scope="gpu")
+
+    @pl.when(sm == 0)
+    def _():
+        plgpu.semaphore_wait(arrived, n_sm, memory_scope="gpu")
+        plgpu.semaphore_signal(released, n_sm - 1, memory_scope="gpu")
+
+    @pl.when(sm != 0)
+    def _():
+        plgpu.semaphore_wait(released, 1, memory_scope="gpu")
+
+
+def streaming_call(shapes, dtype, *, barriers: bool, stream_k: bool = False, tile_k: int = 64, stages: int = 4,
+                   n_sm: int = NUM_SMS, interpret: bool = False):
     """A kernel (x [ROWS, max K], w_1 .. w_p) -> (o_1 .. o_p), o_i = (x[:, :K_i] @ w_i)^T in float32, of the
-    products of `shapes` [(K, N)] in turn; `barriers`: a grid-wide barrier after each but the last."""
+    products of `shapes` [(K, N)] in turn; `barriers`: a grid-wide barrier after each but the last;
+    `stream_k`: `_product_stream_k`'s deal (the outputs zeroed first, behind a barrier of their own)."""
     import jax
     import jax.experimental.pallas.mosaic_gpu as plgpu
     import jax.numpy as jnp
     from jax import lax
     from jax.experimental import pallas as pl
 
+    product = _product_stream_k if stream_k else _product
+    n_barriers = (len(shapes) - 1 if barriers else 0) + stream_k
+
     def body(x_ref, *refs):
         w_refs, o_refs = refs[:len(shapes)], refs[len(shapes):]
         sm = lax.axis_index("sm")
-        sem = pl.get_global(plgpu.SemaphoreType.REGULAR) if barriers else None
+        arrived, *released = ([pl.get_global(plgpu.SemaphoreType.REGULAR) for _ in range(n_barriers + 1)]
+                              if n_barriers else [None])
+        if stream_k:
+            for o_ref in o_refs:
+                _zero(o_ref, sm=sm, n_sm=n_sm)
+            _grid_barrier(arrived, released.pop(), sm, n_sm)
         for i, (w_ref, o_ref) in enumerate(zip(w_refs, o_refs)):
-            _product(x_ref, w_ref, o_ref, tile_k=tile_k, stages=stages, sm=sm, n_sm=n_sm)
+            product(x_ref, w_ref, o_ref, tile_k=tile_k, stages=stages, sm=sm, n_sm=n_sm)
             if barriers and i + 1 < len(shapes):  # every CTA's products done before any starts the next
-                plgpu.semaphore_signal(sem, 1, memory_scope="gpu")
-                plgpu.semaphore_wait(sem, (i + 1) * n_sm, decrement=False, memory_scope="gpu")
+                _grid_barrier(arrived, released.pop(), sm, n_sm)
 
     out_type = [jax.ShapeDtypeStruct((n, ROWS), jnp.float32) for _, n in shapes]
     return plgpu.kernel(body, out_type=out_type, grid=(n_sm,), grid_names=("sm",), interpret=interpret or None)
@@ -115,16 +215,23 @@ def forms(shapes, dtype, rows: int, interpret: bool):
 
     from gptjax.kernels.decode_matmul import decode_matmul
 
-    layer = streaming_call(shapes, dtype, barriers=True, interpret=interpret)
-    product = [streaming_call([shape], dtype, barriers=False, interpret=interpret) for shape in shapes]
-
     def padded(x):
         return jnp.pad(x, ((0, ROWS - rows), (0, 0)))
 
+    def persistent(stream_k: bool):
+        layer = streaming_call(shapes, dtype, barriers=True, stream_k=stream_k, interpret=interpret)
+        product = [streaming_call([shape], dtype, barriers=False, stream_k=stream_k, interpret=interpret)
+                   for shape in shapes]
+        suffix = "_stream_k" if stream_k else ""
+        return {
+            "layer" + suffix: jax.jit(lambda x, ws: [[o[:, :rows] for o in layer(padded(x), *w)] for w in ws]),
+            "product" + suffix: jax.jit(lambda x, ws: [[call(padded(x), wi)[0][:, :rows]
+                                                        for call, wi in zip(product, w)] for w in ws]),
+        }
+
     return {
-        "layer": jax.jit(lambda x, ws: [[o[:, :rows] for o in layer(padded(x), *w)] for w in ws]),
-        "product": jax.jit(lambda x, ws: [[call(padded(x), wi)[0][:, :rows] for call, wi in zip(product, w)]
-                                          for w in ws]),
+        **persistent(False),
+        **persistent(True),
         "triton": jax.jit(lambda x, ws: [[decode_matmul(wi, x[:, :wi.shape[0]], interpret=interpret).T for wi in w]
                                          for w in ws]),
         "xla": jax.jit(lambda x, ws: [[jnp.dot(x[:, :wi.shape[0]].astype(wi.dtype), wi,

@@ -288,17 +288,46 @@ def test_ncu_prefill_names_the_implementations_it_knows(capsys):
 
 
 @pytest.mark.parametrize("barriers", [True, False])
-def test_stream_probe_kernel_lowers_for_cuda(barriers):
+@pytest.mark.parametrize("stream_k", [False, True])
+def test_stream_probe_kernel_lowers_for_cuda(barriers, stream_k):
     """The streaming probe's Mosaic GPU kernel (Mosaic GPU's interpreter has no TMA copies, so the GPU run checks
     its outputs against float64): a megatron-345m layer's four products with grid barriers between them, and
-    one product alone, lower for CUDA."""
+    one product alone, each slab a CTA or stream-K, lower for CUDA."""
     import jax.numpy as jnp
 
     from benchmarks.stream_probe import ROWS, layer_shapes, streaming_call
     from gptjax.config import preset
 
     shapes = layer_shapes(preset("megatron-345m"))[:4 if barriers else 1]
-    call = streaming_call(shapes, jnp.float16, barriers=barriers)
+    call = streaming_call(shapes, jnp.float16, barriers=barriers, stream_k=stream_k)
     args = [jax.ShapeDtypeStruct((ROWS, 4096), jnp.float16), *(jax.ShapeDtypeStruct(s, jnp.float16) for s in shapes)]
     text = jax.jit(call).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
+
+
+@pytest.mark.parametrize("k_tiles, slabs", [(16, 48), (16, 16), (64, 16), (16, 64), (3, 5)])
+def test_stream_k_deal_adds_every_tile_once(k_tiles, slabs):
+    """The stream-K kernel's deal, run on the host as the kernel runs it: each CTA's accumulator runs on over
+    its steps and adds (sum so far - sum added before) where `stream_k_step` says; every slab then holds the
+    sum of its own K tiles, whatever the runs' ends (345M's products on 132 multiprocessors, and an odd one)."""
+    import numpy as np
+
+    from benchmarks.stream_probe import NUM_SMS, stream_k_step
+
+    rng = np.random.default_rng()
+    values = rng.standard_normal((slabs, k_tiles))
+    total = k_tiles * slabs
+    run = -(-total // NUM_SMS)
+    out = np.zeros(slabs)
+    for sm in range(NUM_SMS):
+        first = sm * run
+        if first >= total:
+            continue
+        acc = added = 0.0
+        for i in range(run):
+            kk, slab, flush = (int(v) for v in stream_k_step(first, i, run, k_tiles, total))
+            acc += values[slab, kk]
+            if flush:
+                out[slab] += acc - added
+                added = acc
+    np.testing.assert_allclose(out, values.sum(axis=1), rtol=1e-12, atol=1e-12)
