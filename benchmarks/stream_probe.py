@@ -146,24 +146,14 @@ def _zero(o_ref, *, sm, n_sm: int):
     pl.run_scoped(with_acc, plgpu.ACC((SLAB, ROWS), jnp.float32))
 
 
-def _grid_barrier(arrived, released, sm, n_sm: int):
-    """Every CTA gets here before any goes on (all n_sm CTAs are resident: one a multiprocessor). A kernel's
-    global semaphores keep their counts from launch to launch (`pl.get_global`), so a barrier must leave them
-    at zero: CTA 0 takes the n_sm arrivals, then hands each other CTA one release; `released` is this barrier's
-    own (a CTA already at the next barrier could take a release meant for one still waiting here)."""
+def _grid_barrier(sem, n: int, n_sm: int):
+    """The grid's n-th barrier (from 1): every CTA gets here before any goes on (all n_sm CTAs are resident, one
+    a multiprocessor). The semaphore counts arrivals and is never taken down: Pallas zeroes a kernel's global
+    semaphores at each call (an aliased scratch input), so barrier n waits for n x n_sm."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
-    from jax.experimental import pallas as pl
 
-    plgpu.semaphore_signal(arrived, 1, memory_scope="gpu")
-
-    @pl.when(sm == 0)
-    def _():
-        plgpu.semaphore_wait(arrived, n_sm, memory_scope="gpu")
-        plgpu.semaphore_signal(released, n_sm - 1, memory_scope="gpu")
-
-    @pl.when(sm != 0)
-    def _():
-        plgpu.semaphore_wait(released, 1, memory_scope="gpu")
+    plgpu.semaphore_signal(sem, 1, memory_scope="gpu")
+    plgpu.semaphore_wait(sem, n * n_sm, decrement=False, memory_scope="gpu")
 
 
 def streaming_call(shapes, dtype, *, barriers: bool, stream_k: bool = False, tile_k: int = 64, stages: int = 4,
@@ -178,21 +168,22 @@ def streaming_call(shapes, dtype, *, barriers: bool, stream_k: bool = False, til
     from jax.experimental import pallas as pl
 
     product = _product_stream_k if stream_k else _product
-    n_barriers = (len(shapes) - 1 if barriers else 0) + stream_k
 
     def body(x_ref, *refs):
         w_refs, o_refs = refs[:len(shapes)], refs[len(shapes):]
         sm = lax.axis_index("sm")
-        arrived, *released = ([pl.get_global(plgpu.SemaphoreType.REGULAR) for _ in range(n_barriers + 1)]
-                              if n_barriers else [None])
+        sem = pl.get_global(plgpu.SemaphoreType.REGULAR) if barriers or stream_k else None
+        passed = 0
         if stream_k:
             for o_ref in o_refs:
                 _zero(o_ref, sm=sm, n_sm=n_sm)
-            _grid_barrier(arrived, released.pop(), sm, n_sm)
+            passed += 1
+            _grid_barrier(sem, passed, n_sm)
         for i, (w_ref, o_ref) in enumerate(zip(w_refs, o_refs)):
             product(x_ref, w_ref, o_ref, tile_k=tile_k, stages=stages, sm=sm, n_sm=n_sm)
             if barriers and i + 1 < len(shapes):  # every CTA's products done before any starts the next
-                _grid_barrier(arrived, released.pop(), sm, n_sm)
+                passed += 1
+                _grid_barrier(sem, passed, n_sm)
 
     out_type = [jax.ShapeDtypeStruct((n, ROWS), jnp.float32) for _, n in shapes]
     return plgpu.kernel(body, out_type=out_type, grid=(n_sm,), grid_names=("sm",), interpret=interpret or None)
