@@ -200,13 +200,17 @@ def _end(row: dict, i: int, frontend: Frontend) -> tuple[dict, int]:
     """Row i's end_id -> (Params fields, the row's padding). An end_id past the vocabulary (2**32 - 1, the
     usual one) is a token no model makes: as in FasterTransformer, the row never stops at it and is padded
     with it; that is how this dialect asks for exactly request_output_len tokens. A negative one is refused."""
-    lim = frontend.limits
     if "end_id" not in row:
-        return {}, lim.eos_token_id
+        return {}, frontend.limits.eos_token_id
     end_id = int(row["end_id"][i])
-    if lim.vocab_size <= end_id < 2**32:
-        return {"ignore_eos": True}, end_id
-    return {"end_id": end_id}, end_id
+    return end_params(end_id, frontend), end_id
+
+
+def end_params(end_id, frontend: Frontend) -> dict:
+    """The Params fields of a FasterTransformer end_id: one past the vocabulary (below 2**32) never stops; any
+    other value is the front end's to check."""
+    number = isinstance(end_id, int) and not isinstance(end_id, bool)
+    return {"ignore_eos": True} if number and frontend.limits.vocab_size <= end_id < 2**32 else {"end_id": end_id}
 
 
 def _greedy_as_ft(p: Params, frontend: Frontend) -> Params:

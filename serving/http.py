@@ -26,11 +26,13 @@ import asyncio
 import hmac
 import json
 import logging
+import sys
 from dataclasses import dataclass
 from typing import AsyncIterator, Awaitable, Callable
 
 from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
 
 from serving.frontend import Completion, Frontend, RequestError, invalid
 from serving.request import Code, Failed, Finished, Request, Tokens
@@ -202,6 +204,8 @@ async def read_body(http: HttpRequest, limit: int, timeout_s: float) -> bytes:
                     raise BodyTooLarge(len(body), limit)
     except TimeoutError:
         raise BodyTimeout(len(body), timeout_s) from None
+    except ClientDisconnect:  # gone before the body was whole: nobody to answer, nothing to log
+        raise ClientGone() from None
     return bytes(body)
 
 
@@ -212,6 +216,8 @@ def json_object(data: bytes, what: str = "the request body") -> dict:
         raise invalid(f"{what} is not valid JSON: {e}") from None
     except RecursionError:
         raise invalid(f"{what} nests its JSON too deeply") from None
+    except ValueError:  # Python's own limit on reading an integer's digits (a denial-of-service guard)
+        raise invalid(f"{what} holds a number of more than {sys.get_int_max_str_digits()} digits") from None
     if not isinstance(value, dict):
         raise invalid(f"{what} must be a JSON object, got {type(value).__name__}")
     return value

@@ -194,12 +194,14 @@ class Generate:
                 raise invalid(f"{flag} must be true or false, got {knobs[flag]!r}")
         self.with_prompt = not knobs.get("exclude_input_in_output", False)
         self.params = {GENERATE_FIELDS[k]: v for k, v in knobs.items() if k in GENERATE_FIELDS}
+        self.end_id = self.params.pop("end_id", None)  # read as the tensors' end_id is (`ft.end_params`)
 
     async def request(self, frontend):
         """Tokenize off the event loop, then validate through the front end."""
         ids = await asyncio.wrap_future(frontend.tokenize_async(self.text, "text_input"))
         names = {**GENERATE_NAMES, "prompt": "text_input (as tokens)"}
-        return frontend.validate(Params(prompt=ids, **self.params), names)
+        end = {} if self.end_id is None else ft.end_params(self.end_id, frontend)
+        return frontend.validate(Params(prompt=ids, **self.params, **end), names)
 
     def answer(self, text: str) -> dict:
         out = {"model_name": MODEL_NAME, "model_version": MODEL_VERSION, "text_output": text}

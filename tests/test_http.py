@@ -168,6 +168,10 @@ def test_generate_and_generate_stream_give_the_greedy_text(http, greedy):
     excluded = http.post(f"/v2/models/{MODEL}/generate", json={"text_input": text, "max_tokens": N_NEW,
                                                                 "exclude_input_in_output": True})
     assert excluded.json()["text_output"] == ref["text"]
+    # end_id as the tensors take it: the first greedy token ends the answer (not shown), 2**32 - 1 never does
+    for end_id, want in ((ref["output_ids"][0], text), (2**32 - 1, text + ref["text"])):
+        r = http.post(f"/v2/models/{MODEL}/generate", json={"text_input": text, "max_tokens": N_NEW, "end_id": end_id})
+        assert (r.status_code, r.json().get("text_output")) == (200, want), r.text
 
 
 # ---- metrics ----------------------------------------------------------------------------------------------------
@@ -231,6 +235,20 @@ def test_a_unary_client_that_disconnects_frees_its_slot(served):
     sock.close()  # before its tokens are all made: the request is cancelled, a failed call
     wait_idle(served)
     assert metrics(served.metrics, served.headers)[("nv_inference_request_failure_total", MODEL)] == failures + 1
+
+
+def test_a_client_gone_before_its_body_is_whole_is_no_error(served, http):
+    """A body cut short by the client's disconnect is nobody's answer: no traceback in the server's log (any
+    client could fill it), and the server keeps serving."""
+    port, logged = int(served.http.rsplit(":", 1)[1]), len(served.output())
+    for path in ("/v1/completions", f"/v2/models/{MODEL}/infer", f"/v2/models/{MODEL}/generate"):
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {served.key}\r\n"
+                         "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"prompt\": ".encode())
+            time.sleep(0.2)
+    good = http.post("/v1/completions", json={"prompt": [464, 2068], "max_tokens": 2, "temperature": 0})
+    assert good.status_code == 200
+    assert "Traceback" not in served.output()[logged:], served.output()[logged:]
 
 
 # ---- bad input: a 4xx with a message, and the server keeps serving ------------------------------------------------
@@ -299,6 +317,9 @@ def bad_cases(served):
         ("malformed OpenAI JSON", 400, "not valid JSON", call("POST", "/v1/completions", content=b"{prompt: 1}")),
         ("JSON nested 4000 deep", 400, "nests its JSON too deeply",
          call("POST", f"/v2/models/{MODEL}/infer", content=b"[" * 4000)),
+        ("an integer of 5000 digits", 400, "more than 4300 digits",
+         call("POST", "/v1/completions", content=b'{"prompt": [1], "seed": 1' + b"0" * 4999 + b"}",
+              headers={**key, "content-type": "application/json"})),
         ("a Content-Length shorter than the body", 400, "not valid JSON",
          lambda: raw(served, (post + "Content-Length: 12\r\n\r\n").encode() + json.dumps(v1_json()[1]).encode())),
         ("a binary header longer than the body", 400, "body has only",
