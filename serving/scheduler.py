@@ -86,23 +86,26 @@ def _describe(commands: list) -> str:
 
 class _LoadReport:
     """A log line every REPORT_S while the loop works: what it holds and how fast commands go, so a slow or
-    stuck server shows in its log."""
+    stuck server shows in its log. A window starts at its first command, so idle time before it does not read
+    as a slow rate."""
 
     def __init__(self):
-        self.since = time.monotonic()
+        self.since: float | None = None
         self.prefills = self.decodes = self.tokens = 0
 
     def count(self, command: Prefill | Decode) -> bool:
         """Count a dispatched command -> whether a report is due."""
+        now = time.monotonic()
+        self.since = now if self.since is None else self.since
         if isinstance(command, Prefill):
             self.prefills += 1
         else:
             self.decodes += 1
             self.tokens += command.steps * len(command.requests)
-        return time.monotonic() - self.since >= REPORT_S
+        return now - self.since >= REPORT_S
 
     def report(self, active: int, queued: int) -> None:
-        seconds = time.monotonic() - self.since
+        seconds = max(time.monotonic() - self.since, 1e-3)
         log.info("%d running, %d queued; in %.0f s: %d prefills, %d decode calls, %d tokens (%.0f/s)", active,
                  queued, seconds, self.prefills, self.decodes, self.tokens, self.tokens / seconds)
         self.__init__()

@@ -426,3 +426,24 @@ def test_a_stuck_turn_is_logged_with_its_command_and_where_the_loop_waits(monkey
     stuck = [rec.getMessage() for rec in caplog.records if "spent" in rec.getMessage()]
     assert len(stuck) == 1, caplog.text  # once per stall
     assert "a decode call of 2 steps over" in stuck[0] and "__array__" in stuck[0]  # the command, the stack
+
+
+def test_the_load_line_counts_from_its_first_command_not_from_idle_time(monkeypatch, caplog):
+    """A window's rate is over the time the loop worked: 100 idle seconds before the first command do not
+    make 31 s of 32 tokens a second read as 8 a second."""
+    from serving import scheduler
+    from serving.commands import Decode
+
+    clock = [1000.0]
+    monkeypatch.setattr(scheduler.time, "monotonic", lambda: clock[0])
+    load = scheduler._LoadReport()
+    clock[0] += 100  # idle
+    step = Decode(steps=8, live=(0, 1, 2, 3), sampled=False, requests=(None,) * 4)
+    due = []
+    for _ in range(31):  # one call of 32 tokens a second, for 30 s
+        due.append(load.count(step))
+        clock[0] += 1
+    assert due == [False] * 30 + [True]
+    with caplog.at_level("INFO", logger="gptjax.serving"):
+        load.report(active=4, queued=0)
+    assert "in 31 s: 0 prefills, 31 decode calls, 992 tokens (32/s)" in caplog.text  # not 131 s, 8/s
