@@ -12,13 +12,9 @@ import logging
 import math
 import os
 import sys
-import time
 from functools import partial
 
 from gptjax.config import ATTENTION_IMPLS, DEFAULT_PRESET, DTYPES, MATMUL_IMPLS, PRESETS, MeshShape
-
-
-LEADER_GRACE_S = 2.0  # how long process 0 of a failed job lets the others print their own error before it ends
 
 
 class UsageError(ValueError):
@@ -396,21 +392,6 @@ def _serving_bench(args) -> int:
         api_key=args.api_key))
 
 
-def _leave_job(code: int) -> int:
-    """`code`; but a process of a multi-process job ends at once: a clean exit would first wait, up to 5 minutes,
-    at the job's shutdown barrier for processes still loading, which the heartbeats end instead. Process 0 holds
-    the job's coordination service: it waits a moment first, so that processes failing alike say why themselves."""
-    import jax
-
-    if jax.distributed.is_initialized():
-        sys.stdout.flush()
-        sys.stderr.flush()
-        if jax.process_index() == 0:
-            time.sleep(LEADER_GRACE_S)
-        os._exit(code)
-    return code
-
-
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from gptjax.checkpoint import CheckpointError
@@ -424,7 +405,11 @@ def main(argv=None) -> int:
         return COMMANDS[args.command](args)
     except (UsageError, CheckpointError, ValueError, OSError) as e:  # OSError: a path that cannot be read or written
         print(f"gptjax {args.command}: error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, JobUsageError) else _leave_job(2)
+        if isinstance(e, JobUsageError):
+            return 2
+        from gptjax import distributed
+
+        return distributed.leave_job(2)
     except KeyboardInterrupt:
         return 130
     finally:

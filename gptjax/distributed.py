@@ -10,15 +10,19 @@ waiting on a hang.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import signal
+import socket
 import sys
+import time
 import zlib
 
 import jax
 import numpy as np
 
+LEADER_GRACE_S = 2.0  # how long process 0 of a job it leaves early lets the others print their own error first
 COORDINATOR_PORTS = range(61440, 65536)  # where a launcher's job puts its coordinator (unless JAX_COORDINATOR_PORT)
 HEARTBEAT_TIMEOUT_S = 15  # a process silent this long is dead, and the job ends ($GPTJAX_HEARTBEAT_TIMEOUT_S)
 INIT_TIMEOUT_S = 300  # how long processes wait for each other at start-up
@@ -114,6 +118,8 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         raise ValueError(f"--process-id {process_id} is outside [0, {num_processes})")
     # several processes on one node: each takes one GPU (its local rank); one process per node takes them all
     local_devices = [launched["local_rank"]] if launched.get("local_size", 1) > 1 else None
+    if process_id == 0:
+        check_coordinator_port(coordinator)
     try:  # cross-process collectives between CPU devices too (so a job runs on CPU-only hosts)
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     except (AttributeError, ValueError):
@@ -130,6 +136,42 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     for sig, handler in handlers.items():
         if handler is not None:
             signal.signal(sig, handler)
+
+
+def check_coordinator_port(coordinator: str) -> None:
+    """Raise ValueError when process 0 can't have the coordinator's port: JAX's coordination service would bind
+    it beside another job's coordinator (it shares ports), and that job would end when this one's processes
+    connect to it. (This job's other processes may still reach that coordinator before this one fails: each job
+    needs a port of its own.)"""
+    port = int(coordinator.rsplit(":", 1)[1])
+    for family, address in ((socket.AF_INET6, ("::", port)), (socket.AF_INET, ("0.0.0.0", port))):
+        try:
+            s = socket.socket(family, socket.SOCK_STREAM)
+        except OSError:  # no IPv6 on this host: the service binds IPv4
+            continue
+        with s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free
+            try:
+                s.bind(address)
+                return
+            except OSError as e:
+                if e.errno != errno.EADDRINUSE:  # IPv6 off, say: the next family
+                    continue
+                raise ValueError(f"the coordinator's port {port} is in use: another job's coordinator? Give this "
+                                 "job its own with --coordinator HOST:PORT or $JAX_COORDINATOR_PORT") from None
+
+
+def leave_job(code: int) -> int:
+    """`code`; but a process of a multi-process job ends at once: a clean exit would first wait, up to 5 minutes,
+    at the job's shutdown barrier for processes still loading, which the heartbeats end instead. Process 0 holds
+    the job's coordination service: it waits a moment first, so that processes failing alike say why themselves."""
+    if jax.distributed.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if jax.process_index() == 0:
+            time.sleep(LEADER_GRACE_S)
+        os._exit(code)
+    return code
 
 
 def heartbeat_timeout_s(env=None) -> int:

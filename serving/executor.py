@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -125,11 +126,12 @@ class Executor:
             self._state = None
         return CommandFailed(command, cause, lost)
 
-    def warmup(self, steps: int) -> None:
+    def warmup(self, steps: int, stop: threading.Event | None = None) -> bool:
         """Compile every program the loop can run before serving: prefill and insert of every prompt bucket and
         row count allowed, decode of every row bucket (greedy and sampled) at `steps` steps; several at once,
         as XLA compiles without the GIL. Every process compiles the same programs, then waits for the others:
-        the first command is a collective, which would time out on a process still compiling."""
+        the first command is a collective, which would time out on a process still compiling. -> False, at
+        once (what is compiling finishes on its own), where `stop` is set first: a shutdown while loading."""
         engine, layout = self.engine, layout_of(self.state)
         jobs = [partial(engine.compile_prefill, rows, bucket, layout)
                 for bucket in engine.prefill_buckets() for rows in engine.prefill_rows(bucket, self.slots)]
@@ -137,13 +139,24 @@ class Executor:
                  for rows in engine.decode_buckets(self.slots) for sampled in (False, True)]
         start, report = time.monotonic(), max(1, len(jobs) // 10)
         hits, lookups, loaded = compile_cache.hits(), compile_cache.lookups(), compile_cache.loaded()
-        with ThreadPoolExecutor(COMPILE_THREADS, thread_name_prefix="compile") as pool:
-            for done, job in enumerate(as_completed([pool.submit(job) for job in jobs]), 1):
-                job.result()  # a failed compile fails the start
-                if done % report == 0 or done == len(jobs):
-                    # a shape is one or two XLA programs (a prefill and its insert): the cache counts programs
-                    log.info("prepared %d/%d shapes in %.0f s: %d programs loaded whole, %d of %d compiles read "
-                             "from the compilation cache", done, len(jobs), time.monotonic() - start,
-                             compile_cache.loaded() - loaded, compile_cache.hits() - hits,
-                             compile_cache.lookups() - lookups)
+        pool = ThreadPoolExecutor(COMPILE_THREADS, thread_name_prefix="compile")
+        try:
+            pending, done = {pool.submit(job) for job in jobs}, 0
+            while pending:
+                if stop is not None and stop.is_set():
+                    log.info("prepared %d/%d shapes when asked to stop", done, len(jobs))
+                    return False
+                finished, pending = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
+                for job in finished:
+                    job.result()  # a failed compile fails the start
+                    done += 1
+                    if done % report == 0 or done == len(jobs):
+                        # a shape is one or two XLA programs (a prefill and its insert): the cache counts programs
+                        log.info("prepared %d/%d shapes in %.0f s: %d programs loaded whole, %d of %d compiles "
+                                 "read from the compilation cache", done, len(jobs), time.monotonic() - start,
+                                 compile_cache.loaded() - loaded, compile_cache.hits() - hits,
+                                 compile_cache.lookups() - lookups)
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
         wire.wait_for_every_process("gptjax-warmup", WARMUP_WAIT_S)
+        return True

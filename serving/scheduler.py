@@ -363,9 +363,10 @@ class Scheduler:
             r.put(event)
 
     # ---- process 0's loop ---------------------------------------------------------------------------
-    def warmup(self) -> None:
-        """Compile every program the loop runs, before serving (every process compiles the same ones)."""
-        self.executor.warmup(self.steps)
+    def warmup(self, stop: threading.Event | None = None) -> bool:
+        """Compile every program the loop runs, before serving (every process compiles the same ones); False
+        where `stop` was set first."""
+        return self.executor.warmup(self.steps, stop)
 
     def run(self) -> None:
         """Process 0's loop (on its own thread): until stop() and everything queued or live is answered. A

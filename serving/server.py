@@ -21,6 +21,7 @@ get UNAVAILABLE and the process exits 128 + the signal's number.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import sys
@@ -288,16 +289,21 @@ class Listeners:
 
 
 class Signals:
-    """SIGTERM / SIGINT: the first asks for a drain, a second one for an immediate stop."""
+    """SIGTERM / SIGINT: the first asks for a drain, a second one for an immediate stop. While `loading` (before
+    any request is taken) the first stops the warm-up, and a second ends the process at once."""
 
     def __init__(self):
         self.first, self.second = threading.Event(), threading.Event()
         self.second_signum = 0
+        self.loading = True
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum, frame) -> None:
         if self.first.is_set():
+            if self.loading:  # nothing to drain, and the compiles in flight would be waited for
+                os.write(2, b"gptjax serve: a second signal while loading: exiting now\n")
+                os._exit(128 + signum)
             self.second_signum = signum
             self.second.set()
         self.first.set()
@@ -374,18 +380,27 @@ def _load_tokenizer(engine) -> None:
 
 
 def _serve_main(listeners: Listeners, frontend: Frontend, engine, scheduler, options: ServerConfig) -> int:
+    from gptjax import distributed
+
     frontend.load(engine, scheduler, options.max_batch_size, options.ft_top_p_off)
     if frontend.metrics is not None:
         frontend.metrics.watch(scheduler, engine)
     signals = Signals()
-    scheduler.warmup()
+    if not scheduler.warmup(stop=signals.first):  # the other processes still compile: they end by the heartbeats
+        log.info("stopped before serving")
+        listeners.stop(0)
+        return distributed.leave_job(0)
     _wait_for_weights(engine)
     _load_tokenizer(engine)
-    scheduler.accept()
+    signals.loading = False
+    serving = not signals.first.is_set()  # else straight to the drain, which tells the other processes to stop
+    if serving:
+        scheduler.accept()
     loop = threading.Thread(target=scheduler.run, name="engine-loop", daemon=True)
     loop.start()
-    listeners.set_serving(True)
-    log.info("serving %s on %s", frontend.name, listeners.description)
+    if serving:
+        listeners.set_serving(True)
+        log.info("serving %s on %s", frontend.name, listeners.description)
     while not signals.first.wait(0.5) and loop.is_alive():
         pass
     failed = not loop.is_alive() and not signals.first.is_set()

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -126,6 +127,19 @@ def test_heartbeat_timeout_from_the_environment():
     for bad in ("0", "-3", "2.5", "ten", "\u0663"):  # the last: an Arabic-Indic digit, which int() would take
         with pytest.raises(ValueError, match="GPTJAX_HEARTBEAT_TIMEOUT_S"):
             distributed.heartbeat_timeout_s({"GPTJAX_HEARTBEAT_TIMEOUT_S": bad})
+
+
+def test_process_0_refuses_a_coordinator_port_another_job_holds():
+    """JAX's coordination service would bind beside a running job's coordinator (it shares its port) and that
+    job would end; process 0 refuses the port first. A free port passes."""
+    with socket.socket() as held:
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # as a gRPC server binds
+        held.bind(("0.0.0.0", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        with pytest.raises(ValueError, match=f"coordinator's port {port} is in use"):
+            distributed.check_coordinator_port(f"localhost:{port}")
+    distributed.check_coordinator_port(f"localhost:{free_port()}")
 
 
 SIGTERM_AFTER_START = """

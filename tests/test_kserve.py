@@ -353,6 +353,30 @@ def test_a_port_in_use_exits_2_with_one_line(flag):
     assert time.monotonic() - start < 60
 
 
+def test_sigterm_during_the_warm_up_stops_before_serving(tmp_path):
+    """A shutdown asked for while the programs compile ends the start there: exit 0 in seconds, never
+    announcing SERVING (it used to compile every shape first, then serve for a moment, then drain)."""
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "gptjax", "serve", "--port", "0", "--http-port", "0",
+                             "--metrics-port", "0", "--no-compile-cache"], stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    lines = []
+    for line in proc.stderr:  # the first progress line: the warm-up is under way
+        lines.append(line)
+        if "prepared " in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    start = time.monotonic()
+    _, rest = proc.communicate(timeout=120)
+    log = "".join(lines) + rest
+    assert proc.returncode == 0, log
+    assert "stopped before serving" in log and "serving gpt2-tiny" not in log, log
+    assert time.monotonic() - start < 30, log  # at most the compiles in flight (every shape: a minute or more)
+
+
 # ---- last: a second signal during the drain stops at once --------------------------------------------------
 def test_a_second_signal_stops_the_drain_at_once(server):
     proc, target = server
