@@ -96,7 +96,8 @@ class _LoadReport:
     def count(self, command: Prefill | Decode) -> bool:
         """Count a dispatched command -> whether a report is due."""
         now = time.monotonic()
-        self.since = now if self.since is None else self.since
+        if self.since is None:
+            self.since = now
         if isinstance(command, Prefill):
             self.prefills += 1
         else:
@@ -105,7 +106,7 @@ class _LoadReport:
         return now - self.since >= REPORT_S
 
     def report(self, active: int, queued: int) -> None:
-        seconds = max(time.monotonic() - self.since, 1e-3)
+        seconds = time.monotonic() - self.since  # a report comes only after a window's REPORT_S
         log.info("%d running, %d queued; in %.0f s: %d prefills, %d decode calls, %d tokens (%.0f/s)", active,
                  queued, seconds, self.prefills, self.decodes, self.tokens, self.tokens / seconds)
         self.__init__()
