@@ -11,7 +11,8 @@ the same way everywhere: its values were checked before it was sent):
 - a call that fails while running on the device shows only when process 0 reads its outputs: process 0 then
   sends `Reset`, since the state came out of that call.
 A fault on one process alone (its device, its memory) can't be told from here; the processes then leave
-lock step, and the job is restarted from outside.
+lock step, and the job is restarted from outside. Process 0 tells a broadcast that failed for a lost process from
+one that failed for its own device by `devices_answer`.
 """
 
 from __future__ import annotations
@@ -125,6 +126,17 @@ class Executor:
         if lost:
             self._state = None
         return CommandFailed(command, cause, lost)
+
+    def devices_answer(self) -> bool:
+        """Whether this process's own devices still run a program. A broadcast to the other processes that fails
+        while they do failed for want of those processes; one that fails with them is a fault here (a device
+        error that every later call meets)."""
+        try:
+            for device in jax.local_devices():
+                jax.device_get(jax.device_put(np.int32(1), device) + 1)
+        except Exception:  # noqa: BLE001 - whatever it raises, the device does not answer
+            return False
+        return True
 
     def warmup(self, steps: int, stop: threading.Event | None = None) -> bool:
         """Compile every program the loop can run before serving: prefill and insert of every prompt bucket and

@@ -22,8 +22,8 @@ interpreter lock: 4 KB take ~10 ms, 256 KB ~0.7 s) and memory. Send token ids fo
 tokens (runs of punctuation) that the cap refuses. Tokenizing runs on a small pool of its own, so waiting
 handlers and event loops are not the threads doing it.
 
-Errors are `RequestError(code, message)` with `code` a serving.request.Code: `grpc_status(code)` and
-`code.http_status` map it for the wire.
+Errors are `RequestError(code, message)` with `code` a serving.request.Code: `grpc_status(code)`, and
+`code.http_status` with `code.http_headers`, map it for the wire.
 """
 
 from __future__ import annotations
@@ -60,6 +60,10 @@ class RequestError(Exception):
     @property
     def http_status(self) -> int:
         return self.code.http_status
+
+    @property
+    def http_headers(self) -> dict[str, str]:
+        return self.code.http_headers
 
     def __repr__(self) -> str:
         return f"RequestError({self.code.name}, {self.message!r})"

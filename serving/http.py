@@ -13,7 +13,7 @@ KServe v2 (model `fastertransformer`, version 1), so `tritonclient.http` works w
 
 The FasterTransformer tensors of both dialects are serving/ft.py's; every field check is the front end's
 (serving/frontend.py), so the rules are those of the gRPC APIs. Errors are JSON `{"error": "..."}` with the
-front end's HTTP status (400, 401, 404, 408, 413, 429, 503).
+front end's HTTP status (400, 401, 404, 408, 413, 429, 503) and headers (a 503's Retry-After: serving/request.py).
 
 uvicorn runs on a thread of its own with its own event loop. A request's events cross from the engine thread
 with `loop.call_soon_threadsafe` into a queue of that request (no polling), and a client that disconnects,

@@ -29,7 +29,7 @@ log = logging.getLogger("gptjax.serving")
 def _handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestError)
     async def request_error(http: HttpRequest, e: RequestError):
-        return error(http.url.path, e.http_status, e.message)
+        return error(http.url.path, e.http_status, e.message, e.http_headers)
 
     @app.exception_handler(BodyTooLarge)
     async def too_large(http: HttpRequest, e: BodyTooLarge):

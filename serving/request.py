@@ -7,7 +7,8 @@ the event (mostly the engine's; the cancelling one for a request cancelled while
 and in order: use `loop.call_soon_threadsafe` there. `cancel()` works from any thread, at any time: a queued
 request leaves the queue at once, a running one frees its slot at the next step.
 
-`Code` is the front end's error vocabulary: the gRPC status names, mapped to HTTP statuses in one table.
+`Code` is the front end's error vocabulary: the gRPC status names, mapped to HTTP statuses (and the headers that
+go with some of them) in one place.
 """
 
 from __future__ import annotations
@@ -40,10 +41,19 @@ class Code(enum.Enum):
     def http_status(self) -> int:
         return HTTP_STATUS[self]
 
+    @property
+    def http_headers(self) -> dict[str, str]:
+        """The headers an HTTP error of this code carries besides its status."""
+        return dict(HTTP_HEADERS.get(self, {}))
+
 
 HTTP_STATUS = {Code.INVALID_ARGUMENT: 400, Code.OUT_OF_RANGE: 400, Code.UNAUTHENTICATED: 401, Code.NOT_FOUND: 404,
                Code.DEADLINE_EXCEEDED: 408, Code.RESOURCE_EXHAUSTED: 429, Code.CANCELLED: 499,
                Code.INTERNAL: 500, Code.UNAVAILABLE: 503, Code.UNIMPLEMENTED: 501}
+# UNAVAILABLE (loading, draining, the job going down) sends the client elsewhere: a draining server never comes
+# back, so a longer wait would only hold up a retry that another replica can take now (1 s: the shortest wait that
+# clients honour; OpenAI's ignores 0); closing the connection lets that retry reach another replica, not this one.
+HTTP_HEADERS = {Code.UNAVAILABLE: {"retry-after": "1", "connection": "close"}}
 
 
 @dataclass(frozen=True)

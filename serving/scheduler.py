@@ -19,7 +19,11 @@ has its slot stepped once more for nothing.
 
 Requests are serving.request's `Request` (re-exported here); each gets events: `Tokens`, then one `Finished`
 or `Failed`. A request whose values don't fit the commands' fields fails with INVALID_ARGUMENT at `submit`;
-a command the engine fails on ends only its own requests (all live ones when the decode state went with it).
+a command the engine fails on ends only its own requests (all live ones when the decode state went with it),
+with INTERNAL. A broadcast to the other processes that fails while this process's devices still answer means
+one of them is gone, and the job with it (`PeerLost`): every request ends with UNAVAILABLE, for the client to
+retry elsewhere, and the loop ends. (A lost process that leaves a collective waiting instead of failing ends
+this one by the heartbeats: its clients see their connections drop.)
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from serving.executor import CommandFailed, Executor, Outputs
 from serving.request import Code, Event, Failed, Finished, Request, Tokens
 from serving.watchdog import Watchdog
 
-__all__ = ["NotAccepting", "QueueFull", "Request", "Scheduler"]
+__all__ = ["NotAccepting", "PeerLost", "QueueFull", "Request", "Scheduler"]
 
 log = logging.getLogger("gptjax.serving")
 
@@ -60,6 +64,17 @@ class QueueFull(Exception):
 
 class NotAccepting(Exception):
     """The loop is not running yet or is draining."""
+
+
+class PeerLost(Exception):
+    """Process 0 can no longer reach the job's other processes: a command's broadcast failed while its own devices
+    still answer. A broadcast runs no engine code, so this is no bug of the engine's: a process is gone, and the
+    job will end (by the heartbeats) and be restarted."""
+
+    @classmethod
+    def of(cls, command: Command, cause: BaseException) -> "PeerLost":
+        return cls(f"a process of this server's job is gone (broadcasting the {type(command).__name__} command to "
+                   f"the other processes failed: {type(cause).__name__}: {cause})")
 
 
 class _Pending(NamedTuple):
@@ -371,18 +386,24 @@ class Scheduler:
 
     def run(self) -> None:
         """Process 0's loop (on its own thread): until stop() and everything queued or live is answered. A
-        command the engine fails on ends its own requests and the loop goes on; anything else that raises
-        ends every request (INTERNAL) and the loop, and is raised again."""
+        command the engine fails on ends its own requests and the loop goes on; a lost process (PeerLost) ends
+        every request (UNAVAILABLE: the job is going down, so retrying elsewhere is right) and the loop;
+        anything else that raises ends every request (INTERNAL) and the loop. Either is raised again."""
         try:
             self._run()
         except BaseException as e:
-            log.exception("engine loop failed")
+            if isinstance(e, PeerLost):
+                log.error("%s: the job is going down; ending every request", e)
+                failed = Failed(Code.UNAVAILABLE, f"{e}; the job is going down: retry on another server")
+            else:
+                log.exception("engine loop failed")
+                failed = Failed(Code.INTERNAL, f"the engine failed: {type(e).__name__}: {e}")
             with self._cv:
                 waiting = list(self._queue) + list(self._live.values())
                 self._queue.clear()
                 self._live.clear()
                 self._accepting = False
-            self._end((r, Failed(Code.INTERNAL, f"the engine failed: {type(e).__name__}: {e}")) for r in waiting)
+            self._end((r, failed) for r in waiting)
             raise
         finally:
             self.stopped.set()
@@ -438,9 +459,19 @@ class Scheduler:
             self._send(Idle())
 
     def _send(self, command: Command) -> None:
-        if self._multi:
+        """Broadcast a command to the other processes; raises PeerLost when that fails while this process's own
+        devices still answer (else what the broadcast raised: a fault here, which is the engine's)."""
+        if not self._multi:
+            return
+        try:
             wire.send(command, self.slots)
-            self._last_sent = time.monotonic()
+        except wire.OutOfRange:
+            raise
+        except Exception as e:
+            if self.executor.devices_answer():
+                raise PeerLost.of(command, e) from e
+            raise
+        self._last_sent = time.monotonic()
 
     def _dispatch(self, command: Prefill | Decode) -> _Pending | None:
         """Send a command and run it here -> what to read later; None when it failed (its requests have
@@ -481,7 +512,7 @@ class Scheduler:
             outputs = Outputs(*distributed.to_host((tokens, logprobs)))
         except Exception as e:  # it failed on the device: the state it left can't be trusted anywhere
             log.exception("a %s command failed while it ran", type(pending.command).__name__)
-            self._send(Reset())
+            self._send(Reset())  # PeerLost when the others can't take it: the call failed for want of one of them
             self.executor.run(Reset())
             self._lose_state(f"the engine failed: {type(e).__name__}: {e}")
             return

@@ -1,6 +1,7 @@
 """The HTTP port of the real `gptjax serve`, started from a FasterTransformer v1 config.pbtxt (candidate_num 1:
 greedy) with an API key: KServe v2 through tritonclient.http (binary and JSON tensors, both dialects), Triton's
-generate extension, /metrics read by prometheus_client's parser, disconnects, bad input, and a load of four APIs.
+generate extension, /metrics read by prometheus_client's parser, disconnects, bad input, and a load of four APIs;
+and, on apps with no engine behind them, the port's own limits and what a draining server answers.
 
 Greedy tokens are checked against `gptjax generate --greedy` with the same config (no server involved).
 """
@@ -554,5 +555,75 @@ def test_a_stalled_body_is_a_408_and_requests_past_the_limit_a_503():
             assert answer.startswith(b"HTTP/1.1 408"), answer
             assert b"did not arrive within 3 s (14 bytes came)" in answer
         assert get("/v2/models/fastertransformer").startswith(b"HTTP/1.1 200")  # their places are free again
+    finally:
+        server.stop()
+
+
+# ---- a server that drains, or cuts its requests off, sends its clients elsewhere -------------------------------
+GENERATE = {"text_input": TEXT, "max_tokens": 2}
+QUEUEING = [(*v1_json(), False), (f"/v2/models/{MODEL}/generate", GENERATE, False),  # (path, body, streams)
+            (f"/v2/models/{MODEL}/generate_stream", GENERATE, True),
+            ("/v1/completions", {"prompt": [5, 6], "max_tokens": 2}, False),
+            ("/v1/completions", {"prompt": TEXT, "max_tokens": 2, "stream": True}, True)]
+READY = ["/v2/health/ready", f"/v2/models/{MODEL}/ready"]
+
+
+def draining_app(moment: str):
+    """The HTTP app over a front end whose scheduler stand-in is draining (refuses every request), began to drain
+    between a request's checks and its queueing, or cuts each request off once queued (a drain cut short, a lost
+    process of the job)."""
+    from test_frontend import _ModelShape, _Scheduler
+
+    from serving.config import DEFAULT_DIALECT
+    from serving.frontend import Frontend
+    from serving.http import Context
+    from serving.http_app import create_app
+    from serving.request import Code, Failed
+    from serving.scheduler import NotAccepting
+
+    class CuttingOff(_Scheduler):
+        def submit(self, requests):
+            super().submit(requests)
+            for r in requests:
+                r.put(Failed(Code.UNAVAILABLE, "the server is shutting down"))
+
+    scheduler = CuttingOff() if moment == "cut off" else _Scheduler()
+    scheduler.accepting = moment != "draining"
+    scheduler.refuse = NotAccepting() if moment == "at submit" else None
+    frontend = Frontend("gpt2-tiny")
+    frontend.load(_ModelShape(), scheduler, max_batch_size=4)
+    return create_app(Context(frontend, max_body_bytes=1 << 20, dialect=DEFAULT_DIALECT, body_timeout_s=10),
+                      max_requests=8)
+
+
+@pytest.mark.parametrize("moment", ["draining", "at submit", "cut off"])
+def test_every_door_of_a_draining_server_answers_503_with_retry_after_and_connection_close(moment):
+    """A draining server does not come back: its 503 tells the client to retry soon, on a fresh connection that
+    a balancer can send elsewhere. (A stream cut off after it began has answered 200, and ends with an error event.)"""
+    from starlette.testclient import TestClient
+
+    calls = [("POST", path, body) for path, body, streams in QUEUEING if not (moment == "cut off" and streams)]
+    calls += [("GET", path, None) for path in READY] if moment == "draining" else []
+    with TestClient(draining_app(moment)) as client:
+        for method, path, body in calls:
+            r = client.request(method, path, json=body)
+            assert r.status_code == 503, (path, r.status_code, r.text)
+            assert (r.headers.get("retry-after"), r.headers.get("connection")) == ("1", "close"), (path, r.headers)
+            error = r.json()["error"]
+            assert "shutting down" in (error["message"] if path.startswith("/v1/") else error), (path, error)
+
+
+def test_a_draining_server_closes_a_kept_alive_connection_after_its_503():
+    from serving.http_app import HttpServer, listen
+
+    server = HttpServer([(draining_app("draining"), listen("127.0.0.1", 0))])
+    host, port = server.addresses[0].rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(f"GET /v2/models/{MODEL}/ready HTTP/1.1\r\nHost: x\r\n\r\n".encode())  # kept alive
+            start = time.monotonic()
+            answer = _answer(sock)  # returns when the server closes (or after 10 s)
+        assert answer.startswith(b"HTTP/1.1 503") and b"retry-after: 1" in answer.lower(), answer
+        assert time.monotonic() - start < 5, "the connection was kept open"
     finally:
         server.stop()

@@ -1,10 +1,12 @@
-"""The scheduler over a fake engine: admission, continuous batching, pipelined decode calls, warm-up."""
+"""The scheduler over a fake engine: admission, continuous batching, pipelined decode calls, warm-up, failures
+(of the engine, and of a job that loses a process)."""
 
 from __future__ import annotations
 
 import threading
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -12,7 +14,8 @@ from gptjax.config import EngineConfig
 from gptjax.sampling import SamplingParams
 from serving.config import SchedulerConfig
 from serving.request import Code, Failed, Finished, Request, Tokens
-from serving.scheduler import NotAccepting, QueueFull, Scheduler
+from serving.commands import Reset
+from serving.scheduler import NotAccepting, PeerLost, QueueFull, Scheduler
 
 
 # ---- scheduler over a fake engine -------------------------------------------------------------------------
@@ -239,6 +242,7 @@ class FailingEngine(FakeEngine):
     def __init__(self, bad=None, broken=None, **kw):
         super().__init__(**kw)
         self.bad, self.broken, self.states = bad, broken, 0
+        self.broken_output = Broken()
 
     def new_state(self, slots):
         self.states += 1
@@ -252,7 +256,7 @@ class FailingEngine(FakeEngine):
     def generate_steps(self, state, n, sampled=None, live=None):
         state, tokens, logprobs = super().generate_steps(state, n, sampled, live)
         if len(self.live) == self.broken:
-            tokens = Broken()
+            tokens = self.broken_output
         return state, tokens, logprobs
 
 
@@ -447,3 +451,116 @@ def test_the_load_line_counts_from_its_first_command_not_from_idle_time(monkeypa
     with caplog.at_level("INFO", logger="gptjax.serving"):
         load.report(active=4, queued=0)
     assert "in 31 s: 0 prefills, 31 decode calls, 992 tokens (32/s)" in caplog.text  # not 131 s, 8/s
+
+
+# ---- process 0 of a job of several processes ----------------------------------------------------------------
+GLOO_RESET = "UNKNOWN: Gloo all-reduce failed: [pair.cc:538] Read error [127.0.0.1]:11168: Connection reset by peer"
+
+
+class Followers:
+    """The job's other processes as process 0's broadcasts (serving.wire.send) meet them: they take the first
+    `lives` commands (all, when None); then one of them is gone, and a broadcast fails as gloo's does when the
+    peer's connection resets."""
+
+    def __init__(self):
+        self.commands, self.lives = [], None
+
+    def send(self, command, slots):
+        if self.lives is not None and len(self.commands) >= self.lives:
+            raise RuntimeError(GLOO_RESET)
+        self.commands.append(command)
+
+
+@pytest.fixture
+def followers(monkeypatch):
+    """A Scheduler made in the test is process 0 of a two-process job whose other process is these Followers."""
+    from serving import wire
+
+    f = Followers()
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(wire, "send", f.send)
+    return f
+
+
+class LostWithTheCall:
+    """A decode call's output whose collectives met a process that died meanwhile: the read fails, and from then
+    on the broadcasts do too."""
+
+    def __init__(self, followers):
+        self.followers = followers
+
+    def __array__(self, dtype=None, copy=None):
+        self.followers.lives = len(self.followers.commands)
+        raise RuntimeError(GLOO_RESET)
+
+
+def running_to_its_end(sched):
+    """The loop on a thread, and a list that gets what the loop raised, if it ends so."""
+    raised = []
+
+    def run():
+        try:
+            sched.run()
+        except Exception as e:  # noqa: BLE001 - the test reads it
+            raised.append(e)
+
+    loop = threading.Thread(target=run)
+    loop.start()
+    return loop, raised
+
+
+@pytest.mark.parametrize("devices_answer", [True, False], ids=["process lost", "device fault here"])
+def test_a_broadcast_that_fails_for_a_lost_process_ends_every_request_unavailable(followers, devices_answer):
+    """The other process takes a prefill and two decode calls, then it is gone: the running request and the queued
+    one end UNAVAILABLE, naming the cause (the job is going down: a client retries elsewhere), and the loop ends.
+    Where this process's own devices fail too, the fault is here, and INTERNAL as any engine failure."""
+    followers.lives = 3
+    engine = FakeEngine(slots=1, steps=2)
+    sched = Scheduler(engine, engine.scheduling)
+    if not devices_answer:
+        sched.executor.devices_answer = lambda: False
+    sched.accept()
+    running_one, queued = request(10, 1, 50), request(20, 1, 5)
+    sched.submit([running_one, queued])
+    loop, raised = running_to_its_end(sched)
+    for r in (running_one, queued):
+        event = last_event(r)
+        assert isinstance(event, Failed) and event.code is (Code.UNAVAILABLE if devices_answer else Code.INTERNAL)
+        assert "Connection reset by peer" in event.message, event
+    assert isinstance(running_one.events[0], Tokens)  # it was running
+    if devices_answer:
+        assert event.message.startswith("a process of this server's job is gone (broadcasting the Decode command")
+    loop.join(10)
+    assert not loop.is_alive() and not sched.accepting
+    assert isinstance(raised[0], PeerLost) is devices_answer
+    with pytest.raises(NotAccepting):
+        sched.submit([request(30, 1, 1)])
+
+
+@pytest.mark.parametrize("process_lost", [False, True], ids=["engine fault", "process lost"])
+def test_a_call_that_fails_on_the_device_is_internal_unless_a_process_went_with_it(followers, process_lost):
+    """After a call that failed on the device process 0 broadcasts a Reset. The other process takes it: the engine
+    failed (INTERNAL) and the loop serves on from a fresh state. It can't: the call failed because a process is gone
+    (UNAVAILABLE)."""
+    engine = FailingEngine(broken=2, slots=2, steps=2)
+    if process_lost:
+        engine.broken_output = LostWithTheCall(followers)
+    sched = Scheduler(engine, engine.scheduling)
+    sched.accept()
+    a, b = request(10, 1, 50), request(20, 1, 50)
+    sched.submit([a, b])
+    loop, raised = running_to_its_end(sched)
+    for r in (a, b):  # both were in the call that failed
+        event = last_event(r)
+        assert isinstance(event, Failed) and event.code is (Code.UNAVAILABLE if process_lost else Code.INTERNAL)
+    if process_lost:
+        assert event.message.startswith("a process of this server's job is gone (broadcasting the Reset command")
+        loop.join(10)
+        assert not loop.is_alive() and isinstance(raised[0], PeerLost)
+    else:
+        assert "state was lost" in event.message and Reset() in followers.commands
+        later = request(30, 2, 3)
+        sched.submit([later])
+        assert collect(later) == ([32, 33, 34], "length")
+        stop(sched, loop)
+        assert raised == []
