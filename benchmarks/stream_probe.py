@@ -83,6 +83,7 @@ def _product_stream_k(x_ref, w_ref, o_ref, *, tile_k: int, stages: int, sm, n_sm
     ends, so every multiprocessor streams whatever the number of slabs. o [N, ROWS] += (x @ w)^T."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
     import jax.numpy as jnp
+    from jax import lax
     from jax.experimental import pallas as pl
 
     k, n = w_ref.shape
@@ -110,7 +111,8 @@ def _product_stream_k(x_ref, w_ref, o_ref, *, tile_k: int, stages: int, sm, n_sm
                 # store to the accumulator)
                 pl.when(flush)(lambda: plgpu.atomic_add(o_ref.at[pl.ds(slab * SLAB, SLAB), :],
                                                         total_so_far - flushed))
-                return jnp.where(flush, total_so_far, flushed)
+                # a branch, not a select: Mosaic GPU's warpgroup lowering does not broadcast a scalar predicate
+                return lax.cond(flush, lambda: total_so_far, lambda: flushed)
 
             spec = plgpu.BlockSpec((tile_k, SLAB), lambda i: tile(i), transforms=transforms)
             plgpu.emit_pipeline(step, grid=(run,), in_specs=[spec], max_concurrent_steps=stages,
