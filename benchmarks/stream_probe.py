@@ -201,8 +201,9 @@ def rel_err(got, want) -> float:
     return float(np.linalg.norm(np.asarray(got, np.float64) - want) / np.linalg.norm(want))
 
 
-def forms(shapes, dtype, rows: int, interpret: bool):
-    """{form: fn(x, layers) -> [[o per product] per layer]}, every output [N, rows] in float32."""
+def forms(shapes, dtype, rows: int, interpret: bool, pipelines=()):
+    """{form: fn(x, layers) -> [[o per product] per layer]}, every output [N, rows] in float32. `pipelines`:
+    (tile_k, stages) pairs, each one more stream-K layer form, "layer_stream_k_{tile_k}x{stages}"."""
     import jax
     import jax.numpy as jnp
 
@@ -222,9 +223,15 @@ def forms(shapes, dtype, rows: int, interpret: bool):
                                                         for call, wi in zip(product, w)] for w in ws]),
         }
 
+    def layer_stream_k(tile_k: int, stages: int):
+        layer = streaming_call(shapes, dtype, barriers=True, stream_k=True, tile_k=tile_k, stages=stages,
+                               interpret=interpret)
+        return jax.jit(lambda x, ws: [[o[:, :rows] for o in layer(padded(x), *w)] for w in ws])
+
     return {
         **persistent(False),
         **persistent(True),
+        **{f"layer_stream_k_{tile_k}x{stages}": layer_stream_k(tile_k, stages) for tile_k, stages in pipelines},
         "triton": jax.jit(lambda x, ws: [[decode_matmul(wi, x[:, :wi.shape[0]], interpret=interpret).T for wi in w]
                                          for w in ws]),
         "xla": jax.jit(lambda x, ws: [[jnp.dot(x[:, :wi.shape[0]].astype(wi.dtype), wi,
@@ -238,7 +245,12 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float16")
     p.add_argument("--rows", default="1,8")
     p.add_argument("--copies", type=int, default=COPIES, help="layers' distinct weights per timed call")
+    p.add_argument("--pipelines", default="", help="more stream-K layer forms, comma-separated tile_k x stages "
+                                                   "(e.g. 128x4,64x8; the default form is 64x4)")
+    p.add_argument("--only", default="", help="comma-separated forms to run (default: every one)")
     args = p.parse_args(argv)
+    pipelines = [tuple(map(int, pair.split("x"))) for pair in args.pipelines.split(",") if pair]
+    only = set(filter(None, args.only.split(",")))
 
     import jax
     import jax.numpy as jnp
@@ -256,7 +268,9 @@ def main(argv=None) -> int:
     for rows in map(int, args.rows.split(",")):
         x = jax.random.normal(keys[-1], (rows, max(k for k, _ in shapes))).astype(dtype)
         want = [np.asarray(x[:, :k], np.float64) @ np.asarray(w, np.float64) for w, (k, _) in zip(ws[0], shapes)]
-        for name, fn in forms(shapes, dtype, rows, interpret).items():
+        for name, fn in forms(shapes, dtype, rows, interpret, pipelines).items():
+            if only and name not in only:
+                continue
             row = dict(model=args.model, dtype=args.dtype, rows=rows, form=name, layers=args.copies)
             try:
                 outs = fn(x, ws)

@@ -305,6 +305,22 @@ def test_stream_probe_kernel_lowers_for_cuda(barriers, stream_k):
     assert "mosaic_gpu" in text
 
 
+@pytest.mark.parametrize("tile_k, stages", [(128, 4), (64, 8), (128, 8)])
+def test_stream_probe_pipeline_variants_lower_for_cuda(tile_k, stages):
+    """`--pipelines`' deeper and wider stream-K layers lower for CUDA (at 128 x 8 they take 192 KB of shared memory
+    with the rows, under the 227 KB a block may have); the CLI names them."""
+    import jax.numpy as jnp
+
+    from benchmarks.stream_probe import ROWS, forms, layer_shapes, streaming_call
+    from gptjax.config import preset
+
+    shapes = layer_shapes(preset("megatron-345m"))
+    call = streaming_call(shapes, jnp.float16, barriers=True, stream_k=True, tile_k=tile_k, stages=stages)
+    args = [jax.ShapeDtypeStruct((ROWS, 4096), jnp.float16), *(jax.ShapeDtypeStruct(s, jnp.float16) for s in shapes)]
+    assert "mosaic_gpu" in jax.jit(call).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert f"layer_stream_k_{tile_k}x{stages}" in forms(shapes, jnp.float16, 1, True, [(tile_k, stages)])
+
+
 @pytest.mark.parametrize("k_tiles, slabs", [(16, 48), (16, 16), (64, 16), (16, 64), (3, 5)])
 def test_stream_k_deal_adds_every_tile_once(k_tiles, slabs):
     """The stream-K kernel's deal, run on the host as the kernel runs it: each CTA's accumulator runs on over
