@@ -3,12 +3,12 @@
 # without the trigger, the decode step timed with and without it (megatron-345m fp16; batch 1 and 8 on the
 # decode matmul kernels, 256 on XLA's matmuls with the K/V-storing attention kernel), the engine's greedy
 # tokens with it against XLA's, and a profile of the batch-1 step with it. Rows and logs go to $OUT.
-# PLACE: where the trigger goes (start, the default, or end); BIG= and PROFILE= leave out the batch-256 probes
+# PLACE: where the trigger goes (end, the engine's default, or start); BIG= and PROFILE= leave out the batch-256 probes
 # and the profile. AB=N runs only the batch-1/8 probe, N rounds of the two (trigger at PLACE, none) in turns, each
 # in its own process (order alternating from round to round), so that drift between processes shows.
 #   bash benchmarks/early_launch_gpu.sh          # ~8 minutes on an H200, most of it compiles
-#   PLACE=end BIG= PROFILE= bash benchmarks/early_launch_gpu.sh
-#   PLACE=end AB=2 bash benchmarks/early_launch_gpu.sh   # ~3 minutes
+#   PLACE=start BIG= PROFILE= bash benchmarks/early_launch_gpu.sh
+#   AB=2 bash benchmarks/early_launch_gpu.sh   # ~3 minutes
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/gpu_env.sh
@@ -19,11 +19,11 @@ probe() {  # name, time limit, command...: one probe's rows into probe.log, its 
 }
 { nvidia-smi -L; python3 -c 'import jax, jaxlib, sys; print(sys.version, jax.__version__, jaxlib.__version__)'; } \
   > "$OUT/env.txt" 2>&1
-export PLACE=${PLACE:-start}
+export PLACE=${PLACE:-end}
 P="python3 -m benchmarks.decode_probe --model megatron-345m --dtype float16"
 if [ -n "${AB-}" ]; then
   for i in $(seq "$AB"); do
-    order=("--early-launch $PLACE" ""); (( i % 2 )) || order=("" "--early-launch $PLACE")
+    order=("--early-launch $PLACE" "--early-launch off"); (( i % 2 )) || order=("--early-launch off" "--early-launch $PLACE")
     for e in "${order[@]}"; do probe "round$i" 100 $P --batch 1,8 --steps 32 --runs 7 $e; done
   done
   exit 0
@@ -56,10 +56,10 @@ for kw in ({"heads_per_program": 1}, {"heads_per_program": 2, "block_k": 64, "nu
     print("decode_attention_append", kw, "bitwise equal:", all(bool(jnp.array_equal(x, y)) for x, y in zip(a, b)))
 PY
 probe small 120 $P --batch 1,8 --steps 32 --runs 5 --early-launch "$PLACE"
-probe small 120 $P --batch 1,8 --steps 32 --runs 5
+probe small 120 $P --batch 1,8 --steps 32 --runs 5 --early-launch off
 if [ -n "${BIG-1}" ]; then
   probe batch256 60 $P --batch 256 --steps 32 --runs 5 --early-launch "$PLACE"
-  probe batch256 60 $P --batch 256 --steps 32 --runs 5
+  probe batch256 60 $P --batch 256 --steps 32 --runs 5 --early-launch off
 fi
 GPTJAX_EARLY_LAUNCH=$PLACE T_ENGINE=60 bash benchmarks/kernels_gpu.sh engine > "$OUT/engine.log" 2>&1
 echo "engine (early launch) rc=$? at ${SECONDS}s" >> "$OUT/probe.log"

@@ -133,8 +133,9 @@ def test_early_launch_trigger_is_in_both_decode_kernels_compiled_for_cuda_and_ne
             assert str(traced.jaxpr).count("griddepcontrol.launch_dependents") == (requested not in (False, None))
             assert traced.lower(lowering_platforms=("cuda",)).as_text().count("xla.gpu.triton") == 1
     assert not early_launch.enabled(interpret=False)  # no GPU here
-    assert not early_launch.resolve(True, interpret=True) and early_launch.resolve(True, interpret=False) == "start"
-    assert early_launch.resolve("end", interpret=False) == "end" and early_launch.placement("1") == "start"
+    assert not early_launch.resolve(True, interpret=True) and early_launch.resolve(True, interpret=False) == "end"
+    assert early_launch.resolve("start", interpret=False) == "start" and early_launch.placement("1") == "end"
+    assert early_launch.placement("off") == early_launch.placement("0") == "" and early_launch.placement(True) == "end"
     with pytest.raises(ValueError, match="middle"):
         early_launch.placement("middle")
 

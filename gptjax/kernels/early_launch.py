@@ -13,10 +13,12 @@ launch while this one's finish their sums and stores, as XLA places the trigger 
 Safe whatever the next kernel reads: its entry wait is for the whole of this grid, not for the trigger. A
 kernel launched without programmatic serialization (cuBLAS, Mosaic GPU) waits for completion as ever.
 
-Off by default: run 21 of benchmarks/RESULTS.md (`benchmarks/early_launch_gpu.sh`) found it correct (the same
-outputs, bitwise, and the engine's tokens) but 3-10% slower a decode step, the next kernel's programs waiting on
-the multiprocessors while this one's still need them. `GPTJAX_EARLY_LAUNCH=start` (or `1`) or `=end` in the
-environment, `EARLY_LAUNCH = "start"` or `"end"`, or `decode_probe --early-launch [start|end]` turns it on.
+On by default at "end": run 21 of benchmarks/RESULTS.md (`benchmarks/early_launch_gpu.sh`) found "start"
+correct (the same outputs, bitwise, and the engine's tokens) but 3-10% slower a decode step, the next kernel's
+programs waiting on the multiprocessors while this one's still need them; "end" was as correct and faster in every
+one of six alternating pairs of processes over runs 23-24 (0.6-5.7%, H200 and H100). `GPTJAX_EARLY_LAUNCH=start`
+or `=0` in the environment (or `EARLY_LAUNCH`, or `decode_probe --early-launch start|end|off`) moves it or turns
+it off.
 """
 
 from __future__ import annotations
@@ -28,17 +30,19 @@ import jax.numpy as jnp
 from jax.experimental.pallas import triton as plgpu
 
 PLACEMENTS = ("start", "end")  # where a program issues the trigger: as it starts, or once its loads are done
+DEFAULT = "end"
 
 
 def placement(value) -> str:
-    """"start", "end" or "" (no trigger) from a switch's value: True and "1" mean "start"."""
-    value = {True: "start", "1": "start", False: "", None: "", "0": ""}.get(value, value)
+    """"start", "end" or "" (no trigger) from a switch's value: True and "1" mean the default ("end"), False,
+    "0" and "off" none."""
+    value = {True: DEFAULT, "1": DEFAULT, False: "", None: "", "0": "", "off": ""}.get(value, value)
     if value not in ("", *PLACEMENTS):
         raise ValueError(f"early launch: {value!r} is none of {PLACEMENTS} (or off)")
     return value
 
 
-EARLY_LAUNCH = placement(os.environ.get("GPTJAX_EARLY_LAUNCH", ""))  # where the decode kernels issue the trigger
+EARLY_LAUNCH = placement(os.environ.get("GPTJAX_EARLY_LAUNCH", DEFAULT))  # where the decode kernels issue the trigger
 MIN_COMPUTE_CAPABILITY = 9.0  # `griddepcontrol` is an sm_90 instruction
 
 
@@ -53,12 +57,12 @@ def enabled(interpret: bool) -> str:
 
 def resolve(requested: bool | str | None, interpret: bool) -> str:
     """A kernel's `early_launch` argument -> where it issues the trigger ("" for nowhere): None means
-    `enabled`, True `EARLY_LAUNCH` or else "start"; never in the interpreter, which cannot run the assembly."""
+    `enabled`, True `EARLY_LAUNCH` or else the default; never in the interpreter, which cannot run the assembly."""
     if interpret:
         return ""
     if requested is None:
         return enabled(interpret)
-    return placement(EARLY_LAUNCH or "start") if requested is True else placement(requested)
+    return placement(EARLY_LAUNCH or DEFAULT) if requested is True else placement(requested)
 
 
 def launch_dependents(program_id):
