@@ -47,7 +47,7 @@ def _set_kernel_switches(args) -> None:
     """The module switches the kernels read as they are traced, set before any engine is made:
     `--two-loop-attention` walks every chunk of decode attention in two loops (whole blocks, then the block that
     crosses the end) as before `decode_attention.SINGLE_LOOP`; `--kernel-max-mb` moves
-    `decode_block.KERNEL_MAX_BYTES`; `--early-launch [start|end]` sets `early_launch.EARLY_LAUNCH`."""
+    `decode_block.KERNEL_MAX_BYTES`; `--early-launch start|end|off` sets `early_launch.EARLY_LAUNCH`."""
     import importlib
 
     from gptjax import decode_block
@@ -60,6 +60,18 @@ def _set_kernel_switches(args) -> None:
         decode_block.KERNEL_MAX_BYTES = int(args.kernel_max_mb * (1 << 20))
     if args.early_launch:
         early_launch.EARLY_LAUNCH = early_launch.placement(args.early_launch)
+
+
+def _sliced_prefill_qkv() -> None:
+    """Hand the Hopper prefill kernel q, k and v sliced out of the QKV product (copies XLA makes for the kernel),
+    as the engine did before the kernel read the product in place (`hopper_flash_attention_qkv`), to time one
+    against the other."""
+    from gptjax import kernels
+
+    def sliced(qkv, **kw):
+        return kernels.hopper_flash_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], **kw)
+
+    kernels.hopper_flash_attention_qkv = sliced  # what prefill_attention calls on Hopper
 
 
 def _per_array_puts() -> None:
@@ -91,11 +103,14 @@ def main():
                    help="store each step's K/V with XLA's scatter, then attend (not in the attention kernel)")
     p.add_argument("--two-loop-attention", action="store_true",
                    help="decode attention walks whole blocks and the crossing block in two loops everywhere")
+    p.add_argument("--sliced-prefill-qkv", action="store_true",
+                   help="the Hopper prefill kernel takes q, k, v sliced out of the QKV product (the engine before "
+                        "it read the product in place)")
     p.add_argument("--per-array-puts", action="store_true",
                    help="one jnp.asarray per host array and one np.asarray per result (the engine before run 18)")
-    p.add_argument("--early-launch", nargs="?", const="start", choices=("start", "end"),
-                   help="the decode kernels issue the next kernel's launch as they start, or once their loads are "
-                        "done (gptjax/kernels/early_launch.py; off by default)")
+    p.add_argument("--early-launch", choices=("start", "end", "off"),
+                   help="the decode kernels issue the next kernel's launch as they start, once their loads are done, "
+                        "or not at all (gptjax/kernels/early_launch.py; default: end)")
     p.add_argument("--kernel-max-mb", type=float,
                    help="with --decode-matmuls pallas: products with weights up to this many MiB run on the kernels "
                         "(default: decode_block.KERNEL_MAX_BYTES, 32), the larger ones on XLA's matmuls")
@@ -117,6 +132,8 @@ def main():
         _two_step_decode()
     if args.per_array_puts:
         _per_array_puts()
+    if args.sliced_prefill_qkv:
+        _sliced_prefill_qkv()
     _set_kernel_switches(args)
     for impl in args.decode_matmuls.split(","):
         engine = Engine.from_preset(args.model, dtype=args.dtype, engine_config=EngineConfig(
@@ -179,6 +196,7 @@ def probe(engine, batch: int, args, profile: str | None) -> None:
                       "decode_matmuls": engine.decode_matmuls,
                       "greedy_only": args.greedy_only, "two_step_decode": args.two_step_decode,
                       "per_array_puts": args.per_array_puts, "two_loop_attention": args.two_loop_attention,
+                      "sliced_prefill_qkv": args.sliced_prefill_qkv,
                       "early_launch": args.early_launch, "kernel_max_mb": args.kernel_max_mb,
                       "xla_flags": os.environ.get("XLA_FLAGS", ""),
                       "prefill_plus_first_ms": round(one * 1e3, 3),

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptjax.kernels import decode_attention, decode_attention_reference, flash_attention, on_gpu, on_hopper
-from gptjax.kernels.flash_attention_hopper import hopper_flash_attention
+from gptjax.kernels.flash_attention_hopper import hopper_flash_attention, hopper_flash_attention_qkv
 from benchmarks import floors
 from benchmarks.gpu_time import gpu_busy_seconds, host_seconds
 from gptjax.kernels.decode_attention import choose_params
@@ -215,6 +215,10 @@ def check_ragged(interpret, which="all", only=None):
             shapes = [x for x in [(3, 1000, 4, 64), (2, 300, 2, 128), (1, 4096, 2, 64)] if x[-1] in dims]
             rows += check_prefill(name, lambda q, k, v, n, kw=kw: hopper_flash_attention(q, k, v, lengths=n, **kw),
                                   (jnp.bfloat16, jnp.float16), shapes, cases, tol)
+        if not only or selected("hopper_qkv", only):  # the engine's form: the QKV product's output read in place
+            rows += check_prefill("hopper_qkv", lambda q, k, v, n: hopper_flash_attention_qkv(
+                jnp.stack([q, k, v], axis=2), lengths=n), (jnp.bfloat16, jnp.float16),
+                [(3, 1000, 4, 64), (2, 300, 2, 128)], cases, tol)
     for dtype in dtypes if which == "all" else ():
         for b, s, h, d in [(5, 3000, 8, 64), (2, 1000, 4, 128), (64, 700, 4, 64), (8, 640, 16, 64)]:
             q = jnp.asarray(rng.standard_normal((b, h, d)), dtype)

@@ -140,9 +140,8 @@ class Engine(PlannedShapes):
 
         def layer(layer_params, h, layer_kv, lengths):
             def attend(_, qkv):
-                q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-                grown = (self.layout.fit_kv(k, layer_kv[0]), self.layout.fit_kv(v, layer_kv[1]))
-                return kernels.prefill_attention(q, k, v, lengths, self.attention), grown
+                grown = (self.layout.fit_kv(qkv[:, :, 1], layer_kv[0]), self.layout.fit_kv(qkv[:, :, 2], layer_kv[1]))
+                return kernels.prefill_attention(qkv, lengths, self.attention), grown
             return self._block(layer_params, h, attend)
 
         last, kv = self.layout.run(params, self._embed(params, tokens, positions), cache, lengths, layer,

@@ -27,10 +27,12 @@ from jax.sharding import PartitionSpec as P
 from gptjax.cache import write_token
 from gptjax.kernels.decode_attention import decode_attention, decode_attention_append, decode_attention_reference
 from gptjax.kernels.flash_attention import flash_attention, flash_attention_reference
-from gptjax.kernels.flash_attention_hopper import hopper_flash_attention, supports as hopper_supports
+from gptjax.kernels.flash_attention_hopper import (hopper_flash_attention, hopper_flash_attention_qkv,
+                                                   supports as hopper_supports)
 
 __all__ = ["prefill_attention", "decode_step_attention", "decode_step_append", "default_impl", "on_gpu",
-           "on_hopper", "flash_attention", "flash_attention_reference", "hopper_flash_attention", "decode_attention",
+           "on_hopper", "flash_attention", "flash_attention_reference", "hopper_flash_attention",
+           "hopper_flash_attention_qkv", "decode_attention",
            "decode_attention_append", "decode_attention_reference"]
 
 
@@ -46,21 +48,30 @@ def default_impl() -> str:
     return "pallas" if on_gpu() else "xla"
 
 
-def prefill_attention(q, k, v, lengths, impl: str):
-    """Causal self-attention over right-padded prompts, [batch, seq, heads, head_dim]; lengths [batch] or None."""
+def prefill_attention(qkv, lengths, impl: str):
+    """Causal self-attention over right-padded prompts: qkv [batch, seq, 3, heads, head_dim] (the QKV product's
+    output: query, key, value) -> [batch, seq, heads, head_dim]; lengths [batch] or None. On Hopper the kernel
+    reads the three in place (`hopper_flash_attention_qkv`); the other paths take them apart."""
     if impl == "pallas":
-        if on_hopper() and hopper_supports(q):
-            kernel = hopper_flash_attention
+        if on_hopper() and hopper_supports(qkv):
+            kernel = hopper_flash_attention_qkv
         else:
-            kernel = functools.partial(flash_attention, causal=True, interpret=not on_gpu())
+            triton = functools.partial(flash_attention, causal=True, interpret=not on_gpu())
+
+            def kernel(qkv, lengths=None):
+                return triton(*_split(qkv), lengths=lengths)
         if lengths is None:
-            return _per_shard(lambda q, k, v: kernel(q, k, v), (q, k, v), (_QKV, _QKV, _QKV), _QKV)
-        return _per_shard(lambda q, k, v, n: kernel(q, k, v, lengths=n), (q, k, v, lengths),
-                          (_QKV, _QKV, _QKV, _ROWS), _QKV)
+            return _per_shard(kernel, (qkv,), (_PROMPT_QKV,), _QKV)
+        return _per_shard(lambda qkv, n: kernel(qkv, lengths=n), (qkv, lengths), (_PROMPT_QKV, _ROWS), _QKV)
     if impl == "cudnn":
         # right padding needs no length mask under causality: a valid query never sees a later (padded) key
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
-    return flash_attention_reference(q, k, v, lengths=lengths, causal=True)
+        return jax.nn.dot_product_attention(*_split(qkv), is_causal=True, implementation="cudnn")
+    return flash_attention_reference(*_split(qkv), lengths=lengths, causal=True)
+
+
+def _split(qkv):
+    """[batch, seq, 3, heads, head_dim] -> q, k, v, [batch, seq, heads, head_dim] each."""
+    return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
 
 
 def decode_step_attention(q, k_cache, v_cache, lengths, impl: str):
@@ -90,6 +101,7 @@ def decode_step_append(qkv, layer_kv, positions, impl: str):
 _QKV = ("slots", "cache_seq", "heads", "head_dim")  # [batch, seq, heads, head_dim]
 _Q1 = ("slots", "heads", "head_dim")  # [batch, heads, head_dim]
 _STEP = ("slots", "qkv", "heads", "head_dim")  # [batch, 3, heads, head_dim]: a step's query, key and value
+_PROMPT_QKV = ("slots", "cache_seq", "qkv", "heads", "head_dim")  # [batch, seq, 3, heads, head_dim]: a prompt's
 _ROWS = ("slots",)  # [batch]
 
 

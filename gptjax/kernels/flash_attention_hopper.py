@@ -34,6 +34,11 @@ tenth less matrix work at 512-token prompts, 3% at 2048, 1.5% at 4096, 0.8% at 8
 benchmarks/RESULTS.md: 2.4-3.5% faster at head_dim 64, level (+-0.3%) at 128.
 Query rows of a consumer wholly past its sequence's length read nothing and are written as zeros.
 
+`hopper_flash_attention_qkv` takes the QKV product's output whole, [batch, seq, 3, heads, head_dim]: its query,
+key and value heads are read where they lie (head offsets into one [batch, seq, 3 heads, head_dim] view), so
+no copy of each out of the product runs before the kernel (XLA made three a layer: 72 of ~6 us at (8, 512) on a
+345M prefill, RESULTS run 16; run 24 timed the prefill 0.3 ms faster by the medians, within the runs' spread).
+
 Two static orderings, timed by `benchmarks/kernels.py`: `wait_in_pv` waits for the next key block right after
 issuing the PV product, inside its scope, so the wait overlaps the matrix product (JAX's `attention_mgpu` does
 this) instead of at the top of the next block (the default at head_dim 128, where runs 15-16 of RESULTS.md
@@ -109,6 +114,14 @@ def _visible_blocks(first_row, length, block_kv: int):
     past the sequence's end; none for rows wholly past it."""
     causal = pl.cdiv(first_row + BLOCK_Q, block_kv)
     return jnp.where(first_row < length, jnp.minimum(causal, pl.cdiv(length, block_kv)), 0)
+
+
+class _Heads(NamedTuple):
+    """Where head h of q, k and v lies in their refs: at head + offset (0 for separate arrays; 0, heads and
+    2 heads in a packed [batch, seq, 3 heads, head_dim] view of the QKV product)."""
+    q: int = 0
+    k: int = 0
+    v: int = 0
 
 
 class _Tile(NamedTuple):
@@ -269,21 +282,23 @@ def _release_block(j, _, *, c: _Consumer, base, steps=None):
         _wait_keys(j + 1, c=c, base=base, steps=steps)
 
 
-def _rows(tile: _Tile, wg):
-    """The consumer's first query row of a tile, and the tile's block of q (and of the output) it takes."""
+def _rows(tile: _Tile, wg, head_offset: int = 0):
+    """The consumer's first query row of a tile, and the tile's block of the output (of q, with q's
+    `head_offset`) it takes."""
     first_row = tile.start + wg * BLOCK_Q
-    return first_row, (tile.batch, pl.ds(first_row, BLOCK_Q), tile.head)
+    return first_row, (tile.batch, pl.ds(first_row, BLOCK_Q), tile.head + head_offset)
 
 
-def _load_queries(tile: _Tile, buf, *, q_ref, q_bufs, q_ready):
+def _load_queries(tile: _Tile, buf, *, q_ref, q_bufs, q_ready, q_head: int):
     """Start the TMA load of this consumer's query rows of `tile` into its buffer `buf`."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     wg = lax.axis_index("wg")
-    plgpu.copy_gmem_to_smem(q_ref.at[_rows(tile, wg)[1]], q_bufs.at[buf], q_ready.at[wg * q_bufs.shape[0] + buf])
+    plgpu.copy_gmem_to_smem(q_ref.at[_rows(tile, wg, q_head)[1]], q_bufs.at[buf],
+                            q_ready.at[wg * q_bufs.shape[0] + buf])
 
 
-def _consumer_tile(i, base, *, c: _Consumer, q_bufs, q_ref, o_ref, q_ready, tile_of, count: int):
+def _consumer_tile(i, base, *, c: _Consumer, q_bufs, q_ref, o_ref, q_ready, tile_of, count: int, q_head: int):
     """This consumer's 64 rows of the program's i-th tile; returns the ring position after the tile. With two
     query buffers (`prefetch_q`) the tile's queries were loaded during the last tile, and the next tile's load
     starts once this one's unmasked blocks are done (by then the output that left from that buffer is out)."""
@@ -297,7 +312,7 @@ def _consumer_tile(i, base, *, c: _Consumer, q_bufs, q_ref, o_ref, q_ready, tile
     first_row, rows = _rows(tile, wg)
     steps = _visible_blocks(first_row, tile.length, c.block_kv)
     full = jnp.minimum(lax.div(first_row, c.block_kv), steps)  # blocks wholly before the first row
-    load = functools.partial(_load_queries, q_ref=q_ref, q_bufs=q_bufs, q_ready=q_ready)
+    load = functools.partial(_load_queries, q_ref=q_ref, q_bufs=q_bufs, q_ready=q_ready, q_head=q_head)
     if n_bufs == 1:
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's output has left q_smem
         load(tile, buf)
@@ -336,7 +351,7 @@ def _consumer_tile(i, base, *, c: _Consumer, q_bufs, q_ref, o_ref, q_ready, tile
 
 
 def _consumer(q_ref, o_ref, len_ref, scratch, *, tile_of, count, block_kv: int, stages: int, sm_scale: float,
-              wait_in_pv: bool, fence_softmax: bool, carry_stagger: bool, half_diagonal: bool):
+              wait_in_pv: bool, fence_softmax: bool, carry_stagger: bool, half_diagonal: bool, heads: _Heads):
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     q_smem2, k_smem, v_smem, k_ready, v_ready, q_ready, k_free, v_free, turn = scratch
@@ -347,14 +362,14 @@ def _consumer(q_ref, o_ref, len_ref, scratch, *, tile_of, count, block_kv: int, 
                   block_kv, stages, sm_scale * LOG2_E, wait_in_pv, fence_softmax, carry_stagger, half_diagonal)
     if q_bufs.shape[0] > 1:  # the first tile's queries; each tile loads the next one's
         pl.when(count > 0)(lambda: _load_queries(tile_of(jnp.int32(0)), 0, q_ref=q_ref, q_bufs=q_bufs,
-                                                  q_ready=q_ready))
+                                                  q_ready=q_ready, q_head=heads.q))
     tile = functools.partial(_consumer_tile, c=c, q_bufs=q_bufs, q_ref=q_ref, o_ref=o_ref, q_ready=q_ready,
-                             tile_of=tile_of, count=count)
+                             tile_of=tile_of, count=count, q_head=heads.q)
     lax.fori_loop(0, count, tile, jnp.int32(0))
     plgpu.wait_smem_to_gmem(0)
 
 
-def _producer(k_ref, v_ref, scratch, *, tile_of, count, block_kv: int, stages: int):
+def _producer(k_ref, v_ref, scratch, *, tile_of, count, block_kv: int, stages: int, heads: _Heads):
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     _, k_smem, v_smem, k_ready, v_ready, _, k_free, v_free, _ = scratch
@@ -368,12 +383,13 @@ def _producer(k_ref, v_ref, scratch, *, tile_of, count, block_kv: int, stages: i
             n = base + j  # blocks loaded so far by this program: the ring's position
             slot = lax.rem(n, jnp.int32(stages))
 
-            keys = (tile.batch, pl.ds(j * block_kv, block_kv), tile.head)
+            rows = pl.ds(j * block_kv, block_kv)
             # the slot's last block must be released by both consumers first; its keys are, a softmax before
             # its values, so the keys' load starts without waiting for the values
-            for free, ref, smem, ready in ((k_free, k_ref, k_smem, k_ready), (v_free, v_ref, v_smem, v_ready)):
+            for free, ref, smem, ready, offset in ((k_free, k_ref, k_smem, k_ready, heads.k),
+                                                   (v_free, v_ref, v_smem, v_ready, heads.v)):
                 pl.when(n >= stages)(functools.partial(plgpu.barrier_wait, free.at[slot]))
-                plgpu.copy_gmem_to_smem(ref.at[keys], smem.at[slot], ready.at[slot])
+                plgpu.copy_gmem_to_smem(ref.at[tile.batch, rows, tile.head + offset], smem.at[slot], ready.at[slot])
         return base + tile.steps
 
     lax.fori_loop(0, count, one_tile, jnp.int32(0))
@@ -381,15 +397,16 @@ def _producer(k_ref, v_ref, scratch, *, tile_of, count, block_kv: int, stages: i
 
 def _program(len_ref, q_ref, k_ref, v_ref, o_ref, *scratch, block_kv: int, stages: int, sm_scale: float,
              n_tiles: int, heads: int, batch_size: int, seq: int, use_lengths: bool, programs: int,
-             head_major: bool, **orderings):
-    """`orderings`: the consumers' options (`wait_in_pv`, `fence_softmax`, `carry_stagger`, `half_diagonal`)."""
+             head_major: bool, offsets: _Heads, **orderings):
+    """`orderings`: the consumers' options (`wait_in_pv`, `fence_softmax`, `carry_stagger`, `half_diagonal`);
+    `offsets`: where each head lies in the q, k and v refs (`_Heads`)."""
     program, n_total = lax.axis_index("p"), n_tiles * heads * batch_size
 
     def tile_of(i):  # this program's i-th tile
         return _tile(tile_order(program, i, programs), len_ref, heads=heads, batch_size=batch_size,
                      n_tiles=n_tiles, block_kv=block_kv, seq=seq, use_lengths=use_lengths, head_major=head_major)
     common = dict(tile_of=tile_of, count=tile_count(program, n_total, programs), block_kv=block_kv,
-                  stages=stages)
+                  stages=stages, heads=offsets)
     wg = lax.axis_index("wg")
     pl.when(wg < CONSUMERS)(functools.partial(_consumer, q_ref, o_ref, len_ref, scratch, sm_scale=sm_scale,
                                               **orderings, **common))
@@ -413,40 +430,61 @@ def _scratch(dtype, head_dim: int, block_kv: int, stages: int, q_buffers: int) -
             plgpu.Barrier(num_arrivals=CONSUMERS)]
 
 
-@functools.partial(jax.jit, static_argnames=("block_kv", "stages", "use_lengths", "programs", "wait_in_pv",
-                                             "fence_softmax", "prefetch_q", "carry_stagger", "half_diagonal",
-                                             "head_major"))
-def hopper_flash_attention(q, k, v, *, lengths=None, block_kv: int | None = None, stages: int | None = None,
-                           use_lengths: bool = True, programs: int | None = None, wait_in_pv: bool | None = None,
-                           fence_softmax: bool = False, prefetch_q: bool = True, carry_stagger: bool | None = None,
-                           half_diagonal: bool | None = None, head_major: bool = True):
+_OPTIONS = ("block_kv", "stages", "use_lengths", "programs", "wait_in_pv", "fence_softmax", "prefetch_q",
+            "carry_stagger", "half_diagonal", "head_major")
+
+
+@functools.partial(jax.jit, static_argnames=_OPTIONS)
+def hopper_flash_attention(q, k, v, *, lengths=None, **options):
     """q, k, v: [batch, seq, heads, head_dim] (bf16 or fp16, head_dim 64 or 128); lengths: [batch] valid
     lengths (right padding) or None. Causal, scale 1/sqrt(head_dim); rows past a length are unspecified
-    (zeros for whole 64-row blocks past it). `use_lengths=False` ignores lengths (full causal work).
+    (zeros for whole 64-row blocks past it). The options (`_attention`'s keywords, static):
+    `use_lengths=False` ignores lengths (full causal work).
     `programs`: how many programs (CTAs) share the tiles, each taking one tile of every round of `programs`
     in turn and streaming the next tile's keys while it finishes the last (default: one per multiprocessor,
     i.e. persistent; a number >= the tile count gives one tile per program), in the snake order (`tile_order`).
     `prefetch_q` (default) gives each consumer two query buffers, so that a tile's queries load while the last
     tile finishes (`_consumer_tile`); off, one. `block_kv`: 64, 128, 192 or 256 keys where shared memory holds
-    `stages` of them (`check_blocks`). `wait_in_pv`, `fence_softmax`: the orderings of the module docstring
-    (`wait_in_pv` needs stages >= 2: block j + 1 must not reuse block j's slot; None: on at head_dim 128).
+    `stages` of them (`check_blocks`; default `default_blocks`). `wait_in_pv`, `fence_softmax` (off): the
+    orderings of the module docstring (`wait_in_pv` needs stages >= 2: block j + 1 must not reuse block j's slot;
+    None: on at head_dim 128).
     `carry_stagger`: the consumers' stagger runs on across a program's tiles; off, they meet at each tile's end
     and stagger anew (None: on at head_dim 64, module docstring). `half_diagonal`: consumer 0's block on the
     diagonal is read to its first half (`_attend_masked_block`; 128- and 256-key blocks; None: on at head_dim
     64). `head_major` (default): the tiles in one head after another (`_tile`); off, every head's longest
     first."""
-    import jax.experimental.pallas.mosaic_gpu as plgpu
-
-    batch, seq, heads, head_dim = q.shape
     if k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"q, k, v must have one shape, got {q.shape}, {k.shape}, {v.shape}")
-    if not supports(q):
+    return _attention((q, k, v), q.shape[2], _Heads(), lengths=lengths, **options)
+
+
+@functools.partial(jax.jit, static_argnames=_OPTIONS)
+def hopper_flash_attention_qkv(qkv, *, lengths=None, **options):
+    """The same attention from the QKV product's output whole, qkv [batch, seq, 3, heads, head_dim] (query, key,
+    value), read in place: no copy of q, k or v is made for the kernel. Options as `hopper_flash_attention`'s."""
+    batch, seq, three, heads, head_dim = qkv.shape
+    if three != 3:
+        raise ValueError(f"qkv must be [batch, seq, 3, heads, head_dim], got {qkv.shape}")
+    packed = qkv.reshape(batch, seq, 3 * heads, head_dim)  # free: the heads of q, then k, then v
+    return _attention((packed,), heads, _Heads(0, heads, 2 * heads), lengths=lengths, **options)
+
+
+def _attention(operands, heads: int, offsets: _Heads, *, lengths=None, block_kv: int | None = None,
+               stages: int | None = None, use_lengths: bool = True, programs: int | None = None,
+               wait_in_pv: bool | None = None, fence_softmax: bool = False, prefetch_q: bool = True,
+               carry_stagger: bool | None = None, half_diagonal: bool | None = None, head_major: bool = True):
+    """The kernel over `operands`: (q, k, v), or one array holding all three, each head at its `offsets`."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    batch, seq, _, head_dim = operands[0].shape
+    dtype = operands[0].dtype
+    if not supports(operands[0]):
         raise ValueError(f"head_dim must be one of {SUPPORTED_HEAD_DIMS} and dtype one of {SUPPORTED_DTYPES}, "
-                         f"got {head_dim} and {q.dtype}")
+                         f"got {head_dim} and {dtype}")
     d = default_blocks(seq, head_dim)
     block_kv, stages = block_kv or d.block_kv, stages or d.stages
     q_buffers = 2 if prefetch_q else 1
-    check_blocks(block_kv, stages, head_dim, jnp.dtype(q.dtype).itemsize, q_buffers)
+    check_blocks(block_kv, stages, head_dim, jnp.dtype(dtype).itemsize, q_buffers)
     wait_in_pv = head_dim == 128 and stages >= 2 if wait_in_pv is None else wait_in_pv
     carry_stagger = head_dim == 64 if carry_stagger is None else carry_stagger
     half_diagonal = head_dim == 64 if half_diagonal is None else half_diagonal
@@ -455,23 +493,24 @@ def hopper_flash_attention(q, k, v, *, lengths=None, block_kv: int | None = None
     # whole query tiles and whole key blocks (the larger of the two roundings; tiles past `seq` stay empty)
     padded = max(pl.cdiv(seq, step) * step for step in (CONSUMERS * BLOCK_Q, block_kv))
     if padded != seq:  # TMA moves whole blocks: pad the sequence, slice after
-        q, k, v = (jnp.pad(x, ((0, 0), (0, padded - seq), (0, 0), (0, 0))) for x in (q, k, v))
+        operands = tuple(jnp.pad(x, ((0, 0), (0, padded - seq), (0, 0), (0, 0))) for x in operands)
+    q, k, v = operands * 3 if len(operands) == 1 else operands
     lengths = (jnp.full((batch,), seq, jnp.int32) if lengths is None
                else jnp.minimum(lengths.astype(jnp.int32), seq))
     n_tiles = padded // (CONSUMERS * BLOCK_Q)
     programs = min(programs or getattr(jax.devices()[0], "core_count", 132), n_tiles * heads * batch)
     body = functools.partial(_program, block_kv=block_kv, stages=stages, sm_scale=1.0 / math.sqrt(head_dim),
                              n_tiles=n_tiles, heads=heads, batch_size=batch, seq=seq, use_lengths=use_lengths,
-                             programs=programs, head_major=head_major, wait_in_pv=wait_in_pv,
+                             programs=programs, head_major=head_major, offsets=offsets, wait_in_pv=wait_in_pv,
                              fence_softmax=fence_softmax, carry_stagger=carry_stagger, half_diagonal=half_diagonal)
     out = plgpu.kernel(
         body,
-        out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        out_type=jax.ShapeDtypeStruct((batch, padded, heads, head_dim), dtype),
         grid=(programs,),
         grid_names=("p",),
         num_threads=CONSUMERS + 1,
         thread_name="wg",
-        scratch_types=_scratch(q.dtype, head_dim, block_kv, stages, q_buffers),
+        scratch_types=_scratch(dtype, head_dim, block_kv, stages, q_buffers),
         compiler_params=plgpu.CompilerParams(approx_math=True),
     )(lengths, q, k, v)
     return out[:, :seq]
