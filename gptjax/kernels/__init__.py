@@ -101,7 +101,7 @@ def decode_step_append(qkv, layer_kv, positions, impl: str):
 _QKV = ("slots", "cache_seq", "heads", "head_dim")  # [batch, seq, heads, head_dim]
 _Q1 = ("slots", "heads", "head_dim")  # [batch, heads, head_dim]
 _STEP = ("slots", "qkv", "heads", "head_dim")  # [batch, 3, heads, head_dim]: a step's query, key and value
-_PROMPT_QKV = ("slots", "cache_seq", "qkv", "heads", "head_dim")  # [batch, seq, 3, heads, head_dim]: a prompt's
+_PROMPT_QKV = ("slots", "cache_seq", "qkv", "heads", "head_dim")  # [batch, seq, 3, heads, head_dim]: prompts' q, k, v
 _ROWS = ("slots",)  # [batch]
 
 
