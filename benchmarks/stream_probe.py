@@ -15,6 +15,10 @@ slabs of each weight matrix by TMA, `--stages` deep, and multiplies them with up
 - "layer_stream_k", "product_stream_k": the same two, with each product's (slab, K tile) steps dealt to the CTAs
   in equal runs (stream-K, `_product_stream_k`): a product of N / 64 slabs fills every multiprocessor, where
   one slab a CTA leaves most of them idle (16 of 132 for attention out and MLP out);
+- "layer_stream_k_ws": the stream-K layer with its weight stream in a warpgroup of its own (`warp_specialized_call`):
+  a producer loads every product's tiles in turn into a ring of `stages` slots, never waiting on the grid
+  barriers (weights do not depend on the products before), while the consumer multiplies, adds and waits at
+  the barriers: the next product's first tiles land during the barrier rather than after it;
 - "triton": the decode path's `decode_matmul` kernels (the default launch parameters), one launch per product;
 - "xla": `x @ w` per product.
 The products here have no LayerNorm, bias or epilogue, and every one reads the same input rows: the probe
@@ -158,6 +162,112 @@ def _grid_barrier(sem, n: int, n_sm: int):
     plgpu.semaphore_wait(sem, n * n_sm, decrement=False, memory_scope="gpu")
 
 
+def _run_of(shape, tile_k: int, sm, n_sm: int):
+    """A stream-K product's deal for this CTA: (K tiles a slab, steps in all, steps a CTA, this CTA's first)."""
+    from jax.experimental import pallas as pl
+
+    k, n = shape
+    k_tiles = k // tile_k
+    total = k_tiles * (n // SLAB)
+    run = pl.cdiv(total, n_sm)
+    return k_tiles, total, run, sm * run
+
+
+def _stream_weights(w_refs, shapes, ring, ready, free, *, tile_k: int, stages: int, sm, n_sm: int):
+    """The producer: every product's tiles of this CTA's runs, in turn, into the ring (a slot reused once the
+    consumer has released it), with no regard for the consumer's grid barriers."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+    import jax.numpy as jnp
+    from jax import lax
+    from jax.experimental import pallas as pl
+
+    base = 0
+    for shape, w_ref in zip(shapes, w_refs):
+        k_tiles, total, run, first = _run_of(shape, tile_k, sm, n_sm)
+
+        @pl.loop(0, run)
+        def _(i, base=base, k_tiles=k_tiles, total=total, run=run, first=first, w_ref=w_ref):
+            n = base + i
+            slot = lax.rem(n, jnp.int32(stages))
+            pl.when(n >= stages)(functools.partial(plgpu.barrier_wait, free.at[slot]))
+            kk, slab, _ = stream_k_step(first, i, run, k_tiles, total)
+            plgpu.copy_gmem_to_smem(w_ref.at[pl.ds(kk * tile_k, tile_k), pl.ds(slab * SLAB, SLAB)], ring.at[slot],
+                                    ready.at[slot])
+        base += run
+
+
+def _consume_weights(x_ref, o_refs, shapes, rows_smem, rows_ready, ring, ready, free, *, tile_k: int, stages: int,
+                     sm, n_sm: int):
+    """The consumer: the rows into shared memory and the outputs zeroed (one grid barrier), then each product's
+    steps from the ring, its sums added into o where a slab or the run ends, a grid barrier between products."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+    import jax.numpy as jnp
+    from jax import lax
+    from jax.experimental import pallas as pl
+
+    plgpu.copy_gmem_to_smem(x_ref.at[:, pl.ds(0, rows_smem.shape[1])], rows_smem, rows_ready.at[0])
+    sem = pl.get_global(plgpu.SemaphoreType.REGULAR)
+    for o_ref in o_refs:
+        _zero(o_ref, sm=sm, n_sm=n_sm)
+    _grid_barrier(sem, 1, n_sm)
+    plgpu.barrier_wait(rows_ready.at[0])
+    base = 0
+    for p, (shape, o_ref) in enumerate(zip(shapes, o_refs)):
+        k_tiles, total, run, first = _run_of(shape, tile_k, sm, n_sm)
+
+        def step(i, carry, base=base, k_tiles=k_tiles, total=total, run=run, first=first, o_ref=o_ref):
+            acc, flushed = carry
+            n = base + i
+            slot = lax.rem(n, jnp.int32(stages))
+            kk, slab, flush = stream_k_step(first, i, run, k_tiles, total)
+            rows = plgpu.transpose_ref(rows_smem.at[:, pl.ds(kk * tile_k, tile_k)], (1, 0))
+            plgpu.barrier_wait(ready.at[slot])
+
+            def multiply(acc_ref):
+                plgpu.wgmma(acc_ref, plgpu.transpose_ref(ring.at[slot], (1, 0)), rows)
+
+            acc = pl.run_state(multiply)(plgpu.ACC.init(acc))  # read back: the slot is free after this
+            plgpu.barrier_arrive(free.at[slot])
+            pl.when(flush)(lambda: plgpu.atomic_add(o_ref.at[pl.ds(slab * SLAB, SLAB), :], acc - flushed))
+            return acc, lax.cond(flush, lambda: acc, lambda: flushed)
+
+        zero = plgpu.layout_cast(jnp.zeros((SLAB, ROWS), jnp.float32), plgpu.Layout.WGMMA)
+        lax.fori_loop(0, run, step, (zero, zero))
+        base += run
+        if p + 1 < len(shapes):
+            _grid_barrier(sem, p + 2, n_sm)
+
+
+def warp_specialized_call(shapes, dtype, *, tile_k: int = 64, stages: int = 8, n_sm: int = NUM_SMS):
+    """The stream-K layer of `streaming_call` (x, w_1 .. w_p) -> (o_1 .. o_p), with a producer warpgroup
+    streaming the weights (`_stream_weights`) and a consumer warpgroup doing the rest (`_consume_weights`)."""
+    import jax
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+    import jax.numpy as jnp
+    from jax import lax
+    from jax.experimental import pallas as pl
+
+    p = len(shapes)
+    max_k = max(k for k, _ in shapes)
+    transforms = _transforms(dtype)
+
+    def body(x_ref, *refs):
+        w_refs, o_refs = refs[:p], refs[p:2 * p]
+        rows_smem, ring, rows_ready, ready, free = refs[2 * p:]
+        sm, wg = lax.axis_index("sm"), lax.axis_index("wg")
+        common = dict(tile_k=tile_k, stages=stages, sm=sm, n_sm=n_sm)
+        pl.when(wg == 0)(lambda: _consume_weights(x_ref, o_refs, shapes, rows_smem, rows_ready, ring, ready, free,
+                                                  **common))
+        pl.when(wg == 1)(lambda: _stream_weights(w_refs, shapes, ring, ready, free, **common))
+
+    scratch = [plgpu.SMEM((ROWS, max_k), dtype, transforms=transforms),
+               plgpu.SMEM((stages, tile_k, SLAB), dtype, transforms=transforms),
+               plgpu.Barrier(num_barriers=1), plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages)]
+    out_type = [jax.ShapeDtypeStruct((n, ROWS), jnp.float32) for _, n in shapes]
+    return plgpu.kernel(body, out_type=out_type, grid=(n_sm,), grid_names=("sm",), num_threads=2,
+                        thread_name="wg", scratch_types=scratch)
+
+
 def streaming_call(shapes, dtype, *, barriers: bool, stream_k: bool = False, tile_k: int = 64, stages: int = 4,
                    n_sm: int = NUM_SMS, interpret: bool = False):
     """A kernel (x [ROWS, max K], w_1 .. w_p) -> (o_1 .. o_p), o_i = (x[:, :K_i] @ w_i)^T in float32, of the
@@ -228,10 +338,15 @@ def forms(shapes, dtype, rows: int, interpret: bool, pipelines=()):
                                interpret=interpret)
         return jax.jit(lambda x, ws: [[o[:, :rows] for o in layer(padded(x), *w)] for w in ws])
 
+    def layer_ws():
+        layer = warp_specialized_call(shapes, dtype)
+        return jax.jit(lambda x, ws: [[o[:, :rows] for o in layer(padded(x), *w)] for w in ws])
+
     return {
         **persistent(False),
         **persistent(True),
         **{f"layer_stream_k_{tile_k}x{stages}": layer_stream_k(tile_k, stages) for tile_k, stages in pipelines},
+        **({} if interpret else {"layer_stream_k_ws": layer_ws()}),  # the interpreter has no warpgroups' barriers
         "triton": jax.jit(lambda x, ws: [[decode_matmul(wi, x[:, :wi.shape[0]], interpret=interpret).T for wi in w]
                                          for w in ws]),
         "xla": jax.jit(lambda x, ws: [[jnp.dot(x[:, :wi.shape[0]].astype(wi.dtype), wi,

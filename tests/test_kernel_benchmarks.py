@@ -321,6 +321,22 @@ def test_stream_probe_pipeline_variants_lower_for_cuda(tile_k, stages):
     assert f"layer_stream_k_{tile_k}x{stages}" in forms(shapes, jnp.float16, 1, True, [(tile_k, stages)])
 
 
+def test_stream_probe_warp_specialized_layer_lowers_for_cuda():
+    """The stream-K layer with its weights streamed by a producer warpgroup of its own (a ring of 8 slots, which
+    the consumer frees as it multiplies) lowers for CUDA; the probe times it as "layer_stream_k_ws"."""
+    import jax.numpy as jnp
+
+    from benchmarks.stream_probe import ROWS, forms, layer_shapes, warp_specialized_call
+    from gptjax.config import preset
+
+    shapes = layer_shapes(preset("megatron-345m"))
+    call = warp_specialized_call(shapes, jnp.float16)
+    args = [jax.ShapeDtypeStruct((ROWS, 4096), jnp.float16), *(jax.ShapeDtypeStruct(s, jnp.float16) for s in shapes)]
+    text = jax.jit(call).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+    assert "layer_stream_k_ws" in forms(shapes, jnp.float16, 1, False)
+
+
 @pytest.mark.parametrize("k_tiles, slabs", [(16, 48), (16, 16), (64, 16), (16, 64), (3, 5)])
 def test_stream_k_deal_adds_every_tile_once(k_tiles, slabs):
     """The stream-K kernel's deal, run on the host as the kernel runs it: each CTA's accumulator runs on over
