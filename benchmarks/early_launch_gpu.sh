@@ -18,7 +18,7 @@ probe() {  # name, time limit, command...: one probe's rows into probe.log, its 
   timeout -k 10 "$t" "$@" >> "$OUT/probe.log" 2>> "$OUT/err.log"; echo "rc=$? at ${SECONDS}s" >> "$OUT/probe.log"
 }
 { nvidia-smi -L; python3 -c 'import jax, jaxlib, sys; print(sys.version, jax.__version__, jaxlib.__version__)'; } \
-  > "$OUT/env.txt" 2>&1
+  >> "$OUT/env.txt" 2>&1  # appended: a script run before it in the same call keeps its lines
 export PLACE=${PLACE:-end}
 P="python3 -m benchmarks.decode_probe --model megatron-345m --dtype float16"
 if [ -n "${AB-}" ]; then

@@ -24,7 +24,7 @@ parts=${*:-floors prefill decode-sweep decode engine}
 has() { [[ " $parts " == *" $1 "* ]]; }
 limit() { echo $(( $1 > ${LIMIT_MARGIN:-20} + 10 ? $1 - ${LIMIT_MARGIN:-20} : $1 / 2 )); }
 T_PEERS=${T_PEERS:-150} T_PREFILL=${T_PREFILL:-200} T_DECODE=${T_DECODE:-200}
-{ nvidia-smi -L; python3 -c 'import jax, jaxlib, sys; print(sys.version, jax.__version__, jaxlib.__version__, jax.devices()[0].device_kind, getattr(jax.devices()[0], "compute_capability", "?"))'; } > "$OUT/env.txt" 2>&1
+{ nvidia-smi -L; python3 -c 'import jax, jaxlib, sys; print(sys.version, jax.__version__, jaxlib.__version__, jax.devices()[0].device_kind, getattr(jax.devices()[0], "compute_capability", "?"))'; } >> "$OUT/env.txt" 2>&1
 has floors && timeout 120 python3 -m benchmarks.floors --json >> "$OUT/env.txt" 2>&1
 # the peers first, in a process of their own: a kernel of ours that hangs can't take their rows with it
 has prefill && timeout "$T_PEERS" python3 -m benchmarks.kernels --skip-decode --checks none \
