@@ -87,14 +87,10 @@ def _product_stream_k(x_ref, w_ref, o_ref, *, tile_k: int, stages: int, sm, n_sm
     ends, so every multiprocessor streams whatever the number of slabs. o [N, ROWS] += (x @ w)^T."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
     import jax.numpy as jnp
-    from jax import lax
     from jax.experimental import pallas as pl
 
-    k, n = w_ref.shape
-    k_tiles = k // tile_k
-    total = k_tiles * (n // SLAB)
-    run = pl.cdiv(total, n_sm)
-    first = sm * run
+    k = w_ref.shape[0]
+    k_tiles, total, run, first = _run_of(w_ref.shape, tile_k, sm, n_sm)
     transforms = _transforms(w_ref.dtype)
 
     def tile(i):
@@ -110,13 +106,7 @@ def _product_stream_k(x_ref, w_ref, o_ref, *, tile_k: int, stages: int, sm, n_sm
                 kk, slab, flush = stream_k_step(first, i, run, k_tiles, total)
                 rows = plgpu.transpose_ref(rows_smem.at[:, pl.ds(kk * tile_k, tile_k)], (1, 0))
                 plgpu.wgmma(acc, plgpu.transpose_ref(w_smem, (1, 0)), rows)
-                total_so_far = acc[...]  # waits for the wgmma
-                # acc runs on over the slabs: what was added before is taken off (one register tile, no
-                # store to the accumulator)
-                pl.when(flush)(lambda: plgpu.atomic_add(o_ref.at[pl.ds(slab * SLAB, SLAB), :],
-                                                        total_so_far - flushed))
-                # a branch, not a select: Mosaic GPU's warpgroup lowering does not broadcast a scalar predicate
-                return lax.cond(flush, lambda: total_so_far, lambda: flushed)
+                return _flush(o_ref, slab, flush, acc[...], flushed)  # acc[...] waits for the wgmma
 
             spec = plgpu.BlockSpec((tile_k, SLAB), lambda i: tile(i), transforms=transforms)
             plgpu.emit_pipeline(step, grid=(run,), in_specs=[spec], max_concurrent_steps=stages,
@@ -126,6 +116,19 @@ def _product_stream_k(x_ref, w_ref, o_ref, *, tile_k: int, stages: int, sm, n_sm
 
     pl.run_scoped(with_rows, plgpu.SMEM((ROWS, k), w_ref.dtype, transforms=transforms),
                   plgpu.Barrier(num_barriers=1))
+
+
+def _flush(o_ref, slab, flush, total_so_far, flushed):
+    """Where a slab or the run ends (`flush`), add the slab's sum into o -> the sum added so far. The
+    accumulator runs on over the slabs, so what was added before is taken off (one register tile, no store to
+    the accumulator)."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+    from jax import lax
+    from jax.experimental import pallas as pl
+
+    pl.when(flush)(lambda: plgpu.atomic_add(o_ref.at[pl.ds(slab * SLAB, SLAB), :], total_so_far - flushed))
+    # a branch, not a select: Mosaic GPU's warpgroup lowering does not broadcast a scalar predicate
+    return lax.cond(flush, lambda: total_so_far, lambda: flushed)
 
 
 def stream_k_step(first, i, run: int, k_tiles: int, total: int):
@@ -228,8 +231,7 @@ def _consume_weights(x_ref, o_refs, shapes, rows_smem, rows_ready, ring, ready, 
 
             acc = pl.run_state(multiply)(plgpu.ACC.init(acc))  # read back: the slot is free after this
             plgpu.barrier_arrive(free.at[slot])
-            pl.when(flush)(lambda: plgpu.atomic_add(o_ref.at[pl.ds(slab * SLAB, SLAB), :], acc - flushed))
-            return acc, lax.cond(flush, lambda: acc, lambda: flushed)
+            return acc, _flush(o_ref, slab, flush, acc, flushed)
 
         zero = plgpu.layout_cast(jnp.zeros((SLAB, ROWS), jnp.float32), plgpu.Layout.WGMMA)
         lax.fori_loop(0, run, step, (zero, zero))
