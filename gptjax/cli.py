@@ -21,11 +21,6 @@ class UsageError(ValueError):
     """Bad input from the command line or its files: exit 2 with one line."""
 
 
-class JobUsageError(UsageError):
-    """A UsageError that every process of a multi-process job finds alike, at the same point: each exits 2 the
-    usual way (a clean shutdown of the job), where a process failing alone leaves at once."""
-
-
 def _mesh(text: str) -> MeshShape:
     try:
         return MeshShape.parse(text)
@@ -257,12 +252,12 @@ def _check_one_job(args, config) -> None:
 
     settings = [args.model, args.checkpoint, config.dtype, to_dict(config.engine), to_dict(config.scheduler)]
     if not distributed.same_on_every_process(json.dumps(settings, sort_keys=True)):
-        raise JobUsageError("the processes of this job were started with different models or settings (model, "
+        raise UsageError("the processes of this job were started with different models or settings (model, "
                             "checkpoint, dtype, engine or scheduler): start every process with the same command "
                             "and config")
     shape, devices = config.engine.mesh, jax.device_count()
     if shape.size != devices:  # each process would run a model of its own
-        raise JobUsageError(f"a job of {jax.process_count()} processes runs one model over all {devices} devices: "
+        raise UsageError(f"a job of {jax.process_count()} processes runs one model over all {devices} devices: "
                             f"give --mesh with data*stage*tensor = {devices} (got {shape})")
 
 
@@ -405,8 +400,6 @@ def main(argv=None) -> int:
         return COMMANDS[args.command](args)
     except (UsageError, CheckpointError, ValueError, OSError) as e:  # OSError: a path that cannot be read or written
         print(f"gptjax {args.command}: error: {e}", file=sys.stderr)
-        if isinstance(e, JobUsageError):
-            return 2
         from gptjax import distributed
 
         return distributed.leave_job(2)
