@@ -389,6 +389,7 @@ def _serving_bench(args) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from gptjax import distributed
     from gptjax.checkpoint import CheckpointError
 
     # conversions from the Hub say where they went, on this run's stderr
@@ -397,11 +398,9 @@ def main(argv=None) -> int:
     hub_log.addHandler(handler)
     hub_log.setLevel(logging.INFO)
     try:
-        return COMMANDS[args.command](args)
+        return distributed.end_job(COMMANDS[args.command](args))
     except (UsageError, CheckpointError, ValueError, OSError) as e:  # OSError: a path that cannot be read or written
         print(f"gptjax {args.command}: error: {e}", file=sys.stderr)
-        from gptjax import distributed
-
         return distributed.leave_job(2)
     except KeyboardInterrupt:
         return 130
