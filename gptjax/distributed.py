@@ -182,7 +182,11 @@ def end_job(code: int) -> int:
     if jax.distributed.is_initialized():
         sys.stdout.flush()
         sys.stderr.flush()
-        jax.distributed.shutdown()
+        try:
+            jax.distributed.shutdown()
+        except Exception as e:  # a process lost at the very end: this one's work is done, the job's is not
+            print(f"gptjax: the job did not end cleanly: {e}", file=sys.stderr, flush=True)
+            code = code or 1
         os._exit(code)
     return code
 

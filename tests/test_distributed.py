@@ -129,6 +129,27 @@ def test_heartbeat_timeout_from_the_environment():
             distributed.heartbeat_timeout_s({"GPTJAX_HEARTBEAT_TIMEOUT_S": bad})
 
 
+@pytest.mark.parametrize("shutdown_fails", [False, True])
+def test_a_job_ends_at_its_shutdown_barrier_and_leaves_at_once(monkeypatch, capsys, shutdown_fails):
+    """After the barrier the process exits without tearing its backend down; a barrier that fails (a process
+    lost at the very end) still ends it, non-zero, saying so."""
+    import jax
+
+    calls = []
+
+    def shutdown():
+        calls.append("shutdown")
+        if shutdown_fails:
+            raise RuntimeError("injected: task 1 is gone")
+
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(jax.distributed, "shutdown", shutdown)
+    monkeypatch.setattr(distributed.os, "_exit", lambda code: calls.append(("exit", code)))
+    distributed.end_job(0)
+    assert calls == ["shutdown", ("exit", 1 if shutdown_fails else 0)]
+    assert ("injected: task 1 is gone" in capsys.readouterr().err) == shutdown_fails
+
+
 def test_process_0_refuses_a_coordinator_port_another_job_holds():
     """JAX's coordination service would bind beside a running job's coordinator (it shares its port) and that
     job would end; process 0 refuses the port first. A free port passes."""
