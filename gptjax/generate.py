@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from gptjax.prompts import check_new_tokens, check_prompt
+from gptjax.prompts import MAX_STOP_IDS, check_new_tokens, check_prompt, check_token_ids, whole_number
 from gptjax.sampling import SamplingParams
 
 
@@ -48,8 +48,8 @@ def sampling_params(engine, n: int, temperature, top_k, top_p, seed, greedy: boo
         raise ValueError(f"got {len(seeds)} seeds for {n} prompts")
     return [SamplingParams(
         temperature=0.0 if greedy else (ec.temperature if temperature is None else float(temperature)),
-        top_k=ec.top_k if top_k is None else int(top_k), top_p=ec.top_p if top_p is None else float(top_p),
-        seed=int(s)) for s in seeds]
+        top_k=ec.top_k if top_k is None else whole_number(top_k, "top_k"),
+        top_p=ec.top_p if top_p is None else float(top_p), seed=whole_number(s, "seed")) for s in seeds]
 
 
 def generate(engine, prompts, max_new_tokens: int | None = None, *, temperature: float | None = None,
@@ -64,12 +64,14 @@ def generate(engine, prompts, max_new_tokens: int | None = None, *, temperature:
     ec = engine.engine_config
     ids = encode_prompts(engine, prompts)
     longest = max(len(r) for r in ids)
-    n_new = check_new_tokens(ec.max_new_tokens if max_new_tokens is None else int(max_new_tokens), longest,
-                             engine.max_seq_len)
+    n_new = check_new_tokens(ec.max_new_tokens if max_new_tokens is None else
+                             whole_number(max_new_tokens, "max_new_tokens"), longest, engine.max_seq_len)
     params = sampling_params(engine, len(ids), temperature, top_k, top_p, seed, greedy)
-    if stop_token_ids is not None and not isinstance(stop_token_ids, (Sequence, np.ndarray, set, frozenset)):
-        raise ValueError(f"stop_token_ids must be a list of token ids, got {stop_token_ids!r}")
-    stops = {ec.eos_token_id} if stop_token_ids is None else {int(t) for t in stop_token_ids}
+    if isinstance(stop_token_ids, (set, frozenset)):
+        stop_token_ids = sorted(stop_token_ids)
+    stops = ({ec.eos_token_id} if stop_token_ids is None else
+             set(check_token_ids(stop_token_ids, engine.config.vocab_size, MAX_STOP_IDS, "stop_token_ids",
+                                 f"entries; at most {MAX_STOP_IDS} are taken")))
 
     tokens = np.zeros((len(ids), engine.prefill_bucket(longest)), np.int32)
     for i, row in enumerate(ids):

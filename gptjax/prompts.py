@@ -11,6 +11,8 @@ from typing import Sequence
 
 import numpy as np
 
+MAX_STOP_IDS = 1024  # stop token ids one request may give
+
 
 def check_prompt(ids, vocab_size: int, max_seq_len: int, field: str = "prompt") -> list[int]:
     """Token ids -> a list of ints: a sequence (or 1-d integer array) of 1 to `max_seq_len - 1` ids (one position
@@ -45,6 +47,15 @@ def check_token_ids(ids, vocab_size: int, most: int, field: str, what: str = "id
             raise ValueError(f"{field}[{i}] = {int(t)} is outside the vocabulary [0, {vocab_size})")
         out.append(int(t))
     return out
+
+
+def whole_number(value, field: str) -> int:
+    """An integer argument as an int: a float with a fraction, a bool or a string is refused, not rounded."""
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{field} must be a whole number, got {value!r}")
+    return int(value)
 
 
 def check_new_tokens(n: int, prompt_len: int, max_seq_len: int, field: str = "max_new_tokens") -> int:

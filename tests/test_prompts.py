@@ -51,9 +51,19 @@ def test_the_notebook_generate_uses_it():
         engine.generate([""], max_new_tokens=2)
     for args, kwargs, words in [(([],), {}, "prompts is empty"),
                                 (([[1, 2]],), dict(seed=None), "seed must be an integer or one per prompt"),
-                                (([[1, 2]],), dict(stop_token_ids=5), "stop_token_ids must be a list of token ids")]:
+                                (([[1, 2]],), dict(stop_token_ids=5), "stop_token_ids must be a list of token ids"),
+                                # a string is not taken digit by digit, nor a fraction rounded
+                                (([[1, 2]],), dict(stop_token_ids="52"), "stop_token_ids must be a list of token ids"),
+                                (([[1, 2]],), dict(stop_token_ids=[50257]), r"stop_token_ids\[0\] = 50257 is outside"),
+                                (([[1, 2]],), dict(top_k=2.5), "top_k must be a whole number, got 2.5"),
+                                (([[1, 2]],), dict(max_new_tokens=2.5), "max_new_tokens must be a whole number")]:
         with pytest.raises(ValueError, match=words):
-            engine.generate(*args, max_new_tokens=2, **kwargs)
+            engine.generate(*args, **{"max_new_tokens": 2, **kwargs})
+    # whole numbers as floats, and a set of stop ids, are taken
+    (free,) = engine.generate([[1, 2]], max_new_tokens=4.0, greedy=True, stop_token_ids=[])
+    (stopped,) = engine.generate([[1, 2]], max_new_tokens=4, greedy=True, stop_token_ids={free.output_ids[1]})
+    assert len(free.output_ids) == 4 and stopped.finish_reason == "stop"
+    assert stopped.output_ids == free.output_ids[:free.output_ids.index(free.output_ids[1]) + 1]
     # one prompt as a 1-D array of ids, as a list of them would be
     (one,) = engine.generate(np.array([464, 2068]), max_new_tokens=2, greedy=True)
     assert one.prompt_ids == [464, 2068]
