@@ -32,9 +32,9 @@ def _ids(text: str) -> list[int]:
     try:
         ids = [int(t) for t in text.replace(" ", "").split(",") if t]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--prompt-ids: expected comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
     if not ids:
-        raise argparse.ArgumentTypeError("--prompt-ids: empty list")
+        raise argparse.ArgumentTypeError("an empty list of token ids")
     return ids
 
 

@@ -46,7 +46,8 @@ def test_bad_input_exits_2_with_one_line(tmp_path):
         lines = [l for l in proc.stderr.splitlines() if l.strip()]
         assert len(lines) == 1 and "error" in lines[0], (args, proc.stderr)
     proc = run_cli("generate", "--prompt-ids", "1,x", check=False)  # argparse's own usage errors
-    assert proc.returncode == 2 and "--prompt-ids" in proc.stderr
+    assert proc.returncode == 2 and proc.stderr.splitlines()[-1] == \
+        "gptjax generate: error: argument --prompt-ids: expected comma-separated integers, got '1,x'"
 
 
 def test_convert_refuses_corrupt_weights_and_leaves_nothing(hf_dir, tmp_path):
