@@ -191,7 +191,7 @@ class BodyTimeout(Exception):
 
 async def read_body(http: HttpRequest, limit: int, timeout_s: float) -> bytes:
     """The request body, refused past `limit` bytes before more than that is read, or when it has not
-    arrived whole within `timeout_s`."""
+    arrived whole within `timeout_s`, or when the server stops first (UNAVAILABLE)."""
     length = http.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise BodyTooLarge(int(length), limit)
@@ -206,6 +206,11 @@ async def read_body(http: HttpRequest, limit: int, timeout_s: float) -> bytes:
         raise BodyTimeout(len(body), timeout_s) from None
     except ClientDisconnect:  # gone before the body was whole: nobody to answer, nothing to log
         raise ClientGone() from None
+    except asyncio.CancelledError:
+        # the server stops and its grace time is over: the client goes elsewhere, as a draining server's clients
+        # do (let through, the cancel would be uvicorn's plain-text 500)
+        asyncio.current_task().uncancel()
+        raise RequestError(Code.UNAVAILABLE, "the server is shutting down") from None
     return bytes(body)
 
 

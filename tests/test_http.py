@@ -346,6 +346,12 @@ def bad_cases(served):
         ("mismatched shapes", 400, "batch", infer_json(rows=2, lengths_rows=3)),
         ("a batch over max_batch_size", 429, "over the server's limit of 4", infer_json(rows=5)),
         ("a value outside its datatype", 400, "outside UINT32", infer_json(data=[[5, -1]])),
+        ("a float tensor's integer past float64", 400, "too large for FP32",
+         call("POST", f"/v2/models/{MODEL}/infer", json={"inputs": [
+             {"name": "input_ids", "datatype": "UINT32", "shape": [1, 2], "data": [5, 6]},
+             {"name": "input_lengths", "datatype": "UINT32", "shape": [1, 1], "data": [2]},
+             {"name": "request_output_len", "datatype": "UINT32", "shape": [1, 1], "data": [2]},
+             {"name": "temperature", "datatype": "FP32", "shape": [1, 1], "data": [10**400]}]})),
         ("OpenAI max_tokens 0", 400, "max_tokens must be at least 1", completion(max_tokens=0)),
         ("OpenAI max_tokens over the limit", 400, "max_tokens = 300 is over", completion(max_tokens=300)),
         ("OpenAI temperature < 0", 400, "temperature must be >= 0", completion(temperature=-0.5)),
@@ -557,6 +563,32 @@ def test_a_stalled_body_is_a_408_and_requests_past_the_limit_a_503():
         assert get("/v2/models/fastertransformer").startswith(b"HTTP/1.1 200")  # their places are free again
     finally:
         server.stop()
+
+
+def test_a_body_still_coming_when_the_server_stops_is_a_503_not_uvicorns_500():
+    """A client still sending its body when the drain's grace time ends is sent elsewhere like any client of a
+    draining server (uvicorn's cancel would otherwise answer a plain-text 500)."""
+    from serving.config import DEFAULT_DIALECT
+    from serving.frontend import Frontend
+    from serving.http import Context
+    from serving.http_app import HttpServer, create_app, listen
+
+    ctx = Context(Frontend("gpt2-tiny"), max_body_bytes=1 << 20, dialect=DEFAULT_DIALECT, body_timeout_s=60)
+    server = HttpServer([(create_app(ctx, max_requests=8), listen("127.0.0.1", 0))], grace_s=0.5)
+    host, port = server.addresses[0].rsplit(":", 1)
+    answers = []
+    for path in ("/v1/completions", f"/v2/models/{MODEL}/infer"):
+        sock = socket.create_connection((host, int(port)))
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: 100\r\n\r\n{{\"prompt\":".encode())
+        answers.append(sock)
+    time.sleep(0.5)  # both bodies are being read
+    server.stop()
+    for sock in answers:
+        with sock:
+            answer = _answer(sock)
+        assert answer.startswith(b"HTTP/1.1 503"), answer
+        assert b"retry-after: 1" in answer.lower() and b"shutting down" in answer, answer
 
 
 # ---- a server that drains, or cuts its requests off, sends its clients elsewhere -------------------------------
