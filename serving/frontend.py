@@ -37,14 +37,13 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from gptjax.prompts import check_prompt, check_token_ids
+from gptjax.prompts import MAX_STOP_IDS, check_prompt, check_token_ids
 from gptjax.sampling import SamplingParams
 from serving.request import Code, Event, Failed, Finished, Request, Tokens
 
 INT32_MAX = 2**31 - 1
 WIRE_INTS = (-(2**63), 2**64 - 1)  # fits int64 or uint64: the widest integer any wire format carries
 TEXT_BYTES_PER_POSITION = 16
-MAX_STOP_IDS = 1024
 TOKENIZE_THREADS = 2
 POLL_S = 0.25  # how often a blocked handler looks whether its caller is still there
 
