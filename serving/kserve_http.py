@@ -91,9 +91,10 @@ def _json_array(data, datatype: str, shape: list[int], name: str) -> np.ndarray:
         info = np.iinfo(dtype)
         if min(flat) < info.min or max(flat) > info.max:
             raise invalid(f"input {name}: a value is outside {datatype}'s range [{info.min}, {info.max}]")
-    try:
-        return np.array(flat, dtype).reshape(shape)
-    except OverflowError:  # JSON's integers have no bound: one past float64 can't be a float tensor's value
+    try:  # JSON's numbers have no bound: one past the float datatype's range is refused, not made infinite
+        with np.errstate(over="raise"):
+            return np.array(flat, dtype).reshape(shape)
+    except (OverflowError, FloatingPointError):
         raise invalid(f"input {name}: a value is too large for {datatype}") from None
 
 

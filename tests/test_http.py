@@ -310,6 +310,12 @@ def bad_cases(served):
     header = {"inputs": [{"name": name, "datatype": "UINT32", "shape": shape, "parameters": {"binary_data_size": size}}
                          for name, shape, size in zip(V1, ([1, 2], [1, 1], [1, 1]), (8, 4, 4))]}
 
+    def infer_with_temperature(value):
+        inputs = [{"name": name, "datatype": "UINT32", "shape": shape, "data": data} for name, shape, data in
+                  (("input_ids", [1, 2], [5, 6]), ("input_lengths", [1, 1], [2]), ("request_output_len", [1, 1], [2]))]
+        temperature = {"name": "temperature", "datatype": "FP32", "shape": [1, 1], "data": [value]}
+        return call("POST", f"/v2/models/{MODEL}/infer", json={"inputs": [*inputs, temperature]})
+
     def completion(**body):
         return call("POST", "/v1/completions", json={"prompt": [1, 2, 3], **body})
 
@@ -347,11 +353,9 @@ def bad_cases(served):
         ("a batch over max_batch_size", 429, "over the server's limit of 4", infer_json(rows=5)),
         ("a value outside its datatype", 400, "outside UINT32", infer_json(data=[[5, -1]])),
         ("a float tensor's integer past float64", 400, "too large for FP32",
-         call("POST", f"/v2/models/{MODEL}/infer", json={"inputs": [
-             {"name": "input_ids", "datatype": "UINT32", "shape": [1, 2], "data": [5, 6]},
-             {"name": "input_lengths", "datatype": "UINT32", "shape": [1, 1], "data": [2]},
-             {"name": "request_output_len", "datatype": "UINT32", "shape": [1, 1], "data": [2]},
-             {"name": "temperature", "datatype": "FP32", "shape": [1, 1], "data": [10**400]}]})),
+         infer_with_temperature(10**400)),
+        ("a float tensor's value past FP32", 400, "too large for FP32",
+         infer_with_temperature(1e300)),
         ("OpenAI max_tokens 0", 400, "max_tokens must be at least 1", completion(max_tokens=0)),
         ("OpenAI max_tokens over the limit", 400, "max_tokens = 300 is over", completion(max_tokens=300)),
         ("OpenAI temperature < 0", 400, "temperature must be >= 0", completion(temperature=-0.5)),
