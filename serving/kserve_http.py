@@ -290,15 +290,15 @@ def _infer_route(app: FastAPI, ctx: Context) -> None:
 
     @_both(app, "post", "/infer")
     async def infer(http: HttpRequest, model: str, version: str | None = None):
-        check_model(model, version or "")
-        if http.headers.get("content-encoding", "identity") != "identity":
-            raise invalid(f"Content-Encoding {http.headers['content-encoding']!r} is not supported; send the body "
-                          "uncompressed")
-        body = await ctx.body(http)
-        # a large JSON body takes seconds of Python to read: off the event loop, which answers every other client
-        length = http.headers.get("inference-header-content-length")
-        header, binary = await asyncio.to_thread(split_binary, body, length)
-        with frontend.api_call() as call:
+        with frontend.api_call() as call:  # counted whatever refuses it, as over gRPC
+            check_model(model, version or "")
+            if http.headers.get("content-encoding", "identity") != "identity":
+                raise invalid(f"Content-Encoding {http.headers['content-encoding']!r} is not supported; send the "
+                              "body uncompressed")
+            body = await ctx.body(http)
+            # a large JSON body takes seconds of Python to read: off the event loop, which answers every other client
+            length = http.headers.get("inference-header-content-length")
+            header, binary = await asyncio.to_thread(split_binary, body, length)
             arrays = await asyncio.to_thread(decode_inputs, header, binary)
             requested = [o["name"] for o in requested_outputs(header)]
             deadline = ft.request_deadline(header.get("parameters") or {}, also=("binary_data_output",))
@@ -319,10 +319,9 @@ def _generate_routes(app: FastAPI, ctx: Context) -> None:
 
     @_both(app, "post", "/generate")
     async def generate(http: HttpRequest, model: str, version: str | None = None):
-        check_model(model, version or "")
-        body = json_object(await ctx.body(http))
         with frontend.api_call() as call:
-            g = Generate(body)
+            check_model(model, version or "")
+            g = Generate(json_object(await ctx.body(http)))
             call.requests = [await g.request(frontend)]
             (run,) = streams(call.requests)
             frontend.submit(call.requests)
@@ -332,12 +331,11 @@ def _generate_routes(app: FastAPI, ctx: Context) -> None:
 
     @_both(app, "post", "/generate_stream")
     async def generate_stream(http: HttpRequest, model: str, version: str | None = None):
-        check_model(model, version or "")
-        body = json_object(await ctx.body(http))
         metered = contextlib.ExitStack()  # the API call, for the metrics: closed when the stream ends
         call = metered.enter_context(frontend.api_call())
         try:
-            g = Generate(body)
+            check_model(model, version or "")
+            g = Generate(json_object(await ctx.body(http)))
             call.requests = [await g.request(frontend)]
             (run,) = streams(call.requests)
             frontend.submit(call.requests)

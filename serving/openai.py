@@ -388,11 +388,11 @@ def add_routes(app: FastAPI, ctx: Context) -> None:
 
     @app.post("/v1/completions")
     async def completions(http: HttpRequest):
-        body = json_object(await ctx.body(http))
-        check_model(body.get("model"))
         metered = contextlib.ExitStack()  # the API call, for the metrics: closed when its answer is done
         call_info = metered.enter_context(frontend.api_call())
         try:
+            body = json_object(await ctx.body(http))
+            check_model(body.get("model"))
             call = Completions(ctx, body)
             call_info.requests = await call.make_requests()
             runs = streams(call.requests)

@@ -238,6 +238,23 @@ def test_a_unary_client_that_disconnects_frees_its_slot(served):
     assert metrics(served.metrics, served.headers)[("nv_inference_request_failure_total", MODEL)] == failures + 1
 
 
+def test_an_inference_call_refused_for_its_body_or_model_counts_as_a_failure(served):
+    """As over gRPC: a failed call is counted whatever refused it, the body's JSON or the model's name too."""
+    wait_idle(served)
+    failures = metrics(served.metrics, served.headers)[("nv_inference_request_failure_total", MODEL)]
+    sent = [("POST", f"/v2/models/{MODEL}/infer", b'{"inputs": [', 400),
+            ("POST", "/v2/models/no-such-model/infer", json.dumps(v1_json()[1]).encode(), 404),
+            ("POST", f"/v2/models/{MODEL}/generate", b"[1]", 400),
+            ("POST", f"/v2/models/{MODEL}/generate_stream", b"{", 400),
+            ("POST", "/v1/completions", json.dumps({"prompt": [1], "model": "other"}).encode(), 404)]
+    with httpx.Client(base_url=served.http, headers=served.headers, timeout=60) as c:
+        for method, path, body, status in sent:
+            r = c.request(method, path, content=body, headers={"content-type": "application/json"})
+            assert r.status_code == status, (path, r.status_code, r.text)
+    after = metrics(served.metrics, served.headers)[("nv_inference_request_failure_total", MODEL)]
+    assert after == failures + len(sent)
+
+
 def test_a_client_gone_before_its_body_is_whole_is_no_error(served, http):
     """A body cut short by the client's disconnect is nobody's answer: no traceback in the server's log (any
     client could fill it), and the server keeps serving."""
