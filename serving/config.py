@@ -156,7 +156,8 @@ class ServerConfig:
     keepalive_time_s: float = 60.0  # ping a connection quiet for this long...
     keepalive_timeout_s: float = 20.0  # ...and close it when the ping is not answered in this long
     max_connection_idle_s: float = 300.0  # close a connection with no call for this long (clients reconnect)
-    http_body_timeout_s: float = 60.0  # an HTTP request's body must arrive whole within this long (408 otherwise)
+    http_body_timeout_s: float = 60.0  # an HTTP request's body must arrive whole within this long (408 otherwise),
+                                       # and its headers (else the connection is closed)
     max_http_requests: int = 1024  # HTTP requests in progress at once (a stream until it ends); past it, 503
 
     def __post_init__(self):

@@ -106,17 +106,57 @@ def listen(host: str, port: int) -> socket.socket:
         raise OSError(f"can't listen on {host}:{port}: {e.strerror or e}") from None
 
 
+def header_deadline_protocol(timeout_s: float):
+    """uvicorn's HTTP/1.1 protocol, closing a connection whose request headers are not whole `timeout_s` after it
+    opened (or after the first byte of a request that follows a response). uvicorn times a connection out only
+    while it idles between requests, so one that sends nothing, or a few bytes now and then, was held for good,
+    and enough of them took every connection the port allows."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderDeadline(H11Protocol):
+        _late: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._watch()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            self._watch()
+
+        def connection_lost(self, exc) -> None:
+            self._unwatch()
+            super().connection_lost(exc)
+
+        def _watch(self) -> None:
+            """Arm the deadline while headers are awaited (h11 is IDLE); disarm once a request is under way."""
+            if self.conn.their_state is not h11.IDLE or self.transport.is_closing():
+                self._unwatch()
+            elif self._late is None:
+                self._late = asyncio.get_running_loop().call_later(timeout_s, self.transport.close)
+
+        def _unwatch(self) -> None:
+            if self._late is not None:
+                self._late.cancel()
+                self._late = None
+
+    return HeaderDeadline
+
+
 class HttpServer:
     """uvicorn serving the HTTP app (and the metrics app) on a thread of its own, with one event loop. Past
-    `max_connections` open connections on a port (idle ones too: a client that connects and sends nothing holds
-    one) uvicorn answers its own plain-text 503; the app's RequestLimit answers requests before that."""
+    `max_connections` open connections on a port uvicorn answers its own plain-text 503 (the app's RequestLimit
+    answers requests before that); a connection whose request headers are not whole within `header_timeout_s`
+    is closed, so that idle or trickling clients can't hold them all."""
 
     def __init__(self, apps: list[tuple[FastAPI, socket.socket]], grace_s: float = 5.0,
-                 max_connections: int | None = None):
+                 max_connections: int | None = None, header_timeout_s: float = 60.0):
         import uvicorn
 
         self.sockets = [sock for _, sock in apps]
         self.servers = [uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+                                                      http=header_deadline_protocol(header_timeout_s),
                                                       timeout_graceful_shutdown=grace_s,
                                                       limit_concurrency=max_connections))
                         for app, _ in apps]
@@ -151,4 +191,5 @@ def start_http(frontend: Frontend, options: ServerConfig) -> HttpServer | None:
     if options.metrics_port:
         apps.append((create_metrics_app(ctx, options.api_key), listen(options.host, options.metrics_port)))
     # connections are counted apart from requests: several per request in progress before uvicorn refuses
-    return HttpServer(apps, max_connections=4 * options.max_http_requests) if apps else None
+    return HttpServer(apps, max_connections=4 * options.max_http_requests,
+                      header_timeout_s=options.http_body_timeout_s) if apps else None

@@ -545,6 +545,37 @@ def _answer(sock) -> bytes:
     return data
 
 
+def test_connections_whose_headers_do_not_come_are_closed_and_free_the_port():
+    """Idle connections, or ones that trickle a request's first bytes (after an answered request too), are closed
+    after the header time: they held every connection the port allows for good, and each later request got
+    uvicorn's 503."""
+    from fastapi import FastAPI
+
+    from serving.http_app import HttpServer, listen
+
+    app = FastAPI()
+    app.get("/ok")(lambda: {"ok": True})
+    server = HttpServer([(app, listen("127.0.0.1", 0))], max_connections=4, header_timeout_s=3.0)
+    host, port = server.addresses[0].rsplit(":", 1)
+    url = f"http://{host}:{port}/ok"
+    held = [socket.create_connection((host, int(port))) for _ in range(3)]
+    try:
+        idle, trickling, kept = held
+        trickling.sendall(b"GET /ok HTTP/1.1\r\nHo")
+        kept.sendall(b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert kept.recv(65536).startswith(b"HTTP/1.1 200")
+        kept.sendall(b"GET /ok HTTP/1.1\r\n")  # the next request, never finished
+        assert httpx.get(url, timeout=10).status_code == 503  # the port is full
+        start = time.monotonic()
+        assert [_answer(sock) for sock in held] == [b"", b"", b""]  # each until the server closes it
+        assert time.monotonic() - start < 9  # by the header deadline, not by _answer's own 10 s
+        assert httpx.get(url, timeout=10).status_code == 200  # the port is free again
+    finally:
+        for sock in held:
+            sock.close()
+        server.stop()
+
+
 def test_a_stalled_body_is_a_408_and_requests_past_the_limit_a_503():
     from serving.config import DEFAULT_DIALECT
     from serving.frontend import Frontend
