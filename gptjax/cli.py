@@ -253,12 +253,12 @@ def _check_one_job(args, config) -> None:
     settings = [args.model, args.checkpoint, config.dtype, to_dict(config.engine), to_dict(config.scheduler)]
     if not distributed.same_on_every_process(json.dumps(settings, sort_keys=True)):
         raise UsageError("the processes of this job were started with different models or settings (model, "
-                            "checkpoint, dtype, engine or scheduler): start every process with the same command "
-                            "and config")
+                         "checkpoint, dtype, engine or scheduler): start every process with the same command and "
+                         "config")
     shape, devices = config.engine.mesh, jax.device_count()
     if shape.size != devices:  # each process would run a model of its own
         raise UsageError(f"a job of {jax.process_count()} processes runs one model over all {devices} devices: "
-                            f"give --mesh with data*stage*tensor = {devices} (got {shape})")
+                         f"give --mesh with data*stage*tensor = {devices} (got {shape})")
 
 
 def cmd_generate(args) -> int:
