@@ -7,7 +7,8 @@ adapter over one front end (serving/frontend.py). Handlers run on gRPC's thread 
 on its own thread; the other processes only follow the loop's commands.
 
 Limits that keep the server answering: each connection may hold at most as many concurrent streams as the
-scheduler can queue and run, plus a few (`grpc.max_concurrent_streams`); streams that wait on the client
+scheduler can queue and run, plus a few (`grpc.max_concurrent_streams`; the client holds further calls until a
+stream ends); streams that wait on the client
 (ModelStreamInfer, health watches, reflection) are bounded and closed after the idle time without a message;
 generation calls beyond the queue are refused at once, so threads stay free for health and model info.
 Keep-alive pings find dead connections. With `--api-key`, every call but health needs the metadata
@@ -223,6 +224,10 @@ class Server:
                 ("grpc.max_send_message_length", options.max_message_bytes), ("grpc.so_reuseport", 0),
                 # per connection: one client may fill the queue and the slots and still ask for health or info
                 ("grpc.max_concurrent_streams", in_flight + options.reserved_workers),
+                # ...and calls past that wait in the client for a stream to end: with gRPC's overload protection a
+                # stream the client has seen end still counts until the server frees it, and the next call, sent at
+                # once, was refused with RST_STREAM (UNAVAILABLE), health checks included
+                ("grpc.http.overload_protection", 0),
                 ("grpc.keepalive_time_ms", _ms(options.keepalive_time_s)),
                 ("grpc.keepalive_timeout_ms", _ms(options.keepalive_timeout_s)),
                 ("grpc.keepalive_permit_without_calls", 1),

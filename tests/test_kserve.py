@@ -21,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import run_cli
 from serving.client import Client, make_request
+from serving.proto.gptjax.v1 import generator_pb2_grpc as pb_grpc
 from test_serving import MODEL, _wait_idle, ft_inputs, padded, rpc_error, running_server, tritonclient_grpc
 # tritonclient's copy of the KServe messages (ours and its share the descriptor pool's names: one per process)
 from tritonclient.grpc import service_pb2 as kpb
@@ -283,6 +284,22 @@ def test_expired_queued_requests_free_their_places(client):
         for s in long:
             s.close()
     assert [len(a.result(timeout=120).token_ids) for a in accepted] == [2] * 16
+
+
+def test_calls_past_a_connections_stream_limit_wait_for_a_stream_rather_than_being_reset(target, client):
+    """More calls at once on one connection than its streams (the queue, the slots and the reserved workers): the
+    extra ones wait in the client for a stream and then get their answer, a full queue's RESOURCE_EXHAUSTED
+    included. gRPC's overload protection reset them instead (UNAVAILABLE: RST_STREAM), health checks too."""
+    with grpc.insecure_channel(target) as channel:
+        stub, health = pb_grpc.GeneratorStub(channel), health_pb2_grpc.HealthStub(channel)
+        health.Check(health_pb2.HealthCheckRequest(), timeout=30)  # the connection's settings are known
+        calls = [stub.Generate.future(_request(), timeout=120) for _ in range(100)]
+        calls += [health.Check.future(health_pb2.HealthCheckRequest(), timeout=120) for _ in range(20)]
+        codes = [c.exception(timeout=150) for c in calls]
+    codes = [grpc.StatusCode.OK if e is None else e.code() for e in codes]
+    assert set(codes[:100]) <= {grpc.StatusCode.OK, EXHAUSTED} and grpc.StatusCode.OK in codes[:100], codes
+    assert codes[100:] == [grpc.StatusCode.OK] * 20, codes[100:]
+    still_serving(client)
 
 
 def _queued_becomes(client, n: int, within_s: float) -> bool:
