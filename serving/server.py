@@ -8,9 +8,9 @@ on its own thread; the other processes only follow the loop's commands.
 
 Limits that keep the server answering: each connection may hold at most as many concurrent streams as the
 scheduler can queue and run, plus a few (`grpc.max_concurrent_streams`; the client holds further calls until a
-stream ends); streams that wait on the client
-(ModelStreamInfer, health watches, reflection) are bounded and closed after the idle time without a message;
-generation calls beyond the queue are refused at once, so threads stay free for health and model info.
+stream ends); streams that wait on the client (ModelStreamInfer, health watches, reflection) are bounded and
+closed after the idle time without a message; generation calls beyond the queue are refused at once, so threads
+stay free for health and model info.
 Keep-alive pings find dead connections. With `--api-key`, every call but health needs the metadata
 `authorization: Bearer KEY` (`serving.rpc.ApiKey`), as every HTTP route but health needs the header.
 
