@@ -19,6 +19,14 @@ slabs of each weight matrix by TMA, `--stages` deep, and multiplies them with up
   a producer loads every product's tiles in turn into a ring of `stages` slots, never waiting on the grid
   barriers (weights do not depend on the products before), while the consumer multiplies, adds and waits at
   the barriers: the next product's first tiles land during the barrier rather than after it;
+- "layer_stream_k_ws_free": the same without the barriers between products (the probe's products do not
+  depend on each other, so its outputs still check): what the barriers cost;
+- "ws_loads_only": the same stream with nothing multiplied (each tile waited for and released; outputs not
+  checked): the ceiling of this producer and ring;
+- "..._tiled" of the last two: the weights laid out tile by tile (`tiled_weights`, as a loader could store
+  them), so that each TMA copy reads 8 KB in one run rather than 64 runs of 128 bytes;
+- "layers_N_stream_k_ws" (a barrier after every product) and "ws_loads_only_N_layers" (none): N layers'
+  products in one launch, as a kernel for a whole decode step would run them;
 - "triton": the decode path's `decode_matmul` kernels (the default launch parameters), one launch per product;
 - "xla": `x @ w` per product.
 The products here have no LayerNorm, bias or epilogue, and every one reads the same input rows: the probe
@@ -37,6 +45,9 @@ COPIES = 24  # layers' distinct weights per timed call
 SLAB = 64  # weight columns a wgmma takes (its M)
 ROWS = 8  # rows padded to the wgmma's smallest N
 NUM_SMS = 132
+LOADS_ONLY = "ws_loads_only"  # the forms that multiply nothing: their outputs are not checked
+LAYERS_PER_LAUNCH = (4, 24)  # the "layers_N" forms: N layers' products in one launch (COPIES a multiple of N)
+TILED = "_tiled"  # forms taking the weights as `tiled_weights` lays them out (done before timing)
 
 
 def _transforms(dtype):
@@ -176,9 +187,19 @@ def _run_of(shape, tile_k: int, sm, n_sm: int):
     return k_tiles, total, run, sm * run
 
 
-def _stream_weights(w_refs, shapes, ring, ready, free, *, tile_k: int, stages: int, sm, n_sm: int):
+def tiled_weights(w, tile_k: int):
+    """w [K, N] with each (K tile, slab) tile made one contiguous run of bytes, slab after slab: rows
+    (slab * K / tile_k + kk) * tile_k onwards of the [K * N / SLAB, SLAB] result hold w's tile (kk, slab). A
+    tile of w itself is tile_k runs of SLAB * itemsize (128) bytes, one per row of w."""
+    k, n = w.shape
+    return w.reshape(k // tile_k, tile_k, n // SLAB, SLAB).transpose(2, 0, 1, 3).reshape(k * n // SLAB, SLAB)
+
+
+def _stream_weights(w_refs, shapes, ring, ready, free, *, tile_k: int, stages: int, sm, n_sm: int,
+                    tiled: bool = False):
     """The producer: every product's tiles of this CTA's runs, in turn, into the ring (a slot reused once the
-    consumer has released it), with no regard for the consumer's grid barriers."""
+    consumer has released it), with no regard for the consumer's grid barriers. `tiled`: the weights come as
+    `tiled_weights` lays them out."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
     import jax.numpy as jnp
     from jax import lax
@@ -194,15 +215,18 @@ def _stream_weights(w_refs, shapes, ring, ready, free, *, tile_k: int, stages: i
             slot = lax.rem(n, jnp.int32(stages))
             pl.when(n >= stages)(functools.partial(plgpu.barrier_wait, free.at[slot]))
             kk, slab, _ = stream_k_step(first, i, run, k_tiles, total)
-            plgpu.copy_gmem_to_smem(w_ref.at[pl.ds(kk * tile_k, tile_k), pl.ds(slab * SLAB, SLAB)], ring.at[slot],
-                                    ready.at[slot])
+            tile = (w_ref.at[pl.ds((slab * k_tiles + kk) * tile_k, tile_k), :] if tiled
+                    else w_ref.at[pl.ds(kk * tile_k, tile_k), pl.ds(slab * SLAB, SLAB)])
+            plgpu.copy_gmem_to_smem(tile, ring.at[slot], ready.at[slot])
         base += run
 
 
 def _consume_weights(x_ref, o_refs, shapes, rows_smem, rows_ready, ring, ready, free, *, tile_k: int, stages: int,
-                     sm, n_sm: int):
+                     sm, n_sm: int, barriers: bool = True, multiply: bool = True):
     """The consumer: the rows into shared memory and the outputs zeroed (one grid barrier), then each product's
-    steps from the ring, its sums added into o where a slab or the run ends, a grid barrier between products."""
+    steps from the ring, its sums added into o where a slab or the run ends, a grid barrier between products
+    (`barriers`). Without `multiply` each tile is only waited for and released: o stays zero, and the time is
+    the producer's stream alone."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
     import jax.numpy as jnp
     from jax import lax
@@ -225,24 +249,29 @@ def _consume_weights(x_ref, o_refs, shapes, rows_smem, rows_ready, ring, ready, 
             kk, slab, flush = stream_k_step(first, i, run, k_tiles, total)
             rows = plgpu.transpose_ref(rows_smem.at[:, pl.ds(kk * tile_k, tile_k)], (1, 0))
             plgpu.barrier_wait(ready.at[slot])
+            if not multiply:
+                plgpu.barrier_arrive(free.at[slot])
+                return carry
 
-            def multiply(acc_ref):
+            def multiply_tile(acc_ref):
                 plgpu.wgmma(acc_ref, plgpu.transpose_ref(ring.at[slot], (1, 0)), rows)
 
-            acc = pl.run_state(multiply)(plgpu.ACC.init(acc))  # read back: the slot is free after this
+            acc = pl.run_state(multiply_tile)(plgpu.ACC.init(acc))  # read back: the slot is free after this
             plgpu.barrier_arrive(free.at[slot])
             return acc, _flush(o_ref, slab, flush, acc, flushed)
 
         zero = plgpu.layout_cast(jnp.zeros((SLAB, ROWS), jnp.float32), plgpu.Layout.WGMMA)
         lax.fori_loop(0, run, step, (zero, zero))
         base += run
-        if p + 1 < len(shapes):
+        if barriers and p + 1 < len(shapes):
             _grid_barrier(sem, p + 2, n_sm)
 
 
-def warp_specialized_call(shapes, dtype, *, tile_k: int = 64, stages: int = 8, n_sm: int = NUM_SMS):
+def warp_specialized_call(shapes, dtype, *, tile_k: int = 64, stages: int = 8, n_sm: int = NUM_SMS,
+                          barriers: bool = True, multiply: bool = True, tiled: bool = False):
     """The stream-K layer of `streaming_call` (x, w_1 .. w_p) -> (o_1 .. o_p), with a producer warpgroup
-    streaming the weights (`_stream_weights`) and a consumer warpgroup doing the rest (`_consume_weights`)."""
+    streaming the weights (`_stream_weights`, `tiled` as there) and a consumer warpgroup doing the rest
+    (`_consume_weights`; `barriers` and `multiply` as there)."""
     import jax
     import jax.experimental.pallas.mosaic_gpu as plgpu
     import jax.numpy as jnp
@@ -259,8 +288,8 @@ def warp_specialized_call(shapes, dtype, *, tile_k: int = 64, stages: int = 8, n
         sm, wg = lax.axis_index("sm"), lax.axis_index("wg")
         common = dict(tile_k=tile_k, stages=stages, sm=sm, n_sm=n_sm)
         pl.when(wg == 0)(lambda: _consume_weights(x_ref, o_refs, shapes, rows_smem, rows_ready, ring, ready, free,
-                                                  **common))
-        pl.when(wg == 1)(lambda: _stream_weights(w_refs, shapes, ring, ready, free, **common))
+                                                  barriers=barriers, multiply=multiply, **common))
+        pl.when(wg == 1)(lambda: _stream_weights(w_refs, shapes, ring, ready, free, tiled=tiled, **common))
 
     scratch = [plgpu.SMEM((ROWS, max_k), dtype, transforms=transforms),
                plgpu.SMEM((stages, tile_k, SLAB), dtype, transforms=transforms),
@@ -340,15 +369,32 @@ def forms(shapes, dtype, rows: int, interpret: bool, pipelines=()):
                                interpret=interpret)
         return jax.jit(lambda x, ws: [[o[:, :rows] for o in layer(padded(x), *w)] for w in ws])
 
-    def layer_ws():
-        layer = warp_specialized_call(shapes, dtype)
+    def layer_ws(**variant):
+        layer = warp_specialized_call(shapes, dtype, **variant)
         return jax.jit(lambda x, ws: [[o[:, :rows] for o in layer(padded(x), *w)] for w in ws])
+
+    def layers_ws(n: int, **variant):
+        """n layers' products in one launch: the start, the first loads and the drain paid once per n layers."""
+        call = warp_specialized_call(shapes * n, dtype, **variant)
+
+        def run(x, ws):
+            outs = [o[:, :rows] for i in range(0, len(ws), n) for o in call(padded(x), *sum(ws[i:i + n], []))]
+            return [outs[i:i + len(shapes)] for i in range(0, len(outs), len(shapes))]
+        return jax.jit(run)
+
+    ws_forms = {} if interpret else {  # the interpreter has no warpgroups' barriers
+        "layer_stream_k_ws": layer_ws(), "layer_stream_k_ws_free": layer_ws(barriers=False),
+        LOADS_ONLY: layer_ws(barriers=False, multiply=False),
+        **{name + TILED: layer_ws(barriers=False, multiply=multiply, tiled=True)
+           for name, multiply in (("layer_stream_k_ws_free", True), (LOADS_ONLY, False))},
+        **{f"layers_{n}_stream_k_ws": layers_ws(n) for n in LAYERS_PER_LAUNCH},
+        **{f"{LOADS_ONLY}_{n}_layers": layers_ws(n, barriers=False, multiply=False) for n in LAYERS_PER_LAUNCH}}
 
     return {
         **persistent(False),
         **persistent(True),
         **{f"layer_stream_k_{tile_k}x{stages}": layer_stream_k(tile_k, stages) for tile_k, stages in pipelines},
-        **({} if interpret else {"layer_stream_k_ws": layer_ws()}),  # the interpreter has no warpgroups' barriers
+        **ws_forms,
         "triton": jax.jit(lambda x, ws: [[decode_matmul(wi, x[:, :wi.shape[0]], interpret=interpret).T for wi in w]
                                          for w in ws]),
         "xla": jax.jit(lambda x, ws: [[jnp.dot(x[:, :wi.shape[0]].astype(wi.dtype), wi,
@@ -390,10 +436,12 @@ def main(argv=None) -> int:
                 continue
             row = dict(model=args.model, dtype=args.dtype, rows=rows, form=name, layers=args.copies)
             try:
-                outs = fn(x, ws)
-                row["rel_err"] = max(rel_err(o.T, w) for o, w in zip(outs[0], want))
-                busy = gpu_busy_seconds(functools.partial(fn, x), ws)
-                row["us_per_layer"] = round(host_seconds(functools.partial(fn, x), ws, 5, 1) * 1e6, 2)
+                weights = [[tiled_weights(w, 64) for w in layer] for layer in ws] if name.endswith(TILED) else ws
+                outs = fn(x, weights)
+                row["rel_err"] = (None if name.startswith(LOADS_ONLY)
+                                  else max(rel_err(o.T, w) for o, w in zip(outs[0], want)))
+                busy = gpu_busy_seconds(functools.partial(fn, x), weights)
+                row["us_per_layer"] = round(host_seconds(functools.partial(fn, x), weights, 5, 1) * 1e6, 2)
                 if busy:
                     row |= dict(gpu_us_per_layer=round(busy / args.copies * 1e6, 2),
                                 gpu_gb_s=round(weight_bytes / busy / 1e9, 1))

@@ -321,20 +321,44 @@ def test_stream_probe_pipeline_variants_lower_for_cuda(tile_k, stages):
     assert f"layer_stream_k_{tile_k}x{stages}" in forms(shapes, jnp.float16, 1, True, [(tile_k, stages)])
 
 
-def test_stream_probe_warp_specialized_layer_lowers_for_cuda():
+@pytest.mark.parametrize("barriers, multiply, tiled", [(True, True, False), (False, True, False),
+                                                        (False, False, False), (False, True, True)])
+def test_stream_probe_warp_specialized_layer_lowers_for_cuda(barriers, multiply, tiled):
     """The stream-K layer with its weights streamed by a producer warpgroup of its own (a ring of 8 slots, which
-    the consumer frees as it multiplies) lowers for CUDA; the probe times it as "layer_stream_k_ws"."""
+    the consumer frees as it multiplies) lowers for CUDA, as do its forms without the barriers between products
+    and without the products, and from weights laid out tile by tile; the probe times them as
+    "layer_stream_k_ws", "..._free", "ws_loads_only" and "..._tiled"."""
     import jax.numpy as jnp
 
-    from benchmarks.stream_probe import ROWS, forms, layer_shapes, warp_specialized_call
+    from benchmarks.stream_probe import ROWS, SLAB, forms, layer_shapes, warp_specialized_call
     from gptjax.config import preset
 
     shapes = layer_shapes(preset("megatron-345m"))
-    call = warp_specialized_call(shapes, jnp.float16)
-    args = [jax.ShapeDtypeStruct((ROWS, 4096), jnp.float16), *(jax.ShapeDtypeStruct(s, jnp.float16) for s in shapes)]
+    call = warp_specialized_call(shapes, jnp.float16, barriers=barriers, multiply=multiply, tiled=tiled)
+    weights = [(k * n // SLAB, SLAB) if tiled else (k, n) for k, n in shapes]
+    args = [jax.ShapeDtypeStruct((ROWS, 4096), jnp.float16), *(jax.ShapeDtypeStruct(s, jnp.float16) for s in weights)]
     text = jax.jit(call).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
-    assert "layer_stream_k_ws" in forms(shapes, jnp.float16, 1, False)
+    assert {"layer_stream_k_ws", "layer_stream_k_ws_free", "ws_loads_only", "layer_stream_k_ws_free_tiled",
+            "ws_loads_only_tiled", "layers_4_stream_k_ws", "ws_loads_only_4_layers"} <= set(
+        forms(shapes, jnp.float16, 1, False))
+
+
+def test_tiled_weights_put_each_tile_in_one_run():
+    """`tiled_weights` rows (slab * K tiles + kk) * tile_k onwards hold w's tile (kk, slab), as the tiled
+    producer reads them."""
+    import numpy as np
+
+    from benchmarks.stream_probe import SLAB, tiled_weights
+
+    k, n, tile_k = 192, 3 * SLAB, 64
+    w = np.random.default_rng(0).standard_normal((k, n))
+    t = tiled_weights(w, tile_k)
+    for slab in range(n // SLAB):
+        for kk in range(k // tile_k):
+            row = (slab * (k // tile_k) + kk) * tile_k
+            np.testing.assert_array_equal(t[row:row + tile_k], w[kk * tile_k:(kk + 1) * tile_k,
+                                                                 slab * SLAB:(slab + 1) * SLAB])
 
 
 @pytest.mark.parametrize("k_tiles, slabs", [(16, 48), (16, 16), (64, 16), (16, 64), (3, 5)])
