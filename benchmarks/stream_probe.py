@@ -27,6 +27,7 @@ slabs of each weight matrix by TMA, `--stages` deep, and multiplies them with up
   them), so that each TMA copy reads 8 KB in one run rather than 64 runs of 128 bytes;
 - "layers_N_stream_k_ws" (a barrier after every product) and "ws_loads_only_N_layers" (none): N layers'
   products in one launch, as a kernel for a whole decode step would run them;
+- "..._deferred" of the multiplying ws forms: each tile's wgmma waited for one step late (`_deferred_steps`);
 - "triton": the decode path's `decode_matmul` kernels (the default launch parameters), one launch per product;
 - "xla": `x @ w` per product.
 The products here have no LayerNorm, bias or epilogue, and every one reads the same input rows: the probe
@@ -222,11 +223,12 @@ def _stream_weights(w_refs, shapes, ring, ready, free, *, tile_k: int, stages: i
 
 
 def _consume_weights(x_ref, o_refs, shapes, rows_smem, rows_ready, ring, ready, free, *, tile_k: int, stages: int,
-                     sm, n_sm: int, barriers: bool = True, multiply: bool = True):
+                     sm, n_sm: int, barriers: bool = True, multiply: bool = True, deferred: bool = False):
     """The consumer: the rows into shared memory and the outputs zeroed (one grid barrier), then each product's
     steps from the ring, its sums added into o where a slab or the run ends, a grid barrier between products
     (`barriers`). Without `multiply` each tile is only waited for and released: o stays zero, and the time is
-    the producer's stream alone."""
+    the producer's stream alone. `deferred`: each tile's wgmma is waited for one step later
+    (`_deferred_steps`), so that the next tile's wait and issue overlap it."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
     import jax.numpy as jnp
     from jax import lax
@@ -261,17 +263,57 @@ def _consume_weights(x_ref, o_refs, shapes, rows_smem, rows_ready, ring, ready, 
             return acc, _flush(o_ref, slab, flush, acc, flushed)
 
         zero = plgpu.layout_cast(jnp.zeros((SLAB, ROWS), jnp.float32), plgpu.Layout.WGMMA)
-        lax.fori_loop(0, run, step, (zero, zero))
+        if deferred:
+            pl.run_scoped(functools.partial(_deferred_steps, o_ref, rows_smem, ring, ready, free, base=base,
+                                            k_tiles=k_tiles, total=total, run=run, first=first, tile_k=tile_k,
+                                            stages=stages),
+                          plgpu.ACC((SLAB, ROWS), jnp.float32))
+        else:
+            lax.fori_loop(0, run, step, (zero, zero))
         base += run
         if barriers and p + 1 < len(shapes):
             _grid_barrier(sem, p + 2, n_sm)
 
 
+def _deferred_steps(o_ref, rows_smem, ring, ready, free, acc_ref, *, base, k_tiles: int, total: int, run: int,
+                    first, tile_k: int, stages: int):
+    """One product's steps with each wgmma waited for a step late: step i issues its tile's wgmma into the
+    accumulator, then waits until one is left in flight (step i - 1's) and frees that step's slot; the sum is
+    read (which waits for every wgmma) only where a slab or the run ends. Each slot is freed once, the last
+    after the loop."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+    import jax.numpy as jnp
+    from jax import lax
+    from jax.experimental import pallas as pl
+
+    def step(i, flushed):
+        n = base + i
+        slot = lax.rem(n, jnp.int32(stages))
+        kk, slab, flush = stream_k_step(first, i, run, k_tiles, total)
+        rows = plgpu.transpose_ref(rows_smem.at[:, pl.ds(kk * tile_k, tile_k)], (1, 0))
+        plgpu.barrier_wait(ready.at[slot])
+        plgpu.wgmma(acc_ref, plgpu.transpose_ref(ring.at[slot], (1, 0)), rows)
+        plgpu.wgmma_wait(1)
+        pl.when(i > 0)(lambda: plgpu.barrier_arrive(free.at[lax.rem(n - 1, jnp.int32(stages))]))
+
+        def add_into_o():
+            so_far = acc_ref[...]
+            plgpu.atomic_add(o_ref.at[pl.ds(slab * SLAB, SLAB), :], so_far - flushed)
+            return so_far
+
+        return lax.cond(flush, add_into_o, lambda: flushed)
+
+    zero = plgpu.layout_cast(jnp.zeros((SLAB, ROWS), jnp.float32), plgpu.Layout.WGMMA)
+    lax.fori_loop(0, run, step, zero)
+    plgpu.wgmma_wait(0)
+    plgpu.barrier_arrive(free.at[lax.rem(jnp.int32(base + run - 1), jnp.int32(stages))])
+
+
 def warp_specialized_call(shapes, dtype, *, tile_k: int = 64, stages: int = 8, n_sm: int = NUM_SMS,
-                          barriers: bool = True, multiply: bool = True, tiled: bool = False):
+                          barriers: bool = True, multiply: bool = True, tiled: bool = False, deferred: bool = False):
     """The stream-K layer of `streaming_call` (x, w_1 .. w_p) -> (o_1 .. o_p), with a producer warpgroup
     streaming the weights (`_stream_weights`, `tiled` as there) and a consumer warpgroup doing the rest
-    (`_consume_weights`; `barriers` and `multiply` as there)."""
+    (`_consume_weights`; `barriers`, `multiply` and `deferred` as there)."""
     import jax
     import jax.experimental.pallas.mosaic_gpu as plgpu
     import jax.numpy as jnp
@@ -288,7 +330,8 @@ def warp_specialized_call(shapes, dtype, *, tile_k: int = 64, stages: int = 8, n
         sm, wg = lax.axis_index("sm"), lax.axis_index("wg")
         common = dict(tile_k=tile_k, stages=stages, sm=sm, n_sm=n_sm)
         pl.when(wg == 0)(lambda: _consume_weights(x_ref, o_refs, shapes, rows_smem, rows_ready, ring, ready, free,
-                                                  barriers=barriers, multiply=multiply, **common))
+                                                  barriers=barriers, multiply=multiply, deferred=deferred,
+                                                  **common))
         pl.when(wg == 1)(lambda: _stream_weights(w_refs, shapes, ring, ready, free, tiled=tiled, **common))
 
     scratch = [plgpu.SMEM((ROWS, max_k), dtype, transforms=transforms),
@@ -388,7 +431,9 @@ def forms(shapes, dtype, rows: int, interpret: bool, pipelines=()):
         **{name + TILED: layer_ws(barriers=False, multiply=multiply, tiled=True)
            for name, multiply in (("layer_stream_k_ws_free", True), (LOADS_ONLY, False))},
         **{f"layers_{n}_stream_k_ws": layers_ws(n) for n in LAYERS_PER_LAUNCH},
-        **{f"{LOADS_ONLY}_{n}_layers": layers_ws(n, barriers=False, multiply=False) for n in LAYERS_PER_LAUNCH}}
+        **{f"{LOADS_ONLY}_{n}_layers": layers_ws(n, barriers=False, multiply=False) for n in LAYERS_PER_LAUNCH},
+        "layer_stream_k_ws_deferred": layer_ws(deferred=True),
+        **{f"layers_{n}_stream_k_ws_deferred": layers_ws(n, deferred=True) for n in LAYERS_PER_LAUNCH}}
 
     return {
         **persistent(False),

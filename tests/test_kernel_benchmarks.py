@@ -321,26 +321,29 @@ def test_stream_probe_pipeline_variants_lower_for_cuda(tile_k, stages):
     assert f"layer_stream_k_{tile_k}x{stages}" in forms(shapes, jnp.float16, 1, True, [(tile_k, stages)])
 
 
-@pytest.mark.parametrize("barriers, multiply, tiled", [(True, True, False), (False, True, False),
-                                                        (False, False, False), (False, True, True)])
-def test_stream_probe_warp_specialized_layer_lowers_for_cuda(barriers, multiply, tiled):
+@pytest.mark.parametrize("barriers, multiply, tiled, deferred", [
+    (True, True, False, False), (False, True, False, False), (False, False, False, False), (False, True, True, False),
+    (True, True, False, True)])
+def test_stream_probe_warp_specialized_layer_lowers_for_cuda(barriers, multiply, tiled, deferred):
     """The stream-K layer with its weights streamed by a producer warpgroup of its own (a ring of 8 slots, which
     the consumer frees as it multiplies) lowers for CUDA, as do its forms without the barriers between products
-    and without the products, and from weights laid out tile by tile; the probe times them as
-    "layer_stream_k_ws", "..._free", "ws_loads_only" and "..._tiled"."""
+    and without the products, from weights laid out tile by tile, and with each wgmma waited a step late; the
+    probe times them as "layer_stream_k_ws", "..._free", "ws_loads_only", "..._tiled" and "..._deferred"."""
     import jax.numpy as jnp
 
     from benchmarks.stream_probe import ROWS, SLAB, forms, layer_shapes, warp_specialized_call
     from gptjax.config import preset
 
     shapes = layer_shapes(preset("megatron-345m"))
-    call = warp_specialized_call(shapes, jnp.float16, barriers=barriers, multiply=multiply, tiled=tiled)
+    call = warp_specialized_call(shapes, jnp.float16, barriers=barriers, multiply=multiply, tiled=tiled,
+                                 deferred=deferred)
     weights = [(k * n // SLAB, SLAB) if tiled else (k, n) for k, n in shapes]
     args = [jax.ShapeDtypeStruct((ROWS, 4096), jnp.float16), *(jax.ShapeDtypeStruct(s, jnp.float16) for s in weights)]
     text = jax.jit(call).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
     assert {"layer_stream_k_ws", "layer_stream_k_ws_free", "ws_loads_only", "layer_stream_k_ws_free_tiled",
-            "ws_loads_only_tiled", "layers_4_stream_k_ws", "ws_loads_only_4_layers"} <= set(
+            "ws_loads_only_tiled", "layers_4_stream_k_ws", "ws_loads_only_4_layers",
+            "layer_stream_k_ws_deferred"} <= set(
         forms(shapes, jnp.float16, 1, False))
 
 
