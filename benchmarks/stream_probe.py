@@ -27,6 +27,9 @@ slabs of each weight matrix by TMA, `--stages` deep, and multiplies them with up
   them), so that each TMA copy reads 8 KB in one run rather than 64 runs of 128 bytes;
 - "layers_N_stream_k_ws" (a barrier after every product) and "ws_loads_only_N_layers" (none): N layers'
   products in one launch, as a kernel for a whole decode step would run them;
+- "layers_N_stream_k_ws_2_barriers": a barrier after every second product only (after attention out and MLP
+  out, where a LayerNorm needs the whole residual): what a whole-step kernel would pay if the QKV -> attention
+  -> attention out and MLP in -> MLP out dependencies stayed inside each CTA (a head's, a slab's);
 - "..._deferred" of the multiplying ws forms: each tile's wgmma waited for one step late (`_deferred_steps`);
 - "triton": the decode path's `decode_matmul` kernels (the default launch parameters), one launch per product;
 - "xla": `x @ w` per product.
@@ -223,10 +226,10 @@ def _stream_weights(w_refs, shapes, ring, ready, free, *, tile_k: int, stages: i
 
 
 def _consume_weights(x_ref, o_refs, shapes, rows_smem, rows_ready, ring, ready, free, *, tile_k: int, stages: int,
-                     sm, n_sm: int, barriers: bool = True, multiply: bool = True, deferred: bool = False):
+                     sm, n_sm: int, barrier_every: int = 1, multiply: bool = True, deferred: bool = False):
     """The consumer: the rows into shared memory and the outputs zeroed (one grid barrier), then each product's
-    steps from the ring, its sums added into o where a slab or the run ends, a grid barrier between products
-    (`barriers`). Without `multiply` each tile is only waited for and released: o stays zero, and the time is
+    steps from the ring, its sums added into o where a slab or the run ends, a grid barrier after every
+    `barrier_every`-th product but the last (none for 0). Without `multiply` each tile is only waited for and released: o stays zero, and the time is
     the producer's stream alone. `deferred`: each tile's wgmma is waited for one step later
     (`_deferred_steps`), so that the next tile's wait and issue overlap it."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
@@ -271,8 +274,8 @@ def _consume_weights(x_ref, o_refs, shapes, rows_smem, rows_ready, ring, ready, 
         else:
             lax.fori_loop(0, run, step, (zero, zero))
         base += run
-        if barriers and p + 1 < len(shapes):
-            _grid_barrier(sem, p + 2, n_sm)
+        if barrier_every and (p + 1) % barrier_every == 0 and p + 1 < len(shapes):
+            _grid_barrier(sem, (p + 1) // barrier_every + 1, n_sm)
 
 
 def _deferred_steps(o_ref, rows_smem, ring, ready, free, acc_ref, *, base, k_tiles: int, total: int, run: int,
@@ -310,10 +313,11 @@ def _deferred_steps(o_ref, rows_smem, ring, ready, free, acc_ref, *, base, k_til
 
 
 def warp_specialized_call(shapes, dtype, *, tile_k: int = 64, stages: int = 8, n_sm: int = NUM_SMS,
-                          barriers: bool = True, multiply: bool = True, tiled: bool = False, deferred: bool = False):
+                          barrier_every: int = 1, multiply: bool = True, tiled: bool = False,
+                          deferred: bool = False):
     """The stream-K layer of `streaming_call` (x, w_1 .. w_p) -> (o_1 .. o_p), with a producer warpgroup
     streaming the weights (`_stream_weights`, `tiled` as there) and a consumer warpgroup doing the rest
-    (`_consume_weights`; `barriers`, `multiply` and `deferred` as there)."""
+    (`_consume_weights`; `barrier_every`, `multiply` and `deferred` as there)."""
     import jax
     import jax.experimental.pallas.mosaic_gpu as plgpu
     import jax.numpy as jnp
@@ -330,7 +334,7 @@ def warp_specialized_call(shapes, dtype, *, tile_k: int = 64, stages: int = 8, n
         sm, wg = lax.axis_index("sm"), lax.axis_index("wg")
         common = dict(tile_k=tile_k, stages=stages, sm=sm, n_sm=n_sm)
         pl.when(wg == 0)(lambda: _consume_weights(x_ref, o_refs, shapes, rows_smem, rows_ready, ring, ready, free,
-                                                  barriers=barriers, multiply=multiply, deferred=deferred,
+                                                  barrier_every=barrier_every, multiply=multiply, deferred=deferred,
                                                   **common))
         pl.when(wg == 1)(lambda: _stream_weights(w_refs, shapes, ring, ready, free, tiled=tiled, **common))
 
@@ -426,12 +430,13 @@ def forms(shapes, dtype, rows: int, interpret: bool, pipelines=()):
         return jax.jit(run)
 
     ws_forms = {} if interpret else {  # the interpreter has no warpgroups' barriers
-        "layer_stream_k_ws": layer_ws(), "layer_stream_k_ws_free": layer_ws(barriers=False),
-        LOADS_ONLY: layer_ws(barriers=False, multiply=False),
-        **{name + TILED: layer_ws(barriers=False, multiply=multiply, tiled=True)
+        "layer_stream_k_ws": layer_ws(), "layer_stream_k_ws_free": layer_ws(barrier_every=0),
+        LOADS_ONLY: layer_ws(barrier_every=0, multiply=False),
+        **{name + TILED: layer_ws(barrier_every=0, multiply=multiply, tiled=True)
            for name, multiply in (("layer_stream_k_ws_free", True), (LOADS_ONLY, False))},
         **{f"layers_{n}_stream_k_ws": layers_ws(n) for n in LAYERS_PER_LAUNCH},
-        **{f"{LOADS_ONLY}_{n}_layers": layers_ws(n, barriers=False, multiply=False) for n in LAYERS_PER_LAUNCH},
+        **{f"{LOADS_ONLY}_{n}_layers": layers_ws(n, barrier_every=0, multiply=False) for n in LAYERS_PER_LAUNCH},
+        **{f"layers_{n}_stream_k_ws_2_barriers": layers_ws(n, barrier_every=2) for n in LAYERS_PER_LAUNCH},
         "layer_stream_k_ws_deferred": layer_ws(deferred=True),
         **{f"layers_{n}_stream_k_ws_deferred": layers_ws(n, deferred=True) for n in LAYERS_PER_LAUNCH}}
 

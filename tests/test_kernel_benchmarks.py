@@ -321,10 +321,10 @@ def test_stream_probe_pipeline_variants_lower_for_cuda(tile_k, stages):
     assert f"layer_stream_k_{tile_k}x{stages}" in forms(shapes, jnp.float16, 1, True, [(tile_k, stages)])
 
 
-@pytest.mark.parametrize("barriers, multiply, tiled, deferred", [
-    (True, True, False, False), (False, True, False, False), (False, False, False, False), (False, True, True, False),
-    (True, True, False, True)])
-def test_stream_probe_warp_specialized_layer_lowers_for_cuda(barriers, multiply, tiled, deferred):
+@pytest.mark.parametrize("barrier_every, multiply, tiled, deferred", [
+    (1, True, False, False), (0, True, False, False), (0, False, False, False), (0, True, True, False),
+    (1, True, False, True), (2, True, False, False)])
+def test_stream_probe_warp_specialized_layer_lowers_for_cuda(barrier_every, multiply, tiled, deferred):
     """The stream-K layer with its weights streamed by a producer warpgroup of its own (a ring of 8 slots, which
     the consumer frees as it multiplies) lowers for CUDA, as do its forms without the barriers between products
     and without the products, from weights laid out tile by tile, and with each wgmma waited a step late; the
@@ -335,7 +335,7 @@ def test_stream_probe_warp_specialized_layer_lowers_for_cuda(barriers, multiply,
     from gptjax.config import preset
 
     shapes = layer_shapes(preset("megatron-345m"))
-    call = warp_specialized_call(shapes, jnp.float16, barriers=barriers, multiply=multiply, tiled=tiled,
+    call = warp_specialized_call(shapes, jnp.float16, barrier_every=barrier_every, multiply=multiply, tiled=tiled,
                                  deferred=deferred)
     weights = [(k * n // SLAB, SLAB) if tiled else (k, n) for k, n in shapes]
     args = [jax.ShapeDtypeStruct((ROWS, 4096), jnp.float16), *(jax.ShapeDtypeStruct(s, jnp.float16) for s in weights)]
@@ -343,7 +343,7 @@ def test_stream_probe_warp_specialized_layer_lowers_for_cuda(barriers, multiply,
     assert "mosaic_gpu" in text
     assert {"layer_stream_k_ws", "layer_stream_k_ws_free", "ws_loads_only", "layer_stream_k_ws_free_tiled",
             "ws_loads_only_tiled", "layers_4_stream_k_ws", "ws_loads_only_4_layers",
-            "layer_stream_k_ws_deferred"} <= set(
+            "layer_stream_k_ws_deferred", "layers_24_stream_k_ws_2_barriers"} <= set(
         forms(shapes, jnp.float16, 1, False))
 
 
