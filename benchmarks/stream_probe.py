@@ -30,6 +30,9 @@ slabs of each weight matrix by TMA, `--stages` deep, and multiplies them with up
 - "layers_N_stream_k_ws_2_barriers": a barrier after every second product only (after attention out and MLP
   out, where a LayerNorm needs the whole residual): what a whole-step kernel would pay if the QKV -> attention
   -> attention out and MLP in -> MLP out dependencies stayed inside each CTA (a head's, a slab's);
+- "ws_loads_only_N_layers_barriers": the loads alone with a barrier after every product; "grid_barriers_only":
+  a launch of as many grid barriers as the layers' products and nothing else. With the forms above, they
+  split a barrier's cost into its own and what it does to the stream;
 - "..._deferred" of the multiplying ws forms: each tile's wgmma waited for one step late (`_deferred_steps`);
 - "triton": the decode path's `decode_matmul` kernels (the default launch parameters), one launch per product;
 - "xla": `x @ w` per product.
@@ -49,7 +52,9 @@ COPIES = 24  # layers' distinct weights per timed call
 SLAB = 64  # weight columns a wgmma takes (its M)
 ROWS = 8  # rows padded to the wgmma's smallest N
 NUM_SMS = 132
-LOADS_ONLY = "ws_loads_only"  # the forms that multiply nothing: their outputs are not checked
+LOADS_ONLY = "ws_loads_only"
+BARRIERS_ONLY = "grid_barriers_only"
+UNCHECKED = (LOADS_ONLY, BARRIERS_ONLY)  # the forms (name prefixes) that multiply nothing: outputs not checked
 LAYERS_PER_LAUNCH = (4, 24)  # the "layers_N" forms: N layers' products in one launch (COPIES a multiple of N)
 TILED = "_tiled"  # forms taking the weights as `tiled_weights` lays them out (done before timing)
 
@@ -346,6 +351,24 @@ def warp_specialized_call(shapes, dtype, *, tile_k: int = 64, stages: int = 8, n
                         thread_name="wg", scratch_types=scratch)
 
 
+def barriers_call(n: int, n_sm: int = NUM_SMS):
+    """A kernel of n grid barriers and nothing else (its output is left unwritten): a barrier's own cost."""
+    import jax
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+    import jax.numpy as jnp
+    from jax.experimental import pallas as pl
+
+    def body(o_ref):
+        sem = pl.get_global(plgpu.SemaphoreType.REGULAR)
+
+        @pl.loop(0, n)
+        def _(i):
+            _grid_barrier(sem, i + 1, n_sm)
+
+    return plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((SLAB, ROWS), jnp.float32), grid=(n_sm,),
+                        grid_names=("sm",))
+
+
 def streaming_call(shapes, dtype, *, barriers: bool, stream_k: bool = False, tile_k: int = 64, stages: int = 4,
                    n_sm: int = NUM_SMS, interpret: bool = False):
     """A kernel (x [ROWS, max K], w_1 .. w_p) -> (o_1 .. o_p), o_i = (x[:, :K_i] @ w_i)^T in float32, of the
@@ -436,6 +459,9 @@ def forms(shapes, dtype, rows: int, interpret: bool, pipelines=()):
            for name, multiply in (("layer_stream_k_ws_free", True), (LOADS_ONLY, False))},
         **{f"layers_{n}_stream_k_ws": layers_ws(n) for n in LAYERS_PER_LAUNCH},
         **{f"{LOADS_ONLY}_{n}_layers": layers_ws(n, barrier_every=0, multiply=False) for n in LAYERS_PER_LAUNCH},
+        **{f"{LOADS_ONLY}_{n}_layers_barriers": layers_ws(n, multiply=False) for n in LAYERS_PER_LAUNCH},
+        BARRIERS_ONLY: jax.jit(lambda x, ws: [[o] * len(shapes) for o in [barriers_call(len(ws) * len(shapes))()]
+                                              for _ in ws]),
         **{f"layers_{n}_stream_k_ws_2_barriers": layers_ws(n, barrier_every=2) for n in LAYERS_PER_LAUNCH},
         "layer_stream_k_ws_deferred": layer_ws(deferred=True),
         **{f"layers_{n}_stream_k_ws_deferred": layers_ws(n, deferred=True) for n in LAYERS_PER_LAUNCH}}
@@ -488,7 +514,7 @@ def main(argv=None) -> int:
             try:
                 weights = [[tiled_weights(w, 64) for w in layer] for layer in ws] if name.endswith(TILED) else ws
                 outs = fn(x, weights)
-                row["rel_err"] = (None if name.startswith(LOADS_ONLY)
+                row["rel_err"] = (None if name.startswith(UNCHECKED)
                                   else max(rel_err(o.T, w) for o, w in zip(outs[0], want)))
                 busy = gpu_busy_seconds(functools.partial(fn, x), weights)
                 row["us_per_layer"] = round(host_seconds(functools.partial(fn, x), weights, 5, 1) * 1e6, 2)

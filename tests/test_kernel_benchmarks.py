@@ -343,8 +343,18 @@ def test_stream_probe_warp_specialized_layer_lowers_for_cuda(barrier_every, mult
     assert "mosaic_gpu" in text
     assert {"layer_stream_k_ws", "layer_stream_k_ws_free", "ws_loads_only", "layer_stream_k_ws_free_tiled",
             "ws_loads_only_tiled", "layers_4_stream_k_ws", "ws_loads_only_4_layers",
-            "layer_stream_k_ws_deferred", "layers_24_stream_k_ws_2_barriers"} <= set(
+            "layer_stream_k_ws_deferred", "layers_24_stream_k_ws_2_barriers", "ws_loads_only_24_layers_barriers",
+            "grid_barriers_only"} <= set(
         forms(shapes, jnp.float16, 1, False))
+
+
+def test_stream_probe_barriers_only_lowers_for_cuda():
+    """The launch of grid barriers alone (the probe's "grid_barriers_only", a barrier's own cost) lowers for
+    CUDA, its count a loop bound."""
+    from benchmarks.stream_probe import barriers_call
+
+    text = jax.jit(barriers_call(96)).trace().lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
 
 
 def test_tiled_weights_put_each_tile_in_one_run():
