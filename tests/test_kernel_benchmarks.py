@@ -357,6 +357,19 @@ def test_stream_probe_barriers_only_lowers_for_cuda():
     assert "mosaic_gpu" in text
 
 
+def test_stream_probe_checks_each_form_against_float64(capsys):
+    """The probe's main loop on the CPU: a line per (rows, form), its outputs checked against float64 (a
+    form that cannot run here, such as Mosaic GPU's off the GPU, gives an error line and the rest still run)."""
+    import json
+
+    from benchmarks import stream_probe
+
+    assert stream_probe.main(["--model", "gpt2-tiny", "--rows", "1,3", "--copies", "2", "--only", "triton,xla"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["rows"], r["form"]) for r in rows] == [(1, "triton"), (1, "xla"), (3, "triton"), (3, "xla")]
+    assert all(r["rel_err"] < 1e-5 and r["us_per_layer"] > 0 for r in rows)
+
+
 def test_tiled_weights_put_each_tile_in_one_run():
     """`tiled_weights` rows (slab * K tiles + kk) * tile_k onwards hold w's tile (kk, slab), as the tiled
     producer reads them."""
