@@ -234,9 +234,9 @@ def _consume_weights(x_ref, o_refs, shapes, rows_smem, rows_ready, ring, ready, 
                      sm, n_sm: int, barrier_every: int = 1, multiply: bool = True, deferred: bool = False):
     """The consumer: the rows into shared memory and the outputs zeroed (one grid barrier), then each product's
     steps from the ring, its sums added into o where a slab or the run ends, a grid barrier after every
-    `barrier_every`-th product but the last (none for 0). Without `multiply` each tile is only waited for and released: o stays zero, and the time is
-    the producer's stream alone. `deferred`: each tile's wgmma is waited for one step later
-    (`_deferred_steps`), so that the next tile's wait and issue overlap it."""
+    `barrier_every`-th product but the last (none for 0). Without `multiply` each tile is only waited for and
+    released: o stays zero, and the time is the producer's stream alone. `deferred`: each tile's wgmma is
+    waited for one step later (`_deferred_steps`), so that the next tile's wait and issue overlap it."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
     import jax.numpy as jnp
     from jax import lax

@@ -2,9 +2,10 @@
 # XLA's own levers on the decode step, one process per flag and the defaults first in the same call (RESULTS,
 # run 25: at batch 256, XLA splits three of a layer's four products over K and sums the float32 parts in the
 # next kernel; a step has ~13 kernels a layer). decode_probe at $MODEL $DTYPE (default megatron-345m float16),
-# 128-token prompts, batches $BATCHES (default 1,8,256), 16 steps, median of 3; each line records its XLA_FLAGS and first row's tokens, so
-# a flag that changes the greedy tokens shows. A flag this jaxlib does not know stops its process at once
-# ("Unknown flag in XLA_FLAGS", in $OUT/flags.err). Lines go to $OUT/flags.jsonl; T: seconds per process.
+# 128-token prompts, batches $BATCHES (default 1,8,256), 16 steps, median of 3; each line records its XLA_FLAGS
+# and first row's tokens, so a flag that changes the greedy tokens shows. A flag this jaxlib does not know
+# stops its process at once ("Unknown flag in XLA_FLAGS", in $OUT/flags.err). Lines go to $OUT/flags.jsonl;
+# T: seconds per process.
 #   bash benchmarks/xla_flags_gpu.sh                    # the defaults, then each flag of $FLAGS
 #   FLAGS="--xla_gpu_experimental_force_split_k=1" bash benchmarks/xla_flags_gpu.sh
 set -uo pipefail
