@@ -1,8 +1,9 @@
 """Choosing the next token on device: greedy, temperature, top-k, top-p, one seed per sequence.
 
-Every argument is a per-row array, so one compiled step serves a batch whose rows ask for different things.
-A row with temperature 0 (or below `GREEDY_BELOW`) is greedy. Top-k is applied before top-p (the nucleus is taken from the
-renormalized top-k distribution), as Hugging Face and FasterTransformer do.
+Every argument is a per-row array, so one compiled step serves a batch whose rows ask for different things,
+and a row's tokens never depend on the others'. A row with temperature 0 (or below `GREEDY_BELOW`), or with
+top-k 1, is greedy. Top-k is applied before top-p (the nucleus is taken from the renormalized top-k
+distribution), as Hugging Face and FasterTransformer do.
 """
 
 from __future__ import annotations
@@ -47,10 +48,10 @@ def row_keys(seeds, positions):
     return jax.vmap(lambda s, p: jax.random.fold_in(jax.random.PRNGKey(s), p))(seeds, positions)
 
 
-def _filtered_logits(logits, temperature, top_k, top_p):
-    """Scaled logits with everything outside top-k and the top-p nucleus set to -inf."""
-    vocab = logits.shape[-1]
-    scaled = logits / jnp.where(temperature >= GREEDY_BELOW, temperature, 1.0)[:, None]
+def _filtered_logits(scaled, top_k, top_p):
+    """`scaled` [batch, vocab] with everything outside each row's top-k and top-p nucleus set to -inf; a row
+    that asks for neither (top_k 0, top_p 1) is left whole."""
+    vocab = scaled.shape[-1]
     sorted_desc = -jnp.sort(-scaled, axis=-1)
     k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
     kth_value = jnp.take_along_axis(sorted_desc, (k - 1)[:, None], axis=-1)
@@ -62,7 +63,8 @@ def _filtered_logits(logits, temperature, top_k, top_p):
     n_nucleus = jnp.maximum(in_nucleus.sum(-1), 1)
     nucleus_value = jnp.take_along_axis(sorted_desc, (n_nucleus - 1)[:, None], axis=-1)
     threshold = jnp.maximum(kth_value, nucleus_value)
-    return jnp.where(scaled >= threshold, scaled, -jnp.inf)
+    filters = ((top_k > 0) | (top_p < 1.0))[:, None]
+    return jnp.where(filters & (scaled < threshold), -jnp.inf, scaled)
 
 
 def sample(logits, temperature, top_k, top_p, keys, sampled: bool | None = None):
@@ -70,22 +72,27 @@ def sample(logits, temperature, top_k, top_p, keys, sampled: bool | None = None)
     (or a function returning them).
 
     `sampled` is what the caller knows when compiling: False (every row greedy: a bare argmax), True (some
-    row samples), or None (decide on device, skipping the vocabulary sort when every row is greedy).
+    row may sample), or None (decide on device). Either way a row draws only if its temperature is at least
+    `GREEDY_BELOW` and its top-k is not 1 (which keeps its argmax alone), and the vocabulary is sorted only
+    when a drawing row asks for top-k or top-p: the sort costs far more than the rest of a step's sampling.
     """
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if sampled is False:
         return greedy
+    draws = (temperature >= GREEDY_BELOW) & (top_k != 1)
 
     def draw(_):
-        filtered = _filtered_logits(logits, temperature, top_k, top_p)
+        scaled = logits / jnp.where(draws, temperature, 1.0)[:, None]
+        scaled = jax.lax.cond(jnp.any(draws & ((top_k > 0) | (top_p < 1.0))),
+                              lambda s: _filtered_logits(s, top_k, top_p), lambda s: s, scaled)
         keys_now = keys() if callable(keys) else keys  # a callable defers the key math to when it is needed
         gumbel = jax.vmap(lambda key: jax.random.gumbel(key, logits.shape[-1:], jnp.float32))(keys_now)
-        drawn = jnp.argmax(filtered + gumbel, axis=-1).astype(jnp.int32)
-        return jnp.where(temperature >= GREEDY_BELOW, drawn, greedy)
+        drawn = jnp.argmax(scaled + gumbel, axis=-1).astype(jnp.int32)
+        return jnp.where(draws, drawn, greedy)
 
     if sampled:
         return draw(None)
-    return jax.lax.cond(jnp.any(temperature >= GREEDY_BELOW), draw, lambda _: greedy, None)
+    return jax.lax.cond(jnp.any(draws), draw, lambda _: greedy, None)
 
 
 def token_logprobs(logits, tokens):

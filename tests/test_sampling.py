@@ -85,6 +85,29 @@ def test_rows_mix_greedy_and_sampling(logits):
     assert (out[1::2] != logits.argmax(-1)[1::2]).any()
 
 
+def test_a_rows_draw_does_not_depend_on_the_others_filters(logits):
+    """The vocabulary is sorted only when some drawing row asks for top-k or top-p; a row that asks for
+    neither draws the same token whether or not another row of its batch filters."""
+    n = logits.shape[0]
+    keys = row_keys(jnp.arange(n, dtype=jnp.uint32), jnp.zeros((n,), jnp.int32))
+
+    def run(top_k, top_p):
+        return np.asarray(sample(jnp.asarray(logits), jnp.ones((n,)), jnp.asarray(top_k, jnp.int32),
+                                 jnp.asarray(top_p, jnp.float32), keys))
+
+    plain = run(np.zeros(n), np.ones(n))
+    top_p = np.where(np.arange(n) == 0, 0.05, 1.0)
+    top_k = np.where(np.arange(n) == 1, 3, 0)
+    mixed = run(top_k, top_p)
+    assert (mixed[2:] == plain[2:]).all()
+    assert mixed[0] == logits[0].argmax() and mixed[1] in np.argsort(-logits[1])[:3]
+
+
+def test_top_k_of_one_is_greedy_at_any_temperature(logits):
+    for temperature in (0.5, 1.0, 100.0):
+        assert (draw(logits, temperature=temperature, top_k=1, seed=3) == logits.argmax(-1)).all()
+
+
 def test_engine_seeds_are_per_request():
     engine = Engine.from_preset("gpt2-tiny")
     kw = dict(max_new_tokens=12, temperature=1.0, top_p=0.95, stop_token_ids=[])
