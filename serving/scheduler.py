@@ -136,6 +136,7 @@ class Scheduler:
         self.max_queued = config.max_queued_requests
         self.executor = Executor(engine, self.slots)
         self.stopped = threading.Event()
+        self.failure: BaseException | None = None  # what ended the loop, where something did (run)
         self._multi = jax.process_count() > 1
         self._cv = threading.Condition()
         # under the lock: the queue (oldest first), the queued requests' deadlines (a heap), the live slots
@@ -388,10 +389,12 @@ class Scheduler:
         """Process 0's loop (on its own thread): until stop() and everything queued or live is answered. A
         command the engine fails on ends its own requests and the loop goes on; a lost process (PeerLost) ends
         every request (UNAVAILABLE: the job is going down, so retrying elsewhere is right) and the loop;
-        anything else that raises ends every request (INTERNAL) and the loop. Either is raised again."""
+        anything else that raises ends every request (INTERNAL) and the loop. Either is kept in `failure` and
+        raised again."""
         try:
             self._run()
         except BaseException as e:
+            self.failure = e
             if isinstance(e, PeerLost):
                 log.error("%s: the job is going down; ending every request", e)
                 failed = Failed(Code.UNAVAILABLE, f"{e}; the job is going down: retry on another server")

@@ -386,6 +386,7 @@ def _load_tokenizer(engine) -> None:
 
 def _serve_main(listeners: Listeners, frontend: Frontend, engine, scheduler, options: ServerConfig) -> int:
     from gptjax import distributed
+    from serving.scheduler import PeerLost
 
     frontend.load(engine, scheduler, options.max_batch_size, options.ft_top_p_off)
     if frontend.metrics is not None:
@@ -401,7 +402,7 @@ def _serve_main(listeners: Listeners, frontend: Frontend, engine, scheduler, opt
     serving = not signals.first.is_set()  # else straight to the drain, which tells the other processes to stop
     if serving:
         scheduler.accept()
-    loop = threading.Thread(target=scheduler.run, name="engine-loop", daemon=True)
+    loop = threading.Thread(target=_run_loop, args=(scheduler,), name="engine-loop", daemon=True)
     loop.start()
     if serving:
         listeners.set_serving(True)
@@ -411,7 +412,20 @@ def _serve_main(listeners: Listeners, frontend: Frontend, engine, scheduler, opt
     failed = not loop.is_alive() and not signals.first.is_set()
     code = _drain(listeners, scheduler, signals, options.drain_timeout_s)
     log.info("stopped")
+    if isinstance(scheduler.failure, PeerLost):
+        # a clean exit would wait at the job's shutdown barrier for the lost process, until the heartbeats
+        # abort this one
+        return distributed.leave_job(1)
     return 1 if failed else code
+
+
+def _run_loop(scheduler) -> None:
+    """The engine loop's thread. What ends the loop is logged and answered there and kept in
+    `scheduler.failure` for the exit code; raised out of the thread, it would print a second traceback."""
+    try:
+        scheduler.run()
+    except BaseException:  # noqa: BLE001 - see above
+        pass
 
 
 def _drain(listeners: Listeners, scheduler, signals: Signals, timeout_s: float) -> int:

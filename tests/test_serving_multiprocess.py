@@ -149,6 +149,28 @@ def test_a_command_that_fails_on_one_follower_ends_the_job(tmp_path):
 
 
 
+def test_a_follower_killed_while_serving_ends_process_0_with_one_line(tmp_path):
+    """The next request finds the follower gone: it gets UNAVAILABLE, and process 0 exits 1 at once with a
+    line saying why, rather than waiting at the job's shutdown barrier until the heartbeats abort it (exit
+    134, a crash dump) or printing the engine loop's traceback."""
+    import grpc
+
+    port = free_port()
+    target = f"127.0.0.1:{port}"
+    # heartbeats slower than the test, so that only process 0's own exit can end it
+    with running_job("flags", port, tmp_path, env_extra={"GPTJAX_HEARTBEAT_TIMEOUT_S": "120"}) as (procs, logs):
+        wait_serving(procs[0], target, logs[0], timeout=300)
+        procs[1].kill()
+        procs[1].wait()
+        with Client(target) as client, pytest.raises(grpc.RpcError) as failed:
+            client.generate(PROMPT, N_NEW, temperature=0, ignore_eos=True, timeout=60)
+        code = procs[0].wait(timeout=60)
+    log = open(logs[0].name).read()
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE, failed.value
+    assert code == 1, log[-3000:]
+    assert "the job is going down" in log and "Traceback" not in log and "Check failure" not in log, log[-3000:]
+
+
 def test_a_port_in_use_on_process_0_ends_the_whole_job(tmp_path):
     """Process 0 can't listen: it says so and exits 2, and its follower, which waits for process 0 to start the
     job, ends too, by the heartbeats, rather than waiting out the start's 5-minute limit."""
