@@ -114,7 +114,7 @@ class EngineConfig:
 
     max_slots: int = 8  # sequences decoded together by the server (continuous batching)
     max_seq_len: int = 0  # KV cache length per slot; 0 means the model's n_positions
-    max_new_tokens: int = 64  # default when a request does not say
+    max_new_tokens: int = 64  # default when a request does not say (capped by the limit and the prompt's room)
     max_new_tokens_limit: int = 0  # largest accepted; 0 means max_seq_len
     min_prefill_bucket: int = 16  # prompt lengths are padded to powers of two from here
     max_prefill_tokens: int = 8192  # a server prefill holds at most this many (padded) prompt tokens

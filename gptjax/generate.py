@@ -64,8 +64,9 @@ def generate(engine, prompts, max_new_tokens: int | None = None, *, temperature:
     ec = engine.engine_config
     ids = encode_prompts(engine, prompts)
     longest = max(len(r) for r in ids)
-    n_new = check_new_tokens(ec.max_new_tokens if max_new_tokens is None else
-                             whole_number(max_new_tokens, "max_new_tokens"), longest, engine.max_seq_len)
+    # the config's default is capped by the positions the longest prompt leaves; a number asked for is not
+    n_new = check_new_tokens(min(ec.max_new_tokens, max(engine.max_seq_len - longest, 1)) if max_new_tokens is None
+                             else whole_number(max_new_tokens, "max_new_tokens"), longest, engine.max_seq_len)
     params = sampling_params(engine, len(ids), temperature, top_k, top_p, seed, greedy)
     if isinstance(stop_token_ids, (set, frozenset)):
         stop_token_ids = sorted(stop_token_ids)

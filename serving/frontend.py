@@ -322,8 +322,13 @@ class Frontend:
         return Request(prompt, n_new, sampling, frozenset(stops), p.deadline)
 
     def _new_tokens(self, n, prompt_len: int, name: str) -> int:
+        """The new tokens a request asked for, checked; one that did not say gets the server's default, capped
+        by the limit and by the positions its prompt leaves (a default that can't fit is no fault of the
+        request's)."""
         lim = self.limits
-        n = _integer(lim.default_max_new_tokens if n is None else n, name, *WIRE_INTS)
+        if n is None:  # a checked prompt leaves room for at least one
+            return min(lim.default_max_new_tokens, lim.max_new_tokens, lim.max_seq_len - prompt_len)
+        n = _integer(n, name, *WIRE_INTS)
         if n < 1:
             raise invalid(f"{name} must be at least 1, got {n}")
         if n > lim.max_new_tokens:

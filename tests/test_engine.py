@@ -141,3 +141,13 @@ def test_the_engine_takes_its_mesh_and_config_in_the_forms_a_notebook_writes():
             Engine.from_preset("gpt2-tiny", **kwargs)
     with pytest.raises(ValueError, match="every mesh axis must be at least 1"):
         make_mesh(tensor=0)
+
+
+def test_generate_caps_its_default_new_tokens_to_the_room_the_prompt_leaves():
+    """The config's default number of new tokens shrinks to fit after the longest prompt; a number asked for
+    that does not fit is refused, naming it."""
+    engine = Engine.from_preset("gpt2-tiny", engine_config=EngineConfig(max_seq_len=32, max_new_tokens=64))
+    out = engine.generate([list(range(1, 21)), [5, 6]], greedy=True, stop_token_ids=[])
+    assert [len(r.output_ids) for r in out] == [12, 12]
+    with pytest.raises(ValueError, match="prompt length 20 \\+ max_new_tokens 13 exceeds the model's 32 positions"):
+        engine.generate([list(range(1, 21))], max_new_tokens=13)

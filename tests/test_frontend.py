@@ -72,6 +72,18 @@ def test_defaults_come_from_the_engine_config(frontend):
     assert r.stop_ids == {50256}
 
 
+def test_the_default_new_tokens_fit_the_prompt_and_the_limit():
+    """A request that does not say how many tokens gets the server's default, capped by the positions its
+    prompt leaves and by the limit: never refused for a number it did not send. One that says is held to it."""
+    f = Frontend("gpt2-tiny")
+    f.load(_ModelShape(max_seq_len=64, max_new_tokens=64, max_new_tokens_limit=32), _Scheduler(), max_batch_size=4)
+    assert f.validate(Params(prompt=[1])).max_new_tokens == 32
+    assert f.validate(Params(prompt=[1] * 40)).max_new_tokens == 24
+    assert f.validate(Params(prompt=[1] * 63)).max_new_tokens == 1
+    assert "prompt length 40 + max_new_tokens 30 exceeds" in refused(f, prompt=[1] * 40, max_new_tokens=30)
+    assert "over the server's limit of 32" in refused(f, Code.RESOURCE_EXHAUSTED, max_new_tokens=33)
+
+
 def test_text_is_tokenized_with_the_model_tokenizer(frontend):
     r = frontend.validate(Params(prompt="Once upon a time", max_new_tokens=3, ignore_eos=True, stop_ids=[13]))
     assert r.prompt == default_tokenizer().encode("Once upon a time") and r.stop_ids == {13}
