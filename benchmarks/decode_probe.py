@@ -86,6 +86,11 @@ def _per_array_puts() -> None:
     distributed.to_host = lambda tree: jax.tree.map(np.asarray, tree)
 
 
+# --sampling: engine.generate's arguments for every row (one seed: each row's own stream still differs)
+SAMPLING = {"greedy": dict(greedy=True), "temperature": dict(temperature=1.0, top_k=0, top_p=1.0),
+            "top-k": dict(temperature=1.0, top_k=40, top_p=1.0), "top-p": dict(temperature=1.0, top_k=0, top_p=0.9)}
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="megatron-345m")
@@ -99,6 +104,9 @@ def main():
                    help="pallas | xla | both, comma-separated (one engine each; default: the engine's choice)")
     p.add_argument("--profile", help="write jax.profiler traces of the first batch size here, and summarise them")
     p.add_argument("--greedy-only", action="store_true", help="replace the sampler by a bare argmax")
+    p.add_argument("--sampling", choices=tuple(SAMPLING), default="greedy",
+                   help="what every row asks of the sampler (a drawing row with top-k or top-p sorts the vocabulary "
+                        "each step; one with a temperature alone does not)")
     p.add_argument("--two-step-decode", action="store_true",
                    help="store each step's K/V with XLA's scatter, then attend (not in the attention kernel)")
     p.add_argument("--two-loop-attention", action="store_true",
@@ -152,7 +160,7 @@ def probe(engine, batch: int, args, profile: str | None) -> None:
     prompts = np.random.default_rng(0).integers(0, 50257, (batch, args.input_len)).tolist()
 
     def run(n):
-        return engine.generate(prompts, max_new_tokens=n, greedy=True, stop_token_ids=[])
+        return engine.generate(prompts, max_new_tokens=n, stop_token_ids=[], **SAMPLING[args.sampling])
 
     def med(n):
         start = time.perf_counter()
@@ -194,7 +202,8 @@ def probe(engine, batch: int, args, profile: str | None) -> None:
     print(json.dumps({"model": args.model, "dtype": args.dtype, "batch": batch, "input_len": args.input_len,
                       "attention": engine.attention,
                       "decode_matmuls": engine.decode_matmuls,
-                      "greedy_only": args.greedy_only, "two_step_decode": args.two_step_decode,
+                      "greedy_only": args.greedy_only, "sampling": args.sampling,
+                      "two_step_decode": args.two_step_decode,
                       "per_array_puts": args.per_array_puts, "two_loop_attention": args.two_loop_attention,
                       "sliced_prefill_qkv": args.sliced_prefill_qkv,
                       "early_launch": args.early_launch, "kernel_max_mb": args.kernel_max_mb,

@@ -191,6 +191,21 @@ def test_decode_probe_rows_and_the_two_step_variant_give_the_same_tokens(tmp_pat
     assert len(rows[0]["first_row_tokens"]) == 4
 
 
+def test_decode_probe_times_sampling_steps(tmp_path):
+    """`--sampling`: every row draws (a temperature alone, or with top-p: the step that sorts the vocabulary),
+    and the line says which."""
+    root = Path(__file__).resolve().parents[1]
+    for sampling in ("temperature", "top-p"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "benchmarks.decode_probe", "--model", "gpt2-tiny", "--dtype", "float32",
+             "--batch", "2", "--input-len", "5", "--steps", "3", "--runs", "1", "--sampling", sampling],
+            cwd=root, capture_output=True, text=True, timeout=600,
+            env={**os.environ, "JAX_PLATFORMS": "cpu", "GPTJAX_CACHE_DIR": str(tmp_path)})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert row["sampling"] == sampling and row["decode_ms_per_token"] > 0 and len(row["first_row_tokens"]) == 4
+
+
 def test_startup_probe_times_a_checkpoint_read_beside_the_warmup_and_before_it(tmp_path):
     import numpy as np
 
