@@ -48,6 +48,11 @@ def row_keys(seeds, positions):
     return jax.vmap(lambda s, p: jax.random.fold_in(jax.random.PRNGKey(s), p))(seeds, positions)
 
 
+def _filters(top_k, top_p):
+    """The rows that ask for top-k or top-p: what the vocabulary sort is for."""
+    return (top_k > 0) | (top_p < 1.0)
+
+
 def _filtered_logits(scaled, top_k, top_p):
     """`scaled` [batch, vocab] with everything outside each row's top-k and top-p nucleus set to -inf; a row
     that asks for neither (top_k 0, top_p 1) is left whole."""
@@ -63,8 +68,7 @@ def _filtered_logits(scaled, top_k, top_p):
     n_nucleus = jnp.maximum(in_nucleus.sum(-1), 1)
     nucleus_value = jnp.take_along_axis(sorted_desc, (n_nucleus - 1)[:, None], axis=-1)
     threshold = jnp.maximum(kth_value, nucleus_value)
-    filters = ((top_k > 0) | (top_p < 1.0))[:, None]
-    return jnp.where(filters & (scaled < threshold), -jnp.inf, scaled)
+    return jnp.where(_filters(top_k, top_p)[:, None] & (scaled < threshold), -jnp.inf, scaled)
 
 
 def sample(logits, temperature, top_k, top_p, keys, sampled: bool | None = None):
@@ -83,7 +87,7 @@ def sample(logits, temperature, top_k, top_p, keys, sampled: bool | None = None)
 
     def draw(_):
         scaled = logits / jnp.where(draws, temperature, 1.0)[:, None]
-        scaled = jax.lax.cond(jnp.any(draws & ((top_k > 0) | (top_p < 1.0))),
+        scaled = jax.lax.cond(jnp.any(draws & _filters(top_k, top_p)),
                               lambda s: _filtered_logits(s, top_k, top_p), lambda s: s, scaled)
         keys_now = keys() if callable(keys) else keys  # a callable defers the key math to when it is needed
         gumbel = jax.vmap(lambda key: jax.random.gumbel(key, logits.shape[-1:], jnp.float32))(keys_now)
