@@ -345,7 +345,7 @@ class Frontend:
             raise invalid(f"{name} has an empty batch")
         if rows > lim.max_batch_size:
             raise RequestError(Code.RESOURCE_EXHAUSTED,
-                               f"batch of {rows} rows is over the server's limit of {lim.max_batch_size}")
+                               f"{name}: a batch of {rows} rows is over the server's limit of {lim.max_batch_size}")
 
     # ---- the life cycle ------------------------------------------------------------------------------
     def submit(self, requests: list[Request]) -> None:

@@ -304,13 +304,17 @@ REQUEST_PARAMETERS = ("timeout", "priority")
 
 def request_deadline(params, also: tuple[str, ...] = ()) -> float | None:
     """A request's KServe `parameters` checked -> the deadline its `timeout` sets (microseconds, as Triton
-    takes it), or None."""
+    takes it), or None. `also` are the transport's own flags, true or false: read as bool(), a string such as
+    "false" would turn them on."""
     if not isinstance(params, dict):
         raise invalid("parameters must be an object")
     taken = (*also, *REQUEST_PARAMETERS)
     unknown = sorted(set(params) - set(taken))
     if unknown:
         raise invalid(f"unsupported request parameter(s) {', '.join(unknown)}; this model takes {', '.join(taken)}")
+    for flag in also:
+        if params.get(flag) is not None and not isinstance(params[flag], bool):
+            raise invalid(f"parameters.{flag} must be true or false, got {params[flag]!r}")
     if params.get("priority") not in (None, 0):
         raise invalid(f"parameters.priority must be 0 (one priority level), got {params['priority']!r}")
     timeout = params.get("timeout")

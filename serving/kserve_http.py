@@ -84,9 +84,9 @@ def _json_array(data, datatype: str, shape: list[int], name: str) -> np.ndarray:
     if len(flat) != math.prod(shape):
         raise invalid(f"input {name}: shape {shape} needs {math.prod(shape)} values, got {len(flat)}")
     dtype = np.dtype(ft.DTYPES[datatype])
-    bad = next((v for v in flat if not _fits(v, dtype.kind)), None)
-    if bad is not None:
-        raise invalid(f"input {name}: {bad!r} is not a {datatype} value")
+    for v in flat:  # a loop, not next(..., None): a null among the values is itself the bad one
+        if not _fits(v, dtype.kind):
+            raise invalid(f"input {name}: {v!r} is not a {datatype} value")
     if dtype.kind in "iu" and flat:
         info = np.iinfo(dtype)
         if min(flat) < info.min or max(flat) > info.max:
@@ -149,6 +149,10 @@ def requested_outputs(header: dict) -> list[dict]:
             isinstance(o, dict) and isinstance(o.get("name"), str) and isinstance(o.get("parameters") or {}, dict)
             for o in outputs):
         raise invalid("outputs must be a list of objects, each with a name and, optionally, a parameters object")
+    for o in outputs:  # read with bool(): a string such as "false" would turn binary output on
+        flag = (o.get("parameters") or {}).get("binary_data")
+        if flag is not None and not isinstance(flag, bool):
+            raise invalid(f"output {o['name']}: binary_data must be true or false, got {flag!r}")
     return outputs
 
 
@@ -173,6 +177,15 @@ def encode_outputs(header: dict, outputs: dict[str, np.ndarray], answer: dict) -
                     headers={"Inference-Header-Content-Length": str(len(head))})
 
 
+def _request_id(body: dict) -> str | None:
+    """The request's `id`, echoed in its answer: a string, as Triton takes it (a client matching answers by an id
+    of another type would find it dropped or changed)."""
+    value = body.get("id")
+    if value is not None and not isinstance(value, str):
+        raise invalid(f"id must be a string, got {value!r}")
+    return value
+
+
 # ---- Triton's generate extension ----------------------------------------------------------------------------
 class Generate:
     """One generate / generate_stream call: `text_input` and its knobs, at the top level or in `parameters`."""
@@ -180,7 +193,7 @@ class Generate:
     def __init__(self, body: dict):
         if not isinstance(body.get("text_input"), str):
             raise invalid("text_input must be a string")
-        self.text, self.id = body["text_input"], body.get("id")
+        self.text, self.id = body["text_input"], _request_id(body)
         params = body.get("parameters") or {}
         if not isinstance(params, dict):
             raise invalid("parameters must be an object")
@@ -299,6 +312,7 @@ def _infer_route(app: FastAPI, ctx: Context) -> None:
             # a large JSON body takes seconds of Python to read: off the event loop, which answers every other client
             length = http.headers.get("inference-header-content-length")
             header, binary = await asyncio.to_thread(split_binary, body, length)
+            request_id = _request_id(header)
             arrays = await asyncio.to_thread(decode_inputs, header, binary)
             requested = [o["name"] for o in requested_outputs(header)]
             deadline = ft.request_deadline(header.get("parameters") or {}, also=("binary_data_output",))
@@ -309,8 +323,8 @@ def _infer_route(app: FastAPI, ctx: Context) -> None:
             done = await until_disconnect(http, work, call.requests)
             outputs = ft.outputs(call.requests, done, info)
         answer = {"model_name": MODEL_NAME, "model_version": MODEL_VERSION}
-        if isinstance(header.get("id"), str):
-            answer["id"] = header["id"]
+        if request_id is not None:
+            answer["id"] = request_id
         return encode_outputs(header, outputs, answer)
 
 

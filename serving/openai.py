@@ -169,7 +169,11 @@ def _refuse_unsupported(body: dict, n: int) -> None:
 
 
 def _flag(body: dict, name: str) -> bool:
-    value = body.get(name, False)
+    """A true/false field; null is its default (false), as OpenAI's nullable fields are and as every other
+    field here takes it: clients that send each unset field as null must not be refused."""
+    value = body.get(name)
+    if value is None:
+        return False
     if not isinstance(value, bool):
         raise invalid(f"{name} must be true or false, got {value!r}")
     return value

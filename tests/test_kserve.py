@@ -346,10 +346,16 @@ def test_kserve_request_parameters_mean_on_grpc_what_they_mean_over_http(triton,
     try:
         triton.async_stream_infer(MODEL, ft_inputs([PROMPT], [len(PROMPT)], 2), enable_empty_final_response=True)
         result, error = answers.get(timeout=60)
+        # the flag is a bool: the string "false" is refused, not read as true
+        triton.async_stream_infer(MODEL, ft_inputs([PROMPT], [len(PROMPT)], 2),
+                                  parameters={"triton_enable_empty_final_response": "false"})
+        refused, flag_error = answers.get(timeout=60)
     finally:
         triton.stop_stream()
     assert error is None and result.get_response().parameters["triton_final_response"].bool_param
     assert result.as_numpy("sequence_length")[0, 0] == len(PROMPT) + 2
+    assert refused is None and "INVALID_ARGUMENT" in flag_error.message(), flag_error
+    assert "parameters.triton_enable_empty_final_response must be true or false" in flag_error.message()
     still_serving(client)
 
 

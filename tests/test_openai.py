@@ -197,6 +197,16 @@ def test_stream_options_ask_for_a_stream_and_an_object(client):
             client.completions.create(model=MODEL, prompt=TEXT, max_tokens=2, **kwargs)
 
 
+def test_null_stream_and_echo_are_their_defaults(served, reference):
+    """OpenAI's fields are nullable, null meaning the default: clients that send every unset field as null get
+    the plain answer, as for null n, seed or stop."""
+    body = {"model": MODEL, "prompt": TEXT, "max_tokens": N_NEW, "temperature": 0, "stream": None, "echo": None,
+            "n": None, "stop": None, "stream_options": None}
+    r = httpx.post(served.http + "/v1/completions", json=body, headers=served.headers, timeout=120)
+    assert r.status_code == 200, r.text
+    assert [c["text"] for c in r.json()["choices"]] == [reference[0]["text"]]  # one choice, neither streamed nor echoed
+
+
 # ---- in this process ------------------------------------------------------------------------------------
 HUB_ID = "openai-community/gpt2"
 
@@ -232,7 +242,7 @@ def test_a_full_queue_is_a_429_for_text_and_token_prompts_and_a_size_limit_a_400
     scheduler.submitted, scheduler.refuse = [], None
     for kwargs, words in ((dict(prompt="x" * 5000), "bytes"), (dict(prompt=[1] * 999), "positions"),
                           (dict(prompt=TEXT, max_tokens=10**6), "over the server's limit"),
-                          (dict(prompt=[TEXT] * 3, n=2), "over the server's limit")):
+                          (dict(prompt=[TEXT] * 3, n=2), "prompt x n: a batch of 6 rows is over the server's limit")):
         with pytest.raises(openai.BadRequestError, match=words):
             c.completions.create(model=HUB_ID, **kwargs)
 
