@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gptjax import kernels
+
 # a row whose temperature is below this is greedy: logits / temperature would overflow float32 near 1e-38, and the
 # distribution is already its argmax long before that
 GREEDY_BELOW = 1e-5
@@ -49,26 +51,15 @@ def row_keys(seeds, positions):
 
 
 def _filters(top_k, top_p):
-    """The rows that ask for top-k or top-p: what the vocabulary sort is for."""
+    """The rows that ask for top-k or top-p: what the filter (`kernels.sampling_threshold`) is for."""
     return (top_k > 0) | (top_p < 1.0)
 
 
 def _filtered_logits(scaled, top_k, top_p):
     """`scaled` [batch, vocab] with everything outside each row's top-k and top-p nucleus set to -inf; a row
     that asks for neither (top_k 0, top_p 1) is left whole."""
-    vocab = scaled.shape[-1]
-    sorted_desc = -jnp.sort(-scaled, axis=-1)
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
-    kth_value = jnp.take_along_axis(sorted_desc, (k - 1)[:, None], axis=-1)
-    rank = jnp.arange(vocab)[None, :]
-    sorted_topk = jnp.where(rank < k[:, None], sorted_desc, -jnp.inf)
-    probs = jax.nn.softmax(sorted_topk, axis=-1)
-    # keep a token while the mass before it is below top_p: the smallest set reaching top_p, never empty
-    in_nucleus = (jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None]
-    n_nucleus = jnp.maximum(in_nucleus.sum(-1), 1)
-    nucleus_value = jnp.take_along_axis(sorted_desc, (n_nucleus - 1)[:, None], axis=-1)
-    threshold = jnp.maximum(kth_value, nucleus_value)
-    return jnp.where(_filters(top_k, top_p)[:, None] & (scaled < threshold), -jnp.inf, scaled)
+    threshold = kernels.sampling_threshold(scaled, top_k, top_p)
+    return jnp.where(_filters(top_k, top_p)[:, None] & (scaled < threshold[:, None]), -jnp.inf, scaled)
 
 
 def sample(logits, temperature, top_k, top_p, keys, sampled: bool | None = None):
@@ -77,8 +68,8 @@ def sample(logits, temperature, top_k, top_p, keys, sampled: bool | None = None)
 
     `sampled` is what the caller knows when compiling: False (every row greedy: a bare argmax), True (some
     row may sample), or None (decide on device). Either way a row draws only if its temperature is at least
-    `GREEDY_BELOW` and its top-k is not 1 (which keeps its argmax alone), and the vocabulary is sorted only
-    when a drawing row asks for top-k or top-p: the sort costs far more than the rest of a step's sampling.
+    `GREEDY_BELOW` and its top-k is not 1 (which keeps its argmax alone), and the filter runs only when a
+    drawing row asks for top-k or top-p: it costs far more than the rest of a step's sampling.
     """
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if sampled is False:

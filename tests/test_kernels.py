@@ -490,3 +490,63 @@ def test_engine_greedy_tokens_pallas_equal_xla(monkeypatch):
         got = engine.generate(prompts, max_new_tokens=6, greedy=True, stop_token_ids=[])
         assert [r.output_ids for r in got] == [r.output_ids for r in want]
     assert len({tuple(r.output_ids) for r in want}) > 1  # the prompts really lead different ways
+
+
+def _nucleus_bounds64(row, k: int):
+    """The float64 truth for one row of logits: (its logits in falling order; the top-k count, ties at the k-th
+    logit kept, or the vocab; the cumulative masses before and including each of those tokens, from the
+    renormalised top-k distribution)."""
+    order = np.sort(np.asarray(row, np.float64))[::-1]
+    k = int((order >= order[k - 1]).sum()) if 0 < k < len(order) else len(order)
+    probs = np.exp(order[:k] - order[0])
+    probs /= probs.sum()
+    return order, k, np.cumsum(probs) - probs, np.cumsum(probs)
+
+
+@pytest.mark.parametrize("vocab,spread,dtype", [(50257, 1.0, np.float32), (50257, 6.0, jnp.bfloat16),
+                                                (1000, 3.0, np.float16), (7, 1.0, np.float32)])
+def test_sampling_filter_keeps_what_the_float64_sort_keeps(vocab, spread, dtype):
+    """Fresh random logits, flat (30k tokens in a 0.9 nucleus) and peaked, rows asking top-k alone, top-p alone,
+    both, and neither: the kernel (interpret mode) keeps exactly the top-k; its nucleus is the smallest set of
+    the largest logits holding top_p, except that the last token may go either way where its cumulative mass is
+    within float32 rounding of top_p; ties (16-bit logits have them) are kept or dropped whole. The sort-based
+    reference, which the CPU runs, holds to the same."""
+    from gptjax.kernels import filter_threshold, filter_threshold_reference
+
+    seed = np.random.SeedSequence().entropy % 2**31
+    rng = np.random.default_rng(seed)
+    top_k = np.array([0, 40, 1, 0, 5, vocab + 3, 0, 3], np.int32)
+    top_p = np.array([0.9, 1.0, 0.5, 1.0, 0.3, 0.95, 0.05, 0.99], np.float32)
+    scaled = jnp.asarray((rng.standard_normal((len(top_k), vocab)) * spread).astype(dtype)).astype(jnp.float32)
+    for threshold in (filter_threshold(scaled, top_k, top_p, interpret=True),
+                      filter_threshold_reference(scaled, top_k, top_p)):
+        kept = (np.asarray(scaled) >= np.asarray(threshold)[:, None]).sum(axis=1)
+        for r in range(len(top_k)):
+            order, k, before, including = _nucleus_bounds64(np.asarray(scaled[r]), int(top_k[r]))
+            if top_p[r] >= 1.0:
+                assert kept[r] == k, f"row {r}: kept {kept[r]} of a top-{k} (seed {seed})"
+                continue
+            n = kept[r]
+            first_of_tie = int(np.argmax(order == order[n - 1]))
+            assert 1 <= n <= k and before[first_of_tie] < top_p[r] + 1e-6, f"row {r}: too many, {n} (seed {seed})"
+            assert n == k or including[n - 1] >= top_p[r] - 1e-6, f"row {r}: too few, {n} (seed {seed})"
+
+
+def test_sampling_filter_keeps_ties_at_the_threshold_whole():
+    """Logits in a few distinct values: a threshold inside a tie keeps the whole tie, as the sort does."""
+    from gptjax.kernels import filter_threshold, filter_threshold_reference
+
+    scaled = jnp.asarray(np.random.default_rng(3).integers(0, 6, (4, 3000)).astype(np.float32) * 0.5)
+    top_k, top_p = np.array([10, 0, 700, 1], np.int32), np.array([1.0, 0.5, 0.9, 0.2], np.float32)
+    got = filter_threshold(scaled, top_k, top_p, interpret=True)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(filter_threshold_reference(scaled, top_k, top_p)))
+    assert np.isin(np.asarray(got), np.asarray(scaled)).all()  # thresholds are logits, so a tie is in or out
+
+
+def test_sampling_filter_lowers_for_cuda_as_one_kernel():
+    from gptjax.kernels import filter_threshold
+
+    specs = (jax.ShapeDtypeStruct((256, 50257), jnp.float32), jax.ShapeDtypeStruct((256,), jnp.int32),
+             jax.ShapeDtypeStruct((256,), jnp.float32))
+    text = jax.jit(filter_threshold).trace(*specs).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == 1
