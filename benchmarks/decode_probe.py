@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import time
 
 import numpy as np
@@ -41,6 +42,14 @@ def _two_step_decode() -> None:
         return kernels.decode_step_attention(qkv[:, 0], *layer_kv, positions + 1, impl), layer_kv
 
     kernels.decode_step_append = two_steps
+
+
+def _sort_filter() -> None:
+    """The sampler's top-k / top-p filter by sorting the vocabulary on every backend, as before the GPU took the
+    kernel (`kernels.filter_threshold`), to time one against the other."""
+    from gptjax import kernels
+
+    kernels.sampling_threshold = kernels.filter_threshold_reference
 
 
 def _set_kernel_switches(args) -> None:
@@ -86,6 +95,30 @@ def _per_array_puts() -> None:
     distributed.to_host = lambda tree: jax.tree.map(np.asarray, tree)
 
 
+# --xla-options: short names -> XLA's debug options, given to one program through `jax.jit(compiler_options=...)`
+XLA_OPTIONS = {
+    "block_level": ("xla_gpu_experimental_enable_fusion_block_level_rewriter", True),
+    "unroll": ("xla_gpu_command_buffer_unroll_loops", True),
+    "no_split_k": ("xla_gpu_experimental_force_split_k", 1),
+    "multi_output": ("xla_gpu_unsupported_enable_triton_multi_output_fusion", True),
+}
+
+
+def _generate_jit(engine, variant: str | None):
+    """The engine's generate program under a variant of XLA's options ("off", or short names of `XLA_OPTIONS`
+    joined by "+"; None: the engine's own jit)."""
+    import jax
+
+    if variant is None:
+        return engine._generate_jit
+    names = [] if variant == "off" else variant.split("+")
+    unknown = [n for n in names if n not in XLA_OPTIONS]
+    if unknown:
+        raise SystemExit(f"--xla-options: {unknown} not among {sorted(XLA_OPTIONS)} (or off)")
+    return jax.jit(engine._generate, static_argnames=("n_new", "cache_len", "sampled"),
+                   compiler_options=dict(XLA_OPTIONS[n] for n in names) or None)
+
+
 # --sampling: engine.generate's arguments for every row (one seed: each row's own stream still differs)
 SAMPLING = {"greedy": dict(greedy=True), "temperature": dict(temperature=1.0, top_k=0, top_p=1.0),
             "top-k": dict(temperature=1.0, top_k=40, top_p=1.0), "top-p": dict(temperature=1.0, top_k=0, top_p=0.9)}
@@ -107,6 +140,8 @@ def main():
     p.add_argument("--sampling", choices=tuple(SAMPLING), default="greedy",
                    help="what every row asks of the sampler (a drawing row with top-k or top-p sorts the vocabulary "
                         "each step; one with a temperature alone does not)")
+    p.add_argument("--sort-filter", action="store_true",
+                   help="the sampler's top-k / top-p filter sorts the vocabulary (not the GPU's kernel)")
     p.add_argument("--two-step-decode", action="store_true",
                    help="store each step's K/V with XLA's scatter, then attend (not in the attention kernel)")
     p.add_argument("--two-loop-attention", action="store_true",
@@ -122,6 +157,11 @@ def main():
     p.add_argument("--kernel-max-mb", type=float,
                    help="with --decode-matmuls pallas: products with weights up to this many MiB run on the kernels "
                         "(default: decode_block.KERNEL_MAX_BYTES, 32), the larger ones on XLA's matmuls")
+    p.add_argument("--xla-options",
+                   help="variants of XLA's options for the generate program, comma-separated, each 'off' or short "
+                        "names of XLA_OPTIONS joined by '+': each compiled, then timed in turn in this process")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="with --xla-options: time every variant this many times, alternating their order")
     p.add_argument("--hlo", help="write the optimized HLO of the generate program to this file")
     p.add_argument("--no-compile-cache", action="store_true",
                    help="compile afresh (by default a later probe of the same programs, the 6.7B model's above all, "
@@ -138,6 +178,8 @@ def main():
         _greedy_only_sampling()
     if args.two_step_decode:
         _two_step_decode()
+    if args.sort_filter:
+        _sort_filter()
     if args.per_array_puts:
         _per_array_puts()
     if args.sliced_prefill_qkv:
@@ -162,15 +204,24 @@ def probe(engine, batch: int, args, profile: str | None) -> None:
     def run(n):
         return engine.generate(prompts, max_new_tokens=n, stop_token_ids=[], **SAMPLING[args.sampling])
 
-    def med(n):
+    # each variant of XLA's options compiled first, then timed in turn, the order reversed every round: a drift
+    # over the process (clocks, heat) falls on all of them alike, where one process per variant differs by up to 11%
+    variants = args.xla_options.split(",") if args.xla_options else [None]
+    jits = {v: _generate_jit(engine, v) for v in variants}
+    first_rows, compile_s, times = {}, {}, {v: ([], []) for v in variants}
+    for v in variants:
+        engine._generate_jit = jits[v]
+        first_rows[v] = run(args.steps + 1)[0].output_ids  # compiles; the tokens to compare between variants
         start = time.perf_counter()
-        run(n)  # compiles
-        compile_s = time.perf_counter() - start
-        return median_seconds(lambda: run(n), args.runs, 0, f"{n} steps"), compile_s
-
-    first_row = run(args.steps + 1)[0].output_ids  # compiles; the tokens to compare between variants
-    full, compile_full = med(args.steps + 1)
-    one, _ = med(1)
+        run(args.steps + 1)
+        compile_s[v] = time.perf_counter() - start
+        run(1)  # compiles
+    for r in range(args.rounds):
+        for v in variants if r % 2 == 0 else variants[::-1]:
+            engine._generate_jit = jits[v]
+            times[v][0].append(median_seconds(lambda: run(args.steps + 1), args.runs, 0, f"{args.steps + 1} steps"))
+            times[v][1].append(median_seconds(lambda: run(1), args.runs, 0, "1 step"))
+    engine._generate_jit = jits[variants[0]]  # the HLO and the profile: the first variant's
     if args.hlo:
         import jax.numpy as jnp
 
@@ -199,19 +250,25 @@ def probe(engine, batch: int, args, profile: str | None) -> None:
         print(json.dumps({"decode_kernels_per_step": round((counts[steps + 1] - counts[1]) / steps, 1),
                           "decode_us_per_step_by_kind": {k: round((us - kinds[1].get(k, 0.0)) / steps, 1)
                                                          for k, us in sorted(kinds[steps + 1].items())}}))
-    print(json.dumps({"model": args.model, "dtype": args.dtype, "batch": batch, "input_len": args.input_len,
-                      "attention": engine.attention,
-                      "decode_matmuls": engine.decode_matmuls,
-                      "greedy_only": args.greedy_only, "sampling": args.sampling,
-                      "two_step_decode": args.two_step_decode,
-                      "per_array_puts": args.per_array_puts, "two_loop_attention": args.two_loop_attention,
-                      "sliced_prefill_qkv": args.sliced_prefill_qkv,
-                      "early_launch": args.early_launch, "kernel_max_mb": args.kernel_max_mb,
-                      "xla_flags": os.environ.get("XLA_FLAGS", ""),
-                      "prefill_plus_first_ms": round(one * 1e3, 3),
-                      "decode_ms_per_token": round((full - one) / args.steps * 1e3, 4),
-                      "first_call_s": round(compile_full, 2), "first_row_tokens": first_row[:32],
-                      "device": jax.devices()[0].device_kind}), flush=True)
+    for v in variants:
+        full, one = (statistics.median(t) for t in times[v])
+        print(json.dumps({"model": args.model, "dtype": args.dtype, "batch": batch, "input_len": args.input_len,
+                          "attention": engine.attention,
+                          "decode_matmuls": engine.decode_matmuls,
+                          "greedy_only": args.greedy_only, "sampling": args.sampling,
+                          "sort_filter": args.sort_filter,
+                          "two_step_decode": args.two_step_decode,
+                          "per_array_puts": args.per_array_puts, "two_loop_attention": args.two_loop_attention,
+                          "sliced_prefill_qkv": args.sliced_prefill_qkv,
+                          "early_launch": args.early_launch, "kernel_max_mb": args.kernel_max_mb,
+                          "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                          "xla_options": v or "",
+                          "prefill_plus_first_ms": round(one * 1e3, 3),
+                          "decode_ms_per_token": round((full - one) / args.steps * 1e3, 4),
+                          "rounds_decode_ms_per_token": [round((f - o) / args.steps * 1e3, 4)
+                                                         for f, o in zip(*times[v])],
+                          "first_call_s": round(compile_s[v], 2), "first_row_tokens": first_rows[v][:32],
+                          "device": jax.devices()[0].device_kind}), flush=True)
 
 
 KINDS = (("copies", ("memcpy", "memset")), ("attention", ("attention", "mosaic", "flash")),

@@ -5,6 +5,8 @@ on a GPU: here `gpu_busy_seconds` is replaced by a fixed answer.)"""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -204,6 +206,41 @@ def test_decode_probe_times_sampling_steps(tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         row = json.loads(proc.stdout.strip().splitlines()[-1])
         assert row["sampling"] == sampling and row["decode_ms_per_token"] > 0 and len(row["first_row_tokens"]) == 4
+
+
+def test_decode_probe_times_variants_of_xla_options_in_turn_in_one_process(tmp_path):
+    """`--xla-options`: one line per variant, each timed in every round, all with the same greedy tokens; a
+    name the probe does not know stops it before any compile, naming the name."""
+    root = Path(__file__).resolve().parents[1]
+    probe = [sys.executable, "-m", "benchmarks.decode_probe", "--model", "gpt2-tiny", "--dtype", "float32",
+             "--batch", "2", "--input-len", "5", "--steps", "3", "--runs", "1", "--rounds", "2"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "GPTJAX_CACHE_DIR": str(tmp_path)}
+    proc = subprocess.run([*probe, "--xla-options", "off,block_level+unroll+no_split_k"], cwd=root,
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+    assert [r["xla_options"] for r in rows] == ["off", "block_level+unroll+no_split_k"]
+    assert all(len(r["rounds_decode_ms_per_token"]) == 2 for r in rows)
+    assert rows[0]["first_row_tokens"] == rows[1]["first_row_tokens"] and len(rows[0]["first_row_tokens"]) == 4
+    proc = subprocess.run([*probe, "--xla-options", "off,fastest"], cwd=root, capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert proc.returncode != 0 and "fastest" in proc.stderr
+
+
+def test_sampling_probe_forms_keep_what_the_sort_keeps():
+    """benchmarks.sampling_probe on the CPU (the kernel interpreted): every filter that replaces the sort keeps
+    the sort's tokens on the probe's logits, flat and peaked."""
+    from benchmarks import sampling_probe
+
+    for spread in ("1.0", "6.0"):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            sampling_probe.main(["--rows", "3", "--reps", "1", "--spread", spread, "--only",
+                                 "sort_top_p,sort_top_k,kernel_top_p,kernel_top_k,bisect_top_p,search16_top_p"])
+        rows = {r["form"]: r for r in map(json.loads, out.getvalue().splitlines())}
+        assert rows["sort_top_k"]["kept_per_row"] == 40 and 1 <= rows["sort_top_p"]["kept_per_row"] < 50257
+        assert all(rows[f]["rows_unlike_sort"] == 0 for f in ("kernel_top_p", "kernel_top_k", "bisect_top_p",
+                                                               "search16_top_p"))
 
 
 def test_startup_probe_times_a_checkpoint_read_beside_the_warmup_and_before_it(tmp_path):
