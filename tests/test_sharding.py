@@ -26,6 +26,18 @@ def test_greedy_tokens_identical_on_every_layout(layout, mesh_reference):
     assert greedy_tokens(engine(layout)) == mesh_reference
 
 
+def test_sampled_tokens_identical_with_rows_and_vocabulary_split():
+    """Top-k and top-p draws: the filter's kernel runs on each device's rows (the vocabulary gathered whole), and
+    every row draws what it draws on one device."""
+    def sampled(e):
+        return [r.output_ids for r in e.generate(MESH_PROMPTS, max_new_tokens=6, temperature=0.9, top_k=50,
+                                                 top_p=0.8, seed=3, stop_token_ids=[])]
+
+    want = sampled(engine((1, 1, 1)))
+    assert len({tuple(t) for t in want}) == len(want)
+    assert sampled(engine((2, 1, 4))) == want
+
+
 def shard_shape(x) -> tuple:
     shapes = {tuple(s.data.shape) for s in x.addressable_shards}
     assert len(shapes) == 1
