@@ -8,7 +8,7 @@ sort of 256 x 50257 logits. Forms, each on the same logits (normal, times `--spr
 - "sort_top_p", "sort_top_k": the filter by sorting (`kernels.filter_threshold_reference`, what the sampler
   runs off a GPU) with top-p 0.9, or top-k 40;
 - "kernel_top_p", "kernel_top_k": the same with the kernel the sampler runs on a GPU (`kernels.filter_threshold`);
-  "kernel_wW_bB_top_p" with W warps a program and B logits a read (`LAUNCHES`);
+  "kernel_wW_bB[_defer]_top_p" with W warps a program and B logits a read, `defer` as there (`LAUNCHES`);
 - "lax_top_k_K": `jax.lax.top_k` of K entries a row, the candidates a filter could take instead of a sort;
 - "bisect_top_p": the nucleus threshold found without a sort, by halving the range of the logits' ordered bit
   patterns (32 passes of a compare and a sum over the row); its kept set is checked against the sort's;
@@ -23,7 +23,9 @@ import functools
 import json
 
 VOCAB = 50257
-LAUNCHES = ((4, 1024), (8, 1024), (16, 1024), (16, 2048), (4, 512))  # more (num_warps, block) for the kernel's top-p
+# more launches of the kernel's top-p: (num_warps, block, defer)
+LAUNCHES = ((4, 1024, False), (8, 1024, False), (16, 1024, False), (16, 2048, False), (4, 512, False),
+            (4, 256, True), (4, 512, True), (8, 512, True), (8, 1024, True))
 
 
 def _ordered_bits(x):
@@ -105,9 +107,9 @@ def forms():
         "sort_top_k": jax.jit(lambda s, k, p: sort_filter(s, k, jnp.ones_like(p))),
         "kernel_top_p": jax.jit(lambda s, k, p: kernel_filter(s, jnp.zeros_like(k), p)),
         "kernel_top_k": jax.jit(lambda s, k, p: kernel_filter(s, k, jnp.ones_like(p))),
-        **{f"kernel_w{w}_b{b}_top_p": jax.jit(functools.partial(
-            lambda s, k, p, w, b: kernel_filter(s, jnp.zeros_like(k), p, num_warps=w, block=b), w=w, b=b))
-           for w, b in LAUNCHES},
+        **{f"kernel_w{w}_b{b}{'_defer' if d else ''}_top_p": jax.jit(functools.partial(
+            lambda s, k, p, w, b, d: kernel_filter(s, jnp.zeros_like(k), p, num_warps=w, block=b, defer=d),
+            w=w, b=b, d=d)) for w, b, d in LAUNCHES},
         **{f"lax_top_k_{n}": jax.jit(functools.partial(lambda s, k, p, n: jax.lax.top_k(s, n)[0], n=n))
            for n in (64, 256, 1024)},
         "bisect_top_p": jax.jit(lambda s, k, p: bisect_top_p(s, p)),

@@ -503,14 +503,15 @@ def _nucleus_bounds64(row, k: int):
     return order, k, np.cumsum(probs) - probs, np.cumsum(probs)
 
 
-@pytest.mark.parametrize("vocab,spread,dtype", [(50257, 1.0, np.float32), (50257, 6.0, jnp.bfloat16),
-                                                (1000, 3.0, np.float16), (7, 1.0, np.float32)])
-def test_sampling_filter_keeps_what_the_float64_sort_keeps(vocab, spread, dtype):
+@pytest.mark.parametrize("vocab,spread,dtype,launch", [
+    (50257, 1.0, np.float32, {}), (50257, 6.0, jnp.bfloat16, {}), (1000, 3.0, np.float16, {}), (7, 1.0, np.float32, {}),
+    (50257, 1.0, np.float32, {"defer": True, "block": 512}), (1000, 6.0, jnp.bfloat16, {"defer": True, "block": 256})])
+def test_sampling_filter_keeps_what_the_float64_sort_keeps(vocab, spread, dtype, launch):
     """Fresh random logits, flat (30k tokens in a 0.9 nucleus) and peaked, rows asking top-k alone, top-p alone,
-    both, and neither: the kernel (interpret mode) keeps exactly the top-k; its nucleus is the smallest set of
-    the largest logits holding top_p, except that the last token may go either way where its cumulative mass is
-    within float32 rounding of top_p; ties (16-bit logits have them) are kept or dropped whole. The sort-based
-    reference, which the CPU runs, holds to the same."""
+    both, and neither: the kernel (interpret mode; its default launch, and the sums deferred to a pass's end) keeps
+    exactly the top-k; its nucleus is the smallest set of the largest logits holding top_p, except that the last
+    token may go either way where its cumulative mass is within float32 rounding of top_p; ties (16-bit logits
+    have them) are kept or dropped whole. The sort-based reference holds to the same."""
     from gptjax.kernels import filter_threshold, filter_threshold_reference
 
     seed = np.random.SeedSequence().entropy % 2**31
@@ -518,7 +519,7 @@ def test_sampling_filter_keeps_what_the_float64_sort_keeps(vocab, spread, dtype)
     top_k = np.array([0, 40, 1, 0, 5, vocab + 3, 0, 3], np.int32)
     top_p = np.array([0.9, 1.0, 0.5, 1.0, 0.3, 0.95, 0.05, 0.99], np.float32)
     scaled = jnp.asarray((rng.standard_normal((len(top_k), vocab)) * spread).astype(dtype)).astype(jnp.float32)
-    for threshold in (filter_threshold(scaled, top_k, top_p, interpret=True),
+    for threshold in (filter_threshold(scaled, top_k, top_p, interpret=True, **launch),
                       filter_threshold_reference(scaled, top_k, top_p)):
         kept = (np.asarray(scaled) >= np.asarray(threshold)[:, None]).sum(axis=1)
         for r in range(len(top_k)):

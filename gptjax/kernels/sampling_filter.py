@@ -9,9 +9,11 @@ pass reads the rows from memory again); this kernel takes 0.68 ms for the 256 ro
 way below `GPU_MIN_ROWS` rows a device.
 
 `filter_threshold` (Pallas, Triton backend on GPU; `interpret=True` runs it anywhere, and on a CPU faster than
-the sort) keeps a row's passes inside one program: each pass over the row weighs `WAYS` candidate thresholds at once (a count for top-k, a
-mass for top-p) and keeps the part of the range between the last candidate that holds and the next, so that
-`PASSES` passes narrow the logits' range by 17^9; the threshold is then the smallest logit in what is left.
+the sort) keeps a row's passes inside one program: each pass over the row weighs `WAYS` candidate thresholds at
+once (a count for top-k, a mass for top-p) and keeps the part of the range between the last candidate that holds
+and the next, so that `PASSES` passes narrow the logits' range by 17^9; the threshold is then the smallest logit
+in what is left. `defer=True` (not yet timed on a GPU) reduces each pass's sums across the program's warps once
+a pass rather than once a block.
 It is the sort's threshold unless two logits lie closer than the range / 17^9 at the threshold (one more or
 one fewer token of near-equal logit kept), and the masses are float32 sums in another order than the sort's
 cumulative one, so a token whose cumulative mass falls within float32 rounding of top_p may go either way.
@@ -38,8 +40,10 @@ NUM_WARPS = 8
 GPU_MIN_ROWS = 64
 
 
-def _kernel(k_ref, p_ref, s_ref, o_ref, *, vocab: int, n_blocks: int, block: int):
-    """One row: s_ref [n_blocks * BLOCK] float32 (padded with -inf), k_ref its top-k (0: none), p_ref its top-p."""
+def _kernel(k_ref, p_ref, s_ref, o_ref, *, vocab: int, n_blocks: int, block: int, defer: bool):
+    """One row: s_ref [n_blocks * block] float32 (padded with -inf), k_ref its top-k (0: none), p_ref its top-p.
+    `defer`: a search pass adds each block's weights into a [WAYS, block] sum and reduces it once at the pass's
+    end, rather than reducing every block across the program's warps."""
     k, p = k_ref[...], p_ref[...]
     iota = lax.broadcasted_iota(jnp.int32, (WAYS,), 0)
     fractions = (iota + 1).astype(jnp.float32) / (WAYS + 1)
@@ -61,7 +65,12 @@ def _kernel(k_ref, p_ref, s_ref, o_ref, *, vocab: int, n_blocks: int, block: int
         def one_pass(_, bounds):
             lo, hi = bounds
             candidates = lo + (hi - lo) * fractions  # ascending
-            totals = fold(lambda s, acc: acc + weigh(s, candidates), jnp.zeros((WAYS,), jnp.float32))
+            if defer:
+                totals = jnp.sum(fold(lambda s, acc: acc + weigh(s, candidates),
+                                      jnp.zeros((WAYS, block), jnp.float32)), axis=1)
+            else:
+                totals = fold(lambda s, acc: acc + jnp.sum(weigh(s, candidates), axis=1),
+                              jnp.zeros((WAYS,), jnp.float32))
             held = jnp.sum((totals >= target).astype(jnp.int32))  # the first `held` candidates hold
             below = jnp.sum(jnp.where(iota == held - 1, candidates, 0.0))
             above = jnp.sum(jnp.where(iota == held, candidates, 0.0))
@@ -70,8 +79,8 @@ def _kernel(k_ref, p_ref, s_ref, o_ref, *, vocab: int, n_blocks: int, block: int
         lo, _ = lax.fori_loop(0, PASSES, one_pass, (lo, hi))
         return smallest_from(lo)
 
-    def count(s, candidates):
-        return jnp.sum(jnp.where(s[None, :] >= candidates[:, None], 1.0, 0.0), axis=1)
+    def count(s, candidates):  # each logit's part in the count at or above each candidate: [WAYS, block]
+        return jnp.where(s[None, :] >= candidates[:, None], 1.0, 0.0)
 
     kth = lax.cond((k > 0) & (k < vocab), lambda: search(count, k.astype(jnp.float32), low, top), lambda: low)
 
@@ -79,7 +88,7 @@ def _kernel(k_ref, p_ref, s_ref, o_ref, *, vocab: int, n_blocks: int, block: int
         return jnp.where(s >= kth, jnp.exp(s - top), 0.0)
 
     def mass(s, candidates):
-        return jnp.sum(jnp.where(s[None, :] >= candidates[:, None], weights(s)[None, :], 0.0), axis=1)
+        return jnp.where(s[None, :] >= candidates[:, None], weights(s)[None, :], 0.0)
 
     def nucleus():
         total = fold(lambda s, acc: acc + jnp.sum(weights(s)), jnp.float32(0.0))
@@ -88,18 +97,18 @@ def _kernel(k_ref, p_ref, s_ref, o_ref, *, vocab: int, n_blocks: int, block: int
     o_ref[...] = jnp.maximum(kth, lax.cond(p < 1.0, nucleus, lambda: kth))
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "block", "num_warps"))
+@functools.partial(jax.jit, static_argnames=("interpret", "block", "num_warps", "defer"))
 def filter_threshold(scaled, top_k, top_p, *, interpret: bool = False, block: int = BLOCK,
-                     num_warps: int = NUM_WARPS):
+                     num_warps: int = NUM_WARPS, defer: bool = False):
     """scaled [rows, vocab] (logits over the temperature), top_k [rows] int (0: none), top_p [rows] float
     (1: none) -> each row's threshold [rows] float32: the row keeps the tokens whose logit is at least it.
-    `block` and `num_warps`: the launch's logits per read and warps per program."""
+    `block` and `num_warps`: the launch's logits per read and warps per program; `defer`: as in `_kernel`."""
     rows, vocab = scaled.shape
     padded = pl.cdiv(vocab, block) * block
     scaled = jnp.pad(scaled.astype(jnp.float32), ((0, 0), (0, padded - vocab)), constant_values=-jnp.inf)
     row = pl.BlockSpec((None,), lambda r: (r,))
     return pl.pallas_call(
-        functools.partial(_kernel, vocab=vocab, n_blocks=padded // block, block=block), grid=(rows,),
+        functools.partial(_kernel, vocab=vocab, n_blocks=padded // block, block=block, defer=defer), grid=(rows,),
         in_specs=[row, row, pl.BlockSpec((None, padded), lambda r: (r, 0))], out_specs=row,
         out_shape=jax.ShapeDtypeStruct((rows,), jnp.float32),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=2), interpret=interpret,
