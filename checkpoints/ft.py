@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from gptjax.checkpoint import CheckpointError, save_checkpoint
+from gptjax.checkpoint import CheckpointError, first_nonfinite, save_checkpoint
 from gptjax.config import ModelConfig
 
 _DTYPES = {"fp32": (np.float32, "float32"), "fp16": (np.float16, "float16")}
@@ -92,6 +92,8 @@ def read_config(folder: Path) -> tuple[ModelConfig, int, type, int]:
     n_layers = field("num_layer", "n_layer")
     if (folder / f"model.layers.{n_layers}.input_layernorm.weight.bin").is_file():
         raise CheckpointError(f"{path}: num_layer = {n_layers}, but the folder holds layer {n_layers} too")
+    if n_layers > 0 and not (folder / f"model.layers.{n_layers - 1}.input_layernorm.weight.bin").is_file():
+        raise CheckpointError(f"{path}: num_layer = {n_layers}, but the folder holds no layer {n_layers - 1}")
     itemsize = np.dtype(np_dtype).itemsize
     wpe = folder / "model.wpe.bin"
     positions = field("max_pos_seq_len", "n_positions",
@@ -154,8 +156,11 @@ class Reader:
             raise CheckpointError(f"{path.name}: {size} bytes, expected {want} (shape {shape} of {self.dtype.name}); "
                                   "truncated, or config.ini does not match the files")
         count = int(np.prod(shape)) if rows is None else rows * int(np.prod(shape[1:]))
-        data = np.fromfile(path, dtype=self.dtype, count=count)
-        return data.reshape(shape if rows is None else (rows, *shape[1:]))
+        data = np.fromfile(path, dtype=self.dtype, count=count).reshape(shape if rows is None else (rows, *shape[1:]))
+        bad = first_nonfinite(data)
+        if bad:
+            raise CheckpointError(f"{path.name}: holds {bad}: the weights must be finite")
+        return data
 
 
 def read_ft(src: str | Path):

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from checkpoints.torch_pickle import safe_load, torch_to_numpy
-from gptjax.checkpoint import CheckpointError, save_checkpoint
+from gptjax.checkpoint import CheckpointError, first_nonfinite, save_checkpoint
 from gptjax.config import ModelConfig
 
 _ACTIVATIONS = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu": "gelu"}
@@ -45,20 +46,33 @@ def read_config(src: Path, label: str | None = None) -> ModelConfig:
         if not isinstance(hf, dict):
             raise CheckpointError(f"{label}: expected a JSON object")
         check_architecture(hf, label)
-        activation = _ACTIVATIONS.get(hf.get("activation_function", "gelu_new"))
+        name = hf.get("activation_function", "gelu_new")
+        activation = _ACTIVATIONS.get(name) if isinstance(name, str) else None
         if activation is None:
-            raise CheckpointError(f"{label}: activation_function {hf['activation_function']!r} is not supported")
+            raise CheckpointError(f"{label}: activation_function {name!r} is not supported")
         dtype = _DTYPES.get(str(hf.get("torch_dtype") or hf.get("dtype") or "float32"), "float32")
-        return ModelConfig(n_layers=int(hf["n_layer"]), hidden=int(hf["n_embd"]), n_heads=int(hf["n_head"]),
-                           vocab_size=int(hf["vocab_size"]), n_positions=int(hf["n_positions"]),
-                           ffn_hidden=int(hf.get("n_inner") or 0), activation=activation, dtype=dtype,
-                           layer_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)))
+        eps = hf.get("layer_norm_epsilon", 1e-5)
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+            raise CheckpointError(f"{label}: layer_norm_epsilon must be a number, got {eps!r}")
+        return ModelConfig(n_layers=_size(hf, "n_layer", label), hidden=_size(hf, "n_embd", label),
+                           n_heads=_size(hf, "n_head", label), vocab_size=_size(hf, "vocab_size", label),
+                           n_positions=_size(hf, "n_positions", label),
+                           ffn_hidden=_size(hf, "n_inner", label) if hf.get("n_inner") is not None else 0,
+                           activation=activation, dtype=dtype, layer_norm_eps=float(eps))
     except KeyError as e:
         raise CheckpointError(f"{label}: field {e.args[0]} is missing") from None
     except CheckpointError:
         raise
     except (TypeError, ValueError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{label}: {e}") from None
+
+
+def _size(hf: dict, name: str, label: str) -> int:
+    """A size field of config.json, which must be a JSON integer: int() would take 64.9 as 64, or "2" and true."""
+    value = hf[name]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise CheckpointError(f"{label}: {name} must be an integer, got {value!r}")
+    return value
 
 
 def read_tensors(src: Path) -> dict[str, np.ndarray]:
@@ -132,11 +146,18 @@ def to_params(config: ModelConfig, tensors: dict[str, np.ndarray]):
             raise CheckpointError(f"tensor {key} is {kind}, expected one of {', '.join(_DTYPES)}")
         if value.shape != stored:
             raise CheckpointError(f"tensor {key} has shape {tuple(value.shape)}, expected {stored}")
+        bad = first_nonfinite(value)
+        if bad:
+            raise CheckpointError(f"tensor {key} holds {bad}: the weights must be finite numbers")
         return value.reshape(shape or stored)
 
     def norm(name):
         return {"scale": get(f"{name}.weight", (c,)), "bias": get(f"{name}.bias", (c,))}
 
+    held = {int(m.group(1)) for k in tensors if (m := re.match(re.escape(prefix) + r"h\.(\d+)\.", k))}
+    if len(held) != config.n_layers or max(held, default=-1) != len(held) - 1:  # first: before any n_layer loop
+        raise CheckpointError(f"config.json gives n_layer {config.n_layers}, but the weights hold layers "
+                              f"{_ranges(sorted(held))}" if held else "the weights hold no layers (h.0. ...)")
     f = config.ffn_hidden
     params = {"wte": get("wte.weight", (config.vocab_size, c)), "wpe": get("wpe.weight", (config.n_positions, c)),
               "ln_f": norm("ln_f")}
@@ -157,6 +178,17 @@ def to_params(config: ModelConfig, tensors: dict[str, np.ndarray]):
             "mlp_out": {"kernel": get(p + "mlp.c_proj.weight", (f, c)), "bias": get(p + "mlp.c_proj.bias", (c,))},
         }
     return params
+
+
+def _ranges(numbers: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2, 5"."""
+    runs: list[list[int]] = []
+    for n in numbers:
+        if runs and n == runs[-1][1] + 1:
+            runs[-1][1] = n
+        else:
+            runs.append([n, n])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def convert_hf_gpt2(src: str | Path, dst: str | Path) -> Path:

@@ -17,11 +17,13 @@ memory-mapped where the format allows, so optimizer state is never read.
 from __future__ import annotations
 
 import argparse
+import numbers
 import re
 import tempfile
 import zipfile
 import zlib
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path, PurePosixPath
 
 import jax.numpy as jnp
@@ -29,7 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 from checkpoints.torch_pickle import safe_load, torch_to_numpy
-from gptjax.checkpoint import CheckpointError, save_checkpoint
+from gptjax.checkpoint import CheckpointError, first_nonfinite, save_checkpoint
 from gptjax.config import ModelConfig
 
 PART_FILES = ("model_optim_rng.pt", "model_rng.pt")
@@ -140,7 +142,11 @@ class Part:
         if tuple(t.shape) != shape:
             raise CheckpointError(f"{self.label}: tensor {shown or key} has shape {tuple(t.shape)}, "
                                   f"expected {shape}")
-        return torch_to_numpy(t)
+        values = torch_to_numpy(t)
+        bad = first_nonfinite(values)
+        if bad:
+            raise CheckpointError(f"{self.label}: tensor {shown or key} holds {bad}: the weights must be finite")
+        return values
 
 
 # ---- the config ----------------------------------------------------------------------------------------------
@@ -150,6 +156,16 @@ def _arg(args, *names, default=None):
         if v is not None:
             return v
     return default
+
+
+def _number(args, label: str, *names, default=None, kind=numbers.Integral):
+    """A size (or, with kind=numbers.Real, a number) from the saved training arguments, refused naming the
+    argument when it is not one: int() of a list or of "abc" says nothing of where it came from."""
+    value = _arg(args, *names, default=default)
+    if isinstance(value, bool) or not isinstance(value, kind):
+        what = "an integer" if kind is numbers.Integral else "a number"
+        raise CheckpointError(f"{label}: args.{names[0]} must be {what}, got {value!r}")
+    return int(value) if kind is numbers.Integral else float(value)
 
 
 def _check_supported(args, label: str) -> None:
@@ -196,20 +212,21 @@ def build_config(parts: list[list[Part]], num_heads: int | None, vocab_size: int
         raise CheckpointError(f"{first.label}: position_embeddings has shape {wpe_shape}, expected 2 dimensions")
     found_layers = sum(p.n_layers for p in parts[0])
     if args is not None:
-        heads = _arg(args, "num_attention_heads")
-        if heads is None:
+        if _arg(args, "num_attention_heads") is None:
             raise CheckpointError(f"{first.label}: args.num_attention_heads is missing")
+        number = partial(_number, args, first.label)
+        heads = number("num_attention_heads")
         if num_heads is not None and num_heads != heads:
             raise CheckpointError(f"--num-heads {num_heads} disagrees with the checkpoint's "
                                   f"num_attention_heads {heads}")
-        hidden = int(_arg(args, "hidden_size", default=wpe_shape[1]))
-        n_layers = int(_arg(args, "num_layers", default=found_layers))
-        ffn = int(_arg(args, "ffn_hidden_size", default=4 * hidden))
-        positions = int(_arg(args, "max_position_embeddings", default=wpe_shape[0]))
-        padded = int(_arg(args, "padded_vocab_size", default=first.tensors["word_embeddings"].shape[0] * tp))
-        eps = float(_arg(args, "layernorm_epsilon", "norm_epsilon", default=1e-5))
-        args_tp = int(_arg(args, "tensor_model_parallel_size", "model_parallel_size", default=tp))
-        args_pp = int(_arg(args, "pipeline_model_parallel_size", default=1))
+        hidden = number("hidden_size", default=wpe_shape[1])
+        n_layers = number("num_layers", default=found_layers)
+        ffn = number("ffn_hidden_size", default=4 * hidden)
+        positions = number("max_position_embeddings", default=wpe_shape[0])
+        padded = number("padded_vocab_size", default=first.tensors["word_embeddings"].shape[0] * tp)
+        eps = number("layernorm_epsilon", "norm_epsilon", default=1e-5, kind=numbers.Real)
+        args_tp = number("tensor_model_parallel_size", "model_parallel_size", default=tp)
+        args_pp = number("pipeline_model_parallel_size", default=1)
         if (args_tp, args_pp) != (tp, pp):
             raise CheckpointError(f"the checkpoint was saved with tensor={args_tp} x pipeline={args_pp} parts, "
                                   f"but {tp} x {pp} were found")

@@ -67,6 +67,16 @@ def _compare(expected: dict, got: dict) -> None:
         raise CheckpointError(f"unexpected parameter {extra[0]}")
 
 
+def first_nonfinite(values) -> str | None:
+    """Where a tensor first holds NaN or infinity ("nan at [3, 1]"), or None. Such weights load and run, and every
+    prompt then gets token 0, so the readers refuse them, naming the tensor."""
+    finite = np.isfinite(values)
+    if finite.all():
+        return None
+    index = tuple(int(i) for i in np.argwhere(~finite)[0])
+    return f"{values[index]} at {list(index)}"
+
+
 def to_host_arrays(params):
     """Numpy leaves -> jax arrays on the host CPU, in place, one leaf at a time.
 

@@ -39,6 +39,8 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
         if self.hidden % self.n_heads:
             raise ValueError(f"ModelConfig: hidden {self.hidden} is not divisible by n_heads {self.n_heads}")
+        if not 0 < float(self.layer_norm_eps) < float("inf"):  # NaN or <= 0 loads, then every logit is NaN
+            raise ValueError(f"ModelConfig.layer_norm_eps must be a positive finite number, got {self.layer_norm_eps}")
         if self.dtype not in DTYPES:
             raise ValueError(f"ModelConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.activation not in ACTIVATIONS:

@@ -133,6 +133,8 @@ def test_an_absurd_layer_count_exits_2_at_once_naming_the_mismatch(saved, tmp_pa
     ("layer_norm_eps", "small", "ModelConfig.layer_norm_eps must be a number"),
     ("dtype", 16, "ModelConfig.dtype must be a string"),
     ("n_heads", True, "ModelConfig.n_heads must be an integer"),
+    ("layer_norm_eps", float("nan"), "ModelConfig.layer_norm_eps must be a positive finite number, got nan"),
+    ("layer_norm_eps", -1e-5, "ModelConfig.layer_norm_eps must be a positive finite number"),  # both gave token 0
 ])
 def test_a_value_of_the_wrong_type_exits_2_naming_the_field(saved, tmp_path, capsys, field, value, words):
     line, _ = generate_fails(capsys, edited(saved, tmp_path, **{field: value}))

@@ -158,3 +158,44 @@ def test_an_output_folder_that_cannot_be_made_exits_2(capsys, hf_dir, tmp_path):
     assert cli.main(["convert", "hf-gpt2", str(hf_dir), str(tmp_path / "a-file" / "out")]) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("gptjax convert: error: ") and "a-file" in lines[0], lines
+
+
+@pytest.mark.parametrize("config, words", [
+    ({"n_layer": 1}, "config.json gives n_layer 1, but the weights hold layers 0-1"),  # a layer would be dropped
+    ({"n_layer": 10**400}, "but the weights hold layers 0-1"),  # was an OverflowError traceback
+    ({"n_embd": 64.9}, "n_embd must be an integer, got 64.9"),  # int() made it 64
+    ({"n_head": "4"}, "n_head must be an integer, got '4'"),
+    ({"vocab_size": None}, "vocab_size must be an integer, got None"),
+    ({"activation_function": ["gelu"]}, "activation_function ['gelu'] is not supported"),
+    ({"layer_norm_epsilon": float("nan")}, "layer_norm_eps must be a positive finite number, got nan"),
+    ({"layer_norm_epsilon": -1e-5}, "layer_norm_eps must be a positive finite number"),
+])
+def test_a_config_json_the_weights_do_not_back_is_refused_naming_the_field(capsys, hf_model, tmp_path, config,
+                                                                           words):
+    from checkpoint_writers import convert_failure
+
+    src = hf_folder(hf_model, tmp_path / "edited", config=config)
+    capsys.readouterr()
+    assert words in convert_failure(capsys, tmp_path, "hf-gpt2", src)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_naming_the_tensor(capsys, hf_model, tmp_path, value):
+    """They converted and loaded, and then every prompt was answered with token 0."""
+    from checkpoint_writers import convert_failure
+
+    weight = hf_model.state_dict()["transformer.h.1.mlp.c_fc.weight"].clone()
+    weight[2, 5] = value
+    src = hf_folder(hf_model, tmp_path / "bad", state={"transformer.h.1.mlp.c_fc.weight": weight})
+    capsys.readouterr()
+    line = convert_failure(capsys, tmp_path, "hf-gpt2", src)
+    assert f"tensor transformer.h.1.mlp.c_fc.weight holds {value} at [2, 5]" in line
+
+
+def test_extra_layers_are_refused(capsys, hf_model, tmp_path):
+    from checkpoint_writers import convert_failure
+
+    weight = hf_model.state_dict()["transformer.h.0.ln_1.weight"]
+    src = hf_folder(hf_model, tmp_path / "extra", state={"transformer.h.5.ln_1.weight": weight})
+    capsys.readouterr()
+    assert "gives n_layer 2, but the weights hold layers 0-1, 5" in convert_failure(capsys, tmp_path, "hf-gpt2", src)

@@ -100,3 +100,19 @@ def test_sizes_the_files_contradict_are_refused(capsys, tmp_path, folder, old, n
     assert old in ini.read_text()
     ini.write_text(ini.read_text().replace(old, new))
     assert words in convert_fails(capsys, tmp_path, folder)
+
+
+def test_non_finite_weights_are_refused_naming_the_file(capsys, tmp_path, folder):
+    f = folder / "model.layers.1.mlp.dense_h_to_4h.weight.0.bin"
+    values = np.fromfile(f, np.float32)
+    values[70] = np.nan
+    values.tofile(f)
+    line = convert_fails(capsys, tmp_path, folder)
+    assert "model.layers.1.mlp.dense_h_to_4h.weight.0.bin: holds nan at [0, 70]" in line
+
+
+def test_a_layer_count_the_folder_does_not_hold_is_refused_before_reading(capsys, tmp_path, folder):
+    ini = folder / "config.ini"
+    ini.write_text(ini.read_text().replace("num_layer = 2", "num_layer = " + "9" * 30))  # was an OverflowError
+    assert "num_layer = 999999999999999999999999999999, but the folder holds no layer" in convert_fails(
+        capsys, tmp_path, folder)

@@ -270,3 +270,26 @@ def test_a_pickle_that_runs_code_is_refused(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and "refusing to load" in lines[0], proc.stderr
     assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_non_finite_weights_are_refused_naming_the_part_and_tensor(capsys, tmp_path, good):
+    def change(t):
+        t["layers.1.attention.dense.weight"][3, 0] = float("inf")
+    _edit(good / "mp_rank_01" / "model_optim_rng.pt", change)
+    line = convert_fails(capsys, tmp_path, good, "--num-heads", "4")
+    assert "mp_rank_01/model_optim_rng.pt: tensor layers.1.attention.dense.weight holds inf at [3, 0]" in line
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("hidden_size", "64", "args.hidden_size must be an integer, got '64'"),
+    ("num_attention_heads", [4], "args.num_attention_heads must be an integer, got [4]"),  # was a TypeError
+    ("layernorm_epsilon", "1e-5", "args.layernorm_epsilon must be a number"),
+    ("layernorm_epsilon", float("nan"), "layer_norm_eps must be a positive finite number, got nan"),
+])
+def test_saved_args_of_the_wrong_type_are_refused_naming_them(capsys, hf_model, tmp_path, field, value, words):
+    write_megatron(hf_model, tmp_path / "m")
+    path = tmp_path / "m" / "release" / "mp_rank_00" / "model_optim_rng.pt"
+    state = torch.load(path, weights_only=False)
+    setattr(state["args"], field, value)
+    torch.save(state, path)
+    assert words in convert_fails(capsys, tmp_path, tmp_path / "m")
