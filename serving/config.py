@@ -300,6 +300,9 @@ def _declared(top: dict, source: str) -> dict:
                               f"batch dimension), got {rows}")
         server["max_batch_size"] = rows
     names = [t["name"][-1] for t in top.get("input", []) if isinstance(t, dict) and t.get("name")]
+    for name in names:
+        if not isinstance(name, str):
+            raise ConfigError(f"{source}: an input's name must be a string, got {name!r}")
     found = {DIALECT_MARKERS[n] for n in names if n in DIALECT_MARKERS}
     if len(found) > 1:
         raise ConfigError(f"{source}: the inputs declare both FasterTransformer dialects (INPUT_ID and input_ids)")
@@ -323,6 +326,8 @@ def _read_pbtxt(path: Path) -> dict:
             key, value = p["key"][-1], p["value"][-1]["string_value"][-1]
         except (KeyError, IndexError, TypeError):
             raise ConfigError(f"{path}: a parameters entry needs key and value {{ string_value }}: {p!r}") from None
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise ConfigError(f"{path}: a parameters entry's key and string_value must be strings: {p!r}")
         ft[key] = value
     return {"fastertransformer": ft, "server": _declared(top, str(path))}
 

@@ -16,6 +16,7 @@ _TOKEN = re.compile(r"""\s+|\#[^\n]*|(?P<tok>"(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\
                     r"""|[{}\[\]<>:,;]|[^\s{}\[\]<>:,;"'\#]+)""")  # punctuation, a name or number
 _CLOSE = {"{": "}", "<": ">"}
 _PUNCTUATION = set("}[]>:,;")
+MAX_DEPTH = 64  # messages inside messages; Triton's configs nest a few deep, and Python's stack ends near 1000
 
 
 class PbtxtError(ValueError):
@@ -39,6 +40,7 @@ class _Reader:
     def __init__(self, text: str):
         self.toks = _tokens(text)
         self.i = 0
+        self.depth = 0
 
     def peek(self) -> str | None:
         return self.toks[self.i][0] if self.i < len(self.toks) else None
@@ -86,12 +88,28 @@ class _Reader:
     def value(self):
         tok = self.take()
         if tok in _CLOSE:
-            return self.message(_CLOSE[tok])
+            self.depth += 1
+            if self.depth > MAX_DEPTH:
+                self.fail(f"messages nested more than {MAX_DEPTH} deep")
+            fields = self.message(_CLOSE[tok])
+            self.depth -= 1
+            return fields
         if tok[0] in "\"'":
-            return ast.literal_eval(tok)
+            text = self.string(tok)
+            while (self.peek() or " ")[0] in "\"'":  # adjacent strings are one, as in C
+                text += self.string(self.take())
+            return text
         if tok in _PUNCTUATION:
             self.fail(f"expected a value, got {tok!r}")
         return tok
+
+    def string(self, tok: str) -> str:
+        """A quoted token's text, its escapes resolved; a bad escape ("\\x" with no digits) names the line."""
+        try:
+            return ast.literal_eval(tok)
+        except (SyntaxError, ValueError) as e:
+            self.i -= 1  # the line of this token
+            self.fail(f"bad string {tok[:40]!r} ({e.msg if isinstance(e, SyntaxError) else e})")
 
 
 def parse(text: str) -> dict[str, list]:

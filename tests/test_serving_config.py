@@ -202,6 +202,11 @@ def test_vocab_size_must_be_the_model_vocabulary_or_its_megatron_padding(tmp_pat
     (pbtxt(max_batch_size=0), "max_batch_size must be at least 1"),
     ('name: "x"\ninput [ { name: "INPUT_ID" }\n', "line 2"),
     ('parameters { key: "top_k" }\n', "needs key and value"),
+    # each of these was a Python traceback (TypeError, SyntaxError, RecursionError), not a line naming the problem
+    ('parameters { key { a: 1 } value { string_value: "3" } }\n', "key and string_value must be strings"),
+    ('input [ { name { a: 1 } } ]\n', "an input's name must be a string"),
+    ('name: "x"\nmodel_name: "\\x"\n', "line 2: bad string"),
+    ("a {" * 5000 + "}" * 5000, "line 1: messages nested more than 64 deep"),
 ])
 def test_bad_pbtxt_structure_is_named(tmp_path, text, words):
     with pytest.raises(ConfigError, match=words):
@@ -234,3 +239,17 @@ def test_a_queue_set_below_the_batch_limit_caps_the_batch(tmp_path):
 def test_negative_engine_values_are_refused_at_load(tmp_path, line, words):
     with pytest.raises(ConfigError, match=words):
         serving_config_from_file(write(tmp_path, f"[engine]\n{line}\n", "server.toml"))
+
+
+def test_unusual_but_valid_pbtxt_is_read(tmp_path):
+    """Comments, both quote styles, escapes, adjacent strings (one string, as protobuf reads them), `<>` messages,
+    `;` separators and a repeated parameter (the last wins, as protobuf's map)."""
+    text = ("# a comment\nname: 'fast\\'er' # trailing comment\n"
+            "parameters < key: 'top_k' value < string_value: \"\\061\" > >;\n"
+            'parameters { key: "te" "nsor_para_size" value: { string_value: "2" } }\n'
+            'parameters { key: "top_p" value { string_value: "0.5" } }\n'
+            'parameters { key: "top_p" value { string_value: "0.25" } }\n'
+            "max_batch_size: 4; input [ { name: 'INPUT_ID' } ]\n")
+    cfg = serving_config_from_file(write(tmp_path, text))
+    assert (cfg.engine.top_k, cfg.engine.mesh.tensor, cfg.engine.top_p) == (1, 2, 0.25)
+    assert (cfg.server.max_batch_size, cfg.server.dialect) == (4, "v1")
