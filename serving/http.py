@@ -191,7 +191,11 @@ class BodyTimeout(Exception):
 
 async def read_body(http: HttpRequest, limit: int, timeout_s: float) -> bytes:
     """The request body, refused past `limit` bytes before more than that is read, or when it has not
-    arrived whole within `timeout_s`, or when the server stops first (UNAVAILABLE)."""
+    arrived whole within `timeout_s`, or when the server stops first (UNAVAILABLE). A compressed body is
+    refused by its Content-Encoding on every route (read as JSON, it would be "not valid JSON")."""
+    encoding = http.headers.get("content-encoding", "identity")
+    if encoding.strip().lower() != "identity":
+        raise invalid(f"Content-Encoding {encoding!r} is not supported; send the body uncompressed")
     length = http.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise BodyTooLarge(int(length), limit)

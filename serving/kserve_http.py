@@ -305,9 +305,6 @@ def _infer_route(app: FastAPI, ctx: Context) -> None:
     async def infer(http: HttpRequest, model: str, version: str | None = None):
         with frontend.api_call() as call:  # counted whatever refuses it, as over gRPC
             check_model(model, version or "")
-            if http.headers.get("content-encoding", "identity") != "identity":
-                raise invalid(f"Content-Encoding {http.headers['content-encoding']!r} is not supported; send the "
-                              "body uncompressed")
             body = await ctx.body(http)
             # a large JSON body takes seconds of Python to read: off the event loop, which answers every other client
             length = http.headers.get("inference-header-content-length")

@@ -8,6 +8,7 @@ Greedy tokens are checked against `gptjax generate --greedy` with the same confi
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import random
@@ -364,6 +365,9 @@ def bad_cases(served):
          call("POST", f"/v2/models/{MODEL}/infer", json={**v1_json()[1], "outputs": [{"name": "OUTPUT0",
                                                                                         "parameters": [1]}]})),
         ("a null among a tensor's values", 400, "None is not a UINT32 value", infer_json(data=[[5, None]])),
+        *[(f"a gzipped body to {path}", 400, "Content-Encoding 'gzip' is not supported",
+           call("POST", path, content=gzip.compress(b'{"prompt": [1]}'), headers={**key, "Content-Encoding": "gzip"}))
+          for path in ("/v1/completions", f"/v2/models/{MODEL}/generate", f"/v2/models/{MODEL}/infer")],
         ("binary_data_output as a string", 400, "parameters.binary_data_output must be true or false",
          call("POST", f"/v2/models/{MODEL}/infer",
               json={**v1_json()[1], "parameters": {"binary_data_output": "false"}})),
