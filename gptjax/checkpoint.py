@@ -219,9 +219,22 @@ def open_checkpoint(checkpoint_dir: str | Path, mesh, dtype: str | None = None):
         except Exception as e:  # orbax raises a bare Exception; its cause names the array and the file
             raise CheckpointError(f"{checkpoint_dir}: the saved parameters could not be read: "
                                   f"{e.__cause__ or e}") from e
-        return layout.assemble(*split_layers(params))
+        params = layout.assemble(*split_layers(params))
+        _check_finite(params, everywhere, f"{checkpoint_dir}", config.dtype)
+        return params
 
     return config, restore
+
+
+def _check_finite(params, replicated, source: str, dtype: str) -> None:
+    """Refuse weights holding NaN or infinity, naming the first such parameter: they load, and then every prompt
+    gets token 0. Read as `dtype`, so a cast that overflows (bfloat16 weights past float16's range) shows too.
+    One reduction a parameter, on the devices that hold it (every process runs it, as every process restores)."""
+    finite = jax.jit(lambda p: jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), p), out_shardings=replicated)(params)
+    for path, ok in jax.tree_util.tree_flatten_with_path(finite)[0]:
+        if not bool(ok):
+            raise CheckpointError(f"{source}: parameter {jax.tree_util.keystr(path)} holds NaN or infinity "
+                                  f"(read as {dtype}); the weights must be finite")
 
 
 def _read(path: Path, targets):

@@ -111,6 +111,21 @@ def test_a_damaged_parameter_file_exits_2_naming_the_array(saved, tmp_path, caps
     assert "the saved parameters could not be read" in line and re.search(r'reading "(wte|wpe|h_\d+)', line), line
 
 
+@pytest.mark.parametrize("dtype, value, words", [(None, np.nan, "parameter ['h_1']['mlp_out']['kernel']"),
+                                                  ("float16", 1e6, "(read as float16)")])
+def test_weights_that_are_not_finite_as_loaded_exit_2_naming_the_parameter(saved, tmp_path, capsys, dtype, value,
+                                                                          words):
+    """A folder not written by the converters (which refuse such weights) can hold NaN; and float32 weights past
+    float16's range turn to infinity when loaded as float16. Either loads and gives token 0 for every prompt."""
+    params = jax.tree.map(np.array, saved[1])
+    params["h_1"]["mlp_out"]["kernel"][3, 1] = value
+    folder = save_checkpoint(tmp_path / "bad", CONFIG, params)
+    code = cli.main(["generate", "--checkpoint", str(folder), "--prompt-ids", "1,2", "--max-new-tokens", "2",
+                     "--no-compile-cache", *(["--dtype", dtype] if dtype else [])])
+    err = capsys.readouterr().err
+    assert code == 2 and "holds NaN or infinity" in err and words in err, err
+
+
 @pytest.mark.parametrize("missing, words", [("params", "params is missing: not a folder that `gptjax convert` wrote"),
                                              ("params/_METADATA", "params: not an orbax checkpoint (no parameters")])
 def test_a_folder_without_its_parameter_list_exits_2(saved, tmp_path, capsys, missing, words):
