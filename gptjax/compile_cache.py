@@ -121,14 +121,20 @@ def _salt_cache_keys() -> None:
     cache_key.custom_hook = salted
 
 
-def enable(cache_dir: Path | str | None = None) -> Path:
+def enable(cache_dir: Path | str | None = None) -> Path | None:
     """Turn the persistent cache on -> the folder in use. `cache_dir` None: the folder JAX was already given,
     else `$GPTJAX_CACHE_DIR/xla` (`~/.cache/gptjax/xla`). Call it before the first compile: JAX settles whether
-    it uses a cache at its first compile, and keeps to that."""
+    it uses a cache at its first compile, and keeps to that. A folder that can't be made leaves the cache off,
+    with a warning, -> None: a cache saves time, and its folder is never a reason not to start."""
     if cache_dir is None:
         cache_dir = jax.config.jax_compilation_cache_dir or default_dir()
     folder = Path(cache_dir).expanduser()
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as e:
+        log.warning("no compilation cache: its folder %s can't be made (%s); every program compiles", folder, e)
+        disable()
+        return None
     jax.config.update("jax_compilation_cache_dir", str(folder))
     jax.config.update("jax_enable_compilation_cache", True)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
@@ -190,7 +196,7 @@ class ProgramStore:
         path = self.folder / f"{name}.bin"
         if path.exists():
             try:
-                program = _load(path)
+                program = _load(path, self._label(name))
                 with self._lock:
                     self.loaded += 1
                 _count(_LOADED)
@@ -205,16 +211,23 @@ class ProgramStore:
         # an executable that JAX's cache handed back does not survive serializing again on XLA:CPU (its loaded
         # copy fails with "Function ... not found"): only a program compiled afresh is kept whole
         if not _this_thread.cache_hit:
-            _save(program, path)
+            _save(program, path, self._label(name))
         with self._lock:
             self.compiled_now += 1
         return program
 
+    def _label(self, name: str) -> str:
+        """What a file holds, written into it: a file copied or renamed from another name or store (whose
+        program may take the same arguments and compute something else) is never loaded as this one."""
+        return f"{self.folder.name}/{name}"
 
-def _load(path: Path) -> "jax.stages.Compiled":
+
+def _load(path: Path, label: str) -> "jax.stages.Compiled":
     _load_kernel_runtimes()
     with open(path, "rb") as f:
-        (blob, in_tree, out_tree), device_ids = pickle.load(f)
+        saved_as, (blob, in_tree, out_tree), device_ids = pickle.load(f)
+    if saved_as != label:
+        raise ValueError(f"the file holds the program {saved_as!r}")
     by_id = {d.id: d for d in jax.devices()}
     # onto the devices it was compiled for, in their order (by default it would expect one shard per device)
     return serialize_executable.deserialize_and_load(blob, in_tree, out_tree,
@@ -231,17 +244,22 @@ def _load_kernel_runtimes() -> None:
             pass
 
 
-def _save(program: "jax.stages.Compiled", path: Path) -> None:
-    """Written beside, then renamed: a reader never sees half a file, and two writers leave one whole file."""
+def _save(program: "jax.stages.Compiled", path: Path, label: str) -> None:
+    """Written beside, then renamed: a reader never sees half a file, and two writers leave one whole file. A
+    folder that can't take it (read-only, full, deleted meanwhile) costs the next start a compile, not this one."""
     try:
         device_ids = [d.id for d in program.runtime_executable().local_devices()]
-        data = pickle.dumps((serialize_executable.serialize(program), device_ids))
+        data = pickle.dumps((label, serialize_executable.serialize(program), device_ids))
     except (ValueError, NotImplementedError, pickle.PicklingError) as e:  # a program that can't be saved runs
         log.warning("not saving %s: %s", path.stem, e)
         return
     partial = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.part")
-    partial.write_bytes(data)
-    os.replace(partial, path)
+    try:
+        partial.write_bytes(data)
+        os.replace(partial, path)
+    except OSError as e:
+        log.warning("not saving %s: %s", path.stem, e)
+        partial.unlink(missing_ok=True)
 
 
 class Programs:
@@ -303,4 +321,8 @@ def program_store(identity: str, root: Path | None = None) -> ProgramStore | Non
         # inside JAX's folder, as JAX keeps its autotuning cache: JAX's eviction reads only its own top-level files
         root = Path(jax.config.jax_compilation_cache_dir) / "gptjax-programs"
     key = hashlib.sha256((code_fingerprint() + identity).encode()).hexdigest()[:24]
-    return ProgramStore(Path(root) / key)
+    try:
+        return ProgramStore(Path(root) / key)
+    except OSError as e:  # a read-only cache: the programs compile (JAX's cache may still serve them)
+        log.warning("not keeping whole programs: their folder can't be made (%s)", e)
+        return None

@@ -112,6 +112,19 @@ def test_disabled_nothing_is_looked_up_or_written(tmp_path):
     assert not (tmp_path / "jax").exists() or not list((tmp_path / "jax").iterdir())
 
 
+def test_a_folder_that_cannot_be_made_leaves_the_cache_off_and_everything_compiles(tmp_path):
+    """A cache folder is a saving, never a reason not to start: one that can't be made (a read-only home, a file
+    in the way) is a warning, and the programs compile."""
+    (tmp_path / "a-file").write_text("")
+    env = clean_env(GPTJAX_CACHE_DIR=str(tmp_path / "a-file" / "cache"))
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, "default", "0"], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["folder"] == "None" and out["lookups"] == 0 and out["err"] < 1e-5
+    assert "no compilation cache" in proc.stderr and "a-file" in proc.stderr
+
+
 class Traces:
     """Counts JAX's tracing events while installed."""
 
@@ -161,6 +174,45 @@ def test_program_store_compiles_again_over_a_broken_file(tmp_path):
     assert store.compiled_now == 1
     np.testing.assert_allclose(program(a), np.cumsum(a), rtol=1e-6)
     assert compile_cache.ProgramStore(tmp_path).compiled("p", lambda: pytest.fail("not saved")) is not None
+
+
+def test_a_program_file_copied_from_another_name_or_store_is_never_loaded(tmp_path):
+    """Two programs of one signature (a greedy and a sampled decode, say) differ only in what they compute: a file
+    of one under the other's name, or from another store's folder, would run the wrong program silently."""
+    a = np.random.default_rng(6).normal(size=(3, 3)).astype(np.float32)
+    store = compile_cache.ProgramStore(tmp_path / "store")
+    store.compiled("plus", lambda: jax.jit(lambda x: x + 1).lower(a))
+    (tmp_path / "store" / "times.bin").write_bytes((tmp_path / "store" / "plus.bin").read_bytes())
+    other = compile_cache.ProgramStore(tmp_path / "other")
+    (tmp_path / "other" / "plus.bin").write_bytes((tmp_path / "store" / "plus.bin").read_bytes())
+
+    again = compile_cache.ProgramStore(tmp_path / "store")
+    times = again.compiled("times", lambda: jax.jit(lambda x: x * 2).lower(a))
+    np.testing.assert_allclose(times(a), a * 2, rtol=1e-6)
+    minus = other.compiled("plus", lambda: jax.jit(lambda x: x - 1).lower(a))  # another store's "plus"
+    np.testing.assert_allclose(minus(a), a - 1, rtol=1e-6)
+    assert (again.loaded, again.compiled_now, other.loaded, other.compiled_now) == (0, 1, 0, 1)
+    assert compile_cache.ProgramStore(tmp_path / "store").compiled("plus", lambda: pytest.fail("not loaded"))(a) \
+        == pytest.approx(a + 1)
+
+
+def test_a_store_folder_that_cannot_take_a_program_still_gives_it(tmp_path, caplog):
+    """The folder deleted while a server starts (or read-only, or full): the program compiled runs, unsaved."""
+    import shutil
+
+    a = np.random.default_rng(7).normal(size=(3, 3)).astype(np.float32)
+    store = compile_cache.ProgramStore(tmp_path / "store")
+    shutil.rmtree(tmp_path / "store")
+    program = store.compiled("p", lambda: jax.jit(jnp.cumsum).lower(a))
+    np.testing.assert_allclose(program(a), np.cumsum(a), rtol=1e-6)
+    assert store.compiled_now == 1 and "not saving p" in caplog.text
+    (tmp_path / "blocked").write_text("")  # the stores' root can't be made: no store, the programs compile
+    jax.config.update("jax_enable_compilation_cache", True)
+    try:
+        assert compile_cache.program_store("engine A", root=tmp_path / "blocked" / "programs") is None
+    finally:
+        jax.config.update("jax_enable_compilation_cache", False)
+    assert "not keeping whole programs" in caplog.text
 
 
 def test_program_store_refuses_names_that_are_not_file_names(tmp_path):
