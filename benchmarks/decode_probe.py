@@ -138,8 +138,8 @@ def main():
     p.add_argument("--profile", help="write jax.profiler traces of the first batch size here, and summarise them")
     p.add_argument("--greedy-only", action="store_true", help="replace the sampler by a bare argmax")
     p.add_argument("--sampling", choices=tuple(SAMPLING), default="greedy",
-                   help="what every row asks of the sampler (a drawing row with top-k or top-p sorts the vocabulary "
-                        "each step; one with a temperature alone does not)")
+                   help="what every row asks of the sampler (a drawing row with top-k or top-p runs the filter "
+                        "each step: a kernel, or on a GPU below 64 rows a sort; one with a temperature alone does not)")
     p.add_argument("--sort-filter", action="store_true",
                    help="the sampler's top-k / top-p filter sorts the vocabulary (not the GPU's kernel)")
     p.add_argument("--two-step-decode", action="store_true",

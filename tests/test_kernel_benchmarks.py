@@ -194,7 +194,7 @@ def test_decode_probe_rows_and_the_two_step_variant_give_the_same_tokens(tmp_pat
 
 
 def test_decode_probe_times_sampling_steps(tmp_path):
-    """`--sampling`: every row draws (a temperature alone, or with top-p: the step that sorts the vocabulary),
+    """`--sampling`: every row draws (a temperature alone, or with top-p: the step that runs the filter),
     and the line says which."""
     root = Path(__file__).resolve().parents[1]
     for sampling in ("temperature", "top-p"):
