@@ -422,6 +422,33 @@ def test_stream_probe_checks_each_form_against_float64(capsys):
     assert all(r["rel_err"] < 1e-5 and r["us_per_layer"] > 0 for r in rows)
 
 
+def test_gemm_probe_checks_xla_forms_against_float64_and_its_mosaic_forms_lower_for_cuda(capsys, monkeypatch):
+    """benchmarks.gemm_probe on the CPU: a line per (product, form), XLA's outputs checked against float64 (the
+    bias included where the form adds it); JAX's Hopper matmul forms, which need the GPU to run, lower for CUDA
+    at the batch-256 shapes of megatron-345m."""
+    import json
+
+    import jax.numpy as jnp
+
+    from benchmarks import gemm_probe
+    from gptjax.config import preset
+    from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu
+
+    assert gemm_probe.main(["--model", "gpt2-tiny", "--dtype", "float32", "--rows", "8", "--copies", "2",
+                            "--only", "xla,xla_f32"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["product"], r["form"]) for r in rows] == [
+        (p, f) for p in ("qkv", "attn_out", "mlp_in", "mlp_out") for f in ("xla", "xla_f32")]
+    assert all(r["rel_err"] < 1e-5 for r in rows)
+    monkeypatch.setattr(hopper_matmul_mgpu, "get_num_sms", lambda: 132)
+    for product, (k, n) in gemm_probe.shapes_of(preset("megatron-345m")).items():
+        mosaic = {name: fn for name, fn in gemm_probe.forms(256, k, n).items() if name.startswith("mgpu_")}
+        assert "mgpu_128x128_m" in mosaic
+        x = jax.ShapeDtypeStruct((256, k), jnp.float16)
+        ws = [(jax.ShapeDtypeStruct((k, n), jnp.float16), jax.ShapeDtypeStruct((n,), jnp.float16))]
+        assert "mosaic_gpu" in mosaic["mgpu_128x128_m"].trace(x, ws).lower(lowering_platforms=("cuda",)).as_text()
+
+
 def test_tiled_weights_put_each_tile_in_one_run():
     """`tiled_weights` rows (slab * K tiles + kk) * tile_k onwards hold w's tile (kk, slab), as the tiled
     producer reads them."""

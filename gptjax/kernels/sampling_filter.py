@@ -5,15 +5,15 @@ logit whose tokens at or above it hold top_p of the top-k distribution's mass (t
 kept. `filter_threshold_reference` finds it by sorting each row, which XLA does with a radix sort: 1.25 ms for
 256 rows of 50257 logits on an H100, 0.17 ms for 8 (benchmarks/RESULTS.md, run 26), where a whole decode step
 of the 345M model takes 3 ms and 0.9. Passes of plain `jnp` over the rows instead of the sort lost there (each
-pass reads the rows from memory again); this kernel takes 0.68 ms for the 256 rows, and the sort stays the GPU's
+pass reads the rows from memory again); this kernel takes 0.60 ms for the 256 rows, and the sort stays the GPU's
 way below `GPU_MIN_ROWS` rows a device.
 
 `filter_threshold` (Pallas, Triton backend on GPU; `interpret=True` runs it anywhere, and on a CPU faster than
 the sort) keeps a row's passes inside one program: each pass over the row weighs `WAYS` candidate thresholds at
 once (a count for top-k, a mass for top-p) and keeps the part of the range between the last candidate that holds
 and the next, so that `PASSES` passes narrow the logits' range by 17^9; the threshold is then the smallest logit
-in what is left. `defer=True` (not yet timed on a GPU) reduces each pass's sums across the program's warps once
-a pass rather than once a block.
+in what is left. With `defer` (the default) a pass's sums are reduced across the program's warps once a pass
+rather than once a block.
 It is the sort's threshold unless two logits lie closer than the range / 17^9 at the threshold (one more or
 one fewer token of near-equal logit kept), and the masses are float32 sums in another order than the sort's
 cumulative one, so a token whose cumulative mass falls within float32 rounding of top_p may go either way.
@@ -31,12 +31,14 @@ from jax.experimental.pallas import triton as plgpu
 
 WAYS = 16  # candidate thresholds weighed per pass over a row
 PASSES = 9  # each keeps 1/17 of the range: 17^9 ~ 1.2e11
-# logits read at a time, and warps a program: the fastest of six launches timed on an H100 (RESULTS run 26: 256 rows
-# in 0.68 ms, against 0.81 for 1024 and 4 warps and 1.1-1.9 ms for 16 warps)
-BLOCK = 2048
+# logits read at a time, warps a program, and the warps' sums reduced once a pass: the fastest of the launches timed
+# on an H100 (RESULTS run 27: 256 rows in 0.60 ms, against 0.68 for 2048 logits a read reduced once a block, 0.86
+# for 512 deferred, 1.3 for 256)
+BLOCK = 1024
 NUM_WARPS = 8
-# fewer rows a device than this sort faster on a GPU: a program takes ~0.35 ms for its row whatever the batch, and
-# 8 rows leave most of the chip idle (H100: 8 rows 0.41 ms against the sort's 0.17, 64 rows 0.42 against 0.47)
+DEFER = True
+# fewer rows a device than this sort faster on a GPU: a program takes ~0.3 ms for its row whatever the batch, and
+# 8 rows leave most of the chip idle (H100, run 27: 8 rows 0.31 ms against the sort's 0.17, 64 rows 0.32 against 0.47)
 GPU_MIN_ROWS = 64
 
 
@@ -99,7 +101,7 @@ def _kernel(k_ref, p_ref, s_ref, o_ref, *, vocab: int, n_blocks: int, block: int
 
 @functools.partial(jax.jit, static_argnames=("interpret", "block", "num_warps", "defer"))
 def filter_threshold(scaled, top_k, top_p, *, interpret: bool = False, block: int = BLOCK,
-                     num_warps: int = NUM_WARPS, defer: bool = False):
+                     num_warps: int = NUM_WARPS, defer: bool = DEFER):
     """scaled [rows, vocab] (logits over the temperature), top_k [rows] int (0: none), top_p [rows] float
     (1: none) -> each row's threshold [rows] float32: the row keeps the tokens whose logit is at least it.
     `block` and `num_warps`: the launch's logits per read and warps per program; `defer`: as in `_kernel`."""

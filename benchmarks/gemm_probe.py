@@ -1,0 +1,110 @@
+"""How fast can a batch-256 decode step's products be? One JSON line per (product, form).
+
+    python -m benchmarks.gemm_probe [--model megatron-345m] [--rows 256] [--only xla,mgpu_128x128_n]
+
+At batch 256 XLA runs each of a 345M layer's four products as a Triton GEMM split over K (2, 4 and 8 ways: float32
+partials, then a kernel that sums them with the bias): 8.3 us a GEMM on an H100, ~200 TFLOP/s, and ~5 us a sum
+(RESULTS, run 27). The weights alone would take ~2 us a product at the copy rate. Forms, each timed by the device
+time of `--copies` distinct weights' products in one call (more weight than the L2 holds):
+- "xla": `x @ w + b` in the model's dtype, as the Flax layer runs it (XLA's GEMM, split sums and bias);
+- "xla_f32": `jnp.dot(..., preferred_element_type=float32)`, the bare product;
+- "mgpu_{tm}x{tn}_{m|n}": JAX's Hopper Mosaic GPU matmul (`jax.experimental.pallas.ops.gpu.hopper_matmul_mgpu`,
+  warp-specialized, TMA loads, wgmma) with tiles tm x tn a warpgroup, its two warpgroups side by side along M or N:
+  whole output tiles, no split over K, no bias. Off a Hopper GPU these report an error line.
+Every output is checked against float64.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+
+import numpy as np
+
+COPIES = 8
+TILES = ((64, 64), (64, 128), (128, 64), (128, 128), (64, 256))
+
+
+def shapes_of(config) -> dict[str, tuple[int, int]]:
+    c, f = config.hidden, config.ffn_hidden
+    return {"qkv": (c, 3 * c), "attn_out": (c, c), "mlp_in": (c, f), "mlp_out": (f, c)}
+
+
+def forms(rows: int, k: int, n: int) -> dict:
+    """{form: fn(x [rows, k], ws [(w [k, n], b [n])...]) -> [out [rows, n]]}"""
+    import jax
+    import jax.numpy as jnp
+
+    out = {
+        "xla": jax.jit(lambda x, ws: [x @ w + b for w, b in ws]),
+        "xla_f32": jax.jit(lambda x, ws: [jnp.dot(x, w, preferred_element_type=jnp.float32) for w, _ in ws]),
+    }
+    try:
+        from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu as hm
+    except ImportError:
+        return out
+    for tm, tn in TILES:
+        for side in (hm.MatmulDimension.M, hm.MatmulDimension.N):
+            cta_m = tm * (2 if side == hm.MatmulDimension.M else 1)
+            cta_n = tn * (2 if side == hm.MatmulDimension.N else 1)
+            if rows % cta_m or n % cta_n:
+                continue
+            config = hm.TuningConfig(tile_m=tm, tile_n=tn, tile_k=64, max_concurrent_steps=4,
+                                     epi_tile_m=64, epi_tile_n=64, wg_dimension=side)
+            call = functools.partial(hm.matmul, config=config)
+            out[f"mgpu_{tm}x{tn}_{'m' if side == hm.MatmulDimension.M else 'n'}"] = jax.jit(
+                lambda x, ws, call=call: [call(x, w, None) for w, _ in ws])
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="megatron-345m")
+    p.add_argument("--dtype", default="float16")
+    p.add_argument("--rows", default="256")
+    p.add_argument("--copies", type=int, default=COPIES)
+    p.add_argument("--only", default="", help="comma-separated forms (default: every one)")
+    args = p.parse_args(argv)
+    only = set(filter(None, args.only.split(",")))
+
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks.gpu_time import gpu_busy_seconds
+    from gptjax.config import preset
+
+    dtype = jnp.dtype(args.dtype)
+    key = jax.random.PRNGKey(0)
+    for rows in map(int, args.rows.split(",")):
+        for product, (k, n) in shapes_of(preset(args.model)).items():
+            key, kx, kw = jax.random.split(key, 3)
+            x = jax.random.normal(kx, (rows, k), jnp.float32).astype(dtype)
+            ws = [((jax.random.normal(k1, (k, n), jnp.float32) / np.sqrt(k)).astype(dtype),
+                   (0.1 * jax.random.normal(k2, (n,), jnp.float32)).astype(dtype))
+                  for k1, k2 in jax.random.split(kw, (args.copies, 2))]
+            w0 = np.asarray(ws[0][0], np.float64)
+            want = np.asarray(x, np.float64) @ w0
+            for name, fn in forms(rows, k, n).items():
+                if only and name not in only:
+                    continue
+                row = dict(model=args.model, dtype=args.dtype, rows=rows, product=product, k=k, n=n, form=name)
+                try:
+                    got = np.asarray(fn(x, ws)[0], np.float64)
+                    ref = want + (np.asarray(ws[0][1], np.float64) if name == "xla" else 0.0)
+                    row["rel_err"] = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+                    for _ in range(3):
+                        jax.block_until_ready(fn(x, ws))
+                    busy = sorted(gpu_busy_seconds(functools.partial(fn, x), ws) or 0.0 for _ in range(3))[1]
+                    if busy:
+                        us = busy / args.copies * 1e6
+                        row |= dict(gpu_us=round(us, 2), tflop_s=round(2 * rows * k * n / us / 1e6, 1),
+                                    weight_gb_s=round(k * n * dtype.itemsize / us / 1e3, 1))
+                except Exception as e:  # a form that fails to build or run is reported; the others still run
+                    row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                print(json.dumps(row), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
