@@ -56,7 +56,8 @@ def _set_kernel_switches(args) -> None:
     """The module switches the kernels read as they are traced, set before any engine is made:
     `--two-loop-attention` walks every chunk of decode attention in two loops (whole blocks, then the block that
     crosses the end) as before `decode_attention.SINGLE_LOOP`; `--kernel-max-mb` moves
-    `decode_block.KERNEL_MAX_BYTES`; `--early-launch start|end|off` sets `early_launch.EARLY_LAUNCH`."""
+    `decode_block.KERNEL_MAX_BYTES`; `--early-launch start|end|off` sets `early_launch.EARLY_LAUNCH`;
+    `--batch-rows` sets `decode_block.BATCH_ROWS`."""
     import importlib
 
     from gptjax import decode_block
@@ -69,6 +70,8 @@ def _set_kernel_switches(args) -> None:
         decode_block.KERNEL_MAX_BYTES = int(args.kernel_max_mb * (1 << 20))
     if args.early_launch:
         early_launch.EARLY_LAUNCH = early_launch.placement(args.early_launch)
+    if args.batch_rows is not None:
+        decode_block.BATCH_ROWS = args.batch_rows
 
 
 def _sliced_prefill_qkv() -> None:
@@ -160,6 +163,9 @@ def main():
     p.add_argument("--kernel-max-mb", type=float,
                    help="with --decode-matmuls pallas: products with weights up to this many MiB run on the kernels "
                         "(default: decode_block.KERNEL_MAX_BYTES, 32), the larger ones on XLA's matmuls")
+    p.add_argument("--batch-rows", type=int,
+                   help="steps of at least this many slots (whole 64-row tiles) run decode_block.batch_block's "
+                        "kernels under the default decode matmuls (0: never; default: decode_block.BATCH_ROWS)")
     p.add_argument("--xla-options",
                    help="variants of XLA's options for the generate program, comma-separated, each 'off' or short "
                         "names of XLA_OPTIONS joined by '+': each compiled, then timed in turn in this process")
@@ -269,6 +275,7 @@ def probe(engine, batch: int, args, profile: str | None) -> None:
                           "per_array_puts": args.per_array_puts, "two_loop_attention": args.two_loop_attention,
                           "sliced_prefill_qkv": args.sliced_prefill_qkv,
                           "early_launch": args.early_launch, "kernel_max_mb": args.kernel_max_mb,
+                          "batch_rows": args.batch_rows,
                           "xla_flags": os.environ.get("XLA_FLAGS", ""),
                           "xla_options": v or "",
                           "prefill_plus_first_ms": round(one * 1e3, 3),

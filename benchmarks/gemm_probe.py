@@ -6,7 +6,9 @@ At batch 256 XLA runs each of a 345M layer's four products as a Triton GEMM spli
 partials, then a kernel that sums them with the bias): 8.3 us a GEMM on an H100, ~200 TFLOP/s, and ~5 us a sum
 (RESULTS, run 27). The weights alone would take ~2 us a product at the copy rate. Forms, each timed by the device
 time of `--copies` distinct weights' products in one call (more weight than the L2 holds):
-- "xla": `x @ w + b` in the model's dtype, as the Flax layer runs it (XLA's GEMM, split sums and bias);
+- "xla": the product with its epilogue as the layer has it (`batch_matmul_reference`: + bias, then GELU after MLP in,
+  + the residual after attention out and MLP out), compiled by XLA (its GEMM, split sums, bias, GELU, residual);
+- "bm_{tm}x{tn}_s{stages}": the same by `gptjax.kernels.batch_matmul` (one Mosaic GPU kernel, tm x tn a CTA);
 - "xla_f32": `jnp.dot(..., preferred_element_type=float32)`, the bare product;
 - "mgpu_{tm}x{tn}_{m|n}": JAX's Hopper Mosaic GPU matmul (`jax.experimental.pallas.ops.gpu.hopper_matmul_mgpu`,
   warp-specialized, TMA loads, wgmma) with tiles tm x tn a warpgroup, its two warpgroups side by side along M or N:
@@ -24,6 +26,8 @@ import numpy as np
 
 COPIES = 8
 TILES = ((64, 64), (64, 128), (128, 64), (128, 128), (64, 256))
+BATCH_TILES = ((64, 64, 4), (64, 128, 4), (64, 256, 3), (128, 128, 4), (128, 64, 4), (64, 128, 6))
+EPILOGUES = {"qkv": ("", False), "attn_out": ("", True), "mlp_in": ("gelu_new", False), "mlp_out": ("", True)}
 
 
 def shapes_of(config) -> dict[str, tuple[int, int]]:
@@ -31,14 +35,24 @@ def shapes_of(config) -> dict[str, tuple[int, int]]:
     return {"qkv": (c, 3 * c), "attn_out": (c, c), "mlp_in": (c, f), "mlp_out": (f, c)}
 
 
-def forms(rows: int, k: int, n: int) -> dict:
-    """{form: fn(x [rows, k], ws [(w [k, n], b [n])...]) -> [out [rows, n]]}"""
+def forms(rows: int, k: int, n: int, product: str = "qkv") -> dict:
+    """{form: fn(x [rows, k], ws [(w [k, n], b [n], residual [rows, n])...]) -> [out [rows, n]]}"""
     import jax
     import jax.numpy as jnp
 
+    from gptjax.kernels.batch_matmul import batch_matmul, batch_matmul_reference, supports
+
+    activation, residual = EPILOGUES[product]
+
+    def epilogue(fn, **launch):
+        return jax.jit(lambda x, ws: [fn(x, w, b, r if residual else None, activation=activation, **launch)
+                                      for w, b, r in ws])
+
     out = {
-        "xla": jax.jit(lambda x, ws: [x @ w + b for w, b in ws]),
-        "xla_f32": jax.jit(lambda x, ws: [jnp.dot(x, w, preferred_element_type=jnp.float32) for w, _ in ws]),
+        "xla": epilogue(batch_matmul_reference),
+        "xla_f32": jax.jit(lambda x, ws: [jnp.dot(x, w, preferred_element_type=jnp.float32) for w, _, _ in ws]),
+        **{f"bm_{tm}x{tn}_s{st}": epilogue(batch_matmul, tile_m=tm, tile_n=tn, stages=st)
+           for tm, tn, st in BATCH_TILES if supports(rows, k, n, tile_m=tm, tile_n=tn)},
     }
     try:
         from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu as hm
@@ -54,7 +68,7 @@ def forms(rows: int, k: int, n: int) -> dict:
                                      epi_tile_m=64, epi_tile_n=64, wg_dimension=side)
             call = functools.partial(hm.matmul, config=config)
             out[f"mgpu_{tm}x{tn}_{'m' if side == hm.MatmulDimension.M else 'n'}"] = jax.jit(
-                lambda x, ws, call=call: [call(x, w, None) for w, _ in ws])
+                lambda x, ws, call=call: [call(x, w, None) for w, _, _ in ws])
     return out
 
 
@@ -81,17 +95,25 @@ def main(argv=None) -> int:
             key, kx, kw = jax.random.split(key, 3)
             x = jax.random.normal(kx, (rows, k), jnp.float32).astype(dtype)
             ws = [((jax.random.normal(k1, (k, n), jnp.float32) / np.sqrt(k)).astype(dtype),
-                   (0.1 * jax.random.normal(k2, (n,), jnp.float32)).astype(dtype))
-                  for k1, k2 in jax.random.split(kw, (args.copies, 2))]
-            w0 = np.asarray(ws[0][0], np.float64)
-            want = np.asarray(x, np.float64) @ w0
-            for name, fn in forms(rows, k, n).items():
+                   (0.1 * jax.random.normal(k2, (n,), jnp.float32)).astype(dtype),
+                   jax.random.normal(k3, (rows, n), jnp.float32).astype(dtype))
+                  for k1, k2, k3 in jax.random.split(kw, (args.copies, 3))]
+            w0, b0, r0 = (np.asarray(a, np.float64) for a in ws[0])
+            product64 = np.asarray(x, np.float64) @ w0
+            activation, residual = EPILOGUES[product]
+            with_epilogue = product64 + b0
+            if activation:
+                with_epilogue = 0.5 * with_epilogue * (1 + np.tanh(np.sqrt(2 / np.pi) * (
+                    with_epilogue + 0.044715 * with_epilogue ** 3)))
+            if residual:
+                with_epilogue = with_epilogue + r0
+            for name, fn in forms(rows, k, n, product).items():
                 if only and name not in only:
                     continue
                 row = dict(model=args.model, dtype=args.dtype, rows=rows, product=product, k=k, n=n, form=name)
                 try:
                     got = np.asarray(fn(x, ws)[0], np.float64)
-                    ref = want + (np.asarray(ws[0][1], np.float64) if name == "xla" else 0.0)
+                    ref = product64 if name.startswith(("xla_f32", "mgpu_")) else with_epilogue
                     row["rel_err"] = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
                     for _ in range(3):
                         jax.block_until_ready(fn(x, ws))

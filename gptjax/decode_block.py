@@ -10,6 +10,9 @@ slots (`EngineConfig.decode_matmuls="pallas"`: steps of up to `KERNEL_ROWS`, 16 
 whose weights exceed `KERNEL_MAX_BYTES` run the same arithmetic through XLA. Steps of more rows were tried on the
 kernels in 64-row blocks and lost to XLA's matmuls (345M fp16, batch 256: 4.18 against 2.84 ms/token, RESULTS
 run 23).
+Steps of at least `BATCH_ROWS` slots (whole 64-row tiles) can instead run `batch_block`: each product one Mosaic GPU
+kernel with its bias, GELU or residual (`gptjax.kernels.batch_matmul`), the LayerNorms through XLA: 9 kernels a
+layer where XLA's path runs 12.
 The Flax block serves every other case, and is the reference the tests compare this path's tokens against.
 """
 
@@ -22,6 +25,7 @@ import jax.numpy as jnp
 
 from gptjax import kernels
 from gptjax.config import ModelConfig
+from gptjax.kernels import batch_matmul as batch
 from gptjax.kernels.decode_matmul import decode_matmul, decode_matmul_reference, new_counters, supports
 
 KERNEL_ROWS = 16  # what decode_matmuls="pallas" runs on the kernels: steps of up to 16 slots; more rows: XLA's
@@ -29,6 +33,8 @@ KERNEL_ROWS = 16  # what decode_matmuls="pallas" runs on the kernels: steps of u
 AUTO_ROWS = 8  # the default's limit: on the H200 the kernels beat XLA's matmuls at 1, 2 and 4 rows; at 8 the two are
                # level within 2% (RESULTS runs 13 and 17)
 KERNEL_MAX_BYTES = 32 << 20  # larger weights: XLA's own matmul reads them faster (the H200, RESULTS run 11)
+BATCH_ROWS = 0  # steps of at least this many slots run `batch_block` under "auto" (0: never)
+BATCH_TILE = 64  # the rows of a batch_matmul tile: a step's slots must fill whole tiles
 
 
 def choose(requested: str, config: ModelConfig, mesh, backend: str | None = None) -> str:
@@ -85,18 +91,58 @@ def block(config: ModelConfig, attention: str, p, h, layer_kv, pos, counters, *,
     return x[:, None], layer_kv, counters
 
 
+def _layer_norm(x, p, eps: float):
+    """LayerNorm of the float32 residual stream, as `gptjax.model.LayerNorm` computes it, in the weights' dtype."""
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.maximum(jnp.square(x).mean(-1, keepdims=True) - jnp.square(mean), 0.0)
+    y = (x - mean) * jax.lax.rsqrt(var + eps)
+    return (y * p["scale"].astype(jnp.float32) + p["bias"].astype(jnp.float32)).astype(p["scale"].dtype)
+
+
+def batch_block(config: ModelConfig, attention: str, p, h, layer_kv, pos, *, on_gpu: bool):
+    """One layer for one new token per row, each product with its epilogue in one `batch_matmul` kernel (its
+    `jnp` reference off a GPU): h [rows, 1, hidden] float32, the layer's (k, v) cache, each row's position ->
+    (the next h, the cache with the new token's K/V in it)."""
+    matmul = batch.batch_matmul if on_gpu else batch.batch_matmul_reference
+    x = h[:, 0].astype(jnp.float32)
+    rows, hidden = x.shape
+    eps = config.layer_norm_eps
+
+    def weight(name):
+        w = p[name]["kernel"]
+        return w.reshape(hidden, -1) if name != "attn_out" else w.reshape(-1, w.shape[-1])
+
+    qkv = matmul(_layer_norm(x, p["ln_1"], eps), weight("qkv"), p["qkv"]["bias"].reshape(-1))
+    attn, layer_kv = kernels.decode_step_append(qkv.reshape(rows, 3, config.n_heads, config.head_dim), layer_kv,
+                                                pos, attention)
+    x = matmul(attn.reshape(rows, hidden), weight("attn_out"), p["attn_out"]["bias"], x)
+    mlp = matmul(_layer_norm(x, p["ln_2"], eps), weight("mlp_in"), p["mlp_in"]["bias"], activation=config.activation)
+    x = matmul(mlp, p["mlp_out"]["kernel"], p["mlp_out"]["bias"], x)
+    return x[:, None], layer_kv
+
+
+def _batch_fits(config: ModelConfig, rows: int) -> bool:
+    """Whether a step of `rows` slots can run `batch_block`'s kernels."""
+    c, f = config.hidden, config.ffn_hidden
+    return all(batch.supports(rows, k, n, activation=a, tile_m=BATCH_TILE)
+               for k, n, a in ((c, 3 * c, ""), (c, c, ""), (c, f, config.activation), (f, c, "")))
+
+
 def layer_fn(impl: str, config: ModelConfig, rows: int, attention: str):
     """The layer function (layer_params, h, layer_kv, positions) -> (h, layer_kv) that a decode step of
     `rows` slots runs on the kernels, or None for the Flax block's path (`choose`'s implementation says up to
     how many rows). The layers run one after another in Python (one device: `layout.PerLayer`), so the split
     counters (one zeroed buffer per step) go from each layer to the next here."""
+    on_gpu = jax.default_backend() == "gpu"
+    if impl == "auto" and BATCH_ROWS and rows >= BATCH_ROWS and _batch_fits(config, rows):
+        return lambda p, h, layer_kv, pos: batch_block(config, attention, p, h, layer_kv, pos, on_gpu=on_gpu)
     if not 0 < rows <= {"pallas": KERNEL_ROWS, "auto": AUTO_ROWS}.get(impl, 0):
         return None
     carried = {"counters": new_counters(3 * config.hidden, config.ffn_hidden)}
 
     def layer(p, h, layer_kv, pos):
         h, layer_kv, carried["counters"] = block(config, attention, p, h, layer_kv, pos, carried["counters"],
-                                                 interpret=jax.default_backend() != "gpu")
+                                                 interpret=not on_gpu)
         return h, layer_kv
 
     return layer

@@ -147,3 +147,29 @@ def test_interpreted_kernels_ignore_a_requested_early_launch():
     want = np.asarray(decode_matmul_reference(w, x, activation="gelu_new"), np.float64)
     got = np.asarray(decode_matmul(w, x, activation="gelu_new", interpret=True, early_launch=True), np.float64)
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
+
+
+def test_batch_block_gives_the_flax_blocks_greedy_tokens(monkeypatch):
+    """`batch_block` (its products as `batch_matmul_reference` off a GPU; the kernel itself is checked against the
+    reference on the GPU) over 64 slots, one whole row tile, gives the Flax block's greedy tokens: the LayerNorms,
+    the weights' reshapes, the attention's hand-over and the residual are wired as the model has them. It runs
+    under "auto" only for steps of at least BATCH_ROWS slots that fill whole tiles."""
+    config = preset("gpt2-tiny")
+    monkeypatch.setattr(decode_block, "BATCH_ROWS", 64)
+    assert decode_block.layer_fn("auto", config, 64, "xla") is not None
+    assert decode_block.layer_fn("auto", config, 96, "xla") is None  # a tile and a half
+    assert decode_block.layer_fn("auto", config.replace(activation="gelu"), 64, "xla") is None  # no erf there
+    rng = np.random.default_rng(fresh_seed())
+    prompts = [rng.integers(0, config.vocab_size, int(n)).tolist() for n in rng.integers(1, 30, 64)]
+    xla = gptjax.Engine.from_preset("gpt2-tiny", engine_config=gptjax.EngineConfig(attention="xla",
+                                                                                   decode_matmuls="xla"))
+    want = xla.generate(prompts, max_new_tokens=5, greedy=True, stop_token_ids=[])
+    monkeypatch.setattr(decode_block, "choose", lambda *a, **k: "auto")
+    traced, block = [], decode_block.batch_block
+    monkeypatch.setattr(decode_block, "batch_block", lambda *a, **k: traced.append(1) or block(*a, **k))
+    batched = gptjax.Engine.from_preset("gpt2-tiny", engine_config=gptjax.EngineConfig(attention="xla"))
+    assert batched.decode_matmuls == "auto"
+    got = batched.generate(prompts, max_new_tokens=5, greedy=True, stop_token_ids=[])
+    assert len(traced) == config.n_layers  # the decode step's layers ran it
+    assert [r.output_ids for r in got] == [r.output_ids for r in want]
+    assert len({tuple(r.output_ids) for r in want}) > 8

@@ -424,8 +424,8 @@ def test_stream_probe_checks_each_form_against_float64(capsys):
 
 def test_gemm_probe_checks_xla_forms_against_float64_and_its_mosaic_forms_lower_for_cuda(capsys, monkeypatch):
     """benchmarks.gemm_probe on the CPU: a line per (product, form), XLA's outputs checked against float64 (the
-    bias included where the form adds it); JAX's Hopper matmul forms, which need the GPU to run, lower for CUDA
-    at the batch-256 shapes of megatron-345m."""
+    epilogue included where the form has it); the Mosaic GPU forms (JAX's Hopper matmul, `batch_matmul`), which
+    need the GPU to run, lower for CUDA at the batch-256 shapes of megatron-345m."""
     import json
 
     import jax.numpy as jnp
@@ -442,11 +442,13 @@ def test_gemm_probe_checks_xla_forms_against_float64_and_its_mosaic_forms_lower_
     assert all(r["rel_err"] < 1e-5 for r in rows)
     monkeypatch.setattr(hopper_matmul_mgpu, "get_num_sms", lambda: 132)
     for product, (k, n) in gemm_probe.shapes_of(preset("megatron-345m")).items():
-        mosaic = {name: fn for name, fn in gemm_probe.forms(256, k, n).items() if name.startswith("mgpu_")}
-        assert "mgpu_128x128_m" in mosaic
+        mosaic = {name: fn for name, fn in gemm_probe.forms(256, k, n, product).items()
+                  if name.startswith(("mgpu_", "bm_"))}
         x = jax.ShapeDtypeStruct((256, k), jnp.float16)
-        ws = [(jax.ShapeDtypeStruct((k, n), jnp.float16), jax.ShapeDtypeStruct((n,), jnp.float16))]
-        assert "mosaic_gpu" in mosaic["mgpu_128x128_m"].trace(x, ws).lower(lowering_platforms=("cuda",)).as_text()
+        ws = [(jax.ShapeDtypeStruct((k, n), jnp.float16), jax.ShapeDtypeStruct((n,), jnp.float16),
+               jax.ShapeDtypeStruct((256, n), jnp.float16))]
+        for name in ("mgpu_128x128_m", "bm_64x128_s4"):
+            assert "mosaic_gpu" in mosaic[name].trace(x, ws).lower(lowering_platforms=("cuda",)).as_text()
 
 
 def test_tiled_weights_put_each_tile_in_one_run():
