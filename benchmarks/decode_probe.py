@@ -9,6 +9,7 @@ Run it once per XLA_FLAGS setting (flags are read when JAX starts); compare line
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -110,19 +111,34 @@ XLA_OPTIONS = {
 }
 
 
+BATCH_OFF = "batch_off"  # a variant name of its own: the program traced with decode_block.BATCH_ROWS at 0
+
+
 def _generate_jit(engine, variant: str | None):
     """The engine's generate program under a variant of XLA's options ("off", or short names of `XLA_OPTIONS`
-    joined by "+"; None: the engine's own jit)."""
+    joined by "+", any of them with `BATCH_OFF`; None: the engine's own jit)."""
     import jax
+
+    from gptjax import decode_block
 
     if variant is None:
         return engine._generate_jit
     names = [] if variant == "off" else variant.split("+")
-    unknown = [n for n in names if n not in XLA_OPTIONS]
+    unknown = [n for n in names if n not in XLA_OPTIONS and n != BATCH_OFF]
     if unknown:
-        raise SystemExit(f"--xla-options: {unknown} not among {sorted(XLA_OPTIONS)} (or off)")
-    return jax.jit(engine._generate, static_argnames=("n_new", "cache_len", "sampled"),
-                   compiler_options=dict(XLA_OPTIONS[n] for n in names) or None)
+        raise SystemExit(f"--xla-options: {unknown} not among {sorted(XLA_OPTIONS) + [BATCH_OFF]} (or off)")
+    batch_rows = 0 if BATCH_OFF in names else decode_block.BATCH_ROWS
+
+    @functools.wraps(engine._generate)  # its signature: the static arguments by name
+    def generate(*args, **kwargs):  # decode_block reads BATCH_ROWS as the step is traced
+        saved, decode_block.BATCH_ROWS = decode_block.BATCH_ROWS, batch_rows
+        try:
+            return engine._generate(*args, **kwargs)
+        finally:
+            decode_block.BATCH_ROWS = saved
+
+    return jax.jit(generate, static_argnames=("n_new", "cache_len", "sampled"),
+                   compiler_options=dict(XLA_OPTIONS[n] for n in names if n != BATCH_OFF) or None)
 
 
 # --sampling: engine.generate's arguments for every row (one seed: each row's own stream still differs)

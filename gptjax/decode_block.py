@@ -10,9 +10,9 @@ slots (`EngineConfig.decode_matmuls="pallas"`: steps of up to `KERNEL_ROWS`, 16 
 whose weights exceed `KERNEL_MAX_BYTES` run the same arithmetic through XLA. Steps of more rows were tried on the
 kernels in 64-row blocks and lost to XLA's matmuls (345M fp16, batch 256: 4.18 against 2.84 ms/token, RESULTS
 run 23).
-Steps of at least `BATCH_ROWS` slots (whole 64-row tiles) can instead run `batch_block`: each product one Mosaic GPU
-kernel with its bias, GELU or residual (`gptjax.kernels.batch_matmul`), the LayerNorms through XLA: 9 kernels a
-layer where XLA's path runs 12.
+Steps of at least `BATCH_ROWS` slots (whole 64-row tiles) can instead run `batch_block`: QKV, attention out and MLP
+in each one Mosaic GPU kernel with its bias, residual or GELU (`gptjax.kernels.batch_matmul`); MLP out (K = 4096:
+one CTA a tile leaves half the chip idle, 16.9 us against XLA's 13.0 at 256 rows) and the LayerNorms through XLA.
 The Flax block serves every other case, and is the reference the tests compare this path's tokens against.
 """
 
@@ -33,8 +33,12 @@ KERNEL_ROWS = 16  # what decode_matmuls="pallas" runs on the kernels: steps of u
 AUTO_ROWS = 8  # the default's limit: on the H200 the kernels beat XLA's matmuls at 1, 2 and 4 rows; at 8 the two are
                # level within 2% (RESULTS runs 13 and 17)
 KERNEL_MAX_BYTES = 32 << 20  # larger weights: XLA's own matmul reads them faster (the H200, RESULTS run 11)
-BATCH_ROWS = 0  # steps of at least this many slots run `batch_block` under "auto" (0: never)
-BATCH_TILE = 64  # the rows of a batch_matmul tile: a step's slots must fill whole tiles
+# steps of at least this many slots run `batch_block` under "auto" (0: never). On an H100 (RESULTS run 27, in one
+# process, rounds alternating) 256 slots took 2.87 ms/token against XLA's 3.10; 64 slots 1.45 against 1.40 (the
+# QKV product's 64 x 64 tiles leave most of the chip idle), 128 level within the rounds' spread
+BATCH_ROWS = 256
+BATCH_TILE = batch.TILE_M  # a step's slots must fill whole row tiles
+BATCH_MAX_K = 1024  # products of longer rows through XLA: the kernel's tiles do not split K
 
 
 def choose(requested: str, config: ModelConfig, mesh, backend: str | None = None) -> str:
@@ -100,10 +104,13 @@ def _layer_norm(x, p, eps: float):
 
 
 def batch_block(config: ModelConfig, attention: str, p, h, layer_kv, pos, *, on_gpu: bool):
-    """One layer for one new token per row, each product with its epilogue in one `batch_matmul` kernel (its
-    `jnp` reference off a GPU): h [rows, 1, hidden] float32, the layer's (k, v) cache, each row's position ->
-    (the next h, the cache with the new token's K/V in it)."""
-    matmul = batch.batch_matmul if on_gpu else batch.batch_matmul_reference
+    """One layer for one new token per row, the products of K <= `BATCH_MAX_K` with their epilogues in one
+    `batch_matmul` kernel each (its `jnp` reference off a GPU), the others through XLA: h [rows, 1, hidden]
+    float32, the layer's (k, v) cache, each row's position -> (the next h, the cache with the new token's K/V)."""
+    def matmul(x, w, *args, **kw):
+        kernel = on_gpu and w.shape[0] <= BATCH_MAX_K
+        return (batch.batch_matmul if kernel else batch.batch_matmul_reference)(x, w, *args, **kw)
+
     x = h[:, 0].astype(jnp.float32)
     rows, hidden = x.shape
     eps = config.layer_norm_eps

@@ -22,6 +22,9 @@ from jax.experimental import pallas as pl
 
 ACTIVATIONS = ("", "gelu_new", "gelu")  # none, and ModelConfig's: GPT-2's tanh GELU, the exact erf one
 KERNEL_ACTIVATIONS = ("", "gelu_new")  # Mosaic GPU has no erf
+# 64 x 64 output tiles: the fastest of six tilings for each 345M product at 256 rows on an H100 (RESULTS run 27: QKV
+# 6.9 us against XLA's 11.2, MLP in + GELU 8.2 against 13.8, attention out + residual 5.5 against 5.4)
+TILE_M = TILE_N = 64
 
 
 def _activation(name: str, y):
@@ -84,14 +87,14 @@ def _kernel(x_ref, w_ref, b_ref, *refs, tile_m: int, tile_n: int, tile_k: int, s
     plgpu.wait_smem_to_gmem(0)
 
 
-def supports(m: int, k: int, n: int, *, activation: str = "", tile_m: int = 64, tile_n: int = 128,
+def supports(m: int, k: int, n: int, *, activation: str = "", tile_m: int = TILE_M, tile_n: int = TILE_N,
              tile_k: int = 64) -> bool:
     """Whether the kernel takes this product: whole tiles, and an activation it has."""
     return m % tile_m == 0 and n % tile_n == 0 and k % tile_k == 0 and activation in KERNEL_ACTIVATIONS
 
 
 @functools.partial(jax.jit, static_argnames=("activation", "tile_m", "tile_n", "tile_k", "stages"))
-def batch_matmul(x, w, b, residual=None, *, activation: str = "", tile_m: int = 64, tile_n: int = 128,
+def batch_matmul(x, w, b, residual=None, *, activation: str = "", tile_m: int = TILE_M, tile_n: int = TILE_N,
                  tile_k: int = 64, stages: int = 4):
     """`batch_matmul_reference` as one Mosaic GPU kernel: x [M, K], w [K, N], b [N] (x's dtype), residual [M, N]
     (any float dtype; the output takes it). M, N and K must be whole tiles (`supports`)."""
