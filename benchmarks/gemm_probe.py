@@ -8,7 +8,8 @@ partials, then a kernel that sums them with the bias): 8.3 us a GEMM on an H100,
 time of `--copies` distinct weights' products in one call (more weight than the L2 holds):
 - "xla": the product with its epilogue as the layer has it (`batch_matmul_reference`: + bias, then GELU after MLP in,
   + the residual after attention out and MLP out), compiled by XLA (its GEMM, split sums, bias, GELU, residual);
-- "bm_{tm}x{tn}_s{stages}": the same by `gptjax.kernels.batch_matmul` (one Mosaic GPU kernel, tm x tn a CTA);
+- "bm_{tm}x{tn}_s{stages}_d{delay}": the same by `gptjax.kernels.batch_matmul` (one Mosaic GPU kernel, tm x tn a
+  CTA, `stages` K tiles in flight, `delay` wgmma products left running);
 - "xla_f32": `jnp.dot(..., preferred_element_type=float32)`, the bare product;
 - "mgpu_{tm}x{tn}_{m|n}": JAX's Hopper Mosaic GPU matmul (`jax.experimental.pallas.ops.gpu.hopper_matmul_mgpu`,
   warp-specialized, TMA loads, wgmma) with tiles tm x tn a warpgroup, its two warpgroups side by side along M or N:
@@ -26,7 +27,9 @@ import numpy as np
 
 COPIES = 8
 TILES = ((64, 64), (64, 128), (128, 64), (128, 128), (64, 256))
-BATCH_TILES = ((64, 64, 4), (64, 128, 4), (64, 256, 3), (128, 128, 4), (128, 64, 4), (64, 128, 6))
+# batch_matmul's launches: (tile_m, tile_n, stages, delay)
+BATCH_TILES = ((64, 64, 4, 0), (64, 64, 4, 1), (64, 64, 6, 1), (64, 64, 6, 2), (64, 128, 4, 0), (64, 128, 4, 1),
+               (128, 64, 4, 1), (128, 128, 4, 1))
 EPILOGUES = {"qkv": ("", False), "attn_out": ("", True), "mlp_in": ("gelu_new", False), "mlp_out": ("", True)}
 
 
@@ -51,8 +54,8 @@ def forms(rows: int, k: int, n: int, product: str = "qkv") -> dict:
     out = {
         "xla": epilogue(batch_matmul_reference),
         "xla_f32": jax.jit(lambda x, ws: [jnp.dot(x, w, preferred_element_type=jnp.float32) for w, _, _ in ws]),
-        **{f"bm_{tm}x{tn}_s{st}": epilogue(batch_matmul, tile_m=tm, tile_n=tn, stages=st)
-           for tm, tn, st in BATCH_TILES if supports(rows, k, n, tile_m=tm, tile_n=tn)},
+        **{f"bm_{tm}x{tn}_s{st}_d{d}": epilogue(batch_matmul, tile_m=tm, tile_n=tn, stages=st, delay=d)
+           for tm, tn, st, d in BATCH_TILES if supports(rows, k, n, tile_m=tm, tile_n=tn)},
     }
     try:
         from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu as hm

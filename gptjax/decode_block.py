@@ -12,7 +12,7 @@ kernels in 64-row blocks and lost to XLA's matmuls (345M fp16, batch 256: 4.18 a
 run 23).
 Steps of at least `BATCH_ROWS` slots (whole 64-row tiles) can instead run `batch_block`: QKV, attention out and MLP
 in each one Mosaic GPU kernel with its bias, residual or GELU (`gptjax.kernels.batch_matmul`); MLP out (K = 4096:
-one CTA a tile leaves half the chip idle, 16.9 us against XLA's 13.0 at 256 rows) and the LayerNorms through XLA.
+one CTA a tile leaves half the chip idle, 13.7 us against XLA's 13.0 at 256 rows) and the LayerNorms through XLA.
 The Flax block serves every other case, and is the reference the tests compare this path's tokens against.
 """
 
@@ -34,9 +34,9 @@ AUTO_ROWS = 8  # the default's limit: on the H200 the kernels beat XLA's matmuls
                # level within 2% (RESULTS runs 13 and 17)
 KERNEL_MAX_BYTES = 32 << 20  # larger weights: XLA's own matmul reads them faster (the H200, RESULTS run 11)
 # steps of at least this many slots run `batch_block` under "auto" (0: never). On an H100 (RESULTS run 27, in one
-# process, rounds alternating) 256 slots took 2.87 ms/token against XLA's 3.10; 64 slots 1.45 against 1.40 (the
-# QKV product's 64 x 64 tiles leave most of the chip idle), 128 level within the rounds' spread
-BATCH_ROWS = 256
+# process, rounds alternating, every round alike): 256 slots 2.85 ms/token against XLA's 2.98, 128 slots 1.93 against
+# 2.12; 64 slots lost (1.45 against 1.40, with the launch before 6 stages and one wgmma left running)
+BATCH_ROWS = 128
 BATCH_TILE = batch.TILE_M  # a step's slots must fill whole row tiles
 BATCH_MAX_K = 1024  # products of longer rows through XLA: the kernel's tiles do not split K
 
@@ -128,10 +128,12 @@ def batch_block(config: ModelConfig, attention: str, p, h, layer_kv, pos, *, on_
     return x[:, None], layer_kv
 
 
-def _batch_fits(config: ModelConfig, rows: int) -> bool:
-    """Whether a step of `rows` slots can run `batch_block`'s kernels."""
+def batch_fits(config: ModelConfig, rows: int, on_gpu: bool) -> bool:
+    """Whether a step of `rows` slots can run `batch_block`: whole tiles and GPT-2's GELU, and on a GPU 16-bit
+    weights (the kernel would multiply float32 in tf32 on the matrix units)."""
     c, f = config.hidden, config.ffn_hidden
-    return all(batch.supports(rows, k, n, activation=a, tile_m=BATCH_TILE)
+    sixteen_bits = jnp.dtype(config.dtype).itemsize == 2
+    return (sixteen_bits or not on_gpu) and all(batch.supports(rows, k, n, activation=a, tile_m=BATCH_TILE)
                for k, n, a in ((c, 3 * c, ""), (c, c, ""), (c, f, config.activation), (f, c, "")))
 
 
@@ -141,7 +143,7 @@ def layer_fn(impl: str, config: ModelConfig, rows: int, attention: str):
     how many rows). The layers run one after another in Python (one device: `layout.PerLayer`), so the split
     counters (one zeroed buffer per step) go from each layer to the next here."""
     on_gpu = jax.default_backend() == "gpu"
-    if impl == "auto" and BATCH_ROWS and rows >= BATCH_ROWS and _batch_fits(config, rows):
+    if impl == "auto" and BATCH_ROWS and rows >= BATCH_ROWS and batch_fits(config, rows, on_gpu):
         return lambda p, h, layer_kv, pos: batch_block(config, attention, p, h, layer_kv, pos, on_gpu=on_gpu)
     if not 0 < rows <= {"pallas": KERNEL_ROWS, "auto": AUTO_ROWS}.get(impl, 0):
         return None

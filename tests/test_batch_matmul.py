@@ -43,23 +43,35 @@ def test_reference_matches_float64(dtype, activation, with_residual):
     assert err < {jnp.float32: 1e-6, jnp.bfloat16: 8e-3, jnp.float16: 1e-3}[dtype], err
 
 
-@pytest.mark.parametrize("tile_m, tile_n, stages", [(64, 128, 4), (64, 64, 4), (128, 128, 4), (64, 256, 3)])
+@pytest.mark.parametrize("tile_m, tile_n, stages, delay", [(64, 128, 4, 0), (64, 64, 4, 1), (128, 128, 4, 1),
+                                                          (64, 256, 3, 2)])
 @pytest.mark.parametrize("k, n, activation, residual", [
     (1024, 3072, "", None), (1024, 1024, "", jnp.float32), (1024, 4096, "gelu_new", None),
     (4096, 1024, "", jnp.float16)])
-def test_kernel_lowers_for_cuda_at_the_345m_products(tile_m, tile_n, stages, k, n, activation, residual):
+def test_kernel_lowers_for_cuda_at_the_345m_products(tile_m, tile_n, stages, delay, k, n, activation, residual):
     """Each product of a megatron-345m layer at 256 rows, with its epilogue (bias; GPT-2's GELU after MLP in; the residual
-    in float32 or float16 after attention out and MLP out), lowers to one Mosaic GPU kernel for CUDA."""
+    in float32 or float16 after attention out and MLP out), lowers to one Mosaic GPU kernel for CUDA, with up to
+    two products left running."""
     s = jax.ShapeDtypeStruct
     args = [s((256, k), jnp.float16), s((k, n), jnp.float16), s((n,), jnp.float16)]
     if residual is not None:
         args.append(s((256, n), residual))
 
     def call(*a):
-        return batch_matmul(*a, activation=activation, tile_m=tile_m, tile_n=tile_n, stages=stages)
+        return batch_matmul(*a, activation=activation, tile_m=tile_m, tile_n=tile_n, stages=stages, delay=delay)
 
     text = jax.jit(call).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("mosaic_gpu") >= 1
+
+
+def test_kernel_lowers_for_cuda_in_bfloat16():
+    """bfloat16 weights, with GELU and with a float32 residual, lower too."""
+    s = jax.ShapeDtypeStruct
+    x, w, b = s((128, 1024), jnp.bfloat16), s((1024, 4096), jnp.bfloat16), s((4096,), jnp.bfloat16)
+    gelu = jax.jit(lambda *a: batch_matmul(*a, activation="gelu_new")).trace(x, w, b)
+    assert "mosaic_gpu" in gelu.lower(lowering_platforms=("cuda",)).as_text()
+    residual = jax.jit(batch_matmul).trace(x, w, b, s((128, 4096), jnp.float32))
+    assert "mosaic_gpu" in residual.lower(lowering_platforms=("cuda",)).as_text()
 
 
 def test_partial_tiles_and_activations_it_lacks_are_refused_by_name():

@@ -157,6 +157,9 @@ def test_batch_block_gives_the_flax_blocks_greedy_tokens(monkeypatch):
     config = preset("gpt2-tiny")
     monkeypatch.setattr(decode_block, "BATCH_ROWS", 64)
     assert decode_block.layer_fn("auto", config, 64, "xla") is not None
+    # on a GPU only 16-bit weights (the kernel would multiply float32 in tf32)
+    assert config.dtype == "float32" and not decode_block.batch_fits(config, 64, on_gpu=True)
+    assert decode_block.batch_fits(config.replace(dtype="float16"), 64, on_gpu=True)
     assert decode_block.layer_fn("auto", config, 96, "xla") is None  # a tile and a half
     assert decode_block.layer_fn("auto", config.replace(activation="gelu"), 64, "xla") is None  # no erf there
     rng = np.random.default_rng(fresh_seed())

@@ -22,9 +22,11 @@ from jax.experimental import pallas as pl
 
 ACTIVATIONS = ("", "gelu_new", "gelu")  # none, and ModelConfig's: GPT-2's tanh GELU, the exact erf one
 KERNEL_ACTIVATIONS = ("", "gelu_new")  # Mosaic GPU has no erf
-# 64 x 64 output tiles: the fastest of six tilings for each 345M product at 256 rows on an H100 (RESULTS run 27: QKV
-# 6.9 us against XLA's 11.2, MLP in + GELU 8.2 against 13.8, attention out + residual 5.5 against 5.4)
+# 64 x 64 output tiles, 6 K tiles in flight, one wgmma left running: the fastest launch for each 345M product at 256
+# rows on an H100 (RESULTS run 27: QKV 6.5 us against XLA's 11.1, MLP in + GELU 7.7 against 13.7, attention out +
+# residual 4.6 against 5.6; MLP out + residual, K = 4096, 13.7 against 13.0)
 TILE_M = TILE_N = 64
+STAGES, DELAY = 6, 1
 
 
 def _activation(name: str, y):
@@ -47,8 +49,8 @@ def _transforms(dtype, cols: int):
     return plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle)
 
 
-def _kernel(x_ref, w_ref, b_ref, *refs, tile_m: int, tile_n: int, tile_k: int, stages: int, activation: str,
-            with_residual: bool):
+def _kernel(x_ref, w_ref, b_ref, *refs, tile_m: int, tile_n: int, tile_k: int, stages: int, delay: int,
+            activation: str, with_residual: bool):
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     r_ref, o_ref = refs[:2] if with_residual else (None, refs[0])
@@ -65,13 +67,15 @@ def _kernel(x_ref, w_ref, b_ref, *refs, tile_m: int, tile_n: int, tile_k: int, s
     def with_acc(acc):
         def step(_, x_smem, w_smem):
             plgpu.wgmma(acc, x_smem, w_smem)
-            plgpu.wgmma_wait(0)  # the tiles' slots are handed back to the pipeline when this step returns
+            # `delay` products left running: a step's tiles go back to the pipeline `delay` steps after it returns
+            plgpu.wgmma_wait(delay)
 
+        spec = functools.partial(plgpu.BlockSpec, transforms=in_transforms, delay_release=delay)
         plgpu.emit_pipeline(
             step, grid=(x_ref.shape[1] // tile_k,), max_concurrent_steps=stages,
-            in_specs=[plgpu.BlockSpec((tile_m, tile_k), lambda k: (0, k), transforms=in_transforms),
-                      plgpu.BlockSpec((tile_k, tile_n), lambda k: (k, 0), transforms=in_transforms)],
+            in_specs=[spec((tile_m, tile_k), lambda k: (0, k)), spec((tile_k, tile_n), lambda k: (k, 0))],
         )(x_ref.at[rows, :], w_ref.at[:, cols])
+        plgpu.wgmma_wait(0)
         plgpu.barrier_wait(loaded.at[0])
         bias = plgpu.load(b_smem, (), layout=plgpu.Layout.WGMMA.reduce(0)).astype(jnp.float32)
         y = acc[...] + lax.broadcast_in_dim(bias, (tile_m, tile_n), [1])
@@ -93,11 +97,12 @@ def supports(m: int, k: int, n: int, *, activation: str = "", tile_m: int = TILE
     return m % tile_m == 0 and n % tile_n == 0 and k % tile_k == 0 and activation in KERNEL_ACTIVATIONS
 
 
-@functools.partial(jax.jit, static_argnames=("activation", "tile_m", "tile_n", "tile_k", "stages"))
+@functools.partial(jax.jit, static_argnames=("activation", "tile_m", "tile_n", "tile_k", "stages", "delay"))
 def batch_matmul(x, w, b, residual=None, *, activation: str = "", tile_m: int = TILE_M, tile_n: int = TILE_N,
-                 tile_k: int = 64, stages: int = 4):
+                 tile_k: int = 64, stages: int = STAGES, delay: int = DELAY):
     """`batch_matmul_reference` as one Mosaic GPU kernel: x [M, K], w [K, N], b [N] (x's dtype), residual [M, N]
-    (any float dtype; the output takes it). M, N and K must be whole tiles (`supports`)."""
+    (any float dtype; the output takes it). M, N and K must be whole tiles (`supports`). `stages`: K tiles in
+    flight; `delay` (< stages): wgmma products left running while the next is issued."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     if activation not in KERNEL_ACTIVATIONS:
@@ -109,7 +114,7 @@ def batch_matmul(x, w, b, residual=None, *, activation: str = "", tile_m: int = 
     scratch = [plgpu.SMEM((tile_n,), b.dtype),
                plgpu.SMEM((tile_m, tile_n), out_dtype, transforms=_transforms(out_dtype, tile_n)),
                plgpu.Barrier(num_barriers=2)]
-    kernel = functools.partial(_kernel, tile_m=tile_m, tile_n=tile_n, tile_k=tile_k, stages=stages,
+    kernel = functools.partial(_kernel, tile_m=tile_m, tile_n=tile_n, tile_k=tile_k, stages=stages, delay=delay,
                                activation=activation, with_residual=residual is not None)
     call = plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((m, n), out_dtype), grid=(n // tile_n, m // tile_m),
                         grid_names=("n", "m"), scratch_types=scratch)
