@@ -115,16 +115,16 @@ def batch_block(config: ModelConfig, attention: str, p, h, layer_kv, pos, *, on_
     rows, hidden = x.shape
     eps = config.layer_norm_eps
 
-    def weight(name):
-        w = p[name]["kernel"]
-        return w.reshape(hidden, -1) if name != "attn_out" else w.reshape(-1, w.shape[-1])
+    def weight(name, k: int):  # [K, N], the layer's axes flattened
+        return p[name]["kernel"].reshape(k, -1)
 
-    qkv = matmul(_layer_norm(x, p["ln_1"], eps), weight("qkv"), p["qkv"]["bias"].reshape(-1))
+    qkv = matmul(_layer_norm(x, p["ln_1"], eps), weight("qkv", hidden), p["qkv"]["bias"].reshape(-1))
     attn, layer_kv = kernels.decode_step_append(qkv.reshape(rows, 3, config.n_heads, config.head_dim), layer_kv,
                                                 pos, attention)
-    x = matmul(attn.reshape(rows, hidden), weight("attn_out"), p["attn_out"]["bias"], x)
-    mlp = matmul(_layer_norm(x, p["ln_2"], eps), weight("mlp_in"), p["mlp_in"]["bias"], activation=config.activation)
-    x = matmul(mlp, p["mlp_out"]["kernel"], p["mlp_out"]["bias"], x)
+    x = matmul(attn.reshape(rows, hidden), weight("attn_out", hidden), p["attn_out"]["bias"], x)
+    mlp = matmul(_layer_norm(x, p["ln_2"], eps), weight("mlp_in", hidden), p["mlp_in"]["bias"],
+                 activation=config.activation)
+    x = matmul(mlp, weight("mlp_out", config.ffn_hidden), p["mlp_out"]["bias"], x)
     return x[:, None], layer_kv
 
 
