@@ -94,7 +94,7 @@ class ServingEngine(Protocol):
 
     @property
     def tokenizer(self):
-        """Text <-> token ids (`encode`, `decode`, `eos_token_id`)."""
+        """Text <-> token ids (`encode`, `decode`, `token_bytes`, `eos_token_id`)."""
 
     def new_state(self, slots: int | None = None) -> DecodeState:
         """An empty decode state of at least `slots` slots (default `max_slots`): every slot free, at position

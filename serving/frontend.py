@@ -28,6 +28,7 @@ Errors are `RequestError(code, message)` with `code` a serving.request.Code: `gr
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import numbers
 import time
@@ -194,20 +195,16 @@ NAMES = {f: f for f in ("prompt", "max_new_tokens", "temperature", "top_k", "top
 
 
 class TextStream:
-    """Decode a growing token list piece by piece, holding back the tokens of an unfinished character: only those
-    are decoded again, so a long stream costs its length, not its length squared."""
+    """Decode a growing token list piece by piece, as the whole list decodes: the bytes of a character split over
+    tokens are held back until it is whole, while bytes that no later token can make whole (and a U+FFFD the model
+    wrote) are U+FFFD at once. Each token is decoded once, so a long stream costs its length."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        self.pending: list[int] = []
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def add(self, ids, final: bool = False) -> str:
-        self.pending += ids
-        text = self.tokenizer.decode(self.pending) if self.pending else ""
-        if text.endswith("\ufffd") and not final:
-            return ""
-        self.pending = []
-        return text
+        return self._utf8.decode(b"".join(map(self.tokenizer.token_bytes, ids)), final)
 
 
 class Frontend:

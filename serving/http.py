@@ -26,6 +26,7 @@ import asyncio
 import hmac
 import json
 import logging
+import re
 import sys
 from dataclasses import dataclass
 from typing import AsyncIterator, Awaitable, Callable
@@ -220,7 +221,8 @@ async def read_body(http: HttpRequest, limit: int, timeout_s: float) -> bytes:
 
 def json_object(data: bytes, what: str = "the request body") -> dict:
     try:
-        value = json.loads(data)
+        text = data.decode(json.detect_encoding(data))  # as json.loads reads bytes, but refusing encoded surrogates
+        value = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise invalid(f"{what} is not valid JSON: {e}") from None
     except RecursionError:
@@ -229,9 +231,32 @@ def json_object(data: bytes, what: str = "the request body") -> dict:
         raise invalid(f"{what} holds a number of more than {sys.get_int_max_str_digits()} digits") from None
     if not isinstance(value, dict):
         raise invalid(f"{what} must be a JSON object, got {type(value).__name__}")
+    if SURROGATE_ESCAPE.search(text) and _lone_surrogate(value):
+        # no text holds one: refused here, it would fail every answer that repeats it (an id, an error naming a field)
+        raise invalid(f"{what} is not valid Unicode text: it holds a lone surrogate (a \\u escape in "
+                      "D800-DFFF without its pair)")
     return value
 
 
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # how JSON text that decoded strictly can hold a surrogate
+SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _lone_surrogate(value) -> bool:
+    """Whether a string of `value`, a key or a value at any depth, holds a surrogate (JSON joins the escapes of a
+    pair into one character, so any left is one without its pair)."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            if SURROGATE.search(v):
+                return True
+        elif isinstance(v, dict):
+            stack += v.keys()
+            stack += v.values()
+        elif isinstance(v, list):
+            stack += v
+    return False
 
 
 # ---- the app ------------------------------------------------------------------------------------------------

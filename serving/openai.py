@@ -4,8 +4,9 @@
 `/v1/completions` takes `prompt` as a string, a token list, or a list of either (each one a choice, times
 `n`), `max_tokens` (default 16), `temperature` (default 1), `top_p`, `seed` (none: a random one per choice),
 `stop` (up to 4 strings, matched on the decoded text: the text ends before the stop string and the request
-stops there, freeing its slot), `logprobs` 0 (each token's own log-probability; the top alternatives of
-larger values are not computed), `echo`, `stream` (server-sent events ending with `data: [DONE]`;
+stops there, freeing its slot), `logprobs` 0 (each token's own log-probability, a token that holds part of a
+character named by its bytes as OpenAI names it; the top alternatives of larger values are not computed),
+`echo`, `stream` (server-sent events ending with `data: [DONE]`;
 `stream_options.include_usage` adds a last chunk with the usage), and gives `usage` counts (the completion's:
 the tokens whose text starts before a stop string). `top_k` is accepted as an extension. Fields that ask for
 what gptjax can't do (`best_of` > n, penalties, `logit_bias`, `suffix`) get a 400 naming them; values are
@@ -113,6 +114,11 @@ class Choice:
         """Tokens whose text starts inside the kept text (all of them unless a stop string cut it): what the
         answer's logprobs list and its usage counts."""
         return bisect.bisect_left(self.offsets, len(self.text)) if self.cut else len(self.ids)
+
+    def streamed_tokens(self) -> int:
+        """Tokens whose text starts inside what `piece` has given (the kept ones once done): those a stream's
+        logprobs may name by now, never one whose text is held back as a stop string's possible start."""
+        return self.kept_tokens() if self.done else bisect.bisect_left(self.offsets, self.sent)
 
 
 def _prompts(value) -> list:
@@ -234,14 +240,24 @@ class Completions:
     def prefix(self, index: int) -> str:
         return self.frontend.decode(self.requests[index].prompt) if self.echo else ""
 
-    def logprobs(self, c: Choice, start: int) -> dict | None:
-        """OpenAI's logprobs object for the choice's tokens from `start` up to those whose text it kept."""
+    def logprobs(self, c: Choice, start: int, end: int | None = None) -> dict | None:
+        """OpenAI's logprobs object for the choice's tokens from `start` up to `end` (None: up to those whose text
+        it kept)."""
         if not self.want_logprobs:
             return None
-        end = c.kept_tokens()
+        end = c.kept_tokens() if end is None else end
         ids = c.ids[start:end]
-        return {"tokens": [self.frontend.decode([t]) for t in ids], "token_logprobs": c.logprobs[start:end],
+        return {"tokens": [self.token_text(t) for t in ids], "token_logprobs": c.logprobs[start:end],
                 "top_logprobs": None, "text_offset": c.offsets[start:end]}
+
+    def token_text(self, token: int) -> str:
+        """A token as logprobs name it: its text, or, for a token that is not whole UTF-8 alone (part of a
+        character split over tokens), its bytes as OpenAI writes them, `bytes:\\xe2\\x80`, not a lossy U+FFFD."""
+        raw = self.frontend.tokenizer.token_bytes(token)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(chr(b) if 0x20 <= b < 0x7F and b != 0x5C else f"\\x{b:02x}" for b in raw)
 
     def chunk(self, choices: list[dict], usage=None) -> dict:
         out = {"id": self.id, "object": "text_completion", "created": self.created,
@@ -344,8 +360,8 @@ async def _events(call: Completions, runs: list[Stream], choices: list[Choice], 
                     runs[i].request.stop_here()  # finished, or a stop string: free the slot now
                 piece = c.piece()
                 if piece or c.done:
-                    end = c.kept_tokens() if c.done else len(c.ids)
-                    lp = call.logprobs(c, sent_tokens[i]) if piece or c.done else None
+                    end = c.streamed_tokens()
+                    lp = call.logprobs(c, sent_tokens[i], end)
                     sent_tokens[i] = end
                     yield sse(call.chunk([{"index": i, "text": piece, "logprobs": lp,
                                            "finish_reason": c.finish_reason}]))

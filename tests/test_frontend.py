@@ -245,3 +245,39 @@ def test_codes_map_to_grpc_and_http():
     assert grpc_status(Code.RESOURCE_EXHAUSTED) == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert RequestError(Code.UNAVAILABLE, "x").http_status == 503
     assert {c: grpc_status(c).name for c in Code} == {c: c.name for c in Code}
+
+
+# ---- text streams ----------------------------------------------------------------------------------------------------
+def _pieces(frontend, groups, final=True) -> list[str]:
+    stream = frontend.text_stream()
+    pieces = [stream.add(ids) for ids in groups]
+    return pieces + [stream.add([], final=True)] if final else pieces
+
+
+def test_a_text_stream_holds_a_split_character_until_it_is_whole_and_joins_into_the_whole_decode(frontend):
+    """The halves of an emoji (two tokens each), of a CJK character and of an accented letter, however the tokens
+    are grouped: no piece holds part of a character, and the pieces join into the text of all the tokens."""
+    tok = frontend.tokenizer
+    ids = tok.encode("é 😀 日本語 naïve 🤖🚀")
+    assert any("\ufffd" in tok.decode([t]) for t in ids)  # some tokens are parts of a character
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        cuts = sorted(rng.choice(len(ids) + 1, rng.integers(0, len(ids)), replace=False))
+        groups = [ids[a:b] for a, b in zip([0, *cuts], [*cuts, len(ids)])]
+        pieces = _pieces(frontend, groups)
+        assert "".join(pieces) == tok.decode(ids) and not any("\ufffd" in p for p in pieces), groups
+    emoji = tok.encode("😀")
+    assert _pieces(frontend, [[t] for t in emoji], final=False) == ["", "😀"]
+    assert _pieces(frontend, [emoji[:1]]) == ["", "\ufffd"]  # cut short at the end: U+FFFD, as decode has it
+
+
+def test_a_text_stream_gives_a_replacement_character_that_no_token_can_complete_at_once(frontend):
+    """U+FFFD the model wrote (GPT-2 has tokens of it) and bytes that can't start or continue a character are
+    text as soon as they come, not held back until some later token ends the run."""
+    tok = frontend.tokenizer
+    written, lone = tok.encode("\ufffd"), tok.encode("😀")[1:]  # U+FFFD itself; a continuation byte alone
+    assert len(written) == 1 and tok.decode(lone) == "\ufffd"
+    pieces = _pieces(frontend, [written, written, lone, tok.encode("😀")[:1], lone, tok.encode("a")])
+    assert pieces == ["\ufffd", "\ufffd", "\ufffd", "", "😀", "a", ""]
+    all_ids = [t for g in [written, written, lone, tok.encode("😀")[:1], lone, tok.encode("a")] for t in g]
+    assert "".join(pieces) == tok.decode(all_ids)

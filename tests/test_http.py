@@ -732,3 +732,40 @@ def test_a_draining_server_closes_a_kept_alive_connection_after_its_503():
         assert time.monotonic() - start < 5, "the connection was kept open"
     finally:
         server.stop()
+
+
+def test_a_lone_surrogate_anywhere_in_a_json_body_is_a_400_on_every_route():
+    """JSON can escape half of a UTF-16 pair ("\\ud800"), or a body can hold one encoded as UTF-8 bytes: no text
+    holds that, and an answer that repeats it (an error naming the unknown field, an echoed id) can't be written
+    as UTF-8: it was a 500. Every route refuses it at once; an escaped pair (an emoji, as json.dumps writes it) is
+    text, and such a request goes on to the queue (full here)."""
+    from starlette.testclient import TestClient
+    from test_frontend import _ModelShape, _Scheduler
+
+    from serving.frontend import Frontend
+    from serving.http import Context
+    from serving.http_app import create_app
+    from serving.scheduler import QueueFull
+
+    scheduler = _Scheduler()
+    scheduler.refuse = QueueFull.of(1)
+    frontend = Frontend("gpt2-tiny")
+    frontend.load(_ModelShape(), scheduler, max_batch_size=4)
+    app = create_app(Context(frontend, max_body_bytes=1 << 20, dialect="v1", body_timeout_s=10), max_requests=8)
+    json_type = {"content-type": "application/json"}
+    paths = ["/v1/completions", "/v1/chat/completions", f"/v2/models/{MODEL}/generate",
+             f"/v2/models/{MODEL}/generate_stream", f"/v2/models/{MODEL}/infer"]
+    bodies = [b'{"prompt": "a", "\\ud800": 1}', b'{"text_input": "a", "id": "a\\uDFFFb"}',
+              b'{"inputs": [{"name": "\\udbff"}]}', b'{"prompt": "a", "user": "\xed\xa0\x80"}']
+    with TestClient(app, raise_server_exceptions=False) as client:
+        for path in paths:
+            for body in bodies:
+                r = client.post(path, content=body, headers=json_type)
+                error = r.json()["error"]
+                message = error["message"] if path.startswith("/v1/") else error
+                assert (r.status_code, "not valid" in message) == (400, True), (path, body, r.text)
+        emoji = b'"\\ud83d\\ude00"'
+        for path, body in (("/v1/completions", b'{"prompt": %s, "max_tokens": 1}' % emoji),
+                           (f"/v2/models/{MODEL}/generate", b'{"text_input": %s, "id": %s}' % (emoji, emoji))):
+            r = client.post(path, content=body, headers=json_type)
+            assert (r.status_code, "queue is full" in r.text) == (429, True), (path, r.text)

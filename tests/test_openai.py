@@ -7,6 +7,8 @@ test_frontend's stand-ins (any name, any queue), and a choice's text, offsets an
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -282,3 +284,63 @@ def test_the_stop_string_that_completes_first_wins_however_tokens_are_grouped():
         assert (c.text, c.finish_reason, c.ids, c.kept_tokens()) == ("The qui", "stop", ids[:2], 2), groups
     together = _choice(["quick", "u", "qu"], [ids])  # in one token: the earliest end, then the longest
     assert together.text == "The "
+
+
+class _Scripted(_Scheduler):
+    """Answers every request with the same token groups, an event each (as decode calls send them), then its end."""
+
+    def __init__(self, groups: list[list[int]]):
+        super().__init__()
+        self.groups = groups
+
+    def submit(self, requests):
+        super().submit(requests)
+        for r in requests:
+            for ids in self.groups:
+                r.put(Tokens(ids, [-t / 1000 for t in ids]))
+            r.put(Finished("length"))
+
+
+def _unary_and_streamed(groups: list[list[int]], **body) -> tuple[dict, dict]:
+    """(the unary choice, the streamed chunks' choice joined: text, finish_reason and logprobs lists) of a
+    completion whose tokens are `groups`."""
+    frontend = Frontend(MODEL)
+    frontend.load(_ModelShape(), _Scripted(groups), max_batch_size=1)
+    app = create_app(Context(frontend, max_body_bytes=1 << 20, dialect="v1", body_timeout_s=10.0), max_requests=8)
+    body = {"prompt": [1], "max_tokens": 16, "logprobs": 0, **body}
+    with TestClient(app) as http:
+        unary = http.post("/v1/completions", json=body).json()["choices"][0]
+        lines = http.post("/v1/completions", json={**body, "stream": True}).text.split("\n\n")
+    joined = {"text": "", "finish_reason": None, "logprobs": {"tokens": [], "token_logprobs": [], "text_offset": []}}
+    for line in lines:
+        if line.startswith("data: {"):
+            (c,) = json.loads(line[len("data: "):])["choices"]
+            joined["text"] += c["text"]
+            joined["finish_reason"] = c["finish_reason"] or joined["finish_reason"]
+            for key, values in joined["logprobs"].items():
+                values += c["logprobs"][key]
+    return unary, joined
+
+
+def test_a_stream_names_in_logprobs_only_tokens_whose_text_it_sent():
+    """" a" comes with "x" in one decode call, and is held back as the start of the stop string " a b": the chunk
+    that sends "x" names only "x" in its logprobs, so when " b" completes the stop string the stream has named no
+    token of it, and its logprobs are the unary answer's."""
+    ids = default_tokenizer().encode("x a b c")
+    assert len(ids) == 4
+    unary, streamed = _unary_and_streamed([ids[:2], ids[2:]], stop=" a b")
+    assert (unary["text"], unary["finish_reason"], unary["logprobs"]["tokens"]) == ("x", "stop", ["x"])
+    assert streamed == {k: unary[k] for k in ("text", "finish_reason")} | {
+        "logprobs": {k: unary["logprobs"][k] for k in ("tokens", "token_logprobs", "text_offset")}}
+
+
+def test_logprobs_name_a_token_that_holds_part_of_a_character_by_its_bytes():
+    """As OpenAI names them ("bytes:\\xf0\\x9f\\x98"), not as U+FFFD, which loses which bytes the token holds;
+    streamed or not, and the text holds the whole character."""
+    ids = default_tokenizer().encode("a😀b")
+    assert len(ids) == 4
+    unary, streamed = _unary_and_streamed([ids[:2], ids[2:]])
+    assert unary["text"] == streamed["text"] == "a😀b"
+    assert unary["logprobs"]["tokens"] == streamed["logprobs"]["tokens"] == ["a", "bytes:\\xf0\\x9f\\x98",
+                                                                             "bytes:\\x80", "b"]
+    assert unary["logprobs"]["text_offset"] == streamed["logprobs"]["text_offset"] == [0, 1, 1, 2]

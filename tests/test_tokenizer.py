@@ -54,3 +54,31 @@ def test_decode_batch_is_decode_of_each_row():
     tok = default_tokenizer()
     rows = [tok.encode(t) for t in TEXTS] + [[15496, 50300, 995]]
     assert tok.decode_batch(rows) == [tok.decode(r) for r in rows]
+
+
+def test_token_bytes_are_tiktokens_and_join_into_the_decoded_text():
+    """A token stands for bytes, not text: the halves of an emoji are two tokens of two bytes each, and a text
+    is the UTF-8 of its tokens' bytes joined (a character cut short is U+FFFD)."""
+    vocab, merges = default_files()
+    ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=str(merges), encoder_json_file=str(vocab))
+    tok = default_tokenizer()
+    assert {tok.token_bytes(i): i for i in range(tok.eos_token_id)} == ranks
+    assert (tok.token_bytes(tok.eos_token_id), tok.token_bytes(tok.vocab_size), tok.token_bytes(-1)) == (
+        b"<|endoftext|>", b"", b"")
+    ids = tok.encode("a😀b")
+    assert [tok.token_bytes(t) for t in ids] == [b"a", b"\xf0\x9f\x98", b"\x80", b"b"]
+    for text in TEXTS:
+        ids = tok.encode(text)
+        assert b"".join(map(tok.token_bytes, ids)) == text.encode()
+        assert tok.decode(ids[:-1]) == b"".join(map(tok.token_bytes, ids[:-1])).decode("utf-8", "replace")
+
+
+def test_token_bytes_of_a_token_written_outside_the_byte_alphabet_are_its_utf8_as_decode_reads_it(tmp_path):
+    import json
+
+    (tmp_path / "vocab.json").write_text(json.dumps({"a": 0, "中Ġ": 1, "ä": 2, "Ġ": 3}), encoding="utf-8")
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    tok = Tokenizer(tmp_path / "vocab.json", tmp_path / "merges.txt")
+    assert [tok.token_bytes(i) for i in range(4)] == [b"a", "中Ġ".encode(), b"\xe4", b" "]
+    for ids in ([0, 1, 3], [2, 0], [1, 2]):
+        assert tok.decode(ids) == b"".join(map(tok.token_bytes, ids)).decode("utf-8", "replace")
