@@ -41,6 +41,7 @@ from serving.request import Code, Failed, Finished, Request, Tokens
 log = logging.getLogger("gptjax.serving")
 
 HEALTH_PATHS = ("/v2/health/live", "/v2/health/ready")
+UNLIMITED_PATHS = (*HEALTH_PATHS, "/metrics")  # a busy server still answers its probes and scrapes
 
 
 class ClientGone(Exception):
@@ -280,14 +281,15 @@ class Context:
 
 class RequestLimit:
     """ASGI middleware: at most `limit` requests in progress (a stream counts until it ends); one more gets a
-    503 with a JSON body and Retry-After at once, instead of queueing on the event loop. Health checks always
-    pass, so that a busy server is not taken for a dead one. (One event loop: no lock.)"""
+    503 with a JSON body and Retry-After at once, instead of queueing on the event loop. Health checks and
+    metrics scrapes always pass, so that a busy server is not taken for a dead one (a failed scrape reads as
+    one). (One event loop: no lock.)"""
 
     def __init__(self, app, limit: int):
         self.app, self.limit, self.active = app, limit, 0
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] in HEALTH_PATHS:
+        if scope["type"] != "http" or scope["path"] in UNLIMITED_PATHS:
             await self.app(scope, receive, send)
             return
         if self.active >= self.limit:

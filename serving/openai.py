@@ -435,6 +435,7 @@ def add_routes(app: FastAPI, ctx: Context) -> None:
 
     @app.post("/v1/chat/completions")
     async def chat(http: HttpRequest):
-        check_model(json_object(await ctx.body(http)).get("model"))
-        raise invalid("model has no chat template: its checkpoint brings none; use /v1/completions with the "
-                      "conversation as one prompt")
+        with frontend.api_call():  # a refused inference call, counted as every other one is
+            check_model(json_object(await ctx.body(http)).get("model"))
+            raise invalid("model has no chat template: its checkpoint brings none; use /v1/completions with the "
+                          "conversation as one prompt")

@@ -92,7 +92,7 @@ class Request:
     on_event: Callable[[Event], None] | None = None  # called on the engine's thread with each event
     on_end: Callable[["Request", Event], None] | None = None  # called once, with the Finished or Failed event
     events: collections.deque = field(default_factory=collections.deque)
-    generated: int = 0  # tokens sent to the caller
+    generated: int = 0  # tokens sent to the caller (counted by `put`: none after the request's end)
     planned: int = 0  # tokens it will have once every device call made for it is read
     cancelled: bool = False
     # time.monotonic() seconds, for the metrics: made, given a slot, first and last token, ended
@@ -144,8 +144,9 @@ class Request:
             hook(self)
 
     def put(self, event: Event) -> None:
-        """Deliver an event; after a Finished or Failed nothing more is delivered. Events may come from two
-        threads (the engine's, and a canceller's): the lock keeps them, and `on_event`'s calls, in order."""
+        """Deliver an event; after a Finished or Failed nothing more is delivered, and a Tokens event's tokens count
+        in `generated` only when delivered. Events may come from two threads (the engine's, and a canceller's):
+        the lock keeps them, and `on_event`'s calls, in order."""
         ends = not isinstance(event, Tokens)
         with self._ready:
             if self._ended.is_set():
@@ -154,6 +155,7 @@ class Request:
             if ends:
                 self.ended_at = now
             else:
+                self.generated += len(event.ids)
                 self.first_token_at = self.first_token_at or now
                 self.last_token_at = now
             if self.on_event is None:

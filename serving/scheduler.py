@@ -349,8 +349,7 @@ class Scheduler:
         for slot, (r, ids, logprobs) in new.items():
             if not ids or self._live.get(slot) is not r:  # it finished, was cancelled or expired meanwhile
                 continue
-            r.generated += len(ids)
-            r.put(Tokens(ids, logprobs))
+            r.put(Tokens(ids, logprobs))  # counts them in r.generated, unless its caller ended it meanwhile
             if ids[-1] in r.stop_ids or r.generated >= r.max_new_tokens:
                 r.put(Finished("stop" if ids[-1] in r.stop_ids else "length"))
                 finished.append((slot, r))

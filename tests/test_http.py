@@ -638,6 +638,42 @@ def test_a_stalled_body_is_a_408_and_requests_past_the_limit_a_503():
         server.stop()
 
 
+def test_metrics_are_scraped_past_the_request_limit_as_health_is_checked():
+    """A server answering all the HTTP requests it takes is busy, not gone: a scrape refused then would read as a
+    scrape failure (`up` 0) exactly when the server is busiest, with `--metrics-port 0` leaving only this port."""
+    from serving.config import DEFAULT_DIALECT
+    from serving.frontend import Frontend
+    from serving.http import Context
+    from serving.http_app import HttpServer, create_app, listen
+    from serving.metrics import Metrics
+
+    frontend = Frontend("gpt2-tiny", Metrics("gpt2-tiny"))
+    ctx = Context(frontend, max_body_bytes=1 << 20, dialect=DEFAULT_DIALECT, body_timeout_s=10)
+    server = HttpServer([(create_app(ctx, max_requests=1), listen("127.0.0.1", 0))], max_connections=8)
+    host, port = server.addresses[0].rsplit(":", 1)
+
+    def get(path):
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+            return _answer(sock)
+
+    holder = socket.create_connection((host, int(port)))  # a body promised and not sent: in progress
+    try:
+        holder.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: 100\r\n\r\n{")
+        deadline, refused = time.monotonic() + 10, b""
+        while not refused.startswith(b"HTTP/1.1 503") and time.monotonic() < deadline:
+            refused = get(f"/v2/models/{MODEL}")
+        assert refused.startswith(b"HTTP/1.1 503"), refused
+        scraped = get("/metrics")
+        assert scraped.startswith(b"HTTP/1.1 200"), scraped
+        names = {f.name for f in text_string_to_metric_families(scraped.split(b"\r\n\r\n", 1)[1].decode())}
+        assert {"nv_inference_request_success", "gptjax_requests_running"} <= names
+    finally:
+        holder.close()
+        server.stop()
+
+
 def test_a_body_still_coming_when_the_server_stops_is_a_503_not_uvicorns_500():
     """A client still sending its body when the drain's grace time ends is sent elsewhere like any client of a
     draining server (uvicorn's cancel would otherwise answer a plain-text 500)."""

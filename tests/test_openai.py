@@ -249,6 +249,25 @@ def test_a_full_queue_is_a_429_for_text_and_token_prompts_and_a_size_limit_a_400
             c.completions.create(model=HUB_ID, **kwargs)
 
 
+def test_a_refused_chat_completion_counts_as_a_failed_call_as_a_refused_completion_does():
+    """Every inference call a client makes is in Triton's counters whatever refused it (test_http checks the other
+    routes): a chat completion, always refused here, was in none."""
+    from serving.metrics import Metrics
+
+    frontend = Frontend(MODEL, Metrics(MODEL))
+    frontend.load(_ModelShape(), _Scheduler(), max_batch_size=4)
+    app = create_app(Context(frontend, max_body_bytes=1 << 20, dialect="v1", body_timeout_s=10.0), max_requests=8)
+    sent = [("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}, 400),
+            ("/v1/chat/completions", {"model": "gpt-4", "messages": []}, 404),
+            ("/v1/completions", {"model": MODEL, "prompt": [1], "max_tokens": 0}, 400)]
+    with TestClient(app) as http:
+        for path, body, status in sent:
+            assert http.post(path, json=body).status_code == status, path
+        text = http.get("/metrics").text
+    values = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    assert (values["nv_inference_request_failure_total"], values["nv_inference_request_success_total"]) == (3, 0)
+
+
 def _choice(stops: list[str], groups: list[list[int]], end: str | None = None):
     """A choice fed `groups` of tokens, an event each (as a decode call sends them), then `end`'s Finished."""
     frontend = Frontend(MODEL)

@@ -214,6 +214,29 @@ def test_cancelled_request_frees_its_slot():
     assert not loop.is_alive()
 
 
+def test_tokens_read_after_a_request_ended_are_not_counted_as_generated():
+    """A request its caller ends (an OpenAI stop string: `stop_here`) holds its slot until the loop's next turn, and
+    a decode call read meanwhile still has tokens for it. They reach nobody, so they are not in `generated`, which
+    the metrics count as generation tokens and divide the inter-token time by: were they counted, those numbers
+    would hang on whether the metrics read the request before or after that decode call was read."""
+    from serving.commands import Decode
+    from serving.executor import Outputs
+
+    engine = FakeEngine(slots=1, steps=3)
+    sched = Scheduler(engine, engine.scheduling)
+    sched.accept()
+    r = request(1, 1, 10)
+    sched.submit([r])
+    (prefill,) = sched.schedule(time.monotonic())
+    sched.deliver(prefill, Outputs(np.array([7]), np.zeros(1, np.float32)))
+    assert r.generated == 1
+    r.stop_here()
+    sched.deliver(Decode(3, (0,), False, (r,)), Outputs(np.array([[8], [9], [10]]), np.zeros((3, 1), np.float32)))
+    assert r.generated == 1 and list(r.events) == [Tokens([7], [0.0]), Finished("stop")]
+    sched.schedule(time.monotonic())
+    assert sched.active() == 0  # its slot frees at the next turn
+
+
 @pytest.mark.parametrize("window_ms, first_rows", [(1000.0, 4), (0.0, 1)])
 def test_an_idle_server_waits_its_batch_window_so_a_burst_shares_one_prefill(window_ms, first_rows):
     engine = FakeEngine(slots=4, steps=2)
