@@ -25,17 +25,17 @@ def _mesh(text: str) -> MeshShape:
     try:
         return MeshShape.parse(text)
     except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+        raise argparse.ArgumentTypeError(str(e).removeprefix("mesh: ")) from None
 
 
 def _ids(text: str) -> list[int]:
-    try:
-        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not ids:
+    items = [t.strip() for t in text.split(",")]
+    if items == [""] or items == ["", ""]:
         raise argparse.ArgumentTypeError("an empty list of token ids")
-    return ids
+    # ASCII digits only: int() also reads "1 2" with the space taken out (12), "1_0" and other scripts' digits
+    if not all(t.removeprefix("-").isascii() and t.removeprefix("-").isdigit() for t in items):
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    return [int(t) for t in items]
 
 
 def _port(text: str) -> int:
@@ -46,6 +46,36 @@ def _port(text: str) -> int:
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"a port is between 0 and 65535, got {port}")
     return port
+
+
+def _host_port(text: str) -> str:
+    """HOST:PORT (an IPv6 host in brackets), the port in 1-65535: gRPC took port 99999 as 34463 (modulo 2**16),
+    and an empty one as 443."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host.strip("[]") or not (port.isascii() and port.isdigit()):
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    if not 1 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is between 1 and 65535, got {port} in {text!r}")
+    return text
+
+
+def _seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 <= seconds < math.inf:  # inf warmed up for ever; NaN and negative mean nothing
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds >= 0, got {text!r}")
+    return seconds
+
+
+def _api_key(text: str) -> str:
+    """A key that HTTP headers and gRPC metadata can carry as sent: printable ASCII, no spaces around it (a
+    server with any other key refused every call; gRPC clients could not even send it)."""
+    if text and not (text.isascii() and text.isprintable() and text == text.strip()):
+        raise argparse.ArgumentTypeError("the key (--api-key or $GPTJAX_API_KEY) must be printable ASCII without "
+                                         "spaces around it")
+    return text
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -63,7 +93,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-matmuls", choices=MATMUL_IMPLS,
                    help="the decode step's small-batch products (default: this project's kernels for "
                         "steps of up to 8 slots on one GPU, XLA's otherwise; pallas: the kernels up to 16 slots)")
-    p.add_argument("--coordinator", metavar="HOST:PORT", help="jax.distributed coordinator (multi-host)")
+    p.add_argument("--coordinator", metavar="HOST:PORT", type=_host_port,
+                   help="jax.distributed coordinator (multi-host)")
     p.add_argument("--num-processes", type=int, help="number of processes (multi-host)")
     p.add_argument("--process-id", type=int, help="this process's index (multi-host)")
     p.add_argument("--no-compile-cache", action="store_true",
@@ -117,15 +148,15 @@ def _add_serve(sub) -> None:
                    help="HTTP: KServe v2 REST, OpenAI completions, metrics (default 8000; 0 turns it off)")
     s.add_argument("--metrics-port", type=_port, default=8002,
                    help="Prometheus metrics alone (default 8002; 0 turns it off)")
-    s.add_argument("--api-key", default=os.environ.get("GPTJAX_API_KEY"),
+    s.add_argument("--api-key", default=os.environ.get("GPTJAX_API_KEY"), type=_api_key,
                    help="the key every request but health must carry, over HTTP and gRPC (default: "
                         "$GPTJAX_API_KEY; none: no key needed)")
 
 
 def _add_client(sub) -> None:
     cl = sub.add_parser("client", help="send a request to a running server")
-    cl.add_argument("--server", default="127.0.0.1:8001", metavar="HOST:PORT")
-    cl.add_argument("--api-key", default=os.environ.get("GPTJAX_API_KEY"),
+    cl.add_argument("--server", default="127.0.0.1:8001", metavar="HOST:PORT", type=_host_port)
+    cl.add_argument("--api-key", default=os.environ.get("GPTJAX_API_KEY"), type=_api_key,
                     help="the key of a server started with --api-key (default: $GPTJAX_API_KEY)")
     cl.add_argument("--prompt", help="prompt text")
     cl.add_argument("--prompt-ids", type=_ids, metavar="1,2,3")
@@ -147,28 +178,30 @@ def _add_bench(sub) -> None:
     b.add_argument("-o", "--output-len", type=int)
     b.add_argument("--shapes", metavar="B,I,O ...", nargs="+",
                    help="several (batch, input_len, output_len) shapes in one process, instead of -b -i -o")
-    b.add_argument("-n", "--runs", type=int, default=5)
-    b.add_argument("--warmup", type=int, default=1, help="untimed runs before the timed ones (at least)")
-    b.add_argument("--warmup-seconds", type=float, default=None,
+    # the flags of one benchmark default to None here, so that those given to the other are refused, not ignored
+    b.add_argument("-n", "--runs", type=int, help="timed runs (default 5)")
+    b.add_argument("--warmup", type=int, help="untimed runs before the timed ones (at least; default 1)")
+    b.add_argument("--warmup-seconds", type=_seconds, default=None,
                    help="with --server, keep warming up for this long (default 2)")
-    b.add_argument("--server", metavar="HOST:PORT", help="measure through a running server instead")
-    b.add_argument("--api-key", default=os.environ.get("GPTJAX_API_KEY"),
+    b.add_argument("--server", metavar="HOST:PORT", type=_host_port, help="measure through a running server instead")
+    b.add_argument("--api-key", default=os.environ.get("GPTJAX_API_KEY"), type=_api_key,
                    help="with --server: the key of a server started with --api-key (default: $GPTJAX_API_KEY)")
-    b.add_argument("--server-api", choices=["triton", "native"], default="triton",
-                   help="with --server: the batch in KServe v2 requests as the seed's client sends it (triton), "
-                        "or one native Generate call per row, all at once (native)")
+    b.add_argument("--server-api", choices=["triton", "native"],
+                   help="with --server: the batch in KServe v2 requests as the seed's client sends it (triton, the "
+                        "default), or one native Generate call per row, all at once (native)")
     b.add_argument("--peer", action="append", choices=["hf", "hf-compiled"], default=[],
                    help="also run a peer with the same weights (repeatable)")
     b.add_argument("--request-rate", nargs="+", metavar="R",
                    help="with --server: the serving benchmark, Poisson arrivals at each rate (requests/s; inf sends "
                         "all at once), or auto: the saturation rate, then fractions of it")
-    b.add_argument("--num-requests", type=int, default=200, help="with --request-rate: requests per rate")
-    b.add_argument("--input-len-dist", default="fixed:128", metavar="DIST",
-                   help="with --request-rate: prompt lengths, fixed:N, uniform:LO,HI or normal:MEAN,STD")
-    b.add_argument("--output-len-dist", default="fixed:128", metavar="DIST",
-                   help="with --request-rate: new tokens per request, as --input-len-dist")
-    b.add_argument("--seed", type=int, default=0,
-                   help="with --request-rate: the seed of the lengths, the prompts and the arrivals")
+    b.add_argument("--num-requests", type=int, help="with --request-rate: requests per rate (default 200)")
+    b.add_argument("--input-len-dist", metavar="DIST",
+                   help="with --request-rate: prompt lengths, fixed:N, uniform:LO,HI or normal:MEAN,STD "
+                        "(default fixed:128)")
+    b.add_argument("--output-len-dist", metavar="DIST",
+                   help="with --request-rate: new tokens per request, as --input-len-dist (default fixed:128)")
+    b.add_argument("--seed", type=int,
+                   help="with --request-rate: the seed of the lengths, the prompts and the arrivals (default 0)")
     b.add_argument("--json", action="store_true", help="one JSON row per implementation")
 
 
@@ -304,7 +337,7 @@ def cmd_models(args) -> int:
     from gptjax.checkpoint import CheckpointError, read_config
     from gptjax import hub
 
-    if args.rm:
+    if args.rm is not None:
         for m in hub.remove_converted(args.rm):
             print(f"removed {m.name} ({m.path}); its download stays in the Hugging Face cache", file=sys.stderr)
         return 0
@@ -339,6 +372,14 @@ def cmd_serve(args) -> int:
     from gptjax import distributed
     from serving.server import serve
 
+    if args.api_key == "":  # it would serve without a key: every route open to anyone who reaches the port
+        raise UsageError("the API key (--api-key or $GPTJAX_API_KEY) is empty: give a key, or leave both unset to "
+                         "serve without one")
+    ports = [(flag, getattr(args, flag[2:].replace("-", "_"))) for flag in ("--port", "--http-port", "--metrics-port")]
+    for i, (flag, port) in enumerate(ports):  # else "Address already in use" blamed another program
+        same = next((other for other, p in ports[i + 1:] if p == port and port), None)
+        if same:
+            raise UsageError(f"{flag} and {same} are both {port}: each listener needs a port of its own")
     config = serving_config(args)
     rank = distributed.launcher_rank(args.process_id)
     return serve(config, args.checkpoint or args.model or DEFAULT_PRESET, partial(build_engine, args, config), rank,
@@ -351,15 +392,39 @@ def cmd_client(args) -> int:
     return client_main(args)
 
 
+SERVING_BENCH_FLAGS = (("--num-requests", "num_requests"), ("--input-len-dist", "input_len_dist"),
+                       ("--output-len-dist", "output_len_dist"), ("--seed", "seed"))
+STATIC_BENCH_FLAGS = (("-b", "batch"), ("-i", "input_len"), ("-o", "output_len"), ("--shapes", "shapes"),
+                      ("--peer", "peer"), ("-n", "runs"), ("--warmup", "warmup"),
+                      ("--warmup-seconds", "warmup_seconds"), ("--server-api", "server_api"))
+
+
+def _given(args, flags) -> list[str]:
+    return [flag for flag, name in flags if getattr(args, name) not in (None, [])]
+
+
+def _default(value, default):
+    return default if value is None else value
+
+
 def cmd_bench(args) -> int:
     if args.request_rate:
         return _serving_bench(args)
     from benchmarks.bench import BenchOptions, parse_shapes, run_bench
 
+    serving_only = _given(args, SERVING_BENCH_FLAGS)
+    if serving_only:
+        raise UsageError(f"only the serving benchmark takes {', '.join(serving_only)}: give --request-rate (and "
+                         "--server)")
+    server_only = [] if args.server else _given(args, (("--warmup-seconds", "warmup_seconds"),
+                                                       ("--server-api", "server_api")))
+    if server_only:
+        raise UsageError(f"only a run through a server takes {', '.join(server_only)}: give --server HOST:PORT")
     resolve_model(args)  # a run through --server reads the model's config without building an engine
     options = BenchOptions(shapes=parse_shapes(args.batch, args.input_len, args.output_len, args.shapes),
-                           runs=args.runs, warmup=args.warmup, warmup_seconds=args.warmup_seconds,
-                           server=args.server, server_api=args.server_api, api_key=args.api_key,
+                           runs=_default(args.runs, 5), warmup=_default(args.warmup, 1),
+                           warmup_seconds=args.warmup_seconds, server=args.server,
+                           server_api=_default(args.server_api, "triton"), api_key=args.api_key,
                            peers=tuple(args.peer), json=args.json,
                            model=args.model, checkpoint=args.checkpoint, dtype=args.dtype)
     return run_bench(options, partial(build_engine, args))
@@ -375,16 +440,19 @@ def _serving_bench(args) -> int:
 
     if not args.server:
         raise UsageError("--request-rate measures a running server: give --server HOST:PORT")
-    static = [flag for flag, value in (("-b", args.batch), ("-i", args.input_len), ("-o", args.output_len),
-                                       ("--shapes", args.shapes), ("--peer", args.peer)) if value]
+    static = _given(args, STATIC_BENCH_FLAGS)
     if static:
         raise UsageError(f"--request-rate runs the serving benchmark: {', '.join(static)} do not apply")
+    seed = _default(args.seed, 0)
+    if seed < 0:  # numpy's seeds are not negative: its error named no flag
+        raise UsageError(f"--seed must not be negative, got {seed}")
     rates, auto = parse_rates(args.request_rate)
     return run_serving_bench(ServingBenchOptions(
-        server=args.server, request_rates=rates, auto=auto, num_requests=args.num_requests,
-        input_len=LengthDist.parse(args.input_len_dist, "--input-len-dist"),
-        output_len=LengthDist.parse(args.output_len_dist, "--output-len-dist"), seed=args.seed, json=args.json,
-        api_key=args.api_key))
+        server=args.server, request_rates=rates, auto=auto,
+        num_requests=_default(args.num_requests, 200),
+        input_len=LengthDist.parse(_default(args.input_len_dist, "fixed:128"), "--input-len-dist"),
+        output_len=LengthDist.parse(_default(args.output_len_dist, "fixed:128"), "--output-len-dist"), seed=seed,
+        json=args.json, api_key=args.api_key))
 
 
 def main(argv=None) -> int:

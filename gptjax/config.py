@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import numbers
 import tomllib
 from dataclasses import dataclass, field
@@ -90,16 +91,46 @@ class MeshShape:
     @classmethod
     def parse(cls, text: str) -> "MeshShape":
         """Parse `data=2,stage=1,tensor=4` (any subset, any order)."""
-        sizes = {}
+        return cls(**cls.given(text))
+
+    @classmethod
+    def given(cls, text: str) -> dict[str, int]:
+        """The axes that `data=2,tensor=4` gives, and their sizes."""
+        sizes, axes = {}, cls.axes()
         for part in filter(None, (p.strip() for p in text.split(","))):
-            name, sep, value = part.partition("=")
-            if not sep or name.strip() not in ("data", "stage", "tensor") or not value.strip().isdigit():
-                raise ValueError(f"--mesh: expected data=D,stage=S,tensor=T, got {text!r}")
-            sizes[name.strip()] = int(value)
-        shape = cls(**sizes)
-        if min(shape.data, shape.stage, shape.tensor) < 1:
-            raise ValueError(f"--mesh: every axis must be at least 1, got {text!r}")
-        return shape
+            name, sep, value = (v.strip() for v in part.partition("="))
+            if not sep or name not in axes or not (value.isascii() and value.isdigit()):
+                raise ValueError(f"mesh: expected data=D,stage=S,tensor=T, got {text!r}")
+            if name in sizes:  # the last one would win silently
+                raise ValueError(f"mesh: {name} is given twice in {text!r}")
+            sizes[name] = int(value)
+        if not sizes:  # "" would be the default layout, which the caller did not ask for
+            raise ValueError(f"mesh: expected data=D,stage=S,tensor=T, got {text!r}")
+        if min(sizes.values()) < 1:
+            raise ValueError(f"mesh: every axis must be at least 1, got {text!r}")
+        return sizes
+
+    @classmethod
+    def axes(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def of(cls, value) -> "MeshShape":
+        """A MeshShape from itself, its text (`tensor=8`) or a table of its axes (a config file's `{tensor = 8}`)."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            return cls.parse(value)
+        if not isinstance(value, dict):
+            raise ValueError(f"mesh must be text like 'data=1,stage=1,tensor=8' or a table of data, stage and "
+                             f"tensor, got {value!r}")
+        unknown = sorted(map(str, set(value) - set(cls.axes())))
+        if unknown:
+            raise ValueError(f"mesh: unknown axis(es) {', '.join(unknown)} (the axes are {', '.join(cls.axes())})")
+        for name, size in value.items():
+            if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
+                raise ValueError(f"mesh.{name} must be an integer of at least 1, got {size!r}")
+        return cls(**{name: int(size) for name, size in value.items()})
 
     @property
     def size(self) -> int:
@@ -129,10 +160,7 @@ class EngineConfig:
     mesh: MeshShape = field(default_factory=MeshShape)
 
     def __post_init__(self):
-        if isinstance(self.mesh, dict):
-            object.__setattr__(self, "mesh", MeshShape(**self.mesh))
-        elif isinstance(self.mesh, str):
-            object.__setattr__(self, "mesh", MeshShape.parse(self.mesh))
+        object.__setattr__(self, "mesh", MeshShape.of(self.mesh))
         if self.attention and self.attention not in ATTENTION_IMPLS:
             raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {self.attention!r}")
         if self.decode_matmuls and self.decode_matmuls not in MATMUL_IMPLS:
@@ -175,7 +203,7 @@ def engine_config_of(value) -> EngineConfig:
 def check_positive(config, names) -> None:
     """Raise ValueError naming the first of a config's `names` fields that is not positive."""
     for name in names:
-        if int(getattr(config, name)) <= 0:
+        if not getattr(config, name) > 0:  # not int(): that made 0.5 s "not positive", and NaN a ValueError of its own
             raise ValueError(f"{type(config).__name__}.{name} must be positive, got {getattr(config, name)}")
 
 
@@ -184,7 +212,8 @@ def to_dict(cfg) -> dict:
 
 
 # the annotation of a field (a string: annotations are not evaluated) -> what a value of it must be
-_FIELD_KINDS = {"int": (numbers.Integral, "an integer"), "float": (numbers.Real, "a number"), "str": (str, "a string")}
+_FIELD_KINDS = {"int": (numbers.Integral, "an integer"), "float": (numbers.Real, "a finite number"),
+                "str": (str, "a string"), "bool | None": (bool, "true or false")}
 
 
 def config_from_dict(cls, data: dict, source: str = "config"):
@@ -197,11 +226,21 @@ def config_from_dict(cls, data: dict, source: str = "config"):
         raise ValueError(f"{source}: unknown {cls.__name__} field(s): {', '.join(unknown)}")
     for name, value in data.items():
         kind, what = _FIELD_KINDS.get(fields[name].type, (None, ""))
-        if kind is not None and (isinstance(value, bool) or not isinstance(value, kind)):
+        if kind is None:
+            continue
+        wrong_bool = isinstance(value, bool) and kind is not bool
+        if wrong_bool or not isinstance(value, kind) or (kind is numbers.Real and not _finite(value)):
             raise ValueError(f"{cls.__name__}.{name} must be {what}, got {value!r}")
     return cls(**data)
 
 
+
+
+def _finite(value: numbers.Real) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer past float's range (a JSON file's 1 followed by 400 zeros)
+        return False
 
 
 def load_file(path: str | Path) -> dict:
@@ -209,5 +248,15 @@ def load_file(path: str | Path) -> dict:
     path = Path(path)
     text = path.read_text()
     if path.suffix == ".toml":
-        return tomllib.loads(text)
-    return json.loads(text)
+        return tomllib.loads(text)  # refuses a key given twice itself
+    return json.loads(text, object_pairs_hook=_no_repeated_keys)
+
+
+def _no_repeated_keys(pairs: list) -> dict:
+    """A JSON object, refused when it gives a key twice (json keeps the last one silently; TOML refuses it)."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"the key {key!r} is given twice in one object")
+        out[key] = value
+    return out

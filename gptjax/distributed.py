@@ -90,8 +90,11 @@ def coordinator_port(job: str, env) -> int:
     a hash of the job's whole id (mpirun's job family and number; srun's job and step), so that two jobs, or two
     steps of one job, on one host rarely pick the same port. (The job id modulo the range collided: Open MPI's
     ids end in 16 zero bits, so every mpirun job took the same port.)"""
-    if env.get("JAX_COORDINATOR_PORT"):
-        return int(env["JAX_COORDINATOR_PORT"])
+    text = env.get("JAX_COORDINATOR_PORT", "").strip()
+    if text:
+        if not (text.isascii() and text.isdigit() and 1 <= int(text) <= 65535):
+            raise ValueError(f"JAX_COORDINATOR_PORT must be a port number between 1 and 65535, got {text!r}")
+        return int(text)
     return COORDINATOR_PORTS[zlib.crc32(job.encode()) % len(COORDINATOR_PORTS)]
 
 
@@ -114,6 +117,8 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         raise ValueError("--coordinator, --num-processes and --process-id go together (or start every process "
                          "with srun or mpirun; under an mpirun that does not say where it runs, such as Open MPI 5, "
                          "pass --coordinator HOST:PORT of rank 0's host)")
+    if num_processes < 1:
+        raise ValueError(f"--num-processes must be at least 1, got {num_processes}")
     if not 0 <= process_id < num_processes:
         raise ValueError(f"--process-id {process_id} is outside [0, {num_processes})")
     # several processes on one node: each takes one GPU (its local rank); one process per node takes them all

@@ -47,6 +47,8 @@ class Engine(PlannedShapes):
         self.mesh = sharding.default_mesh(mesh)
         self.layout = layout_for(config, self.mesh)
         self.attention = ec.attention or kernels.default_impl()
+        if self.attention == "cudnn" and (config.dtype == "float32" or not kernels.on_gpu()):  # else a late traceback
+            raise ValueError("attention 'cudnn' runs only on a GPU, in float16 or bfloat16: choose xla or pallas")
         self.decode_matmuls = decode_block.choose(ec.decode_matmuls, config, self.mesh)
         self._params = params if isinstance(params, Future) or self.layout.holds(params) else self.layout.place(params)
         self._tokenizer = tokenizer

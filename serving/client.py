@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import operator
 import sys
@@ -47,19 +48,35 @@ def make_request(prompt: str | Sequence[int], max_new_tokens: int | None = None,
                  stop_token_ids: Sequence[int] = (), ignore_eos: bool = False,
                  return_logprobs: bool = False) -> pb.GenerateRequest:
     """A GenerateRequest; None leaves a field to the server's default (temperature 0 is greedy)."""
-    req = pb.GenerateRequest(stop_token_ids=list(stop_token_ids), ignore_eos=ignore_eos,
-                             return_logprobs=return_logprobs)
+    if seed is not None and not -2**63 <= int(seed) < 2**64:  # modulo 2**64 it would be another seed
+        raise ValueError(f"seed must fit in 64 bits, got {seed}")
+    with _named("stop_token_ids"):
+        req = pb.GenerateRequest(stop_token_ids=list(stop_token_ids), ignore_eos=ignore_eos,
+                                 return_logprobs=return_logprobs)
     if isinstance(prompt, str):
         req.text = prompt
     else:
         req.token_ids.SetInParent()  # an empty list is still a token_ids prompt (the server refuses it)
-        req.token_ids.ids.extend(_token_ids(prompt))
+        ids = _token_ids(prompt)
+        with _named("prompt token ids"):
+            req.token_ids.ids.extend(ids)
     if max_new_tokens is not None:
-        req.max_new_tokens = max_new_tokens
+        with _named("max_new_tokens"):
+            req.max_new_tokens = max_new_tokens
     for name, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("seed", seed)):
         if value is not None:
-            setattr(req.sampling, name, int(value) % 2**64 if name == "seed" else value)  # seeds are unsigned
+            with _named(name):
+                setattr(req.sampling, name, int(value) % 2**64 if name == "seed" else value)  # seeds are unsigned
     return req
+
+
+@contextlib.contextmanager
+def _named(field: str):
+    """A value the request's field can't hold (protobuf's "Value out of range: N") -> a ValueError naming it."""
+    try:
+        yield
+    except ValueError as e:
+        raise ValueError(f"{field}: {e}") from None
 
 
 def _token_ids(prompt) -> list[int]:

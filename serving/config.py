@@ -56,6 +56,7 @@ from gptjax.config import EngineConfig, MeshShape, ModelConfig, check_positive, 
 from gptjax.planning import cdiv
 from serving import pbtxt
 
+GRPC_INT_MAX = 2**31 - 1  # the largest value of a gRPC channel argument
 DIALECTS = ("v1", "5.x")
 DEFAULT_DIALECT = "5.x"
 DIALECT_MARKERS = {"INPUT_ID": "v1", "input_ids": "5.x"}  # the prompt tensor's name in each dialect
@@ -166,6 +167,14 @@ class ServerConfig:
                               "http_body_timeout_s", "max_http_requests"))
         if self.reserved_workers < 0 or self.drain_timeout_s < 0:
             raise ValueError("ServerConfig.reserved_workers and drain_timeout_s must not be negative")
+        # gRPC takes these as C ints (bytes, and milliseconds): a larger value stopped the start with a traceback
+        if self.max_message_bytes > GRPC_INT_MAX:
+            raise ValueError(f"ServerConfig.max_message_bytes must be at most {GRPC_INT_MAX} (gRPC's limit), got "
+                             f"{self.max_message_bytes}")
+        for name in ("keepalive_time_s", "keepalive_timeout_s", "max_connection_idle_s"):
+            if getattr(self, name) > GRPC_INT_MAX // 1000:
+                raise ValueError(f"ServerConfig.{name} must be at most {GRPC_INT_MAX // 1000} s (gRPC's limit), got "
+                                 f"{getattr(self, name)}")
         if self.dialect not in DIALECTS:
             raise ValueError(f"ServerConfig.dialect must be one of {', '.join(DIALECTS)}, got {self.dialect!r}")
 
@@ -243,6 +252,8 @@ def _checked(ft: dict, source: str) -> dict:
         if key in FT_TEXT:
             values[key] = str(value)
             continue
+        if isinstance(value, bool) and key not in FT_01:  # int(True) made top_k = true a top_k of 1
+            raise ConfigError(f"{source}: {key} must be a number, got {value!r}")
         number = _number(value, key, source, float if key in FT_FLOATS else int)
         if key in FT_01 and number not in (0, 1):
             raise ConfigError(f"{source}: {key} must be 0 or 1, got {value!r}")
@@ -352,10 +363,10 @@ def _checked_table(name: str, table: dict, source: str) -> dict:
 
 def _merged_mesh(changes: dict, table: dict) -> dict:
     """A [fastertransformer] mesh and an [engine] mesh, axis by axis ([engine] wins)."""
-    if "mesh" not in changes or "mesh" not in table:
-        return table
+    if "mesh" not in changes or not isinstance(table.get("mesh"), (str, dict)):
+        return table  # (a mesh of another type is refused by EngineConfig, naming it)
     mesh = table["mesh"]
-    mesh = dataclasses.asdict(MeshShape.parse(mesh)) if isinstance(mesh, str) else dict(mesh)
+    mesh = MeshShape.given(mesh) if isinstance(mesh, str) else mesh  # only the axes it gives
     return {**table, "mesh": {**changes["mesh"], **mesh}}
 
 
@@ -371,7 +382,7 @@ def serving_config_from_dict(data: dict, source: str = "config") -> ServingConfi
         table = _checked_table(name, dict(data.get(name, {})), source)
         changes = ft_changes.get(name, {})
         try:
-            configs[name] = config_from_dict(cls, {**changes, **_merged_mesh(changes, table)}, source)
+            configs[name] = config_from_dict(cls, {**changes, **_merged_mesh(changes, table)}, f"[{name}]")
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{source}: {e}") from None
     batch, scheduler = configs["server"].max_batch_size, configs["scheduler"]
@@ -383,6 +394,8 @@ def serving_config_from_dict(data: dict, source: str = "config") -> ServingConfi
 def serving_config_from_file(path: str | Path) -> ServingConfig:
     """Read a TOML, JSON or Triton config.pbtxt file; raise ConfigError (a ValueError) naming what is wrong."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder, not a config file")
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     if path.suffix == ".pbtxt":

@@ -36,7 +36,7 @@ from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from serving import kserve
-from serving.config import ServerConfig, ServingConfig
+from serving.config import GRPC_INT_MAX, ServerConfig, ServingConfig
 from serving.frontend import Frontend, Params, RequestError
 from serving.request import Tokens
 from serving.proto.gptjax.v1 import generator_pb2 as pb
@@ -223,7 +223,8 @@ class Server:
         opts = [("grpc.max_receive_message_length", options.max_message_bytes),
                 ("grpc.max_send_message_length", options.max_message_bytes), ("grpc.so_reuseport", 0),
                 # per connection: one client may fill the queue and the slots and still ask for health or info
-                ("grpc.max_concurrent_streams", in_flight + options.reserved_workers),
+                # (at most gRPC's largest channel argument: a larger one stopped the start with a traceback)
+                ("grpc.max_concurrent_streams", min(in_flight + options.reserved_workers, GRPC_INT_MAX)),
                 # ...and calls past that wait in the client for a stream to end: with gRPC's overload protection a
                 # stream the client has seen end still counts until the server frees it, and the next call, sent at
                 # once, was refused with RST_STREAM (UNAVAILABLE), health checks included

@@ -199,3 +199,100 @@ def test_extra_layers_are_refused(capsys, hf_model, tmp_path):
     src = hf_folder(hf_model, tmp_path / "extra", state={"transformer.h.5.ln_1.weight": weight})
     capsys.readouterr()
     assert "gives n_layer 2, but the weights hold layers 0-1, 5" in convert_failure(capsys, tmp_path, "hf-gpt2", src)
+
+
+def parse_error(capsys, *argv) -> str:
+    """The last line argparse prints for a refused command line (it exits 2)."""
+    with pytest.raises(SystemExit) as e:
+        cli.build_parser().parse_args(list(argv))
+    assert e.value.code == 2
+    return capsys.readouterr().err.splitlines()[-1]
+
+
+def main_error(capsys, *argv) -> str:
+    """The one line `gptjax` prints for a refused command (exit 2)."""
+    assert cli.main(list(argv)) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+@pytest.mark.parametrize("ids", ["1 2", "1_0", "\u0661\u0662", "1,,2", "1,2,", "0x10", "1,--5"])
+def test_prompt_ids_are_read_as_written(capsys, ids):
+    """"1 2" was token 12 (the spaces taken out), "1_0" token 10, Arabic-Indic digits their number, and empty items
+    were dropped."""
+    assert parse_error(capsys, "generate", "--prompt-ids", ids).endswith(
+        f"argument --prompt-ids: expected comma-separated integers, got {ids!r}")
+    assert cli.build_parser().parse_args(["generate", "--prompt-ids", " 464, 2068 ,-5"]).prompt_ids == [[464, 2068, -5]]
+
+
+@pytest.mark.parametrize("flag, value, words", [
+    ("--server", "127.0.0.1:99999", "a port is between 1 and 65535, got 99999"),  # gRPC dialled port 34463
+    ("--server", "127.0.0.1:", "expected HOST:PORT"),  # gRPC dialled port 443
+    ("--server", "localhost", "expected HOST:PORT"),
+    ("--server", "127.0.0.1:0", "a port is between 1 and 65535, got 0"),
+])
+def test_a_server_address_is_host_and_port(capsys, flag, value, words):
+    for command in (["client"], ["bench", "--shapes", "1,4,2"]):
+        assert f"argument {flag}: {words}" in parse_error(capsys, *command, flag, value)
+    assert cli.build_parser().parse_args(["client", "--server", "[::1]:8001"]).server == "[::1]:8001"
+
+
+@pytest.mark.parametrize("value, words", [("node0", "expected HOST:PORT"),  # an IndexError traceback
+                                          ("node0:99999", "a port is between 1 and 65535"),  # an OverflowError one
+                                          ("node0:port", "expected HOST:PORT")])
+def test_a_coordinator_address_is_host_and_port(capsys, value, words):
+    assert f"argument --coordinator: {words}" in parse_error(capsys, "generate", "--prompt", "x", "--coordinator",
+                                                             value, "--num-processes", "2", "--process-id", "0")
+
+
+def test_an_api_key_the_server_could_never_match_or_an_empty_one_is_refused(capsys, monkeypatch, tmp_path):
+    for key in (" k", "k\n", "cl\u00e9"):  # HTTP strips spaces around a header's value; gRPC metadata is ASCII
+        assert "the key (--api-key or $GPTJAX_API_KEY) must be printable ASCII" in parse_error(
+            capsys, "serve", "--api-key", key)
+    monkeypatch.setenv("GPTJAX_API_KEY", "k\u00e9y")
+    assert "argument --api-key" in parse_error(capsys, "client", "--prompt", "x")
+    monkeypatch.setenv("GPTJAX_API_KEY", "")  # a client with an empty key sends none, as before
+    assert cli.build_parser().parse_args(["client", "--prompt", "x"]).api_key == ""
+    # a server given an empty key served every route to anyone, as if no key had been asked for (the missing
+    # config file would stop a server that got past the key)
+    missing = str(tmp_path / "missing.toml")
+    assert "the API key (--api-key or $GPTJAX_API_KEY) is empty" in main_error(capsys, "serve", "--config", missing)
+    monkeypatch.delenv("GPTJAX_API_KEY")
+    assert "is empty" in main_error(capsys, "serve", "--api-key", "", "--config", missing)
+
+
+@pytest.mark.parametrize("argv, words", [
+    # the serving benchmark's flags were ignored by the static one, and the other way round
+    (["--shapes", "1,4,2", "--num-requests", "5"], "only the serving benchmark takes --num-requests"),
+    (["--shapes", "1,4,2", "--input-len-dist", "fixed:3", "--seed", "1"],
+     "only the serving benchmark takes --input-len-dist, --seed"),
+    (["--shapes", "1,4,2", "--warmup-seconds", "1"], "only a run through a server takes --warmup-seconds"),
+    (["--shapes", "1,4,2", "--server-api", "native"], "only a run through a server takes --server-api"),
+    (["--server", "h:1", "--request-rate", "inf", "-n", "3"], "--request-rate runs the serving benchmark: -n do not"),
+    (["--server", "h:1", "--request-rate", "inf", "--warmup", "0"], "--warmup do not apply"),
+    (["--server", "h:1", "--request-rate", "inf", "--seed", "-1"], "--seed must not be negative, got -1"),  # numpy's
+])
+def test_bench_refuses_the_flags_of_the_other_benchmark(capsys, argv, words):
+    assert words in main_error(capsys, "bench", *argv)
+
+
+def test_bench_warmup_seconds_are_finite(capsys):
+    """inf warmed up through the server for ever."""
+    assert "argument --warmup-seconds: expected a finite number of seconds >= 0, got 'inf'" in parse_error(
+        capsys, "bench", "--server", "h:1", "--shapes", "1,4,2", "--warmup-seconds", "inf")
+
+
+def test_an_empty_model_to_remove_is_refused(capsys, monkeypatch, tmp_path):
+    """`models --rm ""` listed the models and exited 0, as if --rm had not been given."""
+    monkeypatch.setenv("GPTJAX_CACHE_DIR", str(tmp_path))
+    assert "no converted model" in main_error(capsys, "models", "--rm", "")
+
+
+def test_serve_refuses_one_port_for_two_listeners(capsys, tmp_path):
+    """It said "Address already in use", as if another program held the port."""
+    missing = str(tmp_path / "missing.toml")  # would stop a server that got past the ports
+    assert "--port and --http-port are both 8100" in main_error(capsys, "serve", "--port", "8100", "--http-port",
+                                                                 "8100", "--config", missing)
+    assert "--http-port and --metrics-port are both 8101" in main_error(capsys, "serve", "--http-port", "8101",
+                                                                         "--metrics-port", "8101", "--config", missing)

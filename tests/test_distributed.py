@@ -129,6 +129,23 @@ def test_heartbeat_timeout_from_the_environment():
             distributed.heartbeat_timeout_s({"GPTJAX_HEARTBEAT_TIMEOUT_S": bad})
 
 
+def test_a_coordinator_port_from_the_environment_is_checked_naming_it():
+    """"abc" was int()'s message, naming nothing; 99999 an OverflowError traceback from bind()."""
+    assert distributed.coordinator_port("1.0", {"JAX_COORDINATOR_PORT": " 1234 "}) == 1234
+    for bad in ("abc", "0", "99999", "-1", "\u0663"):
+        with pytest.raises(ValueError, match=f"JAX_COORDINATOR_PORT must be a port number between 1 and 65535, "
+                                             f"got {bad!r}"):
+            distributed.coordinator_port("1.0", {"JAX_COORDINATOR_PORT": bad})
+
+
+def test_a_job_of_no_processes_is_named(monkeypatch):
+    """It said "--process-id 0 is outside [0, 0)", blaming the flag that was right."""
+    for name in [k for k in os.environ if k.startswith(("SLURM_", "OMPI_"))]:
+        monkeypatch.delenv(name)
+    with pytest.raises(ValueError, match="--num-processes must be at least 1, got 0"):
+        distributed.initialize(coordinator="localhost:1234", num_processes=0, process_id=0)
+
+
 @pytest.mark.parametrize("shutdown_fails", [False, True])
 def test_a_job_ends_at_its_shutdown_barrier_and_leaves_at_once(monkeypatch, capsys, shutdown_fails):
     """After the barrier the process exits without tearing its backend down; a barrier that fails (a process

@@ -143,6 +143,14 @@ def test_the_engine_takes_its_mesh_and_config_in_the_forms_a_notebook_writes():
         make_mesh(tensor=0)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_cudnn_attention_off_a_gpu_is_refused_at_once(dtype):
+    """`--attention cudnn` on a CPU built the engine, and the first prefill raised cuDNN's RuntimeError ("cuDNN is
+    not detected") as a traceback; float32 is refused on a GPU too (cuDNN's attention takes 16-bit values only)."""
+    with pytest.raises(ValueError, match="attention 'cudnn' runs only on a GPU, in float16 or bfloat16"):
+        Engine.from_preset("gpt2-tiny", dtype=dtype, engine_config={"attention": "cudnn"})
+
+
 def test_generate_caps_its_default_new_tokens_to_the_room_the_prompt_leaves():
     """The config's default number of new tokens shrinks to fit after the longest prompt; a number asked for
     that does not fit is refused, naming it."""

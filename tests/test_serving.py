@@ -357,6 +357,41 @@ def test_the_python_client_sends_what_the_server_takes():
         make_request([464.9, 2068], 2)
 
 
+def test_the_python_client_names_a_value_its_request_can_not_hold():
+    """protobuf's "Value out of range: 99999999999" named no field (`gptjax client --max-new-tokens ...`), and a seed
+    past 64 bits went as another seed (modulo 2**64)."""
+    from serving.client import make_request
+
+    for kwargs, words in [(dict(max_new_tokens=99999999999), "max_new_tokens: Value out of range"),
+                          (dict(top_k=2**40), "top_k: Value out of range"),
+                          (dict(stop_token_ids=[2**40]), "stop_token_ids: Value out of range"),
+                          (dict(prompt=[1, 2**40]), "prompt token ids: Value out of range"),
+                          (dict(seed=2**64), "seed must fit in 64 bits, got 18446744073709551616"),
+                          (dict(seed=-2**63 - 1), "seed must fit in 64 bits")]:
+        with pytest.raises(ValueError, match=words):
+            make_request(**{"prompt": [1, 2], **kwargs})
+    assert make_request([1], seed=2**64 - 1).sampling.seed == make_request([1], seed=-1).sampling.seed
+
+
+SERVER_LIMITS_SCRIPT = """
+from serving.config import ServerConfig
+from serving.frontend import Frontend
+from serving.server import Server
+
+server = Server(Frontend("gpt2-tiny"), ServerConfig(port=0, http_port=0, metrics_port=0), in_flight=2**40)
+print("listening", server.address != "127.0.0.1:0")
+server.grpc.stop(0)
+"""
+
+
+def test_a_queue_past_grpcs_stream_limit_still_starts():
+    """[scheduler] max_queued_requests (with the slots) sets gRPC's streams per connection, a C int: past 2**31 - 1
+    the start ended in an OverflowError traceback. (A process of its own, as the health watch test says why.)"""
+    proc = subprocess.run([sys.executable, "-c", SERVER_LIMITS_SCRIPT], cwd=REPO, timeout=120, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0 and proc.stdout.splitlines() == ["listening True"], proc.stderr
+
+
 @pytest.mark.parametrize("flags", [[], ["--no-tritonclient"]])
 def test_identity_test_benchmark(target, flags):
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "identity_test.py"), "-i", "grpc", "--dialect",

@@ -253,3 +253,46 @@ def test_unusual_but_valid_pbtxt_is_read(tmp_path):
     cfg = serving_config_from_file(write(tmp_path, text))
     assert (cfg.engine.top_k, cfg.engine.mesh.tensor, cfg.engine.top_p) == (1, 2, 0.25)
     assert (cfg.server.max_batch_size, cfg.server.dialect) == (4, "v1")
+
+
+@pytest.mark.parametrize("text, words", [
+    # each of these loaded: a NaN drain timeout cut every request off at once, an infinite one never did
+    ("[server]\ndrain_timeout_s = nan\n", "ServerConfig.drain_timeout_s must be a finite number, got nan"),
+    ("[engine]\ntemperature = inf\n", "EngineConfig.temperature must be a finite number, got inf"),
+    ("[server]\nft_top_p_off = 'yes'\n", "ServerConfig.ft_top_p_off must be true or false, got 'yes'"),
+    ("[engine]\nmesh = {tensor = 0}\n", "mesh.tensor must be an integer of at least 1, got 0"),  # ran on one device
+    ("[engine]\nmesh = 4\n", "mesh must be text like"),  # an AttributeError traceback
+    # OverflowError tracebacks: from the check itself (int(inf)), or from gRPC, which takes C ints
+    ("[server]\nkeepalive_time_s = inf\n", "ServerConfig.keepalive_time_s must be a finite number, got inf"),
+    ("[server]\nkeepalive_time_s = 1e10\n", r"ServerConfig.keepalive_time_s must be at most 2147483 s"),
+    ("[server]\nmax_message_bytes = 99999999999\n", r"max_message_bytes must be at most 2147483647 \(gRPC's"),
+    ("[server]\nmax_batch_sise = 4\n", r"server.toml: \[server\]: unknown ServerConfig field\(s\): max_batch_sise$"),
+    ("[fastertransformer]\ntop_k = true\n", "top_k must be a number, got True"),  # was top_k 1
+])
+def test_out_of_range_values_are_refused_naming_the_field(tmp_path, text, words):
+    with pytest.raises(ConfigError, match=words):
+        serving_config_from_file(write(tmp_path, text, "server.toml"))
+
+
+def test_fractions_of_a_second_are_positive(tmp_path):
+    """A timeout of half a second was refused as "must be positive, got 0.5" (it was cut to an integer first)."""
+    cfg = serving_config_from_file(write(tmp_path, "[server]\nkeepalive_time_s = 0.5\nstream_idle_timeout_s = 0.25\n",
+                                         "server.toml"))
+    assert (cfg.server.keepalive_time_s, cfg.server.stream_idle_timeout_s) == (0.5, 0.25)
+
+
+def test_a_json_file_giving_a_key_twice_and_a_folder_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="server.json: the key 'max_batch_size' is given twice"):
+        serving_config_from_file(write(tmp_path, '{"server": {"max_batch_size": 4, "max_batch_size": 8}}',
+                                       "server.json"))  # the 8 won, silently
+    (tmp_path / "conf.toml").mkdir()
+    with pytest.raises(ConfigError, match="conf.toml is a folder, not a config file"):  # was "not found"
+        serving_config_from_file(tmp_path / "conf.toml")
+
+
+def test_an_engine_mesh_text_overrides_only_the_axes_it_gives(tmp_path):
+    """[engine] mesh = "tensor=2" beside layer_para_size = 2: the stage of 2 stayed only when the mesh was a table."""
+    for mesh in ('"tensor=2"', "{tensor = 2}"):
+        text = f"[fastertransformer]\nlayer_para_size = 2\ntensor_para_size = 4\n[engine]\nmesh = {mesh}\n"
+        cfg = serving_config_from_file(write(tmp_path, text, "server.toml"))
+        assert cfg.engine.mesh == MeshShape(stage=2, tensor=2), mesh
