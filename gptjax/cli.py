@@ -459,6 +459,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from gptjax import distributed
     from gptjax.checkpoint import CheckpointError
+    from gptjax.kernels import early_launch
 
     # conversions from the Hub say where they went, on this run's stderr
     hub_log, handler = logging.getLogger("gptjax.hub"), logging.StreamHandler(sys.stderr)
@@ -466,6 +467,7 @@ def main(argv=None) -> int:
     hub_log.addHandler(handler)
     hub_log.setLevel(logging.INFO)
     try:
+        early_launch.check_environment()
         return distributed.end_job(COMMANDS[args.command](args))
     except (UsageError, CheckpointError, ValueError, OSError) as e:  # OSError: a path that cannot be read or written
         print(f"gptjax {args.command}: error: {e}", file=sys.stderr)

@@ -176,3 +176,21 @@ def test_batch_block_gives_the_flax_blocks_greedy_tokens(monkeypatch):
     assert len(traced) == config.n_layers  # the decode step's layers ran it
     assert [r.output_ids for r in got] == [r.output_ids for r in want]
     assert len({tuple(r.output_ids) for r in want}) > 8
+
+
+def test_a_bad_early_launch_environment_value_is_named_at_the_edge_not_at_import(monkeypatch, capsys):
+    """`GPTJAX_EARLY_LAUNCH=bogus` lets gptjax import (a `--help` works); the CLI then refuses it with exit 2 and
+    a message naming the variable, and a kernel traced in a notebook raises the same."""
+    from gptjax import cli
+    from gptjax.kernels import early_launch
+
+    monkeypatch.setenv("GPTJAX_EARLY_LAUNCH", "bogus")
+    placement, error = early_launch._from_environment()
+    assert placement == early_launch.DEFAULT and "GPTJAX_EARLY_LAUNCH='bogus'" in error
+    monkeypatch.setattr(early_launch, "ENVIRONMENT_ERROR", error)
+    assert cli.main(["generate", "--model", "gpt2-tiny", "--prompt", "Hi", "--max-new-tokens", "1"]) == 2
+    assert "GPTJAX_EARLY_LAUNCH='bogus'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="GPTJAX_EARLY_LAUNCH"):
+        early_launch.enabled(interpret=False)
+    monkeypatch.setenv("GPTJAX_EARLY_LAUNCH", "off")
+    assert early_launch._from_environment() == ("", "")

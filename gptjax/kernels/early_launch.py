@@ -42,13 +42,30 @@ def placement(value) -> str:
     return value
 
 
-EARLY_LAUNCH = placement(os.environ.get("GPTJAX_EARLY_LAUNCH", DEFAULT))  # where the decode kernels issue the trigger
+def _from_environment() -> tuple[str, str]:
+    """`GPTJAX_EARLY_LAUNCH` -> (its placement, ""), or (the default, the error naming it): a bad value must not
+    stop every import of gptjax (a `--help` included); `check_environment` raises it at the program's edge."""
+    raw = os.environ.get("GPTJAX_EARLY_LAUNCH", DEFAULT)
+    try:
+        return placement(raw), ""
+    except ValueError as e:
+        return DEFAULT, f"GPTJAX_EARLY_LAUNCH={raw!r}: {e}"
+
+
+EARLY_LAUNCH, ENVIRONMENT_ERROR = _from_environment()  # where the decode kernels issue the trigger
+
+
+def check_environment() -> None:
+    """Raise ValueError naming `GPTJAX_EARLY_LAUNCH` if its value is none of the placements."""
+    if ENVIRONMENT_ERROR:
+        raise ValueError(ENVIRONMENT_ERROR)
 MIN_COMPUTE_CAPABILITY = 9.0  # `griddepcontrol` is an sm_90 instruction
 
 
 def enabled(interpret: bool) -> str:
     """Where the kernels traced now issue the trigger ("" for nowhere): compiled (not interpreted) for a GPU
     that has it, at `EARLY_LAUNCH`."""
+    check_environment()
     if interpret or not EARLY_LAUNCH or jax.default_backend() != "gpu":
         return ""
     has_it = float(getattr(jax.devices()[0], "compute_capability", 0) or 0) >= MIN_COMPUTE_CAPABILITY
