@@ -370,7 +370,6 @@ def _bytes(n: int) -> str:
 
 def cmd_serve(args) -> int:
     from gptjax import distributed
-    from serving.server import serve
 
     if args.api_key == "":  # it would serve without a key: every route open to anyone who reaches the port
         raise UsageError("the API key (--api-key or $GPTJAX_API_KEY) is empty: give a key, or leave both unset to "
@@ -382,6 +381,8 @@ def cmd_serve(args) -> int:
             raise UsageError(f"{flag} and {same} are both {port}: each listener needs a port of its own")
     config = serving_config(args)
     rank = distributed.launcher_rank(args.process_id)
+    from serving.server import serve  # after the checks: the servers' imports are heavy
+
     return serve(config, args.checkpoint or args.model or DEFAULT_PRESET, partial(build_engine, args, config), rank,
                  partial(join_job, args))
 

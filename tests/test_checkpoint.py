@@ -145,10 +145,10 @@ def test_an_absurd_layer_count_exits_2_at_once_naming_the_mismatch(saved, tmp_pa
 @pytest.mark.parametrize("field, value, words", [
     ("n_layers", "4", "ModelConfig.n_layers must be an integer, got '4'"),
     ("hidden", 32.5, "ModelConfig.hidden must be an integer"),
-    ("layer_norm_eps", "small", "ModelConfig.layer_norm_eps must be a number"),
+    ("layer_norm_eps", "small", "ModelConfig.layer_norm_eps must be a finite number"),
     ("dtype", 16, "ModelConfig.dtype must be a string"),
     ("n_heads", True, "ModelConfig.n_heads must be an integer"),
-    ("layer_norm_eps", float("nan"), "ModelConfig.layer_norm_eps must be a positive finite number, got nan"),
+    ("layer_norm_eps", float("nan"), "ModelConfig.layer_norm_eps must be a finite number, got nan"),
     ("layer_norm_eps", -1e-5, "ModelConfig.layer_norm_eps must be a positive finite number"),  # both gave token 0
 ])
 def test_a_value_of_the_wrong_type_exits_2_naming_the_field(saved, tmp_path, capsys, field, value, words):
