@@ -27,6 +27,7 @@ from gptjax import kernels
 from gptjax.config import ModelConfig
 from gptjax.kernels import batch_matmul as batch
 from gptjax.kernels.decode_matmul import decode_matmul, decode_matmul_reference, new_counters, supports
+from gptjax.model import layer_norm
 
 KERNEL_ROWS = 16  # what decode_matmuls="pallas" runs on the kernels: steps of up to 16 slots; more rows: XLA's
                   # matmuls win (the kernel's tiles grow past the matrix units' 16 rows)
@@ -95,14 +96,6 @@ def block(config: ModelConfig, attention: str, p, h, layer_kv, pos, counters, *,
     return x[:, None], layer_kv, counters
 
 
-def _layer_norm(x, p, eps: float):
-    """LayerNorm of the float32 residual stream, as `gptjax.model.LayerNorm` computes it, in the weights' dtype."""
-    mean = x.mean(-1, keepdims=True)
-    var = jnp.maximum(jnp.square(x).mean(-1, keepdims=True) - jnp.square(mean), 0.0)
-    y = (x - mean) * jax.lax.rsqrt(var + eps)
-    return (y * p["scale"].astype(jnp.float32) + p["bias"].astype(jnp.float32)).astype(p["scale"].dtype)
-
-
 def batch_block(config: ModelConfig, attention: str, p, h, layer_kv, pos, *, on_gpu: bool):
     """One layer for one new token per row, the products of K <= `BATCH_MAX_K` with their epilogues in one
     `batch_matmul` kernel each (its `jnp` reference off a GPU), the others through XLA: h [rows, 1, hidden]
@@ -118,11 +111,11 @@ def batch_block(config: ModelConfig, attention: str, p, h, layer_kv, pos, *, on_
     def weight(name, k: int):  # [K, N], the layer's axes flattened
         return p[name]["kernel"].reshape(k, -1)
 
-    qkv = matmul(_layer_norm(x, p["ln_1"], eps), weight("qkv", hidden), p["qkv"]["bias"].reshape(-1))
+    qkv = matmul(layer_norm(x, **p["ln_1"], eps=eps), weight("qkv", hidden), p["qkv"]["bias"].reshape(-1))
     attn, layer_kv = kernels.decode_step_append(qkv.reshape(rows, 3, config.n_heads, config.head_dim), layer_kv,
                                                 pos, attention)
     x = matmul(attn.reshape(rows, hidden), weight("attn_out", hidden), p["attn_out"]["bias"], x)
-    mlp = matmul(_layer_norm(x, p["ln_2"], eps), weight("mlp_in", hidden), p["mlp_in"]["bias"],
+    mlp = matmul(layer_norm(x, **p["ln_2"], eps=eps), weight("mlp_in", hidden), p["mlp_in"]["bias"],
                  activation=config.activation)
     x = matmul(mlp, weight("mlp_out", config.ffn_hidden), p["mlp_out"]["bias"], x)
     return x[:, None], layer_kv

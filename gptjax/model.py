@@ -63,11 +63,19 @@ def _zeros(axes):
     return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
 
 
-class LayerNorm(nn.Module):
-    """LayerNorm computed in float32 whatever the weights' dtype (fp16 overflows in the variance).
+def layer_norm(x, scale, bias, eps: float):
+    """LayerNorm computed in float32 whatever the weights' dtype (fp16 overflows in the variance), returned in the
+    weights' dtype. The mean and the mean square are taken in one pass (var = E[x^2] - E[x]^2): two sibling
+    reductions that XLA fuses into one kernel, where the two-pass form costs two kernels per LayerNorm at decode."""
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.maximum(jnp.square(x32).mean(-1, keepdims=True) - jnp.square(mean), 0.0)
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps)
+    return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(scale.dtype)
 
-    The mean and the mean square are taken in one pass (var = E[x^2] - E[x]^2): two sibling reductions that
-    XLA fuses into one kernel, where the two-pass form costs two kernels per LayerNorm at decode."""
+
+class LayerNorm(nn.Module):
+    """`layer_norm` with its scale and bias as the layer's parameters."""
 
     config: ModelConfig
 
@@ -77,11 +85,7 @@ class LayerNorm(nn.Module):
         scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
                            (x.shape[-1],), dtype)
         bias = self.param("bias", _zeros(("norm",)), (x.shape[-1],), dtype)
-        x32 = x.astype(jnp.float32)
-        mean = x32.mean(-1, keepdims=True)
-        var = jnp.maximum(jnp.square(x32).mean(-1, keepdims=True) - jnp.square(mean), 0.0)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.config.layer_norm_eps)
-        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(dtype)
+        return layer_norm(x, scale, bias, self.config.layer_norm_eps)
 
 
 class Block(nn.Module):
