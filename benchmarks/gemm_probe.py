@@ -11,6 +11,8 @@ time of `--copies` distinct weights' products in one call (more weight than the 
 - "bm_{tm}x{tn}_s{stages}_d{delay}": the same by `gptjax.kernels.batch_matmul` (one Mosaic GPU kernel, tm x tn a
   CTA, `stages` K tiles in flight, `delay` wgmma products left running);
 - "xla_f32": `jnp.dot(..., preferred_element_type=float32)`, the bare product;
+- "xla_split{s}": the product split over K by hand into `s` float32 parts (one batched dot over the reshaped
+  weights), then their sum with the epilogue: what a decode layer pays if a kernel of its own is to take the parts;
 - "mgpu_{tm}x{tn}_{m|n}": JAX's Hopper Mosaic GPU matmul (`jax.experimental.pallas.ops.gpu.hopper_matmul_mgpu`,
   warp-specialized, TMA loads, wgmma) with tiles tm x tn a warpgroup, its two warpgroups side by side along M or N:
   whole output tiles, no split over K, no bias. Off a Hopper GPU these report an error line.
@@ -30,6 +32,7 @@ TILES = ((64, 64), (64, 128), (128, 64), (128, 128), (64, 256))
 # batch_matmul's launches: (tile_m, tile_n, stages, delay)
 BATCH_TILES = ((64, 64, 4, 0), (64, 64, 4, 1), (64, 64, 6, 1), (64, 64, 6, 2), (64, 128, 4, 0), (64, 128, 4, 1),
                (128, 64, 4, 1), (128, 128, 4, 1))
+SPLITS_BY_HAND = (2, 4, 8, 16)
 EPILOGUES = {"qkv": ("", False), "attn_out": ("", True), "mlp_in": ("gelu_new", False), "mlp_out": ("", True)}
 
 
@@ -51,8 +54,16 @@ def forms(rows: int, k: int, n: int, product: str = "qkv") -> dict:
         return jax.jit(lambda x, ws: [fn(x, w, b, r if residual else None, activation=activation, **launch)
                                       for w, b, r in ws])
 
+    def split_by_hand(x, w, b, residual, *, activation: str, splits: int):
+        parts = jnp.einsum("rsk,skn->srn", x.reshape(rows, splits, k // splits), w.reshape(splits, k // splits, n),
+                           preferred_element_type=jnp.float32)
+        y = parts.sum(0) + b.astype(jnp.float32)
+        y = jax.nn.gelu(y, approximate=True) if activation else y
+        return (y + residual.astype(jnp.float32)).astype(x.dtype) if residual is not None else y.astype(x.dtype)
+
     out = {
         "xla": epilogue(batch_matmul_reference),
+        **{f"xla_split{s}": epilogue(split_by_hand, splits=s) for s in SPLITS_BY_HAND if k % s == 0},
         "xla_f32": jax.jit(lambda x, ws: [jnp.dot(x, w, preferred_element_type=jnp.float32) for w, _, _ in ws]),
         **{f"bm_{tm}x{tn}_s{st}_d{d}": epilogue(batch_matmul, tile_m=tm, tile_n=tn, stages=st, delay=d)
            for tm, tn, st, d in BATCH_TILES if supports(rows, k, n, tile_m=tm, tile_n=tn)},
