@@ -14,7 +14,7 @@ import os
 import sys
 from functools import partial
 
-from gptjax.config import ATTENTION_IMPLS, DEFAULT_PRESET, DTYPES, MATMUL_IMPLS, PRESETS, MeshShape
+from gptjax.config import ATTENTION_IMPLS, DEFAULT_PRESET, DTYPES, MATMUL_IMPLS, PRESETS, MeshShape, preset
 
 
 class UsageError(ValueError):
@@ -86,7 +86,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                           "Hugging Face Hub id[@REVISION] of GPT-2 architecture, e.g. gpt2 (fetched and converted "
                           "once; `gptjax models` lists them)")
     src.add_argument("--checkpoint", metavar="DIR", help="a converted checkpoint folder (config.json + params/)")
-    p.add_argument("--config", metavar="FILE", help="engine/server config file (TOML or JSON)")
+    p.add_argument("--config", metavar="FILE",
+                   help="engine/server config file: .toml, .json or a Triton config.pbtxt (by its suffix; a file of "
+                        "another suffix is read as JSON, else TOML)")
     p.add_argument("--dtype", choices=DTYPES, help="compute and weight dtype (default: the model's)")
     p.add_argument("--mesh", type=_mesh, help="device layout, e.g. data=1,stage=1,tensor=8 (default: one device)")
     p.add_argument("--attention", choices=ATTENTION_IMPLS, help="attention implementation (default: pallas on GPU)")
@@ -246,10 +248,12 @@ def join_job(args) -> None:
                            process_id=args.process_id)
 
 
-def build_engine(args, config=None):
+def build_engine(args, config=None, cache=None):
     """The Engine that the model arguments and `config` (a ServingConfig; default: serving_config(args)) ask
     for. Also starts jax.distributed when asked, and keeps compiled programs between runs unless
-    --no-compile-cache."""
+    --no-compile-cache. Before anything is allocated, the weights and the largest KV cache the run makes are
+    checked against the devices' memory: `cache` (`_cache_of_runs`) says how large that is; default: a server's
+    decode state, max_slots x max_seq_len."""
     from gptjax import compile_cache
 
     resolve_model(args)
@@ -266,6 +270,7 @@ def build_engine(args, config=None):
 
     if jax.process_count() > 1:
         _check_one_job(args, config)
+    _check_memory(args, config, cache)
     shape = config.engine.mesh
     mesh = make_mesh(shape.data, shape.stage, shape.tensor) if shape.size > 1 else None
     if args.checkpoint:
@@ -294,6 +299,49 @@ def _check_one_job(args, config) -> None:
                          f"give --mesh with data*stage*tensor = {devices} (got {shape})")
 
 
+def _check_memory(args, config, cache) -> None:
+    """Refuse (ValueError: exit 2, one line naming the fields) a run whose weights and KV cache can't fit on the
+    devices, which would otherwise end in an out-of-memory traceback when they are allocated. Devices that report
+    no memory limit (CPU) are not checked."""
+    import jax
+
+    from gptjax import planning
+    from gptjax.checkpoint import read_config
+    from gptjax.sharding import check_layout
+
+    shape = config.engine.mesh
+    if shape.size > jax.device_count():
+        return  # the mesh says so itself, in the words it uses
+    model = read_config(args.checkpoint) if args.checkpoint else preset(args.model or DEFAULT_PRESET)
+    model = model.replace(dtype=config.dtype) if config.dtype else model
+    check_layout(model, shape)  # first: the memory a layout can't make is not worth counting
+    available = planning.device_memory(jax.local_devices()[: shape.size])
+    if cache is None:
+        planning.check_serving_memory(model, config.engine, available)
+    else:
+        rows, positions, what, fix = cache(model, config.engine)
+        planning.MemoryPlan(model, shape, rows, positions).check(available, what, fix)
+
+
+def _cache_of_runs(runs, fix: str):
+    """A `cache` for build_engine: the largest KV cache of the one-program runs (`Engine.complete`) in `runs`, each
+    (prompts, longest prompt's tokens, new tokens or None for the config's default, what to call it). That cache
+    holds at least the prompts' bucket and the new tokens (it rounds them up), so a run refused can't fit."""
+    def cache(model, ec):
+        from gptjax.planning import bucket_length, state_rows
+
+        seq = ec.seq_len(model)
+        sizes = []
+        for rows, longest, new, name in runs:
+            new = new or min(ec.max_new_tokens, max(seq - longest, 1))  # as generate picks it (gptjax/generate.py)
+            positions = min(seq, bucket_length(longest, ec.min_prefill_bucket, seq) + new)
+            sizes.append((state_rows(rows, ec.mesh.data), positions, name))
+        rows, positions, name = max(sizes, key=lambda size: size[0] * size[1])
+        return rows, positions, f"{name} x at least {positions} positions", fix
+
+    return cache
+
+
 def cmd_generate(args) -> int:
     from gptjax import distributed
 
@@ -301,8 +349,12 @@ def cmd_generate(args) -> int:
         raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.greedy and (args.temperature is not None or args.top_k is not None or args.top_p is not None):
         raise UsageError("--greedy can't be combined with --temperature/--top-k/--top-p")
-    engine = build_engine(args)
     prompts = args.prompt if args.prompt else args.prompt_ids
+    longest = max(map(len, args.prompt_ids)) if args.prompt_ids else 1  # a text prompt has a token at least
+    runs = [(len(prompts), longest, args.max_new_tokens, f"{len(prompts)} prompt{'s' * (len(prompts) > 1)}")]
+    engine = build_engine(args, cache=_cache_of_runs(runs, "give fewer prompts at once or a lower --max-new-tokens, "
+                                                           "or split the cache over more devices (--mesh data or "
+                                                           "tensor)"))
     results = engine.generate(prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                               top_k=args.top_k, top_p=args.top_p, seed=args.seed, greedy=args.greedy,
                               stop_token_ids=[] if args.no_stop else None)
@@ -428,7 +480,9 @@ def cmd_bench(args) -> int:
                            server_api=_default(args.server_api, "triton"), api_key=args.api_key,
                            peers=tuple(args.peer), json=args.json,
                            model=args.model, checkpoint=args.checkpoint, dtype=args.dtype)
-    return run_bench(options, partial(build_engine, args))
+    runs = [(b, i, o, f"-b {b} (-i {i}, -o {o})") for b, i, o in options.shapes]
+    fix = "give a smaller batch or lengths, or split the cache over more devices (--mesh data or tensor)"
+    return run_bench(options, partial(build_engine, args, cache=_cache_of_runs(runs, fix)))
 
 
 COMMANDS = {"generate": cmd_generate, "convert": cmd_convert, "serve": cmd_serve, "client": cmd_client,

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DTYPES = ("float32", "bfloat16", "float16")
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # bytes of one value of each (memory planning)
 ATTENTION_IMPLS = ("pallas", "xla", "cudnn")
 MATMUL_IMPLS = ("pallas", "xla")  # the decode step's small-batch products
 ACTIVATIONS = ("gelu_new", "gelu")
@@ -172,6 +173,9 @@ class EngineConfig:
             raise ValueError("EngineConfig.top_k and temperature must not be negative")
         if self.max_seq_len < 0 or self.max_new_tokens_limit < 0:
             raise ValueError("EngineConfig.max_seq_len and max_new_tokens_limit must not be negative (0: the model's)")
+        if self.max_seq_len == 1:  # a server started, then refused every prompt: none fits beside a new token
+            raise ValueError("EngineConfig.max_seq_len must be 0 (the model's n_positions) or at least 2 (a prompt "
+                             "token and a new one), got 1")
 
     def ending_at(self, tokenizer) -> "EngineConfig":
         """This config, stopping at `tokenizer`'s <|endoftext|> if it kept GPT-2's default id: a checkpoint with a
@@ -243,13 +247,62 @@ def _finite(value: numbers.Real) -> bool:
         return False
 
 
+def _read_json(text: str):
+    return json.loads(text, object_pairs_hook=_no_repeated_keys)
+
+
+FORMATS = {".json": _read_json, ".toml": tomllib.loads}  # config file suffix -> reader (tomllib refuses repeated keys)
+
+
 def load_file(path: str | Path) -> dict:
-    """Read a JSON or TOML file into a dict (TOML by suffix .toml)."""
+    """Read a JSON or TOML file into a dict. The suffix says which (.json, .toml); a file of any other suffix is
+    read as JSON, else as TOML. ValueError naming the format(s) tried and why, when the text does not parse."""
     path = Path(path)
     text = path.read_text()
-    if path.suffix == ".toml":
-        return tomllib.loads(text)  # refuses a key given twice itself
-    return json.loads(text, object_pairs_hook=_no_repeated_keys)
+    suffix = path.suffix.lower()
+    if suffix in FORMATS:  # a .json file that is not JSON is an error, though it may read as TOML: say so
+        try:
+            return _parse(suffix, text)
+        except RepeatedKey:
+            raise
+        except ValueError as e:  # tomllib.TOMLDecodeError and json.JSONDecodeError are ValueErrors
+            other = next(s for s in FORMATS if s != suffix)
+            hint = f"; it reads as {_name(other)}: give it the suffix {other}" if _reads(other, text) else ""
+            raise ValueError(f"not valid {_name(suffix)} (its suffix {path.suffix} says {_name(suffix)}): {e}{hint}"
+                             ) from None
+    errors = []
+    for s in FORMATS:
+        try:
+            return _parse(s, text)
+        except RepeatedKey:  # JSON, then, with a key given twice: that is what is wrong
+            raise
+        except ValueError as e:
+            errors.append(f"as {_name(s)}: {e}")
+    which = f"the suffix {path.suffix}" if path.suffix else "no suffix"
+    raise ValueError(f"neither JSON nor TOML ({'; '.join(errors)}): the suffix chooses the format (.json or .toml), "
+                     f"and a file with {which} is tried as JSON, then as TOML")
+
+
+def _parse(suffix: str, text: str):
+    try:
+        return FORMATS[suffix](text)
+    except RecursionError:  # both readers recurse per level: a file of 100000 "[" was a traceback
+        raise ValueError("nested too deeply") from None
+
+
+def _name(suffix: str) -> str:
+    return suffix[1:].upper()
+
+
+def _reads(suffix: str, text: str) -> bool:
+    try:
+        return isinstance(_parse(suffix, text), dict)
+    except ValueError:
+        return False
+
+
+class RepeatedKey(ValueError):
+    """A JSON object that gives a key twice."""
 
 
 def _no_repeated_keys(pairs: list) -> dict:
@@ -257,6 +310,6 @@ def _no_repeated_keys(pairs: list) -> dict:
     out = {}
     for key, value in pairs:
         if key in out:
-            raise ValueError(f"the key {key!r} is given twice in one object")
+            raise RepeatedKey(f"the key {key!r} is given twice in one object")
         out[key] = value
     return out

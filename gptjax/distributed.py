@@ -36,10 +36,28 @@ def _slurm_first_host(nodelist: str) -> str:
     return m.group(1) + (m.group(2) or "")
 
 
+def env_int(env, name: str, default: int | None = None, low: int = 0, high: int | None = None,
+            what: str = "") -> int:
+    """The whole number a launcher (or the user) put in environment variable `name`; `default` when it is unset
+    (None: it must be set). ValueError naming the variable and its value otherwise: int() said only "invalid
+    literal", and a variable that was missing a KeyError traceback."""
+    text = env.get(name)
+    if text is None or (not text.strip() and default is not None):
+        if default is None:
+            raise ValueError(f"{name} is not set")
+        return default
+    text = text.strip()
+    value = int(text) if text.isascii() and text.isdigit() else None  # int() also reads "1_0" and other digits
+    if value is None or value < low or (high is not None and value > high):
+        what = what or (f"a whole number between {low} and {high}" if high is not None else f"a whole number >= {low}")
+        raise ValueError(f"{name} must be {what}, got {text!r}")
+    return value
+
+
 def _local_tasks_slurm(env) -> int:
     """Tasks of this step on this node (SLURM_STEP_TASKS_PER_NODE is like `2(x3),1`)."""
     text = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or ""
-    node = int(env.get("SLURM_NODEID", "0"))
+    node = env_int(env, "SLURM_NODEID", 0)
     for part in filter(None, text.split(",")):
         m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part)
         if not m:
@@ -66,23 +84,34 @@ def launcher_env(env=None) -> dict | None:
     (srun) or mpirun's own host, on a port derived from the job id unless JAX_COORDINATOR_PORT says."""
     env = os.environ if env is None else env
     if "OMPI_COMM_WORLD_SIZE" in env:
-        if int(env["OMPI_COMM_WORLD_SIZE"]) < 2:
+        size = env_int(env, "OMPI_COMM_WORLD_SIZE", low=1)
+        if size < 2:
             return None  # one rank of mpirun: a lone process, whatever else its environment says
         uri = env.get("OMPI_MCA_orte_hnp_uri", "")  # Open MPI 4: `<jobid>.0;tcp://IP[,IP...]:PORT`
         m = re.search(r"tcp://([^,:;]+)", uri)
         coordinator = f"{m.group(1)}:{coordinator_port(uri.split(';')[0], env)}" if m else None
-        return dict(launcher="mpirun", coordinator=coordinator, num_processes=int(env["OMPI_COMM_WORLD_SIZE"]),
-                    process_id=int(env["OMPI_COMM_WORLD_RANK"]),
-                    local_rank=int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)),
-                    local_size=int(env.get("OMPI_COMM_WORLD_LOCAL_SIZE", 1)))
-    ntasks = env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS")
-    if "SLURM_JOB_ID" in env and "SLURM_STEP_NODELIST" in env and ntasks and int(ntasks) > 1:
+        return dict(launcher="mpirun", coordinator=coordinator, num_processes=size,
+                    process_id=_rank(env, "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", size),
+                    local_rank=env_int(env, "OMPI_COMM_WORLD_LOCAL_RANK", 0),
+                    local_size=env_int(env, "OMPI_COMM_WORLD_LOCAL_SIZE", 1, low=1))
+    size_name = "SLURM_STEP_NUM_TASKS" if env.get("SLURM_STEP_NUM_TASKS") else "SLURM_NTASKS"
+    if "SLURM_JOB_ID" in env and "SLURM_STEP_NODELIST" in env and env.get(size_name):
+        size = env_int(env, size_name, low=1)
+        if size < 2:
+            return None
         port = coordinator_port(f"{env['SLURM_JOB_ID']}.{env.get('SLURM_STEP_ID', '0')}", env)
         local_size = _local_tasks_slurm(env)
         return dict(launcher="srun", coordinator=f"{_slurm_first_host(env['SLURM_STEP_NODELIST'])}:{port}",
-                    num_processes=int(ntasks), process_id=int(env["SLURM_PROCID"]),
-                    local_rank=int(env.get("SLURM_LOCALID", 0)), local_size=local_size)
+                    num_processes=size, process_id=_rank(env, "SLURM_PROCID", size_name, size),
+                    local_rank=env_int(env, "SLURM_LOCALID", 0), local_size=local_size)
     return None
+
+
+def _rank(env, name: str, size_name: str, size: int) -> int:
+    """This process's index from the launcher's variable `name`, inside the job of `size` (`size_name`)."""
+    if env.get(name) is None:
+        raise ValueError(f"{name} is not set, but {size_name}={size} is: start every process with the launcher")
+    return env_int(env, name, high=size - 1, what=f"a whole number in [0, {size_name}={size})")
 
 
 def coordinator_port(job: str, env) -> int:
@@ -90,12 +119,8 @@ def coordinator_port(job: str, env) -> int:
     a hash of the job's whole id (mpirun's job family and number; srun's job and step), so that two jobs, or two
     steps of one job, on one host rarely pick the same port. (The job id modulo the range collided: Open MPI's
     ids end in 16 zero bits, so every mpirun job took the same port.)"""
-    text = env.get("JAX_COORDINATOR_PORT", "").strip()
-    if text:
-        if not (text.isascii() and text.isdigit() and 1 <= int(text) <= 65535):
-            raise ValueError(f"JAX_COORDINATOR_PORT must be a port number between 1 and 65535, got {text!r}")
-        return int(text)
-    return COORDINATOR_PORTS[zlib.crc32(job.encode()) % len(COORDINATOR_PORTS)]
+    port = env_int(env, "JAX_COORDINATOR_PORT", 0, low=1, high=65535, what="a port number between 1 and 65535")
+    return port or COORDINATOR_PORTS[zlib.crc32(job.encode()) % len(COORDINATOR_PORTS)]
 
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None,
@@ -199,12 +224,8 @@ def end_job(code: int) -> int:
 def heartbeat_timeout_s(env=None) -> int:
     """Seconds of silence after which a process counts as dead: `$GPTJAX_HEARTBEAT_TIMEOUT_S`, else
     `HEARTBEAT_TIMEOUT_S`. Shorter ends a broken job sooner; longer rides out a busy host's stalls."""
-    text = (os.environ if env is None else env).get("GPTJAX_HEARTBEAT_TIMEOUT_S", "").strip()
-    if not text:
-        return HEARTBEAT_TIMEOUT_S
-    if not text.isascii() or not text.isdigit() or int(text) < 1:
-        raise ValueError(f"GPTJAX_HEARTBEAT_TIMEOUT_S must be a whole number of seconds >= 1, got {text!r}")
-    return int(text)
+    return env_int(os.environ if env is None else env, "GPTJAX_HEARTBEAT_TIMEOUT_S", HEARTBEAT_TIMEOUT_S, low=1,
+                   what="a whole number of seconds >= 1")
 
 
 def _results_only_on_stdout() -> None:

@@ -133,6 +133,10 @@ class EventStream(Response):
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
             async for chunk in self.chunks:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                # chunks queued up while the loop was busy come without a pause: this one lets the loop hear of a
+                # client gone (a failed write's connection_lost) before the next is written to a dead connection,
+                # which asyncio logs ("socket.send() raised exception.") for each one
+                await asyncio.sleep(0)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
         async def gone():

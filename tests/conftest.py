@@ -40,6 +40,7 @@ FILE_ORDER = [
     "test_distributed.py",  # 165
     "test_sharding.py",  # 135
     "test_serving_multiprocess.py",  # 120
+    "test_load.py",  # 45, a server's start and its mixed-door load
     "test_serving_bench.py",  # 60
     "test_warmup.py",  # 90
     "test_megatron.py",  # 95

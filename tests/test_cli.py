@@ -296,3 +296,32 @@ def test_serve_refuses_one_port_for_two_listeners(capsys, tmp_path):
                                                                  "8100", "--config", missing)
     assert "--http-port and --metrics-port are both 8101" in main_error(capsys, "serve", "--http-port", "8101",
                                                                          "--metrics-port", "8101", "--config", missing)
+
+
+def test_a_kv_cache_or_weights_that_can_not_fit_exit_2_naming_what_to_change(capsys, monkeypatch, tmp_path):
+    """A server with max_slots = 100000 (or a model too large for its devices) died in an out-of-memory traceback
+    when the state was allocated. Devices report their memory on GPUs (CPU devices report no limit, and are not
+    checked): here they say they have 64 MiB each."""
+    from gptjax import planning
+
+    monkeypatch.setattr(planning, "device_memory", lambda devices: 64 * 2**20)
+    config = tmp_path / "server.toml"
+    config.write_text("[engine]\nmax_slots = 100000\n")
+    # serve's own path (its servers listening first, then `build_engine`, whose ValueError serve prints as one line
+    # and exits 2) imports the inference protos, which clash in a test process holding tritonclient's: the engine
+    # is built here as serve builds it
+    args = cli.build_parser().parse_args(["serve", "--config", str(config), "--no-compile-cache"])
+    with pytest.raises(ValueError) as refused:
+        cli.build_engine(args, cli.serving_config(args))
+    assert str(refused.value).startswith(
+        "max_slots=100000 x max_seq_len=256 (the model's n_positions): the KV cache (97.7 GiB) and the weights "
+        "(27.7 MiB) need 97.7 GiB (104886636032 bytes) on each device, more than the 64.0 MiB (67108864 bytes) it "
+        "has; lower max_slots (at most 36 fit with max_seq_len=256) or max_seq_len"), refused.value
+    # generate and bench: the cache of their prompts, and the weights
+    prompts = [a for _ in range(300) for a in ("--prompt-ids", "1,2,3")]
+    assert main_error(capsys, "generate", *prompts, "--max-new-tokens", "50", "--no-compile-cache").startswith(
+        "gptjax generate: error: 300 prompts x at least 66 positions: the KV cache (77.3 MiB) and the weights")
+    assert "error: -b 1000 (-i 100, -o 100) x at least 228 positions: the KV cache" in main_error(
+        capsys, "bench", "--shapes", "1,4,2", "1000,100,100", "--no-compile-cache")
+    assert "error: the model's weights need 474.7 MiB (497759232 bytes) on each device (float32, mesh " in main_error(
+        capsys, "generate", "--model", "gpt2-124m", "--prompt", "x", "--no-compile-cache")

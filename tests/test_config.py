@@ -64,3 +64,52 @@ def test_a_json_object_that_gives_a_key_twice_is_refused(tmp_path):
         load_file(path)
     path.write_text('{"engine": {"max_slots": 4}, "server": {"max_slots": 4}}')  # twice, but in two objects
     assert load_file(path) == {"engine": {"max_slots": 4}, "server": {"max_slots": 4}}
+
+
+@pytest.mark.parametrize("name", ["server.conf", "server", "server.TOML", "server.cfg"])
+def test_a_file_of_another_suffix_is_read_as_json_or_toml(tmp_path, name):
+    """A TOML file without the .toml suffix was read as JSON: "Expecting value: line 1 column 2 (char 1)"."""
+    path = tmp_path / name
+    path.write_text("[engine]\nmax_slots = 4\n")
+    assert load_file(path) == {"engine": {"max_slots": 4}}
+    path.write_text('{"engine": {"max_slots": 4}}')
+    if not name.lower().endswith(".toml"):
+        assert load_file(path) == {"engine": {"max_slots": 4}}
+
+
+def test_a_file_that_is_neither_names_both_formats_and_how_the_suffix_chooses(tmp_path):
+    path = tmp_path / "server.conf"
+    path.write_text("[engine\n")
+    with pytest.raises(ValueError) as e:
+        load_file(path)
+    message = str(e.value)
+    assert message.startswith("neither JSON nor TOML (as JSON: Expecting value: line 1 column 2 (char 1); as TOML: ")
+    assert message.endswith("): the suffix chooses the format (.json or .toml), and a file with the suffix .conf is "
+                            "tried as JSON, then as TOML")
+    path.write_text('{"engine": {"max_slots": 4, "max_slots": 8}}')  # JSON, then, refused as before
+    with pytest.raises(ValueError, match="^the key 'max_slots' is given twice in one object$"):
+        load_file(path)
+
+
+@pytest.mark.parametrize("suffix, text, words", [
+    (".json", "[engine]\nmax_slots = 4\n", r"^not valid JSON \(its suffix .json says JSON\): Expecting value: .*; it "
+                                           r"reads as TOML: give it the suffix .toml$"),
+    (".toml", '{"engine": {}}', r"^not valid TOML \(its suffix .toml says TOML\): .*; it reads as JSON: give it the "
+                                r"suffix .json$"),
+    (".toml", "[engine\n", r"^not valid TOML \(its suffix .toml says TOML\): [^;]*$"),  # no hint: not JSON either
+    (".json", "[" * 100000, r"^not valid JSON \(its suffix .json says JSON\): nested too deeply$"),  # RecursionError
+    (".toml", "a = " + "[" * 100000, r"^not valid TOML \(its suffix .toml says TOML\): nested too deeply$"),
+])
+def test_a_file_its_suffix_does_not_describe_says_which_format_it_is(tmp_path, suffix, text, words):
+    path = tmp_path / f"server{suffix}"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=words):
+        load_file(path)
+
+
+def test_a_cache_of_one_position_is_refused():
+    """A server of max_seq_len 1 started, then refused every prompt: none fits beside a new token."""
+    with pytest.raises(ValueError, match=r"EngineConfig.max_seq_len must be 0 \(the model's n_positions\) or at least "
+                                         r"2 \(a prompt token and a new one\), got 1"):
+        EngineConfig(max_seq_len=1)
+    assert EngineConfig(max_seq_len=2).max_seq_len == 2

@@ -112,6 +112,40 @@ def test_mpirun_environment():
     assert distributed.launcher_env({**slurm, "OMPI_COMM_WORLD_SIZE": "1", "OMPI_COMM_WORLD_RANK": "0"}) is None
 
 
+SRUN = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n1", "SLURM_NTASKS": "2", "SLURM_PROCID": "1"}
+MPIRUN = {"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "1", "OMPI_MCA_orte_hnp_uri": "1.0;tcp://10.0.0.1:1"}
+
+
+@pytest.mark.parametrize("env, name", [
+    (SRUN, "SLURM_NTASKS"), ({**SRUN, "SLURM_STEP_NUM_TASKS": "2"}, "SLURM_STEP_NUM_TASKS"), (SRUN, "SLURM_PROCID"),
+    (SRUN, "SLURM_LOCALID"), (SRUN, "SLURM_NODEID"), (MPIRUN, "OMPI_COMM_WORLD_SIZE"),
+    (MPIRUN, "OMPI_COMM_WORLD_RANK"), (MPIRUN, "OMPI_COMM_WORLD_LOCAL_RANK"), (MPIRUN, "OMPI_COMM_WORLD_LOCAL_SIZE"),
+])
+@pytest.mark.parametrize("value", ["two", "2.0", "-1", "1_0", "\u0663"])
+def test_a_launcher_variable_that_is_not_a_whole_number_is_named_with_its_value(env, name, value):
+    """int() said "invalid literal for int() with base 10: 'two'", naming no variable (and read "1_0" as 10)."""
+    with pytest.raises(ValueError, match=f"^{name} must be a whole number.*, got {value!r}$"):
+        distributed.launcher_env({**env, name: value})
+
+
+def test_a_rank_outside_the_job_or_missing_is_named():
+    """A missing rank was a KeyError traceback; one past the job's size was blamed on --process-id."""
+    for env, rank, size in ((SRUN, "SLURM_PROCID", "SLURM_NTASKS"), (MPIRUN, "OMPI_COMM_WORLD_RANK",
+                                                                     "OMPI_COMM_WORLD_SIZE")):
+        with pytest.raises(ValueError, match=f"{rank} must be a whole number in \\[0, {size}=2\\), got '2'"):
+            distributed.launcher_env({**env, rank: "2"})
+        with pytest.raises(ValueError, match=f"{rank} is not set, but {size}=2 is"):
+            distributed.launcher_env({k: v for k, v in env.items() if k != rank})
+    assert distributed.launcher_env({**SRUN, "SLURM_PROCID": " 1 "})["process_id"] == 1
+
+
+def test_a_launcher_variable_error_ends_the_command_with_exit_2():
+    proc = run_cli("generate", "--prompt", "x", "--max-new-tokens", "1", env={**SRUN, "SLURM_NTASKS": "two"},
+                   check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "gptjax generate: error: SLURM_NTASKS must be a whole number >= 1, got 'two'"]
+
+
 def test_no_launcher_and_partial_flags(monkeypatch):
     assert distributed.launcher_env({"PATH": "/bin"}) is None
     for name in [k for k in os.environ if k.startswith(("SLURM_", "OMPI_"))]:

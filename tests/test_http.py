@@ -13,6 +13,7 @@ import json
 import os
 import random
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -237,6 +238,51 @@ def test_a_unary_client_that_disconnects_frees_its_slot(served):
     sock.close()  # before its tokens are all made: the request is cancelled, a failed call
     wait_idle(served)
     assert metrics(served.metrics, served.headers)[("nv_inference_request_failure_total", MODEL)] == failures + 1
+
+
+def test_a_stream_stops_writing_once_its_client_has_reset_the_connection(caplog):
+    """Chunks that queued up while the event loop was busy (a large body read, a slow turn) are written in one go:
+    to a client that reset its connection meanwhile, each of them after the first failed write logged asyncio's
+    "socket.send() raised exception." (dozens of lines per client under load); the stream stops at the first."""
+    from fastapi import FastAPI
+
+    from serving.http import EventStream
+    from serving.http_app import HttpServer, listen
+
+    reset, ended, written = threading.Event(), threading.Event(), []
+
+    async def chunks():
+        try:
+            yield b"data: 0\n\n"
+            reset.wait(30)  # the loop held up (on purpose) while the client resets: what follows is queued up
+            for i in range(1, 50):
+                written.append(i)
+                yield f"data: {i}\n\n".encode()
+        finally:
+            ended.set()
+
+    app = FastAPI()
+    app.get("/stream")(lambda: EventStream(chunks()))
+    server = HttpServer([(app, listen("127.0.0.1", 0))])
+    host, port = server.addresses[0].rsplit(":", 1)
+    try:
+        sock = socket.create_connection((host, int(port)))
+        sock.sendall(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.settimeout(10)
+        first = b""
+        while b"data: 0" not in first:
+            chunk = sock.recv(65536)
+            assert chunk, first
+            first += chunk
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with a reset
+        sock.close()
+        reset.set()
+        assert ended.wait(10)
+    finally:
+        reset.set()
+        server.stop()
+    assert not [r for r in caplog.records if "socket.send() raised exception" in r.getMessage()]
+    assert len(written) < 49  # it stopped before its end
 
 
 def test_an_inference_call_refused_for_its_body_or_model_counts_as_a_failure(served):

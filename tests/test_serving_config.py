@@ -296,3 +296,27 @@ def test_an_engine_mesh_text_overrides_only_the_axes_it_gives(tmp_path):
         text = f"[fastertransformer]\nlayer_para_size = 2\ntensor_para_size = 4\n[engine]\nmesh = {mesh}\n"
         cfg = serving_config_from_file(write(tmp_path, text, "server.toml"))
         assert cfg.engine.mesh == MeshShape(stage=2, tensor=2), mesh
+
+
+def test_a_config_file_is_read_by_its_suffix_and_else_as_json_then_toml(tmp_path):
+    """A TOML file named server.conf was read as JSON ("Expecting value: line 1 column 2 (char 1)")."""
+    for name in ("server.conf", "server"):
+        cfg = serving_config_from_file(write(tmp_path, "[engine]\nmax_slots = 4\n", name))
+        assert cfg.engine.max_slots == 4
+    cfg = serving_config_from_file(write(tmp_path, '{"engine": {"max_slots": 3}}', "server.conf"))
+    assert cfg.engine.max_slots == 3
+
+
+def test_serve_exits_2_saying_which_format_a_config_file_was_read_as(capsys, tmp_path):
+    from gptjax import cli
+
+    path = write(tmp_path, "[engine]\nmax_slots = 4\n", "server.json")
+    assert cli.main(["serve", "--config", str(path), "--port", "0"]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert lines == [f"gptjax serve: error: {path}: not valid JSON (its suffix .json says JSON): Expecting value: line "
+                     "1 column 2 (char 1); it reads as TOML: give it the suffix .toml"]
+    path = write(tmp_path, "[engine\n", "server.conf")
+    assert cli.main(["serve", "--config", str(path), "--port", "0"]) == 2
+    line = capsys.readouterr().err.strip()
+    assert line.startswith(f"gptjax serve: error: {path}: neither JSON nor TOML (as JSON: ") and "as TOML: " in line
+    assert line.endswith("a file with the suffix .conf is tried as JSON, then as TOML") and "\n" not in line
