@@ -122,6 +122,8 @@ def read_config(checkpoint_dir: str | Path) -> ModelConfig:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: not a config: nested too deeply") from None
     if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION:
         version = data.get("format_version") if isinstance(data, dict) else None
         raise CheckpointError(f"{path}: format_version {version!r} is not {FORMAT_VERSION}")

@@ -142,6 +142,17 @@ def test_an_absurd_layer_count_exits_2_at_once_naming_the_mismatch(saved, tmp_pa
     assert seconds < 5  # the bound the config check exists for: no model of 10^6 layers is built first
 
 
+def test_a_config_nested_too_deeply_is_refused_naming_the_file(saved, tmp_path):
+    """A config.json of 100000 opening brackets made json.loads recurse until a RecursionError traceback."""
+    from gptjax.checkpoint import read_config
+
+    folder = tmp_path / "deep"
+    folder.mkdir()
+    (folder / "config.json").write_text("[" * 100000)
+    with pytest.raises(CheckpointError, match="config.json: not a config: nested too deeply"):
+        read_config(folder)
+
+
 @pytest.mark.parametrize("field, value, words", [
     ("n_layers", "4", "ModelConfig.n_layers must be an integer, got '4'"),
     ("hidden", 32.5, "ModelConfig.hidden must be an integer"),
