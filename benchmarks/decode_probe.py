@@ -112,7 +112,7 @@ XLA_OPTIONS = {
 
 
 # variant names of their own: the program traced with one of decode_block's switches at 0
-SWITCHES_OFF = {"batch_off": "BATCH_ROWS", "large_off": "LARGE_ROWS"}
+SWITCHES_OFF = {"batch_off": "BATCH_ROWS"}
 
 
 def _generate_jit(engine, variant: str | None):

@@ -13,10 +13,6 @@ run 23).
 Steps of at least `BATCH_ROWS` slots (whole 64-row tiles) can instead run `batch_block`: QKV, attention out and MLP
 in each one Mosaic GPU kernel with its bias, residual or GELU (`gptjax.kernels.batch_matmul`); MLP out (K = 4096:
 one CTA a tile leaves half the chip idle, 13.7 us against XLA's 13.0 at 256 rows) and the LayerNorms through XLA.
-Steps of at most `LARGE_ROWS` slots of a model whose products exceed `KERNEL_MAX_BYTES` (6.7B) run `large_block`:
-XLA's matmuls, which read such weights faster than the kernels (RESULTS run 22), with the LayerNorms and the
-residual add after attention out as `residual_norm` kernels (attention out's product split over K by hand, so the
-kernel sums its parts): ten kernels a layer where the Flax block takes fourteen.
 The Flax block serves every other case, and is the reference the tests compare this path's tokens against.
 """
 
@@ -31,7 +27,6 @@ from gptjax import kernels
 from gptjax.config import ModelConfig
 from gptjax.kernels import batch_matmul as batch
 from gptjax.kernels.decode_matmul import decode_matmul, decode_matmul_reference, new_counters, supports
-from gptjax.kernels.residual_norm import residual_norm
 from gptjax.model import layer_norm
 
 KERNEL_ROWS = 16  # what decode_matmuls="pallas" runs on the kernels: steps of up to 16 slots; more rows: XLA's
@@ -45,15 +40,13 @@ KERNEL_MAX_BYTES = 32 << 20  # larger weights: XLA's own matmul reads them faste
 BATCH_ROWS = 128
 BATCH_TILE = batch.TILE_M  # a step's slots must fill whole row tiles
 BATCH_MAX_K = 1024  # products of longer rows through XLA: the kernel's tiles do not split K
-LARGE_ROWS = 8  # steps of up to this many slots of a model past KERNEL_MAX_BYTES run `large_block` under "auto"
-OUT_SPLITS = 8  # attention out's parts for `large_block`: XLA's own split of that product at 6.7B, batch 1
 
 
 def choose(requested: str, config: ModelConfig, mesh, backend: str | None = None) -> str:
     """The decode matmuls' implementation: "pallas" (the kernels for steps of up to `KERNEL_ROWS` slots),
-    "xla", or by default "auto" on one GPU (XLA otherwise): per step, `layer_fn` picks the kernels, `batch_block`,
-    `large_block` or the Flax block by the model and the step's slots. "pallas" needs the model on one device
-    and hidden sizes the kernel tiles."""
+    "xla", or by default "auto": the kernels for steps of up to `AUTO_ROWS` slots on one GPU when every
+    product of the model fits them, XLA otherwise. "pallas" needs the model on one device and hidden sizes
+    the kernel tiles."""
     dims = (config.hidden, config.ffn_hidden, 3 * config.hidden)
     fits = all(supports(1, k, n) for k in dims for n in dims) and mesh.size == 1
     if requested == "pallas" and not fits:
@@ -61,12 +54,9 @@ def choose(requested: str, config: ModelConfig, mesh, backend: str | None = None
                          f"multiples of 16; this is hidden {config.hidden} on {mesh.size} devices")
     if requested:
         return requested
-    return "auto" if fits and (backend or jax.default_backend()) == "gpu" else "xla"
-
-
-def _small(config: ModelConfig) -> bool:
-    """Whether the model's products fit the small-batch kernels (`KERNEL_MAX_BYTES`)."""
-    return config.hidden * config.ffn_hidden * jnp.dtype(config.dtype).itemsize <= KERNEL_MAX_BYTES
+    itemsize = jnp.dtype(config.dtype).itemsize
+    small = config.hidden * config.ffn_hidden * itemsize <= KERNEL_MAX_BYTES
+    return "auto" if fits and small and (backend or jax.default_backend()) == "gpu" else "xla"
 
 
 def _product(w, *args, interpret: bool, **kw):
@@ -131,33 +121,6 @@ def batch_block(config: ModelConfig, attention: str, p, h, layer_kv, pos, *, on_
     return x[:, None], layer_kv
 
 
-def large_block(config: ModelConfig, attention: str, p, h, layer_kv, pos, *, interpret: bool):
-    """One layer for one new token per row, for weights XLA's matmuls read best: its products through XLA, the
-    LayerNorms and the residual add after attention out as `residual_norm` kernels. h [rows, 1, hidden] float32,
-    the layer's (k, v) cache, each row's position -> (the next h, the cache with the new token's K/V)."""
-    x = h[:, 0].astype(jnp.float32)
-    rows, hidden = x.shape
-    eps = config.layer_norm_eps
-
-    def weight(name, k: int):  # [K, N], the layer's axes flattened
-        return p[name]["kernel"].reshape(k, -1)
-
-    normed = residual_norm(x, p["ln_1"]["scale"], p["ln_1"]["bias"], eps=eps, interpret=interpret)
-    qkv = batch.batch_matmul_reference(normed, weight("qkv", hidden), p["qkv"]["bias"].reshape(-1))
-    attn, layer_kv = kernels.decode_step_append(qkv.reshape(rows, 3, config.n_heads, config.head_dim), layer_kv,
-                                                pos, attention)
-    splits = OUT_SPLITS if hidden % OUT_SPLITS == 0 else 1
-    parts = jnp.einsum("rsk,skn->srn", attn.reshape(rows, splits, hidden // splits),
-                       weight("attn_out", hidden).reshape(splits, hidden // splits, hidden),
-                       preferred_element_type=jnp.float32)
-    x, normed = residual_norm(x, p["ln_2"]["scale"], p["ln_2"]["bias"], parts, p["attn_out"]["bias"], eps=eps,
-                              interpret=interpret)
-    mlp = batch.batch_matmul_reference(normed, weight("mlp_in", hidden), p["mlp_in"]["bias"],
-                                       activation=config.activation)
-    x = batch.batch_matmul_reference(mlp, weight("mlp_out", config.ffn_hidden), p["mlp_out"]["bias"], x)
-    return x[:, None], layer_kv
-
-
 def batch_fits(config: ModelConfig, rows: int, on_gpu: bool) -> bool:
     """Whether a step of `rows` slots can run `batch_block`: whole tiles and GPT-2's GELU, and on a GPU 16-bit
     weights (the kernel would multiply float32 in tf32 on the matrix units)."""
@@ -173,13 +136,8 @@ def layer_fn(impl: str, config: ModelConfig, rows: int, attention: str):
     how many rows). The layers run one after another in Python (one device: `layout.PerLayer`), so the split
     counters (one zeroed buffer per step) go from each layer to the next here."""
     on_gpu = jax.default_backend() == "gpu"
-    small = _small(config)
-    if impl == "auto" and small and BATCH_ROWS and rows >= BATCH_ROWS and batch_fits(config, rows, on_gpu):
+    if impl == "auto" and BATCH_ROWS and rows >= BATCH_ROWS and batch_fits(config, rows, on_gpu):
         return lambda p, h, layer_kv, pos: batch_block(config, attention, p, h, layer_kv, pos, on_gpu=on_gpu)
-    if impl == "auto" and not small:
-        if not 0 < rows <= LARGE_ROWS:
-            return None
-        return lambda p, h, layer_kv, pos: large_block(config, attention, p, h, layer_kv, pos, interpret=not on_gpu)
     if not 0 < rows <= {"pallas": KERNEL_ROWS, "auto": AUTO_ROWS}.get(impl, 0):
         return None
     carried = {"counters": new_counters(3 * config.hidden, config.ffn_hidden)}

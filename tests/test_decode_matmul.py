@@ -95,11 +95,7 @@ def test_choose_picks_the_kernels_on_a_gpu_for_small_models_and_refuses_a_split_
     one = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
     assert decode_block.choose("", config, one) == "xla"  # off a GPU the kernels would run interpreted
     assert decode_block.choose("", config, one, backend="gpu") == "auto"
-    big = preset("gpt3-6.7b")
-    assert decode_block.choose("", big, one, backend="gpu") == "auto"  # `large_block`: XLA's matmuls read 128 MB faster
-    assert decode_block.layer_fn("auto", big, decode_block.LARGE_ROWS, "xla") is not None
-    assert decode_block.layer_fn("auto", big, decode_block.LARGE_ROWS + 1, "xla") is None
-    assert decode_block.layer_fn("auto", big, 256, "xla") is None  # batch_block is for the small models' products
+    assert decode_block.choose("", preset("gpt3-6.7b"), one, backend="gpu") == "xla"  # XLA reads 128 MB faster
     assert decode_block.choose("pallas", config, one) == "pallas"
     if len(jax.devices()) > 1:
         two = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("tensor",))
@@ -180,28 +176,6 @@ def test_batch_block_gives_the_flax_blocks_greedy_tokens(monkeypatch):
     assert len(traced) == config.n_layers  # the decode step's layers ran it
     assert [r.output_ids for r in got] == [r.output_ids for r in want]
     assert len({tuple(r.output_ids) for r in want}) > 8
-
-
-def test_large_block_gives_the_flax_blocks_greedy_tokens(monkeypatch):
-    """`large_block` (XLA's products, the LayerNorms and attention out's residual add as interpreted
-    `residual_norm` kernels, attention out split over K by hand) gives the Flax block's greedy tokens: it runs
-    under "auto" for steps of up to LARGE_ROWS slots of a model whose weights exceed KERNEL_MAX_BYTES (here every
-    model's: the limit set to 0)."""
-    config = preset("gpt2-tiny")
-    rng = np.random.default_rng(fresh_seed())
-    prompts = [rng.integers(0, config.vocab_size, int(n)).tolist() for n in rng.integers(1, 30, 6)]
-    xla = gptjax.Engine.from_preset("gpt2-tiny", engine_config=gptjax.EngineConfig(attention="xla",
-                                                                                   decode_matmuls="xla"))
-    want = xla.generate(prompts, max_new_tokens=6, greedy=True, stop_token_ids=[])
-    monkeypatch.setattr(decode_block, "KERNEL_MAX_BYTES", 0)
-    monkeypatch.setattr(decode_block, "choose", lambda *a, **k: "auto")
-    traced, block = [], decode_block.large_block
-    monkeypatch.setattr(decode_block, "large_block", lambda *a, **k: traced.append(k) or block(*a, **k))
-    large = gptjax.Engine.from_preset("gpt2-tiny", engine_config=gptjax.EngineConfig(attention="xla"))
-    got = large.generate(prompts, max_new_tokens=6, greedy=True, stop_token_ids=[])
-    assert len(traced) == config.n_layers and all(k["interpret"] for k in traced)  # the step's layers ran it
-    assert [r.output_ids for r in got] == [r.output_ids for r in want]
-    assert len({tuple(r.output_ids) for r in want}) > 3
 
 
 def test_a_bad_early_launch_environment_value_is_named_at_the_edge_not_at_import(monkeypatch, capsys):
