@@ -54,6 +54,8 @@ def read_config(src: Path, label: str | None = None) -> ModelConfig:
         eps = hf.get("layer_norm_epsilon", 1e-5)
         if isinstance(eps, bool) or not isinstance(eps, (int, float)):
             raise CheckpointError(f"{label}: layer_norm_epsilon must be a number, got {eps!r}")
+        if isinstance(eps, int) and not -1e300 < eps < 1e300:  # float() of a JSON integer of 400 digits overflows
+            raise CheckpointError(f"{label}: layer_norm_epsilon is too large a number")
         return ModelConfig(n_layers=_size(hf, "n_layer", label), hidden=_size(hf, "n_embd", label),
                            n_heads=_size(hf, "n_head", label), vocab_size=_size(hf, "vocab_size", label),
                            n_positions=_size(hf, "n_positions", label),
@@ -65,6 +67,8 @@ def read_config(src: Path, label: str | None = None) -> ModelConfig:
         raise
     except (TypeError, ValueError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{label}: {e}") from None
+    except RecursionError:
+        raise CheckpointError(f"{label}: not a config: nested too deeply") from None
 
 
 def _size(hf: dict, name: str, label: str) -> int:
@@ -86,7 +90,10 @@ def read_tensors(src: Path) -> dict[str, np.ndarray]:
         if not isinstance(state, dict):
             raise CheckpointError(f"{src / 'pytorch_model.bin'}: expected a dict of tensors, "
                                   f"found {type(state).__name__}")
-        return {k: torch_to_numpy(v) if hasattr(v, "numpy") else v for k, v in state.items()}
+        odd = next((k for k in state if not isinstance(k, str)), None)
+        if odd is not None:
+            raise CheckpointError(f"{src / 'pytorch_model.bin'}: key {odd!r} is not a tensor name")
+        return {k: torch_to_numpy(v, k) if hasattr(v, "numpy") else v for k, v in state.items()}
     files = [src / present[0]] if present[0] == "model.safetensors" else shard_files(src)
     tensors: dict[str, np.ndarray] = {}
     for f in files:
@@ -98,7 +105,7 @@ def shard_names(index: Path) -> list[str]:
     """The shard files that a model.safetensors.index.json names (in its own folder)."""
     try:
         names = sorted({str(n) for n in json.loads(index.read_text())["weight_map"].values()})
-    except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as e:
+    except (KeyError, TypeError, AttributeError, json.JSONDecodeError, RecursionError) as e:
         raise CheckpointError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
     if not names or any(Path(n).name != n or not n.endswith(".safetensors") for n in names):
         raise CheckpointError(f"{index}: weight_map should name .safetensors files in the same folder")
@@ -121,10 +128,12 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
     try:
         try:
             return load_file(str(path))
-        except TypeError:  # bf16 has no numpy reader; go through torch
+        except (TypeError, AttributeError):  # numpy lacks bf16 (TypeError) and float8 (AttributeError): torch
             from safetensors.torch import load_file as load_torch
 
-            return {k: torch_to_numpy(v) for k, v in load_torch(str(path)).items()}
+            return {k: torch_to_numpy(v, k) for k, v in load_torch(str(path)).items()}
+    except CheckpointError:
+        raise
     except Exception as e:  # truncated or corrupt: SafetensorError, OSError, ValueError, ...
         first = str(e).splitlines()[0] if str(e) else "no details"
         raise CheckpointError(f"{path}: cannot read weights ({type(e).__name__}: {first})") from None
@@ -192,9 +201,11 @@ def _ranges(numbers: list[int]) -> str:
 
 
 def convert_hf_gpt2(src: str | Path, dst: str | Path) -> Path:
-    src = Path(src)
+    src, dst = Path(src), Path(dst)
     if not src.is_dir():
         raise CheckpointError(f"{src} is not a folder")
+    if dst.exists():  # now, not after reading every weight
+        raise CheckpointError(f"output folder {dst} already exists")
     config = read_config(src)
     params = to_params(config, read_tensors(src))
     return save_checkpoint(dst, config, params)

@@ -38,6 +38,7 @@ PART_FILES = ("model_optim_rng.pt", "model_rng.pt")
 GPT2_VOCAB = 50257  # what Megatron's GPT2BPETokenizer holds before padding
 _PART_DIR = re.compile(r"mp_rank_(\d{2})(?:_(\d{3}))?")
 _DTYPES = {"torch.float32": "float32", "torch.float16": "float16", "torch.bfloat16": "bfloat16"}
+VERSIONS = (0, 1, 2, 3)  # Megatron-LM's checkpoint_version: each orders QKV's rows its own way (_qkv_to_heads)
 
 
 # ---- finding and reading the files ----------------------------------------------------------------------
@@ -51,7 +52,10 @@ def find_parts(src: str | Path) -> list[list[Path]]:
         raise CheckpointError(f"{src} is not a folder")
     tracker = src / "latest_checkpointed_iteration.txt"
     if tracker.is_file():
-        text = tracker.read_text().strip()
+        try:
+            text = tracker.read_text().strip()
+        except UnicodeDecodeError:
+            raise CheckpointError(f"{tracker}: expected 'release' or an iteration number, got binary data") from None
         if text == "release":
             sub = "release"
         else:
@@ -65,6 +69,7 @@ def find_parts(src: str | Path) -> list[list[Path]]:
     if _part_file(src):
         return [[_part_file(src)]]
     grid: dict[tuple[int, int], Path] = {}
+    staged = set()  # whether the folder names carry a pipeline stage
     for d in src.iterdir():
         m = _PART_DIR.fullmatch(d.name)
         if m and d.is_dir():
@@ -72,8 +77,11 @@ def find_parts(src: str | Path) -> list[list[Path]]:
             if f is None:
                 raise CheckpointError(f"{d}: neither {' nor '.join(PART_FILES)} is present")
             grid[int(m.group(1)), int(m.group(2) or 0)] = f
+            staged.add(m.group(2) is not None)
     if not grid:
         raise CheckpointError(f"{src}: no mp_rank_XX folders (is this a Megatron-LM checkpoint?)")
+    if len(staged) > 1:  # mp_rank_00 and mp_rank_00_000 would both be part (0, 0): one would be dropped unseen
+        raise CheckpointError(f"{src} holds both mp_rank_XX and mp_rank_XX_YYY folders: parts of two checkpoints?")
     tp = 1 + max(r for r, _ in grid)
     pp = 1 + max(s for _, s in grid)
     for r in range(tp):
@@ -102,33 +110,51 @@ class Part:
 
     def __init__(self, path: Path, state: dict, label: str):
         self.path, self.label = path, label
-        self.version = float(state.get("checkpoint_version", 0) or 0)
+        self.version = _version(state.get("checkpoint_version"), label)
         self.args = state.get("args")
         model = state.get("model")
         if not isinstance(model, dict):
-            found = ", ".join(sorted(k for k in state if k.startswith("model"))) or "none"
+            if model is not None:
+                raise CheckpointError(f"{label}: 'model' is {type(model).__name__}, expected a dict")
+            found = ", ".join(sorted(k for k in state if isinstance(k, str) and k.startswith("model"))) or "none"
             raise CheckpointError(f"{label}: no 'model' entry (found model entries: {found}); "
                                   "virtual-pipeline and Megatron-core checkpoints are not supported")
         lm = model.get("language_model")
         if not isinstance(lm, dict):
-            raise CheckpointError(f"{label}: model.language_model is missing")
+            if any(isinstance(k, str) and k.startswith("decoder.") for k in model):
+                raise CheckpointError(f"{label} holds a Megatron-core model (model.decoder.layers...), which is not "
+                                      "supported: only the legacy Megatron-LM one (model.language_model...)")
+            found = "missing" if lm is None else f"{type(lm).__name__}, expected a dict"
+            raise CheckpointError(f"{label}: model.language_model is {found}")
         if "output_layer" in lm:
             raise CheckpointError(f"{label}: the checkpoint has an untied output layer "
                                   "(untie_embeddings_and_output_weights), which this model does not support")
         self.tensors: dict = {}
         emb = lm.get("embedding") or {}
+        if not isinstance(emb, dict):
+            raise CheckpointError(f"{label}: model.language_model.embedding is {type(emb).__name__}, expected a dict")
         for name in ("word_embeddings", "position_embeddings"):
             if isinstance(emb.get(name), dict) and "weight" in emb[name]:
                 self.tensors[name] = emb[name]["weight"]
-        stack = lm.get("encoder", lm.get("transformer"))
+        head = model.get("word_embeddings_for_head")  # the last pipeline stage's copy of the embedding
+        if isinstance(head, dict) and "weight" in head:
+            self.tensors["word_embeddings_for_head"] = head["weight"]
+        which = "encoder" if "encoder" in lm else "transformer"
+        stack = lm.get(which)
         if stack is None:
             raise CheckpointError(f"{label}: model.language_model has neither 'encoder' nor 'transformer'")
+        if not isinstance(stack, dict):
+            raise CheckpointError(f"{label}: model.language_model.{which} is {type(stack).__name__}, expected a dict")
         for key, value in stack.items():
+            if not isinstance(key, str):
+                raise CheckpointError(f"{label}: model.language_model.{which} has the key {key!r}, not a tensor name")
             self.tensors[key.replace(".self_attention.", ".attention.")] = value
         layers = {int(m.group(1)) for k in self.tensors if (m := re.match(r"layers\.(\d+)\.", k))}
         self.n_layers = 1 + max(layers) if layers else 0
-        if layers != set(range(self.n_layers)):
-            raise CheckpointError(f"{label}: layer {min(set(range(self.n_layers)) - layers)} is missing")
+        if len(layers) != self.n_layers:  # not set(range(n_layers)): a key layers.999999999999.x would fill memory
+            missing = next(i for i in range(self.n_layers) if i not in layers)
+            raise CheckpointError(f"{label}: layer {missing} is missing (the part holds layers up to "
+                                  f"{self.n_layers - 1})")
 
     def get(self, key: str, shape: tuple[int, ...], shown: str | None = None):
         """The tensor `key` as numpy, checked to be `shape`."""
@@ -142,11 +168,24 @@ class Part:
         if tuple(t.shape) != shape:
             raise CheckpointError(f"{self.label}: tensor {shown or key} has shape {tuple(t.shape)}, "
                                   f"expected {shape}")
-        values = torch_to_numpy(t)
+        try:
+            values = torch_to_numpy(t, shown or key)
+        except CheckpointError as e:
+            raise CheckpointError(f"{self.label}: {e}") from None
         bad = first_nonfinite(values)
         if bad:
             raise CheckpointError(f"{self.label}: tensor {shown or key} holds {bad}: the weights must be finite")
         return values
+
+
+def _version(value, label: str) -> float:
+    """checkpoint_version (absent: 0), one of VERSIONS: any other would put QKV's rows in an order unseen."""
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or value not in VERSIONS:
+        raise CheckpointError(f"{label}: checkpoint_version {value!r} is not one of Megatron-LM's "
+                              f"{', '.join(map(str, VERSIONS))}")
+    return float(value)
 
 
 # ---- the config ----------------------------------------------------------------------------------------------
@@ -165,7 +204,10 @@ def _number(args, label: str, *names, default=None, kind=numbers.Integral):
     if isinstance(value, bool) or not isinstance(value, kind):
         what = "an integer" if kind is numbers.Integral else "a number"
         raise CheckpointError(f"{label}: args.{names[0]} must be {what}, got {value!r}")
-    return int(value) if kind is numbers.Integral else float(value)
+    try:
+        return int(value) if kind is numbers.Integral else float(value)
+    except OverflowError:  # float() of an integer past float's range
+        raise CheckpointError(f"{label}: args.{names[0]} is too large a number") from None
 
 
 def _check_supported(args, label: str) -> None:
@@ -203,13 +245,23 @@ def build_config(parts: list[list[Part]], num_heads: int | None, vocab_size: int
     tp, pp = len(parts), len(parts[0])
     args = first.args
     _check_supported(args, first.label)
-    if "position_embeddings" not in first.tensors:
-        raise CheckpointError(f"{first.label}: tensor embedding.position_embeddings.weight is missing")
-    if "word_embeddings" not in first.tensors:
-        raise CheckpointError(f"{first.label}: tensor embedding.word_embeddings.weight is missing")
+    for name in ("position_embeddings", "word_embeddings"):  # sizes are read from their shapes below
+        t = first.tensors.get(name)
+        if t is None:
+            raise CheckpointError(f"{first.label}: tensor embedding.{name}.weight is missing")
+        if not hasattr(t, "shape") or not hasattr(t, "dtype"):
+            raise CheckpointError(f"{first.label}: tensor embedding.{name}.weight is {type(t).__name__}, "
+                                  "expected a tensor")
+        if len(t.shape) != 2:
+            raise CheckpointError(f"{first.label}: tensor embedding.{name}.weight has shape {tuple(t.shape)}, "
+                                  "expected 2 dimensions")
     wpe_shape = tuple(first.tensors["position_embeddings"].shape)
-    if len(wpe_shape) != 2:
-        raise CheckpointError(f"{first.label}: position_embeddings has shape {wpe_shape}, expected 2 dimensions")
+    for s in range(pp):  # merge() takes the layers from rank 0's count: another rank's extra layers would go unseen
+        rank0, *others = [stages[s] for stages in parts]
+        odd = next((p for p in others if p.n_layers != rank0.n_layers), None)
+        if odd is not None:
+            raise CheckpointError(f"{odd.label} holds {odd.n_layers} layers, but {rank0.label} holds "
+                                  f"{rank0.n_layers}: the tensor-parallel parts of a stage must hold the same layers")
     found_layers = sum(p.n_layers for p in parts[0])
     if args is not None:
         if _arg(args, "num_attention_heads") is None:
@@ -239,8 +291,9 @@ def build_config(parts: list[list[Part]], num_heads: int | None, vocab_size: int
         hidden, positions = wpe_shape[1], wpe_shape[0]
         n_layers = found_layers
         h4h = first.tensors.get("layers.0.mlp.dense_h_to_4h.weight")
-        if h4h is None:
-            raise CheckpointError(f"{first.label}: tensor layers.0.mlp.dense_h_to_4h.weight is missing")
+        if not hasattr(h4h, "shape") or len(h4h.shape) != 2:  # missing, or not a matrix to read the size from
+            raise CheckpointError(f"{first.label}: tensor layers.0.mlp.dense_h_to_4h.weight is missing or not a "
+                                  "matrix")
         ffn = int(h4h.shape[0]) * tp
         padded = int(first.tensors["word_embeddings"].shape[0]) * tp
         eps = 1e-5
@@ -294,6 +347,13 @@ def merge(config: ModelConfig, padded: int, parts: list[list[Part]]):
         return x if x.dtype == dt else x.astype(dt)
 
     wte = np.concatenate([p.get("word_embeddings", (vl, c), "embedding.word_embeddings.weight") for p in ranks0])
+    for r, p in enumerate(last if len(parts[0]) > 1 else []):  # the last stage's copy of wte, for the LM head
+        if "word_embeddings_for_head" not in p.tensors:
+            continue
+        head = p.get("word_embeddings_for_head", (vl, c), "word_embeddings_for_head.weight")
+        if not np.array_equal(head, wte[r * vl:(r + 1) * vl]):
+            raise CheckpointError(f"{p.label}: tensor word_embeddings_for_head.weight differs from the word "
+                                  "embeddings: gptjax runs the output layer tied to the token embedding")
     params = {"wte": cast(wte[: config.vocab_size]),
               "wpe": cast(np.array(ranks0[0].get("position_embeddings", (config.n_positions, c),
                                                  "embedding.position_embeddings.weight"))),

@@ -134,7 +134,8 @@ def read_config(checkpoint_dir: str | Path) -> ModelConfig:
 
 
 def saved_shapes(checkpoint_dir: str | Path) -> dict:
-    """The shapes of the arrays in `params/`, from orbax's metadata alone (no array is read)."""
+    """The shapes of the arrays in `params/`, from orbax's metadata alone (no array is read); each array checked to
+    be saved as floating point: a restore casts whatever it finds to the config's dtype, integers too."""
     import orbax.checkpoint as ocp
 
     path = Path(checkpoint_dir).absolute() / "params"
@@ -146,14 +147,20 @@ def saved_shapes(checkpoint_dir: str | Path) -> dict:
         absl.setLevel(logging.ERROR)
         with ocp.StandardCheckpointer() as ckptr:
             meta = ckptr.metadata(path)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not an orbax checkpoint ({type(e).__name__}: {e})") from None
+    except Exception as e:  # OSError, ValueError; KeyError or RecursionError from a _METADATA that is not orbax's
+        first = str(e).splitlines()[0] if str(e) else "no details"
+        raise CheckpointError(f"{path}: not an orbax checkpoint ({type(e).__name__}: {first})") from None
     finally:
         absl.setLevel(level)
     tree = getattr(meta, "item_metadata", meta)  # newer orbax wraps the tree in step metadata
     tree = getattr(tree, "tree", tree)
     if not tree:  # orbax finds no metadata: params/ or its _METADATA is gone
         raise CheckpointError(f"{path}: not an orbax checkpoint (no parameters listed: is its _METADATA there?)")
+    for key, leaf in jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: not isinstance(x, dict)):
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):
+            raise CheckpointError(f"{path}: parameter {jax.tree_util.keystr(key)} is saved as {dtype}: the weights "
+                                  "must be floating point")
     return _shapes(tree)
 
 

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from gptjax.paths import cache_dir
-from gptjax.tokenizer import FOLDER_FILES
+from gptjax.tokenizer import FOLDER_FILES, Tokenizer
 
 log = logging.getLogger("gptjax.hub")
 
@@ -214,7 +214,8 @@ def _convert(snapshot: Path, folder: Path, source: dict, label: str, isolate: bo
 
 def write_tokenizer_files(snapshot: Path, dst: Path, label: str) -> None:
     """The repo's vocab.json and merges.txt into `dst`, or the two made from its tokenizer.json; neither when
-    the repo has none (the engine then uses GPT-2's)."""
+    the repo has none (the engine then uses GPT-2's). They are read back once here: the folder is kept, and a
+    pair that can't be read would fail every load of it."""
     if all((snapshot / n).is_file() for n in FOLDER_FILES):
         for n in FOLDER_FILES:
             shutil.copyfile(snapshot / n, dst / n)
@@ -223,6 +224,13 @@ def write_tokenizer_files(snapshot: Path, dst: Path, label: str) -> None:
         (dst / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
         (dst / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
                                         encoding="utf-8")
+    else:
+        return
+    try:
+        Tokenizer(*(dst / n for n in FOLDER_FILES))
+    except Exception as e:  # tokenizers raises a bare Exception, naming neither the files nor the repo
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise HubError(f"{label}: its tokenizer can't be read ({first})") from None
 
 
 def _byte_level_bpe(path: Path, label: str) -> tuple[dict, list]:
@@ -237,12 +245,14 @@ def _byte_level_bpe(path: Path, label: str) -> tuple[dict, list]:
                            "is not GPT-2's byte-level BPE, the one gptjax runs")
         merges = [m.split(" ") if isinstance(m, str) else list(m) for m in model["merges"]]
         vocab = dict(model["vocab"])
-    except (KeyError, TypeError, AttributeError, ValueError) as e:
+    except (KeyError, TypeError, AttributeError, ValueError, RecursionError) as e:
         if isinstance(e, HubError):
             raise
-        raise HubError(f"{label}: tokenizer.json can't be read ({type(e).__name__}: {e})") from None
-    if not vocab or any(len(m) != 2 or " " in m[0] + m[1] for m in merges):
-        raise HubError(f"{label}: tokenizer.json has an empty vocabulary or merges with spaces")
+        first = str(e).splitlines()[0] if str(e) else "no details"
+        raise HubError(f"{label}: tokenizer.json can't be read ({type(e).__name__}: {first})") from None
+    if not vocab or any(len(m) != 2 or not all(isinstance(t, str) and t and " " not in t for t in m) for m in merges):
+        raise HubError(f"{label}: tokenizer.json has an empty vocabulary, or merges that are not pairs of tokens "
+                       "without spaces")
     return vocab, merges
 
 
@@ -281,7 +291,7 @@ def converted_models() -> list[ConvertedModel]:
             data = json.loads(source.read_text())
             found.append(ConvertedModel(str(data["model_id"]), str(data["revision"]), str(data["commit"]),
                                         source.parent))
-        except (OSError, KeyError, TypeError, json.JSONDecodeError):
+        except (OSError, KeyError, TypeError, ValueError, RecursionError):  # ValueError: not JSON, or not UTF-8
             continue  # not ours: leave it alone
     return sorted(found, key=lambda m: m.name)
 

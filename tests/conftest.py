@@ -52,6 +52,7 @@ FILE_ORDER = [
     "test_bench.py",  # 55
     "test_fuzz.py",  # 35
     "test_hub.py",  # 40
+    "test_untrusted_files.py",  # 15
     "test_openai.py",  # 15
     "test_sampling.py",  # 35
     "test_notebook.py",  # 20

@@ -177,3 +177,22 @@ def test_a_value_of_the_wrong_type_exits_2_naming_the_field(saved, tmp_path, cap
 def test_sizes_the_parameters_do_not_hold_are_refused(saved, tmp_path, model, words):
     with pytest.raises(CheckpointError, match=words):
         Engine.load(edited(saved, tmp_path, **model))
+
+
+@pytest.mark.parametrize("text, words", [("[" * 100_000, "RecursionError"), ("{}", "KeyError: 'tree_metadata'")],
+                         ids=["nested", "empty"])
+def test_a_parameter_list_that_is_not_orbax_s_exits_2_naming_it(saved, tmp_path, capsys, text, words):
+    """orbax's reading of it raised through (a RecursionError or KeyError traceback)."""
+    folder = shutil.copytree(saved[0], tmp_path / "listed")
+    (folder / "params" / "_METADATA").write_text(text)
+    line, _ = generate_fails(capsys, folder)
+    assert f"{folder}/params: not an orbax checkpoint ({words}" in line, line
+
+
+def test_parameters_saved_as_integers_exit_2_naming_the_parameter(saved, tmp_path, capsys):
+    """A restore casts what it finds to the config's dtype: integer weights loaded as floats, without a word."""
+    params = jax.tree.map(np.array, saved[1])
+    params["h_1"]["mlp_in"]["kernel"] = (params["h_1"]["mlp_in"]["kernel"] * 100).astype(np.int32)
+    folder = save_checkpoint(tmp_path / "ints", CONFIG, params)
+    line, _ = generate_fails(capsys, folder)
+    assert "parameter ['h_1']['mlp_in']['kernel'] is saved as int32: the weights must be floating point" in line

@@ -253,3 +253,42 @@ def test_a_folder_left_without_its_source_is_converted_again(fresh):
     assert hub.pretrained_folder("org/name") == folder and (folder / hub.SOURCE_FILE).is_file()
     hub.remove_converted("org/name")
     assert not folder.exists()
+
+
+def bpe_spec(vocab, merges) -> dict:
+    return {"model": {"type": "BPE", "vocab": vocab, "merges": merges}, "pre_tokenizer": {"type": "ByteLevel"}}
+
+
+@pytest.mark.parametrize("text, words", [
+    ("[" * 100_000, "tokenizer.json can't be read (RecursionError"),  # was a RecursionError traceback
+    (json.dumps(bpe_spec({"a": 0}, [[1, 2]])), "merges that are not pairs of tokens without spaces"),  # TypeError
+    (json.dumps(bpe_spec({"a": -1}, [])), "its tokenizer can't be read (Error while reading BPE files"),
+    (json.dumps(bpe_spec({"a": 0}, ["x y"])), "its tokenizer can't be read (Error while initializing BPE: Token `x`"),
+], ids=["nested", "merges-of-numbers", "negative-id", "unknown-merge"])
+def test_a_tokenizer_json_that_can_not_be_read_is_refused(tmp_path, text, words):
+    """The last two were written out, and every load of the folder then failed with tokenizers' bare Exception."""
+    (tmp_path / "tokenizer.json").write_text(text)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(hub.HubError, match="org/bad: ") as e:
+        hub.write_tokenizer_files(tmp_path, tmp_path / "out", "org/bad")
+    assert words in str(e.value)
+
+
+def test_vocab_and_merges_that_can_not_be_read_are_refused_and_nothing_is_kept(fresh, hub_cache, hf_model):
+    """They were copied as they were: the conversion was kept, and every load of it failed with a traceback."""
+    snapshot = write_repo(hub_cache, "org/bad-vocab")
+    hf_model.save_pretrained(snapshot)
+    (snapshot / "vocab.json").write_text('{"a": 0, "b": ')  # cut short
+    (snapshot / "merges.txt").write_text("#version: 0.2\na b\n")
+    with pytest.raises(hub.HubError, match="org/bad-vocab@3f1c0e5a9b2d: its tokenizer can't be read"):
+        hub.pretrained_folder("org/bad-vocab")
+    assert hub.converted_models() == [] and not [p for p in fresh.rglob("*@*") if not p.name.endswith(".lock")]
+
+
+def test_a_source_json_that_is_not_ours_is_left_out_of_the_list(fresh, capsys):
+    """A source.json nested too deeply was a RecursionError traceback of `gptjax models`."""
+    folder = hub.converted_folder("org/name", COMMIT)
+    folder.mkdir(parents=True)
+    (folder / hub.SOURCE_FILE).write_text("[" * 100_000)
+    assert hub.converted_models() == []
+    assert cli.main(["models"]) == 0 and "org/name" not in capsys.readouterr().out

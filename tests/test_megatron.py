@@ -285,6 +285,7 @@ def test_non_finite_weights_are_refused_naming_the_part_and_tensor(capsys, tmp_p
     ("num_attention_heads", [4], "args.num_attention_heads must be an integer, got [4]"),  # was a TypeError
     ("layernorm_epsilon", "1e-5", "args.layernorm_epsilon must be a number"),
     ("layernorm_epsilon", float("nan"), "layer_norm_eps must be a positive finite number, got nan"),
+    ("layernorm_epsilon", 10**400, "args.layernorm_epsilon is too large a number"),  # was an OverflowError
 ])
 def test_saved_args_of_the_wrong_type_are_refused_naming_them(capsys, hf_model, tmp_path, field, value, words):
     write_megatron(hf_model, tmp_path / "m")
@@ -293,3 +294,89 @@ def test_saved_args_of_the_wrong_type_are_refused_naming_them(capsys, hf_model, 
     setattr(state["args"], field, value)
     torch.save(state, path)
     assert words in convert_fails(capsys, tmp_path, tmp_path / "m")
+
+
+# ---- parts whose layout is not Megatron-LM's: refused naming what is wrong (these were tracebacks, a fill of
+# memory, or a silently different model) ----------------------------------------------------------------------
+def _edit_state(path, change):
+    state = torch.load(path, weights_only=False)
+    change(state)
+    torch.save(state, path)
+
+
+def _stack(state):
+    return state["model"]["language_model"]["transformer"]
+
+
+def _put(state, keys, value):
+    """state[k0][k1]...[kn] = value, or value(what was there) when value is a function."""
+    *outer, last = keys
+    for k in outer:
+        state = state[k]
+    state[last] = value(state[last]) if callable(value) else value
+
+
+LM, WEIGHTS = ("model", "language_model"), ("model", "language_model", "transformer")
+
+
+@pytest.mark.parametrize("keys, value, words", [
+    (("checkpoint_version",), 4.0, "checkpoint_version 4.0 is not one of Megatron-LM's 0, 1, 2, 3"),
+    (("checkpoint_version",), float("nan"), "checkpoint_version nan is not one of"),
+    (("checkpoint_version",), "abc", "checkpoint_version 'abc' is not one of"),  # was "could not convert string"
+    (("checkpoint_version",), [3], "checkpoint_version [3] is not one of"),
+    ((*LM, "transformer"), [1], "model.language_model.transformer is list, expected a dict"),
+    ((*WEIGHTS, 5), torch.zeros(1), "model.language_model.transformer has the key 5, not a tensor name"),
+    ((*LM, "embedding"), [1], "model.language_model.embedding is list, expected a dict"),
+    ((*LM, "embedding", "position_embeddings", "weight"), [1.0],
+     "tensor embedding.position_embeddings.weight is list, expected a tensor"),
+    ((*LM, "embedding", "word_embeddings", "weight"), torch.zeros(()),
+     "tensor embedding.word_embeddings.weight has shape (), expected 2 dimensions"),
+    (("model",), [1], "'model' is list, expected a dict"),
+    (("model",), {"decoder.layers.0.self_attention.linear_qkv.weight": torch.zeros(1)},
+     "holds a Megatron-core model (model.decoder.layers...), which is not supported"),
+    ((*WEIGHTS, "layers.0.attention.dense.weight"), lambda t: t.to_sparse(),
+     "tensor layers.0.attention.dense.weight is a sparse_coo tensor, expected dense weights"),
+], ids=["version-4", "version-nan", "version-str", "version-list", "stack-list", "int-key", "embedding-list",
+        "wpe-list", "wte-scalar", "model-list", "megatron-core", "sparse"])
+def test_a_part_laid_out_otherwise_is_refused_naming_the_entry(capsys, tmp_path, good, keys, value, words):
+    """Versions other than 0-3 were read as 2 and 3 are (another QKV order: a different model); the others were
+    tracebacks (AttributeError, TypeError) or named nothing."""
+    _edit_state(good / "mp_rank_00" / "model_optim_rng.pt", lambda state: _put(state, keys, value))
+    line = convert_fails(capsys, tmp_path, good, "--num-heads", "4")
+    assert "mp_rank_00/model_optim_rng.pt" in line and words in line, line
+
+
+def test_a_layer_number_far_past_the_others_is_refused_at_once(capsys, tmp_path, good):
+    """The check for missing layers built set(range(highest + 1)): a key layers.999999999999.x filled memory."""
+    _edit_state(good / "mp_rank_01" / "model_optim_rng.pt",
+                lambda s: _stack(s).__setitem__("layers.999999999999.input_layernorm.weight", torch.zeros(64)))
+    line = convert_fails(capsys, tmp_path, good, "--num-heads", "4")
+    assert "mp_rank_01/model_optim_rng.pt: layer 2 is missing (the part holds layers up to 999999999999)" in line
+
+
+def test_tensor_parallel_parts_holding_different_layers_are_refused(capsys, tmp_path, good):
+    """Rank 0's layer count was taken for all: rank 1's extra layer was dropped without a word."""
+    def add_layer(state):
+        stack = _stack(state)
+        stack.update({k.replace("layers.1.", "layers.2."): v.clone() for k, v in stack.items()
+                      if k.startswith("layers.1.")})
+    _edit_state(good / "mp_rank_01" / "model_optim_rng.pt", add_layer)
+    line = convert_fails(capsys, tmp_path, good, "--num-heads", "4")
+    assert "mp_rank_01/model_optim_rng.pt holds 3 layers, but mp_rank_00/model_optim_rng.pt holds 2" in line
+
+
+def test_parts_named_with_and_without_a_stage_are_refused(capsys, tmp_path, good):
+    """mp_rank_00 and mp_rank_00_000 are both part (0, 0): one of them was dropped without a word."""
+    shutil.copytree(good / "mp_rank_00", good / "mp_rank_00_000")
+    line = convert_fails(capsys, tmp_path, good, "--num-heads", "4")
+    assert "holds both mp_rank_XX and mp_rank_XX_YYY folders" in line
+
+
+def test_a_last_stage_whose_head_is_not_the_embedding_is_refused(capsys, hf_model, tmp_path):
+    """With pipeline stages the last one keeps its own copy of the word embeddings for the LM head; one that
+    differs is an output layer of its own, which this model would have replaced by the first stage's."""
+    write_megatron(hf_model, tmp_path / "m", tp=2, pp=2)
+    last = tmp_path / "m" / "release" / "mp_rank_01_001" / "model_optim_rng.pt"
+    _edit_state(last, lambda s: s["model"]["word_embeddings_for_head"]["weight"].mul_(1.5))
+    line = convert_fails(capsys, tmp_path, tmp_path / "m")
+    assert "mp_rank_01_001/model_optim_rng.pt: tensor word_embeddings_for_head.weight differs from the word" in line
