@@ -228,7 +228,8 @@ def write_tokenizer_files(snapshot: Path, dst: Path, label: str) -> None:
         return
     try:
         Tokenizer(*(dst / n for n in FOLDER_FILES))
-    except Exception as e:  # tokenizers raises a bare Exception, naming neither the files nor the repo
+    except Exception as e:  # the library's reason (Tokenizer's error names the files, here a folder not kept)
+        e = e.__cause__ or e
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise HubError(f"{label}: its tokenizer can't be read ({first})") from None
 

@@ -38,7 +38,10 @@ class Tokenizer:
         for path in (vocab_file, merges_file):
             if not Path(path).is_file():
                 raise FileNotFoundError(f"tokenizer file not found: {path}")
-        bpe = models.BPE.from_file(str(vocab_file), str(merges_file))
+        try:
+            bpe = models.BPE.from_file(str(vocab_file), str(merges_file))
+        except Exception as e:  # the library raises a bare Exception for a malformed vocabulary or merges file
+            raise ValueError(f"tokenizer files {vocab_file} and {merges_file} can't be read: {e}") from e
         self._tok = _HFTokenizer(bpe)
         self._tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         self._tok.decoder = decoders.ByteLevel()
@@ -84,6 +87,12 @@ def default_tokenizer() -> Tokenizer:
 
 
 def folder_tokenizer(folder: str | Path) -> Tokenizer | None:
-    """The tokenizer a checkpoint folder brings (its vocab.json and merges.txt), or None: then GPT-2's."""
+    """The tokenizer a checkpoint folder brings (its vocab.json and merges.txt), or None: then GPT-2's. One of the
+    two alone is refused: GPT-2's tokenizer in its place would run the model on the wrong ids without a word."""
     files = [Path(folder) / name for name in FOLDER_FILES]
-    return Tokenizer(*files) if all(f.is_file() for f in files) else None
+    present = [f.name for f in files if f.is_file()]
+    if len(present) == 1:
+        missing = next(name for name in FOLDER_FILES if name not in present)
+        raise ValueError(f"{folder} holds {present[0]} but not {missing}: a checkpoint's own tokenizer needs both "
+                         "(without either, GPT-2's is used)")
+    return Tokenizer(*files) if present else None

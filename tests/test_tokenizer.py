@@ -82,3 +82,20 @@ def test_token_bytes_of_a_token_written_outside_the_byte_alphabet_are_its_utf8_a
     assert [tok.token_bytes(i) for i in range(4)] == [b"a", "中Ġ".encode(), b"\xe4", b" "]
     for ids in ([0, 1, 3], [2, 0], [1, 2]):
         assert tok.decode(ids) == b"".join(map(tok.token_bytes, ids)).decode("utf-8", "replace")
+
+
+def test_malformed_or_half_tokenizer_files_are_refused_naming_them(tmp_path):
+    """A malformed vocab.json raised the tokenizers library's bare Exception; a checkpoint folder with merges.txt
+    but no vocab.json silently ran on GPT-2's tokenizer."""
+    from gptjax.tokenizer import folder_tokenizer
+
+    vocab, merges = tmp_path / "vocab.json", tmp_path / "merges.txt"
+    vocab.write_text('{"a": "not an id"')
+    merges.write_text("#version: 0.2\n")
+    with pytest.raises(ValueError, match=r"tokenizer files .*vocab.json and .*merges.txt can't be read"):
+        Tokenizer(vocab, merges)
+    vocab.unlink()
+    with pytest.raises(ValueError, match="holds merges.txt but not vocab.json"):
+        folder_tokenizer(tmp_path)
+    merges.unlink()
+    assert folder_tokenizer(tmp_path) is None  # neither: GPT-2's
