@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from tqdm import tqdm
 from checkpoints.torch_pickle import safe_load, torch_to_numpy
 from gptjax.checkpoint import CheckpointError, first_nonfinite, save_checkpoint
 from gptjax.config import ModelConfig
+from gptjax.tokenizer import FOLDER_FILES, Tokenizer
 
 _ACTIVATIONS = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu": "gelu"}
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
@@ -208,7 +210,58 @@ def convert_hf_gpt2(src: str | Path, dst: str | Path) -> Path:
         raise CheckpointError(f"output folder {dst} already exists")
     config = read_config(src)
     params = to_params(config, read_tensors(src))
-    return save_checkpoint(dst, config, params)
+    out = save_checkpoint(dst, config, params)
+    try:  # the folder's own tokenizer comes along: without it the model would run on GPT-2's ids
+        write_tokenizer_files(src, out)
+    except CheckpointError:
+        shutil.rmtree(out)
+        raise
+    return out
+
+
+def write_tokenizer_files(src: Path, dst: Path) -> None:
+    """The source folder's vocab.json and merges.txt into `dst`, or the two made from its tokenizer.json; neither
+    when it has none (the engine then uses GPT-2's). They are read back once here: a pair that can't be read
+    would fail every load of the checkpoint."""
+    if all((src / n).is_file() for n in FOLDER_FILES):
+        for n in FOLDER_FILES:
+            shutil.copyfile(src / n, dst / n)
+    elif (src / "tokenizer.json").is_file():
+        vocab, merges = _byte_level_bpe(src / "tokenizer.json")
+        (dst / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+        (dst / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
+                                        encoding="utf-8")
+    else:
+        return
+    try:
+        Tokenizer(*(dst / n for n in FOLDER_FILES))
+    except ValueError as e:  # the library's reason (Tokenizer's error names the files, in a folder not kept)
+        e = e.__cause__ or e
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"its tokenizer can't be read ({first})") from None
+
+
+def _byte_level_bpe(path: Path) -> tuple[dict, list]:
+    """(vocab, merges) of a tokenizer.json holding GPT-2's kind of tokenizer; any other is refused, since
+    the engine's tokenizer could not reproduce it."""
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+        model, pre = spec["model"], spec.get("pre_tokenizer") or {}
+        kinds = [pre.get("type")] + [p.get("type") for p in pre.get("pretokenizers", [])]
+        if model.get("type") != "BPE" or "ByteLevel" not in kinds:
+            raise CheckpointError(f"its tokenizer ({model.get('type')} model, {pre.get('type')} pre-tokenizer) "
+                                  "is not GPT-2's byte-level BPE, the one gptjax runs")
+        merges = [m.split(" ") if isinstance(m, str) else list(m) for m in model["merges"]]
+        vocab = dict(model["vocab"])
+    except (KeyError, TypeError, AttributeError, ValueError, RecursionError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        first = str(e).splitlines()[0] if str(e) else "no details"
+        raise CheckpointError(f"tokenizer.json can't be read ({type(e).__name__}: {first})") from None
+    if not vocab or any(len(m) != 2 or not all(isinstance(t, str) and t and " " not in t for t in m) for m in merges):
+        raise CheckpointError("tokenizer.json has an empty vocabulary, or merges that are not pairs of tokens "
+                              "without spaces")
+    return vocab, merges
 
 
 def to_hf_model(config: ModelConfig, params, device: str = "cpu", torch_dtype=None):

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from gptjax.paths import cache_dir
-from gptjax.tokenizer import FOLDER_FILES, Tokenizer
+from gptjax.tokenizer import FOLDER_FILES
 
 log = logging.getLogger("gptjax.hub")
 
@@ -186,7 +186,8 @@ def _offline_hint() -> str:
 
 
 def _convert(snapshot: Path, folder: Path, source: dict, label: str, isolate: bool) -> None:
-    """Convert into a temporary sibling of `folder`, add the tokenizer files and source.json, rename."""
+    """Convert (the repo's tokenizer files come with the weights) into a temporary sibling of `folder`, add
+    source.json, rename."""
     from gptjax.checkpoint import CheckpointError
     from checkpoints.hf_gpt2 import convert_hf_gpt2
 
@@ -199,7 +200,6 @@ def _convert(snapshot: Path, folder: Path, source: dict, label: str, isolate: bo
         except CheckpointError as e:
             raise HubError(f"{label}: {e} (a damaged download: delete it from the Hugging Face cache and run "
                            "again)") from None
-        write_tokenizer_files(snapshot, staged, label)
         (staged / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
         if folder.is_dir() and not _is_converted(folder):  # a leftover of a conversion or removal cut short
             shutil.rmtree(folder)
@@ -210,51 +210,6 @@ def _convert(snapshot: Path, folder: Path, source: dict, label: str, isolate: bo
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def write_tokenizer_files(snapshot: Path, dst: Path, label: str) -> None:
-    """The repo's vocab.json and merges.txt into `dst`, or the two made from its tokenizer.json; neither when
-    the repo has none (the engine then uses GPT-2's). They are read back once here: the folder is kept, and a
-    pair that can't be read would fail every load of it."""
-    if all((snapshot / n).is_file() for n in FOLDER_FILES):
-        for n in FOLDER_FILES:
-            shutil.copyfile(snapshot / n, dst / n)
-    elif (snapshot / "tokenizer.json").is_file():
-        vocab, merges = _byte_level_bpe(snapshot / "tokenizer.json", label)
-        (dst / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-        (dst / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
-                                        encoding="utf-8")
-    else:
-        return
-    try:
-        Tokenizer(*(dst / n for n in FOLDER_FILES))
-    except Exception as e:  # the library's reason (Tokenizer's error names the files, here a folder not kept)
-        e = e.__cause__ or e
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise HubError(f"{label}: its tokenizer can't be read ({first})") from None
-
-
-def _byte_level_bpe(path: Path, label: str) -> tuple[dict, list]:
-    """(vocab, merges) of a tokenizer.json holding GPT-2's kind of tokenizer; any other is refused, since
-    the engine's tokenizer could not reproduce it."""
-    try:
-        spec = json.loads(path.read_text(encoding="utf-8"))
-        model, pre = spec["model"], spec.get("pre_tokenizer") or {}
-        kinds = [pre.get("type")] + [p.get("type") for p in pre.get("pretokenizers", [])]
-        if model.get("type") != "BPE" or "ByteLevel" not in kinds:
-            raise HubError(f"{label}: its tokenizer ({model.get('type')} model, {pre.get('type')} pre-tokenizer) "
-                           "is not GPT-2's byte-level BPE, the one gptjax runs")
-        merges = [m.split(" ") if isinstance(m, str) else list(m) for m in model["merges"]]
-        vocab = dict(model["vocab"])
-    except (KeyError, TypeError, AttributeError, ValueError, RecursionError) as e:
-        if isinstance(e, HubError):
-            raise
-        first = str(e).splitlines()[0] if str(e) else "no details"
-        raise HubError(f"{label}: tokenizer.json can't be read ({type(e).__name__}: {first})") from None
-    if not vocab or any(len(m) != 2 or not all(isinstance(t, str) and t and " " not in t for t in m) for m in merges):
-        raise HubError(f"{label}: tokenizer.json has an empty vocabulary, or merges that are not pairs of tokens "
-                       "without spaces")
-    return vocab, merges
 
 
 def _convert_in_child(src: Path, dst: Path) -> None:

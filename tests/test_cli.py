@@ -325,3 +325,30 @@ def test_a_kv_cache_or_weights_that_can_not_fit_exit_2_naming_what_to_change(cap
         capsys, "bench", "--shapes", "1,4,2", "1000,100,100", "--no-compile-cache")
     assert "error: the model's weights need 474.7 MiB (497759232 bytes) on each device (float32, mesh " in main_error(
         capsys, "generate", "--model", "gpt2-124m", "--prompt", "x", "--no-compile-cache")
+
+
+def test_convert_keeps_the_folders_own_tokenizer(hf_dir, tmp_path):
+    """A local Hugging Face folder with its own vocab.json and merges.txt converted without them, and the model
+    then ran on GPT-2's tokenizer without a word; they come along now, as a Hub conversion keeps them. A pair that
+    can't be read is refused and leaves no folder."""
+    import shutil
+
+    from gptjax.engine import Engine
+    from gptjax.tokenizer import Tokenizer, default_files
+
+    src = tmp_path / "with-tokenizer"
+    shutil.copytree(hf_dir, src)
+    vocab, merges = default_files()
+    shutil.copyfile(vocab, src / "vocab.json")
+    lines = merges.read_text(encoding="utf-8").splitlines()
+    (src / "merges.txt").write_text("\n".join(lines[:5001]) + "\n", encoding="utf-8")  # fewer merges: other ids
+    dst = tmp_path / "ckpt"
+    assert cli.main(["convert", "hf-gpt2", str(src), str(dst)]) == 0
+    text = "Tokenizers disagree about uncommonly hyphenated-words"
+    own = Tokenizer(src / "vocab.json", src / "merges.txt").encode(text)
+    assert own != Tokenizer().encode(text)
+    assert Engine.load(dst).tokenizer.encode(text) == own
+    (src / "vocab.json").write_text('{"broken": ', encoding="utf-8")
+    refused = tmp_path / "refused"
+    assert cli.main(["convert", "hf-gpt2", str(src), str(refused)]) == 2
+    assert not refused.exists()
