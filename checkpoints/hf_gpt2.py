@@ -11,7 +11,7 @@ import numpy as np
 from tqdm import tqdm
 
 from checkpoints.torch_pickle import safe_load, torch_to_numpy
-from gptjax.checkpoint import CheckpointError, first_nonfinite, save_checkpoint
+from gptjax.checkpoint import CheckpointError, UnsupportedCheckpoint, first_nonfinite, save_checkpoint
 from gptjax.config import ModelConfig
 from gptjax.tokenizer import FOLDER_FILES, Tokenizer
 
@@ -31,10 +31,10 @@ def check_architecture(hf: dict, label: str) -> None:
         raise CheckpointError(f"{label}: architectures should be a list, got {architectures!r}")
     if ARCHITECTURE not in architectures and (architectures or hf.get("model_type") != "gpt2"):
         found = ", ".join(map(str, architectures)) or f"model_type {hf.get('model_type')!r}"
-        raise CheckpointError(f"{label}: {found} is not supported: gptjax runs GPT-2 models ({ARCHITECTURE})")
+        raise UnsupportedCheckpoint(f"{label}: {found} is not supported: gptjax runs GPT-2 models ({ARCHITECTURE})")
     for name, value in _FIXED.items():
         if name in hf and hf[name] != value:
-            raise CheckpointError(f"{label}: {name}={hf[name]!r} is not supported (this model needs {value!r})")
+            raise UnsupportedCheckpoint(f"{label}: {name}={hf[name]!r} is not supported (this model needs {value!r})")
 
 
 def read_config(src: Path, label: str | None = None) -> ModelConfig:
@@ -249,8 +249,8 @@ def _byte_level_bpe(path: Path) -> tuple[dict, list]:
         model, pre = spec["model"], spec.get("pre_tokenizer") or {}
         kinds = [pre.get("type")] + [p.get("type") for p in pre.get("pretokenizers", [])]
         if model.get("type") != "BPE" or "ByteLevel" not in kinds:
-            raise CheckpointError(f"its tokenizer ({model.get('type')} model, {pre.get('type')} pre-tokenizer) "
-                                  "is not GPT-2's byte-level BPE, the one gptjax runs")
+            raise UnsupportedCheckpoint(f"its tokenizer ({model.get('type')} model, {pre.get('type')} "
+                                        "pre-tokenizer) is not GPT-2's byte-level BPE, the one gptjax runs")
         merges = [m.split(" ") if isinstance(m, str) else list(m) for m in model["merges"]]
         vocab = dict(model["vocab"])
     except (KeyError, TypeError, AttributeError, ValueError, RecursionError) as e:

@@ -34,6 +34,10 @@ class CheckpointError(ValueError):
     """A checkpoint or source file that can't be read; the message names the file or tensor."""
 
 
+class UnsupportedCheckpoint(CheckpointError):
+    """A whole, readable checkpoint of a kind gptjax does not run (another architecture or tokenizer)."""
+
+
 def expected_shapes(config: ModelConfig):
     """The shape of every parameter of `config`, as a pytree of tuples."""
     return _shapes(jax.eval_shape(partial(init_params, config)))

@@ -188,7 +188,7 @@ def _offline_hint() -> str:
 def _convert(snapshot: Path, folder: Path, source: dict, label: str, isolate: bool) -> None:
     """Convert (the repo's tokenizer files come with the weights) into a temporary sibling of `folder`, add
     source.json, rename."""
-    from gptjax.checkpoint import CheckpointError
+    from gptjax.checkpoint import CheckpointError, UnsupportedCheckpoint
     from checkpoints.hf_gpt2 import convert_hf_gpt2
 
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -197,9 +197,10 @@ def _convert(snapshot: Path, folder: Path, source: dict, label: str, isolate: bo
         staged = tmp / "checkpoint"
         try:
             (_convert_in_child if isolate else convert_hf_gpt2)(snapshot, staged)
-        except CheckpointError as e:
-            raise HubError(f"{label}: {e} (a damaged download: delete it from the Hugging Face cache and run "
-                           "again)") from None
+        except CheckpointError as e:  # UnsupportedCheckpoint: a whole download of another kind of model
+            damaged = "" if isinstance(e, UnsupportedCheckpoint) else (" (a damaged download: delete it from the "
+                                                                      "Hugging Face cache and run again)")
+            raise HubError(f"{label}: {e}{damaged}") from None
         (staged / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
         if folder.is_dir() and not _is_converted(folder):  # a leftover of a conversion or removal cut short
             shutil.rmtree(folder)

@@ -287,6 +287,18 @@ def test_vocab_and_merges_that_can_not_be_read_are_refused_and_nothing_is_kept(f
     assert hub.converted_models() == [] and not [p for p in fresh.rglob("*@*") if not p.name.endswith(".lock")]
 
 
+def test_a_repo_of_another_tokenizer_is_refused_without_blaming_the_download(fresh, hub_cache, hf_model):
+    """A whole download whose tokenizer is not GPT-2's kind was refused with the advice to delete it as damaged."""
+    snapshot = write_repo(hub_cache, "org/wordpiece")
+    hf_model.save_pretrained(snapshot)
+    spec = {"model": {"type": "WordPiece", "vocab": {"a": 0}}, "pre_tokenizer": {"type": "BertPreTokenizer"}}
+    (snapshot / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(hub.HubError, match=r"org/wordpiece@3f1c0e5a9b2d: its tokenizer \(WordPiece model") as e:
+        hub.pretrained_folder("org/wordpiece")
+    assert "damaged" not in str(e.value)
+    assert hub.converted_models() == []
+
+
 def test_a_source_json_that_is_not_ours_is_left_out_of_the_list(fresh, capsys):
     """A source.json nested too deeply was a RecursionError traceback of `gptjax models`."""
     folder = hub.converted_folder("org/name", COMMIT)
