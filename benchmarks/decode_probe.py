@@ -111,13 +111,12 @@ XLA_OPTIONS = {
 }
 
 
-# variant names of their own: the program traced with one of decode_block's switches at 0
-SWITCHES_OFF = {"batch_off": "BATCH_ROWS"}
+BATCH_OFF = "batch_off"  # a variant name of its own: the program traced with decode_block.BATCH_ROWS at 0
 
 
 def _generate_jit(engine, variant: str | None):
     """The engine's generate program under a variant of XLA's options ("off", or short names of `XLA_OPTIONS`
-    joined by "+", any of them with names of `SWITCHES_OFF`; None: the engine's own jit)."""
+    joined by "+", any of them with `BATCH_OFF`; None: the engine's own jit)."""
     import jax
 
     from gptjax import decode_block
@@ -125,24 +124,21 @@ def _generate_jit(engine, variant: str | None):
     if variant is None:
         return engine._generate_jit
     names = [] if variant == "off" else variant.split("+")
-    unknown = [n for n in names if n not in XLA_OPTIONS and n not in SWITCHES_OFF]
+    unknown = [n for n in names if n not in XLA_OPTIONS and n != BATCH_OFF]
     if unknown:
-        raise SystemExit(f"--xla-options: {unknown} not among {sorted(XLA_OPTIONS) + sorted(SWITCHES_OFF)} (or off)")
-    switched = {SWITCHES_OFF[n]: 0 for n in names if n in SWITCHES_OFF}
+        raise SystemExit(f"--xla-options: {unknown} not among {sorted(XLA_OPTIONS) + [BATCH_OFF]} (or off)")
+    batch_rows = 0 if BATCH_OFF in names else decode_block.BATCH_ROWS
 
     @functools.wraps(engine._generate)  # its signature: the static arguments by name
-    def generate(*args, **kwargs):  # decode_block reads its switches as the step is traced
-        saved = {name: getattr(decode_block, name) for name in switched}
-        for name, value in switched.items():
-            setattr(decode_block, name, value)
+    def generate(*args, **kwargs):  # decode_block reads BATCH_ROWS as the step is traced
+        saved, decode_block.BATCH_ROWS = decode_block.BATCH_ROWS, batch_rows
         try:
             return engine._generate(*args, **kwargs)
         finally:
-            for name, value in saved.items():
-                setattr(decode_block, name, value)
+            decode_block.BATCH_ROWS = saved
 
     return jax.jit(generate, static_argnames=("n_new", "cache_len", "sampled"),
-                   compiler_options=dict(XLA_OPTIONS[n] for n in names if n in XLA_OPTIONS) or None)
+                   compiler_options=dict(XLA_OPTIONS[n] for n in names if n != BATCH_OFF) or None)
 
 
 # --sampling: engine.generate's arguments for every row (one seed: each row's own stream still differs)

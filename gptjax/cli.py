@@ -329,11 +329,12 @@ def _cache_of_runs(runs, fix: str):
     holds at least the prompts' bucket and the new tokens (it rounds them up), so a run refused can't fit."""
     def cache(model, ec):
         from gptjax.planning import bucket_length, state_rows
+        from gptjax.prompts import default_new_tokens
 
         seq = ec.seq_len(model)
         sizes = []
         for rows, longest, new, name in runs:
-            new = new or min(ec.max_new_tokens, max(seq - longest, 1))  # as generate picks it (gptjax/generate.py)
+            new = new or default_new_tokens(ec.max_new_tokens, longest, seq)
             positions = min(seq, bucket_length(longest, ec.min_prefill_bucket, seq) + new)
             sizes.append((state_rows(rows, ec.mesh.data), positions, name))
         rows, positions, name = max(sizes, key=lambda size: size[0] * size[1])
@@ -388,6 +389,7 @@ def cmd_convert(args) -> int:
 def cmd_models(args) -> int:
     from gptjax.checkpoint import CheckpointError, read_config
     from gptjax import hub
+    from gptjax.planning import format_bytes
 
     if args.rm is not None:
         for m in hub.remove_converted(args.rm):
@@ -401,7 +403,8 @@ def cmd_models(args) -> int:
         except CheckpointError:
             params = "?"
         pinned = m.revision == m.commit  # asked for by commit: its name shows it already
-        rows.append((m.name, "hub" if pinned else f"hub {m.revision}", params, _bytes(m.disk_bytes())))
+        size = format_bytes(m.disk_bytes(), exact=False)
+        rows.append((m.name, "hub" if pinned else f"hub {m.revision}", params, size))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for row in rows:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
@@ -411,13 +414,6 @@ def cmd_models(args) -> int:
 
 def _count(n: int) -> str:
     return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
-
-
-def _bytes(n: int) -> str:
-    if n < 1024:
-        return f"{n} B"
-    exponent = min(3, int(math.log(n, 1024)))
-    return f"{n / 1024 ** exponent:.1f} {('KiB', 'MiB', 'GiB')[exponent - 1]}"
 
 
 def cmd_serve(args) -> int:

@@ -12,7 +12,8 @@ from typing import Sequence
 
 import numpy as np
 
-from gptjax.prompts import MAX_STOP_IDS, check_new_tokens, check_prompt, check_token_ids, whole_number
+from gptjax.prompts import (MAX_STOP_IDS, check_new_tokens, check_prompt, check_token_ids, default_new_tokens,
+                            whole_number)
 from gptjax.sampling import SamplingParams
 
 
@@ -64,9 +65,9 @@ def generate(engine, prompts, max_new_tokens: int | None = None, *, temperature:
     ec = engine.engine_config
     ids = encode_prompts(engine, prompts)
     longest = max(len(r) for r in ids)
-    # the config's default is capped by the positions the longest prompt leaves; a number asked for is not
-    n_new = check_new_tokens(min(ec.max_new_tokens, max(engine.max_seq_len - longest, 1)) if max_new_tokens is None
-                             else whole_number(max_new_tokens, "max_new_tokens"), longest, engine.max_seq_len)
+    n_new = check_new_tokens(default_new_tokens(ec.max_new_tokens, longest, engine.max_seq_len)
+                             if max_new_tokens is None else whole_number(max_new_tokens, "max_new_tokens"),
+                             longest, engine.max_seq_len)
     params = sampling_params(engine, len(ids), temperature, top_k, top_p, seed, greedy)
     if isinstance(stop_token_ids, (set, frozenset)):
         stop_token_ids = sorted(stop_token_ids)

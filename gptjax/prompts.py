@@ -58,6 +58,12 @@ def whole_number(value, field: str) -> int:
     return int(value)
 
 
+def default_new_tokens(configured: int, longest: int, max_seq_len: int) -> int:
+    """New tokens for a call that asks for none: the config's default, capped by the positions the longest prompt
+    leaves (a number asked for is checked instead, not capped)."""
+    return min(configured, max(max_seq_len - longest, 1))
+
+
 def check_new_tokens(n: int, prompt_len: int, max_seq_len: int, field: str = "max_new_tokens") -> int:
     """At least one new token, and room for all of them after the prompt."""
     if n < 1:
