@@ -214,8 +214,7 @@ def _generate_jit(engine, variant: str | None):
     batch_rows = 0 if BATCH_OFF in names else decode_block.BATCH_ROWS
     layer_fn = decode_block.layer_fn
     if FOLD_LN in names:
-        def layer_fn(impl, config, rows, attention):
-            return _folded_layer(config, attention)
+        layer_fn = lambda impl, config, rows, attention: _folded_layer(config, attention)  # noqa: E731
 
     @functools.wraps(engine._generate)  # its signature: the static arguments by name
     def generate(*args, **kwargs):  # decode_block's BATCH_ROWS and layer_fn are read as the step is traced
