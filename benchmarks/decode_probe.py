@@ -117,10 +117,10 @@ FOLD_LN = "fold_ln"  # one more: each LayerNorm folded into the product after it
 
 def _fold_layer_norms(params):
     """The model's tree with each layer's LayerNorm folded into the product after it, so that a decode step can
-    skip the normalised copy of its input: LN(x) @ W + b = rstd * (x @ W' - mean * colsum(W')) + b', with
-    W' = diag(scale) W (rounded to the weights' dtype; its column sums taken from the rounded W', in float32) and
+    skip the normalised copy of its input: LN(x) @ W + b = rstd(x) * (x @ W') + b', with W' = diag(scale) W less
+    each column's mean (the centring of x moved into the weights: x @ W' = (x - mean(x)) @ diag(scale) W) and
     b' = shift @ W + b. The LayerNorms left behind are the identity's (scale 1, shift 0), so the Flax block (the
-    prefill) computes the same function from the same tree: normalise, then x @ W' + b'."""
+    prefill) computes the same function from the same tree: normalise (centred already), then @ W' + b'."""
     import jax.numpy as jnp
 
     from gptjax.model import layer_index
@@ -128,10 +128,10 @@ def _fold_layer_norms(params):
     def fold(ln, dense):
         w = dense["kernel"]
         w32 = w.reshape(w.shape[0], -1).astype(jnp.float32)
-        folded = (w32 * ln["scale"].astype(jnp.float32)[:, None]).astype(w.dtype)
+        scaled = w32 * ln["scale"].astype(jnp.float32)[:, None]
+        folded = (scaled - scaled.mean(0)).astype(w.dtype)
         bias = ln["bias"].astype(jnp.float32) @ w32 + dense["bias"].reshape(-1).astype(jnp.float32)
-        return {"kernel": folded.reshape(w.shape), "bias": bias.astype(w.dtype).reshape(dense["bias"].shape),
-                "colsum": folded.astype(jnp.float32).sum(0)}
+        return {"kernel": folded.reshape(w.shape), "bias": bias.astype(w.dtype).reshape(dense["bias"].shape)}
 
     def identity(ln):
         return {"scale": jnp.ones_like(ln["scale"]), "bias": jnp.zeros_like(ln["bias"])}
@@ -144,7 +144,7 @@ def _fold_layer_norms(params):
 
 
 def _folded_layer(config, attention: str):
-    """A decode step's layer on `_fold_layer_norms`'s tree, for XLA to compile: each LayerNorm's statistics are
+    """A decode step's layer on `_fold_layer_norms`'s tree, for XLA to compile: each LayerNorm's 1 / std is
     taken from the raw residual and applied after the product (in its epilogue, or its split-K sum), where the
     Flax block runs a kernel normalising the input before it."""
     import jax.numpy as jnp
@@ -166,7 +166,7 @@ def _folded_layer(config, attention: str):
                          + config.layer_norm_eps)
         w = d["kernel"]
         acc = jnp.dot(x, w.reshape(w.shape[0], -1), preferred_element_type=f32)
-        return (rstd * (acc - mean * d["colsum"]) + d["bias"].reshape(-1).astype(f32)).astype(x.dtype)
+        return (rstd * acc + d["bias"].reshape(-1).astype(f32)).astype(x.dtype)
 
     def layer(p, h, layer_kv, pos):
         x = h[:, 0]
