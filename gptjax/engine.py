@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptjax import compile_cache, decode_block, distributed, kernels, sampling, sharding, warmup
+from gptjax import compile_cache, decode_block, distributed, kernels, planning, sampling, sharding, warmup
 from gptjax.checkpoint import open_checkpoint, restore_in_background
 from gptjax.config import EngineConfig, ModelConfig, engine_config_of, preset
 from gptjax.engine_api import DecodeState, Prefix, SamplingArrays, layout_of
@@ -225,22 +225,21 @@ class Engine(PlannedShapes):
         logprobs = jnp.concatenate([prefix.first_logprobs[:, None], step_logprobs[:, :rows].T], axis=1)[:n]
         return self._replicated(out), self._replicated(logprobs)
 
-    def _empty_state(self, slots: int, max_seq: int) -> DecodeState:
-        return DecodeState.empty(self.layout.new_cache(slots, max_seq), slots)
-
     # ---- the serving interface (gptjax.engine_api.ServingEngine) -------------------------------------
     def new_state(self, slots: int | None = None) -> DecodeState:
         """An empty decode state; the slot count is rounded up to a multiple of `data`, and to at least two
-        per device (extra slots idle)."""
-        make = partial(self._empty_state, self.plan.state_rows(slots or self.engine_config.max_slots),
-                       self.max_seq_len)
+        per device (extra slots idle). ValueError naming the slots when it can't fit beside the weights."""
+        rows = self.plan.state_rows(slots or self.engine_config.max_slots)
+        planning.check_state_memory(self.config, self.layout.shape, rows, self.max_seq_len, self.mesh.local_devices,
+                                    weights_held=not isinstance(self._params, Future))
+        def make():
+            return DecodeState.empty(self.layout.new_cache(rows, self.max_seq_len), rows)
         shardings = DecodeState.shardings(self.layout.cache_shardings(jax.eval_shape(make).cache),
                                           sharding.slots_sharding(self.mesh))
         return jax.jit(make, out_shardings=shardings)()
 
     def _put(self, tree):
-        """Host arrays (one, or a pytree of them; device arrays pass as they are) -> the device arrays the
-        jitted calls take, in one transfer."""
+        """Host arrays (a pytree; device arrays pass as they are) -> the jitted calls' arrays, in one transfer."""
         return distributed.to_global(tree, self.mesh)
 
     def prefill(self, tokens: np.ndarray, lengths: np.ndarray, samp: SamplingArrays) -> Prefix:

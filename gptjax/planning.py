@@ -241,6 +241,18 @@ def check_serving_memory(model: ModelConfig, engine_config: EngineConfig, availa
     return plan
 
 
+def check_state_memory(model: ModelConfig, mesh: MeshShape, rows: int, positions: int, devices,
+                       weights_held: bool) -> None:
+    """ValueError naming the slots when a decode state of `rows` slots x `positions` can't fit on `devices` (a
+    notebook's `Engine.new_state`, where XLA's own error would be an out-of-memory traceback; the CLI checks its
+    runs before it builds the engine). `weights_held`: the weights are on the devices already."""
+    plan, available = MemoryPlan(model, mesh, rows, positions), device_memory(devices)
+    room = None if available is None else available + (plan.weights if weights_held else 0)
+    most = "none" if room is None else plan.rows_that_fit(room)
+    plan.check(available, f"a decode state of {rows} slots x max_seq_len={positions}",
+               f"ask for fewer slots (at most {most} fit) or a shorter max_seq_len", weights_held)
+
+
 def device_memory(devices) -> int | None:
     """The fewest bytes free on any of `devices` as JAX reports them (`memory_stats()`: bytes_limit less
     bytes_in_use, on GPUs and TPUs); None when a device reports no limit (CPU): a limit is not guessed."""

@@ -153,3 +153,17 @@ def test_bytes_are_written_exactly_and_readably():
     assert format_bytes(2**50 * 3, exact=False) == "3.0 PiB"
     assert {DTYPE_BYTES[d] for d in DTYPES} == {4, 2} and all(np.dtype(d.replace("bfloat16", "float16")).itemsize ==
                                                                DTYPE_BYTES[d] for d in DTYPES)
+
+
+def test_a_notebook_state_that_can_not_fit_is_refused_naming_its_slots(monkeypatch):
+    """`Engine.new_state` checks the cache against what the weights left free (faked here: CPUs report no limit)."""
+    from gptjax import planning
+    from gptjax.engine import Engine
+
+    engine = Engine.from_preset("gpt2-tiny")
+    per_slot = MemoryPlan(engine.config, engine.layout.shape, 1, engine.max_seq_len).kv_cache
+    monkeypatch.setattr(planning, "device_memory", lambda devices: 5 * per_slot)  # the weights are held already
+    assert engine.new_state(4).tokens.shape == (4,)
+    with pytest.raises(ValueError, match=r"a decode state of 6 slots x max_seq_len=\d+: the KV cache needs .* more "
+                                         r"than the .* the weights left free; ask for fewer slots \(at most 5 fit\)"):
+        engine.new_state(6)
