@@ -13,7 +13,9 @@ N tensor-parallel ranks (suffix `.R.bin`):
 from __future__ import annotations
 
 import configparser
+import math
 import re
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -48,64 +50,35 @@ def find_folder(src: str | Path) -> Path:
 def read_config(folder: Path) -> tuple[ModelConfig, int, type, int]:
     """(config, tensor-parallel size, numpy dtype of the files, rows of model.wte.bin) from config.ini's [gpt]."""
     path = folder / "config.ini"
-    parser = configparser.ConfigParser()
-    try:
-        parser.read_string(path.read_text())
-    except (configparser.Error, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not a valid config.ini ({str(e).splitlines()[0]})") from None
+    parser = _parse_ini(path)
     if not parser.has_section("gpt"):
         raise CheckpointError(f"{path}: the [gpt] section is missing")
     gpt = parser["gpt"]
-
-    def field(*names, default=None, kind=int, least=None):
-        for n in names:
-            if n in gpt:
-                try:
-                    value = kind(gpt[n])
-                except ValueError:
-                    raise CheckpointError(f"{path}: {n} = {gpt[n]!r} is not a valid {kind.__name__}") from None
-                if least is not None and value < least:
-                    raise CheckpointError(f"{path}: {n} = {value} must be at least {least}")
-                return value
-        if default is None:
-            raise CheckpointError(f"{path}: field {names[0]} is missing")
-        return default
-
-    for section, key, plain in _VARIANTS:  # what FasterTransformer reads to run another model than this GPT
-        text = parser.get(section, key, fallback=None) if parser.has_section(section) else None
-        if text is not None and _flag(text, path, key) != plain:
-            raise CheckpointError(f"{path}: {key} = {text} is not supported (this GPT needs {plain})")
-    if (folder / "model.lm_head.weight.bin").is_file():
-        raise CheckpointError(f"{folder}: model.lm_head.weight.bin is an output layer of its own; gptjax runs GPT "
-                              "with the output layer tied to the token embedding")
-    if gpt.get("layernorm_type", "pre_layernorm") != "pre_layernorm":
-        raise CheckpointError(f"{path}: layernorm_type = {gpt['layernorm_type']} is not supported")
-    if gpt.get("activation_type", "gelu").lower() not in ("gelu", "gelu_new"):
-        raise CheckpointError(f"{path}: activation_type = {gpt['activation_type']} is not supported")
+    field = partial(_field, gpt, path)
+    _check_options(parser, folder, path)
     weight_type = gpt.get("weight_data_type", "fp32")
     if weight_type not in _DTYPES:
-        raise CheckpointError(f"{path}: weight_data_type = {weight_type} is not one of {', '.join(_DTYPES)}")
+        raise CheckpointError(f"{path}: weight_data_type = {_shown(weight_type)} is not one of {', '.join(_DTYPES)}")
     np_dtype, dtype = _DTYPES[weight_type]
     heads = field("head_num", "n_head", least=1)
     size_per_head = field("size_per_head", least=1)
     hidden = heads * size_per_head
-    n_layers = field("num_layer", "n_layer")
-    if (folder / f"model.layers.{n_layers}.input_layernorm.weight.bin").is_file():
-        raise CheckpointError(f"{path}: num_layer = {n_layers}, but the folder holds layer {n_layers} too")
-    if n_layers > 0 and not (folder / f"model.layers.{n_layers - 1}.input_layernorm.weight.bin").is_file():
+    n_layers = field("num_layer", "n_layer", least=1)
+    if not (folder / f"model.layers.{n_layers - 1}.input_layernorm.weight.bin").is_file():
         raise CheckpointError(f"{path}: num_layer = {n_layers}, but the folder holds no layer {n_layers - 1}")
     itemsize = np.dtype(np_dtype).itemsize
     wpe = folder / "model.wpe.bin"
-    positions = field("max_pos_seq_len", "n_positions",
+    positions = field("max_pos_seq_len", "n_positions", least=1,
                       default=(wpe.stat().st_size // (hidden * itemsize)) if wpe.is_file() else None)
-    vocab = file_vocab = field("vocab_size")
+    vocab = file_vocab = field("vocab_size", least=1)
     tp = field("tensor_para_size", "infer_gpu_num", default=_count_ranks(folder), least=1)
     if heads % tp:
         raise CheckpointError(f"{path}: head_num {heads} is not divisible by tensor_para_size {tp}")
+    _check_files(folder, path, n_layers, tp)
     # Megatron pads GPT-2's vocabulary to a multiple of 128 x ranks; FT keeps the padding, we drop it
     if field("end_id", default=-1) == GPT2_END_ID and GPT2_VOCAB < vocab < GPT2_VOCAB + 1024 and vocab % 128 == 0:
         vocab = GPT2_VOCAB
-    ffn_hidden = field("inter_size", default=4 * hidden)
+    ffn_hidden = field("inter_size", default=4 * hidden, least=1)  # ModelConfig would take 0 for 4 x hidden
     eps = field("layernorm_eps", "layer_norm_eps", default=1e-5, kind=float)
     try:
         config = ModelConfig(n_layers=n_layers, hidden=hidden, n_heads=heads, vocab_size=vocab, n_positions=positions,
@@ -115,6 +88,65 @@ def read_config(folder: Path) -> tuple[ModelConfig, int, type, int]:
     if config.ffn_hidden % tp:
         raise CheckpointError(f"{path}: inter_size {config.ffn_hidden} is not divisible by tensor_para_size {tp}")
     return config, tp, np_dtype, file_vocab
+
+
+INI_LIMIT = 1 << 20  # FasterTransformer's config.ini is under 1 KiB; a file this large is something else
+
+
+def _parse_ini(path: Path) -> configparser.ConfigParser:
+    """config.ini read as FasterTransformer's INI reader takes it: without `%(name)s` interpolation, whose
+    nested references (configparser's default) grow a few lines past any memory and time."""
+    with open(path, "rb") as f:
+        data = f.read(INI_LIMIT + 1)  # not read_text(): a huge file (or a link to one) would fill memory
+    if len(data) > INI_LIMIT:
+        raise CheckpointError(f"{path}: larger than {INI_LIMIT} bytes: not a FasterTransformer config.ini")
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        parser.read_string(data.decode())
+    except (configparser.Error, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not a valid config.ini ({str(e).splitlines()[0]})") from None
+    return parser
+
+
+def _shown(text: str) -> str:
+    """A value from the file as a message shows it: quoted, and cut short (a value may be a megabyte)."""
+    return repr(text if len(text) <= 40 else text[:40] + "...")
+
+
+def _field(gpt, path: Path, *names, default=None, kind=int, least=None):
+    """The first of `names` in [gpt]; an int in plain decimal digits (Python's int() takes `1_0` and other
+    scripts' digits, which FasterTransformer's strtol reads otherwise)."""
+    for n in names:
+        if n in gpt:
+            text = gpt[n].strip()
+            try:
+                if kind is int and not re.fullmatch(r"[+-]?[0-9]+", text):
+                    raise ValueError(text)
+                value = kind(text)
+            except ValueError:  # also int() of over 4300 digits
+                raise CheckpointError(f"{path}: {n} = {_shown(gpt[n])} is not a valid {kind.__name__}") from None
+            if least is not None and value < least:
+                raise CheckpointError(f"{path}: {n} = {value} must be at least {least}")
+            return value
+    if default is None:
+        raise CheckpointError(f"{path}: field {names[0]} is missing")
+    return default
+
+
+def _check_options(parser: configparser.ConfigParser, folder: Path, path: Path) -> None:
+    """Refuse what makes FasterTransformer run another model than this GPT, naming the option."""
+    for section, key, plain in _VARIANTS:
+        text = parser.get(section, key, fallback=None) if parser.has_section(section) else None
+        if text is not None and _flag(text, path, key) != plain:
+            raise CheckpointError(f"{path}: {key} = {text} is not supported (this GPT needs {plain})")
+    if (folder / "model.lm_head.weight.bin").is_file():
+        raise CheckpointError(f"{folder}: model.lm_head.weight.bin is an output layer of its own; gptjax runs GPT "
+                              "with the output layer tied to the token embedding")
+    gpt = parser["gpt"]
+    if gpt.get("layernorm_type", "pre_layernorm") != "pre_layernorm":
+        raise CheckpointError(f"{path}: layernorm_type = {_shown(gpt['layernorm_type'])} is not supported")
+    if gpt.get("activation_type", "gelu").lower() not in ("gelu", "gelu_new"):
+        raise CheckpointError(f"{path}: activation_type = {_shown(gpt['activation_type'])} is not supported")
 
 
 # (section, key, the value this GPT needs) of the c-model options that make FasterTransformer run another model
@@ -130,13 +162,38 @@ def _flag(text: str, path: Path, key: str) -> bool:
         return True
     if value in ("0", "false", "no", "off"):
         return False
-    raise CheckpointError(f"{path}: {key} = {text!r} is not true or false")
+    raise CheckpointError(f"{path}: {key} = {_shown(text)} is not true or false")
 
 
 def _count_ranks(folder: Path) -> int:
     ranks = {int(m.group(1)) for f in folder.glob("model.layers.0.attention.query_key_value.weight.*.bin")
              if (m := re.search(r"\.(\d+)\.bin$", f.name))}
     return len(ranks) or 1
+
+
+_LAYER_FILE = re.compile(r"model\.layers\.([0-9]+)\.(.+?)(?:\.([0-9]+))?\.bin")
+_SPLIT = {"attention.query_key_value.weight", "attention.query_key_value.bias", "attention.dense.weight",
+          "mlp.dense_h_to_4h.weight", "mlp.dense_h_to_4h.bias", "mlp.dense_4h_to_h.weight"}  # one file per rank
+
+
+def _check_files(folder: Path, path: Path, n_layers: int, tp: int) -> None:
+    """No layer file past num_layer, no rank file past tensor_para_size: such files mean config.ini is not this
+    folder's (or two conversions share it), and reading only what it names would drop them without a word."""
+    layers, ranks = {}, {}  # index -> a file that holds it
+    for f in folder.iterdir():
+        m = _LAYER_FILE.fullmatch(f.name)
+        if m:
+            layer = int(m.group(1))
+            layers[layer] = min(layers.get(layer, f.name), f.name)
+            if m.group(2) in _SPLIT and m.group(3) is not None:
+                rank = int(m.group(3))
+                ranks[rank] = min(ranks.get(rank, f.name), f.name)
+    if layers and max(layers) >= n_layers:
+        raise CheckpointError(f"{path}: num_layer = {n_layers}, but the folder holds layer {max(layers)} "
+                              f"({layers[max(layers)]})")
+    if ranks and max(ranks) >= tp:
+        raise CheckpointError(f"{path}: tensor_para_size = {tp}, but the folder holds rank {max(ranks)} "
+                              f"({ranks[max(ranks)]})")
 
 
 class Reader:
@@ -150,13 +207,18 @@ class Reader:
         path = self.folder / f"model.{name}.bin"
         if not path.is_file():
             raise CheckpointError(f"{self.folder}: {path.name} is missing")
-        want = int(np.prod(shape)) * self.dtype.itemsize
+        count = math.prod(shape)  # exact: numpy's prod wraps past 2**63, and a config.ini can make it fit the file
+        want = count * self.dtype.itemsize
         size = path.stat().st_size
         if size != want:
+            fits = [k for k, (t, _) in _DTYPES.items() if np.dtype(t) != self.dtype
+                    and size == count * np.dtype(t).itemsize]
             raise CheckpointError(f"{path.name}: {size} bytes, expected {want} (shape {shape} of {self.dtype.name}); "
-                                  "truncated, or config.ini does not match the files")
-        count = int(np.prod(shape)) if rows is None else rows * int(np.prod(shape[1:]))
-        data = np.fromfile(path, dtype=self.dtype, count=count).reshape(shape if rows is None else (rows, *shape[1:]))
+                                  "truncated, or config.ini does not match the files"
+                                  + (f" (weight_data_type = {fits[0]} would fit its size)" if fits else ""))
+        if rows is not None:
+            shape = (rows, *shape[1:])
+        data = np.fromfile(path, dtype=self.dtype, count=math.prod(shape)).reshape(shape)
         bad = first_nonfinite(data)
         if bad:
             raise CheckpointError(f"{path.name}: holds {bad}: the weights must be finite")
@@ -200,5 +262,7 @@ def read_ft(src: str | Path):
 
 
 def convert_ft(src: str | Path, dst: str | Path) -> Path:
+    if Path(dst).exists():  # now, not after reading every weight
+        raise CheckpointError(f"output folder {dst} already exists")
     config, params = read_ft(src)
     return save_checkpoint(dst, config, params)

@@ -10,8 +10,10 @@ the attention output and 4h->h by input rows, word embeddings by vocabulary rows
 (`mp_rank_XX_YYY`) each number their layers from 0. Linear weights are [out, in].
 
 The files are pickles: they are read with `torch.load(weights_only=True)`, which builds tensors and plain
-containers only (and `argparse.Namespace`, for the training arguments), so a file can't run code. They are
-memory-mapped where the format allows, so optimizer state is never read.
+containers only (and `argparse.Namespace`, for the training arguments, and a placeholder for each io.BytesIO,
+TransformerEngine's `_extra_state`, whose bytes are never unpickled), so a file can't run code. They are
+memory-mapped where the format allows, so optimizer state is never read. An archive is refused before unpacking
+when it would not fit the disk, or unpacks past what weights compress to.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import numbers
 import re
+import shutil
 import tempfile
 import zipfile
 import zlib
@@ -33,6 +36,7 @@ from tqdm import tqdm
 from checkpoints.torch_pickle import safe_load, torch_to_numpy
 from gptjax.checkpoint import CheckpointError, first_nonfinite, save_checkpoint
 from gptjax.config import ModelConfig
+from gptjax.planning import format_bytes
 
 PART_FILES = ("model_optim_rng.pt", "model_rng.pt")
 GPT2_VOCAB = 50257  # what Megatron's GPT2BPETokenizer holds before padding
@@ -97,8 +101,9 @@ def _part_file(folder: Path) -> Path | None:
 
 
 def load_part(path: Path) -> dict:
-    """One part file, unpickling nothing but tensors, plain containers and argparse.Namespace."""
-    state = safe_load(path, allowed=(argparse.Namespace,))
+    """One part file, unpickling nothing but tensors, plain containers and argparse.Namespace; the io.BytesIO of
+    TransformerEngine's `_extra_state` entries (FP8 metadata, no weights) load as placeholders, never unpickled."""
+    state = safe_load(path, allowed=(argparse.Namespace,), extra_state=True)
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a dict, found {type(state).__name__}")
     return state
@@ -463,12 +468,41 @@ def unpacked(src: Path, work_dir: str | Path | None):
         return
     if work_dir is not None:
         Path(work_dir).mkdir(parents=True, exist_ok=True)
+    check_unpacked_size(src, members, Path(work_dir if work_dir is not None else tempfile.gettempdir()))
     with tempfile.TemporaryDirectory(prefix=".megatron-unpacked-", dir=work_dir) as tmp:
         try:
             _extract(src, members, Path(tmp))
             yield _archive_root(src, members, Path(tmp))
         except CheckpointError as e:
             raise CheckpointError(str(e).replace(f"{tmp}/", f"{src}:")) from None
+
+
+# Deflate can't shrink data more than about 1032:1, and zip bombs come near that. Weights in any float format
+# compress to about 1.1:1 (their low mantissa bits are noise), and a checkpoint with large all-zero tensors in it
+# stays far under 100:1; an archive past that unpacks to something else than a checkpoint.
+MAX_RATIO = 100
+_RATIO_FLOOR = 1 << 20  # below a megabyte of output the ratio says nothing (a tracker file of padding)
+
+
+def check_unpacked_size(src: Path, members: list[str], into: Path) -> None:
+    """Refuse, before writing a byte, an archive whose members would fill the disk under `into`, or that unpack
+    more than weights compress to. zipfile stops each member at the size its directory entry declares (the CRC
+    check then fails), so the declared sizes bound what extraction can write."""
+    try:
+        with zipfile.ZipFile(src) as zf:
+            infos = [zf.getinfo(name) for name in members]
+    except (zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(f"{src}: cannot read the archive ({e})") from None
+    size = sum(info.file_size for info in infos)
+    packed = sum(info.compress_size for info in infos)
+    free = shutil.disk_usage(into).free
+    if size > free:
+        raise CheckpointError(f"{src}: would unpack {format_bytes(size)} into {into}, but only {format_bytes(free)} "
+                              "are free there")
+    if size > _RATIO_FLOOR and size > MAX_RATIO * packed:
+        raise CheckpointError(f"{src}: would unpack {format_bytes(size)} from {format_bytes(packed)} "
+                              f"({size // max(packed, 1)}:1, more than weights ever compress to, at most "
+                              f"{MAX_RATIO}:1): a zip bomb or a damaged archive")
 
 
 def _extract(src: Path, members: list[str], into: Path) -> None:

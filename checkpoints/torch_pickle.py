@@ -18,8 +18,38 @@ import numpy as np
 from gptjax.checkpoint import CheckpointError
 
 
-def safe_load(path: Path, *, allowed: tuple[type, ...] = ()):
-    """The object pickled in `path`, built from tensors, plain containers and the `allowed` classes only.
+class ExtraState:
+    """What an io.BytesIO in a checkpoint loads as, where the reader asks for it: TransformerEngine's
+    `_extra_state` entries (FP8 scaling metadata, pickled into the BytesIO), which hold no weights. Its bytes are
+    dropped unread, so no code in them runs; nothing but this class is built."""
+
+    __slots__ = ()
+
+    def __new__(cls, *args, **kwargs):
+        return super().__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+    def __repr__(self):
+        return "ExtraState(TransformerEngine's _extra_state, not read)"
+
+
+def _no_bytes(*args, **kwargs) -> bytes:
+    """What a call of bytes() in a checkpoint loads as (protocol 2 pickles an empty BytesIO's value as one): the
+    real bytes(n) would allocate whatever size the file asks for."""
+    return b""
+
+
+_EXTRA_STATE = [(ExtraState, "_io.BytesIO"), (_no_bytes, "builtins.bytes")]
+
+
+def safe_load(path: Path, *, allowed: tuple[type, ...] = (), extra_state: bool = False):
+    """The object pickled in `path`, built from tensors, plain containers and the `allowed` classes only; with
+    `extra_state`, an io.BytesIO loads as an ExtraState.
 
     Files in torch's zip format are memory-mapped: a tensor is read when touched, so optimizer state that is
     never used is never read.
@@ -27,9 +57,10 @@ def safe_load(path: Path, *, allowed: tuple[type, ...] = ()):
     import torch
 
     mmap = zipfile.is_zipfile(path)
+    safe = [*allowed, *(_EXTRA_STATE if extra_state else [])]
     try:
         # a plain pickle of protocol 3 or later draws a two-line warning from torch first: the refusal says it all
-        with torch.serialization.safe_globals(list(allowed)), warnings.catch_warnings():
+        with torch.serialization.safe_globals(safe), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # truncated, corrupt, or a pickle that asks for more than tensors
@@ -85,6 +116,10 @@ def _check_records(path: Path, state) -> None:
 def _refusal(path: Path, e: Exception, allowed: tuple[type, ...]) -> CheckpointError:
     text = str(e)
     unsafe = re.search(r"GLOBAL ([\w.]+)", text)
+    if unsafe and unsafe.group(1) == "_io.BytesIO":
+        return CheckpointError(f"{path}: holds TransformerEngine's _extra_state (io.BytesIO): FP8 metadata in a "
+                               "pickle of its own, not weights, which files of this kind never hold; refused unread "
+                               "(unpickling it could run code)")
     if unsafe:
         kinds = " and ".join(["tensors", *(c.__module__ + "." + c.__qualname__ for c in allowed)])
         return CheckpointError(f"{path}: refusing to load {unsafe.group(1)}: only {kinds} are allowed in a "

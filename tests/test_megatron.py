@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import io
 import shutil
 import zipfile
+from pathlib import Path
+from types import SimpleNamespace
 
 import jax
 import numpy as np
@@ -18,10 +21,12 @@ import torch
 
 import gptjax
 from checkpoint_writers import convert_failure, padded_vocab, write_megatron
+from checkpoints import megatron
 from checkpoints.megatron import read_megatron
 from conftest import hf_greedy, run_cli
 from gptjax import cli
 from gptjax.engine import Engine
+from gptjax.planning import format_bytes
 
 PROMPTS = [[464, 2068, 7586, 21831, 18045, 625, 262, 16931], [15496, 995], [40, 588, 257, 1310, 286]]
 N_NEW = 10
@@ -101,6 +106,67 @@ def test_an_archive_naming_files_outside_itself_is_refused(capsys, good, tmp_pat
             zf.writestr(prefix + f.relative_to(tmp_path).as_posix(), b"not a checkpoint")
     line = convert_fails(capsys, tmp_path, archive, "--num-heads", "4")
     assert f"{archive}: member {prefix}" in line and "is not a relative path inside the archive" in line
+
+
+def test_an_archive_that_would_not_fit_the_disk_is_refused_before_unpacking(capsys, monkeypatch, good, tmp_path):
+    """The release zip is unpacked beside the output, and nothing bounded how much it wrote there: an archive
+    larger than the free space filled the disk before anything was read."""
+    archive = zip_release(good.parent, tmp_path / "release.zip")
+    with zipfile.ZipFile(archive) as zf:
+        size = sum(info.file_size for info in zf.infolist())
+    asked = []
+
+    def disk_usage(path):
+        asked.append(Path(path))
+        return SimpleNamespace(total=10**9, used=10**9 - 4096, free=4096)
+
+    monkeypatch.setattr(megatron.shutil, "disk_usage", disk_usage)
+    line = convert_fails(capsys, tmp_path, archive, "--num-heads", "4")
+    assert asked == [tmp_path]
+    assert (f"{archive}: would unpack {format_bytes(size)} into {tmp_path}, but only 4.0 KiB (4096 bytes) are "
+            "free there") in line
+
+
+def test_a_zip_bomb_is_refused_before_unpacking(capsys, monkeypatch, tmp_path):
+    """64 MiB of zeros deflate to 64 KiB: an archive can claim far more than any disk, which was unpacked in full
+    (here only to be found not to be a checkpoint). Weights never compress past MAX_RATIO."""
+    archive = tmp_path / "release.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("latest_checkpointed_iteration.txt", "release")
+        with zf.open("release/mp_rank_00/model_optim_rng.pt", "w") as f:
+            for _ in range(64):
+                f.write(bytes(1 << 20))
+    assert archive.stat().st_size * megatron.MAX_RATIO < 64 << 20
+
+    def extract(*args):
+        raise AssertionError("unpacked")
+
+    monkeypatch.setattr(zipfile.ZipFile, "extract", extract)
+    line = convert_fails(capsys, tmp_path, archive, "--num-heads", "4")
+    assert f"{archive}: would unpack 64.0 MiB ({(64 << 20) + 7} bytes) from " in line
+    assert "more than weights ever compress to, at most 100:1): a zip bomb or a damaged archive" in line
+
+
+def test_transformer_engine_extra_state_is_left_unread(hf_model, tmp_path):
+    """TransformerEngine keeps FP8 metadata in `_extra_state` entries, each an io.BytesIO holding a torch.save of
+    its own: the part was refused as a pickle that may run code. They hold no weights: each now loads as a
+    placeholder, its bytes never unpickled (these would run code), and the model is the one without them."""
+    marker = tmp_path / "ran"
+    write_megatron(hf_model, tmp_path / "plain")
+    write_megatron(hf_model, tmp_path / "te")
+
+    def add_extra_state(state):
+        fp8 = io.BytesIO()
+        torch.save({"scale_fwd": torch.ones(3), "extra_fp8_variables": _RunsCode(marker)}, fp8)
+        stack = state["model"]["language_model"]["encoder"]
+        stack["layers.0.self_attention.core_attention._extra_state"] = fp8
+        stack["layers.1.mlp._extra_state"] = io.BytesIO()  # no FP8 recipe: an empty one
+
+    _edit_state(tmp_path / "te" / "release" / "mp_rank_00" / "model_optim_rng.pt", add_extra_state)
+    _, with_extra_state = read_megatron(tmp_path / "te")
+    _, plain = read_megatron(tmp_path / "plain")
+    jax.tree.map(np.testing.assert_array_equal, with_extra_state, plain)
+    assert not marker.exists()
 
 
 def test_every_version_orders_qkv_the_same(hf_model, tmp_path):
@@ -334,10 +400,13 @@ LM, WEIGHTS = ("model", "language_model"), ("model", "language_model", "transfor
     (("model",), [1], "'model' is list, expected a dict"),
     (("model",), {"decoder.layers.0.self_attention.linear_qkv.weight": torch.zeros(1)},
      "holds a Megatron-core model (model.decoder.layers...), which is not supported"),
+    (("model",), {"decoder.layers.0.self_attention.linear_qkv.weight": torch.zeros(1),
+                  "decoder.layers.0.self_attention.linear_qkv._extra_state": io.BytesIO(b"fp8 metadata")},
+     "holds a Megatron-core model (model.decoder.layers...), which is not supported"),  # was: may run code
     ((*WEIGHTS, "layers.0.attention.dense.weight"), lambda t: t.to_sparse(),
      "tensor layers.0.attention.dense.weight is a sparse_coo tensor, expected dense weights"),
 ], ids=["version-4", "version-nan", "version-str", "version-list", "stack-list", "int-key", "embedding-list",
-        "wpe-list", "wte-scalar", "model-list", "megatron-core", "sparse"])
+        "wpe-list", "wte-scalar", "model-list", "megatron-core", "megatron-core-te", "sparse"])
 def test_a_part_laid_out_otherwise_is_refused_naming_the_entry(capsys, tmp_path, good, keys, value, words):
     """Versions other than 0-3 were read as 2 and 3 are (another QKV order: a different model); the others were
     tracebacks (AttributeError, TypeError) or named nothing."""

@@ -7,6 +7,7 @@ tests/test_hub.py.)
 
 from __future__ import annotations
 
+import io
 import pickle
 import shutil
 import zipfile
@@ -67,6 +68,14 @@ def test_a_plain_pickle_that_runs_code_is_refused_in_one_line(hf_dir, tmp_path, 
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and f"{part}: {words}" in lines[0], proc.stderr
     assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_transformer_engine_extra_state_is_refused_saying_what_it_is(capsys, hf_dir, state, tmp_path):
+    """TransformerEngine's FP8 metadata (an io.BytesIO) was refused as a pickle that may try to run code: safe,
+    but it sent the reader looking for an attack. (Megatron-LM parts, where it belongs, leave it unread.)"""
+    src = hf_folder(hf_dir, tmp_path / "src", {**state, "transformer.h.0.attn._extra_state": io.BytesIO(b"fp8")})
+    line = convert_failure(capsys, tmp_path, "hf-gpt2", src)
+    assert "pytorch_model.bin: holds TransformerEngine's _extra_state (io.BytesIO): FP8 metadata" in line, line
 
 
 @pytest.mark.parametrize("weights, make, words", [
