@@ -17,7 +17,9 @@ front end's HTTP status (400, 401, 404, 408, 413, 429, 503) and headers (a 503's
 
 uvicorn runs on a thread of its own with its own event loop. A request's events cross from the engine thread
 with `loop.call_soon_threadsafe` into a queue of that request (no polling), and a client that disconnects,
-from a stream or a unary call, cancels its requests at once, which frees their slots.
+from a stream or a unary call, cancels its requests at once, which frees their slots. A large JSON body, or a large
+JSON answer, is read or written on a worker thread a piece at a time: one json.loads or json.dumps call holds the
+GIL until it returns, so from any thread it would pause every stream on the loop.
 """
 
 from __future__ import annotations
@@ -224,10 +226,29 @@ async def read_body(http: HttpRequest, limit: int, timeout_s: float) -> bytes:
     return bytes(body)
 
 
+# From this size a body is read on a worker thread, in pieces. A smaller one reads in ~2.5 ms or less (JSON of token
+# ids reads at ~100 MB/s), under the 5 ms a worker thread holds the GIL before the loop's thread may take it back
+# (sys.getswitchinterval): no pause the hop could shorten. A 12 MB body read on the loop paused every stream ~0.15 s.
+THREADED_BYTES = 256 * 1024
+# What one C call of the reader takes of a large body (~0.5 ms): json.loads holds the GIL from start to end, so on a
+# worker thread too one call over a whole body would pause the event loop just as long.
+PIECE_CHARS = 64 * 1024
+
+
+async def off_loop(size: int, fn, *args):
+    """`fn(*args)`, on a worker thread when `size` (bytes in, or about that many out) makes it long enough to
+    pause every other client of the event loop; a short one costs less on the loop than the hop."""
+    if size < THREADED_BYTES:
+        return fn(*args)
+    return await asyncio.to_thread(fn, *args)
+
+
 def json_object(data: bytes, what: str = "the request body") -> dict:
+    """A body's JSON object, or a 400 naming what is wrong. A large body is read in pieces (`loads_in_pieces`),
+    so that the thread reading it gives the GIL back between them; json.loads reads what they don't take."""
     try:
         text = data.decode(json.detect_encoding(data))  # as json.loads reads bytes, but refusing encoded surrogates
-        value = json.loads(text)
+        value = _loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise invalid(f"{what} is not valid JSON: {e}") from None
     except RecursionError:
@@ -241,6 +262,97 @@ def json_object(data: bytes, what: str = "the request body") -> dict:
         raise invalid(f"{what} is not valid Unicode text: it holds a lone surrogate (a \\u escape in "
                       "D800-DFFF without its pair)")
     return value
+
+
+def _loads(text: str):
+    """json.loads(text); a large text in pieces where they take it."""
+    if len(text) >= THREADED_BYTES:
+        try:
+            return loads_in_pieces(text)
+        except Exception:  # not JSON, or beyond what the pieces take: json.loads gives the answer and its error
+            pass
+    return json.loads(text)
+
+
+WHITESPACE = re.compile(r"[ \t\n\r]*")  # JSON's own, as json.decoder skips it
+NESTED = re.compile(r'["\[\]{}]')  # what ends a run of plain values: a string, or an array or object starting or ending
+STEP_CHARS = 256  # a body may have a value walked here per this many characters (others are read in runs)
+
+
+def loads_in_pieces(text: str):
+    """`json.loads(text)`, read in C calls of at most ~PIECE_CHARS each (a long string is one): a large array's
+    runs of numbers are each read by one json.loads, each string and each other value by the C scanner, and
+    arrays and objects are walked in Python. Raises (any exception) on text it does not take, valid JSON or not:
+    nesting past Python's recursion limit, or so many small values that walking them would cost more than
+    reading the text whole; its caller reads such text with json.loads."""
+    reader = _Pieces(text)
+    value, end = reader.value(WHITESPACE.match(text).end())
+    if WHITESPACE.match(text, end).end() != len(text):
+        raise ValueError("extra data")
+    return value
+
+
+class _Pieces:
+    """JSON text walked a value at a time (`loads_in_pieces`), with a budget of values to walk."""
+
+    scan = staticmethod(json.JSONDecoder().scan_once)  # C: the value that starts at an index -> (it, where it ends)
+
+    def __init__(self, text: str):
+        self.text, self.steps = text, len(text) // STEP_CHARS + 64
+
+    def value(self, i: int):
+        self.steps -= 1
+        if self.steps < 0:
+            raise ValueError("too many values to walk")
+        c = self.text[i:i + 1]
+        if c == "[":
+            return self.array(i + 1)
+        if c == "{":
+            return self.object(i + 1)
+        return self.scan(self.text, i)  # StopIteration where no value starts
+
+    def array(self, i: int):
+        text, out = self.text, []
+        i = WHITESPACE.match(text, i).end()
+        if text[i:i + 1] == "]":
+            return out, i + 1
+        while True:
+            # the values up to the last comma before anything nested (all plain, so each comma ends one) in one call
+            stop = NESTED.search(text, i, i + PIECE_CHARS)
+            comma = text.rfind(",", i, stop.start() if stop else i + PIECE_CHARS)
+            if comma > i:  # at least one value: "[" + "" + "]" would take the text "[," for an empty array
+                out += json.loads("[" + text[i:comma] + "]")
+                i = WHITESPACE.match(text, comma + 1).end()
+            value, i = self.value(i)
+            out.append(value)
+            i = WHITESPACE.match(text, i).end()
+            c, i = text[i:i + 1], i + 1
+            if c == "]":
+                return out, i
+            if c != ",":
+                raise ValueError("expected , or ]")
+            i = WHITESPACE.match(text, i).end()
+
+    def object(self, i: int):
+        text, out = self.text, {}
+        i = WHITESPACE.match(text, i).end()
+        if text[i:i + 1] == "}":
+            return out, i + 1
+        while True:
+            if text[i:i + 1] != '"':
+                raise ValueError("expected a key")
+            key, i = json.decoder.scanstring(text, i + 1)
+            i = WHITESPACE.match(text, i).end()
+            if text[i:i + 1] != ":":
+                raise ValueError("expected :")
+            out[key], i = self.value(WHITESPACE.match(text, i + 1).end())  # a key given twice: the last, as json's
+            i = WHITESPACE.match(text, i).end()
+            c, i = text[i:i + 1], i + 1
+            if c == "}":
+                return out, i
+            if c != ",":
+                raise ValueError("expected , or }")
+            i = WHITESPACE.match(text, i).end()
 
 
 SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # how JSON text that decoded strictly can hold a surrogate
@@ -281,6 +393,11 @@ class Context:
 
     async def body(self, http: HttpRequest) -> bytes:
         return await read_body(http, self.max_body_bytes, self.body_timeout_s)
+
+    async def json(self, http: HttpRequest) -> dict:
+        """The body's JSON object (`json_object`); a large one is read off the event loop."""
+        body = await self.body(http)
+        return await off_loop(len(body), json_object, body)
 
 
 class RequestLimit:

@@ -25,7 +25,7 @@ import gptjax
 from serving import ft
 from serving.ft import MODEL_NAME, MODEL_VERSION, check_model
 from serving.frontend import Params, RequestError, invalid
-from serving.http import ClientGone, Context, EventStream, json_object, sse, streams, until_disconnect
+from serving.http import ClientGone, Context, EventStream, json_object, off_loop, sse, streams, until_disconnect
 from serving.request import Code, Finished
 
 EXTENSIONS = ["binary_tensor_data", "generate"]
@@ -34,6 +34,7 @@ GENERATE_FIELDS = {"max_tokens": "max_new_tokens", "temperature": "temperature",
                    "top_p": "top_p", "random_seed": "seed", "end_id": "end_id"}
 GENERATE_NAMES = {"max_new_tokens": "max_tokens", "seed": "random_seed", "prompt": "text_input"}
 GENERATE_FLAGS = ("stream", "exclude_input_in_output")
+PIECE_VALUES = 16 * 1024  # a JSON tensor's values per C call, read or written: ~1 ms for floats, less for token ids
 
 
 # ---- tensors: JSON and the binary extension --------------------------------------------------------------
@@ -87,13 +88,15 @@ def _json_array(data, datatype: str, shape: list[int], name: str) -> np.ndarray:
     for v in flat:  # a loop, not next(..., None): a null among the values is itself the bad one
         if not _fits(v, dtype.kind):
             raise invalid(f"input {name}: {v!r} is not a {datatype} value")
-    if dtype.kind in "iu" and flat:
+    # in C calls of PIECE_VALUES values: one over a large tensor would hold the GIL, and so the event loop, as long
+    pieces = [flat[i:i + PIECE_VALUES] for i in range(0, len(flat), PIECE_VALUES)]
+    if dtype.kind in "iu":
         info = np.iinfo(dtype)
-        if min(flat) < info.min or max(flat) > info.max:
+        if any(min(p) < info.min or max(p) > info.max for p in pieces):
             raise invalid(f"input {name}: a value is outside {datatype}'s range [{info.min}, {info.max}]")
     try:  # JSON's numbers have no bound: one past the float datatype's range is refused, not made infinite
         with np.errstate(over="raise"):
-            return np.array(flat, dtype).reshape(shape)
+            return np.concatenate([np.array(p, dtype) for p in pieces] or [np.array([], dtype)]).reshape(shape)
     except (OverflowError, FloatingPointError):
         raise invalid(f"input {name}: a value is too large for {datatype}") from None
 
@@ -157,7 +160,9 @@ def requested_outputs(header: dict) -> list[dict]:
 
 
 def encode_outputs(header: dict, outputs: dict[str, np.ndarray], answer: dict) -> Response:
-    """The response: JSON tensors, or binary ones (with Inference-Header-Content-Length) where asked."""
+    """The response: JSON tensors, or binary ones (with Inference-Header-Content-Length) where asked. Written as
+    json.dumps writes `{**answer, "outputs": [...]}` (`answer` names the model at least), but a tensor's values a
+    piece at a time (`_json_values`)."""
     every = bool((header.get("parameters") or {}).get("binary_data_output", False))
     wanted = {o["name"]: bool((o.get("parameters") or {}).get("binary_data", every)) for o in requested_outputs(header)}
     tensors, blobs = [], []
@@ -167,14 +172,29 @@ def encode_outputs(header: dict, outputs: dict[str, np.ndarray], answer: dict) -
             blob = np.ascontiguousarray(a, a.dtype.newbyteorder("<")).tobytes()
             t["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
+            tensors.append(json.dumps(t))
         else:
-            t["data"] = a.ravel().tolist()
-        tensors.append(t)
-    head = json.dumps({**answer, "outputs": tensors}).encode()
+            tensors.append(json.dumps(t)[:-1] + ', "data": ' + _json_values(a) + "}")
+    head = (json.dumps(answer)[:-1] + ', "outputs": [' + ", ".join(tensors) + "]}").encode()
     if not blobs:
         return Response(head, media_type="application/json")
     return Response(head + b"".join(blobs), media_type="application/octet-stream",
                     headers={"Inference-Header-Content-Length": str(len(head))})
+
+
+def _json_values(a: np.ndarray) -> str:
+    """`json.dumps(a.ravel().tolist())`, written PIECE_VALUES values per C call: json.dumps holds the GIL from start
+    to end, so one call over a large tensor would pause the event loop even from a worker thread."""
+    flat = a.ravel()
+    if not flat.size:
+        return "[]"
+    pieces = (json.dumps(flat[i:i + PIECE_VALUES].tolist())[1:-1] for i in range(0, flat.size, PIECE_VALUES))
+    return "[" + ", ".join(pieces) + "]"
+
+
+def json_bytes(outputs: dict[str, np.ndarray]) -> int:
+    """About the bytes of the outputs written as JSON (a token id's 5 digits and ", "; a float's are more)."""
+    return 8 * sum(a.size for a in outputs.values())
 
 
 def _request_id(body: dict) -> str | None:
@@ -308,9 +328,9 @@ def _infer_route(app: FastAPI, ctx: Context) -> None:
             body = await ctx.body(http)
             # a large JSON body takes seconds of Python to read: off the event loop, which answers every other client
             length = http.headers.get("inference-header-content-length")
-            header, binary = await asyncio.to_thread(split_binary, body, length)
+            header, binary = await off_loop(len(body), split_binary, body, length)
             request_id = _request_id(header)
-            arrays = await asyncio.to_thread(decode_inputs, header, binary)
+            arrays = await off_loop(len(body), decode_inputs, header, binary)
             requested = [o["name"] for o in requested_outputs(header)]
             deadline = ft.request_deadline(header.get("parameters") or {}, also=("binary_data_output",))
             call.requests, info = ft.parse(arrays, frontend, deadline, requested)
@@ -322,7 +342,7 @@ def _infer_route(app: FastAPI, ctx: Context) -> None:
         answer = {"model_name": MODEL_NAME, "model_version": MODEL_VERSION}
         if request_id is not None:
             answer["id"] = request_id
-        return encode_outputs(header, outputs, answer)
+        return await off_loop(json_bytes(outputs), encode_outputs, header, outputs, answer)
 
 
 def _generate_routes(app: FastAPI, ctx: Context) -> None:
@@ -332,7 +352,7 @@ def _generate_routes(app: FastAPI, ctx: Context) -> None:
     async def generate(http: HttpRequest, model: str, version: str | None = None):
         with frontend.api_call() as call:
             check_model(model, version or "")
-            g = Generate(json_object(await ctx.body(http)))
+            g = Generate(await ctx.json(http))
             call.requests = [await g.request(frontend)]
             (run,) = streams(call.requests)
             frontend.submit(call.requests)
@@ -346,7 +366,7 @@ def _generate_routes(app: FastAPI, ctx: Context) -> None:
         call = metered.enter_context(frontend.api_call())
         try:
             check_model(model, version or "")
-            g = Generate(json_object(await ctx.body(http)))
+            g = Generate(await ctx.json(http))
             call.requests = [await g.request(frontend)]
             (run,) = streams(call.requests)
             frontend.submit(call.requests)

@@ -30,8 +30,8 @@ from fastapi import FastAPI, Request as HttpRequest
 from fastapi.responses import JSONResponse
 
 from serving.frontend import Params, RequestError, invalid
-from serving.http import (ClientGone, Context, EventStream, Stream, error_body, json_object, sse, streams,
-                          until_disconnect)
+from serving.http import (ClientGone, Context, EventStream, Stream, error_body, json_object, off_loop, sse,
+                          streams, until_disconnect)
 from serving.request import Code, Finished, Request
 
 STARTED = int(time.time())
@@ -205,6 +205,7 @@ class Completions:
         self.want_logprobs = body.get("logprobs") is not None
         self.include_usage = _include_usage(body, self.stream)
         self.stops = _stops(body.get("stop"))
+        self.prompts = _prompts(body.get("prompt"))
         self.id, self.created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         self.requests: list[Request] = []
         self.prompt_ids: list[list[int]] = []
@@ -212,7 +213,7 @@ class Completions:
     async def make_requests(self) -> list[Request]:
         """Tokenize (off the loop) and validate every choice's request, through the front end. A text prompt
         meeting a full queue is a 429 (the tokenizer refuses it first), as at `submit`."""
-        prompts = _prompts(self.body.get("prompt"))
+        prompts = self.prompts
         with _size_limits_are_400():
             self.frontend.check_batch(len(prompts) * self.n, "prompt x n")
         seed = self.body.get("seed")
@@ -383,6 +384,14 @@ def _option(body: dict, name: str, default):
     return default if value is None else value
 
 
+def _read_call(ctx: Context, body: bytes, check_model) -> Completions:
+    """The call a body asks for, its errors in the order they are answered (its JSON, its model, its fields and
+    prompts): on a worker thread for a large body, whose prompts take about as long to check as to read."""
+    value = json_object(body)
+    check_model(value.get("model"))
+    return Completions(ctx, value)
+
+
 def add_routes(app: FastAPI, ctx: Context) -> None:
     frontend = ctx.frontend
 
@@ -411,9 +420,8 @@ def add_routes(app: FastAPI, ctx: Context) -> None:
         metered = contextlib.ExitStack()  # the API call, for the metrics: closed when its answer is done
         call_info = metered.enter_context(frontend.api_call())
         try:
-            body = json_object(await ctx.body(http))
-            check_model(body.get("model"))
-            call = Completions(ctx, body)
+            body = await ctx.body(http)
+            call = await off_loop(len(body), _read_call, ctx, body, check_model)
             call_info.requests = await call.make_requests()
             runs = streams(call.requests)
             frontend.submit(call.requests)
@@ -436,6 +444,6 @@ def add_routes(app: FastAPI, ctx: Context) -> None:
     @app.post("/v1/chat/completions")
     async def chat(http: HttpRequest):
         with frontend.api_call():  # a refused inference call, counted as every other one is
-            check_model(json_object(await ctx.body(http)).get("model"))
+            check_model((await ctx.json(http)).get("model"))
             raise invalid("model has no chat template: its checkpoint brings none; use /v1/completions with the "
                           "conversation as one prompt")

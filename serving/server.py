@@ -189,6 +189,31 @@ class ReflectionServicer:
 
 
 # ---- the listener -----------------------------------------------------------------------------------------
+def check_host(host: str) -> None:
+    """Refuse a --host this machine can't listen on, in one line naming the flag, before gRPC is given it: gRPC
+    logs a line of its own about such an address (whatever the port) before refusing it."""
+    if not host.strip():
+        raise ListenError(f"--host {host!r} is empty: give a name or address to listen on, such as 127.0.0.1")
+    try:
+        addresses = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, ValueError) as e:  # a name not found, one IDNA can't encode, a NUL in it
+        reason = (isinstance(e, OSError) and e.strerror) or str(e)
+        hint = "; an IPv6 address goes without brackets" if host.startswith("[") else ""
+        raise ListenError(f"--host {host!r} is not a name or address to listen on ({reason}){hint}") from None
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as s:
+            try:
+                s.bind(address)  # port 0: any free one, so only the address is tried
+            except OSError as e:
+                raise ListenError(f"--host {host!r} is not an address of this machine to listen on "
+                                  f"({e.strerror or e})") from None
+
+
+def grpc_address(host: str, port: int) -> str:
+    """HOST:PORT as gRPC reads it: an IPv6 address in brackets (gRPC takes "::1:8001" for ::1:8001, port 443)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def check_can_listen(host: str, port: int) -> None:
     """Bind the address once here, so that a port in use is one clear error (grpc would log its own lines)."""
     if port == 0:
@@ -216,6 +241,7 @@ class Server:
 
     def __init__(self, frontend: Frontend, options: ServerConfig, in_flight: int):
         """`in_flight`: the generation calls the scheduler holds at most (its queue and its slots)."""
+        check_host(options.host)
         check_can_listen(options.host, options.port)
         # client-paced streams: ModelStreamInfer and reflection share one pool of permits, and health watches
         # (open to callers without the API key, held as long as they like) have a pool of their own
@@ -246,14 +272,14 @@ class Server:
         names = (*self.services, HEALTH.full_name, reflection.SERVICE_NAME)
         add_service(self.grpc, REFLECTION, ReflectionServicer(names, permits, self.idle))
         self.set_serving(False)
-        self.address = f"{options.host}:{options.port}"
+        self.address = grpc_address(options.host, options.port)
         try:
             bound = self.grpc.add_insecure_port(self.address)
         except RuntimeError:
             bound = 0
         if not bound:
             raise ListenError(f"can't listen on {self.address}")
-        self.address = f"{options.host}:{bound}"  # port 0: the one the system chose
+        self.address = grpc_address(options.host, bound)  # port 0: the one the system chose
         self.grpc.start()
 
     def set_serving(self, serving: bool) -> None:

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -352,3 +357,34 @@ def test_convert_keeps_the_folders_own_tokenizer(hf_dir, tmp_path):
     refused = tmp_path / "refused"
     assert cli.main(["convert", "hf-gpt2", str(src), str(refused)]) == 2
     assert not refused.exists()
+
+
+@pytest.mark.parametrize("host, words", [("", "--host '' is empty"),
+                                         ("192.0.2.1", "--host '192.0.2.1' is not an address of this machine"),
+                                         ("[::1]", "an IPv6 address goes without brackets")])
+def test_a_host_that_can_not_be_listened_on_exits_2_with_one_line_naming_the_flag(host, words):
+    """With --port 0 gRPC was given the host unchecked, and it logged a line of its own ("E... add_port.cc] Failed
+    to add port to server") before gptjax's. (A subprocess: gRPC writes that line to the process's stderr.)"""
+    proc = run_cli("serve", "--host", host, "--port", "0", "--http-port", "0", "--metrics-port", "0", check=False,
+                   env={"JAX_PLATFORMS": "cpu"}, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gptjax serve: error: ") and words in lines[0], lines
+
+
+def test_an_ipv6_host_is_served_on_grpc():
+    """gRPC read "::1:0" as the address ::0.1.0.0 at port 443: an IPv6 host goes to it in brackets."""
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    proc = subprocess.Popen([sys.executable, "-m", "gptjax", "serve", "--host", "::1", "--port", "0", "--http-port",
+                             "0", "--metrics-port", "0"],
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    try:
+        first = proc.stderr.readline()  # the model loads after this line
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.communicate(timeout=120)[1]
+    assert "listening on gRPC [::1]:" in first, first + rest

@@ -1,17 +1,20 @@
 """The HTTP port of the real `gptjax serve`, started from a FasterTransformer v1 config.pbtxt (candidate_num 1:
 greedy) with an API key: KServe v2 through tritonclient.http (binary and JSON tensors, both dialects), Triton's
 generate extension, /metrics read by prometheus_client's parser, disconnects, bad input, and a load of four APIs;
-and, on apps with no engine behind them, the port's own limits and what a draining server answers.
+and, on apps with no engine behind them, the port's own limits, what a draining server answers, and large JSON
+bodies and answers read and written off the event loop, a piece at a time.
 
 Greedy tokens are checked against `gptjax generate --greedy` with the same config (no server involved).
 """
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import os
 import random
+import re
 import socket
 import struct
 import subprocess
@@ -851,3 +854,267 @@ def test_a_lone_surrogate_anywhere_in_a_json_body_is_a_400_on_every_route():
                            (f"/v2/models/{MODEL}/generate", b'{"text_input": %s, "id": %s}' % (emoji, emoji))):
             r = client.post(path, content=body, headers=json_type)
             assert (r.status_code, "queue is full" in r.text) == (429, True), (path, r.text)
+
+
+# ---- a large body is read off the event loop, in pieces, as json.loads reads it -----------------------------------
+def _json_text(rng: random.Random, depth: int = 0) -> str:
+    """A random JSON text as a client might write it: numbers in every form, strings whose escapes, commas and
+    brackets are no structure, long runs of numbers, nesting, and JSON's four whitespace characters anywhere."""
+    def ws():
+        return "".join(rng.choice(" \t\n\r") for _ in range(rng.choice([0, 0, 1, 3])))
+
+    def scalar():
+        text = rng.choice(["a,b", "[x]", '{"y": 1}', 'q"q', "back\\slash", "\ud83d\ude00", "tab\tline\n", ""])
+        return rng.choice([str(rng.randrange(-10**6, 10**6)), "-0", "0.5", "-1.25e-3", "3E+2", "1e400", "1" * 30,
+                           "true", "false", "null", "NaN", "-Infinity", json.dumps(text), json.dumps(text)[1:-1]])
+
+    kind = rng.random() if depth < 4 else 0
+    if kind < 0.3:
+        return scalar()
+    if kind < 0.5:  # a long run of plain values, as a prompt of token ids or a tensor's data is
+        return "[" + ws() + ("," + ws()).join(scalar() if rng.random() < 0.05 else str(rng.randrange(50257))
+                                              for _ in range(rng.randrange(1, 400))) + ws() + "]"
+    if kind < 0.75:
+        items = [ws() + _json_text(rng, depth + 1) + ws() for _ in range(rng.randrange(0, 6))]
+        return "[" + ",".join(items) + ws() + "]"
+    keys = ["a", "b", "c", "d,e", "]"]  # a key may come twice: the last one counts
+    members = [ws() + json.dumps(rng.choice(keys)) + ws() + ":" + ws() + _json_text(rng, depth + 1) + ws()
+               for _ in range(rng.randrange(0, 6))]
+    return "{" + ",".join(members) + ws() + "}"
+
+
+def _mutated(rng: random.Random, text: str) -> str:
+    """The text with one character taken out, put in or changed: often no JSON any more."""
+    i = rng.randrange(len(text) + 1)
+    c = rng.choice(',[]{}":  0-.eE\\x')
+    return rng.choice([text[:i] + text[i + 1:], text[:i] + c + text[i:], text[:i] + c + text[i + 1:]])
+
+
+def test_json_read_in_pieces_is_json_loads_and_takes_nothing_json_loads_refuses(monkeypatch):
+    """`loads_in_pieces` gives what json.loads gives (types, key order and a key given twice included), and raises
+    on every text json.loads refuses (json_object then reads it with json.loads, for the same error); pieces of a
+    few characters put a piece's edge everywhere."""
+    from serving import http
+
+    monkeypatch.setattr(http, "PIECE_CHARS", 7)
+    monkeypatch.setattr(http, "STEP_CHARS", 1)  # walk as many values as any text holds
+    rng, taken, refused = random.Random(0), 0, 0
+    for _ in range(600):
+        valid = _json_text(rng)
+        for text in [valid] + [_mutated(rng, valid) for _ in range(4)]:
+            try:
+                expected = json.dumps(json.loads(text))  # dumps: NaN equals itself, 1 is not 1.0, the order counts
+            except (ValueError, RecursionError):
+                with pytest.raises(Exception):
+                    http.loads_in_pieces(text)
+                refused += 1
+                continue
+            assert json.dumps(http.loads_in_pieces(text)) == expected, text
+            taken += 1
+    assert taken > 600 and refused > 1000  # both kinds were tried
+
+
+LARGE = 1 << 20  # over http.THREADED_BYTES
+
+
+@pytest.mark.parametrize("text, words", [
+    ('{"prompt": [' + "1, " * LARGE, "not valid JSON: Expecting value"),  # cut short
+    ('{"prompt": [' + "1, " * LARGE + "]}", "not valid JSON: Expecting value"),  # a comma before the ]
+    ('{"prompt": [,' + "1, " * LARGE + "1]}", "not valid JSON: Expecting value"),
+    ('{"prompt": [' + "1, " * LARGE + '1]} {"more": 1}', "not valid JSON: Extra data"),
+    ('{"prompt": [' + "1, " * LARGE + "1 2]}", "not valid JSON: Expecting ',' delimiter"),
+    ("[" * 4000 + " " * LARGE, "nests its JSON too deeply"),
+    ('{"seed": 1' + "0" * 5000 + ', "prompt": [' + "1, " * LARGE + "1]}", "more than 4300 digits"),
+    ('{"prompt": [' + "1, " * LARGE + '"a\\ud800"]}', "not valid Unicode text"),
+    ("[" + "1, " * LARGE + "1]", "must be a JSON object, got list")])
+def test_a_large_body_that_is_not_a_json_object_gets_the_error_a_small_one_gets(text, words):
+    """The pieces give way to json.loads on whatever they do not take, so its error, position included, is the
+    one answered."""
+    from serving.frontend import RequestError
+    from serving.http import json_object
+
+    with pytest.raises(RequestError) as refused:
+        json_object(text.encode())
+    assert words in refused.value.message
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as e:
+        assert refused.value.message == f"the request body is not valid JSON: {e}"
+    except (RecursionError, ValueError):  # its own words, checked above
+        pass
+
+
+def test_a_large_body_of_small_values_past_the_walks_budget_is_read_whole():
+    """Walking a value at a time costs more than json.loads for tiny ones: past its budget, json.loads reads it."""
+    from serving import http
+
+    text = json.dumps({"prompt": [[1], {"a": "b"}, "c"] * (LARGE // 8), "n": 1})
+    with pytest.raises(ValueError, match="too many values"):
+        http.loads_in_pieces(text)
+    assert http.json_object(text.encode()) == json.loads(text)
+
+
+def test_a_large_body_is_read_on_a_worker_thread_while_the_event_loop_runs(monkeypatch):
+    """A 7 MB body read by one json.loads held the GIL, and so the event loop and every stream on it, until it
+    was read (~0.1 s), on the loop's thread or on another: read in pieces on a worker thread, it lets the loop run
+    between them."""
+    from serving import http
+
+    body = json.dumps({"prompt": list(range(10**6)), "stop": ["a"]}).encode()
+    seen, real = {}, http._loads
+
+    def reading(text):
+        seen["thread"], seen["ticks at start"] = threading.current_thread(), seen["ticks"]
+        try:
+            return real(text)
+        finally:
+            seen["ticks while read"] = seen["ticks"] - seen["ticks at start"]
+
+    monkeypatch.setattr(http, "_loads", reading)
+
+    async def main():
+        seen["ticks"] = 0
+        task = asyncio.ensure_future(http.off_loop(len(body), http.json_object, body))
+        while not task.done():  # another client's stream: a step each millisecond
+            await asyncio.sleep(0.001)
+            seen["ticks"] += 1
+        return await task
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-4)  # the loop's thread gets the GIL at the first chance, between two pieces
+    try:
+        value = asyncio.run(main())
+    finally:
+        sys.setswitchinterval(old)
+    assert value == json.loads(body)
+    assert seen["thread"] is not threading.main_thread()
+    assert seen["ticks while read"] >= 10, seen  # one json.loads: none (or one, just before it)
+
+
+def _answering_app():
+    """The HTTP app over a front end whose scheduler stand-in answers each request at once with tokens 7, 8, ..."""
+    from test_frontend import _ModelShape, _Scheduler
+
+    from serving.frontend import Frontend
+    from serving.http import Context
+    from serving.http_app import create_app
+    from serving.request import Finished, Tokens
+
+    class Answering(_Scheduler):
+        def submit(self, requests):
+            for r in requests:
+                n = r.max_new_tokens
+                r.put(Tokens(list(range(7, 7 + n)), [-0.5] * n))
+                r.put(Finished("length"))
+
+    frontend = Frontend("gpt2-tiny")
+    frontend.load(_ModelShape(), Answering(), max_batch_size=4)
+    return create_app(Context(frontend, max_body_bytes=1 << 20, dialect="v1", body_timeout_s=10), max_requests=8)
+
+
+def test_every_door_answers_the_same_whether_a_body_is_read_on_the_event_loop_or_off_it(monkeypatch):
+    """Read off the loop, in pieces (a threshold of 0 sends every body and answer there), each door gives what it
+    gives reading on the loop: answers, streams, JSON and binary tensors, errors."""
+    from starlette.testclient import TestClient
+
+    from serving import http
+
+    ids = np.array([[5, 6, 7]], np.uint32)
+    binary = {"inputs": [{"name": n, "datatype": "UINT32", "shape": s, "parameters": {"binary_data_size": 4 * b}}
+                         for n, s, b in zip(V1, ([1, 3], [1, 1], [1, 1]), (3, 1, 1))],
+              "outputs": [{"name": "OUTPUT0", "parameters": {"binary_data": True}}]}
+    blob = ids.tobytes() + np.array([3, 4], np.uint32).tobytes()
+    head = json.dumps(binary).encode()
+    calls = [("/v1/completions", json.dumps({"prompt": [[1, 2, 3], [4, 5]], "max_tokens": 3, "logprobs": 0}), {}),
+             ("/v1/completions", json.dumps({"prompt": TEXT, "max_tokens": 2, "stream": True, "echo": True}), {}),
+             ("/v1/completions", '{"prompt": [1, 2,, 3]}', {}),
+             ("/v1/completions", '{"prompt": [1], "frequency": 1}', {}),
+             ("/v1/chat/completions", '{"messages": []}', {}),
+             (f"/v2/models/{MODEL}/generate", json.dumps({"text_input": TEXT, "max_tokens": 2, "id": "x"}), {}),
+             (f"/v2/models/{MODEL}/generate_stream", json.dumps({"text_input": TEXT, "max_tokens": 2}), {}),
+             (f"/v2/models/{MODEL}/generate", '{"text_input": "a", "max_tokens": 2]', {}),
+             (*v1_json(rows=2), {}), (v1_json()[0], {**v1_json()[1], "parameters": {"binary_data_output": True}}, {}),
+             (v1_json()[0], head + blob, {"Inference-Header-Content-Length": str(len(head))}),
+             (v1_json()[0], '{"inputs": [{"name": "INPUT_ID", "datatype": "UINT32", "shape": [1, 2], "data": [5, 6]}]]',
+              {})]
+    read_on = []
+    real = http._loads
+
+    def reading(text):
+        try:
+            asyncio.get_running_loop()
+            read_on.append("the loop")
+        except RuntimeError:
+            read_on.append("a worker thread")
+        return real(text)
+
+    monkeypatch.setattr(http, "_loads", reading)
+
+    def answers(threshold: int):
+        monkeypatch.setattr(http, "THREADED_BYTES", threshold)
+        read_on.clear()
+        out = []
+        with TestClient(_answering_app()) as client:
+            for path, body, headers in calls:
+                content = body if isinstance(body, (str, bytes)) else json.dumps(body)
+                r = client.post(path, content=content, headers={"content-type": "application/json", **headers})
+                text = re.sub(r'"(id|created)": ?("cmpl-[0-9a-f]+"|\d+)', "", r.content.decode("latin-1"))
+                out.append((path, r.status_code, r.headers.get("inference-header-content-length"), text))
+        return out, set(read_on)
+
+    on_loop, read_there = answers(1 << 30)
+    assert read_there == {"the loop"}
+    off_loop, read_there = answers(0)
+    assert read_there == {"a worker thread"}
+    assert off_loop == on_loop
+    statuses = [status for _, status, _, _ in on_loop]
+    assert statuses.count(200) == 7 and statuses.count(400) == 5, on_loop
+
+
+@pytest.mark.parametrize("header", [{}, {"parameters": {"binary_data_output": True}},
+                                    {"outputs": [{"name": "OUTPUT0", "parameters": {"binary_data": True}}]}],
+                         ids=["json", "binary", "mixed"])
+def test_json_tensors_written_a_piece_at_a_time_are_what_one_json_dumps_writes(monkeypatch, header):
+    """One json.dumps of a large tensor holds the GIL until it is written, on any thread: an answer's values are
+    written a few at a time (here 5), and the answer is still json.dumps's text, byte for byte."""
+    from serving import kserve_http
+
+    monkeypatch.setattr(kserve_http, "PIECE_VALUES", 5)
+    logprobs = np.array([-0.5, np.nan, np.inf, -0.0, 1e-30, -3.25, 7.0] * 3, np.float32).reshape(3, 1, 7)
+    outputs = {"OUTPUT0": np.arange(36, dtype=np.uint32).reshape(12, 3), "output_log_probs": logprobs,
+               "sequence_length": np.zeros((0, 1), np.uint32), "cum_log_probs": np.array([[-1.5]], np.float32)}
+    response = kserve_http.encode_outputs(header, outputs, {"model_name": MODEL, "model_version": "1", "id": 'a"é'})
+    n = int(response.headers.get("inference-header-content-length", len(response.body)))
+    head, blobs = response.body[:n].decode(), response.body[n:]
+    answer = json.loads(head)
+    assert json.dumps(answer) == head  # json.dumps's form: its separators, escapes and numbers
+    assert (answer["model_name"], answer["id"]) == (MODEL, 'a"é')
+    for t, (name, a) in zip(answer["outputs"], outputs.items(), strict=True):
+        assert (t["name"], t["shape"]) == (name, list(a.shape))
+        if "data" in t:
+            np.testing.assert_array_equal(np.array(t["data"], a.dtype).reshape(a.shape), a)
+        else:
+            size = t["parameters"]["binary_data_size"]
+            np.testing.assert_array_equal(np.frombuffer(blobs[:size], a.dtype).reshape(a.shape), a)
+            blobs = blobs[size:]
+    assert blobs == b""
+
+
+def test_json_tensors_read_a_piece_at_a_time_are_what_one_numpy_call_makes(monkeypatch):
+    """A large JSON tensor becomes an array a few values at a time (here 5), with the refusals of one call: a value
+    outside an integer datatype, or past a float one's range, anywhere in it."""
+    from serving import kserve_http
+    from serving.frontend import RequestError
+
+    monkeypatch.setattr(kserve_http, "PIECE_VALUES", 5)
+    rows = [[i * 7 + j for j in range(7)] for i in range(3)]
+    got = kserve_http._json_array(rows, "UINT32", [3, 7], "input_ids")
+    assert got.dtype == np.uint32 and got.tolist() == rows
+    floats = [0.5, -1.0, 3, 1e-30, 2.0, 7.25, -0.0, 1e38]
+    np.testing.assert_array_equal(kserve_http._json_array(floats, "FP32", [8], "t"), np.array(floats, np.float32))
+    assert kserve_http._json_array([], "UINT32", [0, 3], "input_ids").shape == (0, 3)
+    for data, datatype, words in (([1] * 11 + [-1], "UINT32", "outside UINT32's range"),
+                                  ([1.0] * 11 + [1e300], "FP32", "too large for FP32"),
+                                  ([1.0] * 11 + [10**400], "FP32", "too large for FP32")):
+        with pytest.raises(RequestError, match=words):
+            kserve_http._json_array(data, datatype, [len(data)], "t")
