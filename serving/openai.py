@@ -67,6 +67,12 @@ class Choice:
 
     def __post_init__(self):
         self.decoder = self.frontend.text_stream()
+        self.echoed = ""  # the prompt's text, with `echo`
+
+    def echo(self, prompt_ids) -> None:
+        """Start with the prompt: its text is `echoed`, and a character split between its last token and the first
+        new one is decoded whole into `text` (decoded apart, each half would be U+FFFD)."""
+        self.echoed = self.decoder.add(prompt_ids)
 
     def add(self, event) -> None:
         if self.done:  # what a request sends after its stop string (the rest of its decode call) is not news
@@ -238,9 +244,6 @@ class Completions:
         completion = sum(c.kept_tokens() for c in choices)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    def prefix(self, index: int) -> str:
-        return self.frontend.decode(self.requests[index].prompt) if self.echo else ""
-
     def logprobs(self, c: Choice, start: int, end: int | None = None) -> dict | None:
         """OpenAI's logprobs object for the choice's tokens from `start` up to `end` (None: up to those whose text
         it kept)."""
@@ -316,7 +319,7 @@ async def _run_choice(stream: Stream, choice: Choice) -> None:
 
 
 def _answer(call: Completions, choices: list[Choice]) -> dict:
-    return call.chunk([{"index": i, "text": call.prefix(i) + c.text, "logprobs": call.logprobs(c, 0),
+    return call.chunk([{"index": i, "text": c.echoed + c.text, "logprobs": call.logprobs(c, 0),
                         "finish_reason": c.finish_reason} for i, c in enumerate(choices)], call.usage(choices))
 
 
@@ -348,7 +351,7 @@ async def _events(call: Completions, runs: list[Stream], choices: list[Choice], 
         with metered:
             if call.echo:
                 for i in range(len(choices)):
-                    yield sse(call.chunk([{"index": i, "text": call.prefix(i), "logprobs": None,
+                    yield sse(call.chunk([{"index": i, "text": choices[i].echoed, "logprobs": None,
                                            "finish_reason": None}]))
             async for i, event in events:
                 c = choices[i]
@@ -429,6 +432,8 @@ def add_routes(app: FastAPI, ctx: Context) -> None:
             metered.__exit__(*sys.exc_info())
             raise
         choices = [Choice(frontend, call.stops, r.stop_ids) for r in call.requests]
+        for c, r in zip(choices, call.requests) if call.echo else ():
+            c.echo(r.prompt)
         if call.stream:
             def close():  # the stream ended before its first chunk: nothing else will cancel or count it
                 for r in call.requests:

@@ -292,6 +292,24 @@ def test_text_offsets_start_a_character_split_over_tokens_at_its_first_token():
     assert cut.offsets == whole.offsets and cut.logprobs == [-float(t) for t in ids]
 
 
+def test_an_echoed_prompt_ending_inside_a_character_is_decoded_whole_with_the_first_new_token():
+    """A token-id prompt whose last token holds half of an emoji: echoed text + new text is the whole decoding,
+    the emoji whole (each half decoded apart would be U+FFFD)."""
+    ids = default_tokenizer().encode("a😀 b")
+    assert len(ids) == 4  # a, two tokens for the emoji, " b"
+    frontend = Frontend(MODEL)
+    frontend.load(_ModelShape(), _Scheduler(), max_batch_size=1)
+    choice = Choice(frontend, [], frozenset({EOS}))
+    choice.echo(ids[:2])
+    choice.add(Tokens(ids[2:], [-1.0, -1.0]))
+    choice.add(Finished("length"))
+    assert (choice.echoed, choice.text, choice.offsets) == ("a", "😀 b", [0, 1])
+    alone = Choice(frontend, [], frozenset({EOS}))
+    alone.echo(ids[:2])
+    alone.add(Finished("length"))  # no new token completes it: the half is U+FFFD, as the whole decoding says
+    assert alone.echoed + alone.text == default_tokenizer().decode(ids[:2]) == "a\ufffd"
+
+
 def test_the_stop_string_that_completes_first_wins_however_tokens_are_grouped():
     """Of the stops "quick brown" and "ck", the second completes first (with " quick", the first one token
     later, though it starts earlier): the text ends before "ck" and the tokens after " quick" are not taken,
