@@ -155,9 +155,9 @@ def _folded_layer(config, attention: str):
 
     f32 = jnp.float32
 
-    def dense(x, d):
+    def dense(x, d):  # as Flax's Dense: x in the weights' dtype, the product and its bias too
         w = d["kernel"]
-        return jnp.dot(x, w.reshape(-1, w.shape[-1]) if w.ndim == 3 else w) + d["bias"]
+        return jnp.dot(x.astype(w.dtype), w.reshape(-1, w.shape[-1]) if w.ndim == 3 else w) + d["bias"]
 
     def normed_dense(x, d):
         x32 = x.astype(f32)
@@ -165,8 +165,8 @@ def _folded_layer(config, attention: str):
         rstd = lax.rsqrt(jnp.maximum(jnp.square(x32).mean(-1, keepdims=True) - jnp.square(mean), 0.0)
                          + config.layer_norm_eps)
         w = d["kernel"]
-        acc = jnp.dot(x, w.reshape(w.shape[0], -1), preferred_element_type=f32)
-        return (rstd * acc + d["bias"].reshape(-1).astype(f32)).astype(x.dtype)
+        acc = jnp.dot(x.astype(w.dtype), w.reshape(w.shape[0], -1), preferred_element_type=f32)
+        return (rstd * acc + d["bias"].reshape(-1).astype(f32)).astype(w.dtype)
 
     def layer(p, h, layer_kv, pos):
         x = h[:, 0]
