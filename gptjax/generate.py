@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from gptjax.prompts import (MAX_STOP_IDS, check_new_tokens, check_prompt, check_token_ids, default_new_tokens,
-                            whole_number)
+                            real_number, whole_number)
 from gptjax.sampling import SamplingParams
 
 
@@ -47,10 +47,11 @@ def sampling_params(engine, n: int, temperature, top_k, top_p, seed, greedy: boo
     seeds = [seed] * n if isinstance(seed, (int, np.integer)) else list(seed)
     if len(seeds) != n:
         raise ValueError(f"got {len(seeds)} seeds for {n} prompts")
-    return [SamplingParams(
-        temperature=0.0 if greedy else (ec.temperature if temperature is None else float(temperature)),
-        top_k=ec.top_k if top_k is None else whole_number(top_k, "top_k"),
-        top_p=ec.top_p if top_p is None else float(top_p), seed=whole_number(s, "seed")) for s in seeds]
+    temperature = ec.temperature if temperature is None else real_number(temperature, "temperature")
+    top_k = ec.top_k if top_k is None else whole_number(top_k, "top_k")
+    top_p = ec.top_p if top_p is None else real_number(top_p, "top_p")
+    return [SamplingParams(temperature=0.0 if greedy else temperature, top_k=top_k, top_p=top_p,
+                           seed=whole_number(s, "seed")) for s in seeds]
 
 
 def generate(engine, prompts, max_new_tokens: int | None = None, *, temperature: float | None = None,

@@ -58,6 +58,13 @@ def whole_number(value, field: str) -> int:
     return int(value)
 
 
+def real_number(value, field: str) -> float:
+    """A real argument as a float: a bool or a string is refused, not read as 1.0 or parsed."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{field} must be a number, got {value!r}")
+    return float(value)
+
+
 def default_new_tokens(configured: int, longest: int, max_seq_len: int) -> int:
     """New tokens for a call that asks for none: the config's default, capped by the positions the longest prompt
     leaves (a number asked for is checked instead, not capped)."""

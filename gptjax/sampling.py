@@ -2,8 +2,8 @@
 
 Every argument is a per-row array, so one compiled step serves a batch whose rows ask for different things,
 and a row's tokens never depend on the others'. A row with temperature 0 (or below `GREEDY_BELOW`), or with
-top-k 1, is greedy. Top-k is applied before top-p (the nucleus is taken from the renormalized top-k
-distribution), as Hugging Face and FasterTransformer do.
+top-k 1, is greedy; a temperature above `MAX_TEMPERATURE` samples as that one does. Top-k is applied before top-p
+(the nucleus is taken from the renormalized top-k distribution), as Hugging Face and FasterTransformer do.
 """
 
 from __future__ import annotations
@@ -19,11 +19,17 @@ from gptjax import kernels
 # a row whose temperature is below this is greedy: logits / temperature would overflow float32 near 1e-38, and the
 # distribution is already its argmax long before that
 GREEDY_BELOW = 1e-5
+# a temperature above this is taken as this one, on the host: near float32's largest (3.4e38, which every API takes)
+# logits / temperature fall below float32's normal range and tie at 0, so top-k and top-p kept every token; at 2**33
+# the division is exact (a power of two) and the draw already even over what the filters keep (logits 100 apart:
+# odds within 1.2e-8 of even, under float32's resolution)
+MAX_TEMPERATURE = 2.0**33
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """What one request asks of the sampler; temperature 0 means greedy."""
+    """What one request asks of the sampler; temperature 0 means greedy, and one above `MAX_TEMPERATURE` is
+    stored as that (the same draws)."""
 
     temperature: float = 0.0
     top_k: int = 0  # 0: no top-k
@@ -33,6 +39,8 @@ class SamplingParams:
     def __post_init__(self):
         if not np.isfinite(self.temperature) or self.temperature < 0:
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if self.temperature > MAX_TEMPERATURE:
+            object.__setattr__(self, "temperature", MAX_TEMPERATURE)
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not np.isfinite(self.top_p) or not 0.0 < self.top_p <= 1.0:

@@ -155,12 +155,16 @@ def _shapes(arrays: dict, dialect: str) -> tuple[int, int]:
 
 
 def _words(array: np.ndarray, name: str) -> list[list[int]]:
-    """FasterTransformer's word lists: [2, S] = (concatenated tokens, end offsets padded with -1)."""
+    """FasterTransformer's word lists: [2, S] = (concatenated tokens, end offsets padded with -1). An offset after
+    the padding has begun would be a word dropped unread: refused."""
     tokens, offsets = array[0].tolist(), array[1].tolist()
+    padded = next((j for j, end in enumerate(offsets) if end < 0), len(offsets))
+    late = next((j for j in range(padded, len(offsets)) if offsets[j] >= 0), None)
+    if late is not None:
+        raise invalid(f"{name}: offset[{late}] = {offsets[late]} follows the padding offset[{padded}] = "
+                      f"{offsets[padded]}; padding (-1) ends the offsets")
     words, start = [], 0
-    for j, end in enumerate(offsets):
-        if end < 0:
-            break
+    for j, end in enumerate(offsets[:padded]):
         if end < start:
             raise invalid(f"{name}: offsets must not decrease, but offset[{j}] = {end} follows {start}")
         if end > len(tokens):

@@ -9,8 +9,9 @@ character named by its bytes as OpenAI names it; the top alternatives of larger 
 `echo`, `stream` (server-sent events ending with `data: [DONE]`;
 `stream_options.include_usage` adds a last chunk with the usage), and gives `usage` counts (the completion's:
 the tokens whose text starts before a stop string). `top_k` is accepted as an extension. Fields that ask for
-what gptjax can't do (`best_of` > n, penalties, `logit_bias`, `suffix`) get a 400 naming them; values are
-checked by the front end, as for every API.
+what gptjax can't do (`best_of` > n, penalties, `logit_bias`, `suffix`) get a 400 naming them, as does any field
+of the wrong type; `user` (a string) is taken and unused, as it changes no token. Values are checked by the front
+end, as for every API.
 
 The models GPT-2 style checkpoints bring have no chat template, so `/v1/chat/completions` answers 400.
 """
@@ -41,6 +42,10 @@ MAX_STOP_CHARS = 256  # each stop string: streaming checks every prefix of each 
 FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed", "logprobs", "echo",
           "stream", "stream_options", "user", "best_of", "presence_penalty", "frequency_penalty", "logit_bias",
           "suffix"}
+# (field, type, as the message says it) of the optional fields that no other check reads for their type
+TYPED = (("presence_penalty", (int, float), "a number"), ("frequency_penalty", (int, float), "a number"),
+         ("logit_bias", dict, "an object"), ("suffix", str, "a string"), ("user", str, "a string"),
+         ("best_of", int, "an integer"))
 NAMES = {"prompt": "prompt", "max_new_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p",
          "top_k": "top_k", "seed": "seed"}
 
@@ -149,8 +154,10 @@ def _stops(value) -> list[str]:
     stops = [value] if isinstance(value, str) else value
     if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
         raise invalid("stop must be a string or a list of strings")
-    if len(stops) > MAX_STOP_STRINGS or not all(stops):
-        raise invalid(f"stop takes up to {MAX_STOP_STRINGS} non-empty strings, got {len(stops)}")
+    if len(stops) > MAX_STOP_STRINGS:
+        raise invalid(f"stop takes up to {MAX_STOP_STRINGS} strings, got {len(stops)}")
+    if not all(stops):
+        raise invalid("stop strings must not be empty (an empty one would end every completion before its text)")
     if any(len(s) > MAX_STOP_CHARS for s in stops):
         raise invalid(f"stop strings are at most {MAX_STOP_CHARS} characters, got one of "
                       f"{max(map(len, stops))}")
@@ -158,11 +165,17 @@ def _stops(value) -> list[str]:
 
 
 def _refuse_unsupported(body: dict, n: int) -> None:
+    """Fields that would change the tokens gptjax can't change, at any value but their neutral one, and every
+    optional field of the wrong type (read as its neutral value, one would be ignored without a word)."""
     unknown = sorted(set(body) - FIELDS)
     if unknown:
         raise invalid(f"unknown field(s) {', '.join(unknown)}")
+    for name, kind, what in TYPED:
+        value = body.get(name)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            raise invalid(f"{name} must be {what}, got {value!r}")
     for name in ("presence_penalty", "frequency_penalty"):
-        if body.get(name) not in (None, 0, 0.0):
+        if body.get(name) not in (None, 0):
             raise invalid(f"{name} is not supported (only 0)")
     if body.get("logit_bias"):
         raise invalid("logit_bias is not supported (only empty)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from gptjax.sampling import MAX_TEMPERATURE
 from serving import ft
 from serving.frontend import Completion, Frontend, RequestError
 from serving.request import Code
@@ -122,6 +123,11 @@ def test_v1_names_pick_the_v1_dialect(frontend):
     (dict(v5([[1]], [1], 1), stop_words_list=np.array([[[5], [3]]], np.int32)), "past the row's 1 tokens"),
     (dict(v5([[1]], [1], 1), stop_words_list=np.array([[[5, 6], [2, -1]]], np.int32)), "single-token"),
     (dict(v5([[1]], [1], 1), bad_words_list=np.array([[[5], [1]]], np.int32)), "bad words are not supported"),
+    # a word after the -1 padding was dropped unread (a stop word that never stopped, a bad word let through)
+    (dict(v5([[1]], [1], 1), stop_words_list=np.array([[[5, 6], [-1, 1]]], np.int32)),
+     "stop_words_list[0]: offset[1] = 1 follows the padding offset[0] = -1"),
+    (dict(v5([[1]], [1], 1), bad_words_list=np.array([[[5, 6, 7], [-1, -1, 3]]], np.int32)),
+     "bad_words_list[0]: offset[2] = 3 follows the padding offset[0] = -1"),
     (dict(v5([[1]], [1], 1), runtime_top_p=np.array([[np.nan]], np.float32)), "runtime_top_p[0] must be in [0, 1]"),
     (dict(v5([[1]], [1], 1), temperature=np.array([[np.inf]], np.float32)), "temperature[0] must be a finite"),
     (dict(v5([[1]], [1], 1), beam_width=np.array([[2]], np.uint32)), "beam search is not supported"),
@@ -135,6 +141,23 @@ def test_v1_names_pick_the_v1_dialect(frontend):
 ])
 def test_bad_tensors_are_named(frontend, arrays, words):
     assert words in refused(frontend, arrays)
+
+
+def test_empty_words_and_padding_are_no_words(frontend):
+    """FasterTransformer's word lists pad the offsets with -1 (and the tokens with anything); an offset equal to the
+    one before it is a word of no tokens. None of them is a word to stop at, or a bad word to refuse."""
+    words = np.array([[[5, 0, 0], [0, 1, -1]], [[0, 0, 0], [-1, -1, -1]]], np.int32)
+    (a, b), _ = ft.parse(v5([[1], [2]], [1, 1], 1, stop_words_list=words, bad_words_list=words[[1, 1]]), frontend,
+                         None)
+    assert a.stop_ids == {5, 50256} and b.stop_ids == {50256}
+
+
+def test_float32s_largest_temperature_keeps_its_top_k(frontend):
+    """It reaches the sampler as MAX_TEMPERATURE, where logits / temperature are still apart and top-k holds."""
+    arrays = v5([[1]], [1], 1, temperature=np.array([[np.finfo(np.float32).max]], np.float32),
+                runtime_top_k=np.array([[5]], np.uint32))
+    (r,), _ = ft.parse(arrays, frontend, None)
+    assert (r.sampling.temperature, r.sampling.top_k) == (MAX_TEMPERATURE, 5)
 
 
 def test_over_the_limits_is_resource_exhausted(frontend):

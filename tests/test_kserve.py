@@ -126,6 +126,18 @@ def test_native_values_at_their_type_bounds(client):
     still_serving(client)
 
 
+def test_float32s_largest_temperature_keeps_top_p_on_both_grpc_apis(triton, client):
+    """At 3.4e38 logits / temperature underflowed to ties at 0, and top-p (top-k too) kept every token: a nucleus
+    of 1e-9 of the mass drew from the whole vocabulary. It is its most likely token: the greedy tokens."""
+    greedy = client.generate(PROMPT, 4, temperature=0, ignore_eos=True).token_ids
+    hot = client.generate(PROMPT, 4, temperature=3.4e38, top_p=1e-9, seed=5, ignore_eos=True).token_ids
+    assert hot == greedy
+    inputs = ft_inputs([PROMPT], [len(PROMPT)], 4, temperature=(np.array([[3.4e38]], F32), "FP32"),
+                       runtime_top_p=(np.array([[1e-9]], F32), "FP32"), end_id=(np.array([[2**32 - 1]], U32), "UINT32"))
+    out = triton.infer(MODEL, inputs, client_timeout=60)
+    assert out.as_numpy("output_ids")[0, 0, len(PROMPT):].tolist() == greedy
+
+
 # ---- bytes that do not parse ------------------------------------------------------------------------------
 def test_undecodable_bytes_are_invalid_argument(target, client):
     bad_utf8 = b"\x0a\x02\xff\xfe"  # GenerateRequest.text (field 1) = two bytes that are not UTF-8

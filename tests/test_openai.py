@@ -381,3 +381,27 @@ def test_logprobs_name_a_token_that_holds_part_of_a_character_by_its_bytes():
     assert unary["logprobs"]["tokens"] == streamed["logprobs"]["tokens"] == ["a", "bytes:\\xf0\\x9f\\x98",
                                                                              "bytes:\\x80", "b"]
     assert unary["logprobs"]["text_offset"] == streamed["logprobs"]["text_offset"] == [0, 1, 1, 2]
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("logit_bias", [], "logit_bias must be an object, got []"), ("logit_bias", 0, "logit_bias must be an object"),
+    ("suffix", 0, "suffix must be a string, got 0"), ("suffix", False, "suffix must be a string"),
+    ("user", 5, "user must be a string, got 5"), ("best_of", True, "best_of must be an integer, got True"),
+    ("best_of", 1.0, "best_of must be an integer"), ("presence_penalty", False, "presence_penalty must be a number"),
+    ("frequency_penalty", "0", "frequency_penalty must be a number, got '0'"),
+    ("stop", "", "stop strings must not be empty"), ("stop", ["a", ""], "stop strings must not be empty"),
+    ("stop", ["a"] * 100, "stop takes up to 4 strings, got 100"),
+])
+def test_an_optional_field_of_the_wrong_type_is_a_400_naming_it(field, value, words):
+    """Each was read as its neutral value (an empty logit_bias, no suffix, best_of equal to n) and ignored without
+    a word; an empty stop string was refused as "up to 4 non-empty strings, got 1"."""
+    frontend = Frontend(MODEL)
+    frontend.load(_ModelShape(), _Scripted([[13]]), max_batch_size=1)
+    app = create_app(Context(frontend, max_body_bytes=1 << 20, dialect="v1", body_timeout_s=10.0), max_requests=8)
+    with TestClient(app) as http:
+        r = http.post("/v1/completions", json={"prompt": [1], "max_tokens": 1, field: value})
+        assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
+        neutral = {"logit_bias": {}, "suffix": "", "user": "someone", "best_of": 1, "presence_penalty": 0.0,
+                   "frequency_penalty": 0, "stop": ["\n\n"]}
+        r = http.post("/v1/completions", json={"prompt": [1], "max_tokens": 1, field: neutral[field]})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == ".", r.text

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from gptjax.engine import Engine
-from gptjax.sampling import SamplingParams, row_keys, sample
+from gptjax.sampling import MAX_TEMPERATURE, SamplingParams, row_keys, sample
 
 VOCAB = 1000
 ROWS = 64
@@ -76,6 +76,22 @@ def test_tiny_temperature_is_greedy(logits):
     assert (draw(logits, temperature=1.5e-38) == logits.argmax(-1)).all()  # logits / T would overflow
 
 
+def test_a_huge_temperature_keeps_the_filters(logits):
+    """float32's largest temperature (every API takes it) made logits / temperature underflow to ties at 0, and
+    top-k 5 or a top-p of 1e-12 then kept every token: a uniform draw over the vocabulary. Taken as
+    MAX_TEMPERATURE on the host, it draws from the filtered tokens, and unfiltered it draws as before."""
+    assert SamplingParams(temperature=3.4e38).temperature == SamplingParams(temperature=1e300).temperature
+    hot = SamplingParams(temperature=3.4e38).temperature
+    assert hot == MAX_TEMPERATURE and SamplingParams(temperature=0.5).temperature == 0.5
+    top5 = np.argsort(-logits, axis=-1)[:, :5]
+    picks = np.stack([draw(logits, temperature=hot, top_k=5, seed=s) for s in range(8)], axis=1)
+    assert all(set(picks[i]) <= set(top5[i]) for i in range(ROWS)) and len(np.unique(picks)) > 5
+    assert (draw(logits, temperature=hot, top_p=1e-12) == logits.argmax(-1)).all()  # a nucleus of one token
+    nucleus = np.argsort(-logits, axis=-1)[:, :500]  # at this temperature every kept token weighs the same
+    assert all(p in nucleus[i] for i, p in enumerate(draw(logits, temperature=hot, top_p=0.5)))
+    assert (draw(logits, temperature=hot) == draw(logits, temperature=3.4e38)).all()
+
+
 def test_rows_mix_greedy_and_sampling(logits):
     n = logits.shape[0]
     temps = jnp.where(jnp.arange(n) % 2 == 0, 0.0, 1.0)
@@ -118,6 +134,30 @@ def test_engine_seeds_are_per_request():
     batch = engine.generate(["Hello there", "Something else entirely"], seed=[1, 5], **kw)
     assert batch[0].output_ids == a
     assert engine.generate(["Hello there"], seed=1, top_k=10**10, **kw)[0].output_ids == a  # past the vocabulary: off
+
+
+def test_a_huge_temperature_with_a_tiny_nucleus_is_greedy_in_the_engine():
+    """The nucleus of a flat distribution, 1e-9 of its mass, is its most likely token: the greedy text, whatever
+    the temperature past float32's range or at its largest (which drew from the whole vocabulary)."""
+    engine = Engine.from_preset("gpt2-tiny")
+    kw = dict(max_new_tokens=6, stop_token_ids=[])
+    greedy = engine.generate([464, 2068, 7586], greedy=True, **kw)[0].output_ids
+    for temperature in (3.4e38, 1e300):
+        out = engine.generate([464, 2068, 7586], temperature=temperature, top_p=1e-9, seed=3, **kw)[0]
+        assert out.output_ids == greedy, temperature
+
+
+@pytest.mark.parametrize("kw, words", [(dict(temperature="0.5"), "temperature must be a number, got '0.5'"),
+                                       (dict(temperature=True), "temperature must be a number, got True"),
+                                       (dict(top_p=[0.5]), "top_p must be a number, got [0.5]"),
+                                       (dict(top_p=True, greedy=True), "top_p must be a number")])
+def test_generate_names_a_sampling_argument_that_is_not_a_number(kw, words):
+    """A string was parsed and a bool read as 1.0 (sampling where the caller meant something else); a list was
+    float()'s TypeError, naming no argument."""
+    engine = Engine.from_preset("gpt2-tiny")
+    with pytest.raises(ValueError) as info:
+        engine.generate([464], max_new_tokens=1, **kw)
+    assert words in str(info.value)
 
 
 @pytest.mark.parametrize("bad", [dict(temperature=-1.0), dict(temperature=float("nan")), dict(top_k=-1),
