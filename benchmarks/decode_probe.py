@@ -112,89 +112,22 @@ XLA_OPTIONS = {
 
 
 BATCH_OFF = "batch_off"  # a variant name of its own: the program traced with decode_block.BATCH_ROWS at 0
-FOLD_LN = "fold_ln"  # one more: each LayerNorm folded into the product after it (`_folded_layer`), on XLA's path
+FLAX_BLOCK = "flax_block"  # one more: every decode step through the Flax block (`_flax_layer`)
 
 
-def _fold_layer_norms(params):
-    """The model's tree with each layer's LayerNorm folded into the product after it, so that a decode step can
-    skip the normalised copy of its input: LN(x) @ W + b = rstd(x) * (x @ W') + b', with W' = diag(scale) W less
-    each column's mean (the centring of x moved into the weights: x @ W' = (x - mean(x)) @ diag(scale) W) and
-    b' = shift @ W + b. The LayerNorms left behind are the identity's (scale 1, shift 0), so the Flax block (the
-    prefill) computes the same function from the same tree: normalise (centred already), then @ W' + b'."""
-    import jax.numpy as jnp
-
-    from gptjax.model import layer_index
-
-    def fold(ln, dense):
-        w = dense["kernel"]
-        w32 = w.reshape(w.shape[0], -1).astype(jnp.float32)
-        scaled = w32 * ln["scale"].astype(jnp.float32)[:, None]
-        folded = (scaled - scaled.mean(0)).astype(w.dtype)
-        bias = ln["bias"].astype(jnp.float32) @ w32 + dense["bias"].reshape(-1).astype(jnp.float32)
-        return {"kernel": folded.reshape(w.shape), "bias": bias.astype(w.dtype).reshape(dense["bias"].shape)}
-
-    def identity(ln):
-        return {"scale": jnp.ones_like(ln["scale"]), "bias": jnp.zeros_like(ln["bias"])}
-
-    def layer(p):
-        return {**p, "qkv": fold(p["ln_1"], p["qkv"]), "mlp_in": fold(p["ln_2"], p["mlp_in"]),
-                "ln_1": identity(p["ln_1"]), "ln_2": identity(p["ln_2"])}
-
-    return {k: layer(v) if layer_index(k) is not None else v for k, v in params.items()}
-
-
-def _folded_layer(config, attention: str):
-    """A decode step's layer on `_fold_layer_norms`'s tree, for XLA to compile: each LayerNorm's 1 / std is
-    taken from the raw residual and applied after the product (in its epilogue, or its split-K sum), where the
-    Flax block runs a kernel normalising the input before it."""
-    import jax.numpy as jnp
-    from jax import lax
-
+def _flax_layer(engine):
+    """A decode step's layer as the Flax block runs it (a kernel normalising each LayerNorm's output before the
+    product), as the engine's XLA path did before `decode_block.folded_block`, to time one against the other; on
+    the engine's folded tree it computes the same model."""
     from gptjax import kernels
-    from gptjax.model import _ACTIVATIONS
-
-    f32 = jnp.float32
-
-    def dense(x, d):  # as Flax's Dense: x in the weights' dtype, the product and its bias too
-        w = d["kernel"]
-        return jnp.dot(x.astype(w.dtype), w.reshape(-1, w.shape[-1]) if w.ndim == 3 else w) + d["bias"]
-
-    def normed_dense(x, d):
-        x32 = x.astype(f32)
-        mean = x32.mean(-1, keepdims=True)
-        rstd = lax.rsqrt(jnp.maximum(jnp.square(x32).mean(-1, keepdims=True) - jnp.square(mean), 0.0)
-                         + config.layer_norm_eps)
-        w = d["kernel"]
-        acc = jnp.dot(x.astype(w.dtype), w.reshape(w.shape[0], -1), preferred_element_type=f32)
-        return (rstd * acc + d["bias"].reshape(-1).astype(f32)).astype(w.dtype)
 
     def layer(p, h, layer_kv, pos):
-        x = h[:, 0]
-        rows, hidden = x.shape
-        qkv = normed_dense(x, p["qkv"]).reshape(rows, 3, config.n_heads, config.head_dim)
-        attn, layer_kv = kernels.decode_step_append(qkv, layer_kv, pos, attention)
-        x = x + dense(attn.reshape(rows, hidden), p["attn_out"])
-        x = x + dense(_ACTIVATIONS[config.activation](normed_dense(x, p["mlp_in"])), p["mlp_out"])
-        return x[:, None], layer_kv
+        def attend(_, qkv):
+            out, new_kv = kernels.decode_step_append(qkv[:, 0], layer_kv, pos, engine.attention)
+            return out[:, None], new_kv
+        return engine._block(p, h, attend)
 
     return layer
-
-
-class _FoldedParams:
-    """The variant's jit called (or lowered) on the engine's tree folded once (`_fold_layer_norms`) in place of
-    the tree the engine passes."""
-
-    def __init__(self, jitted, engine):
-        self.jitted = jitted
-        if not hasattr(engine, "_probe_folded_params"):
-            engine._probe_folded_params = _fold_layer_norms(engine.params)
-        self.params = engine._probe_folded_params
-
-    def __call__(self, _params, *args, **kwargs):
-        return self.jitted(self.params, *args, **kwargs)
-
-    def lower(self, _params, *args, **kwargs):
-        return self.jitted.lower(self.params, *args, **kwargs)
 
 
 def _generate_jit(engine, variant: str | None):
@@ -207,14 +140,14 @@ def _generate_jit(engine, variant: str | None):
     if variant is None:
         return engine._generate_jit
     names = [] if variant == "off" else variant.split("+")
-    own = (BATCH_OFF, FOLD_LN)
+    own = (BATCH_OFF, FLAX_BLOCK)
     unknown = [n for n in names if n not in XLA_OPTIONS and n not in own]
     if unknown:
         raise SystemExit(f"--xla-options: {unknown} not among {sorted(XLA_OPTIONS) + list(own)} (or off)")
     batch_rows = 0 if BATCH_OFF in names else decode_block.BATCH_ROWS
     layer_fn = decode_block.layer_fn
-    if FOLD_LN in names:
-        layer_fn = lambda impl, config, rows, attention: _folded_layer(config, attention)  # noqa: E731
+    if FLAX_BLOCK in names:
+        layer_fn = lambda impl, config, rows, attention: _flax_layer(engine)  # noqa: E731
 
     @functools.wraps(engine._generate)  # its signature: the static arguments by name
     def generate(*args, **kwargs):  # decode_block's BATCH_ROWS and layer_fn are read as the step is traced
@@ -225,9 +158,8 @@ def _generate_jit(engine, variant: str | None):
         finally:
             decode_block.BATCH_ROWS, decode_block.layer_fn = saved
 
-    jitted = jax.jit(generate, static_argnames=("n_new", "cache_len", "sampled"),
-                     compiler_options=dict(XLA_OPTIONS[n] for n in names if n not in own) or None)
-    return _FoldedParams(jitted, engine) if FOLD_LN in names else jitted
+    return jax.jit(generate, static_argnames=("n_new", "cache_len", "sampled"),
+                   compiler_options=dict(XLA_OPTIONS[n] for n in names if n not in own) or None)
 
 
 # --sampling: engine.generate's arguments for every row (one seed: each row's own stream still differs)

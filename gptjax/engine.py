@@ -50,7 +50,8 @@ class Engine(PlannedShapes):
         if self.attention == "cudnn" and (config.dtype == "float32" or not kernels.on_gpu()):  # else a late traceback
             raise ValueError("attention 'cudnn' runs only on a GPU, in float16 or bfloat16: choose xla or pallas")
         self.decode_matmuls = decode_block.choose(ec.decode_matmuls, config, self.mesh)
-        self._params = params if isinstance(params, Future) or self.layout.holds(params) else self.layout.place(params)
+        params = params if isinstance(params, Future) or self.layout.holds(params) else self.layout.place(params)
+        self._params = params if isinstance(params, Future) else decode_block.fold_layer_norms(params)
         self._tokenizer = tokenizer
         self._model = GPT(config, vocab_rows=self.layout.vocab_rows)
         self.plan = ShapePlan(self.max_seq_len, ec.min_prefill_bucket, ec.max_prefill_tokens, ec.max_slots,
@@ -99,10 +100,11 @@ class Engine(PlannedShapes):
 
     @property
     def params(self):
-        """The weights in this layout. While a checkpoint loads (`load`: a Future), the warm-up compiles against
-        `layout.abstract_params`; the first call that runs a program waits for the weights here."""
+        """The weights in this layout, each LayerNorm folded into the product after it (`decode_block`). While a
+        checkpoint loads (`load`: a Future), the warm-up compiles against `layout.abstract_params`; the first call
+        that runs a program waits for the weights here."""
         if isinstance(self._params, Future):
-            self._params = self._params.result()
+            self._params = decode_block.fold_layer_norms(self._params.result())
         return self._params
 
     @property
@@ -110,7 +112,8 @@ class Engine(PlannedShapes):
         return self.engine_config.seq_len(self.config)
 
     def model_params(self):
-        """The parameters as the model's own tree (per layer, `vocab_size` rows), as checkpoints store them."""
+        """The parameters as the model's own tree (per layer, `vocab_size` rows), as checkpoints store them: the
+        same model as the one loaded, with its LayerNorms folded (`decode_block.fold_layer_norms`)."""
         return self.layout.model_tree(self.params)
 
     # ---- the pure functions (traced inside jit) -----------------------------------------------------
@@ -164,16 +167,9 @@ class Engine(PlannedShapes):
 
     def _decode_step(self, params, state: DecodeState, sampled: bool | None = None):
         pos = state.positions
-
-        def layer(layer_params, h, layer_kv, pos):
-            def attend(_, qkv):
-                out, new_kv = kernels.decode_step_append(qkv[:, 0], layer_kv, pos, self.attention)
-                return out[:, None], new_kv
-            return self._block(layer_params, h, attend)
-
-        fused = decode_block.layer_fn(self.decode_matmuls, self.config, pos.shape[0], self.attention)
+        layer = decode_block.layer_fn(self.decode_matmuls, self.config, pos.shape[0], self.attention)
         x = self._embed(params, state.tokens[:, None], pos[:, None])
-        last, cache = self.layout.run(params, x, state.cache, pos, fused or layer, lambda h, _: h[:, 0])
+        last, cache = self.layout.run(params, x, state.cache, pos, layer, lambda h, _: h[:, 0])
         logits = self._logits(params, last)
         samp = state.sampling
         keys = partial(sampling.row_keys, samp.seed, pos + 1)

@@ -29,7 +29,7 @@ def gelu_erf(x):
     return jax.nn.gelu(x, approximate=False)
 
 
-_ACTIVATIONS = {"gelu_new": gelu_tanh, "gelu": gelu_erf}
+ACTIVATIONS = {"gelu_new": gelu_tanh, "gelu": gelu_erf}
 _LAYER_PREFIX = "h_"
 
 
@@ -115,7 +115,7 @@ class Block(nn.Module):
         h = LayerNorm(cfg, name="ln_2")(x)
         h = nn.Dense(cfg.ffn_hidden, name="mlp_in", **dense,
                      kernel_init=_init(cfg.init_std, ("embed", "mlp")), bias_init=_zeros(("mlp",)))(h)
-        h = _ACTIVATIONS[cfg.activation](h)
+        h = ACTIVATIONS[cfg.activation](h)
         h = nn.Dense(cfg.hidden, name="mlp_out", **dense,
                      kernel_init=_init(out_std, ("mlp", "embed")), bias_init=_zeros(("norm",)))(h)
         return x + h, layer_state

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from gptjax import Engine, cli
+from gptjax import Engine, cli, decode_block
 from gptjax import engine as engine_module
 from gptjax.checkpoint import CheckpointError, save_checkpoint
 from gptjax.config import EngineConfig, ModelConfig
@@ -53,10 +53,12 @@ def generate_fails(capsys, folder) -> tuple[str, float]:
 
 
 def test_saved_parameters_load_back_unchanged(saved):
+    """Read back exactly, then folded as the engine holds them (`decode_block.fold_layer_norms`)."""
     folder, params = saved
     engine = Engine.load(folder)
     assert engine.config == CONFIG
     got = engine.model_params()
+    params = decode_block.fold_layer_norms(params)
     for (path, want), have in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(got)):
         np.testing.assert_array_equal(np.asarray(have), want, err_msg=jax.tree_util.keystr(path))
 

@@ -1,5 +1,5 @@
 """The decode step's small-batch matmul kernel (interpret mode here) against float64 numpy. (The engine's
-tokens with it against the Flax block's: tests/test_kernels.py, with the attention kernels.)
+tokens with it against XLA's path's: tests/test_kernels.py, with the attention kernels.)
 
 Every check draws new inputs (the seed is in the failure message) and a row count that is not a power of two
 where it can, so the kernel's masked rows are exercised."""
@@ -104,10 +104,15 @@ def test_choose_picks_the_kernels_on_a_gpu_for_small_models_and_refuses_a_split_
     with pytest.raises(ValueError, match="one device"):
         decode_block.choose("pallas", config.replace(hidden=72, n_heads=8), one)  # 72 is no multiple of 16
     # "auto" takes the kernels for steps of up to AUTO_ROWS rows; "pallas" up to KERNEL_ROWS
-    assert decode_block.layer_fn("auto", config, decode_block.AUTO_ROWS, "xla") is not None
-    assert decode_block.layer_fn("auto", config, decode_block.AUTO_ROWS + 1, "xla") is None
-    assert decode_block.layer_fn("pallas", config, decode_block.KERNEL_ROWS, "xla") is not None
-    assert decode_block.layer_fn("xla", config, 1, "xla") is None
+    assert not on_xla(decode_block.layer_fn("auto", config, decode_block.AUTO_ROWS, "xla"))
+    assert on_xla(decode_block.layer_fn("auto", config, decode_block.AUTO_ROWS + 1, "xla"))
+    assert not on_xla(decode_block.layer_fn("pallas", config, decode_block.KERNEL_ROWS, "xla"))
+    assert on_xla(decode_block.layer_fn("xla", config, 1, "xla"))
+
+
+def on_xla(layer) -> bool:
+    """Whether a decode step's layer function is XLA's path (`folded_block`), not the kernels'."""
+    return getattr(layer, "func", None) is decode_block.folded_block
 
 
 def test_early_launch_trigger_is_in_both_decode_kernels_compiled_for_cuda_and_never_interpreted():
@@ -149,19 +154,19 @@ def test_interpreted_kernels_ignore_a_requested_early_launch():
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
 
 
-def test_batch_block_gives_the_flax_blocks_greedy_tokens(monkeypatch):
+def test_batch_block_gives_xlas_greedy_tokens(monkeypatch):
     """`batch_block` (its products as `batch_matmul_reference` off a GPU; the kernel itself is checked against the
-    reference on the GPU) over 64 slots, one whole row tile, gives the Flax block's greedy tokens: the LayerNorms,
+    reference on the GPU) over 64 slots, one whole row tile, gives XLA's path's greedy tokens: the LayerNorms,
     the weights' reshapes, the attention's hand-over and the residual are wired as the model has them. It runs
     under "auto" only for steps of at least BATCH_ROWS slots that fill whole tiles."""
     config = preset("gpt2-tiny")
     monkeypatch.setattr(decode_block, "BATCH_ROWS", 64)
-    assert decode_block.layer_fn("auto", config, 64, "xla") is not None
+    assert not on_xla(decode_block.layer_fn("auto", config, 64, "xla"))
     # on a GPU only 16-bit weights (the kernel would multiply float32 in tf32)
     assert config.dtype == "float32" and not decode_block.batch_fits(config, 64, on_gpu=True)
     assert decode_block.batch_fits(config.replace(dtype="float16"), 64, on_gpu=True)
-    assert decode_block.layer_fn("auto", config, 96, "xla") is None  # a tile and a half
-    assert decode_block.layer_fn("auto", config.replace(activation="gelu"), 64, "xla") is None  # no erf there
+    assert on_xla(decode_block.layer_fn("auto", config, 96, "xla"))  # a tile and a half
+    assert on_xla(decode_block.layer_fn("auto", config.replace(activation="gelu"), 64, "xla"))  # no erf there
     rng = np.random.default_rng(fresh_seed())
     prompts = [rng.integers(0, config.vocab_size, int(n)).tolist() for n in rng.integers(1, 30, 64)]
     xla = gptjax.Engine.from_preset("gpt2-tiny", engine_config=gptjax.EngineConfig(attention="xla",

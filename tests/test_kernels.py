@@ -481,7 +481,7 @@ def test_engine_greedy_tokens_pallas_equal_xla(monkeypatch):
     xla = gptjax.Engine.from_preset("gpt2-tiny", engine_config=gptjax.EngineConfig(attention="xla"))
     pallas = gptjax.Engine.from_preset("gpt2-tiny", engine_config=gptjax.EngineConfig(attention="pallas",
                                                                                       decode_matmuls="pallas"))
-    # the Flax block's decode step with the attention kernel that stores the step's K/V itself
+    # XLA's decode step (`folded_block`) with the attention kernel that stores the step's K/V itself
     appending = gptjax.Engine.from_preset("gpt2-tiny", engine_config=gptjax.EngineConfig(attention="pallas",
                                                                                          decode_matmuls="xla"))
     assert (xla.decode_matmuls, pallas.decode_matmuls) == ("xla", "pallas")

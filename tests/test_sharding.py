@@ -11,7 +11,7 @@ import pytest
 
 from conftest import MESH_PROMPTS, forward_logits, greedy_tokens
 from conftest import mesh_engine as engine
-from gptjax import Engine, make_mesh, sharding
+from gptjax import Engine, decode_block, make_mesh, sharding
 from gptjax.config import MeshShape, preset
 from gptjax.model import init_params
 
@@ -80,7 +80,7 @@ def test_layer_parallel_shard_shapes_and_contents():
     assert shard_shape(stages["ln_2"]["bias"]) == (1, 2, c)
     assert shard_shape(e.params["wte"]) == (sharding.padded_vocab(CONFIG, 2) // 2, c)
     # a device of stage s holds exactly layers 2s and 2s+1 (its tensor half of them)
-    full = init_params(CONFIG)
+    full = decode_block.fold_layer_norms(init_params(CONFIG))  # the engine holds its LayerNorms folded
     mesh_pos = {d: np.argwhere(e.mesh.devices == d)[0] for d in e.mesh.devices.flat}
     for shard in stages["mlp_in"]["kernel"].addressable_shards:
         _, s, t = mesh_pos[shard.device]
