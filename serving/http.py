@@ -325,13 +325,9 @@ class _Pieces:
                 i = WHITESPACE.match(text, comma + 1).end()
             value, i = self.value(i)
             out.append(value)
-            i = WHITESPACE.match(text, i).end()
-            c, i = text[i:i + 1], i + 1
-            if c == "]":
+            closed, i = self.after_item(i, "]")
+            if closed:
                 return out, i
-            if c != ",":
-                raise ValueError("expected , or ]")
-            i = WHITESPACE.match(text, i).end()
 
     def object(self, i: int):
         text, out = self.text, {}
@@ -346,13 +342,19 @@ class _Pieces:
             if text[i:i + 1] != ":":
                 raise ValueError("expected :")
             out[key], i = self.value(WHITESPACE.match(text, i + 1).end())  # a key given twice: the last, as json's
-            i = WHITESPACE.match(text, i).end()
-            c, i = text[i:i + 1], i + 1
-            if c == "}":
+            closed, i = self.after_item(i, "}")
+            if closed:
                 return out, i
-            if c != ",":
-                raise ValueError("expected , or }")
-            i = WHITESPACE.match(text, i).end()
+
+    def after_item(self, i: int, close: str) -> tuple[bool, int]:
+        """Past an array's or object's item: (whether `close` ended it, where the next item or what follows starts)."""
+        i = WHITESPACE.match(self.text, i).end()
+        c = self.text[i:i + 1]
+        if c == close:
+            return True, i + 1
+        if c != ",":
+            raise ValueError(f"expected , or {close}")
+        return False, WHITESPACE.match(self.text, i + 1).end()
 
 
 SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # how JSON text that decoded strictly can hold a surrogate
