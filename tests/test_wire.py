@@ -71,7 +71,6 @@ def prefill_of(prompt=(1, 2), slot=0, bucket=4, **sampling):
     (prefill_of(prompt=(1,) * 5), "prompt length"),
     (prefill_of(slot=SLOTS), "slot"),
     (prefill_of(slot=-1), "slot"),
-    (prefill_of(temperature=1e39), "temperature"),
     (prefill_of(top_p=1e-46), "top_p"),  # > 0 as a float64, 0 as float32
     (Decode(2, (0, SLOTS), False), "slot"),
     (Decode(2**31, (0,), False), "steps"),
