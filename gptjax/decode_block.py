@@ -29,7 +29,7 @@ from gptjax import kernels
 from gptjax.config import ModelConfig
 from gptjax.kernels import batch_matmul as batch
 from gptjax.kernels.decode_matmul import decode_matmul, decode_matmul_reference, new_counters, supports
-from gptjax.model import ACTIVATIONS, layer_norm
+from gptjax.model import ACTIVATIONS, layer_norm, norm_stats
 
 KERNEL_ROWS = 16  # what decode_matmuls="pallas" runs on the kernels: steps of up to 16 slots; more rows: XLA's
                   # matmuls win (the kernel's tiles grow past the matrix units' 16 rows)
@@ -203,9 +203,7 @@ def folded_block(config: ModelConfig, attention: str, p, h, layer_kv, pos):
     x = h[:, 0]
 
     def normed(x, dense, spec: str):
-        x32 = x.astype(f32)
-        mean = x32.mean(-1, keepdims=True)
-        rstd = jax.lax.rsqrt(jnp.maximum(jnp.square(x32).mean(-1, keepdims=True) - jnp.square(mean), 0.0) + eps)
+        _, rstd = norm_stats(x, eps)  # the mean is in the weights
         acc = jnp.einsum(spec, x.astype(dtype), dense["kernel"], preferred_element_type=f32)
         rstd = rstd.reshape(rstd.shape + (1,) * (acc.ndim - 2))
         return (rstd * acc + dense["bias"].astype(f32)).astype(dtype)

@@ -63,14 +63,20 @@ def _zeros(axes):
     return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
 
 
-def layer_norm(x, scale, bias, eps: float):
-    """LayerNorm computed in float32 whatever the weights' dtype (fp16 overflows in the variance), returned in the
-    weights' dtype. The mean and the mean square are taken in one pass (var = E[x^2] - E[x]^2): two sibling
-    reductions that XLA fuses into one kernel, where the two-pass form costs two kernels per LayerNorm at decode."""
+def norm_stats(x, eps: float):
+    """Each row's mean and 1 / std over the last axis, in float32 whatever x's dtype (fp16 overflows in the
+    variance). The mean and the mean square are taken in one pass (var = E[x^2] - E[x]^2): two sibling reductions
+    that XLA fuses into one kernel, where the two-pass form costs two kernels per LayerNorm at decode."""
     x32 = x.astype(jnp.float32)
     mean = x32.mean(-1, keepdims=True)
     var = jnp.maximum(jnp.square(x32).mean(-1, keepdims=True) - jnp.square(mean), 0.0)
-    y = (x32 - mean) * jax.lax.rsqrt(var + eps)
+    return mean, jax.lax.rsqrt(var + eps)
+
+
+def layer_norm(x, scale, bias, eps: float):
+    """LayerNorm computed in float32 (`norm_stats`), returned in the weights' dtype."""
+    mean, rstd = norm_stats(x, eps)
+    y = (x.astype(jnp.float32) - mean) * rstd
     return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(scale.dtype)
 
 
