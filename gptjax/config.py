@@ -169,8 +169,11 @@ class EngineConfig:
         check_positive(self, ("max_slots", "max_new_tokens", "min_prefill_bucket", "max_prefill_tokens"))
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"EngineConfig.top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0 or self.temperature < 0:
-            raise ValueError("EngineConfig.top_k and temperature must not be negative")
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, numbers.Real) \
+                or not math.isfinite(self.temperature) or self.temperature < 0:  # else each request fails on it
+            raise ValueError(f"EngineConfig.temperature must be a finite number >= 0, got {self.temperature!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral) or self.top_k < 0:
+            raise ValueError(f"EngineConfig.top_k must be a whole number >= 0, got {self.top_k!r}")
         if self.max_seq_len < 0 or self.max_new_tokens_limit < 0:
             raise ValueError("EngineConfig.max_seq_len and max_new_tokens_limit must not be negative (0: the model's)")
         if self.max_seq_len == 1:  # a server started, then refused every prompt: none fits beside a new token

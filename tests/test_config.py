@@ -113,3 +113,18 @@ def test_a_cache_of_one_position_is_refused():
                                          r"2 \(a prompt token and a new one\), got 1"):
         EngineConfig(max_seq_len=1)
     assert EngineConfig(max_seq_len=2).max_seq_len == 2
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("temperature", float("nan"), "temperature must be a finite number >= 0, got nan"),
+    ("temperature", float("inf"), "temperature must be a finite number >= 0, got inf"),
+    ("temperature", "0.7", "temperature must be a finite number >= 0, got '0.7'"),
+    ("top_k", 2.5, "top_k must be a whole number >= 0, got 2.5"),
+    ("top_k", True, "top_k must be a whole number >= 0, got True"),
+    ("top_p", float("nan"), r"top_p must be in \(0, 1\], got nan"),
+])
+def test_sampling_defaults_a_request_could_not_use_are_refused_where_they_are_set(field, value, words):
+    """Built in Python (a config file is checked as it is read): before, every request relying on the default failed."""
+    with pytest.raises(ValueError, match=words):
+        EngineConfig(**{field: value})
+    assert EngineConfig(temperature=0, top_k=40).top_k == 40

@@ -234,7 +234,8 @@ def test_a_queue_set_below_the_batch_limit_caps_the_batch(tmp_path):
     assert Limits.of(engine, cfg.scheduler.max_queued_requests, cfg.server.max_batch_size).max_batch_size == 16
 
 
-@pytest.mark.parametrize("line, words", [("temperature = -1.0", "top_k and temperature must not be negative"),
+@pytest.mark.parametrize("line, words", [("temperature = -1.0", "temperature must be a finite number >= 0, got -1.0"),
+                                         ("top_k = -1", "top_k must be a whole number >= 0, got -1"),
                                          ("max_seq_len = -5", "max_seq_len and max_new_tokens_limit must not")])
 def test_negative_engine_values_are_refused_at_load(tmp_path, line, words):
     with pytest.raises(ConfigError, match=words):
