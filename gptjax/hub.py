@@ -214,16 +214,31 @@ def _convert(snapshot: Path, folder: Path, source: dict, label: str, isolate: bo
 
 
 def _convert_in_child(src: Path, dst: Path) -> None:
-    """`gptjax convert hf-gpt2 SRC DST` in a fresh process on the CPU; its error line raised here."""
-    from gptjax.checkpoint import CheckpointError
+    """The conversion in a fresh process on the CPU (`_child_convert`); its error raised here, of its own kind (an
+    UnsupportedCheckpoint is no damaged download)."""
+    from gptjax.checkpoint import CheckpointError, UnsupportedCheckpoint
 
-    proc = subprocess.run([sys.executable, "-m", "gptjax", "convert", "hf-gpt2", str(src), str(dst)],
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"}, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
+    code = "import sys; from gptjax.hub import _child_convert; _child_convert(*sys.argv[1:])"
+    proc = subprocess.run([sys.executable, "-c", code, str(src), str(dst)], env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if proc.returncode:
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
-        raise CheckpointError(lines[-1].removeprefix("gptjax convert: error: ") if lines
-                              else f"the conversion exited with status {proc.returncode}")
+        last = lines[-1] if lines else f"the conversion exited with status {proc.returncode}"
+        kind, _, message = last.partition(": ")
+        kinds = {e.__name__: e for e in (CheckpointError, UnsupportedCheckpoint)}
+        raise kinds[kind](message) if kind in kinds else CheckpointError(last)
+
+
+def _child_convert(src: str, dst: str) -> None:
+    """The child's side of `_convert_in_child`: a CheckpointError's kind and message as its last line, exit 2."""
+    from checkpoints.hf_gpt2 import convert_hf_gpt2
+    from gptjax.checkpoint import CheckpointError
+
+    try:
+        convert_hf_gpt2(src, dst)
+    except CheckpointError as e:
+        print(f"{type(e).__name__}: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 @contextmanager

@@ -206,6 +206,20 @@ def test_failures_exit_2_with_one_line_and_leave_nothing(fresh, capsys, model, w
     assert hub.converted_models() == [] and not [p for p in fresh.rglob("*@*") if not p.name.endswith(".lock")]
 
 
+def test_a_repo_of_another_tokenizer_is_not_blamed_on_the_download_from_the_command_line(fresh, capsys, hub_cache,
+                                                                                       hf_model):
+    """The command line converts in a child process: its refusal came back as text, with the advice to delete the
+    download as damaged."""
+    snapshot = write_repo(hub_cache, "org/wordpiece-cli")
+    hf_model.save_pretrained(snapshot)
+    spec = {"model": {"type": "WordPiece", "vocab": {"a": 0}}, "pre_tokenizer": {"type": "BertPreTokenizer"}}
+    (snapshot / "tokenizer.json").write_text(json.dumps(spec))
+    capsys.readouterr()  # the saving's progress bar
+    line = cli_fails(capsys, ["generate", "--model", "org/wordpiece-cli", "--prompt", "x"])
+    assert "its tokenizer (WordPiece model" in line and "damaged" not in line, line
+    assert hub.converted_models() == []
+
+
 def test_models_lists_and_removes(fresh, capsys, hf_model):
     folder = hub.pretrained_folder("org/name")
     assert cli.main(["models"]) == 0
