@@ -1,4 +1,5 @@
-"""A decode step's layers on the small-batch matmul kernels (`gptjax.kernels.decode_matmul`).
+"""A decode step's layers: on the small-batch matmul kernels (`gptjax.kernels.decode_matmul`), on the batch matmul
+kernel, or through XLA with the LayerNorms folded into the products (`folded_block`).
 
 The same arithmetic as `gptjax.model.Block`, read from the same parameters, in five kernels per layer: LayerNorm
 + QKV + bias with the new token's K/V stored into the cache, attention, attention out + bias + residual,

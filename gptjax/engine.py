@@ -3,7 +3,7 @@
 `engine.generate` (`gptjax.generate`) runs prefill and every decode step as one program. Every call is a jitted
 SPMD program over the engine's mesh; the state is donated, so the cache is updated in place. How parameters and
 cache sit on the mesh and how the layers run over them (unrolled, or through pipeline stages) is the `layout`
-(`gptjax.layout`); small decode steps on one GPU run in `gptjax.decode_block` (`decode_matmuls`). Rows are split over
+(`gptjax.layout`); a decode step's layers are `gptjax.decode_block`'s (`decode_matmuls`). Rows are split over
 `data`; a batch that does not divide it is padded inside with copies of a row."""
 
 from __future__ import annotations
