@@ -113,6 +113,8 @@ XLA_OPTIONS = {
 
 BATCH_OFF = "batch_off"  # a variant name of its own: the program traced with decode_block.BATCH_ROWS at 0
 FLAX_BLOCK = "flax_block"  # one more: every decode step through the Flax block (`_flax_layer`)
+BATCH_NORMED = "batch_normed"  # the batch kernels after XLA's LayerNorm kernels (`_normed_batch_layer`)
+LONG_K_32 = "long_k_32"  # the batch kernels with MLP out in 64 x 32 tiles (decode_block.BATCH_LONG_K_TILE_N = 32)
 
 
 def _flax_layer(engine):
@@ -130,6 +132,36 @@ def _flax_layer(engine):
     return layer
 
 
+def _normed_batch_layer(config, attention: str):
+    """`batch_block` as it ran before the kernels took each row's 1 / std: XLA normalises the residual (identity
+    LayerNorms on the folded tree), then the kernel multiplies; to time one against the other."""
+    import jax
+    import jax.numpy as jnp
+
+    from gptjax import decode_block, kernels
+    from gptjax.kernels import batch_matmul as batch
+    from gptjax.model import layer_norm
+
+    on_gpu = jax.default_backend() == "gpu"
+
+    def matmul(x, w, *args, **kw):
+        fn = batch.batch_matmul if on_gpu and w.shape[0] <= decode_block.BATCH_MAX_K else batch.batch_matmul_reference
+        return fn(x, w, *args, **kw)
+
+    def layer(p, h, layer_kv, pos):
+        x, eps, c = h[:, 0].astype(jnp.float32), config.layer_norm_eps, config.hidden
+        qkv = matmul(layer_norm(x, **p["ln_1"], eps=eps), p["qkv"]["kernel"].reshape(c, -1),
+                     p["qkv"]["bias"].reshape(-1))
+        attn, layer_kv = kernels.decode_step_append(qkv.reshape(len(x), 3, config.n_heads, config.head_dim),
+                                                    layer_kv, pos, attention)
+        x = matmul(attn.reshape(len(x), c), p["attn_out"]["kernel"].reshape(c, c), p["attn_out"]["bias"], x)
+        mlp = matmul(layer_norm(x, **p["ln_2"], eps=eps), p["mlp_in"]["kernel"], p["mlp_in"]["bias"],
+                     activation=config.activation)
+        return matmul(mlp, p["mlp_out"]["kernel"], p["mlp_out"]["bias"], x)[:, None], layer_kv
+
+    return layer
+
+
 def _generate_jit(engine, variant: str | None):
     """The engine's generate program under a variant of XLA's options ("off", or short names of `XLA_OPTIONS`
     joined by "+", any of them with `BATCH_OFF`; None: the engine's own jit)."""
@@ -140,23 +172,32 @@ def _generate_jit(engine, variant: str | None):
     if variant is None:
         return engine._generate_jit
     names = [] if variant == "off" else variant.split("+")
-    own = (BATCH_OFF, FLAX_BLOCK)
+    own = (BATCH_OFF, FLAX_BLOCK, BATCH_NORMED, LONG_K_32)
     unknown = [n for n in names if n not in XLA_OPTIONS and n not in own]
     if unknown:
         raise SystemExit(f"--xla-options: {unknown} not among {sorted(XLA_OPTIONS) + list(own)} (or off)")
     batch_rows = 0 if BATCH_OFF in names else decode_block.BATCH_ROWS
+    long_k_tile_n = 32 if LONG_K_32 in names else decode_block.BATCH_LONG_K_TILE_N
     layer_fn = decode_block.layer_fn
     if FLAX_BLOCK in names:
         layer_fn = lambda impl, config, rows, attention: _flax_layer(engine)  # noqa: E731
+    if BATCH_NORMED in names:
+        def layer_fn(impl, config, rows, attention, own_fn=layer_fn):
+            if rows >= decode_block.BATCH_ROWS:
+                return _normed_batch_layer(config, attention)
+            return own_fn(impl, config, rows, attention)
 
     @functools.wraps(engine._generate)  # its signature: the static arguments by name
-    def generate(*args, **kwargs):  # decode_block's BATCH_ROWS and layer_fn are read as the step is traced
-        saved = decode_block.BATCH_ROWS, decode_block.layer_fn
-        decode_block.BATCH_ROWS, decode_block.layer_fn = batch_rows, layer_fn
+    def generate(*args, **kwargs):  # decode_block's switches and layer_fn are read as the step is traced
+        names = ("BATCH_ROWS", "BATCH_LONG_K_TILE_N", "layer_fn")
+        saved = [getattr(decode_block, n) for n in names]
+        for n, value in zip(names, (batch_rows, long_k_tile_n, layer_fn)):
+            setattr(decode_block, n, value)
         try:
             return engine._generate(*args, **kwargs)
         finally:
-            decode_block.BATCH_ROWS, decode_block.layer_fn = saved
+            for n, value in zip(names, saved):
+                setattr(decode_block, n, value)
 
     return jax.jit(generate, static_argnames=("n_new", "cache_len", "sampled"),
                    compiler_options=dict(XLA_OPTIONS[n] for n in names if n not in own) or None)

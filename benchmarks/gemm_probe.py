@@ -31,7 +31,7 @@ COPIES = 8
 TILES = ((64, 64), (64, 128), (128, 64), (128, 128), (64, 256))
 # batch_matmul's launches: (tile_m, tile_n, stages, delay)
 BATCH_TILES = ((64, 64, 4, 0), (64, 64, 4, 1), (64, 64, 6, 1), (64, 64, 6, 2), (64, 128, 4, 0), (64, 128, 4, 1),
-               (128, 64, 4, 1), (128, 128, 4, 1))
+               (128, 64, 4, 1), (128, 128, 4, 1), (64, 32, 6, 1), (64, 32, 8, 2))
 SPLITS_BY_HAND = (2, 4, 8, 16)
 EPILOGUES = {"qkv": ("", False), "attn_out": ("", True), "mlp_in": ("gelu_new", False), "mlp_out": ("", True)}
 

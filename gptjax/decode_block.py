@@ -12,8 +12,9 @@ whose weights exceed `KERNEL_MAX_BYTES` run the same arithmetic through XLA. Ste
 kernels in 64-row blocks and lost to XLA's matmuls (345M fp16, batch 256: 4.18 against 2.84 ms/token, RESULTS
 run 23).
 Steps of at least `BATCH_ROWS` slots (whole 64-row tiles) can instead run `batch_block`: QKV, attention out and MLP
-in each one Mosaic GPU kernel with its bias, residual or GELU (`gptjax.kernels.batch_matmul`); MLP out (K = 4096:
-one CTA a tile leaves half the chip idle, 13.7 us against XLA's 13.0 at 256 rows) and the LayerNorms through XLA.
+in each one Mosaic GPU kernel with its epilogue (`gptjax.kernels.batch_matmul`: the folded LayerNorm's 1 / std of
+each row, bias, residual or GELU), the rows' statistics through XLA; MLP out (K = 4096: one CTA a 64 x 64 tile
+leaves half the chip idle, 13.7 us against XLA's 13.0 at 256 rows) through XLA unless `BATCH_LONG_K_TILE_N`.
 Every other step runs `folded_block` through XLA: the engine holds each LayerNorm folded into the product after it
 (`fold_layer_norms`), so XLA's products take the residual stream as it is and apply the LayerNorm's 1 / std in their
 epilogue, where the Flax block (the tests' reference for every path) runs a kernel normalising their input first.
@@ -30,7 +31,7 @@ from gptjax import kernels
 from gptjax.config import ModelConfig
 from gptjax.kernels import batch_matmul as batch
 from gptjax.kernels.decode_matmul import decode_matmul, decode_matmul_reference, new_counters, supports
-from gptjax.model import ACTIVATIONS, layer_norm, norm_stats
+from gptjax.model import ACTIVATIONS, norm_stats
 
 KERNEL_ROWS = 16  # what decode_matmuls="pallas" runs on the kernels: steps of up to 16 slots; more rows: XLA's
                   # matmuls win (the kernel's tiles grow past the matrix units' 16 rows)
@@ -43,6 +44,7 @@ KERNEL_MAX_BYTES = 32 << 20  # larger weights: XLA's own matmul reads them faste
 BATCH_ROWS = 128
 BATCH_TILE = batch.TILE_M  # a step's slots must fill whole row tiles
 BATCH_MAX_K = 1024  # products of longer rows through XLA: the kernel's tiles do not split K
+BATCH_LONG_K_TILE_N = 0  # or those products on the kernel in tiles this narrow (more CTAs for a K of 4096; 0: XLA)
 
 
 def choose(requested: str, config: ModelConfig, mesh, backend: str | None = None) -> str:
@@ -100,26 +102,34 @@ def block(config: ModelConfig, attention: str, p, h, layer_kv, pos, counters, *,
 
 
 def batch_block(config: ModelConfig, attention: str, p, h, layer_kv, pos, *, on_gpu: bool):
-    """One layer for one new token per row, the products of K <= `BATCH_MAX_K` with their epilogues in one
-    `batch_matmul` kernel each (its `jnp` reference off a GPU), the others through XLA: h [rows, 1, hidden]
-    float32, the layer's (k, v) cache, each row's position -> (the next h, the cache with the new token's K/V)."""
-    def matmul(x, w, *args, **kw):
-        kernel = on_gpu and w.shape[0] <= BATCH_MAX_K
-        return (batch.batch_matmul if kernel else batch.batch_matmul_reference)(x, w, *args, **kw)
+    """One layer for one new token per row on `fold_layer_norms`'s tree, each product one `batch_matmul` kernel with
+    its epilogue (the LayerNorm's 1 / std of each row, bias, GELU or residual; its `jnp` reference off a GPU), MLP
+    out's longer rows through XLA unless `BATCH_LONG_K_TILE_N` says: h [rows, 1, hidden] float32, the layer's (k, v)
+    cache, each row's position -> (the next h, the cache with the new token's K/V)."""
+    dtype, f32 = p["qkv"]["kernel"].dtype, jnp.float32
 
-    x = h[:, 0].astype(jnp.float32)
+    def matmul(x, w, *args, **kw):
+        long_k = w.shape[0] > BATCH_MAX_K
+        if not on_gpu or (long_k and not BATCH_LONG_K_TILE_N):
+            return batch.batch_matmul_reference(x, w, *args, **kw)
+        return batch.batch_matmul(x, w, *args, **kw, **(dict(tile_n=BATCH_LONG_K_TILE_N) if long_k else {}))
+
+    def normed(x):  # the residual as the folded product takes it, and its rows' 1 / std (the mean is in the weights)
+        return x.astype(dtype), norm_stats(x, config.layer_norm_eps)[1][:, 0].astype(f32)
+
+    x = h[:, 0].astype(f32)
     rows, hidden = x.shape
-    eps = config.layer_norm_eps
 
     def weight(name, k: int):  # [K, N], the layer's axes flattened
         return p[name]["kernel"].reshape(k, -1)
 
-    qkv = matmul(layer_norm(x, **p["ln_1"], eps=eps), weight("qkv", hidden), p["qkv"]["bias"].reshape(-1))
+    x16, rstd = normed(x)
+    qkv = matmul(x16, weight("qkv", hidden), p["qkv"]["bias"].reshape(-1), row_scale=rstd)
     attn, layer_kv = kernels.decode_step_append(qkv.reshape(rows, 3, config.n_heads, config.head_dim), layer_kv,
                                                 pos, attention)
     x = matmul(attn.reshape(rows, hidden), weight("attn_out", hidden), p["attn_out"]["bias"], x)
-    mlp = matmul(layer_norm(x, **p["ln_2"], eps=eps), weight("mlp_in", hidden), p["mlp_in"]["bias"],
-                 activation=config.activation)
+    x16, rstd = normed(x)
+    mlp = matmul(x16, weight("mlp_in", hidden), p["mlp_in"]["bias"], row_scale=rstd, activation=config.activation)
     x = matmul(mlp, weight("mlp_out", config.ffn_hidden), p["mlp_out"]["bias"], x)
     return x[:, None], layer_kv
 

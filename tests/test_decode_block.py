@@ -47,7 +47,7 @@ def rel(a, b) -> float:
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
-def test_folded_weights_and_folded_block_compute_the_unfolded_layer(dtype, monkeypatch):
+def test_folded_weights_and_folded_blocks_compute_the_unfolded_layer(dtype, monkeypatch):
     seed = fresh_seed()
     config = preset("gpt2-tiny").replace(dtype=dtype)
     params, h = random_layer(config, seed)
@@ -57,6 +57,9 @@ def test_folded_weights_and_folded_block_compute_the_unfolded_layer(dtype, monke
     assert rel(flax_block(config, folded, h), want) < TOL[dtype], seed  # the prefill's path on the folded tree
     monkeypatch.setattr(decode_block.kernels, "decode_step_append", lambda qkv, kv, pos, impl: (qkv[:, 0], kv))
     got, _ = decode_block.folded_block(config, "xla", folded, h, None, None)
+    assert got.dtype == want.dtype and rel(got, want) < TOL[dtype], seed
+    # the batch kernels' layer (their `jnp` reference here): the 1 / std of each row in the products' epilogue
+    got, _ = decode_block.batch_block(config, "xla", folded, h, None, None, on_gpu=False)
     assert got.dtype == want.dtype and rel(got, want) < TOL[dtype], seed
     again = decode_block.fold_layer_norms({"h_0": folded})["h_0"]  # folding twice: rounding at most
     assert rel(again["qkv"]["kernel"], folded["qkv"]["kernel"]) < TOL[dtype] / 10, seed
