@@ -114,7 +114,7 @@ XLA_OPTIONS = {
 BATCH_OFF = "batch_off"  # a variant name of its own: the program traced with decode_block.BATCH_ROWS at 0
 FLAX_BLOCK = "flax_block"  # one more: every decode step through the Flax block (`_flax_layer`)
 BATCH_NORMED = "batch_normed"  # the batch kernels after XLA's LayerNorm kernels (`_normed_batch_layer`)
-LONG_K_32 = "long_k_32"  # the batch kernels with MLP out in 64 x 32 tiles (decode_block.BATCH_LONG_K_TILE_N = 32)
+LONG_K = "long_k_"  # "long_k_32": the batch kernels with MLP out in 64 x 32 tiles (decode_block.BATCH_LONG_K_TILE_N)
 
 
 def _flax_layer(engine):
@@ -172,12 +172,14 @@ def _generate_jit(engine, variant: str | None):
     if variant is None:
         return engine._generate_jit
     names = [] if variant == "off" else variant.split("+")
-    own = (BATCH_OFF, FLAX_BLOCK, BATCH_NORMED, LONG_K_32)
+    own = (BATCH_OFF, FLAX_BLOCK, BATCH_NORMED) + tuple(n for n in names if n.startswith(LONG_K)
+                                                         and n[len(LONG_K):].isdigit())
     unknown = [n for n in names if n not in XLA_OPTIONS and n not in own]
     if unknown:
         raise SystemExit(f"--xla-options: {unknown} not among {sorted(XLA_OPTIONS) + list(own)} (or off)")
     batch_rows = 0 if BATCH_OFF in names else decode_block.BATCH_ROWS
-    long_k_tile_n = 32 if LONG_K_32 in names else decode_block.BATCH_LONG_K_TILE_N
+    long_k_tile_n = next((int(n[len(LONG_K):]) for n in names if n.startswith(LONG_K)),
+                         decode_block.BATCH_LONG_K_TILE_N)
     layer_fn = decode_block.layer_fn
     if FLAX_BLOCK in names:
         layer_fn = lambda impl, config, rows, attention: _flax_layer(engine)  # noqa: E731
