@@ -251,6 +251,10 @@ def main():
                         "names of XLA_OPTIONS joined by '+': each compiled, then timed in turn in this process")
     p.add_argument("--rounds", type=int, default=1,
                    help="with --xla-options: time every variant this many times, alternating their order")
+    p.add_argument("--device-time", action="store_true",
+                   help="with every round, the steps' kernel time from a profiler trace (device ms per token): "
+                        "free of the host's dispatch and of what else the machine runs, where the host clock "
+                        "around a 16-step call moves by up to 40%% between rounds")
     p.add_argument("--hlo", help="write the optimized HLO of the generate program to this file")
     p.add_argument("--no-compile-cache", action="store_true",
                    help="compile afresh (by default a later probe of the same programs, the 6.7B model's above all, "
@@ -287,6 +291,7 @@ def probe(engine, batch: int, args, profile: str | None) -> None:
     import jax
 
     from benchmarks.bench import median_seconds
+    from benchmarks.gpu_time import gpu_busy_seconds
 
     prompts = np.random.default_rng(0).integers(0, 50257, (batch, args.input_len)).tolist()
 
@@ -298,6 +303,7 @@ def probe(engine, batch: int, args, profile: str | None) -> None:
     variants = args.xla_options.split(",") if args.xla_options else [None]
     jits = {v: _generate_jit(engine, v) for v in variants}
     first_rows, compile_s, times = {}, {}, {v: ([], []) for v in variants}
+    busy = {v: [] for v in variants}  # --device-time: each round's kernel seconds a step
     for v in list(variants):
         engine._generate_jit = jits[v]
         try:
@@ -315,6 +321,9 @@ def probe(engine, batch: int, args, profile: str | None) -> None:
             engine._generate_jit = jits[v]
             times[v][0].append(median_seconds(lambda: run(args.steps + 1), args.runs, 0, f"{args.steps + 1} steps"))
             times[v][1].append(median_seconds(lambda: run(1), args.runs, 0, "1 step"))
+            if args.device_time:
+                full, one = (gpu_busy_seconds(lambda _, n=n: run(n), None) for n in (args.steps + 1, 1))
+                busy[v].append(None if full is None else (full - one) / args.steps)  # None off a GPU
     engine._generate_jit = jits[variants[0]]  # the HLO and the profile: the first variant's
     if args.hlo:
         import jax.numpy as jnp
@@ -362,6 +371,9 @@ def probe(engine, batch: int, args, profile: str | None) -> None:
                           "decode_ms_per_token": round((full - one) / args.steps * 1e3, 4),
                           "rounds_decode_ms_per_token": [round((f - o) / args.steps * 1e3, 4)
                                                          for f, o in zip(*times[v])],
+                          **({"device_ms_per_token": round(statistics.median(busy[v]) * 1e3, 4),
+                              "rounds_device_ms_per_token": [round(b * 1e3, 4) for b in busy[v]]}
+                             if busy[v] and busy[v][0] is not None else {}),
                           "first_call_s": round(compile_s[v], 2), "first_row_tokens": first_rows[v][:32],
                           "device": jax.devices()[0].device_kind}), flush=True)
 
