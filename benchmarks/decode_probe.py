@@ -114,6 +114,7 @@ XLA_OPTIONS = {
 BATCH_OFF = "batch_off"  # a variant name of its own: the program traced with decode_block.BATCH_ROWS at 0
 FLAX_BLOCK = "flax_block"  # one more: every decode step through the Flax block (`_flax_layer`)
 BATCH_NORMED = "batch_normed"  # the batch kernels after XLA's LayerNorm kernels (`_normed_batch_layer`)
+FUSED_MLP = "fused_mlp"  # the small-batch kernels' MLP as one `decode_mlp` kernel (decode_block.FUSED_MLP)
 LONG_K = "long_k_"  # "long_k_32": the batch kernels with MLP out in 64 x 32 tiles (decode_block.BATCH_LONG_K_TILE_N)
 
 
@@ -172,7 +173,7 @@ def _generate_jit(engine, variant: str | None):
     if variant is None:
         return engine._generate_jit
     names = [] if variant == "off" else variant.split("+")
-    own = (BATCH_OFF, FLAX_BLOCK, BATCH_NORMED) + tuple(n for n in names if n.startswith(LONG_K)
+    own = (BATCH_OFF, FLAX_BLOCK, BATCH_NORMED, FUSED_MLP) + tuple(n for n in names if n.startswith(LONG_K)
                                                          and n[len(LONG_K):].isdigit())
     unknown = [n for n in names if n not in XLA_OPTIONS and n not in own]
     if unknown:
@@ -191,14 +192,14 @@ def _generate_jit(engine, variant: str | None):
 
     @functools.wraps(engine._generate)  # its signature: the static arguments by name
     def generate(*args, **kwargs):  # decode_block's switches and layer_fn are read as the step is traced
-        names = ("BATCH_ROWS", "BATCH_LONG_K_TILE_N", "layer_fn")
-        saved = [getattr(decode_block, n) for n in names]
-        for n, value in zip(names, (batch_rows, long_k_tile_n, layer_fn)):
+        switches = ("BATCH_ROWS", "BATCH_LONG_K_TILE_N", "FUSED_MLP", "layer_fn")
+        saved = [getattr(decode_block, n) for n in switches]
+        for n, value in zip(switches, (batch_rows, long_k_tile_n, FUSED_MLP in names, layer_fn)):
             setattr(decode_block, n, value)
         try:
             return engine._generate(*args, **kwargs)
         finally:
-            for n, value in zip(names, saved):
+            for n, value in zip(switches, saved):
                 setattr(decode_block, n, value)
 
     return jax.jit(generate, static_argnames=("n_new", "cache_len", "sampled"),

@@ -31,6 +31,7 @@ from gptjax import kernels
 from gptjax.config import ModelConfig
 from gptjax.kernels import batch_matmul as batch
 from gptjax.kernels.decode_matmul import decode_matmul, decode_matmul_reference, new_counters, supports
+from gptjax.kernels.decode_mlp import decode_mlp
 from gptjax.model import ACTIVATIONS, norm_stats
 
 KERNEL_ROWS = 16  # what decode_matmuls="pallas" runs on the kernels: steps of up to 16 slots; more rows: XLA's
@@ -38,6 +39,7 @@ KERNEL_ROWS = 16  # what decode_matmuls="pallas" runs on the kernels: steps of u
 AUTO_ROWS = 8  # the default's limit: on the H200 the kernels beat XLA's matmuls at 1, 2 and 4 rows; at 8 the two are
                # level within 2% (RESULTS runs 13 and 17)
 KERNEL_MAX_BYTES = 32 << 20  # larger weights: XLA's own matmul reads them faster (the H200, RESULTS run 11)
+FUSED_MLP = False  # the kernels' MLP as one `decode_mlp` kernel (LayerNorm, both products, GELU, residual)
 # steps of at least this many slots run `batch_block` under "auto" (0: never). On an H100 (RESULTS run 27, in one
 # process, rounds alternating, every round alike): 256 slots 2.85 ms/token against XLA's 2.98, 128 slots 1.93 against
 # 2.12; 64 slots lost (1.45 against 1.40, with the launch before 6 stages and one wgmma left running)
@@ -94,10 +96,15 @@ def block(config: ModelConfig, attention: str, p, h, layer_kv, pos, counters, *,
     out_w = p["attn_out"]["kernel"]
     x, counters = matmul(out_w.reshape(-1, out_w.shape[-1]), attn, bias=p["attn_out"]["bias"], residual=x,
                          counters=counters)
-    mlp, counters = matmul(p["mlp_in"]["kernel"], x, p["ln_2"]["scale"], p["ln_2"]["bias"],
-                           bias=p["mlp_in"]["bias"], activation=config.activation, out_dtype=dtype,
-                           counters=counters)
-    x, counters = matmul(p["mlp_out"]["kernel"], mlp, bias=p["mlp_out"]["bias"], residual=x, counters=counters)
+    mlp_in, mlp_out = p["mlp_in"], p["mlp_out"]
+    if FUSED_MLP and mlp_in["kernel"].size * mlp_in["kernel"].dtype.itemsize <= KERNEL_MAX_BYTES:
+        x, counters = decode_mlp(x, p["ln_2"]["scale"], p["ln_2"]["bias"], mlp_in["kernel"], mlp_in["bias"],
+                                 mlp_out["kernel"], mlp_out["bias"], activation=config.activation,
+                                 counters=counters, eps=config.layer_norm_eps, interpret=interpret)
+        return x[:, None], layer_kv, counters
+    mlp, counters = matmul(mlp_in["kernel"], x, p["ln_2"]["scale"], p["ln_2"]["bias"], bias=mlp_in["bias"],
+                           activation=config.activation, out_dtype=dtype, counters=counters)
+    x, counters = matmul(mlp_out["kernel"], mlp, bias=mlp_out["bias"], residual=x, counters=counters)
     return x[:, None], layer_kv, counters
 
 

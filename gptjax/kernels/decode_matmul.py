@@ -154,25 +154,14 @@ def _product(r: _Refs, s: _Shape, col, split):
     # a program of one weight tile loads it first: its read is in flight during the statistics pass
     first_w = load_w(split * s.chunk) if s.chunk == block_k else None
 
-    if s.ln:  # a first pass over the whole row: LayerNorm's statistics
-        width = _largest_block(s.k, STATS_BLOCK)
-
-        def stats(i, carry):
-            v = load_x(i * width, width)
-            return carry[0] + jnp.sum(v, axis=1), carry[1] + jnp.sum(v * v, axis=1)
-
-        zeros = jnp.zeros((block_rows,), jnp.float32)
-        total, total_sq = lax.fori_loop(0, s.k // width, stats, (zeros, zeros))
-        mean = total / s.k
-        rstd = lax.rsqrt(jnp.maximum(total_sq / s.k - mean * mean, 0.0) + s.eps)
+    if s.ln:
+        mean, rstd = row_stats(load_x, s.k, block_rows, s.eps)
 
     def body(i, acc, w=None):
         k0 = split * s.chunk + i * block_k
         v = load_x(k0, block_k)
         if s.ln:
-            cols = pl.ds(k0, block_k)
-            v = ((v - mean[:, None]) * rstd[:, None] * r.scale[cols].astype(jnp.float32)[None, :]
-                 + r.shift[cols].astype(jnp.float32)[None, :])
+            v = normalise(v, mean, rstd, r.scale, r.shift, pl.ds(k0, block_k))
         w = load_w(k0) if w is None else w
         return acc + jnp.dot(v.astype(w.dtype), w, preferred_element_type=jnp.float32)
 
@@ -180,6 +169,27 @@ def _product(r: _Refs, s: _Shape, col, split):
     if first_w is not None:
         return body(0, zero, first_w)
     return lax.fori_loop(0, s.chunk // block_k, body, zero)
+
+
+def row_stats(load_x, k: int, block_rows: int, eps: float):
+    """LayerNorm's statistics of each row, (mean, 1 / std) [block_rows] in float32: one pass over the whole row in
+    `STATS_BLOCK`-wide tiles, load_x(k0, width) -> [block_rows, width] float32."""
+    width = _largest_block(k, STATS_BLOCK)
+
+    def stats(i, carry):
+        v = load_x(i * width, width)
+        return carry[0] + jnp.sum(v, axis=1), carry[1] + jnp.sum(v * v, axis=1)
+
+    zeros = jnp.zeros((block_rows,), jnp.float32)
+    total, total_sq = lax.fori_loop(0, k // width, stats, (zeros, zeros))
+    mean = total / k
+    return mean, lax.rsqrt(jnp.maximum(total_sq / k - mean * mean, 0.0) + eps)
+
+
+def normalise(v, mean, rstd, scale_ref, shift_ref, cols):
+    """LayerNorm of the float32 tile v [block_rows, width] holding columns `cols` of the rows."""
+    return ((v - mean[:, None]) * rstd[:, None] * scale_ref[cols].astype(jnp.float32)[None, :]
+            + shift_ref[cols].astype(jnp.float32)[None, :])
 
 
 def _epilogue_operands(r: _Refs, s: _Shape, c0, tile, rows_ok):
