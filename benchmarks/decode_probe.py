@@ -114,7 +114,8 @@ XLA_OPTIONS = {
 BATCH_OFF = "batch_off"  # a variant name of its own: the program traced with decode_block.BATCH_ROWS at 0
 FLAX_BLOCK = "flax_block"  # one more: every decode step through the Flax block (`_flax_layer`)
 BATCH_NORMED = "batch_normed"  # the batch kernels after XLA's LayerNorm kernels (`_normed_batch_layer`)
-FUSED_MLP = "fused_mlp"  # the small-batch kernels' MLP as one `decode_mlp` kernel (decode_block.FUSED_MLP)
+FUSED_MLP = "fused_mlp"  # the small-batch kernels' MLP as one `decode_mlp` kernel (decode_block.FUSED_MLP);
+                         # "fused_mlp_64": its FFN slices sized for 64 programs (decode_mlp.TARGET_PROGRAMS)
 LONG_K = "long_k_"  # "long_k_32": the batch kernels with MLP out in 64 x 32 tiles (decode_block.BATCH_LONG_K_TILE_N)
 
 
@@ -169,12 +170,15 @@ def _generate_jit(engine, variant: str | None):
     import jax
 
     from gptjax import decode_block
+    from gptjax.kernels import decode_mlp
 
     if variant is None:
         return engine._generate_jit
     names = [] if variant == "off" else variant.split("+")
-    own = (BATCH_OFF, FLAX_BLOCK, BATCH_NORMED, FUSED_MLP) + tuple(n for n in names if n.startswith(LONG_K)
-                                                         and n[len(LONG_K):].isdigit())
+    own = (BATCH_OFF, FLAX_BLOCK, BATCH_NORMED, FUSED_MLP) + tuple(
+        n for n in names for prefix in (LONG_K, FUSED_MLP + "_") if n.startswith(prefix) and n[len(prefix):].isdigit())
+    fused = [n for n in names if n.startswith(FUSED_MLP)]
+    mlp_programs = int(fused[0][len(FUSED_MLP) + 1:] or 0) if fused and fused[0] != FUSED_MLP else None
     unknown = [n for n in names if n not in XLA_OPTIONS and n not in own]
     if unknown:
         raise SystemExit(f"--xla-options: {unknown} not among {sorted(XLA_OPTIONS) + list(own)} (or off)")
@@ -193,14 +197,17 @@ def _generate_jit(engine, variant: str | None):
     @functools.wraps(engine._generate)  # its signature: the static arguments by name
     def generate(*args, **kwargs):  # decode_block's switches and layer_fn are read as the step is traced
         switches = ("BATCH_ROWS", "BATCH_LONG_K_TILE_N", "FUSED_MLP", "layer_fn")
-        saved = [getattr(decode_block, n) for n in switches]
-        for n, value in zip(switches, (batch_rows, long_k_tile_n, FUSED_MLP in names, layer_fn)):
+        saved = [getattr(decode_block, n) for n in switches], decode_mlp.TARGET_PROGRAMS
+        for n, value in zip(switches, (batch_rows, long_k_tile_n, bool(fused), layer_fn)):
             setattr(decode_block, n, value)
+        decode_mlp.TARGET_PROGRAMS = mlp_programs or saved[1]
+        decode_mlp.decode_mlp.clear_cache()  # its launch is read from TARGET_PROGRAMS as it is traced
         try:
             return engine._generate(*args, **kwargs)
         finally:
-            for n, value in zip(switches, saved):
+            for n, value in zip(switches, saved[0]):
                 setattr(decode_block, n, value)
+            decode_mlp.TARGET_PROGRAMS = saved[1]
 
     return jax.jit(generate, static_argnames=("n_new", "cache_len", "sampled"),
                    compiler_options=dict(XLA_OPTIONS[n] for n in names if n not in own) or None)
