@@ -410,6 +410,8 @@ def kernel_summary(trace_dir: str, steps: int, top: int = 40) -> tuple[int, dict
 
     from jax.profiler import ProfileData
 
+    from benchmarks.gpu_time import covered_ns
+
     path = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))[-1]
     data = ProfileData.from_file(path)
     for plane in data.planes:
@@ -436,7 +438,7 @@ def kernel_summary(trace_dir: str, steps: int, top: int = 40) -> tuple[int, dict
         if not events:
             continue
         events.sort()
-        busy = sum(e - s for s, e in events) / 1e3
+        busy = covered_ns(events) / 1e3  # overlapping kernels (launched early) counted once
         span = (events[-1][1] - events[0][0]) / 1e3
         gaps = np.diff([s for s, _ in events]) / 1e3 - np.array([(e - s) / 1e3 for s, e in events[:-1]])
         print(json.dumps({"plane": plane.name, "kernels": len(events),
