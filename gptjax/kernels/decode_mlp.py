@@ -8,9 +8,9 @@ activations, so nothing waits between the two products.
 
 The partial sums are added up as the split sums of `decode_matmul` are: each program stores its part of each
 output column block and counts it on that block's counter; the program that finishes a block last adds that
-block's parts in program order (the result is the same whichever finishes last), then adds the bias and the
-residual. Program j walks the column blocks starting at block j, so that the last-finishing programs share the
-final sums rather than one program doing them all.
+block's parts, up to SUM_PARTS programs' at a load and always in the same order (the result is the same whichever program
+finishes last), then adds the bias and the residual. Program j walks the column blocks starting at block j, so that
+the last-finishing programs share the final sums rather than one program doing them all.
 
 `decode_mlp_reference` is the same arithmetic in plain `jnp` (the two `decode_matmul_reference` products).
 """
@@ -18,6 +18,7 @@ final sums rather than one program doing them all.
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -31,6 +32,7 @@ from gptjax.kernels.decode_matmul import (MATRIX_ROWS, MAX_ROWS, _activation, _b
                                           decode_matmul_reference, new_counters, normalise, row_stats)
 
 TARGET_PROGRAMS = 128  # about one per multiprocessor of an H100 or H200
+SUM_PARTS = 16  # parts a load of the final sums takes at most ([SUM_PARTS, block_n] float32)
 
 
 class MlpParams(NamedTuple):
@@ -102,15 +104,14 @@ def _kernel(x_ref, scale_ref, shift_ref, w_in_ref, b_in_ref, w_out_ref, b_out_re
         finished = plgpu.atomic_add(counts_ref, (c,), jnp.int32(1))  # acq-rel, GPU scope
 
         @pl.when(finished == n_programs - 1)
-        def _():  # the last program of this block: every part is in memory; add them in program order
-            def add(p, total):
-                return total + plgpu.load(parts_ref.at[p, pl.ds(0, block_rows), cols], mask=rows_ok, other=0.0,
-                                          volatile=True)
-
-            total = lax.fori_loop(0, n_programs, add, jnp.zeros((block_rows, block_n), jnp.float32))
-            residual = plgpu.load(x_ref.at[pl.ds(0, block_rows), cols], mask=rows_ok, other=0.0)
-            total += b_out_ref[cols].astype(jnp.float32)[None, :] + residual.astype(jnp.float32)
-            plgpu.store(out_ref.at[pl.ds(0, block_rows), cols], total.astype(out_ref.dtype), mask=rows_ok)
+        def _():  # the last program of this block: every part is in memory; add them up, row by row
+            bias, at_once = b_out_ref[cols].astype(jnp.float32), math.gcd(n_programs, SUM_PARTS)
+            for row in map(jnp.int32, range(s.rows)):
+                total = bias + x_ref[row, cols].astype(jnp.float32)
+                for p0 in range(0, n_programs, at_once):  # several programs' parts in one load, not one by one
+                    parts = plgpu.load(parts_ref.at[pl.ds(p0, at_once), row, cols], volatile=True)
+                    total += jnp.sum(parts, axis=0)
+                out_ref[row, cols] = total.astype(out_ref.dtype)
             counts_ref[c] = 0  # every program has counted: zero again for the next kernel
 
         return carry
