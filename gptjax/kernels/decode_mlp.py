@@ -6,11 +6,10 @@ activations in full (LayerNorm(x) @ w_in[:, slice], bias, GELU, in registers), m
 that slice, and so holds a partial sum of the whole output, over K = its slice. No program needs another's
 activations, so nothing waits between the two products.
 
-The partial sums are added up as the split sums of `decode_matmul` are: each program stores its part of each
-output column block and counts it on that block's counter; the program that finishes a block last adds that
-block's parts, up to SUM_PARTS programs' at a load and always in the same order (the result is the same whichever program
-finishes last), then adds the bias and the residual. Program j walks the column blocks starting at block j, so that
-the last-finishing programs share the final sums rather than one program doing them all.
+The partial sums are added up as the split sums of `decode_matmul` are: each program stores its part of every
+output column block, then counts each on that block's counter (all at once); the program that counts a block last
+adds that block's parts, up to SUM_PARTS programs' at a load and always in the same order (the result is the same
+whichever program finishes last), then adds the bias and the residual.
 
 `decode_mlp_reference` is the same arithmetic in plain `jnp` (the two `decode_matmul_reference` products).
 """
@@ -93,30 +92,31 @@ def _kernel(x_ref, scale_ref, shift_ref, w_in_ref, b_in_ref, w_out_ref, b_out_re
         hidden = pdl.launch_dependents_after(hidden)
     hidden = hidden.astype(dtype)
     rows_ok = lax.broadcasted_iota(jnp.int32, (block_rows, block_n), 0) < s.rows
-
-    def block(i, carry):
-        c = lax.rem(j + i, n_blocks)
+    for c in range(n_blocks):  # every part stored first: w_out's loads stream without a wait between them
         cols = pl.ds(c * block_n, block_n)
         part = jnp.dot(hidden, w_out_ref[slice_, cols], preferred_element_type=jnp.float32)
         plgpu.store(parts_ref.at[j, pl.ds(0, block_rows), cols], part, mask=rows_ok)
-        if not s.interpret:
-            plgpu.debug_barrier()  # every thread's part is stored before the counter says so
-        finished = plgpu.atomic_add(counts_ref, (c,), jnp.int32(1))  # acq-rel, GPU scope
+    if not s.interpret:
+        plgpu.debug_barrier()  # every thread's parts are stored before the counters say so
+    # then counted, all the counters at once (one round trip, not one a block): acq-rel, GPU scope
+    counted = [plgpu.atomic_add(counts_ref, (jnp.int32(c),), jnp.int32(1)) for c in range(n_blocks)]
+    for c, finished in enumerate(counted):
+        pl.when(finished == n_programs - 1)(functools.partial(_final_sums, x_ref, b_out_ref, parts_ref, out_ref,
+                                                              counts_ref, c, s))
 
-        @pl.when(finished == n_programs - 1)
-        def _():  # the last program of this block: every part is in memory; add them up, row by row
-            bias, at_once = b_out_ref[cols].astype(jnp.float32), math.gcd(n_programs, SUM_PARTS)
-            for row in map(jnp.int32, range(s.rows)):
-                total = bias + x_ref[row, cols].astype(jnp.float32)
-                for p0 in range(0, n_programs, at_once):  # several programs' parts in one load, not one by one
-                    parts = plgpu.load(parts_ref.at[pl.ds(p0, at_once), row, cols], volatile=True)
-                    total += jnp.sum(parts, axis=0)
-                out_ref[row, cols] = total.astype(out_ref.dtype)
-            counts_ref[c] = 0  # every program has counted: zero again for the next kernel
 
-        return carry
-
-    lax.fori_loop(0, n_blocks, block, 0)
+def _final_sums(x_ref, b_out_ref, parts_ref, out_ref, counts_ref, c: int, s: _Shape):
+    """Column block c of the output, once every program's part of it is in memory: the parts added up row by row,
+    up to SUM_PARTS programs' in one load and always in the same order, then the bias and the residual."""
+    n_programs, block_n = s.ffn // s.params.block_f, s.params.block_n
+    cols = pl.ds(c * block_n, block_n)
+    bias, at_once = b_out_ref[cols].astype(jnp.float32), math.gcd(n_programs, SUM_PARTS)
+    for row in map(jnp.int32, range(s.rows)):
+        total = bias + x_ref[row, cols].astype(jnp.float32)
+        for p0 in range(0, n_programs, at_once):
+            total += jnp.sum(plgpu.load(parts_ref.at[pl.ds(p0, at_once), row, cols], volatile=True), axis=0)
+        out_ref[row, cols] = total.astype(out_ref.dtype)
+    counts_ref[c] = 0  # every program has counted: zero again for the next kernel
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "activation", "params", "interpret", "early_launch"))
