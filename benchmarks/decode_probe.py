@@ -165,8 +165,9 @@ def _normed_batch_layer(config, attention: str):
 
 
 def _generate_jit(engine, variant: str | None):
-    """The engine's generate program under a variant of XLA's options ("off", or short names of `XLA_OPTIONS`
-    joined by "+", any of them with `BATCH_OFF`; None: the engine's own jit)."""
+    """The engine's generate program under a variant ("off", or names joined by "+": short names of `XLA_OPTIONS`,
+    and this probe's own, `BATCH_OFF`, `FLAX_BLOCK`, `BATCH_NORMED`, `FUSED_MLP`[_N] and `LONG_K`N, which change
+    what the decode step traces; None: the engine's own jit)."""
     import jax
 
     from gptjax import decode_block
