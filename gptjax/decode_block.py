@@ -66,10 +66,15 @@ def choose(requested: str, config: ModelConfig, mesh, backend: str | None = None
     return "auto" if fits and small and (backend or jax.default_backend()) == "gpu" else "xla"
 
 
+def _kernel_sized(w) -> bool:
+    """Whether a weight is small enough for the small-batch kernels (`KERNEL_MAX_BYTES`)."""
+    return w.size * w.dtype.itemsize <= KERNEL_MAX_BYTES
+
+
 def _product(w, *args, interpret: bool, **kw):
     """One of the layer's products: the kernel, or for weights larger than `KERNEL_MAX_BYTES` the same
     arithmetic in `jnp`, for XLA to compile."""
-    if w.size * w.dtype.itemsize <= KERNEL_MAX_BYTES:
+    if _kernel_sized(w):
         return decode_matmul(w, *args, interpret=interpret, **kw)
     return decode_matmul_reference(w, *args, **kw)
 
@@ -97,7 +102,7 @@ def block(config: ModelConfig, attention: str, p, h, layer_kv, pos, counters, *,
     x, counters = matmul(out_w.reshape(-1, out_w.shape[-1]), attn, bias=p["attn_out"]["bias"], residual=x,
                          counters=counters)
     mlp_in, mlp_out = p["mlp_in"], p["mlp_out"]
-    if FUSED_MLP and mlp_in["kernel"].size * mlp_in["kernel"].dtype.itemsize <= KERNEL_MAX_BYTES:
+    if FUSED_MLP and _kernel_sized(mlp_in["kernel"]):
         x, counters = decode_mlp(x, p["ln_2"]["scale"], p["ln_2"]["bias"], mlp_in["kernel"], mlp_in["bias"],
                                  mlp_out["kernel"], mlp_out["bias"], activation=config.activation,
                                  counters=counters, eps=config.layer_norm_eps, interpret=interpret)

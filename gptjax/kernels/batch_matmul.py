@@ -65,12 +65,13 @@ def _kernel(x_ref, w_ref, b_ref, *refs, tile_m: int, tile_n: int, tile_k: int, s
     r_ref = refs.pop(0) if with_residual else None
     o_ref, b_smem, s_smem, o_smem, loaded = refs
     rows = pl.ds(lax.axis_index("m") * tile_m, tile_m)
-    cols = pl.ds(lax.axis_index("n") * tile_n, tile_n)
+    col0 = lax.axis_index("n") * tile_n
+    cols = pl.ds(col0, tile_n)
     # the epilogue's operands start loading first, so that they land while the product runs; the residual lands
     # in the output's buffer (the output takes its dtype), which the sum then overwrites
     # a copy moves a multiple of 128 bytes: a narrow tile's bias comes in the aligned window of BIAS_WINDOW around it
     window = max(tile_n, BIAS_WINDOW)
-    window_start = lax.axis_index("n") * tile_n // window * window
+    window_start = col0 // window * window
     plgpu.copy_gmem_to_smem(b_ref.at[pl.ds(window_start, window)], b_smem, loaded.at[0])
     if with_residual:
         plgpu.copy_gmem_to_smem(r_ref.at[rows, cols], o_smem, loaded.at[1])
@@ -97,7 +98,7 @@ def _kernel(x_ref, w_ref, b_ref, *refs, tile_m: int, tile_n: int, tile_k: int, s
             scale = plgpu.load(s_smem, (), layout=plgpu.Layout.WGMMA.reduce(1))
             y = y * lax.broadcast_in_dim(scale, (tile_m, tile_n), [0])
         plgpu.barrier_wait(loaded.at[0])
-        bias_cols = b_smem.at[pl.ds(lax.axis_index("n") * tile_n - window_start, tile_n)] if window > tile_n else b_smem
+        bias_cols = b_smem.at[pl.ds(col0 - window_start, tile_n)] if window > tile_n else b_smem
         bias = plgpu.load(bias_cols, (), layout=plgpu.Layout.WGMMA.reduce(0)).astype(jnp.float32)
         y = y + lax.broadcast_in_dim(bias, (tile_m, tile_n), [1])
         y = _activation(activation, y)
