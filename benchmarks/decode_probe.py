@@ -113,10 +113,6 @@ XLA_OPTIONS = {
 
 BATCH_OFF = "batch_off"  # a variant name of its own: the program traced with decode_block.BATCH_ROWS at 0
 FLAX_BLOCK = "flax_block"  # one more: every decode step through the Flax block (`_flax_layer`)
-BATCH_NORMED = "batch_normed"  # the batch kernels after XLA's LayerNorm kernels (`_normed_batch_layer`)
-FUSED_MLP = "fused_mlp"  # the small-batch kernels' MLP as one `decode_mlp` kernel (decode_block.FUSED_MLP);
-                         # "fused_mlp_64": its FFN slices sized for 64 programs (decode_mlp.TARGET_PROGRAMS)
-LONG_K = "long_k_"  # "long_k_32": the batch kernels with MLP out in 64 x 32 tiles (decode_block.BATCH_LONG_K_TILE_N)
 
 
 def _flax_layer(engine):
@@ -134,81 +130,37 @@ def _flax_layer(engine):
     return layer
 
 
-def _normed_batch_layer(config, attention: str):
-    """`batch_block` as it ran before the kernels took each row's 1 / std: XLA normalises the residual (identity
-    LayerNorms on the folded tree), then the kernel multiplies; to time one against the other."""
-    import jax
-    import jax.numpy as jnp
-
-    from gptjax import decode_block, kernels
-    from gptjax.kernels import batch_matmul as batch
-    from gptjax.model import layer_norm
-
-    on_gpu = jax.default_backend() == "gpu"
-
-    def matmul(x, w, *args, **kw):
-        fn = batch.batch_matmul if on_gpu and w.shape[0] <= decode_block.BATCH_MAX_K else batch.batch_matmul_reference
-        return fn(x, w, *args, **kw)
-
-    def layer(p, h, layer_kv, pos):
-        x, eps, c = h[:, 0].astype(jnp.float32), config.layer_norm_eps, config.hidden
-        qkv = matmul(layer_norm(x, **p["ln_1"], eps=eps), p["qkv"]["kernel"].reshape(c, -1),
-                     p["qkv"]["bias"].reshape(-1))
-        attn, layer_kv = kernels.decode_step_append(qkv.reshape(len(x), 3, config.n_heads, config.head_dim),
-                                                    layer_kv, pos, attention)
-        x = matmul(attn.reshape(len(x), c), p["attn_out"]["kernel"].reshape(c, c), p["attn_out"]["bias"], x)
-        mlp = matmul(layer_norm(x, **p["ln_2"], eps=eps), p["mlp_in"]["kernel"], p["mlp_in"]["bias"],
-                     activation=config.activation)
-        return matmul(mlp, p["mlp_out"]["kernel"], p["mlp_out"]["bias"], x)[:, None], layer_kv
-
-    return layer
-
-
 def _generate_jit(engine, variant: str | None):
     """The engine's generate program under a variant ("off", or names joined by "+": short names of `XLA_OPTIONS`,
-    and this probe's own, `BATCH_OFF`, `FLAX_BLOCK`, `BATCH_NORMED`, `FUSED_MLP`[_N] and `LONG_K`N, which change
-    what the decode step traces; None: the engine's own jit)."""
+    and this probe's own, `BATCH_OFF` and `FLAX_BLOCK`, which change what the decode step traces; None: the
+    engine's own jit)."""
     import jax
 
     from gptjax import decode_block
-    from gptjax.kernels import decode_mlp
 
     if variant is None:
         return engine._generate_jit
     names = [] if variant == "off" else variant.split("+")
-    own = (BATCH_OFF, FLAX_BLOCK, BATCH_NORMED, FUSED_MLP) + tuple(
-        n for n in names for prefix in (LONG_K, FUSED_MLP + "_") if n.startswith(prefix) and n[len(prefix):].isdigit())
-    fused = [n for n in names if n.startswith(FUSED_MLP)]
-    mlp_programs = int(fused[0][len(FUSED_MLP) + 1:] or 0) if fused and fused[0] != FUSED_MLP else None
+    own = (BATCH_OFF, FLAX_BLOCK)
     unknown = [n for n in names if n not in XLA_OPTIONS and n not in own]
     if unknown:
         raise SystemExit(f"--xla-options: {unknown} not among {sorted(XLA_OPTIONS) + list(own)} (or off)")
     batch_rows = 0 if BATCH_OFF in names else decode_block.BATCH_ROWS
-    long_k_tile_n = next((int(n[len(LONG_K):]) for n in names if n.startswith(LONG_K)),
-                         decode_block.BATCH_LONG_K_TILE_N)
     layer_fn = decode_block.layer_fn
     if FLAX_BLOCK in names:
         layer_fn = lambda impl, config, rows, attention: _flax_layer(engine)  # noqa: E731
-    if BATCH_NORMED in names:
-        def layer_fn(impl, config, rows, attention, own_fn=layer_fn):
-            if rows >= decode_block.BATCH_ROWS:
-                return _normed_batch_layer(config, attention)
-            return own_fn(impl, config, rows, attention)
 
     @functools.wraps(engine._generate)  # its signature: the static arguments by name
     def generate(*args, **kwargs):  # decode_block's switches and layer_fn are read as the step is traced
-        switches = ("BATCH_ROWS", "BATCH_LONG_K_TILE_N", "FUSED_MLP", "layer_fn")
-        saved = [getattr(decode_block, n) for n in switches], decode_mlp.TARGET_PROGRAMS
-        for n, value in zip(switches, (batch_rows, long_k_tile_n, bool(fused), layer_fn)):
+        switches = ("BATCH_ROWS", "layer_fn")
+        saved = [getattr(decode_block, n) for n in switches]
+        for n, value in zip(switches, (batch_rows, layer_fn)):
             setattr(decode_block, n, value)
-        decode_mlp.TARGET_PROGRAMS = mlp_programs or saved[1]
-        decode_mlp.decode_mlp.clear_cache()  # its launch is read from TARGET_PROGRAMS as it is traced
         try:
             return engine._generate(*args, **kwargs)
         finally:
-            for n, value in zip(switches, saved[0]):
+            for n, value in zip(switches, saved):
                 setattr(decode_block, n, value)
-            decode_mlp.TARGET_PROGRAMS = saved[1]
 
     return jax.jit(generate, static_argnames=("n_new", "cache_len", "sampled"),
                    compiler_options=dict(XLA_OPTIONS[n] for n in names if n not in own) or None)

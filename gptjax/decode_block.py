@@ -14,7 +14,10 @@ run 23).
 Steps of at least `BATCH_ROWS` slots (whole 64-row tiles) can instead run `batch_block`: QKV, attention out and MLP
 in each one Mosaic GPU kernel with its epilogue (`gptjax.kernels.batch_matmul`: the folded LayerNorm's 1 / std of
 each row, bias, residual or GELU), the rows' statistics through XLA; MLP out (K = 4096: one CTA a 64 x 64 tile
-leaves half the chip idle, 13.7 us against XLA's 13.0 at 256 rows) through XLA unless `BATCH_LONG_K_TILE_N`.
+leaves half the chip idle, 13.7 us against XLA's 13.0 at 256 rows; in 64 x 32 tiles level with XLA in the step,
+RESULTS runs 30 and 31) through XLA.
+The small-batch kernels' MLP was tried as one kernel (each program an FFN slice, the partial sums added in the
+kernel): 2.7 times slower a step at batch 1, 6.5 at batch 8 (RESULTS run 31).
 Every other step runs `folded_block` through XLA: the engine holds each LayerNorm folded into the product after it
 (`fold_layer_norms`), so XLA's products take the residual stream as it is and apply the LayerNorm's 1 / std in their
 epilogue, where the Flax block (the tests' reference for every path) runs a kernel normalising their input first.
@@ -31,7 +34,6 @@ from gptjax import kernels
 from gptjax.config import ModelConfig
 from gptjax.kernels import batch_matmul as batch
 from gptjax.kernels.decode_matmul import decode_matmul, decode_matmul_reference, new_counters, supports
-from gptjax.kernels.decode_mlp import decode_mlp
 from gptjax.model import ACTIVATIONS, norm_stats
 
 KERNEL_ROWS = 16  # what decode_matmuls="pallas" runs on the kernels: steps of up to 16 slots; more rows: XLA's
@@ -39,14 +41,12 @@ KERNEL_ROWS = 16  # what decode_matmuls="pallas" runs on the kernels: steps of u
 AUTO_ROWS = 8  # the default's limit: on the H200 the kernels beat XLA's matmuls at 1, 2 and 4 rows; at 8 the two are
                # level within 2% (RESULTS runs 13 and 17)
 KERNEL_MAX_BYTES = 32 << 20  # larger weights: XLA's own matmul reads them faster (the H200, RESULTS run 11)
-FUSED_MLP = False  # the kernels' MLP as one `decode_mlp` kernel (LayerNorm, both products, GELU, residual)
 # steps of at least this many slots run `batch_block` under "auto" (0: never). On an H100 (RESULTS run 27, in one
 # process, rounds alternating, every round alike): 256 slots 2.85 ms/token against XLA's 2.98, 128 slots 1.93 against
 # 2.12; 64 slots lost (1.45 against 1.40, with the launch before 6 stages and one wgmma left running)
 BATCH_ROWS = 128
 BATCH_TILE = batch.TILE_M  # a step's slots must fill whole row tiles
 BATCH_MAX_K = 1024  # products of longer rows through XLA: the kernel's tiles do not split K
-BATCH_LONG_K_TILE_N = 0  # or those products on the kernel in tiles this narrow (more CTAs for a K of 4096; 0: XLA)
 
 
 def choose(requested: str, config: ModelConfig, mesh, backend: str | None = None) -> str:
@@ -101,30 +101,22 @@ def block(config: ModelConfig, attention: str, p, h, layer_kv, pos, counters, *,
     out_w = p["attn_out"]["kernel"]
     x, counters = matmul(out_w.reshape(-1, out_w.shape[-1]), attn, bias=p["attn_out"]["bias"], residual=x,
                          counters=counters)
-    mlp_in, mlp_out = p["mlp_in"], p["mlp_out"]
-    if FUSED_MLP and _kernel_sized(mlp_in["kernel"]):
-        x, counters = decode_mlp(x, p["ln_2"]["scale"], p["ln_2"]["bias"], mlp_in["kernel"], mlp_in["bias"],
-                                 mlp_out["kernel"], mlp_out["bias"], activation=config.activation,
-                                 counters=counters, eps=config.layer_norm_eps, interpret=interpret)
-        return x[:, None], layer_kv, counters
-    mlp, counters = matmul(mlp_in["kernel"], x, p["ln_2"]["scale"], p["ln_2"]["bias"], bias=mlp_in["bias"],
-                           activation=config.activation, out_dtype=dtype, counters=counters)
-    x, counters = matmul(mlp_out["kernel"], mlp, bias=mlp_out["bias"], residual=x, counters=counters)
+    mlp, counters = matmul(p["mlp_in"]["kernel"], x, p["ln_2"]["scale"], p["ln_2"]["bias"],
+                           bias=p["mlp_in"]["bias"], activation=config.activation, out_dtype=dtype, counters=counters)
+    x, counters = matmul(p["mlp_out"]["kernel"], mlp, bias=p["mlp_out"]["bias"], residual=x, counters=counters)
     return x[:, None], layer_kv, counters
 
 
 def batch_block(config: ModelConfig, attention: str, p, h, layer_kv, pos, *, on_gpu: bool):
     """One layer for one new token per row on `fold_layer_norms`'s tree, each product one `batch_matmul` kernel with
     its epilogue (the LayerNorm's 1 / std of each row, bias, GELU or residual; its `jnp` reference off a GPU), MLP
-    out's longer rows through XLA unless `BATCH_LONG_K_TILE_N` says: h [rows, 1, hidden] float32, the layer's (k, v)
-    cache, each row's position -> (the next h, the cache with the new token's K/V)."""
+    out's longer rows through XLA: h [rows, 1, hidden] float32, the layer's (k, v) cache, each row's position -> (the
+    next h, the cache with the new token's K/V)."""
     dtype, f32 = p["qkv"]["kernel"].dtype, jnp.float32
 
     def matmul(x, w, *args, **kw):
-        long_k = w.shape[0] > BATCH_MAX_K
-        if not on_gpu or (long_k and not BATCH_LONG_K_TILE_N):
-            return batch.batch_matmul_reference(x, w, *args, **kw)
-        return batch.batch_matmul(x, w, *args, **kw, **(dict(tile_n=BATCH_LONG_K_TILE_N) if long_k else {}))
+        fn = batch.batch_matmul if on_gpu and w.shape[0] <= BATCH_MAX_K else batch.batch_matmul_reference
+        return fn(x, w, *args, **kw)
 
     def normed(x):  # the residual as the folded product takes it, and its rows' 1 / std (the mean is in the weights)
         return x.astype(dtype), norm_stats(x, config.layer_norm_eps)[1][:, 0].astype(f32)

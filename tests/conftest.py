@@ -47,7 +47,6 @@ FILE_ORDER = [
     "test_decode_matmul.py",  # 80
     "test_model.py",  # 80
     "test_decode_block.py",  # 10
-    "test_decode_mlp.py",  # 15
     "test_http.py",  # 55
     "test_kserve.py",  # 30
     "test_cli.py",  # 60
