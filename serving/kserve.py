@@ -3,13 +3,17 @@
 One model, `fastertransformer` (version 1), so `tritonclient.grpc` code written for either FasterTransformer
 backend runs unchanged: a request's input names pick the dialect (5.x or v1). Model metadata and config
 describe the dialect that the server's config declares (5.x unless a v1 config.pbtxt was loaded).
-`ModelStreamInfer` answers each request of the stream in order; a stream that sends nothing for the idle
-time is closed with UNAVAILABLE, and the open streams are bounded (RESOURCE_EXHAUSTED past the bound).
+`ModelStreamInfer` starts each request of a stream as it arrives and answers them in the stream's order; a stream
+that sends nothing for the idle time while none of its requests runs is closed with UNAVAILABLE, and the open
+streams are bounded (RESOURCE_EXHAUSTED past the bound).
 """
 
 from __future__ import annotations
 
 import math
+import queue
+import threading
+from concurrent.futures import Future
 
 import numpy as np
 from google.protobuf import json_format
@@ -26,6 +30,8 @@ MODEL_NAME, MODEL_VERSION, check_model = ft.MODEL_NAME, ft.MODEL_VERSION, ft.che
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 # a stream's request may ask for Triton's final-response flag: its one response then carries triton_final_response
 FINAL_FLAG = "triton_enable_empty_final_response"
+# a ModelStreamInfer stream's requests running at once; the stream's next messages wait (the client's sends back up)
+STREAM_AHEAD = 16
 
 CONTENTS = {"BOOL": "bool_contents", "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
             "UINT64": "uint64_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
@@ -78,6 +84,14 @@ def response_of(req: pb.ModelInferRequest, arrays: dict[str, np.ndarray], dialec
     return resp
 
 
+def _room_for_one_more(room, context) -> bool:
+    """Wait until the stream has fewer than STREAM_AHEAD requests unanswered; False once the call has ended."""
+    while not room.acquire(timeout=1.0):
+        if not context.is_active():
+            return False
+    return True
+
+
 class InferenceServicer:
     """The KServe v2 gRPC methods over the front end (registered with serving.rpc.add_service)."""
 
@@ -118,24 +132,29 @@ class InferenceServicer:
         config = json_format.ParseDict(ft.model_config(self.dialect, self.frontend), mc.ModelConfig())
         return pb.ModelConfigResponse(config=config)
 
-    def _infer(self, request, context, current: list | None = None) -> pb.ModelInferResponse:
+    def _infer(self, request, context, live: set | None = None) -> pb.ModelInferResponse:
         """One inference, in an API call of its own (for the metrics). Its requests are cancelled when the
         call ends early: by a callback of their own, or, in a stream, by the stream's one callback, which
-        cancels the requests in `current` (a callback per request would keep every request of a long stream)."""
+        cancels the requests in `live` while they run (a callback per request would keep every request of a
+        long stream)."""
         fe = self.frontend
         with fe.api_call() as call:
             check_model(decoded(request).model_name, request.model_version)
             fe.require_ready()
             arrays = arrays_of(request)
-            deadline = deadline_of_request(request, context, in_stream=current is not None)
+            deadline = deadline_of_request(request, context, in_stream=live is not None)
             call.requests, info = ft.parse(arrays, fe, deadline, [o.name for o in request.outputs])
-            if current is None:
+            if live is None:
                 for r in call.requests:
                     context.add_callback(r.cancel)
             else:
-                current[:] = call.requests
-            fe.submit(call.requests)
-            done = fe.collect(call.requests, context.is_active)
+                live.update(call.requests)
+            try:
+                fe.submit(call.requests)
+                done = fe.collect(call.requests, context.is_active)
+            finally:
+                if live is not None:
+                    live.difference_update(call.requests)
             return response_of(request, ft.outputs(call.requests, done, info), info.dialect)
 
     def ModelInfer(self, request, context):
@@ -152,16 +171,50 @@ class InferenceServicer:
             abort(context, e)
 
     def _stream(self, request_iterator, context):
-        current: list = []
-        context.add_callback(lambda: [r.cancel() for r in list(current)])
-        for request in client_messages(request_iterator, context, self.idle, decode=False):
+        """Each request of the stream starts as it arrives (up to STREAM_AHEAD at once, in threads of their own),
+        and the answers go back in the requests' order, as Triton answers a model that is not decoupled."""
+        live: set = set()  # the stream's running requests, cancelled when the call ends early (one callback)
+        context.add_callback(lambda: [r.cancel() for r in list(live)])
+        answers: queue.Queue = queue.Queue()  # a Future per request in order, then None or what ended the reading
+        room = threading.Semaphore(STREAM_AHEAD)
+        threading.Thread(target=self._read_stream, args=(request_iterator, context, live, answers, room),
+                         name="model-stream", daemon=True).start()
+        while (answer := answers.get()) is not None:
+            if isinstance(answer, BaseException):
+                raise answer
+            response = answer.result()
+            room.release()
+            if response is None:  # cancelled
+                return
+            yield response
+
+    def _read_stream(self, request_iterator, context, live: set, answers: queue.Queue, room) -> None:
+        """The stream's reader: each message read once there is room, and started at once."""
+        try:
+            messages = client_messages(request_iterator, context, self.idle, decode=False)
+            while _room_for_one_more(room, context) and (request := next(messages, None)) is not None:
+                self.idle.request_started(context)
+                answer: Future = Future()
+                answers.put(answer)
+                threading.Thread(target=self._answer, args=(request, context, live, answer),
+                                 name="model-stream-request", daemon=True).start()
+            answers.put(None)
+        except BaseException as e:  # noqa: BLE001 - the answering loop raises it in the handler's thread
+            answers.put(e)
+
+    def _answer(self, request, context, live: set, answer: Future) -> None:
+        """One request of a stream: its ModelStreamInferResponse (an error's too), or None once cancelled."""
+        try:
             try:
-                response = self._infer(request, context, current)
+                response = self._infer(request, context, live)
                 if parameters_of(request).get(FINAL_FLAG):  # one response per request: it is the final one
                     response.parameters["triton_final_response"].bool_param = True
-                yield pb.ModelStreamInferResponse(infer_response=response)
+                answer.set_result(pb.ModelStreamInferResponse(infer_response=response))
             except RequestError as e:
-                if e.code == Code.CANCELLED:
-                    return
-                yield pb.ModelStreamInferResponse(error_message=f"{e.code.name}: {e.message}",
-                                                  infer_response=pb.ModelInferResponse(id=getattr(request, "id", "")))
+                answer.set_result(None if e.code == Code.CANCELLED else pb.ModelStreamInferResponse(
+                    error_message=f"{e.code.name}: {e.message}",
+                    infer_response=pb.ModelInferResponse(id=getattr(request, "id", ""))))
+        except BaseException as e:  # noqa: BLE001 - raised in the handler's thread, where grpc reports it
+            answer.set_exception(e)
+        finally:
+            self.idle.request_ended(context)

@@ -7,7 +7,8 @@
   waiting for the client's next message, a health watch), so they can never take the threads that health
   checks, model info and generation need. Generation calls need no permit: the scheduler's bounded queue
   refuses them (RESOURCE_EXHAUSTED) before they can pile up.
-- `IdleStreams` closes a stream whose client sent nothing for the idle time, with UNAVAILABLE.
+- `IdleStreams` closes a stream whose client sent nothing for the idle time while none of its requests ran, with
+  UNAVAILABLE.
 - `ApiKey` answers every call but health UNAUTHENTICATED unless its metadata carries the server's key, as the
   HTTP routes ask for it (`serving.http.ApiKey`).
 """
@@ -112,11 +113,13 @@ def _close_call(context, code: grpc.StatusCode, message: str) -> None:
 
 
 class IdleStreams:
-    """Close streams whose client has sent nothing for `timeout_s` seconds (one watcher thread for all)."""
+    """Close streams whose client has sent nothing for `timeout_s` seconds while none of its requests ran (one
+    watcher thread for all)."""
 
     def __init__(self, timeout_s: float):
         self.timeout_s = timeout_s
-        self._waiting: dict[int, tuple[float, object]] = {}  # id -> (waiting since, context)
+        self._waiting: dict[int, tuple[float, object]] = {}  # id -> (idle since, context)
+        self._busy: dict[int, int] = {}  # id -> the stream's requests running: while any runs, it is not idle
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._watch, name="idle-streams", daemon=True)
         self._thread.start()
@@ -133,12 +136,28 @@ class IdleStreams:
             with self._lock:
                 self._waiting.pop(key, None)
 
+    def request_started(self, context) -> None:
+        """One of the stream's requests runs (each start is ended by `request_ended`)."""
+        with self._lock:
+            self._busy[id(context)] = self._busy.get(id(context), 0) + 1
+
+    def request_ended(self, context) -> None:
+        """The idle time of a stream waiting for its client starts again when its last running request ends."""
+        key = id(context)
+        with self._lock:
+            running = self._busy.pop(key) - 1
+            if running:
+                self._busy[key] = running
+            elif key in self._waiting:
+                self._waiting[key] = (time.monotonic(), context)
+
     def _watch(self) -> None:
         while True:
             time.sleep(min(1.0, self.timeout_s / 4))
             now = time.monotonic()
             with self._lock:
-                idle = [(k, c) for k, (since, c) in self._waiting.items() if now - since > self.timeout_s]
+                idle = [(k, c) for k, (since, c) in self._waiting.items()
+                        if now - since > self.timeout_s and k not in self._busy]
                 for k, _ in idle:
                     del self._waiting[k]
             for _, context in idle:

@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from conftest import run_cli
 from serving.client import Client, make_request
 from serving.proto.gptjax.v1 import generator_pb2_grpc as pb_grpc
+from serving.rpc import IdleStreams
 from test_serving import MODEL, _wait_idle, ft_inputs, padded, rpc_error, running_server, tritonclient_grpc
 # tritonclient's copy of the KServe messages (ours and its share the descriptor pool's names: one per process)
 from tritonclient.grpc import service_pb2 as kpb
@@ -197,6 +198,24 @@ def test_idle_streams_lock_no_one_out_and_are_closed(target, client):
     assert all(IDLE_S - 0.5 < took < IDLE_S + 10 for _, took in results), sorted(took for _, took in results)[::50]
 
 
+def test_idle_time_counts_only_while_none_of_the_streams_requests_runs():
+    """A stream waiting for its client with a request running is not idle; its idle time starts when the last
+    request ends."""
+    closed = threading.Event()
+
+    class Context:  # without grpc's internals the stream is closed by context.cancel()
+        def cancel(self):
+            closed.set()
+
+    idle, context = IdleStreams(0.3), Context()
+    idle.request_started(context)
+    with idle.waiting(context):
+        assert not closed.wait(1.2)
+        idle.request_ended(context)
+        start = time.monotonic()
+        assert closed.wait(3.0) and time.monotonic() - start > 0.25
+
+
 def test_a_busy_stream_is_not_idle(triton, client):
     """A ModelStreamInfer stream that sends a request more often than the idle time stays open."""
     results = queue.Queue()
@@ -211,18 +230,28 @@ def test_a_busy_stream_is_not_idle(triton, client):
 
 
 
+def stream_request(out_len: int, request_id: str = "") -> kpb.ModelInferRequest:
+    """An FT request for exactly `out_len` new tokens (no token ends it early)."""
+    req = kpb.ModelInferRequest(model_name=MODEL, id=request_id)
+    for name, a in (("input_ids", np.array([PROMPT], np.uint32)), ("input_lengths", np.array([[4]], np.uint32)),
+                    ("request_output_len", np.array([[out_len]], np.uint32)),
+                    ("end_id", np.array([[2**32 - 1]], np.uint32))):
+        req.inputs.add(name=name, datatype="UINT32", shape=list(a.shape))
+        req.raw_input_contents.append(a.tobytes())
+    return req
+
+
+def _active_reaches(client, n: int, within_s: float = 30) -> bool:
+    deadline = time.monotonic() + within_s
+    while client.model_info().active_requests < n and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return client.model_info().active_requests >= n
+
+
 def test_a_model_stream_answers_request_after_request_and_a_cancel_leaves_no_slot_taken(target, client):
     """A ModelStreamInfer stream answers one request after another on the same call; cancelled while its
     latest runs, the slot that request held is free again and the server keeps serving."""
-    def infer(out_len):
-        req = kpb.ModelInferRequest(model_name=MODEL)
-        for name, a in (("input_ids", np.array([PROMPT], np.uint32)), ("input_lengths", np.array([[4]], np.uint32)),
-                        ("request_output_len", np.array([[out_len]], np.uint32)),
-                        ("end_id", np.array([[2**32 - 1]], np.uint32))):  # no token ends it early
-            req.inputs.add(name=name, datatype="UINT32", shape=list(a.shape))
-            req.raw_input_contents.append(a.tobytes())
-        return req
-
+    infer = stream_request
     sends = queue.Queue()
     with grpc.insecure_channel(target) as channel:
         stream = kpb_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(iter(sends.get, None))
@@ -231,13 +260,31 @@ def test_a_model_stream_answers_request_after_request_and_a_cancel_leaves_no_slo
             reply = next(stream)
             assert not reply.error_message and len(reply.infer_response.raw_output_contents) > 0
         sends.put(infer(240))
-        deadline = time.monotonic() + 30
-        while client.model_info().active_requests < 1 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert client.model_info().active_requests >= 1
+        assert _active_reaches(client, 1)
         stream.cancel()
         _wait_idle(client)  # the long request gave its slot back
     still_serving(client)
+
+def test_a_model_streams_requests_run_side_by_side_and_are_answered_in_order(target, client):
+    """Requests sent on one ModelStreamInfer stream run at once, and their responses come back in the order they
+    were sent: the long one's first, each with its own id and length; the stream then ends cleanly."""
+    _wait_idle(client)
+    with grpc.insecure_channel(target) as channel:
+        requests = [stream_request(240, "long"), stream_request(120, "shorter"), stream_request(3, "short")]
+        sends = queue.Queue()
+        replies = kpb_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(iter(sends.get, None), timeout=60)
+        for r in requests:
+            sends.put(r)
+        assert _active_reaches(client, 2)  # the second runs beside the first
+        sends.put(None)
+        got = list(replies)
+    assert [r.infer_response.id for r in got] == ["long", "shorter", "short"]
+    for reply, want in zip(got, (240, 120, 3)):
+        assert not reply.error_message
+        outputs = dict(zip((o.name for o in reply.infer_response.outputs), reply.infer_response.raw_output_contents))
+        assert np.frombuffer(outputs["sequence_length"], np.uint32).tolist() == [4 + want]
+    still_serving(client)
+
 
 # ---- a large text ----------------------------------------------------------------------------------------
 def rss_bytes(pid: int) -> int:
