@@ -493,9 +493,8 @@ def test_engine_greedy_tokens_pallas_equal_xla(monkeypatch):
 
 
 def test_engine_greedy_tokens_with_the_attention_in_attention_outs_kernel_equal_xla(monkeypatch):
-    """One prompt (a step of two rows, the second parked): each layer's attention runs in attention out's kernel
-    (interpret mode), and the greedy tokens are XLA's path's; the prompt's 66 keys span two of the prologue's key
-    blocks."""
+    """One prompt (a one-row step): each layer's attention runs in attention out's kernel (interpret mode), and
+    the greedy tokens are XLA's path's, for prompts that end inside, on and across the prologue's key blocks."""
     from gptjax import decode_block
 
     monkeypatch.setattr(decode_block, "ATTEND_ROWS", 2)
@@ -505,10 +504,12 @@ def test_engine_greedy_tokens_with_the_attention_in_attention_outs_kernel_equal_
     xla = gptjax.Engine.from_preset("gpt2-tiny", engine_config=gptjax.EngineConfig(attention="xla"))
     pallas = gptjax.Engine.from_preset("gpt2-tiny", engine_config=gptjax.EngineConfig(attention="pallas",
                                                                                       decode_matmuls="pallas"))
-    prompt = [np.random.default_rng().integers(1, 1000, 66).tolist()]
-    want = xla.generate(prompt, max_new_tokens=4, greedy=True, stop_token_ids=[])
-    got = pallas.generate(prompt, max_new_tokens=4, greedy=True, stop_token_ids=[])
-    assert [r.output_ids for r in got] == [r.output_ids for r in want]
+    rng = np.random.default_rng()
+    for n in (3, 63, 70):
+        prompt = [rng.integers(1, 1000, n).tolist()]
+        want = xla.generate(prompt, max_new_tokens=4, greedy=True, stop_token_ids=[])
+        assert [r.output_ids for r in pallas.generate(prompt, max_new_tokens=4, greedy=True, stop_token_ids=[])] == \
+            [r.output_ids for r in want], n
     assert fused and all(fused)
 
 
