@@ -113,7 +113,6 @@ XLA_OPTIONS = {
 
 BATCH_OFF = "batch_off"  # a variant name of its own: the program traced with decode_block.BATCH_ROWS at 0
 FLAX_BLOCK = "flax_block"  # one more: every decode step through the Flax block (`_flax_layer`)
-ATTEND = "attend"  # and one more: steps of up to 2 rows attend inside attention out's kernel (decode_block.ATTEND_ROWS)
 
 
 def _flax_layer(engine):
@@ -133,7 +132,7 @@ def _flax_layer(engine):
 
 def _generate_jit(engine, variant: str | None):
     """The engine's generate program under a variant ("off", or names joined by "+": short names of `XLA_OPTIONS`,
-    and this probe's own, `BATCH_OFF`, `FLAX_BLOCK` and `ATTEND`, which change what the decode step traces; None: the
+    and this probe's own, `BATCH_OFF` and `FLAX_BLOCK`, which change what the decode step traces; None: the
     engine's own jit)."""
     import jax
 
@@ -142,21 +141,20 @@ def _generate_jit(engine, variant: str | None):
     if variant is None:
         return engine._generate_jit
     names = [] if variant == "off" else variant.split("+")
-    own = (BATCH_OFF, FLAX_BLOCK, ATTEND)
+    own = (BATCH_OFF, FLAX_BLOCK)
     unknown = [n for n in names if n not in XLA_OPTIONS and n not in own]
     if unknown:
         raise SystemExit(f"--xla-options: {unknown} not among {sorted(XLA_OPTIONS) + list(own)} (or off)")
     batch_rows = 0 if BATCH_OFF in names else decode_block.BATCH_ROWS
-    attend_rows = 2 if ATTEND in names else decode_block.ATTEND_ROWS
     layer_fn = decode_block.layer_fn
     if FLAX_BLOCK in names:
         layer_fn = lambda impl, config, rows, attention: _flax_layer(engine)  # noqa: E731
 
     @functools.wraps(engine._generate)  # its signature: the static arguments by name
     def generate(*args, **kwargs):  # decode_block's switches and layer_fn are read as the step is traced
-        switches = ("BATCH_ROWS", "ATTEND_ROWS", "layer_fn")
+        switches = ("BATCH_ROWS", "layer_fn")
         saved = [getattr(decode_block, n) for n in switches]
-        for n, value in zip(switches, (batch_rows, attend_rows, layer_fn)):
+        for n, value in zip(switches, (batch_rows, layer_fn)):
             setattr(decode_block, n, value)
         try:
             return engine._generate(*args, **kwargs)

@@ -33,8 +33,7 @@ import jax.numpy as jnp
 from gptjax import kernels
 from gptjax.config import ModelConfig
 from gptjax.kernels import batch_matmul as batch
-from gptjax.kernels.decode_matmul import (attention_fits, decode_matmul, decode_matmul_reference, default_params,
-                                          new_counters, supports)
+from gptjax.kernels.decode_matmul import decode_matmul, decode_matmul_reference, new_counters, supports
 from gptjax.model import ACTIVATIONS, norm_stats
 
 KERNEL_ROWS = 16  # what decode_matmuls="pallas" runs on the kernels: steps of up to 16 slots; more rows: XLA's
@@ -42,9 +41,6 @@ KERNEL_ROWS = 16  # what decode_matmuls="pallas" runs on the kernels: steps of u
 AUTO_ROWS = 8  # the default's limit: on the H200 the kernels beat XLA's matmuls at 1, 2 and 4 rows; at 8 the two are
                # level within 2% (RESULTS runs 13 and 17)
 KERNEL_MAX_BYTES = 32 << 20  # larger weights: XLA's own matmul reads them faster (the H200, RESULTS run 11)
-# steps of up to this many rows attend inside attention out's kernel (0: never; off until timed on a GPU). A generate
-# call of one prompt decodes two rows (`planning.state_rows`), the second parked
-ATTEND_ROWS = 0
 # steps of at least this many slots run `batch_block` under "auto" (0: never). On an H100 (RESULTS run 27, in one
 # process, rounds alternating, every round alike): 256 slots 2.85 ms/token against XLA's 2.98, 128 slots 1.93 against
 # 2.12; 64 slots lost (1.45 against 1.40, with the launch before 6 stages and one wgmma left running)
@@ -83,15 +79,6 @@ def _product(w, *args, interpret: bool, **kw):
     return decode_matmul_reference(w, *args, **kw)
 
 
-def _attends_in_out(rows: int, attention: str, out_w, head_dim: int, max_seq: int) -> bool:
-    """Whether a step's attention runs in attention out's kernel (its attention prologue): up to `ATTEND_ROWS` rows,
-    the Pallas attention, and a kernel whose K tiles hold whole heads."""
-    if not (rows <= ATTEND_ROWS and attention == "pallas" and _kernel_sized(out_w)):
-        return False
-    k, n = out_w.shape
-    return attention_fits(default_params(rows, k, n, itemsize=out_w.dtype.itemsize), k, head_dim, max_seq)
-
-
 def block(config: ModelConfig, attention: str, p, h, layer_kv, pos, counters, *, interpret: bool):
     """One layer for one new token per row: h [rows, 1, hidden] float32, the layer's (k, v) cache, each row's
     position and the split counters (`new_counters`) -> (the next h, the cache with the new token's K/V in it,
@@ -108,15 +95,12 @@ def block(config: ModelConfig, attention: str, p, h, layer_kv, pos, counters, *,
         qkv_w.reshape(qkv_w.shape[0], -1), x, p["ln_1"]["scale"], p["ln_1"]["bias"],
         bias=p["qkv"]["bias"].reshape(-1), out_dtype=dtype, kv=(*flat, pos), counters=counters)
     layer_kv = (k_cache.reshape(cache_shape), v_cache.reshape(cache_shape))
-    out_w = p["attn_out"]["kernel"].reshape(hidden, -1)
-    if _attends_in_out(rows, attention, out_w, config.head_dim, cache_shape[1]):
-        x, counters = matmul(out_w, q, bias=p["attn_out"]["bias"], residual=x, counters=counters,
-                             attend=(*layer_kv, pos + 1))
-    else:
-        attn = kernels.decode_step_attention(q.reshape(rows, config.n_heads, config.head_dim), *layer_kv, pos + 1,
-                                             attention)
-        x, counters = matmul(out_w, attn.reshape(rows, hidden), bias=p["attn_out"]["bias"], residual=x,
-                             counters=counters)
+    q = q.reshape(rows, config.n_heads, config.head_dim)
+    attn = kernels.decode_step_attention(q, *layer_kv, pos + 1, attention).reshape(rows, hidden)
+
+    out_w = p["attn_out"]["kernel"]
+    x, counters = matmul(out_w.reshape(-1, out_w.shape[-1]), attn, bias=p["attn_out"]["bias"], residual=x,
+                         counters=counters)
     mlp, counters = matmul(p["mlp_in"]["kernel"], x, p["ln_2"]["scale"], p["ln_2"]["bias"],
                            bias=p["mlp_in"]["bias"], activation=config.activation, out_dtype=dtype, counters=counters)
     x, counters = matmul(p["mlp_out"]["kernel"], mlp, bias=p["mlp_out"]["bias"], residual=x, counters=counters)

@@ -49,58 +49,6 @@ def test_kernel_matches_float64(dtype, kind):
     assert err < TOL[dtype], f"seed {seed}, rows {rows}: reference's relative error {err:.2e}"
 
 
-def float64_attention_out(q, k_cache, v_cache, lengths, w, bias, residual):
-    """Row i's attention over the first lengths[i] keys of cache row i, then attention out with its bias and
-    residual, in float64."""
-    f64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
-    heads, d = k_cache.shape[2:]
-    attn = []
-    for i, length in enumerate(lengths):
-        k, v, qh = f64(k_cache)[i, :length], f64(v_cache)[i, :length], f64(q)[i].reshape(heads, d)
-        scores = np.einsum("hd,khd->hk", qh, k) / np.sqrt(d)
-        p = np.exp(scores - scores.max(-1, keepdims=True))
-        attn.append(np.einsum("hk,khd->hd", p / p.sum(-1, keepdims=True), v).reshape(heads * d))
-    return np.stack(attn) @ f64(w) + f64(bias) + f64(residual)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_attention_prologue_matches_float64(dtype):
-    """Attention out with the attention in its prologue (`attend`: each program the heads of its K chunk, each row
-    every key before its length, in its own cache row) against float64, at 1-3 rows whose lengths end inside a key
-    block, on its edge and across several, with K tiles of one head and of two."""
-    seed = fresh_seed()
-    rng = np.random.default_rng(seed)
-    heads, d, max_seq, n = 4, 32, 192, 96
-    hidden = heads * d
-    keys = jax.random.split(jax.random.PRNGKey(seed), 6)
-    k_cache, v_cache = (jax.random.normal(k, (4, max_seq, heads, d), jnp.float32).astype(dtype) for k in keys[:2])
-    w = (jax.random.normal(keys[3], (hidden, n), jnp.float32) * 0.1).astype(dtype)
-    bias = (jax.random.normal(keys[4], (n,), jnp.float32) * 0.1).astype(dtype)
-    for rows, lengths, params in ((1, [int(rng.integers(1, 64))], MatmulParams(32, 32, 4, 4, 2)),
-                                  (2, [64, 1], MatmulParams(32, 64, 2, 4, 2)),
-                                  (3, rng.integers(1, max_seq + 1, 3).tolist(), MatmulParams(32, 32, 2, 4, 2))):
-        q = jax.random.normal(keys[2], (rows, hidden), jnp.float32).astype(dtype)
-        residual = jax.random.normal(keys[5], (rows, n), jnp.float32)
-        attend = (k_cache, v_cache, jnp.array(lengths, jnp.int32))
-        want = float64_attention_out(q, k_cache, v_cache, lengths, w, bias, residual)
-        counters = new_counters(n)
-        got, counters = decode_matmul(w, q, bias=bias, residual=residual, attend=attend, params=params,
-                                      counters=counters, interpret=True)
-        for name, out in (("kernel", got), ("reference", decode_matmul_reference(w, q, bias=bias, residual=residual,
-                                                                                 attend=attend))):
-            err = np.linalg.norm(np.asarray(out, np.float64) - want) / np.linalg.norm(want)
-            assert err < TOL[dtype], f"seed {seed}, lengths {lengths}, {params}: {name}'s relative error {err:.2e}"
-        assert not np.any(np.asarray(counters))
-    with pytest.raises(ValueError, match="attention prologue"):  # a K tile that splits a head
-        decode_matmul(w, q, attend=attend, params=MatmulParams(32, 16, 8, 4, 2), interpret=True)
-    with pytest.raises(ValueError, match="attention prologue"):  # a length for each row
-        decode_matmul(w, q[:2], attend=attend, interpret=True)
-    # compiled for CUDA too (Triton's lowering runs on any machine)
-    traced = jax.jit(lambda *a: decode_matmul(*a[:2], bias=a[2], residual=a[3], attend=a[4:])).trace(
-        w, q, bias, residual, *attend)
-    assert traced.lower(lowering_platforms=("cuda",)).as_text().count("xla.gpu.triton") == 1
-
-
 def test_kv_write_touches_only_each_rows_position():
     seed = fresh_seed()
     ws, kw = operands(jax.random.PRNGKey(seed), 5, 128, 192, "qkv", jnp.float32, copies=1)

@@ -492,27 +492,6 @@ def test_engine_greedy_tokens_pallas_equal_xla(monkeypatch):
     assert len({tuple(r.output_ids) for r in want}) > 1  # the prompts really lead different ways
 
 
-def test_engine_greedy_tokens_with_the_attention_in_attention_outs_kernel_equal_xla(monkeypatch):
-    """One prompt (a one-row step): each layer's attention runs in attention out's kernel (interpret mode), and
-    the greedy tokens are XLA's path's, for prompts that end inside, on and across the prologue's key blocks."""
-    from gptjax import decode_block
-
-    monkeypatch.setattr(decode_block, "ATTEND_ROWS", 2)
-    fused = []
-    attends = decode_block._attends_in_out
-    monkeypatch.setattr(decode_block, "_attends_in_out", lambda *a: fused.append(attends(*a)) or fused[-1])
-    xla = gptjax.Engine.from_preset("gpt2-tiny", engine_config=gptjax.EngineConfig(attention="xla"))
-    pallas = gptjax.Engine.from_preset("gpt2-tiny", engine_config=gptjax.EngineConfig(attention="pallas",
-                                                                                      decode_matmuls="pallas"))
-    rng = np.random.default_rng()
-    for n in (3, 63, 70):
-        prompt = [rng.integers(1, 1000, n).tolist()]
-        want = xla.generate(prompt, max_new_tokens=4, greedy=True, stop_token_ids=[])
-        assert [r.output_ids for r in pallas.generate(prompt, max_new_tokens=4, greedy=True, stop_token_ids=[])] == \
-            [r.output_ids for r in want], n
-    assert fused and all(fused)
-
-
 def _nucleus_bounds64(row, k: int):
     """The float64 truth for one row of logits: (its logits in falling order; the top-k count, ties at the k-th
     logit kept, or the vocab; the cumulative masses before and including each of those tokens, from the

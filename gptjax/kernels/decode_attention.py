@@ -253,15 +253,28 @@ def _head_group_kernel(len_ref, q_ref, k_ref, v_ref, *refs, sm_scale: float, blo
     and `early`: as in `_per_head_kernel`."""
     length, out_refs, (k_new_ref, v_new_ref, k_out_ref, v_out_ref) = _split_refs(len_ref, refs, max_seq, append)
     start = _chunk_start(chunk, early)
-    q_bd = head_group_query(q_ref[...], head_dim, cols)
+    q = q_ref[...]
+    width = q.shape[0]
+    head_of_row = lax.broadcasted_iota(jnp.int32, (width, cols), 0) // head_dim
+    q_bd = jnp.where(head_of_row == lax.broadcasted_iota(jnp.int32, (width, cols), 1), q[:, None],
+                     jnp.zeros((), q.dtype))
     scale = sm_scale * math.log2(math.e)
     n_full, n_end = _key_blocks(length, start, chunk, block_k)
 
     def body(j, carry, masked: bool):
+        acc, m_prev, l_prev = carry
         k, v = _load_kv_block(k_ref, v_ref, j, block_k, start, length, masked)
-        return head_group_step(k, v, q_bd, carry, scale, start + j * block_k if masked else None, length)
+        s = plgpu.dot(k, q_bd) * scale  # [block_k, cols]: column h is head h's scores
+        if masked:
+            kpos = start + j * block_k + lax.broadcasted_iota(jnp.int32, s.shape, 0)
+            s = jnp.where(kpos < length, s, -jnp.inf)
+        m_next, alpha, p, l_next = _online_softmax_step(s, m_prev, l_prev, axis=0)
+        pv = plgpu.dot(p.astype(v.dtype), v, trans_a=True)  # [cols, width]: row h is head h's weights on all
+        return acc * alpha[:, None] + pv, m_next, l_next
 
-    acc, m, l = _walk_blocks(body, head_group_carry(cols, q_bd.shape[0]), n_full, n_end, single)
+    carry = (jnp.zeros((cols, width), jnp.float32), jnp.full((cols,), -jnp.inf, jnp.float32),
+             jnp.zeros((cols,), jnp.float32))
+    acc, m, l = _walk_blocks(body, carry, n_full, n_end, single)
     if early == "end":
         acc = pdl.launch_dependents_after(acc)
     if append:  # the new key's scores, column h head h's: elementwise, a one-row product being too small
@@ -269,45 +282,10 @@ def _head_group_kernel(len_ref, q_ref, k_ref, v_ref, *refs, sm_scale: float, blo
         s_new = jnp.sum(q_bd.astype(jnp.float32) * k_new_ref[...].astype(jnp.float32)[:, None], axis=0) * scale
         acc, m, l = _append_key(acc, m, l, s_new, v_new_ref[...], owner)
         _store_new_token(k_new_ref, v_new_ref, k_out_ref, v_out_ref, owner, length - start)
-    _store(out_refs, head_group_output(acc, l, head_dim), m, l, split)
-
-
-def head_group_query(q, head_dim: int, cols: int):
-    """q [G*d] (G heads' queries side by side) as the block-diagonal [G*d, cols]: column h holds head h's query in
-    rows h*d..(h+1)*d, columns past G are zero."""
-    width = q.shape[0]
-    head_of_row = lax.broadcasted_iota(jnp.int32, (width, cols), 0) // head_dim
-    return jnp.where(head_of_row == lax.broadcasted_iota(jnp.int32, (width, cols), 1), q[:, None],
-                     jnp.zeros((), q.dtype))
-
-
-def head_group_carry(cols: int, width: int):
-    """G heads' running softmax before their first key: (acc [cols, G*d], max [cols], sum [cols])."""
-    return (jnp.zeros((cols, width), jnp.float32), jnp.full((cols,), -jnp.inf, jnp.float32),
-            jnp.zeros((cols,), jnp.float32))
-
-
-def head_group_step(k, v, q_bd, carry, scale: float, first_key, length):
-    """One key block of G heads' running softmax, both products on the matrix units: k and v [block_k, G*d], q_bd
-    from `head_group_query`, scores scaled by `scale` (base 2); keys from `first_key` on at or past `length` are
-    masked (first_key None: a whole block)."""
-    acc, m_prev, l_prev = carry
-    s = plgpu.dot(k, q_bd) * scale  # [block_k, cols]: column h is head h's scores
-    if first_key is not None:
-        kpos = first_key + lax.broadcasted_iota(jnp.int32, s.shape, 0)
-        s = jnp.where(kpos < length, s, -jnp.inf)
-    m_next, alpha, p, l_next = _online_softmax_step(s, m_prev, l_prev, axis=0)
-    pv = plgpu.dot(p.astype(v.dtype), v, trans_a=True)  # [cols, G*d]: row h is head h's weights on all
-    return acc * alpha[:, None] + pv, m_next, l_next
-
-
-def head_group_output(acc, l, head_dim: int):
-    """The G heads' outputs side by side, [G*d] float32: row h of acc [cols, G*d] keeps head h's own d columns."""
-    cols, width = acc.shape
     acc = acc / jnp.where(l == 0.0, 1.0, l)[:, None]
     own = (lax.broadcasted_iota(jnp.int32, (cols, width), 0)
-           == lax.broadcasted_iota(jnp.int32, (cols, width), 1) // head_dim)
-    return jnp.sum(jnp.where(own, acc, 0.0), axis=0)
+           == lax.broadcasted_iota(jnp.int32, (cols, width), 1) // head_dim)  # head h's own d columns
+    _store(out_refs, jnp.sum(jnp.where(own, acc, 0.0), axis=0), m, l, split)
 
 
 def _check_caches(k_cache, v_cache, batch: int, heads: int, head_dim: int) -> int:

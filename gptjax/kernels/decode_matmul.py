@@ -21,7 +21,6 @@ Rows past the input's are masked, not padded: the kernel reads and writes exactl
 from __future__ import annotations
 
 import functools
-import math
 from typing import NamedTuple
 
 import jax
@@ -31,16 +30,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from gptjax.kernels import early_launch as pdl
-from gptjax.kernels.decode_attention import (decode_attention_reference, head_group_carry, head_group_output,
-                                             head_group_query, head_group_step)
 
 MATRIX_ROWS = 16  # the matrix units' smallest tile side in Triton's dot
 MAX_ROWS = 64  # past this the product is no longer weight-bound, and XLA's own matmuls do well
 TARGET_PROGRAMS = 128  # about one per multiprocessor of an H100 or H200 (fewer, longer programs won the sweep)
 SHARED_MEMORY = 200 * 1024  # of the 227 KB a block may have, what the pipelined tiles may take
 STATS_BLOCK = 512  # LayerNorm's statistics pass reads the input in wider tiles: fewer, longer loads
-ATTENTION_KEYS = 64  # keys an attention prologue (`attend`) reads a step, at most
-ATTENTION_MAX_ROWS = 8  # its rows attend one after another: a few at most
 
 
 class MatmulParams(NamedTuple):
@@ -108,7 +103,6 @@ class _Shape(NamedTuple):
     activation: str
     residual: bool
     kv: bool
-    attend: int  # with an attention prologue: the heads' size (x is the query, the caches are read); else 0
     interpret: bool  # the interpreter runs programs one at a time, and has no barrier
     early_launch: str  # where the next kernel's launch is issued: "start", "end" or "" (`early_launch.py`)
 
@@ -123,9 +117,6 @@ class _Refs(NamedTuple):
     bias: object
     residual: object
     positions: object
-    lengths: object  # the attention prologue's: keys each row attends to, and the caches they are read from
-    k_att: object
-    v_att: object
     out: object
     parts: object
     counts: object
@@ -140,15 +131,13 @@ def _unpack(refs, s: _Shape) -> _Refs:
     x, (scale, shift) = next(it), ((next(it), next(it)) if s.ln else (None, None))
     w = next(it)
     bias, residual, positions = (next(it) if on else None for on in (s.bias, s.residual, s.kv))
-    lengths, k_att, v_att = (next(it), next(it), next(it)) if s.attend else (None, None, None)
     split_k = s.params.splits > 1
     for _ in range(split_k + 2 * s.kv):
         next(it)
     out = next(it)
     parts, counts = (next(it), next(it)) if split_k else (None, None)
     k_cache, v_cache = (next(it), next(it)) if s.kv else (None, None)
-    return _Refs(x, scale, shift, w, bias, residual, positions, lengths, k_att, v_att, out, parts, counts, k_cache,
-                 v_cache)
+    return _Refs(x, scale, shift, w, bias, residual, positions, out, parts, counts, k_cache, v_cache)
 
 
 def _product(r: _Refs, s: _Shape, col, split):
@@ -156,8 +145,6 @@ def _product(r: _Refs, s: _Shape, col, split):
     block_n, block_k, block_rows = s.params.block_n, s.params.block_k, _block_rows(s.rows)
 
     def load_x(k0, width: int):
-        if s.attend:
-            return _attention_tile(r, s, k0, width)
         ok = lax.broadcasted_iota(jnp.int32, (block_rows, width), 0) < s.rows
         return plgpu.load(r.x.at[pl.ds(0, block_rows), pl.ds(k0, width)], mask=ok, other=0.0).astype(jnp.float32)
 
@@ -182,37 +169,6 @@ def _product(r: _Refs, s: _Shape, col, split):
     if first_w is not None:
         return body(0, zero, first_w)
     return lax.fori_loop(0, s.chunk // block_k, body, zero)
-
-
-def attention_keys(max_seq: int) -> int:
-    """Keys an attention prologue takes a step: a block that divides the cache (no step reads past it), 0 when
-    none of at least 16 does."""
-    return _largest_block(max_seq, ATTENTION_KEYS)
-
-
-def _attention_tile(r: _Refs, s: _Shape, k0, width: int):
-    """The attention prologue: each row's attention output for the heads of columns [k0, k0 + width),
-    [block_rows, width] float32 (rows past the input's zero), x's columns being those heads' queries: row i
-    attends to the first lengths[i] keys of cache row i, G heads at once on the matrix units
-    (`decode_attention.head_group_step`), one row after another."""
-    head_dim, max_seq = s.attend, r.k_att.shape[1]
-    block, cols = attention_keys(max_seq), max(width // head_dim, MATRIX_ROWS)
-    scale = math.log2(math.e) / math.sqrt(head_dim)  # base 2, as the online softmax takes it
-    row_of = lax.broadcasted_iota(jnp.int32, (_block_rows(s.rows), width), 0)
-    tile = jnp.zeros(row_of.shape, jnp.float32)
-    for i in range(s.rows):
-        length = jnp.clip(r.lengths[i], 0, max_seq)
-        q_bd = head_group_query(r.x[i, pl.ds(k0, width)], head_dim, cols)
-
-        def step(j, carry, i=i, length=length, q_bd=q_bd):
-            keys = (jnp.int32(i), pl.ds(j * block, block), pl.ds(k0, width))
-            ok = (j * block + lax.broadcasted_iota(jnp.int32, (block, width), 0)) < length
-            k, v = (plgpu.load(c.at[keys], mask=ok, other=0.0) for c in (r.k_att, r.v_att))
-            return head_group_step(k, v, q_bd, carry, scale, j * block, length)
-
-        acc, _, l = lax.fori_loop(0, pl.cdiv(length, block), step, head_group_carry(cols, width))
-        tile = jnp.where(row_of == i, head_group_output(acc, l, head_dim)[None, :], tile)
-    return tile
 
 
 def row_stats(load_x, k: int, block_rows: int, eps: float):
@@ -328,7 +284,7 @@ def _check_operands(w, x, kv) -> int:
 @functools.partial(jax.jit, static_argnames=("eps", "activation", "out_dtype", "params", "interpret",
                                              "early_launch"))
 def decode_matmul(w, x, ln_scale=None, ln_bias=None, *, bias=None, residual=None, activation: str = "",
-                  out_dtype=jnp.float32, kv=None, attend=None, counters=None, eps: float = 1e-5,
+                  out_dtype=jnp.float32, kv=None, counters=None, eps: float = 1e-5,
                   params: MatmulParams | None = None, interpret: bool = False, early_launch: bool | str | None = None):
     """epilogue(prologue(x) @ w), [rows, N] in `out_dtype`; with `kv` or `counters` a tuple: (that, the two
     updated caches if `kv`, the counters if `counters`).
@@ -338,10 +294,6 @@ def decode_matmul(w, x, ln_scale=None, ln_bias=None, *, bias=None, residual=None
     kv: (k_cache, v_cache, positions) for a QKV product (N = 3 hidden, columns Q then K then V): caches [slots
     >= rows, max_seq, hidden]; row r's K and V are stored at (r, positions[r]), in place when the caller's
     buffers are donated, and the output is Q alone, [rows, hidden].
-    attend: (k_cache, v_cache, lengths) for attention out with the attention in its prologue (a few rows, one
-    after another): caches [slots >= rows, max_seq, heads, head_dim], x the rows' queries [rows, heads *
-    head_dim]; the product's input is row i's attention over the first lengths[i] keys of cache row i, each
-    program taking its K chunk's heads.
     counters: int32 zeros, at least N / 16 of them (`new_counters`), which a split product counts its
     finished splits on and leaves zero again: one buffer handed from kernel to kernel saves each kernel the
     memset of its own. early_launch: issue the next kernel's launch as each program starts ("start" or True) or
@@ -351,7 +303,6 @@ def decode_matmul(w, x, ln_scale=None, ln_bias=None, *, bias=None, residual=None
     rows = x.shape[0]
     hidden = _check_operands(w, x, kv)
     params = params or default_params(rows, k, n, hidden, w.dtype.itemsize, ln_scale is not None)
-    head_dim = _check_attention(attend, params, x, ln_scale is not None or kv is not None)
     chunk = k // params.splits
     if (n % params.block_n or chunk % params.block_k or k % params.splits or hidden % params.block_n
             or any(b & (b - 1) for b in (params.block_n, params.block_k))):
@@ -361,14 +312,13 @@ def decode_matmul(w, x, ln_scale=None, ln_bias=None, *, bias=None, residual=None
     if counters is not None and counters.shape[0] < n_cols:
         raise ValueError(f"decode_matmul: {counters.shape[0]} counters for {n_cols} column blocks")
     s = _Shape(rows, k, hidden, chunk, params, ln_scale is not None, eps, bias is not None, activation,
-               residual is not None, kv is not None, head_dim, interpret, pdl.resolve(early_launch, interpret))
+               residual is not None, kv is not None, interpret,
+               pdl.resolve(early_launch, interpret))
     inputs = [x, *((ln_scale, ln_bias) if s.ln else ()), w, *(a for a in (bias, residual) if a is not None)]
     out_shape = [jax.ShapeDtypeStruct((rows, hidden), out_dtype)]
     aliases = {}
     if kv is not None:
         inputs.append(kv[2].astype(jnp.int32))
-    if attend is not None:  # the caches as [slots, max_seq, hidden]: free, and a K chunk's heads side by side
-        inputs += [attend[2].astype(jnp.int32), *(c.reshape(*c.shape[:2], k) for c in attend[:2])]
     split_k = params.splits > 1
     if split_k:  # each split's partial sums, and per column block the count of its finished splits
         counts = counters if counters is not None else new_counters(n)
@@ -393,29 +343,6 @@ def decode_matmul(w, x, ln_scale=None, ln_bias=None, *, bias=None, residual=None
     return result if len(result) > 1 else result[0]
 
 
-def attention_fits(params: MatmulParams, k: int, head_dim: int, max_seq: int) -> bool:
-    """Whether attention out with these launch parameters can take the attention in its prologue: every K tile
-    whole heads, and key blocks that divide the cache."""
-    return k % params.splits == 0 and params.block_k % head_dim == 0 and attention_keys(max_seq) > 0
-
-
-def _check_attention(attend, params: MatmulParams, x, other_prologue: bool) -> int:
-    """The attention prologue's head size (0 without one); a ValueError naming what does not fit."""
-    if attend is None:
-        return 0
-    k_cache, v_cache, lengths = attend
-    max_seq, head_dim = k_cache.shape[1], k_cache.shape[-1]
-    rows = x.shape[0]
-    if (rows > ATTENTION_MAX_ROWS or other_prologue or k_cache.ndim != 4 or v_cache.shape != k_cache.shape
-            or k_cache.shape[0] < rows or k_cache.shape[2] * head_dim != x.shape[1] or lengths.shape != (rows,)
-            or not attention_fits(params, x.shape[1], head_dim, max_seq)):
-        raise ValueError(f"decode_matmul: an attention prologue takes up to {ATTENTION_MAX_ROWS} rows' queries "
-                         f"{x.shape}, caches [slots >= rows, max_seq, heads, head_dim] (got {k_cache.shape}) in "
-                         f"blocks of whole heads ({params}), max_seq a multiple of 16, a length a row (got "
-                         f"{lengths.shape}), no other prologue")
-    return head_dim
-
-
 def new_counters(*widths: int):
     """Zeros for the split counters of products with these output widths (one per 16 columns, the narrowest
     column block)."""
@@ -423,10 +350,8 @@ def new_counters(*widths: int):
 
 
 def decode_matmul_reference(w, x, ln_scale=None, ln_bias=None, *, bias=None, residual=None, activation: str = "",
-                            out_dtype=jnp.float32, kv=None, attend=None, counters=None, eps: float = 1e-5):
+                            out_dtype=jnp.float32, kv=None, counters=None, eps: float = 1e-5):
     """The same product in plain `jnp`, for XLA to compile (the same arguments and results)."""
-    if attend is not None:
-        x = decode_attention_reference(x.reshape(x.shape[0], *attend[0].shape[2:]), *attend).reshape(x.shape)
     v = x.astype(jnp.float32)
     if ln_scale is not None:
         mean = v.mean(-1, keepdims=True)
