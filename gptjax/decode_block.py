@@ -17,7 +17,8 @@ each row, bias, residual or GELU), the rows' statistics through XLA; MLP out (K 
 leaves half the chip idle, 13.7 us against XLA's 13.0 at 256 rows; in 64 x 32 tiles level with XLA in the step,
 RESULTS runs 30 and 31) through XLA.
 The small-batch kernels' MLP was tried as one kernel (each program an FFN slice, the partial sums added in the
-kernel): 2.7 times slower a step at batch 1, 6.5 at batch 8 (RESULTS run 31).
+kernel): 2.7 times slower a step at batch 1, 6.5 at batch 8; and the attention inside attention out's kernel (each
+split-K program attending over its chunk's heads): 10% slower at batch 1 (RESULTS run 31).
 Every other step runs `folded_block` through XLA: the engine holds each LayerNorm folded into the product after it
 (`fold_layer_norms`), so XLA's products take the residual stream as it is and apply the LayerNorm's 1 / std in their
 epilogue, where the Flax block (the tests' reference for every path) runs a kernel normalising their input first.
