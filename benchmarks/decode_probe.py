@@ -339,14 +339,16 @@ def probe(engine, batch: int, args, profile: str | None) -> None:
                           "device": jax.devices()[0].device_kind}), flush=True)
 
 
-KINDS = (("copies", ("memcpy", "memset")), ("attention", ("attention", "mosaic", "flash")),
+KINDS = (("copies", ("memcpy", "memset")), ("mosaic", ("mosaic",)), ("attention", ("attention", "flash")),
          ("products", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "decode_matmul", "dot")),
          ("reductions", ("reduce",)))
 
 
 def kernel_kind(name: str) -> str:
     """What a GPU kernel of a trace does, from its name: copies, attention, products (GEMMs and our decode
-    matmuls), reductions (LayerNorm's statistics, split sums), else elementwise (adds, casts, GELU, slices)."""
+    matmuls), reductions (LayerNorm's statistics, split sums), else elementwise (adds, casts, GELU, slices). Mosaic
+    GPU kernels all trace as `anonymous_mosaic_gpu_kernel`, so they are a kind of their own: the prefill's Hopper
+    attention and the batch matmuls, so in a decode step's split (the prefill's subtracted) the batch matmuls."""
     lowered = name.lower()
     return next((kind for kind, words in KINDS if any(w in lowered for w in words)), "elementwise")
 

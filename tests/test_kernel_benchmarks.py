@@ -273,7 +273,7 @@ def test_profile_kernels_are_told_apart_by_what_they_do():
 
     kinds = {"nvjet_sm90_hsh_128x128_64x6_2x1_v_bz_bias_NNT": "products", "gemm_fusion_dot": "products",
              "decode_matmul_1024x3072": "products", "decode_attention": "attention",
-             "anonymous_mosaic_gpu_kernel": "attention", "input_reduce_fusion": "reductions",
+             "anonymous_mosaic_gpu_kernel": "mosaic", "input_reduce_fusion": "reductions",
              "input_add_reduce_fusion": "reductions", "MemcpyD2D": "copies", "Memset 0": "copies",
              "memcpy32_post": "copies", "loop_multiply_fusion": "elementwise", "loop_slice_fusion": "elementwise",
              "loop_dynamic_update_slice_fusion": "elementwise", "loop_convert_fusion": "elementwise"}
