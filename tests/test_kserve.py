@@ -229,7 +229,6 @@ def test_a_busy_stream_is_not_idle(triton, client):
         triton.stop_stream()
 
 
-
 def stream_request(out_len: int, request_id: str = "") -> kpb.ModelInferRequest:
     """An FT request for exactly `out_len` new tokens (no token ends it early)."""
     req = kpb.ModelInferRequest(model_name=MODEL, id=request_id)
@@ -251,19 +250,19 @@ def _active_reaches(client, n: int, within_s: float = 30) -> bool:
 def test_a_model_stream_answers_request_after_request_and_a_cancel_leaves_no_slot_taken(target, client):
     """A ModelStreamInfer stream answers one request after another on the same call; cancelled while its
     latest runs, the slot that request held is free again and the server keeps serving."""
-    infer = stream_request
     sends = queue.Queue()
     with grpc.insecure_channel(target) as channel:
         stream = kpb_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(iter(sends.get, None))
         for _ in range(5):
-            sends.put(infer(2))
+            sends.put(stream_request(2))
             reply = next(stream)
             assert not reply.error_message and len(reply.infer_response.raw_output_contents) > 0
-        sends.put(infer(240))
+        sends.put(stream_request(240))
         assert _active_reaches(client, 1)
         stream.cancel()
         _wait_idle(client)  # the long request gave its slot back
     still_serving(client)
+
 
 def test_a_model_streams_requests_run_side_by_side_and_are_answered_in_order(target, client):
     """Requests sent on one ModelStreamInfer stream run at once, and their responses come back in the order they
