@@ -67,15 +67,10 @@ def choose(requested: str, config: ModelConfig, mesh, backend: str | None = None
     return "auto" if fits and small and (backend or jax.default_backend()) == "gpu" else "xla"
 
 
-def _kernel_sized(w) -> bool:
-    """Whether a weight is small enough for the small-batch kernels (`KERNEL_MAX_BYTES`)."""
-    return w.size * w.dtype.itemsize <= KERNEL_MAX_BYTES
-
-
 def _product(w, *args, interpret: bool, **kw):
     """One of the layer's products: the kernel, or for weights larger than `KERNEL_MAX_BYTES` the same
     arithmetic in `jnp`, for XLA to compile."""
-    if _kernel_sized(w):
+    if w.size * w.dtype.itemsize <= KERNEL_MAX_BYTES:
         return decode_matmul(w, *args, interpret=interpret, **kw)
     return decode_matmul_reference(w, *args, **kw)
 
