@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
@@ -48,6 +49,24 @@ def test_user_files(tmp_path):
 
 def test_decode_skips_ids_outside_the_vocabulary():
     assert default_tokenizer().decode([15496, 50300, 995]) == "Hello world"
+
+
+def test_decode_is_the_tokenizers_librarys_byte_level_decode():
+    """Random ids (most rows cut characters short: U+FFFD where the library puts it), ids past the vocabulary
+    (skipped), numpy ids, and the library's decoder over the same files as the reference."""
+    from tokenizers import Tokenizer as Library, decoders, models
+
+    vocab, merges = default_files()
+    library = Library(models.BPE.from_file(str(vocab), str(merges)))
+    library.decoder = decoders.ByteLevel()
+    tok = default_tokenizer()
+    rng = np.random.default_rng(np.random.SeedSequence().entropy)
+    rows = [rng.integers(0, tok.vocab_size, n).tolist() for n in rng.integers(0, 40, 200)]
+    for row in rows:
+        assert tok.decode(row) == library.decode(row, skip_special_tokens=False), row
+    assert tok.decode_batch(rows) == library.decode_batch(rows, skip_special_tokens=False)
+    row = rows[-1] + [tok.vocab_size, -1, 2**40]
+    assert tok.decode(np.array(row[:-1])) == tok.decode(row) == library.decode(rows[-1], skip_special_tokens=False)
 
 
 def test_decode_batch_is_decode_of_each_row():
