@@ -13,7 +13,7 @@ from the logical axes the model names and the one rules table (`gptjax/rules.py`
 from __future__ import annotations
 
 import abc
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 import jax
 import jax.numpy as jnp
@@ -106,8 +106,12 @@ class Layout(abc.ABC):
         """Whether the layer entries of `params` are this layout's."""
 
     def random_params(self, seed: int | None = None):
-        """Random weights (`init_params`, from `seed` or the config's) made in this layout on its devices."""
-        return jax.jit(lambda: self.arrange(init_params(self.config, seed)), out_shardings=self.param_shardings())()
+        """Random weights (`init_params`, from `seed` or the config's) made in this layout on its devices. The
+        program is compiled once per model and layout in a process (seconds on a CPU), whatever the seed."""
+        seed = self.config.init_seed if seed is None else seed
+        if not 0 <= seed < 2**32:
+            raise ValueError(f"seed must be in [0, 2^32), got {seed}")
+        return _random_params_program(type(self), self.config, self.mesh)(jnp.uint32(seed))
 
     @cached_property
     def abstract_params(self):
@@ -253,3 +257,10 @@ class Staged(Layout):
 def layout_for(config: ModelConfig, mesh: Mesh) -> Layout:
     """The layout of `config` on `mesh`: staged when the mesh has more than one pipeline stage."""
     return Staged(config, mesh) if mesh_shape(mesh).stage > 1 else PerLayer(config, mesh)
+
+
+@lru_cache(maxsize=8)
+def _random_params_program(kind: type, config: ModelConfig, mesh: Mesh):
+    """A layout's random weights as one jitted program of the seed."""
+    layout = kind(config, mesh)
+    return jax.jit(lambda seed: layout.arrange(init_params(config, seed)), out_shardings=layout.param_shardings())
