@@ -28,35 +28,43 @@ jax.config.update("jax_enable_compilation_cache", False)
 
 HF_VOCAB = 50257
 
-# The order the workers of `make test` (xdist, --dist loadfile) take files in: the longest first (seconds on
-# a two-core machine in comments), so that no worker is left with a long file while the others are idle. Pairs
-# that start the same server engine are kept apart, the compiling one first, so that the second loads its programs
-# from the shared compilation cache instead of compiling them at the same time: test_serving / test_kserve,
-# test_serving_bench / test_fuzz, test_http / test_openai. Files not listed follow, in their usual order.
+# The order the workers of `make test` (xdist, --dist loadfile) take files in: the longest first (seconds on a
+# two-core machine in comments, from a run's --junitxml), so that no worker is left with a long file while the other
+# is idle. Pairs that start the same server engine are kept apart, the compiling one first, so that the second loads
+# its programs from the shared compilation cache instead of compiling them at the same time: test_serving /
+# test_kserve, test_fuzz / test_serving_bench, test_http / test_openai. Files not listed follow, in their usual order.
 FILE_ORDER = [
-    "test_serving.py",  # 200, the default server's 26 shapes compiled
-    "test_kernels.py",  # 195
-    "test_engine.py",  # 180
-    "test_distributed.py",  # 165
-    "test_sharding.py",  # 135
-    "test_serving_multiprocess.py",  # 120
-    "test_load.py",  # 45, a server's start and its mixed-door load
-    "test_serving_bench.py",  # 60
-    "test_warmup.py",  # 90
-    "test_megatron.py",  # 95
-    "test_decode_matmul.py",  # 80
-    "test_model.py",  # 80
-    "test_decode_block.py",  # 10
-    "test_http.py",  # 55
-    "test_kserve.py",  # 30
-    "test_cli.py",  # 60
-    "test_bench.py",  # 55
-    "test_fuzz.py",  # 35
-    "test_hub.py",  # 40
-    "test_untrusted_files.py",  # 15
-    "test_openai.py",  # 15
-    "test_sampling.py",  # 35
-    "test_notebook.py",  # 20
+    "test_kernels.py",  # 180
+    "test_serving.py",  # 155, the default server's 26 shapes compiled
+    "test_kernel_benchmarks.py",  # 155
+    "test_serving_multiprocess.py",  # 150
+    "test_distributed.py",  # 140
+    "test_engine.py",  # 100
+    "test_sharding.py",  # 95
+    "test_load.py",  # 75, a server's start and its mixed-door load
+    "test_http.py",  # 75
+    "test_model.py",  # 75
+    "test_megatron.py",  # 75
+    "test_decode_matmul.py",  # 60
+    "test_sampling.py",  # 50
+    "test_cli.py",  # 50
+    "test_kserve.py",  # 45
+    "test_warmup.py",  # 45
+    "test_bench.py",  # 40
+    "test_gpu_scripts.py",  # 35
+    "test_checkpoint.py",  # 35
+    "test_fuzz.py",  # 30
+    "test_compile_cache.py",  # 25
+    "test_hub.py",  # 25
+    "test_serving_bench.py",  # 15
+    "test_decode_block.py",  # 15
+    "test_ft.py",  # 15
+    "test_prompts.py",  # 15
+    "test_notebook.py",  # 15
+    "test_batch_matmul.py",  # 15
+    "test_planning.py",  # 10
+    "test_openai.py",  # 10
+    "test_untrusted_files.py",  # 10
 ]
 
 

@@ -4,6 +4,8 @@ layers whose LayerNorms, biases and residual stream are far from the identity's 
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,9 +27,9 @@ def random_layer(config, seed: int):
     """A layer's parameters drawn wide, LayerNorm scales around 1 +- 0.5, and a residual with an offset of its own
     (so the centring moved into the weights is exercised)."""
     rng = np.random.default_rng(seed)
-    params = nn.unbox(Block(config).init(jax.random.PRNGKey(seed), jnp.zeros((1, 1, config.hidden)),
-                                         lambda _, qkv: (qkv[:, :, 0], None))["params"])
-    params = jax.tree.map(lambda a: jnp.asarray(rng.normal(0, 0.05, a.shape), a.dtype), params)
+    init = functools.partial(Block(config).init, attend=lambda _, qkv: (qkv[:, :, 0], None))
+    shapes = nn.unbox(jax.eval_shape(init, jax.random.PRNGKey(seed), jnp.zeros((1, 1, config.hidden)))["params"])
+    params = jax.tree.map(lambda a: jnp.asarray(rng.normal(0, 0.05, a.shape), a.dtype), shapes)
     for ln in ("ln_1", "ln_2"):
         params[ln] = {"scale": jnp.asarray(1 + rng.uniform(-0.5, 0.5, config.hidden), config.dtype),
                       "bias": jnp.asarray(rng.normal(0, 0.3, config.hidden), config.dtype)}
@@ -51,15 +53,16 @@ def test_folded_weights_and_folded_blocks_compute_the_unfolded_layer(dtype, monk
     seed = fresh_seed()
     config = preset("gpt2-tiny").replace(dtype=dtype)
     params, h = random_layer(config, seed)
-    want = flax_block(config, jax.tree.map(lambda a: a.astype(jnp.float32), params), h)
+    block = jax.jit(functools.partial(flax_block, config))  # each path compiled whole: op by op takes longer
+    want = block(jax.tree.map(lambda a: a.astype(jnp.float32), params), h)
     folded = decode_block.fold_layer_norms({"h_0": params})["h_0"]
     assert np.all(np.asarray(folded["ln_1"]["scale"]) == 1) and np.all(np.asarray(folded["ln_2"]["bias"]) == 0)
-    assert rel(flax_block(config, folded, h), want) < TOL[dtype], seed  # the prefill's path on the folded tree
+    assert rel(block(folded, h), want) < TOL[dtype], seed  # the prefill's path on the folded tree
     monkeypatch.setattr(decode_block.kernels, "decode_step_append", lambda qkv, kv, pos, impl: (qkv[:, 0], kv))
-    got, _ = decode_block.folded_block(config, "xla", folded, h, None, None)
+    got, _ = jax.jit(lambda p, h: decode_block.folded_block(config, "xla", p, h, None, None))(folded, h)
     assert got.dtype == want.dtype and rel(got, want) < TOL[dtype], seed
     # the batch kernels' layer (their `jnp` reference here): the 1 / std of each row in the products' epilogue
-    got, _ = decode_block.batch_block(config, "xla", folded, h, None, None, on_gpu=False)
+    got, _ = jax.jit(lambda p, h: decode_block.batch_block(config, "xla", p, h, None, None, on_gpu=False))(folded, h)
     assert got.dtype == want.dtype and rel(got, want) < TOL[dtype], seed
     again = decode_block.fold_layer_norms({"h_0": folded})["h_0"]  # folding twice: rounding at most
     assert rel(again["qkv"]["kernel"], folded["qkv"]["kernel"]) < TOL[dtype] / 10, seed
