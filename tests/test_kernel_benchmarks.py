@@ -424,6 +424,20 @@ def test_stream_probe_checks_each_form_against_float64(capsys):
     assert all(r["rel_err"] < 1e-5 and r["us_per_layer"] > 0 for r in rows)
 
 
+def test_call_probe_times_each_part_of_a_generate_call(capsys):
+    """A line with each part of the call timed (gpt2-tiny on the CPU: no device time from a profiler there)."""
+    import json
+
+    from benchmarks import call_probe
+
+    assert call_probe.main(["--model", "gpt2-tiny", "--dtype", "float32", "--shapes", "2,8,3", "--runs", "1",
+                            "--no-compile-cache"]) == 0
+    (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert (row["model"], row["batch"], row["input_len"], row["output_len"]) == ("gpt2-tiny", 2, 8, 3)
+    assert all(row[k] > 0 for k in ("generate_ms", "complete_ms", "put_ms", "put_one_ms", "program_ms"))
+    assert "device_ms" not in row
+
+
 def test_gemm_probe_checks_xla_forms_against_float64_and_its_mosaic_forms_lower_for_cuda(capsys, monkeypatch):
     """benchmarks.gemm_probe on the CPU: a line per (product, form), XLA's outputs checked against float64 (the
     epilogue included where the form has it); the Mosaic GPU forms (JAX's Hopper matmul, `batch_matmul`), which
