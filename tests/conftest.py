@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import shutil
 import subprocess
@@ -143,18 +144,29 @@ def forward_logits(config, params, tokens):
     cache and the plain jnp attention: the reference the engine's cached, sharded paths are checked against."""
     import jax.numpy as jnp
 
+    return _forward_logits_program(config)(params, jnp.asarray(tokens, jnp.int32))
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_logits_program(config):
+    """forward_logits compiled whole (op by op, each new shape compiled every op of the model again)."""
+    import jax
+    import jax.numpy as jnp
+
     from gptjax.kernels import flash_attention_reference
     from gptjax.model import GPT
-
-    tokens = jnp.asarray(tokens, jnp.int32)
-    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-    model = GPT(config, vocab_rows=params["wte"].shape[0])
 
     def attend(layer, qkv):
         return flash_attention_reference(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], lengths=None, causal=True), None
 
-    x, _ = model.apply({"params": params}, tokens, positions, attend)
-    return model.apply({"params": params}, x, method=GPT.logits)
+    @jax.jit
+    def logits(params, tokens):
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        model = GPT(config, vocab_rows=params["wte"].shape[0])
+        x, _ = model.apply({"params": params}, tokens, positions, attend)
+        return model.apply({"params": params}, x, method=GPT.logits)
+
+    return logits
 
 
 # ---- gpt2-tiny on meshes of the 8 CPU devices, shared by the sharding and engine tests ---------------------
