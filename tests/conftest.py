@@ -33,7 +33,8 @@ HF_VOCAB = 50257
 # two-core machine in comments, from a run's --junitxml), so that no worker is left with a long file while the other
 # is idle. Pairs that start the same server engine are kept apart, the compiling one first, so that the second loads
 # its programs from the shared compilation cache instead of compiling them at the same time: test_serving /
-# test_kserve, test_fuzz / test_serving_bench, test_http / test_openai. Files not listed follow, in their usual order.
+# test_kserve, test_load / test_fuzz / test_serving_bench, test_http / test_openai. Files not listed follow, in their
+# usual order.
 FILE_ORDER = [
     "test_kernels.py",  # 180
     "test_serving.py",  # 155, the default server's 26 shapes compiled
@@ -42,7 +43,7 @@ FILE_ORDER = [
     "test_distributed.py",  # 140
     "test_engine.py",  # 100
     "test_sharding.py",  # 95
-    "test_load.py",  # 75, a server's start and its mixed-door load
+    "test_load.py",  # 75, a server's start (test_fuzz's and test_serving_bench's engine) and its mixed-door load
     "test_http.py",  # 75
     "test_model.py",  # 75
     "test_megatron.py",  # 75

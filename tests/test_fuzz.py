@@ -51,8 +51,8 @@ PROMPT = [464, 2068, 7586]
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     config = tmp_path_factory.mktemp("fuzz") / "server.toml"
-    # the engine of test_serving_bench's server (4 slots of 64 positions, 2 decode steps a call): its programs are
-    # in the session's compilation cache, loaded whole instead of compiled again
+    # the engine of test_load's and test_serving_bench's servers (4 slots of 64 positions, 2 decode steps a call):
+    # its programs are in the session's compilation cache, loaded whole instead of compiled again
     config.write_text("[engine]\nmax_new_tokens = 2\nmax_slots = 4\nmax_seq_len = 64\n\n"
                       "[scheduler]\ndecode_steps_per_call = 2\n")
     http_port = free_port()

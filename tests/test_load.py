@@ -1,7 +1,6 @@
-"""Load: the default server (eight slots) hit at once through every door (native gRPC, KServe gRPC and HTTP,
-OpenAI), with what real clients do besides asking: cancel a stream half-way, reset an SSE connection mid-stream, pass
-a deadline, ask for the last position of the context, stop strings, n > 1, one-token requests, one id twice in a
-stream.
+"""Load: a server of four slots hit at once through every door (native gRPC, KServe gRPC and HTTP, OpenAI), with
+what real clients do besides asking: cancel a stream half-way, reset an SSE connection mid-stream, pass a deadline,
+ask for the last position of the context, stop strings, n > 1, one-token requests, one id twice in a stream.
 
 Every call ends complete and right, or with the error its case expects (no queue is ever full: a refusal would mean
 requests outlived their clients); greedy tokens are those the idle server gives each prompt alone (continuous
@@ -28,7 +27,7 @@ import pytest
 from serving.client import Client, make_request
 from test_serving import free_port, start_server, tritonclient_grpc, wait_serving
 
-MAX_SEQ_LEN = 256  # gpt2-tiny's context: the default server's, whose programs test_serving's server compiled
+SLOTS, MAX_SEQ_LEN = 4, 64
 MODEL = "fastertransformer"
 EOS = 50256
 NEVER = 2**32 - 1  # an end_id past the vocabulary: the row never stops early
@@ -37,10 +36,12 @@ CLIENTS, CALLS = 12, 8
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """gpt2-tiny's default server (its programs from the compilation cache), a queue far larger than the clients
-    can fill, every port."""
+    """gpt2-tiny with four slots of 64 positions, two decode steps a call, a queue far larger than the clients can
+    fill, every port. test_fuzz's and test_serving_bench's servers have this engine too: the first of the three to
+    start compiles its programs, the others load them from the session's compilation cache."""
     config = tmp_path_factory.mktemp("load") / "server.toml"
-    config.write_text("[scheduler]\nmax_queued_requests = 64\n")
+    config.write_text(f"[engine]\nmax_slots = {SLOTS}\nmax_seq_len = {MAX_SEQ_LEN}\n\n"
+                      "[scheduler]\ndecode_steps_per_call = 2\nmax_queued_requests = 64\n")
     http_port, metrics_port = free_port(), free_port()
     proc, target, log = start_server("--config", str(config), "--http-port", str(http_port),
                                      "--metrics-port", str(metrics_port))

@@ -70,7 +70,7 @@ def test_summary_of_hand_made_timings():
 
 @pytest.fixture(scope="module")
 def small_server(tmp_path_factory):
-    # test_fuzz's server has this engine too: whichever starts second loads the programs the first compiled
+    # test_load's and test_fuzz's servers have this engine too: the later ones load the programs the first compiled
     config = tmp_path_factory.mktemp("serving-bench") / "server.toml"
     config.write_text("[engine]\nmax_slots = 4\nmax_seq_len = 64\n\n"
                       "[scheduler]\ndecode_steps_per_call = 2\nmax_queued_requests = 32\n")
