@@ -60,6 +60,35 @@ def test_a_second_process_reads_every_program_from_the_default_folder(tmp_path):
     assert len(list((tmp_path / "home" / "xla").iterdir())) >= 2
 
 
+PRESET_SCRIPT = """
+import json, sys
+import numpy as np
+from gptjax import compile_cache
+compile_cache.enable(sys.argv[1])
+from gptjax import Engine
+engine = Engine.from_preset("gpt2-tiny", mesh=sys.argv[2])
+print(json.dumps({"loaded": compile_cache.loaded(), "wte": np.asarray(engine.params["wte"]).tolist()[:300]}))
+"""
+
+
+@pytest.mark.parametrize("mesh", ["tensor=1", "data=2,stage=2,tensor=2"])
+def test_a_presets_random_weights_are_read_back_whole_at_the_next_start(tmp_path, mesh):
+    """The program that makes a preset's random weights is kept whole (its Flax init not traced again, ~2 s of a
+    start on a CPU): the next start reads it and makes the weights that an engine built without a cache has."""
+    from gptjax import Engine
+
+    env = clean_env(XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    runs = []
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-c", PRESET_SCRIPT, str(tmp_path), mesh], capture_output=True,
+                              text=True, timeout=300, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    assert [r["loaded"] for r in runs] == [0, 1]
+    want = np.asarray(Engine.from_preset("gpt2-tiny", mesh=mesh).params["wte"])[:300]
+    assert np.array_equal(runs[0]["wte"], want) and np.array_equal(runs[1]["wte"], want)
+
+
 # one program over the devices of two processes (two CPU devices each), as a multi-host job runs them
 TWO_PROCESS_SCRIPT = """
 import json, sys
