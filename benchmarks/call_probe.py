@@ -35,7 +35,7 @@ def probe(engine, batch: int, input_len: int, output_len: int, runs: int) -> dic
     from benchmarks.gpu_time import gpu_busy_seconds
     from gptjax import distributed
     from gptjax.engine_api import SamplingArrays
-    from gptjax.planning import round_up
+    from gptjax.planning import generate_cache_len
     from gptjax.sampling import SamplingParams
 
     prompts = random_prompts(batch, input_len, engine.config.vocab_size)
@@ -44,8 +44,7 @@ def probe(engine, batch: int, input_len: int, output_len: int, runs: int) -> dic
     tokens[:, :input_len] = prompts
     lengths = np.full(batch, input_len, np.int32)
     params = [SamplingParams()] * batch
-    bucket = tokens.shape[1]
-    cache_len = min(engine.max_seq_len, max(bucket, round_up(bucket + output_len, 64)))  # as `complete` has it
+    cache_len = generate_cache_len(tokens.shape[1], output_len, engine.max_seq_len)  # as `complete` has it
     host = (tokens, lengths, SamplingArrays.from_params(params))
     one = np.zeros(sum(a.size for a in jax.tree.leaves(host)), np.int32)
     with jax.set_mesh(engine.mesh):

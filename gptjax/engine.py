@@ -285,8 +285,7 @@ class Engine(PlannedShapes):
     def complete(self, tokens: np.ndarray, lengths: np.ndarray, n_new: int, params) -> tuple[np.ndarray, np.ndarray]:
         """Prompts [n, bucket] right-padded to a `prefill_bucket` length, one SamplingParams per row -> (tokens
         [n, n_new], their logprobs) as host arrays, prefill and every decode step in one program."""
-        bucket = tokens.shape[1]
-        cache_len = min(self.max_seq_len, max(bucket, round_up(bucket + n_new, 64)))
+        cache_len = planning.generate_cache_len(tokens.shape[1], n_new, self.max_seq_len)
         with jax.set_mesh(self.mesh):
             tokens, lengths, samp = self._put((tokens, lengths, SamplingArrays.from_params(params)))
             out, logprobs = self._generate_jit(self.params, tokens, lengths, n_new, cache_len, samp,

@@ -33,6 +33,12 @@ def bucket_length(n: int, minimum: int, maximum: int) -> int:
     return min(max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1))))), maximum)
 
 
+def generate_cache_len(bucket: int, n_new: int, max_seq_len: int) -> int:
+    """The cache a `complete` call's one program holds: its prompts' bucket and the new tokens, rounded up to 64
+    positions (few programs for nearby lengths), at most the engine's `max_seq_len`."""
+    return min(max_seq_len, max(bucket, round_up(bucket + n_new, 64)))
+
+
 def state_rows(rows: int, data: int) -> int:
     """Slots of a decode state for `rows` sequences on a mesh of `data` rows of devices (`ShapePlan.state_rows`)."""
     return round_up(max(rows, 2 * data), data)
