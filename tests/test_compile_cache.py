@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import cpu_xla_flags
 from gptjax import compile_cache
 
 # a program of several ops on random inputs, so a wrong executable would show in its numbers
@@ -77,7 +78,7 @@ def test_a_presets_random_weights_are_read_back_whole_at_the_next_start(tmp_path
     start on a CPU): the next start reads it and makes the weights that an engine built without a cache has."""
     from gptjax import Engine
 
-    env = clean_env(XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = clean_env(XLA_FLAGS=cpu_xla_flags(8))
     runs = []
     for _ in range(2):
         proc = subprocess.run([sys.executable, "-c", PRESET_SCRIPT, str(tmp_path), mesh], capture_output=True,
@@ -113,7 +114,7 @@ def test_every_process_of_a_job_reads_what_process_0_wrote(tmp_path):
     # multi-process job had no hits beyond process 0's
     from launchers.slurm_localhost import free_port
 
-    env = clean_env(XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = clean_env(XLA_FLAGS=cpu_xla_flags(2))
 
     def job() -> list[dict]:
         port = free_port()

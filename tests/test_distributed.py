@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import cpu_xla_flags, run_cli
 from gptjax import distributed
 from launchers import slurm_localhost
 
@@ -26,7 +26,7 @@ HOLD = Path(__file__).parent / "launchers" / "hold.py"
 PROMPTS = ["5,17,99,3", "7"]
 GENERATE = ["generate", *(a for p in PROMPTS for a in ("--prompt-ids", p)), "--max-new-tokens", "8",
             "--mesh", "tensor=8", "--greedy", "--json"]
-CPU4 = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+CPU4 = {"XLA_FLAGS": cpu_xla_flags(4), "JAX_PLATFORMS": "cpu"}
 
 
 def free_port() -> int:

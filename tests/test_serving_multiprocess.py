@@ -18,7 +18,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import cpu_xla_flags, run_cli
 from gptjax import distributed
 from gptjax.config import MeshShape
 from serving.client import Client
@@ -61,7 +61,7 @@ def launch(launcher: str, port: int, tmp_path, mesh: str = "tensor=8", failing_r
     config.write_text("[engine]\nmax_slots = 2\nmax_seq_len = 32\nmin_prefill_bucket = 32\n")
     procs, logs = [], []
     for rank in range(2):
-        env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": cpu_xla_flags(4),
                **(env_extra or {})}
         # no HTTP or metrics listener: this job speaks gRPC only, and fixed ports would clash with other servers
         program = ["-c", FAILING_PREFILL] if rank == failing_rank else ["-m", "gptjax"]
