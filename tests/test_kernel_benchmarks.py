@@ -525,3 +525,19 @@ def test_device_busy_time_counts_overlapping_kernels_once():
         covered[s:e] = True
     assert covered_ns(intervals) == covered.sum() < sum(e - s for s, e in intervals)
     assert covered_ns([]) == 0
+
+
+def test_attention_probe_checks_each_launch_against_the_reference(capsys):
+    """benchmarks.attention_probe on the CPU (interpreted): a line per (length, variant), each checked against the
+    `jnp` reference; a length past the cache is refused, naming the flag."""
+    from benchmarks import attention_probe
+
+    assert attention_probe.main(["--batch", "2", "--cache-len", "32", "--lengths", "1,20", "--heads", "4x16",
+                                 "--variants", "table,heads_2,splits_2", "--reps", "1"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["length"], r["variant"]) for r in rows] == [
+        (n, v) for n in (1, 20) for v in ("table", "heads_2", "splits_2")]
+    assert all("error" not in r and r["rel_err"] < 1e-2 and r["us"] > 0 for r in rows)
+    with pytest.raises(SystemExit):
+        attention_probe.main(["--cache-len", "32", "--lengths", "40"])
+    assert "--lengths" in capsys.readouterr().err

@@ -1,0 +1,100 @@
+"""What a decode attention launch's device time follows: the keys each row reads, or the programs it runs.
+
+    python -m benchmarks.attention_probe [--batch 256] [--cache-len 256] [--lengths 1,32,64,128,192,256]
+
+Every row of a run has the same length, so each program walks the same number of key blocks. One JSON line per
+launch: its parameters, the device time (`gpu_us`, kernels only, per input set, `benchmarks.kernels.timed_device`),
+the host clock's `us`, GB/s over the valid K/V bytes, and the relative error against the `jnp` reference. If the
+time stays flat as the lengths grow, a launch's cost is its programs' fixed work (their start, their query and
+length loads, their stores), not the keys they read, and fewer, longer programs are the lever; if it grows with the
+keys, the bytes are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks.kernels import rel_err, timed_device
+from gptjax.kernels import decode_attention, decode_attention_reference, on_gpu
+
+# launch parameter sets beside the table's choice (None): what changes the programs' count or their weight
+VARIANTS = {
+    "table": {},
+    "no_early_launch": {"early_launch": False},
+    "warps_2_stages_1": {"num_warps": 2, "num_stages": 1},
+    "warps_4_stages_1": {"num_warps": 4, "num_stages": 1},
+    "block_32": {"block_k": 32},
+    "block_128": {"block_k": 128},
+    "elementwise": {"use_dot": False},
+    "heads_2": {"heads_per_program": 2, "use_dot": False},
+    "heads_4": {"heads_per_program": 4, "use_dot": False},
+    "splits_2": {"num_splits": 2},
+    "splits_4": {"num_splits": 4},
+    "splits_8": {"num_splits": 8},
+}
+
+
+def inputs(batch: int, cache_len: int, length: int, heads: int, head_dim: int, dtype, sets: int = 4):
+    out = []
+    for i in range(sets):
+        kq, kk, kv = jax.random.split(jax.random.key(7919 * i + length), 3)
+        out.append((jax.random.normal(kq, (batch, heads, head_dim), dtype),
+                    jax.random.normal(kk, (batch, cache_len, heads, head_dim), dtype),
+                    jax.random.normal(kv, (batch, cache_len, heads, head_dim), dtype),
+                    jnp.full((batch,), length, jnp.int32)))
+    return out
+
+
+def probe(batch: int, cache_len: int, length: int, heads: int, head_dim: int, variant: str, reps: int,
+          interpret: bool, dtype=jnp.float16) -> dict:
+    sets = inputs(batch, cache_len, length, heads, head_dim, dtype)
+    q, k, v, n = sets[0]
+    kw = dict(VARIANTS[variant], interpret=interpret)
+    row = dict(batch=batch, cache_len=cache_len, length=length, heads=heads, head_dim=head_dim, variant=variant)
+    try:
+        ref = decode_attention_reference(*(x.astype(jnp.float32) for x in (q, k, v)), n)
+        row["rel_err"] = rel_err(decode_attention(q, k, v, n, **kw), ref)
+        host_s, device_s = timed_device(lambda *a: decode_attention(*a, **kw), sets, reps=reps)
+    except Exception as e:  # one launch's failure must not lose the others
+        return row | {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    kv_bytes = 2 * batch * length * heads * head_dim * jnp.dtype(dtype).itemsize
+    row |= {"us": round(host_s * 1e6, 2), "gbps": round(kv_bytes / host_s / 1e9, 1)}
+    if device_s:
+        row |= {"gpu_us": round(device_s * 1e6, 2), "gpu_gbps": round(kv_bytes / device_s / 1e9, 1)}
+    return row
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", default="256", help="comma-separated batch sizes")
+    ap.add_argument("--cache-len", type=int, default=256)
+    ap.add_argument("--lengths", default="1,32,64,128,192,256", help="every row's valid entries, one run each")
+    ap.add_argument("--heads", default="16x64", help="heads x head_dim")
+    ap.add_argument("--variants", default="table", help=f"comma-separated, of: {', '.join(VARIANTS)}")
+    ap.add_argument("--reps", type=int, default=7)
+    args = ap.parse_args(argv)
+    heads, head_dim = _ints(args.heads.replace("x", ","))
+    names = args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        ap.error(f"--variants: unknown {unknown}; known: {', '.join(VARIANTS)}")
+    for batch in _ints(args.batch):
+        for length in _ints(args.lengths):
+            if not 1 <= length <= args.cache_len:
+                ap.error(f"--lengths: {length} is outside [1, --cache-len={args.cache_len}]")
+            for name in names:
+                print(json.dumps(probe(batch, args.cache_len, length, heads, head_dim, name, args.reps,
+                                       interpret=not on_gpu())), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
