@@ -4,7 +4,9 @@
 
 Every row of a run has the same length, so each program walks the same number of key blocks. One JSON line per
 launch: its parameters, the device time (`gpu_us`, kernels only, per input set, `benchmarks.kernels.timed_device`),
-the host clock's `us`, GB/s over the valid K/V bytes, and the relative error against the `jnp` reference. If the
+the host clock's `us`, GB/s over the valid K/V bytes, and the relative error against the `jnp` reference. The
+`append` variants time `decode_attention_append`, the engine's form; `gpu_us` is the attention kernel's alone (XLA
+copies the caches around that launch's in-place update, and gathers its new key and value). If the
 time stays flat as the lengths grow, a launch's cost is its programs' fixed work (their start, their query and
 length loads, their stores), not the keys they read, and fewer, longer programs are the lever; if it grows with the
 keys, the bytes are.
@@ -13,13 +15,14 @@ keys, the bytes are.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 
 import jax
 import jax.numpy as jnp
 
 from benchmarks.kernels import rel_err, timed_device
-from gptjax.kernels import decode_attention, decode_attention_reference, on_gpu
+from gptjax.kernels import decode_attention, decode_attention_append, decode_attention_reference, on_gpu
 
 # launch parameter sets beside the table's choice (None): what changes the programs' count or their weight
 VARIANTS = {
@@ -35,6 +38,10 @@ VARIANTS = {
     "splits_2": {"num_splits": 2},
     "splits_4": {"num_splits": 4},
     "splits_8": {"num_splits": 8},
+    # the engine's decode step runs `decode_attention_append`: the same walk, the step's key and value taken from
+    # its QKV product (uncopied) and stored into the caches, which the launch updates in place
+    "append": {},
+    "append_no_early_launch": {"early_launch": False},
 }
 
 
@@ -49,16 +56,32 @@ def inputs(batch: int, cache_len: int, length: int, heads: int, head_dim: int, d
     return out
 
 
+def appending(**kw):
+    """decode_attention's arguments -> `decode_attention_append`'s attention output: the new token is the last of
+    the `lengths` entries (its key and value the cache's own there, so both forms see the same entries)."""
+    def attend(q, k, v, lengths):
+        pos = lengths - 1
+        rows = jnp.arange(q.shape[0])
+        qkv = jnp.stack([q, k[rows, pos], v[rows, pos]], axis=1)
+        return decode_attention_append(qkv, k, v, pos, **kw)[0]
+
+    return attend
+
+
 def probe(batch: int, cache_len: int, length: int, heads: int, head_dim: int, variant: str, reps: int,
           interpret: bool, dtype=jnp.float16) -> dict:
     sets = inputs(batch, cache_len, length, heads, head_dim, dtype)
     q, k, v, n = sets[0]
     kw = dict(VARIANTS[variant], interpret=interpret)
+    attend = appending(**kw) if variant.startswith("append") else functools.partial(decode_attention, **kw)
     row = dict(batch=batch, cache_len=cache_len, length=length, heads=heads, head_dim=head_dim, variant=variant)
     try:
         ref = decode_attention_reference(*(x.astype(jnp.float32) for x in (q, k, v)), n)
-        row["rel_err"] = rel_err(decode_attention(q, k, v, n, **kw), ref)
-        host_s, device_s = timed_device(lambda *a: decode_attention(*a, **kw), sets, reps=reps)
+        row["rel_err"] = rel_err(attend(q, k, v, n), ref)
+        # `append`: the kernel alone, as XLA copies the caches (which the sets do not donate) around its in-place
+        # update; the others: every kernel (a split launch's combine step too)
+        host_s, device_s = timed_device(attend, sets, reps=reps,
+                                        kernel="decode_attention" if variant.startswith("append") else None)
     except Exception as e:  # one launch's failure must not lose the others
         return row | {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     kv_bytes = 2 * batch * length * heads * head_dim * jnp.dtype(dtype).itemsize

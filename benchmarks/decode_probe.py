@@ -218,9 +218,10 @@ def main():
                    help="pallas | xla | both, comma-separated (one engine each; default: the engine's choice)")
     p.add_argument("--profile", help="write jax.profiler traces of the first batch size here, and summarise them")
     p.add_argument("--greedy-only", action="store_true", help="replace the sampler by a bare argmax")
-    p.add_argument("--sampling", choices=tuple(SAMPLING), default="greedy",
-                   help="what every row asks of the sampler (a drawing row with top-k or top-p runs the filter "
-                        "each step: a kernel, or on a GPU below 64 rows a sort; one with a temperature alone does not)")
+    p.add_argument("--sampling", default="greedy",
+                   help=f"what every row asks of the sampler, comma-separated (one line each, on one engine): "
+                        f"{', '.join(SAMPLING)} (a drawing row with top-k or top-p runs the filter each step: a "
+                        f"kernel, or on a GPU below 64 rows a sort; one with a temperature alone does not)")
     p.add_argument("--sort-filter", action="store_true",
                    help="the sampler's top-k / top-p filter sorts the vocabulary (not the GPU's kernel)")
     p.add_argument("--two-step-decode", action="store_true",
@@ -255,6 +256,9 @@ def main():
                    help="compile afresh (by default a later probe of the same programs, the 6.7B model's above all, "
                         "reads them from gptjax's compilation cache)")
     args = p.parse_args()
+    samplings = args.sampling.split(",")
+    if not set(samplings) <= set(SAMPLING):
+        p.error(f"--sampling: {sorted(set(samplings) - set(SAMPLING))} not among {', '.join(SAMPLING)}")
 
     from gptjax import EngineConfig, compile_cache
     from gptjax.engine import Engine
@@ -277,7 +281,9 @@ def main():
         engine = Engine.from_preset(args.model, dtype=args.dtype, engine_config=EngineConfig(
             attention=args.attention, decode_matmuls=impl))
         for i, batch in enumerate(map(int, args.batch.split(","))):
-            probe(engine, batch, args, profile=args.profile and i == 0 and f"{args.profile}/{impl}")
+            for j, sampling in enumerate(samplings):
+                probe(engine, batch, argparse.Namespace(**{**vars(args), "sampling": sampling}),
+                      profile=args.profile and i == j == 0 and f"{args.profile}/{impl}")
         del engine
 
 

@@ -34,9 +34,10 @@ def covered_ns(intervals) -> int:
     return total
 
 
-def gpu_busy_seconds(fn, ws) -> float:
+def gpu_busy_seconds(fn, ws, kernel: str | None = None) -> float:
     """The time the GPU's streams had a kernel or copy of one call of fn running, from a profiler trace (their
-    intervals' union: overlapping kernels counted once); None off a GPU."""
+    intervals' union: overlapping kernels counted once); None off a GPU. `kernel`: only the kernels whose names
+    hold it (e.g. one kernel's time without the copies XLA adds around it)."""
     import glob
     import os
     import tempfile
@@ -54,4 +55,5 @@ def gpu_busy_seconds(fn, ws) -> float:
         data = ProfileData.from_file(path)
     return covered_ns((ev.start_ns, ev.start_ns + ev.duration_ns) for plane in data.planes
                       if plane.name.startswith("/device:GPU")
-                      for line in plane.lines if "stream" in line.name.lower() for ev in line.events) / 1e9
+                      for line in plane.lines if "stream" in line.name.lower() for ev in line.events
+                      if kernel is None or kernel in ev.name) / 1e9

@@ -110,21 +110,21 @@ def timed(fn, sets, reps=7, warmup=2):
     return host_seconds(jax.jit(lambda sets: [fn(*s) for s in sets]), sets, reps, warmup)
 
 
-def timed_device(fn, sets, reps=7, warmup=2):
+def timed_device(fn, sets, reps=7, warmup=2, kernel: str | None = None):
     """(host seconds, device seconds or None) per call of fn: the host clock as `timed`, and the summed GPU
     kernel time of one more dispatch of all the sets in a profiler trace, over the sets (None off a GPU, or
-    when the trace fails or holds no kernels)."""
+    when the trace fails or holds no kernels). `kernel`: only the kernels whose names hold it."""
     run = jax.jit(lambda sets: [fn(*s) for s in sets])
     host = host_seconds(run, sets, reps, warmup)
-    busy = traced_seconds(run, sets)
+    busy = traced_seconds(run, sets, kernel=kernel)
     return host, (busy / len(sets) if busy else None)
 
 
-def traced_seconds(run, sets, what: str = ""):
-    """`gpu_busy_seconds(run, sets)`, or None where the trace fails: the profiler is a second opinion, and its
-    failure must not lose the host clock's number."""
+def traced_seconds(run, sets, what: str = "", kernel: str | None = None):
+    """`gpu_busy_seconds(run, sets, kernel)`, or None where the trace fails: the profiler is a second opinion, and
+    its failure must not lose the host clock's number."""
     try:
-        return gpu_busy_seconds(run, sets)
+        return gpu_busy_seconds(run, sets, kernel)
     except Exception as e:
         print(f"device timing{' of ' + what if what else ''} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
         return None

@@ -195,18 +195,20 @@ def test_decode_probe_rows_and_the_two_step_variant_give_the_same_tokens(tmp_pat
 
 
 def test_decode_probe_times_sampling_steps(tmp_path):
-    """`--sampling`: every row draws (a temperature alone, or with top-p: the step that runs the filter),
-    and the line says which."""
+    """`--sampling`: every row draws (a temperature alone, or with top-p: the step that runs the filter), a line
+    each in one process, and the line says which; a name the probe does not know stops it, naming it."""
     root = Path(__file__).resolve().parents[1]
-    for sampling in ("temperature", "top-p"):
-        proc = subprocess.run(
-            [sys.executable, "-m", "benchmarks.decode_probe", "--model", "gpt2-tiny", "--dtype", "float32",
-             "--batch", "2", "--input-len", "5", "--steps", "3", "--runs", "1", "--sampling", sampling],
-            cwd=root, capture_output=True, text=True, timeout=600,
-            env={**os.environ, "JAX_PLATFORMS": "cpu", "GPTJAX_CACHE_DIR": str(tmp_path)})
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        row = json.loads(proc.stdout.strip().splitlines()[-1])
-        assert row["sampling"] == sampling and row["decode_ms_per_token"] > 0 and len(row["first_row_tokens"]) == 4
+    probe = [sys.executable, "-m", "benchmarks.decode_probe", "--model", "gpt2-tiny", "--dtype", "float32",
+             "--batch", "2", "--input-len", "5", "--steps", "3", "--runs", "1", "--sampling"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "GPTJAX_CACHE_DIR": str(tmp_path)}
+    proc = subprocess.run([*probe, "temperature,top-p"], cwd=root, capture_output=True, text=True, timeout=600,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.strip().splitlines() if line.startswith('{"model"')]
+    assert [r["sampling"] for r in rows] == ["temperature", "top-p"]
+    assert all(r["decode_ms_per_token"] > 0 and len(r["first_row_tokens"]) == 4 for r in rows)
+    proc = subprocess.run([*probe, "greedy,nucleus"], cwd=root, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 2 and "nucleus" in proc.stderr
 
 
 def test_decode_probe_times_variants_of_xla_options_in_turn_in_one_process(tmp_path):
@@ -533,10 +535,10 @@ def test_attention_probe_checks_each_launch_against_the_reference(capsys):
     from benchmarks import attention_probe
 
     assert attention_probe.main(["--batch", "2", "--cache-len", "32", "--lengths", "1,20", "--heads", "4x16",
-                                 "--variants", "table,heads_2,splits_2", "--reps", "1"]) == 0
+                                 "--variants", "table,heads_2,splits_2,append", "--reps", "1"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [(r["length"], r["variant"]) for r in rows] == [
-        (n, v) for n in (1, 20) for v in ("table", "heads_2", "splits_2")]
+        (n, v) for n in (1, 20) for v in ("table", "heads_2", "splits_2", "append")]
     assert all("error" not in r and r["rel_err"] < 1e-2 and r["us"] > 0 for r in rows)
     with pytest.raises(SystemExit):
         attention_probe.main(["--cache-len", "32", "--lengths", "40"])
