@@ -25,7 +25,7 @@ from gptjax.kernels import decode_table
 
 def test_timed_device_divides_the_traced_dispatch_by_the_input_sets(monkeypatch):
     sets = [(jnp.ones(4),) for _ in range(3)]
-    monkeypatch.setattr(kernels, "gpu_busy_seconds", lambda run, s: 3e-4 if s is sets else None)
+    monkeypatch.setattr(kernels, "gpu_busy_seconds", lambda run, s, kernel=None: 3e-4 if s is sets else None)
     host, device = kernels.timed_device(lambda x: x * 2, sets, reps=2, warmup=1)
     assert host > 0 and device == pytest.approx(1e-4)
     assert kernels.device_fields(device, 2e5, "gbps", 1e9) == pytest.approx({"gpu_us": 100.0, "gpu_gbps": 2.0})
@@ -35,7 +35,7 @@ def test_timed_device_divides_the_traced_dispatch_by_the_input_sets(monkeypatch)
 def test_timed_device_keeps_the_host_time_when_the_trace_fails_or_has_no_kernels(monkeypatch):
     sets = [(jnp.ones(4),), (jnp.ones(4),)]
     for answer in (None, 0.0, RuntimeError("no profiler")):
-        def busy(run, s, answer=answer):
+        def busy(run, s, kernel=None, answer=answer):
             if isinstance(answer, Exception):
                 raise answer
             return answer
@@ -75,7 +75,7 @@ def test_prefill_device_times_are_medians_of_interleaved_rounds(monkeypatch):
     calls = []
     drift = iter(range(1, 100))  # the device slows with every trace: a back-to-back order would favour the first
 
-    def busy(run, sets):
+    def busy(run, sets, kernel=None):
         calls.append(run)
         return 1e-3 * next(drift) * len(sets)
     monkeypatch.setattr(kernels, "gpu_busy_seconds", busy)
@@ -87,7 +87,7 @@ def test_prefill_device_times_are_medians_of_interleaved_rounds(monkeypatch):
 
 
 def test_prefill_keeps_host_times_when_the_device_has_none(monkeypatch):
-    monkeypatch.setattr(kernels, "gpu_busy_seconds", lambda run, sets: None)
+    monkeypatch.setattr(kernels, "gpu_busy_seconds", lambda run, sets, kernel=None: None)
     rows = kernels.prefill([(1, 128, 1, 16)], False, True, 1, jnp.float32, only=["xla"], rounds=3)
     assert rows[0]["impl"]["xla"]["ms"] > 0 and "gpu_ms" not in rows[0]["impl"]["xla"]
 
@@ -539,7 +539,7 @@ def test_attention_probe_checks_each_launch_against_the_reference(capsys):
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [(r["length"], r["variant"]) for r in rows] == [
         (n, v) for n in (1, 20) for v in ("table", "heads_2", "splits_2", "append")]
-    assert all("error" not in r and r["rel_err"] < 1e-2 and r["us"] > 0 for r in rows)
+    assert [r for r in rows if "error" in r or not r["rel_err"] < 1e-2 or not r["us"] > 0] == []
     with pytest.raises(SystemExit):
         attention_probe.main(["--cache-len", "32", "--lengths", "40"])
     assert "--lengths" in capsys.readouterr().err
