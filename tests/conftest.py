@@ -43,37 +43,37 @@ HF_VOCAB = 50257
 # test_kserve, test_load / test_fuzz / test_serving_bench, test_http / test_openai. Files not listed follow, in their
 # usual order.
 FILE_ORDER = [
-    "test_kernels.py",  # 180
-    "test_serving.py",  # 155, the default server's 26 shapes compiled
-    "test_kernel_benchmarks.py",  # 155
-    "test_serving_multiprocess.py",  # 150
-    "test_distributed.py",  # 140
+    "test_kernel_benchmarks.py",  # 185
+    "test_distributed.py",  # 135
+    "test_serving.py",  # 125, the default server's 26 shapes compiled
+    "test_serving_multiprocess.py",  # 125
+    "test_kernels.py",  # 120
+    "test_sharding.py",  # 105
     "test_engine.py",  # 100
-    "test_sharding.py",  # 95
-    "test_load.py",  # 75, a server's start (test_fuzz's and test_serving_bench's engine) and its mixed-door load
     "test_http.py",  # 75
-    "test_model.py",  # 75
-    "test_megatron.py",  # 75
-    "test_decode_matmul.py",  # 60
-    "test_sampling.py",  # 50
-    "test_cli.py",  # 50
-    "test_kserve.py",  # 45
-    "test_warmup.py",  # 45
-    "test_bench.py",  # 40
-    "test_gpu_scripts.py",  # 35
-    "test_checkpoint.py",  # 35
+    "test_load.py",  # 60, a server's start (test_fuzz's and test_serving_bench's engine) and its mixed-door load
+    "test_megatron.py",  # 60
+    "test_cli.py",  # 55
+    "test_kserve.py",  # 50
+    "test_bench.py",  # 45
+    "test_warmup.py",  # 40
+    "test_model.py",  # 35
+    "test_sampling.py",  # 35
+    "test_decode_matmul.py",  # 30
     "test_fuzz.py",  # 30
-    "test_compile_cache.py",  # 25
     "test_hub.py",  # 25
-    "test_serving_bench.py",  # 15
-    "test_decode_block.py",  # 15
+    "test_gpu_scripts.py",  # 25
+    "test_compile_cache.py",  # 25
+    "test_checkpoint.py",  # 15
     "test_ft.py",  # 15
-    "test_prompts.py",  # 15
     "test_notebook.py",  # 15
-    "test_batch_matmul.py",  # 15
-    "test_planning.py",  # 10
-    "test_openai.py",  # 10
     "test_untrusted_files.py",  # 10
+    "test_batch_matmul.py",  # 10
+    "test_decode_block.py",  # 10
+    "test_serving_bench.py",  # 5
+    "test_openai.py",  # 5
+    "test_prompts.py",  # 5
+    "test_planning.py",  # 5
 ]
 
 
