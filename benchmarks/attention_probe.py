@@ -24,7 +24,8 @@ import jax.numpy as jnp
 from benchmarks.kernels import rel_err, timed_device
 from gptjax.kernels import decode_attention, decode_attention_append, decode_attention_reference, on_gpu
 
-# launch parameter sets beside the table's choice (None): what changes the programs' count or their weight
+# launches beside the table's own ("table"), each the keyword arguments it overrides: what changes the programs'
+# count or their weight
 VARIANTS = {
     "table": {},
     "no_early_launch": {"early_launch": False},
@@ -46,6 +47,7 @@ VARIANTS = {
 
 
 def inputs(batch: int, cache_len: int, length: int, heads: int, head_dim: int, dtype, sets: int = 4):
+    """`sets` independent (q, caches, lengths): a dispatch walks all of them, so none is still in L2 from the last."""
     out = []
     for i in range(sets):
         kq, kk, kv = jax.random.split(jax.random.key(7919 * i + length), 3)
