@@ -33,16 +33,14 @@ def prepare_prefill(engine, rows: int, bucket: int, state) -> None:
         lower = partial(engine._prefill_jit.lower, engine.layout.abstract_params, tokens, lengths, samp, sampled=None)
         compiled = engine._programs.prepare(("prefill", rows, bucket), lower, engine._store)
         slots = engine._put(np.arange(rows, dtype=np.int32))
-        lower = partial(_lower_insert, engine, compiled, (tokens, lengths, samp), state, slots)
+        lower = partial(_lower_insert, engine, compiled, state, slots)
         # a prefill's K/V are `bucket` long (the insert's key, as `Engine.insert` reads it off the K/V)
         engine._programs.prepare(("insert", rows, bucket), lower, engine._store)
 
 
-def _lower_insert(engine, prefill, prefill_args, state, slots) -> "jax.stages.Lowered":
-    """The insert of `prefill`'s result (its outputs' shapes traced here, its shardings the program's own)."""
-    prefix = jax.eval_shape(engine._prefill, engine.layout.abstract_params, *prefill_args)
-    prefix = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), prefix,
-                          prefill.output_shardings)
+def _lower_insert(engine, prefill, state, slots) -> "jax.stages.Lowered":
+    """The insert of `prefill`'s result, its types read off the prefill's program (not traced again)."""
+    prefix = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), prefill.out_info)
     return engine._insert_jit.lower(prefix, layout_of(state), slots)
 
 
