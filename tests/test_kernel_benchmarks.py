@@ -175,11 +175,12 @@ def test_sweep_writes_the_table_it_picks_from(monkeypatch, tmp_path):
 
 def test_decode_probe_rows_and_the_two_step_variant_give_the_same_tokens(tmp_path):
     """The probe as the GPU runs use it (in a process of its own: its variants patch modules), on gpt2-tiny's
-    Pallas kernels in interpret mode; the step that stores K/V in the attention kernel, the one that scatters
-    them first, and the attention walking its blocks in two loops must give the same greedy tokens."""
+    Pallas kernels in interpret mode: the step that stores K/V in the attention kernel, and the one that scatters
+    them first with the attention walking its blocks in two loops (each change alone is test_kernels'), must give
+    the same greedy tokens."""
     root = Path(__file__).resolve().parents[1]
     rows = []
-    for extra in ([], ["--two-step-decode"], ["--two-loop-attention"]):
+    for extra in ([], ["--two-step-decode", "--two-loop-attention"]):
         proc = subprocess.run(
             [sys.executable, "-m", "benchmarks.decode_probe", "--model", "gpt2-tiny", "--dtype", "float32",
              "--batch", "2", "--input-len", "5", "--steps", "3", "--runs", "1", "--attention", "pallas",
@@ -187,8 +188,7 @@ def test_decode_probe_rows_and_the_two_step_variant_give_the_same_tokens(tmp_pat
             env={**os.environ, "JAX_PLATFORMS": "cpu", "GPTJAX_CACHE_DIR": str(tmp_path)})
         assert proc.returncode == 0, proc.stderr[-3000:]
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    assert [r["two_step_decode"] for r in rows] == [False, True, False]
-    assert [r["two_loop_attention"] for r in rows] == [False, False, True]
+    assert [(r["two_step_decode"], r["two_loop_attention"]) for r in rows] == [(False, False), (True, True)]
     assert all(r["attention"] == "pallas" and r["decode_ms_per_token"] > 0 for r in rows)
     assert all(r["first_row_tokens"] == rows[0]["first_row_tokens"] for r in rows)
     assert len(rows[0]["first_row_tokens"]) == 4
@@ -248,6 +248,7 @@ def test_sampling_probe_forms_keep_what_the_sort_keeps():
 
 
 def test_startup_probe_times_a_checkpoint_read_beside_the_warmup_and_before_it(tmp_path):
+    """Both orders of the read and the warm-up, timed; the second run reads the first's programs from the cache."""
     import numpy as np
 
     from gptjax.checkpoint import save_checkpoint
@@ -260,7 +261,7 @@ def test_startup_probe_times_a_checkpoint_read_beside_the_warmup_and_before_it(t
     for extra in ([], ["--read-first"]):
         proc = subprocess.run(
             [sys.executable, "-m", "benchmarks.startup_probe", "--checkpoint", str(folder), "--slots", "2",
-             "--seq", "32", *extra], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+             "--seq", "32", "--cache-dir", str(tmp_path / "cache"), *extra], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
             timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
         assert proc.returncode == 0, proc.stderr[-3000:]
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))

@@ -102,8 +102,10 @@ def reference():
     return json.loads(out)["output_ids"]
 
 
-# data=2,stage=2,tensor=2: each process holds one data shard's slots, and one stage's layers of both shards
-@pytest.mark.parametrize("launcher, mesh", [("srun", "tensor=8"), ("flags", "data=2,stage=2,tensor=2")])
+# started by srun's environment (the tests below start their jobs by flags, with this mesh: the programs it compiles
+# here are in the session's compilation cache for them). A mesh that splits data and stages over the processes is
+# test_distributed's (a checkpoint whose stages span them) and test_engine's (in one process).
+@pytest.mark.parametrize("launcher, mesh", [("srun", "tensor=8")])
 def test_two_processes_serve_and_stop_on_sigterm(launcher, mesh, reference, tmp_path):
     import tritonclient.grpc as triton_grpc
 
