@@ -261,8 +261,8 @@ def test_startup_probe_times_a_checkpoint_read_beside_the_warmup_and_before_it(t
     for extra in ([], ["--read-first"]):
         proc = subprocess.run(
             [sys.executable, "-m", "benchmarks.startup_probe", "--checkpoint", str(folder), "--slots", "2",
-             "--seq", "32", "--cache-dir", str(tmp_path / "cache"), *extra], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
-            timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+             "--seq", "32", "--cache-dir", str(tmp_path / "cache"), *extra], cwd=Path(__file__).resolve().parents[1],
+            capture_output=True, text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
         assert proc.returncode == 0, proc.stderr[-3000:]
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     assert [r["read_first"] for r in rows] == [False, True]

@@ -102,16 +102,17 @@ def reference():
     return json.loads(out)["output_ids"]
 
 
-# started by srun's environment (the tests below start their jobs by flags, with this mesh: the programs it compiles
-# here are in the session's compilation cache for them). A mesh that splits data and stages over the processes is
-# test_distributed's (a checkpoint whose stages span them) and test_engine's (in one process).
-@pytest.mark.parametrize("launcher, mesh", [("srun", "tensor=8")])
-def test_two_processes_serve_and_stop_on_sigterm(launcher, mesh, reference, tmp_path):
+def test_two_processes_serve_and_stop_on_sigterm(reference, tmp_path):
+    """A job started by srun's environment, its mesh over both processes' devices, answers every door and drains on
+    SIGTERM. (The tests below start their jobs by flags with this mesh: the programs compiled here are in the
+    session's compilation cache for them. A mesh that splits data and stages over the processes is
+    test_distributed's, for a checkpoint whose stages span them, and test_engine's, in one process.)"""
     import tritonclient.grpc as triton_grpc
 
+    mesh = "tensor=8"
     port = free_port()
     target = f"127.0.0.1:{port}"
-    with running_job(launcher, port, tmp_path, mesh) as (procs, logs):
+    with running_job("srun", port, tmp_path, mesh) as (procs, logs):
         wait_serving(procs[0], target, logs[0], timeout=300)
         assert procs[1].poll() is None, "process 1 exited"
         with Client(target) as client:
