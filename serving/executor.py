@@ -149,6 +149,10 @@ class Executor:
                 for bucket in engine.prefill_buckets() for rows in engine.prefill_rows(bucket, self.slots)]
         jobs += [partial(engine.compile_decode, layout, steps, sampled, rows)
                  for rows in engine.decode_buckets(self.slots) for sampled in (False, True)]
+        if jax.process_index() > 0:
+            # only process 0 writes JAX's compilation cache: a follower that shares its folder (the processes of one
+            # host) compiles from the other end, and reads what process 0 has written by the time it gets there
+            jobs.reverse()
         start, report = time.monotonic(), max(1, len(jobs) // 10)
         hits, lookups, loaded = compile_cache.hits(), compile_cache.lookups(), compile_cache.loaded()
         pool = ThreadPoolExecutor(COMPILE_THREADS, thread_name_prefix="compile")
