@@ -108,12 +108,14 @@ XLA_OPTIONS = {
     "exhaustive": ("xla_gpu_exhaustive_tiling_search", True),  # the GEMM autotuner tries every tiling
     "tma": ("xla_gpu_experimental_enable_triton_tma", True),
     "dynamic_search": ("xla_gpu_experimental_enable_dynamic_dot_search_space", True),
+    "cublaslt": ("xla_gpu_enable_cublaslt", True),
 }
 
 
 BATCH_OFF = "batch_off"  # a variant name of its own: the program traced with decode_block.BATCH_ROWS at 0
 FLAX_BLOCK = "flax_block"  # one more: every decode step through the Flax block (`_flax_layer`)
 F32_EPILOGUES = "f32_epilogues"  # and one more: `_f32_epilogue_block` in place of decode_block.folded_block
+SPLIT_BLOCK = "split_block"  # and one more: decode_block.split_block in place of decode_block.folded_block
 
 
 def _f32_epilogue_block(config, attention, p, h, layer_kv, pos):
@@ -162,8 +164,8 @@ def _flax_layer(engine):
 
 def _generate_jit(engine, variant: str | None):
     """The engine's generate program under a variant ("off", or names joined by "+": short names of `XLA_OPTIONS`,
-    and this probe's own, `BATCH_OFF`, `FLAX_BLOCK` and `F32_EPILOGUES`, which change what the decode step traces;
-    None: the engine's own jit)."""
+    and this probe's own, `BATCH_OFF`, `FLAX_BLOCK`, `F32_EPILOGUES` and `SPLIT_BLOCK`, which change what the decode
+    step traces; None: the engine's own jit)."""
     import jax
 
     from gptjax import decode_block
@@ -171,11 +173,12 @@ def _generate_jit(engine, variant: str | None):
     if variant is None:
         return engine._generate_jit
     names = [] if variant == "off" else variant.split("+")
-    own = (BATCH_OFF, FLAX_BLOCK, F32_EPILOGUES)
+    own = (BATCH_OFF, FLAX_BLOCK, F32_EPILOGUES, SPLIT_BLOCK)
     unknown = [n for n in names if n not in XLA_OPTIONS and n not in own]
     if unknown:
         raise SystemExit(f"--xla-options: {unknown} not among {sorted(XLA_OPTIONS) + list(own)} (or off)")
     batch_rows = 0 if BATCH_OFF in names else decode_block.BATCH_ROWS
+    on_gpu = jax.default_backend() == "gpu"
     layer_fn = decode_block.layer_fn
     if FLAX_BLOCK in names:
         layer_fn = lambda impl, config, rows, attention: _flax_layer(engine)  # noqa: E731
@@ -184,6 +187,12 @@ def _generate_jit(engine, variant: str | None):
             layer = default(impl, config, rows, attention)
             is_folded = isinstance(layer, functools.partial) and layer.func is decode_block.folded_block
             return functools.partial(_f32_epilogue_block, config, attention) if is_folded else layer
+    if SPLIT_BLOCK in names:
+        def layer_fn(impl, config, rows, attention, default=layer_fn):
+            layer = default(impl, config, rows, attention)
+            is_folded = isinstance(layer, functools.partial) and layer.func is decode_block.folded_block
+            split = functools.partial(decode_block.split_block, config, attention, interpret=not on_gpu)
+            return split if is_folded else layer
 
     @functools.wraps(engine._generate)  # its signature: the static arguments by name
     def generate(*args, **kwargs):  # decode_block's switches and layer_fn are read as the step is traced

@@ -27,6 +27,7 @@ epilogue, where the Flax block (the tests' reference for every path) runs a kern
 from __future__ import annotations
 
 from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +36,7 @@ from gptjax import kernels
 from gptjax.config import ModelConfig
 from gptjax.kernels import batch_matmul as batch
 from gptjax.kernels.decode_matmul import decode_matmul, decode_matmul_reference, new_counters, supports
+from gptjax.kernels.residual_norm import residual_norm
 from gptjax.model import ACTIVATIONS, norm_stats
 
 KERNEL_ROWS = 16  # what decode_matmuls="pallas" runs on the kernels: steps of up to 16 slots; more rows: XLA's
@@ -101,6 +103,57 @@ def block(config: ModelConfig, attention: str, p, h, layer_kv, pos, counters, *,
                            bias=p["mlp_in"]["bias"], activation=config.activation, out_dtype=dtype, counters=counters)
     x, counters = matmul(p["mlp_out"]["kernel"], mlp, bias=p["mlp_out"]["bias"], residual=x, counters=counters)
     return x[:, None], layer_kv, counters
+
+
+class Pending(NamedTuple):
+    """The residual stream with its last product's split-K parts and bias not yet added: what a `split_block` layer
+    hands the next, whose first kernel adds them (`settle` adds them after the last layer)."""
+    h: jax.Array  # [rows, 1, hidden] float32
+    parts: jax.Array  # [splits, rows, hidden] float32
+    bias: jax.Array  # [hidden]
+
+
+def settle(h):
+    """A layer's output as the residual stream [rows, 1, hidden]: a `Pending`'s parts and bias added."""
+    if isinstance(h, Pending):
+        return h.h + (h.bias.astype(jnp.float32) + h.parts.sum(0))[:, None]
+    return h
+
+
+SPLIT_K = 512  # split_block's products with a residual after them: K in parts of at least this, at most 16 parts
+               # (a 6.7B layer: attention out 8 ways, MLP out 16, as XLA's autotuner splits them at batch 1)
+
+
+def _split_product(x, w):
+    """x [rows, K] @ w [K, N] as float32 parts [splits, rows, N], K split `SPLIT_K` at a time: one batched GEMM,
+    whose parts the next `residual_norm` sums in the same kernel as the residual and the LayerNorm."""
+    (rows, k), n = x.shape, w.shape[-1]
+    splits = max(d for d in range(1, 17) if k % d == 0 and (d == 1 or k // d >= SPLIT_K))
+    return jnp.einsum("rsk,skn->srn", x.reshape(rows, splits, k // splits), w.reshape(splits, k // splits, n),
+                      preferred_element_type=jnp.float32)
+
+
+def split_block(config: ModelConfig, attention: str, p, h, layer_kv, pos, *, interpret: bool):
+    """One layer for one new token per row on `fold_layer_norms`'s tree, XLA's GEMMs with the small kernels between
+    them merged: each LayerNorm is one `residual_norm` kernel that also adds the product before it (its split-K
+    parts, bias and residual), so attention out and MLP out leave their float32 parts for it rather than a kernel
+    of XLA's summing them. h is [rows, 1, hidden] or the previous layer's `Pending`; returns (a `Pending`, the
+    layer's cache with the new token's K/V). The default at small batch for models too large for the matmul
+    kernels (`choose`)."""
+    f32, dtype = jnp.float32, p["qkv"]["kernel"].dtype
+    norm = partial(residual_norm, eps=config.layer_norm_eps, out_dtype=dtype, interpret=interpret)
+    residual, x = norm(*(h[0][:, 0], h[1], h[2]) if isinstance(h, Pending) else (h[:, 0],))
+    rows, hidden = x.shape
+
+    def product(x, d, spec: str):
+        return jnp.einsum(spec, x, d["kernel"], preferred_element_type=f32) + d["bias"].astype(f32)
+
+    qkv = product(x, p["qkv"], "rk,kthd->rthd").astype(dtype)
+    attn, layer_kv = kernels.decode_step_append(qkv, layer_kv, pos, attention)
+    parts = _split_product(attn.reshape(rows, hidden), p["attn_out"]["kernel"].reshape(hidden, -1))
+    residual, x = norm(residual, parts, p["attn_out"]["bias"])
+    mid = ACTIVATIONS[config.activation](product(x, p["mlp_in"], "rk,kf->rf")).astype(dtype)
+    return Pending(residual[:, None], _split_product(mid, p["mlp_out"]["kernel"]), p["mlp_out"]["bias"]), layer_kv
 
 
 def batch_block(config: ModelConfig, attention: str, p, h, layer_kv, pos, *, on_gpu: bool):

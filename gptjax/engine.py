@@ -169,7 +169,7 @@ class Engine(PlannedShapes):
         pos = state.positions
         layer = decode_block.layer_fn(self.decode_matmuls, self.config, pos.shape[0], self.attention)
         x = self._embed(params, state.tokens[:, None], pos[:, None])
-        last, cache = self.layout.run(params, x, state.cache, pos, layer, lambda h, _: h[:, 0])
+        last, cache = self.layout.run(params, x, state.cache, pos, layer, lambda h, _: decode_block.settle(h)[:, 0])
         logits = self._logits(params, last)
         samp = state.sampling
         keys = partial(sampling.row_keys, samp.seed, pos + 1)
