@@ -111,6 +111,7 @@ class Pending(NamedTuple):
     h: jax.Array  # [rows, 1, hidden] float32
     parts: jax.Array  # [splits, rows, hidden] float32
     bias: jax.Array  # [hidden]
+    counters: jax.Array  # `residual_norm`'s, zero between its calls: one buffer for the step's layers
 
 
 def settle(h):
@@ -142,7 +143,10 @@ def split_block(config: ModelConfig, attention: str, p, h, layer_kv, pos, *, int
     kernels (`choose`)."""
     f32, dtype = jnp.float32, p["qkv"]["kernel"].dtype
     norm = partial(residual_norm, eps=config.layer_norm_eps, out_dtype=dtype, interpret=interpret)
-    residual, x = norm(*(h[0][:, 0], h[1], h[2]) if isinstance(h, Pending) else (h[:, 0],))
+    if isinstance(h, Pending):
+        residual, x, counters = norm(h.h[:, 0], h.parts, h.bias, h.counters)
+    else:
+        residual, x, counters = norm(h[:, 0])
     rows, hidden = x.shape
 
     def product(x, d, spec: str):
@@ -151,9 +155,10 @@ def split_block(config: ModelConfig, attention: str, p, h, layer_kv, pos, *, int
     qkv = product(x, p["qkv"], "rk,kthd->rthd").astype(dtype)
     attn, layer_kv = kernels.decode_step_append(qkv, layer_kv, pos, attention)
     parts = _split_product(attn.reshape(rows, hidden), p["attn_out"]["kernel"].reshape(hidden, -1))
-    residual, x = norm(residual, parts, p["attn_out"]["bias"])
+    residual, x, counters = norm(residual, parts, p["attn_out"]["bias"], counters)
     mid = ACTIVATIONS[config.activation](product(x, p["mlp_in"], "rk,kf->rf")).astype(dtype)
-    return Pending(residual[:, None], _split_product(mid, p["mlp_out"]["kernel"]), p["mlp_out"]["bias"]), layer_kv
+    parts = _split_product(mid, p["mlp_out"]["kernel"])
+    return Pending(residual[:, None], parts, p["mlp_out"]["bias"], counters), layer_kv
 
 
 def batch_block(config: ModelConfig, attention: str, p, h, layer_kv, pos, *, on_gpu: bool):
