@@ -106,7 +106,7 @@ XLA_OPTIONS = {
     "no_split_k": ("xla_gpu_experimental_force_split_k", 1),
     "multi_output": ("xla_gpu_unsupported_enable_triton_multi_output_fusion", True),
     "exhaustive": ("xla_gpu_exhaustive_tiling_search", True),  # the GEMM autotuner tries every tiling
-    "tma": ("xla_gpu_experimental_enable_triton_tma", True),
+    "tma": ("xla_gpu_experimental_enable_triton_tma", True),  # this and the next: not in jax 0.11.2's XLA
     "dynamic_search": ("xla_gpu_experimental_enable_dynamic_dot_search_space", True),
     "cublaslt": ("xla_gpu_enable_cublaslt", True),
 }
@@ -115,8 +115,6 @@ XLA_OPTIONS = {
 BATCH_OFF = "batch_off"  # a variant name of its own: the program traced with decode_block.BATCH_ROWS at 0
 FLAX_BLOCK = "flax_block"  # one more: every decode step through the Flax block (`_flax_layer`)
 F32_EPILOGUES = "f32_epilogues"  # and one more: `_f32_epilogue_block` in place of decode_block.folded_block
-SPLIT_BLOCK = "split_block"  # and one more: decode_block.split_block in place of decode_block.folded_block
-SPLIT_IN = "split_in"  # and one more: `_split_in_block` in place of decode_block.folded_block
 
 
 def _f32_epilogue_block(config, attention, p, h, layer_kv, pos):
@@ -148,40 +146,6 @@ def _f32_epilogue_block(config, attention, p, h, layer_kv, pos):
     return x[:, None], layer_kv
 
 
-SPLIT_IN_PARTS = 4
-
-
-def _split_in_block(config, attention, p, h, layer_kv, pos):
-    """`decode_block.folded_block` with QKV and MLP in (the products whose LayerNorm's 1 / std is applied after
-    them) split over K by hand into `SPLIT_IN_PARTS` float32 parts, summed in the kernel that applies 1 / std and
-    the bias: alone at one row on an H100 these forms took 36.7 and 48.0 us against XLA's 44.8 and 54.2 (run 35)."""
-    import jax.numpy as jnp
-
-    from gptjax import kernels
-    from gptjax.model import ACTIVATIONS, norm_stats
-
-    f32, dtype, eps = jnp.float32, p["qkv"]["kernel"].dtype, config.layer_norm_eps
-    x = h[:, 0]
-
-    def normed(x, d):
-        rstd = norm_stats(x, eps)[1]
-        w = d["kernel"]
-        k, s = w.shape[0], SPLIT_IN_PARTS
-        parts = jnp.einsum("rsk,skn->srn", x.astype(dtype).reshape(x.shape[0], s, k // s),
-                           w.reshape(s, k // s, -1), preferred_element_type=f32)
-        acc = parts.sum(0).reshape(x.shape[0], *w.shape[1:])
-        rstd = rstd.reshape(rstd.shape + (1,) * (acc.ndim - 2))
-        return (rstd * acc + d["bias"].astype(f32)).astype(dtype)
-
-    def dense(x, d, spec: str):
-        return jnp.einsum(spec, x.astype(dtype), d["kernel"]) + d["bias"]
-
-    attn, layer_kv = kernels.decode_step_append(normed(x, p["qkv"]), layer_kv, pos, attention)
-    x = x + dense(attn, p["attn_out"], "rhd,hde->re")
-    x = x + dense(ACTIVATIONS[config.activation](normed(x, p["mlp_in"])), p["mlp_out"], "rf,fe->re")
-    return x[:, None], layer_kv
-
-
 def _flax_layer(engine):
     """A decode step's layer as the Flax block runs it (a kernel normalising each LayerNorm's output before the
     product), as the engine's XLA path did before `decode_block.folded_block`, to time one against the other; on
@@ -199,8 +163,8 @@ def _flax_layer(engine):
 
 def _generate_jit(engine, variant: str | None):
     """The engine's generate program under a variant ("off", or names joined by "+": short names of `XLA_OPTIONS`,
-    and this probe's own, `BATCH_OFF`, `FLAX_BLOCK`, `F32_EPILOGUES`, `SPLIT_BLOCK` and `SPLIT_IN`, which change what
-    the decode step traces; None: the engine's own jit)."""
+    and this probe's own, `BATCH_OFF`, `FLAX_BLOCK` and `F32_EPILOGUES`, which change what the decode step traces;
+    None: the engine's own jit)."""
     import jax
 
     from gptjax import decode_block
@@ -208,12 +172,11 @@ def _generate_jit(engine, variant: str | None):
     if variant is None:
         return engine._generate_jit
     names = [] if variant == "off" else variant.split("+")
-    own = (BATCH_OFF, FLAX_BLOCK, F32_EPILOGUES, SPLIT_BLOCK, SPLIT_IN)
+    own = (BATCH_OFF, FLAX_BLOCK, F32_EPILOGUES)
     unknown = [n for n in names if n not in XLA_OPTIONS and n not in own]
     if unknown:
         raise SystemExit(f"--xla-options: {unknown} not among {sorted(XLA_OPTIONS) + list(own)} (or off)")
     batch_rows = 0 if BATCH_OFF in names else decode_block.BATCH_ROWS
-    on_gpu = jax.default_backend() == "gpu"
     layer_fn = decode_block.layer_fn
     if FLAX_BLOCK in names:
         layer_fn = lambda impl, config, rows, attention: _flax_layer(engine)  # noqa: E731
@@ -222,17 +185,6 @@ def _generate_jit(engine, variant: str | None):
             layer = default(impl, config, rows, attention)
             is_folded = isinstance(layer, functools.partial) and layer.func is decode_block.folded_block
             return functools.partial(_f32_epilogue_block, config, attention) if is_folded else layer
-    if SPLIT_BLOCK in names:
-        def layer_fn(impl, config, rows, attention, default=layer_fn):
-            layer = default(impl, config, rows, attention)
-            is_folded = isinstance(layer, functools.partial) and layer.func is decode_block.folded_block
-            split = functools.partial(decode_block.split_block, config, attention, interpret=not on_gpu)
-            return split if is_folded else layer
-    if SPLIT_IN in names:
-        def layer_fn(impl, config, rows, attention, default=layer_fn):
-            layer = default(impl, config, rows, attention)
-            is_folded = isinstance(layer, functools.partial) and layer.func is decode_block.folded_block
-            return functools.partial(_split_in_block, config, attention) if is_folded else layer
 
     @functools.wraps(engine._generate)  # its signature: the static arguments by name
     def generate(*args, **kwargs):  # decode_block's switches and layer_fn are read as the step is traced

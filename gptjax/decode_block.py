@@ -12,10 +12,12 @@ whose weights exceed `KERNEL_MAX_BYTES` run the same arithmetic through XLA. Ste
 kernels in 64-row blocks and lost to XLA's matmuls (345M fp16, batch 256: 4.18 against 2.84 ms/token, RESULTS
 run 23).
 Steps of at least `BATCH_ROWS` slots (whole 64-row tiles) can instead run `batch_block`: QKV, attention out and MLP
-in each one Mosaic GPU kernel with its epilogue (`gptjax.kernels.batch_matmul`: the folded LayerNorm's 1 / std of
-each row, bias, residual or GELU), the rows' statistics through XLA; MLP out (K = 4096: one CTA a 64 x 64 tile
-leaves half the chip idle, 13.7 us against XLA's 13.0 at 256 rows; in 64 x 32 tiles level with XLA in the step,
-RESULTS runs 30 and 31) through XLA.
+in each one Mosaic GPU kernel with its epilogue (`gptjax.kernels.batch_matmul`: bias, residual or GELU); MLP out
+(K = 4096: one CTA a 64 x 64 tile leaves half the chip idle, 13.7 us against XLA's 13.0 at 256 rows; in 64 x 32
+tiles level with XLA in the step, RESULTS runs 30 and 31) through XLA, split over K by hand; and each LayerNorm one
+`gptjax.kernels.residual_norm` kernel that writes the rows normalised, the first of a layer also adding the MLP out
+before it (its parts, bias and residual). Against XLA's statistics, split-K sum and residual add (five kernels a
+layer for two) that was 3.3% a 345M step at 256 slots and 4.5% at 128 on an H100 (RESULTS run 35).
 The small-batch kernels' MLP was tried as one kernel (each program an FFN slice, the partial sums added in the
 kernel): 2.7 times slower a step at batch 1, 6.5 at batch 8; and the attention inside attention out's kernel (each
 split-K program attending over its chunk's heads): 10% slower at batch 1 (RESULTS run 31).
@@ -106,12 +108,11 @@ def block(config: ModelConfig, attention: str, p, h, layer_kv, pos, counters, *,
 
 
 class Pending(NamedTuple):
-    """The residual stream with its last product's split-K parts and bias not yet added: what a `split_block` layer
+    """The residual stream with its last product's split-K parts and bias not yet added: what a `batch_block` layer
     hands the next, whose first kernel adds them (`settle` adds them after the last layer)."""
     h: jax.Array  # [rows, 1, hidden] float32
     parts: jax.Array  # [splits, rows, hidden] float32
     bias: jax.Array  # [hidden]
-    counters: jax.Array  # `residual_norm`'s, zero between its calls: one buffer for the step's layers
 
 
 def settle(h):
@@ -121,75 +122,47 @@ def settle(h):
     return h
 
 
-SPLIT_K = 512  # split_block's products with a residual after them: K in parts of at least this, at most 16 parts
-               # (a 6.7B layer: attention out 8 ways, MLP out 16, as XLA's autotuner splits them at batch 1)
+SPLIT_K = 512  # batch_block's MLP out: K in parts of at least this, at most 16 (345M: 8, as XLA splits it at 256 rows)
 
 
 def _split_product(x, w):
     """x [rows, K] @ w [K, N] as float32 parts [splits, rows, N], K split `SPLIT_K` at a time: one batched GEMM,
-    whose parts the next `residual_norm` sums in the same kernel as the residual and the LayerNorm."""
+    whose parts the next `residual_norm` sums in the same kernel as the residual and the LayerNorm. (At one row XLA
+    runs this form 36% slower than its own split, RESULTS run 35: it is for whole row tiles.)"""
     (rows, k), n = x.shape, w.shape[-1]
     splits = max(d for d in range(1, 17) if k % d == 0 and (d == 1 or k // d >= SPLIT_K))
     return jnp.einsum("rsk,skn->srn", x.reshape(rows, splits, k // splits), w.reshape(splits, k // splits, n),
                       preferred_element_type=jnp.float32)
 
 
-def split_block(config: ModelConfig, attention: str, p, h, layer_kv, pos, *, interpret: bool):
-    """One layer for one new token per row on `fold_layer_norms`'s tree, XLA's GEMMs with the small kernels between
-    them merged: each LayerNorm is one `residual_norm` kernel that also adds the product before it (its split-K
-    parts, bias and residual), so attention out and MLP out leave their float32 parts for it rather than a kernel
-    of XLA's summing them. h is [rows, 1, hidden] or the previous layer's `Pending`; returns (a `Pending`, the
-    layer's cache with the new token's K/V). The default at small batch for models too large for the matmul
-    kernels (`choose`)."""
-    f32, dtype = jnp.float32, p["qkv"]["kernel"].dtype
-    norm = partial(residual_norm, eps=config.layer_norm_eps, out_dtype=dtype, interpret=interpret)
-    if isinstance(h, Pending):
-        residual, x, counters = norm(h.h[:, 0], h.parts, h.bias, h.counters)
-    else:
-        residual, x, counters = norm(h[:, 0])
-    rows, hidden = x.shape
-
-    def product(x, d, spec: str):
-        return jnp.einsum(spec, x, d["kernel"], preferred_element_type=f32) + d["bias"].astype(f32)
-
-    qkv = product(x, p["qkv"], "rk,kthd->rthd").astype(dtype)
-    attn, layer_kv = kernels.decode_step_append(qkv, layer_kv, pos, attention)
-    parts = _split_product(attn.reshape(rows, hidden), p["attn_out"]["kernel"].reshape(hidden, -1))
-    residual, x, counters = norm(residual, parts, p["attn_out"]["bias"], counters)
-    mid = ACTIVATIONS[config.activation](product(x, p["mlp_in"], "rk,kf->rf")).astype(dtype)
-    parts = _split_product(mid, p["mlp_out"]["kernel"])
-    return Pending(residual[:, None], parts, p["mlp_out"]["bias"], counters), layer_kv
-
-
 def batch_block(config: ModelConfig, attention: str, p, h, layer_kv, pos, *, on_gpu: bool):
-    """One layer for one new token per row on `fold_layer_norms`'s tree, each product one `batch_matmul` kernel with
-    its epilogue (the LayerNorm's 1 / std of each row, bias, GELU or residual; its `jnp` reference off a GPU), MLP
-    out's longer rows through XLA: h [rows, 1, hidden] float32, the layer's (k, v) cache, each row's position -> (the
-    next h, the cache with the new token's K/V)."""
-    dtype, f32 = p["qkv"]["kernel"].dtype, jnp.float32
+    """One layer for one new token per row on `fold_layer_norms`'s tree: QKV, attention out and MLP in each one
+    `batch_matmul` kernel with its epilogue (bias, GELU or residual; its `jnp` reference off a GPU), MLP out's longer
+    rows through XLA; each LayerNorm one `residual_norm` kernel writing the rows normalised for the product after it,
+    the first also adding the previous layer's MLP out (its split-K parts, bias and residual: `Pending`). h is
+    [rows, 1, hidden] float32 or the previous layer's `Pending`; returns (a `Pending`, the layer's cache with the
+    new token's K/V)."""
+    dtype, eps = p["qkv"]["kernel"].dtype, config.layer_norm_eps
+    norm = partial(residual_norm, eps=eps, out_dtype=dtype, interpret=not on_gpu)
 
     def matmul(x, w, *args, **kw):
         fn = batch.batch_matmul if on_gpu and w.shape[0] <= BATCH_MAX_K else batch.batch_matmul_reference
         return fn(x, w, *args, **kw)
 
-    def normed(x):  # the residual as the folded product takes it, and its rows' 1 / std (the mean is in the weights)
-        return x.astype(dtype), norm_stats(x, config.layer_norm_eps)[1][:, 0].astype(f32)
-
-    x = h[:, 0].astype(f32)
+    x, x16 = norm(h.h[:, 0], h.parts, h.bias) if isinstance(h, Pending) else norm(h[:, 0].astype(jnp.float32))
     rows, hidden = x.shape
 
     def weight(name, k: int):  # [K, N], the layer's axes flattened
         return p[name]["kernel"].reshape(k, -1)
 
-    x16, rstd = normed(x)
-    qkv = matmul(x16, weight("qkv", hidden), p["qkv"]["bias"].reshape(-1), row_scale=rstd)
+    qkv = matmul(x16, weight("qkv", hidden), p["qkv"]["bias"].reshape(-1))
     attn, layer_kv = kernels.decode_step_append(qkv.reshape(rows, 3, config.n_heads, config.head_dim), layer_kv,
                                                 pos, attention)
     x = matmul(attn.reshape(rows, hidden), weight("attn_out", hidden), p["attn_out"]["bias"], x)
-    x16, rstd = normed(x)
-    mlp = matmul(x16, weight("mlp_in", hidden), p["mlp_in"]["bias"], row_scale=rstd, activation=config.activation)
-    x = matmul(mlp, weight("mlp_out", config.ffn_hidden), p["mlp_out"]["bias"], x)
-    return x[:, None], layer_kv
+    x, x16 = norm(x)
+    mlp = matmul(x16, weight("mlp_in", hidden), p["mlp_in"]["bias"], activation=config.activation)
+    parts = _split_product(mlp, weight("mlp_out", config.ffn_hidden))
+    return Pending(x[:, None], parts, p["mlp_out"]["bias"]), layer_kv
 
 
 def batch_fits(config: ModelConfig, rows: int, on_gpu: bool) -> bool:

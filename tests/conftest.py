@@ -76,6 +76,7 @@ FILE_ORDER = [
     "test_untrusted_files.py",  # 10
     "test_batch_matmul.py",  # 10
     "test_decode_block.py",  # 10
+    "test_residual_norm.py",  # 10
     "test_serving_bench.py",  # 5
     "test_openai.py",  # 5
     "test_prompts.py",  # 5

@@ -61,9 +61,15 @@ def test_folded_weights_and_folded_blocks_compute_the_unfolded_layer(dtype, monk
     monkeypatch.setattr(decode_block.kernels, "decode_step_append", lambda qkv, kv, pos, impl: (qkv[:, 0], kv))
     got, _ = jax.jit(lambda p, h: decode_block.folded_block(config, "xla", p, h, None, None))(folded, h)
     assert got.dtype == want.dtype and rel(got, want) < TOL[dtype], seed
-    # the batch kernels' layer (their `jnp` reference here): the 1 / std of each row in the products' epilogue
-    got, _ = jax.jit(lambda p, h: decode_block.batch_block(config, "xla", p, h, None, None, on_gpu=False))(folded, h)
+    # the batch kernels' layer (their `jnp` reference here, the LayerNorms' kernel interpreted), its MLP out's parts
+    # added after the layer as the next layer's first kernel adds them
+    batch = jax.jit(lambda p, h: decode_block.batch_block(config, "xla", p, h, None, None, on_gpu=False)[0])
+    got = batch(folded, h)
+    assert isinstance(got, decode_block.Pending) and got.parts.shape[1:] == h[:, 0].shape
+    got = decode_block.settle(got)
     assert got.dtype == want.dtype and rel(got, want) < TOL[dtype], seed
+    chained = decode_block.settle(batch(folded, batch(folded, h)))  # a Pending in: the parts added first
+    assert rel(chained, block(folded, block(folded, h))) < 2 * TOL[dtype], seed
     again = decode_block.fold_layer_norms({"h_0": folded})["h_0"]  # folding twice: rounding at most
     assert rel(again["qkv"]["kernel"], folded["qkv"]["kernel"]) < TOL[dtype] / 10, seed
 

@@ -5,8 +5,7 @@ At batch 256 XLA runs a 345M layer's four products as Triton GEMMs split over K,
 sums the float32 parts with the bias (and the residual), and GELU as a kernel of its own: 12 kernels a layer, the
 products ~200 TFLOP/s (benchmarks/RESULTS.md, run 27). `batch_matmul` is one kernel a product: each CTA owns a
 `tile_m x tile_n` block of the output, streams its rows of x and columns of w through shared memory by TMA
-(`stages` deep) into wgmma, and scales each row (a LayerNorm's 1 / std, the LayerNorm being folded into w), adds the
-bias, applies GELU or adds the residual before its one store.
+(`stages` deep) into wgmma, and adds the bias, applies GELU or adds the residual before its one store.
 
 `batch_matmul_reference` is the same in plain `jnp`, the float32 accumulation included: what the kernel is tested
 against, and what runs off a Hopper GPU. The kernel is Mosaic GPU (Pallas), which only runs on an H100 or H200;
@@ -37,12 +36,10 @@ def _activation(name: str, y):
     return jax.nn.gelu(y, approximate=(name == "gelu_new")) if name else y
 
 
-def batch_matmul_reference(x, w, b, residual=None, *, row_scale=None, activation: str = ""):
-    """x [M, K] @ w [K, N] accumulated in float32, each row times row_scale [M] (float32) where given, + b [N], then
-    `activation` or + residual [M, N]; in x's dtype, or the residual's where there is one."""
+def batch_matmul_reference(x, w, b, residual=None, *, activation: str = ""):
+    """x [M, K] @ w [K, N] accumulated in float32, + b [N], then `activation` or + residual [M, N]; in x's dtype, or
+    the residual's where there is one."""
     acc = jnp.dot(x, w, preferred_element_type=jnp.float32)
-    if row_scale is not None:
-        acc = row_scale.astype(jnp.float32)[:, None] * acc
     y = _activation(activation, acc + b.astype(jnp.float32))
     if residual is not None:
         return (y + residual.astype(jnp.float32)).astype(residual.dtype)
@@ -57,13 +54,12 @@ def _transforms(dtype, cols: int):
 
 
 def _kernel(x_ref, w_ref, b_ref, *refs, tile_m: int, tile_n: int, tile_k: int, stages: int, delay: int,
-            activation: str, with_residual: bool, with_scale: bool):
+            activation: str, with_residual: bool):
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     refs = list(refs)
-    s_ref = refs.pop(0) if with_scale else None
     r_ref = refs.pop(0) if with_residual else None
-    o_ref, b_smem, s_smem, o_smem, loaded = refs
+    o_ref, b_smem, o_smem, loaded = refs
     rows = pl.ds(lax.axis_index("m") * tile_m, tile_m)
     col0 = lax.axis_index("n") * tile_n
     cols = pl.ds(col0, tile_n)
@@ -75,8 +71,6 @@ def _kernel(x_ref, w_ref, b_ref, *refs, tile_m: int, tile_n: int, tile_k: int, s
     plgpu.copy_gmem_to_smem(b_ref.at[pl.ds(window_start, window)], b_smem, loaded.at[0])
     if with_residual:
         plgpu.copy_gmem_to_smem(r_ref.at[rows, cols], o_smem, loaded.at[1])
-    if with_scale:
-        plgpu.copy_gmem_to_smem(s_ref.at[rows], s_smem, loaded.at[2])
     # wgmma takes the two tiles with one swizzle: that of x's tile_k columns, which w's tile_n must match
     in_transforms = _transforms(x_ref.dtype, min(tile_k, tile_n))
 
@@ -93,10 +87,6 @@ def _kernel(x_ref, w_ref, b_ref, *refs, tile_m: int, tile_n: int, tile_k: int, s
         )(x_ref.at[rows, :], w_ref.at[:, cols])
         plgpu.wgmma_wait(0)
         y = acc[...]
-        if with_scale:
-            plgpu.barrier_wait(loaded.at[2])
-            scale = plgpu.load(s_smem, (), layout=plgpu.Layout.WGMMA.reduce(1))
-            y = y * lax.broadcast_in_dim(scale, (tile_m, tile_n), [0])
         plgpu.barrier_wait(loaded.at[0])
         bias_cols = b_smem.at[pl.ds(col0 - window_start, tile_n)] if window > tile_n else b_smem
         bias = plgpu.load(bias_cols, (), layout=plgpu.Layout.WGMMA.reduce(0)).astype(jnp.float32)
@@ -120,10 +110,10 @@ def supports(m: int, k: int, n: int, *, activation: str = "", tile_m: int = TILE
 
 
 @functools.partial(jax.jit, static_argnames=("activation", "tile_m", "tile_n", "tile_k", "stages", "delay"))
-def batch_matmul(x, w, b, residual=None, *, row_scale=None, activation: str = "", tile_m: int = TILE_M,
+def batch_matmul(x, w, b, residual=None, *, activation: str = "", tile_m: int = TILE_M,
                  tile_n: int = TILE_N, tile_k: int = 64, stages: int = STAGES, delay: int = DELAY):
     """`batch_matmul_reference` as one Mosaic GPU kernel: x [M, K], w [K, N], b [N] (x's dtype), residual [M, N]
-    (any float dtype; the output takes it), row_scale [M] (float32). M, N and K must be whole tiles (`supports`).
+    (any float dtype; the output takes it). M, N and K must be whole tiles (`supports`).
     `stages`: K tiles in flight; `delay` (< stages): wgmma products left running while the next is issued."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -133,13 +123,11 @@ def batch_matmul(x, w, b, residual=None, *, row_scale=None, activation: str = ""
     if not supports(m, k, n, tile_m=tile_m, tile_n=tile_n, tile_k=tile_k):
         raise ValueError(f"batch_matmul takes whole {tile_m} x {tile_n} x {tile_k} tiles, got M={m}, K={k}, N={n}")
     out_dtype = x.dtype if residual is None else residual.dtype
-    scratch = [plgpu.SMEM((max(tile_n, BIAS_WINDOW),), b.dtype), plgpu.SMEM((tile_m,), jnp.float32),
+    scratch = [plgpu.SMEM((max(tile_n, BIAS_WINDOW),), b.dtype),
                plgpu.SMEM((tile_m, tile_n), out_dtype, transforms=_transforms(out_dtype, tile_n)),
-               plgpu.Barrier(num_barriers=3)]
+               plgpu.Barrier(num_barriers=2)]
     kernel = functools.partial(_kernel, tile_m=tile_m, tile_n=tile_n, tile_k=tile_k, stages=stages, delay=delay,
-                               activation=activation, with_residual=residual is not None,
-                               with_scale=row_scale is not None)
+                               activation=activation, with_residual=residual is not None)
     call = plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((m, n), out_dtype), grid=(n // tile_n, m // tile_m),
                         grid_names=("n", "m"), scratch_types=scratch)
-    scale = [] if row_scale is None else [row_scale.astype(jnp.float32)]
-    return call(x, w, b, *scale, *([] if residual is None else [residual]))
+    return call(x, w, b, *([] if residual is None else [residual]))
