@@ -25,12 +25,13 @@ from jax.experimental.pallas import triton as plgpu
 from gptjax.kernels import early_launch as pdl
 
 MAX_HIDDEN = 16384  # a row's float32 sums in one program's registers
-MIN_TILE = 64  # a row is summed in tiles of the largest power of two (a Triton tile's side) up to 512 that divides it
+MIN_TILE, MAX_TILE = 64, 512  # a row is summed in tiles of the largest power of two (a Triton tile's side) that
+                              # divides it, up to MAX_TILE; a row whose largest is under MIN_TILE is not taken
 NUM_WARPS = 4
 
 
 def _tile(hidden: int) -> int:
-    return min(512, hidden & -hidden)
+    return min(MAX_TILE, hidden & -hidden)
 
 
 def _kernel(*refs, n_parts: int, hidden: int, eps: float, early: str):
@@ -48,7 +49,7 @@ def _kernel(*refs, n_parts: int, hidden: int, eps: float, early: str):
             for s in range(n_parts):  # in split order: the sum does not depend on the launch
                 added += parts_ref[s, r, at]
             h = h + added
-            h_out_ref[r, at] = h  # without parts h is the input: the caller keeps it
+            h_out_ref[r, at] = h  # (without parts the caller keeps its h: no copy is written)
         sums.append(h)
     if early:
         sums[-1] = pdl.launch_dependents_after(sums[-1])
