@@ -58,7 +58,7 @@ def _set_kernel_switches(args) -> None:
     `--two-loop-attention` walks every chunk of decode attention in two loops (whole blocks, then the block that
     crosses the end) as before `decode_attention.SINGLE_LOOP`; `--kernel-max-mb` moves
     `decode_block.KERNEL_MAX_BYTES`; `--early-launch start|end|off` sets `early_launch.EARLY_LAUNCH`;
-    `--batch-rows` sets `decode_block.BATCH_ROWS`."""
+    `--batch-rows` sets `decode_block.BATCH_ROWS`, `--split-k` `decode_block.SPLIT_K`."""
     import importlib
 
     from gptjax import decode_block
@@ -73,6 +73,8 @@ def _set_kernel_switches(args) -> None:
         early_launch.EARLY_LAUNCH = early_launch.placement(args.early_launch)
     if args.batch_rows is not None:
         decode_block.BATCH_ROWS = args.batch_rows
+    if args.split_k is not None:
+        decode_block.SPLIT_K = args.split_k
 
 
 def _sliced_prefill_qkv() -> None:
@@ -244,6 +246,9 @@ def main():
     p.add_argument("--batch-rows", type=int,
                    help="steps of at least this many slots (whole 64-row tiles) run decode_block.batch_block's "
                         "kernels under the default decode matmuls (0: never; default: decode_block.BATCH_ROWS)")
+    p.add_argument("--split-k", type=int,
+                   help="batch_block's MLP out is split over K in parts of at least this many (default: "
+                        "decode_block.SPLIT_K, 512: 8 parts at the 345M model's K of 4096)")
     p.add_argument("--xla-options",
                    help="variants of XLA's options for the generate program, comma-separated, each 'off' or short "
                         "names of XLA_OPTIONS joined by '+': each compiled, then timed in turn in this process")
