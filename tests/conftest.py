@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
+import io
 import os
 import shutil
 import subprocess
@@ -138,6 +140,20 @@ def run_cli(*args, check=True, env=None, timeout=300):
     if check and proc.returncode != 0:
         raise AssertionError(f"gptjax {' '.join(args)} exited {proc.returncode}:\n{proc.stderr}")
     return proc
+
+
+def run_cli_here(*args) -> subprocess.CompletedProcess:
+    """`gptjax ARGS` in this process, its stdout and stderr captured: for arguments refused before any work, where
+    a fresh interpreter would cost seconds of imports. `run_cli` checks what a whole process prints."""
+    from gptjax import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli.main(list(args))
+        except SystemExit as e:  # argparse's own usage errors
+            code = e.code
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def rel_error(a, b) -> float:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import hf_greedy, run_cli
+from conftest import hf_greedy, run_cli, run_cli_here
 from gptjax import cli
 
 
@@ -37,20 +37,23 @@ def test_generate_default_model_is_deterministic():
 
 
 def test_bad_input_exits_2_with_one_line(tmp_path):
+    """Each refused argument: exit 2 and one line naming it. The first case runs as a process of its own (nothing
+    else on its stderr, the devices' start included); the others run here, where starting Python would cost more
+    than the check."""
     cases = [
+        ["generate", "--prompt", "x", "--mesh", "tensor=3"],
         ["generate", "--prompt-ids", "1,2,99999999"],
         ["generate", "--prompt", "x", "--max-new-tokens", "0"],
         ["generate", "--prompt", "x", "--top-p", "1.5"],
-        ["generate", "--prompt", "x", "--mesh", "tensor=3"],
         ["generate", "--prompt", "x", "--checkpoint", str(tmp_path)],
         ["convert", "hf-gpt2", str(tmp_path / "missing"), str(tmp_path / "out")],
     ]
-    for args in cases:
-        proc = run_cli(*args, check=False)
+    for i, args in enumerate(cases):
+        proc = run_cli(*args, check=False) if i == 0 else run_cli_here(*args)
         assert proc.returncode == 2, (args, proc.stderr)
         lines = [l for l in proc.stderr.splitlines() if l.strip()]
         assert len(lines) == 1 and "error" in lines[0], (args, proc.stderr)
-    proc = run_cli("generate", "--prompt-ids", "1,x", check=False)  # argparse's own usage errors
+    proc = run_cli_here("generate", "--prompt-ids", "1,x")  # argparse's own usage errors
     assert proc.returncode == 2 and proc.stderr.splitlines()[-1] == \
         "gptjax generate: error: argument --prompt-ids: expected comma-separated integers, got '1,x'"
 
