@@ -117,6 +117,7 @@ XLA_OPTIONS = {
 BATCH_OFF = "batch_off"  # a variant name of its own: the program traced with decode_block.BATCH_ROWS at 0
 FLAX_BLOCK = "flax_block"  # one more: every decode step through the Flax block (`_flax_layer`)
 F32_EPILOGUES = "f32_epilogues"  # and one more: `_f32_epilogue_block` in place of decode_block.folded_block
+PREFILL_NORM = "prefill_norm"  # and one more: the prefill's layers as `_norm_kernel_block` (not the Flax block)
 
 
 def _f32_epilogue_block(config, attention, p, h, layer_kv, pos):
@@ -148,6 +149,36 @@ def _f32_epilogue_block(config, attention, p, h, layer_kv, pos):
     return x[:, None], layer_kv
 
 
+def _norm_kernel_block(engine):
+    """The prefill's layer (the Flax block's arithmetic on the engine's folded tree, whose LayerNorms are the
+    identity's) with each LayerNorm one `residual_norm` kernel, the second also adding attention out's float32 product
+    and its bias to the residual: XLA runs each as a reduction and a normalising kernel (a 256 x 128 prefill of the
+    345M model on an H100, run 34's profile: ~335 us a layer of those four kernels, ~19% of the prefill)."""
+    import jax
+    import jax.numpy as jnp
+
+    from gptjax.kernels.residual_norm import residual_norm
+    from gptjax.model import ACTIVATIONS
+
+    config, f32 = engine.config, jnp.float32
+    interpret = jax.default_backend() != "gpu"
+
+    def block(p, x, attend):
+        dtype, shape = p["qkv"]["kernel"].dtype, x.shape  # x: [batch, seq, hidden], the float32 residual
+        norm = functools.partial(residual_norm, eps=config.layer_norm_eps, out_dtype=dtype, interpret=interpret)
+        flat = x.reshape(-1, shape[-1]).astype(f32)
+        _, h = norm(flat)
+        qkv = jnp.einsum("rk,kthd->rthd", h, p["qkv"]["kernel"]) + p["qkv"]["bias"]
+        attn, state = attend(0, qkv.reshape(*shape[:2], *qkv.shape[1:]))
+        out = jnp.einsum("bshd,hde->bse", attn, p["attn_out"]["kernel"], preferred_element_type=f32)
+        flat, h = norm(flat, out.reshape(1, *flat.shape), p["attn_out"]["bias"])
+        mid = ACTIVATIONS[config.activation](jnp.einsum("rk,kf->rf", h, p["mlp_in"]["kernel"]) + p["mlp_in"]["bias"])
+        out = jnp.einsum("rf,fe->re", mid, p["mlp_out"]["kernel"]) + p["mlp_out"]["bias"]
+        return (flat + out).reshape(shape), state
+
+    return block
+
+
 def _flax_layer(engine):
     """A decode step's layer as the Flax block runs it (a kernel normalising each LayerNorm's output before the
     product), as the engine's XLA path did before `decode_block.folded_block`, to time one against the other; on
@@ -165,8 +196,8 @@ def _flax_layer(engine):
 
 def _generate_jit(engine, variant: str | None):
     """The engine's generate program under a variant ("off", or names joined by "+": short names of `XLA_OPTIONS`,
-    and this probe's own, `BATCH_OFF`, `FLAX_BLOCK` and `F32_EPILOGUES`, which change what the decode step traces;
-    None: the engine's own jit)."""
+    and this probe's own, `BATCH_OFF`, `FLAX_BLOCK`, `F32_EPILOGUES` and `PREFILL_NORM`, which change what the
+    decode step or the prefill traces; None: the engine's own jit)."""
     import jax
 
     from gptjax import decode_block
@@ -174,7 +205,7 @@ def _generate_jit(engine, variant: str | None):
     if variant is None:
         return engine._generate_jit
     names = [] if variant == "off" else variant.split("+")
-    own = (BATCH_OFF, FLAX_BLOCK, F32_EPILOGUES)
+    own = (BATCH_OFF, FLAX_BLOCK, F32_EPILOGUES, PREFILL_NORM)
     unknown = [n for n in names if n not in XLA_OPTIONS and n not in own]
     if unknown:
         raise SystemExit(f"--xla-options: {unknown} not among {sorted(XLA_OPTIONS) + list(own)} (or off)")
@@ -188,17 +219,21 @@ def _generate_jit(engine, variant: str | None):
             is_folded = isinstance(layer, functools.partial) and layer.func is decode_block.folded_block
             return functools.partial(_f32_epilogue_block, config, attention) if is_folded else layer
 
+    prefill_block = _norm_kernel_block(engine) if PREFILL_NORM in names else engine._block
+
     @functools.wraps(engine._generate)  # its signature: the static arguments by name
-    def generate(*args, **kwargs):  # decode_block's switches and layer_fn are read as the step is traced
+    def generate(*args, **kwargs):  # decode_block's switches, layer_fn and the prefill's block are read as traced
         switches = ("BATCH_ROWS", "layer_fn")
         saved = [getattr(decode_block, n) for n in switches]
         for n, value in zip(switches, (batch_rows, layer_fn)):
             setattr(decode_block, n, value)
+        engine._block = prefill_block
         try:
             return engine._generate(*args, **kwargs)
         finally:
             for n, value in zip(switches, saved):
                 setattr(decode_block, n, value)
+            del engine._block  # the class's method again
 
     return jax.jit(generate, static_argnames=("n_new", "cache_len", "sampled"),
                    compiler_options=dict(XLA_OPTIONS[n] for n in names if n not in own) or None)
