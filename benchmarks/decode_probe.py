@@ -219,7 +219,7 @@ def _generate_jit(engine, variant: str | None):
             is_folded = isinstance(layer, functools.partial) and layer.func is decode_block.folded_block
             return functools.partial(_f32_epilogue_block, config, attention) if is_folded else layer
 
-    prefill_block = _norm_kernel_block(engine) if PREFILL_NORM in names else engine._block
+    prefill_block = _norm_kernel_block(engine) if PREFILL_NORM in names else None
 
     @functools.wraps(engine._generate)  # its signature: the static arguments by name
     def generate(*args, **kwargs):  # decode_block's switches, layer_fn and the prefill's block are read as traced
@@ -227,13 +227,15 @@ def _generate_jit(engine, variant: str | None):
         saved = [getattr(decode_block, n) for n in switches]
         for n, value in zip(switches, (batch_rows, layer_fn)):
             setattr(decode_block, n, value)
-        engine._block = prefill_block
+        if prefill_block:
+            engine._block = prefill_block
         try:
             return engine._generate(*args, **kwargs)
         finally:
             for n, value in zip(switches, saved):
                 setattr(decode_block, n, value)
-            del engine._block  # the class's method again
+            if prefill_block:
+                del engine._block  # the class's method again
 
     return jax.jit(generate, static_argnames=("n_new", "cache_len", "sampled"),
                    compiler_options=dict(XLA_OPTIONS[n] for n in names if n not in own) or None)
