@@ -118,6 +118,7 @@ BATCH_OFF = "batch_off"  # a variant name of its own: the program traced with de
 FLAX_BLOCK = "flax_block"  # one more: every decode step through the Flax block (`_flax_layer`)
 F32_EPILOGUES = "f32_epilogues"  # and one more: `_f32_epilogue_block` in place of decode_block.folded_block
 PREFILL_NORM = "prefill_norm"  # and one more: the prefill's layers as `_norm_kernel_block` (not the Flax block)
+NORM_BLOCK = "norm_block"  # and one more: `_norm_block` in place of decode_block.folded_block
 
 
 def _f32_epilogue_block(config, attention, p, h, layer_kv, pos):
@@ -147,6 +148,34 @@ def _f32_epilogue_block(config, attention, p, h, layer_kv, pos):
     mid = ACTIVATIONS[config.activation](product(x, p["mlp_in"], "rk,kf->rf", True))
     x = x + product(mid, p["mlp_out"], "rf,fe->re")
     return x[:, None], layer_kv
+
+
+def _norm_block(config, attention, p, h, layer_kv, pos):
+    """`decode_block.folded_block` with each LayerNorm one `residual_norm` kernel, as `decode_block.batch_block` has
+    them, on XLA's products unsplit: the first of a layer also adds the previous layer's MLP out (its float32 product,
+    handed on as a `Pending` of one part), the second attention out's. At 6.7B batch 1 XLA runs each LayerNorm's
+    statistics, its 1 / std, the residual adds and the casts as ~6 kernels of ~2 us a layer (RESULTS runs 33-34),
+    where this runs 2; run 35's `split_block` did the same on products split by hand, which XLA runs slowly at one
+    row."""
+    import jax
+    import jax.numpy as jnp
+
+    from gptjax import kernels
+    from gptjax.decode_block import Pending
+    from gptjax.kernels.residual_norm import residual_norm
+    from gptjax.model import ACTIVATIONS
+
+    f32, dtype = jnp.float32, p["qkv"]["kernel"].dtype
+    norm = functools.partial(residual_norm, eps=config.layer_norm_eps, out_dtype=dtype,
+                             interpret=jax.default_backend() != "gpu")
+    x, x16 = norm(h.h[:, 0], h.parts, h.bias) if isinstance(h, Pending) else norm(h[:, 0].astype(f32))
+    qkv = jnp.einsum("rk,kthd->rthd", x16, p["qkv"]["kernel"]) + p["qkv"]["bias"]
+    attn, layer_kv = kernels.decode_step_append(qkv, layer_kv, pos, attention)
+    out = jnp.einsum("rhd,hde->re", attn, p["attn_out"]["kernel"], preferred_element_type=f32)
+    x, x16 = norm(x, out[None], p["attn_out"]["bias"])
+    mid = ACTIVATIONS[config.activation](jnp.einsum("rk,kf->rf", x16, p["mlp_in"]["kernel"]) + p["mlp_in"]["bias"])
+    out = jnp.einsum("rf,fe->re", mid, p["mlp_out"]["kernel"], preferred_element_type=f32)
+    return Pending(x[:, None], out[None], p["mlp_out"]["bias"]), layer_kv
 
 
 def _norm_kernel_block(engine):
@@ -196,8 +225,8 @@ def _flax_layer(engine):
 
 def _generate_jit(engine, variant: str | None):
     """The engine's generate program under a variant ("off", or names joined by "+": short names of `XLA_OPTIONS`,
-    and this probe's own, `BATCH_OFF`, `FLAX_BLOCK`, `F32_EPILOGUES` and `PREFILL_NORM`, which change what the
-    decode step or the prefill traces; None: the engine's own jit)."""
+    and this probe's own, `BATCH_OFF`, `FLAX_BLOCK`, `F32_EPILOGUES`, `PREFILL_NORM` and `NORM_BLOCK`, which change
+    what the decode step or the prefill traces; None: the engine's own jit)."""
     import jax
 
     from gptjax import decode_block
@@ -205,7 +234,7 @@ def _generate_jit(engine, variant: str | None):
     if variant is None:
         return engine._generate_jit
     names = [] if variant == "off" else variant.split("+")
-    own = (BATCH_OFF, FLAX_BLOCK, F32_EPILOGUES, PREFILL_NORM)
+    own = (BATCH_OFF, FLAX_BLOCK, F32_EPILOGUES, PREFILL_NORM, NORM_BLOCK)
     unknown = [n for n in names if n not in XLA_OPTIONS and n not in own]
     if unknown:
         raise SystemExit(f"--xla-options: {unknown} not among {sorted(XLA_OPTIONS) + list(own)} (or off)")
@@ -213,11 +242,12 @@ def _generate_jit(engine, variant: str | None):
     layer_fn = decode_block.layer_fn
     if FLAX_BLOCK in names:
         layer_fn = lambda impl, config, rows, attention: _flax_layer(engine)  # noqa: E731
-    if F32_EPILOGUES in names:
-        def layer_fn(impl, config, rows, attention, default=layer_fn):
-            layer = default(impl, config, rows, attention)
-            is_folded = isinstance(layer, functools.partial) and layer.func is decode_block.folded_block
-            return functools.partial(_f32_epilogue_block, config, attention) if is_folded else layer
+    for name, block in ((F32_EPILOGUES, _f32_epilogue_block), (NORM_BLOCK, _norm_block)):
+        if name in names:
+            def layer_fn(impl, config, rows, attention, default=layer_fn, block=block):
+                layer = default(impl, config, rows, attention)
+                is_folded = isinstance(layer, functools.partial) and layer.func is decode_block.folded_block
+                return functools.partial(block, config, attention) if is_folded else layer
 
     prefill_block = _norm_kernel_block(engine) if PREFILL_NORM in names else None
 
