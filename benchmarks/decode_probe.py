@@ -379,6 +379,7 @@ def probe(engine, batch: int, args, profile: str | None) -> None:
     jits = {v: _generate_jit(engine, v) for v in variants}
     first_rows, compile_s, times = {}, {}, {v: ([], []) for v in variants}
     busy = {v: [] for v in variants}  # --device-time: each round's kernel seconds a step
+    busy_first = {v: [] for v in variants}  # and of the prefill with the first token
     for v in list(variants):
         engine._generate_jit = jits[v]
         try:
@@ -399,6 +400,7 @@ def probe(engine, batch: int, args, profile: str | None) -> None:
             if args.device_time:
                 full, one = (gpu_busy_seconds(lambda _, n=n: run(n), None) for n in (args.steps + 1, 1))
                 busy[v].append(None if full is None else (full - one) / args.steps)  # None off a GPU
+                busy_first[v].append(one)
     engine._generate_jit = jits[variants[0]]  # the HLO and the profile: the first variant's
     if args.hlo:
         import jax.numpy as jnp
@@ -448,7 +450,8 @@ def probe(engine, batch: int, args, profile: str | None) -> None:
                           "rounds_decode_ms_per_token": [round((f - o) / args.steps * 1e3, 4)
                                                          for f, o in zip(*times[v])],
                           **({"device_ms_per_token": round(statistics.median(busy[v]) * 1e3, 4),
-                              "rounds_device_ms_per_token": [round(b * 1e3, 4) for b in busy[v]]}
+                              "rounds_device_ms_per_token": [round(b * 1e3, 4) for b in busy[v]],
+                              "device_prefill_plus_first_ms": round(statistics.median(busy_first[v]) * 1e3, 3)}
                              if busy[v] and busy[v][0] is not None else {}),
                           "first_call_s": round(compile_s[v], 2), "first_row_tokens": first_rows[v][:32],
                           "device": jax.devices()[0].device_kind}), flush=True)
