@@ -118,7 +118,7 @@ BATCH_OFF = "batch_off"  # a variant name of its own: the program traced with de
 FLAX_BLOCK = "flax_block"  # one more: every decode step through the Flax block (`_flax_layer`)
 F32_EPILOGUES = "f32_epilogues"  # and one more: `_f32_epilogue_block` in place of decode_block.folded_block
 PREFILL_NORM = "prefill_norm"  # and one more: the prefill's layers as `_norm_kernel_block` (not the Flax block)
-NORM_BLOCK = "norm_block"  # and one more: `_norm_block` in place of decode_block.folded_block
+NORM_BLOCK = "norm_block"  # and one more: decode_block.norm_block on XLA's products in place of its folded_block
 
 
 def _f32_epilogue_block(config, attention, p, h, layer_kv, pos):
@@ -148,34 +148,6 @@ def _f32_epilogue_block(config, attention, p, h, layer_kv, pos):
     mid = ACTIVATIONS[config.activation](product(x, p["mlp_in"], "rk,kf->rf", True))
     x = x + product(mid, p["mlp_out"], "rf,fe->re")
     return x[:, None], layer_kv
-
-
-def _norm_block(config, attention, p, h, layer_kv, pos):
-    """`decode_block.folded_block` with each LayerNorm one `residual_norm` kernel, as `decode_block.batch_block` has
-    them, on XLA's products unsplit: the first of a layer also adds the previous layer's MLP out (its float32 product,
-    handed on as a `Pending` of one part), the second attention out's. At 6.7B batch 1 XLA runs each LayerNorm's
-    statistics, its 1 / std, the residual adds and the casts as ~6 kernels of ~2 us a layer (RESULTS runs 33-34),
-    where this runs 2; run 35's `split_block` did the same on products split by hand, which XLA runs slowly at one
-    row."""
-    import jax
-    import jax.numpy as jnp
-
-    from gptjax import kernels
-    from gptjax.decode_block import Pending
-    from gptjax.kernels.residual_norm import residual_norm
-    from gptjax.model import ACTIVATIONS
-
-    f32, dtype = jnp.float32, p["qkv"]["kernel"].dtype
-    norm = functools.partial(residual_norm, eps=config.layer_norm_eps, out_dtype=dtype,
-                             interpret=jax.default_backend() != "gpu")
-    x, x16 = norm(h.h[:, 0], h.parts, h.bias) if isinstance(h, Pending) else norm(h[:, 0].astype(f32))
-    qkv = jnp.einsum("rk,kthd->rthd", x16, p["qkv"]["kernel"]) + p["qkv"]["bias"]
-    attn, layer_kv = kernels.decode_step_append(qkv, layer_kv, pos, attention)
-    out = jnp.einsum("rhd,hde->re", attn, p["attn_out"]["kernel"], preferred_element_type=f32)
-    x, x16 = norm(x, out[None], p["attn_out"]["bias"])
-    mid = ACTIVATIONS[config.activation](jnp.einsum("rk,kf->rf", x16, p["mlp_in"]["kernel"]) + p["mlp_in"]["bias"])
-    out = jnp.einsum("rf,fe->re", mid, p["mlp_out"]["kernel"], preferred_element_type=f32)
-    return Pending(x[:, None], out[None], p["mlp_out"]["bias"]), layer_kv
 
 
 def _norm_kernel_block(engine):
@@ -242,7 +214,10 @@ def _generate_jit(engine, variant: str | None):
     layer_fn = decode_block.layer_fn
     if FLAX_BLOCK in names:
         layer_fn = lambda impl, config, rows, attention: _flax_layer(engine)  # noqa: E731
-    for name, block in ((F32_EPILOGUES, _f32_epilogue_block), (NORM_BLOCK, _norm_block)):
+    on_gpu = jax.default_backend() == "gpu"
+    blocks = ((F32_EPILOGUES, _f32_epilogue_block),
+              (NORM_BLOCK, functools.partial(decode_block.norm_block, on_gpu=on_gpu, batch_kernels=False)))
+    for name, block in blocks:
         if name in names:
             def layer_fn(impl, config, rows, attention, default=layer_fn, block=block):
                 layer = default(impl, config, rows, attention)
@@ -311,10 +286,10 @@ def main():
                    help="with --decode-matmuls pallas: products with weights up to this many MiB run on the kernels "
                         "(default: decode_block.KERNEL_MAX_BYTES, 32), the larger ones on XLA's matmuls")
     p.add_argument("--batch-rows", type=int,
-                   help="steps of at least this many slots (whole 64-row tiles) run decode_block.batch_block's "
+                   help="steps of at least this many slots (whole 64-row tiles) run decode_block.norm_block's "
                         "kernels under the default decode matmuls (0: never; default: decode_block.BATCH_ROWS)")
     p.add_argument("--split-k", type=int,
-                   help="batch_block's MLP out is split over K in parts of at least this many (default: "
+                   help="norm_block's MLP out is split over K in parts of at least this many (default: "
                         "decode_block.SPLIT_K, 512: 8 parts at the 345M model's K of 4096)")
     p.add_argument("--xla-options",
                    help="variants of XLA's options for the generate program, comma-separated, each 'off' or short "
