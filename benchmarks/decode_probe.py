@@ -118,7 +118,6 @@ BATCH_OFF = "batch_off"  # a variant name of its own: the program traced with de
 FLAX_BLOCK = "flax_block"  # one more: every decode step through the Flax block (`_flax_layer`)
 F32_EPILOGUES = "f32_epilogues"  # and one more: `_f32_epilogue_block` in place of decode_block.folded_block
 PREFILL_NORM = "prefill_norm"  # and one more: the prefill's layers as `_norm_kernel_block` (not the Flax block)
-NORM_BLOCK = "norm_block"  # and one more: decode_block.norm_block on XLA's products in place of its folded_block
 
 
 def _f32_epilogue_block(config, attention, p, h, layer_kv, pos):
@@ -197,8 +196,8 @@ def _flax_layer(engine):
 
 def _generate_jit(engine, variant: str | None):
     """The engine's generate program under a variant ("off", or names joined by "+": short names of `XLA_OPTIONS`,
-    and this probe's own, `BATCH_OFF`, `FLAX_BLOCK`, `F32_EPILOGUES`, `PREFILL_NORM` and `NORM_BLOCK`, which change
-    what the decode step or the prefill traces; None: the engine's own jit)."""
+    and this probe's own, `BATCH_OFF`, `FLAX_BLOCK`, `F32_EPILOGUES` and `PREFILL_NORM`, which change what the
+    decode step or the prefill traces; None: the engine's own jit)."""
     import jax
 
     from gptjax import decode_block
@@ -206,7 +205,7 @@ def _generate_jit(engine, variant: str | None):
     if variant is None:
         return engine._generate_jit
     names = [] if variant == "off" else variant.split("+")
-    own = (BATCH_OFF, FLAX_BLOCK, F32_EPILOGUES, PREFILL_NORM, NORM_BLOCK)
+    own = (BATCH_OFF, FLAX_BLOCK, F32_EPILOGUES, PREFILL_NORM)
     unknown = [n for n in names if n not in XLA_OPTIONS and n not in own]
     if unknown:
         raise SystemExit(f"--xla-options: {unknown} not among {sorted(XLA_OPTIONS) + list(own)} (or off)")
@@ -214,15 +213,11 @@ def _generate_jit(engine, variant: str | None):
     layer_fn = decode_block.layer_fn
     if FLAX_BLOCK in names:
         layer_fn = lambda impl, config, rows, attention: _flax_layer(engine)  # noqa: E731
-    on_gpu = jax.default_backend() == "gpu"
-    blocks = ((F32_EPILOGUES, _f32_epilogue_block),
-              (NORM_BLOCK, functools.partial(decode_block.norm_block, on_gpu=on_gpu, batch_kernels=False)))
-    for name, block in blocks:
-        if name in names:
-            def layer_fn(impl, config, rows, attention, default=layer_fn, block=block):
-                layer = default(impl, config, rows, attention)
-                is_folded = isinstance(layer, functools.partial) and layer.func is decode_block.folded_block
-                return functools.partial(block, config, attention) if is_folded else layer
+    if F32_EPILOGUES in names:
+        def layer_fn(impl, config, rows, attention, default=layer_fn):
+            layer = default(impl, config, rows, attention)
+            is_folded = isinstance(layer, functools.partial) and layer.func is decode_block.folded_block
+            return functools.partial(_f32_epilogue_block, config, attention) if is_folded else layer
 
     prefill_block = _norm_kernel_block(engine) if PREFILL_NORM in names else None
 
@@ -286,10 +281,10 @@ def main():
                    help="with --decode-matmuls pallas: products with weights up to this many MiB run on the kernels "
                         "(default: decode_block.KERNEL_MAX_BYTES, 32), the larger ones on XLA's matmuls")
     p.add_argument("--batch-rows", type=int,
-                   help="steps of at least this many slots (whole 64-row tiles) run decode_block.norm_block's "
+                   help="steps of at least this many slots (whole 64-row tiles) run decode_block.batch_block's "
                         "kernels under the default decode matmuls (0: never; default: decode_block.BATCH_ROWS)")
     p.add_argument("--split-k", type=int,
-                   help="norm_block's MLP out is split over K in parts of at least this many (default: "
+                   help="batch_block's MLP out is split over K in parts of at least this many (default: "
                         "decode_block.SPLIT_K, 512: 8 parts at the 345M model's K of 4096)")
     p.add_argument("--xla-options",
                    help="variants of XLA's options for the generate program, comma-separated, each 'off' or short "

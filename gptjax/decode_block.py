@@ -11,13 +11,13 @@ slots (`EngineConfig.decode_matmuls="pallas"`: steps of up to `KERNEL_ROWS`, 16 
 whose weights exceed `KERNEL_MAX_BYTES` run the same arithmetic through XLA. Steps of more rows were tried on the
 kernels in 64-row blocks and lost to XLA's matmuls (345M fp16, batch 256: 4.18 against 2.84 ms/token, RESULTS
 run 23).
-Steps of at least `BATCH_ROWS` slots (whole 64-row tiles) can instead run `norm_block` on the batch kernels: QKV,
-attention out and MLP in each one Mosaic GPU kernel with its epilogue (`gptjax.kernels.batch_matmul`: bias, residual
-or GELU); MLP out (K = 4096: one CTA a 64 x 64 tile leaves half the chip idle, 13.7 us against XLA's 13.0 at 256
-rows; in 64 x 32 tiles level with XLA in the step, RESULTS runs 30 and 31) through XLA, split over K by hand; and
-each LayerNorm one `gptjax.kernels.residual_norm` kernel that writes the rows normalised, the first of a layer also
-adding the MLP out before it (its parts, bias and residual). Against XLA's statistics, split-K sum and residual add
-(five kernels a layer for two) that was 3.3% a 345M step at 256 slots and 4.5% at 128 on an H100 (RESULTS run 35).
+Steps of at least `BATCH_ROWS` slots (whole 64-row tiles) can instead run `batch_block`: QKV, attention out and MLP
+in each one Mosaic GPU kernel with its epilogue (`gptjax.kernels.batch_matmul`: bias, residual or GELU); MLP out
+(K = 4096: one CTA a 64 x 64 tile leaves half the chip idle, 13.7 us against XLA's 13.0 at 256 rows; in 64 x 32
+tiles level with XLA in the step, RESULTS runs 30 and 31) through XLA, split over K by hand; and each LayerNorm one
+`gptjax.kernels.residual_norm` kernel that writes the rows normalised, the first of a layer also adding the MLP out
+before it (its parts, bias and residual). Against XLA's statistics, split-K sum and residual add (five kernels a
+layer for two) that was 3.3% a 345M step at 256 slots and 4.5% at 128 on an H100 (RESULTS run 35).
 The small-batch kernels' MLP was tried as one kernel (each program an FFN slice, the partial sums added in the
 kernel): 2.7 times slower a step at batch 1, 6.5 at batch 8; and the attention inside attention out's kernel (each
 split-K program attending over its chunk's heads): 10% slower at batch 1 (RESULTS run 31).
@@ -46,10 +46,9 @@ KERNEL_ROWS = 16  # what decode_matmuls="pallas" runs on the kernels: steps of u
 AUTO_ROWS = 8  # the default's limit: on the H200 the kernels beat XLA's matmuls at 1, 2 and 4 rows; at 8 the two are
                # level within 2% (RESULTS runs 13 and 17)
 KERNEL_MAX_BYTES = 32 << 20  # larger weights: XLA's own matmul reads them faster (the H200, RESULTS run 11)
-# steps of at least this many slots run `norm_block` on the batch kernels under "auto" (0: never). On an H100
-# (RESULTS run 27, in one process, rounds alternating, every round alike): 256 slots 2.85 ms/token against XLA's
-# 2.98, 128 slots 1.93 against 2.12; 64 slots lost (1.45 against 1.40, with the launch before 6 stages and one wgmma
-# left running)
+# steps of at least this many slots run `batch_block` under "auto" (0: never). On an H100 (RESULTS run 27, in one
+# process, rounds alternating, every round alike): 256 slots 2.85 ms/token against XLA's 2.98, 128 slots 1.93 against
+# 2.12; 64 slots lost (1.45 against 1.40, with the launch before 6 stages and one wgmma left running)
 BATCH_ROWS = 128
 BATCH_TILE = batch.TILE_M  # a step's slots must fill whole row tiles
 BATCH_MAX_K = 1024  # products of longer rows through XLA: the kernel's tiles do not split K
@@ -109,7 +108,7 @@ def block(config: ModelConfig, attention: str, p, h, layer_kv, pos, counters, *,
 
 
 class Pending(NamedTuple):
-    """The residual stream with its last product's split-K parts and bias not yet added: what a `norm_block` layer
+    """The residual stream with its last product's split-K parts and bias not yet added: what a `batch_block` layer
     hands the next, whose first kernel adds them (`settle` adds them after the last layer)."""
     h: jax.Array  # [rows, 1, hidden] float32
     parts: jax.Array  # [splits, rows, hidden] float32
@@ -123,35 +122,32 @@ def settle(h):
     return h
 
 
-SPLIT_K = 512  # norm_block's MLP out at whole row tiles: K in parts of at least this, at most 16 (345M: 8, as XLA
-               # splits it at 256 rows)
+SPLIT_K = 512  # batch_block's MLP out: K in parts of at least this, at most 16 (345M: 8, as XLA splits it at 256 rows)
 
 
 def _split_product(x, w):
-    """x [rows, K] @ w [K, N] as float32 parts [splits, rows, N]: one batched GEMM, whose parts the next
-    `residual_norm` sums in the same kernel as the residual and the LayerNorm. K is split `SPLIT_K` at a time for
-    whole row tiles; fewer rows take one part, the product unsplit, which XLA splits its own way (at one row it ran
-    the hand split 36% slower than its own, RESULTS run 35)."""
+    """x [rows, K] @ w [K, N] as float32 parts [splits, rows, N], K split `SPLIT_K` at a time: one batched GEMM,
+    whose parts the next `residual_norm` sums in the same kernel as the residual and the LayerNorm. (At one row XLA
+    runs this form 36% slower than its own split, RESULTS run 35: it is for whole row tiles.)"""
     (rows, k), n = x.shape, w.shape[-1]
-    tiled = rows % BATCH_TILE == 0
-    splits = max(d for d in range(1, 17) if k % d == 0 and (d == 1 or tiled and k // d >= SPLIT_K))
+    splits = max(d for d in range(1, 17) if k % d == 0 and (d == 1 or k // d >= SPLIT_K))
     return jnp.einsum("rsk,skn->srn", x.reshape(rows, splits, k // splits), w.reshape(splits, k // splits, n),
                       preferred_element_type=jnp.float32)
 
 
-def norm_block(config: ModelConfig, attention: str, p, h, layer_kv, pos, *, on_gpu: bool, batch_kernels: bool):
-    """One layer for one new token per row on `fold_layer_norms`'s tree, each LayerNorm one `residual_norm` kernel
-    writing the rows normalised for the product after it, the first also adding the previous layer's MLP out (its
-    float32 parts, bias and residual: `Pending`). With `batch_kernels` QKV, attention out and MLP in are each one
-    `batch_matmul` kernel with its epilogue (bias, GELU or residual; its `jnp` reference off a GPU); otherwise, and
-    for MLP out's longer rows, XLA's products. h is [rows, 1, hidden] float32 or the previous layer's `Pending`;
-    returns (a `Pending`, the layer's cache with the new token's K/V)."""
+def batch_block(config: ModelConfig, attention: str, p, h, layer_kv, pos, *, on_gpu: bool):
+    """One layer for one new token per row on `fold_layer_norms`'s tree: QKV, attention out and MLP in each one
+    `batch_matmul` kernel with its epilogue (bias, GELU or residual; its `jnp` reference off a GPU), MLP out's longer
+    rows through XLA; each LayerNorm one `residual_norm` kernel writing the rows normalised for the product after it,
+    the first also adding the previous layer's MLP out (its split-K parts, bias and residual: `Pending`). h is
+    [rows, 1, hidden] float32 or the previous layer's `Pending`; returns (a `Pending`, the layer's cache with the
+    new token's K/V)."""
     dtype, eps = p["qkv"]["kernel"].dtype, config.layer_norm_eps
     norm = partial(residual_norm, eps=eps, out_dtype=dtype, interpret=not on_gpu)
 
     def matmul(x, w, *args, **kw):
-        on_kernel = batch_kernels and on_gpu and w.shape[0] <= BATCH_MAX_K
-        return (batch.batch_matmul if on_kernel else batch.batch_matmul_reference)(x, w, *args, **kw)
+        fn = batch.batch_matmul if on_gpu and w.shape[0] <= BATCH_MAX_K else batch.batch_matmul_reference
+        return fn(x, w, *args, **kw)
 
     x, x16 = norm(h.h[:, 0], h.parts, h.bias) if isinstance(h, Pending) else norm(h[:, 0].astype(jnp.float32))
     rows, hidden = x.shape
@@ -170,8 +166,8 @@ def norm_block(config: ModelConfig, attention: str, p, h, layer_kv, pos, *, on_g
 
 
 def batch_fits(config: ModelConfig, rows: int, on_gpu: bool) -> bool:
-    """Whether a step of `rows` slots can run `norm_block` on the batch kernels: whole tiles and GPT-2's GELU, and on
-    a GPU 16-bit weights (the kernel would multiply float32 in tf32 on the matrix units)."""
+    """Whether a step of `rows` slots can run `batch_block`: whole tiles and GPT-2's GELU, and on a GPU 16-bit
+    weights (the kernel would multiply float32 in tf32 on the matrix units)."""
     c, f = config.hidden, config.ffn_hidden
     sixteen_bits = jnp.dtype(config.dtype).itemsize == 2
     return (sixteen_bits or not on_gpu) and all(batch.supports(rows, k, n, activation=a, tile_m=BATCH_TILE)
@@ -185,7 +181,7 @@ def layer_fn(impl: str, config: ModelConfig, rows: int, attention: str):
     split counters (one zeroed buffer per step) go from each layer to the next here."""
     on_gpu = jax.default_backend() == "gpu"
     if impl == "auto" and BATCH_ROWS and rows >= BATCH_ROWS and batch_fits(config, rows, on_gpu):
-        return partial(norm_block, config, attention, on_gpu=on_gpu, batch_kernels=True)
+        return lambda p, h, layer_kv, pos: batch_block(config, attention, p, h, layer_kv, pos, on_gpu=on_gpu)
     if not 0 < rows <= {"pallas": KERNEL_ROWS, "auto": AUTO_ROWS}.get(impl, 0):
         return partial(folded_block, config, attention)
     carried = {"counters": new_counters(3 * config.hidden, config.ffn_hidden)}

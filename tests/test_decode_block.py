@@ -61,17 +61,13 @@ def test_folded_weights_and_folded_blocks_compute_the_unfolded_layer(dtype, monk
     monkeypatch.setattr(decode_block.kernels, "decode_step_append", lambda qkv, kv, pos, impl: (qkv[:, 0], kv))
     got, _ = jax.jit(lambda p, h: decode_block.folded_block(config, "xla", p, h, None, None))(folded, h)
     assert got.dtype == want.dtype and rel(got, want) < TOL[dtype], seed
-    # the LayerNorms' kernel's layer (the batch kernels' `jnp` reference here, the kernel interpreted), its MLP out's
-    # parts added after the layer as the next layer's first kernel adds them: one part at 5 rows, K split by hand at
-    # a whole row tile
-    batch = jax.jit(lambda p, h: decode_block.norm_block(config, "xla", p, h, None, None, on_gpu=False,
-                                                         batch_kernels=True)[0])
-    monkeypatch.setattr(decode_block, "SPLIT_K", config.ffn_hidden // 4)
-    tile = jnp.tile(h, (decode_block.BATCH_TILE // h.shape[0] + 1, 1, 1))[:decode_block.BATCH_TILE]
-    for rows, splits in ((h, 1), (tile, 4)):
-        got = batch(folded, rows)
-        assert isinstance(got, decode_block.Pending) and got.parts.shape == (splits, *rows[:, 0].shape)
-        assert got.h.dtype == want.dtype and rel(decode_block.settle(got), block(folded, rows)) < TOL[dtype], seed
+    # the batch kernels' layer (their `jnp` reference here, the LayerNorms' kernel interpreted), its MLP out's parts
+    # added after the layer as the next layer's first kernel adds them
+    batch = jax.jit(lambda p, h: decode_block.batch_block(config, "xla", p, h, None, None, on_gpu=False)[0])
+    got = batch(folded, h)
+    assert isinstance(got, decode_block.Pending) and got.parts.shape[1:] == h[:, 0].shape
+    got = decode_block.settle(got)
+    assert got.dtype == want.dtype and rel(got, want) < TOL[dtype], seed
     chained = decode_block.settle(batch(folded, batch(folded, h)))  # a Pending in: the parts added first
     assert rel(chained, block(folded, block(folded, h))) < 2 * TOL[dtype], seed
     again = decode_block.fold_layer_norms({"h_0": folded})["h_0"]  # folding twice: rounding at most

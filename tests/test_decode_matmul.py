@@ -154,11 +154,11 @@ def test_interpreted_kernels_ignore_a_requested_early_launch():
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
 
 
-def test_norm_block_gives_xlas_greedy_tokens(monkeypatch):
-    """`norm_block` on the batch kernels (their `batch_matmul_reference` off a GPU; the kernel itself is checked
-    against the reference on the GPU) over 64 slots, one whole row tile, gives XLA's path's greedy tokens: the
-    LayerNorms, the weights' reshapes, the attention's hand-over and the residual are wired as the model has them. It
-    runs under "auto" only for steps of at least BATCH_ROWS slots that fill whole tiles."""
+def test_batch_block_gives_xlas_greedy_tokens(monkeypatch):
+    """`batch_block` (its products as `batch_matmul_reference` off a GPU; the kernel itself is checked against the
+    reference on the GPU) over 64 slots, one whole row tile, gives XLA's path's greedy tokens: the LayerNorms,
+    the weights' reshapes, the attention's hand-over and the residual are wired as the model has them. It runs
+    under "auto" only for steps of at least BATCH_ROWS slots that fill whole tiles."""
     config = preset("gpt2-tiny")
     monkeypatch.setattr(decode_block, "BATCH_ROWS", 64)
     assert not on_xla(decode_block.layer_fn("auto", config, 64, "xla"))
@@ -173,8 +173,8 @@ def test_norm_block_gives_xlas_greedy_tokens(monkeypatch):
                                                                                    decode_matmuls="xla"))
     want = xla.generate(prompts, max_new_tokens=5, greedy=True, stop_token_ids=[])
     monkeypatch.setattr(decode_block, "choose", lambda *a, **k: "auto")
-    traced, block = [], decode_block.norm_block
-    monkeypatch.setattr(decode_block, "norm_block", lambda *a, **k: traced.append(1) or block(*a, **k))
+    traced, block = [], decode_block.batch_block
+    monkeypatch.setattr(decode_block, "batch_block", lambda *a, **k: traced.append(1) or block(*a, **k))
     batched = gptjax.Engine.from_preset("gpt2-tiny", engine_config=gptjax.EngineConfig(attention="xla"))
     assert batched.decode_matmuls == "auto"
     got = batched.generate(prompts, max_new_tokens=5, greedy=True, stop_token_ids=[])

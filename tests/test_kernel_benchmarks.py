@@ -213,14 +213,13 @@ def test_decode_probe_times_sampling_steps(tmp_path):
 
 def test_decode_probe_times_variants_of_xla_options_in_turn_in_one_process(tmp_path):
     """`--xla-options`: one line per variant (`batch_off`: traced without decode_block's batch kernels;
-    `prefill_norm` and `norm_block`: the prefill's or the decode step's LayerNorms as the kernel, interpreted here),
-    each timed in every round, all with the same greedy tokens; a name the probe does not know stops it before any
-    compile, naming the name."""
+    `prefill_norm`: the prefill's LayerNorms as the kernel, interpreted here), each timed in every round, all with
+    the same greedy tokens; a name the probe does not know stops it before any compile, naming the name."""
     root = Path(__file__).resolve().parents[1]
     probe = [sys.executable, "-m", "benchmarks.decode_probe", "--model", "gpt2-tiny", "--dtype", "float32",
              "--batch", "2", "--input-len", "5", "--steps", "3", "--runs", "1", "--rounds", "2"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "GPTJAX_CACHE_DIR": str(tmp_path)}
-    variants = ["off", "block_level+unroll+no_split_k", "batch_off", "prefill_norm", "norm_block"]
+    variants = ["off", "block_level+unroll+no_split_k", "batch_off", "prefill_norm"]
     proc = subprocess.run([*probe, "--xla-options", ",".join(variants)], cwd=root, capture_output=True, text=True,
                           timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -7,7 +7,7 @@ residual stream (where given) and writes the new stream (float32) and the rows n
 the next product's dtype. Scale and shift are in the next product's weights (`decode_block.fold_layer_norms`), so
 the product takes the output as it is.
 
-One program a row, its sums kept in registers: a kernel for steps of many rows (`decode_block.norm_block`; a
+One program a row, its sums kept in registers: a kernel for steps of many rows (`decode_block.batch_block`; a
 large model's batch-1 step through this kernel and split products was 2.2% slower on an H100, RESULTS run 35).
 `residual_norm_reference` is the same arithmetic in plain `jnp`, the reference the kernel is tested against
 (`interpret=True` runs the kernel off a GPU).
