@@ -20,6 +20,21 @@ def test_bench_json_has_gptjax_and_the_hf_peer():
         assert r["decode_ms_per_token"] is not None
 
 
+def test_the_timed_gptjax_run_is_ids_to_ids_with_generates_tokens():
+    """The in-process row times `Engine.complete` on the padded prompts (ids in, ids out, as the peer): the same new
+    tokens as `generate` gives those prompts, greedy with no stop token."""
+    import numpy as np
+
+    import gptjax
+    from benchmarks.bench import gptjax_runner
+
+    engine = gptjax.Engine.from_preset("gpt2-tiny")
+    prompts = np.random.default_rng().integers(0, engine.config.vocab_size, (3, 7), dtype=np.int32)
+    want = engine.generate(prompts.tolist(), max_new_tokens=5, greedy=True, stop_token_ids=[])
+    got = gptjax_runner(engine, prompts, 5)()
+    assert isinstance(got, np.ndarray) and got.tolist() == [r.output_ids for r in want]
+
+
 def test_bench_several_shapes_in_one_process():
     out = run_cli("bench", "--shapes", "1,4,2", "2,4,1", "-n", "1", "--json").stdout
     rows = [json.loads(line) for line in out.splitlines()]
