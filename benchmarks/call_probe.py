@@ -10,7 +10,9 @@ Each part is timed alone, greedy, median of `--runs` after a warm-up:
   one array, what a single transfer costs;
 - `program_ms`: the compiled program on arrays already on the device, and its result fetched; `device_ms`: the
   time its kernels and copies kept the GPU busy (profiler); the difference is the program's launch, idle gaps
-  and the fetch.
+  and the fetch;
+- `packed_ms`: `complete` as it would run with its host arrays packed into one (`_packed_call`: one transfer, the
+  arrays taken apart inside the program); `packed_same_tokens` says it gave `complete`'s tokens.
 """
 
 from __future__ import annotations
@@ -26,6 +28,28 @@ def _median_ms(fn, runs: int) -> float:
     from benchmarks.bench import median_seconds
 
     return round(median_seconds(fn, runs, warmup=2, label="") * 1e3, 3)
+
+
+def _packed_call(engine, host: tuple, output_len: int, cache_len: int):
+    """`engine.complete`'s call with its host arrays (tokens [n, bucket], lengths [n], the four sampling arrays [n],
+    all 32-bit) as one int32 array [n, bucket + 5], the sampling arrays' bits viewed as int32: one transfer where
+    `_put` makes six, taken apart inside the program, where the slices cost no kernel of their own."""
+    import jax
+
+    from gptjax import distributed
+    from gptjax.engine_api import SamplingArrays
+
+    tokens, lengths, samp = host
+    bucket, dtypes = tokens.shape[1], [a.dtype for a in samp]
+    packed = np.concatenate([tokens, lengths[:, None], *(a.view(np.int32)[:, None] for a in samp)], axis=1)
+
+    @jax.jit
+    def program(params, packed):
+        fields = (jax.lax.bitcast_convert_type(packed[:, bucket + 1 + i], d) for i, d in enumerate(dtypes))
+        return engine._generate(params, packed[:, :bucket], packed[:, bucket], output_len, cache_len,
+                                SamplingArrays(*fields), False)
+
+    return lambda: distributed.to_host(program(engine.params, engine._put(packed)))
 
 
 def probe(engine, batch: int, input_len: int, output_len: int, runs: int) -> dict:
@@ -62,6 +86,10 @@ def probe(engine, batch: int, input_len: int, output_len: int, runs: int) -> dic
                    put_ms=_median_ms(lambda: jax.block_until_ready(engine._put(host)), runs),
                    put_one_ms=_median_ms(lambda: jax.block_until_ready(engine._put(one)), runs),
                    program_ms=_median_ms(functools.partial(program, on_device), runs))
+        packed = _packed_call(engine, host, output_len, cache_len)
+        row["packed_ms"] = _median_ms(packed, runs)
+        row["packed_same_tokens"] = bool(np.array_equal(packed()[0], engine.complete(tokens, lengths, output_len,
+                                                                                        params)[0]))
         busy = gpu_busy_seconds(program, on_device)
     if busy:
         row["device_ms"] = round(busy * 1e3, 3)
