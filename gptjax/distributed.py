@@ -261,8 +261,8 @@ def same_on_every_process(text: str) -> bool:
 
 def to_global(tree, mesh):
     """Host arrays that every process holds the same copy of (one, or a pytree of them; device arrays pass as
-    they are) -> arrays replicated over `mesh`, sent in one transfer. (`jnp.asarray` would run a small program
-    per array: about half a millisecond each on the GPU, RESULTS run 18.)"""
+    they are) -> arrays replicated over `mesh`, sent by one call (a transfer an array). (`jnp.asarray` would run
+    a small program per array: about half a millisecond each on the GPU, RESULTS run 18.)"""
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     tree = jax.tree.map(lambda x: x if isinstance(x, jax.Array) else np.asarray(x), tree)
     if jax.process_count() == 1:

@@ -235,7 +235,7 @@ class Engine(PlannedShapes):
         return jax.jit(make, out_shardings=shardings)()
 
     def _put(self, tree):
-        """Host arrays (a pytree; device arrays pass as they are) -> the jitted calls' arrays, in one transfer."""
+        """Host arrays (a pytree; device arrays pass as they are) -> the jitted calls' arrays, sent by one call."""
         return distributed.to_global(tree, self.mesh)
 
     def prefill(self, tokens: np.ndarray, lengths: np.ndarray, samp: SamplingArrays) -> Prefix:
