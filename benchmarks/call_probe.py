@@ -33,7 +33,7 @@ def _median_ms(fn, runs: int) -> float:
 def _packed_call(engine, host: tuple, output_len: int, cache_len: int):
     """`engine.complete`'s call with its host arrays (tokens [n, bucket], lengths [n], the four sampling arrays [n],
     all 32-bit) as one int32 array [n, bucket + 5], the sampling arrays' bits viewed as int32: one transfer where
-    `_put` makes six, taken apart inside the program, where the slices cost no kernel of their own."""
+    `_put` makes six, taken apart inside the program, where XLA can fuse each slice into its first use."""
     import jax
 
     from gptjax import distributed
