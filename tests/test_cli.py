@@ -217,10 +217,11 @@ def parse_error(capsys, *argv) -> str:
     return capsys.readouterr().err.splitlines()[-1]
 
 
-def main_error(capsys, *argv) -> str:
-    """The one line `gptjax` prints for a refused command (exit 2)."""
-    assert cli.main(list(argv)) == 2
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+def main_error(*argv) -> str:
+    """The one line `gptjax` prints for a refused command (exit 2), run in this process."""
+    proc = run_cli_here(*argv)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, lines
     return lines[0]
 
@@ -265,9 +266,9 @@ def test_an_api_key_the_server_could_never_match_or_an_empty_one_is_refused(caps
     # a server given an empty key served every route to anyone, as if no key had been asked for (the missing
     # config file would stop a server that got past the key)
     missing = str(tmp_path / "missing.toml")
-    assert "the API key (--api-key or $GPTJAX_API_KEY) is empty" in main_error(capsys, "serve", "--config", missing)
+    assert "the API key (--api-key or $GPTJAX_API_KEY) is empty" in main_error("serve", "--config", missing)
     monkeypatch.delenv("GPTJAX_API_KEY")
-    assert "is empty" in main_error(capsys, "serve", "--api-key", "", "--config", missing)
+    assert "is empty" in main_error("serve", "--api-key", "", "--config", missing)
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -281,8 +282,8 @@ def test_an_api_key_the_server_could_never_match_or_an_empty_one_is_refused(caps
     (["--server", "h:1", "--request-rate", "inf", "--warmup", "0"], "--warmup do not apply"),
     (["--server", "h:1", "--request-rate", "inf", "--seed", "-1"], "--seed must not be negative, got -1"),  # numpy's
 ])
-def test_bench_refuses_the_flags_of_the_other_benchmark(capsys, argv, words):
-    assert words in main_error(capsys, "bench", *argv)
+def test_bench_refuses_the_flags_of_the_other_benchmark(argv, words):
+    assert words in main_error("bench", *argv)
 
 
 def test_bench_warmup_seconds_are_finite(capsys):
@@ -291,22 +292,22 @@ def test_bench_warmup_seconds_are_finite(capsys):
         capsys, "bench", "--server", "h:1", "--shapes", "1,4,2", "--warmup-seconds", "inf")
 
 
-def test_an_empty_model_to_remove_is_refused(capsys, monkeypatch, tmp_path):
+def test_an_empty_model_to_remove_is_refused(monkeypatch, tmp_path):
     """`models --rm ""` listed the models and exited 0, as if --rm had not been given."""
     monkeypatch.setenv("GPTJAX_CACHE_DIR", str(tmp_path))
-    assert "no converted model" in main_error(capsys, "models", "--rm", "")
+    assert "no converted model" in main_error("models", "--rm", "")
 
 
-def test_serve_refuses_one_port_for_two_listeners(capsys, tmp_path):
+def test_serve_refuses_one_port_for_two_listeners(tmp_path):
     """It said "Address already in use", as if another program held the port."""
     missing = str(tmp_path / "missing.toml")  # would stop a server that got past the ports
-    assert "--port and --http-port are both 8100" in main_error(capsys, "serve", "--port", "8100", "--http-port",
+    assert "--port and --http-port are both 8100" in main_error("serve", "--port", "8100", "--http-port",
                                                                  "8100", "--config", missing)
-    assert "--http-port and --metrics-port are both 8101" in main_error(capsys, "serve", "--http-port", "8101",
+    assert "--http-port and --metrics-port are both 8101" in main_error("serve", "--http-port", "8101",
                                                                          "--metrics-port", "8101", "--config", missing)
 
 
-def test_a_kv_cache_or_weights_that_can_not_fit_exit_2_naming_what_to_change(capsys, monkeypatch, tmp_path):
+def test_a_kv_cache_or_weights_that_can_not_fit_exit_2_naming_what_to_change(monkeypatch, tmp_path):
     """A server with max_slots = 100000 (or a model too large for its devices) died in an out-of-memory traceback
     when the state was allocated. Devices report their memory on GPUs (CPU devices report no limit, and are not
     checked): here they say they have 64 MiB each."""
@@ -327,12 +328,12 @@ def test_a_kv_cache_or_weights_that_can_not_fit_exit_2_naming_what_to_change(cap
         "has; lower max_slots (at most 36 fit with max_seq_len=256) or max_seq_len"), refused.value
     # generate and bench: the cache of their prompts, and the weights
     prompts = [a for _ in range(300) for a in ("--prompt-ids", "1,2,3")]
-    assert main_error(capsys, "generate", *prompts, "--max-new-tokens", "50", "--no-compile-cache").startswith(
+    assert main_error("generate", *prompts, "--max-new-tokens", "50", "--no-compile-cache").startswith(
         "gptjax generate: error: 300 prompts x at least 66 positions: the KV cache (77.3 MiB) and the weights")
     assert "error: -b 1000 (-i 100, -o 100) x at least 228 positions: the KV cache" in main_error(
-        capsys, "bench", "--shapes", "1,4,2", "1000,100,100", "--no-compile-cache")
+        "bench", "--shapes", "1,4,2", "1000,100,100", "--no-compile-cache")
     assert "error: the model's weights need 474.7 MiB (497759232 bytes) on each device (float32, mesh " in main_error(
-        capsys, "generate", "--model", "gpt2-124m", "--prompt", "x", "--no-compile-cache")
+        "generate", "--model", "gpt2-124m", "--prompt", "x", "--no-compile-cache")
 
 
 def test_convert_keeps_the_folders_own_tokenizer(hf_dir, tmp_path):
