@@ -6,13 +6,11 @@ Each part is timed alone, greedy, median of `--runs` after a warm-up:
 - `generate_ms`: `engine.generate` as the seed's benchmark calls it (token-id lists in, texts out);
 - `complete_ms`: `engine.complete`, the padded arrays in and host arrays out: generate's own Python (checks,
   padding, stop tokens, detokenizing) is the difference;
-- `put_ms`: the call's host arrays sent (`engine._put`) and waited for; `put_one_ms`: as many bytes sent as
-  one array, what a single transfer costs;
+- `put_ms`: the call's host arrays sent, packed into one (`engine_api.pack_prompts`, as `complete` sends them)
+  and waited for;
 - `program_ms`: the compiled program on arrays already on the device, and its result fetched; `device_ms`: the
   time its kernels and copies kept the GPU busy (profiler); the difference is the program's launch, idle gaps
-  and the fetch;
-- `packed_ms`: `complete` as it would run with its host arrays packed into one (`_packed_call`: one transfer, the
-  arrays taken apart inside the program); `packed_same_tokens` says it gave `complete`'s tokens.
+  and the fetch.
 """
 
 from __future__ import annotations
@@ -30,35 +28,13 @@ def _median_ms(fn, runs: int) -> float:
     return round(median_seconds(fn, runs, warmup=2, label="") * 1e3, 3)
 
 
-def _packed_call(engine, host: tuple, output_len: int, cache_len: int):
-    """`engine.complete`'s call with its host arrays (tokens [n, bucket], lengths [n], the four sampling arrays [n],
-    all 32-bit) as one int32 array [n, bucket + 5], the sampling arrays' bits viewed as int32: one transfer where
-    `_put` makes six, taken apart inside the program, where XLA can fuse each slice into its first use."""
-    import jax
-
-    from gptjax import distributed
-    from gptjax.engine_api import SamplingArrays
-
-    tokens, lengths, samp = host
-    bucket, dtypes = tokens.shape[1], [a.dtype for a in samp]
-    packed = np.concatenate([tokens, lengths[:, None], *(a.view(np.int32)[:, None] for a in samp)], axis=1)
-
-    @jax.jit
-    def program(params, packed):
-        fields = (jax.lax.bitcast_convert_type(packed[:, bucket + 1 + i], d) for i, d in enumerate(dtypes))
-        return engine._generate(params, packed[:, :bucket], packed[:, bucket], output_len, cache_len,
-                                SamplingArrays(*fields), False)
-
-    return lambda: distributed.to_host(program(engine.params, engine._put(packed)))
-
-
 def probe(engine, batch: int, input_len: int, output_len: int, runs: int) -> dict:
     import jax
 
     from benchmarks.bench import random_prompts
     from benchmarks.gpu_time import gpu_busy_seconds
     from gptjax import distributed
-    from gptjax.engine_api import SamplingArrays
+    from gptjax.engine_api import SamplingArrays, pack_prompts
     from gptjax.planning import generate_cache_len
     from gptjax.sampling import SamplingParams
 
@@ -69,27 +45,19 @@ def probe(engine, batch: int, input_len: int, output_len: int, runs: int) -> dic
     lengths = np.full(batch, input_len, np.int32)
     params = [SamplingParams()] * batch
     cache_len = generate_cache_len(tokens.shape[1], output_len, engine.max_seq_len)  # as `complete` has it
-    host = (tokens, lengths, SamplingArrays.from_params(params))
-    one = np.zeros(sum(a.size for a in jax.tree.leaves(host)), np.int32)
+    packed = pack_prompts(tokens, lengths, SamplingArrays.from_params(params))
     with jax.set_mesh(engine.mesh):
-        on_device = engine._put(host)
+        on_device = engine._put(packed)
 
-        def program(args):
-            tokens, lengths, samp = args
-            return distributed.to_host(engine._generate_jit(engine.params, tokens, lengths, output_len, cache_len,
-                                                            samp, False))
+        def program(packed):
+            return distributed.to_host(engine._generate_jit(engine.params, packed, output_len, cache_len, False))
 
         row = dict(batch=batch, input_len=input_len, output_len=output_len, runs=runs,
                    generate_ms=_median_ms(lambda: engine.generate(rows, max_new_tokens=output_len, greedy=True,
                                                                   stop_token_ids=[]), runs),
                    complete_ms=_median_ms(lambda: engine.complete(tokens, lengths, output_len, params), runs),
-                   put_ms=_median_ms(lambda: jax.block_until_ready(engine._put(host)), runs),
-                   put_one_ms=_median_ms(lambda: jax.block_until_ready(engine._put(one)), runs),
+                   put_ms=_median_ms(lambda: jax.block_until_ready(engine._put(packed)), runs),
                    program_ms=_median_ms(functools.partial(program, on_device), runs))
-        packed = _packed_call(engine, host, output_len, cache_len)
-        row["packed_ms"] = _median_ms(packed, runs)
-        row["packed_same_tokens"] = bool(np.array_equal(packed()[0], engine.complete(tokens, lengths, output_len,
-                                                                                        params)[0]))
         busy = gpu_busy_seconds(program, on_device)
     if busy:
         row["device_ms"] = round(busy * 1e3, 3)

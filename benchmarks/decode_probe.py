@@ -373,19 +373,15 @@ def probe(engine, batch: int, args, profile: str | None) -> None:
                 busy_first[v].append(one)
     engine._generate_jit = jits[variants[0]]  # the HLO and the profile: the first variant's
     if args.hlo:
-        import jax.numpy as jnp
-
-        from gptjax.engine import SamplingArrays
+        from gptjax.engine_api import SamplingArrays, pack_prompts
         from gptjax.planning import generate_cache_len
         from gptjax.sampling import SamplingParams
 
         bucket = engine.prefill_bucket(args.input_len)
-        tokens = jnp.zeros((batch, bucket), jnp.int32)
-        lengths = jnp.full((batch,), args.input_len, jnp.int32)
-        samp = SamplingArrays.from_params([SamplingParams()] * batch)
+        packed = pack_prompts(np.zeros((batch, bucket), np.int32), np.full((batch,), args.input_len, np.int32),
+                              SamplingArrays.from_params([SamplingParams()] * batch))
         cache_len = generate_cache_len(bucket, args.steps + 1, engine.max_seq_len)
-        compiled = engine._generate_jit.lower(engine.params, tokens, lengths, args.steps + 1, cache_len, samp,
-                                             False).compile()
+        compiled = engine._generate_jit.lower(engine.params, packed, args.steps + 1, cache_len, False).compile()
         with open(args.hlo, "w") as f:
             f.write(compiled.as_text())
     if profile:

@@ -19,7 +19,7 @@ import numpy as np
 from gptjax import compile_cache, decode_block, distributed, kernels, planning, sampling, sharding, warmup
 from gptjax.checkpoint import open_checkpoint, restore_in_background
 from gptjax.config import EngineConfig, ModelConfig, engine_config_of, preset
-from gptjax.engine_api import DecodeState, Prefix, SamplingArrays, layout_of
+from gptjax.engine_api import DecodeState, Prefix, SamplingArrays, layout_of, pack_prompts, unpack_prompts
 from gptjax.generate import GenerationResult, generate
 from gptjax.layout import layout_for
 from gptjax.model import GPT, Block
@@ -56,7 +56,7 @@ class Engine(PlannedShapes):
         self._model = GPT(config, vocab_rows=self.layout.vocab_rows)
         self.plan = ShapePlan(self.max_seq_len, ec.min_prefill_bucket, ec.max_prefill_tokens, ec.max_slots,
                               self.layout.shape.data, self.layout.leading_rows)
-        self._prefill_jit = jax.jit(self._prefill, static_argnames=("sampled",))
+        self._prefill_jit = jax.jit(self._prefill_packed, static_argnames=("sampled",))
         self._insert_jit = jax.jit(self._insert, donate_argnames=("state",))
         self._steps_jit = jax.jit(self._decode_steps, static_argnames=("n_steps", "sampled", "active"),
                                   donate_argnames=("state",))
@@ -157,6 +157,10 @@ class Engine(PlannedShapes):
         first, first_logprobs = self._replicated((first[:n], sampling.token_logprobs(logits, first)[:n]))
         return Prefix(kv, lengths[:n], first, first_logprobs, SamplingArrays(*(a[:n] for a in samp)))  # process 0 reads
 
+    def _prefill_packed(self, params, packed, sampled: bool | None = None) -> Prefix:
+        """`_prefill` of `pack_prompts`'s one array: the program `prefill` runs."""
+        return self._prefill(params, *unpack_prompts(packed), sampled)
+
     def _insert(self, prefix: Prefix, state: DecodeState, slots) -> DecodeState:
         def put(dst, src):
             return dst.at[slots].set(src.astype(dst.dtype))
@@ -207,7 +211,9 @@ class Engine(PlannedShapes):
         """New tokens end replicated, so every process (process 0 in particular) can read them."""
         return jax.lax.with_sharding_constraint(x, sharding.replicated(self.mesh))
 
-    def _generate(self, params, tokens, lengths, n_new: int, cache_len: int, samp: SamplingArrays, sampled: bool):
+    def _generate(self, params, packed, n_new: int, cache_len: int, sampled: bool):
+        """`complete`'s program, of `pack_prompts`'s one array."""
+        tokens, lengths, samp = unpack_prompts(packed)
         n = tokens.shape[0]
         tokens, lengths, samp = self._pad_rows((tokens, lengths, samp), n)
         rows, slots = tokens.shape[0], self.plan.state_rows(tokens.shape[0])
@@ -242,8 +248,8 @@ class Engine(PlannedShapes):
         """Whether any row samples is decided on the device (one program per shape, whatever the requests'
         temperatures)."""
         with jax.set_mesh(self.mesh):  # arrays made here carry the mesh in their types (one program per shape)
-            args = self._put((np.asarray(tokens, np.int32), np.asarray(lengths, np.int32), samp))
-            return self._run(("prefill", *tokens.shape), self._prefill_jit, self.params, *args, sampled=None)
+            packed = self._put(pack_prompts(tokens, lengths, samp))
+            return self._run(("prefill", *np.shape(tokens)), self._prefill_jit, self.params, packed, sampled=None)
 
     def insert(self, prefix: Prefix, state: DecodeState, slots: np.ndarray) -> DecodeState:
         with jax.set_mesh(self.mesh):
@@ -287,7 +293,7 @@ class Engine(PlannedShapes):
         [n, n_new], their logprobs) as host arrays, prefill and every decode step in one program."""
         cache_len = planning.generate_cache_len(tokens.shape[1], n_new, self.max_seq_len)
         with jax.set_mesh(self.mesh):
-            tokens, lengths, samp = self._put((tokens, lengths, SamplingArrays.from_params(params)))
-            out, logprobs = self._generate_jit(self.params, tokens, lengths, n_new, cache_len, samp,
+            packed = self._put(pack_prompts(tokens, lengths, SamplingArrays.from_params(params)))
+            out, logprobs = self._generate_jit(self.params, packed, n_new, cache_len,
                                                any(p.temperature > 0 for p in params))
         return distributed.to_host((out, logprobs))

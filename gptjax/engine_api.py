@@ -38,6 +38,25 @@ class SamplingArrays(NamedTuple):
                    np.array([int(p.seed) % 2**32 for p in params], np.uint32))
 
 
+SAMPLING_DTYPES = SamplingArrays(np.float32, np.int32, np.float32, np.uint32)
+
+
+def pack_prompts(tokens, lengths, samp: SamplingArrays) -> np.ndarray:
+    """A call's host arrays (prompts [n, bucket], lengths [n], the sampling arrays [n]) as one int32 array
+    [n, bucket + 5], the sampling arrays' bits as they are: one transfer where six took 0.4 ms more a call on an
+    H100 (RESULTS run 37). `unpack_prompts` takes it apart inside the program."""
+    columns = [np.asarray(a, d).view(np.int32) for a, d in zip(samp, SAMPLING_DTYPES)]
+    return np.concatenate([np.asarray(tokens, np.int32), np.asarray(lengths, np.int32)[:, None],
+                           *(c[:, None] for c in columns)], axis=1)
+
+
+def unpack_prompts(packed) -> tuple[jax.Array, jax.Array, SamplingArrays]:
+    """`pack_prompts`'s array [n, bucket + 5] -> (tokens [n, bucket], lengths [n], SamplingArrays), in a program."""
+    bucket = packed.shape[1] - 1 - len(SAMPLING_DTYPES)
+    fields = (jax.lax.bitcast_convert_type(packed[:, bucket + 1 + i], d) for i, d in enumerate(SAMPLING_DTYPES))
+    return packed[:, :bucket], packed[:, bucket], SamplingArrays(*fields)
+
+
 class Prefix(NamedTuple):
     """What prefill hands to insert: the prompts' K/V and each prompt's first generated token."""
 

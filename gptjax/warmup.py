@@ -12,7 +12,7 @@ import jax
 import numpy as np
 
 from gptjax import sampling
-from gptjax.engine_api import SamplingArrays, layout_of
+from gptjax.engine_api import SamplingArrays, layout_of, pack_prompts
 
 
 def _read_failed_stops_here(engine) -> None:
@@ -28,9 +28,9 @@ def prepare_prefill(engine, rows: int, bucket: int, state) -> None:
     with jax.set_mesh(engine.mesh):
         # the arguments are made as `Engine.prefill` makes them (small real arrays, under the mesh: their types
         # carry it), so the program takes its arrays
-        tokens, lengths, samp = engine._put((np.zeros((rows, bucket), np.int32), np.ones(rows, np.int32),
-                                             SamplingArrays.from_params([sampling.SamplingParams()] * rows)))
-        lower = partial(engine._prefill_jit.lower, engine.layout.abstract_params, tokens, lengths, samp, sampled=None)
+        packed = engine._put(pack_prompts(np.zeros((rows, bucket), np.int32), np.ones(rows, np.int32),
+                                          SamplingArrays.from_params([sampling.SamplingParams()] * rows)))
+        lower = partial(engine._prefill_jit.lower, engine.layout.abstract_params, packed, sampled=None)
         compiled = engine._programs.prepare(("prefill", rows, bucket), lower, engine._store)
         slots = engine._put(np.arange(rows, dtype=np.int32))
         lower = partial(_lower_insert, engine, compiled, state, slots)

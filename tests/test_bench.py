@@ -74,14 +74,14 @@ def test_the_prefill_floor_is_no_more_than_the_work_xla_counts():
 
     from benchmarks.bench import floor_seconds
     from gptjax.engine import Engine
-    from gptjax.engine_api import SamplingArrays
+    from gptjax.engine_api import SamplingArrays, pack_prompts
     from gptjax.sampling import SamplingParams
 
     engine = Engine.from_preset("gpt2-tiny")
     batch, length = 4, 64
     tokens, lengths = np.ones((batch, length), np.int32), np.full((batch,), length, np.int32)
-    samp = SamplingArrays.from_params([SamplingParams()] * batch)
-    compiled = engine._prefill_jit.lower(engine.params, tokens, lengths, samp, sampled=False).compile()
+    packed = pack_prompts(tokens, lengths, SamplingArrays.from_params([SamplingParams()] * batch))
+    compiled = engine._prefill_jit.lower(engine.params, packed, sampled=False).compile()
     cost = compiled.cost_analysis()
     xla_flops = (cost[0] if isinstance(cost, list) else cost)["flops"]
     unit = {"matmul_flops": 1.0, "memory_bytes_per_s": 1.0}

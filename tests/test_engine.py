@@ -106,6 +106,29 @@ def test_the_engine_implements_the_serving_interface():
             assert list(inspect.signature(ours).parameters) == list(inspect.signature(spec).parameters), name
 
 
+def test_a_calls_host_arrays_travel_packed_in_one_and_come_back_bit_for_bit():
+    """`pack_prompts` -> `unpack_prompts` inside a program gives every array back exactly, the float and uint32
+    sampling arrays' bits included (fresh random values: negative, fractional, seeds past 2**31)."""
+    import jax
+
+    from gptjax.engine_api import pack_prompts, unpack_prompts
+
+    rng = np.random.default_rng()
+    n, bucket = 5, 16
+    tokens = rng.integers(0, 50257, (n, bucket), dtype=np.int32)
+    lengths = rng.integers(1, bucket + 1, n, dtype=np.int32)
+    samp = SamplingArrays(rng.uniform(0, 2, n).astype(np.float32), rng.integers(0, 2**31 - 1, n, dtype=np.int32),
+                          rng.uniform(-1, 1, n).astype(np.float32), rng.integers(2**31, 2**32, n, dtype=np.uint32))
+    packed = pack_prompts(tokens, lengths, samp)
+    assert packed.shape == (n, bucket + 5) and packed.dtype == np.int32
+    got_tokens, got_lengths, got_samp = jax.tree.map(np.asarray, jax.jit(unpack_prompts)(packed))
+    np.testing.assert_array_equal(got_tokens, tokens)
+    np.testing.assert_array_equal(got_lengths, lengths)
+    for got, want in zip(got_samp, samp):
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
+
+
 def test_from_pretrained_loads_the_folder_the_hub_resolves(monkeypatch, tmp_path):
     import jax
 
