@@ -77,7 +77,9 @@ class Row:
     latency_ms: float  # median over runs of the whole request: prefill and every new token
     tokens_per_s: float  # new tokens per second, all rows together
     device: str
-    decode_ms_per_token: float | None = None  # (latency(o) - latency(1)) / (o - 1)
+    # (latency(o) - latency(2)) / (o - 2): a one-token call would leave out the cache's writes (its program has no
+    # step to read them, and XLA drops them), which are the prefill's, not the steps'
+    decode_ms_per_token: float | None = None
     floor_ms: float | None = None
     pct_of_floor: float | None = None  # floor / latency, in percent
     extra: dict = field(default_factory=dict)
@@ -319,10 +321,10 @@ class _Context:
     devices: int  # the floor's work is spread over this many (the engine's mesh; the server's)
 
 
-def _row(ctx: _Context, shape: Shape, impl: str, seconds: float, seconds_one: float | None, device: str) -> Row:
+def _row(ctx: _Context, shape: Shape, impl: str, seconds: float, seconds_two: float | None, device: str) -> Row:
     b, i, o = shape
     floor = floor_seconds(ctx.config, b, i, o, ctx.rates, ctx.devices)
-    decode = (seconds - seconds_one) / (o - 1) * 1e3 if seconds_one is not None and o > 1 else None
+    decode = (seconds - seconds_two) / (o - 2) * 1e3 if seconds_two is not None and o > 2 else None
     extra = {"memory_GBps": ctx.rates["memory_bytes_per_s"] / 1e9, "matmul_TFLOPs": ctx.rates["matmul_flops"] / 1e12,
              "dtype": ctx.config.dtype, "model_params": ctx.config.num_params()}
     if impl == "gptjax":
@@ -335,18 +337,19 @@ def _row(ctx: _Context, shape: Shape, impl: str, seconds: float, seconds_one: fl
 
 
 def _timed(ctx: _Context, shape: Shape, make, label: str, warmup_s: float = 0.0) -> tuple[float, float | None]:
-    """Median seconds of the whole shape, and of the same with one new token (None when the shape has one)."""
+    """Median seconds of the whole shape, and of the same with two new tokens (None when the shape has two or
+    fewer): the difference is o - 2 decode steps."""
     from gptjax import distributed
 
     b, i, o = shape
     opts = ctx.options
     start = time.perf_counter()
     full = median_seconds(make(o), opts.runs, opts.warmup, label, warmup_s)
-    one = median_seconds(make(1), opts.runs, opts.warmup, label + " (1 token)", warmup_s) if o > 1 else None
+    two = median_seconds(make(2), opts.runs, opts.warmup, label + " (2 tokens)", warmup_s) if o > 2 else None
     if distributed.is_main_process():  # a log line where no progress bar shows (not a terminal)
         print(f"{label} ({b}, {i}, {o}): median {full * 1e3:.1f} ms, {time.perf_counter() - start:.0f} s "
               "with warm-ups and compiles", file=sys.stderr, flush=True)
-    return full, one
+    return full, two
 
 
 def _peer_rows(ctx: _Context, shape: Shape, prompts: np.ndarray, peers: dict) -> list[Row]:
@@ -355,7 +358,7 @@ def _peer_rows(ctx: _Context, shape: Shape, prompts: np.ndarray, peers: dict) ->
     rows = []
     for peer, (model, peer_device) in peers.items():
         try:
-            full, one = _timed(ctx, shape, lambda n: hf_runner(model, prompts, n, compiled=peer == "hf-compiled"),
+            full, two = _timed(ctx, shape, lambda n: hf_runner(model, prompts, n, compiled=peer == "hf-compiled"),
                                peer)
         except Exception as e:
             if type(e).__name__ != "OutOfMemoryError":  # torch's: the peer's cache does not fit beside ours
@@ -364,7 +367,7 @@ def _peer_rows(ctx: _Context, shape: Shape, prompts: np.ndarray, peers: dict) ->
             continue
         finally:
             _free_peer_memory()
-        rows.append(_row(ctx, shape, peer, full, one, peer_device))
+        rows.append(_row(ctx, shape, peer, full, two, peer_device))
     return rows
 
 
@@ -411,11 +414,11 @@ def run_bench(options: BenchOptions, make_engine: Callable[[], object] | None = 
             if distributed.is_main_process():
                 def runner(n):
                     return server_runner(options.server, prompts, n, options.server_api, options.api_key)
-                full, one = _timed(ctx, shape, runner, "server", server_warmup_s)
-                rows.append(_row(ctx, shape, "gptjax-server", full, one, ctx.device))
+                full, two = _timed(ctx, shape, runner, "server", server_warmup_s)
+                rows.append(_row(ctx, shape, "gptjax-server", full, two, ctx.device))
         else:
-            full, one = _timed(ctx, shape, lambda n: gptjax_runner(engine, prompts, n), "gptjax")
-            rows.append(_row(ctx, shape, "gptjax", full, one, ctx.device))
+            full, two = _timed(ctx, shape, lambda n: gptjax_runner(engine, prompts, n), "gptjax")
+            rows.append(_row(ctx, shape, "gptjax", full, two, ctx.device))
         if distributed.is_main_process():
             print_rows(rows + peer_rows, options.json)
             sys.stdout.flush()

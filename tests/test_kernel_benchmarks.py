@@ -191,7 +191,7 @@ def test_decode_probe_rows_and_the_two_step_variant_give_the_same_tokens(tmp_pat
     assert [(r["two_step_decode"], r["two_loop_attention"]) for r in rows] == [(False, False), (True, True)]
     assert all(r["attention"] == "pallas" and r["decode_ms_per_token"] > 0 for r in rows)
     assert all(r["first_row_tokens"] == rows[0]["first_row_tokens"] for r in rows)
-    assert len(rows[0]["first_row_tokens"]) == 4
+    assert len(rows[0]["first_row_tokens"]) == 5  # the timed call: steps + 2 tokens
 
 
 def test_decode_probe_times_sampling_steps(tmp_path):
@@ -206,7 +206,7 @@ def test_decode_probe_times_sampling_steps(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.strip().splitlines() if line.startswith('{"model"')]
     assert [r["sampling"] for r in rows] == ["temperature", "top-p"]
-    assert all(r["decode_ms_per_token"] > 0 and len(r["first_row_tokens"]) == 4 for r in rows)
+    assert all(r["decode_ms_per_token"] > 0 and len(r["first_row_tokens"]) == 5 for r in rows)
     proc = subprocess.run([*probe, "greedy,nucleus"], cwd=root, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 2 and "nucleus" in proc.stderr
 
@@ -226,7 +226,7 @@ def test_decode_probe_times_variants_of_xla_options_in_turn_in_one_process(tmp_p
     rows = [json.loads(line) for line in proc.stdout.strip().splitlines()]
     assert [r["xla_options"] for r in rows] == variants
     assert all(len(r["rounds_decode_ms_per_token"]) == 2 for r in rows)
-    assert len({tuple(r["first_row_tokens"]) for r in rows}) == 1 and len(rows[0]["first_row_tokens"]) == 4
+    assert len({tuple(r["first_row_tokens"]) for r in rows}) == 1 and len(rows[0]["first_row_tokens"]) == 5
     proc = subprocess.run([*probe, "--xla-options", "off,fastest"], cwd=root, capture_output=True, text=True,
                           timeout=600, env=env)
     assert proc.returncode != 0 and "fastest" in proc.stderr
