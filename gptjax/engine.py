@@ -153,8 +153,8 @@ class Engine(PlannedShapes):
                                    _last_token)
         logits = self._logits(params, last)
         keys = partial(sampling.row_keys, samp.seed, lengths)
-        first = sampling.sample(logits, samp.temperature, samp.top_k, samp.top_p, keys, sampled)
-        first, first_logprobs = self._replicated((first[:n], sampling.token_logprobs(logits, first)[:n]))
+        first, first_logprobs = sampling.next_tokens(logits, samp.temperature, samp.top_k, samp.top_p, keys, sampled)
+        first, first_logprobs = self._replicated((first[:n], first_logprobs[:n]))
         return Prefix(kv, lengths[:n], first, first_logprobs, SamplingArrays(*(a[:n] for a in samp)))  # process 0 reads
 
     def _prefill_packed(self, params, packed, sampled: bool | None = None) -> Prefix:
@@ -177,11 +177,11 @@ class Engine(PlannedShapes):
         logits = self._logits(params, last)
         samp = state.sampling
         keys = partial(sampling.row_keys, samp.seed, pos + 1)
-        tokens = sampling.sample(logits, samp.temperature, samp.top_k, samp.top_p, keys, sampled)
+        tokens, logprobs = sampling.next_tokens(logits, samp.temperature, samp.top_k, samp.top_p, keys, sampled)
         # a slot at position 0 holds no sequence (prompts are never empty): it stays there, reading one key;
         # a finished one keeps stepping until it is reused or parked, clamped inside the cache
         next_pos = jnp.where(pos > 0, jnp.minimum(pos + 1, self.layout.cache_len(state.cache) - 1), 0)
-        return DecodeState(cache, tokens, next_pos, samp), tokens, sampling.token_logprobs(logits, tokens)
+        return DecodeState(cache, tokens, next_pos, samp), tokens, logprobs
 
     def _decode_steps(self, params, state: DecodeState, live=None, *, n_steps: int, sampled: bool | None = None,
                       active: int | None = None):

@@ -98,6 +98,13 @@ def sample(logits, temperature, top_k, top_p, keys, sampled: bool | None = None)
     return jax.lax.cond(jnp.any(draws), draw, lambda _: greedy, None)
 
 
+def next_tokens(logits, temperature, top_k, top_p, keys, sampled: bool | None = None):
+    """`sample`'s tokens and each one's log-probability (`token_logprobs`): what a prefill or a decode step hands
+    on."""
+    tokens = sample(logits, temperature, top_k, top_p, keys, sampled)
+    return tokens, token_logprobs(logits, tokens)
+
+
 def token_logprobs(logits, tokens):
     """log p(token) under the model's own distribution (before temperature and filtering)."""
     return jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
