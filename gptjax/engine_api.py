@@ -32,13 +32,14 @@ class SamplingArrays(NamedTuple):
 
     @classmethod
     def from_params(cls, params: Sequence[sampling.SamplingParams]) -> "SamplingArrays":
-        return cls(np.array([p.temperature for p in params], np.float32),
-                   np.array([min(p.top_k, 2**31 - 1) for p in params], np.int32),  # past the vocabulary: off
-                   np.array([p.top_p for p in params], np.float32),
-                   np.array([int(p.seed) % 2**32 for p in params], np.uint32))
+        columns = ([p.temperature for p in params],
+                   [min(p.top_k, 2**31 - 1) for p in params],  # past the vocabulary: off
+                   [p.top_p for p in params],
+                   [int(p.seed) % 2**32 for p in params])
+        return cls(*(np.array(c, d) for c, d in zip(columns, SAMPLING_DTYPES)))
 
 
-SAMPLING_DTYPES = SamplingArrays(np.float32, np.int32, np.float32, np.uint32)
+SAMPLING_DTYPES = SamplingArrays(np.float32, np.int32, np.float32, np.uint32)  # what `from_params` makes
 
 
 def pack_prompts(tokens, lengths, samp: SamplingArrays) -> np.ndarray:
