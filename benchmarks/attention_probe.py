@@ -81,9 +81,10 @@ def probe(batch: int, cache_len: int, length: int, heads: int, head_dim: int, va
         ref = decode_attention_reference(*(x.astype(jnp.float32) for x in (q, k, v)), n)
         row["rel_err"] = rel_err(attend(q, k, v, n), ref)
         # `append`: the kernel alone, as XLA copies the caches (which the sets do not donate) around its in-place
-        # update; the others: every kernel (a split launch's combine step too)
-        host_s, device_s = timed_device(attend, sets, reps=reps,
-                                        kernel="decode_attention" if variant.startswith("append") else None)
+        # update; `splits_N`: the kernel alone too, which combines its splits itself (its counters' zeros are made
+        # once a step in the engine, not once a launch as here); the others: every kernel
+        alone = variant.startswith(("append", "splits"))
+        host_s, device_s = timed_device(attend, sets, reps=reps, kernel="decode_attention" if alone else None)
     except Exception as e:  # one launch's failure must not lose the others
         return row | {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     kv_bytes = 2 * batch * length * heads * head_dim * jnp.dtype(dtype).itemsize

@@ -37,7 +37,8 @@ import jax.numpy as jnp
 from gptjax import kernels
 from gptjax.config import ModelConfig
 from gptjax.kernels import batch_matmul as batch
-from gptjax.kernels.decode_matmul import decode_matmul, decode_matmul_reference, new_counters, supports
+from gptjax.kernels.decode_matmul import (MATRIX_ROWS, decode_matmul, decode_matmul_reference, new_counters,
+                                          supports)
 from gptjax.kernels.residual_norm import residual_norm
 from gptjax.model import ACTIVATIONS, norm_stats
 
@@ -81,7 +82,7 @@ def _product(w, *args, interpret: bool, **kw):
 
 def block(config: ModelConfig, attention: str, p, h, layer_kv, pos, counters, *, interpret: bool):
     """One layer for one new token per row: h [rows, 1, hidden] float32, the layer's (k, v) cache, each row's
-    position and the split counters (`new_counters`) -> (the next h, the cache with the new token's K/V in it,
+    position and the split counters (`new_counters`; the products' and attention's) -> (the next h, the cache with the new token's K/V in it,
     the counters)."""
     x = h[:, 0].astype(jnp.float32)
     rows, hidden = x.shape
@@ -96,7 +97,8 @@ def block(config: ModelConfig, attention: str, p, h, layer_kv, pos, counters, *,
         bias=p["qkv"]["bias"].reshape(-1), out_dtype=dtype, kv=(*flat, pos), counters=counters)
     layer_kv = (k_cache.reshape(cache_shape), v_cache.reshape(cache_shape))
     q = q.reshape(rows, config.n_heads, config.head_dim)
-    attn = kernels.decode_step_attention(q, *layer_kv, pos + 1, attention).reshape(rows, hidden)
+    attn, counters = kernels.decode_step_attention(q, *layer_kv, pos + 1, attention, counters=counters)
+    attn = attn.reshape(rows, hidden)
 
     out_w = p["attn_out"]["kernel"]
     x, counters = matmul(out_w.reshape(-1, out_w.shape[-1]), attn, bias=p["attn_out"]["bias"], residual=x,
@@ -184,7 +186,8 @@ def layer_fn(impl: str, config: ModelConfig, rows: int, attention: str):
         return lambda p, h, layer_kv, pos: batch_block(config, attention, p, h, layer_kv, pos, on_gpu=on_gpu)
     if not 0 < rows <= {"pallas": KERNEL_ROWS, "auto": AUTO_ROWS}.get(impl, 0):
         return partial(folded_block, config, attention)
-    carried = {"counters": new_counters(3 * config.hidden, config.ffn_hidden)}
+    # one buffer of counters for the products' splits and attention's (a row's head each)
+    carried = {"counters": new_counters(3 * config.hidden, config.ffn_hidden, MATRIX_ROWS * rows * config.n_heads)}
 
     def layer(p, h, layer_kv, pos):
         h, layer_kv, carried["counters"] = block(config, attention, p, h, layer_kv, pos, carried["counters"],

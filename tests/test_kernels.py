@@ -169,7 +169,8 @@ def test_decode_attention_append_stores_then_attends(case, dtype):
 
 
 def test_decode_attention_append_lowers_for_cuda_with_the_caches_in_place():
-    """Triton's lowering runs on any machine: one kernel, its caches aliased to its inputs (no copy of them)."""
+    """Triton's lowering runs on any machine: one kernel, its caches aliased to its inputs (no copy of them), and
+    with one head a program and splits its counters too (the splits combined in the kernel, no XLA after it)."""
     from gptjax.kernels import decode_attention_append
 
     qkv = jax.ShapeDtypeStruct((8, 3, 16, 64), jnp.bfloat16)
@@ -180,7 +181,35 @@ def test_decode_attention_append_lowers_for_cuda_with_the_caches_in_place():
                       {"heads_per_program": 2, "block_k": 64, "single_loop": True}):
         step = jax.jit(lambda *a, kw=overrides: decode_attention_append(*a, **kw))
         text = step.trace(qkv, cache, cache, positions).lower(lowering_platforms=("cuda",)).as_text()
-        assert text.count("xla.gpu.triton") == 1 and text.count("output_operand_alias<") == 2
+        counted = overrides.get("num_splits", 1) > 1 and overrides["heads_per_program"] == 1
+        assert text.count("xla.gpu.triton") == 1 and text.count("output_operand_alias<") == 2 + counted
+
+
+@pytest.mark.parametrize("append", [False, True], ids=["attention", "append"])
+def test_decode_attention_splits_combine_in_the_kernel_and_leave_counters_zero(append):
+    """One head a program over 3 splits of a ragged batch: the last split of each head combines the parts, on
+    the caller's counters (more than the launch needs, the spare ones untouched), which come back zero; a
+    buffer too short for rows x heads is refused."""
+    from gptjax.kernels import decode_attention_append
+
+    rng, seed = fresh_rng()
+    batch, max_seq, heads, head_dim = 3, 96, 2, 16
+    qkv = draw(rng, (batch, 3, heads, head_dim), np.float32)
+    k_cache, v_cache = (draw(rng, (batch, max_seq, heads, head_dim), np.float32) for _ in range(2))
+    lengths = ragged_lengths(rng, batch, max_seq - 1)
+    counters = jnp.zeros((batch * heads + 5,), jnp.int32)
+    kw = dict(interpret=True, block_k=16, num_splits=3, heads_per_program=1, counters=counters)
+    if append:
+        out, k_cache, v_cache, counts = decode_attention_append(qkv, k_cache, v_cache, jnp.asarray(lengths), **kw)
+        lengths = lengths + 1
+    else:
+        out, counts = decode_attention(qkv[:, 0], k_cache, v_cache, jnp.asarray(lengths), **kw)
+    ref = decode_reference64(qkv[:, 0], k_cache, v_cache, lengths)
+    err = np.linalg.norm(np.asarray(out, np.float64) - ref) / np.linalg.norm(ref)
+    assert err < TOL[np.float32], f"relative error {err:.2e} (seed {seed})"
+    np.testing.assert_array_equal(np.asarray(counts), np.zeros(counters.shape, np.int32))
+    with pytest.raises(ValueError, match="counters for 3 rows x 2 heads"):
+        decode_attention(qkv[:, 0], k_cache, v_cache, jnp.asarray(lengths), **{**kw, "counters": counters[:5]})
 
 
 # (batch, max_seq, heads, head_dim, heads_per_program, block_k, num_splits, dtype): head groups of 2, of every
@@ -473,10 +502,15 @@ def test_engine_greedy_tokens_pallas_equal_xla(monkeypatch):
     for the 6.7B model. float32: in 16-bit formats the paths round at
     different places (the matmul kernels keep the sums in float32) and a random model's near-ties part the
     tokens; the kernel tests check the 16-bit arithmetic, and the H200 runs compare fp16 tokens (RESULTS run
-    11)."""
+    11). Decode attention in 3 splits of 16-key blocks: combined in the kernel, on the counters that the step
+    hands from kernel to kernel."""
+    import importlib
+
     from gptjax import decode_block
 
     monkeypatch.setattr(decode_block, "KERNEL_MAX_BYTES", 200_000)
+    attention = importlib.import_module("gptjax.kernels.decode_attention")
+    monkeypatch.setattr(attention, "choose_params", lambda *a, **k: attention.DecodeParams(1, 16, 3, 4, 2, True))
     prompts = [[5, 17, 99], list(range(1, 20)), [7] * 30]
     xla = gptjax.Engine.from_preset("gpt2-tiny", engine_config=gptjax.EngineConfig(attention="xla"))
     pallas = gptjax.Engine.from_preset("gpt2-tiny", engine_config=gptjax.EngineConfig(attention="pallas",

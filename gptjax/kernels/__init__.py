@@ -76,14 +76,21 @@ def _split(qkv):
     return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
 
 
-def decode_step_attention(q, k_cache, v_cache, lengths, impl: str):
+def decode_step_attention(q, k_cache, v_cache, lengths, impl: str, counters=None):
     """One new query per sequence, q [batch, heads, head_dim], against the first `batch` rows of
     [rows, max_seq, heads, head_dim] caches; lengths [batch] counts the valid entries, the current token's
-    included."""
-    if impl == "pallas":
+    included. With `counters` (zeros, at least batch x heads: `decode_attention`'s split counters, which it
+    leaves zero) the result is (out, counters)."""
+    if impl == "pallas" and counters is None:
         kernel = functools.partial(decode_attention, interpret=not on_gpu())
         return _per_shard(kernel, (q, k_cache, v_cache, lengths), (_Q1, _QKV, _QKV, _ROWS), _Q1)
-    return decode_attention_reference(q, k_cache, v_cache, lengths)
+    if impl == "pallas":
+        def counted(q, k_cache, v_cache, lengths, counters):
+            return decode_attention(q, k_cache, v_cache, lengths, interpret=not on_gpu(), counters=counters)
+        return _per_shard(counted, (q, k_cache, v_cache, lengths, counters), (_Q1, _QKV, _QKV, _ROWS, _COUNTERS),
+                          (_Q1, _COUNTERS))
+    out = decode_attention_reference(q, k_cache, v_cache, lengths)
+    return out if counters is None else (out, counters)
 
 
 def decode_step_append(qkv, layer_kv, positions, impl: str):
@@ -118,6 +125,7 @@ _Q1 = ("slots", "heads", "head_dim")  # [batch, heads, head_dim]
 _STEP = ("slots", "qkv", "heads", "head_dim")  # [batch, 3, heads, head_dim]: a step's query, key and value
 _PROMPT_QKV = ("slots", "cache_seq", "qkv", "heads", "head_dim")  # [batch, seq, 3, heads, head_dim]: prompts' q, k, v
 _ROWS = ("slots",)  # [batch]
+_COUNTERS = (None,)  # a kernel's split counters: every device its own
 
 
 def _per_shard(fn, args, logical, out_logical):

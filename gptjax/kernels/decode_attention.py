@@ -138,8 +138,31 @@ def _store(out_refs, acc, m, l, split: bool):
         o_ref[...] = acc.astype(o_ref.dtype)
 
 
+def _store_and_combine(out_refs, acc, m, l, splits: int, counter, interpret: bool):
+    """A split program's part: acc [d] normalised, m and l [1] (base 2). It stores its part and its log-sum-exp
+    in its row of the head's parts, then counts itself on the head's counter; the head's last split to count
+    (every other part then in memory) combines the parts into the output and sets the counter back to zero.
+    So a split launch needs no combine kernel after it."""
+    o_ref, parts_ref, lse_ref, counts_ref = out_refs
+    split = pl.program_id(1)
+    parts_ref[pl.ds(split, 1), :] = acc[None, :]
+    lse_ref[pl.ds(split, 1)] = jnp.where(l == 0.0, -jnp.inf, m + jnp.log2(jnp.where(l == 0.0, 1.0, l)))
+    if not interpret:
+        plgpu.debug_barrier()  # every thread's stores are done before the counter says so
+    finished = plgpu.atomic_add(counts_ref, (counter,), jnp.int32(1))  # acq-rel, GPU scope
+
+    @pl.when(finished == splits - 1)
+    def _():
+        ok = lax.broadcasted_iota(jnp.int32, (parts_ref.shape[0],), 0) < splits  # rows past `splits` pad to 2^n
+        lse = plgpu.load(lse_ref, mask=ok, other=-jnp.inf, volatile=True)  # volatile: not an L1 copy
+        parts = plgpu.load(parts_ref, mask=jnp.broadcast_to(ok[:, None], parts_ref.shape), other=0.0, volatile=True)
+        o_ref[...] = _combine(parts, lse).astype(o_ref.dtype)
+        counts_ref[counter] = 0
+
+
 def _per_head_kernel(len_ref, q_ref, k_ref, v_ref, *refs, sm_scale: float, block_k: int, chunk: int,
-                     split: bool, rows: int, max_seq: int, single: bool, early: str, append: bool = False):
+                     splits: int, rows: int, max_seq: int, single: bool, early: str, append: bool = False,
+                     interpret: bool = False):
     """rows == 1: scores and outputs by elementwise products and reductions. rows == 16: the query repeated
     over 16 rows so that both products run on the matrix units (whose smallest tile has 16 rows); that
     wastes FLOPs nobody needs but keeps reductions inside warps and lets Triton pipeline the tile loads.
@@ -147,8 +170,11 @@ def _per_head_kernel(len_ref, q_ref, k_ref, v_ref, *refs, sm_scale: float, block
     value and end with the caches (aliased to k_ref and v_ref): the cache's keys before that position are
     read, the new one is taken from its ref and stored by the program whose chunk holds the position.
     `single`: the chunk's blocks in one loop (`SINGLE_LOOP`). `early`: where the next kernel's launch is
-    issued (`early_launch`): as the program starts, or at the "end" of its walk over the keys."""
-    length, out_refs, (k_new_ref, v_new_ref, k_out_ref, v_out_ref) = _split_refs(len_ref, refs, max_seq, append)
+    issued (`early_launch`): as the program starts, or at the "end" of its walk over the keys. With `splits` > 1
+    the outputs are the head's output, its parts and their log-sum-exps, and the counters
+    (`_store_and_combine`)."""
+    length, out_refs, (k_new_ref, v_new_ref, k_out_ref, v_out_ref) = _split_refs(len_ref, refs, max_seq, append,
+                                                                                 combine=splits > 1)
     start = _chunk_start(chunk, early)
     q = q_ref[...]
     head_dim = q.shape[-1]
@@ -172,7 +198,12 @@ def _per_head_kernel(len_ref, q_ref, k_ref, v_ref, *refs, sm_scale: float, block
         acc, m, l = _append_key(acc[None], m, l, s_new[None], v_new_ref[...], owner)
         acc = jnp.sum(acc, axis=0)
         _store_new_token(k_new_ref, v_new_ref, k_out_ref, v_out_ref, owner, length - start)
-    _store(out_refs, acc / jnp.where(l == 0.0, 1.0, l), m, l, split)
+    acc = acc / jnp.where(l == 0.0, 1.0, l)
+    if splits == 1:
+        _store(out_refs, acc, m, l, split=False)
+    else:  # the counter of (row, head): heads vary fastest over the grid
+        _store_and_combine(out_refs, acc, m, l, splits, pl.program_id(2) * pl.num_programs(0) + pl.program_id(0),
+                           interpret)
 
 
 def _head_carry(rows: int, head_dim: int):
@@ -207,14 +238,19 @@ def _chunk_start(chunk: int, early: str):
     return (pdl.launch_dependents(split) if early == "start" else split) * chunk
 
 
-def _split_refs(len_ref, refs, max_seq: int, append: bool):
+def _split_refs(len_ref, refs, max_seq: int, append: bool, combine: bool = False):
     """(the keys to read from the cache, the output refs, with `append` the new token's key and value refs and
     the caches' output refs, else Nones): without `append` len_ref holds lengths, with it the new token's
-    position, and the cache's keys before it are read. Clipped here, not in a kernel of its own."""
+    position, and the cache's keys before it are read. Clipped here, not in a kernel of its own. `combine`:
+    the counters' input (aliased to their output, which `out_refs` holds) comes after the step's key and value."""
+    refs = list(refs)
+    k_new_ref, v_new_ref = (refs.pop(0), refs.pop(0)) if append else (None, None)
+    if combine:
+        refs.pop(0)
+    k_out_ref, v_out_ref = (refs.pop(-2), refs.pop(-1)) if append else (None, None)
     if not append:
         return jnp.clip(len_ref[...], 0, max_seq), refs, (None,) * 4
-    k_new_ref, v_new_ref, *out_refs, k_out_ref, v_out_ref = refs
-    return jnp.clip(len_ref[...], 0, max_seq - 1), out_refs, (k_new_ref, v_new_ref, k_out_ref, v_out_ref)
+    return jnp.clip(len_ref[...], 0, max_seq - 1), refs, (k_new_ref, v_new_ref, k_out_ref, v_out_ref)
 
 
 def _append_key(acc, m, l, s, v, owner):
@@ -321,12 +357,15 @@ def decode_attention(q, k_cache, v_cache, lengths, *, interpret: bool = False, b
                      num_splits: int | None = None, num_warps: int | None = None,
                      num_stages: int | None = None, use_dot: bool | None = None,
                      heads_per_program: int | None = None, single_loop: bool | None = None,
-                     early_launch: bool | str | None = None):
+                     early_launch: bool | str | None = None, counters=None):
     """q: [batch, heads, head_dim]; caches: [rows >= batch, max_seq, heads, head_dim], of which the first `batch`
     rows are read; lengths: [batch] valid entries (including the current token). Scale 1/sqrt(head_dim). A
     sequence of length 0 gets zeros. The keyword arguments override `choose_params`'s choice, `single_loop`
     `SINGLE_LOOP`, and `early_launch` `early_launch.resolve` (where the next kernel's launch is issued: as
-    each program starts, or at the end of its walk)."""
+    each program starts, or at the end of its walk). counters: int32 zeros, at least batch x heads
+    (`new_counters`), on which a split launch counts each head's finished splits and leaves them zero again:
+    given, the result is (out, counters), and the caller hands them on to the next launch rather than each
+    launch zeroing its own."""
     batch, heads, head_dim = q.shape
     max_seq = _check_caches(k_cache, v_cache, batch, heads, head_dim)
     params = _launch_params(batch, heads, max_seq, head_dim, q.dtype, dict(
@@ -337,14 +376,9 @@ def decode_attention(q, k_cache, v_cache, lengths, *, interpret: bool = False, b
     if padded_d != head_dim:  # whole-cache copy: only for head dims that are not a power of two
         q, k_cache, v_cache = (jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, padded_d - head_dim)])
                                for x in (q, k_cache, v_cache))
-    chunk, splits = _chunks(max_seq, params)
-    launch = _launch_per_head if params.heads_per_program == 1 else _launch_head_group
-    single = SINGLE_LOOP if single_loop is None else single_loop
-    out = launch(q, k_cache, v_cache, lengths, params, chunk, splits, 1.0 / math.sqrt(head_dim), interpret, single,
-                 pdl.resolve(early_launch, interpret))
-    if splits > 1:
-        out = _combine(*out).astype(q.dtype)
-    return out[..., :head_dim]
+    out, counts = _attend(q, k_cache, v_cache, lengths, params, head_dim, interpret, single_loop, early_launch,
+                          counters)
+    return out[..., :head_dim] if counters is None else (out[..., :head_dim], counts)
 
 
 @functools.partial(jax.jit, static_argnames=("interpret", "single_loop", "early_launch", *_OVERRIDES))
@@ -352,7 +386,8 @@ def decode_attention_append(qkv, k_cache, v_cache, positions, *, interpret: bool
                             block_k: int | None = None, num_splits: int | None = None,
                             num_warps: int | None = None, num_stages: int | None = None,
                             use_dot: bool | None = None, heads_per_program: int | None = None,
-                            single_loop: bool | None = None, early_launch: bool | str | None = None):
+                            single_loop: bool | None = None, early_launch: bool | str | None = None,
+                            counters=None):
     """A decode step's attention with the step's own key and value: qkv [batch, 3, heads, head_dim] (the new
     token's query, key and value), caches [rows >= batch, max_seq, heads, head_dim], positions [batch] (where
     each row's new token goes, < max_seq) -> (out [batch, heads, head_dim], the caches with the new keys and
@@ -368,35 +403,61 @@ def decode_attention_append(qkv, k_cache, v_cache, positions, *, interpret: bool
     if head_dim != max(16, pl.next_power_of_2(head_dim)):  # padded caches would be copies
         k_cache, v_cache = write_token((k_cache, v_cache), qkv[:, 1], qkv[:, 2], positions)
         out = decode_attention(qkv[:, 0], k_cache, v_cache, positions + 1, interpret=interpret,
-                               single_loop=single_loop, early_launch=early_launch, **overrides)
-        return out, k_cache, v_cache
-    chunk, splits = _chunks(max_seq, params)
-    launch = _launch_per_head if params.heads_per_program == 1 else _launch_head_group
+                               single_loop=single_loop, early_launch=early_launch, counters=counters, **overrides)
+        return (out, k_cache, v_cache) if counters is None else (out[0], k_cache, v_cache, out[1])
+    (out, k_cache, v_cache), counts = _attend(qkv, k_cache, v_cache, positions, params, head_dim, interpret,
+                                              single_loop, early_launch, counters, append=True)
+    return (out, k_cache, v_cache) if counters is None else (out, k_cache, v_cache, counts)
+
+
+def _attend(q, k_cache, v_cache, lengths, params: DecodeParams, head_dim: int, interpret: bool, single_loop,
+            early_launch, counters, append: bool = False):
+    """The launch `params` say -> (its output, the counters): with `append`, the output is (out, k_cache,
+    v_cache). A per-head launch with splits combines them in the kernel, on `counters` (zeros of its own when
+    None); a head-group launch leaves its parts to `_combine` here."""
+    batch, heads = q.shape[0], q.shape[-2]
+    chunk, splits = _chunks(k_cache.shape[1], params)
     single = SINGLE_LOOP if single_loop is None else single_loop
-    out, k_cache, v_cache = launch(qkv, k_cache, v_cache, positions, params, chunk, splits,
-                                   1.0 / math.sqrt(head_dim), interpret, single, pdl.resolve(early_launch, interpret),
-                                   append=True)
-    if splits > 1:
-        out = _combine(*out).astype(qkv.dtype)
-    return out, k_cache, v_cache
+    args = (q, k_cache, v_cache, lengths, params, chunk, splits, 1.0 / math.sqrt(head_dim), interpret, single,
+            pdl.resolve(early_launch, interpret))
+    if params.heads_per_program == 1 and splits > 1:
+        counts = new_counters(batch * heads) if counters is None else counters
+        if counts.shape[0] < batch * heads:
+            raise ValueError(f"decode attention: {counts.shape[0]} counters for {batch} rows x {heads} heads")
+        *out, counters = _launch_per_head(*args, append=append, counters=counts)
+    elif params.heads_per_program == 1:
+        out = _launch_per_head(*args, append=append)
+    else:
+        out = _launch_head_group(*args, append=append)
+        out = list(out) if append else [out]
+        if splits > 1:
+            out[0] = _combine(*out[0]).astype(q.dtype)
+    return (tuple(out) if append else out[0]), counters
+
+
+def new_counters(n: int):
+    """Zeros for the split counters of a launch of n rows x heads."""
+    return jnp.zeros((n,), jnp.int32)
 
 
 def _combine(o_parts, lse):
-    """o_parts [batch, heads, splits, d] fp32 and lse [batch, heads, splits] (base 2) -> [batch, heads, d]."""
+    """o_parts [..., splits, d] fp32 and lse [..., splits] (base 2) -> [..., d]: in XLA after a head-group
+    launch, and in the kernel by a head's last split (`_store_and_combine`)."""
     top = jnp.max(lse, axis=-1, keepdims=True)
-    w = jnp.exp2(lse - jnp.where(jnp.isfinite(top), top, 0.0))  # empty chunks weigh 0
+    w = jnp.exp2(lse - jnp.where(top > -jnp.inf, top, 0.0))  # empty chunks weigh 0
     total = jnp.sum(w, axis=-1, keepdims=True)
-    return jnp.sum(o_parts * (w / jnp.where(total == 0.0, 1.0, total))[..., None], axis=2)
+    return jnp.sum(o_parts * (w / jnp.where(total == 0.0, 1.0, total))[..., None], axis=-2)
 
 
 def _launch_per_head(q, k_cache, v_cache, lengths, params: DecodeParams, chunk: int, splits: int,
-                     sm_scale: float, interpret: bool, single: bool, early: str, append: bool = False):
-    """`append`: q is the step's qkv [batch, 3, heads, d] and lengths its positions; the caches come back too."""
+                     sm_scale: float, interpret: bool, single: bool, early: str, append: bool = False,
+                     counters=None):
+    """`append`: q is the step's qkv [batch, 3, heads, d] and lengths its positions; the caches come back too.
+    With splits, `counters` (int32 zeros, at least batch x heads) come back last (`_store_and_combine`)."""
     batch, heads, d = q.shape[0], q.shape[-2], q.shape[-1]
-    split = splits > 1
     kernel = functools.partial(_per_head_kernel, sm_scale=sm_scale, block_k=params.block_k, chunk=chunk,
-                               split=split, rows=MATRIX_ROWS if params.use_dot else 1, max_seq=k_cache.shape[1],
-                               single=single, early=early, append=append)
+                               splits=splits, rows=MATRIX_ROWS if params.use_dot else 1, max_seq=k_cache.shape[1],
+                               single=single, early=early, append=append, interpret=interpret)
     # heads vary fastest over the grid: neighbouring programs read neighbouring bytes of the cache
     cache_spec = pl.BlockSpec((None, chunk, None, d), lambda h, s, b: (b, s, h, 0))
     if append:  # the query, key and value: three views of qkv
@@ -404,23 +465,28 @@ def _launch_per_head(q, k_cache, v_cache, lengths, params: DecodeParams, chunk: 
     else:
         step = [pl.BlockSpec((None, None, d), lambda h, s, b: (b, h, 0))]
     in_specs = [pl.BlockSpec((None,), lambda h, s, b: (b,)), step[0], cache_spec, cache_spec, *step[1:]]
-    if split:
-        out_shape = [jax.ShapeDtypeStruct((batch, heads, splits, d), jnp.float32),
-                     jax.ShapeDtypeStruct((batch, heads, splits, 1), jnp.float32)]
-        out_specs = [pl.BlockSpec((None, None, None, d), lambda h, s, b: (b, h, s, 0)),
-                     pl.BlockSpec((None, None, None, 1), lambda h, s, b: (b, h, s, 0))]
-    else:
-        out_shape = [jax.ShapeDtypeStruct((batch, heads, d), q.dtype)]
-        out_specs = [pl.BlockSpec((None, None, d), lambda h, s, b: (b, h, 0))]
+    out_shape = [jax.ShapeDtypeStruct((batch, heads, d), q.dtype)]
+    out_specs = [pl.BlockSpec((None, None, d), lambda h, s, b: (b, h, 0))]
+    if splits > 1:  # a head's parts, its log-sum-exps (rows padded to a power of two), the counters
+        rows = pl.next_power_of_2(splits)
+        out_shape += [jax.ShapeDtypeStruct((batch, heads, rows, d), jnp.float32),
+                      jax.ShapeDtypeStruct((batch, heads, rows), jnp.float32),
+                      jax.ShapeDtypeStruct(counters.shape, jnp.int32)]
+        out_specs += [pl.BlockSpec((None, None, rows, d), lambda h, s, b: (b, h, 0, 0)),
+                      pl.BlockSpec((None, None, rows), lambda h, s, b: (b, h, 0)), pl.no_block_spec]
+    n_out = len(out_shape)
     operands, aliases = _append_operands(out_shape, out_specs, cache_spec, (lengths, q, k_cache, v_cache), append)
+    if splits > 1:
+        aliases[len(operands)] = n_out - 1
+        operands += (counters,)
+        in_specs.append(pl.no_block_spec)
     out = pl.pallas_call(
         kernel, grid=(heads, splits, batch), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
         input_output_aliases=aliases,
         compiler_params=plgpu.CompilerParams(num_warps=params.num_warps, num_stages=params.num_stages),
         interpret=interpret, name="decode_attention_append" if append else "decode_attention",
     )(*operands)
-    attn = (out[0], out[1][..., 0]) if split else out[0]
-    return (attn, *out[-2:]) if append else attn
+    return (out[0], *(out[-2:] if append else ()), *((out[n_out - 1],) if splits > 1 else ()))
 
 
 def _launch_head_group(q, k_cache, v_cache, lengths, params: DecodeParams, chunk: int, splits: int,
