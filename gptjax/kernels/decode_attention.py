@@ -176,10 +176,10 @@ def _per_head_kernel(len_ref, q_ref, k_ref, v_ref, *refs, sm_scale: float, block
     length, out_refs, (k_new_ref, v_new_ref, k_out_ref, v_out_ref) = _split_refs(len_ref, refs, max_seq, append,
                                                                                  combine=splits > 1)
     start = _chunk_start(chunk, early)
-    q = q_ref[...]
-    head_dim = q.shape[-1]
+    q_in = q_ref[...]
+    head_dim = q_in.shape[-1]
     scale = sm_scale * math.log2(math.e)  # exp2 below
-    q = q.astype(jnp.float32) * scale if rows == 1 else jnp.broadcast_to(q[None, :], (rows, head_dim))
+    q = q_in.astype(jnp.float32) * scale if rows == 1 else jnp.broadcast_to(q_in[None, :], (rows, head_dim))
     n_full, n_end = _key_blocks(length, start, chunk, block_k)
 
     def body(j, carry, masked: bool):
@@ -187,17 +187,16 @@ def _per_head_kernel(len_ref, q_ref, k_ref, v_ref, *refs, sm_scale: float, block
         first_key = start + j * block_k
         return _attend_head_block(q, k, v, carry, scale, first_key if masked else None, length)
 
-    acc, m, l = _walk_blocks(body, _head_carry(rows, head_dim), n_full, n_end, single)
+    carry = _head_carry(rows, head_dim)
+    if append:
+        def scores(k_new):
+            return jnp.full((rows,), jnp.sum(q_in.astype(jnp.float32) * k_new.astype(jnp.float32)) * scale)
+        carry = _new_key_first(carry, scores, k_new_ref, v_new_ref, k_out_ref, v_out_ref, start, chunk, length)
+    acc, m, l = _walk_blocks(body, carry, n_full, n_end, single)
     if early == "end":
         acc = pdl.launch_dependents_after(acc)
     # every row holds the same numbers: keep one
     acc, m, l = jnp.max(acc, axis=0), jnp.max(m, axis=0, keepdims=True), jnp.max(l, axis=0, keepdims=True)
-    if append:
-        owner = (start <= length) & (length < start + chunk)  # the new token's position is `length`
-        s_new = jnp.sum(q_ref[...].astype(jnp.float32) * k_new_ref[...].astype(jnp.float32)) * scale
-        acc, m, l = _append_key(acc[None], m, l, s_new[None], v_new_ref[...], owner)
-        acc = jnp.sum(acc, axis=0)
-        _store_new_token(k_new_ref, v_new_ref, k_out_ref, v_out_ref, owner, length - start)
     acc = acc / jnp.where(l == 0.0, 1.0, l)
     if splits == 1:
         _store(out_refs, acc, m, l, split=False)
@@ -263,12 +262,21 @@ def _append_key(acc, m, l, s, v, owner):
     return acc * alpha[:, None] + p[:, None] * v.astype(jnp.float32)[None, :], m_next, l * alpha + p
 
 
-def _store_new_token(k_new_ref, v_new_ref, k_out_ref, v_out_ref, owner, row):
-    """The new token's key and value into row `row` of the program's chunk of the caches, by its owner."""
+def _new_key_first(carry, scores, k_new_ref, v_new_ref, k_out_ref, v_out_ref, start, chunk: int, length):
+    """The running softmax `carry` with the step's own key in it, and that key and value stored into the caches,
+    by the program whose chunk holds the new token's position (`length`); `scores(k_new)` are its scores, one per
+    row of the carry. Done as the program starts, so that these loads and stores overlap the walk over the cache
+    (which reads only the keys before `length`) rather than adding a round trip after it."""
+    k_new, v_new = k_new_ref[...], v_new_ref[...]
+    owner = (start <= length) & (length < start + chunk)
+    row = length - start
+
     @pl.when(owner)
     def _():
-        k_out_ref[pl.ds(row, 1), :] = k_new_ref[...][None, :].astype(k_out_ref.dtype)
-        v_out_ref[pl.ds(row, 1), :] = v_new_ref[...][None, :].astype(v_out_ref.dtype)
+        k_out_ref[pl.ds(row, 1), :] = k_new[None, :].astype(k_out_ref.dtype)
+        v_out_ref[pl.ds(row, 1), :] = v_new[None, :].astype(v_out_ref.dtype)
+
+    return _append_key(*carry, scores(k_new), v_new, owner)
 
 
 def _load_kv_block(k_ref, v_ref, j, block_k: int, start, length, masked: bool):
@@ -310,14 +318,13 @@ def _head_group_kernel(len_ref, q_ref, k_ref, v_ref, *refs, sm_scale: float, blo
 
     carry = (jnp.zeros((cols, width), jnp.float32), jnp.full((cols,), -jnp.inf, jnp.float32),
              jnp.zeros((cols,), jnp.float32))
+    if append:  # the new key's scores, column h head h's: elementwise, a one-row product being too small
+        def scores(k_new):
+            return jnp.sum(q_bd.astype(jnp.float32) * k_new.astype(jnp.float32)[:, None], axis=0) * scale
+        carry = _new_key_first(carry, scores, k_new_ref, v_new_ref, k_out_ref, v_out_ref, start, chunk, length)
     acc, m, l = _walk_blocks(body, carry, n_full, n_end, single)
     if early == "end":
         acc = pdl.launch_dependents_after(acc)
-    if append:  # the new key's scores, column h head h's: elementwise, a one-row product being too small
-        owner = (start <= length) & (length < start + chunk)  # the new token's position is `length`
-        s_new = jnp.sum(q_bd.astype(jnp.float32) * k_new_ref[...].astype(jnp.float32)[:, None], axis=0) * scale
-        acc, m, l = _append_key(acc, m, l, s_new, v_new_ref[...], owner)
-        _store_new_token(k_new_ref, v_new_ref, k_out_ref, v_out_ref, owner, length - start)
     acc = acc / jnp.where(l == 0.0, 1.0, l)[:, None]
     own = (lax.broadcasted_iota(jnp.int32, (cols, width), 0)
            == lax.broadcasted_iota(jnp.int32, (cols, width), 1) // head_dim)  # head h's own d columns
