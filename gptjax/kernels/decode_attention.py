@@ -7,8 +7,9 @@ kernel is tested against.
 Decode attention moves bytes, not FLOPs: each cache entry is read once and used for two multiply-adds per
 element. The kernel reads only each sequence's valid entries (`lengths`) and splits the cache's sequence axis
 into chunks (flash-decoding), so that a small batch still puts enough programs on the chip to saturate
-memory bandwidth; each chunk leaves a partial output and its log-sum-exp, and a small `jnp` step combines
-them. With enough programs to fill the chip there is one chunk and no combine step.
+memory bandwidth; each chunk leaves a partial output and its log-sum-exp, and the head's last chunk to finish
+combines them in the same launch (one head a program: `_store_and_combine`; a head group's chunks are combined by
+a small `jnp` step after it). With enough programs to fill the chip there is one chunk and nothing to combine.
 
 Two forms of the program body, both tested against the reference:
 - one head per program (`heads_per_program=1`): scores by elementwise products (`use_dot=False`), or on the
@@ -47,7 +48,7 @@ from gptjax.kernels import early_launch as pdl
 
 # aim for this many programs (several per multiprocessor of a 132-SM H100) before splitting the sequence
 TARGET_PROGRAMS = 1024
-MIN_SPLIT_KEYS = 512  # shorter chunks are not worth a combine step (three more small kernels per layer)
+MIN_SPLIT_KEYS = 512  # shorter chunks were not worth a combine step when it was three more small kernels a layer
 SHARED_MEMORY = 227 * 1024  # per block on an H100 or H200
 MATRIX_ROWS = 16  # the matrix units' smallest tile side in Triton's dot
 # Walk a chunk's key blocks in one loop, each masked at the row's end, rather than the whole blocks in one loop and
