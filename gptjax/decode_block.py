@@ -82,8 +82,8 @@ def _product(w, *args, interpret: bool, **kw):
 
 def block(config: ModelConfig, attention: str, p, h, layer_kv, pos, counters, *, interpret: bool):
     """One layer for one new token per row: h [rows, 1, hidden] float32, the layer's (k, v) cache, each row's
-    position and the split counters (`new_counters`; the products' and attention's) -> (the next h, the cache with the new token's K/V in it,
-    the counters)."""
+    position and the split counters (`new_counters`: the products' and attention's) -> (the next h, the cache
+    with the new token's K/V in it, the counters)."""
     x = h[:, 0].astype(jnp.float32)
     rows, hidden = x.shape
     dtype = p["qkv"]["kernel"].dtype

@@ -170,35 +170,37 @@ def test_decode_attention_append_stores_then_attends(case, dtype):
 
 def test_decode_attention_append_lowers_for_cuda_with_the_caches_in_place():
     """Triton's lowering runs on any machine: one kernel, its caches aliased to its inputs (no copy of them), and
-    with one head a program and splits its counters too (the splits combined in the kernel, no XLA after it)."""
+    with splits its counters too (the splits combined in the kernel, no XLA after it)."""
     from gptjax.kernels import decode_attention_append
 
     qkv = jax.ShapeDtypeStruct((8, 3, 16, 64), jnp.bfloat16)
     cache = jax.ShapeDtypeStruct((8, 576, 16, 64), jnp.bfloat16)
     positions = jax.ShapeDtypeStruct((8,), jnp.int32)
     for overrides in ({"heads_per_program": 1}, {"heads_per_program": 1, "num_splits": 4, "use_dot": False},
-                      {"heads_per_program": 2, "block_k": 64}, {"heads_per_program": 1, "single_loop": True},
+                      {"heads_per_program": 2, "block_k": 64}, {"heads_per_program": 2, "block_k": 64, "num_splits": 4},
+                      {"heads_per_program": 1, "single_loop": True},
                       {"heads_per_program": 2, "block_k": 64, "single_loop": True}):
         step = jax.jit(lambda *a, kw=overrides: decode_attention_append(*a, **kw))
         text = step.trace(qkv, cache, cache, positions).lower(lowering_platforms=("cuda",)).as_text()
-        counted = overrides.get("num_splits", 1) > 1 and overrides["heads_per_program"] == 1
+        counted = overrides.get("num_splits", 1) > 1
         assert text.count("xla.gpu.triton") == 1 and text.count("output_operand_alias<") == 2 + counted
 
 
+@pytest.mark.parametrize("group", [1, 2], ids=["head", "head-group"])
 @pytest.mark.parametrize("append", [False, True], ids=["attention", "append"])
-def test_decode_attention_splits_combine_in_the_kernel_and_leave_counters_zero(append):
-    """One head a program over 3 splits of a ragged batch: the last split of each head combines the parts, on
-    the caller's counters (more than the launch needs, the spare ones untouched), which come back zero; a
-    buffer too short for rows x heads is refused."""
+def test_decode_attention_splits_combine_in_the_kernel_and_leave_counters_zero(append, group):
+    """One head, or a group of two, a program over 3 splits of a ragged batch: the last split of each head (or
+    group) combines the parts, on the caller's counters (more than the launch needs, the spare ones untouched),
+    which come back zero; a buffer too short for rows x heads (or groups) is refused."""
     from gptjax.kernels import decode_attention_append
 
     rng, seed = fresh_rng()
-    batch, max_seq, heads, head_dim = 3, 96, 2, 16
+    batch, max_seq, heads, head_dim = 3, 96, 2 * group, 16
     qkv = draw(rng, (batch, 3, heads, head_dim), np.float32)
     k_cache, v_cache = (draw(rng, (batch, max_seq, heads, head_dim), np.float32) for _ in range(2))
     lengths = ragged_lengths(rng, batch, max_seq - 1)
-    counters = jnp.zeros((batch * heads + 5,), jnp.int32)
-    kw = dict(interpret=True, block_k=16, num_splits=3, heads_per_program=1, counters=counters)
+    counters = jnp.zeros((batch * 2 + 5,), jnp.int32)
+    kw = dict(interpret=True, block_k=16, num_splits=3, heads_per_program=group, counters=counters)
     if append:
         out, k_cache, v_cache, counts = decode_attention_append(qkv, k_cache, v_cache, jnp.asarray(lengths), **kw)
         lengths = lengths + 1
@@ -208,7 +210,7 @@ def test_decode_attention_splits_combine_in_the_kernel_and_leave_counters_zero(a
     err = np.linalg.norm(np.asarray(out, np.float64) - ref) / np.linalg.norm(ref)
     assert err < TOL[np.float32], f"relative error {err:.2e} (seed {seed})"
     np.testing.assert_array_equal(np.asarray(counts), np.zeros(counters.shape, np.int32))
-    with pytest.raises(ValueError, match="counters for 3 rows x 2 heads"):
+    with pytest.raises(ValueError, match=r"counters for 3 rows x 2 heads \(or head groups\)"):
         decode_attention(qkv[:, 0], k_cache, v_cache, jnp.asarray(lengths), **{**kw, "counters": counters[:5]})
 
 

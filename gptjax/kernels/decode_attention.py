@@ -7,9 +7,9 @@ kernel is tested against.
 Decode attention moves bytes, not FLOPs: each cache entry is read once and used for two multiply-adds per
 element. The kernel reads only each sequence's valid entries (`lengths`) and splits the cache's sequence axis
 into chunks (flash-decoding), so that a small batch still puts enough programs on the chip to saturate
-memory bandwidth; each chunk leaves a partial output and its log-sum-exp, and the head's last chunk to finish
-combines them in the same launch (one head a program: `_store_and_combine`; a head group's chunks are combined by
-a small `jnp` step after it). With enough programs to fill the chip there is one chunk and nothing to combine.
+memory bandwidth; each chunk leaves a partial output and its log-sum-exp, and the last of a head's chunks to
+finish combines them in the same launch (`_store`), counting on an atomic counter. With enough programs to fill
+the chip there is one chunk and nothing to combine.
 
 Two forms of the program body, both tested against the reference:
 - one head per program (`heads_per_program=1`): scores by elementwise products (`use_dot=False`), or on the
@@ -127,38 +127,36 @@ def _walk_blocks(body, carry, n_full, n_end, single: bool):
     return lax.fori_loop(n_full, n_end, functools.partial(body, masked=True), carry)
 
 
-def _store(out_refs, acc, m, l, split: bool):
-    """acc [..., d] unnormalised, m and l the max and sum (base 2); a chunk with no key gets zeros and -inf."""
-    safe_l = jnp.where(l == 0.0, 1.0, l)
-    if split:
-        o_ref, lse_ref = out_refs
-        o_ref[...] = acc
-        lse_ref[...] = jnp.where(l == 0.0, -jnp.inf, m + jnp.log2(safe_l))
-    else:
-        (o_ref,) = out_refs
-        o_ref[...] = acc.astype(o_ref.dtype)
-
-
-def _store_and_combine(out_refs, acc, m, l, splits: int, counter, interpret: bool):
-    """A split program's part: acc [d] normalised, m and l [1] (base 2). It stores its part and its log-sum-exp
-    in its row of the head's parts, then counts itself on the head's counter; the head's last split to count
-    (every other part then in memory) combines the parts into the output and sets the counter back to zero.
-    So a split launch needs no combine kernel after it."""
+def _store(out_refs, out, lse, splits: int, interpret: bool):
+    """A program's output: out [width] (its heads' columns, normalised) and lse [width] (each column its head's
+    log-sum-exp, base 2; -inf for a chunk that saw no key). One chunk: the output. Several: the program stores
+    its part and its log-sum-exps in its row of the heads' parts, then counts itself on their counter (heads, or
+    head groups, vary fastest over the grid); the last of their chunks to count (every other part then in
+    memory) combines the parts into the output and sets the counter back to zero, so a split launch needs no
+    combine kernel after it."""
+    if splits == 1:
+        out_refs[0][...] = out.astype(out_refs[0].dtype)
+        return
     o_ref, parts_ref, lse_ref, counts_ref = out_refs
-    split = pl.program_id(1)
-    parts_ref[pl.ds(split, 1), :] = acc[None, :]
-    lse_ref[pl.ds(split, 1)] = jnp.where(l == 0.0, -jnp.inf, m + jnp.log2(jnp.where(l == 0.0, 1.0, l)))
+    split, counter = pl.program_id(1), pl.program_id(2) * pl.num_programs(0) + pl.program_id(0)
+    parts_ref[pl.ds(split, 1), :] = out[None, :]
+    lse_ref[pl.ds(split, 1), :] = lse[None, :]
     if not interpret:
         plgpu.debug_barrier()  # every thread's stores are done before the counter says so
     finished = plgpu.atomic_add(counts_ref, (counter,), jnp.int32(1))  # acq-rel, GPU scope
 
     @pl.when(finished == splits - 1)
     def _():
-        ok = lax.broadcasted_iota(jnp.int32, (parts_ref.shape[0],), 0) < splits  # rows past `splits` pad to 2^n
-        lse = plgpu.load(lse_ref, mask=ok, other=-jnp.inf, volatile=True)  # volatile: not an L1 copy
-        parts = plgpu.load(parts_ref, mask=jnp.broadcast_to(ok[:, None], parts_ref.shape), other=0.0, volatile=True)
-        o_ref[...] = _combine(parts, lse).astype(o_ref.dtype)
+        ok = lax.broadcasted_iota(jnp.int32, parts_ref.shape, 0) < splits  # rows past `splits` pad to 2^n
+        lse_all = plgpu.load(lse_ref, mask=ok, other=-jnp.inf, volatile=True)  # volatile: not an L1 copy
+        parts = plgpu.load(parts_ref, mask=ok, other=0.0, volatile=True)
+        o_ref[...] = _combine(parts, lse_all).astype(o_ref.dtype)
         counts_ref[counter] = 0
+
+
+def _log_sum_exp(m, l):
+    """The running max and sum (base 2) -> log2 of the sum of exp2 over the chunk's keys; -inf where none."""
+    return jnp.where(l == 0.0, -jnp.inf, m + jnp.log2(jnp.where(l == 0.0, 1.0, l)))
 
 
 def _per_head_kernel(len_ref, q_ref, k_ref, v_ref, *refs, sm_scale: float, block_k: int, chunk: int,
@@ -172,8 +170,7 @@ def _per_head_kernel(len_ref, q_ref, k_ref, v_ref, *refs, sm_scale: float, block
     read, the new one is taken from its ref and stored by the program whose chunk holds the position.
     `single`: the chunk's blocks in one loop (`SINGLE_LOOP`). `early`: where the next kernel's launch is
     issued (`early_launch`): as the program starts, or at the "end" of its walk over the keys. With `splits` > 1
-    the outputs are the head's output, its parts and their log-sum-exps, and the counters
-    (`_store_and_combine`)."""
+    the outputs are the head's output, its parts and their log-sum-exps, and the counters (`_store`)."""
     length, out_refs, (k_new_ref, v_new_ref, k_out_ref, v_out_ref) = _split_refs(len_ref, refs, max_seq, append,
                                                                                  combine=splits > 1)
     start = _chunk_start(chunk, early)
@@ -199,11 +196,7 @@ def _per_head_kernel(len_ref, q_ref, k_ref, v_ref, *refs, sm_scale: float, block
     # every row holds the same numbers: keep one
     acc, m, l = jnp.max(acc, axis=0), jnp.max(m, axis=0, keepdims=True), jnp.max(l, axis=0, keepdims=True)
     acc = acc / jnp.where(l == 0.0, 1.0, l)
-    if splits == 1:
-        _store(out_refs, acc, m, l, split=False)
-    else:  # the counter of (row, head): heads vary fastest over the grid
-        _store_and_combine(out_refs, acc, m, l, splits, pl.program_id(2) * pl.num_programs(0) + pl.program_id(0),
-                           interpret)
+    _store(out_refs, acc, jnp.broadcast_to(_log_sum_exp(m, l), acc.shape), splits, interpret)
 
 
 def _head_carry(rows: int, head_dim: int):
@@ -291,12 +284,13 @@ def _load_kv_block(k_ref, v_ref, j, block_k: int, start, length, masked: bool):
 
 
 def _head_group_kernel(len_ref, q_ref, k_ref, v_ref, *refs, sm_scale: float, block_k: int, chunk: int,
-                       split: bool, head_dim: int, cols: int, max_seq: int, single: bool, early: str,
-                       append: bool = False):
+                       splits: int, head_dim: int, cols: int, max_seq: int, single: bool, early: str,
+                       append: bool = False, interpret: bool = False):
     """G heads of one sequence's chunk: q_ref [G*d], k_ref and v_ref [chunk, G*d]; `cols` = max(G, 16)
     columns of the block-diagonal query (those past G are zero and their results unused). `append`, `single`
-    and `early`: as in `_per_head_kernel`."""
-    length, out_refs, (k_new_ref, v_new_ref, k_out_ref, v_out_ref) = _split_refs(len_ref, refs, max_seq, append)
+    and `early`: as in `_per_head_kernel`, and `splits` too (the head group's counter)."""
+    length, out_refs, (k_new_ref, v_new_ref, k_out_ref, v_out_ref) = _split_refs(len_ref, refs, max_seq, append,
+                                                                                 combine=splits > 1)
     start = _chunk_start(chunk, early)
     q = q_ref[...]
     width = q.shape[0]
@@ -329,7 +323,8 @@ def _head_group_kernel(len_ref, q_ref, k_ref, v_ref, *refs, sm_scale: float, blo
     acc = acc / jnp.where(l == 0.0, 1.0, l)[:, None]
     own = (lax.broadcasted_iota(jnp.int32, (cols, width), 0)
            == lax.broadcasted_iota(jnp.int32, (cols, width), 1) // head_dim)  # head h's own d columns
-    _store(out_refs, jnp.sum(jnp.where(own, acc, 0.0), axis=0), m, l, split)
+    lse = jnp.max(jnp.where(own, _log_sum_exp(m, l)[:, None], -jnp.inf), axis=0)  # each column its head's
+    _store(out_refs, jnp.sum(jnp.where(own, acc, 0.0), axis=0), lse, splits, interpret)
 
 
 def _check_caches(k_cache, v_cache, batch: int, heads: int, head_dim: int) -> int:
@@ -421,47 +416,43 @@ def decode_attention_append(qkv, k_cache, v_cache, positions, *, interpret: bool
 def _attend(q, k_cache, v_cache, lengths, params: DecodeParams, head_dim: int, interpret: bool, single_loop,
             early_launch, counters, append: bool = False):
     """The launch `params` say -> (its output, the counters): with `append`, the output is (out, k_cache,
-    v_cache). A per-head launch with splits combines them in the kernel, on `counters` (zeros of its own when
-    None); a head-group launch leaves its parts to `_combine` here."""
+    v_cache). A launch with splits combines them in the kernel, on `counters` (zeros of its own when None)."""
     batch, heads = q.shape[0], q.shape[-2]
     chunk, splits = _chunks(k_cache.shape[1], params)
     single = SINGLE_LOOP if single_loop is None else single_loop
-    args = (q, k_cache, v_cache, lengths, params, chunk, splits, 1.0 / math.sqrt(head_dim), interpret, single,
-            pdl.resolve(early_launch, interpret))
-    if params.heads_per_program == 1 and splits > 1:
-        counts = new_counters(batch * heads) if counters is None else counters
-        if counts.shape[0] < batch * heads:
-            raise ValueError(f"decode attention: {counts.shape[0]} counters for {batch} rows x {heads} heads")
-        *out, counters = _launch_per_head(*args, append=append, counters=counts)
-    elif params.heads_per_program == 1:
-        out = _launch_per_head(*args, append=append)
-    else:
-        out = _launch_head_group(*args, append=append)
-        out = list(out) if append else [out]
-        if splits > 1:
-            out[0] = _combine(*out[0]).astype(q.dtype)
+    launch = _launch_per_head if params.heads_per_program == 1 else _launch_head_group
+    counts = None
+    if splits > 1:
+        programs = batch * (heads // params.heads_per_program)  # a counter each (row, head or head group)
+        counts = new_counters(programs) if counters is None else counters
+        if counts.shape[0] < programs:
+            raise ValueError(f"decode attention: {counts.shape[0]} counters for {batch} rows x "
+                             f"{heads // params.heads_per_program} heads (or head groups)")
+    out = launch(q, k_cache, v_cache, lengths, params, chunk, splits, 1.0 / math.sqrt(head_dim), interpret, single,
+                 pdl.resolve(early_launch, interpret), append, counts)
+    if splits > 1:
+        *out, counters = out
     return (tuple(out) if append else out[0]), counters
 
 
 def new_counters(n: int):
-    """Zeros for the split counters of a launch of n rows x heads."""
+    """Zeros for the split counters of a launch of n rows x heads (or head groups)."""
     return jnp.zeros((n,), jnp.int32)
 
 
-def _combine(o_parts, lse):
-    """o_parts [..., splits, d] fp32 and lse [..., splits] (base 2) -> [..., d]: in XLA after a head-group
-    launch, and in the kernel by a head's last split (`_store_and_combine`)."""
-    top = jnp.max(lse, axis=-1, keepdims=True)
-    w = jnp.exp2(lse - jnp.where(top > -jnp.inf, top, 0.0))  # empty chunks weigh 0
-    total = jnp.sum(w, axis=-1, keepdims=True)
-    return jnp.sum(o_parts * (w / jnp.where(total == 0.0, 1.0, total))[..., None], axis=-2)
+def _combine(parts, lse):
+    """parts and lse [splits, width]: each chunk's normalised output and, column by column, its head's log-sum-exp
+    (base 2) -> [width], the output over all the chunks' keys."""
+    top = jnp.max(lse, axis=0)
+    w = jnp.exp2(lse - jnp.where(top > -jnp.inf, top, 0.0)[None, :])  # empty chunks weigh 0
+    total = jnp.sum(w, axis=0)
+    return jnp.sum(parts * w, axis=0) / jnp.where(total == 0.0, 1.0, total)
 
 
 def _launch_per_head(q, k_cache, v_cache, lengths, params: DecodeParams, chunk: int, splits: int,
-                     sm_scale: float, interpret: bool, single: bool, early: str, append: bool = False,
-                     counters=None):
-    """`append`: q is the step's qkv [batch, 3, heads, d] and lengths its positions; the caches come back too.
-    With splits, `counters` (int32 zeros, at least batch x heads) come back last (`_store_and_combine`)."""
+                     sm_scale: float, interpret: bool, single: bool, early: str, append: bool, counters):
+    """-> (out [batch, heads, d], *the caches if `append`, *the counters if split). `append`: q is the step's
+    qkv [batch, 3, heads, d] and lengths its positions."""
     batch, heads, d = q.shape[0], q.shape[-2], q.shape[-1]
     kernel = functools.partial(_per_head_kernel, sm_scale=sm_scale, block_k=params.block_k, chunk=chunk,
                                splits=splits, rows=MATRIX_ROWS if params.use_dot else 1, max_seq=k_cache.shape[1],
@@ -475,71 +466,61 @@ def _launch_per_head(q, k_cache, v_cache, lengths, params: DecodeParams, chunk: 
     in_specs = [pl.BlockSpec((None,), lambda h, s, b: (b,)), step[0], cache_spec, cache_spec, *step[1:]]
     out_shape = [jax.ShapeDtypeStruct((batch, heads, d), q.dtype)]
     out_specs = [pl.BlockSpec((None, None, d), lambda h, s, b: (b, h, 0))]
-    if splits > 1:  # a head's parts, its log-sum-exps (rows padded to a power of two), the counters
-        rows = pl.next_power_of_2(splits)
-        out_shape += [jax.ShapeDtypeStruct((batch, heads, rows, d), jnp.float32),
-                      jax.ShapeDtypeStruct((batch, heads, rows), jnp.float32),
-                      jax.ShapeDtypeStruct(counters.shape, jnp.int32)]
-        out_specs += [pl.BlockSpec((None, None, rows, d), lambda h, s, b: (b, h, 0, 0)),
-                      pl.BlockSpec((None, None, rows), lambda h, s, b: (b, h, 0)), pl.no_block_spec]
-    n_out = len(out_shape)
-    operands, aliases = _append_operands(out_shape, out_specs, cache_spec, (lengths, q, k_cache, v_cache), append)
-    if splits > 1:
-        aliases[len(operands)] = n_out - 1
-        operands += (counters,)
-        in_specs.append(pl.no_block_spec)
-    out = pl.pallas_call(
-        kernel, grid=(heads, splits, batch), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-        input_output_aliases=aliases,
-        compiler_params=plgpu.CompilerParams(num_warps=params.num_warps, num_stages=params.num_stages),
-        interpret=interpret, name="decode_attention_append" if append else "decode_attention",
-    )(*operands)
-    return (out[0], *(out[-2:] if append else ()), *((out[n_out - 1],) if splits > 1 else ()))
+    return _call(kernel, (heads, splits, batch), in_specs, out_shape, out_specs, cache_spec,
+                 (lengths, q, k_cache, v_cache), params, "decode_attention", interpret, append, counters)
 
 
 def _launch_head_group(q, k_cache, v_cache, lengths, params: DecodeParams, chunk: int, splits: int,
-                       sm_scale: float, interpret: bool, single: bool, early: str, append: bool = False):
-    """`append`: as for `_launch_per_head`."""
+                       sm_scale: float, interpret: bool, single: bool, early: str, append: bool, counters):
+    """As `_launch_per_head`, G heads a program."""
     batch, heads, d = q.shape[0], q.shape[-2], q.shape[-1]
     cache_shape = k_cache.shape
     rows, max_seq = cache_shape[:2]
     group = params.heads_per_program
     width, cols = group * d, max(group, MATRIX_ROWS)
-    split = splits > 1
     # [.., heads, d] -> [.., heads * d]: free (contiguous), and a group's slice is one run of G*d elements
     q, k_cache, v_cache = q.reshape(*q.shape[:-2], heads * d), *(c.reshape(rows, max_seq, heads * d)
                                                                  for c in (k_cache, v_cache))
     kernel = functools.partial(_head_group_kernel, sm_scale=sm_scale, block_k=params.block_k, chunk=chunk,
-                               split=split, head_dim=d, cols=cols, max_seq=max_seq, single=single,
-                               early=early, append=append)
+                               splits=splits, head_dim=d, cols=cols, max_seq=max_seq, single=single,
+                               early=early, append=append, interpret=interpret)
     cache_spec = pl.BlockSpec((None, chunk, width), lambda g, s, b: (b, s, g))
     if append:  # the query, key and value: three views of qkv
         step = [pl.BlockSpec((None, None, width), lambda g, s, b, i=i: (b, i, g)) for i in range(3)]
     else:
         step = [pl.BlockSpec((None, width), lambda g, s, b: (b, g))]
     in_specs = [pl.BlockSpec((None,), lambda g, s, b: (b,)), step[0], cache_spec, cache_spec, *step[1:]]
-    n_groups = heads // group
-    if split:
-        out_shape = [jax.ShapeDtypeStruct((batch, splits, heads * d), jnp.float32),
-                     jax.ShapeDtypeStruct((batch, splits, n_groups, cols), jnp.float32)]
-        out_specs = [pl.BlockSpec((None, None, width), lambda g, s, b: (b, s, g)),
-                     pl.BlockSpec((None, None, None, cols), lambda g, s, b: (b, s, g, 0))]
-    else:
-        out_shape = [jax.ShapeDtypeStruct((batch, heads * d), q.dtype)]
-        out_specs = [pl.BlockSpec((None, width), lambda g, s, b: (b, g))]
-    operands, aliases = _append_operands(out_shape, out_specs, cache_spec, (lengths, q, k_cache, v_cache), append)
+    out_shape = [jax.ShapeDtypeStruct((batch, heads * d), q.dtype)]
+    out_specs = [pl.BlockSpec((None, width), lambda g, s, b: (b, g))]
+    out = _call(kernel, (heads // group, splits, batch), in_specs, out_shape, out_specs, cache_spec,
+                (lengths, q, k_cache, v_cache), params, "decode_attention_heads", interpret, append, counters)
+    caches = tuple(c.reshape(cache_shape) for c in out[1:3]) if append else ()
+    return (out[0].reshape(batch, heads, d), *caches, *out[1 + len(caches):])
+
+
+def _call(kernel, grid, in_specs, out_shape, out_specs, cache_spec, operands, params: DecodeParams, name: str,
+          interpret: bool, append: bool, counters):
+    """The launch over grid (heads or head groups, splits, batch) -> (out, *the caches if `append`, *the counters
+    if split). A split launch also writes each program's part and log-sum-exps (`_store`) into rows padded to a
+    power of two, and counts on `counters`, which it updates in place (aliased)."""
+    batch, n, splits = grid[2], grid[0], grid[1]
+    if splits > 1:
+        rows, width = pl.next_power_of_2(splits), out_specs[0].block_shape[-1]
+        part = jax.ShapeDtypeStruct((batch, n, rows, width), jnp.float32)
+        part_spec = pl.BlockSpec((None, None, rows, width), lambda x, s, b: (b, x, 0, 0))
+        out_shape += [part, part, jax.ShapeDtypeStruct(counters.shape, jnp.int32)]
+        out_specs += [part_spec, part_spec, pl.no_block_spec]
+    n_out = len(out_shape)
+    operands, aliases = _append_operands(out_shape, out_specs, cache_spec, operands, append)
+    if splits > 1:
+        aliases[len(operands)] = n_out - 1
+        operands, in_specs = (*operands, counters), [*in_specs, pl.no_block_spec]
     out = pl.pallas_call(
-        kernel, grid=(n_groups, splits, batch), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-        input_output_aliases=aliases,
+        kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape, input_output_aliases=aliases,
         compiler_params=plgpu.CompilerParams(num_warps=params.num_warps, num_stages=params.num_stages),
-        interpret=interpret, name="decode_attention_heads_append" if append else "decode_attention_heads",
+        interpret=interpret, name=name + ("_append" if append else ""),
     )(*operands)
-    if split:
-        attn = (out[0].reshape(batch, splits, heads, d).transpose(0, 2, 1, 3),
-                out[1][..., :group].reshape(batch, splits, heads).transpose(0, 2, 1))
-    else:
-        attn = out[0].reshape(batch, heads, d)
-    return (attn, *(c.reshape(cache_shape) for c in out[-2:])) if append else attn
+    return (out[0], *(out[-2:] if append else ()), *((out[n_out - 1],) if splits > 1 else ()))
 
 
 def _append_operands(out_shape: list, out_specs: list, cache_spec, operands: tuple, append: bool):
