@@ -9,8 +9,10 @@ warps, stages, and a split count from a target number of programs) is checked ag
 and timed over full caches (every entry valid; with `--ragged`, lengths uniform in [1, max_seq]), GB/s over
 the valid K/V bytes, beside the device's memory bandwidth measured in the same run (`benchmarks.floors`).
 Two times per row: `us`, the host clock's median over dispatches of several input sets, and on a GPU `gpu_us`,
-the kernels' own time (the decode kernel and its combine step) summed over one more dispatch in a profiler
-trace, per input set (`benchmarks.kernels.timed_device`); GB/s and the fraction of bandwidth come from each.
+the kernels' own time summed over one more dispatch in a profiler trace, per input set
+(`benchmarks.kernels.timed_device`): for a candidate its one launch (a split launch combines its chunks itself;
+the zeros its counters start from, which the engine makes once a step, are left out), for a peer every kernel.
+GB/s and the fraction of bandwidth come from each.
 The fastest correct candidate of each shape, by `gpu_us` where every candidate has it (by `us` otherwise, e.g.
 on the CPU), goes into the table; `gptjax.kernels.decode_attention.choose_params` reads it.
 """
@@ -122,7 +124,7 @@ def sweep_shape(batch, heads, head_dim, max_seq, bandwidth, interpret, reps, out
                "params": params}
         try:
             row["rel_err"] = rel_err(jax.jit(fn)(q, kc, vc, lengths), ref)
-            row |= timing_fields(*timed_device(fn, sets, reps=reps), kv_bytes, bandwidth)
+            row |= timing_fields(*timed_device(fn, sets, reps=reps, kernel="decode_attention"), kv_bytes, bandwidth)
         except Exception as e:  # one candidate that fails to compile (shared memory, registers) is skipped
             row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
         rows.append(row)

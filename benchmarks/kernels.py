@@ -10,7 +10,7 @@ its copy rate, read + written bytes, and its read rate), so no row can honestly 
 Every number is a median over repeated runs after a warm-up; each run goes through several independent input
 sets in one dispatch (so that launch overhead is amortised and no input is still in L2 from the run before).
 On a GPU every row also has the device's own time: a dispatch under the profiler, its kernels' durations
-summed (the decode kernel and its combine step, XLA's or cuDNN's fusions alike) and divided by the input sets
+summed (the decode kernel with what runs around it, XLA's or cuDNN's fusions alike) and divided by the input sets
 (`gpu_us` / `gpu_ms`, and the rates from it, beside the host clock's `us` / `ms`): at the small shapes the host
 clock holds launch and dispatch jitter. Decode takes one such dispatch; prefill, where ours and the peers are
 within a few percent, the median of `--rounds` dispatches per implementation, interleaved with the others'.
