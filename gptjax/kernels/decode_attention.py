@@ -48,7 +48,9 @@ from gptjax.kernels import early_launch as pdl
 
 # aim for this many programs (several per multiprocessor of a 132-SM H100) before splitting the sequence
 TARGET_PROGRAMS = 1024
-MIN_SPLIT_KEYS = 512  # shorter chunks were not worth a combine step when it was three more small kernels a layer
+# shorter chunks did not pay for the combine step when it was three more small kernels a layer; with it in the
+# launch, 2-8 chunks were 3-5% faster than one at 8 rows x 520 keys on an H100 (RESULTS run 39), not yet re-swept
+MIN_SPLIT_KEYS = 512
 SHARED_MEMORY = 227 * 1024  # per block on an H100 or H200
 MATRIX_ROWS = 16  # the matrix units' smallest tile side in Triton's dot
 # Walk a chunk's key blocks in one loop, each masked at the row's end, rather than the whole blocks in one loop and
