@@ -118,29 +118,6 @@ BATCH_OFF = "batch_off"  # a variant name of its own: the program traced with de
 FLAX_BLOCK = "flax_block"  # one more: every decode step through the Flax block (`_flax_layer`)
 F32_EPILOGUES = "f32_epilogues"  # and one more: `_f32_epilogue_block` in place of decode_block.folded_block
 PREFILL_NORM = "prefill_norm"  # and one more: the prefill's layers as `_norm_kernel_block` (not the Flax block)
-ONE_PASS_GREEDY = "one_pass_greedy"  # and one more: a greedy call's tokens and logprobs as `one_pass_greedy`
-
-
-def one_pass_greedy(logits):
-    """Each row's argmax (the first, on a tie) and its log-probability from one variadic reduction over the logits
-    [rows, vocab] (the running max, its index and the sum of exp(x - max) carried together), where `jnp.argmax` and
-    `log_softmax` read them two or three times (at 256 rows 51 MB a pass)."""
-    import jax
-    import jax.numpy as jnp
-
-    logits = logits.astype(jnp.float32)
-
-    def combine(a, b):
-        (m1, i1, s1), (m2, i2, s2) = a, b
-        m = jnp.maximum(m1, m2)
-        base = jnp.where(m == -jnp.inf, 0.0, m)
-        first = (m1 > m2) | ((m1 == m2) & (i1 < i2))
-        return m, jnp.where(first, i1, i2), s1 * jnp.exp(m1 - base) + s2 * jnp.exp(m2 - base)
-
-    index = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1)
-    init = (jnp.float32(-jnp.inf), jnp.int32(2**31 - 1), jnp.float32(0.0))
-    _, tokens, total = jax.lax.reduce((logits, index, jnp.ones_like(logits)), init, combine, (1,))
-    return tokens, -jnp.log(total)  # log p(argmax) = max - logsumexp = -log(sum(exp(x - max)))
 
 
 def _f32_epilogue_block(config, attention, p, h, layer_kv, pos):
@@ -219,16 +196,16 @@ def _flax_layer(engine):
 
 def _generate_jit(engine, variant: str | None):
     """The engine's generate program under a variant ("off", or names joined by "+": short names of `XLA_OPTIONS`,
-    and this probe's own, `BATCH_OFF`, `FLAX_BLOCK`, `F32_EPILOGUES`, `PREFILL_NORM` and `ONE_PASS_GREEDY`, which
-    change what the decode step or the prefill traces; None: the engine's own jit)."""
+    and this probe's own, `BATCH_OFF`, `FLAX_BLOCK`, `F32_EPILOGUES` and `PREFILL_NORM`, which change what the
+    decode step or the prefill traces; None: the engine's own jit)."""
     import jax
 
-    from gptjax import decode_block, sampling
+    from gptjax import decode_block
 
     if variant is None:
         return engine._generate_jit
     names = [] if variant == "off" else variant.split("+")
-    own = (BATCH_OFF, FLAX_BLOCK, F32_EPILOGUES, PREFILL_NORM, ONE_PASS_GREEDY)
+    own = (BATCH_OFF, FLAX_BLOCK, F32_EPILOGUES, PREFILL_NORM)
     unknown = [n for n in names if n not in XLA_OPTIONS and n not in own]
     if unknown:
         raise SystemExit(f"--xla-options: {unknown} not among {sorted(XLA_OPTIONS) + list(own)} (or off)")
@@ -244,12 +221,6 @@ def _generate_jit(engine, variant: str | None):
 
     prefill_block = _norm_kernel_block(engine) if PREFILL_NORM in names else None
     patches = [(decode_block, "BATCH_ROWS", batch_rows), (decode_block, "layer_fn", layer_fn)]
-    if ONE_PASS_GREEDY in names:
-        def next_tokens(logits, temperature, top_k, top_p, keys, sampled=None, default=sampling.next_tokens):
-            if sampled is False:
-                return one_pass_greedy(logits)
-            return default(logits, temperature, top_k, top_p, keys, sampled)
-        patches.append((sampling, "next_tokens", next_tokens))
 
     @functools.wraps(engine._generate)  # its signature: the static arguments by name
     def generate(*args, **kwargs):  # the patched names and the prefill's block are read as the program is traced
