@@ -367,10 +367,10 @@ def decode_attention(q, k_cache, v_cache, lengths, *, interpret: bool = False, b
     rows are read; lengths: [batch] valid entries (including the current token). Scale 1/sqrt(head_dim). A
     sequence of length 0 gets zeros. The keyword arguments override `choose_params`'s choice, `single_loop`
     `SINGLE_LOOP`, and `early_launch` `early_launch.resolve` (where the next kernel's launch is issued: as
-    each program starts, or at the end of its walk). counters: int32 zeros, at least batch x heads
-    (`new_counters`), on which a split launch counts each head's finished splits and leaves them zero again:
-    given, the result is (out, counters), and the caller hands them on to the next launch rather than each
-    launch zeroing its own."""
+    each program starts, or at the end of its walk). counters: int32 zeros, at least batch x heads (the decode
+    step's `decode_matmul.new_counters` buffer), on which a split launch counts each head's finished splits and
+    leaves them zero again: given, the result is (out, counters), and the caller hands them on to the next launch
+    rather than each launch zeroing its own."""
     batch, heads, head_dim = q.shape
     max_seq = _check_caches(k_cache, v_cache, batch, heads, head_dim)
     params = _launch_params(batch, heads, max_seq, head_dim, q.dtype, dict(
@@ -426,7 +426,7 @@ def _attend(q, k_cache, v_cache, lengths, params: DecodeParams, head_dim: int, i
     counts = None
     if splits > 1:
         programs = batch * (heads // params.heads_per_program)  # a counter each (row, head or head group)
-        counts = new_counters(programs) if counters is None else counters
+        counts = jnp.zeros((programs,), jnp.int32) if counters is None else counters
         if counts.shape[0] < programs:
             raise ValueError(f"decode attention: {counts.shape[0]} counters for {batch} rows x "
                              f"{heads // params.heads_per_program} heads (or head groups)")
@@ -435,11 +435,6 @@ def _attend(q, k_cache, v_cache, lengths, params: DecodeParams, head_dim: int, i
     if splits > 1:
         *out, counters = out
     return (tuple(out) if append else out[0]), counters
-
-
-def new_counters(n: int):
-    """Zeros for the split counters of a launch of n rows x heads (or head groups)."""
-    return jnp.zeros((n,), jnp.int32)
 
 
 def _combine(parts, lse):
