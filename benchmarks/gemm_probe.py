@@ -15,7 +15,9 @@ time of `--copies` distinct weights' products in one call (more weight than the 
   weights), then their sum with the epilogue: what a decode layer pays if a kernel of its own is to take the parts;
 - "mgpu_{tm}x{tn}_{m|n}": JAX's Hopper Mosaic GPU matmul (`jax.experimental.pallas.ops.gpu.hopper_matmul_mgpu`,
   warp-specialized, TMA loads, wgmma) with tiles tm x tn a warpgroup, its two warpgroups side by side along M or N:
-  whole output tiles, no split over K, no bias. Off a Hopper GPU these report an error line.
+  whole output tiles, no split over K, no bias; "_cm" / "_cn": CTAs in clusters of two along M / N, each loading
+  half of the operand they share and multicasting it to both (the L2 reads it once for two CTAs). Off a Hopper GPU
+  these report an error line.
 Every output is checked against float64.
 """
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 
 import numpy as np
@@ -72,17 +75,17 @@ def forms(rows: int, k: int, n: int, product: str = "qkv") -> dict:
         from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu as hm
     except ImportError:
         return out
-    for tm, tn in TILES:
-        for side in (hm.MatmulDimension.M, hm.MatmulDimension.N):
-            cta_m = tm * (2 if side == hm.MatmulDimension.M else 1)
-            cta_n = tn * (2 if side == hm.MatmulDimension.N else 1)
-            if rows % cta_m or n % cta_n:
-                continue
-            config = hm.TuningConfig(tile_m=tm, tile_n=tn, tile_k=64, max_concurrent_steps=4,
-                                     epi_tile_m=64, epi_tile_n=64, wg_dimension=side)
-            call = functools.partial(hm.matmul, config=config)
-            out[f"mgpu_{tm}x{tn}_{'m' if side == hm.MatmulDimension.M else 'n'}"] = jax.jit(
-                lambda x, ws, call=call: [call(x, w, None) for w, _, _ in ws])
+    dims = {"m": hm.MatmulDimension.M, "n": hm.MatmulDimension.N}
+    for (tm, tn), side, cluster in itertools.product(TILES, dims, ("", *dims)):
+        cta_m = tm * (2 if side == "m" else 1)
+        cta_n = tn * (2 if side == "n" else 1)
+        if rows % cta_m or n % cta_n or (cluster == "m" and rows // cta_m % 2) or (cluster == "n" and n // cta_n % 2):
+            continue
+        config = hm.TuningConfig(tile_m=tm, tile_n=tn, tile_k=64, max_concurrent_steps=4, epi_tile_m=64,
+                                 epi_tile_n=64, wg_dimension=dims[side], cluster_dimension=dims.get(cluster))
+        call = functools.partial(hm.matmul, config=config)
+        out[f"mgpu_{tm}x{tn}_{side}" + (f"_c{cluster}" if cluster else "")] = jax.jit(
+            lambda x, ws, call=call: [call(x, w, None) for w, _, _ in ws])
     return out
 
 

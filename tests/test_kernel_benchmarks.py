@@ -467,7 +467,7 @@ def test_gemm_probe_checks_xla_forms_against_float64_and_its_mosaic_forms_lower_
         x = jax.ShapeDtypeStruct((256, k), jnp.float16)
         ws = [(jax.ShapeDtypeStruct((k, n), jnp.float16), jax.ShapeDtypeStruct((n,), jnp.float16),
                jax.ShapeDtypeStruct((256, n), jnp.float16))]
-        for name in ("mgpu_128x128_m", "bm_64x64_s4_d0", "bm_64x64_s6_d2"):
+        for name in ("mgpu_128x128_m", "mgpu_64x64_m_cm", "bm_64x64_s4_d0", "bm_64x64_s6_d2"):
             assert "mosaic_gpu" in mosaic[name].trace(x, ws).lower(lowering_platforms=("cuda",)).as_text()
 
 
