@@ -109,7 +109,7 @@ def copy_rates(device=None, n_bytes: int | None = None, with_torch: bool = True)
         box[0] = _xla_copy_loop(box[0], iters=ITERS)  # donated: the same two buffers every call
         box[0].block_until_ready()
     rates = {"xla": 2 * n_bytes * ITERS / median_seconds(once)}
-    del box
+    box.clear()  # the buffers freed before PyTorch's copy
     _add_torch_rate(rates, "torch", lambda: torch_copy_bandwidth(n_bytes), device, with_torch)
     return rates
 
@@ -236,7 +236,7 @@ def read_rates(device=None, n_bytes: int | None = None, with_torch: bool = True)
     x = _random_words(n_bytes, device)
     rates = {name: n_bytes * ITERS / read_seconds(lambda: _read_loop(x, iters=ITERS, rows=rows).block_until_ready())
              for name, rows in (("xla_sum", False), ("xla_rows", True))}
-    del x
+    x = None  # freed before the next readers'
     if device.platform == "gpu":
         rates |= pallas_read_rates(device, n_bytes)
         rates["cudnn_attention"] = cudnn_read_bandwidth(device, n_bytes)
@@ -307,7 +307,7 @@ def torch_copy_bandwidth(n_bytes: int = 4 << 30) -> float | None:
     x = torch.randn(n_bytes // 4, device="cuda")
     y = torch.empty_like(x)
     seconds = _cuda_seconds(lambda: y.copy_(x))
-    del x, y
+    x = y = None
     torch.cuda.empty_cache()
     return 2 * n_bytes * ITERS / seconds
 
@@ -319,7 +319,7 @@ def torch_read_bandwidth(n_bytes: int = 4 << 30) -> float | None:
         return None
     x = torch.randn(n_bytes // 4, device="cuda")
     seconds = _cuda_seconds(lambda: x.sum())
-    del x
+    x = None
     torch.cuda.empty_cache()
     return n_bytes * ITERS / seconds
 

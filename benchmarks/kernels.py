@@ -469,8 +469,8 @@ def markdown(env, checks, copy_bw, prefill_rows, decode_rows):
     out += ["", "Decode, bf16, GB/s over the valid K/V bytes by the device's kernel time where measured "
             f"(fraction of the {copy_bw / 1e9:.0f} GB/s memory bandwidth, the larger of the measured copy and read "
             "rates), and ours by the host clock; XLA is the engine's `jnp` reference:", "",
-            "| batch | context | heads x dim | Pallas (ours) | of bandwidth | XLA | cuDNN | ours us | ours, host clock | "
-            "host us |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+            "| batch | context | heads x dim | Pallas (ours) | of bandwidth | XLA | cuDNN | ours us "
+            "| ours, host clock | host us |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in decode_rows:
         if r.get("sweep"):
             continue

@@ -300,7 +300,8 @@ def to_hf_model(config: ModelConfig, params, device: str = "cpu", torch_dtype=No
             p + "attn.c_proj.bias": tensor(h["attn_out"]["bias"]),
             p + "ln_2.weight": tensor(h["ln_2"]["scale"]), p + "ln_2.bias": tensor(h["ln_2"]["bias"]),
             p + "mlp.c_fc.weight": tensor(h["mlp_in"]["kernel"]), p + "mlp.c_fc.bias": tensor(h["mlp_in"]["bias"]),
-            p + "mlp.c_proj.weight": tensor(h["mlp_out"]["kernel"]), p + "mlp.c_proj.bias": tensor(h["mlp_out"]["bias"]),
+            p + "mlp.c_proj.weight": tensor(h["mlp_out"]["kernel"]),
+            p + "mlp.c_proj.bias": tensor(h["mlp_out"]["bias"]),
         })
     state["lm_head.weight"] = state["transformer.wte.weight"]
     model.load_state_dict(state, strict=False, assign=True)

@@ -19,8 +19,9 @@ v1 (the 2021 backend)
     outputs  OUTPUT0 [B, L + max(REQUEST_OUTPUT_LEN)] UINT32: each row's prompt, its new tokens, then the
              end-of-text token, laid out time-major under that shape, as that backend returned its decoder's
              [length, batch] buffer: its tools read it with reshape([-1, B]) and transpose the rows out
-             (tools/identity_test.py, then FasterTransformer's convert_gpt_token.py). Sampling is the server config's (candidate_num / probability_threshold /
-             temperature, read into the engine config's top_k / top_p / temperature), as in that backend.
+             (tools/identity_test.py, then FasterTransformer's convert_gpt_token.py). Sampling is the server
+             config's (candidate_num / probability_threshold / temperature, read into the engine config's
+             top_k / top_p / temperature), as in that backend.
 
 Sampling as in FasterTransformer: top_k 0 and top_p 0 (or top_k 1) is greedy; top_p 0 turns top-p off. A row
 stops at end_id (default: the model's end-of-text token; one past the vocabulary, such as 2**32 - 1, never

@@ -49,9 +49,9 @@ def test_reference_matches_float64(dtype, activation, with_residual):
     (1024, 3072, "", None), (1024, 1024, "", jnp.float32), (1024, 4096, "gelu_new", None),
     (4096, 1024, "", jnp.float16)])
 def test_kernel_lowers_for_cuda_at_the_345m_products(tile_m, tile_n, stages, delay, k, n, activation, residual):
-    """Each product of a megatron-345m layer at 256 rows, with its epilogue (bias; GPT-2's GELU after MLP in; the residual
-    in float32 or float16 after attention out and MLP out), lowers to one Mosaic GPU kernel for CUDA, with up to
-    two products left running."""
+    """Each product of a megatron-345m layer at 256 rows, with its epilogue (bias; GPT-2's GELU after MLP in; the
+    residual in float32 or float16 after attention out and MLP out), lowers to one Mosaic GPU kernel for CUDA, with
+    up to two products left running."""
     s = jax.ShapeDtypeStruct
     args = [s((256, k), jnp.float16), s((k, n), jnp.float16), s((n,), jnp.float16)]
     if residual is not None:

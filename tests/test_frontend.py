@@ -205,7 +205,8 @@ def test_collect_gathers_events_and_reports_the_call(frontend):
             r.put(Tokens([7], [-1.0]))
             r.put(Finished("length"))
         done = frontend.collect(call.requests, lambda: True)
-    assert [(d.token_ids, d.logprobs, d.finish_reason) for d in done] == [([5, 6, 7], [-0.5, -0.25, -1.0], "length")] * 2
+    expected = ([5, 6, 7], [-0.5, -0.25, -1.0], "length")
+    assert [(d.token_ids, d.logprobs, d.finish_reason) for d in done] == [expected] * 2
     ((requests, ok, duration),) = calls
     assert requests == call.requests and ok and duration >= 0
 

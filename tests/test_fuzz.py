@@ -56,7 +56,8 @@ def served(tmp_path_factory):
     config.write_text("[engine]\nmax_new_tokens = 2\nmax_slots = 4\nmax_seq_len = 64\n\n"
                       "[scheduler]\ndecode_steps_per_call = 2\n")
     http_port = free_port()
-    with running_server("--config", str(config), "--http-port", str(http_port), "--metrics-port", "0") as (proc, target):
+    flags = ("--config", str(config), "--http-port", str(http_port), "--metrics-port", "0")
+    with running_server(*flags) as (proc, target):
         yield target, f"http://127.0.0.1:{http_port}"
         assert proc.poll() is None, "the server died"
 

@@ -540,8 +540,10 @@ def _nucleus_bounds64(row, k: int):
 
 
 @pytest.mark.parametrize("vocab,spread,dtype,launch", [
-    (50257, 1.0, np.float32, {}), (50257, 6.0, jnp.bfloat16, {}), (1000, 3.0, np.float16, {}), (7, 1.0, np.float32, {}),
-    (50257, 1.0, np.float32, {"defer": False, "block": 2048}), (1000, 6.0, jnp.bfloat16, {"defer": False, "block": 256})])
+    (50257, 1.0, np.float32, {}), (50257, 6.0, jnp.bfloat16, {}), (1000, 3.0, np.float16, {}),
+    (7, 1.0, np.float32, {}),
+    (50257, 1.0, np.float32, {"defer": False, "block": 2048}),
+    (1000, 6.0, jnp.bfloat16, {"defer": False, "block": 256})])
 def test_sampling_filter_keeps_what_the_float64_sort_keeps(vocab, spread, dtype, launch):
     """Fresh random logits, flat (30k tokens in a 0.9 nucleus) and peaked, rows asking top-k alone, top-p alone,
     both, and neither: the kernel (interpret mode; its default launch, and the sums reduced once a block) keeps

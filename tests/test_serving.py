@@ -207,7 +207,8 @@ server.grpc.stop(0)
 def test_health_watches_have_a_stream_limit_of_their_own():
     """Health watches need no API key and stay open as long as the client likes: past max_client_streams they
     are RESOURCE_EXHAUSTED, and they never take the permits of ModelStreamInfer or reflection. The server
-    listens on port 0, the one the system picks, and reports it. (A process of its own: serving's KServe protos and tritonclient's can't share one descriptor pool.)"""
+    listens on port 0, the one the system picks, and reports it. (A process of its own: serving's KServe protos
+    and tritonclient's can't share one descriptor pool.)"""
     proc = subprocess.run([sys.executable, "-c", WATCH_LIMIT_SCRIPT], cwd=REPO, timeout=120,
                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stderr
@@ -395,7 +396,8 @@ def test_a_queue_past_grpcs_stream_limit_still_starts():
 @pytest.mark.parametrize("flags", [[], ["--no-tritonclient"]])
 def test_identity_test_benchmark(target, flags):
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "identity_test.py"), "-i", "grpc", "--dialect",
-                           "5.x", "-b", "2", "-s", "8", "-o", "4", "-n", "2", "-u", target, "--json", *flags], capture_output=True, text=True, timeout=120)
+                           "5.x", "-b", "2", "-s", "8", "-o", "4", "-n", "2", "-u", target, "--json", *flags],
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     row = json.loads(proc.stdout)
     assert (row["batch"], row["input_len"], row["output_len"], row["runs"]) == (2, 8, 4, 2)

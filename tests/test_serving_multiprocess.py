@@ -104,9 +104,10 @@ def reference():
 
 def test_two_processes_serve_and_stop_on_sigterm(reference, tmp_path):
     """A job started by srun's environment, its mesh over both processes' devices, answers native and Triton gRPC
-    requests as one process does, and drains on SIGTERM. (The tests below start their jobs by flags with this mesh: the programs compiled here are in the
-    session's compilation cache for them. A mesh that splits data and stages over the processes is
-    test_distributed's, for a checkpoint whose stages span them, and test_engine's, in one process.)"""
+    requests as one process does, and drains on SIGTERM. (The tests below start their jobs by flags with this mesh:
+    the programs compiled here are in the session's compilation cache for them. A mesh that splits data and stages
+    over the processes is test_distributed's, for a checkpoint whose stages span them, and test_engine's, in one
+    process.)"""
     import tritonclient.grpc as triton_grpc
 
     mesh = "tensor=8"

@@ -16,9 +16,9 @@ kernel launched without programmatic serialization (cuBLAS, Mosaic GPU) waits fo
 On by default at "end": run 21 of benchmarks/RESULTS.md (`benchmarks/early_launch_gpu.sh`) found "start"
 correct (the same outputs, bitwise, and the engine's tokens) but 3-10% slower a decode step, the next kernel's
 programs waiting on the multiprocessors while this one's still need them; "end" was as correct and faster in all
-six comparisons of runs 23-24 (batch 1 and 8, three pairs of processes, H200 and H100: 0.6-5.7%). `GPTJAX_EARLY_LAUNCH=start`
-or `=0` in the environment (or `EARLY_LAUNCH`, or `decode_probe --early-launch start|end|off`) moves it or turns
-it off.
+six comparisons of runs 23-24 (batch 1 and 8, three pairs of processes, H200 and H100: 0.6-5.7%).
+`GPTJAX_EARLY_LAUNCH=start` or `=0` in the environment (or `EARLY_LAUNCH`, or `decode_probe --early-launch
+start|end|off`) moves it or turns it off.
 """
 
 from __future__ import annotations
