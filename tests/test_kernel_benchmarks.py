@@ -345,6 +345,57 @@ def test_ncu_prefill_names_the_implementations_it_knows(capsys):
     assert exit_info.value.code == 2 and "--impl must be one of" in capsys.readouterr().err
 
 
+NCU_COLUMNS = ("ID", "Process ID", "Process Name", "Host Name", "Kernel Name", "Context", "Stream", "Block Size",
+               "Grid Size", "Device", "CC", "Section Name", "Metric Name", "Metric Unit", "Metric Value")
+NCU_METRICS = [  # (launch, kernel, section, metric, unit, value), as ncu's details page prints them
+    ("0", "decode_attention", "GPU Speed Of Light Throughput", "Duration", "usecond", "55.30"),
+    ("0", "decode_attention", "GPU Speed Of Light Throughput", "DRAM Throughput", "%", "71.92"),
+    ("0", "decode_attention", "Memory Workload Analysis", "Memory Throughput", "Tbyte/s", "2.41"),
+    ("0", "decode_attention", "Launch Statistics", "Grid Size", "", "4,096"),
+    ("0", "decode_attention", "Source Counters", "Branch Instructions", "inst", "12,288"),
+    ("1", "batch_matmul", "GPU Speed Of Light Throughput", "Duration", "nsecond", "6,480"),
+    ("1", "batch_matmul", "Occupancy", "Achieved Occupancy", "%", "11.8"),
+]
+NCU_CSV = "\n".join(["==PROF== Connected to process 4242", ",".join(f'"{c}"' for c in NCU_COLUMNS)] + [
+    ",".join(f'"{c}"' for c in (i, "4242", "python3", "host", kernel, "1", "7", "(128, 1, 1)", "(16, 1, 256)", "0",
+                                "9.0", section, metric, unit, value))
+    for i, kernel, section, metric, unit, value in NCU_METRICS])
+
+
+def test_ncu_decode_summary_reads_each_launchs_headline_counters():
+    """`ncu_decode summary` turns ncu's details CSV (after whatever ncu printed before it) into one record per
+    launch: durations in microseconds whatever their unit, thousands separators read, a throughput in Tbyte/s
+    in GB/s, metrics outside the summary left out unless every one is asked for."""
+    from benchmarks.ncu_decode import summarize
+
+    attention, product = summarize(NCU_CSV)
+    assert attention == {"kernel": "decode_attention", "duration_us": 55.3, "dram_pct": 71.92,
+                         "dram_gb_s": pytest.approx(2410.0), "grid": 4096.0}
+    assert product == {"kernel": "batch_matmul", "duration_us": 6.48, "occupancy_pct": 11.8}
+    every = summarize(NCU_CSV, every=True)[0]
+    assert every["Source Counters: Branch Instructions [inst]"] == 12288.0 and len(every) == 6
+
+
+def test_ncu_decode_checks_the_attention_launch_before_profiling(capsys):
+    """Off a GPU `ncu_decode attention` runs the launch in interpret mode, checks it against the reference and
+    profiles nothing; a launch's parameters come as a JSON object, and anything else is refused by name, as is the
+    product (a Mosaic GPU kernel) off a GPU."""
+    import json
+
+    from benchmarks import ncu_decode
+
+    for extra in ([], ["--append"], ["--params", '{"block_k": 16, "num_splits": 2}']):
+        assert ncu_decode.main(["attention", "--shape", "2x40x64", "--heads", "2x16", *extra]) == 0
+        row = json.loads(capsys.readouterr().out)
+        assert row["rel_err"] < 1e-3 and row["profiled"] is False
+    for argv, message in ((["attention", "--params", "[16]"], "must be a JSON object"),
+                          (["attention", "--params", "{block_k: 16}"], "is not JSON"),
+                          (["product"], "runs only on a Hopper GPU")):
+        with pytest.raises(SystemExit) as exit_info:
+            ncu_decode.main(argv)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("barriers", [True, False])
 @pytest.mark.parametrize("stream_k", [False, True])
 def test_stream_probe_kernel_lowers_for_cuda(barriers, stream_k):

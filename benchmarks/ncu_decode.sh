@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Nsight Compute's counters for a decode step's kernels (benchmarks/ncu_decode.py), one launch form a process,
+# summarised into $OUT/ncu_decode.jsonl (one line per launch; KEEP_REPORTS=1 keeps the .ncu-rep files, CSVs are
+# always kept): the batch-256 step's attention (the table's launch, the engine's append form, longer blocks, whole
+# rows a program), the (8, 512) step's attention (one chunk and eight), and the batch-256 products.
+#   bash benchmarks/ncu_decode.sh                          # every case below
+#   CASES="att_b256 att_b8" NCU_SET=basic bash benchmarks/ncu_decode.sh
+# Clocks left alone (--clock-control none), as for ncu_prefill.sh.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+source benchmarks/gpu_env.sh
+NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+[ -n "$NCU" ] || { echo "no ncu on this machine" >&2; exit 1; }
+declare -A ARGS=(
+  [att_b256]="attention --shape 256x136x192"
+  [att_b256_append]="attention --shape 256x136x192 --append"
+  [att_b256_block128]='attention --shape 256x136x192 --params {"block_k":128}'
+  [att_b256_rows]='attention --shape 256x136x192 --params {"heads_per_program":16,"block_k":32,"use_dot":false}'
+  [att_b8]="attention --shape 8x520x576"
+  [att_b8_splits8]='attention --shape 8x520x576 --params {"num_splits":8}'
+  [qkv_b256]="product --shape 256x1024x3072"
+  [attn_out_b256]="product --shape 256x1024x1024"
+)
+cases=${CASES:-"att_b256 att_b256_append att_b8 att_b8_splits8 qkv_b256 attn_out_b256 att_b256_block128 att_b256_rows"}
+for name in $cases; do
+  [ -n "${ARGS[$name]:-}" ] || { echo "unknown case $name; known: ${!ARGS[*]}" >&2; exit 2; }
+  # attention's range also holds the append form's XLA gathers: only the kernel is read
+  filter=(); [[ ${ARGS[$name]} == attention* ]] && filter=(-k regex:decode_attention)
+  timeout "${T_NCU:-90}" "$NCU" --profile-from-start off --clock-control none --set "${NCU_SET:-full}" "${filter[@]}" \
+    -f -o "$OUT/$name" python3 -m benchmarks.ncu_decode ${ARGS[$name]} > "$OUT/$name.log" 2>&1
+  "$NCU" --import "$OUT/$name.ncu-rep" --csv --page details > "$OUT/$name.csv" 2>> "$OUT/$name.log"
+  [ -n "${KEEP_REPORTS:-}" ] || rm -f "$OUT/$name.ncu-rep"
+  python3 -m benchmarks.ncu_decode summary "$OUT/$name.csv" | tee -a "$OUT/ncu_decode.jsonl"
+done
