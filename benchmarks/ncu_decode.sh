@@ -11,17 +11,20 @@ cd "$(dirname "$0")/.."
 source benchmarks/gpu_env.sh
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 [ -n "$NCU" ] || { echo "no ncu on this machine" >&2; exit 1; }
+ROWS='"heads_per_program":16,"block_k":16,"num_warps":8,"num_stages":2'  # every head of a row a program
 declare -A ARGS=(
   [att_b256]="attention --shape 256x136x192"
   [att_b256_append]="attention --shape 256x136x192 --append"
   [att_b256_block128]='attention --shape 256x136x192 --params {"block_k":128}'
-  [att_b256_rows]='attention --shape 256x136x192 --params {"heads_per_program":16,"block_k":32,"use_dot":false}'
+  [att_b256_rows]="attention --shape 256x136x192 --params {$ROWS}"
   [att_b8]="attention --shape 8x520x576"
   [att_b8_splits8]='attention --shape 8x520x576 --params {"num_splits":8}'
+  [att_b8_rows]="attention --shape 8x520x576 --params {$ROWS,\"num_splits\":16}"
   [qkv_b256]="product --shape 256x1024x3072"
   [attn_out_b256]="product --shape 256x1024x1024"
 )
-cases=${CASES:-"att_b256 att_b256_append att_b8 att_b8_splits8 qkv_b256 attn_out_b256 att_b256_block128 att_b256_rows"}
+cases=${CASES:-"att_b256 att_b256_append att_b8 att_b8_splits8 att_b8_rows qkv_b256 attn_out_b256 att_b256_block128
+  att_b256_rows"}
 for name in $cases; do
   [ -n "${ARGS[$name]:-}" ] || { echo "unknown case $name; known: ${!ARGS[*]}" >&2; exit 2; }
   # attention's range also holds the append form's XLA gathers: only the kernel is read
