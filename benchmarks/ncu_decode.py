@@ -13,8 +13,8 @@ one JSON line: where a decode attention launch or a batch-256 product spends its
   its tiles (`tile_m`, `tile_n`, `stages`, `delay`).
 
 Each checks its output against the `jnp` reference before the profiled range opens (`ncu_prefill.ProfiledRange`),
-so that counters of a wrong kernel are never read. Off a GPU the attention runs in interpret mode and nothing is
-profiled: the tests run it so. `benchmarks/ncu_decode.sh` runs the cases the decode step's open questions need.
+so that counters of a wrong kernel are never read. Off a GPU the attention runs in interpret mode, checked and not
+profiled. `benchmarks/ncu_decode.sh` runs the cases the decode step's open questions need.
 """
 
 from __future__ import annotations
@@ -162,6 +162,10 @@ def main(argv=None) -> int:
 
     from gptjax.kernels import on_gpu
 
+    for flag, text, n in (("--shape", args.shape, 3), ("--heads", getattr(args, "heads", "1x1"), 2)):
+        dims = text.split("x")
+        if len(dims) != n or not all(d.isdigit() and int(d) > 0 for d in dims):
+            p.error(f"{flag} {text!r}: positive integers joined by 'x', as in its default")
     try:
         params = json.loads(args.params)
     except json.JSONDecodeError as e:

@@ -390,6 +390,8 @@ def test_ncu_decode_checks_the_attention_launch_before_profiling(capsys):
         assert row["rel_err"] < 1e-3 and row["profiled"] is False
     for argv, message in ((["attention", "--params", "[16]"], "must be a JSON object"),
                           (["attention", "--params", "{block_k: 16}"], "is not JSON"),
+                          (["attention", "--shape", "2x40"], "--shape '2x40'"),
+                          (["attention", "--heads", "16x0"], "--heads '16x0'"),
                           (["product"], "runs only on a Hopper GPU")):
         with pytest.raises(SystemExit) as exit_info:
             ncu_decode.main(argv)
