@@ -2,7 +2,8 @@
 # Nsight Compute's counters for a decode step's kernels (benchmarks/ncu_decode.py), one launch form a process,
 # summarised into $OUT/ncu_decode.jsonl (one line per launch; KEEP_REPORTS=1 keeps the .ncu-rep files, CSVs are
 # always kept): the batch-256 step's attention (the table's launch, the engine's append form, longer blocks, whole
-# rows a program), the (8, 512) step's attention (one chunk and eight), and the batch-256 products.
+# rows a program), the (8, 512) step's attention (one chunk, eight, and whole rows a program in sixteen), and two
+# batch-256 products.
 #   bash benchmarks/ncu_decode.sh                          # every case below
 #   CASES="att_b256 att_b8" NCU_SET=basic bash benchmarks/ncu_decode.sh
 # Clocks left alone (--clock-control none), as for ncu_prefill.sh.
