@@ -43,7 +43,8 @@ SUMMARY_METRICS = {
     ("Scheduler Statistics", "No Eligible"): "no_eligible_pct",
     ("Warp State Statistics", "Warp Cycles Per Issued Instruction"): "cycles_per_issue",
 }
-TO_US = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "second": 1e6}
+TO_US = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "second": 1e6,  # ncu 2023-2024 and later spellings
+         "ns": 1e-3, "us": 1.0, "ms": 1e3, "s": 1e6}
 
 
 def _number(text: str):
@@ -58,8 +59,9 @@ def summarize(csv_text: str, every: bool = False) -> list[dict]:
     `SUMMARY_METRICS` it reports (a metric missing from this ncu's sections is left out); `every`: all its
     metrics instead, each as "section: metric [unit]"."""
     launches: dict[str, dict] = {}
-    body = csv_text[csv_text.find('"ID"'):] if '"ID"' in csv_text else csv_text
-    for row in csv.DictReader(io.StringIO(body)):
+    if '"ID"' not in csv_text:  # the profiled process died, or no launch matched the filter
+        return []
+    for row in csv.DictReader(io.StringIO(csv_text[csv_text.find('"ID"'):])):
         launch = launches.setdefault(row["ID"], {"kernel": row["Kernel Name"]})
         if every:
             name = f'{row["Section Name"]}: {row["Metric Name"]}'
@@ -155,8 +157,11 @@ def main(argv=None) -> int:
     if args.what == "summary":
         for path in args.csv:
             with open(path) as f:
-                for launch in summarize(f.read(), every=args.all):
-                    print(json.dumps({"file": path} | launch), flush=True)
+                launches = summarize(f.read(), every=args.all)
+            for launch in launches:
+                print(json.dumps({"file": path} | launch), flush=True)
+            if not launches:
+                print(json.dumps({"file": path, "error": "no profiled launch (see the profiled run's log)"}))
         return 0
 
     from gptjax.kernels import on_gpu

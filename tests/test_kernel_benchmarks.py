@@ -353,7 +353,7 @@ NCU_METRICS = [  # (launch, kernel, section, metric, unit, value), as ncu's deta
     ("0", "decode_attention", "Memory Workload Analysis", "Memory Throughput", "Tbyte/s", "2.41"),
     ("0", "decode_attention", "Launch Statistics", "Grid Size", "", "4,096"),
     ("0", "decode_attention", "Source Counters", "Branch Instructions", "inst", "12,288"),
-    ("1", "batch_matmul", "GPU Speed Of Light Throughput", "Duration", "nsecond", "6,480"),
+    ("1", "batch_matmul", "GPU Speed Of Light Throughput", "Duration", "ns", "6,480"),  # newer ncu's spelling
     ("1", "batch_matmul", "Occupancy", "Achieved Occupancy", "%", "11.8"),
 ]
 NCU_CSV = "\n".join(["==PROF== Connected to process 4242", ",".join(f'"{c}"' for c in NCU_COLUMNS)] + [
@@ -364,7 +364,7 @@ NCU_CSV = "\n".join(["==PROF== Connected to process 4242", ",".join(f'"{c}"' for
 
 def test_ncu_decode_summary_reads_each_launchs_headline_counters():
     """`ncu_decode summary` turns ncu's details CSV (after whatever ncu printed before it) into one record per
-    launch: durations in microseconds whatever their unit, thousands separators read, a throughput in Tbyte/s
+    launch: durations in microseconds whatever their unit's spelling, thousands separators read, a throughput in Tbyte/s
     in GB/s, metrics outside the summary left out unless every one is asked for."""
     from benchmarks.ncu_decode import summarize
 
@@ -374,6 +374,7 @@ def test_ncu_decode_summary_reads_each_launchs_headline_counters():
     assert product == {"kernel": "batch_matmul", "duration_us": 6.48, "occupancy_pct": 11.8}
     every = summarize(NCU_CSV, every=True)[0]
     assert every["Source Counters: Branch Instructions [inst]"] == 12288.0 and len(every) == 6
+    assert summarize("==PROF== Connected to process 4242\n") == []  # the profiled process died
 
 
 def test_ncu_decode_checks_the_attention_launch_before_profiling(capsys):
