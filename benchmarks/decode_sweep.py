@@ -50,18 +50,15 @@ QUICK_SHAPES = {(4, 16): ([2], [64])}
 # whether 137 or 250 of 256 keys are valid); one head of 2-8 rows a program, their blocks in one loop
 # (`rows_per_program`), lost to the best one-row launch by 5-17% at batch 256 and 64 with ragged 256-key rows
 # (RESULTS, attention run 23) and were removed; every head of a row a program (16 at 345M, its K and V read as whole
-# 2 KB rows) is swept again where it was never timed, at 8-32 rows, where one head a program reads 1.4 TB/s
-# (run 39), in chunks of 16-key blocks toward 128 programs
+# 2 KB rows, 16-key blocks) lost at 8 rows too, 103 us against 13 (23 us in 16 chunks), and at 256 rows by 8%
+# (RESULTS run 40), and is not swept
 CANDIDATES = {64: [(1, 128, 4, 3, True, 1056), (1, 64, 4, 4, True, 1056), (1, 128, 4, 2, True, 2112),
                    (1, 256, 8, 2, True, 1056), (4, 64, 4, 3, False, 1056), (1, 64, 4, 2, True, 2112),
                    (1, 128, 4, 1, True, 2112), (1, 128, 2, 1, True, 2112), (1, 64, 2, 1, True, 2112),
-                   (1, 128, 4, 1, False, 2112), (16, 16, 8, 2, False, 128)],
+                   (1, 128, 4, 1, False, 2112)],
               128: [(1, 128, 4, 3, True, 1056), (1, 64, 4, 4, True, 1056), (1, 128, 4, 2, True, 2112),
                     (2, 64, 4, 3, False, 1056), (4, 32, 8, 3, False, 528)],
               16: [(1, 16, 4, 3, True, 8), (4, 16, 4, 3, False, 8)]}
-
-
-WHOLE_ROWS_MAX_BATCH = 32  # whole-row programs lost at 64-256 rows (run 16): not timed there again
 
 
 def splits_for(batch: int, heads: int, group: int, max_seq: int, block_k: int, target: int) -> int:
@@ -77,7 +74,7 @@ def candidates(batch: int, heads: int, head_dim: int, max_seq: int) -> list[tupl
     """Distinct (heads_per_program, block_k, num_splits, num_warps, num_stages, use_dot) to time."""
     seen = []
     for group, block_k, warps, stages, use_dot, target in CANDIDATES[head_dim]:
-        if heads % group or (group == heads and batch > WHOLE_ROWS_MAX_BATCH):
+        if heads % group:
             continue
         params = (group, block_k, splits_for(batch, heads, group, max_seq, block_k, target), warps, stages, use_dot)
         if params not in seen:
@@ -163,7 +160,8 @@ def write_table(path: str, best_rows: list[dict], device: str) -> None:
     table |= {(r["heads"], r["head_dim"], r["batch"], r["max_seq"]): tuple(r["params"]) for r in best_rows}
     text = (f'"""Decode attention\'s launch parameters by shape, as the sweep measured them '
             f'(`benchmarks/decode_sweep.py`\nwrites this file; edit the sweep, not the table). '
-            f'Measured on {device}, {datetime.date.today().isoformat()}.\n\n'
+            f'Last swept on {device}, {datetime.date.today().isoformat()};\na run replaces only the shapes it '
+            'swept, and RESULTS.md says which run measured each.\n\n'
             '(heads, head_dim, batch, max_seq) -> (heads_per_program, block_k, num_splits, num_warps, '
             'num_stages, use_dot)\n"""\n\n'
             f"DEVICE = {device!r}\n"

@@ -176,10 +176,12 @@ def test_decode_attention_append_lowers_for_cuda_with_the_caches_in_place():
     qkv = jax.ShapeDtypeStruct((8, 3, 16, 64), jnp.bfloat16)
     cache = jax.ShapeDtypeStruct((8, 576, 16, 64), jnp.bfloat16)
     positions = jax.ShapeDtypeStruct((8,), jnp.int32)
-    for overrides in ({"heads_per_program": 1}, {"heads_per_program": 1, "num_splits": 4, "use_dot": False},
-                      {"heads_per_program": 2, "block_k": 64}, {"heads_per_program": 2, "block_k": 64, "num_splits": 4},
-                      {"heads_per_program": 1, "single_loop": True},
-                      {"heads_per_program": 2, "block_k": 64, "single_loop": True}):
+    for overrides in ({"heads_per_program": 1, "num_splits": 1},  # one chunk whatever the table says
+                      {"heads_per_program": 1, "num_splits": 4, "use_dot": False},
+                      {"heads_per_program": 2, "block_k": 64, "num_splits": 1},
+                      {"heads_per_program": 2, "block_k": 64, "num_splits": 4},
+                      {"heads_per_program": 1, "single_loop": True, "num_splits": 1},
+                      {"heads_per_program": 2, "block_k": 64, "single_loop": True, "num_splits": 1}):
         step = jax.jit(lambda *a, kw=overrides: decode_attention_append(*a, **kw))
         text = step.trace(qkv, cache, cache, positions).lower(lowering_platforms=("cuda",)).as_text()
         counted = overrides.get("num_splits", 1) > 1
