@@ -51,11 +51,13 @@ QUICK_SHAPES = {(4, 16): ([2], [64])}
 # (`rows_per_program`), lost to the best one-row launch by 5-17% at batch 256 and 64 with ragged 256-key rows
 # (RESULTS, attention run 23) and were removed; every head of a row a program (16 at 345M, its K and V read as whole
 # 2 KB rows, 16-key blocks) lost at 8 rows too, 103 us against 13 (23 us in 16 chunks), and at 256 rows by 8%
-# (RESULTS run 40), and is not swept
+# (RESULTS run 40), and is not swept; 32-key blocks on 4 warps: Nsight Compute found the 256-slot launch (64-key
+# blocks) held to 6 programs a multiprocessor by its 79 registers a thread, with no warp ready 68% of the time
+# (run 40), and a thread's share of a 32-key tile is half
 CANDIDATES = {64: [(1, 128, 4, 3, True, 1056), (1, 64, 4, 4, True, 1056), (1, 128, 4, 2, True, 2112),
                    (1, 256, 8, 2, True, 1056), (4, 64, 4, 3, False, 1056), (1, 64, 4, 2, True, 2112),
                    (1, 128, 4, 1, True, 2112), (1, 128, 2, 1, True, 2112), (1, 64, 2, 1, True, 2112),
-                   (1, 128, 4, 1, False, 2112)],
+                   (1, 128, 4, 1, False, 2112), (1, 32, 4, 2, True, 2112)],
               128: [(1, 128, 4, 3, True, 1056), (1, 64, 4, 4, True, 1056), (1, 128, 4, 2, True, 2112),
                     (2, 64, 4, 3, False, 1056), (4, 32, 8, 3, False, 528)],
               16: [(1, 16, 4, 3, True, 8), (4, 16, 4, 3, False, 8)]}
