@@ -43,7 +43,7 @@ SUMMARY_METRICS = {
     ("Scheduler Statistics", "No Eligible"): "no_eligible_pct",
     ("Warp State Statistics", "Warp Cycles Per Issued Instruction"): "cycles_per_issue",
 }
-TO_US = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "second": 1e6,  # ncu 2023-2024 and later spellings
+TO_US = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "second": 1e6,  # ncu has printed both spellings
          "ns": 1e-3, "us": 1.0, "ms": 1e3, "s": 1e6}
 
 
