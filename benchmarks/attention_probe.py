@@ -38,7 +38,7 @@ VARIANTS = {
     "heads_4": {"heads_per_program": 4, "use_dot": False},
     # every head of a row a program (16 at 345M): each key's heads one contiguous 2 KB run, where one head a program
     # reads 128 bytes of every 2 KB; 16-key blocks two deep keep the K and V tiles (32 KB each) and the block-diagonal
-    # query in shared memory; at 8 rows the split gives 128 programs
+    # query in shared memory; at 8 rows the split gives 128 programs. Both lost on an H100 (RESULTS run 40)
     "rows": {"heads_per_program": 16, "block_k": 16, "num_warps": 8, "num_stages": 2},
     "rows_splits_16": {"heads_per_program": 16, "block_k": 16, "num_warps": 8, "num_stages": 2, "num_splits": 16},
     "splits_2": {"num_splits": 2},

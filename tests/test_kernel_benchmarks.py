@@ -353,7 +353,7 @@ NCU_METRICS = [  # (launch, kernel, section, metric, unit, value), as ncu's deta
     ("0", "decode_attention", "Memory Workload Analysis", "Memory Throughput", "Tbyte/s", "2.41"),
     ("0", "decode_attention", "Launch Statistics", "Grid Size", "", "4,096"),
     ("0", "decode_attention", "Source Counters", "Branch Instructions", "inst", "12,288"),
-    ("1", "batch_matmul", "GPU Speed Of Light Throughput", "Duration", "ns", "6,480"),  # newer ncu's spelling
+    ("1", "batch_matmul", "GPU Speed Of Light Throughput", "Duration", "ns", "6,480"),  # the short spelling
     ("1", "batch_matmul", "Occupancy", "Achieved Occupancy", "%", "11.8"),
 ]
 NCU_CSV = "\n".join(["==PROF== Connected to process 4242", ",".join(f'"{c}"' for c in NCU_COLUMNS)] + [
