@@ -14,6 +14,7 @@ import json
 import os
 import statistics
 import time
+from typing import NamedTuple
 
 import numpy as np
 
@@ -111,6 +112,7 @@ XLA_OPTIONS = {
     "tma": ("xla_gpu_experimental_enable_triton_tma", True),  # this and the next: not in jax 0.11.2's XLA
     "dynamic_search": ("xla_gpu_experimental_enable_dynamic_dot_search_space", True),
     "cublaslt": ("xla_gpu_enable_cublaslt", True),
+    "lhs": ("xla_gpu_enable_latency_hiding_scheduler", True),  # orders work around async ops (streams, below)
 }
 
 
@@ -118,6 +120,92 @@ BATCH_OFF = "batch_off"  # a variant name of its own: the program traced with de
 FLAX_BLOCK = "flax_block"  # one more: every decode step through the Flax block (`_flax_layer`)
 F32_EPILOGUES = "f32_epilogues"  # and one more: `_f32_epilogue_block` in place of decode_block.folded_block
 PREFILL_NORM = "prefill_norm"  # and one more: the prefill's layers as `_norm_kernel_block` (not the Flax block)
+# the 128+-slot step (`decode_block.batch_block`) in two halves of its slots (`_halves_layer`): HALVES alone, each
+# half's attention on the step's stream; with STREAMS, each half's attention kernel (which stores the step's K/V)
+# on GPU stream 1, beside the other half's products; with READ_STREAMS, XLA stores the K/V on the step's stream and
+# a read-only attention runs on stream 1 (no cache buffer aliased across the streams); with PIPELINED, the second
+# half's products after attention wait into the next layer, so that the first half's next attention runs beside them
+HALVES, STREAMS, READ_STREAMS, PIPELINED = "halves", "streams", "read_streams", "pipelined"
+OWN_VARIANTS = (BATCH_OFF, FLAX_BLOCK, F32_EPILOGUES, PREFILL_NORM, HALVES, STREAMS, READ_STREAMS, PIPELINED)
+
+
+class _Halves(NamedTuple):
+    """A step's residual stream as two halves of its slots (`_halves_layer`), each a `decode_block.Pending`; with
+    PIPELINED the second is a `_Waiting`."""
+    first: object
+    second: object
+
+
+class _Waiting(NamedTuple):
+    """A half before its products after attention, which the next layer (or `_settle_halves`) runs."""
+    x: object  # the residual stream [rows, hidden] float32
+    attn: object  # attention's output [rows, heads, head_dim]
+    params: dict  # the layer's
+
+
+def _settle_halves(h, settle, finish):
+    """`decode_block.settle` of the whole step: the halves' rows in order (`finish` runs a pipelined second half's
+    products after attention)."""
+    import jax.numpy as jnp
+
+    if not isinstance(h, _Halves):
+        return settle(h)
+    return jnp.concatenate([settle(h.first), settle(finish(h.second))])
+
+
+def _halves_layer(config, attention, rows: int, stream: str, pipelined: bool = False):
+    """`decode_block.batch_block` over the two halves of a step's slots, stage by stage (both halves' QKV, both
+    attentions, both halves' products after it), each half's attention on its own rows of the cache (`first_row`).
+    `stream` "" keeps every kernel on the step's stream; STREAMS puts each attention launch on GPU stream 1
+    (`compute_on`), so that it may run beside the other half's products; READ_STREAMS stores the step's K/V with
+    XLA on the step's stream and runs the read-only launch on stream 1. `pipelined`: the program's order is the
+    first half's QKV and attention, the second half's products after its previous layer's attention, its QKV and
+    attention, then the first half's products after attention (`_Halves`)."""
+    import jax
+    from jax.experimental.compute_on import compute_on
+
+    from gptjax import cache, decode_block, kernels
+
+    half, on_gpu = rows // 2, jax.default_backend() == "gpu"
+
+    def attend(qkv, layer_kv, pos, first_row: int):
+        if stream == READ_STREAMS:
+            layer_kv = cache.write_token(layer_kv, qkv[:, 1], qkv[:, 2], pos, first_row)
+            read = jax.jit(functools.partial(kernels.decode_attention, interpret=not on_gpu, first_row=first_row))
+            with compute_on("gpu_stream:1"):
+                return read(qkv[:, 0], *layer_kv, pos + 1), layer_kv
+        step = jax.jit(functools.partial(kernels.decode_step_append, impl=attention, first_row=first_row))
+        if stream == STREAMS:
+            with compute_on("gpu_stream:1"):
+                return step(qkv, layer_kv, pos)
+        return step(qkv, layer_kv, pos)
+
+    def after(p, x, attn):
+        return decode_block.batch_after_attention(config, p, x, attn, on_gpu=on_gpu)
+
+    def finish(part):
+        return after(part.params, part.x, part.attn) if isinstance(part, _Waiting) else part
+
+    def stage_by_stage(p, parts, layer_kv, pos):
+        xs, qkvs = zip(*(decode_block.batch_qkv(config, p, part, on_gpu=on_gpu) for part in parts))
+        attns = []
+        for qkv, first_row in zip(qkvs, (0, half)):
+            out, layer_kv = attend(qkv, layer_kv, pos[first_row:first_row + half], first_row)
+            attns.append(out)
+        return _Halves(*(after(p, x, a) for x, a in zip(xs, attns))), layer_kv
+
+    def pipeline(p, parts, layer_kv, pos):
+        x, qkv = decode_block.batch_qkv(config, p, parts.first, on_gpu=on_gpu)
+        attn, layer_kv = attend(qkv, layer_kv, pos[:half], 0)
+        x2, qkv2 = decode_block.batch_qkv(config, p, finish(parts.second), on_gpu=on_gpu)
+        attn2, layer_kv = attend(qkv2, layer_kv, pos[half:], half)
+        return _Halves(after(p, x, attn), _Waiting(x2, attn2, p)), layer_kv
+
+    def layer(p, h, layer_kv, pos):
+        parts = h if isinstance(h, _Halves) else _Halves(h[:half], h[half:])
+        return (pipeline if pipelined else stage_by_stage)(p, parts, layer_kv, pos)
+
+    return layer, finish
 
 
 def _f32_epilogue_block(config, attention, p, h, layer_kv, pos):
@@ -205,7 +293,7 @@ def _generate_jit(engine, variant: str | None):
     if variant is None:
         return engine._generate_jit
     names = [] if variant == "off" else variant.split("+")
-    own = (BATCH_OFF, FLAX_BLOCK, F32_EPILOGUES, PREFILL_NORM)
+    own = OWN_VARIANTS
     unknown = [n for n in names if n not in XLA_OPTIONS and n not in own]
     if unknown:
         raise SystemExit(f"--xla-options: {unknown} not among {sorted(XLA_OPTIONS) + list(own)} (or off)")
@@ -219,8 +307,22 @@ def _generate_jit(engine, variant: str | None):
             is_folded = isinstance(layer, functools.partial) and layer.func is decode_block.folded_block
             return functools.partial(_f32_epilogue_block, config, attention) if is_folded else layer
 
+    finish = [lambda second: second]  # the halves' second part as `settle` takes it (`_settle_halves`)
+    if HALVES in names:
+        stream = next((n for n in names if n in (STREAMS, READ_STREAMS)), "")
+
+        def layer_fn(impl, config, rows, attention, default=layer_fn):  # other steps as they are
+            on_gpu, tile = jax.default_backend() == "gpu", decode_block.BATCH_TILE
+            batch = impl == "auto" and 0 < decode_block.BATCH_ROWS <= rows and rows % (2 * tile) == 0
+            if batch and decode_block.batch_fits(config, rows // 2, on_gpu):
+                layer, finish[0] = _halves_layer(config, attention, rows, stream, PIPELINED in names)
+                return layer
+            return default(impl, config, rows, attention)
+
     prefill_block = _norm_kernel_block(engine) if PREFILL_NORM in names else None
-    patches = [(decode_block, "BATCH_ROWS", batch_rows), (decode_block, "layer_fn", layer_fn)]
+    settle = functools.partial(_settle_halves, settle=decode_block.settle, finish=lambda s: finish[0](s))
+    patches = [(decode_block, "BATCH_ROWS", batch_rows), (decode_block, "layer_fn", layer_fn),
+               (decode_block, "settle", settle)]
 
     @functools.wraps(engine._generate)  # its signature: the static arguments by name
     def generate(*args, **kwargs):  # the patched names and the prefill's block are read as the program is traced

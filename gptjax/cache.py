@@ -43,10 +43,11 @@ def write_prefix(cache, prefix, slots, lead: int = 0):
     return jax.tree.map(partial(_write_rows, slots=slots, lead=lead), cache, prefix)
 
 
-def write_token(layer: LayerKV, k_new, v_new, positions) -> LayerKV:
-    """Store one new token for each of the first n slots: k_new, v_new [n, heads, head_dim] at `positions` [n]."""
+def write_token(layer: LayerKV, k_new, v_new, positions, first_row: int = 0) -> LayerKV:
+    """Store one new token for each of n slots from `first_row` on: k_new, v_new [n, heads, head_dim] at
+    `positions` [n]."""
     k, v = layer
-    rows = jnp.arange(k_new.shape[0])
+    rows = first_row + jnp.arange(k_new.shape[0])
     return k.at[rows, positions].set(k_new.astype(k.dtype)), v.at[rows, positions].set(v_new.astype(v.dtype))
 
 

@@ -144,27 +144,45 @@ def batch_block(config: ModelConfig, attention: str, p, h, layer_kv, pos, *, on_
     the first also adding the previous layer's MLP out (its split-K parts, bias and residual: `Pending`). h is
     [rows, 1, hidden] float32 or the previous layer's `Pending`; returns (a `Pending`, the layer's cache with the
     new token's K/V)."""
-    dtype, eps = p["qkv"]["kernel"].dtype, config.layer_norm_eps
-    norm = partial(residual_norm, eps=eps, out_dtype=dtype, interpret=not on_gpu)
+    x, qkv = batch_qkv(config, p, h, on_gpu=on_gpu)
+    attn, layer_kv = kernels.decode_step_append(qkv, layer_kv, pos, attention)
+    return batch_after_attention(config, p, x, attn, on_gpu=on_gpu), layer_kv
+
+
+def _batch_ops(config: ModelConfig, p, on_gpu: bool):
+    """`batch_block`'s LayerNorm and product, and a layer's weight [K, N] by name (its axes flattened)."""
+    norm = partial(residual_norm, eps=config.layer_norm_eps, out_dtype=p["qkv"]["kernel"].dtype,
+                   interpret=not on_gpu)
 
     def matmul(x, w, *args, **kw):
         fn = batch.batch_matmul if on_gpu and w.shape[0] <= BATCH_MAX_K else batch.batch_matmul_reference
         return fn(x, w, *args, **kw)
 
-    x, x16 = norm(h.h[:, 0], h.parts, h.bias) if isinstance(h, Pending) else norm(h[:, 0].astype(jnp.float32))
-    rows, hidden = x.shape
-
-    def weight(name, k: int):  # [K, N], the layer's axes flattened
+    def weight(name, k: int):
         return p[name]["kernel"].reshape(k, -1)
 
-    qkv = matmul(x16, weight("qkv", hidden), p["qkv"]["bias"].reshape(-1))
-    attn, layer_kv = kernels.decode_step_append(qkv.reshape(rows, 3, config.n_heads, config.head_dim), layer_kv,
-                                                pos, attention)
+    return norm, matmul, weight
+
+
+def batch_qkv(config: ModelConfig, p, h, *, on_gpu: bool):
+    """`batch_block` up to attention: (the residual stream [rows, hidden] float32, the step's qkv [rows, 3, heads,
+    head_dim])."""
+    norm, matmul, weight = _batch_ops(config, p, on_gpu)
+    x, x16 = norm(h.h[:, 0], h.parts, h.bias) if isinstance(h, Pending) else norm(h[:, 0].astype(jnp.float32))
+    qkv = matmul(x16, weight("qkv", x.shape[1]), p["qkv"]["bias"].reshape(-1))
+    return x, qkv.reshape(x.shape[0], 3, config.n_heads, config.head_dim)
+
+
+def batch_after_attention(config: ModelConfig, p, x, attn, *, on_gpu: bool) -> Pending:
+    """`batch_block` from attention's output [rows, heads, head_dim] on, x the residual stream: attention out, the
+    second LayerNorm, MLP in and MLP out's parts."""
+    norm, matmul, weight = _batch_ops(config, p, on_gpu)
+    rows, hidden = x.shape
     x = matmul(attn.reshape(rows, hidden), weight("attn_out", hidden), p["attn_out"]["bias"], x)
     x, x16 = norm(x)
     mlp = matmul(x16, weight("mlp_in", hidden), p["mlp_in"]["bias"], activation=config.activation)
     parts = _split_product(mlp, weight("mlp_out", config.ffn_hidden))
-    return Pending(x[:, None], parts, p["mlp_out"]["bias"]), layer_kv
+    return Pending(x[:, None], parts, p["mlp_out"]["bias"])
 
 
 def batch_fits(config: ModelConfig, rows: int, on_gpu: bool) -> bool:

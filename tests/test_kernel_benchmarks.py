@@ -599,3 +599,30 @@ def test_attention_probe_checks_each_launch_against_the_reference(capsys):
     with pytest.raises(SystemExit):
         attention_probe.main(["--cache-len", "32", "--lengths", "40"])
     assert "--lengths" in capsys.readouterr().err
+
+
+def test_decode_probe_halves_give_the_whole_steps_tokens(monkeypatch):
+    """`decode_probe`'s `halves` variants (a 128-slot `batch_block` step as two halves of 64 slots, each half's
+    attention on its own rows of the caches; with a stream annotation, which the CPU ignores; the read-only form's
+    attention kernel interpreted; pipelined, the second half's products after attention run in the next layer or
+    after the last) give the whole step's greedy tokens in every row: the halves' rows, caches and residuals are
+    wired back in order."""
+    import gptjax
+    from benchmarks import decode_probe
+    from gptjax import decode_block
+
+    monkeypatch.setattr(decode_block, "BATCH_ROWS", 64)
+    monkeypatch.setattr(decode_block, "choose", lambda *a, **k: "auto")
+    traced, halves_layer = [], decode_probe._halves_layer
+    monkeypatch.setattr(decode_probe, "_halves_layer", lambda *a: traced.append(a[3:]) or halves_layer(*a))
+    engine = gptjax.Engine.from_preset("gpt2-tiny", engine_config=gptjax.EngineConfig(attention="xla"))
+    rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
+    prompts = [rng.integers(0, engine.config.vocab_size, int(n)).tolist() for n in rng.integers(1, 20, 128)]
+
+    def tokens(v):
+        engine._generate_jit = decode_probe._generate_jit(engine, v)
+        return [r.output_ids for r in engine.generate(prompts, max_new_tokens=3, greedy=True, stop_token_ids=[])]
+
+    want = tokens("off")
+    assert tokens("halves+streams") == want and tokens("halves+read_streams+pipelined") == want
+    assert traced == [("streams", False), ("read_streams", True)]  # one decode program each

@@ -168,6 +168,37 @@ def test_decode_attention_append_stores_then_attends(case, dtype):
     assert err < TOL[dtype], f"relative error {err:.2e} (seed {seed})"
 
 
+@pytest.mark.parametrize("impl, overrides", [("pallas", dict(heads_per_program=1, block_k=16, num_splits=2)),
+                                             ("pallas", dict(heads_per_program=2, block_k=16, num_splits=1)),
+                                             ("pallas", dict(heads_per_program=1)), ("jnp", {})],
+                         ids=["head-split", "head-group", "padded-head-dim", "jnp"])
+def test_decode_step_append_in_two_parts_from_a_first_row_matches_one_step(impl, overrides):
+    """A step's rows attended in two parts, the second from `first_row` on (each storing into its own rows of the
+    same caches, one after the other), gives the caches and outputs of one launch over every row."""
+    from gptjax.kernels import decode_attention_append
+
+    def append(qkv, layer_kv, positions, first_row=0):
+        if impl == "jnp":
+            return kernels.decode_step_append(qkv, layer_kv, positions, impl, first_row)
+        out, k, v = decode_attention_append(qkv, *layer_kv, positions, interpret=True, first_row=first_row,
+                                            **overrides)
+        return out, (k, v)
+
+    head_dim = 40 if overrides == dict(heads_per_program=1) else 16
+    rng, _ = fresh_rng()
+    qkv = draw(rng, (6, 3, 4, head_dim), np.float32)
+    layer_kv = tuple(draw(rng, (7, 48, 4, head_dim), np.float32) for _ in range(2))
+    positions = jnp.asarray(rng.integers(0, 48, size=6).astype(np.int32))
+    whole, whole_kv = append(qkv, layer_kv, positions)
+    first, kv = append(qkv[:2], layer_kv, positions[:2])
+    second, kv = append(qkv[2:], kv, positions[2:], first_row=2)
+    np.testing.assert_allclose(np.concatenate([first, second]), whole, rtol=1e-6, atol=1e-6)
+    for got, want in zip(kv, whole_kv):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    with pytest.raises(ValueError, match="first_row"):
+        decode_attention_append(qkv[2:], *layer_kv, positions[2:], interpret=True, first_row=4)
+
+
 def test_decode_attention_append_lowers_for_cuda_with_the_caches_in_place():
     """Triton's lowering runs on any machine: one kernel, its caches aliased to its inputs (no copy of them), and
     with splits its counters too (the splits combined in the kernel, no XLA after it)."""

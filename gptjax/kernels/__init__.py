@@ -93,17 +93,22 @@ def decode_step_attention(q, k_cache, v_cache, lengths, impl: str, counters=None
     return out if counters is None else (out, counters)
 
 
-def decode_step_append(qkv, layer_kv, positions, impl: str):
+def decode_step_append(qkv, layer_kv, positions, impl: str, first_row: int = 0):
     """One decode step's attention with its own keys and values: qkv [batch, 3, heads, head_dim] (the new
     token's query, key and value per sequence), the layer's (k, v) caches [rows, max_seq, heads, head_dim] and
     `positions` [batch] where the new tokens go -> (out [batch, heads, head_dim], the caches with them stored).
-    "pallas" stores and attends in one kernel (`decode_attention_append`); the others store, then attend."""
+    "pallas" stores and attends in one kernel (`decode_attention_append`); the others store, then attend.
+    `first_row`: qkv's rows are the caches' from there on (a step run in parts of its slots, on one device)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if first_row and not mesh.empty and mesh.size > 1:
+        raise ValueError(f"decode_step_append: first_row={first_row} needs the slots on one device")
     if impl == "pallas":
-        kernel = functools.partial(decode_attention_append, interpret=not on_gpu())
+        kernel = functools.partial(decode_attention_append, interpret=not on_gpu(), first_row=first_row)
         out, k, v = _per_shard(kernel, (qkv, *layer_kv, positions), (_STEP, _QKV, _QKV, _ROWS), (_Q1, _QKV, _QKV))
         return out, (k, v)
-    layer_kv = write_token(layer_kv, qkv[:, 1], qkv[:, 2], positions)
-    return decode_step_attention(qkv[:, 0], *layer_kv, positions + 1, impl), layer_kv
+    layer_kv = write_token(layer_kv, qkv[:, 1], qkv[:, 2], positions, first_row)
+    read = [c[first_row:first_row + qkv.shape[0]] for c in layer_kv] if first_row else layer_kv
+    return decode_step_attention(qkv[:, 0], *read, positions + 1, impl), layer_kv
 
 
 def sampling_threshold(scaled, top_k, top_p):

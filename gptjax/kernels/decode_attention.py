@@ -329,12 +329,14 @@ def _head_group_kernel(len_ref, q_ref, k_ref, v_ref, *refs, sm_scale: float, blo
     _store(out_refs, jnp.sum(jnp.where(own, acc, 0.0), axis=0), lse, splits, interpret)
 
 
-def _check_caches(k_cache, v_cache, batch: int, heads: int, head_dim: int) -> int:
-    """Raise ValueError unless the caches are [rows >= batch, max_seq, heads, head_dim]; return max_seq."""
+def _check_caches(k_cache, v_cache, batch: int, heads: int, head_dim: int, first_row: int = 0) -> int:
+    """Raise ValueError unless the caches are [rows >= first_row + batch, max_seq, heads, head_dim]; return
+    max_seq."""
     rows, max_seq = k_cache.shape[:2]
-    if rows < batch or k_cache.shape[2:] != (heads, head_dim) or v_cache.shape != k_cache.shape:
-        raise ValueError(f"caches must be [rows >= {batch}, max_seq, {heads}, {head_dim}], "
-                         f"got {k_cache.shape} and {v_cache.shape}")
+    if first_row < 0 or rows < first_row + batch or k_cache.shape[2:] != (heads, head_dim) \
+            or v_cache.shape != k_cache.shape:
+        raise ValueError(f"caches must be [rows >= {first_row + batch}, max_seq, {heads}, {head_dim}] (first_row "
+                         f"{first_row} >= 0), got {k_cache.shape} and {v_cache.shape}")
     return max_seq
 
 
@@ -357,14 +359,15 @@ def _chunks(max_seq: int, params: DecodeParams) -> tuple[int, int]:
     return chunk, pl.cdiv(max_seq, chunk)
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "single_loop", "early_launch", *_OVERRIDES))
+@functools.partial(jax.jit, static_argnames=("interpret", "single_loop", "early_launch", "first_row", *_OVERRIDES))
 def decode_attention(q, k_cache, v_cache, lengths, *, interpret: bool = False, block_k: int | None = None,
                      num_splits: int | None = None, num_warps: int | None = None,
                      num_stages: int | None = None, use_dot: bool | None = None,
                      heads_per_program: int | None = None, single_loop: bool | None = None,
-                     early_launch: bool | str | None = None, counters=None):
-    """q: [batch, heads, head_dim]; caches: [rows >= batch, max_seq, heads, head_dim], of which the first `batch`
-    rows are read; lengths: [batch] valid entries (including the current token). Scale 1/sqrt(head_dim). A
+                     early_launch: bool | str | None = None, counters=None, first_row: int = 0):
+    """q: [batch, heads, head_dim]; caches: [rows >= first_row + batch, max_seq, heads, head_dim], of which the
+    `batch` rows from `first_row` on are read (a part of the slots, as a step in two halves runs them); lengths:
+    [batch] valid entries (including the current token). Scale 1/sqrt(head_dim). A
     sequence of length 0 gets zeros. The keyword arguments override `choose_params`'s choice, `single_loop`
     `SINGLE_LOOP`, and `early_launch` `early_launch.resolve` (where the next kernel's launch is issued: as
     each program starts, or at the end of its walk). counters: int32 zeros, at least batch x heads (the decode
@@ -372,7 +375,7 @@ def decode_attention(q, k_cache, v_cache, lengths, *, interpret: bool = False, b
     leaves them zero again: given, the result is (out, counters), and the caller hands them on to the next launch
     rather than each launch zeroing its own."""
     batch, heads, head_dim = q.shape
-    max_seq = _check_caches(k_cache, v_cache, batch, heads, head_dim)
+    max_seq = _check_caches(k_cache, v_cache, batch, heads, head_dim, first_row)
     params = _launch_params(batch, heads, max_seq, head_dim, q.dtype, dict(
         heads_per_program=heads_per_program, block_k=block_k, num_splits=num_splits, num_warps=num_warps,
         num_stages=num_stages, use_dot=use_dot))
@@ -382,41 +385,43 @@ def decode_attention(q, k_cache, v_cache, lengths, *, interpret: bool = False, b
         q, k_cache, v_cache = (jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, padded_d - head_dim)])
                                for x in (q, k_cache, v_cache))
     out, counts = _attend(q, k_cache, v_cache, lengths, params, head_dim, interpret, single_loop, early_launch,
-                          counters)
+                          counters, first_row=first_row)
     return out[..., :head_dim] if counters is None else (out[..., :head_dim], counts)
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "single_loop", "early_launch", *_OVERRIDES))
+@functools.partial(jax.jit, static_argnames=("interpret", "single_loop", "early_launch", "first_row", *_OVERRIDES))
 def decode_attention_append(qkv, k_cache, v_cache, positions, *, interpret: bool = False,
                             block_k: int | None = None, num_splits: int | None = None,
                             num_warps: int | None = None, num_stages: int | None = None,
                             use_dot: bool | None = None, heads_per_program: int | None = None,
                             single_loop: bool | None = None, early_launch: bool | str | None = None,
-                            counters=None):
+                            counters=None, first_row: int = 0):
     """A decode step's attention with the step's own key and value: qkv [batch, 3, heads, head_dim] (the new
-    token's query, key and value), caches [rows >= batch, max_seq, heads, head_dim], positions [batch] (where
-    each row's new token goes, < max_seq) -> (out [batch, heads, head_dim], the caches with the new keys and
-    values stored). The same as storing them (`cache.write_token`) and running `decode_attention` over
-    `positions + 1` entries, in one kernel (the caches updated in place, aliased): no scatter of K and V,
-    nor a copy of each out of qkv, before it. Head dims that are not a power of two take the two steps."""
+    token's query, key and value), caches [rows >= first_row + batch, max_seq, heads, head_dim] (qkv's rows are
+    theirs from `first_row` on), positions [batch] (where each row's new token goes, < max_seq) -> (out [batch,
+    heads, head_dim], the caches with the new keys and values stored). The same as storing them
+    (`cache.write_token`) and running `decode_attention` over `positions + 1` entries, in one kernel (the caches
+    updated in place, aliased): no scatter of K and V, nor a copy of each out of qkv, before it. Head dims that
+    are not a power of two take the two steps."""
     batch, _, heads, head_dim = qkv.shape
-    max_seq = _check_caches(k_cache, v_cache, batch, heads, head_dim)
+    max_seq = _check_caches(k_cache, v_cache, batch, heads, head_dim, first_row)
     positions = positions.astype(jnp.int32)
     overrides = dict(heads_per_program=heads_per_program, block_k=block_k, num_splits=num_splits,
                      num_warps=num_warps, num_stages=num_stages, use_dot=use_dot)
     params = _launch_params(batch, heads, max_seq, head_dim, qkv.dtype, overrides)
     if head_dim != max(16, pl.next_power_of_2(head_dim)):  # padded caches would be copies
-        k_cache, v_cache = write_token((k_cache, v_cache), qkv[:, 1], qkv[:, 2], positions)
+        k_cache, v_cache = write_token((k_cache, v_cache), qkv[:, 1], qkv[:, 2], positions, first_row)
         out = decode_attention(qkv[:, 0], k_cache, v_cache, positions + 1, interpret=interpret,
-                               single_loop=single_loop, early_launch=early_launch, counters=counters, **overrides)
+                               single_loop=single_loop, early_launch=early_launch, counters=counters,
+                               first_row=first_row, **overrides)
         return (out, k_cache, v_cache) if counters is None else (out[0], k_cache, v_cache, out[1])
     (out, k_cache, v_cache), counts = _attend(qkv, k_cache, v_cache, positions, params, head_dim, interpret,
-                                              single_loop, early_launch, counters, append=True)
+                                              single_loop, early_launch, counters, append=True, first_row=first_row)
     return (out, k_cache, v_cache) if counters is None else (out, k_cache, v_cache, counts)
 
 
 def _attend(q, k_cache, v_cache, lengths, params: DecodeParams, head_dim: int, interpret: bool, single_loop,
-            early_launch, counters, append: bool = False):
+            early_launch, counters, append: bool = False, first_row: int = 0):
     """The launch `params` say -> (its output, the counters): with `append`, the output is (out, k_cache,
     v_cache). A launch with splits combines them in the kernel, on `counters` (zeros of its own when None)."""
     batch, heads = q.shape[0], q.shape[-2]
@@ -431,7 +436,7 @@ def _attend(q, k_cache, v_cache, lengths, params: DecodeParams, head_dim: int, i
             raise ValueError(f"decode attention: {counts.shape[0]} counters for {batch} rows x "
                              f"{heads // params.heads_per_program} heads (or head groups)")
     out = launch(q, k_cache, v_cache, lengths, params, chunk, splits, 1.0 / math.sqrt(head_dim), interpret, single,
-                 pdl.resolve(early_launch, interpret), append, counts)
+                 pdl.resolve(early_launch, interpret), append, counts, first_row)
     if splits > 1:
         *out, counters = out
     return (tuple(out) if append else out[0]), counters
@@ -447,15 +452,16 @@ def _combine(parts, lse):
 
 
 def _launch_per_head(q, k_cache, v_cache, lengths, params: DecodeParams, chunk: int, splits: int,
-                     sm_scale: float, interpret: bool, single: bool, early: str, append: bool, counters):
+                     sm_scale: float, interpret: bool, single: bool, early: str, append: bool, counters,
+                     first_row: int = 0):
     """-> (out [batch, heads, d], *the caches if `append`, *the counters if split). `append`: q is the step's
-    qkv [batch, 3, heads, d] and lengths its positions."""
+    qkv [batch, 3, heads, d] and lengths its positions. Row b of q is the caches' row first_row + b."""
     batch, heads, d = q.shape[0], q.shape[-2], q.shape[-1]
     kernel = functools.partial(_per_head_kernel, sm_scale=sm_scale, block_k=params.block_k, chunk=chunk,
                                splits=splits, rows=MATRIX_ROWS if params.use_dot else 1, max_seq=k_cache.shape[1],
                                single=single, early=early, append=append, interpret=interpret)
     # heads vary fastest over the grid: neighbouring programs read neighbouring bytes of the cache
-    cache_spec = pl.BlockSpec((None, chunk, None, d), lambda h, s, b: (b, s, h, 0))
+    cache_spec = pl.BlockSpec((None, chunk, None, d), lambda h, s, b: (b + first_row, s, h, 0))
     if append:  # the query, key and value: three views of qkv
         step = [pl.BlockSpec((None, None, None, d), lambda h, s, b, i=i: (b, i, h, 0)) for i in range(3)]
     else:
@@ -468,7 +474,8 @@ def _launch_per_head(q, k_cache, v_cache, lengths, params: DecodeParams, chunk: 
 
 
 def _launch_head_group(q, k_cache, v_cache, lengths, params: DecodeParams, chunk: int, splits: int,
-                       sm_scale: float, interpret: bool, single: bool, early: str, append: bool, counters):
+                       sm_scale: float, interpret: bool, single: bool, early: str, append: bool, counters,
+                       first_row: int = 0):
     """As `_launch_per_head`, G heads a program."""
     batch, heads, d = q.shape[0], q.shape[-2], q.shape[-1]
     cache_shape = k_cache.shape
@@ -481,7 +488,7 @@ def _launch_head_group(q, k_cache, v_cache, lengths, params: DecodeParams, chunk
     kernel = functools.partial(_head_group_kernel, sm_scale=sm_scale, block_k=params.block_k, chunk=chunk,
                                splits=splits, head_dim=d, cols=cols, max_seq=max_seq, single=single,
                                early=early, append=append, interpret=interpret)
-    cache_spec = pl.BlockSpec((None, chunk, width), lambda g, s, b: (b, s, g))
+    cache_spec = pl.BlockSpec((None, chunk, width), lambda g, s, b: (b + first_row, s, g))
     if append:  # the query, key and value: three views of qkv
         step = [pl.BlockSpec((None, None, width), lambda g, s, b, i=i: (b, i, g)) for i in range(3)]
     else:
