@@ -162,7 +162,6 @@ def _halves_layer(config, attention, rows: int, stream: str, pipelined: bool = F
     first half's QKV and attention, the second half's products after its previous layer's attention, its QKV and
     attention, then the first half's products after attention (`_Halves`)."""
     import jax
-    from jax.experimental.compute_on import compute_on
 
     from gptjax import cache, decode_block, kernels
 
@@ -171,14 +170,10 @@ def _halves_layer(config, attention, rows: int, stream: str, pipelined: bool = F
     def attend(qkv, layer_kv, pos, first_row: int):
         if stream == READ_STREAMS:
             layer_kv = cache.write_token(layer_kv, qkv[:, 1], qkv[:, 2], pos, first_row)
-            read = jax.jit(functools.partial(kernels.decode_attention, interpret=not on_gpu, first_row=first_row))
-            with compute_on("gpu_stream:1"):
-                return read(qkv[:, 0], *layer_kv, pos + 1), layer_kv
-        step = jax.jit(functools.partial(kernels.decode_step_append, impl=attention, first_row=first_row))
-        if stream == STREAMS:
-            with compute_on("gpu_stream:1"):
-                return step(qkv, layer_kv, pos)
-        return step(qkv, layer_kv, pos)
+            read = functools.partial(kernels.decode_attention, interpret=not on_gpu, first_row=first_row)
+            return _on_stream(read, qkv[:, 0], *layer_kv, pos + 1), layer_kv
+        step = functools.partial(kernels.decode_step_append, impl=attention, first_row=first_row)
+        return _on_stream(step, qkv, layer_kv, pos) if stream == STREAMS else step(qkv, layer_kv, pos)
 
     def after(p, x, attn):
         return decode_block.batch_after_attention(config, p, x, attn, on_gpu=on_gpu)
@@ -206,6 +201,17 @@ def _halves_layer(config, attention, rows: int, stream: str, pipelined: bool = F
         return (pipeline if pipelined else stage_by_stage)(p, parts, layer_kv, pos)
 
     return layer, finish
+
+
+def _on_stream(fn, *args, stream: int = 1):
+    """fn(*args) on GPU stream `stream` (XLA's stream annotation; other backends ignore it), its outputs in device
+    memory. jax 0.10 spells it `compute_on2`, 0.11 `compute_on`, with the same keyword arguments."""
+    import jax
+    from jax.experimental import compute_on
+
+    annotate = getattr(compute_on, "compute_on2", compute_on.compute_on)
+    spaces = jax.tree.map(lambda _: jax.memory.Space.Device, jax.eval_shape(fn, *args))
+    return annotate(compute_type=f"gpu_stream:{stream}", out_memory_spaces=spaces)(fn)(*args)
 
 
 def _f32_epilogue_block(config, attention, p, h, layer_kv, pos):

@@ -626,3 +626,23 @@ def test_decode_probe_halves_give_the_whole_steps_tokens(monkeypatch):
     want = tokens("off")
     assert tokens("halves+streams") == want and tokens("halves+read_streams+pipelined") == want
     assert traced == [("streams", False), ("read_streams", True)]  # one decode program each
+
+
+@pytest.mark.parametrize("api", ["compute_on2", "compute_on"], ids=["jax-0.10", "jax-0.11"])
+def test_decode_probe_annotates_a_stream_under_either_spelling_of_compute_on(monkeypatch, api):
+    """`_on_stream` takes jax 0.10's `compute_on2` or, where it is gone, 0.11's keyword-only `compute_on` (the GPU
+    image's): the function's result, and XLA's stream annotation in the program."""
+    from jax.experimental import compute_on
+
+    from benchmarks.decode_probe import _on_stream
+
+    keyword_form = compute_on.compute_on2
+    if api == "compute_on":
+        monkeypatch.delattr(compute_on, "compute_on2")
+        monkeypatch.setattr(compute_on, "compute_on", keyword_form)
+    f = jax.jit(lambda x: _on_stream(lambda y: (y * 2, y + 1), x, stream=2))
+    x = jnp.arange(4.0)
+    doubled, plus_one = f(x)
+    np.testing.assert_array_equal(doubled, x * 2)
+    np.testing.assert_array_equal(plus_one, x + 1)
+    assert '_xla_stream_annotation = "2"' in f.lower(x).as_text()
