@@ -303,6 +303,8 @@ def _generate_jit(engine, variant: str | None):
     unknown = [n for n in names if n not in XLA_OPTIONS and n not in own]
     if unknown:
         raise SystemExit(f"--xla-options: {unknown} not among {sorted(XLA_OPTIONS) + list(own)} (or off)")
+    if {STREAMS, READ_STREAMS, PIPELINED} & set(names) and HALVES not in names:
+        raise SystemExit(f"--xla-options {variant}: {STREAMS}, {READ_STREAMS} and {PIPELINED} go with {HALVES}")
     batch_rows = 0 if BATCH_OFF in names else decode_block.BATCH_ROWS
     layer_fn = decode_block.layer_fn
     if FLAX_BLOCK in names:
@@ -320,10 +322,11 @@ def _generate_jit(engine, variant: str | None):
         def layer_fn(impl, config, rows, attention, default=layer_fn):  # other steps as they are
             on_gpu, tile = jax.default_backend() == "gpu", decode_block.BATCH_TILE
             batch = impl == "auto" and 0 < decode_block.BATCH_ROWS <= rows and rows % (2 * tile) == 0
-            if batch and decode_block.batch_fits(config, rows // 2, on_gpu):
-                layer, finish[0] = _halves_layer(config, attention, rows, stream, PIPELINED in names)
-                return layer
-            return default(impl, config, rows, attention)
+            if not (batch and decode_block.batch_fits(config, rows // 2, on_gpu)):  # reported as the variant's error
+                raise ValueError(f"{HALVES}: a step of {rows} slots under decode_matmuls {impl!r} does not run "
+                                 f"batch_block in two halves of whole {tile}-row tiles")
+            layer, finish[0] = _halves_layer(config, attention, rows, stream, PIPELINED in names)
+            return layer
 
     prefill_block = _norm_kernel_block(engine) if PREFILL_NORM in names else None
     settle = functools.partial(_settle_halves, settle=decode_block.settle, finish=lambda s: finish[0](s))

@@ -602,28 +602,30 @@ def test_attention_probe_checks_each_launch_against_the_reference(capsys):
 
 
 def test_decode_probe_halves_give_the_whole_steps_tokens(monkeypatch):
-    """`decode_probe`'s `halves` variants (a 128-slot `batch_block` step as two halves of 64 slots, each half's
-    attention on its own rows of the caches; with a stream annotation, which the CPU ignores; the read-only form's
-    attention kernel interpreted; pipelined, the second half's products after attention run in the next layer or
-    after the last) give the whole step's greedy tokens in every row: the halves' rows, caches and residuals are
-    wired back in order."""
+    """`decode_probe`'s `halves` variants (a `batch_block` step as two halves of its slots, each half's attention
+    on its own rows of the caches; with a stream annotation, which the CPU ignores; the read-only form's attention
+    kernel interpreted; pipelined, the second half's products after attention run in the next layer or after the
+    last) give the whole step's greedy tokens in every row: the halves' rows, caches and residuals are wired back
+    in order. (Row tiles of 8 here, where the GPU's are 64: off a GPU the products are the kernel's reference.)"""
     import gptjax
     from benchmarks import decode_probe
     from gptjax import decode_block
 
-    monkeypatch.setattr(decode_block, "BATCH_ROWS", 64)
+    monkeypatch.setattr(decode_block, "BATCH_TILE", 8)
+    monkeypatch.setattr(decode_block, "BATCH_ROWS", 16)
     monkeypatch.setattr(decode_block, "choose", lambda *a, **k: "auto")
     traced, halves_layer = [], decode_probe._halves_layer
     monkeypatch.setattr(decode_probe, "_halves_layer", lambda *a: traced.append(a[3:]) or halves_layer(*a))
     engine = gptjax.Engine.from_preset("gpt2-tiny", engine_config=gptjax.EngineConfig(attention="xla"))
     rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
-    prompts = [rng.integers(0, engine.config.vocab_size, int(n)).tolist() for n in rng.integers(1, 20, 128)]
+    prompts = [rng.integers(0, engine.config.vocab_size, int(n)).tolist() for n in rng.integers(1, 20, 16)]
 
     def tokens(v):
         engine._generate_jit = decode_probe._generate_jit(engine, v)
-        return [r.output_ids for r in engine.generate(prompts, max_new_tokens=3, greedy=True, stop_token_ids=[])]
+        return [r.output_ids for r in engine.generate(prompts, max_new_tokens=4, greedy=True, stop_token_ids=[])]
 
     want = tokens("off")
+    assert len({tuple(t) for t in want}) > 8
     assert tokens("halves+streams") == want and tokens("halves+read_streams+pipelined") == want
     assert traced == [("streams", False), ("read_streams", True)]  # one decode program each
 
@@ -646,3 +648,19 @@ def test_decode_probe_annotates_a_stream_under_either_spelling_of_compute_on(mon
     np.testing.assert_array_equal(doubled, x * 2)
     np.testing.assert_array_equal(plus_one, x + 1)
     assert '_xla_stream_annotation = "2"' in f.lower(x).as_text()
+
+
+def test_decode_probe_refuses_halves_where_they_would_not_run(tmp_path):
+    """A `halves` variant whose step would not run `batch_block` (here XLA's decode matmuls, the CPU's) is that
+    variant's error line, the others still timed; `streams` without `halves` stops the probe before any compile."""
+    root = Path(__file__).resolve().parents[1]
+    probe = [sys.executable, "-m", "benchmarks.decode_probe", "--model", "gpt2-tiny", "--dtype", "float32",
+             "--batch", "2", "--input-len", "5", "--steps", "2", "--runs", "1", "--xla-options"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "GPTJAX_CACHE_DIR": str(tmp_path)}
+    proc = subprocess.run([*probe, "halves+streams,off"], cwd=root, capture_output=True, text=True, timeout=600,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+    assert "batch_block in two halves" in rows[0]["error"] and [r["xla_options"] for r in rows[1:]] == ["off"]
+    proc = subprocess.run([*probe, "off,streams"], cwd=root, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode != 0 and "go with halves" in proc.stderr
