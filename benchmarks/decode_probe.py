@@ -319,7 +319,7 @@ def _generate_jit(engine, variant: str | None):
     if HALVES in names:
         stream = next((n for n in names if n in (STREAMS, READ_STREAMS)), "")
 
-        def layer_fn(impl, config, rows, attention, default=layer_fn):  # other steps as they are
+        def layer_fn(impl, config, rows, attention):
             on_gpu, tile = jax.default_backend() == "gpu", decode_block.BATCH_TILE
             batch = impl == "auto" and 0 < decode_block.BATCH_ROWS <= rows and rows % (2 * tile) == 0
             if not (batch and decode_block.batch_fits(config, rows // 2, on_gpu)):  # reported as the variant's error

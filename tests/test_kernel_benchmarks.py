@@ -173,19 +173,23 @@ def test_sweep_writes_the_table_it_picks_from(monkeypatch, tmp_path):
     assert module.DEVICE == "a test device" and [n for n in vars(module) if n.isupper()] == ["DEVICE", "TABLE"]
 
 
+def _probe(tmp_path, *args):
+    """`benchmarks.decode_probe` on gpt2-tiny float32 (2 prompts of 5 tokens, one run), in a process of its own (its
+    variants patch modules) on the CPU."""
+    return subprocess.run(
+        [sys.executable, "-m", "benchmarks.decode_probe", "--model", "gpt2-tiny", "--dtype", "float32", "--batch", "2",
+         "--input-len", "5", "--runs", "1", *args], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+        text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu", "GPTJAX_CACHE_DIR": str(tmp_path)})
+
+
 def test_decode_probe_rows_and_the_two_step_variant_give_the_same_tokens(tmp_path):
     """The probe as the GPU runs use it (in a process of its own: its variants patch modules), on gpt2-tiny's
     Pallas kernels in interpret mode: the step that stores K/V in the attention kernel, and the one that scatters
     them first with the attention walking its blocks in two loops (each change alone is test_kernels'), must give
     the same greedy tokens."""
-    root = Path(__file__).resolve().parents[1]
     rows = []
     for extra in ([], ["--two-step-decode", "--two-loop-attention"]):
-        proc = subprocess.run(
-            [sys.executable, "-m", "benchmarks.decode_probe", "--model", "gpt2-tiny", "--dtype", "float32",
-             "--batch", "2", "--input-len", "5", "--steps", "3", "--runs", "1", "--attention", "pallas",
-             "--decode-matmuls", "xla", *extra], cwd=root, capture_output=True, text=True, timeout=600,
-            env={**os.environ, "JAX_PLATFORMS": "cpu", "GPTJAX_CACHE_DIR": str(tmp_path)})
+        proc = _probe(tmp_path, "--steps", "3", "--attention", "pallas", "--decode-matmuls", "xla", *extra)
         assert proc.returncode == 0, proc.stderr[-3000:]
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     assert [(r["two_step_decode"], r["two_loop_attention"]) for r in rows] == [(False, False), (True, True)]
@@ -197,39 +201,32 @@ def test_decode_probe_rows_and_the_two_step_variant_give_the_same_tokens(tmp_pat
 def test_decode_probe_times_sampling_steps(tmp_path):
     """`--sampling`: every row draws (a temperature alone, or with top-p: the step that runs the filter), a line
     each in one process, and the line says which; a name the probe does not know stops it, naming it."""
-    root = Path(__file__).resolve().parents[1]
-    probe = [sys.executable, "-m", "benchmarks.decode_probe", "--model", "gpt2-tiny", "--dtype", "float32",
-             "--batch", "2", "--input-len", "5", "--steps", "3", "--runs", "1", "--sampling"]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "GPTJAX_CACHE_DIR": str(tmp_path)}
-    proc = subprocess.run([*probe, "temperature,top-p"], cwd=root, capture_output=True, text=True, timeout=600,
-                          env=env)
+    proc = _probe(tmp_path, "--steps", "3", "--sampling", "temperature,top-p")
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.strip().splitlines() if line.startswith('{"model"')]
     assert [r["sampling"] for r in rows] == ["temperature", "top-p"]
     assert all(r["decode_ms_per_token"] > 0 and len(r["first_row_tokens"]) == 5 for r in rows)
-    proc = subprocess.run([*probe, "greedy,nucleus"], cwd=root, capture_output=True, text=True, timeout=600, env=env)
+    proc = _probe(tmp_path, "--steps", "3", "--sampling", "greedy,nucleus")
     assert proc.returncode == 2 and "nucleus" in proc.stderr
 
 
 def test_decode_probe_times_variants_of_xla_options_in_turn_in_one_process(tmp_path):
     """`--xla-options`: one line per variant (`batch_off`: traced without decode_block's batch kernels;
     `prefill_norm`: the prefill's LayerNorms as the kernel, interpreted here), each timed in every round, all with
-    the same greedy tokens; a name the probe does not know stops it before any compile, naming the name."""
-    root = Path(__file__).resolve().parents[1]
-    probe = [sys.executable, "-m", "benchmarks.decode_probe", "--model", "gpt2-tiny", "--dtype", "float32",
-             "--batch", "2", "--input-len", "5", "--steps", "3", "--runs", "1", "--rounds", "2"]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "GPTJAX_CACHE_DIR": str(tmp_path)}
+    the same greedy tokens; a `halves` variant whose step would not run `batch_block` (here XLA's decode matmuls,
+    the CPU's) is that variant's error line. A name the probe does not know, or `streams` without `halves`, stops
+    it before any compile, naming the name."""
     variants = ["off", "block_level+unroll+no_split_k", "batch_off+prefill_norm"]
-    proc = subprocess.run([*probe, "--xla-options", ",".join(variants)], cwd=root, capture_output=True, text=True,
-                          timeout=600, env=env)
+    proc = _probe(tmp_path, "--steps", "3", "--rounds", "2", "--xla-options", ",".join(["halves+streams", *variants]))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+    error, *rows = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+    assert error["xla_options"] == "halves+streams" and "batch_block in two halves" in error["error"]
     assert [r["xla_options"] for r in rows] == variants
     assert all(len(r["rounds_decode_ms_per_token"]) == 2 for r in rows)
     assert len({tuple(r["first_row_tokens"]) for r in rows}) == 1 and len(rows[0]["first_row_tokens"]) == 5
-    proc = subprocess.run([*probe, "--xla-options", "off,fastest"], cwd=root, capture_output=True, text=True,
-                          timeout=600, env=env)
-    assert proc.returncode != 0 and "fastest" in proc.stderr
+    for bad, named in (("off,fastest", "fastest"), ("off,streams", "go with halves")):
+        proc = _probe(tmp_path, "--steps", "3", "--xla-options", bad)
+        assert proc.returncode != 0 and named in proc.stderr
 
 
 def test_sampling_probe_forms_keep_what_the_sort_keeps():
@@ -648,19 +645,3 @@ def test_decode_probe_annotates_a_stream_under_either_spelling_of_compute_on(mon
     np.testing.assert_array_equal(doubled, x * 2)
     np.testing.assert_array_equal(plus_one, x + 1)
     assert '_xla_stream_annotation = "2"' in f.lower(x).as_text()
-
-
-def test_decode_probe_refuses_halves_where_they_would_not_run(tmp_path):
-    """A `halves` variant whose step would not run `batch_block` (here XLA's decode matmuls, the CPU's) is that
-    variant's error line, the others still timed; `streams` without `halves` stops the probe before any compile."""
-    root = Path(__file__).resolve().parents[1]
-    probe = [sys.executable, "-m", "benchmarks.decode_probe", "--model", "gpt2-tiny", "--dtype", "float32",
-             "--batch", "2", "--input-len", "5", "--steps", "2", "--runs", "1", "--xla-options"]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "GPTJAX_CACHE_DIR": str(tmp_path)}
-    proc = subprocess.run([*probe, "halves+streams,off"], cwd=root, capture_output=True, text=True, timeout=600,
-                          env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line) for line in proc.stdout.strip().splitlines()]
-    assert "batch_block in two halves" in rows[0]["error"] and [r["xla_options"] for r in rows[1:]] == ["off"]
-    proc = subprocess.run([*probe, "off,streams"], cwd=root, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode != 0 and "go with halves" in proc.stderr
