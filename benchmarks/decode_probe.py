@@ -143,14 +143,25 @@ class _Waiting(NamedTuple):
     params: dict  # the layer's
 
 
-def _settle_halves(h, settle, finish):
-    """`decode_block.settle` of the whole step: the halves' rows in order (`finish` runs a pipelined second half's
-    products after attention)."""
+def _finish(config, part):
+    """A half as the next layer takes it: a `_Waiting` one's products after attention run."""
+    import jax
+
+    from gptjax import decode_block
+
+    if not isinstance(part, _Waiting):
+        return part
+    return decode_block.batch_after_attention(config, part.params, part.x, part.attn,
+                                              on_gpu=jax.default_backend() == "gpu")
+
+
+def _settle_halves(h, settle, config):
+    """`decode_block.settle` of the whole step: the halves' rows in order."""
     import jax.numpy as jnp
 
     if not isinstance(h, _Halves):
         return settle(h)
-    return jnp.concatenate([settle(h.first), settle(finish(h.second))])
+    return jnp.concatenate([settle(h.first), settle(_finish(config, h.second))])
 
 
 def _halves_layer(config, attention, rows: int, stream: str, pipelined: bool = False):
@@ -178,9 +189,6 @@ def _halves_layer(config, attention, rows: int, stream: str, pipelined: bool = F
     def after(p, x, attn):
         return decode_block.batch_after_attention(config, p, x, attn, on_gpu=on_gpu)
 
-    def finish(part):
-        return after(part.params, part.x, part.attn) if isinstance(part, _Waiting) else part
-
     def stage_by_stage(p, parts, layer_kv, pos):
         xs, qkvs = zip(*(decode_block.batch_qkv(config, p, part, on_gpu=on_gpu) for part in parts))
         attns = []
@@ -192,7 +200,7 @@ def _halves_layer(config, attention, rows: int, stream: str, pipelined: bool = F
     def pipeline(p, parts, layer_kv, pos):
         x, qkv = decode_block.batch_qkv(config, p, parts.first, on_gpu=on_gpu)
         attn, layer_kv = attend(qkv, layer_kv, pos[:half], 0)
-        x2, qkv2 = decode_block.batch_qkv(config, p, finish(parts.second), on_gpu=on_gpu)
+        x2, qkv2 = decode_block.batch_qkv(config, p, _finish(config, parts.second), on_gpu=on_gpu)
         attn2, layer_kv = attend(qkv2, layer_kv, pos[half:], half)
         return _Halves(after(p, x, attn), _Waiting(x2, attn2, p)), layer_kv
 
@@ -200,7 +208,7 @@ def _halves_layer(config, attention, rows: int, stream: str, pipelined: bool = F
         parts = h if isinstance(h, _Halves) else _Halves(h[:half], h[half:])
         return (pipeline if pipelined else stage_by_stage)(p, parts, layer_kv, pos)
 
-    return layer, finish
+    return layer
 
 
 def _on_stream(fn, *args, stream: int = 1):
@@ -315,7 +323,6 @@ def _generate_jit(engine, variant: str | None):
             is_folded = isinstance(layer, functools.partial) and layer.func is decode_block.folded_block
             return functools.partial(_f32_epilogue_block, config, attention) if is_folded else layer
 
-    finish = [lambda second: second]  # the halves' second part as `settle` takes it (`_settle_halves`)
     if HALVES in names:
         stream = next((n for n in names if n in (STREAMS, READ_STREAMS)), "")
 
@@ -325,11 +332,10 @@ def _generate_jit(engine, variant: str | None):
             if not (batch and decode_block.batch_fits(config, rows // 2, on_gpu)):  # reported as the variant's error
                 raise ValueError(f"{HALVES}: a step of {rows} slots under decode_matmuls {impl!r} does not run "
                                  f"batch_block in two halves of whole {tile}-row tiles")
-            layer, finish[0] = _halves_layer(config, attention, rows, stream, PIPELINED in names)
-            return layer
+            return _halves_layer(config, attention, rows, stream, PIPELINED in names)
 
     prefill_block = _norm_kernel_block(engine) if PREFILL_NORM in names else None
-    settle = functools.partial(_settle_halves, settle=decode_block.settle, finish=lambda s: finish[0](s))
+    settle = functools.partial(_settle_halves, settle=decode_block.settle, config=engine.config)
     patches = [(decode_block, "BATCH_ROWS", batch_rows), (decode_block, "layer_fn", layer_fn),
                (decode_block, "settle", settle)]
 
