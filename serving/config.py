@@ -310,6 +310,11 @@ def _declared(top: dict, source: str) -> dict:
             raise ConfigError(f"{source}: max_batch_size must be at least 1 (the FasterTransformer tensors have a "
                               f"batch dimension), got {rows}")
         server["max_batch_size"] = rows
+    for policy in top.get("model_transaction_policy", []):
+        decoupled = policy.get("decoupled", ["false"])[-1] if isinstance(policy, dict) else "false"
+        if str(decoupled).lower() != "false":
+            raise ConfigError(f"{source}: model_transaction_policy.decoupled = {decoupled} asks for several responses "
+                              "a request; this server answers each request once (a stream's requests too)")
     names = [t["name"][-1] for t in top.get("input", []) if isinstance(t, dict) and t.get("name")]
     for name in names:
         if not isinstance(name, str):

@@ -245,6 +245,9 @@ def _outputs_wanted(dialect: str, requested, row: dict) -> tuple[str, ...]:
     if bad:
         raise invalid(f"unknown output(s) {', '.join(map(repr, bad))}; this model gives {', '.join(OUTPUTS[dialect])}"
                       f" for the {dialect} inputs")
+    repeated = sorted({o for o in requested if list(requested).count(o) > 1})
+    if repeated:
+        raise invalid(f"output(s) {', '.join(map(repr, repeated))} requested more than once")
     if requested:
         return tuple(requested)
     if dialect == V1:
@@ -323,10 +326,10 @@ def request_deadline(params, also: tuple[str, ...] = ()) -> float | None:
     if params.get("priority") not in (None, 0):
         raise invalid(f"parameters.priority must be 0 (one priority level), got {params['priority']!r}")
     timeout = params.get("timeout")
-    if timeout is None:
+    if not isinstance(timeout, (int, type(None))) or isinstance(timeout, bool) or (timeout or 0) < 0:
+        raise invalid(f"parameters.timeout must be a whole number of microseconds, 0 for none, got {timeout!r}")
+    if not timeout:  # Triton's clients send 0 for "no timeout"
         return None
-    if not isinstance(timeout, int) or isinstance(timeout, bool) or timeout <= 0:
-        raise invalid(f"parameters.timeout must be a positive number of microseconds, got {timeout!r}")
     return time.monotonic() + timeout / 1e6
 
 
@@ -368,7 +371,7 @@ def model_config(dialect: str, frontend: Frontend) -> dict:
         params = {**sampling, "temperature": ec.temperature, "tensor_para_size": ec.mesh.tensor,
                   "layer_para_size": ec.mesh.stage, "max_seq_len": lim.max_seq_len,
                   "is_half": int(c.dtype != "float32"), "head_num": c.n_heads, "size_per_head": c.head_dim,
-                  "vocab_size": c.vocab_size, "decoder_layers": c.n_layers, "batch_size": lim.max_batch_size,
+                  "vocab_size": c.vocab_size, "decoder_layers": c.n_layers, "batch_size": ec.max_slots,
                   "is_fuse_QKV": 1}
         config["parameters"] = {k: {"string_value": str(v)} for k, v in params.items()}
     return config

@@ -44,6 +44,8 @@ def _tensor(t, raw: bytes | None) -> np.ndarray:
     shape = [int(d) for d in t.shape]
     count = math.prod(shape)
     if raw is not None:
+        if t.HasField("contents") and t.contents.ListFields():
+            raise invalid(f"input {t.name}: give its values in raw_input_contents or in contents, not both")
         if len(raw) != count * dtype.itemsize:
             raise invalid(f"input {t.name}: shape {shape} of {t.datatype} needs {count * dtype.itemsize} bytes, "
                           f"got {len(raw)}")
@@ -67,6 +69,11 @@ def arrays_of(req: pb.ModelInferRequest) -> dict[str, np.ndarray]:
 def parameters_of(message) -> dict:
     """A gRPC message's `parameters` map as plain values, as HTTP's JSON carries them."""
     return {k: getattr(v, v.WhichOneof("parameter_choice") or "bool_param") for k, v in message.parameters.items()}
+
+
+def _asks_final_flag(req) -> bool:
+    """Whether a stream's request asked Triton's clients' mark on its last response (checked true or false)."""
+    return parameters_of(req).get(FINAL_FLAG) is True
 
 
 def deadline_of_request(req: pb.ModelInferRequest, context, in_stream: bool) -> float | None:
@@ -207,13 +214,15 @@ class InferenceServicer:
         try:
             try:
                 response = self._infer(request, context, live)
-                if parameters_of(request).get(FINAL_FLAG):  # one response per request: it is the final one
-                    response.parameters["triton_final_response"].bool_param = True
-                answer.set_result(pb.ModelStreamInferResponse(infer_response=response))
+                error = ""
             except RequestError as e:
-                answer.set_result(None if e.code == Code.CANCELLED else pb.ModelStreamInferResponse(
-                    error_message=f"{e.code.name}: {e.message}",
-                    infer_response=pb.ModelInferResponse(id=getattr(request, "id", ""))))
+                if e.code == Code.CANCELLED:
+                    answer.set_result(None)
+                    return
+                response, error = pb.ModelInferResponse(id=getattr(request, "id", "")), f"{e.code.name}: {e.message}"
+            if _asks_final_flag(request):  # one response per request, an error's too: it is the final one
+                response.parameters["triton_final_response"].bool_param = True
+            answer.set_result(pb.ModelStreamInferResponse(error_message=error, infer_response=response))
         except BaseException as e:  # noqa: BLE001 - raised in the handler's thread, where grpc reports it
             answer.set_exception(e)
         finally:

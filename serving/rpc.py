@@ -72,8 +72,22 @@ def add_service(server: grpc.Server, service_descriptor, servicer) -> None:
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service_descriptor.full_name, handlers),))
 
 
+# gRPC carries a status's details in the trailing metadata, which clients cap (grpc-python: 16 KiB); a longer
+# message (one that quotes a long name or value of the request) would reach the client as RESOURCE_EXHAUSTED
+# "Stream removed" instead of its own code
+MAX_DETAILS_CHARS = 4096
+
+
+def status_details(message: str) -> str:
+    """`message` cut to MAX_DETAILS_CHARS, saying how much was cut."""
+    if len(message) <= MAX_DETAILS_CHARS:
+        return message
+    cut = len(message) - MAX_DETAILS_CHARS
+    return f"{message[:MAX_DETAILS_CHARS]}... ({cut} more characters cut)"
+
+
 def abort(context, error: RequestError) -> NoReturn:
-    context.abort(grpc_status(error.code), error.message)
+    context.abort(grpc_status(error.code), status_details(error.message))
 
 
 def deadline_of(context) -> float | None:

@@ -186,6 +186,9 @@ def test_metadata_and_config_describe_the_dialect(frontend):
     config = ft.model_config(ft.V1, frontend)
     assert config["parameters"]["candidate_num"] == {"string_value": "0"} and config["max_batch_size"] == 64
     assert config["parameters"]["probability_threshold"] == {"string_value": "0.0"}  # top-p off, as FT says it
+    # the knob that sets the slots when the file is read: the slots, not the rows a request may have
+    slots = frontend.engine.engine_config.max_slots
+    assert config["parameters"]["batch_size"] == {"string_value": str(slots)} and slots != 64
     assert {i["name"]: i["optional"] for i in ft.model_config(ft.V5, frontend)["input"]}["runtime_top_k"]
 
 

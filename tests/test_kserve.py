@@ -417,6 +417,47 @@ def test_kserve_request_parameters_mean_on_grpc_what_they_mean_over_http(triton,
     still_serving(client)
 
 
+def _raw_request(out_len: int, **parameters) -> kpb.ModelInferRequest:
+    """A 5.x request of PROMPT with its tensors in raw_input_contents, as tritonclient sends them."""
+    req = kpb.ModelInferRequest(model_name=MODEL)
+    for name, array in [("input_ids", np.asarray([PROMPT], np.uint32)),
+                        ("input_lengths", np.asarray([[len(PROMPT)]], np.uint32)),
+                        ("request_output_len", np.asarray([[out_len]], np.uint32))]:
+        req.inputs.add(name=name, datatype="UINT32", shape=array.shape)
+        req.raw_input_contents.append(array.tobytes())
+    for key, value in parameters.items():
+        setattr(req.parameters[key], "bool_param" if isinstance(value, bool) else "int64_param", value)
+    return req
+
+
+def test_kserve_requests_triton_clients_send_but_the_first_server_misread(target, client):
+    """A `timeout` of 0 is Triton's "none"; a stream's errored request still carries the final-response mark it
+    asked for; values in both raw and typed contents, or an output asked for twice, are refused; an error that
+    quotes a 100 kB name comes back with its own code, its details cut (gRPC clients drop a status whose
+    details pass 16 KiB, which reads as RESOURCE_EXHAUSTED)."""
+    with grpc.insecure_channel(target) as channel:
+        stub = kpb_grpc.GRPCInferenceServiceStub(channel)
+        reply = stub.ModelInfer(_raw_request(2, timeout=0), timeout=60)
+        assert [o.name for o in reply.outputs] == ["output_ids", "sequence_length"]
+        replies = list(stub.ModelStreamInfer(iter([_raw_request(0, triton_enable_empty_final_response=True)]),
+                                             timeout=60))
+        (answer,) = replies
+        assert answer.error_message.startswith("INVALID_ARGUMENT") and "request_output_len" in answer.error_message
+        assert answer.infer_response.parameters["triton_final_response"].bool_param
+        both = _raw_request(2)
+        both.inputs[2].contents.uint_contents.append(1)
+        twice = _raw_request(2)
+        twice.outputs.add(name="output_ids")
+        twice.outputs.add(name="output_ids")
+        for req, words in [(both, "raw_input_contents or in contents, not both"),
+                           (twice, "'output_ids' requested more than once")]:
+            err = rpc_error(stub.ModelInfer, req, timeout=60)
+            assert err.code() == INVALID and words in err.details(), err.details()
+        err = rpc_error(stub.ModelInfer, kpb.ModelInferRequest(model_name="x" * 100_000), timeout=60)
+        assert err.code() != EXHAUSTED and err.details().endswith("more characters cut)"), err.code()
+    still_serving(client)
+
+
 # ---- a port in use ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("flag", ["--port", "--http-port"])
 def test_a_port_in_use_exits_2_with_one_line(flag):

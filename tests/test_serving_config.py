@@ -207,6 +207,8 @@ def test_vocab_size_must_be_the_model_vocabulary_or_its_megatron_padding(tmp_pat
     ('input [ { name { a: 1 } } ]\n', "an input's name must be a string"),
     ('name: "x"\nmodel_name: "\\x"\n', "line 2: bad string"),
     ("a {" * 5000 + "}" * 5000, "line 1: messages nested more than 64 deep"),
+    # FasterTransformer_backend's streaming config: its clients wait for a response a token, which never come
+    (pbtxt() + "model_transaction_policy { decoupled: True }\n", "decoupled = True asks for several responses"),
 ])
 def test_bad_pbtxt_structure_is_named(tmp_path, text, words):
     with pytest.raises(ConfigError, match=words):
