@@ -107,8 +107,10 @@ def keyed_channel(channel: grpc.Channel, api_key: str | None) -> grpc.Channel:
     return grpc.intercept_channel(channel, _BearerKey(api_key)) if api_key else channel
 
 
-class _BearerKey(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
-    """Adds `authorization: Bearer KEY` to every call's metadata, for a server started with `--api-key`."""
+class _BearerKey(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                 grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds `authorization: Bearer KEY` to every call's metadata (all four kinds of call, KServe's
+    ModelStreamInfer too), for a server started with `--api-key`."""
 
     def __init__(self, key: str):
         (self.header,) = key_metadata(key)
@@ -122,6 +124,12 @@ class _BearerKey(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterce
 
     def intercept_unary_stream(self, continuation, details, request):
         return continuation(self._with_key(details), request)
+
+    def intercept_stream_unary(self, continuation, details, requests):
+        return continuation(self._with_key(details), requests)
+
+    def intercept_stream_stream(self, continuation, details, requests):
+        return continuation(self._with_key(details), requests)
 
 
 class Client:

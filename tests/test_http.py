@@ -570,6 +570,18 @@ def test_grpc_asks_for_the_same_key_but_not_for_health(served):
             assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
     with Client(served.grpc, api_key=served.key) as client:
         assert len(client.generate([464, 2068], 2, temperature=0.0, timeout=60).token_ids) >= 1
+    # a keyed channel sends the key on streaming calls too: KServe's ModelStreamInfer answers the request (here
+    # with the request's own error) rather than refusing the call
+    from serving.client import keyed_channel
+    from tritonclient.grpc import service_pb2 as kpb
+
+    with grpc.insecure_channel(served.grpc) as channel:
+        stream = keyed_channel(channel, served.key).stream_stream(
+            "/inference.GRPCInferenceService/ModelStreamInfer",
+            request_serializer=kpb.ModelInferRequest.SerializeToString,
+            response_deserializer=kpb.ModelStreamInferResponse.FromString)
+        (reply,) = stream(iter([kpb.ModelInferRequest(model_name=MODEL)]), timeout=60)
+    assert reply.error_message.startswith("INVALID_ARGUMENT"), reply.error_message
 
 
 def test_the_benchmarks_send_the_key(served):
