@@ -60,6 +60,11 @@ def _tensor(t, raw: bytes | None) -> np.ndarray:
 def arrays_of(req: pb.ModelInferRequest) -> dict[str, np.ndarray]:
     """The request's input tensors by name (names checked first: unknown, repeated or mixed dialects)."""
     ft.dialect_of(t.name for t in req.inputs)
+    for kind, tensors in (("input", req.inputs), ("output", req.outputs)):
+        for t in tensors:  # shared memory or classification, which this server does not do: refused, not ignored
+            if t.parameters:
+                raise invalid(f"{kind} {t.name}: parameters {', '.join(sorted(t.parameters))} are not taken (no "
+                              "shared memory or classification here)")
     raw = list(req.raw_input_contents)
     if raw and len(raw) != len(req.inputs):
         raise invalid(f"raw_input_contents has {len(raw)} entries for {len(req.inputs)} inputs")

@@ -432,7 +432,8 @@ def _raw_request(out_len: int, **parameters) -> kpb.ModelInferRequest:
 
 def test_kserve_requests_triton_clients_send_but_the_first_server_misread(target, client):
     """A `timeout` of 0 is Triton's "none"; a stream's errored request still carries the final-response mark it
-    asked for; values in both raw and typed contents, or an output asked for twice, are refused; an error that
+    asked for; values in both raw and typed contents, an output asked for twice, or one asked to be classified
+    are refused; an error that
     quotes a 100 kB name comes back with its own code, its details cut (gRPC clients drop a status whose
     details pass 16 KiB, which reads as RESOURCE_EXHAUSTED)."""
     with grpc.insecure_channel(target) as channel:
@@ -449,8 +450,11 @@ def test_kserve_requests_triton_clients_send_but_the_first_server_misread(target
         twice = _raw_request(2)
         twice.outputs.add(name="output_ids")
         twice.outputs.add(name="output_ids")
+        classified = _raw_request(2)
+        classified.outputs.add(name="output_ids").parameters["classification"].int64_param = 2
         for req, words in [(both, "raw_input_contents or in contents, not both"),
-                           (twice, "'output_ids' requested more than once")]:
+                           (twice, "'output_ids' requested more than once"),
+                           (classified, "output output_ids: parameters classification are not taken")]:
             err = rpc_error(stub.ModelInfer, req, timeout=60)
             assert err.code() == INVALID and words in err.details(), err.details()
         err = rpc_error(stub.ModelInfer, kpb.ModelInferRequest(model_name="x" * 100_000), timeout=60)
