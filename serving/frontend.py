@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import hmac
 import numbers
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -71,6 +72,13 @@ class RequestError(Exception):
 
 def invalid(message: str) -> RequestError:
     return RequestError(Code.INVALID_ARGUMENT, message)
+
+
+def bearer_key_matches(authorization: bytes, key: bytes) -> bool:
+    """Whether an `Authorization` value (HTTP header or gRPC metadata) carries `key` as a bearer token: the scheme
+    in any case, as HTTP's auth schemes are, and blanks around the token ignored."""
+    scheme, _, token = authorization.strip().partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), key)
 
 
 def grpc_status(code: Code):

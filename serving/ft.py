@@ -326,8 +326,9 @@ def request_deadline(params, also: tuple[str, ...] = ()) -> float | None:
     if params.get("priority") not in (None, 0):
         raise invalid(f"parameters.priority must be 0 (one priority level), got {params['priority']!r}")
     timeout = params.get("timeout")
-    if not isinstance(timeout, (int, type(None))) or isinstance(timeout, bool) or (timeout or 0) < 0:
-        raise invalid(f"parameters.timeout must be a whole number of microseconds, 0 for none, got {timeout!r}")
+    if not isinstance(timeout, (int, type(None))) or isinstance(timeout, bool) or not 0 <= (timeout or 0) < 2**63:
+        raise invalid(f"parameters.timeout must be a whole number of microseconds in [0, 2**63), 0 for none, "
+                      f"got {timeout!r}")
     if not timeout:  # Triton's clients send 0 for "no timeout"
         return None
     return time.monotonic() + timeout / 1e6

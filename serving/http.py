@@ -25,7 +25,6 @@ GIL until it returns, so from any thread it would pause every stream on the loop
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import re
@@ -37,7 +36,7 @@ from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
-from serving.frontend import Completion, Frontend, RequestError, invalid
+from serving.frontend import Completion, Frontend, RequestError, bearer_key_matches, invalid
 from serving.request import Code, Failed, Finished, Request, Tokens
 
 log = logging.getLogger("gptjax.serving")
@@ -165,8 +164,8 @@ def sse(data) -> bytes:
 
 # ---- bodies and errors ------------------------------------------------------------------------------------
 OPENAI_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                      408: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
-                      503: "service_unavailable"}
+                      405: "invalid_request_error", 408: "invalid_request_error", 413: "invalid_request_error",
+                      429: "rate_limit_error", 503: "service_unavailable"}
 
 
 def error_body(path: str, status: int, message: str) -> dict:
@@ -431,12 +430,12 @@ class ApiKey:
 
     def __init__(self, app, key: str):
         self.app = app
-        self.expected = b"Bearer " + key.encode()
+        self.key = key.encode()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"] not in HEALTH_PATHS:
             given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
-            if not hmac.compare_digest(given, self.expected):
+            if not bearer_key_matches(given, self.key):
                 message = "missing API key: send 'Authorization: Bearer KEY'" if not given else "wrong API key"
                 response = error(scope["path"], 401, message, {"www-authenticate": "Bearer"})
                 await response(scope, receive, send)

@@ -45,7 +45,7 @@ def _handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(http: HttpRequest, e: StarletteHTTPException):
-        return error(http.url.path, e.status_code, str(e.detail))
+        return error(http.url.path, e.status_code, str(e.detail), e.headers)  # a 405's Allow
 
     @app.exception_handler(Exception)
     async def internal(http: HttpRequest, e: Exception):  # a bug: still a JSON answer (the traceback is logged)

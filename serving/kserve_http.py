@@ -129,6 +129,8 @@ def decode_inputs(header: dict, binary: memoryview) -> dict[str, np.ndarray]:
         if size is None:
             arrays[name] = _json_array(t.get("data"), datatype, shape, name)
             continue
+        if "data" in t:
+            raise invalid(f"input {name}: give its values as data or as binary_data_size bytes, not both")
         need = ft.byte_size(dtype, shape)
         if size != need:
             raise invalid(f"input {name}: shape {shape} of {datatype} needs {need} bytes, binary_data_size says {size}")
@@ -153,6 +155,9 @@ def requested_outputs(header: dict) -> list[dict]:
             for o in outputs):
         raise invalid("outputs must be a list of objects, each with a name and, optionally, a parameters object")
     for o in outputs:  # read with bool(): a string such as "false" would turn binary output on
+        unknown = sorted(set(o.get("parameters") or {}) - {"binary_data"})
+        if unknown:  # shared memory or classification, which this server does not do: refused, not ignored
+            raise invalid(f"output {o['name']}: parameters takes only binary_data, got {', '.join(unknown)}")
         flag = (o.get("parameters") or {}).get("binary_data")
         if flag is not None and not isinstance(flag, bool):
             raise invalid(f"output {o['name']}: binary_data must be true or false, got {flag!r}")

@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import contextlib
-import hmac
 import threading
 import time
 from typing import NoReturn
@@ -24,7 +23,7 @@ from typing import NoReturn
 import grpc
 from google.protobuf import message_factory
 
-from serving.frontend import RequestError, grpc_status, invalid
+from serving.frontend import RequestError, bearer_key_matches, grpc_status, invalid
 from serving.request import Code
 
 
@@ -202,7 +201,7 @@ class ApiKey(grpc.ServerInterceptor):
     `headers={"authorization": ...}`); without it the call ends UNAUTHENTICATED before any handler runs."""
 
     def __init__(self, key: str):
-        self.expected = ("Bearer " + key).encode()
+        self.key = key.encode()
 
     def intercept_service(self, continuation, details):
         handler = continuation(details)
@@ -210,7 +209,7 @@ class ApiKey(grpc.ServerInterceptor):
             return handler
         given = next((v for k, v in details.invocation_metadata or () if k == "authorization"), "")
         given = given.encode() if isinstance(given, str) else given
-        if hmac.compare_digest(given, self.expected):
+        if bearer_key_matches(given, self.key):
             return handler
         message = "missing API key: send metadata 'authorization: Bearer KEY'" if not given else "wrong API key"
 

@@ -400,6 +400,10 @@ def bad_cases(served):
          lambda: _status(binary_infer(served, header, ids, header_length=10_000))),
         ("binary data past the body's end", 400, "run past the end",
          lambda: _status(binary_infer(served, header, b""))),
+        ("a tensor as data and as binary", 400, "input INPUT_ID: give its values as data or as binary_data_size bytes",
+         lambda: _status(binary_infer(served, {"inputs": [{**header["inputs"][0], "data": [[7, 8]]},
+                                                          *header["inputs"][1:]]},
+                                      ids + np.array([2, 2], np.uint32).tobytes()))),
         ("a header length that is not a number", 400, "Inference-Header-Content-Length",
          call("POST", f"/v2/models/{MODEL}/infer", content=b"{}",
               headers={**key, "Inference-Header-Content-Length": "x"})),
@@ -423,6 +427,13 @@ def bad_cases(served):
         ("an output's binary_data as a number", 400, "output OUTPUT0: binary_data must be true or false",
          call("POST", f"/v2/models/{MODEL}/infer",
               json={**v1_json()[1], "outputs": [{"name": "OUTPUT0", "parameters": {"binary_data": 0}}]})),
+        ("an output asked to be classified", 400, "output OUTPUT0: parameters takes only binary_data, got "
+         "classification", call("POST", f"/v2/models/{MODEL}/infer",
+                                json={**v1_json()[1], "outputs": [{"name": "OUTPUT0",
+                                                                   "parameters": {"classification": 3}}]})),
+        ("a timeout past int64", 400, "parameters.timeout must be a whole number of microseconds in [0, 2**63)",
+         call("POST", f"/v2/models/{MODEL}/infer", json={**v1_json()[1], "parameters": {"timeout": 10**400}})),
+        ("a method a route does not take", 405, "Method Not Allowed", call("DELETE", "/v1/completions")),
         ("an inference id that is no string", 400, "id must be a string, got 5",
          call("POST", f"/v2/models/{MODEL}/infer", json={**v1_json()[1], "id": 5})),
         ("a generate id that is no string", 400, "id must be a string, got [1]",
@@ -473,6 +484,9 @@ def test_bad_http_input_gets_a_4xx_with_a_message_and_the_server_keeps_serving(s
         assert (got, words in message) == (status, True), (what, got, body)
         good = http.post("/v1/completions", json={"prompt": [464, 2068], "max_tokens": 2, "temperature": 0})
         assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] == 2, (what, good.text)
+    wrong_method = http.request("DELETE", "/v1/completions")  # a 405 says what the route takes, as HTTP asks
+    assert wrong_method.headers.get("allow") == "POST", wrong_method.headers
+    assert wrong_method.json()["error"]["type"] == "invalid_request_error"
 
 
 # ---- load: four APIs at once ---------------------------------------------------------------------------------------
@@ -570,6 +584,12 @@ def test_grpc_asks_for_the_same_key_but_not_for_health(served):
             assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
     with Client(served.grpc, api_key=served.key) as client:
         assert len(client.generate([464, 2068], 2, temperature=0.0, timeout=60).token_ids) >= 1
+    # an auth scheme is a word of any case, on both transports
+    assert httpx.get(served.http + "/v1/models", headers={"Authorization": f"bearer  {served.key}"}).status_code == 200
+    with grpc.insecure_channel(served.grpc) as channel:
+        info = channel.unary_unary("/gptjax.v1.Generator/GetModelInfo")(
+            b"", metadata=(("authorization", f"BEARER {served.key}"),), timeout=30)
+    assert info
     # a keyed channel sends the key on streaming calls too: KServe's ModelStreamInfer answers the request (here
     # with the request's own error) rather than refusing the call
     from serving.client import keyed_channel
