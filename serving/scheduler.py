@@ -164,7 +164,9 @@ class Scheduler:
             gone = self._expire_queued(time.monotonic())
             if not self._accepting:
                 refusal = NotAccepting()
-            elif len(self._queue) + len(fit) > self.max_queued:
+            # the queue's limit is on requests waiting for a slot: those that free slots will take (an idle loop
+            # holds a burst for its batch window first) are not counted against it
+            elif len(self._queue) + len(fit) - (self.slots - len(self._live)) > self.max_queued:
                 refusal = QueueFull.of(self.max_queued)
             else:
                 refusal = None

@@ -110,9 +110,9 @@ def test_continuous_batching_with_more_requests_than_slots():
         sched.submit([request(1, 1, 1)])
     sched.accept()
     reqs = [request(10, 2, 5), request(20, 3, 1), request(30, 1, 4, stops={33}), request(40, 4, 7)]
-    sched.submit(reqs)
+    sched.submit(reqs)  # two will take the free slots, two wait: the queue of 4 has room for two more, not three
     with pytest.raises(QueueFull):
-        sched.submit([request(1, 1, 1)])
+        sched.submit([request(1, 1, 1) for _ in range(3)])
     loop = threading.Thread(target=sched.run)
     loop.start()
     results = [collect(r) for r in reqs]
@@ -340,6 +340,21 @@ def test_a_call_that_fails_on_the_device_fails_the_live_requests_and_the_next_ru
     assert collect(later) == ([32, 33, 34], "length")
     stop(sched, loop)
     assert engine.states == 2
+
+
+def test_the_queue_limit_counts_only_requests_that_wait_for_a_slot():
+    """A burst reaching an idle server waits out the batch window in the queue: the requests that the free slots
+    will take are not refused as over the queue's limit (a queue of 1 and 2 free slots take 3, not 4)."""
+    engine = FakeEngine(slots=2, steps=2)
+    sched = Scheduler(engine, engine.scheduling.replace(max_queued_requests=1, batch_window_ms=50.0))
+    sched.accept()
+    burst = [request(10 * (i + 1), 1, 2) for i in range(3)]
+    sched.submit(burst)
+    with pytest.raises(QueueFull):
+        sched.submit([request(40, 1, 2)])
+    loop = running(sched)
+    assert [collect(r) for r in burst] == [([11, 12], "length"), ([21, 22], "length"), ([31, 32], "length")]
+    stop(sched, loop)
 
 
 def test_values_that_do_not_fit_the_command_fields_fail_their_request_and_nothing_else():
