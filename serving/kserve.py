@@ -77,8 +77,9 @@ def parameters_of(message) -> dict:
 
 
 def _asks_final_flag(req) -> bool:
-    """Whether a stream's request asked Triton's clients' mark on its last response (checked true or false)."""
-    return parameters_of(req).get(FINAL_FLAG) is True
+    """Whether a stream's request asked Triton's clients' mark on its last response (checked true or false; a
+    message that did not parse asked nothing)."""
+    return hasattr(req, "parameters") and parameters_of(req).get(FINAL_FLAG) is True
 
 
 def deadline_of_request(req: pb.ModelInferRequest, context, in_stream: bool) -> float | None:

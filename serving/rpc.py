@@ -71,18 +71,19 @@ def add_service(server: grpc.Server, service_descriptor, servicer) -> None:
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service_descriptor.full_name, handlers),))
 
 
-# gRPC carries a status's details in the trailing metadata, which clients cap (grpc-python: 16 KiB); a longer
-# message (one that quotes a long name or value of the request) would reach the client as RESOURCE_EXHAUSTED
-# "Stream removed" instead of its own code
-MAX_DETAILS_CHARS = 4096
+# gRPC carries a status's details in the trailing metadata, percent-encoded (a byte past ASCII takes 3), and its
+# clients refuse metadata past 16 KiB (grpc-python): a longer message (one that quotes a long name or value of the
+# request) would reach the client as RESOURCE_EXHAUSTED "Stream removed" instead of its own code
+MAX_DETAILS_BYTES = 4000  # of UTF-8: at most 12,000 on the wire
 
 
 def status_details(message: str) -> str:
-    """`message` cut to MAX_DETAILS_CHARS, saying how much was cut."""
-    if len(message) <= MAX_DETAILS_CHARS:
+    """`message` cut to MAX_DETAILS_BYTES (at a character's edge), saying how much was cut."""
+    data = message.encode()
+    if len(data) <= MAX_DETAILS_BYTES:
         return message
-    cut = len(message) - MAX_DETAILS_CHARS
-    return f"{message[:MAX_DETAILS_CHARS]}... ({cut} more characters cut)"
+    kept = data[:MAX_DETAILS_BYTES].decode(errors="ignore")
+    return f"{kept}... ({len(message) - len(kept)} more characters cut)"
 
 
 def abort(context, error: RequestError) -> NoReturn:
