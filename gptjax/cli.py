@@ -350,6 +350,11 @@ def cmd_generate(args) -> int:
         raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.greedy and (args.temperature is not None or args.top_k is not None or args.top_p is not None):
         raise UsageError("--greedy can't be combined with --temperature/--top-k/--top-p")
+    for text in args.prompt or ():
+        try:
+            text.encode()
+        except UnicodeEncodeError:  # bytes of the command line that are not UTF-8 (Python keeps them as surrogates)
+            raise UsageError(f"--prompt {text.encode(errors='surrogateescape')[:60]!r} is not valid UTF-8") from None
     prompts = args.prompt if args.prompt else args.prompt_ids
     longest = max(map(len, args.prompt_ids)) if args.prompt_ids else 1  # a text prompt has a token at least
     runs = [(len(prompts), longest, args.max_new_tokens, f"{len(prompts)} prompt{'s' * (len(prompts) > 1)}")]

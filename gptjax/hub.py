@@ -269,10 +269,12 @@ def converted_models() -> list[ConvertedModel]:
 
 
 def remove_converted(spec: str) -> list[ConvertedModel]:
-    """Delete the conversions of `ID` (every revision) or `ID@REV` (a branch, tag or commit prefix)."""
+    """Delete the conversions of `ID` (every revision) or `ID@REV` (a branch, tag, or commit prefix of 7 or more
+    characters, as `--model` takes)."""
     repo, at, rev = spec.partition("@")
     matches = [m for m in converted_models()
-               if m.model_id == repo and (not at or (rev and (m.revision == rev or m.commit.startswith(rev))))]
+               if m.model_id == repo and (not at or (rev and (m.revision == rev or (len(rev) >= 7 and
+                                                                                    m.commit.startswith(rev)))))]
     if not matches:
         raise HubError(f"no converted model {spec} in {models_dir()} (`gptjax models` lists them)")
     for m in matches:

@@ -53,6 +53,9 @@ def test_bad_input_exits_2_with_one_line(tmp_path):
         assert proc.returncode == 2, (args, proc.stderr)
         lines = [l for l in proc.stderr.splitlines() if l.strip()]
         assert len(lines) == 1 and "error" in lines[0], (args, proc.stderr)
+    # bytes of the command line that are not UTF-8 (a surrogate in Python's argv): a line, not a TypeError
+    proc = run_cli_here("generate", "--prompt", "abc\udcff")
+    assert proc.returncode == 2 and "--prompt b'abc\\xff' is not valid UTF-8" in proc.stderr, proc.stderr
     proc = run_cli_here("generate", "--prompt-ids", "1,x")  # argparse's own usage errors
     assert proc.returncode == 2 and proc.stderr.splitlines()[-1] == \
         "gptjax generate: error: argument --prompt-ids: expected comma-separated integers, got '1,x'"

@@ -228,6 +228,9 @@ def test_models_lists_and_removes(fresh, capsys, hf_model):
     params = f"{hf_model.num_parameters() / 1e6:.1f}M"
     assert row[:4] == [f"org/name@{COMMIT[:12]}", "hub", "main", params] and row[5] in ("KiB", "MiB")
     assert any(r.split()[:2] == ["gpt2-tiny", "preset"] for r in rows)
+    # a commit prefix shorter than 7 characters names no conversion (as for --model): one character took any
+    assert "no converted model org/name@" in cli_fails(capsys, ["models", "--rm", f"org/name@{COMMIT[:6]}"])
+    assert folder.exists()
     assert cli.main(["models", "--rm", f"org/name@{COMMIT[:8]}"]) == 0
     assert not folder.exists() and hub.converted_models() == []
     cli.main(["models"])
