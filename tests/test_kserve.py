@@ -430,12 +430,11 @@ def _raw_request(out_len: int, **parameters) -> kpb.ModelInferRequest:
     return req
 
 
-def test_kserve_requests_triton_clients_send_but_the_first_server_misread(target, client):
+def test_kserve_edges_that_triton_clients_reach(target, client):
     """A `timeout` of 0 is Triton's "none"; a stream's errored request still carries the final-response mark it
     asked for; values in both raw and typed contents, an output asked for twice, or one asked to be classified
-    are refused; an error that
-    quotes a long name comes back with its own code, its details cut (gRPC clients drop a status whose
-    details pass 16 KiB, which reads as RESOURCE_EXHAUSTED)."""
+    are refused; an error that quotes a long name comes back with its own code, its details cut (gRPC clients
+    drop a status whose details pass 16 KiB, which reads as RESOURCE_EXHAUSTED)."""
     with grpc.insecure_channel(target) as channel:
         stub = kpb_grpc.GRPCInferenceServiceStub(channel)
         reply = stub.ModelInfer(_raw_request(2, timeout=0), timeout=60)
