@@ -32,6 +32,7 @@ validation path, so its ranges are the native API's.
 
 from __future__ import annotations
 
+import collections
 import math
 import time
 from dataclasses import dataclass
@@ -99,6 +100,11 @@ class Info:
     end_ids: tuple[int, ...]  # the padding of each row
 
 
+def _repeated(names) -> list[str]:
+    """The names given more than once, sorted; in one pass, as a request may repeat a name a million times."""
+    return sorted(n for n, count in collections.Counter(names).items() if count > 1)
+
+
 def dialect_of(names) -> str:
     """The dialect that a request's input names pick; RequestError for unknown, repeated or mixed names."""
     names = list(names)
@@ -107,7 +113,7 @@ def dialect_of(names) -> str:
     if unknown:
         raise invalid(f"unknown input(s) {', '.join(map(repr, unknown))}; this model takes {', '.join(INPUTS[V5])} "
                       f"(FasterTransformer 5.x) or {', '.join(INPUTS[V1])} (v1)")
-    repeated = sorted({n for n in names if names.count(n) > 1})
+    repeated = _repeated(names)
     if repeated:
         raise invalid(f"input(s) given more than once: {', '.join(repeated)}")
     used = [d for d in (V5, V1) if any(n in INPUTS[d] for n in names)]
@@ -245,7 +251,7 @@ def _outputs_wanted(dialect: str, requested, row: dict) -> tuple[str, ...]:
     if bad:
         raise invalid(f"unknown output(s) {', '.join(map(repr, bad))}; this model gives {', '.join(OUTPUTS[dialect])}"
                       f" for the {dialect} inputs")
-    repeated = sorted({o for o in requested if list(requested).count(o) > 1})
+    repeated = _repeated(requested)
     if repeated:
         raise invalid(f"output(s) {', '.join(map(repr, repeated))} requested more than once")
     if requested:
