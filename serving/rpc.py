@@ -71,10 +71,10 @@ def add_service(server: grpc.Server, service_descriptor, servicer) -> None:
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service_descriptor.full_name, handlers),))
 
 
-# gRPC carries a status's details in the trailing metadata, percent-encoded (a byte past ASCII takes 3), and its
-# clients refuse metadata past 16 KiB (grpc-python): a longer message (one that quotes a long name or value of the
-# request) would reach the client as RESOURCE_EXHAUSTED "Stream removed" instead of its own code
-MAX_DETAILS_BYTES = 4000  # of UTF-8: at most 12,000 on the wire
+# gRPC carries a status's details in the trailing metadata, percent-encoded (a byte past ASCII takes 3); clients
+# refuse metadata past 8 KiB at random and past 16 KiB always, so a longer message (one that quotes a long name or
+# value of the request) would reach the client as RESOURCE_EXHAUSTED "Stream removed" instead of its own code
+MAX_DETAILS_BYTES = 2000  # of UTF-8: at most 6,000 on the wire
 
 
 def status_details(message: str) -> str:
